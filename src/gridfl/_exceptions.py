@@ -5,7 +5,7 @@ Every error gridfl raises on purpose derives from :class:`GridflError`. Errors a
 values also derive from :class:`ValueError`, so ``except ValueError`` keeps working.
 
 * GridflError
-  + StateError               bytes are not a valid syft-proto ``State`` (or hold unsupported tensors)
+  + StateError               not a valid syft-proto ``State``, or unsupported tensors
   + ModelError               params do not match the model (count, shape, dtype)
   + PlanError
     - PlanLoadError          bytes are not a loadable gridfl ONNX plan
