@@ -1,0 +1,35 @@
+"""Run every benchmark: ``python -m benchmarks [name ...]`` (``make bench``).
+
+Each benchmark measures gridfl side by side with its reference in the same run and
+prints ratios; absolute times on a shared 2-core machine mean little on their own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+
+BENCHMARKS = {
+    "state": "benchmarks.bench_state",  # State codec vs numpy copy and naive protobuf
+    "step": "benchmarks.bench_step",  # one training step: ONNX plan vs eager torch
+    "server": "benchmarks.bench_server",  # grid node under concurrent simulated workers
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+        return 2
+    for name in names:
+        print(f"\n=== {name} ({BENCHMARKS[name]}) ===", flush=True)
+        started = time.perf_counter()
+        importlib.import_module(BENCHMARKS[name]).main()
+        print(f"--- {name} took {time.perf_counter() - started:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
