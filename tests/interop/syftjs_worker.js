@@ -1,0 +1,80 @@
+// Drives the published syft.js 0.1.4 client the way its README does, against a gridfl
+// node. Configuration comes as one JSON argument; every event is printed as one JSON
+// line on stdout for the Python test to assert on.
+//
+//   node syftjs_worker.js '{"url": "ws://127.0.0.1:5000", "model": "mnist", "version": "1.0",
+//                           "authToken": null, "batch": "/tmp/batch", "train": true}'
+//
+// "batch" names a prefix: <batch>.X.f32 and <batch>.y.f32 hold the float32 data and
+// one-hot targets (little-endian), <batch>.json their shapes.
+'use strict';
+
+const fs = require('fs');
+// Browser globals syft.js 0.1.4 expects, from their usual Node.js polyfills.
+global.WebSocket = require('ws');
+global.XMLHttpRequest = require('xhr2');
+const tf = require('@tensorflow/tfjs-core');
+const { Syft } = require('@openmined/syft.js');
+
+const cfg = JSON.parse(process.argv[2]);
+const emit = (event, data) => process.stdout.write(JSON.stringify({ event, ...data }) + '\n');
+
+function loadBatch(prefix) {
+  const shapes = JSON.parse(fs.readFileSync(prefix + '.json', 'utf8'));
+  const read = (suffix, shape) => {
+    const buf = fs.readFileSync(prefix + suffix);
+    return tf.tensor(new Float32Array(buf.buffer, buf.byteOffset, buf.length / 4), shape);
+  };
+  return [read('.X.f32', shapes.X), read('.y.f32', shapes.y)];
+}
+
+async function main() {
+  const syft = new Syft({ url: cfg.url, verbose: true, authToken: cfg.authToken });
+  let job;
+  try {
+    job = await syft.newJob({ modelName: cfg.model, modelVersion: cfg.version });
+  } catch (err) {
+    emit('error', { message: err.message, during: 'newJob' });
+    return;
+  }
+  const done = new Promise((resolve) => {
+    job.on('accepted', async ({ model, clientConfig }) => {
+      try {
+        emit('accepted', {
+          clientConfig,
+          requestKey: job.cycleParams.request_key,
+          workerId: syft.worker_id,
+          shapes: model.params.map((p) => p.shape),
+          plans: Object.keys(job.plans),
+        });
+        if (cfg.train) {
+          const [X, y] = loadBatch(cfg.batch);
+          const batchSize = tf.scalar(clientConfig.batch_size);
+          const lr = tf.scalar(clientConfig.lr);
+          const [loss, acc, ...updated] = await job.plans[cfg.plan || 'training_plan'].execute(
+            syft, X, y, batchSize, lr, ...model.params);
+          const diff = await model.createSerializedDiff(updated);
+          await job.report(diff);
+          emit('reported', { loss: (await loss.data())[0], accuracy: (await acc.data())[0] });
+        }
+      } catch (err) {
+        emit('error', { message: err.message, during: 'accepted' });
+      }
+      resolve();
+    });
+    job.on('rejected', ({ timeout }) => {
+      emit('rejected', { timeout: timeout === undefined ? '<undefined>' : timeout });
+      resolve();
+    });
+    job.on('error', (err) => {
+      emit('error', { message: err.message, during: 'start' });
+      resolve();
+    });
+  });
+  await job.start();
+  await done;
+}
+
+main()
+  .catch((err) => emit('error', { message: String(err && err.message), during: 'main' }))
+  .finally(() => process.exit(0));
