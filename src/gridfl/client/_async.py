@@ -1,0 +1,127 @@
+"""
+The asyncio shell of the worker SDK: :class:`AsyncSyft` and :class:`AsyncJob`.
+
+All decisions live in :mod:`gridfl.client._base`; this module only awaits I/O. Example::
+
+    import asyncio
+    from gridfl import AsyncSyft
+
+    async def main():
+        async with AsyncSyft("ws://127.0.0.1:5000") as client:
+            job = client.new_job("mnist", "1.0")
+
+            @job.on("accepted")
+            async def on_accepted(model, client_config):
+                result = await job.train("training_plan", X, y)
+                await job.report(model.create_serialized_diff(result.params),
+                                 num_samples=result.num_samples)
+
+            await job.start()
+
+    asyncio.run(main())
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from gridfl.client._base import BaseJob, BaseSyft, drive_async, is_awaitable
+from gridfl.client._transports import Network
+from gridfl.client.trainer import TrainResult
+
+__all__ = ["AsyncSyft", "AsyncJob"]
+
+
+class AsyncJob(BaseJob):
+    """One training job of an :class:`AsyncSyft` client (``await job.start()``).
+
+    Event handlers may be plain functions or coroutine functions.
+    """
+
+    _client: AsyncSyft
+
+    async def start(self) -> None:
+        """Authenticate, speed-test if asked, request a cycle, download, fire an event.
+
+        Fires ``accepted(model, client_config)``, ``rejected(timeout)`` or
+        ``error(exc)``. With no ``error`` handler registered the error is raised instead.
+        Exceptions raised by handlers propagate.
+        """
+        self._begin()
+        try:
+            outcome: Any = await drive_async(self._start_flow(), self._client._perform)
+        except Exception as exc:
+            outcome = exc
+        event, args = self._finish(outcome)
+        handlers = self._handlers_for(event)
+        if event == "error" and not handlers:
+            raise args[0]
+        for handler in handlers:
+            result = handler(*args)
+            if is_awaitable(result):
+                await result
+
+    async def report(
+        self,
+        diff: bytes,
+        *,
+        num_samples: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """Send the serialized diff (``model.create_serialized_diff(params)``) to the node."""
+        return await drive_async(
+            self._report_flow(diff, num_samples, metrics), self._client._perform
+        )
+
+    async def train(self, plan_name: str, data: Any, target: Any, **options: Any) -> TrainResult:
+        """Run the plan on ``data``/``target`` in a worker thread (see :meth:`trainer`).
+
+        Trainer event handlers passed in ``events`` run in that thread.
+        """
+        trainer = self.trainer(plan_name, data, target, **options)
+        return await asyncio.to_thread(trainer.run)
+
+
+class AsyncSyft(BaseSyft):
+    """Asyncio worker client of a grid node; see :class:`~gridfl.Syft` for the options.
+
+    One WebSocket (for ``ws``/``wss`` URLs) and one HTTP connection pool are shared by
+    every job of the client. Close it with ``await client.aclose()`` or ``async with``.
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        self._net = Network(
+            transport=self.endpoints.transport,
+            ws_url=self.endpoints.ws_url,
+            http_url=self.endpoints.http_url,
+            timeout=self.timeout,
+            retries=self.retries,
+            headers=self.headers,
+            speed_test=self.speed_test,
+        )
+
+    def new_job(
+        self,
+        model_name: str,
+        model_version: str | None = None,
+        *,
+        auth_token: str | None = None,
+    ) -> AsyncJob:
+        """A job for FL process ``model_name`` (``model_version``: latest when ``None``)."""
+        return AsyncJob(self, model_name, model_version, auth_token=self._job_token(auth_token))
+
+    async def _perform(self, op: Any) -> Any:
+        return await self._net.perform(op)
+
+    async def aclose(self) -> None:
+        """Close the WebSocket and the HTTP connection pool."""
+        await self._net.aclose()
+
+    async def __aenter__(self) -> AsyncSyft:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

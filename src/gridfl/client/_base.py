@@ -1,0 +1,583 @@
+"""
+The I/O-free core of the worker SDK, shared by :class:`~gridfl.Syft` and
+:class:`~gridfl.AsyncSyft` (the httpx pattern: one core, two thin shells).
+
+* :class:`Endpoints` turns the user's URL into the WebSocket and HTTP addresses and
+  enforces the "no plain text to a remote node unless allowed" rule.
+* :class:`BaseJob` holds a job's state, its event registry and the job flow. The flow is
+  a generator that *yields* operations (:class:`Call`, :class:`Fetch`,
+  :class:`MeasureSpeed`) and receives their results; it never does I/O itself. The shells
+  run it with :func:`drive_sync` or :func:`drive_async`, which perform each operation and
+  throw transport errors back into the generator so the flow can wrap them (for example
+  into ``ModelLoadFailedError``).
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import inspect
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from gridfl._exceptions import (
+    ConfigError,
+    CycleStatusError,
+    GridError,
+    GridflError,
+    ModelLoadFailedError,
+    PlanLoadFailedError,
+)
+from gridfl.client import _protocol as proto
+
+if TYPE_CHECKING:
+    from gridfl.client.trainer import PlanTrainer
+    from gridfl.model import SyftModel
+    from gridfl.plan import Plan
+
+logger = logging.getLogger("gridfl.client")
+
+#: Events a job emits (``job.on(name, handler)``).
+JOB_EVENTS = ("accepted", "rejected", "error")
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    host = host.strip("[]").lower()
+    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where a node lives: the transport picked by the URL scheme and both base URLs.
+
+    ``ws_url`` is the WebSocket endpoint (the node's root path, or the URL's path when the
+    node sits under a prefix); ``http_url`` is the base of ``/model-centric/...``.
+    Secure URLs are used exactly as given (syft.js turned ``wss://`` into ``wsss://``).
+    """
+
+    transport: str  # "ws" or "http": used for authenticate, cycle-request and report
+    ws_url: str
+    http_url: str
+    secure: bool
+
+    @classmethod
+    def parse(cls, url: str, *, allow_insecure: bool) -> Endpoints:
+        if not isinstance(url, str) or not url:
+            raise ConfigError(f"the grid URL must be a non-empty string, got {url!r}")
+        parts = urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        if scheme not in ("ws", "wss", "http", "https"):
+            raise ConfigError(
+                f"unsupported URL scheme in {url!r}: use ws://, wss://, http:// or https://"
+            )
+        if not parts.hostname:
+            raise ConfigError(f"the grid URL {url!r} has no host")
+        secure = scheme in ("wss", "https")
+        if not secure and not allow_insecure and not is_loopback(parts.hostname):
+            raise ConfigError(
+                f"refusing an unencrypted connection to {parts.hostname!r} ({url}): use "
+                f"{'wss' if scheme == 'ws' else 'https'}:// or pass allow_insecure=True "
+                "(or verbose=True, as syft.js does)"
+            )
+        if parts.query or parts.fragment:
+            raise ConfigError(f"the grid URL {url!r} must not carry a query or fragment")
+        path = parts.path.rstrip("/")
+        ws_scheme = "wss" if secure else "ws"
+        http_scheme = "https" if secure else "http"
+        ws_url = urlunsplit((ws_scheme, parts.netloc, path + "/", "", ""))
+        http_url = urlunsplit((http_scheme, parts.netloc, path, "", ""))
+        return cls(
+            transport="ws" if scheme.startswith("ws") else "http",
+            ws_url=ws_url,
+            http_url=http_url,
+            secure=secure,
+        )
+
+
+# --------------------------------------------------------------------------- operations
+
+
+@dataclass(frozen=True)
+class Call:
+    """A protocol call (authenticate, cycle-request, report) on the URL's transport.
+
+    ``idempotent`` calls may be retried after the request may have reached the node
+    (read timeout, dropped connection); the others only when it surely did not.
+    """
+
+    type: str
+    data: dict[str, Any]
+    idempotent: bool = True
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """An HTTP GET of binary content (model, plan, protocol)."""
+
+    path: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MeasureSpeed:
+    """Run the speed test; the result is a dict ``{ping, download, upload}``."""
+
+    worker_id: str
+
+
+Operation = Call | Fetch | MeasureSpeed
+
+
+@dataclass(frozen=True)
+class Accepted:
+    model: SyftModel
+    client_config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    timeout: int | None
+
+
+Flow = Generator[Operation, Any, Any]
+
+
+def drive_sync(flow: Flow, perform: Callable[[Operation], Any]) -> Any:
+    """Run a flow to completion, performing each operation with a blocking ``perform``."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = flow.send(value) if error is None else flow.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            value, error = perform(op), None
+        except Exception as exc:  # handed back to the flow, which decides
+            value, error = None, exc
+
+
+async def drive_async(flow: Flow, perform: Callable[[Operation], Awaitable[Any]]) -> Any:
+    """Run a flow to completion, awaiting each operation."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = flow.send(value) if error is None else flow.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            value, error = await perform(op), None
+        except Exception as exc:
+            value, error = None, exc
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class JobState(enum.Enum):
+    """Lifecycle of a job: ``CREATED -> STARTING -> ACCEPTED | REJECTED | FAILED``, then
+    ``ACCEPTED -> REPORTED``. ``start()`` may be called again from any state but
+    ``STARTING`` (it re-authenticates, as syft.js does)."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    REPORTED = "reported"
+
+
+def _as_error(exc: BaseException) -> GridflError:
+    if isinstance(exc, GridflError):
+        return exc
+    err = GridError(f"{type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _require(reply: Mapping[str, Any], key: str, call: str) -> Any:
+    if key not in reply or reply[key] is None:
+        raise GridError(f"malformed reply to {call}: no {key!r} in {dict(reply)!r:.300}")
+    return reply[key]
+
+
+@dataclass
+class _Cycle:
+    worker_id: str | None = None
+    requires_speed_test: bool = False
+    speed: dict[str, float] = field(default_factory=dict)
+    request_key: str | None = None
+    model_id: Any = None
+    version: str | None = None
+    timeout: int | None = None
+
+
+class BaseJob:
+    """State, events and flow of one training job; the shells add the I/O.
+
+    Attributes set by a successful ``start()``: :attr:`model`, :attr:`plans`,
+    :attr:`protocols`, :attr:`client_config`, :attr:`worker_id`, :attr:`request_key`.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        model_name: str,
+        model_version: str | None = None,
+        *,
+        auth_token: str | None = None,
+    ) -> None:
+        if not isinstance(model_name, str) or not model_name:
+            raise ConfigError(f"model_name must be a non-empty string, got {model_name!r}")
+        if model_version is not None and not isinstance(model_version, str):
+            raise ConfigError(f"model_version must be a string or None, got {model_version!r}")
+        self._client = client
+        self.model_name = model_name
+        self.model_version = model_version
+        self.auth_token = auth_token
+        self._handlers: dict[str, list[Callable[..., Any]]] = {e: [] for e in JOB_EVENTS}
+        self.state = JobState.CREATED
+        self.model: SyftModel | None = None
+        self.plans: dict[str, Plan] = {}
+        self.protocols: dict[str, bytes] = {}
+        self.client_config: dict[str, Any] = {}
+        self.error: GridflError | None = None
+        self._cycle = _Cycle()
+
+    # ------------------------------------------------------------------ events
+    def on(self, event: str, handler: Callable[..., Any] | None = None) -> Any:
+        """Register ``handler`` for ``event`` (``accepted``, ``rejected`` or ``error``).
+
+        Usable directly, ``job.on("rejected", fn)``, or as a decorator::
+
+            @job.on("accepted")
+            def on_accepted(model, client_config): ...
+
+        Handlers get keyword-compatible positional arguments: ``accepted(model,
+        client_config)``, ``rejected(timeout)``, ``error(exc)``. Unknown event names
+        raise :class:`ValueError` (syft.js ignored them silently).
+        """
+        if event not in self._handlers:
+            raise ConfigError(
+                f"unknown job event {event!r}; expected one of {', '.join(JOB_EVENTS)}"
+            )
+        if handler is None:
+
+            def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+                self._handlers[event].append(fn)
+                return fn
+
+            return register
+        if not callable(handler):
+            raise ConfigError(f"handler for {event!r} must be callable, got {handler!r}")
+        self._handlers[event].append(handler)
+        return handler
+
+    def _event_calls(self, outcome: Any) -> tuple[str, tuple[Any, ...]]:
+        if isinstance(outcome, Accepted):
+            return "accepted", (outcome.model, outcome.client_config)
+        if isinstance(outcome, Rejected):
+            return "rejected", (outcome.timeout,)
+        return "error", (outcome,)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def worker_id(self) -> str | None:
+        """The id the node gave this job at authentication."""
+        return self._cycle.worker_id
+
+    @property
+    def request_key(self) -> str | None:
+        """The key of the accepted cycle (sent back with downloads and the report)."""
+        return self._cycle.request_key
+
+    @property
+    def timeout(self) -> int | None:
+        """Seconds to wait before retrying after a rejection (``None``: training is over)."""
+        return self._cycle.timeout
+
+    @property
+    def speed(self) -> dict[str, float]:
+        """The measured ``{ping, download, upload}`` when the node asked for a speed test."""
+        return dict(self._cycle.speed)
+
+    def __repr__(self) -> str:
+        version = f" {self.model_version}" if self.model_version else ""
+        return f"<{type(self).__name__} {self.model_name}{version} {self.state.value}>"
+
+    # ------------------------------------------------------------------ flows
+    def _begin(self) -> None:
+        if self.state is JobState.STARTING:
+            raise GridflError(f"{self!r}: start() is already running")
+        self.state = JobState.STARTING
+        self.model = None
+        self.plans = {}
+        self.protocols = {}
+        self.client_config = {}
+        self.error = None
+        self._cycle = _Cycle()
+
+    def _finish(self, outcome: Any) -> tuple[str, tuple[Any, ...]]:
+        """Record the outcome of the start flow (an Accepted, Rejected or exception)."""
+        if isinstance(outcome, Accepted):
+            self.state = JobState.ACCEPTED
+            logger.info(
+                "%s accepted: worker %s, %d plan(s)", self.model_name, self.worker_id,
+                len(self.plans),
+            )
+        elif isinstance(outcome, Rejected):
+            self.state = JobState.REJECTED
+            self._cycle.timeout = outcome.timeout
+            logger.info("%s rejected, timeout=%s", self.model_name, outcome.timeout)
+        else:
+            outcome = _as_error(outcome)
+            self.state = JobState.FAILED
+            self.error = outcome
+            logger.warning("%s failed: %s", self.model_name, outcome)
+        return self._event_calls(outcome)
+
+    def _start_flow(self) -> Flow:
+        """authenticate -> [speed test] -> cycle-request -> downloads."""
+        from gridfl.model import SyftModel
+        from gridfl.plan import Plan
+
+        c = self._cycle
+        auth: dict[str, Any] = {"model_name": self.model_name}
+        if self.model_version is not None:
+            auth["model_version"] = self.model_version
+        if self.auth_token is not None:
+            auth["auth_token"] = self.auth_token
+        reply = yield Call(proto.AUTHENTICATE, auth)
+        if reply.get("status", "success") != "success":
+            raise GridError(f"authentication failed: {reply!r:.300}")
+        c.worker_id = str(_require(reply, "worker_id", proto.AUTHENTICATE))
+        c.requires_speed_test = bool(reply.get("requires_speed_test", False))
+        logger.debug("%s: authenticated as worker %s", self.model_name, c.worker_id)
+
+        request: dict[str, Any] = {"worker_id": c.worker_id, "model": self.model_name}
+        if self.model_version is not None:
+            request["version"] = self.model_version
+        if c.requires_speed_test:
+            c.speed = dict((yield MeasureSpeed(c.worker_id)))
+            request.update(c.speed)
+            logger.debug("%s: speed test %s", self.model_name, c.speed)
+        reply = yield Call(proto.CYCLE_REQUEST, request, idempotent=False)
+        status = reply.get("status")
+        if status == proto.STATUS_REJECTED:
+            return Rejected(proto.parse_timeout(reply.get("timeout")))
+        if status != proto.STATUS_ACCEPTED:
+            raise CycleStatusError(f"unknown cycle status {status!r} in reply {reply!r:.300}")
+
+        c.request_key = str(_require(reply, "request_key", proto.CYCLE_REQUEST))
+        c.model_id = _require(reply, "model_id", proto.CYCLE_REQUEST)
+        c.version = reply.get("version")
+        plan_ids = reply.get("plans") or {}
+        protocol_ids = reply.get("protocols") or {}
+        client_config = reply.get("client_config") or {}
+        if not isinstance(plan_ids, dict) or not isinstance(protocol_ids, dict):
+            raise GridError(f"malformed accepted reply: plans/protocols {reply!r:.300}")
+        if not isinstance(client_config, dict):
+            raise GridError(f"malformed accepted reply: client_config {client_config!r:.200}")
+        keys = {"worker_id": c.worker_id, "request_key": c.request_key}
+
+        try:
+            raw = yield Fetch(proto.GET_MODEL, {**keys, "model_id": c.model_id})
+            model = SyftModel.from_bytes(raw)
+        except Exception as exc:
+            raise ModelLoadFailedError(f"Failed to load Model: {exc}") from exc
+
+        plans: dict[str, Plan] = {}
+        for name, plan_id in plan_ids.items():
+            try:
+                raw = yield Fetch(
+                    proto.GET_PLAN,
+                    {**keys, "plan_id": plan_id, "receive_operations_as": proto.PLAN_VARIANT},
+                )
+                plans[name] = Plan.from_bytes(raw)
+            except Exception as exc:
+                raise PlanLoadFailedError(f"Failed to load {name!r} Plan: {exc}") from exc
+
+        protocols: dict[str, bytes] = {}
+        for name, protocol_id in protocol_ids.items():
+            try:
+                protocols[name] = yield Fetch(
+                    proto.GET_PROTOCOL, {**keys, "protocol_id": protocol_id}
+                )
+            except Exception as exc:
+                raise GridError(f"Failed to load {name!r} Protocol: {exc}") from exc
+
+        self.model = model
+        self.plans = plans
+        self.protocols = protocols
+        self.client_config = dict(client_config)
+        return Accepted(model, self.client_config)
+
+    def _report_flow(
+        self,
+        diff: bytes,
+        num_samples: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> Flow:
+        if self.state is not JobState.ACCEPTED:
+            raise GridflError(
+                f"report() needs an accepted job: expected state 'accepted', "
+                f"got {self.state.value!r}"
+            )
+        if not isinstance(diff, (bytes, bytearray, memoryview)):
+            raise ConfigError(
+                f"diff must be bytes (use model.create_serialized_diff(params)), "
+                f"got {type(diff).__name__}"
+            )
+        data: dict[str, Any] = {
+            "worker_id": self.worker_id,
+            "request_key": self.request_key,
+            "diff": base64.b64encode(bytes(diff)).decode("ascii"),
+        }
+        if num_samples is not None:
+            if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:
+                raise ConfigError(f"num_samples must be a non-negative int, got {num_samples!r}")
+            data["num_samples"] = int(num_samples)
+        if metrics is not None:
+            data["metrics"] = {str(k): float(v) for k, v in dict(metrics).items()}
+        reply = yield Call(proto.REPORT, data, idempotent=False)
+        if reply.get("status", "success") != "success":
+            raise GridError(f"report failed: {reply!r:.300}")
+        self.state = JobState.REPORTED
+        logger.info("%s: reported diff of %d bytes", self.model_name, len(diff))
+        return reply
+
+    # ------------------------------------------------------------------ training
+    def trainer(
+        self,
+        plan_name: str,
+        data: Any,
+        target: Any,
+        *,
+        batch_size: int | None = None,
+        epochs: int | None = None,
+        max_updates: int | None = None,
+        client_config: Mapping[str, Any] | None = None,
+        shuffle: bool = False,
+        seed: int | None = None,
+        events: Mapping[str, Callable[..., Any]] | None = None,
+        checkpoint: bytes | None = None,
+    ) -> PlanTrainer:
+        """A :class:`~gridfl.client.PlanTrainer` for plan ``plan_name`` on this job's model.
+
+        Defaults come from the cycle's ``client_config`` (``batch_size``, ``max_epochs``,
+        ``max_updates``; ``lr`` and other plan inputs by key); ``client_config`` entries
+        given here override them. With ``checkpoint`` (bytes from
+        :meth:`PlanTrainer.checkpoint`) training continues from that state.
+        """
+        from gridfl.client.trainer import PlanTrainer
+
+        if self.model is None or self.state not in (JobState.ACCEPTED, JobState.REPORTED):
+            raise GridflError(
+                f"train() needs an accepted job: expected state 'accepted', "
+                f"got {self.state.value!r}"
+            )
+        if plan_name not in self.plans:
+            raise ConfigError(
+                f"no plan {plan_name!r} in this cycle; plans: {', '.join(self.plans) or 'none'}"
+            )
+        plan = self.plans[plan_name]
+        cfg = {**self.client_config, **(client_config or {})}
+        if checkpoint is not None:
+            return PlanTrainer.from_checkpoint(
+                plan, data, target, checkpoint, client_config=cfg, events=events
+            )
+        return PlanTrainer(
+            plan, self.model.params, data, target, client_config=cfg, batch_size=batch_size,
+            epochs=epochs, max_updates=max_updates, shuffle=shuffle, seed=seed, events=events,
+        )
+
+    def _handlers_for(self, event: str) -> list[Callable[..., Any]]:
+        return list(self._handlers[event])
+
+
+def is_awaitable(value: Any) -> bool:
+    return inspect.isawaitable(value)
+
+
+# --------------------------------------------------------------------------- clients
+
+_verbose_handler: logging.Handler | None = None
+
+
+def _turn_up_logging() -> None:
+    """``verbose=True``: log the SDK at DEBUG, to stderr unless logging is configured."""
+    global _verbose_handler
+    logger.setLevel(logging.DEBUG)
+    if _verbose_handler is None and not logging.getLogger().handlers and not logger.handlers:
+        _verbose_handler = logging.StreamHandler()
+        _verbose_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+        )
+        logger.addHandler(_verbose_handler)
+
+
+class BaseSyft:
+    """Options shared by :class:`~gridfl.Syft` and :class:`~gridfl.AsyncSyft`.
+
+    Args:
+        url: the grid node, ``ws://``, ``wss://``, ``http://`` or ``https://``. The scheme
+            picks the transport of authenticate, cycle-request and report; downloads and
+            the speed test always use HTTP(S) to the same host.
+        auth_token: default token of this client's jobs (``new_job`` may override it).
+        verbose: log at DEBUG level, and (as in syft.js) allow plain ``ws``/``http`` to a
+            non-loopback host.
+        allow_insecure: allow plain ``ws``/``http`` to a non-loopback host; ``None``
+            follows ``verbose``. Loopback hosts are always allowed.
+        timeout: seconds to wait for each request (connect, reply, each read).
+        retries: retries of transient network failures per request.
+        speed_test: bounds of the speed test (:class:`~gridfl.client.SpeedTestLimits`).
+        headers: extra HTTP headers for every request and the WebSocket handshake.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth_token: str | None = None,
+        verbose: bool = False,
+        allow_insecure: bool | None = None,
+        timeout: float = 30.0,
+        retries: int = 2,
+        speed_test: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        allow = bool(verbose) if allow_insecure is None else bool(allow_insecure)
+        self.endpoints = Endpoints.parse(url, allow_insecure=allow)
+        self.url = url
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigError(f"retries must be a non-negative int, got {retries!r}")
+        self.auth_token = auth_token
+        self.verbose = bool(verbose)
+        self.timeout = float(timeout)
+        self.retries = retries
+        self.speed_test = speed_test
+        self.headers = dict(headers or {})
+        if self.verbose:
+            _turn_up_logging()
+        logger.debug("client for %s (%s transport)", url, self.endpoints.transport)
+
+    def _job_token(self, auth_token: str | None) -> str | None:
+        return self.auth_token if auth_token is None else auth_token
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"

@@ -1,0 +1,127 @@
+"""
+Protocol constants the worker SDK needs: message types, HTTP paths, reply parsing.
+
+Kept in one small private module so that switching to the shared :mod:`gridfl._wire`
+definitions touches one file. Everything here is pure (no I/O).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from gridfl._exceptions import (
+    AuthenticationError,
+    ConflictError,
+    GridError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    UnavailableError,
+)
+
+AUTHENTICATE = "model-centric/authenticate"
+CYCLE_REQUEST = "model-centric/cycle-request"
+REPORT = "model-centric/report"
+
+GET_MODEL = "model-centric/get-model"
+GET_PLAN = "model-centric/get-plan"
+GET_PROTOCOL = "model-centric/get-protocol"
+SPEED_TEST = "model-centric/speed-test"
+
+#: ``receive_operations_as`` value that selects gridfl's ONNX plan variant.
+PLAN_VARIANT = "onnx"
+
+STATUS_ACCEPTED = "accepted"
+STATUS_REJECTED = "rejected"
+
+_STATUS_ERRORS: dict[int, type[GridError]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    503: UnavailableError,
+}
+
+# Node error texts that mean "bad credentials" whatever status carried them (PyGrid
+# answers authentication failures with 400, and WebSocket replies carry no status).
+_AUTH_TEXTS = (
+    "auth_token",
+    "authentication is required",
+)
+
+
+def error_class(status: int | None, message: str) -> type[GridError]:
+    """The :class:`GridError` subclass for a node error reply."""
+    low = message.lower()
+    if any(t in low for t in _AUTH_TEXTS):
+        return AuthenticationError
+    if status is None:
+        return GridError
+    return _STATUS_ERRORS.get(status, GridError)
+
+
+def node_error(message: Any, *, status: int | None = None, call: str | None = None) -> GridError:
+    """Build the exception for an error the node sent back (its message kept verbatim)."""
+    text = str(message).strip() or f"HTTP {status}"
+    exc = error_class(status, text)(text)
+    exc.status = status  # type: ignore[attr-defined]
+    exc.call = call  # type: ignore[attr-defined]
+    return exc
+
+
+def unwrap_reply(body: Any, *, call: str, status: int | None = None) -> dict[str, Any]:
+    """The ``data`` object of a node reply, raising the node's error if it carries one.
+
+    Accepts the bare object (gridfl over HTTP, PyGrid master), the ``{type, data}``
+    envelope (WebSocket, PyGrid dev over HTTP) and ``{"error": ...}`` at either level.
+    """
+    if not isinstance(body, dict):
+        raise GridError(f"malformed reply to {call}: expected a JSON object, got {body!r:.200}")
+    if "error" in body and body["error"] is not None:
+        raise node_error(body["error"], status=status, call=call)
+    data = body
+    if isinstance(body.get("data"), dict) and ("type" in body or "request_id" in body):
+        data = body["data"]
+    if "error" in data and data["error"] is not None:
+        raise node_error(data["error"], status=status, call=call)
+    return data
+
+
+_TIMEDELTA = re.compile(
+    r"^\s*(?:(?P<days>-?\d+)\s+days?,\s*)?(?P<h>-?\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2}(?:\.\d*)?)\s*$"
+)
+
+
+def parse_timeout(value: Any) -> int | None:
+    """A rejection ``timeout`` as whole seconds (rounded up, at least 0), or ``None``.
+
+    gridfl sends integer seconds; PyGrid sends ``str(timedelta)`` such as
+    ``"7:59:41.123456"``, ``"1 day, 2:00:00"`` or, after the deadline,
+    ``"-1 day, 23:59:50"``. Anything unreadable is treated as "no timeout".
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            seconds = float(text)
+        except ValueError:
+            m = _TIMEDELTA.match(text)
+            if m is None:
+                return None
+            days = int(m["days"] or 0)
+            seconds = days * 86400 + int(m["h"]) * 3600 + int(m["m"]) * 60 + float(m["s"])
+    else:
+        return None
+    if not math.isfinite(seconds):
+        return None
+    return max(0, math.ceil(seconds))

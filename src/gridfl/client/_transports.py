@@ -1,0 +1,352 @@
+"""
+Network transports of the worker SDK (asyncio; the sync shell runs them on its own loop).
+
+* :class:`HttpTransport`: one ``httpx.AsyncClient`` per client (connection reuse) for the
+  JSON calls over HTTP, the binary downloads and the speed test.
+* :class:`WsTransport`: one WebSocket per client, shared by all its jobs; requests carry
+  a random ``request_id`` and replies are matched by it; every request has a timeout;
+  a dropped socket fails the requests in flight and the next request reconnects.
+
+Both retry transient failures a bounded number of times with exponential back-off.
+Calls that are not idempotent (cycle-request, report) are retried only when the request
+surely did not reach the node (connect failed, socket already closed before sending).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from gridfl._exceptions import GridError, ResponseTimeoutError, TransportError
+from gridfl.client import _protocol as proto
+
+logger = logging.getLogger("gridfl.client")
+
+T = TypeVar("T")
+
+#: Largest message accepted from the node over the WebSocket (replies are small JSON).
+WS_MAX_MESSAGE = 16 * 2**20
+
+
+class _NotSent(Exception):
+    """Internal: the request surely never reached the node, so any call may be retried."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def backoff_delay(attempt: int, base: float = 0.2, cap: float = 2.0) -> float:
+    """Delay before retry number ``attempt`` (0-based): 0.2, 0.4, 0.8, ... capped."""
+    return min(cap, base * (2**attempt))
+
+
+async def with_retries(
+    what: str,
+    attempt_fn: Callable[[], Awaitable[T]],
+    *,
+    retries: int,
+    idempotent: bool,
+) -> T:
+    """Run ``attempt_fn`` with up to ``retries`` retries of transient failures."""
+    attempt = 0
+    while True:
+        try:
+            return await attempt_fn()
+        except _NotSent as exc:
+            error: BaseException = exc.cause
+            retry = True
+        except GridError as exc:
+            error = exc
+            retry = exc.retryable and idempotent
+        if not retry or attempt >= retries:
+            if isinstance(error, GridError):
+                raise error
+            raise TransportError(f"{what}: {error}") from error
+        delay = backoff_delay(attempt)
+        logger.info("%s failed (%s); retry %d/%d in %.1fs", what, error, attempt + 1, retries,
+                    delay)
+        attempt += 1
+        await asyncio.sleep(delay)
+
+
+def _http_error(exc: httpx.HTTPError, what: str) -> TransportError:
+    if isinstance(exc, httpx.TimeoutException):
+        err: TransportError = ResponseTimeoutError(f"{what}: no reply in time ({exc!r})")
+    else:
+        err = TransportError(f"{what}: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+class HttpTransport:
+    """JSON calls and binary downloads over one pooled ``httpx.AsyncClient``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float,
+        retries: int,
+        headers: dict[str, str] | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self.retries = retries
+        self.client = client or httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout),
+            headers=headers,
+            follow_redirects=False,
+        )
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        what = f"{method} {path}"
+        try:
+            return await self.client.request(method, "/" + path, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _NotSent(_http_error(exc, what)) from exc
+        except httpx.HTTPError as exc:
+            raise _http_error(exc, what) from exc
+
+    async def call(self, type_: str, data: dict[str, Any], *, idempotent: bool = True) -> dict:
+        """POST a protocol message; return the reply's ``data`` or raise the node's error."""
+
+        async def attempt() -> dict:
+            resp = await self._request("POST", type_, json=data)
+            return self._parse_json(resp, type_)
+
+        return await with_retries(type_, attempt, retries=self.retries, idempotent=idempotent)
+
+    async def fetch(self, path: str, params: dict[str, Any]) -> bytes:
+        """GET binary content (model, plan, protocol); raise the node's error on non-2xx."""
+
+        async def attempt() -> bytes:
+            resp = await self._request("GET", path, params=params)
+            if resp.is_success:
+                return resp.content
+            raise self._error(resp, path)
+
+        return await with_retries(path, attempt, retries=self.retries, idempotent=True)
+
+    def _parse_json(self, resp: httpx.Response, call: str) -> dict:
+        if not resp.is_success:
+            raise self._error(resp, call)
+        try:
+            body = resp.json()
+        except ValueError as exc:
+            raise GridError(f"malformed reply to {call}: not JSON ({resp.text[:200]!r})") from exc
+        return proto.unwrap_reply(body, call=call, status=resp.status_code)
+
+    @staticmethod
+    def _error(resp: httpx.Response, call: str) -> GridError:
+        message: Any = None
+        try:
+            body = resp.json()
+            if isinstance(body, dict):
+                message = body.get("error")
+                if message is None and isinstance(body.get("data"), dict):
+                    message = body["data"].get("error")
+        except ValueError:
+            pass
+        if message is None:
+            message = f"{resp.status_code} {resp.reason_phrase}".strip()
+        return proto.node_error(message, status=resp.status_code, call=call)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class WsTransport:
+    """One WebSocket to the node, shared by every job of a client.
+
+    Requests are ``{"type", "request_id", "data"}``; a reading task resolves the waiting
+    request by ``request_id`` (a reply without one is matched to the oldest pending
+    request of the same ``type``, as old PyGrid servers reply).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        retries: int,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.retries = retries
+        self.headers = headers
+        self._conn: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock: asyncio.Lock | None = None
+        # request_id -> (future, connection it was sent on, message type)
+        self._pending: dict[str, tuple[asyncio.Future[Any], ClientConnection, str]] = {}
+        self._closed = False
+        self.connects = 0  # how many sockets were opened (visible to tests)
+
+    async def _connection(self) -> ClientConnection:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._closed:
+                raise TransportError("the client is closed")
+            conn = self._conn
+            if conn is not None and conn.state.name == "OPEN":
+                return conn
+            try:
+                conn = await connect(
+                    self.url,
+                    open_timeout=self.timeout,
+                    close_timeout=2,
+                    max_size=WS_MAX_MESSAGE,
+                    additional_headers=self.headers,
+                    proxy=None,
+                )
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+                err = TransportError(f"cannot open WebSocket {self.url}: {exc!r}")
+                err.__cause__ = exc
+                raise _NotSent(err) from exc
+            self.connects += 1
+            logger.debug("WebSocket open: %s", self.url)
+            self._conn = conn
+            self._reader = asyncio.get_running_loop().create_task(self._read(conn))
+            return conn
+
+    async def _read(self, conn: ClientConnection) -> None:
+        reason: BaseException | None = None
+        try:
+            async for raw in conn:
+                self._dispatch(raw, conn)
+        except ConnectionClosed as exc:
+            reason = exc
+        except Exception as exc:  # pragma: no cover - defensive: never lose waiters
+            reason = exc
+            logger.exception("WebSocket reader crashed")
+        finally:
+            if self._conn is conn:
+                self._conn = None
+            why = f"WebSocket connection closed ({reason or 'closed by the node'})"
+            for rid, (fut, sent_on, _) in list(self._pending.items()):
+                if sent_on is conn and not fut.done():
+                    fut.set_exception(TransportError(why))
+                    self._pending.pop(rid, None)
+
+    def _dispatch(self, raw: str | bytes, conn: ClientConnection) -> None:
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            logger.warning("ignoring a non-JSON WebSocket message: %.200r", raw)
+            return
+        if not isinstance(msg, dict):
+            logger.warning("ignoring a WebSocket message that is not an object: %.200r", msg)
+            return
+        rid = msg.get("request_id")
+        entry = self._pending.pop(rid, None) if isinstance(rid, str) else None
+        if entry is None and rid is None:
+            mtype = msg.get("type")
+            for key, (_, sent_on, t) in self._pending.items():
+                if sent_on is conn and t == mtype:
+                    entry = self._pending.pop(key)
+                    break
+        if entry is None:
+            logger.debug("ignoring an unmatched WebSocket reply: %.200r", msg)
+            return
+        fut = entry[0]
+        if not fut.done():
+            fut.set_result(msg)
+
+    async def call(self, type_: str, data: dict[str, Any], *, idempotent: bool = True) -> dict:
+        """Send one request and wait (at most ``timeout`` s) for the reply's ``data``."""
+
+        async def attempt() -> dict:
+            conn = await self._connection()
+            rid = secrets.token_urlsafe(24)
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._pending[rid] = (fut, conn, type_)
+            try:
+                frame = json.dumps({"type": type_, "request_id": rid, "data": data})
+                try:
+                    await conn.send(frame)
+                except ConnectionClosed as exc:
+                    if self._conn is conn:
+                        self._conn = None
+                    err = TransportError(f"{type_}: WebSocket closed before sending ({exc})")
+                    raise _NotSent(err) from exc
+                try:
+                    msg = await asyncio.wait_for(fut, self.timeout)
+                except TimeoutError as exc:
+                    raise ResponseTimeoutError(
+                        f"{type_}: no reply within {self.timeout:g} s (Response timeout)"
+                    ) from exc
+            finally:
+                self._pending.pop(rid, None)
+            return proto.unwrap_reply(msg, call=type_)
+
+        return await with_retries(type_, attempt, retries=self.retries, idempotent=idempotent)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._conn.state.name == "OPEN"
+
+    async def aclose(self) -> None:
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(self._reader, 3)
+            except (TimeoutError, asyncio.CancelledError):  # pragma: no cover
+                pass
+
+
+class Network:
+    """The I/O side of a client: performs the operations the job flows yield."""
+
+    def __init__(
+        self,
+        *,
+        transport: str,
+        ws_url: str,
+        http_url: str,
+        timeout: float,
+        retries: int,
+        headers: dict[str, str] | None = None,
+        speed_test: Any = None,
+    ) -> None:
+        self.http = HttpTransport(http_url, timeout=timeout, retries=retries, headers=headers)
+        self.ws = (
+            WsTransport(ws_url, timeout=timeout, retries=retries, headers=headers)
+            if transport == "ws"
+            else None
+        )
+        self.speed_test = speed_test
+
+    async def perform(self, op: Any) -> Any:
+        from gridfl.client._base import Call, Fetch, MeasureSpeed
+        from gridfl.client.speedtest import measure_speed
+
+        if isinstance(op, Call):
+            primary = self.ws if self.ws is not None else self.http
+            return await primary.call(op.type, op.data, idempotent=op.idempotent)
+        if isinstance(op, Fetch):
+            return await self.http.fetch(op.path, op.params)
+        if isinstance(op, MeasureSpeed):
+            result = await measure_speed(self.http.client, op.worker_id, limits=self.speed_test)
+            return result.as_request()
+        raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        if self.ws is not None:
+            await self.ws.aclose()
+        await self.http.aclose()

@@ -1,0 +1,149 @@
+"""
+The usual worker loop as one call: join a cycle, train, report, repeat.
+
+::
+
+    from gridfl.client import run_worker
+
+    summary = run_worker("ws://127.0.0.1:5000", "mnist", X, y, model_version="1.0")
+    print(summary.cycles, "cycles, last loss", summary.last_loss)
+
+Each round starts a new job (authenticating again, as syft.js's example does). On
+``accepted`` it trains the plan on the local data and reports the diff with the sample
+count and the last loss/metrics. On ``rejected`` with a timeout it sleeps that long
+(bounded by ``max_wait``) and tries again; a rejection without a timeout means the node
+has nothing left to train, and the loop ends. Transient errors (network, node
+unavailable) are retried with back-off up to ``max_errors`` times in a row; other errors
+are raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gridfl._exceptions import GridError, GridflError
+from gridfl.client._base import JobState
+from gridfl.client._sync import Job, Syft
+from gridfl.client.trainer import TrainResult
+
+__all__ = ["WorkerSummary", "run_worker"]
+
+logger = logging.getLogger("gridfl.client")
+
+
+@dataclass
+class WorkerSummary:
+    """What :func:`run_worker` did: cycles trained and reported, rejections, losses."""
+
+    cycles: int = 0
+    rejections: int = 0
+    errors: int = 0
+    losses: list[float] = field(default_factory=list)
+    finished: bool = False  # the node said there is nothing left to train
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+
+def run_worker(
+    url: str,
+    model_name: str,
+    data: Any,
+    target: Any,
+    *,
+    model_version: str | None = None,
+    auth_token: str | None = None,
+    plan_name: str = "training_plan",
+    batch_size: int | None = None,
+    epochs: int | None = None,
+    max_updates: int | None = None,
+    shuffle: bool = True,
+    seed: int | None = None,
+    max_cycles: int | None = None,
+    max_wait: float | None = None,
+    min_wait: float = 0.2,
+    max_errors: int = 5,
+    on_trained: Callable[[Job, TrainResult], None] | None = None,
+    client: Syft | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    **client_options: Any,
+) -> WorkerSummary:
+    """Train on ``data``/``target`` for ``model_name`` until the node has nothing left.
+
+    Args:
+        url, auth_token, client_options: passed to :class:`~gridfl.Syft` (unless an
+            open ``client`` is given, which is then reused and not closed).
+        plan_name: the training plan to run (PyGrid's name is ``training_plan``).
+        batch_size, epochs, max_updates, shuffle, seed: passed to ``job.train``;
+            ``None`` takes the cycle's ``client_config``. ``seed`` varies per cycle.
+        max_cycles: stop after reporting this many cycles (``None``: until done).
+        max_wait: cap on each sleep after a rejection (``None``: the node's timeout).
+        min_wait: shortest sleep after a rejection (a timeout of 0 means "the cycle's
+            deadline has passed; it will close soon").
+        max_errors: transient errors tolerated in a row before giving up.
+        on_trained: called as ``on_trained(job, result)`` before each report.
+
+    Returns a :class:`WorkerSummary`. Raises the job's error for anything not transient.
+    """
+    own = client is None
+    if client is None:
+        client = Syft(url, auth_token=auth_token, **client_options)
+    summary = WorkerSummary()
+    errors_in_row = 0
+    try:
+        while max_cycles is None or summary.cycles < max_cycles:
+            job = client.new_job(model_name, model_version)
+            try:
+                job.start()
+            except GridflError as exc:
+                transient = isinstance(exc, GridError) and exc.retryable
+                summary.errors += 1
+                errors_in_row += 1
+                if not transient or errors_in_row > max_errors:
+                    raise
+                delay = min(30.0, 0.5 * 2 ** (errors_in_row - 1))
+                logger.warning("worker: transient error (%s); retrying in %.1fs", exc, delay)
+                sleep(delay)
+                continue
+            errors_in_row = 0
+
+            if job.state is JobState.ACCEPTED:
+                cycle_seed = None if seed is None else seed + summary.cycles
+                result = job.train(
+                    plan_name, data, target, batch_size=batch_size, epochs=epochs,
+                    max_updates=max_updates, shuffle=shuffle, seed=cycle_seed,
+                )
+                if on_trained is not None:
+                    on_trained(job, result)
+                assert job.model is not None
+                diff = job.model.create_serialized_diff(result.params)
+                metrics: Mapping[str, float] = dict(result.metrics)
+                if result.loss is not None:
+                    metrics = {"loss": result.loss, **metrics}
+                job.report(diff, num_samples=result.num_samples, metrics=metrics)
+                summary.cycles += 1
+                if result.loss is not None:
+                    summary.losses.append(result.loss)
+                logger.info("worker: cycle %d reported, loss %s", summary.cycles, result.loss)
+                continue
+
+            summary.rejections += 1
+            timeout = job.timeout
+            if timeout is None:
+                summary.finished = True
+                logger.info("worker: the node has nothing left to train")
+                break
+            wait = max(float(timeout), min_wait)
+            if max_wait is not None:
+                wait = min(wait, max_wait)
+            logger.info("worker: rejected, retrying in %.1fs", wait)
+            sleep(wait)
+    finally:
+        if own:
+            client.close()
+    return summary
