@@ -1,0 +1,207 @@
+"""Transport behaviour that a well-behaved node never shows: silence, drops, disorder.
+
+These run a tiny misbehaving WebSocket server on loopback (and httpx's MockTransport for
+the pure retry logic), since the real grid node cannot be told to misbehave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from websockets.asyncio.server import serve
+
+from gridfl import NotFoundError, ResponseTimeoutError, TransportError, UnavailableError
+from gridfl.client._transports import HttpTransport, WsTransport
+
+
+async def _run(behaviour, body):
+    """Start a WebSocket server whose handler is ``behaviour(ws, state)``; run ``body(url)``."""
+    state = {"messages": [], "connections": 0}
+
+    async def handler(ws):
+        state["connections"] += 1
+        await behaviour(ws, state)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        return await body(f"ws://127.0.0.1:{port}/", state)
+
+
+def run(behaviour, body):
+    return asyncio.run(_run(behaviour, body))
+
+
+async def silent(ws, state):
+    async for raw in ws:
+        state["messages"].append(json.loads(raw))
+
+
+class TestWebSocket:
+    def test_timeout_on_every_request(self):
+        """No reply within ``timeout``: ResponseTimeoutError; non-idempotent: sent once."""
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=0.2, retries=2)
+            with pytest.raises(ResponseTimeoutError, match="Response timeout"):
+                await t.call("model-centric/report", {"x": 1}, idempotent=False)
+            await asyncio.sleep(0.05)
+            assert len(state["messages"]) == 1
+            with pytest.raises(ResponseTimeoutError):
+                await t.call("model-centric/authenticate", {}, idempotent=True)
+            await asyncio.sleep(0.05)
+            assert len(state["messages"]) == 1 + 3  # retried twice
+            await t.aclose()
+
+        run(silent, body)
+
+    def test_replies_matched_by_request_id(self):
+        """Two requests in flight get their own replies even when answered out of order."""
+
+        async def reverse(ws, state):
+            first = json.loads(await ws.recv())
+            second = json.loads(await ws.recv())
+            for msg in (second, first):
+                await ws.send(json.dumps({"type": msg["type"], "request_id": msg["request_id"],
+                                          "data": {"echo": msg["data"]["n"]}}))
+            await silent(ws, state)
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=2, retries=0)
+            a, b = await asyncio.gather(t.call("t", {"n": 1}), t.call("t", {"n": 2}))
+            assert (a, b) == ({"echo": 1}, {"echo": 2}) and t.connects == 1
+            await t.aclose()
+
+        run(reverse, body)
+
+    def test_reconnects_after_drop(self):
+        """A dropped socket fails the request in flight; retries reconnect and succeed."""
+
+        async def flaky(ws, state):
+            msg = json.loads(await ws.recv())
+            if state["connections"] == 1:
+                await ws.close()
+                return
+            await ws.send(json.dumps({"type": msg["type"], "request_id": msg["request_id"],
+                                      "data": {"ok": True}}))
+            await silent(ws, state)
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=2, retries=2)
+            assert await t.call("t", {}, idempotent=True) == {"ok": True}
+            assert t.connects == 2
+            await t.aclose()
+
+        run(flaky, body)
+
+    def test_drop_fails_non_idempotent_call(self):
+        async def closer(ws, state):
+            await ws.recv()
+            await ws.close()
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=2, retries=2)
+            with pytest.raises(TransportError, match="closed"):
+                await t.call("model-centric/report", {}, idempotent=False)
+            assert state["connections"] == 1
+            await t.aclose()
+
+        run(closer, body)
+
+    def test_node_error_reply(self):
+        async def erring(ws, state):
+            msg = json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": msg["type"], "request_id": msg["request_id"],
+                                      "data": {"error": "Model ID not found!"}}))
+            await silent(ws, state)
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=2, retries=0)
+            with pytest.raises(Exception, match="Model ID not found!"):
+                await t.call("t", {})
+            await t.aclose()
+
+        run(erring, body)
+
+    def test_connect_refused(self):
+        async def main():
+            t = WsTransport("ws://127.0.0.1:9/", timeout=1, retries=1)
+            with pytest.raises(TransportError, match="cannot open WebSocket"):
+                await t.call("t", {}, idempotent=False)
+
+        asyncio.run(main())
+
+
+class TestHttp:
+    def make(self, handler, retries=2):
+        client = httpx.AsyncClient(base_url="http://node", transport=httpx.MockTransport(handler))
+        return HttpTransport("http://node", timeout=1, retries=retries, client=client)
+
+    def test_retries_unavailable_then_succeeds(self):
+        calls = []
+
+        def handler(request):
+            calls.append(request.url.path)
+            if len(calls) < 3:
+                return httpx.Response(503, json={"error": "busy"})
+            return httpx.Response(200, content=b"model")
+
+        async def main():
+            t = self.make(handler)
+            assert await t.fetch("model-centric/get-model", {"model_id": 1}) == b"model"
+
+        asyncio.run(main())
+        assert calls == ["/model-centric/get-model"] * 3
+
+    def test_non_idempotent_not_retried_on_503(self):
+        calls = []
+
+        def handler(request):
+            calls.append(1)
+            return httpx.Response(503, json={"error": "busy"})
+
+        async def main():
+            with pytest.raises(UnavailableError, match="busy"):
+                await self.make(handler).call("model-centric/report", {}, idempotent=False)
+
+        asyncio.run(main())
+        assert len(calls) == 1
+
+    def test_status_maps_to_error_class(self):
+        def handler(request):
+            return httpx.Response(404, json={"error": "Plan ID not found!"})
+
+        async def main():
+            with pytest.raises(NotFoundError, match="Plan ID not found!"):
+                await self.make(handler).fetch("model-centric/get-plan", {})
+
+        asyncio.run(main())
+
+    def test_envelope_unwrapped(self):
+        def handler(request):
+            return httpx.Response(200, json={"type": "model-centric/report",
+                                              "data": {"status": "success"}})
+
+        async def main():
+            assert await self.make(handler).call("model-centric/report", {}) == \
+                {"status": "success"}
+
+        asyncio.run(main())
+
+    def test_connect_error_retried_even_if_not_idempotent(self):
+        calls = []
+
+        def handler(request):
+            calls.append(1)
+            if len(calls) == 1:
+                raise httpx.ConnectError("refused")
+            return httpx.Response(200, json={"status": "success"})
+
+        async def main():
+            assert await self.make(handler).call("model-centric/report", {},
+                                                 idempotent=False) == {"status": "success"}
+
+        asyncio.run(main())
+        assert len(calls) == 2
