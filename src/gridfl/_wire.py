@@ -1,0 +1,304 @@
+"""Sans-I/O shapes of the PyGrid model-centric protocol, shared by the grid node and workers.
+
+Nothing here does I/O. Requests are parsed from plain JSON values (``dict``) into small
+frozen dataclasses, with :class:`gridfl.InvalidRequestError` naming the bad field;
+responses are built as plain ``dict`` objects ready for ``json.dumps``.
+
+Transports (docs/protocol.md has the full story):
+
+* HTTP returns the bare ``data`` object; errors as ``{"error": "..."}`` with a status code.
+* WebSocket frames are ``{"type", "data", "request_id"?}``; replies carry the same ``type``,
+  the ``request_id`` if one came, and ``data`` (errors as ``data.error``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from gridfl._exceptions import InvalidRequestError
+
+__all__ = [
+    "AUTHENTICATE",
+    "CYCLE_REQUEST",
+    "REPORT",
+    "SOCKET_PING",
+    "HOST_TRAINING",
+    "WS_TYPES",
+    "PLAN_VARIANTS",
+    "MSG_AUTH_REQUIRED",
+    "MSG_AUTH_INVALID",
+    "MSG_AUTH_THIRD_PARTY",
+    "MSG_INVALID_REQUEST_KEY",
+    "MSG_MODEL_NOT_FOUND",
+    "MSG_PLAN_NOT_FOUND",
+    "MSG_PROTOCOL_NOT_FOUND",
+    "MSG_WORKER_NOT_FOUND",
+    "AuthenticateRequest",
+    "CycleRequest",
+    "ReportRequest",
+    "AssetRequest",
+    "parse_authenticate",
+    "parse_cycle_request",
+    "parse_report",
+    "parse_asset_request",
+    "parse_ws_frame",
+    "ws_reply",
+    "ws_error",
+    "authenticate_response",
+    "accepted_response",
+    "rejected_response",
+    "report_response",
+    "error_body",
+    "encode_diff",
+    "decode_diff",
+]
+
+# --- message types (WebSocket `type`; the HTTP path is `/` + type) -------------------------
+AUTHENTICATE = "model-centric/authenticate"
+CYCLE_REQUEST = "model-centric/cycle-request"
+REPORT = "model-centric/report"
+HOST_TRAINING = "model-centric/host-training"
+SOCKET_PING = "socket-ping"
+WS_TYPES = frozenset({AUTHENTICATE, CYCLE_REQUEST, REPORT, SOCKET_PING})
+
+#: plan variants ``get-plan`` serves (``receive_operations_as``)
+PLAN_VARIANTS = ("onnx", "tfjs", "torchscript", "list")
+
+# --- error texts clients match on (PyGrid's wording) --------------------------------------
+MSG_AUTH_REQUIRED = "Authentication is required, please pass an 'auth_token'."
+MSG_AUTH_INVALID = "The 'auth_token' you sent is invalid."
+MSG_AUTH_THIRD_PARTY = "The 'auth_token' you sent did not pass 3rd party validation."
+MSG_INVALID_REQUEST_KEY = "Invalid request key!"
+MSG_MODEL_NOT_FOUND = "Model ID not found!"
+MSG_PLAN_NOT_FOUND = "Plan ID not found!"
+MSG_PROTOCOL_NOT_FOUND = "Protocol ID not found!"
+MSG_WORKER_NOT_FOUND = "Worker ID not found!"
+
+
+# --- field helpers --------------------------------------------------------------------------
+def _obj(data: Any, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise InvalidRequestError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _str(data: dict, key: str, *, required: bool = True, max_len: int = 4096) -> str | None:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise InvalidRequestError(f"'{key}' is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidRequestError(f"'{key}' must be a string")
+    value = str(value)
+    if required and not value:
+        raise InvalidRequestError(f"'{key}' must not be empty")
+    if len(value) > max_len:
+        raise InvalidRequestError(f"'{key}' is too long")
+    return value
+
+
+def _number(data: dict, key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequestError(f"'{key}' needs to be a positive number")
+    if value < 0:
+        raise InvalidRequestError(f"'{key}' needs to be a positive number")
+    return float(value)
+
+
+# --- requests -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AuthenticateRequest:
+    model_name: str
+    model_version: str | None = None
+    auth_token: str | None = None
+
+
+@dataclass(frozen=True)
+class CycleRequest:
+    worker_id: str
+    model: str
+    version: str | None = None
+    ping: float | None = None
+    download: float | None = None
+    upload: float | None = None
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    worker_id: str
+    request_key: str
+    diff: bytes = field(repr=False)
+    num_samples: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AssetRequest:
+    """Query of ``get-model`` / ``get-plan`` / ``get-protocol``."""
+
+    worker_id: str
+    request_key: str
+    asset_id: int
+    receive_operations_as: str | None = None
+
+
+def parse_authenticate(data: Any) -> AuthenticateRequest:
+    data = _obj(data, "authenticate")
+    token = data.get("auth_token")
+    if token is not None and not isinstance(token, str):
+        raise InvalidRequestError("'auth_token' must be a string")
+    return AuthenticateRequest(
+        model_name=_str(data, "model_name"),
+        model_version=_str(data, "model_version", required=False) or None,
+        auth_token=token or None,
+    )
+
+
+def parse_cycle_request(data: Any) -> CycleRequest:
+    data = _obj(data, "cycle-request")
+    return CycleRequest(
+        worker_id=_str(data, "worker_id"),
+        model=_str(data, "model"),
+        version=_str(data, "version", required=False) or None,
+        ping=_number(data, "ping"),
+        download=_number(data, "download"),
+        upload=_number(data, "upload"),
+    )
+
+
+def decode_diff(value: Any) -> bytes:
+    """Decode the report's ``diff``: standard base64 (padded) of State bytes."""
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError("'diff' must be a non-empty base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError("'diff' is not valid base64") from None
+
+
+def encode_diff(diff: bytes) -> str:
+    return base64.b64encode(diff).decode("ascii")
+
+
+def parse_report(data: Any) -> ReportRequest:
+    data = _obj(data, "report")
+    worker_id = _str(data, "worker_id")
+    request_key = _str(data, "request_key")
+    diff = decode_diff(data.get("diff"))
+    num_samples = data.get("num_samples")
+    if num_samples is not None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise InvalidRequestError("'num_samples' must be a positive integer")
+    metrics = data.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise InvalidRequestError("'metrics' must be an object of name -> number")
+    clean: dict[str, float] = {}
+    for name, value in metrics.items():
+        if (
+            not isinstance(name, str)
+            or len(name) > 64
+            or isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise InvalidRequestError(f"metric {name!r} must be a finite number")
+        clean[name] = float(value)
+    if len(clean) > 32:
+        raise InvalidRequestError("at most 32 metrics per report")
+    return ReportRequest(worker_id, request_key, diff, num_samples, clean)
+
+
+def parse_asset_request(query: Any, id_key: str, *, variant: bool = False) -> AssetRequest:
+    query = _obj(query, "query")
+    raw = _str(query, id_key)
+    try:
+        asset_id = int(raw)
+    except ValueError:
+        raise InvalidRequestError(f"'{id_key}' must be an integer") from None
+    ops = _str(query, "receive_operations_as", required=False) if variant else None
+    if ops is not None and ops not in PLAN_VARIANTS:
+        raise InvalidRequestError(
+            f"'receive_operations_as' must be one of {', '.join(PLAN_VARIANTS)}; got {ops!r}"
+        )
+    return AssetRequest(_str(query, "worker_id"), _str(query, "request_key"), asset_id, ops)
+
+
+# --- WebSocket frames -----------------------------------------------------------------------
+def parse_ws_frame(frame: Any) -> tuple[str, dict[str, Any], Any]:
+    """Split a decoded frame into ``(type, data, request_id)``; raise on a malformed one."""
+    frame = _obj(frame, "message")
+    kind = frame.get("type")
+    if not isinstance(kind, str):
+        raise InvalidRequestError("message 'type' is required")
+    data = frame.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidRequestError("message 'data' must be an object")
+    return kind, data, frame.get("request_id")
+
+
+def ws_reply(kind: str | None, data: dict[str, Any], request_id: Any = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": kind, "data": data} if kind else dict(data)
+    if request_id is not None:
+        out["request_id"] = request_id
+    return out
+
+
+def error_body(message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": message, **extra}
+
+
+def ws_error(kind: str | None, message: str, request_id: Any = None, **extra: Any) -> dict:
+    return ws_reply(kind, error_body(message, **extra), request_id)
+
+
+# --- responses ------------------------------------------------------------------------------
+def authenticate_response(worker_id: str, requires_speed_test: bool) -> dict[str, Any]:
+    return {
+        "status": "success",
+        "worker_id": worker_id,
+        "requires_speed_test": bool(requires_speed_test),
+    }
+
+
+def accepted_response(
+    *,
+    request_key: str,
+    model: str,
+    version: str,
+    model_id: int,
+    plans: dict[str, int],
+    protocols: dict[str, int],
+    client_config: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "status": "accepted",
+        "request_key": request_key,
+        "version": version,
+        "model": model,
+        "plans": plans,
+        "protocols": protocols,
+        "client_config": client_config,
+        "model_id": model_id,
+    }
+
+
+def rejected_response(timeout: int | None, reason: str) -> dict[str, Any]:
+    """A rejection: ``timeout`` is integer seconds until a retry may succeed; None = done."""
+    out: dict[str, Any] = {"status": "rejected", "reason": reason}
+    if timeout is not None:
+        out["timeout"] = max(0, int(timeout))
+    return out
+
+
+def report_response() -> dict[str, Any]:
+    return {"status": "success"}

@@ -1,0 +1,34 @@
+"""The gridfl grid node: a PyGrid-compatible model-centric FL server (extra ``server``).
+
+    from gridfl.server import Settings, create_app, serve
+    serve(Settings(data_dir="data", admin_token="..."), host="127.0.0.1", port=5000)
+
+Worker API (HTTP under ``/model-centric/`` and WebSocket at ``/``) and the admin API
+(``/gridfl/v1/``) are described in docs/protocol.md; server_config keys in docs/configs.md.
+"""
+
+from __future__ import annotations
+
+from gridfl.server.app import create_app
+from gridfl.server.service import GridNode
+from gridfl.server.settings import Settings
+
+__all__ = ["GridNode", "Settings", "create_app", "serve"]
+
+
+def serve(
+    settings: Settings, *, host: str = "127.0.0.1", port: int = 5000, log_level: str = "info"
+) -> None:
+    """Run the node with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        ws_max_size=settings.max_body_bytes,
+        ws_ping_interval=20,
+        ws_ping_timeout=60,
+        timeout_keep_alive=30,
+    )

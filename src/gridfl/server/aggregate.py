@@ -1,0 +1,135 @@
+"""Diff validation and the running aggregate (pure numpy, no I/O).
+
+The node keeps, per cycle, float64 running sums folded in as reports arrive, so memory is
+O(model) however many workers report:
+
+* ``sum_w`` = sum of ``num_samples * diff`` over reports that carried ``num_samples``
+  (``count_w`` reports, total weight ``weight``);
+* ``sum_x`` = sum of ``diff`` over reports without ``num_samples`` (``count_x`` reports).
+
+The cycle's aggregate (see :func:`mean_diff`) is the plain mean when no report carried
+``num_samples``, the ``num_samples``-weighted mean when all did, and in a mixed cycle the
+weighted mean where each report without ``num_samples`` weighs the mean ``num_samples`` of
+the others. With a hosted iterative averaging plan, ``sum_x`` holds the plan's running
+average instead (PyGrid: ``avg = plan(avg, diff, n)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gridfl._exceptions import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    total: int
+
+    @classmethod
+    def of(cls, params: Sequence[np.ndarray]) -> ModelSpec:
+        shapes = tuple(tuple(int(d) for d in p.shape) for p in params)
+        sizes = tuple(int(p.size) for p in params)
+        offsets = tuple(int(x) for x in np.cumsum((0, *sizes))[:-1])
+        return cls(shapes, tuple(np.dtype(p.dtype) for p in params), offsets, sizes, sum(sizes))
+
+    def describe(self, i: int) -> str:
+        return f"{self.dtypes[i]}{list(self.shapes[i])}"
+
+
+def validate_diff(arrays: Sequence[np.ndarray], spec: ModelSpec) -> None:
+    """Refuse a diff that does not match the model: count, shapes, dtypes, finite values."""
+    if len(arrays) != len(spec.shapes):
+        raise InvalidRequestError(
+            f"diff has {len(arrays)} tensors; the model has {len(spec.shapes)}"
+        )
+    for i, a in enumerate(arrays):
+        if tuple(a.shape) != spec.shapes[i] or np.dtype(a.dtype) != spec.dtypes[i]:
+            raise InvalidRequestError(
+                f"diff tensor {i} is {a.dtype}{list(a.shape)}; the model's is {spec.describe(i)}"
+            )
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise InvalidRequestError(f"diff tensor {i} has NaN or infinite values")
+
+
+def new_sum(spec: ModelSpec) -> np.ndarray:
+    return np.zeros(spec.total, dtype=np.float64)
+
+
+def fold(total: np.ndarray, arrays: Sequence[np.ndarray], spec: ModelSpec, weight=None) -> None:
+    """``total += weight * concat(arrays)`` in place, one parameter at a time."""
+    for off, size, a in zip(spec.offsets, spec.sizes, arrays, strict=True):
+        view = total[off : off + size]
+        flat = np.asarray(a).reshape(-1)
+        if weight is None:
+            np.add(view, flat, out=view, casting="unsafe")
+        else:
+            view += flat * float(weight)
+
+
+def mean_diff(
+    sum_w: np.ndarray | None,
+    count_w: int,
+    weight: float,
+    sum_x: np.ndarray | None,
+    count_x: int,
+) -> np.ndarray:
+    """The cycle's aggregate diff as one float64 vector (rule in the module docstring)."""
+    if count_w == 0:
+        return sum_x / count_x
+    if count_x == 0:
+        return sum_w / weight
+    mean_weight = weight / count_w
+    return (sum_w + mean_weight * sum_x) / (weight + mean_weight * count_x)
+
+
+def split(flat: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:
+    """Split a flat vector into per-parameter arrays (views, float64)."""
+    return [
+        flat[off : off + size].reshape(shape)
+        for off, size, shape in zip(spec.offsets, spec.sizes, spec.shapes, strict=True)
+    ]
+
+
+def apply_diff(params: Sequence[np.ndarray], flat: np.ndarray, spec: ModelSpec) -> list:
+    """``new = current - aggregate``, computed in float64 and cast back to each dtype."""
+    out = []
+    for p, d in zip(params, split(flat, spec), strict=True):
+        if p.dtype.kind in "iub":
+            out.append((p - np.rint(d)).astype(p.dtype))
+        else:
+            out.append((p.astype(np.float64) - d).astype(p.dtype))
+    return out
+
+
+def averaging_step(plan, avg: np.ndarray, item: Sequence[np.ndarray], n: int, spec: ModelSpec):
+    """One call of an iterative averaging plan: ``avg = plan(avg, item, n)`` (flat float64)."""
+    avg_arrays = [a.astype(dt) for a, dt in zip(split(avg, spec), spec.dtypes, strict=True)]
+    args = []
+    for slot in plan.inputs:
+        if slot.role == "average":
+            args.append(avg_arrays[slot.index])
+        elif slot.role == "item":
+            args.append(np.asarray(item[slot.index]))
+        elif slot.role == "count":
+            dtype = np.dtype(slot.dtype) if slot.dtype is not None else np.float32
+            shape = tuple(slot.shape) if slot.shape is not None else (1,)
+            shape = tuple(1 if not isinstance(d, int) else d for d in shape)
+            args.append(np.full(shape, n, dtype=dtype))
+        else:  # pragma: no cover - refused when hosting
+            raise InvalidRequestError(f"averaging plan input role {slot.role!r} unsupported")
+    outs = plan.execute(*args)
+    new = [None] * len(spec.shapes)
+    for slot, value in zip(plan.outputs, outs, strict=True):
+        if slot.role == "average":
+            new[slot.index] = np.asarray(value)
+    result = np.empty(spec.total, dtype=np.float64)
+    for off, size, a in zip(spec.offsets, spec.sizes, new, strict=True):
+        result[off : off + size] = np.asarray(a, dtype=np.float64).reshape(-1)
+    return result

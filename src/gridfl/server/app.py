@@ -1,0 +1,367 @@
+"""The ASGI app: WebSocket at ``/``, worker HTTP under ``/model-centric/``, admin under
+``/gridfl/v1/``. Routes and the socket stay thin: decode, call one handler, encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+import gridfl
+from gridfl import _wire
+from gridfl._exceptions import InvalidRequestError, PayloadTooLargeError
+from gridfl.server.auth import check_admin
+from gridfl.server.errors import to_status
+from gridfl.server.service import GridNode
+from gridfl.server.settings import Settings
+
+log = logging.getLogger("gridfl.server")
+
+# --- the worker handlers, written once, called by both transports ---------------------------
+HANDLERS: dict[str, Callable[[GridNode, Any], dict[str, Any]]] = {
+    _wire.AUTHENTICATE: lambda node, data: node.authenticate(_wire.parse_authenticate(data)),
+    _wire.CYCLE_REQUEST: lambda node, data: node.cycle_request(_wire.parse_cycle_request(data)),
+    _wire.REPORT: lambda node, data: node.report(_wire.parse_report(data)),
+}
+
+
+def _error_extra(kind: str) -> dict[str, Any]:
+    # PyGrid answers a failed cycle-request with a rejection that carries the error
+    return {"status": "rejected"} if kind == _wire.CYCLE_REQUEST else {}
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidRequestError(f"the body is not valid JSON: {e}") from None
+
+
+def _handle_json(node: GridNode, kind: str, body: bytes) -> dict[str, Any]:
+    return HANDLERS[kind](node, _parse_json(body))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLargeError(f"the body is larger than the node accepts ({limit} bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"the body is larger than the node accepts ({limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_response(exc: BaseException, **extra: Any) -> JSONResponse:
+    status, message = to_status(exc)
+    return JSONResponse(_wire.error_body(message, **extra), status_code=status)
+
+
+def _node(request) -> GridNode:
+    return request.app.state.node
+
+
+def _settings(request) -> Settings:
+    return request.app.state.settings
+
+
+# --- HTTP worker API ------------------------------------------------------------------------
+def _worker_post(kind: str):
+    async def endpoint(request: Request) -> Response:
+        try:
+            body = await _read_body(request, _settings(request).max_body_bytes)
+            data = await anyio.to_thread.run_sync(_handle_json, _node(request), kind, body)
+        except Exception as e:  # noqa: BLE001 - the table decides
+            return _error_response(e, **_error_extra(kind))
+        return JSONResponse(data)
+
+    return endpoint
+
+
+def _asset_get(method: str, id_key: str, variant: bool = False):
+    async def endpoint(request: Request) -> Response:
+        try:
+            req = _wire.parse_asset_request(dict(request.query_params), id_key, variant=variant)
+            data = await anyio.to_thread.run_sync(getattr(_node(request), method), req)
+        except Exception as e:  # noqa: BLE001
+            return _error_response(e)
+        return Response(data, media_type="application/octet-stream")
+
+    return endpoint
+
+
+async def speed_test(request: Request) -> Response:
+    """``GET`` downloads a multipart body (field ``sample``), ``GET ?is_ping`` and ``POST``
+    (upload, body read and dropped) answer ``{}``: as PyGrid, plus a worker id check."""
+    try:
+        worker_id = request.query_params.get("worker_id")
+        if not worker_id:
+            raise InvalidRequestError("'worker_id' is required")
+        await anyio.to_thread.run_sync(_node(request).check_worker, worker_id)
+    except Exception as e:  # noqa: BLE001
+        return _error_response(e)
+    if request.method == "POST":
+        async for _ in request.stream():
+            pass
+        return JSONResponse({})
+    if "is_ping" in request.query_params:
+        return JSONResponse({})
+    size = _settings(request).speed_test_bytes
+    boundary = secrets.token_hex(16)
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="sample"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    chunk = b"x" * (1 << 20)
+
+    async def body():
+        yield head
+        left = size
+        while left > 0:
+            piece = chunk if left >= len(chunk) else chunk[:left]
+            left -= len(piece)
+            yield piece
+        yield tail
+
+    return StreamingResponse(
+        body(),
+        media_type=f"multipart/form-data; boundary={boundary}",
+        headers={"content-length": str(len(head) + size + len(tail)), "cache-control": "no-store"},
+    )
+
+
+# --- WebSocket ------------------------------------------------------------------------------
+async def websocket_endpoint(ws: WebSocket) -> None:
+    await ws.accept()
+    node: GridNode = ws.app.state.node
+    send_lock = anyio.Lock()
+    in_flight = anyio.Semaphore(32)
+
+    async def send(obj: dict) -> None:
+        async with send_lock:
+            await ws.send_text(json.dumps(obj))
+
+    async def handle(text: str) -> None:
+        kind, request_id = None, None
+        try:
+            try:
+                frame = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InvalidRequestError(f"the message is not valid JSON: {e}") from None
+            if isinstance(frame, dict):
+                request_id = frame.get("request_id")
+                kind = frame.get("type") if isinstance(frame.get("type"), str) else None
+            kind, data, request_id = _wire.parse_ws_frame(frame)
+            if kind == _wire.SOCKET_PING:
+                reply = _wire.ws_reply(None, {"alive": "True"}, request_id)
+            elif kind in HANDLERS:
+                result = await anyio.to_thread.run_sync(HANDLERS[kind], node, data)
+                reply = _wire.ws_reply(kind, result, request_id)
+            elif kind == _wire.HOST_TRAINING:
+                raise InvalidRequestError(
+                    "hosting over the WebSocket is not supported: use the admin API "
+                    "(POST /gridfl/v1/processes, see docs/protocol.md)"
+                )
+            else:
+                raise InvalidRequestError(f"unknown message type {kind!r}")
+        except Exception as e:  # noqa: BLE001
+            _, message = to_status(e)
+            reply = _wire.ws_error(kind, message, request_id, **_error_extra(kind))
+        with contextlib.suppress(Exception):
+            await send(reply)
+
+    async def run(text: str) -> None:
+        try:
+            await handle(text)
+        finally:
+            in_flight.release()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            try:
+                while True:
+                    text = await ws.receive_text()
+                    await in_flight.acquire()
+                    tg.start_soon(run, text)
+            except WebSocketDisconnect:
+                pass
+    except Exception:  # noqa: BLE001 - a broken socket ends only this connection
+        log.debug("websocket closed with an error", exc_info=True)
+
+
+# --- admin API ------------------------------------------------------------------------------
+def _admin(fn):
+    async def endpoint(request: Request) -> Response:
+        try:
+            check_admin(request.headers.get("authorization"), _settings(request).admin_token)
+            return await fn(request)
+        except Exception as e:  # noqa: BLE001
+            return _error_response(e)
+
+    return endpoint
+
+
+def _pv(request: Request) -> tuple[str, str | None]:
+    return request.path_params["name"], request.path_params.get("version")
+
+
+@_admin
+async def host_process(request: Request) -> Response:
+    body = await _read_body(request, _settings(request).max_admin_body_bytes)
+    node = _node(request)
+    result = await anyio.to_thread.run_sync(lambda: node.host(_parse_json(body)))
+    return JSONResponse(result, status_code=201)
+
+
+@_admin
+async def list_processes(request: Request) -> Response:
+    return JSONResponse(
+        {"processes": await anyio.to_thread.run_sync(_node(request).list_processes)}
+    )
+
+
+@_admin
+async def process_status(request: Request) -> Response:
+    name, version = _pv(request)
+    return JSONResponse(await anyio.to_thread.run_sync(_node(request).status, name, version))
+
+
+@_admin
+async def delete_process(request: Request) -> Response:
+    name, version = _pv(request)
+    return JSONResponse(await anyio.to_thread.run_sync(_node(request).delete, name, version))
+
+
+@_admin
+async def stop_process(request: Request) -> Response:
+    name, version = _pv(request)
+    return JSONResponse(await anyio.to_thread.run_sync(_node(request).stop, name, version))
+
+
+@_admin
+async def get_checkpoint(request: Request) -> Response:
+    name, version = _pv(request)
+    ref = request.path_params.get("ref", "latest")
+    data = await anyio.to_thread.run_sync(_node(request).checkpoint, name, version, ref)
+    return Response(data, media_type="application/octet-stream")
+
+
+@_admin
+async def retrieve_model(request: Request) -> Response:
+    """PyGrid's ``/model-centric/retrieve-model`` (name, version?, checkpoint?), admin only."""
+    q = request.query_params
+    name = q.get("name")
+    if not name:
+        raise InvalidRequestError("'name' is required")
+    data = await anyio.to_thread.run_sync(
+        _node(request).checkpoint, name, q.get("version") or None, q.get("checkpoint") or "latest"
+    )
+    return Response(data, media_type="application/octet-stream")
+
+
+async def health(request: Request) -> Response:
+    node = _node(request)
+    return JSONResponse(
+        {
+            "status": "ok",
+            "version": gridfl.__version__,
+            "database": node.engine.dialect.name,
+        }
+    )
+
+
+# --- lifespan: database, migrations, the deadline timer -------------------------------------
+async def _deadline_timer(node: GridNode, settings: Settings, wake: asyncio.Event) -> None:
+    """Close cycles at their deadlines: sleep until the next one or until a cycle opens."""
+    while True:
+        delay = settings.timer_max_sleep
+        try:
+            await anyio.to_thread.run_sync(node.close_due_cycles)
+            nxt = await anyio.to_thread.run_sync(node.next_deadline)
+            if nxt is not None:
+                delay = min(delay, max(0.0, nxt - time.time()) + 0.005)
+        except Exception:  # noqa: BLE001 - e.g. the database is briefly down; retry
+            log.exception("deadline timer")
+        wake.clear()
+        with anyio.move_on_after(delay):
+            await wake.wait()
+
+
+def create_app(settings: Settings | None = None, node: GridNode | None = None) -> Starlette:
+    """The grid node as an ASGI app. The database is opened (and migrated) at startup."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        own = node is None
+        n = node or await anyio.to_thread.run_sync(GridNode, settings)
+        app.state.node = n
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        n.on_new_cycle = lambda: loop.call_soon_threadsafe(wake.set)
+        timer = asyncio.create_task(_deadline_timer(n, settings, wake))
+        log.info("grid node up: database %s", n.engine.url.render_as_string(hide_password=True))
+        try:
+            yield
+        finally:
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
+            n.on_new_cycle = lambda: None
+            if own:
+                n.close()
+
+    mc = "/model-centric"
+    routes = [
+        WebSocketRoute("/", websocket_endpoint),
+        Route(f"{mc}/authenticate", _worker_post(_wire.AUTHENTICATE), methods=["POST"]),
+        Route(f"{mc}/cycle-request", _worker_post(_wire.CYCLE_REQUEST), methods=["POST"]),
+        Route(f"{mc}/report", _worker_post(_wire.REPORT), methods=["POST"]),
+        Route(f"{mc}/get-model", _asset_get("get_model", "model_id"), methods=["GET"]),
+        Route(f"{mc}/get-plan", _asset_get("get_plan", "plan_id", True), methods=["GET"]),
+        Route(f"{mc}/get-protocol", _asset_get("get_protocol", "protocol_id"), methods=["GET"]),
+        Route(f"{mc}/speed-test", speed_test, methods=["GET", "POST"]),
+        Route(f"{mc}/retrieve-model", retrieve_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/gridfl/v1/health", health, methods=["GET"]),
+        Route("/gridfl/v1/processes", host_process, methods=["POST"]),
+        Route("/gridfl/v1/processes", list_processes, methods=["GET"]),
+        Route("/gridfl/v1/processes/{name}", process_status, methods=["GET"]),
+        Route("/gridfl/v1/processes/{name}/{version}", process_status, methods=["GET"]),
+        Route("/gridfl/v1/processes/{name}/{version}", delete_process, methods=["DELETE"]),
+        Route("/gridfl/v1/processes/{name}/{version}/stop", stop_process, methods=["POST"]),
+        Route(
+            "/gridfl/v1/processes/{name}/{version}/checkpoints/{ref}",
+            get_checkpoint,
+            methods=["GET"],
+        ),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[
+            Middleware(
+                CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
+            )
+        ],
+    )
+    app.state.settings = settings
+    return app

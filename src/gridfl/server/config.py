@@ -1,0 +1,156 @@
+"""Validation of ``client_config`` and ``server_config`` at host time.
+
+Every key of PyGrid's ``server_config`` is enforced; unknown or ill-typed keys are refused
+with :class:`gridfl.ConfigError`. docs/configs.md documents each key and its default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+from urllib.parse import urlparse
+
+from gridfl._exceptions import ConfigError
+
+#: key -> default of the normalized server_config
+SERVER_DEFAULTS: dict[str, Any] = {
+    "cycle_length": None,
+    "num_cycles": 0,
+    "min_diffs": None,
+    "max_diffs": None,
+    "min_workers": None,
+    "max_workers": None,
+    "over_selection": 1.0,
+    "pool_selection": "iterate",
+    "do_not_reuse_workers_until_cycle": 0,
+    "minimum_upload_speed": None,
+    "minimum_download_speed": None,
+    "iterative_plan": False,
+    "authentication": None,
+}
+
+_AUTH_KEYS = {"type", "secret", "pub_key", "endpoint"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _int(cfg: dict, key: str, *, minimum: int, nullable: bool) -> None:
+    v = cfg[key]
+    if v is None and nullable:
+        return
+    if not _is_int(v) or v < minimum:
+        null = " or null" if nullable else ""
+        raise ConfigError(f"server_config.{key} must be an integer >= {minimum}{null}; got {v!r}")
+
+
+def _num(cfg: dict, key: str, *, minimum: float, nullable: bool, strict: bool = False) -> None:
+    v = cfg[key]
+    if v is None and nullable:
+        return
+    if not _is_num(v) or v < minimum or (strict and v == minimum):
+        op = ">" if strict else ">="
+        null = " or null" if nullable else ""
+        raise ConfigError(f"server_config.{key} must be a number {op} {minimum}{null}; got {v!r}")
+    cfg[key] = float(v) if isinstance(v, float) else v
+
+
+def validate_client_config(cfg: Any) -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise ConfigError("client_config must be an object")
+    for key in ("name", "version"):
+        v = cfg.get(key)
+        if not isinstance(v, str) or not v or len(v) > 255:
+            raise ConfigError(f"client_config.{key} is required: a non-empty string (<= 255)")
+    return dict(cfg)
+
+
+def validate_authentication(auth: Any) -> dict[str, Any] | None:
+    if auth is None:
+        return None
+    if not isinstance(auth, dict):
+        raise ConfigError("server_config.authentication must be an object or null")
+    unknown = set(auth) - _AUTH_KEYS
+    if unknown:
+        raise ConfigError(f"server_config.authentication: unknown keys {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    if auth.get("type") not in (None, "jwt"):
+        raise ConfigError("server_config.authentication.type must be 'jwt' if given")
+    secret = auth.get("secret")
+    if secret is not None:
+        if not isinstance(secret, str) or not secret:
+            raise ConfigError("server_config.authentication.secret must be a non-empty string")
+        if "-----BEGIN" in secret:
+            raise ConfigError("authentication.secret looks like a PEM key; use pub_key for RS256")
+        out["secret"] = secret
+    pub_key = auth.get("pub_key")
+    if pub_key is not None:
+        if not isinstance(pub_key, str):
+            raise ConfigError("server_config.authentication.pub_key must be a PEM string")
+        try:
+            from jwt.algorithms import RSAAlgorithm
+
+            RSAAlgorithm(RSAAlgorithm.SHA256).prepare_key(pub_key)
+        except Exception as e:
+            raise ConfigError(f"server_config.authentication.pub_key is not an RSA key: {e}") from e
+        out["pub_key"] = pub_key
+    endpoint = auth.get("endpoint")
+    if endpoint is not None:
+        u = urlparse(endpoint) if isinstance(endpoint, str) else None
+        if u is None or u.scheme not in ("http", "https") or not u.netloc:
+            raise ConfigError("server_config.authentication.endpoint must be an http(s) URL")
+        out["endpoint"] = endpoint
+    return out or None
+
+
+def validate_server_config(cfg: Any) -> dict[str, Any]:
+    """Return the normalized server_config (every key present, defaults filled in)."""
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise ConfigError("server_config must be an object")
+    unknown = set(cfg) - set(SERVER_DEFAULTS)
+    if unknown:
+        raise ConfigError(
+            f"server_config: unknown keys {sorted(unknown)}; known: {sorted(SERVER_DEFAULTS)}"
+        )
+    out = {**SERVER_DEFAULTS, **cfg}
+    _num(out, "cycle_length", minimum=0, nullable=True, strict=True)
+    _int(out, "num_cycles", minimum=0, nullable=False)
+    for key in ("min_diffs", "max_diffs", "max_workers"):
+        _int(out, key, minimum=1, nullable=True)
+    _int(out, "min_workers", minimum=0, nullable=True)
+    _num(out, "over_selection", minimum=1.0, nullable=False)
+    _int(out, "do_not_reuse_workers_until_cycle", minimum=0, nullable=False)
+    _num(out, "minimum_upload_speed", minimum=0, nullable=True)
+    _num(out, "minimum_download_speed", minimum=0, nullable=True)
+    if out["pool_selection"] not in ("random", "iterate"):
+        raise ConfigError("server_config.pool_selection must be 'random' or 'iterate'")
+    if not isinstance(out["iterative_plan"], bool):
+        raise ConfigError("server_config.iterative_plan must be true or false")
+    if out["min_diffs"] and out["max_diffs"] and out["max_diffs"] < out["min_diffs"]:
+        raise ConfigError("server_config.max_diffs must be >= min_diffs")
+    if out["min_workers"] and out["max_workers"] and out["max_workers"] < out["min_workers"]:
+        raise ConfigError("server_config.max_workers must be >= min_workers")
+    if out["min_diffs"] and out["max_workers"] and out["max_workers"] < out["min_diffs"]:
+        raise ConfigError("server_config.max_workers must be >= min_diffs")
+    out["authentication"] = validate_authentication(out["authentication"])
+    return out
+
+
+def worker_capacity(cfg: dict[str, Any]) -> int | None:
+    """How many workers one cycle accepts: ceil(max_workers * over_selection), None = no cap."""
+    if cfg.get("max_workers") is None:
+        return None
+    return math.ceil(cfg["max_workers"] * cfg.get("over_selection", 1.0) - 1e-9)
+
+
+def requires_speed_test(cfg: dict[str, Any]) -> bool:
+    return (
+        cfg.get("minimum_upload_speed") is not None or cfg.get("minimum_download_speed") is not None
+    )

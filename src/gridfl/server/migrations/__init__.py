@@ -1,0 +1,1 @@
+"""Alembic migrations of the grid node database (run programmatically on startup)."""

@@ -1,0 +1,1045 @@
+"""The grid node's logic, transport-agnostic: every handler takes parsed input and returns a
+JSON-able ``dict`` (or bytes), raising :mod:`gridfl._exceptions` errors.
+
+Both transports (HTTP routes, WebSocket) call these methods from a worker thread.
+Concurrency: every write is one database transaction; a cycle's row is locked
+(``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) by every write that
+touches the cycle, so reports, their fold-in and the cycle's completion serialize per cycle
+and a cycle completes exactly once, even with several server processes on one database.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import math
+import random
+import secrets
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from gridfl import _wire
+from gridfl._exceptions import (
+    ConfigError,
+    ConflictError,
+    GridflError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from gridfl.server import aggregate as agg
+from gridfl.server import db
+from gridfl.server.auth import verify_worker_token
+from gridfl.server.config import (
+    requires_speed_test,
+    validate_client_config,
+    validate_server_config,
+    worker_capacity,
+)
+from gridfl.server.settings import Settings
+from gridfl.server.tables import (
+    aggregates,
+    checkpoints,
+    cycles,
+    plans,
+    processes,
+    protocols,
+    worker_cycles,
+    workers,
+)
+
+log = logging.getLogger("gridfl.server")
+
+
+def _status(err, status: int):
+    err.http_status = status
+    return err
+
+
+def _not_found_400(message: str) -> NotFoundError:
+    """PyGrid answers these lookups with 400 and syft.js's tests expect it."""
+    return _status(NotFoundError(message), 400)
+
+
+def _invalid_key():
+    from gridfl._exceptions import AuthenticationError
+
+    return AuthenticationError(_wire.MSG_INVALID_REQUEST_KEY)
+
+
+def _b64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(f"{what}: expected a non-empty base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{what}: not valid base64") from None
+
+
+class _LRU:
+    def __init__(self, size: int):
+        self.size = size
+        self.data: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.data:
+                self.data.move_to_end(key)
+                return self.data[key]
+        return None
+
+    def put(self, key, value):
+        with self.lock:
+            self.data[key] = value
+            self.data.move_to_end(key)
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+
+    def pop(self, key):
+        with self.lock:
+            self.data.pop(key, None)
+
+
+class GridNode:
+    """One grid node process's view of the database; thread-safe."""
+
+    def __init__(self, settings: Settings | None = None, *, migrate: bool = True):
+        self.settings = settings or Settings()
+        self.url = self.settings.resolved_database_url()
+        self.engine = db.create_engine(self.url)
+        if migrate:
+            db.migrate(self.engine)
+        self._checkpoint_cache = _LRU(8)  # checkpoint id -> (bytes, params, spec)
+        self._plan_cache = _LRU(64)  # (plan id, variant) -> bytes
+        self._avg_plan_cache = _LRU(8)  # plan id -> Plan
+        # cycle id -> [version, sum_w, sum_x]; version -1 while a fold is in flight
+        self._agg_cache: dict[int, list] = {}
+        self._agg_lock = threading.Lock()
+        #: called (from any thread) when a cycle opens, so the deadline timer re-plans
+        self.on_new_cycle: Callable[[], None] = lambda: None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ helpers
+    def _process_by_name(self, conn: Connection, name: str, version: str | None):
+        q = sa.select(processes).where(processes.c.name == name)
+        if version is not None:
+            q = q.where(processes.c.version == version)
+        row = conn.execute(q.order_by(processes.c.id.desc()).limit(1)).first()
+        if row is None:
+            v = f" version '{version}'" if version is not None else ""
+            raise NotFoundError(f"no FL process named '{name}'{v} is hosted here")
+        return row
+
+    def _checkpoint(self, conn: Connection, checkpoint_id: int):
+        hit = self._checkpoint_cache.get(checkpoint_id)
+        if hit is not None:
+            return hit
+        from gridfl import state
+
+        data = conn.execute(
+            sa.select(checkpoints.c.data).where(checkpoints.c.id == checkpoint_id)
+        ).scalar_one()
+        data = bytes(data)
+        params = state.loads(data)
+        value = (data, params, agg.ModelSpec.of(params))
+        self._checkpoint_cache.put(checkpoint_id, value)
+        return value
+
+    def _averaging_plan(self, conn: Connection, process_id: int):
+        row = conn.execute(
+            sa.select(plans.c.id, plans.c.onnx).where(
+                plans.c.process_id == process_id, plans.c.is_averaging.is_(True)
+            )
+        ).first()
+        if row is None:
+            return None
+        plan = self._avg_plan_cache.get(row.id)
+        if plan is None:
+            from gridfl.plan import Plan
+
+            plan = Plan.from_bytes(bytes(row.onnx), threads=1)
+            self._avg_plan_cache.put(row.id, plan)
+        return plan
+
+    def _timeout(self, cycle) -> int:
+        if cycle is None or cycle.end_at is None:
+            return self.settings.retry_seconds
+        return max(0, math.ceil(cycle.end_at - time.time()))
+
+    def _open_cycle(self, conn: Connection, process_id: int, *, lock: bool = False):
+        q = sa.select(cycles).where(cycles.c.process_id == process_id, cycles.c.status == "open")
+        if lock:
+            q = q.with_for_update()
+        return conn.execute(q).first()
+
+    def _new_cycle(self, conn: Connection, process, checkpoint_id: int, now: float) -> int:
+        seq = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.max(cycles.c.sequence), 0)).where(
+                cycles.c.process_id == process.id
+            )
+        ).scalar_one()
+        length = process.server_config.get("cycle_length")
+        return conn.execute(
+            cycles.insert().values(
+                process_id=process.id,
+                sequence=seq + 1,
+                checkpoint_id=checkpoint_id,
+                start_at=now,
+                end_at=None if length is None else now + float(length),
+                status="open",
+                num_reports=0,
+            )
+        ).inserted_primary_key[0]
+
+    # ------------------------------------------------------------------ hosting
+    def host(self, payload: Any) -> dict[str, Any]:
+        """Host an FL process atomically (validate everything, then one transaction)."""
+        from gridfl import state
+        from gridfl.plan import Plan
+
+        if not isinstance(payload, dict):
+            raise InvalidRequestError("host: expected a JSON object")
+        known = {"client_config", "server_config", "model", "plans", "averaging_plan", "protocols"}
+        unknown = set(payload) - known
+        if unknown:
+            raise InvalidRequestError(f"host: unknown fields {sorted(unknown)}")
+        client_config = validate_client_config(payload.get("client_config"))
+        server_config = validate_server_config(payload.get("server_config"))
+        model_bytes = _b64(payload.get("model"), "model")
+        try:
+            params = state.loads(model_bytes)
+        except GridflError as e:
+            raise InvalidRequestError(f"model: not valid State bytes: {e}") from e
+        if not params:
+            raise InvalidRequestError("model: the State holds no tensors")
+        spec = agg.ModelSpec.of(params)
+
+        raw_plans = payload.get("plans")
+        if not isinstance(raw_plans, dict) or not raw_plans:
+            raise InvalidRequestError("plans: expected an object of name -> plan (at least one)")
+        plan_rows = []
+        for name, value in raw_plans.items():
+            if not isinstance(name, str) or not name or len(name) > 255:
+                raise InvalidRequestError("plans: names must be non-empty strings")
+            variants = {"onnx": value} if isinstance(value, str) else value
+            if not isinstance(variants, dict) or not variants:
+                raise InvalidRequestError(
+                    f"plans.{name}: expected base64 ONNX bytes or an object variant -> base64"
+                )
+            row: dict[str, Any] = {"name": name, "is_averaging": False}
+            for variant, blob in variants.items():
+                if variant not in _wire.PLAN_VARIANTS:
+                    raise InvalidRequestError(
+                        f"plans.{name}: unknown variant {variant!r}; "
+                        f"known: {', '.join(_wire.PLAN_VARIANTS)}"
+                    )
+                row[variant] = _b64(blob, f"plans.{name}.{variant}")
+            if "onnx" in row:
+                try:
+                    plan = Plan.from_bytes(row["onnx"], threads=1)
+                except GridflError as e:
+                    raise InvalidRequestError(f"plans.{name}: not a loadable plan: {e}") from e
+                if plan.kind not in ("training", "evaluation"):
+                    raise InvalidRequestError(
+                        f"plans.{name}: kind is {plan.kind!r}; worker plans are training or "
+                        "evaluation (send averaging plans as 'averaging_plan')"
+                    )
+                self._check_plan_params(name, plan, spec)
+            plan_rows.append(row)
+
+        avg_row = None
+        if payload.get("averaging_plan") is not None:
+            blob = _b64(payload["averaging_plan"], "averaging_plan")
+            try:
+                plan = Plan.from_bytes(blob, threads=1)
+            except GridflError as e:
+                raise InvalidRequestError(f"averaging_plan: not a loadable plan: {e}") from e
+            self._check_averaging_plan(plan, spec)
+            if not server_config["iterative_plan"]:
+                raise ConfigError(
+                    "an averaging_plan needs server_config.iterative_plan = true: gridfl folds "
+                    "diffs in one at a time (avg = plan(avg, diff, n)) and never holds them all"
+                )
+            avg_row = {"name": "averaging_plan", "is_averaging": True, "onnx": blob}
+
+        raw_protocols = payload.get("protocols") or {}
+        if not isinstance(raw_protocols, dict):
+            raise InvalidRequestError("protocols: expected an object of name -> base64 bytes")
+        protocol_rows = [
+            {"name": n, "data": _b64(v, f"protocols.{n}")} for n, v in raw_protocols.items()
+        ]
+
+        name, version = client_config["name"], client_config["version"]
+        now = time.time()
+        try:
+            with db.write(self.engine) as conn:
+                exists = conn.execute(
+                    sa.select(processes.c.id).where(
+                        processes.c.name == name, processes.c.version == version
+                    )
+                ).first()
+                if exists:
+                    raise ConflictError(f"FL Process already exists: '{name}' version '{version}'")
+                pid = conn.execute(
+                    processes.insert().values(
+                        name=name,
+                        version=version,
+                        status="running",
+                        client_config=client_config,
+                        server_config=server_config,
+                        created_at=now,
+                    )
+                ).inserted_primary_key[0]
+                plan_ids = {}
+                for row in [*plan_rows, *([avg_row] if avg_row else [])]:
+                    plan_id = conn.execute(
+                        plans.insert().values(process_id=pid, **row)
+                    ).inserted_primary_key[0]
+                    if not row["is_averaging"]:
+                        plan_ids[row["name"]] = plan_id
+                protocol_ids = {}
+                for row in protocol_rows:
+                    protocol_ids[row["name"]] = conn.execute(
+                        protocols.insert().values(process_id=pid, **row)
+                    ).inserted_primary_key[0]
+                ckpt = conn.execute(
+                    checkpoints.insert().values(
+                        process_id=pid, number=1, alias="latest", data=model_bytes, created_at=now
+                    )
+                ).inserted_primary_key[0]
+                process = conn.execute(sa.select(processes).where(processes.c.id == pid)).one()
+                self._new_cycle(conn, process, ckpt, now)
+        except sa.exc.IntegrityError as e:
+            raise ConflictError(f"FL Process already exists: '{name}' version '{version}'") from e
+        log.info("hosted process %s/%s id=%s params=%d", name, version, pid, spec.total)
+        self.on_new_cycle()
+        return {
+            "status": "success",
+            "id": pid,
+            "model_id": pid,
+            "name": name,
+            "version": version,
+            "plans": plan_ids,
+            "protocols": protocol_ids,
+            "cycle": 1,
+        }
+
+    @staticmethod
+    def _check_plan_params(name: str, plan, spec: agg.ModelSpec) -> None:
+        n = len(spec.shapes)
+        for slot in plan.inputs:
+            if slot.role != "model_param":
+                continue
+            if slot.index is None or not 0 <= slot.index < n:
+                raise InvalidRequestError(
+                    f"plans.{name}: input {slot.name!r} is model_param {slot.index}; "
+                    f"the model has {n} tensors"
+                )
+            shape = getattr(slot, "shape", None)
+            if shape is not None and all(isinstance(d, int) for d in shape):
+                if tuple(shape) != spec.shapes[slot.index]:
+                    raise InvalidRequestError(
+                        f"plans.{name}: input {slot.name!r} has shape {list(shape)}; model "
+                        f"tensor {slot.index} is {spec.describe(slot.index)}"
+                    )
+
+    @staticmethod
+    def _check_averaging_plan(plan, spec: agg.ModelSpec) -> None:
+        if plan.kind != "averaging":
+            raise InvalidRequestError(f"averaging_plan: kind is {plan.kind!r}, not 'averaging'")
+        n = len(spec.shapes)
+        roles = [(s.role, s.index) for s in plan.inputs]
+        want = {("average", i) for i in range(n)} | {("item", i) for i in range(n)}
+        counts = [r for r in roles if r[0] == "count"]
+        if set(r for r in roles if r[0] != "count") != want or len(counts) != 1:
+            raise InvalidRequestError(
+                f"averaging_plan: inputs must be average 0..{n - 1}, item 0..{n - 1} and one "
+                "count (PyGrid's iterative signature (avg, item, num) -> new_avg)"
+            )
+        outs = {(s.role, s.index) for s in plan.outputs}
+        if outs != {("average", i) for i in range(n)}:
+            raise InvalidRequestError(f"averaging_plan: outputs must be average 0..{n - 1}")
+
+    # ------------------------------------------------------------------ worker API
+    def authenticate(self, req: _wire.AuthenticateRequest) -> dict[str, Any]:
+        with db.read(self.engine) as conn:
+            process = self._process_by_name(conn, req.model_name, req.model_version)
+        cfg = process.server_config
+        claims = verify_worker_token(
+            req.auth_token,
+            cfg.get("authentication"),
+            endpoint_timeout=self.settings.auth_endpoint_timeout,
+        )
+        worker_id = str(uuid.uuid4())
+        sub = claims.get("sub") if claims else None
+        identity = f"sub:{sub}"[:320] if isinstance(sub, str) and sub else worker_id
+        with db.write(self.engine) as conn:
+            conn.execute(
+                workers.insert().values(
+                    id=worker_id, process_id=process.id, identity=identity, created_at=time.time()
+                )
+            )
+        return _wire.authenticate_response(worker_id, requires_speed_test(cfg))
+
+    def cycle_request(self, req: _wire.CycleRequest) -> dict[str, Any]:
+        with db.write(self.engine) as conn:
+            worker = conn.execute(sa.select(workers).where(workers.c.id == req.worker_id)).first()
+            if worker is None:
+                raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+            process = conn.execute(
+                sa.select(processes).where(processes.c.id == worker.process_id)
+            ).one()
+            if process.name != req.model or (
+                req.version is not None and req.version != process.version
+            ):
+                raise PermissionDeniedError(
+                    f"this worker_id was issued for '{process.name}' version "
+                    f"'{process.version}'; authenticate for '{req.model}' first"
+                )
+            cfg = process.server_config
+            if requires_speed_test(cfg):
+                for key in ("ping", "download", "upload"):
+                    if getattr(req, key) is None:
+                        raise InvalidRequestError(f"'{key}' is required")
+            if req.ping is not None or req.download is not None or req.upload is not None:
+                conn.execute(
+                    workers.update()
+                    .where(workers.c.id == worker.id)
+                    .values(ping=req.ping, download=req.download, upload=req.upload)
+                )
+            if process.status != "running":
+                return _wire.rejected_response(None, f"the FL process is {process.status}")
+            cycle = self._open_cycle(conn, process.id, lock=True)
+            if cycle is None:
+                return _wire.rejected_response(None, "the FL process has no open cycle")
+            timeout = self._timeout(cycle)
+            taken = conn.execute(
+                sa.select(worker_cycles.c.id).where(
+                    worker_cycles.c.cycle_id == cycle.id, worker_cycles.c.worker_id == worker.id
+                )
+            ).first()
+            if taken:
+                return _wire.rejected_response(timeout, "already accepted into this cycle")
+            for key, limit_key in (
+                ("download", "minimum_download_speed"),
+                ("upload", "minimum_upload_speed"),
+            ):
+                limit = cfg.get(limit_key)
+                value = getattr(req, key)
+                if limit is not None and value < limit:
+                    return _wire.rejected_response(
+                        timeout, f"{key} speed {value:g} Mbit/s is below the minimum {limit:g}"
+                    )
+            k = cfg.get("do_not_reuse_workers_until_cycle") or 0
+            if k > 1:
+                last = conn.execute(
+                    sa.select(sa.func.max(cycles.c.sequence))
+                    .select_from(
+                        worker_cycles.join(cycles, worker_cycles.c.cycle_id == cycles.c.id)
+                    )
+                    .where(
+                        worker_cycles.c.identity == worker.identity,
+                        cycles.c.process_id == process.id,
+                    )
+                ).scalar()
+                if last is not None and cycle.sequence < last + k:
+                    return _wire.rejected_response(
+                        timeout,
+                        f"this worker took part in cycle {last}; it may join again from "
+                        f"cycle {last + k}",
+                    )
+            cap = worker_capacity(cfg)
+            if cap is not None:
+                accepted = conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(worker_cycles)
+                    .where(worker_cycles.c.cycle_id == cycle.id)
+                ).scalar_one()
+                if accepted >= cap:
+                    return _wire.rejected_response(timeout, "the cycle is full")
+                if cfg.get("pool_selection") == "random" and random.random() >= (
+                    (cap - accepted) / cap
+                ):
+                    return _wire.rejected_response(timeout, "not selected (random pool selection)")
+            request_key = secrets.token_hex(32)
+            conn.execute(
+                worker_cycles.insert().values(
+                    cycle_id=cycle.id,
+                    worker_id=worker.id,
+                    identity=worker.identity,
+                    request_key=request_key,
+                    accepted_at=time.time(),
+                )
+            )
+            plan_ids = {
+                r.name: r.id
+                for r in conn.execute(
+                    sa.select(plans.c.id, plans.c.name).where(
+                        plans.c.process_id == process.id, plans.c.is_averaging.is_(False)
+                    )
+                )
+            }
+            protocol_ids = {
+                r.name: r.id
+                for r in conn.execute(
+                    sa.select(protocols.c.id, protocols.c.name).where(
+                        protocols.c.process_id == process.id
+                    )
+                )
+            }
+        return _wire.accepted_response(
+            request_key=request_key,
+            model=process.name,
+            version=process.version,
+            model_id=process.id,
+            plans=plan_ids,
+            protocols=protocol_ids,
+            client_config=process.client_config,
+        )
+
+    def _check_asset_access(self, conn: Connection, process_id: int, worker_id: str, key: str):
+        """The worker must hold ``key`` for the process's currently open cycle."""
+        worker = conn.execute(
+            sa.select(workers.c.id, workers.c.process_id).where(workers.c.id == worker_id)
+        ).first()
+        if worker is None:
+            raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+        cycle = self._open_cycle(conn, process_id)
+        if cycle is None:
+            raise _not_found_400("Cycle not found!")
+        stored = conn.execute(
+            sa.select(worker_cycles.c.request_key).where(
+                worker_cycles.c.cycle_id == cycle.id, worker_cycles.c.worker_id == worker_id
+            )
+        ).scalar()
+        if stored is None or not hmac.compare_digest(stored.encode(), key.encode()):
+            raise _invalid_key()
+        return cycle
+
+    def get_model(self, req: _wire.AssetRequest) -> bytes:
+        with db.read(self.engine) as conn:
+            exists = conn.execute(
+                sa.select(processes.c.id).where(processes.c.id == req.asset_id)
+            ).first()
+            if exists is None:
+                raise _not_found_400(_wire.MSG_MODEL_NOT_FOUND)
+            cycle = self._check_asset_access(conn, req.asset_id, req.worker_id, req.request_key)
+            return self._checkpoint(conn, cycle.checkpoint_id)[0]
+
+    def get_plan(self, req: _wire.AssetRequest) -> bytes:
+        with db.read(self.engine) as conn:
+            row = conn.execute(
+                sa.select(
+                    plans.c.id,
+                    plans.c.name,
+                    plans.c.process_id,
+                    *[(plans.c[v] != sa.null()).label(f"has_{v}") for v in _wire.PLAN_VARIANTS],
+                ).where(plans.c.id == req.asset_id, plans.c.is_averaging.is_(False))
+            ).first()
+            if row is None:
+                raise _not_found_400(_wire.MSG_PLAN_NOT_FOUND)
+            self._check_asset_access(conn, row.process_id, req.worker_id, req.request_key)
+            have = [v for v in _wire.PLAN_VARIANTS if getattr(row, f"has_{v}")]
+            variant = req.receive_operations_as or have[0]
+            if variant not in have:
+                raise InvalidRequestError(
+                    f"plan '{row.name}' has no '{variant}' variant; it has: {', '.join(have)}"
+                )
+            hit = self._plan_cache.get((row.id, variant))
+            if hit is None:
+                hit = bytes(
+                    conn.execute(sa.select(plans.c[variant]).where(plans.c.id == row.id)).scalar()
+                )
+                self._plan_cache.put((row.id, variant), hit)
+            return hit
+
+    def get_protocol(self, req: _wire.AssetRequest) -> bytes:
+        with db.read(self.engine) as conn:
+            row = conn.execute(
+                sa.select(protocols.c.process_id, protocols.c.data).where(
+                    protocols.c.id == req.asset_id
+                )
+            ).first()
+            if row is None:
+                raise _not_found_400(_wire.MSG_PROTOCOL_NOT_FOUND)
+            self._check_asset_access(conn, row.process_id, req.worker_id, req.request_key)
+            return bytes(row.data)
+
+    def check_worker(self, worker_id: str) -> None:
+        with db.read(self.engine) as conn:
+            if conn.execute(sa.select(workers.c.id).where(workers.c.id == worker_id)).first():
+                return
+        raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+
+    # ------------------------------------------------------------------ reports
+    def report(self, req: _wire.ReportRequest) -> dict[str, Any]:
+        from gridfl import state
+
+        # 1. find the worker's cycle by its request key (constant-time compare), no lock
+        with db.read(self.engine) as conn:
+            rows = conn.execute(
+                sa.select(
+                    worker_cycles.c.id,
+                    worker_cycles.c.request_key,
+                    worker_cycles.c.reported_at,
+                    cycles.c.id.label("cycle_id"),
+                    cycles.c.sequence,
+                    cycles.c.status,
+                    cycles.c.checkpoint_id,
+                )
+                .select_from(worker_cycles.join(cycles, worker_cycles.c.cycle_id == cycles.c.id))
+                .where(worker_cycles.c.worker_id == req.worker_id)
+            ).all()
+            if not rows:
+                if conn.execute(
+                    sa.select(workers.c.id).where(workers.c.id == req.worker_id)
+                ).first():
+                    raise _invalid_key()
+                raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+            match = None
+            for r in rows:
+                if hmac.compare_digest(r.request_key.encode(), req.request_key.encode()):
+                    match = r
+            if match is None:
+                raise _invalid_key()
+            if match.reported_at is not None:
+                raise ConflictError(f"this worker already reported for cycle {match.sequence}")
+            if match.status != "open":
+                raise ConflictError(
+                    f"cycle {match.sequence} is closed ({match.status}): the report came too late"
+                )
+            _, _, spec = self._checkpoint(conn, match.checkpoint_id)
+        # 2. decode and validate the diff outside any lock
+        try:
+            diff = state.loads(req.diff)
+        except GridflError as e:
+            raise InvalidRequestError(f"diff is not valid State bytes: {e}") from e
+        agg.validate_diff(diff, spec)
+        # 3. fold in, mark reported, maybe complete: one transaction, cycle row locked
+        completed = False
+        cycle_id = match.cycle_id
+        try:
+            with db.write(self.engine) as conn:
+                cycle = conn.execute(
+                    sa.select(cycles).where(cycles.c.id == cycle_id).with_for_update()
+                ).one()
+                if cycle.status != "open":
+                    raise ConflictError(
+                        f"cycle {cycle.sequence} is closed ({cycle.status}): "
+                        "the report came too late"
+                    )
+                wc = conn.execute(
+                    sa.select(worker_cycles.c.reported_at).where(worker_cycles.c.id == match.id)
+                ).one()
+                if wc.reported_at is not None:
+                    raise ConflictError(f"this worker already reported for cycle {cycle.sequence}")
+                process = conn.execute(
+                    sa.select(processes).where(processes.c.id == cycle.process_id)
+                ).one()
+                state_ = self._load_aggregate(conn, cycle_id, spec)
+                version, count_w, count_x, weight, sum_w, sum_x = state_
+                avg_plan = self._averaging_plan(conn, process.id)
+                values: dict[str, Any] = {"version": version + 1}
+                if avg_plan is not None:
+                    if count_x == 0:
+                        sum_x = agg.new_sum(spec)
+                        agg.fold(sum_x, diff, spec)
+                    else:
+                        sum_x = agg.averaging_step(avg_plan, sum_x, diff, count_x, spec)
+                    count_x += 1
+                    values.update(count_x=count_x, sum_x=memoryview(sum_x).cast("B"))
+                elif req.num_samples is not None:
+                    if sum_w is None:
+                        sum_w = agg.new_sum(spec)
+                    agg.fold(sum_w, diff, spec, weight=req.num_samples)
+                    count_w += 1
+                    weight += req.num_samples
+                    values.update(count_w=count_w, weight=weight, sum_w=memoryview(sum_w).cast("B"))
+                else:
+                    if sum_x is None:
+                        sum_x = agg.new_sum(spec)
+                    agg.fold(sum_x, diff, spec)
+                    count_x += 1
+                    values.update(count_x=count_x, sum_x=memoryview(sum_x).cast("B"))
+                conn.execute(
+                    aggregates.update().where(aggregates.c.cycle_id == cycle_id).values(**values)
+                )
+                now = time.time()
+                conn.execute(
+                    worker_cycles.update()
+                    .where(worker_cycles.c.id == match.id)
+                    .values(reported_at=now, num_samples=req.num_samples, metrics=req.metrics)
+                )
+                received = cycle.num_reports + 1
+                conn.execute(
+                    cycles.update().where(cycles.c.id == cycle_id).values(num_reports=received)
+                )
+                if self._ready(conn, cycle, process.server_config, received, now):
+                    self._complete(
+                        conn, cycle, process, spec, (count_w, weight, sum_w, count_x, sum_x)
+                    )
+                    completed = True
+        except BaseException:
+            with self._agg_lock:
+                self._agg_cache.pop(cycle_id, None)
+            raise
+        with self._agg_lock:
+            if completed:
+                self._agg_cache.pop(cycle_id, None)
+            else:
+                self._agg_cache[cycle_id] = [version + 1, sum_w, sum_x]
+        if completed:
+            self.on_new_cycle()
+        return _wire.report_response()
+
+    def _load_aggregate(self, conn: Connection, cycle_id: int, spec: agg.ModelSpec):
+        """The cycle's running sums (cached in memory, checked against the row's version)."""
+        row = conn.execute(
+            sa.select(
+                aggregates.c.version,
+                aggregates.c.count_w,
+                aggregates.c.count_x,
+                aggregates.c.weight,
+            )
+            .where(aggregates.c.cycle_id == cycle_id)
+            .with_for_update()
+        ).first()
+        if row is None:
+            conn.execute(aggregates.insert().values(cycle_id=cycle_id, version=0))
+            version, count_w, count_x, weight = 0, 0, 0, 0.0
+        else:
+            version, count_w, count_x, weight = row.version, row.count_w, row.count_x, row.weight
+        with self._agg_lock:
+            cached = self._agg_cache.get(cycle_id)
+            if cached is not None and cached[0] == version:
+                cached[0] = -1  # a fold is in flight: nobody else may trust these arrays
+                return version, count_w, count_x, weight, cached[1], cached[2]
+        sum_w = sum_x = None
+        if count_w or count_x:
+            blobs = conn.execute(
+                sa.select(aggregates.c.sum_w, aggregates.c.sum_x).where(
+                    aggregates.c.cycle_id == cycle_id
+                )
+            ).one()
+            if blobs.sum_w is not None:
+                sum_w = np.frombuffer(blobs.sum_w, dtype=np.float64).copy()
+            if blobs.sum_x is not None:
+                sum_x = np.frombuffer(blobs.sum_x, dtype=np.float64).copy()
+        return version, count_w, count_x, weight, sum_w, sum_x
+
+    @staticmethod
+    def _ready(conn: Connection, cycle, cfg: dict, received: int, now: float) -> bool:
+        """PyGrid's completion rule, plus: a full cycle whose workers all reported is done."""
+        if received < max(1, cfg.get("min_diffs") or 1):
+            return False
+        accepted = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(worker_cycles)
+            .where(worker_cycles.c.cycle_id == cycle.id)
+        ).scalar_one()
+        if accepted < (cfg.get("min_workers") or 0):
+            return False
+        max_diffs = cfg.get("max_diffs")
+        if max_diffs is not None and received >= max_diffs:
+            return True
+        if cycle.end_at is not None and now >= cycle.end_at:
+            return True
+        if max_diffs is None and cycle.end_at is None:
+            return True
+        cap = worker_capacity(cfg)
+        return cap is not None and accepted >= cap and received >= accepted
+
+    def _complete(self, conn: Connection, cycle, process, spec, sums) -> None:
+        """Aggregate, write the new checkpoint, close the cycle, open the next one."""
+        from gridfl import state
+
+        count_w, weight, sum_w, count_x, sum_x = sums
+        _, params, _ = self._checkpoint(conn, cycle.checkpoint_id)
+        if self._averaging_plan(conn, process.id) is not None:
+            mean = sum_x
+        else:
+            mean = agg.mean_diff(sum_w, count_w, weight, sum_x, count_x)
+        new_params = agg.apply_diff(params, mean, spec)
+        data = state.dumps(new_params)
+        now = time.time()
+        number = (
+            conn.execute(
+                sa.select(sa.func.max(checkpoints.c.number)).where(
+                    checkpoints.c.process_id == process.id
+                )
+            ).scalar_one()
+            + 1
+        )
+        conn.execute(
+            checkpoints.update()
+            .where(checkpoints.c.process_id == process.id, checkpoints.c.alias == "latest")
+            .values(alias=None)
+        )
+        ckpt = conn.execute(
+            checkpoints.insert().values(
+                process_id=process.id, number=number, alias="latest", data=data, created_at=now
+            )
+        ).inserted_primary_key[0]
+        self._checkpoint_cache.put(ckpt, (data, new_params, spec))
+        conn.execute(
+            cycles.update()
+            .where(cycles.c.id == cycle.id)
+            .values(status="completed", closed_at=now, result_checkpoint_id=ckpt)
+        )
+        conn.execute(aggregates.delete().where(aggregates.c.cycle_id == cycle.id))
+        done = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(cycles)
+            .where(cycles.c.process_id == process.id, cycles.c.status == "completed")
+        ).scalar_one()
+        num_cycles = process.server_config.get("num_cycles") or 0
+        log.info(
+            "cycle %s/%s #%d completed: checkpoint %d",
+            process.name,
+            process.version,
+            cycle.sequence,
+            number,
+        )
+        if num_cycles and done >= num_cycles:
+            conn.execute(
+                processes.update().where(processes.c.id == process.id).values(status="finished")
+            )
+            log.info("process %s/%s finished", process.name, process.version)
+        else:
+            self._new_cycle(conn, process, ckpt, now)
+
+    # ------------------------------------------------------------------ deadlines
+    def next_deadline(self) -> float | None:
+        with db.read(self.engine) as conn:
+            return conn.execute(
+                sa.select(sa.func.min(cycles.c.end_at)).where(
+                    cycles.c.status == "open", cycles.c.end_at.is_not(None)
+                )
+            ).scalar()
+
+    def close_due_cycles(self, now: float | None = None) -> int:
+        """Close every open cycle past its deadline; returns how many closed."""
+        now = time.time() if now is None else now
+        with db.read(self.engine) as conn:
+            due = (
+                conn.execute(
+                    sa.select(cycles.c.id).where(cycles.c.status == "open", cycles.c.end_at <= now)
+                )
+                .scalars()
+                .all()
+            )
+        closed = 0
+        for cycle_id in due:
+            try:
+                closed += self._close_at_deadline(cycle_id, now)
+            except Exception:  # keep closing the others; the next wake-up retries
+                log.exception("closing cycle %s at its deadline failed", cycle_id)
+        if closed:
+            self.on_new_cycle()
+        return closed
+
+    def _close_at_deadline(self, cycle_id: int, now: float) -> int:
+        try:
+            with db.write(self.engine) as conn:
+                cycle = conn.execute(
+                    sa.select(cycles).where(cycles.c.id == cycle_id).with_for_update()
+                ).one()
+                if cycle.status != "open" or cycle.end_at is None or cycle.end_at > now:
+                    return 0
+                process = conn.execute(
+                    sa.select(processes).where(processes.c.id == cycle.process_id)
+                ).one()
+                cfg = process.server_config
+                if self._ready(conn, cycle, cfg, cycle.num_reports, now):
+                    _, _, spec = self._checkpoint(conn, cycle.checkpoint_id)
+                    _, count_w, count_x, weight, sum_w, sum_x = self._load_aggregate(
+                        conn, cycle_id, spec
+                    )
+                    self._complete(
+                        conn, cycle, process, spec, (count_w, weight, sum_w, count_x, sum_x)
+                    )
+                else:
+                    # too few reports (min_diffs) or workers (min_workers): the cycle expires,
+                    # its reports are dropped and a new cycle opens on the same checkpoint
+                    conn.execute(
+                        cycles.update()
+                        .where(cycles.c.id == cycle_id)
+                        .values(status="expired", closed_at=now)
+                    )
+                    conn.execute(aggregates.delete().where(aggregates.c.cycle_id == cycle_id))
+                    self._new_cycle(conn, process, cycle.checkpoint_id, now)
+                    log.info(
+                        "cycle %s/%s #%d expired with %d reports",
+                        process.name,
+                        process.version,
+                        cycle.sequence,
+                        cycle.num_reports,
+                    )
+        finally:
+            with self._agg_lock:
+                self._agg_cache.pop(cycle_id, None)
+        return 1
+
+    # ------------------------------------------------------------------ admin
+    def list_processes(self) -> list[dict[str, Any]]:
+        with db.read(self.engine) as conn:
+            rows = conn.execute(sa.select(processes).order_by(processes.c.id)).all()
+            return [self._process_summary(conn, p) for p in rows]
+
+    def _process_summary(self, conn: Connection, p) -> dict[str, Any]:
+        cycle = self._open_cycle(conn, p.id)
+        ckpt = conn.execute(
+            sa.select(sa.func.max(checkpoints.c.number)).where(checkpoints.c.process_id == p.id)
+        ).scalar()
+        return {
+            "id": p.id,
+            "name": p.name,
+            "version": p.version,
+            "status": p.status,
+            "created_at": p.created_at,
+            "current_cycle": cycle.sequence if cycle else None,
+            "latest_checkpoint": ckpt,
+        }
+
+    def status(self, name: str, version: str | None) -> dict[str, Any]:
+        with db.read(self.engine) as conn:
+            p = self._process_by_name(conn, name, version)
+            out = self._process_summary(conn, p)
+            cfg = dict(p.server_config)
+            if cfg.get("authentication"):
+                cfg["authentication"] = {
+                    k: ("***" if k == "secret" else v) for k, v in cfg["authentication"].items()
+                }
+            out["server_config"] = cfg
+            out["client_config"] = p.client_config
+            now = time.time()
+            cycle_rows = conn.execute(
+                sa.select(cycles)
+                .where(cycles.c.process_id == p.id)
+                .order_by(cycles.c.sequence.desc())
+                .limit(100)
+            ).all()
+            wcs: dict[int, list] = {}
+            if cycle_rows:
+                for r in conn.execute(
+                    sa.select(
+                        worker_cycles.c.cycle_id,
+                        worker_cycles.c.reported_at,
+                        worker_cycles.c.num_samples,
+                        worker_cycles.c.metrics,
+                    ).where(worker_cycles.c.cycle_id.in_([c.id for c in cycle_rows]))
+                ):
+                    wcs.setdefault(r.cycle_id, []).append(r)
+            ckpt_numbers = dict(
+                conn.execute(
+                    sa.select(checkpoints.c.id, checkpoints.c.number).where(
+                        checkpoints.c.process_id == p.id
+                    )
+                ).all()
+            )
+            cycle_list = []
+            for c in reversed(cycle_rows):
+                rows = wcs.get(c.id, [])
+                reported = [r for r in rows if r.reported_at is not None]
+                entry = {
+                    "sequence": c.sequence,
+                    "status": c.status,
+                    "start": c.start_at,
+                    "end": c.end_at,
+                    "closed_at": c.closed_at,
+                    "accepted": len(rows),
+                    "reported": len(reported),
+                    "checkpoint": ckpt_numbers.get(c.checkpoint_id),
+                    "result_checkpoint": ckpt_numbers.get(c.result_checkpoint_id),
+                    "num_samples": sum(r.num_samples or 0 for r in reported),
+                    "metrics": _metric_means(reported),
+                }
+                if c.status == "open":
+                    entry["deadline_in"] = None if c.end_at is None else max(0.0, c.end_at - now)
+                cycle_list.append(entry)
+            out["cycles"] = cycle_list
+            out["current"] = next((c for c in cycle_list if c["status"] == "open"), None)
+            out["checkpoints"] = [
+                {"number": r.number, "alias": r.alias, "created_at": r.created_at}
+                for r in conn.execute(
+                    sa.select(checkpoints.c.number, checkpoints.c.alias, checkpoints.c.created_at)
+                    .where(checkpoints.c.process_id == p.id)
+                    .order_by(checkpoints.c.number)
+                )
+            ]
+            return out
+
+    def checkpoint(self, name: str, version: str | None, ref: str | int = "latest") -> bytes:
+        with db.read(self.engine) as conn:
+            p = self._process_by_name(conn, name, version)
+            q = sa.select(checkpoints.c.id).where(checkpoints.c.process_id == p.id)
+            ref = str(ref)
+            if ref.isdigit():
+                q = q.where(checkpoints.c.number == int(ref))
+            else:
+                q = q.where(checkpoints.c.alias == ref)
+            ckpt_id = conn.execute(q).scalar()
+            if ckpt_id is None:
+                raise NotFoundError(
+                    f"process '{p.name}' version '{p.version}' has no checkpoint {ref!r}"
+                )
+            return bytes(
+                conn.execute(
+                    sa.select(checkpoints.c.data).where(checkpoints.c.id == ckpt_id)
+                ).scalar()
+            )
+
+    def stop(self, name: str, version: str | None) -> dict[str, Any]:
+        with db.write(self.engine) as conn:
+            p = self._process_by_name(conn, name, version)
+            cycle = self._open_cycle(conn, p.id, lock=True)
+            if cycle is not None:
+                conn.execute(
+                    cycles.update()
+                    .where(cycles.c.id == cycle.id)
+                    .values(status="stopped", closed_at=time.time())
+                )
+                conn.execute(aggregates.delete().where(aggregates.c.cycle_id == cycle.id))
+            if p.status == "running":
+                conn.execute(
+                    processes.update().where(processes.c.id == p.id).values(status="stopped")
+                )
+        return {"status": "success", "name": p.name, "version": p.version}
+
+    def delete(self, name: str, version: str | None) -> dict[str, Any]:
+        with db.write(self.engine) as conn:
+            p = self._process_by_name(conn, name, version)
+            cycle_ids = sa.select(cycles.c.id).where(cycles.c.process_id == p.id)
+            conn.execute(aggregates.delete().where(aggregates.c.cycle_id.in_(cycle_ids)))
+            conn.execute(worker_cycles.delete().where(worker_cycles.c.cycle_id.in_(cycle_ids)))
+            conn.execute(cycles.delete().where(cycles.c.process_id == p.id))
+            for table in (workers, checkpoints, plans, protocols):
+                conn.execute(table.delete().where(table.c.process_id == p.id))
+            conn.execute(processes.delete().where(processes.c.id == p.id))
+        return {"status": "success", "name": p.name, "version": p.version}
+
+
+def _metric_means(reported) -> dict[str, float]:
+    """Mean of each metric over the cycle's reports; num_samples-weighted if all carry it."""
+    weighted = bool(reported) and all(r.num_samples for r in reported)
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for r in reported:
+        w = float(r.num_samples) if weighted else 1.0
+        for k, v in (r.metrics or {}).items():
+            sums[k] = sums.get(k, 0.0) + w * v
+            weights[k] = weights.get(k, 0.0) + w
+    return {k: sums[k] / weights[k] for k in sums}

@@ -1,0 +1,148 @@
+"""SQLAlchemy Core tables of the grid node (the migrations create exactly these).
+
+Times are float epoch seconds (UTC), identical on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+Blob = sa.LargeBinary()
+
+processes = sa.Table(
+    "processes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("version", sa.String(255), nullable=False),
+    # running | finished | stopped
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("client_config", sa.JSON, nullable=False),
+    sa.Column("server_config", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("name", "version", name="uq_process_name_version"),
+    sqlite_autoincrement=True,
+)
+
+plans = sa.Table(
+    "plans",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("is_averaging", sa.Boolean, nullable=False, default=False),
+    sa.Column("onnx", Blob, nullable=True),
+    sa.Column("tfjs", Blob, nullable=True),
+    sa.Column("torchscript", Blob, nullable=True),
+    sa.Column("list", Blob, nullable=True),
+    sa.UniqueConstraint("process_id", "name", "is_averaging", name="uq_plan_name"),
+    sqlite_autoincrement=True,
+)
+
+protocols = sa.Table(
+    "protocols",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("data", Blob, nullable=False),
+    sa.UniqueConstraint("process_id", "name", name="uq_protocol_name"),
+    sqlite_autoincrement=True,
+)
+
+checkpoints = sa.Table(
+    "checkpoints",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("alias", sa.String(64), nullable=True),
+    sa.Column("data", Blob, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("process_id", "number", name="uq_checkpoint_number"),
+    sqlite_autoincrement=True,
+)
+
+cycles = sa.Table(
+    "cycles",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("sequence", sa.Integer, nullable=False),
+    sa.Column("checkpoint_id", sa.Integer, sa.ForeignKey("checkpoints.id"), nullable=False),
+    sa.Column("start_at", sa.Float, nullable=False),
+    sa.Column("end_at", sa.Float, nullable=True),
+    # open | completed | expired | stopped
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("closed_at", sa.Float, nullable=True),
+    sa.Column("result_checkpoint_id", sa.Integer, nullable=True),
+    sa.Column("num_reports", sa.Integer, nullable=False, default=0),
+    sa.UniqueConstraint("process_id", "sequence", name="uq_cycle_sequence"),
+    sa.Index("ix_cycles_status_end", "status", "end_at"),
+    sqlite_autoincrement=True,
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column(
+        "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
+    ),
+    # who the worker is for the reuse rule: its id, or "sub:<jwt sub>" when the token had one
+    sa.Column("identity", sa.String(320), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("ping", sa.Float, nullable=True),
+    sa.Column("download", sa.Float, nullable=True),
+    sa.Column("upload", sa.Float, nullable=True),
+    sa.Index("ix_workers_identity", "process_id", "identity"),
+)
+
+worker_cycles = sa.Table(
+    "worker_cycles",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "cycle_id", sa.Integer, sa.ForeignKey("cycles.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column(
+        "worker_id", sa.String(64), sa.ForeignKey("workers.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("identity", sa.String(320), nullable=False),
+    sa.Column("request_key", sa.String(128), nullable=False),
+    sa.Column("accepted_at", sa.Float, nullable=False),
+    sa.Column("reported_at", sa.Float, nullable=True),
+    sa.Column("num_samples", sa.Integer, nullable=True),
+    sa.Column("metrics", sa.JSON, nullable=True),
+    sa.UniqueConstraint("cycle_id", "worker_id", name="uq_worker_cycle"),
+    sa.Index("ix_worker_cycles_worker", "worker_id"),
+    sa.Index("ix_worker_cycles_identity", "identity"),
+)
+
+# Running aggregate of one cycle, folded in as reports arrive (memory and storage O(model)).
+# sum_w: float64 sum of num_samples * diff over reports that carried num_samples (count_w,
+# weight = total num_samples); sum_x: float64 sum of diffs over reports without it (count_x).
+# With an iterative averaging plan, sum_x holds the running plan average instead.
+aggregates = sa.Table(
+    "aggregates",
+    metadata,
+    sa.Column(
+        "cycle_id", sa.Integer, sa.ForeignKey("cycles.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("version", sa.Integer, nullable=False, default=0),
+    sa.Column("count_w", sa.Integer, nullable=False, default=0),
+    sa.Column("count_x", sa.Integer, nullable=False, default=0),
+    sa.Column("weight", sa.Float, nullable=False, default=0.0),
+    sa.Column("sum_w", Blob, nullable=True),
+    sa.Column("sum_x", Blob, nullable=True),
+)
