@@ -60,6 +60,8 @@ def error_class(status: int | None, message: str) -> type[GridError]:
     low = message.lower()
     if any(t in low for t in _AUTH_TEXTS):
         return AuthenticationError
+    if "not found" in low and status in (None, 400, 404):
+        return NotFoundError  # PyGrid answers "Model ID not found!" etc. with 400
     if status is None:
         return GridError
     return _STATUS_ERRORS.get(status, GridError)
