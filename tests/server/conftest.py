@@ -59,7 +59,10 @@ def training_plan(shapes=SHAPES) -> bytes:
         helper.make_tensor_value_info("loss", f, []),
         helper.make_tensor_value_info("acc", f, []),
     ]
-    out_meta = [{"name": "loss", "role": "loss"}, {"name": "acc", "role": "metric", "key": "accuracy"}]
+    out_meta = [
+        {"name": "loss", "role": "loss"},
+        {"name": "acc", "role": "metric", "key": "accuracy"},
+    ]
     nodes = [
         helper.make_node("ReduceMean", ["X"], ["loss"], keepdims=0),
         helper.make_node("ReduceMean", ["y"], ["acc"], keepdims=0),
@@ -126,8 +129,13 @@ def host_payload(
     sc = {"cycle_length": 60, "num_cycles": 3, "max_diffs": 2}
     sc.update(server_config or {})
     payload = {
-        "client_config": {"name": name, "version": version, "batch_size": 8, "lr": 0.1,
-                          "max_updates": 2},
+        "client_config": {
+            "name": name,
+            "version": version,
+            "batch_size": 8,
+            "lr": 0.1,
+            "max_updates": 2,
+        },
         "server_config": sc,
         "model": b64(state.dumps(params)),
         "plans": plans if plans is not None else {"training_plan": b64(training_plan())},
