@@ -1,0 +1,176 @@
+"""The host SDK: put an FL process on a grid node, watch it, fetch its checkpoints.
+
+Talks to the node's admin API (``/gridfl/v1/``) with the admin token::
+
+    from gridfl.host import HostClient
+
+    with HostClient("http://127.0.0.1:5000", admin_token="s3cret") as host:
+        host.host(
+            model=initial_params,                       # list of arrays, SyftModel or State bytes
+            plans={"training_plan": training_plan},     # Plan, ONNX bytes, or {variant: bytes}
+            client_config={"name": "mnist", "version": "1.0", "batch_size": 10, "lr": 0.1},
+            server_config={"max_workers": 10, "max_diffs": 10, "num_cycles": 20},
+        )
+        print(host.status("mnist", "1.0")["current"])
+        params = host.retrieve("mnist", "1.0")          # latest checkpoint as numpy arrays
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+
+from gridfl import _exceptions as errors
+from gridfl import state
+from gridfl.model import SyftModel
+
+__all__ = ["HostClient"]
+
+_BY_STATUS: dict[int, type[errors.GridError]] = {
+    400: errors.InvalidRequestError,
+    401: errors.AuthenticationError,
+    403: errors.PermissionDeniedError,
+    404: errors.NotFoundError,
+    409: errors.ConflictError,
+    413: errors.PayloadTooLargeError,
+    503: errors.UnavailableError,
+}
+
+
+class HostClient:
+    """A blocking client of a grid node's admin API.
+
+    Args:
+        url: the node's base URL (``http://`` or ``https://``).
+        admin_token: the node's admin token (``gridfl serve --admin-token``).
+        timeout: seconds per request; hosting a large model may need more.
+    """
+
+    def __init__(self, url: str, *, admin_token: str, timeout: float = 120.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise errors.ConfigError(f"host URL must start with http:// or https://, got {url!r}")
+        self._http = httpx.Client(
+            base_url=url.rstrip("/") + "/gridfl/v1",
+            headers={"Authorization": f"Bearer {admin_token}"},
+            timeout=timeout,
+        )
+
+    def __enter__(self) -> HostClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------------ calls
+    def host(
+        self,
+        *,
+        model: Any,
+        plans: Mapping[str, Any],
+        client_config: Mapping[str, Any],
+        server_config: Mapping[str, Any] | None = None,
+        averaging_plan: Any = None,
+        protocols: Mapping[str, bytes] | None = None,
+    ) -> dict[str, Any]:
+        """Host a process; the node validates everything and stores all of it or nothing.
+
+        ``model``: a list of arrays, a :class:`~gridfl.SyftModel` or ``State`` bytes.
+        ``plans``: name -> a :class:`~gridfl.Plan`, ONNX bytes, or ``{variant: bytes}``
+        (variants ``onnx``, ``tfjs``, ``torchscript``, ``list``).
+        """
+        payload: dict[str, Any] = {
+            "model": _b64(_model_bytes(model)),
+            "plans": {name: _plan_variants(p) for name, p in plans.items()},
+            "client_config": dict(client_config),
+            "server_config": dict(server_config or {}),
+        }
+        if averaging_plan is not None:
+            payload["averaging_plan"] = _b64(_plan_bytes(averaging_plan))
+        if protocols:
+            payload["protocols"] = {k: _b64(v) for k, v in protocols.items()}
+        return self._json("POST", "/processes", json=payload)
+
+    def processes(self) -> list[dict[str, Any]]:
+        """Every hosted process with its current cycle and checkpoint count."""
+        return self._json("GET", "/processes")["processes"]
+
+    def status(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Cycles (accepted, reported, metrics), checkpoints and configs of one process."""
+        return self._json("GET", _path(name, version))
+
+    def retrieve_bytes(self, name: str, version: str, checkpoint: int | str = "latest") -> bytes:
+        """A checkpoint (by number or alias) as ``State`` bytes."""
+        return self._request("GET", f"{_path(name, version)}/checkpoints/{checkpoint}").content
+
+    def retrieve(
+        self, name: str, version: str, checkpoint: int | str = "latest"
+    ) -> list[np.ndarray]:
+        """A checkpoint (by number or alias) as numpy arrays, in model-parameter order."""
+        return state.loads(self.retrieve_bytes(name, version, checkpoint))
+
+    def stop(self, name: str, version: str) -> dict[str, Any]:
+        """Close the process to new cycles; checkpoints stay retrievable."""
+        return self._json("POST", f"{_path(name, version)}/stop")
+
+    def delete(self, name: str, version: str) -> dict[str, Any]:
+        """Delete the process and everything stored for it."""
+        return self._json("DELETE", _path(name, version))
+
+    # ------------------------------------------------------------------ plumbing
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise errors.TransportError(f"{method} {path}: {exc}") from exc
+        if response.is_success:
+            return response
+        try:
+            message = response.json().get("error") or response.reason_phrase
+        except ValueError:
+            message = response.text[:200] or response.reason_phrase
+        cls = _BY_STATUS.get(response.status_code, errors.GridError)
+        raise cls(f"{method} {path}: {response.status_code} {message}")
+
+
+def _path(name: str, version: str | None) -> str:
+    segment = f"/processes/{quote(name, safe='')}"
+    return segment + (f"/{quote(version, safe='')}" if version else "")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _model_bytes(model: Any) -> bytes:
+    if isinstance(model, bytes | bytearray | memoryview):
+        return bytes(model)
+    if isinstance(model, SyftModel):
+        return model.to_bytes()
+    if isinstance(model, Sequence):
+        return state.dumps([np.asarray(p) for p in model])
+    raise TypeError(f"model: expected arrays, a SyftModel or State bytes, got {type(model)}")
+
+
+def _plan_bytes(plan: Any) -> bytes:
+    if isinstance(plan, bytes | bytearray | memoryview):
+        return bytes(plan)
+    if hasattr(plan, "to_bytes"):
+        return plan.to_bytes()
+    raise TypeError(f"plan: expected a Plan or bytes, got {type(plan)}")
+
+
+def _plan_variants(plan: Any) -> dict[str, str]:
+    if isinstance(plan, Mapping):
+        return {variant: _b64(_plan_bytes(b)) for variant, b in plan.items()}
+    return {"onnx": _b64(_plan_bytes(plan))}
