@@ -1,0 +1,160 @@
+"""Storage contract: the same scenarios on SQLite and PostgreSQL, through GridNode directly
+(and a live server for restarts). In CI a missing PostgreSQL fails instead of skipping."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from conftest import Admin, HttpWorker, diff_of, host_payload, join, make_settings, model_params
+from conftest import report as http_report
+
+from gridfl import ConflictError, InvalidRequestError, _wire, state
+from gridfl.server import GridNode
+
+
+@pytest.fixture
+def node(db_url, tmp_path):
+    n = GridNode(make_settings(db_url, tmp_path))
+    yield n
+    n.close()
+
+
+def _join(node: GridNode, name="mnist"):
+    auth = node.authenticate(_wire.AuthenticateRequest(model_name=name))
+    cyc = node.cycle_request(_wire.CycleRequest(worker_id=auth["worker_id"], model=name))
+    return auth["worker_id"], cyc
+
+
+def _report(node, wid, cyc, seed, **kw):
+    return node.report(
+        _wire.ReportRequest(wid, cyc["request_key"], state.dumps(diff_of(seed)), **kw)
+    )
+
+
+def test_migrations_create_schema_and_are_idempotent(node, db_url, tmp_path):
+    tables = set(sa.inspect(node.engine).get_table_names())
+    assert {
+        "processes",
+        "plans",
+        "checkpoints",
+        "cycles",
+        "workers",
+        "worker_cycles",
+        "aggregates",
+        "alembic_version",
+    } <= tables
+    GridNode(make_settings(db_url, tmp_path)).close()  # second upgrade: no-op
+
+
+def test_host_is_atomic_and_conflicts(node):
+    bad = host_payload()
+    bad["plans"] = {"training_plan": "bm90IG9ubng="}  # "not onnx"
+    with pytest.raises(InvalidRequestError):
+        node.host(bad)
+    assert node.list_processes() == []
+    node.host(host_payload())
+    with pytest.raises(ConflictError):
+        node.host(host_payload())
+    assert len(node.list_processes()) == 1
+
+
+def test_cycle_aggregates_on_both_backends(node):
+    node.host(host_payload(server_config={"max_diffs": 3}))
+    joined = [_join(node) for _ in range(3)]
+    for i, (wid, cyc) in enumerate(joined):
+        _report(node, wid, cyc, i, num_samples=i + 1)
+    new = state.loads(node.checkpoint("mnist", "1.0", "latest"))
+    for j, p in enumerate(model_params()):
+        mean = sum((i + 1) * diff_of(i)[j].astype(np.float64) for i in range(3)) / 6
+        np.testing.assert_allclose(new[j], p - mean, rtol=1e-6, atol=1e-7)
+    st = node.status("mnist", "1.0")
+    assert st["cycles"][0]["status"] == "completed" and st["current"]["sequence"] == 2
+
+
+def test_exactly_once_completion_under_concurrency(node):
+    node.host(host_payload(server_config={"max_diffs": 4, "num_cycles": 0}))
+    joined = [_join(node) for _ in range(10)]
+    barrier = threading.Barrier(10)
+
+    def go(i):
+        barrier.wait()
+        try:
+            _report(node, *joined[i], i)
+            return "ok"
+        except ConflictError:
+            return "late"
+
+    with ThreadPoolExecutor(10) as ex:
+        results = list(ex.map(go, range(10)))
+    assert results.count("ok") == 4 and results.count("late") == 6
+    st = node.status("mnist", "1.0")
+    assert [c["number"] for c in st["checkpoints"]] == [1, 2]
+    assert st["cycles"][0]["reported"] == 4
+
+
+def test_two_nodes_one_database(db_url, tmp_path):
+    """Two server processes' worth of GridNode on one database: still exactly once."""
+    a = GridNode(make_settings(db_url, tmp_path))
+    b = GridNode(make_settings(db_url, tmp_path))
+    try:
+        a.host(host_payload(server_config={"max_diffs": 4}))
+        joined = [_join(a if i % 2 else b) for i in range(6)]
+        with ThreadPoolExecutor(6) as ex:
+            list(ex.map(lambda i: _safe_report(a if i % 2 else b, *joined[i], i), range(6)))
+        st = a.status("mnist", "1.0")
+        assert [c["number"] for c in st["checkpoints"]] == [1, 2]
+        assert st["cycles"][0]["reported"] == 4
+    finally:
+        a.close()
+        b.close()
+
+
+def _safe_report(node, wid, cyc, i):
+    try:
+        _report(node, wid, cyc, i)
+    except ConflictError:
+        pass
+
+
+def test_reports_survive_a_new_node(db_url, tmp_path):
+    """Restart (a new GridNode on the same database): the running aggregate is kept."""
+    a = GridNode(make_settings(db_url, tmp_path))
+    a.host(host_payload(server_config={"max_diffs": 2}))
+    w1, c1 = _join(a)
+    w2, c2 = _join(a)
+    _report(a, w1, c1, 0)
+    a.close()
+    b = GridNode(make_settings(db_url, tmp_path))
+    try:
+        _report(b, w2, c2, 1)
+        new = state.loads(b.checkpoint("mnist", "1.0", 2))
+        for j, p in enumerate(model_params()):
+            mean = (diff_of(0)[j] + diff_of(1)[j]) / 2
+            np.testing.assert_allclose(new[j], p - mean, rtol=1e-6, atol=1e-7)
+    finally:
+        b.close()
+
+
+def test_server_restart_mid_cycle_live(server_factory, db_url):
+    """A live server stops mid-cycle; a new one on the same database finishes the cycle."""
+    srv = server_factory(db_url)
+    admin = Admin(srv.url)
+    assert admin.host(host_payload(server_config={"max_diffs": 2})).status_code == 201
+    w = HttpWorker(srv.url)
+    wid1, c1 = join(w)
+    wid2, c2 = join(w)
+    assert http_report(w, wid1, c1["request_key"], diff_of(0))[0] == 200
+    srv.stop()
+    srv2 = server_factory(db_url)
+    w2 = HttpWorker(srv2.url)
+    st = Admin(srv2.url).status()
+    assert st["current"]["accepted"] == 2 and st["current"]["reported"] == 1
+    assert http_report(w2, wid2, c2["request_key"], diff_of(1))[0] == 200
+    new = Admin(srv2.url).checkpoint()
+    for j, p in enumerate(model_params()):
+        mean = (diff_of(0)[j] + diff_of(1)[j]) / 2
+        np.testing.assert_allclose(new[j], p - mean, rtol=1e-6, atol=1e-7)
