@@ -286,3 +286,35 @@ def test_protocols_downloaded(grid, transport):
         job = client.new_job(name, "1.0")
         job.start()
         assert job.protocols == {"secure_agg": b"\x01\x02protocol"}
+
+
+class TestRunWorker:
+    def test_runs_until_the_node_is_done(self, grid, transport):
+        """run_worker trains and reports each cycle, then stops on a bare rejection."""
+        from gridfl.client import run_worker
+
+        name = grid.host(server_config={"num_cycles": 2, "max_diffs": 1})
+        trained = []
+        summary = run_worker(grid.url(transport), name, *linear_data(n=64), model_version="1.0",
+                             max_wait=0.1, seed=1,
+                             on_trained=lambda job, result: trained.append(result.steps))
+        assert summary.finished and summary.cycles == 2 and trained == [4, 4]
+        assert len(summary.losses) == 2 and summary.last_loss == summary.losses[-1]
+        assert len(grid.status(name)["checkpoints"]) == 3
+
+    def test_max_cycles(self, grid, transport):
+        from gridfl.client import run_worker
+
+        name = grid.host(server_config={"max_diffs": 1})
+        summary = run_worker(grid.url(transport), name, *linear_data(n=64), max_cycles=1)
+        assert summary.cycles == 1 and not summary.finished
+
+    def test_auth_error_is_raised_at_once(self, grid, transport):
+        from gridfl.client import run_worker
+
+        name = grid.host(server_config={"authentication": {"secret": SECRET}})
+        sleeps = []
+        with pytest.raises(AuthenticationError):
+            run_worker(grid.url(transport), name, *linear_data(n=64), auth_token="bad",
+                       sleep=sleeps.append)
+        assert sleeps == []

@@ -1,8 +1,7 @@
 """
-Protocol constants the worker SDK needs: message types, HTTP paths, reply parsing.
-
-Kept in one small private module so that switching to the shared :mod:`gridfl._wire`
-definitions touches one file. Everything here is pure (no I/O).
+What the worker SDK needs of the protocol besides :mod:`gridfl._wire` (whose message
+types it reuses): download paths, reply unwrapping, error classes, rejection timeouts.
+Everything here is pure (no I/O).
 """
 
 from __future__ import annotations
@@ -21,10 +20,7 @@ from gridfl._exceptions import (
     PermissionDeniedError,
     UnavailableError,
 )
-
-AUTHENTICATE = "model-centric/authenticate"
-CYCLE_REQUEST = "model-centric/cycle-request"
-REPORT = "model-centric/report"
+from gridfl._wire import AUTHENTICATE, CYCLE_REQUEST, REPORT  # noqa: F401 - re-exported
 
 GET_MODEL = "model-centric/get-model"
 GET_PLAN = "model-centric/get-plan"

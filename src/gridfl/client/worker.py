@@ -21,11 +21,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gridfl._exceptions import GridError, GridflError
+from gridfl._exceptions import (
+    AuthenticationError,
+    ConfigError,
+    GridError,
+    PermissionDeniedError,
+    PlanError,
+)
 from gridfl.client._base import JobState
 from gridfl.client._sync import Job, Syft
 from gridfl.client.trainer import TrainResult
@@ -85,10 +91,13 @@ def run_worker(
         max_wait: cap on each sleep after a rejection (``None``: the node's timeout).
         min_wait: shortest sleep after a rejection (a timeout of 0 means "the cycle's
             deadline has passed; it will close soon").
-        max_errors: transient errors tolerated in a row before giving up.
+        max_errors: failed rounds tolerated in a row before giving up.
         on_trained: called as ``on_trained(job, result)`` before each report.
 
-    Returns a :class:`WorkerSummary`. Raises the job's error for anything not transient.
+    Returns a :class:`WorkerSummary`. Authentication, permission, configuration and plan
+    errors are raised at once; other node and network errors (e.g. a cycle that closed
+    between acceptance and report) skip the round, and are raised after ``max_errors``
+    in a row.
     """
     own = client is None
     if client is None:
@@ -100,32 +109,29 @@ def run_worker(
             job = client.new_job(model_name, model_version)
             try:
                 job.start()
-            except GridflError as exc:
-                transient = isinstance(exc, GridError) and exc.retryable
+                if job.state is JobState.ACCEPTED:
+                    result = _train_and_report(
+                        job, plan_name, data, target, on_trained,
+                        batch_size=batch_size, epochs=epochs, max_updates=max_updates,
+                        shuffle=shuffle, seed=None if seed is None else seed + summary.cycles,
+                    )
+            except (AuthenticationError, PermissionDeniedError, ConfigError, PlanError):
+                raise  # retrying cannot help
+            except GridError as exc:
+                # a network failure, the node busy, or the cycle closed under us (late
+                # download or report): skip this round and try again, a bounded number of
+                # times in a row
                 summary.errors += 1
                 errors_in_row += 1
-                if not transient or errors_in_row > max_errors:
+                if errors_in_row > max_errors:
                     raise
-                delay = min(30.0, 0.5 * 2 ** (errors_in_row - 1))
-                logger.warning("worker: transient error (%s); retrying in %.1fs", exc, delay)
+                delay = min(30.0, min_wait * 2 ** (errors_in_row - 1))
+                logger.warning("worker: %s; retrying in %.1fs", exc, delay)
                 sleep(delay)
                 continue
             errors_in_row = 0
 
-            if job.state is JobState.ACCEPTED:
-                cycle_seed = None if seed is None else seed + summary.cycles
-                result = job.train(
-                    plan_name, data, target, batch_size=batch_size, epochs=epochs,
-                    max_updates=max_updates, shuffle=shuffle, seed=cycle_seed,
-                )
-                if on_trained is not None:
-                    on_trained(job, result)
-                assert job.model is not None
-                diff = job.model.create_serialized_diff(result.params)
-                metrics: Mapping[str, float] = dict(result.metrics)
-                if result.loss is not None:
-                    metrics = {"loss": result.loss, **metrics}
-                job.report(diff, num_samples=result.num_samples, metrics=metrics)
+            if job.state is JobState.REPORTED:
                 summary.cycles += 1
                 if result.loss is not None:
                     summary.losses.append(result.loss)
@@ -147,3 +153,23 @@ def run_worker(
         if own:
             client.close()
     return summary
+
+
+def _train_and_report(
+    job: Job,
+    plan_name: str,
+    data: Any,
+    target: Any,
+    on_trained: Callable[[Job, TrainResult], None] | None,
+    **train_options: Any,
+) -> TrainResult:
+    result = job.train(plan_name, data, target, **train_options)
+    if on_trained is not None:
+        on_trained(job, result)
+    assert job.model is not None
+    diff = job.model.create_serialized_diff(result.params)
+    metrics: dict[str, float] = dict(result.metrics)
+    if result.loss is not None:
+        metrics = {"loss": result.loss, **metrics}
+    job.report(diff, num_samples=result.num_samples, metrics=metrics)
+    return result
