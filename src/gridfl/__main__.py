@@ -1,0 +1,5 @@
+"""``python -m gridfl``: the ``gridfl`` command."""
+
+from gridfl.cli import main
+
+main()

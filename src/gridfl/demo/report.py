@@ -1,0 +1,81 @@
+"""Results of a federated run: a JSON file, a PNG plot and a final table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class CycleResult:
+    """One aggregated cycle as the demo saw it."""
+
+    cycle: int
+    checkpoint: int  # the checkpoint the cycle produced
+    reports: int
+    seconds: float  # wall time of the cycle on the node (start to aggregated checkpoint)
+    elapsed: float  # seconds since the node was up
+    train_loss: float | None = None  # mean of the losses workers reported
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced; ``save`` writes ``results.json`` and ``accuracy.png``."""
+
+    settings: dict
+    cycles: list[CycleResult] = field(default_factory=list)
+    startup_seconds: float | None = None  # node up -> first aggregated checkpoint
+    peak_rss_mb: float | None = None
+
+    def rounds_to(self, accuracy: float) -> int | None:
+        """First cycle whose global model reached ``accuracy`` on the test set."""
+        for c in self.cycles:
+            if c.test_accuracy is not None and c.test_accuracy >= accuracy:
+                return c.cycle
+        return None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["rounds_to"] = {f"{a:.2f}": self.rounds_to(a) for a in (0.97, 0.98, 0.99)}
+        return data
+
+    def save(self, out_dir: Path) -> tuple[Path, Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        json_path = out_dir / "results.json"
+        json_path.write_text(json.dumps(self.to_dict(), indent=2))
+        png_path = out_dir / "accuracy.png"
+        plot(self, png_path)
+        return json_path, png_path
+
+
+def plot(result: RunResult, path: Path) -> None:
+    """Test accuracy and loss per cycle, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    done = [c for c in result.cycles if c.test_accuracy is not None]
+    xs = [c.cycle for c in done]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_acc.plot(xs, [100 * c.test_accuracy for c in done], marker="o")
+    ax_acc.set(xlabel="cycle", ylabel="test accuracy (%)", title="Global model on the 10k test set")
+    ax_acc.grid(alpha=0.3)
+    ax_loss.plot(xs, [c.test_loss for c in done], marker="o", label="test")
+    train = [(c.cycle, c.train_loss) for c in result.cycles if c.train_loss is not None]
+    if train:
+        ax_loss.plot(*zip(*train, strict=True), marker=".", label="train (workers)")
+    ax_loss.set(xlabel="cycle", ylabel="cross-entropy loss", title="Loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    s = result.settings
+    fig.suptitle(
+        f"gridfl federated MNIST: {s.get('model')} K={s.get('clients')} C={s.get('fraction')} "
+        f"E={s.get('epochs')} B={s.get('batch_size')} {'IID' if s.get('iid') else 'non-IID'}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

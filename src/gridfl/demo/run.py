@@ -1,0 +1,288 @@
+"""Federated MNIST from one call: node, plans, workers, progress, results.
+
+``gridfl demo`` calls :func:`run_demo`. It starts a grid node (a separate process, an
+SQLite file in the data directory), compiles the McMahan CNN or 2NN training plan and an
+evaluation plan from PyTorch, hosts them, starts worker processes that hold MNIST shards
+and import only the worker SDK, and evaluates each new checkpoint on the 10k test set.
+
+How McMahan's K clients map onto processes: the K shards are dealt round-robin to the
+worker processes; the node accepts ``round(C * K)`` workers per cycle, and each accepted
+process trains on one of its own shards, picked at random.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gridfl._exceptions import ConfigError, GridflError
+from gridfl.demo.report import CycleResult, RunResult
+from gridfl.host import HostClient
+
+__all__ = ["DemoOptions", "run_demo"]
+
+
+@dataclass
+class DemoOptions:
+    """Knobs of the demo (McMahan et al.'s names in comments)."""
+
+    model: str = "cnn"
+    clients: int = 100  # K
+    fraction: float = 0.1  # C: share of clients trained per cycle
+    epochs: int = 1  # E
+    batch_size: int = 10  # B
+    lr: float = 0.1
+    cycles: int = 30
+    target: float | None = 0.99  # stop once the test accuracy reaches this
+    iid: bool = True
+    seed: int = 0
+    workers: int = 10  # OS processes holding the K clients
+    examples_per_client: int | None = None  # cut shards (quick runs, tests)
+    evaluate: bool = True  # evaluate each checkpoint while training runs
+    data_dir: Path = field(default_factory=lambda: Path("data/demo"))
+    out_dir: Path = field(default_factory=lambda: Path("results"))
+
+    def validate(self) -> None:
+        if self.model not in ("cnn", "2nn"):
+            raise ConfigError(f"model must be cnn or 2nn, got {self.model!r}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction C must be in (0, 1], got {self.fraction}")
+        for name in ("clients", "epochs", "batch_size", "cycles", "workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers > self.clients:
+            raise ConfigError(f"workers ({self.workers}) cannot exceed clients ({self.clients})")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+    @property
+    def per_cycle(self) -> int:
+        """Workers the node accepts per cycle: round(C * K), at most one per process."""
+        return max(1, min(self.workers, round(self.fraction * self.clients)))
+
+
+def run_demo(
+    options: DemoOptions, *, on_cycle: Callable[[CycleResult], None] | None = None
+) -> RunResult:
+    """Run a whole federated training and return its results (also saved to ``out_dir``)."""
+    options.validate()
+    from gridfl.datasets import load_mnist
+    from gridfl.demo.models import build_model
+
+    mnist = load_mnist()
+    options.data_dir.mkdir(parents=True, exist_ok=True)
+    shard_files = _write_shards(mnist, options)
+    model = build_model(options.model, seed=options.seed)
+    training_plan, evaluation_plan = _compile_plans(model, mnist, options)
+    name, version = f"mnist-{options.model}", "1"
+    result = RunResult(settings={**_jsonable(asdict(options)), "per_cycle": options.per_cycle})
+
+    token = secrets.token_urlsafe(16)
+    with _node(options.data_dir, token) as (url, node_proc), HostClient(
+        url, admin_token=token
+    ) as host:
+        node_up = time.perf_counter()
+        with contextlib.suppress(GridflError):
+            host.delete(name, version)  # a previous run in the same data dir
+        host.host(
+            model=[p.detach().numpy() for p in model.parameters()],
+            plans={"training_plan": training_plan, "evaluation_plan": evaluation_plan},
+            client_config={
+                "name": name,
+                "version": version,
+                "batch_size": options.batch_size,
+                "lr": options.lr,
+                "max_epochs": options.epochs,
+            },
+            server_config={
+                "max_workers": options.per_cycle,
+                "min_diffs": options.per_cycle,
+                "max_diffs": options.per_cycle,
+                "num_cycles": options.cycles,
+                "cycle_length": 600,
+                "pool_selection": "random",
+            },
+        )
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "gridfl.demo.worker", url.replace("http", "ws", 1),
+                 name, version, str(f), "--seed", str(options.seed * 1000 + i)],
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+            for i, f in enumerate(shard_files)
+        ]
+        try:
+            _watch(host, name, version, node_up, options, mnist, evaluation_plan, result,
+                   [node_proc, *workers], on_cycle)
+        finally:
+            with contextlib.suppress(GridflError):
+                host.stop(name, version)
+            for w in workers:
+                try:
+                    w.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+        if not options.evaluate:  # evaluate afterwards, so it never slows the cycles
+            for entry in result.cycles:
+                params = host.retrieve(name, version, entry.checkpoint)
+                entry.test_loss, entry.test_accuracy = _evaluate(evaluation_plan, mnist, params)
+    result.save(options.out_dir)
+    return result
+
+
+# --------------------------------------------------------------------------- pieces
+def _write_shards(mnist, options: DemoOptions) -> list[Path]:
+    from gridfl.datasets import split_iid, split_noniid
+
+    if options.iid:
+        shards = split_iid(len(mnist.y_train), options.clients, seed=options.seed)
+    else:
+        shards = split_noniid(mnist.y_train, options.clients, seed=options.seed)
+    if options.examples_per_client:
+        shards = [s[: options.examples_per_client] for s in shards]
+    files = []
+    for w in range(options.workers):
+        mine = shards[w :: options.workers]
+        path = options.data_dir / f"shard-{w}.npz"
+        arrays = {}
+        for i, idx in enumerate(mine):
+            arrays[f"x{i}"] = mnist.x_train[idx]
+            arrays[f"y{i}"] = mnist.y_train[idx]
+        np.savez(path, **arrays)
+        files.append(path)
+    return files
+
+
+def _compile_plans(model, mnist, options: DemoOptions):
+    from gridfl.compiler import SGD, compile_evaluation_plan, compile_training_plan
+
+    x = mnist.x_train[: options.batch_size]
+    y = mnist.y_train[: options.batch_size]
+    training = compile_training_plan(
+        model, loss="cross_entropy", optimizer=SGD(lr=options.lr), example_data=x,
+        example_target=y,
+    )
+    evaluation = compile_evaluation_plan(
+        model, loss="cross_entropy", example_data=x, example_target=y
+    )
+    return training, evaluation
+
+
+@contextlib.contextmanager
+def _node(data_dir: Path, token: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A grid node in its own process (its own GIL), on a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = data_dir / "gridfl.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)  # a fresh grid per run
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gridfl", "serve", "--port", str(port),
+         "--data-dir", str(data_dir), "--log-level", "warning"],
+        env={**os.environ, "GRIDFL_ADMIN_TOKEN": token},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise GridflError(f"the grid node exited with code {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=1).is_success:
+                return
+        time.sleep(0.05)
+    raise GridflError(f"the grid node did not answer on {url} within {timeout:.0f} s")
+
+
+def _watch(host, name, version, node_up, options, mnist, evaluation_plan, result, procs,
+           on_cycle) -> None:
+    """Follow the node's status; evaluate each new checkpoint; stop at the target."""
+    seen = 0
+    peak = 0.0
+    while True:
+        status = host.status(name, version)
+        peak = max(peak, _rss_mb(procs))
+        closed = [c for c in status["cycles"] if c["status"] != "open" and c["result_checkpoint"]]
+        for c in closed[seen:]:
+            entry = CycleResult(
+                cycle=c["sequence"],
+                checkpoint=c["result_checkpoint"],
+                reports=c["reported"],
+                seconds=round(c["closed_at"] - c["start"], 4),
+                elapsed=round(time.perf_counter() - node_up, 2),
+                train_loss=c["metrics"].get("loss"),
+            )
+            if result.startup_seconds is None:
+                result.startup_seconds = entry.elapsed
+            if options.evaluate:
+                params = host.retrieve(name, version, c["result_checkpoint"])
+                entry.test_loss, entry.test_accuracy = _evaluate(evaluation_plan, mnist, params)
+            result.cycles.append(entry)
+            if on_cycle:
+                on_cycle(entry)
+        seen = len(closed)
+        last = result.cycles[-1] if result.cycles else None
+        reached = (
+            options.target is not None and last is not None and last.test_accuracy is not None
+            and last.test_accuracy >= options.target
+        )
+        if reached or status["current"] is None and seen >= 1 and _done(status):
+            break
+        if any(p.poll() not in (None, 0) for p in procs):
+            raise GridflError("a worker or the node crashed; see its output above")
+        time.sleep(0.1)
+    result.peak_rss_mb = round(peak, 1)
+
+
+def _done(status: dict) -> bool:
+    return status.get("status") in ("done", "stopped") or status["current"] is None
+
+
+def _evaluate(plan, mnist, params, batch: int = 2000) -> tuple[float, float]:
+    """Test loss and accuracy of ``params`` on the 10k test set."""
+    losses, correct = 0.0, 0.0
+    n = len(mnist.y_test)
+    for i in range(0, n, batch):
+        x, y = mnist.x_test[i : i + batch], mnist.y_test[i : i + batch]
+        loss, acc = plan.execute(x, y, *params)[:2]
+        losses += float(loss) * len(y)
+        correct += float(acc) * len(y)
+    return round(losses / n, 5), round(correct / n, 5)
+
+
+def _rss_mb(procs) -> float:
+    total = 0
+    for p in procs:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}

@@ -1,0 +1,86 @@
+"""One demo worker process: only the worker SDK and numpy, no torch.
+
+It holds several McMahan "clients" (shards of MNIST in one ``.npz``: ``x0, y0, x1, y1,
+...``) and, for every cycle the node accepts it into, trains the training plan on one of
+them picked at random, then reports the diff. It ends when the node says there is
+nothing left to train.
+
+    python -m gridfl.demo.worker ws://127.0.0.1:5000 mnist-cnn 1 shard-0.npz --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import numpy as np
+
+from gridfl.client import Syft
+
+
+def load_clients(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (data, target) pairs of every client in a shard file."""
+    with np.load(path) as npz:
+        count = len([k for k in npz.files if k.startswith("x")])
+        return [(npz[f"x{i}"], npz[f"y{i}"]) for i in range(count)]
+
+
+def run(url: str, name: str, version: str, shard: str, *, seed: int, wait: float) -> int:
+    """Join cycles until the node is done; returns the number of cycles reported."""
+    clients = load_clients(shard)
+    rng = np.random.default_rng(seed)
+    reported = 0
+    with Syft(url) as client:
+        while True:
+            job = client.new_job(name, version)
+            outcome: dict = {}
+
+            @job.on("accepted")
+            def on_accepted(model, client_config, job=job, outcome=outcome):
+                data, target = clients[rng.integers(len(clients))]
+                result = job.train("training_plan", data, target, seed=int(rng.integers(2**31)))
+                job.report(
+                    model.create_serialized_diff(result.params),
+                    num_samples=result.num_samples,
+                    metrics={"loss": result.loss, **result.metrics},
+                )
+                outcome["reported"] = True
+
+            @job.on("rejected")
+            def on_rejected(timeout, outcome=outcome):
+                outcome["timeout"] = timeout
+                outcome["rejected"] = True
+
+            @job.on("error")
+            def on_error(exc, outcome=outcome):
+                outcome["error"] = exc
+
+            job.start(wait=wait)
+            if "error" in outcome:
+                logging.warning("cycle failed: %s", outcome["error"])
+                continue
+            if outcome.get("reported"):
+                reported += 1
+                continue
+            if outcome.get("timeout") is None:
+                return reported  # nothing left to train
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("url")
+    parser.add_argument("name")
+    parser.add_argument("version")
+    parser.add_argument("shard", help=".npz with x0, y0, x1, y1, ...")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--wait", type=float, default=30.0, help="long-poll seconds")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="worker %(process)d: %(message)s")
+    run(args.url, args.name, args.version, args.shard, seed=args.seed, wait=args.wait)
+    assert "torch" not in sys.modules, "demo workers must not import torch"
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
