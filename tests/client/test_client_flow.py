@@ -222,3 +222,22 @@ def test_job_constructor_checks():
     assert isinstance(client.new_job("m"), Job)
     assert client.new_job("m", auth_token="a").auth_token == "a"
     assert Syft("ws://127.0.0.1:1", auth_token="c").new_job("m").auth_token == "c"
+
+
+def test_job_train_continues_from_checkpoint():
+    """job.trainer(...).checkpoint() bytes continue through job.train(checkpoint=...)."""
+    from .plans import linear_data
+
+    job = make_job(Script())
+    job.start()
+    x, y = linear_data(n=80)
+    trainer = job.trainer("training_plan", x, y, batch_size=8, max_updates=6)
+    trainer.on("batch_end", lambda e, b, loss, m: trainer.stop() if b == 2 else None)
+    trainer.run()
+    rest = job.train("training_plan", x, y, checkpoint=trainer.checkpoint())
+    whole = job.train("training_plan", x, y, batch_size=8, max_updates=6)
+    assert rest.steps == whole.steps == 6
+    for a, b in zip(rest.params, whole.params, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match="no plan 'nope'"):
+        job.train("nope", x, y)

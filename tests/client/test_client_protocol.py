@@ -95,6 +95,10 @@ class TestReplies:
         with pytest.raises(GridError, match="Model ID not found!"):
             unwrap_reply(body, call="x")
 
+    def test_ws_error_with_status_code(self):
+        with pytest.raises(NotFoundError):
+            unwrap_reply({"type": "x", "data": {"error": "gone", "status_code": 404}}, call="x")
+
     def test_not_an_object(self):
         with pytest.raises(GridError, match="malformed"):
             unwrap_reply([1, 2], call="x")
@@ -107,3 +111,23 @@ class TestReplies:
         assert error_class(None, "Authentication is required, please pass an 'auth_token'.") \
             is AuthenticationError
         assert error_class(None, "whatever") is GridError
+
+
+class TestClientOptions:
+    def test_verbose_allows_insecure_and_logs_debug(self):
+        import logging
+
+        from gridfl.client import Syft
+
+        Syft("ws://grid.example.org", verbose=True)
+        assert logging.getLogger("gridfl.client").isEnabledFor(logging.DEBUG)
+        with pytest.raises(ConfigError):
+            Syft("ws://grid.example.org", verbose=True, allow_insecure=False)
+        Syft("http://grid.example.org", allow_insecure=True)
+
+    @pytest.mark.parametrize("kw", [{"timeout": 0}, {"retries": -1}, {"retries": 1.5}])
+    def test_bad_options(self, kw):
+        from gridfl.client import AsyncSyft
+
+        with pytest.raises(ConfigError):
+            AsyncSyft("ws://127.0.0.1:1", **kw)

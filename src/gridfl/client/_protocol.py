@@ -86,6 +86,10 @@ def unwrap_reply(body: Any, *, call: str, status: int | None = None) -> dict[str
     if isinstance(body.get("data"), dict) and ("type" in body or "request_id" in body):
         data = body["data"]
     if "error" in data and data["error"] is not None:
+        # a WebSocket error may carry the HTTP status the node would have answered with
+        code = data.get("status_code", data.get("http_status"))
+        if status is None and isinstance(code, int) and not isinstance(code, bool):
+            status = code
         raise node_error(data["error"], status=status, call=call)
     return data
 
