@@ -1,7 +1,8 @@
 """Diff validation and the running aggregate (pure numpy, no I/O).
 
-The node keeps, per cycle, float64 running sums folded in as reports arrive, so memory is
-O(model) however many workers report:
+The node keeps, per cycle, running sums folded in as reports arrive, so memory is O(model)
+however many workers report (float32 for an all-float32 model, which halves what each report
+writes; float64 when the model has float64 or integer tensors):
 
 * ``sum_w`` = sum of ``num_samples * diff`` over reports that carried ``num_samples``
   (``count_w`` reports, total weight ``weight``);
@@ -31,13 +32,17 @@ class ModelSpec:
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     total: int
+    acc_dtype: np.dtype = np.dtype(np.float32)
 
     @classmethod
     def of(cls, params: Sequence[np.ndarray]) -> ModelSpec:
         shapes = tuple(tuple(int(d) for d in p.shape) for p in params)
         sizes = tuple(int(p.size) for p in params)
         offsets = tuple(int(x) for x in np.cumsum((0, *sizes))[:-1])
-        return cls(shapes, tuple(np.dtype(p.dtype) for p in params), offsets, sizes, sum(sizes))
+        dtypes = tuple(np.dtype(p.dtype) for p in params)
+        narrow = all(dt.kind == "f" and dt.itemsize <= 4 for dt in dtypes)
+        acc = np.dtype(np.float32 if narrow else np.float64)
+        return cls(shapes, dtypes, offsets, sizes, sum(sizes), acc)
 
     def describe(self, i: int) -> str:
         return f"{self.dtypes[i]}{list(self.shapes[i])}"
@@ -59,7 +64,7 @@ def validate_diff(arrays: Sequence[np.ndarray], spec: ModelSpec) -> None:
 
 
 def new_sum(spec: ModelSpec) -> np.ndarray:
-    return np.zeros(spec.total, dtype=np.float64)
+    return np.zeros(spec.total, dtype=spec.acc_dtype)
 
 
 def fold(total: np.ndarray, arrays: Sequence[np.ndarray], spec: ModelSpec, weight=None) -> None:
@@ -70,7 +75,7 @@ def fold(total: np.ndarray, arrays: Sequence[np.ndarray], spec: ModelSpec, weigh
         if weight is None:
             np.add(view, flat, out=view, casting="unsafe")
         else:
-            view += flat * float(weight)
+            view += flat * total.dtype.type(weight)
 
 
 def mean_diff(
@@ -82,9 +87,10 @@ def mean_diff(
 ) -> np.ndarray:
     """The cycle's aggregate diff as one float64 vector (rule in the module docstring)."""
     if count_w == 0:
-        return sum_x / count_x
+        return sum_x.astype(np.float64) / count_x
     if count_x == 0:
-        return sum_w / weight
+        return sum_w.astype(np.float64) / weight
+    sum_w, sum_x = sum_w.astype(np.float64), sum_x.astype(np.float64)
     mean_weight = weight / count_w
     return (sum_w + mean_weight * sum_x) / (weight + mean_weight * count_x)
 
@@ -129,7 +135,7 @@ def averaging_step(plan, avg: np.ndarray, item: Sequence[np.ndarray], n: int, sp
     for slot, value in zip(plan.outputs, outs, strict=True):
         if slot.role == "average":
             new[slot.index] = np.asarray(value)
-    result = np.empty(spec.total, dtype=np.float64)
+    result = np.empty(spec.total, dtype=spec.acc_dtype)
     for off, size, a in zip(spec.offsets, spec.sizes, new, strict=True):
         result[off : off + size] = np.asarray(a, dtype=np.float64).reshape(-1)
     return result

@@ -85,9 +85,11 @@ def _settings(request) -> Settings:
 # --- HTTP worker API ------------------------------------------------------------------------
 def _worker_post(kind: str):
     async def endpoint(request: Request) -> Response:
+        gate = request.app.state.report_gate if kind == _wire.REPORT else None
         try:
-            body = await _read_body(request, _settings(request).max_body_bytes)
-            data = await anyio.to_thread.run_sync(_handle_json, _node(request), kind, body)
+            async with gate or contextlib.nullcontext():
+                body = await _read_body(request, _settings(request).max_body_bytes)
+                data = await anyio.to_thread.run_sync(_handle_json, _node(request), kind, body)
         except Exception as e:  # noqa: BLE001 - the table decides
             return _error_response(e, **_error_extra(kind))
         return JSONResponse(data)
@@ -173,7 +175,9 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             if kind == _wire.SOCKET_PING:
                 reply = _wire.ws_reply(None, {"alive": "True"}, request_id)
             elif kind in HANDLERS:
-                result = await anyio.to_thread.run_sync(HANDLERS[kind], node, data)
+                gate = ws.app.state.report_gate if kind == _wire.REPORT else None
+                async with gate or contextlib.nullcontext():
+                    result = await anyio.to_thread.run_sync(HANDLERS[kind], node, data)
                 reply = _wire.ws_reply(kind, result, request_id)
             elif kind == _wire.HOST_TRAINING:
                 raise InvalidRequestError(
@@ -314,6 +318,7 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
         own = node is None
         n = node or await anyio.to_thread.run_sync(GridNode, settings)
         app.state.node = n
+        app.state.report_gate = anyio.Semaphore(max(1, settings.max_concurrent_reports))
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         n.on_new_cycle = lambda: loop.call_soon_threadsafe(wake.set)

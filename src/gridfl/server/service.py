@@ -735,9 +735,9 @@ class GridNode:
                 )
             ).one()
             if blobs.sum_w is not None:
-                sum_w = np.frombuffer(blobs.sum_w, dtype=np.float64).copy()
+                sum_w = np.frombuffer(blobs.sum_w, dtype=spec.acc_dtype).copy()
             if blobs.sum_x is not None:
-                sum_x = np.frombuffer(blobs.sum_x, dtype=np.float64).copy()
+                sum_x = np.frombuffer(blobs.sum_x, dtype=spec.acc_dtype).copy()
         return version, count_w, count_x, weight, sum_w, sum_x
 
     @staticmethod

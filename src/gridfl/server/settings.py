@@ -24,6 +24,9 @@ class Settings:
     max_body_bytes: int = 64 * MiB
     #: largest admin (host) request body
     max_admin_body_bytes: int = 1024 * MiB
+    #: reports read and folded at once; later ones wait (TCP backpressure), so server
+    #: memory stays O(model x this), not O(model x concurrent uploads)
+    max_concurrent_reports: int = 4
     #: size of the speed-test download (PyGrid sends 64 MiB)
     speed_test_bytes: int = 64 * MiB
     #: rejection ``timeout`` when the open cycle has no deadline (cycle_length null)

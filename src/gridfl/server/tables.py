@@ -130,8 +130,9 @@ worker_cycles = sa.Table(
 )
 
 # Running aggregate of one cycle, folded in as reports arrive (memory and storage O(model)).
-# sum_w: float64 sum of num_samples * diff over reports that carried num_samples (count_w,
-# weight = total num_samples); sum_x: float64 sum of diffs over reports without it (count_x).
+# sum_w: sum of num_samples * diff over reports that carried num_samples (count_w reports,
+# weight = total num_samples); sum_x: sum of diffs over reports without it (count_x).
+# Sums are float32 for an all-float32 model, else float64 (aggregate.ModelSpec.acc_dtype).
 # With an iterative averaging plan, sum_x holds the running plan average instead.
 aggregates = sa.Table(
     "aggregates",

@@ -1,0 +1,95 @@
+"""Unit tests of the sans-I/O pieces: wire parsing, config validation, aggregation rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gridfl import ConfigError, InvalidRequestError, _wire
+from gridfl.server import aggregate as agg
+from gridfl.server.config import validate_server_config, worker_capacity
+
+
+def test_parse_report_and_errors():
+    r = _wire.parse_report(
+        {
+            "worker_id": "w",
+            "request_key": "k",
+            "diff": "AAEC",
+            "num_samples": 5,
+            "metrics": {"loss": 0.5},
+        }
+    )
+    assert r.diff == b"\x00\x01\x02" and r.num_samples == 5 and r.metrics == {"loss": 0.5}
+    for bad, text in [
+        ({"request_key": "k", "diff": "AA=="}, "'worker_id' is required"),
+        ({"worker_id": "w", "request_key": "k", "diff": "@@"}, "base64"),
+        ({"worker_id": "w", "request_key": "k", "diff": "AA==", "num_samples": 0}, "positive"),
+        ({"worker_id": "w", "request_key": "k", "diff": "AA==", "num_samples": True}, "positive"),
+        ({"worker_id": "w", "request_key": "k", "diff": "AA==", "metrics": {"x": "y"}}, "metric"),
+        ([], "JSON object"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=text):
+            _wire.parse_report(bad)
+
+
+def test_parse_cycle_request_speeds():
+    r = _wire.parse_cycle_request({"worker_id": "w", "model": "m", "ping": 3, "download": 1.5})
+    assert (r.version, r.ping, r.download, r.upload) == (None, 3.0, 1.5, None)
+    with pytest.raises(InvalidRequestError, match="positive number"):
+        _wire.parse_cycle_request({"worker_id": "w", "model": "m", "upload": -1})
+
+
+def test_rejected_response_shape():
+    assert _wire.rejected_response(None, "done") == {"status": "rejected", "reason": "done"}
+    assert _wire.rejected_response(-3, "x")["timeout"] == 0
+
+
+def test_server_config_defaults_and_refusals():
+    cfg = validate_server_config({})
+    assert cfg["num_cycles"] == 0 and cfg["pool_selection"] == "iterate"
+    assert worker_capacity({"max_workers": 10, "over_selection": 1.3}) == 13
+    assert worker_capacity({"max_workers": 10, "over_selection": 1.0}) == 10
+    for bad in [
+        {"x": 1},
+        {"cycle_length": 0},
+        {"num_cycles": -1},
+        {"max_diffs": 1.5},
+        {"iterative_plan": 1},
+        {"over_selection": 0.5},
+        {"authentication": {"k": 1}},
+        {"authentication": {"endpoint": "ftp://x"}},
+        {"minimum_upload_speed": "fast"},
+    ]:
+        with pytest.raises(ConfigError):
+            validate_server_config(bad)
+
+
+def test_mean_rules():
+    spec = agg.ModelSpec.of([np.zeros(2, np.float32)])
+    d = [np.array([1.0, 2.0], np.float32), np.array([3.0, 6.0], np.float32)]
+    sx = agg.new_sum(spec)
+    for x in d:
+        agg.fold(sx, [x], spec)
+    np.testing.assert_allclose(agg.mean_diff(None, 0, 0, sx, 2), [2, 4])
+    sw = agg.new_sum(spec)
+    agg.fold(sw, [d[0]], spec, weight=1)
+    agg.fold(sw, [d[1]], spec, weight=3)
+    np.testing.assert_allclose(agg.mean_diff(sw, 2, 4, None, 0), [2.5, 5])
+    # mixed: the report without num_samples weighs the mean num_samples (2)
+    sx1 = agg.new_sum(spec)
+    agg.fold(sx1, [np.array([5.0, 5.0], np.float32)], spec)
+    np.testing.assert_allclose(agg.mean_diff(sw, 2, 4, sx1, 1), [(10 + 2 * 5) / 6, (20 + 10) / 6])
+
+
+def test_validate_diff():
+    spec = agg.ModelSpec.of([np.zeros((2, 2), np.float32)])
+    agg.validate_diff([np.ones((2, 2), np.float32)], spec)
+    for bad in (
+        [np.ones((2, 2), np.float64)],
+        [np.ones(4, np.float32)],
+        [],
+        [np.full((2, 2), np.inf, np.float32)],
+    ):
+        with pytest.raises(InvalidRequestError):
+            agg.validate_diff(bad, spec)
