@@ -288,6 +288,7 @@ def test_multiple_jobs_one_socket(server, admin):
         w.ws.send(json.dumps({"type": "nope", "request_id": "x", "data": {}}))
         reply = json.loads(w.ws.recv(timeout=20))
         assert reply["request_id"] == "x" and "unknown message type" in reply["data"]["error"]
+        assert reply["data"]["status_code"] == 400
         w.ws.send("{not json")
         assert "not valid JSON" in json.loads(w.ws.recv(timeout=20))["error"]
     finally:

@@ -187,8 +187,10 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             else:
                 raise InvalidRequestError(f"unknown message type {kind!r}")
         except Exception as e:  # noqa: BLE001
-            _, message = to_status(e)
-            reply = _wire.ws_error(kind, message, request_id, **_error_extra(kind))
+            status, message = to_status(e)
+            reply = _wire.ws_error(
+                kind, message, request_id, status_code=status, **_error_extra(kind)
+            )
         with contextlib.suppress(Exception):
             await send(reply)
 
