@@ -1,0 +1,232 @@
+"""One training step: compiled ONNX plan (onnxruntime) vs eager PyTorch.
+
+    python -m benchmarks.bench_step [--blocks 5] [--steps 20] [--pause 0.5]
+
+For the McMahan CNN (1,663,370 params) and the 2NN (784-200-200-10) at batch 10 and 64,
+in two settings, each in a fresh subprocess:
+
+* ``default``: both runtimes with their default thread counts (torch's own default, the
+  plan's :func:`gridfl.plan.default_threads`, idle threads do not spin);
+* ``1 core``: the process pinned to one core (``os.sched_setaffinity({0})``),
+  ``torch.set_num_threads(1)``, onnxruntime ``intra_op_num_threads=1``.
+
+Within a setting, torch and plan run in alternating blocks of ``--steps`` steps (order
+flipped every block) with a pause between blocks, so machine noise hits both alike; the
+ratio is median(plan step) / median(torch step). Goals: <= 1.2 for the CNN and <= 1.0
+for the 2NN. The eager step is the usual ``zero_grad, forward, cross_entropy,
+backward, torch.optim.SGD.step``; the plan step is ``plan.execute`` with numpy inputs,
+feeding the updated params back in, as a worker does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODELS = ("cnn", "2nn")
+BATCHES = (10, 64)
+LR = 0.01
+
+
+def build_model(name: str):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(), nn.Linear(512, 10),
+        )
+    if name == "2nn":
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(),
+            nn.Linear(200, 10),
+        )
+    raise ValueError(name)
+
+
+def compile_plans(models, conv_weight_grad: str, out_dir: str) -> dict[str, str]:
+    import torch
+
+    from gridfl.compiler import SGD, compile_training_plan
+
+    paths = {}
+    for name in models:
+        model = build_model(name)
+        X = torch.rand(16, 1, 28, 28)
+        y = torch.randint(0, 10, (16,))
+        t0 = time.perf_counter()
+        plan = compile_training_plan(
+            model, loss="cross_entropy", optimizer=SGD(lr=LR), example_data=X,
+            example_target=y, conv_weight_grad=conv_weight_grad,
+        )
+        print(f"  compiled {name} plan in {time.perf_counter() - t0:.1f} s "
+              f"({len(plan.to_bytes())} bytes)", file=sys.stderr)
+        paths[name] = os.path.join(out_dir, f"{name}.onnx")
+        with open(paths[name], "wb") as f:
+            f.write(plan.to_bytes())
+    return paths
+
+
+def _worker(spec: dict) -> dict:
+    """Runs in a subprocess: measure one setting for every (model, batch)."""
+    if spec["single"]:
+        os.sched_setaffinity(0, {0})
+    import torch
+    import torch.nn.functional as F
+
+    from gridfl.plan import Plan
+
+    if spec["single"]:
+        torch.set_num_threads(1)
+    threads = 1 if spec["single"] else None
+    results = []
+    for name, path in spec["plans"].items():
+        with open(path, "rb") as f:
+            plan = Plan.from_bytes(f.read(), threads=threads)
+        if spec.get("profile"):
+            plan._session = _profiling_session(plan, spec["profile"], name)
+        for batch in spec["batches"]:
+            gen = torch.Generator().manual_seed(batch)
+            X = torch.rand(batch, 1, 28, 28, generator=gen)
+            y = torch.randint(0, 10, (batch,), generator=gen)
+            model = build_model(name)
+            opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+            def torch_step(model=model, opt=opt, X=X, y=y):
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(X), y)
+                loss.backward()
+                opt.step()
+                return loss
+
+            Xn, yn = X.numpy(), y.numpy()
+            params = [p.detach().numpy().copy() for p in build_model(name).parameters()]
+            state = {"params": params}
+
+            def plan_step(Xn=Xn, yn=yn, batch=batch, state=state, plan=plan):
+                out = plan.execute(Xn, yn, batch, LR, *state["params"])
+                state["params"] = out[2:]
+                return out[0]
+
+            for _ in range(3):  # warm up both (session creation, allocator, caches)
+                torch_step()
+                plan_step()
+            times = {"torch": [], "plan": []}
+            order = ["torch", "plan"]
+            for block in range(spec["blocks"]):
+                for which in order if block % 2 == 0 else order[::-1]:
+                    fn = torch_step if which == "torch" else plan_step
+                    for _ in range(spec["steps"]):
+                        t0 = time.perf_counter()
+                        fn()
+                        times[which].append(time.perf_counter() - t0)
+                    time.sleep(spec["pause"])
+            med = {k: statistics.median(v) for k, v in times.items()}
+            results.append({
+                "model": name, "batch": batch,
+                "torch_ms": med["torch"] * 1e3, "plan_ms": med["plan"] * 1e3,
+                "ratio": med["plan"] / med["torch"],
+                "torch_threads": torch.get_num_threads(), "plan_threads": plan.threads,
+            })
+    if spec.get("profile"):
+        plan._session.end_profiling()
+    return {"results": results}
+
+
+def _profiling_session(plan, prefix: str, name: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = plan.threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_profiling = True
+    so.profile_file_prefix = f"{prefix}_{name}"
+    return ort.InferenceSession(plan.to_bytes(), so, providers=["CPUExecutionProvider"])
+
+
+def run_setting(single: bool, plans: dict, args) -> list[dict]:
+    spec = {
+        "single": single, "plans": plans, "batches": args.batches, "blocks": args.blocks,
+        "steps": args.steps, "pause": args.pause, "profile": args.profile,
+    }
+    code = "import json,sys; from benchmarks.bench_step import _worker; " \
+           "print(json.dumps(_worker(json.loads(sys.argv[1]))))"
+    env = dict(os.environ)
+    if single:
+        env["OMP_NUM_THREADS"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+        cwd=root, env=env, check=False,
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"benchmark worker failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--settings", default="default,1core")
+    p.add_argument("--blocks", type=int, default=6, help="alternating blocks per runtime")
+    p.add_argument("--steps", type=int, default=15, help="steps per block")
+    p.add_argument("--pause", type=float, default=0.3, help="seconds between blocks")
+    p.add_argument("--conv-weight-grad", default="auto", choices=("auto", "per_offset", "conv"))
+    p.add_argument("--plans-dir", help="reuse/keep compiled plans here")
+    p.add_argument("--profile", help="write onnxruntime profiles with this path prefix")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    models = [m for m in args.models.split(",") if m]
+    settings = [s for s in args.settings.split(",") if s]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = args.plans_dir or tmp
+        os.makedirs(out_dir, exist_ok=True)
+        existing = {m: os.path.join(out_dir, f"{m}.onnx") for m in models}
+        if args.plans_dir and all(os.path.exists(v) for v in existing.values()):
+            plans = existing
+        else:
+            print("compiling plans...", file=sys.stderr)
+            plans = compile_plans(models, args.conv_weight_grad, out_dir)
+        rows = []
+        for setting in settings:
+            single = setting != "default"
+            for r in run_setting(single, plans, args):
+                r["setting"] = "1 core" if single else "default"
+                rows.append(r)
+
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    goals = {"cnn": 1.2, "2nn": 1.0}
+    print(f"one training step, plan (onnxruntime) vs eager torch; {args.blocks} alternating "
+          f"blocks x {args.steps} steps, median")
+    print(f"{'model':<5} {'batch':>5} {'setting':<8} {'threads t/p':>11} {'torch ms':>9} "
+          f"{'plan ms':>8} {'plan/torch':>10}  goal")
+    ok = True
+    for r in rows:
+        goal = goals[r["model"]]
+        met = r["ratio"] <= goal
+        ok &= met
+        print(f"{r['model']:<5} {r['batch']:>5} {r['setting']:<8} "
+              f"{r['torch_threads']:>5}/{r['plan_threads']:<5} {r['torch_ms']:>9.2f} "
+              f"{r['plan_ms']:>8.2f} {r['ratio']:>10.2f}  <= {goal} {'ok' if met else 'MISSED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

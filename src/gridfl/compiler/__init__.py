@@ -1,0 +1,499 @@
+"""Compile PyTorch training steps into ONNX plans (needs the ``torch`` extra).
+
+A whole step, forward, loss, ``torch.autograd.grad`` and the optimizer update, is
+traced into ONE ONNX graph (design.md decision 2) that workers run with onnxruntime::
+
+    >>> from gridfl.compiler import compile_training_plan, SGD
+    >>> plan = compile_training_plan(model, loss="cross_entropy", optimizer=SGD(lr=0.1),
+    ...                              example_data=X[:32], example_target=y[:32])  # doctest: +SKIP
+    >>> loss, acc, *params = plan.execute(X, y, len(X), 0.1, *params)             # doctest: +SKIP
+
+Or compile any function of the PyGrid training signature
+``(X, y, batch_size, lr, *params) -> (loss, acc, *updated_params)``::
+
+    >>> plan = compile_plan(train_step, (X, y, 64, 0.005, *params))               # doctest: +SKIP
+
+Anything a plan cannot run (random ops, BatchNorm in training mode, ops without an
+ONNX form) raises :class:`gridfl.CompileError` here, naming the op, never on a worker.
+Every plan is checked against eager PyTorch on the example inputs, at the example batch
+size and at a different one (the batch dimension is dynamic).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from gridfl._exceptions import CompileError
+from gridfl.plan import INDEXED_ROLES, INPUT_ROLES, KEYED_ROLES, KINDS, OUTPUT_ROLES, Plan
+
+from .losses import LOSSES, accuracy, get_loss
+from .optim import SGD, as_optimizer
+
+__all__ = [
+    "compile_plan",
+    "compile_training_plan",
+    "compile_evaluation_plan",
+    "compile_averaging_plan",
+    "SGD",
+    "LOSSES",
+]
+
+_RoleSpec = str | dict
+
+
+# ---------------------------------------------------------------- roles
+def _parse_roles(specs: Sequence[_RoleSpec], allowed, what: str) -> list[dict]:
+    """``["data", "client_config:lr", {"role": "model_param", "index": 0}]`` -> dicts."""
+    out, counters = [], {}
+    for i, spec in enumerate(specs):
+        if isinstance(spec, str):
+            role, _, key = spec.partition(":")
+            d = {"role": role}
+            if key:
+                d["key"] = key
+        elif isinstance(spec, dict):
+            d = dict(spec)
+        else:
+            raise CompileError(f"{what} role #{i}: expected a str or dict, got {spec!r}")
+        role = d.get("role")
+        if role not in allowed:
+            raise CompileError(
+                f"{what} role #{i}: unknown role {role!r}; expected one of {', '.join(allowed)}"
+            )
+        if role in KEYED_ROLES:
+            if not d.get("key"):
+                raise CompileError(f"{what} role #{i} ({role}) needs a key, e.g. '{role}:lr'")
+        else:
+            d.pop("key", None)
+        if role in INDEXED_ROLES:
+            d.setdefault("index", counters.get(role, 0))
+            counters[role] = d["index"] + 1
+        else:
+            d.pop("index", None)
+        out.append(d)
+    return out
+
+
+def _slot_name(d: dict, output: bool) -> str:
+    role = d["role"]
+    base = {
+        "data": "X",
+        "target": "y",
+        "batch_size": "batch_size",
+        "count": "num",
+        "loss": "loss",
+        "model_param": "param",
+        "optimizer_state": "opt_state",
+        "average": "avg",
+        "item": "item",
+    }.get(role)
+    if role in KEYED_ROLES:
+        base = re.sub(r"\W", "_", d["key"])
+    if role in INDEXED_ROLES:
+        base = f"{base}_{d['index']}"
+    if output and role in ("model_param", "optimizer_state", "average"):
+        base = f"new_{base}"
+    return base
+
+
+def _name_slots(inputs: list[dict], outputs: list[dict]) -> None:
+    used: set[str] = set()
+    for group, output in ((inputs, False), (outputs, True)):
+        for d in group:
+            name = _slot_name(d, output)
+            while name in used:
+                name += "_"
+            used.add(name)
+            d["name"] = name
+
+
+def _default_input_roles(kind: str, n: int) -> list[str]:
+    if kind == "training":
+        if n < 5:
+            raise CompileError(
+                "a training function takes (X, y, batch_size, lr, *params): at least 5 "
+                f"example args, got {n}"
+            )
+        return ["data", "target", "batch_size", "client_config:lr"] + ["model_param"] * (n - 4)
+    if kind == "evaluation":
+        if n < 3:
+            raise CompileError(
+                f"an evaluation function takes (X, y, *params): at least 3 example args, got {n}"
+            )
+        return ["data", "target"] + ["model_param"] * (n - 2)
+    if n < 3 or n % 2 == 0:
+        raise CompileError(
+            f"an averaging function takes (avg..., item..., num): an odd number >= 3 of "
+            f"example args, got {n}"
+        )
+    k = (n - 1) // 2
+    return ["average"] * k + ["item"] * k + ["count"]
+
+
+def _default_output_roles(kind: str, n: int, input_roles: list[dict]) -> list[str]:
+    if kind == "training":
+        n_params = sum(d["role"] == "model_param" for d in input_roles)
+        n_state = sum(d["role"] == "optimizer_state" for d in input_roles)
+        head = n - n_params - n_state
+        if head not in (1, 2):
+            raise CompileError(
+                f"a training function returns (loss, acc, *updated_params): {n} outputs "
+                f"for {n_params} params"
+            )
+        return (["loss", "metric:accuracy"][:head] + ["model_param"] * n_params
+                + ["optimizer_state"] * n_state)
+    if kind == "evaluation":
+        return ["loss", "metric:accuracy"][:n] + [f"metric:metric_{i}" for i in range(2, n)]
+    return ["average"] * n
+
+
+# ---------------------------------------------------------------- args
+def _to_tensor(v: Any, role: str) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        t = v.detach()
+    elif isinstance(v, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(v))
+    elif isinstance(v, bool):
+        raise CompileError(f"example arg for role {role} is a bool")
+    elif isinstance(v, (int, float, np.number)):
+        t = torch.tensor(float(v), dtype=torch.float32)
+    else:
+        raise CompileError(
+            f"example arg for role {role}: expected a tensor, array or number, got "
+            f"{type(v).__name__}"
+        )
+    if t.dtype == torch.float64:
+        t = t.to(torch.float32)
+    return t.contiguous()
+
+
+def _resize_batch(t: torch.Tensor, n: int) -> torch.Tensor:
+    idx = torch.arange(n) % t.shape[0]
+    return t[idx].contiguous()
+
+
+# ---------------------------------------------------------------- core
+def _compile(
+    fn: Callable,
+    args: list[torch.Tensor],
+    kind: str,
+    input_roles: list[dict],
+    output_roles: list[dict] | None,
+    *,
+    verify: bool,
+    dynamic_batch: bool,
+    conv_weight_grad: str,
+) -> Plan:
+    from .export import attach_metadata, export_onnx
+    from .trace import _requires_grad_wrapper, trace_step
+
+    roles = [d["role"] for d in input_roles]
+    grad_positions = []
+    if kind == "training":
+        grad_positions = [i for i, r in enumerate(roles) if r == "model_param"]
+    batch_inputs = [i for i, r in enumerate(roles) if r in ("data", "target")]
+    batch_inputs = [i for i in batch_inputs if args[i].dim() >= 1]
+    if not dynamic_batch:
+        batch_inputs = []
+    if batch_inputs:
+        sizes = {args[i].shape[0] for i in batch_inputs}
+        if len(sizes) != 1:
+            raise CompileError(f"data and target have different batch sizes {sorted(sizes)}")
+
+    # Eager reference (also tells the number of outputs).
+    eager = _requires_grad_wrapper(fn, grad_positions)
+    try:
+        ref = eager(*args)
+    except CompileError:
+        raise
+    except Exception as e:
+        raise CompileError(
+            f"the function fails on the example args: {type(e).__name__}: {e}"
+        ) from e
+
+    if output_roles is None:
+        output_roles = _parse_roles(
+            _default_output_roles(kind, len(ref), input_roles), OUTPUT_ROLES, "output"
+        )
+    if len(output_roles) != len(ref):
+        raise CompileError(
+            f"the function returns {len(ref)} outputs but {len(output_roles)} output roles "
+            "were given"
+        )
+    _name_slots(input_roles, output_roles)
+
+    # Trace with a batch size >= 2 (a batch of 1 would be specialized as a constant).
+    trace_args = list(args)
+    if batch_inputs:
+        n = args[batch_inputs[0]].shape[0]
+        if n < 2:
+            for i in batch_inputs:
+                trace_args[i] = _resize_batch(args[i], 2)
+    gm = trace_step(fn, trace_args, grad_positions=grad_positions,
+                    conv_weight_grad=conv_weight_grad)
+    in_names = [d["name"] for d in input_roles]
+    out_names = [d["name"] for d in output_roles]
+    try:
+        model = export_onnx(gm, trace_args, input_names=in_names, output_names=out_names,
+                            batch_inputs=batch_inputs)
+    except CompileError as e:
+        if not batch_inputs or "cannot be exported" in str(e):
+            raise
+        # The function fixed the batch size (e.g. x.view(64, -1)): export it static.
+        import warnings
+
+        warnings.warn(
+            f"the batch dimension could not be made dynamic ({e}); the plan only accepts "
+            f"batches of {args[batch_inputs[0]].shape[0]}",
+            stacklevel=3,
+        )
+        batch_inputs = []
+        trace_args = list(args)
+        gm = trace_step(fn, trace_args, grad_positions=grad_positions,
+                        conv_weight_grad=conv_weight_grad)
+        model = export_onnx(gm, trace_args, input_names=in_names, output_names=out_names)
+
+    data = attach_metadata(
+        model,
+        kind,
+        [_meta_entry(d) for d in input_roles],
+        [_meta_entry(d) for d in output_roles],
+    )
+    plan = Plan.from_bytes(data)
+    if verify:
+        _verify(plan, args, ref, eager, batch_inputs)
+    return plan
+
+
+def _meta_entry(d: dict) -> dict:
+    e = {"name": d["name"], "role": d["role"]}
+    if "key" in d:
+        e["key"] = d["key"]
+    if "index" in d:
+        e["index"] = d["index"]
+    return e
+
+
+def _verify(plan: Plan, args, ref, eager, batch_inputs) -> None:
+    checks = [(list(args), ref)]
+    if batch_inputs:
+        n = args[batch_inputs[0]].shape[0]
+        other = n - 1 if n > 2 else n + 1
+        args2 = list(args)
+        for i in batch_inputs:
+            args2[i] = _resize_batch(args[i], other)
+        for i, s in enumerate(plan.inputs):
+            if s.role == "batch_size":
+                args2[i] = torch.tensor(float(other), dtype=args[i].dtype)
+        checks.append((args2, eager(*args2)))
+    for run_args, expected in checks:
+        got = plan.execute(*run_args)
+        for slot, g, r in zip(plan.outputs, got, expected, strict=True):
+            r = r.numpy()
+            if not np.all(np.isfinite(r)):
+                continue
+            scale = max(1.0, float(np.max(np.abs(r)))) if r.size else 1.0
+            if g.shape != r.shape or not np.allclose(g, r, rtol=1e-3, atol=1e-5 * scale):
+                err = float(np.max(np.abs(g - r))) if g.shape == r.shape else "shape"
+                raise CompileError(
+                    f"the compiled plan disagrees with eager PyTorch on output "
+                    f"{slot.describe()} (max abs error {err}, batch "
+                    f"{run_args[batch_inputs[0]].shape[0] if batch_inputs else '-'})"
+                )
+
+
+# ---------------------------------------------------------------- public API
+def compile_plan(
+    fn: Callable,
+    example_args: Sequence[Any],
+    *,
+    kind: str = "training",
+    input_roles: Sequence[_RoleSpec] | None = None,
+    output_roles: Sequence[_RoleSpec] | None = None,
+    verify: bool = True,
+    dynamic_batch: bool = True,
+    conv_weight_grad: str = "auto",
+) -> Plan:
+    """Compile a torch function into a plan.
+
+    ``fn`` has the PyGrid signature for its ``kind``:
+
+    * training: ``(X, y, batch_size, lr, *params) -> (loss, acc, *updated_params)``;
+      the params arrive with ``requires_grad`` so ``fn`` calls ``torch.autograd.grad``;
+    * evaluation: ``(X, y, *params) -> (loss, acc)``;
+    * averaging: ``(avg..., item..., num) -> new_avg...``.
+
+    Roles default to that signature; override them with strings such as ``"data"``,
+    ``"client_config:lr"``, ``"model_param"``, ``"metric:accuracy"`` (indices of indexed
+    roles count up in order) or dicts ``{"role", "key", "index"}``. Example::
+
+        >>> def step(X, y, batch_size, lr, W, b):
+        ...     logits = X @ W.T + b
+        ...     loss = torch.nn.functional.cross_entropy(logits, y)
+        ...     gW, gb = torch.autograd.grad(loss, [W, b])
+        ...     acc = (logits.argmax(1) == y).float().mean()
+        ...     return loss, acc, W - lr * gW, b - lr * gb
+        >>> plan = compile_plan(step, (X, y, 32, 0.1, W, b))     # doctest: +SKIP
+
+    The batch dimension (dim 0 of data and target) is dynamic unless the function fixes
+    it. With ``verify`` (default) the plan is run on the example args and on a batch of
+    another size and compared with eager PyTorch; a mismatch raises CompileError.
+    """
+    if kind not in KINDS:
+        raise CompileError(f"unknown plan kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if not callable(fn):
+        raise CompileError(f"fn must be callable, got {type(fn).__name__}")
+    example_args = list(example_args)
+    if input_roles is None:
+        input_roles = _default_input_roles(kind, len(example_args))
+    in_roles = _parse_roles(input_roles, INPUT_ROLES, "input")
+    if len(in_roles) != len(example_args):
+        raise CompileError(
+            f"{len(example_args)} example args but {len(in_roles)} input roles"
+        )
+    out_roles = None if output_roles is None else _parse_roles(output_roles, OUTPUT_ROLES, "output")
+    args = [_to_tensor(a, d["role"]) for a, d in zip(example_args, in_roles, strict=True)]
+    return _compile(fn, args, kind, in_roles, out_roles, verify=verify,
+                    dynamic_batch=dynamic_batch, conv_weight_grad=conv_weight_grad)
+
+
+def _module_params(module: torch.nn.Module):
+    if not isinstance(module, torch.nn.Module):
+        raise CompileError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    named = list(module.named_parameters())
+    if not named:
+        raise CompileError("the module has no parameters to train")
+    names = [n for n, _ in named]
+    params = [p.detach().clone().to(torch.float32) for _, p in named]
+    return names, params
+
+
+def _example_target(example_target, loss: str) -> torch.Tensor:
+    t = _to_tensor(example_target, "target")
+    if loss == "cross_entropy":
+        if t.is_floating_point():
+            raise CompileError(
+                "loss='cross_entropy' takes class-index targets (int64, shape (N,)); for "
+                "one-hot float targets use loss='cross_entropy_onehot'"
+            )
+        return t.to(torch.int64)
+    return t.to(torch.float32)
+
+
+def compile_training_plan(
+    module: torch.nn.Module,
+    *,
+    loss: str = "cross_entropy",
+    optimizer: SGD | torch.optim.SGD | None = None,
+    example_data: Any,
+    example_target: Any,
+    verify: bool = True,
+    conv_weight_grad: str = "auto",
+) -> Plan:
+    """Compile one training step of ``module`` with a standard loss and SGD.
+
+    Plan inputs: ``X`` (data), ``y`` (target), ``batch_size``, ``lr`` (client_config
+    ``"lr"``), one ``model_param`` per ``module.named_parameters()`` (in that order),
+    then, with momentum, one ``optimizer_state`` buffer per param (start at zeros).
+    Outputs: ``loss``, ``accuracy`` (metric; absent for single-output MSE), the updated
+    params, then the updated buffers. The loss is divided by ``batch_size``.
+
+    ``loss``: ``"cross_entropy"`` (int64 class indices), ``"cross_entropy_onehot"``
+    (float one-hot targets) or ``"mse"``. The module is traced in its current mode:
+    Dropout and BatchNorm must be in eval mode (``module.eval()``); in training mode they
+    are refused with a CompileError.
+
+        >>> plan = compile_training_plan(net, loss="cross_entropy",
+        ...     optimizer=SGD(lr=0.1, momentum=0.9), example_data=X[:16],
+        ...     example_target=y[:16])                              # doctest: +SKIP
+        >>> plan.client_config_keys, plan.num_optimizer_state        # doctest: +SKIP
+        (['lr'], 4)
+    """
+    opt = as_optimizer(optimizer)
+    loss_fn = get_loss(loss)
+    names, params = _module_params(module)
+    X = _to_tensor(example_data, "data")
+    y = _example_target(example_target, loss)
+    n_params = len(params)
+    n_state = opt.num_state * n_params
+
+    def step(X, y, batch_size, lr, *rest):
+        ps, st = rest[:n_params], rest[n_params:]
+        out = torch.func.functional_call(module, dict(zip(names, ps, strict=True)), (X,))
+        value = loss_fn(out, y, batch_size)
+        grads = torch.autograd.grad(value, ps, allow_unused=True, materialize_grads=True)
+        new_p, new_s = opt.step(ps, grads, lr, st)
+        acc = accuracy(out.detach(), y, batch_size, loss)
+        head = (value,) if acc is None else (value, acc)
+        return (*head, *new_p, *new_s)
+
+    state = [torch.zeros_like(p) for p in params] * opt.num_state
+    args = [X, y, torch.tensor(float(X.shape[0])), torch.tensor(float(opt.lr)), *params, *state]
+    in_roles = ["data", "target", "batch_size", "client_config:lr"]
+    in_roles += ["model_param"] * n_params + ["optimizer_state"] * n_state
+    # Verify with non-zero momentum buffers, so the momentum path is checked too.
+    return compile_plan(step, args, kind="training", input_roles=in_roles, verify=verify,
+                        conv_weight_grad=conv_weight_grad)
+
+
+def compile_evaluation_plan(
+    module: torch.nn.Module,
+    *,
+    loss: str = "cross_entropy",
+    example_data: Any,
+    example_target: Any,
+    verify: bool = True,
+) -> Plan:
+    """Compile ``(X, y, *params) -> (loss, accuracy)`` for ``module`` (traced in eval mode).
+
+        >>> plan = compile_evaluation_plan(net, example_data=X[:16],
+        ...                                example_target=y[:16])     # doctest: +SKIP
+        >>> loss, acc = plan.execute(X_test, y_test, *params)         # doctest: +SKIP
+
+    The loss is the mean over the batch.
+    """
+    loss_fn = get_loss(loss)
+    names, params = _module_params(module)
+    X = _to_tensor(example_data, "data")
+    y = _example_target(example_target, loss)
+
+    def evaluate(X, y, *ps):
+        out = torch.func.functional_call(module, dict(zip(names, ps, strict=True)), (X,))
+        n = X.shape[0]
+        value = loss_fn(out, y, n)
+        acc = accuracy(out, y, n, loss)
+        return (value,) if acc is None else (value, acc)
+
+    was_training = module.training
+    module.eval()
+    try:
+        return compile_plan(evaluate, [X, y, *params], kind="evaluation", verify=verify)
+    finally:
+        module.train(was_training)
+
+
+def compile_averaging_plan(example_params: Sequence[Any], *, verify: bool = True) -> Plan:
+    """Compile the iterative averaging plan ``(avg..., item..., num) -> new_avg...``.
+
+    ``new_avg = (avg * num + item) / (num + 1)`` per param: folding items in one at a
+    time with ``num = 0, 1, 2, ...`` gives their mean.
+
+        >>> plan = compile_averaging_plan(model.params)                 # doctest: +SKIP
+        >>> avg = plan.execute(*avg, *diff, n)                            # doctest: +SKIP
+    """
+    params = [_to_tensor(p, "average").to(torch.float32) for p in example_params]
+    if not params:
+        raise CompileError("compile_averaging_plan needs at least one example param")
+    k = len(params)
+
+    def average(*args):
+        avg, item, num = args[:k], args[k : 2 * k], args[2 * k]
+        return tuple((a * num + i) / (num + 1) for a, i in zip(avg, item, strict=True))
+
+    args = [*params, *[p * 0.5 + 1 for p in params], torch.tensor(3.0)]
+    return compile_plan(average, args, kind="averaging", verify=verify)

@@ -1,0 +1,256 @@
+"""The decomposition table the compiler traces with.
+
+The core ATen decompositions, plus gridfl's own for the backward ops that either have no
+ONNX translation or a slow one, plus "refusals": ops a plan cannot run (random numbers,
+buffer mutation) raise :class:`gridfl.CompileError` at trace time, naming the op.
+
+Convolution backward (``aten.convolution_backward``), 2-D, groups 1:
+
+* grad input  = transposed convolution of the grad output (one ``ConvTranspose``);
+* grad weight = ``gridfl::conv2d_weight_grad``: from 8 input channels, per kernel offset
+  one strided ``Slice`` of the padded NHWC input and one ``MatMul`` (Co, N*Ho*Wo) @
+  (N*Ho*Wo, Ci), concatenated. The textbook formulation, a convolution of the C<->N
+  transposed input with the grad output as a Ho x Wo kernel, runs a thin GEMM per input
+  channel and is about 2x slower than the forward convolution in onnxruntime; stacking
+  all patches into one im2col matrix costs as much again in copies. With few input
+  channels (the first layer) the textbook form is as fast and is used;
+* grad bias   = sum over N, H, W.
+
+Max-pool keeps ONE ``MaxPool`` node with both outputs and stores the gradient back with
+``MaxUnpool``; ReLU's backward is ``grad * (y > 0)``; see ``ops.py`` and ``trace.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from gridfl._exceptions import CompileError
+
+from . import ops  # noqa: F401  (registers torch.ops.gridfl.*)
+
+aten = torch.ops.aten
+gridfl_ops = torch.ops.gridfl
+
+__all__ = ["decomposition_table", "REFUSED"]
+
+
+def _pair(v, n=2):
+    v = list(v)
+    return v * n if len(v) == 1 else v
+
+
+# ---------------------------------------------------------------- convolution backward
+#: Input channels from which the per-offset weight gradient beats the conv formulation.
+PER_OFFSET_MIN_CHANNELS = 8
+
+
+def _convolution_backward(
+    grad_output,
+    inp,
+    weight,
+    bias_sizes,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    output_mask,
+    *,
+    weight_grad: str = "auto",
+):
+    if weight.dim() != 4:
+        raise CompileError(
+            f"aten.convolution_backward: only 2-D convolutions (nn.Conv2d) are supported, "
+            f"got a {weight.dim() - 2}-D convolution"
+        )
+    if transposed:
+        raise CompileError(
+            "aten.convolution_backward: transposed convolutions (nn.ConvTranspose2d) cannot "
+            "be trained in a plan yet"
+        )
+    if groups != 1:
+        raise CompileError(
+            f"aten.convolution_backward: grouped convolutions (groups={groups}) cannot be "
+            "trained in a plan yet"
+        )
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    co, ci, kh, kw = weight.shape
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        h, w = inp.shape[2], inp.shape[3]
+        ho, wo = grad_output.shape[2], grad_output.shape[3]
+        out_pad = [
+            h + 2 * padding[0] - ((ho - 1) * stride[0] + dilation[0] * (kh - 1) + 1),
+            w + 2 * padding[1] - ((wo - 1) * stride[1] + dilation[1] * (kw - 1) + 1),
+        ]
+        grad_input = aten.convolution.default(
+            grad_output, weight, None, stride, padding, dilation, True, out_pad, 1
+        )
+    if output_mask[1]:
+        method = weight_grad
+        if method == "auto":
+            method = "per_offset" if ci >= PER_OFFSET_MIN_CHANNELS else "conv"
+        out_hw = [int(grad_output.shape[2]), int(grad_output.shape[3])]
+        grad_weight = gridfl_ops.conv2d_weight_grad(
+            grad_output, inp, [int(co), int(ci), int(kh), int(kw)], [int(v) for v in stride],
+            [int(v) for v in padding], [int(v) for v in dilation], out_hw, method,
+        )
+    if output_mask[2]:
+        grad_bias = aten.sum.dim_IntList(grad_output, [0, 2, 3])
+    return grad_input, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------- pooling
+def _max_pool2d_with_indices(
+    x, kernel_size, stride=(), padding=(0,), dilation=(1,), ceil_mode=False
+):
+    if x.dim() != 4:
+        raise CompileError(
+            f"aten.max_pool2d_with_indices: only batched 4-D inputs (N, C, H, W) are "
+            f"supported, got {x.dim()}-D"
+        )
+    kernel_size = _pair(kernel_size)
+    stride = _pair(stride) if stride else list(kernel_size)
+    return gridfl_ops.max_pool2d(
+        x, kernel_size, stride, _pair(padding), _pair(dilation), bool(ceil_mode)
+    )
+
+
+def _max_pool2d_with_indices_backward(
+    grad_output, x, kernel_size, stride, padding, dilation, ceil_mode, indices
+):
+    kernel_size = _pair(kernel_size)
+    stride = _pair(stride) if stride else list(kernel_size)
+    dilation = _pair(dilation)
+    overlap = any(
+        s < (k - 1) * d + 1 for s, k, d in zip(stride, kernel_size, dilation, strict=True)
+    )
+    return gridfl_ops.max_pool2d_backward(
+        grad_output, x, indices, kernel_size, stride, _pair(padding), overlap
+    )
+
+
+def _avg_pool2d_backward(
+    grad_output, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+):
+    kernel_size = _pair(kernel_size)
+    stride = _pair(stride) if stride else list(kernel_size)
+    padding = _pair(padding)
+    if x.dim() != 4:
+        raise CompileError("aten.avg_pool2d_backward: only batched 4-D inputs are supported")
+    kh, kw = kernel_size
+    h, w = x.shape[2], x.shape[3]
+    ho, wo = grad_output.shape[2], grad_output.shape[3]
+    out_pad = [
+        h + 2 * padding[0] - ((ho - 1) * stride[0] + kh),
+        w + 2 * padding[1] - ((wo - 1) * stride[1] + kw),
+    ]
+    if ceil_mode and (out_pad[0] < 0 or out_pad[1] < 0):
+        raise CompileError(
+            "aten.avg_pool2d_backward: ceil_mode=True with a partial last window is not "
+            "supported; use ceil_mode=False"
+        )
+    if any(padding) and not count_include_pad and divisor_override is None:
+        raise CompileError(
+            "aten.avg_pool2d_backward: padding with count_include_pad=False is not "
+            "supported; use count_include_pad=True"
+        )
+    divisor = divisor_override or kh * kw
+    c = x.shape[1]
+    weight = torch.full((c, 1, kh, kw), 1.0 / divisor, dtype=grad_output.dtype)
+    return aten.convolution.default(
+        grad_output, weight, None, stride, padding, [1, 1], True, out_pad, c
+    )
+
+
+def _threshold_backward(grad_output, self, threshold):
+    return gridfl_ops.threshold_backward(grad_output, self, float(threshold))
+
+
+# ---------------------------------------------------------------- refusals
+def _refuse(op_name: str, why: str):
+    def refuse(*args, **kwargs):
+        raise CompileError(f"{op_name}: {why}")
+
+    return refuse
+
+
+_RANDOM = (
+    "draws random numbers, which a plan cannot do reproducibly. nn.Dropout in training "
+    "mode does this: call module.eval() before compiling (dropout then compiles as the "
+    "identity) or remove it"
+)
+_BN_TRAIN = (
+    "BatchNorm in training mode updates its running statistics, which a plan does not "
+    "carry. Call module.eval() before compiling (BatchNorm then normalizes with its "
+    "running statistics and still trains its weight and bias) or remove it"
+)
+
+REFUSED: dict[str, str] = {
+    "native_dropout": _RANDOM,
+    "bernoulli": _RANDOM,
+    "bernoulli_": _RANDOM,
+    "rand": _RANDOM,
+    "rand_like": _RANDOM,
+    "randn": _RANDOM,
+    "randn_like": _RANDOM,
+    "randint": _RANDOM,
+    "randint_like": _RANDOM,
+    "randperm": _RANDOM,
+    "normal": _RANDOM,
+    "uniform": _RANDOM,
+    "uniform_": _RANDOM,
+    "multinomial": _RANDOM,
+    "exponential_": _RANDOM,
+    "_native_batch_norm_legit_functional": _BN_TRAIN,
+    "_native_batch_norm_legit": _BN_TRAIN,
+}
+
+
+def _bn_native(inp, weight, bias, running_mean, running_var, training, momentum, eps):
+    if training:
+        raise CompileError(f"aten.native_batch_norm: {_BN_TRAIN}")
+    return aten._native_batch_norm_legit_no_training.default(
+        inp, weight, bias, running_mean, running_var, momentum, eps
+    )
+
+
+@functools.cache
+def _table_items(weight_grad: str) -> tuple:
+    from torch._decomp import core_aten_decompositions
+
+    table = dict(core_aten_decompositions())
+    for name, why in REFUSED.items():
+        packet = getattr(aten, name, None)
+        if packet is None:
+            continue
+        for overload in packet.overloads():
+            table[getattr(packet, overload)] = _refuse(f"aten.{name}", why)
+    table[aten.native_batch_norm.default] = _bn_native
+    table[aten.convolution_backward.default] = functools.partial(
+        _convolution_backward, weight_grad=weight_grad
+    )
+    table[aten.max_pool2d_with_indices.default] = _max_pool2d_with_indices
+    table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_with_indices_backward
+    table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    table[aten.threshold_backward.default] = _threshold_backward
+    return tuple(table.items())
+
+
+CONV_WEIGHT_GRAD_METHODS = ("auto", "per_offset", "conv")
+
+
+def decomposition_table(*, conv_weight_grad: str = "auto") -> dict:
+    """The table for ``make_fx``: core ATen + gridfl's backward formulations + refusals.
+
+    ``conv_weight_grad``: ``"auto"`` (per-offset GEMMs from 8 input channels, else the
+    conv formulation), ``"per_offset"`` or ``"conv"`` (textbook).
+    """
+    if conv_weight_grad not in CONV_WEIGHT_GRAD_METHODS:
+        raise CompileError(
+            f"conv_weight_grad must be one of {CONV_WEIGHT_GRAD_METHODS}, not {conv_weight_grad!r}"
+        )
+    return dict(_table_items(conv_weight_grad))

@@ -1,0 +1,146 @@
+"""FX graph -> ONNX plan bytes: export, check portability, attach gridfl metadata."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+
+import onnx
+import torch
+from torch.export import Dim
+
+from gridfl._exceptions import CompileError
+from gridfl.plan import FORMAT_VERSION
+
+from .ops import translation_table
+
+__all__ = ["export_onnx", "attach_metadata", "STANDARD_DOMAINS"]
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+OPSET = 18
+
+_UNSUPPORTED_RE = re.compile(r"(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)")
+
+
+def _explain_export_error(e: Exception) -> str:
+    text = str(e)
+    # The exporter names the failing node; surface the op.
+    ops = [m for m in _UNSUPPORTED_RE.findall(text) if "aten::" in m or "aten." in m]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    summary = next(
+        (ln for ln in lines if "<class" in ln and "Error" in ln and "ConversionError" not in ln),
+        lines[0] if lines else type(e).__name__,
+    )
+    if ops:
+        return f"op {ops[0]} cannot be exported to ONNX ({summary})"
+    return summary
+
+
+def export_onnx(
+    gm: torch.fx.GraphModule,
+    args: Sequence[torch.Tensor],
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    batch_inputs: Sequence[int] = (),
+    min_batch: int = 1,
+) -> onnx.ModelProto:
+    """Export a traced step with a dynamic batch dimension on ``batch_inputs`` (dim 0)."""
+    dynamic_shapes = None
+    if batch_inputs:
+        batch = Dim("batch", min=min_batch)
+        dynamic_shapes = tuple(
+            {0: batch} if i in batch_inputs else None for i in range(len(args))
+        )
+    sink = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(
+                gm,
+                tuple(args),
+                dynamo=True,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_shapes=dynamic_shapes,
+                custom_translation_table=translation_table(),
+                opset_version=OPSET,
+                optimize=True,
+                verbose=False,
+                external_data=False,
+            )
+    except Exception as e:
+        raise CompileError(f"ONNX export failed: {_explain_export_error(e)}") from e
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+    model = prog.model_proto
+    _inline_functions(model)
+    check_portable(model)
+    return model
+
+
+def _inline_functions(model: onnx.ModelProto) -> None:
+    if model.functions:
+        from onnx import inliner
+
+        inlined = inliner.inline_local_functions(model)
+        model.CopyFrom(inlined)
+
+
+def check_portable(model: onnx.ModelProto) -> None:
+    """Every node must be a standard ONNX op (no contrib or custom domains)."""
+    for node in model.graph.node:
+        if node.domain not in STANDARD_DOMAINS:
+            raise CompileError(
+                f"the exported graph uses op {node.domain}::{node.op_type}, which is not a "
+                "standard ONNX op; plans must run on any ONNX runtime"
+            )
+
+
+def attach_metadata(
+    model: onnx.ModelProto, kind: str, inputs: list[dict], outputs: list[dict], extra=None
+) -> bytes:
+    """Write the gridfl metadata into ``metadata_props`` and return the model bytes."""
+    graph_inputs = [i.name for i in model.graph.input]
+    graph_outputs = [o.name for o in model.graph.output]
+    if graph_inputs != [d["name"] for d in inputs]:
+        raise CompileError(
+            f"exported graph inputs {graph_inputs} do not match the declared roles "
+            f"{[d['name'] for d in inputs]} (an unused input may have been dropped)"
+        )
+    if graph_outputs != [d["name"] for d in outputs]:
+        raise CompileError(
+            f"exported graph outputs {graph_outputs} do not match the declared roles"
+        )
+    del model.metadata_props[:]
+    props = {
+        "gridfl.format": FORMAT_VERSION,
+        "gridfl.kind": kind,
+        "gridfl.inputs": json.dumps(inputs, separators=(",", ":")),
+        "gridfl.outputs": json.dumps(outputs, separators=(",", ":")),
+        "gridfl.compiler": f"gridfl {_version()} torch {torch.__version__}",
+    }
+    props.update(extra or {})
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    model.producer_name = "gridfl"
+    return model.SerializeToString()
+
+
+def _version() -> str:
+    try:
+        from gridfl import __version__
+
+        return __version__
+    except Exception:  # pragma: no cover
+        return "?"

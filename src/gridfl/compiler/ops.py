@@ -1,0 +1,196 @@
+"""gridfl's own torch ops for the backward pass, with eager kernels and ONNX translations.
+
+The compiler traces a training step with these ops where the core ATen decomposition
+either has no ONNX translation or a slow one:
+
+* ``gridfl::max_pool2d``: max-pool with *flat* indices (over N*C*H*W, the ONNX
+  convention), so the forward is ONE ``MaxPool`` node with both outputs (the stock
+  exporter computes a second ``MaxPool`` over the whole input to convert indices).
+* ``gridfl::max_pool2d_backward``: the pooled gradient stored at those flat indices:
+  one ``MaxUnpool`` when windows do not overlap, else ``ScatterElements(add)``.
+* ``gridfl::conv2d_weight_grad``: the weight gradient of a 2-D convolution, per kernel
+  offset a strided ``Slice`` of the NHWC input and a ``MatMul`` (see decompositions.py).
+* ``gridfl::threshold_backward``: ``grad * (y > threshold)``, ReLU's backward as an
+  elementwise multiply by a cast mask instead of a ``Where``.
+
+Every op has an eager kernel (for verification), a fake kernel (for symbolic tracing)
+and a translation used by ``torch.onnx.export(custom_translation_table=...)``. The
+translations emit standard ONNX ops only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from onnxscript import opset18 as op
+
+__all__ = ["translation_table"]
+
+
+# ---------------------------------------------------------------- max pool, flat indices
+@torch.library.custom_op("gridfl::max_pool2d", mutates_args=())
+def max_pool2d(
+    x: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    ceil_mode: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, idx = F.max_pool2d(
+        x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True
+    )
+    n, c, h, w = x.shape
+    base = torch.arange(n * c, device=x.device, dtype=torch.int64).view(n, c, 1, 1) * (h * w)
+    return out, idx + base
+
+
+@max_pool2d.register_fake
+def _max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_mode):
+    out, idx = torch.ops.aten.max_pool2d_with_indices.default(
+        x, kernel_size, stride, padding, dilation, ceil_mode
+    )
+    return out, idx
+
+
+def _max_pool2d_onnx(x, kernel_size, stride, padding, dilation, ceil_mode):
+    out, idx = op.MaxPool(
+        x,
+        kernel_shape=list(kernel_size),
+        strides=list(stride),
+        pads=[padding[0], padding[1], padding[0], padding[1]],
+        dilations=list(dilation),
+        ceil_mode=int(bool(ceil_mode)),
+    )
+    return out, idx
+
+
+@torch.library.custom_op("gridfl::max_pool2d_backward", mutates_args=())
+def max_pool2d_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    flat_indices: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    accumulate: bool,
+) -> torch.Tensor:
+    flat = torch.zeros(x.numel(), dtype=grad.dtype, device=grad.device)
+    flat.scatter_add_(0, flat_indices.reshape(-1), grad.reshape(-1))
+    return flat.view(x.shape)
+
+
+@max_pool2d_backward.register_fake
+def _max_pool2d_backward_fake(grad, x, flat_indices, kernel_size, stride, padding, accumulate):
+    return torch.empty_like(x, dtype=grad.dtype)
+
+
+def _max_pool2d_backward_onnx(grad, x, flat_indices, kernel_size, stride, padding, accumulate):
+    if not accumulate:
+        # Windows do not overlap: every input element receives at most one gradient, so
+        # MaxUnpool (a plain indexed store, ~10x faster than ScatterElements in ORT).
+        return op.MaxUnpool(
+            grad,
+            flat_indices,
+            op.Shape(x),
+            kernel_shape=list(kernel_size),
+            strides=list(stride),
+            pads=[padding[0], padding[1], padding[0], padding[1]],
+        )
+    size = op.Reshape(op.Size(x), op.Constant(value_ints=[1]))
+    zeros = op.CastLike(op.ConstantOfShape(size), grad)
+    minus1 = op.Constant(value_ints=[-1])
+    scattered = op.ScatterElements(
+        zeros,
+        op.Reshape(flat_indices, minus1),
+        op.Reshape(grad, minus1),
+        axis=0,
+        reduction="add",
+    )
+    return op.Reshape(scattered, op.Shape(x))
+
+
+# ---------------------------------------------------------------- conv2d weight gradient
+@torch.library.custom_op("gridfl::conv2d_weight_grad", mutates_args=())
+def conv2d_weight_grad(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    weight_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    out_hw: list[int],
+    method: str,
+) -> torch.Tensor:
+    w = torch.empty(weight_size, dtype=x.dtype)
+    return torch.ops.aten.convolution_backward.default(
+        grad_output, x, w, None, stride, padding, dilation, False, [0, 0], 1,
+        [False, True, False],
+    )[1]
+
+
+@conv2d_weight_grad.register_fake
+def _conv2d_weight_grad_fake(grad_output, x, weight_size, stride, padding, dilation, out_hw,
+                             method):
+    return x.new_empty(weight_size)
+
+
+def _conv2d_weight_grad_onnx(grad_output, x, weight_size, stride, padding, dilation, out_hw,
+                             method):
+    co, ci, kh, kw = weight_size
+    (s0, s1), (p0, p1), (d0, d1) = stride, padding, dilation
+    ho, wo = out_hw
+    ints = lambda v: op.Constant(value_ints=list(v))  # noqa: E731
+    g2 = op.Reshape(op.Transpose(grad_output, perm=[1, 0, 2, 3]), ints([co, -1]))  # (Co, M)
+    if method == "per_offset":
+        # NHWC input; per kernel offset one strided Slice (N, Ho, Wo, Ci) and one GEMM
+        # (Co, M) @ (M, Ci): no im2col buffer, fat inner dimension M = N*Ho*Wo.
+        xn = op.Transpose(x, perm=[0, 2, 3, 1])
+        if p0 or p1:
+            xn = op.Pad(xn, ints([0, p0, p1, 0, 0, p0, p1, 0]))
+        parts = []
+        axes, steps, rows = ints([1, 2]), ints([s0, s1]), ints([-1, ci])
+        for i in range(kh):
+            for j in range(kw):
+                sl = op.Slice(
+                    xn,
+                    ints([i * d0, j * d1]),
+                    ints([i * d0 + s0 * (ho - 1) + 1, j * d1 + s1 * (wo - 1) + 1]),
+                    axes,
+                    steps,
+                )
+                parts.append(op.Unsqueeze(op.MatMul(g2, op.Reshape(sl, rows)), ints([2])))
+        gw = parts[0] if len(parts) == 1 else op.Concat(*parts, axis=2)  # (Co, Ci, KK)
+        return op.Reshape(gw, ints([co, ci, kh, kw]))
+    # "conv": correlate the (C<->N transposed) input with the transposed grad output.
+    xt = op.Transpose(x, perm=[1, 0, 2, 3])  # (Ci, N, H, W)
+    gt = op.Transpose(grad_output, perm=[1, 0, 2, 3])  # (Co, N, Ho, Wo)
+    gw = op.Conv(xt, gt, pads=[p0, p1, p0, p1], strides=[d0, d1], dilations=[s0, s1])
+    gw = op.Slice(gw, ints([0, 0]), ints([kh, kw]), ints([2, 3]))  # (Ci, Co, kh, kw)
+    return op.Transpose(gw, perm=[1, 0, 2, 3])
+
+
+# ---------------------------------------------------------------- relu / threshold backward
+@torch.library.custom_op("gridfl::threshold_backward", mutates_args=())
+def threshold_backward(grad: torch.Tensor, y: torch.Tensor, threshold: float) -> torch.Tensor:
+    return grad * (y > threshold).to(grad.dtype)
+
+
+@threshold_backward.register_fake
+def _threshold_backward_fake(grad, y, threshold):
+    return torch.empty(torch.broadcast_shapes(grad.shape, y.shape), dtype=grad.dtype)
+
+
+def _threshold_backward_onnx(grad, y, threshold):
+    thr = op.CastLike(op.Constant(value_float=float(threshold)), y)
+    return op.Mul(grad, op.CastLike(op.Greater(y, thr), grad))
+
+
+def translation_table() -> dict:
+    """Custom translations for ``torch.onnx.export(custom_translation_table=...)``."""
+    return {
+        torch.ops.gridfl.max_pool2d.default: _max_pool2d_onnx,
+        torch.ops.gridfl.max_pool2d_backward.default: _max_pool2d_backward_onnx,
+        torch.ops.gridfl.threshold_backward.default: _threshold_backward_onnx,
+        torch.ops.gridfl.conv2d_weight_grad.default: _conv2d_weight_grad_onnx,
+    }
