@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import base64
 import enum
+import hashlib
 import inspect
 import ipaddress
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,8 @@ from gridfl._exceptions import (
     PlanLoadFailedError,
 )
 from gridfl.client import _protocol as proto
+
+_PLAN_CACHE_SIZE = 8
 
 if TYPE_CHECKING:
     from gridfl.client.trainer import PlanTrainer
@@ -120,6 +124,8 @@ class Call:
     type: str
     data: dict[str, Any]
     idempotent: bool = True
+    #: seconds the node may hold the reply on purpose (a long-polled cycle request)
+    extra_timeout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -349,10 +355,14 @@ class BaseJob:
             logger.warning("%s failed: %s", self.model_name, outcome)
         return self._event_calls(outcome)
 
-    def _start_flow(self) -> Flow:
-        """authenticate -> [speed test] -> cycle-request -> downloads."""
+    def _start_flow(self, wait: float = 0.0) -> Flow:
+        """authenticate -> [speed test] -> cycle-request -> downloads.
+
+        ``wait`` > 0 asks the node to hold a rejection for up to that many seconds and
+        answer as soon as this worker can be accepted (gridfl's long-polled cycle request;
+        PyGrid nodes ignore the field and reject at once).
+        """
         from gridfl.model import SyftModel
-        from gridfl.plan import Plan
 
         c = self._cycle
         auth: dict[str, Any] = {"model_name": self.model_name}
@@ -374,7 +384,9 @@ class BaseJob:
             c.speed = dict((yield MeasureSpeed(c.worker_id)))
             request.update(c.speed)
             logger.debug("%s: speed test %s", self.model_name, c.speed)
-        reply = yield Call(proto.CYCLE_REQUEST, request, idempotent=False)
+        if wait > 0:
+            request["wait"] = wait
+        reply = yield Call(proto.CYCLE_REQUEST, request, idempotent=False, extra_timeout=wait)
         status = reply.get("status")
         if status == proto.STATUS_REJECTED:
             return Rejected(proto.parse_timeout(reply.get("timeout")))
@@ -406,7 +418,7 @@ class BaseJob:
                     proto.GET_PLAN,
                     {**keys, "plan_id": plan_id, "receive_operations_as": proto.PLAN_VARIANT},
                 )
-                plans[name] = Plan.from_bytes(raw)
+                plans[name] = self._client._load_plan(raw)
             except Exception as exc:
                 raise PlanLoadFailedError(f"Failed to load {name!r} Plan: {exc}") from exc
 
@@ -572,12 +584,30 @@ class BaseSyft:
         self.retries = retries
         self.speed_test = speed_test
         self.headers = dict(headers or {})
+        # Plans do not change within a process, but every cycle downloads them again (the
+        # protocol gates downloads by request key); reusing the loaded plan for identical
+        # bytes saves an onnxruntime session build per cycle.
+        self._plans: OrderedDict[bytes, Plan] = OrderedDict()
         if self.verbose:
             _turn_up_logging()
         logger.debug("client for %s (%s transport)", url, self.endpoints.transport)
 
     def _job_token(self, auth_token: str | None) -> str | None:
         return self.auth_token if auth_token is None else auth_token
+
+    def _load_plan(self, raw: bytes) -> Plan:
+        """``Plan.from_bytes(raw)``, reusing the plan already loaded from the same bytes."""
+        from gridfl.plan import Plan
+
+        key = hashlib.sha256(raw).digest()
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = Plan.from_bytes(raw)
+            while len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"

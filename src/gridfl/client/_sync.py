@@ -106,16 +106,22 @@ class Job(BaseJob):
 
     _client: Syft
 
-    def start(self) -> None:
+    def start(self, *, wait: float = 0.0) -> None:
         """Authenticate, speed-test if asked, request a cycle, download, fire an event.
 
         Fires ``accepted(model, client_config)``, ``rejected(timeout)`` or
         ``error(exc)``. With no ``error`` handler registered the error is raised instead.
         Exceptions raised by handlers propagate.
+
+        ``wait`` (seconds) lets a gridfl node hold a rejection and answer as soon as the
+        worker can join a cycle, instead of the worker sleeping for ``timeout`` and asking
+        again; it is how a worker moves to the next cycle the moment it opens.
         """
+        if not 0 <= wait <= 300:
+            raise ConfigError(f"wait must be between 0 and 300 seconds, got {wait!r}")
         self._begin()
         try:
-            outcome: Any = drive_sync(self._start_flow(), self._client._perform)
+            outcome: Any = drive_sync(self._start_flow(wait), self._client._perform)
         except Exception as exc:
             outcome = exc
         event, args = self._finish(outcome)

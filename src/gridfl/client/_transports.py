@@ -118,11 +118,16 @@ class HttpTransport:
         except httpx.HTTPError as exc:
             raise _http_error(exc, what) from exc
 
-    async def call(self, type_: str, data: dict[str, Any], *, idempotent: bool = True) -> dict:
+    async def call(
+        self, type_: str, data: dict[str, Any], *, idempotent: bool = True, extra_timeout: float = 0
+    ) -> dict:
         """POST a protocol message; return the reply's ``data`` or raise the node's error."""
+        kwargs: dict[str, Any] = {"json": data}
+        if extra_timeout:
+            kwargs["timeout"] = httpx.Timeout(self.timeout + extra_timeout)
 
         async def attempt() -> dict:
-            resp = await self._request("POST", type_, json=data)
+            resp = await self._request("POST", type_, **kwargs)
             return self._parse_json(resp, type_)
 
         return await with_retries(type_, attempt, retries=self.retries, idempotent=idempotent)
@@ -265,8 +270,11 @@ class WsTransport:
         if not fut.done():
             fut.set_result(msg)
 
-    async def call(self, type_: str, data: dict[str, Any], *, idempotent: bool = True) -> dict:
+    async def call(
+        self, type_: str, data: dict[str, Any], *, idempotent: bool = True, extra_timeout: float = 0
+    ) -> dict:
         """Send one request and wait (at most ``timeout`` s) for the reply's ``data``."""
+        timeout = self.timeout + extra_timeout
 
         async def attempt() -> dict:
             conn = await self._connection()
@@ -283,10 +291,10 @@ class WsTransport:
                     err = TransportError(f"{type_}: WebSocket closed before sending ({exc})")
                     raise _NotSent(err) from exc
                 try:
-                    msg = await asyncio.wait_for(fut, self.timeout)
+                    msg = await asyncio.wait_for(fut, timeout)
                 except TimeoutError as exc:
                     raise ResponseTimeoutError(
-                        f"{type_}: no reply within {self.timeout:g} s (Response timeout)"
+                        f"{type_}: no reply within {timeout:g} s (Response timeout)"
                     ) from exc
             finally:
                 self._pending.pop(rid, None)
@@ -338,7 +346,9 @@ class Network:
 
         if isinstance(op, Call):
             primary = self.ws if self.ws is not None else self.http
-            return await primary.call(op.type, op.data, idempotent=op.idempotent)
+            return await primary.call(
+                op.type, op.data, idempotent=op.idempotent, extra_timeout=op.extra_timeout
+            )
         if isinstance(op, Fetch):
             return await self.http.fetch(op.path, op.params)
         if isinstance(op, MeasureSpeed):
