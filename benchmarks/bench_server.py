@@ -119,6 +119,9 @@ async def _load(url: str, n: int, name: str, pid: int, diff_b64: str) -> dict:
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     cpu_start = None
 
+    # keep-alive must outlive the server's (30 s), or a pooled connection the server just
+    # closed is reused (ReadError); one pool shared by the N simulated workers
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n, keepalive_expiry=10)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
         async def timed(kind, coro):
@@ -128,10 +131,15 @@ async def _load(url: str, n: int, name: str, pid: int, diff_b64: str) -> dict:
             return r
 
         async def drain(path, params):
-            async with client.stream("GET", path, params=params) as r:
-                async for _ in r.aiter_raw():
-                    pass
-                return r.status_code
+            for attempt in range(3):  # GETs are idempotent: retry a dropped connection
+                try:
+                    async with client.stream("GET", path, params=params) as r:
+                        async for _ in r.aiter_raw():
+                            pass
+                        return r.status_code
+                except httpx.TransportError:
+                    if attempt == 2:
+                        raise
 
         async def worker():
             nonlocal reported, cpu_start

@@ -32,5 +32,8 @@ def to_status(exc: BaseException) -> tuple[int, str]:
     for cls, status in STATUS.items():
         if isinstance(exc, cls):
             return status, str(exc)
+    if type(exc).__name__ == "ClientDisconnect":  # starlette: the client went away mid-body
+        log.info("client disconnected while sending its request")
+        return 400, "client disconnected"
     log.error("internal error", exc_info=exc)
     return 500, f"internal server error ({type(exc).__name__})"
