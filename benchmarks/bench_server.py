@@ -141,8 +141,9 @@ async def _load(url: str, n: int, name: str, pid: int, diff_b64: str) -> dict:
                     if attempt == 2:
                         raise
 
-        async def worker():
+        async def worker(i):
             nonlocal reported, cpu_start
+            await asyncio.sleep(i * 0.003)  # workers arrive over ~3 s per 1000, not in 1 ms
             r = await timed(
                 "auth", client.post("/model-centric/authenticate", json={"model_name": name})
             )
@@ -179,7 +180,7 @@ async def _load(url: str, n: int, name: str, pid: int, diff_b64: str) -> dict:
                 mem[reported] = _proc_mem(pid)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(n)))
+        await asyncio.gather(*(worker(i) for i in range(n)))
         wall = time.perf_counter() - t0
     cpu = _proc_cpu(pid) - (cpu_start or 0)
     return {"wall": wall, "lat": lat, "mem": mem, "cpu_per_report": cpu / n}
