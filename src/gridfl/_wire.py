@@ -129,6 +129,12 @@ class CycleRequest:
     ping: float | None = None
     download: float | None = None
     upload: float | None = None
+    #: gridfl extension: seconds the node may hold a rejection until a cycle opens
+    wait: float = 0.0
+
+
+#: longest ``wait`` a cycle request may ask for
+MAX_WAIT = 60.0
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,19 @@ def parse_cycle_request(data: Any) -> CycleRequest:
         ping=_number(data, "ping"),
         download=_number(data, "download"),
         upload=_number(data, "upload"),
+        wait=_wait(data),
     )
+
+
+def _wait(data: dict[str, Any]) -> float:
+    value = data.get("wait", 0)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+        0 <= value <= MAX_WAIT
+    ):
+        raise InvalidRequestError(f"'wait' must be a number of seconds from 0 to {MAX_WAIT:g}")
+    return float(value)
 
 
 def decode_diff(value: Any) -> bytes:

@@ -110,7 +110,6 @@ def run_demo(
                 "max_diffs": options.per_cycle,
                 "num_cycles": options.cycles,
                 "cycle_length": 600,
-                "pool_selection": "random",
             },
         )
         workers = [

@@ -52,8 +52,48 @@ def _parse_json(body: bytes) -> Any:
         raise InvalidRequestError(f"the body is not valid JSON: {e}") from None
 
 
-def _handle_json(node: GridNode, kind: str, body: bytes) -> dict[str, Any]:
-    return HANDLERS[kind](node, _parse_json(body))
+class CycleSignal:
+    """Wakes long-polled cycle requests when a cycle opens in this process.
+
+    ``notify`` runs on the event loop (the node calls it from worker threads through
+    ``call_soon_threadsafe``); waiters compare generations, so a wake-up between their
+    check and their wait is never lost.
+    """
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self.generation += 1
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait_after(self, generation: int, timeout: float) -> None:
+        if self.generation != generation:
+            return
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+
+
+async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
+    """Run one worker handler off the event loop; a cycle request with ``wait`` is held
+    while it would be rejected with a timeout, until a cycle opens or ``wait`` runs out."""
+    node: GridNode = app.state.node
+    if kind != _wire.CYCLE_REQUEST:
+        return await anyio.to_thread.run_sync(HANDLERS[kind], node, data)
+    req = _wire.parse_cycle_request(data)
+    signal: CycleSignal = app.state.cycle_signal
+    # Another server process on the same database cannot wake us: look again now and then.
+    recheck = app.state.settings.long_poll_recheck
+    deadline = time.monotonic() + req.wait
+    while True:
+        generation = signal.generation
+        reply = await anyio.to_thread.run_sync(node.cycle_request, req)
+        remaining = deadline - time.monotonic()
+        if reply.get("status") != "rejected" or reply.get("timeout") is None or remaining <= 0:
+            return reply
+        await signal.wait_after(generation, min(remaining, recheck))
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -89,7 +129,7 @@ def _worker_post(kind: str):
         try:
             async with gate or contextlib.nullcontext():
                 body = await _read_body(request, _settings(request).max_body_bytes)
-                data = await anyio.to_thread.run_sync(_handle_json, _node(request), kind, body)
+                data = await dispatch(request.app, kind, _parse_json(body))
         except Exception as e:  # noqa: BLE001 - the table decides
             return _error_response(e, **_error_extra(kind))
         return JSONResponse(data)
@@ -153,7 +193,6 @@ async def speed_test(request: Request) -> Response:
 # --- WebSocket ------------------------------------------------------------------------------
 async def websocket_endpoint(ws: WebSocket) -> None:
     await ws.accept()
-    node: GridNode = ws.app.state.node
     send_lock = anyio.Lock()
     in_flight = anyio.Semaphore(32)
 
@@ -177,7 +216,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             elif kind in HANDLERS:
                 gate = ws.app.state.report_gate if kind == _wire.REPORT else None
                 async with gate or contextlib.nullcontext():
-                    result = await anyio.to_thread.run_sync(HANDLERS[kind], node, data)
+                    result = await dispatch(ws.app, kind, data)
                 reply = _wire.ws_reply(kind, result, request_id)
             elif kind == _wire.HOST_TRAINING:
                 raise InvalidRequestError(
@@ -323,7 +362,13 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
         app.state.report_gate = anyio.Semaphore(max(1, settings.max_concurrent_reports))
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        n.on_new_cycle = lambda: loop.call_soon_threadsafe(wake.set)
+        signal = app.state.cycle_signal = CycleSignal()
+
+        def on_new_cycle() -> None:
+            loop.call_soon_threadsafe(wake.set)
+            loop.call_soon_threadsafe(signal.notify)
+
+        n.on_new_cycle = on_new_cycle
         timer = asyncio.create_task(_deadline_timer(n, settings, wake))
         log.info("grid node up: database %s", n.engine.url.render_as_string(hide_password=True))
         try:
