@@ -111,3 +111,8 @@ else:
             speed_test_bytes=speed_test_mb * 1024 * 1024,
         )
         run(settings, host=host, port=port, log_level=log_level)
+
+    from gridfl.cli.commands import COMMANDS
+
+    for _command in COMMANDS:
+        main.add_command(_command)

@@ -1,0 +1,370 @@
+"""The ``gridfl`` commands besides ``serve``: demo, compile, host, status, retrieve, worker.
+
+Each is a thin call into the library. User mistakes (bad options, unreachable node,
+refused requests) end in one clear line on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import runpy
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from gridfl._exceptions import ConfigError, GridflError
+
+BUNDLE_FILE = "bundle.json"
+
+
+def friendly(fn):
+    """Turn gridfl errors and bad files into one line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (GridflError, OSError, ValueError, KeyError) as exc:
+            message = str(exc) or type(exc).__name__
+            raise click.ClickException(message) from exc
+
+    return wrapper
+
+
+def admin_options(fn):
+    """``URL`` plus the admin token (option, env GRIDFL_ADMIN_TOKEN, or a file)."""
+    fn = click.option(
+        "--admin-token-file",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        default=None,
+        help="Read the admin token from this file (e.g. <data-dir>/admin-token).",
+    )(fn)
+    fn = click.option(
+        "--admin-token", envvar="GRIDFL_ADMIN_TOKEN", default=None,
+        help="The node's admin token [env GRIDFL_ADMIN_TOKEN].",
+    )(fn)
+    return click.argument("url")(fn)
+
+
+def _token(admin_token: str | None, admin_token_file: Path | None) -> str:
+    if admin_token_file is not None:
+        return admin_token_file.read_text().strip()
+    if admin_token:
+        return admin_token
+    raise ConfigError(
+        "an admin token is needed: pass --admin-token, set GRIDFL_ADMIN_TOKEN, or use "
+        "--admin-token-file <data-dir>/admin-token"
+    )
+
+
+def _host_client(url: str, admin_token: str | None, admin_token_file: Path | None):
+    from gridfl.host import HostClient
+
+    return HostClient(url, admin_token=_token(admin_token, admin_token_file))
+
+
+# --------------------------------------------------------------------------- demo
+@click.command()
+@click.option("--model", type=click.Choice(["cnn", "2nn"]), default="cnn", show_default=True)
+@click.option("--clients", "-K", type=click.IntRange(1), default=100, show_default=True,
+              help="Number of clients (MNIST shards).")
+@click.option("--fraction", "-C", type=click.FloatRange(0, 1, min_open=True), default=0.1,
+              show_default=True, help="Fraction of clients trained per cycle.")
+@click.option("--epochs", "-E", type=click.IntRange(1), default=1, show_default=True,
+              help="Local epochs per cycle.")
+@click.option("--batch-size", "-B", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True)
+@click.option("--cycles", type=click.IntRange(1), default=30, show_default=True,
+              help="Stop after this many cycles.")
+@click.option("--target", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="Stop once the test accuracy reaches this.")
+@click.option("--non-iid", is_flag=True, help="McMahan's pathological non-IID split.")
+@click.option("--workers", type=click.IntRange(1), default=10, show_default=True,
+              help="Worker processes sharing the clients.")
+@click.option("--examples-per-client", type=click.IntRange(1), default=None,
+              help="Cut each shard (quick runs).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("data/demo"), show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results"), show_default=True)
+@click.option("--no-live-eval", is_flag=True,
+              help="Evaluate checkpoints after training instead of during it.")
+@friendly
+def demo(**kw: Any) -> None:
+    """Federated MNIST: a grid node, N worker processes, a results table and a plot."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from gridfl.demo.run import DemoOptions, run_demo
+
+    options = DemoOptions(
+        model=kw["model"], clients=kw["clients"], fraction=kw["fraction"],
+        epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], cycles=kw["cycles"],
+        target=kw["target"], iid=not kw["non_iid"], seed=kw["seed"], workers=kw["workers"],
+        examples_per_client=kw["examples_per_client"], evaluate=not kw["no_live_eval"],
+        data_dir=kw["data_dir"], out_dir=kw["out_dir"],
+    )
+    console = Console(stderr=True)
+    console.print(
+        f"[bold]gridfl demo[/]: {options.model}, K={options.clients}, C={options.fraction}, "
+        f"E={options.epochs}, B={options.batch_size}, lr={options.lr}, "
+        f"{'IID' if options.iid else 'non-IID'}, {options.workers} worker processes; "
+        "compiling plans and starting the grid..."
+    )
+    table = _cycle_table()
+    started = time.perf_counter()
+    with Live(table, console=console, refresh_per_second=4) as live:
+
+        def on_cycle(c) -> None:
+            _add_row(table, c)
+            live.update(table)
+
+        result = run_demo(options, on_cycle=on_cycle)
+    if not options.evaluate:
+        table = _cycle_table()
+        for c in result.cycles:
+            _add_row(table, c)
+        console.print(table)
+    best = max((c.test_accuracy or 0 for c in result.cycles), default=0)
+    console.print(
+        f"{len(result.cycles)} cycles in {time.perf_counter() - started:.0f} s; best test "
+        f"accuracy {100 * best:.2f}%; first checkpoint {result.startup_seconds} s after the "
+        f"node was up; peak memory {result.peak_rss_mb} MB (node + workers)"
+    )
+    console.print(f"results: {options.out_dir / 'results.json'}, plot: "
+                  f"{options.out_dir / 'accuracy.png'}")
+
+
+def _cycle_table():
+    from rich.table import Table
+
+    table = Table(title="federated MNIST")
+    for col in ("cycle", "reports", "cycle s", "elapsed s", "train loss", "test loss",
+                "test acc"):
+        table.add_column(col, justify="right")
+    return table
+
+
+def _add_row(table, c) -> None:
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    table.add_row(
+        str(c.cycle), str(c.reports), fmt(c.seconds, ".2f"), fmt(c.elapsed, ".1f"),
+        fmt(c.train_loss, ".4f"), fmt(c.test_loss, ".4f"),
+        "-" if c.test_accuracy is None else f"{100 * c.test_accuracy:.2f}%",
+    )
+
+
+# --------------------------------------------------------------------------- compile
+@click.command(name="compile")
+@click.argument("model_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory to write the plan bundle to.")
+@friendly
+def compile_(model_file: Path, out: Path) -> None:
+    """Compile MODEL_FILE (a Python file) into a plan bundle.
+
+    The file defines ``model`` (a torch.nn.Module), ``example_data`` and
+    ``example_target`` (one batch), and optionally ``loss`` ("cross_entropy",
+    "cross_entropy_onehot" or "mse"; default cross_entropy), ``optimizer``
+    (gridfl.compiler.SGD; default SGD(lr=0.1)), ``name``, ``version`` and
+    ``client_config`` / ``server_config`` dicts to host it with.
+    """
+    bundle = compile_bundle(model_file, out)
+    click.echo(f"wrote {out}: {', '.join(sorted(bundle['files']))}")
+
+
+def compile_bundle(model_file: Path, out: Path) -> dict:
+    """Compile a model file into ``out`` (plans, initial model, bundle.json)."""
+    from gridfl import state
+    from gridfl.compiler import SGD, compile_evaluation_plan, compile_training_plan
+
+    ns = runpy.run_path(str(model_file))
+    missing = [k for k in ("model", "example_data", "example_target") if k not in ns]
+    if missing:
+        raise ConfigError(f"{model_file} must define {', '.join(missing)}")
+    model, loss = ns["model"], ns.get("loss", "cross_entropy")
+    optimizer = ns.get("optimizer", SGD(lr=0.1))
+    training = compile_training_plan(
+        model, loss=loss, optimizer=optimizer, example_data=ns["example_data"],
+        example_target=ns["example_target"],
+    )
+    evaluation = compile_evaluation_plan(
+        model, loss=loss, example_data=ns["example_data"], example_target=ns["example_target"]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "training_plan.onnx": training.to_bytes(),
+        "evaluation_plan.onnx": evaluation.to_bytes(),
+        "model.pb": state.dumps([p.detach().cpu().numpy() for p in model.parameters()]),
+    }
+    for fname, data in files.items():
+        (out / fname).write_bytes(data)
+    bundle = {
+        "model": "model.pb",
+        "plans": {"training_plan": "training_plan.onnx", "evaluation_plan": "evaluation_plan.onnx"},
+        "client_config": {
+            "name": ns.get("name", model_file.stem),
+            "version": str(ns.get("version", "1.0")),
+            "lr": getattr(optimizer, "lr", 0.1),
+            **ns.get("client_config", {}),
+        },
+        "server_config": ns.get("server_config", {}),
+        "files": sorted([*files, BUNDLE_FILE]),
+    }
+    (out / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2))
+    return bundle
+
+
+# --------------------------------------------------------------------------- host
+@click.command()
+@admin_options
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", default=None, help="Process name (overrides the bundle's).")
+@click.option("--version", "version_", default=None, help="Process version.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), default=None,
+              help="JSON file with client_config / server_config to merge in.")
+@friendly
+def host(url, admin_token, admin_token_file, source: Path, name, version_, config_file) -> None:
+    """Host SOURCE (a plan bundle directory, or a Python model file) on the node at URL."""
+    if source.is_file():
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = compile_bundle(source, Path(tmp))
+            payload = _bundle_payload(Path(tmp), bundle)
+    else:
+        bundle_path = source / BUNDLE_FILE
+        if not bundle_path.exists():
+            raise ConfigError(f"{source} is not a plan bundle (no {BUNDLE_FILE}); "
+                              "make one with `gridfl compile`")
+        payload = _bundle_payload(source, json.loads(bundle_path.read_text()))
+    if config_file is not None:
+        extra = json.loads(config_file.read_text())
+        for key in ("client_config", "server_config"):
+            payload[key].update(extra.get(key, {}))
+    if name:
+        payload["client_config"]["name"] = name
+    if version_:
+        payload["client_config"]["version"] = version_
+    with _host_client(url, admin_token, admin_token_file) as client:
+        client.host(**payload)
+    cc = payload["client_config"]
+    click.echo(f"hosted {cc['name']} {cc['version']} on {url}")
+
+
+def _bundle_payload(folder: Path, bundle: dict) -> dict:
+    return {
+        "model": (folder / bundle["model"]).read_bytes(),
+        "plans": {n: (folder / f).read_bytes() for n, f in bundle["plans"].items()},
+        "client_config": dict(bundle["client_config"]),
+        "server_config": dict(bundle.get("server_config", {})),
+    }
+
+
+# --------------------------------------------------------------------------- status
+@click.command()
+@admin_options
+@click.argument("name", required=False)
+@click.argument("version", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@friendly
+def status(url, admin_token, admin_token_file, name, version, as_json) -> None:
+    """Processes on the node at URL, or the cycles and checkpoints of NAME [VERSION]."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _host_client(url, admin_token, admin_token_file) as client:
+        data = client.status(name, version) if name else client.processes()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    if not name:
+        table = Table(title=f"processes on {url}")
+        for col in ("name", "version", "status", "cycle", "checkpoints"):
+            table.add_column(col)
+        for p in data:
+            current = p.get("current_cycle") or p.get("current") or {}
+            seq = current.get("sequence") if isinstance(current, dict) else current
+            table.add_row(str(p.get("name")), str(p.get("version")), str(p.get("status")),
+                          "-" if seq is None else str(seq), str(p.get("checkpoints", "-")))
+        console.print(table)
+        return
+    table = Table(title=f"{data.get('name')} {data.get('version')}: {data.get('status')}")
+    for col in ("cycle", "status", "accepted", "reported", "samples", "loss", "accuracy",
+                "checkpoint"):
+        table.add_column(col, justify="right")
+    for c in data.get("cycles", []):
+        m = c.get("metrics") or {}
+        table.add_row(
+            str(c["sequence"]), c["status"], str(c["accepted"]), str(c["reported"]),
+            str(c.get("num_samples", "-")),
+            "-" if m.get("loss") is None else f"{m['loss']:.4f}",
+            "-" if m.get("accuracy") is None else f"{m['accuracy']:.4f}",
+            str(c.get("result_checkpoint") or "-"),
+        )
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- retrieve
+@click.command()
+@admin_options
+@click.argument("name")
+@click.argument("version")
+@click.option("--checkpoint", default="latest", show_default=True,
+              help="Checkpoint number or alias.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output file: .npz for numpy arrays (p0, p1, ...), else State bytes.")
+@friendly
+def retrieve(url, admin_token, admin_token_file, name, version, checkpoint, out: Path) -> None:
+    """Download a checkpoint of NAME VERSION to a file."""
+    from gridfl import state
+
+    with _host_client(url, admin_token, admin_token_file) as client:
+        data = client.retrieve_bytes(name, version, checkpoint)
+    if out.suffix == ".npz":
+        params = state.loads(data)
+        np.savez(out, **{f"p{i}": p for i, p in enumerate(params)})
+    else:
+        out.write_bytes(data)
+    click.echo(f"wrote checkpoint {checkpoint} of {name} {version} to {out}")
+
+
+# --------------------------------------------------------------------------- worker
+@click.command()
+@click.argument("url")
+@click.argument("name")
+@click.option("--version", "version_", default=None, help="Process version (default latest).")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), required=True, help=".npz with arrays 'x' and 'y'.")
+@click.option("--auth-token", envvar="GRIDFL_AUTH_TOKEN", default=None,
+              help="JWT for processes that require one [env GRIDFL_AUTH_TOKEN].")
+@click.option("--plan", default="training_plan", show_default=True)
+@click.option("--cycles", type=click.IntRange(1), default=None,
+              help="Stop after this many reported cycles (default: until the node is done).")
+@click.option("--allow-insecure", is_flag=True,
+              help="Allow plain ws:// or http:// to a non-loopback host.")
+@friendly
+def worker(url, name, version_, data_file: Path, auth_token, plan, cycles, allow_insecure):
+    """Train NAME on the node at URL with a local dataset, cycle after cycle."""
+    from gridfl.client import run_worker
+
+    with np.load(data_file) as npz:
+        if "x" not in npz.files or "y" not in npz.files:
+            raise ConfigError(f"{data_file} must hold arrays 'x' and 'y' (has {npz.files})")
+        x, y = npz["x"], npz["y"]
+    summary = run_worker(
+        url, name, x, y, model_version=version_, auth_token=auth_token, plan_name=plan,
+        max_cycles=cycles, allow_insecure=allow_insecure or None,
+    )
+    click.echo(f"reported {summary.cycles} cycle(s); last loss {summary.last_loss}; "
+               f"{'the node is done' if summary.finished else 'stopped'}")
+
+
+COMMANDS = [demo, compile_, host, status, retrieve, worker]
