@@ -24,20 +24,25 @@ __all__ = ["export_onnx", "attach_metadata", "STANDARD_DOMAINS"]
 STANDARD_DOMAINS = ("", "ai.onnx")
 OPSET = 18
 
-_UNSUPPORTED_RE = re.compile(r"(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)")
+_OVERLOAD_RE = re.compile(r"OpOverload\(op='([^']+)', overload='([^']+)'\)")
+_ATEN_RE = re.compile(r"(aten::[A-Za-z0-9_.]+)")
 
 
 def _explain_export_error(e: Exception) -> str:
+    """Name the op the exporter could not translate, with the exporter's one-line reason."""
     text = str(e)
-    # The exporter names the failing node; surface the op.
-    ops = [m for m in _UNSUPPORTED_RE.findall(text) if "aten::" in m or "aten." in m]
+    m = _OVERLOAD_RE.search(text)
+    if m:
+        name = m.group(1) if m.group(2) == "default" else f"{m.group(1)}.{m.group(2)}"
+        return f"op {name} has no ONNX translation (it cannot run in a plan)"
+    m = _ATEN_RE.search(text)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     summary = next(
         (ln for ln in lines if "<class" in ln and "Error" in ln and "ConversionError" not in ln),
         lines[0] if lines else type(e).__name__,
     )
-    if ops:
-        return f"op {ops[0]} cannot be exported to ONNX ({summary})"
+    if m:
+        return f"op {m.group(1)} cannot be exported to ONNX ({summary})"
     return summary
 
 

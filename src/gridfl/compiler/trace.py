@@ -67,7 +67,10 @@ def trace_step(
     try:
         # No duck shaping: a batch of 10 and 10 classes must stay distinct symbols.
         with fx_config.patch(use_duck_shape=False):
-            gm = make_fx(step, decomposition_table=table, tracing_mode="symbolic")(*args)
+            gm = make_fx(
+                step, decomposition_table=table, tracing_mode="symbolic",
+                _allow_non_fake_inputs=True,  # module buffers (BatchNorm stats) as constants
+            )(*args)
     except CompileError:
         raise
     except Exception as e:  # torch wraps errors raised inside decompositions

@@ -1,0 +1,97 @@
+"""Every supported layer compiles and trains like eager PyTorch; refused ones fail early."""
+
+from __future__ import annotations
+
+import pytest
+
+from gridfl import CompileError
+
+from .conftest import assert_close, eager_step
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from gridfl.compiler import SGD, compile_training_plan  # noqa: E402
+
+C, HW = 3, 12
+
+
+def head(features: int) -> list[nn.Module]:
+    return [nn.Flatten(), nn.Linear(features, 5)]
+
+
+LAYERS = {
+    "linear": lambda: nn.Sequential(nn.Flatten(), nn.Linear(C * HW * HW, 16), nn.Linear(16, 5)),
+    "conv_stride_padding": lambda: nn.Sequential(
+        nn.Conv2d(C, 4, 3, stride=2, padding=1), *head(4 * 6 * 6)),
+    "conv_8ch_stride2": lambda: nn.Sequential(
+        nn.Conv2d(C, 8, 3, padding=1), nn.Conv2d(8, 6, 5, stride=2, padding=2), *head(6 * 6 * 6)),
+    "conv_no_bias_dilation": lambda: nn.Sequential(
+        nn.Conv2d(C, 8, 3, bias=False), nn.Conv2d(8, 4, 3, dilation=2), *head(4 * 6 * 6)),
+    "maxpool": lambda: nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                     *head(4 * 6 * 6)),
+    "maxpool_overlap_padding": lambda: nn.Sequential(
+        nn.Conv2d(C, 4, 3, padding=1), nn.MaxPool2d(3, stride=2, padding=1), *head(4 * 6 * 6)),
+    "avgpool": lambda: nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.AvgPool2d(2),
+                                     *head(4 * 6 * 6)),
+    "avgpool_overlap": lambda: nn.Sequential(nn.Conv2d(C, 4, 3, padding=1),
+                                             nn.AvgPool2d(3, stride=2, padding=1),
+                                             *head(4 * 6 * 6)),
+    "relu_tanh_sigmoid": lambda: nn.Sequential(
+        nn.Flatten(), nn.Linear(C * HW * HW, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(),
+        nn.Linear(16, 16), nn.Sigmoid(), nn.Linear(16, 5)),
+    "dropout_eval": lambda: nn.Sequential(nn.Flatten(), nn.Linear(C * HW * HW, 16),
+                                          nn.Dropout(0.5), nn.Linear(16, 5)).eval(),
+    "batchnorm_eval": lambda: nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                            nn.ReLU(), *head(4 * HW * HW)).eval(),
+}
+
+
+def batch(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, C, HW, HW, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_trains_like_eager(name):
+    torch.manual_seed(0)
+    model = LAYERS[name]()
+    if name == "batchnorm_eval":  # non-trivial running statistics
+        bn = model[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    X, y = batch(6, 1)
+    plan = compile_training_plan(model, optimizer=SGD(lr=0.1), example_data=X, example_target=y)
+    for n, seed in ((6, 2), (3, 3)):
+        X, y = batch(n, seed)
+        params = [p.detach().numpy() for p in model.parameters()]
+        loss, acc, *new = plan.execute(X, y, n, 0.1, *params)
+        losses, ref = eager_step(model, X, y, 0.1)
+        assert_close(loss, losses[0], rtol=1e-5, what=f"{name} loss")
+        assert 0.0 <= float(acc) <= 1.0
+        for i, (got, want) in enumerate(zip(new, ref, strict=True)):
+            assert_close(got, want, rtol=1e-4, atol=1e-6, what=f"{name} param {i}")
+
+
+REFUSED = {
+    "dropout_train": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(C * HW * HW, 8),
+                                            nn.Dropout(0.5), nn.Linear(8, 5)),
+                      r"aten\.(native_dropout|bernoulli).*module\.eval\(\)"),
+    "batchnorm_train": (lambda: nn.Sequential(nn.Conv2d(C, 4, 3), nn.BatchNorm2d(4),
+                                              *head(4 * 10 * 10)),
+                        r"batch_norm.*BatchNorm in training mode"),
+    "conv1d": (lambda: nn.Sequential(nn.Flatten(2), nn.Conv1d(C, 4, 3), *head(4 * 142)),
+               r"aten\.convolution_backward: only 2-D convolutions"),
+    "conv_transpose": (lambda: nn.Sequential(nn.ConvTranspose2d(C, 2, 2), *head(2 * 13 * 13)),
+                       r"transposed convolutions"),
+    "grouped_conv": (lambda: nn.Sequential(nn.Conv2d(C, 6, 3, groups=3), *head(6 * 10 * 10)),
+                     r"grouped convolutions \(groups=3\)"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_layers(name):
+    make, match = REFUSED[name]
+    X, y = batch(4, 0)
+    with pytest.raises(CompileError, match=match):
+        compile_training_plan(make(), example_data=X, example_target=y)
