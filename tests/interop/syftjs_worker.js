@@ -13,6 +13,45 @@ const fs = require('fs');
 // Browser globals syft.js 0.1.4 expects, from their usual Node.js polyfills.
 global.WebSocket = require('ws');
 global.XMLHttpRequest = require('xhr2');
+// xhr2 writes a request body in one go and never fires the `xhr.upload` events a browser
+// fires. syft.js 0.1.4's upload speed test listens only to those (upload.onprogress,
+// upload.onload) and would wait forever. Upload in 1 MiB chunks and fire them, as a
+// browser does. (Nothing else here changes what syft.js sends.)
+global.XMLHttpRequest.XMLHttpRequestUpload.prototype._startUpload = function (request) {
+  const body = this._body;
+  const xhr = this._request;
+  if (!body || body.length === 0) {
+    request.end();
+    return;
+  }
+  const step = 1 << 20;
+  let sent = 0;
+  const fire = (type) => {
+    const event = new global.XMLHttpRequest.ProgressEvent(type);
+    event.lengthComputable = true;
+    event.loaded = sent;
+    event.total = body.length;
+    this.dispatchEvent(event);
+  };
+  const next = () => {
+    if (xhr._request !== request) return; // aborted (e.g. the speed test had enough)
+    if (sent > 0) fire('progress');
+    if (sent >= body.length) {
+      request.end();
+      fire('load');
+      fire('loadend');
+      return;
+    }
+    const chunk = body.subarray(sent, sent + step);
+    sent += chunk.length;
+    request.write(chunk, () => setImmediate(next));
+  };
+  fire('loadstart');
+  next();
+};
+// window.name: the speed test's AvgCollector constructor reads the bare browser global `name`
+// ("this.name = name"), a ReferenceError in Node.js without it.
+if (typeof global.name === 'undefined') global.name = '';
 const tf = require('@tensorflow/tfjs-core');
 const { Syft } = require('@openmined/syft.js');
 
@@ -43,6 +82,8 @@ async function main() {
         emit('accepted', {
           clientConfig,
           requestKey: job.cycleParams.request_key,
+          modelId: job.cycleParams.model_id,
+          planIds: job.cycleParams.plans,
           workerId: syft.worker_id,
           shapes: model.params.map((p) => p.shape),
           plans: Object.keys(job.plans),
@@ -58,7 +99,7 @@ async function main() {
           emit('reported', { loss: (await loss.data())[0], accuracy: (await acc.data())[0] });
         }
       } catch (err) {
-        emit('error', { message: err.message, during: 'accepted' });
+        emit('error', { message: err.message, during: 'accepted', cause: String(err.cause || '') });
       }
       resolve();
     });
