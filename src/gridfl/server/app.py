@@ -109,6 +109,27 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+_CHUNK = 1 << 20
+
+
+def _bytes_response(data: bytes) -> Response:
+    """Octet-stream; big bodies go out in 1 MiB slices of the cached bytes (no copies), so
+    each connection waits on socket backpressure instead of buffering a whole model."""
+    if len(data) <= _CHUNK:
+        return Response(data, media_type="application/octet-stream")
+    view = memoryview(data)
+
+    async def chunks():
+        for i in range(0, len(view), _CHUNK):
+            yield view[i : i + _CHUNK]
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={"content-length": str(len(data))},
+    )
+
+
 def _error_response(exc: BaseException, **extra: Any) -> JSONResponse:
     status, message = to_status(exc)
     return JSONResponse(_wire.error_body(message, **extra), status_code=status)
@@ -144,7 +165,7 @@ def _asset_get(method: str, id_key: str, variant: bool = False):
             data = await anyio.to_thread.run_sync(getattr(_node(request), method), req)
         except Exception as e:  # noqa: BLE001
             return _error_response(e)
-        return Response(data, media_type="application/octet-stream")
+        return _bytes_response(data)
 
     return endpoint
 
@@ -306,7 +327,7 @@ async def get_checkpoint(request: Request) -> Response:
     name, version = _pv(request)
     ref = request.path_params.get("ref", "latest")
     data = await anyio.to_thread.run_sync(_node(request).checkpoint, name, version, ref)
-    return Response(data, media_type="application/octet-stream")
+    return _bytes_response(data)
 
 
 @_admin
