@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from tests._vectors import VECTORS
 
 from gridfl import ModelError, StateError
 from gridfl.model import SyftModel
 from gridfl.state import dumps, loads
-
-VECTORS = Path("/work/shared/interop/syftjs-0.1.4")
-if not VECTORS.is_dir():
-    VECTORS = Path(__file__).resolve().parents[1] / "tests" / "data" / "syftjs-0.1.4"
 
 
 def vector(name: str) -> bytes:

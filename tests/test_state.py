@@ -26,10 +26,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a package at the repo root
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.syft_proto import arrays_from_message, state_message, syft_proto  # noqa: E402
-
-VECTORS = Path("/work/shared/interop/syftjs-0.1.4")
-if not VECTORS.is_dir():  # a copy inside the repo, if the lead vendors one
-    VECTORS = ROOT / "tests" / "data" / "syftjs-0.1.4"
+from tests._vectors import VECTORS  # noqa: E402
 
 
 def vector(name: str) -> bytes:

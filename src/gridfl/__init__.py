@@ -8,7 +8,9 @@ from gridfl._exceptions import *  # noqa: F403
 from gridfl._exceptions import __all__ as _exception_names
 from gridfl.client import AsyncJob, AsyncSyft, Job, Syft
 from gridfl.model import SyftModel
+from gridfl.plan import Plan
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "Syft", "AsyncSyft", "Job", "AsyncJob", "SyftModel", *_exception_names]
+__all__ = ["__version__", "Syft", "AsyncSyft", "Job", "AsyncJob", "SyftModel",
+    "Plan", *_exception_names]

@@ -10,9 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[2]
-VECTORS = Path("/work/shared/interop/syftjs-0.1.4")
-if not VECTORS.is_dir():  # a copy inside the repo, if the lead vendors one
-    VECTORS = ROOT / "tests" / "data" / "syftjs-0.1.4"
+from tests._vectors import VECTORS  # noqa: E402
 
 
 def vector(name: str) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -26,10 +25,8 @@ import pytest
 from gridfl import state
 
 HERE = Path(__file__).resolve().parent
-VECTORS = (
-    Path(os.environ.get("GRIDFL_INTEROP_VECTORS", HERE.parents[2] / "shared" / "interop"))
-    / "syftjs-0.1.4"
-)
+from tests._vectors import VECTORS  # noqa: E402
+
 WORKER_JS = HERE / "syftjs_worker.js"
 ADMIN = "interop-tests-admin"
 NODE_TIMEOUT = 60  # seconds one syft.js run may take
@@ -71,7 +68,7 @@ def node_bin() -> str:
 @pytest.fixture(scope="session")
 def vectors() -> Path:
     if not (VECTORS / "mnist_plan.pb").is_file():
-        pytest.fail(f"interop vectors not found in {VECTORS} (set GRIDFL_INTEROP_VECTORS)")
+        pytest.fail(f"interop vectors not found in {VECTORS}")
     return VECTORS
 
 

@@ -1,0 +1,136 @@
+"""The ``gridfl`` commands, in-process with click's runner, against a real node."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tests._live import LiveNode
+
+from gridfl import state
+from gridfl.cli import main
+
+TOKEN = "cli-tests-admin"
+
+MODEL_FILE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from gridfl.compiler import SGD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    example_data = torch.randn(4, 6)
+    example_target = torch.tensor([0, 1, 2, 1])
+    optimizer = SGD(lr=0.5)
+    name = "tiny"
+    version = "2.0"
+    client_config = {"batch_size": 4, "max_updates": 5}
+    server_config = {"max_workers": 1, "max_diffs": 1, "num_cycles": 2, "cycle_length": 60}
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    from gridfl.server import Settings
+
+    data = tmp_path_factory.mktemp("node")
+    srv = LiveNode(Settings(data_dir=data, admin_token=TOKEN, speed_test_bytes=1 << 16))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bundle")
+    (folder / "model.py").write_text(MODEL_FILE)
+    result = CliRunner().invoke(main, ["compile", str(folder / "model.py"), "-o",
+                                       str(folder / "out")])
+    assert result.exit_code == 0, result.output
+    return folder / "out"
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env or {}, catch_exceptions=False)
+
+
+def test_compile_writes_a_bundle_of_plans_and_the_initial_model(bundle):
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["client_config"] == {"name": "tiny", "version": "2.0", "lr": 0.5,
+                                     "batch_size": 4, "max_updates": 5}
+    params = state.loads((bundle / "model.pb").read_bytes())
+    assert [p.shape for p in params] == [(8, 6), (8,), (3, 8), (3,)]
+    from gridfl import Plan
+
+    assert Plan.from_bytes((bundle / "training_plan.onnx").read_bytes()).kind == "training"
+
+
+def test_host_status_worker_retrieve_round_trip(node, bundle, tmp_path):
+    r = run("host", node.url, bundle, "--admin-token", TOKEN)
+    assert r.exit_code == 0 and "hosted tiny 2.0" in r.output, r.output
+
+    r = run("status", node.url, "--admin-token", TOKEN)
+    assert r.exit_code == 0 and "tiny" in r.output, r.output
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)
+    np.savez(tmp_path / "local.npz", x=x, y=y)
+    r = run("worker", node.ws_url, "tiny", "--version", "2.0", "--data", tmp_path / "local.npz")
+    assert r.exit_code == 0, r.output
+    assert "reported 2 cycle(s)" in r.output and "the node is done" in r.output
+
+    r = run("status", node.url, "tiny", "2.0", "--json", env={"GRIDFL_ADMIN_TOKEN": TOKEN})
+    status = json.loads(r.output)
+    assert [c["reported"] for c in status["cycles"]] == [1, 1]
+    assert [c["number"] for c in status["checkpoints"]] == [1, 2, 3]
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    r = run("retrieve", node.url, "tiny", "2.0", "-o", tmp_path / "latest.npz",
+            "--admin-token-file", token_file)
+    assert r.exit_code == 0, r.output
+    r = run("retrieve", node.url, "tiny", "2.0", "--checkpoint", 1, "-o", tmp_path / "first.pb",
+            "--admin-token", TOKEN)
+    assert r.exit_code == 0, r.output
+    first = state.loads((tmp_path / "first.pb").read_bytes())
+    initial = state.loads((bundle / "model.pb").read_bytes())
+    for a, b in zip(first, initial, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with np.load(tmp_path / "latest.npz") as latest:
+        trained = [latest[f"p{i}"] for i in range(4)]
+    assert any(not np.allclose(a, b) for a, b in zip(initial, trained, strict=True))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["status", "http://127.0.0.1:9"], "admin token is needed"),
+        (["status", "http://127.0.0.1:9", "--admin-token", "x"], "GET /processes"),
+        (["status", "ftp://nowhere", "--admin-token", "x"], "must start with http"),
+        (["demo", "--model", "resnet"], "Invalid value for '--model'"),
+        (["demo", "--fraction", "0"], "Invalid value for '--fraction'"),
+        (["host", "NODE", "BUNDLE_PARENT", "--admin-token", TOKEN], "not a plan bundle"),
+        (["retrieve", "NODE", "nope", "1.0", "-o", "x.pb", "--admin-token", TOKEN], "404"),
+        (["host", "NODE", "BUNDLE", "--admin-token", "wrong"], "invalid admin token"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_exit_nonzero(node, bundle, args, message, tmp_path):
+    args = [
+        {"NODE": node.url, "BUNDLE": bundle, "BUNDLE_PARENT": tmp_path}.get(a, a) for a in args
+    ]
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code != 0
+    assert message in r.output, r.output
+    assert "Traceback" not in r.output
+    assert not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit)
+
+
+def test_every_command_has_help():
+    for name in ("serve", "demo", "compile", "host", "status", "retrieve", "worker"):
+        r = run(name, "--help")
+        assert r.exit_code == 0 and "Usage:" in r.output and len(r.output) > 200, name
