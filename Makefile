@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(BIN)/gridfl demo
 
-test: venv
+INTEROP := tests/interop/node_modules/.package-lock.json
+
+test: venv $(INTEROP)
 	. scripts/ensure-postgres && $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The published syft.js client and its Node.js polyfills, from the committed lockfile.
+$(INTEROP): tests/interop/package.json tests/interop/package-lock.json
+	scripts/ensure-node
+	cd tests/interop && npm ci --no-audit --no-fund --loglevel=error
 
 bench: venv
 	$(BIN)/python -m benchmarks
