@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-from tests._vectors import VECTORS
 
 from gridfl import ModelError, StateError
 from gridfl.model import SyftModel
 from gridfl.state import dumps, loads
+from tests._vectors import VECTORS
 
 
 def vector(name: str) -> bytes:

@@ -8,10 +8,10 @@ import textwrap
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tests._live import LiveNode
 
 from gridfl import state
 from gridfl.cli import main
+from tests._live import LiveNode
 
 TOKEN = "cli-tests-admin"
 
