@@ -127,7 +127,7 @@ def test_momentum_matches_torch_sgd():
         ref_loss = torch.nn.functional.cross_entropy(ref(Xb), yb)
         ref_loss.backward()
         opt.step()
-        assert_close(loss, float(ref_loss), rtol=1e-5, what=f"loss {step}")
+        assert_close(loss, float(ref_loss.detach()), rtol=1e-5, what=f"loss {step}")
         for i, (got, p) in enumerate(zip(params, ref.parameters(), strict=True)):
             assert_close(got, p.detach().numpy(), rtol=1e-4, atol=1e-6, what=f"param {i}")
             assert_close(state[i], opt.state[p]["momentum_buffer"].numpy(), rtol=1e-4,
