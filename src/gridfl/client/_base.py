@@ -262,6 +262,8 @@ class BaseJob:
         self.client_config: dict[str, Any] = {}
         self.error: GridflError | None = None
         self._cycle = _Cycle()
+        #: (worker_id, requires_speed_test) once authenticated; reused by later starts
+        self._identity: tuple[str, bool] | None = None
 
     # ------------------------------------------------------------------ events
     def on(self, event: str, handler: Callable[..., Any] | None = None) -> Any:
@@ -350,6 +352,7 @@ class BaseJob:
             logger.info("%s rejected, timeout=%s", self.model_name, outcome.timeout)
         else:
             outcome = _as_error(outcome)
+            self._identity = None  # authenticate afresh next time
             self.state = JobState.FAILED
             self.error = outcome
             logger.warning("%s failed: %s", self.model_name, outcome)
@@ -365,17 +368,23 @@ class BaseJob:
         from gridfl.model import SyftModel
 
         c = self._cycle
-        auth: dict[str, Any] = {"model_name": self.model_name}
-        if self.model_version is not None:
-            auth["model_version"] = self.model_version
-        if self.auth_token is not None:
-            auth["auth_token"] = self.auth_token
-        reply = yield Call(proto.AUTHENTICATE, auth)
-        if reply.get("status", "success") != "success":
-            raise GridError(f"authentication failed: {reply!r:.300}")
-        c.worker_id = str(_require(reply, "worker_id", proto.AUTHENTICATE))
-        c.requires_speed_test = bool(reply.get("requires_speed_test", False))
-        logger.debug("%s: authenticated as worker %s", self.model_name, c.worker_id)
+        if self._identity is not None:
+            # A started job starting again joins the next cycle as the same worker: the node
+            # binds a worker id to its process, and PyGrid lets it join each cycle once.
+            c.worker_id, c.requires_speed_test = self._identity
+        else:
+            auth: dict[str, Any] = {"model_name": self.model_name}
+            if self.model_version is not None:
+                auth["model_version"] = self.model_version
+            if self.auth_token is not None:
+                auth["auth_token"] = self.auth_token
+            reply = yield Call(proto.AUTHENTICATE, auth)
+            if reply.get("status", "success") != "success":
+                raise GridError(f"authentication failed: {reply!r:.300}")
+            c.worker_id = str(_require(reply, "worker_id", proto.AUTHENTICATE))
+            c.requires_speed_test = bool(reply.get("requires_speed_test", False))
+            self._identity = (c.worker_id, c.requires_speed_test)
+            logger.debug("%s: authenticated as worker %s", self.model_name, c.worker_id)
 
         request: dict[str, Any] = {"worker_id": c.worker_id, "model": self.model_name}
         if self.model_version is not None:

@@ -116,6 +116,9 @@ class Job(BaseJob):
         ``wait`` (seconds) lets a gridfl node hold a rejection and answer as soon as the
         worker can join a cycle, instead of the worker sleeping for ``timeout`` and asking
         again; it is how a worker moves to the next cycle the moment it opens.
+
+        Starting the same job again joins the next cycle as the same worker (no new
+        authentication); a new job authenticates afresh, as syft.js does.
         """
         if not 0 <= wait <= 300:
             raise ConfigError(f"wait must be between 0 and 300 seconds, got {wait!r}")

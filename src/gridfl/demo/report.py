@@ -27,7 +27,9 @@ class RunResult:
 
     settings: dict
     cycles: list[CycleResult] = field(default_factory=list)
-    startup_seconds: float | None = None  # node up -> first aggregated checkpoint
+    startup_seconds: float | None = None  # node up (healthy) -> first aggregated checkpoint
+    node_boot_seconds: float | None = None  # node process start -> healthy
+    host_seconds: float | None = None  # hosting the process (inside startup_seconds)
     peak_rss_mb: float | None = None
 
     def rounds_to(self, accuracy: float) -> int | None:

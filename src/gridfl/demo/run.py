@@ -88,15 +88,29 @@ def run_demo(
     result = RunResult(settings={**_jsonable(asdict(options)), "per_cycle": options.per_cycle})
 
     token = secrets.token_urlsafe(16)
-    with _node(options.data_dir, token) as (url, node_proc), HostClient(
+    with _node(options.data_dir, token) as (url, node_proc, node_started), HostClient(
         url, admin_token=token
     ) as host:
+        # Workers start with the node: their imports and connections overlap its start-up,
+        # and they wait for a line on stdin before joining.
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "gridfl.demo.worker", url.replace("http", "ws", 1),
+                 name, version, str(f), "--seed", str(options.seed * 1000 + i), "--wait-for-go"],
+                stdin=subprocess.PIPE,
+                # ten processes share the cores: one plan thread each
+                env={**os.environ, "OMP_NUM_THREADS": "1", "GRIDFL_PLAN_THREADS": "1"},
+            )
+            for i, f in enumerate(shard_files)
+        ]
+        _wait_healthy(url, node_proc)
         node_up = time.perf_counter()
+        result.node_boot_seconds = round(node_up - node_started, 2)
         with contextlib.suppress(GridflError):
             host.delete(name, version)  # a previous run in the same data dir
         host.host(
             model=[p.detach().numpy() for p in model.parameters()],
-            plans={"training_plan": training_plan, "evaluation_plan": evaluation_plan},
+            plans={"training_plan": training_plan},
             client_config={
                 "name": name,
                 "version": version,
@@ -112,14 +126,10 @@ def run_demo(
                 "cycle_length": 600,
             },
         )
-        workers = [
-            subprocess.Popen(
-                [sys.executable, "-m", "gridfl.demo.worker", url.replace("http", "ws", 1),
-                 name, version, str(f), "--seed", str(options.seed * 1000 + i)],
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )
-            for i, f in enumerate(shard_files)
-        ]
+        result.host_seconds = round(time.perf_counter() - node_up, 2)
+        for w in workers:
+            w.stdin.write(b"go\n")
+            w.stdin.close()
         try:
             _watch(host, name, version, node_up, options, mnist, evaluation_plan, result,
                    [node_proc, *workers], on_cycle)
@@ -178,23 +188,23 @@ def _compile_plans(model, mnist, options: DemoOptions):
 
 
 @contextlib.contextmanager
-def _node(data_dir: Path, token: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A grid node in its own process (its own GIL), on a free loopback port."""
+def _node(data_dir: Path, token: str) -> Iterator[tuple[str, subprocess.Popen, float]]:
+    """A grid node in its own process (its own GIL), on a free loopback port; yields its
+    URL, its process and when it was started (``time.perf_counter``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     db = data_dir / "gridfl.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)  # a fresh grid per run
+    started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gridfl", "serve", "--port", str(port),
          "--data-dir", str(data_dir), "--log-level", "warning"],
         env={**os.environ, "GRIDFL_ADMIN_TOKEN": token},
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, proc)
-        yield url, proc
+        yield f"http://127.0.0.1:{port}", proc, started
     finally:
         proc.terminate()
         try:

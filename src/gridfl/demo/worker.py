@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 import numpy as np
 
@@ -26,44 +27,42 @@ def load_clients(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(npz[f"x{i}"], npz[f"y{i}"]) for i in range(count)]
 
 
-def run(url: str, name: str, version: str, shard: str, *, seed: int, wait: float) -> int:
+def run(url: str, name: str, version: str, clients, *, seed: int, wait: float) -> int:
     """Join cycles until the node is done; returns the number of cycles reported."""
-    clients = load_clients(shard)
     rng = np.random.default_rng(seed)
     reported = 0
     with Syft(url) as client:
+        job = client.new_job(name, version)
+        outcome: dict = {}
+
+        @job.on("accepted")
+        def on_accepted(model, client_config):
+            data, target = clients[rng.integers(len(clients))]
+            result = job.train("training_plan", data, target, seed=int(rng.integers(2**31)))
+            job.report(
+                model.create_serialized_diff(result.params),
+                num_samples=result.num_samples,
+                metrics={"loss": result.loss, **result.metrics},
+            )
+            outcome["reported"] = True
+
+        @job.on("rejected")
+        def on_rejected(timeout):
+            outcome["timeout"] = timeout
+
+        @job.on("error")
+        def on_error(exc):
+            outcome["error"] = exc
+
         while True:
-            job = client.new_job(name, version)
-            outcome: dict = {}
-
-            @job.on("accepted")
-            def on_accepted(model, client_config, job=job, outcome=outcome):
-                data, target = clients[rng.integers(len(clients))]
-                result = job.train("training_plan", data, target, seed=int(rng.integers(2**31)))
-                job.report(
-                    model.create_serialized_diff(result.params),
-                    num_samples=result.num_samples,
-                    metrics={"loss": result.loss, **result.metrics},
-                )
-                outcome["reported"] = True
-
-            @job.on("rejected")
-            def on_rejected(timeout, outcome=outcome):
-                outcome["timeout"] = timeout
-                outcome["rejected"] = True
-
-            @job.on("error")
-            def on_error(exc, outcome=outcome):
-                outcome["error"] = exc
-
-            job.start(wait=wait)
+            outcome.clear()
+            job.start(wait=wait)  # the same job again: the next cycle, same worker id
             if "error" in outcome:
                 logging.warning("cycle failed: %s", outcome["error"])
-                continue
-            if outcome.get("reported"):
+                time.sleep(0.5)
+            elif outcome.get("reported"):
                 reported += 1
-                continue
-            if outcome.get("timeout") is None:
+            elif outcome.get("timeout") is None:
                 return reported  # nothing left to train
 
 
@@ -75,9 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("shard", help=".npz with x0, y0, x1, y1, ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wait", type=float, default=30.0, help="long-poll seconds")
+    parser.add_argument("--wait-for-go", action="store_true",
+                        help="load everything, then wait for a line on stdin before joining")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="worker %(process)d: %(message)s")
-    run(args.url, args.name, args.version, args.shard, seed=args.seed, wait=args.wait)
+    clients = load_clients(args.shard)
+    if args.wait_for_go:
+        import onnxruntime  # noqa: F401 - the slow import, done before the start signal
+
+        sys.stdin.readline()
+    run(args.url, args.name, args.version, clients, seed=args.seed, wait=args.wait)
     assert "torch" not in sys.modules, "demo workers must not import torch"
     return 0
 

@@ -28,6 +28,8 @@ def serve(
         port=port,
         log_level=log_level.lower(),
         ws_max_size=settings.max_body_bytes,
+        # Diffs are base64 floats: compressing them costs far more CPU than it saves.
+        ws_per_message_deflate=False,
         ws_ping_interval=20,
         ws_ping_timeout=60,
         timeout_keep_alive=30,
