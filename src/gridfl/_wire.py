@@ -55,6 +55,8 @@ __all__ = [
     "error_body",
     "encode_diff",
     "decode_diff",
+    "check_text",
+    "MAX_NUM_SAMPLES",
 ]
 
 # --- message types (WebSocket `type`; the HTTP path is `/` + type) -------------------------
@@ -86,6 +88,17 @@ def _obj(data: Any, what: str) -> dict[str, Any]:
     return data
 
 
+def check_text(value: str, what: str) -> str:
+    """Refuse text no database can store: NUL characters and lone UTF-16 surrogates."""
+    if "\x00" in value:
+        raise InvalidRequestError(f"{what} must not contain control character NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"{what} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
 def _str(data: dict, key: str, *, required: bool = True, max_len: int = 4096) -> str | None:
     value = data.get(key)
     if value is None:
@@ -94,23 +107,39 @@ def _str(data: dict, key: str, *, required: bool = True, max_len: int = 4096) ->
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidRequestError(f"'{key}' must be a string")
+    if isinstance(value, int) and abs(value) >= 1 << 63:
+        raise InvalidRequestError(f"'{key}' is too long")
     value = str(value)
     if required and not value:
         raise InvalidRequestError(f"'{key}' must not be empty")
     if len(value) > max_len:
         raise InvalidRequestError(f"'{key}' is too long")
-    return value
+    return check_text(value, f"'{key}'")
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None if it is not a finite JSON number (bools are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)  # an int beyond float range raises OverflowError
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+#: largest ``num_samples`` (2**53 - 1: exact in a double, JavaScript's safe integer)
+MAX_NUM_SAMPLES = (1 << 53) - 1
 
 
 def _number(data: dict, key: str) -> float | None:
     value = data.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    f = _finite(value)
+    if f is None or f < 0:
         raise InvalidRequestError(f"'{key}' needs to be a positive number")
-    if value < 0:
-        raise InvalidRequestError(f"'{key}' needs to be a positive number")
-    return float(value)
+    return f
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -185,11 +214,10 @@ def _wait(data: dict[str, Any]) -> float:
     value = data.get("wait", 0)
     if value is None:
         return 0.0
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-        0 <= value <= MAX_WAIT
-    ):
+    f = _finite(value)
+    if f is None or not 0 <= f <= MAX_WAIT:
         raise InvalidRequestError(f"'wait' must be a number of seconds from 0 to {MAX_WAIT:g}")
-    return float(value)
+    return f
 
 
 def decode_diff(value: Any) -> bytes:
@@ -213,24 +241,28 @@ def parse_report(data: Any) -> ReportRequest:
     diff = decode_diff(data.get("diff"))
     num_samples = data.get("num_samples")
     if num_samples is not None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-            raise InvalidRequestError("'num_samples' must be a positive integer")
+        if (
+            isinstance(num_samples, bool)
+            or not isinstance(num_samples, int)
+            or not 0 < num_samples <= MAX_NUM_SAMPLES
+        ):
+            raise InvalidRequestError(
+                f"'num_samples' must be a positive integer (at most {MAX_NUM_SAMPLES})"
+            )
     metrics = data.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise InvalidRequestError("'metrics' must be an object of name -> number")
+    if len(metrics) > 32:
+        raise InvalidRequestError("at most 32 metrics per report")
     clean: dict[str, float] = {}
     for name, value in metrics.items():
-        if (
-            not isinstance(name, str)
-            or len(name) > 64
-            or isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
+        if not isinstance(name, str) or len(name) > 64:
+            raise InvalidRequestError("metric names must be strings of at most 64 characters")
+        check_text(name, "a metric name")
+        f = _finite(value)
+        if f is None:
             raise InvalidRequestError(f"metric {name!r} must be a finite number")
-        clean[name] = float(value)
-    if len(clean) > 32:
-        raise InvalidRequestError("at most 32 metrics per report")
+        clean[name] = f
     return ReportRequest(worker_id, request_key, diff, num_samples, clean)
 
 
@@ -241,6 +273,8 @@ def parse_asset_request(query: Any, id_key: str, *, variant: bool = False) -> As
         asset_id = int(raw)
     except ValueError:
         raise InvalidRequestError(f"'{id_key}' must be an integer") from None
+    if not 0 <= asset_id < 1 << 63:  # no database row has such an id
+        asset_id = -1
     ops = _str(query, "receive_operations_as", required=False) if variant else None
     if ops is not None and ops not in PLAN_VARIANTS:
         raise InvalidRequestError(

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -24,7 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import gridfl
 from gridfl import _wire
-from gridfl._exceptions import InvalidRequestError, PayloadTooLargeError
+from gridfl._exceptions import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from gridfl.server.auth import check_admin
 from gridfl.server.errors import to_status
 from gridfl.server.service import GridNode
@@ -45,11 +46,15 @@ def _error_extra(kind: str) -> dict[str, Any]:
     return {"status": "rejected"} if kind == _wire.CYCLE_REQUEST else {}
 
 
-def _parse_json(body: bytes) -> Any:
+def _parse_json(body: bytes | str, what: str = "the body") -> Any:
+    """Decode JSON; every failure is a 400 (bad UTF-8, syntax, integers longer than Python
+    reads, nesting deeper than the decoder recurses)."""
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidRequestError(f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequestError(f"{what} is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise InvalidRequestError(f"{what} is not valid JSON: {e}") from None
 
 
 class CycleSignal:
@@ -221,13 +226,14 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         async with send_lock:
             await ws.send_text(json.dumps(obj))
 
-    async def handle(text: str) -> None:
+    async def handle(text: str | bytes) -> None:
         kind, request_id = None, None
         try:
-            try:
-                frame = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InvalidRequestError(f"the message is not valid JSON: {e}") from None
+            if not isinstance(text, str):
+                raise InvalidRequestError(
+                    "the node reads JSON text frames; got a binary frame (send text frames)"
+                )
+            frame = _parse_json(text, "the message")
             if isinstance(frame, dict):
                 request_id = frame.get("request_id")
                 kind = frame.get("type") if isinstance(frame.get("type"), str) else None
@@ -254,7 +260,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         with contextlib.suppress(Exception):
             await send(reply)
 
-    async def run(text: str) -> None:
+    async def run(text: str | bytes) -> None:
         try:
             await handle(text)
         finally:
@@ -264,7 +270,12 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         async with anyio.create_task_group() as tg:
             try:
                 while True:
-                    text = await ws.receive_text()
+                    message = await ws.receive()
+                    if message["type"] == "websocket.disconnect":
+                        break
+                    text = message.get("text")
+                    if text is None:  # a binary frame: answered with an error
+                        text = message.get("bytes") or b""
                     await in_flight.acquire()
                     tg.start_soon(run, text)
             except WebSocketDisconnect:
@@ -286,7 +297,22 @@ def _admin(fn):
 
 
 def _pv(request: Request) -> tuple[str, str | None]:
-    return request.path_params["name"], request.path_params.get("version")
+    name, version = request.path_params["name"], request.path_params.get("version")
+    _wire.check_text(name, "the process name")
+    if version is not None:
+        _wire.check_text(version, "the process version")
+    return name, version
+
+
+def _checkpoint_ref(ref: str) -> str:
+    """A checkpoint number (ASCII digits, fits a database integer) or an alias."""
+    _wire.check_text(ref, "the checkpoint")
+    if ref.isdigit() and not (ref.isascii() and int(ref) < 1 << 63):
+        raise NotFoundError(
+            f"this process has no checkpoint {ref!r} (a checkpoint is a number or an alias "
+            "such as 'latest')"
+        )
+    return ref
 
 
 @_admin
@@ -325,7 +351,7 @@ async def stop_process(request: Request) -> Response:
 @_admin
 async def get_checkpoint(request: Request) -> Response:
     name, version = _pv(request)
-    ref = request.path_params.get("ref", "latest")
+    ref = _checkpoint_ref(request.path_params.get("ref", "latest"))
     data = await anyio.to_thread.run_sync(_node(request).checkpoint, name, version, ref)
     return _bytes_response(data)
 
@@ -337,9 +363,12 @@ async def retrieve_model(request: Request) -> Response:
     name = q.get("name")
     if not name:
         raise InvalidRequestError("'name' is required")
-    data = await anyio.to_thread.run_sync(
-        _node(request).checkpoint, name, q.get("version") or None, q.get("checkpoint") or "latest"
-    )
+    version = q.get("version") or None
+    _wire.check_text(name, "'name'")
+    if version is not None:
+        _wire.check_text(version, "'version'")
+    ref = _checkpoint_ref(q.get("checkpoint") or "latest")
+    data = await anyio.to_thread.run_sync(_node(request).checkpoint, name, version, ref)
     return Response(data, media_type="application/octet-stream")
 
 
@@ -352,6 +381,14 @@ async def health(request: Request) -> Response:
             "database": node.engine.dialect.name,
         }
     )
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
+    """Routing errors (unknown path 404, wrong method 405) as JSON ``{"error"}`` too."""
+    message = f"{exc.detail}: {request.method} {request.url.path}"
+    if exc.status_code == 404:
+        message += " (the API is described at GET /openapi.json and in docs/protocol.md)"
+    return JSONResponse(_wire.error_body(message), status_code=exc.status_code, headers=exc.headers)
 
 
 # --- lifespan: database, migrations, the deadline timer -------------------------------------
@@ -430,6 +467,7 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        exception_handlers={HTTPException: _http_exception},
         middleware=[
             Middleware(
                 CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]

@@ -32,32 +32,75 @@ SERVER_DEFAULTS: dict[str, Any] = {
 _AUTH_KEYS = {"type", "secret", "pub_key", "endpoint"}
 
 
+#: largest integer a server_config key takes (a 32-bit database integer)
+MAX_INT = (1 << 31) - 1
+#: largest over_selection (accepting 100x max_workers is already absurd)
+MAX_OVER_SELECTION = 100.0
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 def _int(cfg: dict, key: str, *, minimum: int, nullable: bool) -> None:
     v = cfg[key]
     if v is None and nullable:
         return
-    if not _is_int(v) or v < minimum:
+    if not _is_int(v) or not minimum <= v <= MAX_INT:
         null = " or null" if nullable else ""
-        raise ConfigError(f"server_config.{key} must be an integer >= {minimum}{null}; got {v!r}")
+        raise ConfigError(
+            f"server_config.{key} must be an integer >= {minimum} (at most {MAX_INT}){null}; "
+            f"got {_short(v)}"
+        )
 
 
-def _num(cfg: dict, key: str, *, minimum: float, nullable: bool, strict: bool = False) -> None:
+def _short(v: Any) -> str:
+    text = repr(v) if not _is_int(v) or abs(v) < 10**30 else f"an integer of {len(str(v))} digits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _num(
+    cfg: dict,
+    key: str,
+    *,
+    minimum: float,
+    nullable: bool,
+    strict: bool = False,
+    maximum: float | None = None,
+) -> None:
     v = cfg[key]
     if v is None and nullable:
         return
-    if not _is_num(v) or v < minimum or (strict and v == minimum):
+    if (
+        not _is_num(v)
+        or v < minimum
+        or (strict and v == minimum)
+        or (maximum is not None and v > maximum)
+    ):
         op = ">" if strict else ">="
+        top = f" and <= {maximum:g}" if maximum is not None else ""
         null = " or null" if nullable else ""
-        raise ConfigError(f"server_config.{key} must be a number {op} {minimum}{null}; got {v!r}")
+        raise ConfigError(
+            f"server_config.{key} must be a number {op} {minimum}{top}{null}; got {_short(v)}"
+        )
     cfg[key] = float(v) if isinstance(v, float) else v
+
+
+def _encodes(v: str) -> bool:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate_client_config(cfg: Any) -> dict[str, Any]:
@@ -67,6 +110,10 @@ def validate_client_config(cfg: Any) -> dict[str, Any]:
         v = cfg.get(key)
         if not isinstance(v, str) or not v or len(v) > 255:
             raise ConfigError(f"client_config.{key} is required: a non-empty string (<= 255)")
+        if "\x00" in v or not _encodes(v):
+            raise ConfigError(
+                f"client_config.{key} must not contain control character NUL or lone surrogates"
+            )
     return dict(cfg)
 
 
@@ -125,7 +172,7 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
     for key in ("min_diffs", "max_diffs", "max_workers"):
         _int(out, key, minimum=1, nullable=True)
     _int(out, "min_workers", minimum=0, nullable=True)
-    _num(out, "over_selection", minimum=1.0, nullable=False)
+    _num(out, "over_selection", minimum=1.0, nullable=False, maximum=MAX_OVER_SELECTION)
     _int(out, "do_not_reuse_workers_until_cycle", minimum=0, nullable=False)
     _num(out, "minimum_upload_speed", minimum=0, nullable=True)
     _num(out, "minimum_download_speed", minimum=0, nullable=True)
