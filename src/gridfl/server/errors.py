@@ -11,6 +11,7 @@ from gridfl._exceptions import (
     PlanInputError,
     PlanLoadError,
     StateError,
+    UnavailableError,
 )
 
 log = logging.getLogger("gridfl.server")
@@ -25,8 +26,48 @@ STATUS = {
 }
 
 
+#: what a worker is told when the database cannot be reached (the request did nothing)
+MSG_DATABASE_UNAVAILABLE = (
+    "the database is unavailable ({what}); retry later"
+)
+
+
+def database_unavailable(exc: BaseException) -> UnavailableError | None:
+    """An :class:`UnavailableError` (503, retryable) when ``exc`` means the database cannot
+    serve now: connection refused or lost (PostgreSQL stopped or restarting), connection
+    pool exhausted, SQLite busy/locked past its timeout. ``None`` for anything else."""
+    try:
+        import sqlalchemy.exc as sa_exc
+    except ImportError:  # pragma: no cover
+        return None
+    what = None
+    if isinstance(exc, sa_exc.TimeoutError):  # QueuePool limit reached, no connection freed
+        what = "no free database connection"
+    elif isinstance(exc, sa_exc.DBAPIError) and (
+        exc.connection_invalidated
+        or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
+    ):
+        # psycopg OperationalError: connection refused / server closed the connection /
+        # admin shutdown / deadlock or serialization failure (rolled back);
+        # sqlite3 OperationalError: only "database is locked/busy" and I/O trouble
+        # ("no such table" and the like are bugs: 500)
+        text = str(getattr(exc, "orig", None) or exc).strip()
+        sqlite = type(getattr(exc, "orig", None)).__module__.startswith("sqlite3")
+        if not sqlite or any(w in text for w in ("locked", "busy", "I/O", "unable to open")):
+            what = (text.splitlines() or [""])[0][:200]
+    if what is None:
+        return None
+    err = UnavailableError(MSG_DATABASE_UNAVAILABLE.format(what=what))
+    err.__cause__ = exc
+    return err
+
+
 def to_status(exc: BaseException) -> tuple[int, str]:
     """``(http status, message)`` for any exception; unknown ones are 500 and logged."""
+    unavailable = database_unavailable(exc)
+    if unavailable is not None:
+        log.warning("database unavailable: %s", unavailable)
+        exc = unavailable
     if isinstance(exc, GridError):
         return exc.http_status, str(exc)
     for cls, status in STATUS.items():

@@ -15,6 +15,7 @@ import binascii
 import hmac
 import logging
 import math
+import os
 import random
 import secrets
 import threading
@@ -59,6 +60,22 @@ from gridfl.server.tables import (
 )
 
 log = logging.getLogger("gridfl.server")
+
+
+def _test_crash_point(name: str) -> None:
+    """TEST-ONLY fault injection: with ``GRIDFL_TEST_CRASH_AT=<name>`` in the environment the
+    process dies here (``os._exit(137)``, as abruptly as ``kill -9``: no cleanup, no commit).
+
+    Points: ``report`` (inside a report's transaction, after the diff is folded in and
+    the worker marked reported, before commit) and ``aggregate`` (inside the completion
+    transaction, after the new checkpoint row is written and the cycle marked completed,
+    before commit). Used by tests/faults/ to prove a crash there leaves nothing half-done.
+    Never set it in production.
+    """
+    if os.environ.get("GRIDFL_TEST_CRASH_AT") == name:
+        log.warning("GRIDFL_TEST_CRASH_AT=%s: exiting abruptly (test-only fault injection)", name)
+        logging.shutdown()
+        os._exit(137)
 
 
 def _status(err, status: int):
@@ -687,6 +704,7 @@ class GridNode:
                 conn.execute(
                     cycles.update().where(cycles.c.id == cycle_id).values(num_reports=received)
                 )
+                _test_crash_point("report")
                 if self._ready(conn, cycle, process.server_config, received, now):
                     self._complete(
                         conn, cycle, process, spec, (count_w, weight, sum_w, count_x, sum_x)
@@ -820,6 +838,7 @@ class GridNode:
             log.info("process %s/%s finished", process.name, process.version)
         else:
             self._new_cycle(conn, process, ckpt, now)
+        _test_crash_point("aggregate")
 
     # ------------------------------------------------------------------ deadlines
     def next_deadline(self) -> float | None:
