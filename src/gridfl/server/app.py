@@ -372,6 +372,13 @@ async def retrieve_model(request: Request) -> Response:
     return Response(data, media_type="application/octet-stream")
 
 
+async def openapi_json(request: Request) -> Response:
+    """The OpenAPI 3 description of this HTTP API (gridfl/server/openapi.py)."""
+    from gridfl.server.openapi import spec
+
+    return JSONResponse(spec())
+
+
 async def health(request: Request) -> Response:
     node = _node(request)
     return JSONResponse(
@@ -452,6 +459,7 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
         Route(f"{mc}/retrieve-model", retrieve_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/gridfl/v1/health", health, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/gridfl/v1/processes", host_process, methods=["POST"]),
         Route("/gridfl/v1/processes", list_processes, methods=["GET"]),
         Route("/gridfl/v1/processes/{name}", process_status, methods=["GET"]),
