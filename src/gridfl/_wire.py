@@ -13,11 +13,12 @@ Transports (docs/protocol.md has the full story):
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+import pybase64
 
 from gridfl._exceptions import InvalidRequestError
 
@@ -225,13 +226,27 @@ def decode_diff(value: Any) -> bytes:
     if not isinstance(value, str) or not value:
         raise InvalidRequestError("'diff' must be a non-empty base64 string")
     try:
-        return base64.b64decode(value, validate=True)
+        return b64decode(value)
     except (binascii.Error, ValueError):
         raise InvalidRequestError("'diff' is not valid base64") from None
 
 
+def b64decode(value: str) -> bytes:
+    """Strict standard base64 (padded, no stray characters) to bytes.
+
+    pybase64 (SIMD) rather than the standard library: a CNN diff is 9 MB of base64,
+    which the standard library decodes in ~50 ms and pybase64 in ~1 ms.
+    """
+    return pybase64.b64decode(value, validate=True)
+
+
+def b64encode(data: bytes) -> str:
+    """Bytes to standard base64 text (the encoding of diffs and hosted blobs)."""
+    return pybase64.b64encode(data).decode("ascii")
+
+
 def encode_diff(diff: bytes) -> str:
-    return base64.b64encode(diff).decode("ascii")
+    return b64encode(diff)
 
 
 def parse_report(data: Any) -> ReportRequest:

@@ -17,7 +17,6 @@ Talks to the node's admin API (``/gridfl/v1/``) with the admin token::
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -26,7 +25,7 @@ import httpx
 import numpy as np
 
 from gridfl import _exceptions as errors
-from gridfl import state
+from gridfl import _wire, state
 from gridfl.model import SyftModel
 
 __all__ = ["HostClient"]
@@ -149,7 +148,7 @@ def _path(name: str, version: str | None) -> str:
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return _wire.b64encode(data)
 
 
 def _model_bytes(model: Any) -> bytes:

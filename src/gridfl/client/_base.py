@@ -14,7 +14,6 @@ The I/O-free core of the worker SDK, shared by :class:`~gridfl.Syft` and
 
 from __future__ import annotations
 
-import base64
 import enum
 import hashlib
 import inspect
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from gridfl import _wire
 from gridfl._exceptions import (
     ConfigError,
     CycleStatusError,
@@ -465,7 +465,7 @@ class BaseJob:
         data: dict[str, Any] = {
             "worker_id": self.worker_id,
             "request_key": self.request_key,
-            "diff": base64.b64encode(bytes(diff)).decode("ascii"),
+            "diff": _wire.b64encode(bytes(diff)),
         }
         if num_samples is not None:
             if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:

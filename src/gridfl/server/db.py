@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ log = logging.getLogger("gridfl.server")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _PG_MIGRATION_LOCK = 0x67726964  # "grid"
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
 
 
 def create_engine(url: str) -> Engine:
@@ -51,6 +54,10 @@ def create_engine(url: str) -> Engine:
             else:
                 conn.exec_driver_sql("BEGIN")
 
+        # SQLite has one writer at a time and its busy handler sleeps in growing steps
+        # (up to 100 ms) while it waits; writers of this process queue on a lock instead,
+        # and are handed the database the moment the previous one commits.
+        _WRITE_LOCKS[engine] = threading.RLock()
         return engine
     return sa.create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True)
 
@@ -62,7 +69,8 @@ def is_postgres(engine: Engine) -> bool:
 @contextlib.contextmanager
 def write(engine: Engine) -> Iterator[Connection]:
     """A write transaction (SQLite: BEGIN IMMEDIATE). Commits on success, rolls back on error."""
-    with engine.connect() as conn:
+    lock = _WRITE_LOCKS.get(engine)
+    with lock or contextlib.nullcontext(), engine.connect() as conn:
         conn = conn.execution_options(gridfl_write=True)
         with conn.begin():
             yield conn
