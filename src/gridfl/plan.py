@@ -9,7 +9,7 @@ client config to the graph without any model code::
     ('training', 4)
     >>> loss, acc, *params = plan.execute(X, y, 64, 0.005, *model.params)  # doctest: +SKIP
 
-Metadata keys (see ``notes/CONTRACTS.md``):
+Metadata keys (see docs/plans.md):
 
 * ``gridfl.format`` = ``"1"``
 * ``gridfl.kind`` = ``"training"`` | ``"evaluation"`` | ``"averaging"``
