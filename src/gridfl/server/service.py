@@ -412,6 +412,10 @@ class GridNode:
         return _wire.authenticate_response(worker_id, requires_speed_test(cfg))
 
     def cycle_request(self, req: _wire.CycleRequest) -> dict[str, Any]:
+        if req.ping is None and req.download is None and req.upload is None:
+            full = self._full_cycle_rejection(req)
+            if full is not None:
+                return full
         with db.write(self.engine) as conn:
             worker = conn.execute(sa.select(workers).where(workers.c.id == req.worker_id)).first()
             if worker is None:
@@ -526,6 +530,50 @@ class GridNode:
             protocols=protocol_ids,
             client_config=process.client_config,
         )
+
+    def _full_cycle_rejection(self, req: _wire.CycleRequest) -> dict[str, Any] | None:
+        """Fast path, read-only: the rejection of a request for a cycle that is already
+        full, or ``None`` to take the locked path. Workers long-polling a full cycle
+        re-ask every ``long_poll_recheck`` seconds; without this each re-ask would be a
+        write transaction holding the cycle's row lock, which reports queue behind.
+        Accepted counts only grow within a cycle, so a committed count at the cap is final.
+        """
+        with db.read(self.engine) as conn:
+            worker = conn.execute(
+                sa.select(workers.c.id, workers.c.process_id).where(workers.c.id == req.worker_id)
+            ).first()
+            if worker is None:
+                return None
+            process = conn.execute(
+                sa.select(processes).where(processes.c.id == worker.process_id)
+            ).one()
+            cfg = process.server_config
+            cap = worker_capacity(cfg)
+            if (
+                cap is None
+                or process.status != "running"
+                or process.name != req.model
+                or (req.version is not None and req.version != process.version)
+                or requires_speed_test(cfg)
+            ):
+                return None
+            cycle = self._open_cycle(conn, process.id)
+            if cycle is None:
+                return None
+            accepted = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(worker_cycles)
+                .where(worker_cycles.c.cycle_id == cycle.id)
+            ).scalar_one()
+            if accepted < cap:
+                return None
+            taken = conn.execute(
+                sa.select(worker_cycles.c.id).where(
+                    worker_cycles.c.cycle_id == cycle.id, worker_cycles.c.worker_id == worker.id
+                )
+            ).first()
+            reason = "already accepted into this cycle" if taken else "the cycle is full"
+            return _wire.rejected_response(self._timeout(cycle), reason)
 
     def _check_asset_access(self, conn: Connection, process_id: int, worker_id: str, key: str):
         """The worker must hold ``key`` for the process's currently open cycle."""
@@ -848,6 +896,18 @@ class GridNode:
                     cycles.c.status == "open", cycles.c.end_at.is_not(None)
                 )
             ).scalar()
+
+    def cycle_marker(self) -> tuple[int | None, int]:
+        """(newest open cycle id, number of open cycles): changes whenever a cycle opens or
+        closes on this database, whichever server process did it. One cheap query; the
+        app polls it every ``long_poll_recheck`` seconds to wake its long-polled requests."""
+        with db.read(self.engine) as conn:
+            row = conn.execute(
+                sa.select(sa.func.max(cycles.c.id), sa.func.count())
+                .select_from(cycles)
+                .where(cycles.c.status == "open")
+            ).one()
+            return row[0], row[1]
 
     def close_due_cycles(self, now: float | None = None) -> int:
         """Close every open cycle past its deadline; returns how many closed."""

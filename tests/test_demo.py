@@ -1,0 +1,43 @@
+"""A short federated MNIST run, end to end: node process, worker processes (no torch),
+compiled plans, checkpoints, evaluation, results JSON and plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gridfl.demo.run import DemoOptions, run_demo
+
+
+def test_short_demo_run_trains_and_writes_results(tmp_path):
+    pytest.importorskip("torch")
+    seen = []
+    options = DemoOptions(
+        model="2nn", clients=4, fraction=0.5, workers=2, cycles=3, target=None,
+        examples_per_client=300, lr=0.1, data_dir=tmp_path / "data", out_dir=tmp_path / "out",
+    )
+    result = run_demo(options, on_cycle=seen.append)
+
+    assert [c.cycle for c in result.cycles] == [1, 2, 3] == [c.cycle for c in seen]
+    assert all(c.reports == 2 for c in result.cycles)
+    accuracies = [c.test_accuracy for c in result.cycles]
+    assert accuracies[-1] > 0.6, accuracies  # 10-class MNIST: chance is 0.1
+    assert result.cycles[-1].test_loss < result.cycles[0].test_loss
+    assert result.startup_seconds is not None and result.peak_rss_mb > 0
+
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["settings"]["model"] == "2nn" and len(saved["cycles"]) == 3
+    png = (tmp_path / "out" / "accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_demo_stops_at_the_target_accuracy(tmp_path):
+    pytest.importorskip("torch")
+    options = DemoOptions(
+        model="2nn", clients=4, fraction=0.5, workers=2, cycles=10, target=0.5,
+        examples_per_client=300, data_dir=tmp_path / "data", out_dir=tmp_path / "out",
+    )
+    result = run_demo(options)
+    assert result.cycles[-1].test_accuracy >= 0.5
+    assert len(result.cycles) < 10
