@@ -28,7 +28,7 @@ class Serve:
     """``python -m gridfl serve`` as a subprocess (a real process we can ``kill -9``)."""
 
     def __init__(self, database_url: str, tmp: Path, *, port: int | None = None,
-                 env: dict | None = None, log: Path | None = None) -> None:
+                 env: dict | None = None, log: Path | None = None, wait: bool = True) -> None:
         self.database_url = database_url
         self.tmp = Path(tmp)
         self.port = port or free_port()
@@ -37,9 +37,9 @@ class Serve:
         self.extra_env = dict(env or {})
         self.log = log or self.tmp / f"serve-{self.port}.log"
         self.proc: subprocess.Popen | None = None
-        self.start()
+        self.start(wait=wait)
 
-    def start(self, env: dict | None = None) -> Serve:
+    def start(self, env: dict | None = None, *, wait: bool = True) -> Serve:
         full = {k: v for k, v in os.environ.items()
                 if k not in ("GRIDFL_DATABASE_URL", "GRIDFL_TEST_CRASH_AT")}
         full.update(self.extra_env if env is None else env)
@@ -48,6 +48,10 @@ class Serve:
                "--admin-token", ADMIN, "--log-level", "warning"]
         self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(cmd, env=full, stdout=self._logf, stderr=subprocess.STDOUT)
+        return self.ready() if wait else self
+
+    def ready(self) -> Serve:
+        """Wait until ``/health`` answers."""
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -58,6 +62,16 @@ class Serve:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"gridfl serve did not start:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.05)
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def kill9(self) -> None:
         """SIGKILL, as ``kill -9``: no shutdown code runs."""

@@ -89,8 +89,9 @@ async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
         return await anyio.to_thread.run_sync(HANDLERS[kind], node, data)
     req = _wire.parse_cycle_request(data)
     signal: CycleSignal = app.state.cycle_signal
-    # Another server process on the same database cannot wake us: look again now and then.
-    recheck = app.state.settings.long_poll_recheck
+    # The signal fires when a cycle opens or closes in this process, and (through
+    # _cycle_watcher, within long_poll_recheck seconds) when another server process on the
+    # same database opens one: waiters do not poll the database themselves.
     deadline = time.monotonic() + req.wait
     while True:
         generation = signal.generation
@@ -98,7 +99,7 @@ async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
         remaining = deadline - time.monotonic()
         if reply.get("status") != "rejected" or reply.get("timeout") is None or remaining <= 0:
             return reply
-        await signal.wait_after(generation, min(remaining, recheck))
+        await signal.wait_after(generation, remaining)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -415,6 +416,23 @@ async def _deadline_timer(node: GridNode, settings: Settings, wake: asyncio.Even
             await wake.wait()
 
 
+async def _cycle_watcher(node: GridNode, settings: Settings, on_change: Callable[[], None]):
+    """Several server processes on one database: every ``long_poll_recheck`` seconds look
+    whether a cycle opened or closed (one cheap query per process, however many workers
+    wait) and, if so, wake this process's long-polled cycle requests and deadline timer."""
+    last = None
+    while True:
+        await anyio.sleep(settings.long_poll_recheck)
+        try:
+            marker = await anyio.to_thread.run_sync(node.cycle_marker)
+        except Exception:  # noqa: BLE001 - e.g. the database is briefly down; retry
+            log.debug("cycle watcher", exc_info=True)
+            continue
+        if last is not None and marker != last:
+            on_change()
+        last = marker
+
+
 def create_app(settings: Settings | None = None, node: GridNode | None = None) -> Starlette:
     """The grid node as an ASGI app. The database is opened (and migrated) at startup."""
     settings = settings or Settings()
@@ -435,13 +453,15 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
 
         n.on_new_cycle = on_new_cycle
         timer = asyncio.create_task(_deadline_timer(n, settings, wake))
+        watcher = asyncio.create_task(_cycle_watcher(n, settings, on_new_cycle))
         log.info("grid node up: database %s", n.engine.url.render_as_string(hide_password=True))
         try:
             yield
         finally:
-            timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await timer
+            for task in (timer, watcher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             n.on_new_cycle = lambda: None
             if own:
                 n.close()

@@ -1,0 +1,78 @@
+"""Several server processes on one PostgreSQL database (docs/deployment.md): three
+``gridfl serve`` processes on separate ports, 240 concurrent workers (HTTP and WebSocket)
+spread over them, three cycles. Every report is counted once, each cycle is aggregated
+exactly once, checkpoints are consecutive, the counts add up, and a cycle opened by one
+process is seen by workers long-polling on the others within ``long_poll_recheck``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests._faultkit import Serve
+from tests._swarm import check_counted_once, run_swarm
+from tests.server.conftest import ADMIN, host_payload
+
+pytestmark = pytest.mark.postgres
+
+SHAPES = [(4, 3), (3,)]
+N_WORKERS, PER_CYCLE, CYCLES, SERVERS = 240, 80, 3, 3
+
+
+def test_three_processes_one_postgres_240_workers(pg_fresh_db, tmp_path):
+    servers = [Serve(pg_fresh_db, tmp_path, wait=False) for _ in range(SERVERS)]
+    try:
+        for s in servers:
+            s.ready()
+        admin = httpx.Client(base_url=servers[0].url, timeout=60,
+                             headers={"Authorization": f"Bearer {ADMIN}"})
+        sc = {"max_workers": PER_CYCLE, "max_diffs": PER_CYCLE, "num_cycles": CYCLES,
+              "cycle_length": 300}
+        r = admin.post("/gridfl/v1/processes", json=host_payload(server_config=sc))
+        assert r.status_code == 201, r.text
+
+        res = asyncio.run(run_swarm([s.url for s in servers], N_WORKERS, "mnist", "1.0",
+                                    SHAPES, wait=30, deadline=120))
+        assert res.errors == []
+
+        # every server process saw the same state; read it through another one
+        st = httpx.get(f"{servers[2].url}/gridfl/v1/processes/mnist/1.0",
+                       headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60).json()
+        assert st["status"] == "finished"
+        cycles = st["cycles"]
+        assert [(c["sequence"], c["status"]) for c in cycles] == [
+            (k + 1, "completed") for k in range(CYCLES)
+        ]
+        # each cycle aggregated exactly once: one result checkpoint each, consecutive
+        assert [c["checkpoint"] for c in cycles] == list(range(1, CYCLES + 1))
+        assert [c["result_checkpoint"] for c in cycles] == list(range(2, CYCLES + 2))
+        assert [c["number"] for c in st["checkpoints"]] == list(range(1, CYCLES + 2))
+        # counts add up: accepted == reported == per-cycle cap; sum == reports the workers made
+        assert [(c["accepted"], c["reported"]) for c in cycles] == [(PER_CYCLE, PER_CYCLE)] * 3
+        assert len(res.reports) == sum(c["reported"] for c in cycles) == PER_CYCLE * CYCLES
+        assert len({(r.worker, r.model_sha) for r in res.reports}) == len(res.reports)
+
+        # every report counted exactly once, in the checkpoint of the cycle it trained
+        ckpts = [
+            admin.get(f"/gridfl/v1/processes/mnist/1.0/checkpoints/{k}").content
+            for k in range(1, CYCLES + 2)
+        ]
+        per_cycle = check_counted_once(res, ckpts)
+        assert [len(per_cycle[k]) for k in range(CYCLES)] == [PER_CYCLE] * CYCLES
+
+        # spread: every process and both transports took reports
+        assert set(Counter(r.server for r in res.reports)) == set(range(SERVERS))
+        assert set(Counter(r.transport for r in res.reports)) == {"http", "ws"}
+        # a cycle opened by one process reached workers long-polling on every process
+        # within long_poll_recheck (1 s) + slack, not after their 30 s wait ran out
+        for k in range(1, CYCLES):
+            start = cycles[k]["start"]
+            for s in range(SERVERS):
+                first = min(r.accepted_at for r in per_cycle[k] if r.server == s)
+                assert first - start < 5.0, (k + 1, s, first - start)
+    finally:
+        for s in servers:
+            s.stop()
