@@ -8,7 +8,8 @@ The usual worker loop as one call: join a cycle, train, report, repeat.
     summary = run_worker("ws://127.0.0.1:5000", "mnist", X, y, model_version="1.0")
     print(summary.cycles, "cycles, last loss", summary.last_loss)
 
-Each round starts a new job (authenticating again, as syft.js's example does). On
+One job is started again and again: it authenticates once and joins each next cycle as
+the same worker, long-polling the node so it joins the moment a cycle opens. On
 ``accepted`` it trains the plan on the local data and reports the diff with the sample
 count and the last loss/metrics. On ``rejected`` with a timeout it sleeps that long
 (bounded by ``max_wait``) and tries again; a rejection without a timeout means the node
@@ -74,6 +75,7 @@ def run_worker(
     max_wait: float | None = None,
     min_wait: float = 0.2,
     max_errors: int = 5,
+    long_poll: float = 30.0,
     on_trained: Callable[[Job, TrainResult], None] | None = None,
     client: Syft | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -92,6 +94,9 @@ def run_worker(
         min_wait: shortest sleep after a rejection (a timeout of 0 means "the cycle's
             deadline has passed; it will close soon").
         max_errors: failed rounds tolerated in a row before giving up.
+        long_poll: seconds a gridfl node may hold a rejection until a cycle opens
+            (``job.start(wait=...)``); a node that answers sooner (PyGrid) is retried
+            after its ``timeout`` instead. ``0`` turns long-polling off.
         on_trained: called as ``on_trained(job, result)`` before each report.
 
     Returns a :class:`WorkerSummary`. Authentication, permission, configuration and plan
@@ -104,11 +109,12 @@ def run_worker(
         client = Syft(url, auth_token=auth_token, **client_options)
     summary = WorkerSummary()
     errors_in_row = 0
+    job = client.new_job(model_name, model_version)
     try:
         while max_cycles is None or summary.cycles < max_cycles:
-            job = client.new_job(model_name, model_version)
+            asked = time.monotonic()
             try:
-                job.start()
+                job.start(wait=long_poll)  # the same job: the next cycle, same worker id
                 if job.state is JobState.ACCEPTED:
                     result = _train_and_report(
                         job, plan_name, data, target, on_trained,
@@ -144,6 +150,8 @@ def run_worker(
                 summary.finished = True
                 logger.info("worker: the node has nothing left to train")
                 break
+            if long_poll and time.monotonic() - asked >= long_poll:
+                continue  # the node held the request the whole time: ask again at once
             wait = max(float(timeout), min_wait)
             if max_wait is not None:
                 wait = min(wait, max_wait)
