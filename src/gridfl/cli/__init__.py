@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import sys
@@ -71,6 +70,13 @@ else:
         show_default=True,
         type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     )
+    @click.option(
+        "--log-format",
+        default="text",
+        show_default=True,
+        type=click.Choice(["text", "json"]),
+        help="json: one JSON object per line, for log collectors.",
+    )
     def serve(
         host,
         port,
@@ -81,15 +87,14 @@ else:
         max_body_mb,
         speed_test_mb,
         log_level,
+        log_format,
     ) -> None:
         """Run a grid node (HTTP + WebSocket) until interrupted."""
         from gridfl.server import Settings
         from gridfl.server import serve as run
+        from gridfl.server.logs import configure
 
-        logging.basicConfig(
-            level=log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        )
+        configure(log_level, log_format)
         if admin_token_file is not None:
             admin_token = admin_token_file.read_text().strip()
         if not admin_token:
