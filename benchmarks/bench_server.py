@@ -4,7 +4,8 @@
    authenticate -> cycle-request -> get-model -> get-plan -> report over HTTP on the
    McMahan CNN (1,663,370 float32 params), against ONE ``gridfl serve`` process on loopback
    (SQLite file). One cycle of N workers (max_workers = max_diffs = N). Reported: cycles/s,
-   p50/p99 latency per call, server CPU seconds per report, server RSS after 10, 100, ...
+   p50/p99 latency per call, server CPU seconds per worker (all its calls), server RSS
+   after 10, 100, ...
    reports (must stay flat: the aggregate is folded in, O(model)).
 2. Aggregation: 100 CNN diffs folded by the node (decode, validate, fold, write; in process)
    vs ``numpy.mean`` of the same 100 arrays already in memory (the floor).
@@ -109,49 +110,62 @@ def _pct(xs, q):
     return float(np.percentile(xs, q)) * 1000 if xs else float("nan")
 
 
-async def _load(url: str, n: int, name: str, pid: int, diff_b64: str) -> dict:
+#: simulated workers per client process: one Python event loop cannot drive 1,000 workers
+#: moving ~15 MB each without falling tens of seconds behind (see _load)
+WORKERS_PER_CLIENT = 250
+_reported = None  # multiprocessing.Value shared by the client processes (fork)
+
+
+async def _load(url: str, ids: range, name: str, pid: int, diff_b64: bytes, n: int) -> dict:
+    """One client process: the simulated workers ``ids`` (of ``n``), each on its own
+    connection, as real workers are.
+
+    Why not one process and one shared pool (the old harness, which failed at 1,000 with
+    ``httpx.ReadError`` on cycle-request after a few minutes): that event loop fell tens
+    of seconds behind (auth p50 24 s), so a keep-alive connection sat idle past the
+    server's keep-alive timeout (30 s, counted from when the server finished writing) and
+    was closed by the server just as the lagging client sent the next POST on it. The
+    node was fine; the harness measured itself. Now: several client processes, report
+    bodies streamed from one shared buffer (no 9 MB json.dumps per worker), and a POST
+    that fails because the server had closed the idle connection before reading it is
+    re-sent once (the node never saw it; browsers do the same).
+    """
     import httpx
 
     lat: dict[str, list[float]] = {k: [] for k in ("auth", "cycle", "model", "plan", "report")}
     mem: dict[int, float] = {}
-    reported = 0
     marks = {m for m in (10, 100, 1000, 10000) if m <= n}
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    cpu_start = None
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=10)
 
-    # keep-alive must outlive the server's (30 s), or a pooled connection the server just
-    # closed is reused (ReadError); one pool shared by the N simulated workers
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n, keepalive_expiry=10)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async def post(client, path, **kw):
+        for attempt in range(2):
+            try:
+                return await client.post(path, **kw)
+            except httpx.RemoteProtocolError as e:  # "Server disconnected without sending
+                if attempt or "without sending" not in str(e):  # a response": not processed
+                    raise
 
-        async def timed(kind, coro):
-            t = time.perf_counter()
-            r = await coro
-            lat[kind].append(time.perf_counter() - t)
-            return r
+    async def worker(i):
+        await asyncio.sleep(i * 0.003)  # workers arrive over ~3 s per 1000, not in 1 ms
+        async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
 
-        async def drain(path, params):
-            for attempt in range(3):  # GETs are idempotent: retry a dropped connection
-                try:
-                    async with client.stream("GET", path, params=params) as r:
-                        async for _ in r.aiter_raw():
-                            pass
-                        return r.status_code
-                except httpx.TransportError:
-                    if attempt == 2:
-                        raise
+            async def timed(kind, coro):
+                t = time.perf_counter()
+                r = await coro
+                lat[kind].append(time.perf_counter() - t)
+                return r
 
-        async def worker(i):
-            nonlocal reported, cpu_start
-            await asyncio.sleep(i * 0.003)  # workers arrive over ~3 s per 1000, not in 1 ms
-            r = await timed(
-                "auth", client.post("/model-centric/authenticate", json={"model_name": name})
-            )
+            async def drain(path, params):
+                async with client.stream("GET", path, params=params) as r:
+                    async for _ in r.aiter_raw():
+                        pass
+                    return r.status_code
+
+            r = await timed("auth", post(client, "/model-centric/authenticate",
+                                         json={"model_name": name}))
             wid = r.json()["worker_id"]
-            r = await timed(
-                "cycle",
-                client.post("/model-centric/cycle-request", json={"worker_id": wid, "model": name}),
-            )
+            r = await timed("cycle", post(client, "/model-centric/cycle-request",
+                                          json={"worker_id": wid, "model": name}))
             cyc = r.json()
             assert cyc["status"] == "accepted", cyc
             key = cyc["request_key"]
@@ -163,34 +177,59 @@ async def _load(url: str, n: int, name: str, pid: int, diff_b64: str) -> dict:
             for pid_ in cyc["plans"].values():
                 st = await timed("plan", drain("/model-centric/get-plan", {**q, "plan_id": pid_}))
                 assert st == 200
-            body = json.dumps({"worker_id": wid, "request_key": key, "diff": diff_b64}).encode()
-            if cpu_start is None:
-                cpu_start = _proc_cpu(pid)
-            r = await timed(
-                "report",
-                client.post(
-                    "/model-centric/report",
-                    content=body,
-                    headers={"content-type": "application/json"},
-                ),
-            )
-            assert r.status_code == 200, r.text
-            reported += 1
-            if reported in marks:
-                mem[reported] = _proc_mem(pid)
+            head = json.dumps({"worker_id": wid, "request_key": key})[:-1].encode()
+            head += b', "diff": "'
+            size = len(head) + len(diff_b64) + 2
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(n)))
-        wall = time.perf_counter() - t0
-    cpu = _proc_cpu(pid) - (cpu_start or 0)
-    return {"wall": wall, "lat": lat, "mem": mem, "cpu_per_report": cpu / n}
+            async def body():
+                yield head
+                view = memoryview(diff_b64)
+                for k in range(0, len(view), 1 << 20):
+                    yield view[k : k + (1 << 20)]
+                yield b'"}'
+
+            r = await timed("report", client.post(
+                "/model-centric/report", content=body(),
+                headers={"content-type": "application/json", "content-length": str(size)},
+            ))
+            assert r.status_code == 200, r.text
+            with _reported.get_lock():
+                _reported.value += 1
+                k = _reported.value
+            if k in marks:
+                mem[k] = _proc_mem(pid)
+
+    await asyncio.gather(*(worker(i) for i in ids))
+    return {"lat": lat, "mem": mem}
+
+
+def _client_process(args) -> dict:
+    return asyncio.run(_load(*args))
+
+
+def _run_load(url: str, n: int, name: str, pid: int, diff_b64: bytes) -> dict:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _reported
+    _reported = mp.get_context("fork").Value("i", 0)
+    step = min(n, WORKERS_PER_CLIENT)
+    parts = [range(a, min(n, a + step)) for a in range(0, n, step)]
+    cpu0 = _proc_cpu(pid)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(len(parts), mp_context=mp.get_context("fork")) as ex:
+        outs = list(ex.map(_client_process, [(url, r, name, pid, diff_b64, n) for r in parts]))
+    wall = time.perf_counter() - t0
+    lat = {k: [x for o in outs for x in o["lat"][k]] for k in outs[0]["lat"]}
+    mem = {k: v for o in outs for k, v in o["mem"].items()}
+    return {"wall": wall, "lat": lat, "mem": mem, "cpu_per_report": (_proc_cpu(pid) - cpu0) / n}
 
 
 def bench_load(ns=(100, 1000)) -> None:
     from gridfl import state
 
     diff = [(0.001 * np.ones(s)).astype(np.float32) for s in CNN_SHAPES]
-    diff_b64 = b64(state.dumps(diff))
+    diff_b64 = b64(state.dumps(diff)).encode("ascii")
     print(
         f"diff State {len(base64.b64decode(diff_b64)) / 1e6:.2f} MB, "
         f"base64 {len(diff_b64) / 1e6:.2f} MB"
@@ -227,14 +266,14 @@ def bench_load(ns=(100, 1000)) -> None:
                 base_url=url, timeout=600, headers={"Authorization": f"Bearer {ADMIN}"}
             )
             print(
-                f"{'N':>5} {'wall s':>7} {'cyc/s':>6} {'cpu s/rep':>9}  "
+                f"{'N':>5} {'wall s':>7} {'cyc/s':>6} {'cpu s/wkr':>9}  "
                 "p50/p99 ms: auth cycle model plan report   RSS MB after k reports"
             )
             for n in ns:
                 name = f"cnn{n}"
                 r = admin.post("/gridfl/v1/processes", json=host_payload(name, n))
                 assert r.status_code == 201, r.text
-                res = asyncio.run(_load(url, n, name, proc.pid, diff_b64))
+                res = _run_load(url, n, name, proc.pid, diff_b64)
                 st = admin.get(f"/gridfl/v1/processes/{name}/1").json()
                 assert st["cycles"][0]["status"] == "completed", st["cycles"][0]
                 lat = "  ".join(f"{_pct(v, 50):.0f}/{_pct(v, 99):.0f}" for v in res["lat"].values())

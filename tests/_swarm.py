@@ -58,9 +58,12 @@ async def run_swarm(
     ws_every: int = 3,
     wait: float = 30.0,
     deadline: float = 120.0,
+    hop: bool = False,
 ) -> SwarmResult:
     """Run ``n`` workers spread round-robin over ``urls`` (every ``ws_every``-th over
-    WebSocket) until the process finishes or ``deadline`` seconds pass."""
+    WebSocket) until the process finishes or ``deadline`` seconds pass. With ``hop``, an
+    HTTP worker downloads from the next server and reports to the one after (no sticky
+    sessions: all state is in the shared database)."""
     res = SwarmResult()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None,
                           keepalive_expiry=5)
@@ -81,7 +84,8 @@ async def run_swarm(
         async def call(kind: str, data: dict) -> tuple[int, dict]:
             t0 = time.perf_counter()
             if ws is None:
-                r = await http.post("/" + kind, json=data)
+                c = clients[(s + 2) % len(urls)] if hop and kind.endswith("report") else http
+                r = await c.post("/" + kind, json=data)
                 out = r.status_code, r.json()
             else:
                 rid = uuid.uuid4().hex
@@ -110,7 +114,8 @@ async def run_swarm(
                     continue
                 accepted_at = time.time()
                 t0 = time.perf_counter()
-                r = await http.get("/model-centric/get-model", params={
+                dl = clients[(s + 1) % len(urls)] if hop else http
+                r = await dl.get("/model-centric/get-model", params={
                     "worker_id": wid, "request_key": cyc["request_key"],
                     "model_id": cyc["model_id"]})
                 timed("get-model", t0)

@@ -197,16 +197,18 @@ class CuttingProxy:
         self.sock.close()
 
 
-def test_sdk_run_worker_rejoins_after_its_upload_is_cut(serve_factory, sqlite_db):
-    """The worker SDK does not resend a report whose upload broke (the node might have
-    stored it); ``run_worker`` counts the round as an error, joins again as a new worker
-    and reports once. The node stored nothing from the cut upload: the checkpoint is the
-    one reported diff applied once."""
+def test_sdk_run_worker_after_its_upload_is_cut(serve_factory, sqlite_db):
+    """The worker SDK does not resend a report whose upload broke (it cannot know whether
+    the node stored it): ``run_worker`` counts the round as an error and asks for a cycle
+    again with the same worker id. The node refuses a second place in the same cycle
+    ("already accepted"), so the worker long-polls, the cycle with no report expires at its
+    deadline and the worker trains and reports in the next one. The node stored nothing
+    from the cut upload: exactly one report, applied once."""
     from gridfl.client import run_worker
 
     srv = serve_factory(sqlite_db)
     admin = Admin(srv.url)
-    assert admin.host(_big_payload()).status_code == 201
+    assert admin.host(_big_payload(cycle_length=3)).status_code == 201
     proxy = CuttingProxy(srv.port)
     trained = []
     try:
@@ -223,8 +225,8 @@ def test_sdk_run_worker_rejoins_after_its_upload_is_cut(serve_factory, sqlite_db
     assert proxy.cuts == 1
     assert (summary.cycles, summary.errors) == (1, 1)
     assert len(trained) == 2  # trained twice: once for the cut report, once to report
-    st = admin.status()["cycles"][0]
-    assert (st["status"], st["accepted"], st["reported"]) == ("completed", 2, 1)
-    new = admin.checkpoint(2)
-    for a, b in zip(new, trained[-1], strict=True):
+    cycles = admin.status()["cycles"]
+    assert [(c["status"], c["reported"]) for c in cycles] == [("expired", 0), ("completed", 1)]
+    assert [c["number"] for c in admin.status()["checkpoints"]] == [1, 2]
+    for a, b in zip(admin.checkpoint(2), trained[-1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

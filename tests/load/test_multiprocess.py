@@ -2,7 +2,9 @@
 ``gridfl serve`` processes on separate ports, 240 concurrent workers (HTTP and WebSocket)
 spread over them, three cycles. Every report is counted once, each cycle is aggregated
 exactly once, checkpoints are consecutive, the counts add up, and a cycle opened by one
-process is seen by workers long-polling on the others within ``long_poll_recheck``."""
+process is seen by workers long-polling on the others within ``long_poll_recheck``.
+HTTP workers download from and report to other processes than the one that accepted them
+(no sticky sessions needed)."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def test_three_processes_one_postgres_240_workers(pg_fresh_db, tmp_path):
         assert r.status_code == 201, r.text
 
         res = asyncio.run(run_swarm([s.url for s in servers], N_WORKERS, "mnist", "1.0",
-                                    SHAPES, wait=30, deadline=120))
+                                    SHAPES, wait=30, deadline=120, hop=True))
         assert res.errors == []
 
         # every server process saw the same state; read it through another one

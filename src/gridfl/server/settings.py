@@ -33,8 +33,9 @@ class Settings:
     retry_seconds: int = 60
     #: longest sleep of the deadline timer between checks (it also wakes on new cycles)
     timer_max_sleep: float = 30.0
-    #: how often a long-polled cycle request looks again without a wake-up (a cycle opened
-    #: by another server process on the same database does not wake this one)
+    #: how often this process looks in the database for a cycle opened (or closed) by
+    #: another server process, to wake its long-polled cycle requests and deadline timer
+    #: (one query per period per process; cycles opened here wake them at once)
     long_poll_recheck: float = 1.0
     #: third-party auth endpoint timeout (seconds)
     auth_endpoint_timeout: float = 10.0
