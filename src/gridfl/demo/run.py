@@ -13,6 +13,7 @@ process trains on one of its own shards, picked at random.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import secrets
 import socket
@@ -20,16 +21,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from gridfl import Plan, state
 from gridfl._exceptions import ConfigError, GridflError
+from gridfl.datasets import Mnist, load_mnist
 from gridfl.demo.report import CycleResult, RunResult
 from gridfl.host import HostClient
 
 __all__ = ["DemoOptions", "run_demo"]
+
+# glibc keeps freed multi-MB buffers (diffs, base64 text) in per-thread arenas; two arenas
+# and a fixed mmap threshold hand them back to the system (docs/deployment.md).
+_LEAN_MALLOC = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 @dataclass
@@ -76,14 +84,20 @@ def run_demo(
 ) -> RunResult:
     """Run a whole federated training and return its results (also saved to ``out_dir``)."""
     options.validate()
-    from gridfl.datasets import load_mnist
-    from gridfl.demo.models import build_model
 
     mnist = load_mnist()
     options.data_dir.mkdir(parents=True, exist_ok=True)
     shard_files = _write_shards(mnist, options)
-    model = build_model(options.model, seed=options.seed)
-    training_plan, evaluation_plan = _compile_plans(model, mnist, options)
+    # torch lives only in a short-lived compiler process: this one stays small.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        compiled = pool.submit(
+            _compile_plans, options, mnist.x_train[: options.batch_size],
+            mnist.y_train[: options.batch_size],
+        ).result()
+    initial_params = state.loads(compiled["model"])
+    training_plan = Plan.from_bytes(compiled["training"])
+    evaluation_plan = Plan.from_bytes(compiled["evaluation"])
+    mnist = Mnist(mnist.x_train[:0], mnist.y_train[:0], mnist.x_test, mnist.y_test)
     name, version = f"mnist-{options.model}", "1"
     result = RunResult(settings={**_jsonable(asdict(options)), "per_cycle": options.per_cycle})
 
@@ -99,7 +113,8 @@ def run_demo(
                  name, version, str(f), "--seed", str(options.seed * 1000 + i), "--wait-for-go"],
                 stdin=subprocess.PIPE,
                 # ten processes share the cores: one plan thread each
-                env={**os.environ, "OMP_NUM_THREADS": "1", "GRIDFL_PLAN_THREADS": "1"},
+                env={**os.environ, **_LEAN_MALLOC, "OMP_NUM_THREADS": "1",
+                     "GRIDFL_PLAN_THREADS": "1"},
             )
             for i, f in enumerate(shard_files)
         ]
@@ -109,7 +124,7 @@ def run_demo(
         with contextlib.suppress(GridflError):
             host.delete(name, version)  # a previous run in the same data dir
         host.host(
-            model=[p.detach().numpy() for p in model.parameters()],
+            model=initial_params,
             plans={"training_plan": training_plan},
             client_config={
                 "name": name,
@@ -172,11 +187,12 @@ def _write_shards(mnist, options: DemoOptions) -> list[Path]:
     return files
 
 
-def _compile_plans(model, mnist, options: DemoOptions):
+def _compile_plans(options: DemoOptions, x: np.ndarray, y: np.ndarray) -> dict[str, bytes]:
+    """Build the model and compile its plans (runs in a child process: imports torch)."""
     from gridfl.compiler import SGD, compile_evaluation_plan, compile_training_plan
+    from gridfl.demo.models import build_model
 
-    x = mnist.x_train[: options.batch_size]
-    y = mnist.y_train[: options.batch_size]
+    model = build_model(options.model, seed=options.seed)
     training = compile_training_plan(
         model, loss="cross_entropy", optimizer=SGD(lr=options.lr), example_data=x,
         example_target=y,
@@ -184,7 +200,11 @@ def _compile_plans(model, mnist, options: DemoOptions):
     evaluation = compile_evaluation_plan(
         model, loss="cross_entropy", example_data=x, example_target=y
     )
-    return training, evaluation
+    return {
+        "model": state.dumps([p.detach().numpy() for p in model.parameters()]),
+        "training": training.to_bytes(),
+        "evaluation": evaluation.to_bytes(),
+    }
 
 
 @contextlib.contextmanager
@@ -201,7 +221,7 @@ def _node(data_dir: Path, token: str) -> Iterator[tuple[str, subprocess.Popen, f
     proc = subprocess.Popen(
         [sys.executable, "-m", "gridfl", "serve", "--port", str(port),
          "--data-dir", str(data_dir), "--log-level", "warning"],
-        env={**os.environ, "GRIDFL_ADMIN_TOKEN": token},
+        env={**os.environ, **_LEAN_MALLOC, "GRIDFL_ADMIN_TOKEN": token},
     )
     try:
         yield f"http://127.0.0.1:{port}", proc, started

@@ -10,7 +10,6 @@ and a cycle completes exactly once, even with several server processes on one da
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hmac
 import logging
@@ -98,7 +97,7 @@ def _b64(value: Any, what: str) -> bytes:
     if not isinstance(value, str) or not value:
         raise InvalidRequestError(f"{what}: expected a non-empty base64 string")
     try:
-        return base64.b64decode(value, validate=True)
+        return _wire.b64decode(value)
     except (binascii.Error, ValueError):
         raise InvalidRequestError(f"{what}: not valid base64") from None
 
@@ -137,7 +136,8 @@ class GridNode:
         self.engine = db.create_engine(self.url)
         if migrate:
             db.migrate(self.engine)
-        self._checkpoint_cache = _LRU(8)  # checkpoint id -> (bytes, params, spec)
+        # checkpoint id -> (bytes, params, spec): the open cycle's and the one before
+        self._checkpoint_cache = _LRU(2)
         self._plan_cache = _LRU(64)  # (plan id, variant) -> bytes
         self._avg_plan_cache = _LRU(8)  # plan id -> Plan
         # cycle id -> [version, sum_w, sum_x]; version -1 while a fold is in flight
