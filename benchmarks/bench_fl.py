@@ -56,8 +56,30 @@ def _local_epochs(args) -> float:
     return time.perf_counter() - start
 
 
-def compute_floor(model_name: str, repeats: int = 3) -> float:
-    """Seconds for ten local epochs on two cores (two processes, five clients each)."""
+def _torch_epochs(args) -> float:
+    """The same local epochs in eager PyTorch (torch.optim.SGD), one thread; seconds."""
+    import torch
+
+    from gridfl.demo.models import build_model
+
+    torch.set_num_threads(1)
+    model_name, x, y, n, batch = args
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    start = time.perf_counter()
+    for c in range(n):
+        net = build_model(model_name)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        xs, ys = x[c * 600 : (c + 1) * 600], y[c * 600 : (c + 1) * 600]
+        for i in range(0, 600, batch):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xs[i : i + batch]), ys[i : i + batch]).backward()
+            opt.step()
+    return time.perf_counter() - start
+
+
+def compute_floor(model_name: str, repeats: int = 3) -> tuple[float, float]:
+    """Seconds for ten local epochs on two cores (two processes, five clients each), with
+    the plan and with eager PyTorch, alternating; medians."""
     from gridfl import state
     from gridfl.compiler import SGD, compile_training_plan
     from gridfl.datasets import load_mnist
@@ -72,13 +94,16 @@ def compute_floor(model_name: str, repeats: int = 3) -> float:
     x, y = mnist.x_train[:6000], mnist.y_train[:6000]
     jobs = [(plan.to_bytes(), params, x[:3000], y[:3000], 5, 10),
             (plan.to_bytes(), params, x[3000:], y[3000:], 5, 10)]
-    times = []
+    torch_jobs = [(model_name, x[:3000], y[:3000], 5, 10), (model_name, x[3000:], y[3000:], 5, 10)]
+    plan_times, torch_times = [], []
     with ProcessPoolExecutor(2) as pool:
         for _ in range(repeats):
-            start = time.perf_counter()
-            list(pool.map(_local_epochs, jobs))
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            for fn, work, times in ((_local_epochs, jobs, plan_times),
+                                    (_torch_epochs, torch_jobs, torch_times)):
+                start = time.perf_counter()
+                list(pool.map(fn, work))
+                times.append(time.perf_counter() - start)
+    return statistics.median(plan_times), statistics.median(torch_times)
 
 
 def run_workload(model_name: str, cycles: int) -> dict:
@@ -110,22 +135,27 @@ def main(argv: list[str] | None = None) -> None:
     report = {}
     for name in args.workload:
         print(f"[{name}] compute floor (10 local epochs, 2 processes)...", flush=True)
-        floor = compute_floor(name)
+        floor, torch_floor = compute_floor(name)
         print(f"[{name}] {args.cycles} federated cycles...", flush=True)
         fl = run_workload(name, args.cycles)
-        report[name] = {**fl, "compute_floor": floor}
+        report[name] = {**fl, "compute_floor": floor, "torch_compute_floor": torch_floor}
         flower = FLOWER[name]
         acc = fl["accuracy"]
+        per_cycle = fl["seconds_per_cycle"]
+        flower_x = flower["simulation"] / flower["torch_compute"]
         print(
             f"\n{name.upper()} E=1, K=100, C=0.1, B=10:\n"
-            f"  s/cycle (median 2..N)   {fl['seconds_per_cycle']:.3f} "
+            f"  s/cycle (median 2..N)   {per_cycle:.3f} "
             f"[{fl['cycle_range'][0]:.3f}-{fl['cycle_range'][1]:.3f}]   goal <= {GOALS[name]}\n"
-            f"  compute floor           {floor:.3f} s  -> node+protocol overhead "
-            f"x{fl['seconds_per_cycle'] / floor:.2f} of compute\n"
-            f"  Flower simulation       {flower['simulation']} s/round   "
-            f"(gridfl is x{flower['simulation'] / fl['seconds_per_cycle']:.1f} faster)\n"
-            f"  Flower deployment       {flower['deployment'] or '-'} s/round\n"
-            f"  torch compute (Flower)  {flower['torch_compute']} s/round\n"
+            f"  compute, plan           {floor:.3f} s for the 10 local epochs on 2 cores\n"
+            f"  compute, eager torch    {torch_floor:.3f} s "
+            f"(plan/torch x{floor / torch_floor:.2f})\n"
+            f"  cycle / plan compute    x{per_cycle / floor:.2f}   (node + protocol + "
+            f"scheduling 10 processes on 2 cores)\n"
+            f"  cycle / torch compute   x{per_cycle / torch_floor:.2f}   Flower simulation: "
+            f"x{flower_x:.2f} ({flower['simulation']} s / {flower['torch_compute']} s on its "
+            f"machine)\n"
+            f"  Flower deployment       {flower['deployment'] or '-'} s/round on its machine\n"
             f"  start-up                {fl['startup']} s (node healthy -> first checkpoint)\n"
             f"  peak memory             {fl['peak_rss_mb']} MB (node + 10 workers)\n"
             f"  accuracy                "
