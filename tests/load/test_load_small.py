@@ -43,7 +43,7 @@ def test_200_workers_one_sqlite_node(tmp_path):
         sampler.start()
         cpu0 = srv.cpu_s()
         res = asyncio.run(run_swarm([srv.url], N_WORKERS, "mnist", "1.0", SHAPES,
-                                    wait=30, deadline=120))
+                                    wait=30, deadline=300))
         cpu = srv.cpu_s() - cpu0
         stop.set()
         sampler.join()
