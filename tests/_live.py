@@ -1,4 +1,5 @@
-"""A real grid node for tests: uvicorn on a free loopback port, in a thread."""
+"""A real grid node for tests: uvicorn on a free loopback port, in a thread, with the
+same uvicorn settings as ``gridfl serve``."""
 
 from __future__ import annotations
 
@@ -19,15 +20,15 @@ class LiveNode:
     def __init__(self, settings) -> None:
         import uvicorn
 
-        from gridfl.server import create_app
+        from gridfl.server import create_app, uvicorn_options
 
         self.settings = settings
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         config = uvicorn.Config(
             create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
-            ws_max_size=settings.max_body_bytes, lifespan="on",
+            lifespan="on", **uvicorn_options(settings),
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -37,6 +38,19 @@ class LiveNode:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the grid node did not start")
             time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        """The node's HTTP base URL."""
+        return self.http_url
+
+    @property
+    def node(self):
+        """The running ``GridNode`` (for tests that look inside)."""
+        app = self.server.config.loaded_app
+        while hasattr(app, "app") and not hasattr(app, "state"):
+            app = app.app
+        return app.state.node
 
     def stop(self) -> None:
         self.server.should_exit = True

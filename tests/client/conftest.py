@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 
 from gridfl import state
+from tests._live import LiveNode
 
 from .plans import linear_params, linear_sgd_plan
 
@@ -25,42 +24,20 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class GridNode:
-    """A real gridfl node served by uvicorn in a thread on 127.0.0.1."""
+class GridNode(LiveNode):
+    """A real gridfl node served by uvicorn in a thread on 127.0.0.1, with hosting helpers."""
 
     def __init__(self, data_dir: Path, **settings):
         pytest.importorskip("starlette")
         import httpx
-        import uvicorn
 
-        from gridfl.server import Settings, create_app
+        from gridfl.server import Settings
 
         self.db_url = f"sqlite:///{data_dir / 'grid.db'}"
         settings.setdefault("speed_test_bytes", 1 << 20)
-        self.settings = Settings(
-            data_dir=data_dir, database_url=self.db_url, admin_token=ADMIN, **settings
+        super().__init__(
+            Settings(data_dir=data_dir, database_url=self.db_url, admin_token=ADMIN, **settings)
         )
-        self.port = _free_port()
-        self.http_url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning",
-            ws_max_size=self.settings.max_body_bytes, lifespan="on",
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise RuntimeError("the grid node did not start")
-            time.sleep(0.01)
         self.admin = httpx.Client(
             base_url=self.http_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60
         )
@@ -119,8 +96,7 @@ class GridNode:
 
     def stop(self) -> None:
         self.admin.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
+        super().stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,9 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import pytest
 from gridfl import state
 
 HERE = Path(__file__).resolve().parent
+from tests._live import LiveNode  # noqa: E402
 from tests._vectors import VECTORS  # noqa: E402
 
 WORKER_JS = HERE / "syftjs_worker.js"
@@ -170,50 +168,22 @@ def mnist(vectors, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- the grid node
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Grid:
-    """A real gridfl node (uvicorn in a thread, SQLite file) plus its admin client."""
+class Grid(LiveNode):
+    """A real gridfl node (uvicorn in a thread, SQLite file) plus its admin client; the
+    uvicorn settings are ``gridfl serve``'s (a 30 s keep-alive: syft.js in Node.js reuses
+    an idle connection after a long training step and does not retry a report)."""
 
     def __init__(self, data_dir: Path, **settings):
         import httpx
-        import uvicorn
 
-        from gridfl.server import Settings, create_app
+        from gridfl.server import Settings
 
         self.db_url = f"sqlite:///{data_dir / 'grid.db'}"
         # syft.js downloads the whole speed-test body; PyGrid's 64 MiB would only cost time
         settings.setdefault("speed_test_bytes", 4 << 20)
-        self.settings = Settings(
-            data_dir=data_dir, database_url=self.db_url, admin_token=ADMIN, **settings
+        super().__init__(
+            Settings(data_dir=data_dir, database_url=self.db_url, admin_token=ADMIN, **settings)
         )
-        self.port = _free_port()
-        self.http_url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(self.settings),
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            ws_max_size=self.settings.max_body_bytes,
-            lifespan="on",
-            # as gridfl.server.serve: syft.js in Node.js (undici fetch) reuses an idle
-            # keep-alive connection after a long training step and does not retry the
-            # report POST if the server closed it meanwhile (uvicorn's default is 5 s)
-            timeout_keep_alive=30,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise RuntimeError("the grid node did not start")
-            time.sleep(0.01)
         self.admin = httpx.Client(
             base_url=self.http_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60
         )
@@ -276,8 +246,7 @@ class Grid:
 
     def stop(self) -> None:
         self.admin.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
+        super().stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import threading
-import time
 import uuid
 
 import numpy as np
@@ -19,6 +17,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
 from gridfl import state  # noqa: E402
+from tests._live import LiveNode, free_port  # noqa: E402, F401 - free_port: re-exported
 
 ADMIN = "test-admin-token"
 SHAPES = [(4, 3), (3,)]
@@ -203,52 +202,12 @@ def sqlite_url(tmp_path):
 
 
 # --------------------------------------------------------------------------- live server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """A real uvicorn server on loopback, in a thread."""
+class LiveServer(LiveNode):
+    """A real uvicorn server on loopback, in a thread (``ws_url`` ends in ``/``)."""
 
     def __init__(self, settings):
-        import uvicorn
-
-        from gridfl.server import create_app
-
-        self.settings = settings
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(settings)
         self.ws_url = f"ws://127.0.0.1:{self.port}/"
-        config = uvicorn.Config(
-            create_app(settings),
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            ws_max_size=settings.max_body_bytes,
-            lifespan="on",
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        self.app = config.loaded_app
-
-    @property
-    def node(self):
-        app = self.server.config.loaded_app
-        while hasattr(app, "app") and not hasattr(app, "state"):
-            app = app.app
-        return app.state.node
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
 
 
 def make_settings(db_url: str, tmp_path, **kw):

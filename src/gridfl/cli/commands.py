@@ -78,9 +78,9 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
               help="Local epochs per cycle.")
 @click.option("--batch-size", "-B", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True)
-@click.option("--cycles", type=click.IntRange(1), default=30, show_default=True,
+@click.option("--cycles", type=click.IntRange(1), default=20, show_default=True,
               help="Stop after this many cycles.")
-@click.option("--target", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+@click.option("--target", type=click.FloatRange(0, 1), default=0.98, show_default=True,
               help="Stop once the test accuracy reaches this.")
 @click.option("--non-iid", is_flag=True, help="McMahan's pathological non-IID split.")
 @click.option("--workers", type=click.IntRange(1), default=10, show_default=True,

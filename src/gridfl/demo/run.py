@@ -50,8 +50,8 @@ class DemoOptions:
     epochs: int = 1  # E
     batch_size: int = 10  # B
     lr: float = 0.1
-    cycles: int = 30
-    target: float | None = 0.99  # stop once the test accuracy reaches this
+    cycles: int = 20
+    target: float | None = 0.98  # stop once the test accuracy reaches this
     iid: bool = True
     seed: int = 0
     workers: int = 10  # OS processes holding the K clients

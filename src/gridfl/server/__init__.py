@@ -13,7 +13,21 @@ from gridfl.server.app import create_app
 from gridfl.server.service import GridNode
 from gridfl.server.settings import Settings
 
-__all__ = ["GridNode", "Settings", "create_app", "serve"]
+__all__ = ["GridNode", "Settings", "create_app", "serve", "uvicorn_options"]
+
+
+def uvicorn_options(settings: Settings) -> dict:
+    """The uvicorn settings a node runs with (``serve`` and the test servers share them)."""
+    return {
+        "ws_max_size": settings.max_body_bytes,
+        # Diffs are base64 floats: compressing them costs far more CPU than it saves.
+        "ws_per_message_deflate": False,
+        "ws_ping_interval": 20,
+        "ws_ping_timeout": 60,
+        # syft.js in Node.js reuses an idle keep-alive connection after a long training
+        # step and does not retry a report the server closed meanwhile (uvicorn: 5 s)
+        "timeout_keep_alive": 30,
+    }
 
 
 def serve(
@@ -23,14 +37,6 @@ def serve(
     import uvicorn
 
     uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level=log_level.lower(),
-        ws_max_size=settings.max_body_bytes,
-        # Diffs are base64 floats: compressing them costs far more CPU than it saves.
-        ws_per_message_deflate=False,
-        ws_ping_interval=20,
-        ws_ping_timeout=60,
-        timeout_keep_alive=30,
+        create_app(settings), host=host, port=port, log_level=log_level.lower(),
+        **uvicorn_options(settings),
     )
