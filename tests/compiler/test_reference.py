@@ -17,7 +17,7 @@ from gridfl.state import loads  # noqa: E402
 
 
 def mnist_training_plan(X, y, batch_size, lr, W1, b1, W2, b2):
-    """The syft.js 0.1.4 MNIST plan, as in /work/shared/interop/README.md."""
+    """The syft.js 0.1.4 MNIST plan, as in tests/vectors/README.md."""
     params = [W1, b1, W2, b2]
     logits = torch.relu(X @ W1.T + b1) @ W2.T + b2
     norm = logits - logits.max()  # one global max, not per row

@@ -134,7 +134,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 class Mnist:
     """The syft.js 0.1.4 MNIST conformance vectors and the onnx plan compiled from the
-    same training function (/work/shared/interop/README.md, mnist_plan.py)."""
+    same training function (tests/vectors/README.md, mnist_plan.py)."""
 
     def __init__(self, vectors: Path, tmp: Path):
         self.model_bytes = (vectors / "mnist_model_params.pb").read_bytes()
