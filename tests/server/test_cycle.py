@@ -127,7 +127,8 @@ def test_deadline_closes_cycle_without_more_reports(server):
         time.sleep(0.05)
     st = admin.status()
     assert st["cycles"][0]["status"] == "completed"
-    assert st["cycles"][0]["closed_at"] - st["cycles"][0]["end"] < 0.5
+    # closed by the timer soon after the deadline (no report came); slack for a busy machine
+    assert st["cycles"][0]["closed_at"] - st["cycles"][0]["end"] < 2.0
     for j, p in enumerate(model_params()):
         np.testing.assert_allclose(admin.checkpoint()[j], p - diff_of(0)[j], rtol=1e-6)
 
