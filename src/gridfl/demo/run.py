@@ -110,9 +110,12 @@ def run_demo(
         workers = [
             subprocess.Popen(
                 [sys.executable, "-m", "gridfl.demo.worker", url.replace("http", "ws", 1),
-                 name, version, str(f), "--seed", str(options.seed * 1000 + i), "--wait-for-go"],
+                 name, version, str(f), "--seed", str(options.seed * 1000 + i), "--wait-for-go",
+                 "--nice", "10"],
                 stdin=subprocess.PIPE,
-                # ten processes share the cores: one plan thread each
+                # ten processes share the cores: one plan thread each. They run at a
+                # lower priority than the node, as if on machines of their own: a node
+                # request never waits behind a worker's training step.
                 env={**os.environ, **_LEAN_MALLOC, "OMP_NUM_THREADS": "1",
                      "GRIDFL_PLAN_THREADS": "1"},
             )

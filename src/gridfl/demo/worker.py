@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -76,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=30.0, help="long-poll seconds")
     parser.add_argument("--wait-for-go", action="store_true",
                         help="load everything, then wait for a line on stdin before joining")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="lower this process's CPU priority (the node's requests go first)")
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
     logging.basicConfig(level=logging.WARNING, format="worker %(process)d: %(message)s")
     clients = load_clients(args.shard)
     if args.wait_for_go:
