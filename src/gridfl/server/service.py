@@ -22,6 +22,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from gridfl import _wire
 from gridfl._exceptions import (
     ConfigError,
     ConflictError,
+    GridError,
     GridflError,
     InvalidRequestError,
     NotFoundError,
@@ -39,6 +41,7 @@ from gridfl._exceptions import (
 )
 from gridfl.server import aggregate as agg
 from gridfl.server import db
+from gridfl.server import statements as q
 from gridfl.server.auth import verify_worker_token
 from gridfl.server.config import (
     requires_speed_test,
@@ -127,6 +130,21 @@ class _LRU:
             self.data.pop(key, None)
 
 
+@dataclass(frozen=True)
+class _ProcessInfo:
+    """What never changes about a hosted process (its status does, and is always read).
+    Ids are never reused (AUTOINCREMENT / sequences), so these can be cached by id."""
+
+    id: int
+    name: str
+    version: str
+    client_config: dict
+    server_config: dict
+    plan_ids: dict[str, int]
+    protocol_ids: dict[str, int]
+    averaging_plan_id: int | None
+
+
 class GridNode:
     """One grid node process's view of the database; thread-safe."""
 
@@ -140,6 +158,8 @@ class GridNode:
         self._checkpoint_cache = _LRU(2)
         self._plan_cache = _LRU(64)  # (plan id, variant) -> bytes
         self._avg_plan_cache = _LRU(8)  # plan id -> Plan
+        self._process_cache = _LRU(64)  # process id -> _ProcessInfo
+        self._plan_meta_cache = _LRU(64)  # plan id -> its row in q.plan_meta
         # cycle id -> [version, sum_w, sum_x]; version -1 while a fold is in flight
         self._agg_cache: dict[int, list] = {}
         self._agg_lock = threading.Lock()
@@ -175,20 +195,38 @@ class GridNode:
         self._checkpoint_cache.put(checkpoint_id, value)
         return value
 
-    def _averaging_plan(self, conn: Connection, process_id: int):
-        row = conn.execute(
-            sa.select(plans.c.id, plans.c.onnx).where(
-                plans.c.process_id == process_id, plans.c.is_averaging.is_(True)
+    def _process_info(self, conn: Connection, process_id: int) -> _ProcessInfo:
+        info = self._process_cache.get(process_id)
+        if info is None:
+            row = conn.execute(q.process_row, {"process_id": process_id}).one()
+            plan_rows = conn.execute(q.process_plans, {"process_id": process_id}).all()
+            info = _ProcessInfo(
+                id=row.id,
+                name=row.name,
+                version=row.version,
+                client_config=row.client_config,
+                server_config=row.server_config,
+                plan_ids={r.name: r.id for r in plan_rows if not r.is_averaging},
+                protocol_ids={
+                    r.name: r.id
+                    for r in conn.execute(q.process_protocols, {"process_id": process_id})
+                },
+                averaging_plan_id=next((r.id for r in plan_rows if r.is_averaging), None),
             )
-        ).first()
-        if row is None:
+            self._process_cache.put(process_id, info)
+        return info
+
+    def _averaging_plan(self, conn: Connection, process_id: int):
+        plan_id = self._process_info(conn, process_id).averaging_plan_id
+        if plan_id is None:
             return None
-        plan = self._avg_plan_cache.get(row.id)
+        plan = self._avg_plan_cache.get(plan_id)
         if plan is None:
             from gridfl.plan import Plan
 
-            plan = Plan.from_bytes(bytes(row.onnx), threads=1)
-            self._avg_plan_cache.put(row.id, plan)
+            onnx = conn.execute(sa.select(plans.c.onnx).where(plans.c.id == plan_id)).scalar_one()
+            plan = Plan.from_bytes(bytes(onnx), threads=1)
+            self._avg_plan_cache.put(plan_id, plan)
         return plan
 
     def _timeout(self, cycle) -> int:
@@ -417,12 +455,10 @@ class GridNode:
             if full is not None:
                 return full
         with db.write(self.engine) as conn:
-            worker = conn.execute(sa.select(workers).where(workers.c.id == req.worker_id)).first()
+            worker = conn.execute(q.worker_process, {"worker_id": req.worker_id}).first()
             if worker is None:
                 raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
-            process = conn.execute(
-                sa.select(processes).where(processes.c.id == worker.process_id)
-            ).one()
+            process = self._process_info(conn, worker.process_id)
             if process.name != req.model or (
                 req.version is not None and req.version != process.version
             ):
@@ -441,18 +477,14 @@ class GridNode:
                     .where(workers.c.id == worker.id)
                     .values(ping=req.ping, download=req.download, upload=req.upload)
                 )
-            if process.status != "running":
-                return _wire.rejected_response(None, f"the FL process is {process.status}")
-            cycle = self._open_cycle(conn, process.id, lock=True)
+            if worker.status != "running":
+                return _wire.rejected_response(None, f"the FL process is {worker.status}")
+            cycle = conn.execute(q.open_cycle_locked, {"process_id": process.id}).first()
             if cycle is None:
                 return _wire.rejected_response(None, "the FL process has no open cycle")
             timeout = self._timeout(cycle)
-            taken = conn.execute(
-                sa.select(worker_cycles.c.id).where(
-                    worker_cycles.c.cycle_id == cycle.id, worker_cycles.c.worker_id == worker.id
-                )
-            ).first()
-            if taken:
+            seats = conn.execute(q.seats, {"cycle_id": cycle.id, "worker_id": worker.id}).one()
+            if seats.taken is not None:
                 return _wire.rejected_response(timeout, "already accepted into this cycle")
             for key, limit_key in (
                 ("download", "minimum_download_speed"),
@@ -484,138 +516,101 @@ class GridNode:
                     )
             cap = worker_capacity(cfg)
             if cap is not None:
-                accepted = conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(worker_cycles)
-                    .where(worker_cycles.c.cycle_id == cycle.id)
-                ).scalar_one()
-                if accepted >= cap:
+                if seats.accepted >= cap:
                     return _wire.rejected_response(timeout, "the cycle is full")
                 if cfg.get("pool_selection") == "random" and random.random() >= (
-                    (cap - accepted) / cap
+                    (cap - seats.accepted) / cap
                 ):
                     return _wire.rejected_response(timeout, "not selected (random pool selection)")
             request_key = secrets.token_hex(32)
             conn.execute(
-                worker_cycles.insert().values(
-                    cycle_id=cycle.id,
-                    worker_id=worker.id,
-                    identity=worker.identity,
-                    request_key=request_key,
-                    accepted_at=time.time(),
-                )
+                q.accept,
+                {
+                    "cycle_id": cycle.id,
+                    "worker_id": worker.id,
+                    "identity": worker.identity,
+                    "request_key": request_key,
+                    "accepted_at": time.time(),
+                },
             )
-            plan_ids = {
-                r.name: r.id
-                for r in conn.execute(
-                    sa.select(plans.c.id, plans.c.name).where(
-                        plans.c.process_id == process.id, plans.c.is_averaging.is_(False)
-                    )
-                )
-            }
-            protocol_ids = {
-                r.name: r.id
-                for r in conn.execute(
-                    sa.select(protocols.c.id, protocols.c.name).where(
-                        protocols.c.process_id == process.id
-                    )
-                )
-            }
         return _wire.accepted_response(
             request_key=request_key,
             model=process.name,
             version=process.version,
             model_id=process.id,
-            plans=plan_ids,
-            protocols=protocol_ids,
+            plans=dict(process.plan_ids),
+            protocols=dict(process.protocol_ids),
             client_config=process.client_config,
         )
 
     def _full_cycle_rejection(self, req: _wire.CycleRequest) -> dict[str, Any] | None:
         """Fast path, read-only: the rejection of a request for a cycle that is already
         full, or ``None`` to take the locked path. Workers long-polling a full cycle
-        re-ask every ``long_poll_recheck`` seconds; without this each re-ask would be a
+        re-ask whenever a cycle opens or closes; without this each re-ask would be a
         write transaction holding the cycle's row lock, which reports queue behind.
         Accepted counts only grow within a cycle, so a committed count at the cap is final.
         """
         with db.read(self.engine) as conn:
-            worker = conn.execute(
-                sa.select(workers.c.id, workers.c.process_id).where(workers.c.id == req.worker_id)
-            ).first()
-            if worker is None:
+            row = conn.execute(q.admission, {"worker_id": req.worker_id}).first()
+            if row is None or row.cycle_id is None or row.process_status != "running":
                 return None
-            process = conn.execute(
-                sa.select(processes).where(processes.c.id == worker.process_id)
-            ).one()
-            cfg = process.server_config
-            cap = worker_capacity(cfg)
-            if (
-                cap is None
-                or process.status != "running"
-                or process.name != req.model
-                or (req.version is not None and req.version != process.version)
-                or requires_speed_test(cfg)
-            ):
-                return None
-            cycle = self._open_cycle(conn, process.id)
-            if cycle is None:
-                return None
-            accepted = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(worker_cycles)
-                .where(worker_cycles.c.cycle_id == cycle.id)
-            ).scalar_one()
-            if accepted < cap:
-                return None
-            taken = conn.execute(
-                sa.select(worker_cycles.c.id).where(
-                    worker_cycles.c.cycle_id == cycle.id, worker_cycles.c.worker_id == worker.id
-                )
-            ).first()
-            reason = "already accepted into this cycle" if taken else "the cycle is full"
-            return _wire.rejected_response(self._timeout(cycle), reason)
+            process = self._process_info(conn, row.process_id)
+        cfg = process.server_config
+        cap = worker_capacity(cfg)
+        if (
+            cap is None
+            or row.accepted < cap
+            or process.name != req.model
+            or (req.version is not None and req.version != process.version)
+            or requires_speed_test(cfg)
+        ):
+            return None
+        reason = (
+            "already accepted into this cycle" if row.taken is not None else "the cycle is full"
+        )
+        return _wire.rejected_response(self._timeout(row), reason)
 
     def _check_asset_access(self, conn: Connection, process_id: int, worker_id: str, key: str):
-        """The worker must hold ``key`` for the process's currently open cycle."""
+        """The worker must hold ``key`` for the process's currently open cycle; returns
+        the cycle (``id``, ``checkpoint_id``)."""
+        row = conn.execute(
+            q.asset_access, {"process_id": process_id, "worker_id": worker_id}
+        ).first()
+        if row is not None and row.request_key is not None:
+            if hmac.compare_digest(row.request_key.encode(), key.encode()):
+                return row
+            raise _invalid_key()
+        # refused: find out why, in the order PyGrid reports it
         worker = conn.execute(
             sa.select(workers.c.id, workers.c.process_id).where(workers.c.id == worker_id)
         ).first()
         if worker is None:
             raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
-        cycle = self._open_cycle(conn, process_id)
-        if cycle is None:
+        if row is None:
             raise _not_found_400("Cycle not found!")
-        stored = conn.execute(
-            sa.select(worker_cycles.c.request_key).where(
-                worker_cycles.c.cycle_id == cycle.id, worker_cycles.c.worker_id == worker_id
-            )
-        ).scalar()
-        if stored is None or not hmac.compare_digest(stored.encode(), key.encode()):
-            raise _invalid_key()
-        return cycle
+        raise _invalid_key()
 
     def get_model(self, req: _wire.AssetRequest) -> bytes:
         with db.read(self.engine) as conn:
-            exists = conn.execute(
-                sa.select(processes.c.id).where(processes.c.id == req.asset_id)
-            ).first()
-            if exists is None:
-                raise _not_found_400(_wire.MSG_MODEL_NOT_FOUND)
-            cycle = self._check_asset_access(conn, req.asset_id, req.worker_id, req.request_key)
+            try:
+                cycle = self._check_asset_access(conn, req.asset_id, req.worker_id, req.request_key)
+            except GridError:
+                exists = conn.execute(
+                    sa.select(processes.c.id).where(processes.c.id == req.asset_id)
+                ).first()
+                if exists is None:
+                    raise _not_found_400(_wire.MSG_MODEL_NOT_FOUND) from None
+                raise
             return self._checkpoint(conn, cycle.checkpoint_id)[0]
 
     def get_plan(self, req: _wire.AssetRequest) -> bytes:
         with db.read(self.engine) as conn:
-            row = conn.execute(
-                sa.select(
-                    plans.c.id,
-                    plans.c.name,
-                    plans.c.process_id,
-                    *[(plans.c[v] != sa.null()).label(f"has_{v}") for v in _wire.PLAN_VARIANTS],
-                ).where(plans.c.id == req.asset_id, plans.c.is_averaging.is_(False))
-            ).first()
+            row = self._plan_meta_cache.get(req.asset_id)
             if row is None:
-                raise _not_found_400(_wire.MSG_PLAN_NOT_FOUND)
+                row = conn.execute(q.plan_meta, {"plan_id": req.asset_id}).first()
+                if row is None:
+                    raise _not_found_400(_wire.MSG_PLAN_NOT_FOUND)
+                self._plan_meta_cache.put(req.asset_id, row)
             self._check_asset_access(conn, row.process_id, req.worker_id, req.request_key)
             have = [v for v in _wire.PLAN_VARIANTS if getattr(row, f"has_{v}")]
             variant = req.receive_operations_as or have[0]
@@ -655,19 +650,7 @@ class GridNode:
 
         # 1. find the worker's cycle by its request key (constant-time compare), no lock
         with db.read(self.engine) as conn:
-            rows = conn.execute(
-                sa.select(
-                    worker_cycles.c.id,
-                    worker_cycles.c.request_key,
-                    worker_cycles.c.reported_at,
-                    cycles.c.id.label("cycle_id"),
-                    cycles.c.sequence,
-                    cycles.c.status,
-                    cycles.c.checkpoint_id,
-                )
-                .select_from(worker_cycles.join(cycles, worker_cycles.c.cycle_id == cycles.c.id))
-                .where(worker_cycles.c.worker_id == req.worker_id)
-            ).all()
+            rows = conn.execute(q.worker_seats, {"worker_id": req.worker_id}).all()
             if not rows:
                 if conn.execute(
                     sa.select(workers.c.id).where(workers.c.id == req.worker_id)
@@ -698,26 +681,22 @@ class GridNode:
         cycle_id = match.cycle_id
         try:
             with db.write(self.engine) as conn:
-                cycle = conn.execute(
-                    sa.select(cycles).where(cycles.c.id == cycle_id).with_for_update()
-                ).one()
+                cycle = conn.execute(q.cycle_locked, {"cycle_id": cycle_id}).one()
                 if cycle.status != "open":
                     raise ConflictError(
                         f"cycle {cycle.sequence} is closed ({cycle.status}): "
                         "the report came too late"
                     )
-                wc = conn.execute(
-                    sa.select(worker_cycles.c.reported_at).where(worker_cycles.c.id == match.id)
+                seat = conn.execute(
+                    q.report_check, {"seat_id": match.id, "cycle_id": cycle_id}
                 ).one()
-                if wc.reported_at is not None:
+                if seat.reported_at is not None:
                     raise ConflictError(f"this worker already reported for cycle {cycle.sequence}")
-                process = conn.execute(
-                    sa.select(processes).where(processes.c.id == cycle.process_id)
-                ).one()
+                process = self._process_info(conn, cycle.process_id)
                 state_ = self._load_aggregate(conn, cycle_id, spec)
                 version, count_w, count_x, weight, sum_w, sum_x = state_
                 avg_plan = self._averaging_plan(conn, process.id)
-                values: dict[str, Any] = {"version": version + 1}
+                values: dict[str, Any] = {"b_cycle_id": cycle_id, "version": version + 1}
                 if avg_plan is not None:
                     if count_x == 0:
                         sum_x = agg.new_sum(spec)
@@ -739,21 +718,23 @@ class GridNode:
                     agg.fold(sum_x, diff, spec)
                     count_x += 1
                     values.update(count_x=count_x, sum_x=memoryview(sum_x).cast("B"))
-                conn.execute(
-                    aggregates.update().where(aggregates.c.cycle_id == cycle_id).values(**values)
-                )
+                conn.execute(q.store_sums, values)
                 now = time.time()
                 conn.execute(
-                    worker_cycles.update()
-                    .where(worker_cycles.c.id == match.id)
-                    .values(reported_at=now, num_samples=req.num_samples, metrics=req.metrics)
+                    q.mark_reported,
+                    {
+                        "b_seat_id": match.id,
+                        "reported_at": now,
+                        "num_samples": req.num_samples,
+                        "metrics": req.metrics,
+                    },
                 )
                 received = cycle.num_reports + 1
-                conn.execute(
-                    cycles.update().where(cycles.c.id == cycle_id).values(num_reports=received)
-                )
+                conn.execute(q.count_report, {"b_cycle_id": cycle_id, "num_reports": received})
                 _test_crash_point("report")
-                if self._ready(conn, cycle, process.server_config, received, now):
+                if self._ready(
+                    conn, cycle, process.server_config, received, now, accepted=seat.accepted
+                ):
                     self._complete(
                         conn, cycle, process, spec, (count_w, weight, sum_w, count_x, sum_x)
                     )
@@ -773,16 +754,7 @@ class GridNode:
 
     def _load_aggregate(self, conn: Connection, cycle_id: int, spec: agg.ModelSpec):
         """The cycle's running sums (cached in memory, checked against the row's version)."""
-        row = conn.execute(
-            sa.select(
-                aggregates.c.version,
-                aggregates.c.count_w,
-                aggregates.c.count_x,
-                aggregates.c.weight,
-            )
-            .where(aggregates.c.cycle_id == cycle_id)
-            .with_for_update()
-        ).first()
+        row = conn.execute(q.aggregate_counts, {"cycle_id": cycle_id}).first()
         if row is None:
             conn.execute(aggregates.insert().values(cycle_id=cycle_id, version=0))
             version, count_w, count_x, weight = 0, 0, 0, 0.0
@@ -795,11 +767,7 @@ class GridNode:
                 return version, count_w, count_x, weight, cached[1], cached[2]
         sum_w = sum_x = None
         if count_w or count_x:
-            blobs = conn.execute(
-                sa.select(aggregates.c.sum_w, aggregates.c.sum_x).where(
-                    aggregates.c.cycle_id == cycle_id
-                )
-            ).one()
+            blobs = conn.execute(q.aggregate_sums, {"cycle_id": cycle_id}).one()
             if blobs.sum_w is not None:
                 sum_w = np.frombuffer(blobs.sum_w, dtype=spec.acc_dtype).copy()
             if blobs.sum_x is not None:
@@ -807,15 +775,25 @@ class GridNode:
         return version, count_w, count_x, weight, sum_w, sum_x
 
     @staticmethod
-    def _ready(conn: Connection, cycle, cfg: dict, received: int, now: float) -> bool:
-        """PyGrid's completion rule, plus: a full cycle whose workers all reported is done."""
+    def _ready(
+        conn: Connection,
+        cycle,
+        cfg: dict,
+        received: int,
+        now: float,
+        *,
+        accepted: int | None = None,
+    ) -> bool:
+        """PyGrid's completion rule, plus: a full cycle whose workers all reported is done.
+        ``accepted``: the cycle's seat count, if the caller already read it under the lock."""
         if received < max(1, cfg.get("min_diffs") or 1):
             return False
-        accepted = conn.execute(
-            sa.select(sa.func.count())
-            .select_from(worker_cycles)
-            .where(worker_cycles.c.cycle_id == cycle.id)
-        ).scalar_one()
+        if accepted is None:
+            accepted = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(worker_cycles)
+                .where(worker_cycles.c.cycle_id == cycle.id)
+            ).scalar_one()
         if accepted < (cfg.get("min_workers") or 0):
             return False
         max_diffs = cfg.get("max_diffs")
