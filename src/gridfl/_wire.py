@@ -9,11 +9,14 @@ Transports (docs/protocol.md has the full story):
 * HTTP returns the bare ``data`` object; errors as ``{"error": "..."}`` with a status code.
 * WebSocket frames are ``{"type", "data", "request_id"?}``; replies carry the same ``type``,
   the ``request_id`` if one came, and ``data`` (errors as ``data.error``).
+* gridfl extension: a report may come as one WebSocket *binary* frame, a JSON header and
+  the raw diff bytes (:func:`encode_binary_report`, :func:`split_binary_frame`).
 """
 
 from __future__ import annotations
 
 import binascii
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +59,11 @@ __all__ = [
     "error_body",
     "encode_diff",
     "decode_diff",
+    "BINARY_REPORT_SUBPROTOCOL",
+    "MAX_BINARY_HEADER",
+    "encode_binary_report",
+    "split_binary_frame",
+    "binary_report_data",
     "check_text",
     "MAX_NUM_SAMPLES",
 ]
@@ -222,7 +230,14 @@ def _wait(data: dict[str, Any]) -> float:
 
 
 def decode_diff(value: Any) -> bytes:
-    """Decode the report's ``diff``: standard base64 (padded) of State bytes."""
+    """Decode the report's ``diff``: standard base64 (padded) of State bytes, or the raw
+    bytes a binary WebSocket report carried after its header."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if not value:
+            raise InvalidRequestError(
+                "'diff' must not be empty: the binary frame has no bytes after its header"
+            )
+        return bytes(value)
     if not isinstance(value, str) or not value:
         raise InvalidRequestError("'diff' must be a non-empty base64 string")
     try:
@@ -326,6 +341,66 @@ def error_body(message: str, **extra: Any) -> dict[str, Any]:
 
 def ws_error(kind: str | None, message: str, request_id: Any = None, **extra: Any) -> dict:
     return ws_reply(kind, error_body(message, **extra), request_id)
+
+
+# --- binary report frames (gridfl extension) -------------------------------------------------
+#: WebSocket subprotocol a gridfl node selects when a client offers it: the socket speaks
+#: the usual JSON text frames and also takes reports as binary frames (syft.js offers no
+#: subprotocol, so nothing changes for it; a node that does not select it gets JSON reports)
+BINARY_REPORT_SUBPROTOCOL = "gridfl.binary-report.1"
+#: largest JSON header of a binary frame (it holds ids, num_samples and metrics only)
+MAX_BINARY_HEADER = 64 * 1024
+_LEN = 4  # the header length prefix: 4 bytes, big-endian
+
+
+def encode_binary_report(data: dict[str, Any], request_id: Any = None) -> bytes:
+    """A report as one binary frame: 4-byte big-endian header length, the UTF-8 JSON
+    header ``{"type": REPORT, "request_id"?, "data": {every field but diff}}``, then the
+    raw State bytes of ``data["diff"]``."""
+    diff = data["diff"]
+    header: dict[str, Any] = {
+        "type": REPORT,
+        "data": {k: v for k, v in data.items() if k != "diff"},
+    }
+    if request_id is not None:
+        header["request_id"] = request_id
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return b"".join((len(head).to_bytes(_LEN, "big"), head, diff))
+
+
+def split_binary_frame(frame: bytes) -> tuple[bytes, bytes]:
+    """``(header, payload)`` of a binary frame; a 400 if the framing is broken."""
+    if len(frame) < _LEN:
+        raise InvalidRequestError(
+            f"binary frame of {len(frame)} bytes is truncated: it must start with a "
+            f"{_LEN}-byte big-endian header length"
+        )
+    n = int.from_bytes(frame[:_LEN], "big")
+    if n > MAX_BINARY_HEADER:
+        raise InvalidRequestError(
+            f"binary frame header length {n} is larger than {MAX_BINARY_HEADER} bytes"
+        )
+    if n > len(frame) - _LEN:
+        raise InvalidRequestError(
+            f"binary frame header length {n} runs past the end of the frame "
+            f"({len(frame) - _LEN} bytes follow the length)"
+        )
+    return frame[_LEN : _LEN + n], frame[_LEN + n :]
+
+
+def binary_report_data(kind: str, data: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    """The report ``data`` of a binary frame: its header's ``data`` plus the payload as
+    ``diff`` (then validated by :func:`parse_report`, as a JSON report is)."""
+    if kind != REPORT:
+        raise InvalidRequestError(
+            f"binary frame: only {REPORT!r} may be sent as a binary frame, got {kind!r} "
+            "(send other messages as JSON text frames)"
+        )
+    if "diff" in data:
+        raise InvalidRequestError(
+            "binary frame: the header must not carry 'diff'; the diff bytes follow the header"
+        )
+    return {**data, "diff": payload}
 
 
 # --- responses ------------------------------------------------------------------------------

@@ -119,7 +119,8 @@ class TestCycle:
         """Train the downloaded plan, report the diff: the node's next checkpoint is
         params - diff, and it recorded the sample count."""
         name = grid.host(server_config={"max_diffs": 1, "num_cycles": 2})
-        job = api.client(grid.url(transport)).new_job(name, "1.0")
+        client = api.client(grid.url(transport))
+        job = client.new_job(name, "1.0")
         api.start(job)
         x, y = linear_data(n=64)
         losses = []
@@ -135,6 +136,10 @@ class TestCycle:
         reply = api.report(job, diff, num_samples=result.num_samples,
                            metrics={"loss": result.loss})
         assert reply["status"] == "success" and job.state is JobState.REPORTED
+        # over ws the gridfl node took the binary-report subprotocol: the diff went as raw
+        # bytes in a binary frame (the node's checkpoint below shows it arrived intact)
+        assert (client._net.ws is not None and client._net.ws.binary_reports) == (
+            transport == "ws")
         new = grid.checkpoint(name)
         for a, b in zip(new, result.params, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

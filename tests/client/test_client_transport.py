@@ -7,27 +7,31 @@ the pure retry logic), since the real grid node cannot be told to misbehave.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
 import httpx
 import pytest
 from websockets.asyncio.server import serve
 
-from gridfl import NotFoundError, ResponseTimeoutError, TransportError, UnavailableError
+from gridfl import NotFoundError, ResponseTimeoutError, TransportError, UnavailableError, _wire
 from gridfl.client._transports import HttpTransport, WsTransport
 
 
-async def _run(behaviour, body):
-    """Start a WebSocket server whose handler is ``behaviour(ws, state)``; run ``body(url)``."""
+async def _run(behaviour, body, *, subprotocols=None, keep_state=False):
+    """Start a WebSocket server whose handler is ``behaviour(ws, state)``; run ``body(url)``
+    (``subprotocols``: those the server selects when offered; ``keep_state``: return the
+    server's state instead of what ``body`` returned)."""
     state = {"messages": [], "connections": 0}
 
     async def handler(ws):
         state["connections"] += 1
         await behaviour(ws, state)
 
-    async with serve(handler, "127.0.0.1", 0) as server:
+    async with serve(handler, "127.0.0.1", 0, subprotocols=subprotocols) as server:
         port = server.sockets[0].getsockname()[1]
-        return await body(f"ws://127.0.0.1:{port}/", state)
+        result = await body(f"ws://127.0.0.1:{port}/", state)
+    return state if keep_state else result
 
 
 def run(behaviour, body):
@@ -75,6 +79,45 @@ class TestWebSocket:
             await t.aclose()
 
         run(reverse, body)
+
+    @pytest.mark.parametrize("binary", [True, False])
+    def test_report_frame_follows_the_handshake(self, binary):
+        """A node that selects the binary-report subprotocol gets the report as a binary
+        frame (length, JSON header, raw diff); one that does not (PyGrid) gets JSON text
+        with the diff in base64. Other messages are JSON text either way."""
+        diff = bytes(range(256)) * 3
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=2, retries=0)
+            await t.call("model-centric/authenticate", {"model_name": "m"})
+            reply = await t.call("model-centric/report", {
+                "worker_id": "w", "request_key": "k", "diff": diff, "num_samples": 3})
+            assert reply == {"status": "success"} and t.binary_reports is binary
+            await t.aclose()
+
+        async def node(ws, state):
+            async for raw in ws:
+                if isinstance(raw, bytes):
+                    n = int.from_bytes(raw[:4], "big")
+                    msg = json.loads(raw[4 : 4 + n].decode("utf-8"))
+                    state["messages"].append(("binary", msg, raw[4 + n :]))
+                else:
+                    msg = json.loads(raw)
+                    state["messages"].append(("text", msg, None))
+                await ws.send(json.dumps({"type": msg["type"], "request_id": msg["request_id"],
+                                          "data": {"status": "success"}}))
+
+        state = asyncio.run(_run(node, body, subprotocols=[_wire.BINARY_REPORT_SUBPROTOCOL]
+                                 if binary else None, keep_state=True))
+        (auth_kind, _, _), (kind, msg, payload) = state["messages"]
+        assert auth_kind == "text" and msg["type"] == "model-centric/report"
+        if binary:
+            assert kind == "binary" and payload == diff
+            assert msg["data"] == {"worker_id": "w", "request_key": "k", "num_samples": 3}
+        else:
+            assert kind == "text" and payload is None
+            assert msg["data"] == {"worker_id": "w", "request_key": "k", "num_samples": 3,
+                                   "diff": base64.b64encode(diff).decode()}
 
     def test_reconnects_after_drop(self):
         """A dropped socket fails the request in flight; retries reconnect and succeed."""

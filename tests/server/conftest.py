@@ -309,6 +309,39 @@ class WsWorker(HttpWorker):
         super().close()
 
 
+class WsBinWorker(WsWorker):
+    """A WebSocket worker that sends reports as binary frames (gridfl extension), built
+    by hand from docs/protocol.md: 4-byte big-endian header length, the UTF-8 JSON header
+    ``{"type", "request_id", "data": everything but diff}``, then the raw diff bytes."""
+
+    transport = "wsbin"
+
+    def __init__(self, url: str, ws_url: str):
+        from websockets.sync.client import connect
+
+        HttpWorker.__init__(self, url)
+        self._cm = connect(
+            ws_url, max_size=None, open_timeout=20, subprotocols=["gridfl.binary-report.1"]
+        )
+        self.ws = self._cm.__enter__()
+        self.lock = threading.Lock()
+
+    def call(self, kind: str, data: dict) -> tuple[int, dict]:
+        if kind != "model-centric/report" or not isinstance(data.get("diff"), str):
+            return super().call(kind, data)
+        rid = uuid.uuid4().hex
+        fields = {k: v for k, v in data.items() if k != "diff"}
+        head = json.dumps({"type": kind, "request_id": rid, "data": fields}).encode()
+        frame = len(head).to_bytes(4, "big") + head + base64.b64decode(data["diff"])
+        with self.lock:
+            self.ws.send(frame)
+            reply = json.loads(self.ws.recv(timeout=60))
+        assert reply.get("request_id") == rid
+        assert reply.get("type") == kind
+        body = reply["data"]
+        return (200 if "error" not in body else body["status_code"]), body
+
+
 @pytest.fixture
 def admin(server) -> Admin:
     return Admin(server.url)

@@ -287,6 +287,25 @@ def _report(ctx, **over) -> dict:
     return {k: v for k, v in data.items() if v is not _DROP}
 
 
+def _bin(header: bytes, diff: bytes) -> bytes:
+    return len(header).to_bytes(4, "big") + header + diff
+
+
+def _bin_report(ctx, *, kind=REPORT, data=None, diff: bytes | None = None) -> bytes:
+    """A binary report frame (request_id "r") with one part replaced."""
+    diff = _GOOD_STATE if diff is None else diff
+    header = {"type": kind, "request_id": "r",
+              "data": data if data is not None else _report(ctx, diff=_DROP)}
+    header = {k: v for k, v in header.items() if v is not _DROP}
+    return _bin(json.dumps(header).encode(), diff)
+
+
+#: report cases whose ``diff`` is not base64 of anything: a binary frame cannot carry it
+#: (its own cases above: no diff bytes, a diff in the header)
+_NOT_BINARY = {"report-missing-diff", "report-diff-number", "report-diff-not-base64",
+               "report-diff-urlsafe-base64", "report-diff-empty"}
+
+
 def _diff(arrays_or_bytes) -> Callable[[Any], dict]:
     def data(ctx):
         blob = arrays_or_bytes
@@ -611,7 +630,41 @@ CASES: list[Case] = [
     WSONLY("ws-frame-list", lambda ctx: "[1, 2]", 400, "expected a JSON object"),
     WSONLY("ws-host-training", lambda ctx: json.dumps({"type": _wire.HOST_TRAINING, "data": {}}),
            400, "hosting over the WebSocket is not supported"),
-    WSONLY("ws-binary-frame", lambda ctx: b'{"type": "socket-ping"}', 400, "text frames"),
+    # ---- binary report frames (gridfl extension): 4-byte length, JSON header, diff bytes;
+    # report cases above also run as binary frames ("wsbin"), these break the framing
+    WSONLY("ws-binary-json-text-as-binary", lambda ctx: b'{"type": "socket-ping"}', 400,
+           "binary frame header length 2065855609 is larger than 65536 bytes"),
+    WSONLY("ws-binary-truncated-length", lambda ctx: b"\x00\x00\x01", 400,
+           "binary frame of 3 bytes is truncated"),
+    WSONLY("ws-binary-empty", lambda ctx: b"", 400, "binary frame of 0 bytes is truncated"),
+    WSONLY("ws-binary-header-past-end", lambda ctx: (100).to_bytes(4, "big") + b'{"type": 1}',
+           400, "binary frame header length 100 runs past the end of the frame (11 bytes"),
+    WSONLY("ws-binary-header-not-json", lambda ctx: _bin(b"{not json", _GOOD_STATE), 400,
+           "the binary frame's header is not valid JSON"),
+    WSONLY("ws-binary-header-not-utf8", lambda ctx: _bin(b'{"type": "\xff"}', _GOOD_STATE), 400,
+           "the binary frame's header is not UTF-8"),
+    WSONLY("ws-binary-header-utf16", lambda ctx: _bin(
+        json.dumps({"type": REPORT, "request_id": "r", "data": _report(ctx, diff=_DROP)}
+                   ).encode("utf-16"), _GOOD_STATE), 400, "the binary frame's header is not UTF-8"),
+    WSONLY("ws-binary-header-list", lambda ctx: _bin(b"[1]", _GOOD_STATE), 400,
+           "expected a JSON object"),
+    WSONLY("ws-binary-header-no-type", lambda ctx: _bin_report(ctx, kind=_DROP), 400,
+           "message 'type' is required"),
+    WSONLY("ws-binary-socket-ping", lambda ctx: _bin_report(ctx, kind=_wire.SOCKET_PING), 400,
+           "only 'model-centric/report' may be sent as a binary frame"),
+    WSONLY("ws-binary-authenticate", lambda ctx: _bin_report(
+        ctx, kind=AUTH, data={"model_name": "mnist"}), 400,
+           "only 'model-centric/report' may be sent as a binary frame"),
+    WSONLY("ws-binary-diff-in-header", lambda ctx: _bin_report(
+        ctx, data=_report(ctx, diff=b64(_GOOD_STATE))), 400, "must not carry 'diff'"),
+    WSONLY("ws-binary-no-diff-bytes", lambda ctx: _bin_report(ctx, diff=b""), 400,
+           "'diff' must not be empty"),
+    WSONLY("ws-binary-missing-worker_id", lambda ctx: _bin_report(
+        ctx, data=_report(ctx, worker_id=_DROP, diff=_DROP)), 400, "'worker_id' is required"),
+    WSONLY("ws-binary-data-list", lambda ctx: _bin_report(ctx, data=[1]), 400,
+           "message 'data' must be an object"),
+    WSONLY("ws-binary-oversized", lambda ctx: _bin_report(ctx, diff=b"\0" * MAX_BODY), 0, "",
+           ws_close=1009),
     # ---- downloads (HTTP only)
     H("get-model-missing-params", lambda ctx: {"method": "GET", "url": "/model-centric/get-model"},
       400, "'model_id' is required"),
@@ -781,10 +834,18 @@ CASES: list[Case] = [
 ]
 # fmt: on
 
+def _transports(case: Case) -> tuple[str, ...]:
+    """The case's transports, plus "wsbin" (the report as a binary WebSocket frame) for
+    report cases that go over the WebSocket with a JSON ``data``."""
+    binary = (case.kind == REPORT and case.data is not None and "ws" in case.transports
+              and case.id not in _NOT_BINARY)
+    return (*case.transports, "wsbin") if binary else case.transports
+
+
 _PARAMS = [
     pytest.param(case, transport, id=f"{case.id}[{transport}]")
     for case in CASES
-    for transport in case.transports
+    for transport in _transports(case)
 ]
 
 
@@ -804,12 +865,17 @@ def _send_http(ctx, case: Case) -> httpx.Response:
     )
 
 
-def _send_ws(ctx, case: Case) -> tuple[dict | None, int | None]:
-    """(reply, close code): the node's reply frame, or the code it closed the socket with."""
+def _send_ws(ctx, case: Case, binary: bool = False) -> tuple[dict | None, int | None]:
+    """(reply, close code): the node's reply frame, or the code it closed the socket with;
+    ``binary``: the report as a binary frame (gridfl extension) instead of JSON text."""
     from websockets.exceptions import ConnectionClosed
 
     rid = uuid.uuid4().hex
-    if case.raw is not None:
+    if binary:
+        data = dict(case.data(ctx))
+        diff = _wire.b64decode(data.pop("diff"))  # every "wsbin" case has a base64 diff
+        frame = _wire.encode_binary_report({**data, "diff": diff}, rid)
+    elif case.raw is not None:
         frame = case.raw(ctx)
         if case.kind not in ("?", None) and not isinstance(frame, bytes):
             try:
@@ -853,7 +919,7 @@ def test_bad_input(node, case: Case, transport: str):
         if case.kind == CYCLE:
             assert body.get("status") == "rejected", body
     else:
-        reply, closed = _send_ws(node, case)
+        reply, closed = _send_ws(node, case, binary=transport == "wsbin")
         if case.ws_close is not None:
             assert closed == case.ws_close, (closed, reply)
         else:

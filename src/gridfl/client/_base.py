@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from gridfl import _wire
 from gridfl._exceptions import (
     ConfigError,
     CycleStatusError,
@@ -462,10 +461,12 @@ class BaseJob:
                 f"diff must be bytes (use model.create_serialized_diff(params)), "
                 f"got {type(diff).__name__}"
             )
+        # The diff stays bytes here: the transport encodes it (base64 in JSON, or raw in a
+        # binary WebSocket frame when the node takes those).
         data: dict[str, Any] = {
             "worker_id": self.worker_id,
             "request_key": self.request_key,
-            "diff": _wire.b64encode(bytes(diff)),
+            "diff": bytes(diff),
         }
         if num_samples is not None:
             if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:

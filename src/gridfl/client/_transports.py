@@ -5,7 +5,13 @@ Network transports of the worker SDK (asyncio; the sync shell runs them on its o
   JSON calls over HTTP, the binary downloads and the speed test.
 * :class:`WsTransport`: one WebSocket per client, shared by all its jobs; requests carry
   a random ``request_id`` and replies are matched by it; every request has a timeout;
-  a dropped socket fails the requests in flight and the next request reconnects.
+  a dropped socket fails the requests in flight and the next request reconnects. When the
+  node selects the binary-report subprotocol at the handshake (gridfl nodes do), reports
+  go as binary frames (JSON header + raw diff bytes), skipping base64 and a 1 MB JSON
+  string on both ends; otherwise (PyGrid) as JSON text frames.
+
+A report's ``diff`` arrives from the job flow as bytes; :func:`json_data` base64-encodes it
+for the JSON paths.
 
 Both retry transient failures a bounded number of times with exponential back-off.
 Calls that are not idempotent (cycle-request, report) are retried only when the request
@@ -25,6 +31,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from gridfl import _wire
 from gridfl._exceptions import GridError, ResponseTimeoutError, TransportError
 from gridfl.client import _protocol as proto
 
@@ -34,6 +41,14 @@ T = TypeVar("T")
 
 #: Largest message accepted from the node over the WebSocket (replies are small JSON).
 WS_MAX_MESSAGE = 16 * 2**20
+
+
+def json_data(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` for a JSON message: a bytes ``diff`` (a report) as base64 text."""
+    diff = data.get("diff")
+    if isinstance(diff, (bytes, bytearray, memoryview)):
+        return {**data, "diff": _wire.encode_diff(bytes(diff))}
+    return data
 
 
 class _NotSent(Exception):
@@ -122,7 +137,7 @@ class HttpTransport:
         self, type_: str, data: dict[str, Any], *, idempotent: bool = True, extra_timeout: float = 0
     ) -> dict:
         """POST a protocol message; return the reply's ``data`` or raise the node's error."""
-        kwargs: dict[str, Any] = {"json": data}
+        kwargs: dict[str, Any] = {"json": json_data(data)}
         if extra_timeout:
             kwargs["timeout"] = httpx.Timeout(self.timeout + extra_timeout)
 
@@ -217,6 +232,7 @@ class WsTransport:
                     # Diffs are base64 floats: deflate saves ~25% of the bytes for several
                     # times the CPU of the whole exchange, on both ends.
                     compression=None,
+                    subprotocols=[_wire.BINARY_REPORT_SUBPROTOCOL],
                     additional_headers=self.headers,
                     proxy=None,
                 )
@@ -285,7 +301,13 @@ class WsTransport:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._pending[rid] = (fut, conn, type_)
             try:
-                frame = json.dumps({"type": type_, "request_id": rid, "data": data})
+                frame: str | bytes
+                if self._binary_report(conn, type_, data):
+                    frame = _wire.encode_binary_report(data, rid)
+                else:
+                    frame = json.dumps(
+                        {"type": type_, "request_id": rid, "data": json_data(data)}
+                    )
                 try:
                     await conn.send(frame)
                 except ConnectionClosed as exc:
@@ -304,6 +326,23 @@ class WsTransport:
             return proto.unwrap_reply(msg, call=type_)
 
         return await with_retries(type_, attempt, retries=self.retries, idempotent=idempotent)
+
+    @staticmethod
+    def _binary_report(conn: ClientConnection, type_: str, data: dict[str, Any]) -> bool:
+        """Send this message as a binary frame: a report with bytes, to a node that
+        selected the binary-report subprotocol at the handshake."""
+        return (
+            type_ == proto.REPORT
+            and conn.subprotocol == _wire.BINARY_REPORT_SUBPROTOCOL
+            and isinstance(data.get("diff"), (bytes, bytearray, memoryview))
+        )
+
+    @property
+    def binary_reports(self) -> bool:
+        """Whether the open socket sends reports as binary frames (the node selected the
+        binary-report subprotocol)."""
+        conn = self._conn
+        return conn is not None and conn.subprotocol == _wire.BINARY_REPORT_SUBPROTOCOL
 
     @property
     def connected(self) -> bool:

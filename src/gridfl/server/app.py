@@ -218,8 +218,22 @@ async def speed_test(request: Request) -> Response:
 
 
 # --- WebSocket ------------------------------------------------------------------------------
+def _parse_binary_header(head: bytes) -> Any:
+    """The JSON header of a binary frame: strict UTF-8 (``json.loads`` would also guess
+    UTF-16 and UTF-32 from bytes), then JSON."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"the binary frame's header is not UTF-8: {e}") from None
+    return _parse_json(text, "the binary frame's header")
+
+
 async def websocket_endpoint(ws: WebSocket) -> None:
-    await ws.accept()
+    # A client that offers the binary-report subprotocol learns from the handshake that
+    # this node takes reports as binary frames; syft.js offers none and sees no change.
+    offered = ws.scope.get("subprotocols") or []
+    binary = _wire.BINARY_REPORT_SUBPROTOCOL in offered
+    await ws.accept(subprotocol=_wire.BINARY_REPORT_SUBPROTOCOL if binary else None)
     send_lock = anyio.Lock()
     in_flight = anyio.Semaphore(32)
 
@@ -230,15 +244,19 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     async def handle(text: str | bytes) -> None:
         kind, request_id = None, None
         try:
-            if not isinstance(text, str):
-                raise InvalidRequestError(
-                    "the node reads JSON text frames; got a binary frame (send text frames)"
-                )
-            frame = _parse_json(text, "the message")
+            payload = None
+            if isinstance(text, str):
+                frame = _parse_json(text, "the message")
+            else:  # a binary report (gridfl extension): JSON header + raw diff bytes
+                head, payload = _wire.split_binary_frame(text)
+                frame = _parse_binary_header(head)
             if isinstance(frame, dict):
                 request_id = frame.get("request_id")
                 kind = frame.get("type") if isinstance(frame.get("type"), str) else None
             kind, data, request_id = _wire.parse_ws_frame(frame)
+            if payload is not None:
+                # validated by parse_report in the handler, exactly as a JSON report
+                data = _wire.binary_report_data(kind, data, payload)
             if kind == _wire.SOCKET_PING:
                 reply = _wire.ws_reply(None, {"alive": "True"}, request_id)
             elif kind in HANDLERS:
@@ -275,7 +293,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                     if message["type"] == "websocket.disconnect":
                         break
                     text = message.get("text")
-                    if text is None:  # a binary frame: answered with an error
+                    if text is None:  # a binary frame (a report, or answered with an error)
                         text = message.get("bytes") or b""
                     await in_flight.acquire()
                     tg.start_soon(run, text)
