@@ -9,8 +9,10 @@ In one run, per workload (2NN E=1, CNN E=1):
 * the compute floor measured side by side: the same plan running the same ten local
   epochs (600 examples, B = 10) in two processes on the two cores, with no node and no
   protocol; ``cycle / compute`` is what the node and protocol cost on top;
-* start-up (node healthy -> first aggregated checkpoint), peak resident memory of node +
-  workers, and test accuracy per cycle.
+* start-up (node healthy -> first aggregated checkpoint), peak memory of node + workers
+  (the sum of RSS, which counts libraries shared by the 11 processes once per process,
+  and the sum of PSS, which shares those pages out: the physical memory used), and
+  test accuracy per cycle.
 
 Flower 1.42's figures, measured on a machine of the same kind, are printed next to ours.
 
@@ -122,6 +124,8 @@ def run_workload(model_name: str, cycles: int) -> dict:
         "cycle_range": [min(per_cycle[1:]), max(per_cycle[1:])],
         "startup": result.startup_seconds,
         "peak_rss_mb": result.peak_rss_mb,
+        "peak_pss_mb": result.peak_pss_mb,
+        "memory_mb": result.memory_mb,
         "accuracy": {c.cycle: c.test_accuracy for c in result.cycles},
     }
 
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         flower = FLOWER[name]
         acc = fl["accuracy"]
         per_cycle = fl["seconds_per_cycle"]
+        mem = fl["memory_mb"]
         flower_x = flower["simulation"] / flower["torch_compute"]
         print(
             f"\n{name.upper()} E=1, K=100, C=0.1, B=10:\n"
@@ -157,7 +162,13 @@ def main(argv: list[str] | None = None) -> None:
             f"machine)\n"
             f"  Flower deployment       {flower['deployment'] or '-'} s/round on its machine\n"
             f"  start-up                {fl['startup']} s (node healthy -> first checkpoint)\n"
-            f"  peak memory             {fl['peak_rss_mb']} MB (node + 10 workers)\n"
+            f"  peak memory, PSS sum    {fl['peak_pss_mb']} MB (node + 10 workers: physical "
+            f"memory, shared pages counted once)\n"
+            f"  peak memory, RSS sum    {fl['peak_rss_mb']} MB (counts the libraries the 11 "
+            f"processes share 11 times)\n"
+            f"  per process (peak)      node RSS {mem.get('node_rss')} / PSS "
+            f"{mem.get('node_pss')} MB, largest worker RSS {mem.get('worker_rss')} / PSS "
+            f"{mem.get('worker_pss')} MB\n"
             f"  accuracy                "
             + ", ".join(f"c{k}: {100 * v:.2f}%" for k, v in acc.items() if k in (1, 5, 10, 20))
             + "   Flower: "

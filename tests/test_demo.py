@@ -25,9 +25,14 @@ def test_short_demo_run_trains_and_writes_results(tmp_path):
     assert accuracies[-1] > 0.6, accuracies  # 10-class MNIST: chance is 0.1
     assert result.cycles[-1].test_loss < result.cycles[0].test_loss
     assert result.startup_seconds is not None and result.peak_rss_mb > 0
+    # PSS shares the pages the processes have in common out among them: never above RSS
+    assert 0 < result.peak_pss_mb <= result.peak_rss_mb
+    mem = result.memory_mb
+    assert 0 < mem["node_pss"] <= mem["node_rss"] and 0 < mem["worker_pss"] <= mem["worker_rss"]
 
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["settings"]["model"] == "2nn" and len(saved["cycles"]) == 3
+    assert saved["peak_pss_mb"] == result.peak_pss_mb and saved["memory_mb"] == mem
     png = (tmp_path / "out" / "accuracy.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 

@@ -134,7 +134,11 @@ def demo(**kw: Any) -> None:
     console.print(
         f"{len(result.cycles)} cycles in {time.perf_counter() - started:.0f} s; best test "
         f"accuracy {100 * best:.2f}%; first checkpoint {result.startup_seconds} s after the "
-        f"node was up; peak memory {result.peak_rss_mb} MB (node + workers)"
+        f"node was up"
+    )
+    console.print(
+        f"peak memory of node + workers: {result.peak_pss_mb} MB physical (sum of PSS); "
+        f"{result.peak_rss_mb} MB sum of RSS, which counts shared libraries once per process"
     )
     console.print(f"results: {options.out_dir / 'results.json'}, plot: "
                   f"{options.out_dir / 'accuracy.png'}")

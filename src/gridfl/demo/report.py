@@ -30,7 +30,13 @@ class RunResult:
     startup_seconds: float | None = None  # node up (healthy) -> first aggregated checkpoint
     node_boot_seconds: float | None = None  # node process start -> healthy
     host_seconds: float | None = None  # hosting the process (inside startup_seconds)
-    peak_rss_mb: float | None = None
+    # Peak memory of the node + workers, sampled while cycles run. RSS sums count the
+    # libraries every process maps (onnxruntime, numpy) once per process; PSS shares each
+    # page among its processes, so the PSS sum is the physical memory the run used.
+    peak_rss_mb: float | None = None  # sum of RSS (double counts shared pages)
+    peak_pss_mb: float | None = None  # sum of PSS (the honest total)
+    # Per process peaks: node_rss, node_pss, worker_rss, worker_pss (the largest worker).
+    memory_mb: dict[str, float] = field(default_factory=dict)
 
     def rounds_to(self, accuracy: float) -> int | None:
         """First cycle whose global model reached ``accuracy`` on the test set."""

@@ -254,10 +254,10 @@ def _watch(host, name, version, node_up, options, mnist, evaluation_plan, result
            on_cycle) -> None:
     """Follow the node's status; evaluate each new checkpoint; stop at the target."""
     seen = 0
-    peak = 0.0
+    memory = _PeakMemory(procs[0], procs[1:])
     while True:
         status = host.status(name, version)
-        peak = max(peak, _rss_mb(procs))
+        memory.sample()
         closed = [c for c in status["cycles"] if c["status"] != "open" and c["result_checkpoint"]]
         for c in closed[seen:]:
             entry = CycleResult(
@@ -287,7 +287,9 @@ def _watch(host, name, version, node_up, options, mnist, evaluation_plan, result
         if any(p.poll() not in (None, 0) for p in procs):
             raise GridflError("a worker or the node crashed; see its output above")
         time.sleep(0.1)
-    result.peak_rss_mb = round(peak, 1)
+    memory.sample()
+    result.peak_rss_mb, result.peak_pss_mb = memory.peak_rss_mb, memory.peak_pss_mb
+    result.memory_mb = memory.breakdown()
 
 
 def _done(status: dict) -> bool:
@@ -306,14 +308,62 @@ def _evaluate(plan, mnist, params, batch: int = 2000) -> tuple[float, float]:
     return round(losses / n, 5), round(correct / n, 5)
 
 
-def _rss_mb(procs) -> float:
-    total = 0
-    for p in procs:
+def _memory_kb(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process in kB; (0, 0) once it is gone.
+
+    RSS counts every page mapped, so the onnxruntime and numpy libraries that eleven
+    processes share are counted eleven times in a sum of RSS; PSS divides each shared page
+    among the processes that map it, so a sum of PSS is the physical memory they use.
+    """
+    rss = pss = 0
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except FileNotFoundError:  # gone, or a kernel before 4.14: fall back to VmRSS
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total / 1024
+                    rss = pss = int(line.split()[1])
+        return rss, pss
+    except OSError:
+        return 0, 0
+    for line in text.splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif line.startswith("Pss:"):
+            pss = int(line.split()[1])
+    return rss, pss
+
+
+class _PeakMemory:
+    """Peaks of the node + workers' summed RSS and summed PSS (over samples), and of each
+    process's own RSS and PSS."""
+
+    def __init__(self, node, workers) -> None:
+        self.node, self.workers = node, list(workers)
+        self.rss_sum = self.pss_sum = 0  # kB
+        self.node_kb = [0, 0]
+        self.worker_kb = [0, 0]  # the largest worker's
+
+    def sample(self) -> None:
+        node = _memory_kb(self.node.pid)
+        workers = [_memory_kb(w.pid) for w in self.workers]
+        self.rss_sum = max(self.rss_sum, node[0] + sum(w[0] for w in workers))
+        self.pss_sum = max(self.pss_sum, node[1] + sum(w[1] for w in workers))
+        self.node_kb = [max(a, b) for a, b in zip(self.node_kb, node, strict=True)]
+        for w in workers:
+            self.worker_kb = [max(a, b) for a, b in zip(self.worker_kb, w, strict=True)]
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return round(self.rss_sum / 1024, 1)
+
+    @property
+    def peak_pss_mb(self) -> float:
+        return round(self.pss_sum / 1024, 1)
+
+    def breakdown(self) -> dict[str, float]:
+        mb = [round(kb / 1024, 1) for kb in (*self.node_kb, *self.worker_kb)]
+        return dict(zip(("node_rss", "node_pss", "worker_rss", "worker_pss"), mb, strict=True))
 
 
 def _jsonable(d: dict) -> dict:
