@@ -24,8 +24,10 @@ def create_engine(url: str) -> Engine:
     """An engine for ``url``. SQLite: WAL, busy timeout, foreign keys, explicit BEGIN."""
     u = sa.make_url(url)
     if u.get_backend_name() == "sqlite":
+        checkpointer = None
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            checkpointer = WalCheckpointer(u.database)
         engine = sa.create_engine(
             url,
             connect_args={"timeout": 60, "check_same_thread": False},
@@ -44,6 +46,8 @@ def create_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.execute("PRAGMA foreign_keys=ON")
+            if checkpointer is not None:
+                cur.execute("PRAGMA wal_autocheckpoint=0")  # WalCheckpointer does it
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -58,8 +62,58 @@ def create_engine(url: str) -> Engine:
         # (up to 100 ms) while it waits; writers of this process queue on a lock instead,
         # and are handed the database the moment the previous one commits.
         _WRITE_LOCKS[engine] = threading.RLock()
+        if checkpointer is not None:
+            event.listen(engine, "engine_disposed", lambda _engine: checkpointer.stop())
+            checkpointer.start()
         return engine
     return sa.create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True)
+
+
+class WalCheckpointer:
+    """Copies SQLite's write-ahead log into the database file on a thread of its own.
+
+    Left to itself, SQLite checkpoints inside whichever commit crosses
+    ``wal_autocheckpoint`` and fsyncs the database there, while that writer still holds
+    the write lock: with 2NN-sized diffs one report in ~60 took 150-250 ms and every
+    writer queued behind it. Engines made here turn automatic checkpoints off; this
+    thread runs PASSIVE checkpoints, which never block readers or writers, every
+    ``interval`` seconds, and a last one when the engine is disposed.
+    """
+
+    def __init__(self, path: str, interval: float = 0.5) -> None:
+        self.path = path
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gridfl-wal", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import sqlite3
+
+        conn = None
+        try:
+            while True:
+                stopping = self._stop.wait(self.interval)
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(  # mode=rw: never create a stray file
+                            f"file:{self.path}?mode=rw", uri=True, timeout=60, isolation_level=None
+                        )
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:  # the file is gone or busy: try again next time
+                    log.debug("WAL checkpoint failed", exc_info=True)
+                if stopping:
+                    return
+        finally:
+            if conn is not None:
+                conn.close()
 
 
 def is_postgres(engine: Engine) -> bool:
