@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -102,6 +103,24 @@ def _http_error(exc: httpx.HTTPError, what: str) -> TransportError:
     return err
 
 
+def _verify(base_url: str) -> bool:
+    """httpx's ``verify`` for a client of ``base_url``.
+
+    httpx builds its default SSL context when the client is created, loading the whole CA
+    bundle: ~90 ms of CPU in every worker process, even for a plain ``http://`` node that
+    never speaks TLS. For ``http://`` base URLs (every request is a relative path, redirects
+    are off, so nothing ever goes to an ``https://`` URL) ``verify=False`` skips that and
+    changes nothing. ``https://`` keeps full verification, and so does ``http://`` when an
+    ``https://`` proxy is configured in the environment (the proxy hop would be TLS).
+    """
+    if not base_url.lower().startswith("http://"):
+        return True
+    return any(
+        key.lower().endswith("_proxy") and value.strip().lower().startswith("https:")
+        for key, value in os.environ.items()
+    )
+
+
 class HttpTransport:
     """JSON calls and binary downloads over one pooled ``httpx.AsyncClient``."""
 
@@ -122,6 +141,7 @@ class HttpTransport:
             timeout=httpx.Timeout(timeout),
             headers=headers,
             follow_redirects=False,
+            verify=_verify(base_url),
         )
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
