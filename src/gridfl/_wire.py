@@ -10,7 +10,10 @@ Transports (docs/protocol.md has the full story):
 * WebSocket frames are ``{"type", "data", "request_id"?}``; replies carry the same ``type``,
   the ``request_id`` if one came, and ``data`` (errors as ``data.error``).
 * gridfl extension: a report may come as one WebSocket *binary* frame, a JSON header and
-  the raw diff bytes (:func:`encode_binary_report`, :func:`split_binary_frame`).
+  the raw diff bytes (:func:`encode_binary_report`, :func:`split_binary_frame`); on a
+  socket that negotiated :data:`BINARY_SUBPROTOCOL` the downloads (get-model, get-plan,
+  get-protocol) are WebSocket requests too, answered by a binary frame
+  (:func:`encode_binary_reply`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ __all__ = [
     "REPORT",
     "SOCKET_PING",
     "HOST_TRAINING",
+    "GET_MODEL",
+    "GET_PLAN",
+    "GET_PROTOCOL",
     "WS_TYPES",
     "PLAN_VARIANTS",
     "MSG_AUTH_REQUIRED",
@@ -60,8 +66,13 @@ __all__ = [
     "encode_diff",
     "decode_diff",
     "BINARY_REPORT_SUBPROTOCOL",
+    "BINARY_SUBPROTOCOL",
+    "SUBPROTOCOLS",
+    "select_subprotocol",
     "MAX_BINARY_HEADER",
     "encode_binary_report",
+    "encode_binary_reply",
+    "parse_max_bytes",
     "split_binary_frame",
     "binary_report_data",
     "check_text",
@@ -74,6 +85,10 @@ CYCLE_REQUEST = "model-centric/cycle-request"
 REPORT = "model-centric/report"
 HOST_TRAINING = "model-centric/host-training"
 SOCKET_PING = "socket-ping"
+#: downloads: HTTP ``GET /`` + type; WebSocket requests only with :data:`BINARY_SUBPROTOCOL`
+GET_MODEL = "model-centric/get-model"
+GET_PLAN = "model-centric/get-plan"
+GET_PROTOCOL = "model-centric/get-protocol"
 WS_TYPES = frozenset({AUTHENTICATE, CYCLE_REQUEST, REPORT, SOCKET_PING})
 
 #: plan variants ``get-plan`` serves (``receive_operations_as``)
@@ -348,6 +363,11 @@ def ws_error(kind: str | None, message: str, request_id: Any = None, **extra: An
 #: the usual JSON text frames and also takes reports as binary frames (syft.js offers no
 #: subprotocol, so nothing changes for it; a node that does not select it gets JSON reports)
 BINARY_REPORT_SUBPROTOCOL = "gridfl.binary-report.1"
+#: the same plus downloads over the socket: get-model, get-plan and get-protocol requests
+#: are JSON text frames, answered by one binary frame (:func:`encode_binary_reply`)
+BINARY_SUBPROTOCOL = "gridfl.binary.2"
+#: the subprotocols a gridfl node selects, best first (a client offers them in this order)
+SUBPROTOCOLS = (BINARY_SUBPROTOCOL, BINARY_REPORT_SUBPROTOCOL)
 #: largest JSON header of a binary frame (it holds ids, num_samples and metrics only)
 MAX_BINARY_HEADER = 64 * 1024
 _LEN = 4  # the header length prefix: 4 bytes, big-endian
@@ -386,6 +406,34 @@ def split_binary_frame(frame: bytes) -> tuple[bytes, bytes]:
             f"({len(frame) - _LEN} bytes follow the length)"
         )
     return frame[_LEN : _LEN + n], frame[_LEN + n :]
+
+
+def select_subprotocol(offered: Any) -> str | None:
+    """The best of :data:`SUBPROTOCOLS` among those a client ``offered`` (None if none)."""
+    offered = offered or ()
+    return next((p for p in SUBPROTOCOLS if p in offered), None)
+
+
+def encode_binary_reply(kind: str, payload: bytes, request_id: Any = None) -> bytes:
+    """A download's reply as one binary frame: 4-byte big-endian header length, the UTF-8
+    JSON header ``{"type": kind, "request_id"?}``, then the raw bytes (the HTTP body)."""
+    header: dict[str, Any] = {"type": kind}
+    if request_id is not None:
+        header["request_id"] = request_id
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return b"".join((len(head).to_bytes(_LEN, "big"), head, payload))
+
+
+def parse_max_bytes(data: dict[str, Any]) -> int | None:
+    """The optional ``max_bytes`` of a download request over the socket: the largest
+    payload the client takes in one frame (a larger one is refused with 413, so the client
+    can download it over HTTP instead of having its socket closed with 1009)."""
+    value = data.get("max_bytes")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError("'max_bytes' must be a non-negative integer")
+    return value
 
 
 def binary_report_data(kind: str, data: dict[str, Any], payload: bytes) -> dict[str, Any]:

@@ -214,11 +214,18 @@ class TestFailures:
         assert isinstance(exc, GridError) and "no-such-model" in str(exc)
 
     def _tamper(self, api, client, key):
-        def hook(request):
-            if key in request.url.params:
-                request.url = request.url.copy_set_param(key, "999999")
+        """Ask for id 999999 in the downloads, whichever transport carries them (HTTP GET,
+        or a WebSocket request frame with gridfl.binary.2): the node answers the error."""
+        from gridfl.client._base import Fetch
 
-        api.add_request_hook(client, hook)
+        perform = client._net.perform
+
+        async def tampered(op):
+            if isinstance(op, Fetch) and key in op.params:
+                op = Fetch(op.path, {**op.params, key: "999999"})
+            return await perform(op)
+
+        client._net.perform = tampered
 
     def test_missing_model(self, grid, transport, api):
         """get-model answers 'Model ID not found!': error event, 'Failed to load Model'."""

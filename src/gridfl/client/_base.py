@@ -129,7 +129,9 @@ class Call:
 
 @dataclass(frozen=True)
 class Fetch:
-    """An HTTP GET of binary content (model, plan, protocol)."""
+    """A download of binary content (model, plan, protocol): ``path`` is the message type,
+    ``params`` the query. Over the WebSocket when the node selected ``gridfl.binary.2``
+    (one request frame, one binary reply frame), else an HTTP GET of ``/<path>?<params>``."""
 
     path: str
     params: dict[str, Any]

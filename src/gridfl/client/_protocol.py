@@ -20,11 +20,15 @@ from gridfl._exceptions import (
     PermissionDeniedError,
     UnavailableError,
 )
-from gridfl._wire import AUTHENTICATE, CYCLE_REQUEST, REPORT  # noqa: F401 - re-exported
+from gridfl._wire import (  # noqa: F401 - re-exported
+    AUTHENTICATE,
+    CYCLE_REQUEST,
+    GET_MODEL,
+    GET_PLAN,
+    GET_PROTOCOL,
+    REPORT,
+)
 
-GET_MODEL = "model-centric/get-model"
-GET_PLAN = "model-centric/get-plan"
-GET_PROTOCOL = "model-centric/get-protocol"
 SPEED_TEST = "model-centric/speed-test"
 
 #: ``receive_operations_as`` value that selects gridfl's ONNX plan variant.

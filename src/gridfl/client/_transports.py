@@ -6,9 +6,11 @@ Network transports of the worker SDK (asyncio; the sync shell runs them on its o
 * :class:`WsTransport`: one WebSocket per client, shared by all its jobs; requests carry
   a random ``request_id`` and replies are matched by it; every request has a timeout;
   a dropped socket fails the requests in flight and the next request reconnects. When the
-  node selects the binary-report subprotocol at the handshake (gridfl nodes do), reports
+  node selects one of gridfl's subprotocols at the handshake (gridfl nodes do), reports
   go as binary frames (JSON header + raw diff bytes), skipping base64 and a 1 MB JSON
-  string on both ends; otherwise (PyGrid) as JSON text frames.
+  string on both ends; otherwise (PyGrid) as JSON text frames. With ``gridfl.binary.2``
+  the downloads (model, plans, protocols) also go over the socket: one JSON request frame,
+  one binary reply frame, instead of an HTTP GET each.
 
 A report's ``diff`` arrives from the job flow as bytes; :func:`json_data` base64-encodes it
 for the JSON paths.
@@ -33,15 +35,35 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from gridfl import _wire
-from gridfl._exceptions import GridError, ResponseTimeoutError, TransportError
+from gridfl._exceptions import (
+    GridError,
+    PayloadTooLargeError,
+    ResponseTimeoutError,
+    TransportError,
+)
 from gridfl.client import _protocol as proto
 
 logger = logging.getLogger("gridfl.client")
 
 T = TypeVar("T")
 
-#: Largest message accepted from the node over the WebSocket (replies are small JSON).
-WS_MAX_MESSAGE = 16 * 2**20
+#: Largest message accepted from the node over the WebSocket: JSON replies are small, a
+#: download's binary frame carries a whole model or plan. 64 MiB is the node's default body
+#: limit (the largest report it takes); a download that would not fit is refused by the
+#: node (the request says ``max_bytes``) and fetched over HTTP instead.
+WS_MAX_MESSAGE = 64 * 2**20
+#: room for a binary reply's length prefix and JSON header (type, request_id)
+_REPLY_HEADER_ROOM = 4 + 4096
+
+
+class _BinaryReply:
+    """A binary frame from the node: a download's bytes, with its JSON header."""
+
+    __slots__ = ("header", "payload")
+
+    def __init__(self, header: dict[str, Any], payload: bytes) -> None:
+        self.header = header
+        self.payload = payload
 
 
 def json_data(data: dict[str, Any]) -> dict[str, Any]:
@@ -221,11 +243,13 @@ class WsTransport:
         timeout: float,
         retries: int,
         headers: dict[str, str] | None = None,
+        max_message: int = WS_MAX_MESSAGE,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.retries = retries
         self.headers = headers
+        self.max_message = max_message
         self._conn: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
@@ -248,11 +272,11 @@ class WsTransport:
                     self.url,
                     open_timeout=self.timeout,
                     close_timeout=2,
-                    max_size=WS_MAX_MESSAGE,
+                    max_size=self.max_message,
                     # Diffs are base64 floats: deflate saves ~25% of the bytes for several
                     # times the CPU of the whole exchange, on both ends.
                     compression=None,
-                    subprotocols=[_wire.BINARY_REPORT_SUBPROTOCOL],
+                    subprotocols=list(_wire.SUBPROTOCOLS),  # best first
                     additional_headers=self.headers,
                     proxy=None,
                 )
@@ -286,14 +310,20 @@ class WsTransport:
                     self._pending.pop(rid, None)
 
     def _dispatch(self, raw: str | bytes, conn: ClientConnection) -> None:
+        reply: dict[str, Any] | _BinaryReply
         try:
-            msg = json.loads(raw)
-        except ValueError:
-            logger.warning("ignoring a non-JSON WebSocket message: %.200r", raw)
+            if isinstance(raw, str):
+                msg = json.loads(raw)
+            else:  # a download's reply: length, JSON header {type, request_id}, bytes
+                head, payload = _wire.split_binary_frame(raw)
+                msg = json.loads(head.decode("utf-8"))
+        except (ValueError, GridError):  # bad JSON, bad UTF-8, broken framing
+            logger.warning("ignoring a malformed WebSocket message: %.200r", raw)
             return
         if not isinstance(msg, dict):
             logger.warning("ignoring a WebSocket message that is not an object: %.200r", msg)
             return
+        reply = msg if isinstance(raw, str) else _BinaryReply(msg, payload)
         rid = msg.get("request_id")
         entry = self._pending.pop(rid, None) if isinstance(rid, str) else None
         if entry is None and rid is None:
@@ -307,7 +337,36 @@ class WsTransport:
             return
         fut = entry[0]
         if not fut.done():
-            fut.set_result(msg)
+            fut.set_result(reply)
+
+    async def _exchange(
+        self, conn: ClientConnection, type_: str, data: dict[str, Any], timeout: float
+    ) -> dict[str, Any] | _BinaryReply:
+        """Send one request on ``conn`` and wait (at most ``timeout`` s) for its reply."""
+        rid = secrets.token_urlsafe(24)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (fut, conn, type_)
+        try:
+            frame: str | bytes
+            if self._binary_report(conn, type_, data):
+                frame = _wire.encode_binary_report(data, rid)
+            else:
+                frame = json.dumps({"type": type_, "request_id": rid, "data": json_data(data)})
+            try:
+                await conn.send(frame)
+            except ConnectionClosed as exc:
+                if self._conn is conn:
+                    self._conn = None
+                err = TransportError(f"{type_}: WebSocket closed before sending ({exc})")
+                raise _NotSent(err) from exc
+            try:
+                return await asyncio.wait_for(fut, timeout)
+            except TimeoutError as exc:
+                raise ResponseTimeoutError(
+                    f"{type_}: no reply within {timeout:g} s (Response timeout)"
+                ) from exc
+        finally:
+            self._pending.pop(rid, None)
 
     async def call(
         self, type_: str, data: dict[str, Any], *, idempotent: bool = True, extra_timeout: float = 0
@@ -316,53 +375,65 @@ class WsTransport:
         timeout = self.timeout + extra_timeout
 
         async def attempt() -> dict:
-            conn = await self._connection()
-            rid = secrets.token_urlsafe(24)
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._pending[rid] = (fut, conn, type_)
-            try:
-                frame: str | bytes
-                if self._binary_report(conn, type_, data):
-                    frame = _wire.encode_binary_report(data, rid)
-                else:
-                    frame = json.dumps(
-                        {"type": type_, "request_id": rid, "data": json_data(data)}
-                    )
-                try:
-                    await conn.send(frame)
-                except ConnectionClosed as exc:
-                    if self._conn is conn:
-                        self._conn = None
-                    err = TransportError(f"{type_}: WebSocket closed before sending ({exc})")
-                    raise _NotSent(err) from exc
-                try:
-                    msg = await asyncio.wait_for(fut, timeout)
-                except TimeoutError as exc:
-                    raise ResponseTimeoutError(
-                        f"{type_}: no reply within {timeout:g} s (Response timeout)"
-                    ) from exc
-            finally:
-                self._pending.pop(rid, None)
+            msg = await self._exchange(await self._connection(), type_, data, timeout)
+            if isinstance(msg, _BinaryReply):
+                raise GridError(f"malformed reply to {type_}: a binary frame")
             return proto.unwrap_reply(msg, call=type_)
 
         return await with_retries(type_, attempt, retries=self.retries, idempotent=idempotent)
 
+    async def fetch(self, path: str, params: dict[str, Any]) -> bytes | None:
+        """Download a model, plan or protocol over the socket (request ``path`` as the
+        message type, the GET's query as ``data``; the reply is one binary frame), or None
+        when it should go over HTTP: the node did not select ``gridfl.binary.2`` (PyGrid),
+        the download is larger than :attr:`max_message` (the node answers 413), or it did
+        not arrive within the timeout (over the socket the timeout covers the whole
+        transfer; over HTTP it applies to each read)."""
+
+        async def attempt() -> bytes | None:
+            conn = await self._connection()
+            if conn.subprotocol != _wire.BINARY_SUBPROTOCOL:
+                return None
+            data = {**params, "max_bytes": self.max_message - _REPLY_HEADER_ROOM}
+            try:
+                msg = await self._exchange(conn, path, data, self.timeout)
+            except ResponseTimeoutError as exc:
+                logger.info("%s over the WebSocket: %s; downloading over HTTP", path, exc)
+                return None
+            if isinstance(msg, _BinaryReply):
+                return msg.payload
+            try:
+                proto.unwrap_reply(msg, call=path)
+            except PayloadTooLargeError as exc:
+                logger.info("%s over the WebSocket: %s", path, exc)
+                return None
+            raise GridError(f"malformed reply to {path}: JSON without an error, no bytes")
+
+        return await with_retries(path, attempt, retries=self.retries, idempotent=True)
+
     @staticmethod
     def _binary_report(conn: ClientConnection, type_: str, data: dict[str, Any]) -> bool:
         """Send this message as a binary frame: a report with bytes, to a node that
-        selected the binary-report subprotocol at the handshake."""
+        selected one of gridfl's subprotocols at the handshake."""
         return (
             type_ == proto.REPORT
-            and conn.subprotocol == _wire.BINARY_REPORT_SUBPROTOCOL
+            and conn.subprotocol in _wire.SUBPROTOCOLS
             and isinstance(data.get("diff"), (bytes, bytearray, memoryview))
         )
 
     @property
     def binary_reports(self) -> bool:
-        """Whether the open socket sends reports as binary frames (the node selected the
-        binary-report subprotocol)."""
+        """Whether the open socket sends reports as binary frames (the node selected one
+        of gridfl's subprotocols)."""
         conn = self._conn
-        return conn is not None and conn.subprotocol == _wire.BINARY_REPORT_SUBPROTOCOL
+        return conn is not None and conn.subprotocol in _wire.SUBPROTOCOLS
+
+    @property
+    def binary_downloads(self) -> bool:
+        """Whether the open socket downloads models, plans and protocols (the node
+        selected ``gridfl.binary.2``)."""
+        conn = self._conn
+        return conn is not None and conn.subprotocol == _wire.BINARY_SUBPROTOCOL
 
     @property
     def connected(self) -> bool:
@@ -412,6 +483,10 @@ class Network:
                 op.type, op.data, idempotent=op.idempotent, extra_timeout=op.extra_timeout
             )
         if isinstance(op, Fetch):
+            if self.ws is not None:
+                data = await self.ws.fetch(op.path, op.params)
+                if data is not None:
+                    return data
             return await self.http.fetch(op.path, op.params)
         if isinstance(op, MeasureSpeed):
             result = await measure_speed(self.http.client, op.worker_id, limits=self.speed_test)

@@ -41,6 +41,24 @@ HANDLERS: dict[str, Callable[[GridNode, Any], dict[str, Any]]] = {
 }
 
 
+#: the downloads, written once for both transports: (GridNode method, id parameter, whether
+#: ``receive_operations_as`` picks a variant); HTTP ``GET /<type>?...``, and on a socket
+#: that negotiated the gridfl.binary.2 subprotocol a request frame ``{"type", "data"}``
+ASSETS: dict[str, tuple[str, str, bool]] = {
+    _wire.GET_MODEL: ("get_model", "model_id", False),
+    _wire.GET_PLAN: ("get_plan", "plan_id", True),
+    _wire.GET_PROTOCOL: ("get_protocol", "protocol_id", False),
+}
+
+
+async def fetch_asset(app, kind: str, query: Any) -> bytes:
+    """Validate a download request (query parameters or a WS frame's ``data``) and read the
+    bytes off the event loop."""
+    method, id_key, variant = ASSETS[kind]
+    req = _wire.parse_asset_request(query, id_key, variant=variant)
+    return await anyio.to_thread.run_sync(getattr(app.state.node, method), req)
+
+
 def _error_extra(kind: str) -> dict[str, Any]:
     # PyGrid answers a failed cycle-request with a rejection that carries the error
     return {"status": "rejected"} if kind == _wire.CYCLE_REQUEST else {}
@@ -164,11 +182,10 @@ def _worker_post(kind: str):
     return endpoint
 
 
-def _asset_get(method: str, id_key: str, variant: bool = False):
+def _asset_get(kind: str):
     async def endpoint(request: Request) -> Response:
         try:
-            req = _wire.parse_asset_request(dict(request.query_params), id_key, variant=variant)
-            data = await anyio.to_thread.run_sync(getattr(_node(request), method), req)
+            data = await fetch_asset(request.app, kind, dict(request.query_params))
         except Exception as e:  # noqa: BLE001
             return _error_response(e)
         return _bytes_response(data)
@@ -228,21 +245,34 @@ def _parse_binary_header(head: bytes) -> Any:
     return _parse_json(text, "the binary frame's header")
 
 
+def _too_large(kind: str, size: int, limit: int) -> PayloadTooLargeError:
+    what = kind.rsplit("get-", 1)[-1]
+    return PayloadTooLargeError(
+        f"the {what} is {size} bytes, more than the {limit} bytes this socket takes "
+        f"('max_bytes'): download it over HTTP (GET /{kind})"
+    )
+
+
 async def websocket_endpoint(ws: WebSocket) -> None:
-    # A client that offers the binary-report subprotocol learns from the handshake that
-    # this node takes reports as binary frames; syft.js offers none and sees no change.
-    offered = ws.scope.get("subprotocols") or []
-    binary = _wire.BINARY_REPORT_SUBPROTOCOL in offered
-    await ws.accept(subprotocol=_wire.BINARY_REPORT_SUBPROTOCOL if binary else None)
+    # A client that offers gridfl's subprotocols learns from the handshake what this node
+    # takes: gridfl.binary.2 binary reports and downloads over the socket,
+    # gridfl.binary-report.1 binary reports. syft.js offers none and sees no change.
+    subprotocol = _wire.select_subprotocol(ws.scope.get("subprotocols"))
+    downloads = subprotocol == _wire.BINARY_SUBPROTOCOL
+    await ws.accept(subprotocol=subprotocol)
     send_lock = anyio.Lock()
     in_flight = anyio.Semaphore(32)
 
-    async def send(obj: dict) -> None:
+    async def send(reply: dict | bytes) -> None:
         async with send_lock:
-            await ws.send_text(json.dumps(obj))
+            if isinstance(reply, bytes):
+                await ws.send_bytes(reply)
+            else:
+                await ws.send_text(json.dumps(reply))
 
     async def handle(text: str | bytes) -> None:
         kind, request_id = None, None
+        reply: dict | bytes
         try:
             payload = None
             if isinstance(text, str):
@@ -264,6 +294,12 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                 async with gate or contextlib.nullcontext():
                     result = await dispatch(ws.app, kind, data)
                 reply = _wire.ws_reply(kind, result, request_id)
+            elif downloads and kind in ASSETS:
+                limit = _wire.parse_max_bytes(data)
+                blob = await fetch_asset(ws.app, kind, data)  # as the HTTP GET
+                if limit is not None and len(blob) > limit:
+                    raise _too_large(kind, len(blob), limit)
+                reply = _wire.encode_binary_reply(kind, blob, request_id)
             elif kind == _wire.HOST_TRAINING:
                 raise InvalidRequestError(
                     "hosting over the WebSocket is not supported: use the admin API "
@@ -490,9 +526,7 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
         Route(f"{mc}/authenticate", _worker_post(_wire.AUTHENTICATE), methods=["POST"]),
         Route(f"{mc}/cycle-request", _worker_post(_wire.CYCLE_REQUEST), methods=["POST"]),
         Route(f"{mc}/report", _worker_post(_wire.REPORT), methods=["POST"]),
-        Route(f"{mc}/get-model", _asset_get("get_model", "model_id"), methods=["GET"]),
-        Route(f"{mc}/get-plan", _asset_get("get_plan", "plan_id", True), methods=["GET"]),
-        Route(f"{mc}/get-protocol", _asset_get("get_protocol", "protocol_id"), methods=["GET"]),
+        *[Route(f"/{kind}", _asset_get(kind), methods=["GET"]) for kind in ASSETS],
         Route(f"{mc}/speed-test", speed_test, methods=["GET", "POST"]),
         Route(f"{mc}/retrieve-model", retrieve_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
