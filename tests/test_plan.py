@@ -247,6 +247,19 @@ def test_session_created_once(plan):
     assert plan.session is s
 
 
+def test_training_sessions_have_no_memory_pattern(plan_bytes):
+    # A training step's memory pattern is a second pre-planned block next to the arena
+    # (~8 MB per McMahan CNN worker) that buys no speed: training sessions go without it.
+    training = Plan.from_bytes(plan_bytes, threads=1)
+    evaluation = Plan.from_bytes(make_model(_meta(**{"gridfl.kind": "evaluation"})), threads=1)
+    assert training.kind == "training" and evaluation.kind == "evaluation"
+    assert training.session.get_session_options().enable_mem_pattern is False
+    assert evaluation.session.get_session_options().enable_mem_pattern is True
+    assert training.session.get_session_options().enable_cpu_mem_arena is True
+    loss, acc, new_w = training.execute(X, Y, 4, 0.5, W)
+    assert float(loss) == 16.5 and float(acc) == 0.75 and np.allclose(new_w, 0.5)
+
+
 def test_plan_module_imports_neither_torch_nor_onnx():
     code = (
         "import sys, gridfl.plan; "
