@@ -46,3 +46,30 @@ def test_demo_stops_at_the_target_accuracy(tmp_path):
     result = run_demo(options)
     assert result.cycles[-1].test_accuracy >= 0.5
     assert len(result.cycles) < 10
+
+
+def test_worker_shard_reads_one_client_at_a_time(tmp_path):
+    import numpy as np
+
+    from gridfl.demo.worker import Shard, load_clients
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for i in range(3):
+        arrays[f"x{i}"] = rng.random((5, 4), dtype=np.float32)
+        arrays[f"y{i}"] = rng.integers(0, 10, 5)
+    path = tmp_path / "shard.npz"
+    np.savez(path, **arrays)
+
+    shard = Shard(path)
+    assert len(shard) == 3
+    for i in (0, 2, -1, np.int64(1)):
+        x, y = shard[i]
+        j = int(i) % 3
+        assert np.array_equal(x, arrays[f"x{j}"]) and np.array_equal(y, arrays[f"y{j}"])
+        assert x.dtype == np.float32 and x.flags.writeable
+    with pytest.raises(IndexError):
+        shard[3]
+    assert [len(x) for x, _ in shard[1:]] == [5, 5]
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(load_clients(path), shard,
+                                                          strict=True))

@@ -121,30 +121,31 @@ def run_demo(
             )
             for i, f in enumerate(shard_files)
         ]
-        _wait_healthy(url, node_proc)
-        node_up = time.perf_counter()
-        result.node_boot_seconds = round(node_up - node_started, 2)
-        with contextlib.suppress(GridflError):
-            host.delete(name, version)  # a previous run in the same data dir
-        host.host(
-            model=initial_params,
-            plans={"training_plan": training_plan},
-            client_config={
-                "name": name,
-                "version": version,
-                "batch_size": options.batch_size,
-                "lr": options.lr,
-                "max_epochs": options.epochs,
-            },
-            server_config={
-                "max_workers": options.per_cycle,
-                "min_diffs": options.per_cycle,
-                "max_diffs": options.per_cycle,
-                "num_cycles": options.cycles,
-                "cycle_length": 600,
-            },
-        )
-        result.host_seconds = round(time.perf_counter() - node_up, 2)
+        with _killed_on_error(workers):  # a node that never came up: no orphans
+            _wait_healthy(url, node_proc)
+            node_up = time.perf_counter()
+            result.node_boot_seconds = round(node_up - node_started, 2)
+            with contextlib.suppress(GridflError):
+                host.delete(name, version)  # a previous run in the same data dir
+            host.host(
+                model=initial_params,
+                plans={"training_plan": training_plan},
+                client_config={
+                    "name": name,
+                    "version": version,
+                    "batch_size": options.batch_size,
+                    "lr": options.lr,
+                    "max_epochs": options.epochs,
+                },
+                server_config={
+                    "max_workers": options.per_cycle,
+                    "min_diffs": options.per_cycle,
+                    "max_diffs": options.per_cycle,
+                    "num_cycles": options.cycles,
+                    "cycle_length": 600,
+                },
+            )
+            result.host_seconds = round(time.perf_counter() - node_up, 2)
         for w in workers:
             w.stdin.write(b"go\n")
             w.stdin.close()
@@ -236,7 +237,22 @@ def _node(data_dir: Path, token: str) -> Iterator[tuple[str, subprocess.Popen, f
             proc.kill()
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+@contextlib.contextmanager
+def _killed_on_error(procs: list[subprocess.Popen]) -> Iterator[None]:
+    """Kill ``procs`` if the block raises (workers would retry a dead node forever)."""
+    try:
+        yield
+    except BaseException:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+        raise
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
