@@ -300,6 +300,58 @@ def test_protocols_downloaded(grid, transport):
         assert job.protocols == {"secure_agg": b"\x01\x02protocol"}
 
 
+class TestDownloadsOverTheSocket:
+    """Over ``ws://`` the gridfl node selects gridfl.binary.2: the model, plans and
+    protocols come over the open socket, and the worker makes no HTTP request at all
+    (counted at the client's HTTP transport, httpx's request hook)."""
+
+    @staticmethod
+    def _http_requests(api, client) -> list[str]:
+        seen: list[str] = []
+        api.add_request_hook(client, lambda request: seen.append(
+            f"{request.method} {request.url.path}"))
+        return seen
+
+    def test_full_cycle_makes_no_http_request(self, grid, transport, api):
+        name = grid.host(server_config={"max_diffs": 1, "num_cycles": 3},
+                         protocols={"secure_agg": b"\x01\x02protocol"})
+        client = api.client(grid.url(transport))
+        http = self._http_requests(api, client)
+        job = client.new_job(name, "1.0")
+        for cycle in (1, 2):
+            api.start(job)
+            assert job.state is JobState.ACCEPTED
+            assert job.protocols == {"secure_agg": b"\x01\x02protocol"}
+            result = api.train(job, "training_plan", *linear_data(n=32))
+            api.report(job, job.model.create_serialized_diff(result.params))
+            np.testing.assert_allclose(grid.checkpoint(name)[0], result.params[0], rtol=1e-6)
+            assert grid.status(name)["cycles"][0]["reported"] == 1, cycle
+        if transport == "ws":
+            assert client._net.ws.binary_downloads and client._net.ws.connects == 1
+            assert http == []
+        else:  # the same flow over HTTP: every download is a GET
+            gets = [r for r in http if r.startswith("GET ")]
+            assert gets == 2 * ["GET /model-centric/get-model", "GET /model-centric/get-plan",
+                                "GET /model-centric/get-protocol"], http
+
+    def test_too_large_for_the_socket_goes_over_http(self, grid, api):
+        """A download larger than the socket's frame limit is refused by the node (413 for
+        the request's max_bytes) and fetched over HTTP; the socket stays up."""
+        from gridfl.client._transports import _REPLY_HEADER_ROOM
+
+        name = grid.host()
+        client = api.client(grid.url("ws"))
+        # the model (126 bytes) fits, the plan (1330 bytes of ONNX) does not
+        client._net.ws.max_message = _REPLY_HEADER_ROOM + 600
+        http = self._http_requests(api, client)
+        job = client.new_job(name, "1.0")
+        api.start(job)
+        assert job.state is JobState.ACCEPTED and "training_plan" in job.plans
+        np.testing.assert_array_equal(job.model.params[0], linear_params()[0])
+        assert http == ["GET /model-centric/get-plan"]
+        assert client._net.ws.binary_downloads and client._net.ws.connects == 1
+
+
 class TestRunWorker:
     def test_runs_until_the_node_is_done(self, grid, transport):
         """run_worker trains and reports each cycle, then stops on a bare rejection."""

@@ -14,7 +14,14 @@ import httpx
 import pytest
 from websockets.asyncio.server import serve
 
-from gridfl import NotFoundError, ResponseTimeoutError, TransportError, UnavailableError, _wire
+from gridfl import (
+    GridError,
+    NotFoundError,
+    ResponseTimeoutError,
+    TransportError,
+    UnavailableError,
+    _wire,
+)
 from gridfl.client._transports import HttpTransport, WsTransport
 
 
@@ -167,6 +174,124 @@ class TestWebSocket:
             await t.aclose()
 
         run(erring, body)
+
+    def test_downloads_follow_the_handshake(self):
+        """fetch goes over the socket only when the node selected gridfl.binary.2; a node
+        that selected binary-report.1 (or none) gets no download request (None: HTTP)."""
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=2, retries=0)
+            assert await t.fetch("model-centric/get-model", {"model_id": 1}) is None
+            assert t.binary_reports and not t.binary_downloads
+            await t.aclose()
+
+        state = asyncio.run(_run(silent, body, subprotocols=[_wire.BINARY_REPORT_SUBPROTOCOL],
+                                 keep_state=True))
+        assert state["messages"] == [] and state["connections"] == 1
+
+    def test_binary_replies_matched_by_request_id(self):
+        """Downloads and a JSON call in flight together, answered in reverse order: each
+        gets its own reply; the request is the GET's query plus the frame limit."""
+        limit = 2**20
+
+        async def reverse(ws, state):
+            msgs = [json.loads(await ws.recv()) for _ in range(3)]
+            state["messages"].extend(msgs)
+            for msg in reversed(msgs):
+                if msg["type"] == "t":
+                    await ws.send(json.dumps({"type": "t", "request_id": msg["request_id"],
+                                              "data": {"echo": 1}}))
+                    continue
+                head = json.dumps({"type": msg["type"], "request_id": msg["request_id"]})
+                body = f"bytes of {msg['data']['model_id']}".encode()
+                await ws.send(len(head).to_bytes(4, "big") + head.encode() + body)
+            await silent(ws, state)
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=2, retries=0, max_message=limit)
+            got = await asyncio.gather(
+                t.fetch("model-centric/get-model", {"model_id": 1, "worker_id": "w"}),
+                t.fetch("model-centric/get-model", {"model_id": 2, "worker_id": "w"}),
+                t.call("t", {}),
+            )
+            assert got == [b"bytes of 1", b"bytes of 2", {"echo": 1}]
+            assert t.binary_downloads and t.connects == 1
+            await t.aclose()
+
+        state = asyncio.run(_run(reverse, body, subprotocols=[_wire.BINARY_SUBPROTOCOL],
+                                 keep_state=True))
+        dl = [m for m in state["messages"] if m["type"] == "model-centric/get-model"]
+        assert [m["data"] for m in dl] == [
+            {"model_id": i, "worker_id": "w", "max_bytes": limit - 4 - 4096} for i in (1, 2)]
+
+    @pytest.mark.parametrize(
+        ("reply", "outcome"),
+        [
+            ({"error": "Model ID not found!", "status_code": 400}, NotFoundError),
+            ({"error": "the model is 9 bytes, more than ...", "status_code": 413}, None),
+            ({"status": "success"}, GridError),  # JSON without an error: not a download
+        ],
+    )
+    def test_download_json_replies(self, reply, outcome):
+        """An error reply raises the node's error; a 413 (too large for this socket) is
+        None, so the download goes over HTTP; a JSON success is malformed."""
+
+        async def node(ws, state):
+            async for raw in ws:
+                msg = json.loads(raw)
+                state["messages"].append(msg)
+                await ws.send(json.dumps({"type": msg["type"], "request_id": msg["request_id"],
+                                          "data": reply}))
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=2, retries=2)
+            if outcome is None:
+                assert await t.fetch("model-centric/get-model", {}) is None
+            else:
+                with pytest.raises(outcome) as info:
+                    await t.fetch("model-centric/get-model", {})
+                assert ("Model ID not found!" in str(info.value)) == (outcome is NotFoundError)
+            await t.aclose()
+
+        state = asyncio.run(_run(node, body, subprotocols=[_wire.BINARY_SUBPROTOCOL],
+                                 keep_state=True))
+        assert len(state["messages"]) == 1  # none of these is retried
+
+    def test_download_timeout_falls_back(self):
+        """Over the socket the timeout covers the whole transfer: when it runs out the
+        download is left to HTTP (None) instead of being retried over the socket."""
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=0.2, retries=2)
+            assert await t.fetch("model-centric/get-plan", {}) is None
+            await asyncio.sleep(0.05)
+            assert len(state["messages"]) == 1
+            await t.aclose()
+
+        asyncio.run(_run(silent, body, subprotocols=[_wire.BINARY_SUBPROTOCOL]))
+
+    def test_broken_binary_frame_is_ignored(self):
+        """A binary frame whose framing or header is broken matches no request: the
+        download times out (None) and the socket keeps working."""
+
+        async def node(ws, state):
+            async for raw in ws:
+                msg = json.loads(raw)
+                state["messages"].append(msg)
+                if msg["type"] == "t":
+                    await ws.send(json.dumps({"type": "t", "request_id": msg["request_id"],
+                                              "data": {"ok": True}}))
+                else:
+                    await ws.send(b"\x00\x00\x00\xffnot json")
+                    await ws.send(b"\x00\x00\x00\x02[]" + b"payload")
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=0.3, retries=0)
+            assert await t.fetch("model-centric/get-model", {}) is None
+            assert await t.call("t", {}) == {"ok": True} and t.connects == 1
+            await t.aclose()
+
+        asyncio.run(_run(node, body, subprotocols=[_wire.BINARY_SUBPROTOCOL]))
 
     def test_connect_refused(self):
         async def main():

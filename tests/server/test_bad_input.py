@@ -281,6 +281,13 @@ def WSONLY(id, raw, status, message, **kw) -> Case:  # noqa: N802
     return Case(id, status, message, kind="?", raw=raw, transports=("ws",), **kw)
 
 
+def DL(id, path, status, message, transports=("http", "wsdl"), **params) -> Case:  # noqa: N802
+    """A download: an HTTP GET, and ("wsdl") the same query as the ``data`` of a request
+    frame on a socket that negotiated gridfl.binary.2."""
+    return Case(id, status, message, kind="model-centric/" + path,
+                request=_asset(path, **params), transports=transports)
+
+
 def _report(ctx, **over) -> dict:
     data = {"worker_id": ctx.a1, "request_key": ctx.ka1, "diff": b64(state.dumps(diff_of(1)))}
     data.update(over)
@@ -665,28 +672,34 @@ CASES: list[Case] = [
            "message 'data' must be an object"),
     WSONLY("ws-binary-oversized", lambda ctx: _bin_report(ctx, diff=b"\0" * MAX_BODY), 0, "",
            ws_close=1009),
-    # ---- downloads (HTTP only)
-    H("get-model-missing-params", lambda ctx: {"method": "GET", "url": "/model-centric/get-model"},
-      400, "'model_id' is required"),
-    H("get-model-id-not-int", _asset("get-model", model_id="one"), 400,
-      "'model_id' must be an integer"),
-    H("get-model-id-huge", _asset("get-model", model_id="9" * 30), 400, "Model ID not found!"),
-    H("get-model-unknown-id", _asset("get-model", model_id=987654), 400, "Model ID not found!"),
-    H("get-model-wrong-key", _asset("get-model", request_key="f" * 64), 401,
-      "Invalid request key!"),
-    H("get-model-missing-key", _asset("get-model", request_key=_DROP), 400,
-      "'request_key' is required"),
-    H("get-model-unknown-worker", _asset("get-model", worker_id="w"), 400,
-      "Worker ID not found!"),
-    H("get-model-of-B-with-A-key", _asset("get-model", model_id=lambda ctx: ctx.other_model_id),
-      401, "Invalid request key!"),
-    H("get-plan-unknown-variant", _asset("get-plan", receive_operations_as="pickle"), 400,
-      "'receive_operations_as' must be one of"),
-    H("get-plan-variant-not-hosted", _asset("get-plan", receive_operations_as="tfjs"), 400,
-      "has no 'tfjs' variant; it has: onnx"),
-    H("get-plan-unknown-id", _asset("get-plan", plan_id=987654), 400, "Plan ID not found!"),
-    H("get-protocol-unknown-id", _asset("get-protocol", protocol_id=987654), 400,
-      "Protocol ID not found!"),
+    # ---- downloads: HTTP GET, and over a gridfl.binary.2 socket ("wsdl")
+    DL("get-model-missing-params", "get-model", 400, "'model_id' is required",
+       worker_id=_DROP, request_key=_DROP, model_id=_DROP),
+    DL("get-model-id-not-int", "get-model", 400, "'model_id' must be an integer",
+       model_id="one"),
+    DL("get-model-id-huge", "get-model", 400, "Model ID not found!", model_id="9" * 30),
+    DL("get-model-unknown-id", "get-model", 400, "Model ID not found!", model_id=987654),
+    DL("get-model-wrong-key", "get-model", 401, "Invalid request key!", request_key="f" * 64),
+    DL("get-model-missing-key", "get-model", 400, "'request_key' is required",
+       request_key=_DROP),
+    DL("get-model-unknown-worker", "get-model", 400, "Worker ID not found!", worker_id="w"),
+    DL("get-model-of-B-with-A-key", "get-model", 401, "Invalid request key!",
+       model_id=lambda ctx: ctx.other_model_id),
+    DL("get-plan-unknown-variant", "get-plan", 400, "'receive_operations_as' must be one of",
+       receive_operations_as="pickle"),
+    DL("get-plan-variant-not-hosted", "get-plan", 400, "has no 'tfjs' variant; it has: onnx",
+       receive_operations_as="tfjs"),
+    DL("get-plan-unknown-id", "get-plan", 400, "Plan ID not found!", plan_id=987654),
+    DL("get-protocol-unknown-id", "get-protocol", 400, "Protocol ID not found!",
+       protocol_id=987654),
+    DL("ws-get-model-max_bytes-string", "get-model", 400,
+       "'max_bytes' must be a non-negative integer", transports=("wsdl",), max_bytes="10"),
+    DL("ws-get-model-max_bytes-negative", "get-model", 400,
+       "'max_bytes' must be a non-negative integer", transports=("wsdl",), max_bytes=-1),
+    DL("ws-get-model-over-max_bytes", "get-model", 413,
+       "more than the 1 bytes this socket takes", transports=("wsdl",), max_bytes=1),
+    DL("ws-get-model-without-subprotocol", "get-model", 400,
+       "unknown message type 'model-centric/get-model'", transports=("ws",)),
     H("speed-test-missing-worker", lambda ctx: {"method": "GET",
       "url": "/model-centric/speed-test"}, 400, "'worker_id' is required"),
     H("speed-test-unknown-worker", lambda ctx: {"method": "POST",
@@ -865,13 +878,19 @@ def _send_http(ctx, case: Case) -> httpx.Response:
     )
 
 
-def _send_ws(ctx, case: Case, binary: bool = False) -> tuple[dict | None, int | None]:
+def _send_ws(ctx, case: Case, transport: str = "ws") -> tuple[dict | None, int | None]:
     """(reply, close code): the node's reply frame, or the code it closed the socket with;
-    ``binary``: the report as a binary frame (gridfl extension) instead of JSON text."""
+    "wsbin": the report as a binary frame (gridfl extension) instead of JSON text; "wsdl"
+    and download cases: the GET's query as a request frame's ``data``, on a socket that
+    negotiated gridfl.binary.2 ("wsdl") or none ("ws")."""
     from websockets.exceptions import ConnectionClosed
 
     rid = uuid.uuid4().hex
-    if binary:
+    subprotocols = [_wire.BINARY_SUBPROTOCOL] if transport == "wsdl" else None
+    if case.request is not None:  # a download
+        params = case.request(ctx).get("params", {})
+        frame = json.dumps({"type": case.kind, "request_id": rid, "data": params})
+    elif transport == "wsbin":
         data = dict(case.data(ctx))
         diff = _wire.b64decode(data.pop("diff"))  # every "wsbin" case has a base64 diff
         frame = _wire.encode_binary_report({**data, "diff": diff}, rid)
@@ -886,7 +905,7 @@ def _send_ws(ctx, case: Case, binary: bool = False) -> tuple[dict | None, int | 
                 frame = json.dumps({"type": case.kind, "request_id": rid, "data": data})
     else:
         frame = json.dumps({"type": case.kind, "request_id": rid, "data": case.data(ctx)})
-    with connect(ctx.srv.ws_url, max_size=None, open_timeout=20) as ws:
+    with connect(ctx.srv.ws_url, max_size=None, open_timeout=20, subprotocols=subprotocols) as ws:
         try:
             ws.send(frame)
             reply = json.loads(ws.recv(timeout=30))
@@ -919,7 +938,7 @@ def test_bad_input(node, case: Case, transport: str):
         if case.kind == CYCLE:
             assert body.get("status") == "rejected", body
     else:
-        reply, closed = _send_ws(node, case, binary=transport == "wsbin")
+        reply, closed = _send_ws(node, case, transport)
         if case.ws_close is not None:
             assert closed == case.ws_close, (closed, reply)
         else:
