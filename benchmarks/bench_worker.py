@@ -25,6 +25,18 @@ cycle, medians of 30 cycles, two runs each; worker CPU ms per cycle):
     overhead (total - compute) 30.7-37.4  22.2-24.0
     Syft(url) construction     54-98      43-47     verify=False for http:// (no CA bundle);
                                                     the rest is httpcore's lazy import
+
+Downloads over the socket (gridfl.binary.2: get-model and get-plan as WebSocket request
+frames answered by binary frames, no HTTP GET per cycle), same setup, four runs each,
+before and after alternating (worker CPU ms per cycle, median of 30 cycles):
+
+    phase                       before     after
+    start (cycle req+download) 13.8-14.3   5.1-6.1  (over http://: 13.5)
+    report (job.report)         4.4-4.5    2.2-2.4
+    overhead (total - compute) 25.9-28.8  12.1-19.6
+    node CPU per cycle (mean)  44-48      40-46     (noisy: the box ran other suites)
+
+``--transport http`` measures the HTTP-only worker (every download a GET).
 """
 
 from __future__ import annotations
