@@ -37,6 +37,9 @@ def serve(
     import uvicorn
 
     uvicorn.run(
-        create_app(settings), host=host, port=port, log_level=log_level.lower(),
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
         **uvicorn_options(settings),
     )

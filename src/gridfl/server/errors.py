@@ -27,9 +27,7 @@ STATUS = {
 
 
 #: what a worker is told when the database cannot be reached (the request did nothing)
-MSG_DATABASE_UNAVAILABLE = (
-    "the database is unavailable ({what}); retry later"
-)
+MSG_DATABASE_UNAVAILABLE = "the database is unavailable ({what}); retry later"
 
 
 def database_unavailable(exc: BaseException) -> UnavailableError | None:
