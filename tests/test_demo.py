@@ -14,8 +14,16 @@ def test_short_demo_run_trains_and_writes_results(tmp_path):
     pytest.importorskip("torch")
     seen = []
     options = DemoOptions(
-        model="2nn", clients=4, fraction=0.5, workers=2, cycles=3, target=None,
-        examples_per_client=300, lr=0.1, data_dir=tmp_path / "data", out_dir=tmp_path / "out",
+        model="2nn",
+        clients=4,
+        fraction=0.5,
+        workers=2,
+        cycles=3,
+        target=None,
+        examples_per_client=300,
+        lr=0.1,
+        data_dir=tmp_path / "data",
+        out_dir=tmp_path / "out",
     )
     result = run_demo(options, on_cycle=seen.append)
 
@@ -40,8 +48,15 @@ def test_short_demo_run_trains_and_writes_results(tmp_path):
 def test_demo_stops_at_the_target_accuracy(tmp_path):
     pytest.importorskip("torch")
     options = DemoOptions(
-        model="2nn", clients=4, fraction=0.5, workers=2, cycles=10, target=0.5,
-        examples_per_client=300, data_dir=tmp_path / "data", out_dir=tmp_path / "out",
+        model="2nn",
+        clients=4,
+        fraction=0.5,
+        workers=2,
+        cycles=10,
+        target=0.5,
+        examples_per_client=300,
+        data_dir=tmp_path / "data",
+        out_dir=tmp_path / "out",
     )
     result = run_demo(options)
     assert result.cycles[-1].test_accuracy >= 0.5
@@ -71,5 +86,55 @@ def test_worker_shard_reads_one_client_at_a_time(tmp_path):
     with pytest.raises(IndexError):
         shard[3]
     assert [len(x) for x, _ in shard[1:]] == [5, 5]
-    assert all(np.array_equal(a[0], b[0]) for a, b in zip(load_clients(path), shard,
-                                                          strict=True))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(load_clients(path), shard, strict=True))
+
+
+def test_progress_follows_runs_longer_than_the_status_window(tmp_path):
+    """The node's status lists only its latest 100 cycles; the demo must still take in
+    every cycle after the 100th (it once stopped counting there and missed the target)."""
+    import subprocess
+    import sys
+
+    from gridfl.demo.report import RunResult
+    from gridfl.demo.run import _watch
+
+    class Host:  # the node's status over a 250-cycle run, 40 cycles per poll
+        def __init__(self):
+            self.done = 0
+
+        def status(self, name, version):
+            self.done = min(250, self.done + 40)
+            cycles = [
+                {
+                    "sequence": s,
+                    "status": "completed",
+                    "result_checkpoint": s + 1,
+                    "reported": 10,
+                    "closed_at": s + 1.0,
+                    "start": float(s),
+                    "metrics": {},
+                }
+                for s in range(max(1, self.done - 99), self.done + 1)
+            ]
+            return {
+                "cycles": cycles[::-1],
+                "current": None if self.done == 250 else 1,
+                "status": "done" if self.done == 250 else "running",
+            }
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    procs = [subprocess.Popen(sleeper) for _ in range(2)]
+    try:
+        options = DemoOptions(
+            model="2nn",
+            target=None,
+            evaluate=False,
+            data_dir=tmp_path / "d",
+            out_dir=tmp_path / "o",
+        )
+        result = RunResult(settings={})
+        _watch(Host(), "m", "1", 0.0, options, None, None, result, procs, None)
+    finally:
+        for p in procs:
+            p.kill()
+    assert [c.cycle for c in result.cycles] == list(range(1, 251))

@@ -91,7 +91,9 @@ def run_demo(
     # torch lives only in a short-lived compiler process: this one stays small.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         compiled = pool.submit(
-            _compile_plans, options, mnist.x_train[: options.batch_size],
+            _compile_plans,
+            options,
+            mnist.x_train[: options.batch_size],
             mnist.y_train[: options.batch_size],
         ).result()
     initial_params = state.loads(compiled["model"])
@@ -102,22 +104,38 @@ def run_demo(
     result = RunResult(settings={**_jsonable(asdict(options)), "per_cycle": options.per_cycle})
 
     token = secrets.token_urlsafe(16)
-    with _node(options.data_dir, token) as (url, node_proc, node_started), HostClient(
-        url, admin_token=token
-    ) as host:
+    with (
+        _node(options.data_dir, token) as (url, node_proc, node_started),
+        HostClient(url, admin_token=token) as host,
+    ):
         # Workers start with the node: their imports and connections overlap its start-up,
         # and they wait for a line on stdin before joining.
         workers = [
             subprocess.Popen(
-                [sys.executable, "-m", "gridfl.demo.worker", url.replace("http", "ws", 1),
-                 name, version, str(f), "--seed", str(options.seed * 1000 + i), "--wait-for-go",
-                 "--nice", "10"],
+                [
+                    sys.executable,
+                    "-m",
+                    "gridfl.demo.worker",
+                    url.replace("http", "ws", 1),
+                    name,
+                    version,
+                    str(f),
+                    "--seed",
+                    str(options.seed * 1000 + i),
+                    "--wait-for-go",
+                    "--nice",
+                    "10",
+                ],
                 stdin=subprocess.PIPE,
                 # ten processes share the cores: one plan thread each. They run at a
                 # lower priority than the node, as if on machines of their own: a node
                 # request never waits behind a worker's training step.
-                env={**os.environ, **_LEAN_MALLOC, "OMP_NUM_THREADS": "1",
-                     "GRIDFL_PLAN_THREADS": "1"},
+                env={
+                    **os.environ,
+                    **_LEAN_MALLOC,
+                    "OMP_NUM_THREADS": "1",
+                    "GRIDFL_PLAN_THREADS": "1",
+                },
             )
             for i, f in enumerate(shard_files)
         ]
@@ -150,8 +168,18 @@ def run_demo(
             w.stdin.write(b"go\n")
             w.stdin.close()
         try:
-            _watch(host, name, version, node_up, options, mnist, evaluation_plan, result,
-                   [node_proc, *workers], on_cycle)
+            _watch(
+                host,
+                name,
+                version,
+                node_up,
+                options,
+                mnist,
+                evaluation_plan,
+                result,
+                [node_proc, *workers],
+                on_cycle,
+            )
         finally:
             with contextlib.suppress(GridflError):
                 host.stop(name, version)
@@ -198,7 +226,10 @@ def _compile_plans(options: DemoOptions, x: np.ndarray, y: np.ndarray) -> dict[s
 
     model = build_model(options.model, seed=options.seed)
     training = compile_training_plan(
-        model, loss="cross_entropy", optimizer=SGD(lr=options.lr), example_data=x,
+        model,
+        loss="cross_entropy",
+        optimizer=SGD(lr=options.lr),
+        example_data=x,
         example_target=y,
     )
     evaluation = compile_evaluation_plan(
@@ -223,8 +254,18 @@ def _node(data_dir: Path, token: str) -> Iterator[tuple[str, subprocess.Popen, f
         Path(f"{db}{suffix}").unlink(missing_ok=True)  # a fresh grid per run
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gridfl", "serve", "--port", str(port),
-         "--data-dir", str(data_dir), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "gridfl",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "warning",
+        ],
         env={**os.environ, **_LEAN_MALLOC, "GRIDFL_ADMIN_TOKEN": token},
     )
     try:
@@ -266,16 +307,25 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> No
     raise GridflError(f"the grid node did not answer on {url} within {timeout:.0f} s")
 
 
-def _watch(host, name, version, node_up, options, mnist, evaluation_plan, result, procs,
-           on_cycle) -> None:
+def _watch(
+    host, name, version, node_up, options, mnist, evaluation_plan, result, procs, on_cycle
+) -> None:
     """Follow the node's status; evaluate each new checkpoint; stop at the target."""
-    seen = 0
+    seen = 0  # the newest cycle taken in; status lists only the node's latest 100 cycles
     memory = _PeakMemory(procs[0], procs[1:])
     while True:
         status = host.status(name, version)
         memory.sample()
-        closed = [c for c in status["cycles"] if c["status"] != "open" and c["result_checkpoint"]]
-        for c in closed[seen:]:
+        closed = sorted(
+            (
+                c
+                for c in status["cycles"]
+                if c["status"] != "open" and c["result_checkpoint"] and c["sequence"] > seen
+            ),
+            key=lambda c: c["sequence"],
+        )
+        for c in closed:
+            seen = c["sequence"]
             entry = CycleResult(
                 cycle=c["sequence"],
                 checkpoint=c["result_checkpoint"],
@@ -292,13 +342,14 @@ def _watch(host, name, version, node_up, options, mnist, evaluation_plan, result
             result.cycles.append(entry)
             if on_cycle:
                 on_cycle(entry)
-        seen = len(closed)
         last = result.cycles[-1] if result.cycles else None
         reached = (
-            options.target is not None and last is not None and last.test_accuracy is not None
+            options.target is not None
+            and last is not None
+            and last.test_accuracy is not None
             and last.test_accuracy >= options.target
         )
-        if reached or status["current"] is None and seen >= 1 and _done(status):
+        if reached or status["current"] is None and result.cycles and _done(status):
             break
         if any(p.poll() not in (None, 0) for p in procs):
             raise GridflError("a worker or the node crashed; see its output above")
