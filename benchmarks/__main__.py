@@ -14,6 +14,8 @@ BENCHMARKS = {
     "state": "benchmarks.bench_state",  # State codec vs numpy copy and naive protobuf
     "step": "benchmarks.bench_step",  # one training step: ONNX plan vs eager torch
     "server": "benchmarks.bench_server",  # grid node under concurrent simulated workers
+    "worker": "benchmarks.bench_worker",  # a worker's CPU per cycle, phase by phase
+    "fl": "benchmarks.bench_fl",  # federated MNIST s/cycle vs compute floor, Flower alongside
 }
 
 
