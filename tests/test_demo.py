@@ -138,3 +138,43 @@ def test_progress_follows_runs_longer_than_the_status_window(tmp_path):
         for p in procs:
             p.kill()
     assert [c.cycle for c in result.cycles] == list(range(1, 251))
+
+
+def test_compute_slots_let_n_workers_train_at_once(tmp_path):
+    """The demo's FIFO of slot bytes: with 2 slots, never more than 2 holders at once,
+    and every holder gets its turn."""
+    import threading
+    import time
+
+    from gridfl.demo.run import _compute_slots
+    from gridfl.demo.worker import ComputeSlots
+
+    holding, peak, done = [0], [0], []
+    lock = threading.Lock()
+
+    def worker(path):
+        slots = ComputeSlots(path)  # its own descriptor, as each worker process has
+        for _ in range(3):
+            with slots:
+                with lock:
+                    holding[0] += 1
+                    peak[0] = max(peak[0], holding[0])
+                time.sleep(0.02)
+                with lock:
+                    holding[0] -= 1
+        done.append(1)
+
+    with _compute_slots(2) as path:
+        threads = [threading.Thread(target=worker, args=(path,)) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert len(done) == 5 and peak[0] == 2
+
+
+def test_compute_slots_off():
+    from gridfl.demo.run import _compute_slots
+
+    with _compute_slots(0) as path:
+        assert path is None

@@ -85,6 +85,9 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
 @click.option("--non-iid", is_flag=True, help="McMahan's pathological non-IID split.")
 @click.option("--workers", type=click.IntRange(1), default=10, show_default=True,
               help="Worker processes sharing the clients.")
+@click.option("--parallel", type=click.IntRange(0), default=None,
+              help="Workers training at once, as devices would on cores of their own "
+                   "(default: the CPU count; 0: no limit).")
 @click.option("--examples-per-client", type=click.IntRange(1), default=None,
               help="Cut each shard (quick runs).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -106,7 +109,8 @@ def demo(**kw: Any) -> None:
         model=kw["model"], clients=kw["clients"], fraction=kw["fraction"],
         epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], cycles=kw["cycles"],
         target=kw["target"], iid=not kw["non_iid"], seed=kw["seed"], workers=kw["workers"],
-        examples_per_client=kw["examples_per_client"], evaluate=not kw["no_live_eval"],
+        parallel=kw["parallel"], examples_per_client=kw["examples_per_client"],
+        evaluate=not kw["no_live_eval"],
         data_dir=kw["data_dir"], out_dir=kw["out_dir"],
     )
     console = Console(stderr=True)

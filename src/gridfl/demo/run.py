@@ -19,6 +19,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -55,6 +56,7 @@ class DemoOptions:
     iid: bool = True
     seed: int = 0
     workers: int = 10  # OS processes holding the K clients
+    parallel: int | None = None  # workers training at once (None: the CPU count; 0: all)
     examples_per_client: int | None = None  # cut shards (quick runs, tests)
     evaluate: bool = True  # evaluate each checkpoint while training runs
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
@@ -65,6 +67,8 @@ class DemoOptions:
             raise ConfigError(f"model must be cnn or 2nn, got {self.model!r}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction C must be in (0, 1], got {self.fraction}")
+        if self.parallel is not None and self.parallel < 0:
+            raise ConfigError(f"parallel must be 0 (no limit) or more, got {self.parallel}")
         for name in ("clients", "epochs", "batch_size", "cycles", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -104,7 +108,9 @@ def run_demo(
     result = RunResult(settings={**_jsonable(asdict(options)), "per_cycle": options.per_cycle})
 
     token = secrets.token_urlsafe(16)
+    parallel = _usable_cpus() if options.parallel is None else options.parallel
     with (
+        _compute_slots(parallel) as slots,
         _node(options.data_dir, token) as (url, node_proc, node_started),
         HostClient(url, admin_token=token) as host,
     ):
@@ -125,6 +131,7 @@ def run_demo(
                     "--wait-for-go",
                     "--nice",
                     "10",
+                    *(["--compute-slots", str(slots)] if slots else []),
                 ],
                 stdin=subprocess.PIPE,
                 # ten processes share the cores: one plan thread each. They run at a
@@ -242,6 +249,30 @@ def _compile_plans(options: DemoOptions, x: np.ndarray, y: np.ndarray) -> dict[s
     }
 
 
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _compute_slots(n: int) -> Iterator[Path | None]:
+    """A FIFO holding ``n`` slot bytes for the workers' ``ComputeSlots`` (None: no limit,
+    when ``n`` is 0 or the platform has no FIFOs)."""
+    if n <= 0 or not hasattr(os, "mkfifo"):
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="gridfl-slots-") as tmp:
+        path = Path(tmp) / "slots"
+        os.mkfifo(path)
+        fd = os.open(path, os.O_RDWR)  # held open: the bytes live as long as the run
+        try:
+            os.write(fd, b"+" * n)
+            yield path
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def _node(data_dir: Path, token: str) -> Iterator[tuple[str, subprocess.Popen, float]]:
     """A grid node in its own process (its own GIL), on a free loopback port; yields its
@@ -353,7 +384,7 @@ def _watch(
             break
         if any(p.poll() not in (None, 0) for p in procs):
             raise GridflError("a worker or the node crashed; see its output above")
-        time.sleep(0.1)
+        time.sleep(0.25)  # the admin status query is not free for the node
     memory.sample()
     result.peak_rss_mb, result.peak_pss_mb = memory.peak_rss_mb, memory.peak_pss_mb
     result.memory_mb = memory.breakdown()
