@@ -101,9 +101,10 @@ class HostClient:
         """Every hosted process with its current cycle and checkpoint count."""
         return self._json("GET", "/processes")["processes"]
 
-    def status(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """Cycles (accepted, reported, metrics), checkpoints and configs of one process."""
-        return self._json("GET", _path(name, version))
+    def status(self, name: str, version: str | None = None, *, cycles: int = 100) -> dict[str, Any]:
+        """Configs of one process, and its latest ``cycles`` cycles (accepted, reported,
+        metrics) and checkpoints."""
+        return self._json("GET", _path(name, version), params={"cycles": cycles})
 
     def retrieve_bytes(self, name: str, version: str, checkpoint: int | str = "latest") -> bytes:
         """A checkpoint (by number or alias) as ``State`` bytes."""

@@ -166,3 +166,25 @@ def test_serve_killed_mid_cycle_loses_no_report(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_status_lists_the_latest_cycles_and_checkpoints(admin, server):
+    assert (
+        admin.host(host_payload(server_config={"max_diffs": 1, "num_cycles": 5})).status_code == 201
+    )
+    w = HttpWorker(server.url)
+    for _ in range(3):  # three cycles, one report each
+        wid, cyc = join(w)
+        assert report(w, wid, cyc["request_key"], diff_of(0))[0] == 200
+    full = admin.status()
+    assert [c["sequence"] for c in full["cycles"]] == [1, 2, 3, 4]
+    assert [c["number"] for c in full["checkpoints"]] == [1, 2, 3, 4]
+    r = admin.http.get("/gridfl/v1/processes/mnist/1.0", params={"cycles": 2})
+    assert r.status_code == 200, r.text
+    last = r.json()
+    assert [c["sequence"] for c in last["cycles"]] == [3, 4]
+    assert [c["number"] for c in last["checkpoints"]] == [3, 4]
+    assert last["cycles"][0]["result_checkpoint"] == 4 and last["current"]["sequence"] == 4
+    for bad in ("0", "1001", "two", "-1", "²"):
+        r = admin.http.get("/gridfl/v1/processes/mnist/1.0", params={"cycles": bad})
+        assert r.status_code == 400 and "cycles must be an integer" in r.json()["error"], bad

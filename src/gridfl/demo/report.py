@@ -68,14 +68,17 @@ def plot(result: RunResult, path: Path) -> None:
 
     done = [c for c in result.cycles if c.test_accuracy is not None]
     xs = [c.cycle for c in done]
+    marker = "o" if len(done) <= 60 else None  # long runs: a line reads better than dots
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(xs, [100 * c.test_accuracy for c in done], marker="o")
+    ax_acc.plot(xs, [100 * c.test_accuracy for c in done], marker=marker)
     ax_acc.set(xlabel="cycle", ylabel="test accuracy (%)", title="Global model on the 10k test set")
     ax_acc.grid(alpha=0.3)
-    ax_loss.plot(xs, [c.test_loss for c in done], marker="o", label="test")
+    ax_loss.plot(xs, [c.test_loss for c in done], marker=marker, label="test")
     train = [(c.cycle, c.train_loss) for c in result.cycles if c.train_loss is not None]
     if train:
-        ax_loss.plot(*zip(*train, strict=True), marker=".", label="train (workers)")
+        ax_loss.plot(
+            *zip(*train, strict=True), marker="." if marker else None, label="train (workers)"
+        )
     ax_loss.set(xlabel="cycle", ylabel="cross-entropy loss", title="Loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)

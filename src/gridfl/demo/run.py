@@ -345,7 +345,7 @@ def _watch(
     seen = 0  # the newest cycle taken in; status lists only the node's latest 100 cycles
     memory = _PeakMemory(procs[0], procs[1:])
     while True:
-        status = host.status(name, version)
+        status = host.status(name, version, cycles=20)  # polled often: only the newest
         memory.sample()
         closed = sorted(
             (

@@ -442,7 +442,21 @@ PATHS: dict[str, Any] = {
         "get": _admin_get("status of the latest version", _STATUS, [_path("name")], 400, 404)
     },
     "/gridfl/v1/processes/{name}/{version}": {
-        "get": _admin_get("status", _STATUS, _PV, 400, 404),
+        "get": _admin_get(
+            "status",
+            _STATUS,
+            [
+                *_PV,
+                _query(
+                    "cycles",
+                    {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                    required=False,
+                    desc="how many of the latest cycles and checkpoints to list",
+                ),
+            ],
+            400,
+            404,
+        ),
         "delete": _admin_get("delete the process and all it stored", _ACTION, _PV, 400, 404),
     },
     "/gridfl/v1/processes/{name}/{version}/stop": {
