@@ -27,7 +27,6 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from gridfl._exceptions import ConfigError
 from gridfl.client._base import BaseJob, BaseSyft, drive_async, is_awaitable
 from gridfl.client._transports import Network
 from gridfl.client.trainer import TrainResult
@@ -57,9 +56,7 @@ class AsyncJob(BaseJob):
         Starting the same job again joins the next cycle as the same worker (no new
         authentication); a new job authenticates afresh, as syft.js does.
         """
-        if not 0 <= wait <= 300:
-            raise ConfigError(f"wait must be between 0 and 300 seconds, got {wait!r}")
-        self._begin()
+        self._begin(wait)
         try:
             outcome: Any = await drive_async(self._start_flow(wait), self._client._perform)
         except Exception as exc:

@@ -34,6 +34,7 @@ from gridfl._exceptions import (
     PlanLoadFailedError,
 )
 from gridfl.client import _protocol as proto
+from gridfl.client._events import EventHandlers
 
 _PLAN_CACHE_SIZE = 8
 
@@ -255,7 +256,7 @@ class BaseJob:
         self.model_name = model_name
         self.model_version = model_version
         self.auth_token = auth_token
-        self._handlers: dict[str, list[Callable[..., Any]]] = {e: [] for e in JOB_EVENTS}
+        self._events = EventHandlers("job", JOB_EVENTS)
         self.state = JobState.CREATED
         self.model: SyftModel | None = None
         self.plans: dict[str, Plan] = {}
@@ -277,23 +278,9 @@ class BaseJob:
 
         Handlers get keyword-compatible positional arguments: ``accepted(model,
         client_config)``, ``rejected(timeout)``, ``error(exc)``. Unknown event names
-        raise :class:`ValueError` (syft.js ignored them silently).
+        raise :class:`~gridfl.ConfigError` (syft.js ignored them silently).
         """
-        if event not in self._handlers:
-            raise ConfigError(
-                f"unknown job event {event!r}; expected one of {', '.join(JOB_EVENTS)}"
-            )
-        if handler is None:
-
-            def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-                self._handlers[event].append(fn)
-                return fn
-
-            return register
-        if not callable(handler):
-            raise ConfigError(f"handler for {event!r} must be callable, got {handler!r}")
-        self._handlers[event].append(handler)
-        return handler
+        return self._events.on(event, handler)
 
     def _event_calls(self, outcome: Any) -> tuple[str, tuple[Any, ...]]:
         if isinstance(outcome, Accepted):
@@ -328,7 +315,10 @@ class BaseJob:
         return f"<{type(self).__name__} {self.model_name}{version} {self.state.value}>"
 
     # ------------------------------------------------------------------ flows
-    def _begin(self) -> None:
+    def _begin(self, wait: float) -> None:
+        """Checks and resets shared by the sync and async ``start``."""
+        if not 0 <= wait <= 300:
+            raise ConfigError(f"wait must be between 0 and 300 seconds, got {wait!r}")
         if self.state is JobState.STARTING:
             raise GridflError(f"{self!r}: start() is already running")
         self.state = JobState.STARTING
@@ -529,7 +519,7 @@ class BaseJob:
         )
 
     def _handlers_for(self, event: str) -> list[Callable[..., Any]]:
-        return list(self._handlers[event])
+        return self._events.handlers(event)
 
 
 def is_awaitable(value: Any) -> bool:

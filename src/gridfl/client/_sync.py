@@ -120,9 +120,7 @@ class Job(BaseJob):
         Starting the same job again joins the next cycle as the same worker (no new
         authentication); a new job authenticates afresh, as syft.js does.
         """
-        if not 0 <= wait <= 300:
-            raise ConfigError(f"wait must be between 0 and 300 seconds, got {wait!r}")
-        self._begin()
+        self._begin(wait)
         try:
             outcome: Any = drive_sync(self._start_flow(wait), self._client._perform)
         except Exception as exc:

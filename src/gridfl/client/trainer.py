@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gridfl._exceptions import ConfigError, GridflError, PlanError, PlanInputError
+from gridfl.client._events import EventHandlers
 
 if TYPE_CHECKING:
     from gridfl.plan import Plan
@@ -134,7 +135,7 @@ class PlanTrainer:
         self.plan = plan
         self.client_config = dict(client_config or {})
         cfg = self.client_config
-        self._handlers: dict[str, list[Callable[..., Any]]] = {e: [] for e in TRAINER_EVENTS}
+        self._events = EventHandlers("trainer", TRAINER_EVENTS)
         for event, handler in (events or {}).items():
             self.on(event, handler)
 
@@ -242,27 +243,13 @@ class PlanTrainer:
 
         Handlers get positional arguments: ``start()``, ``end()``, ``stop()``,
         ``epoch_start(epoch)``, ``epoch_end(epoch)``, ``batch_start(epoch, batch)``,
-        ``batch_end(epoch, batch, loss, metrics)``. Unknown names raise ``ValueError``.
+        ``batch_end(epoch, batch, loss, metrics)``. Unknown names raise
+        :class:`~gridfl.ConfigError`.
         """
-        if event not in self._handlers:
-            raise ConfigError(
-                f"unknown trainer event {event!r}; expected one of {', '.join(TRAINER_EVENTS)}"
-            )
-        if handler is None:
-            def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-                self._handlers[event].append(fn)
-                return fn
-            return register
-        if not callable(handler):
-            raise ConfigError(f"handler for {event!r} must be callable, got {handler!r}")
-        self._handlers[event].append(handler)
-        return handler
+        return self._events.on(event, handler)
 
     def _fire(self, event: str, *args: Any) -> None:
-        handlers = self._handlers[event]
-        if handlers:
-            for handler in list(handlers):
-                handler(*args)
+        self._events.fire(event, *args)
 
     # ------------------------------------------------------------------ running
     def stop(self) -> None:
@@ -414,7 +401,7 @@ class PlanTrainer:
                     self._step(order)
                     self.batch += 1
                     self.steps += 1
-                    if self._handlers["batch_end"]:
+                    if self._events.has("batch_end"):
                         self._fire("batch_end", self.epoch, self.batch - 1, self.loss,
                                    dict(self.metrics))
                 self._fire("epoch_end", self.epoch)
