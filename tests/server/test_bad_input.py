@@ -819,6 +819,11 @@ CASES: list[Case] = [
       "protocols: expected an object"),
     H("host-protocol-not-base64", _host(_set("protocols", {"p": 1})), 400,
       "protocols.p: expected a non-empty base64 string"),
+    # NUL in a name: PostgreSQL refuses to store it (a 500 before); refused on both stores
+    H("host-plan-name-nul", _host(_set("plans", {"train\x00ing": b64(training_plan())})), 400,
+      "a plan name must not contain control character NUL"),
+    H("host-protocol-name-nul", _host(_set("protocols", {"p\x00": b64(b"x")})), 400,
+      "a protocol name must not contain control character NUL"),
     # ---- admin: unknown processes, checkpoints, retrieve
     H("status-unknown-process", _admin_req("GET", "/gridfl/v1/processes/nope"), 404,
       "no FL process named 'nope'"),

@@ -289,6 +289,7 @@ class GridNode:
         for name, value in raw_plans.items():
             if not isinstance(name, str) or not name or len(name) > 255:
                 raise InvalidRequestError("plans: names must be non-empty strings")
+            _wire.check_text(name, "a plan name")  # PostgreSQL stores no NUL: a 500 before
             variants = {"onnx": value} if isinstance(value, str) else value
             if not isinstance(variants, dict) or not variants:
                 raise InvalidRequestError(
@@ -334,7 +335,8 @@ class GridNode:
         if not isinstance(raw_protocols, dict):
             raise InvalidRequestError("protocols: expected an object of name -> base64 bytes")
         protocol_rows = [
-            {"name": n, "data": _b64(v, f"protocols.{n}")} for n, v in raw_protocols.items()
+            {"name": _wire.check_text(n, "a protocol name"), "data": _b64(v, f"protocols.{n}")}
+            for n, v in raw_protocols.items()
         ]
 
         name, version = client_config["name"], client_config["version"]
