@@ -98,13 +98,13 @@ def test_progress_follows_runs_longer_than_the_status_window(tmp_path):
     from gridfl.demo.report import RunResult
     from gridfl.demo.run import _watch
 
-    class Host:  # the node's status over a 250-cycle run, 40 cycles per poll
+    class Host:  # the node's status over a 250-cycle run, 15 cycles closing per poll
         def __init__(self):
             self.done = 0
 
-        def status(self, name, version):
-            self.done = min(250, self.done + 40)
-            cycles = [
+        def status(self, name, version, cycles=100):
+            self.done = min(250, self.done + 15)
+            window = [
                 {
                     "sequence": s,
                     "status": "completed",
@@ -114,10 +114,10 @@ def test_progress_follows_runs_longer_than_the_status_window(tmp_path):
                     "start": float(s),
                     "metrics": {},
                 }
-                for s in range(max(1, self.done - 99), self.done + 1)
+                for s in range(max(1, self.done - min(cycles, 100) + 1), self.done + 1)
             ]
             return {
-                "cycles": cycles[::-1],
+                "cycles": window[::-1],
                 "current": None if self.done == 250 else 1,
                 "status": "done" if self.done == 250 else "running",
             }
