@@ -188,3 +188,20 @@ def test_status_lists_the_latest_cycles_and_checkpoints(admin, server):
     for bad in ("0", "1001", "two", "-1", "²"):
         r = admin.http.get("/gridfl/v1/processes/mnist/1.0", params={"cycles": bad})
         assert r.status_code == 400 and "cycles must be an integer" in r.json()["error"], bad
+
+
+def test_plan_of_a_deleted_process_is_not_found(admin, server):
+    """The node caches plan metadata by id; a deleted process's plan must still answer
+    'not found', not a cycle or key error from the stale entry."""
+    assert admin.host(host_payload()).status_code == 201
+    w = HttpWorker(server.url)
+    wid, cyc = join(w)
+    params = {
+        "worker_id": wid,
+        "request_key": cyc["request_key"],
+        "plan_id": cyc["plans"]["training_plan"],
+    }
+    assert w.get("get-plan", **params).status_code == 200  # now cached
+    assert admin.http.delete("/gridfl/v1/processes/mnist/1.0").status_code == 200
+    r = w.get("get-plan", **params)
+    assert r.status_code == 400 and r.json()["error"] == "Plan ID not found!", r.text

@@ -613,7 +613,14 @@ class GridNode:
                 if row is None:
                     raise _not_found_400(_wire.MSG_PLAN_NOT_FOUND)
                 self._plan_meta_cache.put(req.asset_id, row)
-            self._check_asset_access(conn, row.process_id, req.worker_id, req.request_key)
+            try:
+                self._check_asset_access(conn, row.process_id, req.worker_id, req.request_key)
+            except GridError:
+                # refused: the plan may have gone with its process since it was cached
+                if conn.execute(q.plan_meta, {"plan_id": req.asset_id}).first() is None:
+                    self._plan_meta_cache.pop(req.asset_id)
+                    raise _not_found_400(_wire.MSG_PLAN_NOT_FOUND) from None
+                raise
             have = [v for v in _wire.PLAN_VARIANTS if getattr(row, f"has_{v}")]
             variant = req.receive_operations_as or have[0]
             if variant not in have:
