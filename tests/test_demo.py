@@ -66,7 +66,7 @@ def test_demo_stops_at_the_target_accuracy(tmp_path):
 def test_worker_shard_reads_one_client_at_a_time(tmp_path):
     import numpy as np
 
-    from gridfl.demo.worker import Shard, load_clients
+    from gridfl.demo.worker import Shard
 
     rng = np.random.default_rng(0)
     arrays = {}
@@ -86,7 +86,7 @@ def test_worker_shard_reads_one_client_at_a_time(tmp_path):
     with pytest.raises(IndexError):
         shard[3]
     assert [len(x) for x, _ in shard[1:]] == [5, 5]
-    assert all(np.array_equal(a[0], b[0]) for a, b in zip(load_clients(path), shard, strict=True))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(list(Shard(path)), shard, strict=True))
 
 
 def test_progress_follows_runs_longer_than_the_status_window(tmp_path):

@@ -377,15 +377,16 @@ def encode_binary_report(data: dict[str, Any], request_id: Any = None) -> bytes:
     """A report as one binary frame: 4-byte big-endian header length, the UTF-8 JSON
     header ``{"type": REPORT, "request_id"?, "data": {every field but diff}}``, then the
     raw State bytes of ``data["diff"]``."""
-    diff = data["diff"]
-    header: dict[str, Any] = {
-        "type": REPORT,
-        "data": {k: v for k, v in data.items() if k != "diff"},
-    }
+    header = {"type": REPORT, "data": {k: v for k, v in data.items() if k != "diff"}}
+    return _binary_frame(header, request_id, data["diff"])
+
+
+def _binary_frame(header: dict[str, Any], request_id: Any, payload: bytes) -> bytes:
+    """4-byte big-endian header length, the compact UTF-8 JSON header, the payload."""
     if request_id is not None:
-        header["request_id"] = request_id
+        header = {**header, "request_id": request_id}
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return b"".join((len(head).to_bytes(_LEN, "big"), head, diff))
+    return b"".join((len(head).to_bytes(_LEN, "big"), head, payload))
 
 
 def split_binary_frame(frame: bytes) -> tuple[bytes, bytes]:
@@ -417,11 +418,7 @@ def select_subprotocol(offered: Any) -> str | None:
 def encode_binary_reply(kind: str, payload: bytes, request_id: Any = None) -> bytes:
     """A download's reply as one binary frame: 4-byte big-endian header length, the UTF-8
     JSON header ``{"type": kind, "request_id"?}``, then the raw bytes (the HTTP body)."""
-    header: dict[str, Any] = {"type": kind}
-    if request_id is not None:
-        header["request_id"] = request_id
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return b"".join((len(head).to_bytes(_LEN, "big"), head, payload))
+    return _binary_frame({"type": kind}, request_id, payload)
 
 
 def parse_max_bytes(data: dict[str, Any]) -> int | None:

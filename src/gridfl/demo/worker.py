@@ -77,11 +77,6 @@ class ComputeSlots:
             os.write(self.fd, b"+")
 
 
-def load_clients(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The (data, target) pairs of every client in a shard file, all in memory."""
-    return list(Shard(path))
-
-
 def run(
     url: str,
     name: str,

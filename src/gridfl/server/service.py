@@ -983,7 +983,6 @@ class GridNode:
     def status(self, name: str, version: str | None, *, last: int = 100) -> dict[str, Any]:
         """Configs, the ``last`` cycles (with their workers' counts and mean metrics) and
         as many of the latest checkpoints."""
-        limit = last
         with db.read(self.engine) as conn:
             p = self._process_by_name(conn, name, version)
             out = self._process_summary(conn, p)
@@ -999,7 +998,7 @@ class GridNode:
                 sa.select(cycles)
                 .where(cycles.c.process_id == p.id)
                 .order_by(cycles.c.sequence.desc())
-                .limit(limit)
+                .limit(last)
             ).all()
             wcs: dict[int, list] = {}
             if cycle_rows:
@@ -1048,7 +1047,7 @@ class GridNode:
                 sa.select(checkpoints.c.number, checkpoints.c.alias, checkpoints.c.created_at)
                 .where(checkpoints.c.process_id == p.id)
                 .order_by(checkpoints.c.number.desc())
-                .limit(limit)
+                .limit(last)
             ).all()
             out["checkpoints"] = [
                 {"number": r.number, "alias": r.alias, "created_at": r.created_at}

@@ -33,7 +33,6 @@ _mine = worker_cycles.alias("mine")
 #: request for a full cycle needs, in one read.
 admission = (
     sa.select(
-        workers.c.id.label("worker_id"),
         workers.c.process_id,
         processes.c.status.label("process_status"),
         cycles.c.id.label("cycle_id"),
