@@ -68,18 +68,21 @@ def test_three_processes_one_postgres_240_workers(pg_fresh_db, tmp_path):
         # spread: every process and both transports took reports
         assert set(Counter(r.server for r in res.reports)) == set(range(SERVERS))
         assert set(Counter(r.transport for r in res.reports)) == {"http", "ws"}
-        # a cycle opened by one process reached workers long-polling on the other processes
-        # within long_poll_recheck (1 s) + slack, not after their 30 s wait ran out. The
-        # opening process wakes its own waiters at once, so they may fill a cycle before a
-        # third process's watcher looks: at least two processes take part in each cycle.
+        # every cycle after the first filled from long-polled requests within seconds of
+        # opening, on whichever processes took part: nobody waited out the 30 s long-poll.
+        # The opening process wakes its own waiters at once and the others within
+        # long_poll_recheck (1 s); with enough waiters of its own it may fill a cycle alone
+        # (it does, now that accepts take a few ms), so the spread over processes is checked
+        # over the whole run above, not per cycle.
         for k in range(1, CYCLES):
             start = cycles[k]["start"]
             firsts = {}
             for r in per_cycle[k]:
                 firsts[r.server] = min(firsts.get(r.server, r.accepted_at), r.accepted_at)
-            assert len(firsts) >= 2, (k + 1, firsts)
+            assert firsts, (k + 1, firsts)
             for s, first in firsts.items():
                 assert first - start < 5.0, (k + 1, s, first - start)
+            assert max(r.accepted_at for r in per_cycle[k]) - start < 5.0, k + 1
     finally:
         for s in servers:
             s.stop()
