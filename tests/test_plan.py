@@ -151,6 +151,35 @@ def test_bind(plan):
         plan.bind(data=X, target=Y, params=[], client_config={"lr": 1})
 
 
+def test_convert_and_run_are_execute_in_two_steps(plan):
+    """convert() gives what execute() would feed, PlanSlot.matches() accepts it, and
+    run() on that feed gives execute()'s outputs; run() checks nothing itself, so a wrong
+    feed is onnxruntime's error, reported as a PlanInputError."""
+    args = (X.astype(np.float64), Y.astype(np.int32), 4, 0.5, W)
+    feed = {s.name: plan.convert(i, v) for i, (s, v) in enumerate(zip(plan.inputs, args))}
+    assert feed["batch_size"].shape == () and feed["lr"].shape == (1,)
+    assert feed["X"].dtype == np.float32 and feed["y"].dtype == np.int64
+    assert all(s.matches(feed[s.name]) for s in plan.inputs)
+    for got, want in zip(plan.run(feed), plan.execute(*args), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(PlanInputError, match=r"input #4 'W' \(model_param 0\): expected shape"):
+        plan.convert(4, W.T)
+    with pytest.raises(PlanInputError, match="onnxruntime failed to run the plan"):
+        plan.run({**feed, "W": W.astype(np.float64)})
+    with pytest.raises(PlanInputError, match="onnxruntime failed to run the plan"):
+        plan.run({k: v for k, v in feed.items() if k != "lr"})
+
+
+def test_slot_matches_only_exact_arrays(plan):
+    w, x = plan.inputs[4], plan.inputs[0]
+    assert w.matches(W) and x.matches(X) and x.matches(X[:1])  # any size on N
+    assert not w.matches(W.astype(np.float64))
+    assert not w.matches(W.tolist())
+    assert not w.matches(np.ones((3, 2), np.float32))
+    assert not w.matches(np.ones((2, 3, 1), np.float32))
+    assert not w.matches(np.asfortranarray(np.ones((2, 3), np.float32)))
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [

@@ -136,6 +136,22 @@ class PlanSlot:
         dims = ", ".join("N" if d is None else str(d) for d in self.shape)
         return f"({dims}{',' if len(self.shape) == 1 else ''})"
 
+    def matches(self, value: Any) -> bool:
+        """True if ``value`` can be fed to onnxruntime for this slot as it is: a
+        C-contiguous numpy array of exactly the declared dtype and shape (any size on
+        dynamic dimensions). :meth:`Plan.convert` returns such arrays.
+
+            >>> slot.matches(np.zeros((200, 784), np.float32))  # doctest: +SKIP
+            True
+        """
+        return (
+            isinstance(value, np.ndarray)
+            and value.dtype == self.dtype
+            and value.flags.c_contiguous
+            and value.ndim == len(self.shape)
+            and all(d is None or d == n for d, n in zip(self.shape, value.shape, strict=True))
+        )
+
 
 def _parse_slots(raw: str | None, meta_key: str, ort_args: list, allowed_roles) -> list[PlanSlot]:
     if raw is None:
@@ -429,7 +445,15 @@ class Plan:
             out.append(v)
         return out
 
-    def _convert(self, slot: PlanSlot, value: Any, pos: int) -> np.ndarray:
+    def convert(self, pos: int, value: Any) -> np.ndarray:
+        """``value`` as the array input ``pos`` (its index in :attr:`inputs`) takes: cast to
+        the declared dtype (lossless kinds only), scalars reshaped to the declared rank.
+        :class:`~gridfl.PlanInputError` names the input when that is not possible.
+
+            >>> plan.convert(2, 64)  # the batch_size input  # doctest: +SKIP
+            array([64])
+        """
+        slot = self.inputs[pos]
         try:
             arr = _to_numpy(value)
         except Exception as e:
@@ -487,17 +511,27 @@ class Plan:
                 f"{self.kind} plan takes {len(self.inputs)} inputs, got {len(inputs)}; "
                 f"expected: {names}"
             )
-        feed = {}
-        for pos, (slot, value) in enumerate(zip(self.inputs, inputs, strict=True)):
-            feed[slot.name] = self._convert(slot, value, pos)
+        feed = {slot.name: self.convert(pos, value)
+                for pos, (slot, value) in enumerate(zip(self.inputs, inputs, strict=True))}
         # Dynamic dims that share a symbol should agree: data/target batch dims.
         batch = {s.name: feed[s.name].shape[0] for s in self.inputs
                  if s.role in ("data", "target") and s.shape and s.shape[0] is None}
         if len(set(batch.values())) > 1:
             raise PlanInputError(f"data and target batch sizes differ: {batch}")
+        return self.run(feed)
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the plan on a feed that needs no checking: input name -> an array that
+        :meth:`PlanSlot.matches` its slot (from :meth:`convert`, or the plan's own outputs
+        of a step before). The fast path of a loop that calls the plan many times;
+        :meth:`execute` checks and converts every input, then calls this.
+
+            >>> feed = {s.name: plan.convert(i, v) for i, (s, v) in
+            ...         enumerate(zip(plan.inputs, plan.bind(**values)))}  # doctest: +SKIP
+            >>> loss, acc, *params = plan.run(feed)                        # doctest: +SKIP
+        """
+        session = self.session
         try:
-            return self.session.run(None, feed)
-        except PlanLoadError:
-            raise
-        except Exception as e:
+            return session.run(None, feed)
+        except Exception as e:  # onnxruntime raises its own exception types
             raise PlanInputError(f"onnxruntime failed to run the plan: {e}") from None

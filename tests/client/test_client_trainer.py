@@ -63,6 +63,36 @@ class TestRun:
         np.testing.assert_allclose(result.params[1], b, rtol=1e-4, atol=1e-5)
         assert set(result.metrics) == {"mae"} and result.loss > 0
 
+    def test_later_steps_skip_execute_and_give_the_same_params(self, plan, momentum_plan, data):
+        """Only a run's first step goes through Plan.execute (every input checked); the
+        rest go through Plan.run. A duck-typed plan with only execute() takes every step
+        through it. Both give the same params and optimizer state."""
+
+        class OnlyExecute:  # what a duck-typed plan offers
+            def __init__(self, real):
+                self.inputs, self.outputs, self.kind = real.inputs, real.outputs, real.kind
+                self.execute = real.execute
+
+        x, y = data
+        for p in (plan, momentum_plan):
+            calls = {"execute": 0, "run": 0}
+            counted = Plan.from_bytes(p.to_bytes(), threads=1)
+            for name in calls:
+                def spy(*a, _f=getattr(counted, name), _n=name):
+                    calls[_n] += 1
+                    return _f(*a)
+                setattr(counted, name, spy)
+            cfg = {"lr": 0.05, "batch_size": 10, "max_updates": 5}
+            fast = PlanTrainer(counted, linear_params(), x, y, client_config=cfg, epochs=2)
+            fast_result = fast.run()
+            assert calls == {"execute": 1, "run": 9 + 1}  # execute itself calls run once
+            slow = PlanTrainer(OnlyExecute(p), linear_params(), x, y, client_config=cfg,
+                               epochs=2)
+            slow_result = slow.run()
+            for a, b in zip(fast_result.params + fast.optimizer_state,
+                            slow_result.params + slow.optimizer_state, strict=True):
+                np.testing.assert_array_equal(a, b)
+
     def test_defaults_from_client_config(self, plan, data):
         x, y = data
         t = PlanTrainer(plan, linear_params(), x, y,

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gridfl._exceptions import ConfigError, GridflError, PlanError, PlanInputError
+from gridfl._exceptions import ConfigError, GridflError, PlanError
 from gridfl.client._events import EventHandlers
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class PlanTrainer:
         self.metrics: dict[str, float] = {}
         self._stop = threading.Event()
         self._running = threading.Lock()
-        # Steps after the first feed onnxruntime directly (see _fast_step): None until the
+        # Steps after the first go through Plan.run (see _fast_feed): None until the
         # first step ran through Plan.execute, False when the plan does not allow it.
         self._fast: dict[str, Any] | None | bool = None
 
@@ -316,16 +316,15 @@ class PlanTrainer:
         return self.plan.execute(*args)
 
     def _fast_feed(self) -> dict[str, Any] | bool:
-        """After a first step through ``Plan.execute``: the onnxruntime feed of the inputs
-        that stay the same every step (``batch_size``, ``client_config`` values, converted
-        once), or False when steps must keep going through ``execute``.
+        """After a first step through ``Plan.execute``: the feed of the inputs that stay
+        the same every step (``batch_size``, ``client_config`` values, converted once),
+        or False when steps must keep going through ``execute``.
 
         ``execute`` checks and converts all inputs each step (~10 per step for a 3-layer
-        model): a few microseconds each, a millisecond or more per epoch. Later steps only
-        change the batch, converted as ``execute`` would, and the params and optimizer
-        state, which are the plan's own outputs of the step before; those are fed back as
-        they are when the first step's outputs have exactly the dtype and shape of the
-        inputs they feed (always, for compiled plans).
+        model): a few microseconds each, a millisecond or more per epoch. Later steps
+        convert only the batch, and feed back the params and optimizer state, which are
+        the plan's own outputs of the step before, as they are when the first step's
+        outputs match the inputs they feed (always, for compiled plans).
         """
         from gridfl.plan import Plan
 
@@ -335,42 +334,30 @@ class PlanTrainer:
         const: dict[str, Any] = {}
         for pos, s in enumerate(plan.inputs):
             if s.role == "batch_size":
-                const[s.name] = plan._convert(s, self.batch_size, pos)
+                const[s.name] = plan.convert(pos, self.batch_size)
             elif s.role == "client_config":
-                const[s.name] = plan._convert(s, self.client_config[s.key], pos)
-            elif s.role in ("model_param", "optimizer_state"):
-                value = (self.params if s.role == "model_param" else self.optimizer_state)[
-                    s.index
-                ]
-                if not (
-                    isinstance(value, np.ndarray)
-                    and value.dtype == s.dtype
-                    and value.flags.c_contiguous
-                    and value.ndim == len(s.shape)
-                    and all(d is None or d == n for d, n in zip(s.shape, value.shape,
-                                                                strict=True))
-                ):
-                    return False
+                const[s.name] = plan.convert(pos, self.client_config[s.key])
+            elif s.role == "model_param" and not s.matches(self.params[s.index]):
+                return False
+            elif s.role == "optimizer_state" and not s.matches(self.optimizer_state[s.index]):
+                return False
         return const
 
     def _fast_step(self, xb: np.ndarray, yb: np.ndarray) -> list[Any]:
-        """One step fed straight to onnxruntime (see :meth:`_fast_feed`)."""
+        """One step through ``Plan.run`` (see :meth:`_fast_feed`)."""
         plan = self.plan
         feed = dict(self._fast)  # type: ignore[arg-type]
         for pos, s in enumerate(plan.inputs):
             r = s.role
             if r == "data":
-                feed[s.name] = plan._convert(s, xb, pos)
+                feed[s.name] = plan.convert(pos, xb)
             elif r == "target":
-                feed[s.name] = plan._convert(s, yb, pos)
+                feed[s.name] = plan.convert(pos, yb)
             elif r == "model_param":
                 feed[s.name] = self.params[s.index]
             elif r == "optimizer_state":
                 feed[s.name] = self.optimizer_state[s.index]
-        try:
-            return plan.session.run(None, feed)
-        except Exception as e:  # as Plan.execute reports it
-            raise PlanInputError(f"onnxruntime failed to run the plan: {e}") from None
+        return plan.run(feed)
 
     def run(self) -> TrainResult:
         """Train until done (or stopped); return the params and last loss/metrics."""
