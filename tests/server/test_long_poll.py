@@ -80,3 +80,45 @@ def test_bad_wait_is_refused(server, wait):
     )
     assert st == 400 and "'wait'" in reply["error"], reply
     w.close()
+
+
+@pytest.mark.postgres
+def test_cycle_opened_by_another_process_wakes_held_requests_at_once(server_factory,
+                                                                     pg_database):
+    """Two server processes on one PostgreSQL database, each looking for other processes'
+    cycles only every 30 s: a request held by node B is still accepted right after node A
+    opens the next cycle, because A announces it (NOTIFY) and B listens."""
+    from conftest import _reset_pg
+
+    _reset_pg(pg_database)
+    a = server_factory(pg_database, long_poll_recheck=30)
+    b = server_factory(pg_database, long_poll_recheck=30)
+    admin = Admin(a.url)
+    cfg = {"max_workers": 1, "max_diffs": 1, "num_cycles": 3, "cycle_length": 600}
+    assert admin.host(host_payload(server_config=cfg)).status_code == 201
+    on_a, on_b = HttpWorker(a.url), HttpWorker(b.url)
+    wid_a, cyc_a = join(on_a)
+    st, auth = on_b.call("model-centric/authenticate", {"model_name": "mnist"})
+    held: dict = {}
+
+    def ask():
+        started = time.monotonic()
+        held["reply"] = on_b.call(
+            "model-centric/cycle-request",
+            {"worker_id": auth["worker_id"], "model": "mnist", "version": "1.0", "wait": 20},
+        )
+        held["seconds"] = time.monotonic() - started
+
+    t = threading.Thread(target=ask)
+    t.start()
+    time.sleep(0.5)
+    assert "reply" not in held, "the request was not held"
+    opened_at = time.monotonic()
+    assert report(on_a, wid_a, cyc_a["request_key"], diff_of(0))[0] == 200
+    t.join(timeout=25)
+    status, reply = held["reply"]
+    assert status == 200 and reply["status"] == "accepted", reply
+    assert time.monotonic() - opened_at < 2.0, "woken by the 30 s recheck, not the NOTIFY"
+    assert admin.status()["current"]["sequence"] == 2
+    on_a.close()
+    on_b.close()

@@ -28,7 +28,7 @@ from gridfl import _wire
 from gridfl._exceptions import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from gridfl.server.auth import check_admin
 from gridfl.server.errors import to_status
-from gridfl.server.service import GridNode
+from gridfl.server.service import CYCLE_CHANNEL, GridNode
 from gridfl.server.settings import Settings
 
 log = logging.getLogger("gridfl.server")
@@ -493,6 +493,34 @@ async def _cycle_watcher(node: GridNode, settings: Settings, on_change: Callable
         last = marker
 
 
+async def _cycle_listener(node: GridNode, on_change: Callable[[], None]) -> None:
+    """PostgreSQL: wake this process's long-polled cycle requests and deadline timer the
+    moment another server process on the database opens a cycle (``LISTEN`` on
+    ``CYCLE_CHANNEL``). Without it they would wait for :func:`_cycle_watcher`'s next look,
+    up to ``long_poll_recheck`` seconds, while the opener's own waiters took every seat.
+    The watcher stays as the fallback: a lost connection is retried every few seconds."""
+    import psycopg
+
+    _, params = node.engine.dialect.create_connect_args(node.engine.url)
+    params.pop("context", None)  # SQLAlchemy's type adapters: not needed to LISTEN
+    warned = False
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(autocommit=True, **params)
+            async with conn:
+                await conn.execute(f"LISTEN {CYCLE_CHANNEL}")
+                warned = False
+                async for note in conn.notifies():
+                    if note.payload != node.token:
+                        on_change()
+        except Exception as e:  # noqa: BLE001 - e.g. the database restarts; retry
+            if not warned:
+                log.warning("cycle listener: %s; retrying (cycles opened by other server "
+                            "processes are seen within long_poll_recheck meanwhile)", e)
+                warned = True
+        await anyio.sleep(3)
+
+
 def create_app(settings: Settings | None = None, node: GridNode | None = None) -> Starlette:
     """The grid node as an ASGI app. The database is opened (and migrated) at startup."""
     settings = settings or Settings()
@@ -513,12 +541,14 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
 
         n.on_new_cycle = on_new_cycle
         timer = asyncio.create_task(_deadline_timer(n, settings, wake))
-        watcher = asyncio.create_task(_cycle_watcher(n, settings, on_new_cycle))
+        tasks = [timer, asyncio.create_task(_cycle_watcher(n, settings, on_new_cycle))]
+        if n.engine.dialect.name == "postgresql":
+            tasks.append(asyncio.create_task(_cycle_listener(n, on_new_cycle)))
         log.info("grid node up: database %s", n.engine.url.render_as_string(hide_password=True))
         try:
             yield
         finally:
-            for task in (timer, watcher):
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

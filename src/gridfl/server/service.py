@@ -63,6 +63,11 @@ from gridfl.server.tables import (
 
 log = logging.getLogger("gridfl.server")
 
+#: PostgreSQL channel on which a server process announces each cycle it opens (payload:
+#: its GridNode.token), so the other processes on the database wake their long-polled
+#: cycle requests within milliseconds (app.py listens), not at their next recheck.
+CYCLE_CHANNEL = "gridfl_cycles"
+
 
 def _test_crash_point(name: str) -> None:
     """TEST-ONLY fault injection: with ``GRIDFL_TEST_CRASH_AT=<name>`` in the environment the
@@ -165,6 +170,9 @@ class GridNode:
         self._agg_lock = threading.Lock()
         #: called (from any thread) when a cycle opens, so the deadline timer re-plans
         self.on_new_cycle: Callable[[], None] = lambda: None
+        #: tells this process's own CYCLE_CHANNEL notifications from the others'
+        self.token = uuid.uuid4().hex
+        self._announce = self.engine.dialect.name == "postgresql"
 
     def close(self) -> None:
         self.engine.dispose()
@@ -247,6 +255,8 @@ class GridNode:
             )
         ).scalar_one()
         length = process.server_config.get("cycle_length")
+        if self._announce:  # delivered when (and only if) this transaction commits
+            conn.execute(sa.select(sa.func.pg_notify(CYCLE_CHANNEL, self.token)))
         return conn.execute(
             cycles.insert().values(
                 process_id=process.id,
