@@ -65,9 +65,7 @@ __all__ = [
     "error_body",
     "encode_diff",
     "decode_diff",
-    "BINARY_REPORT_SUBPROTOCOL",
     "BINARY_SUBPROTOCOL",
-    "SUBPROTOCOLS",
     "select_subprotocol",
     "MAX_BINARY_HEADER",
     "encode_binary_report",
@@ -360,14 +358,11 @@ def ws_error(kind: str | None, message: str, request_id: Any = None, **extra: An
 
 # --- binary report frames (gridfl extension) -------------------------------------------------
 #: WebSocket subprotocol a gridfl node selects when a client offers it: the socket speaks
-#: the usual JSON text frames and also takes reports as binary frames (syft.js offers no
-#: subprotocol, so nothing changes for it; a node that does not select it gets JSON reports)
-BINARY_REPORT_SUBPROTOCOL = "gridfl.binary-report.1"
-#: the same plus downloads over the socket: get-model, get-plan and get-protocol requests
-#: are JSON text frames, answered by one binary frame (:func:`encode_binary_reply`)
+#: the usual JSON text frames, takes reports as binary frames, and serves downloads
+#: (get-model, get-plan and get-protocol requests are JSON text frames, answered by one
+#: binary frame, :func:`encode_binary_reply`). syft.js offers no subprotocol, so nothing
+#: changes for it; a client of a node that does not select it (PyGrid) sends JSON reports.
 BINARY_SUBPROTOCOL = "gridfl.binary.2"
-#: the subprotocols a gridfl node selects, best first (a client offers them in this order)
-SUBPROTOCOLS = (BINARY_SUBPROTOCOL, BINARY_REPORT_SUBPROTOCOL)
 #: largest JSON header of a binary frame (it holds ids, num_samples and metrics only)
 MAX_BINARY_HEADER = 64 * 1024
 _LEN = 4  # the header length prefix: 4 bytes, big-endian
@@ -410,9 +405,8 @@ def split_binary_frame(frame: bytes) -> tuple[bytes, bytes]:
 
 
 def select_subprotocol(offered: Any) -> str | None:
-    """The best of :data:`SUBPROTOCOLS` among those a client ``offered`` (None if none)."""
-    offered = offered or ()
-    return next((p for p in SUBPROTOCOLS if p in offered), None)
+    """:data:`BINARY_SUBPROTOCOL` if a client ``offered`` it, else None (JSON only)."""
+    return BINARY_SUBPROTOCOL if BINARY_SUBPROTOCOL in (offered or ()) else None
 
 
 def encode_binary_reply(kind: str, payload: bytes, request_id: Any = None) -> bytes:

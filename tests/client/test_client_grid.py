@@ -15,6 +15,7 @@ from gridfl import (
     ModelLoadFailedError,
     NotFoundError,
     PlanLoadFailedError,
+    _wire,
 )
 from gridfl.client import JobState
 from gridfl.model import SyftModel
@@ -136,9 +137,10 @@ class TestCycle:
         reply = api.report(job, diff, num_samples=result.num_samples,
                            metrics={"loss": result.loss})
         assert reply["status"] == "success" and job.state is JobState.REPORTED
-        # over ws the gridfl node took the binary-report subprotocol: the diff went as raw
-        # bytes in a binary frame (the node's checkpoint below shows it arrived intact)
-        assert (client._net.ws is not None and client._net.ws.binary_reports) == (
+        # over ws the gridfl node selected gridfl.binary.2: the diff went as raw bytes in
+        # a binary frame (the node's checkpoint below shows it arrived intact)
+        ws = client._net.ws
+        assert (ws is not None and ws._conn.subprotocol == _wire.BINARY_SUBPROTOCOL) == (
             transport == "ws")
         new = grid.checkpoint(name)
         for a, b in zip(new, result.params, strict=True):
@@ -327,7 +329,8 @@ class TestDownloadsOverTheSocket:
             np.testing.assert_allclose(grid.checkpoint(name)[0], result.params[0], rtol=1e-6)
             assert grid.status(name)["cycles"][0]["reported"] == 1, cycle
         if transport == "ws":
-            assert client._net.ws.binary_downloads and client._net.ws.connects == 1
+            ws = client._net.ws
+            assert ws._conn.subprotocol == _wire.BINARY_SUBPROTOCOL and ws.connects == 1
             assert http == []
         else:  # the same flow over HTTP: every download is a GET
             gets = [r for r in http if r.startswith("GET ")]
@@ -349,7 +352,8 @@ class TestDownloadsOverTheSocket:
         assert job.state is JobState.ACCEPTED and "training_plan" in job.plans
         np.testing.assert_array_equal(job.model.params[0], linear_params()[0])
         assert http == ["GET /model-centric/get-plan"]
-        assert client._net.ws.binary_downloads and client._net.ws.connects == 1
+        ws = client._net.ws
+        assert ws._conn.subprotocol == _wire.BINARY_SUBPROTOCOL and ws.connects == 1
 
 
 class TestRunWorker:

@@ -28,11 +28,13 @@ from gridfl.client._transports import HttpTransport, WsTransport
 async def _run(behaviour, body, *, subprotocols=None, keep_state=False):
     """Start a WebSocket server whose handler is ``behaviour(ws, state)``; run ``body(url)``
     (``subprotocols``: those the server selects when offered; ``keep_state``: return the
-    server's state instead of what ``body`` returned)."""
+    server's state instead of what ``body`` returned; ``state["offered"]``: the
+    subprotocols the client offered, as its handshake header says)."""
     state = {"messages": [], "connections": 0}
 
     async def handler(ws):
         state["connections"] += 1
+        state["offered"] = ws.request.headers.get("Sec-WebSocket-Protocol")
         await behaviour(ws, state)
 
     async with serve(handler, "127.0.0.1", 0, subprotocols=subprotocols) as server:
@@ -89,9 +91,10 @@ class TestWebSocket:
 
     @pytest.mark.parametrize("binary", [True, False])
     def test_report_frame_follows_the_handshake(self, binary):
-        """A node that selects the binary-report subprotocol gets the report as a binary
-        frame (length, JSON header, raw diff); one that does not (PyGrid) gets JSON text
-        with the diff in base64. Other messages are JSON text either way."""
+        """The client offers gridfl.binary.2 alone (not the never-released
+        gridfl.binary-report.1). A node that selects it gets the report as a binary frame
+        (length, JSON header, raw diff); one that does not (PyGrid) gets JSON text with the
+        diff in base64. Other messages are JSON text either way."""
         diff = bytes(range(256)) * 3
 
         async def body(url, state):
@@ -99,7 +102,8 @@ class TestWebSocket:
             await t.call("model-centric/authenticate", {"model_name": "m"})
             reply = await t.call("model-centric/report", {
                 "worker_id": "w", "request_key": "k", "diff": diff, "num_samples": 3})
-            assert reply == {"status": "success"} and t.binary_reports is binary
+            assert reply == {"status": "success"}
+            assert t._conn.subprotocol == (_wire.BINARY_SUBPROTOCOL if binary else None)
             await t.aclose()
 
         async def node(ws, state):
@@ -114,8 +118,9 @@ class TestWebSocket:
                 await ws.send(json.dumps({"type": msg["type"], "request_id": msg["request_id"],
                                           "data": {"status": "success"}}))
 
-        state = asyncio.run(_run(node, body, subprotocols=[_wire.BINARY_REPORT_SUBPROTOCOL]
+        state = asyncio.run(_run(node, body, subprotocols=[_wire.BINARY_SUBPROTOCOL]
                                  if binary else None, keep_state=True))
+        assert state["offered"] == "gridfl.binary.2"
         (auth_kind, _, _), (kind, msg, payload) = state["messages"]
         assert auth_kind == "text" and msg["type"] == "model-centric/report"
         if binary:
@@ -177,16 +182,15 @@ class TestWebSocket:
 
     def test_downloads_follow_the_handshake(self):
         """fetch goes over the socket only when the node selected gridfl.binary.2; a node
-        that selected binary-report.1 (or none) gets no download request (None: HTTP)."""
+        that selected none (PyGrid) gets no download request (None: HTTP)."""
 
         async def body(url, state):
             t = WsTransport(url, timeout=2, retries=0)
             assert await t.fetch("model-centric/get-model", {"model_id": 1}) is None
-            assert t.binary_reports and not t.binary_downloads
+            assert t._conn.subprotocol is None
             await t.aclose()
 
-        state = asyncio.run(_run(silent, body, subprotocols=[_wire.BINARY_REPORT_SUBPROTOCOL],
-                                 keep_state=True))
+        state = asyncio.run(_run(silent, body, keep_state=True))
         assert state["messages"] == [] and state["connections"] == 1
 
     def test_binary_replies_matched_by_request_id(self):
@@ -215,7 +219,7 @@ class TestWebSocket:
                 t.call("t", {}),
             )
             assert got == [b"bytes of 1", b"bytes of 2", {"echo": 1}]
-            assert t.binary_downloads and t.connects == 1
+            assert t._conn.subprotocol == _wire.BINARY_SUBPROTOCOL and t.connects == 1
             await t.aclose()
 
         state = asyncio.run(_run(reverse, body, subprotocols=[_wire.BINARY_SUBPROTOCOL],

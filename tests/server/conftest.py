@@ -321,7 +321,7 @@ class WsBinWorker(WsWorker):
 
         HttpWorker.__init__(self, url)
         self._cm = connect(
-            ws_url, max_size=None, open_timeout=20, subprotocols=["gridfl.binary-report.1"]
+            ws_url, max_size=None, open_timeout=20, subprotocols=["gridfl.binary.2"]
         )
         self.ws = self._cm.__enter__()
         self.lock = threading.Lock()

@@ -27,7 +27,7 @@ from websockets.sync.client import connect
 from gridfl import state
 
 REPORT = "model-centric/report"
-SUBPROTOCOL = "gridfl.binary-report.1"
+SUBPROTOCOL = "gridfl.binary.2"
 
 
 def _host(server, **cfg) -> Admin:
@@ -42,6 +42,7 @@ def _host(server, **cfg) -> Admin:
     [
         ([SUBPROTOCOL], SUBPROTOCOL),
         (["chat", SUBPROTOCOL], SUBPROTOCOL),
+        (["gridfl.binary-report.1"], None),  # never released, no longer selected: JSON
         (["chat"], None),
         (None, None),  # syft.js offers none: the handshake is as before
     ],

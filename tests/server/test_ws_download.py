@@ -2,7 +2,8 @@
 socket that negotiated ``gridfl.binary.2`` a get-model / get-plan / get-protocol request
 frame is answered by one binary frame holding exactly the HTTP GET's body, and every error
 is the HTTP route's (same status, same message) in the JSON error envelope. On other
-sockets (``gridfl.binary-report.1``, syft.js's none) these types stay unknown. The
+sockets (syft.js's, which offers no subprotocol; one that offered only the never-released
+``gridfl.binary-report.1``) these types stay unknown. The
 bad-input matrix runs every download case over the socket too (test_bad_input.py,
 ``[wsdl]``)."""
 
@@ -19,7 +20,7 @@ from websockets.sync.client import connect
 from gridfl import state
 
 V2 = "gridfl.binary.2"
-V1 = "gridfl.binary-report.1"
+DROPPED = "gridfl.binary-report.1"  # never released, no longer selected
 GET_MODEL = "model-centric/get-model"
 GET_PLAN = "model-centric/get-plan"
 GET_PROTOCOL = "model-centric/get-protocol"
@@ -70,15 +71,15 @@ def joined(server):
 @pytest.mark.parametrize(
     ("offered", "selected"),
     [
-        ([V2, V1], V2),  # what gridfl's worker offers: the best one wins
-        ([V1, V2], V2),  # the node's order decides, not the client's
+        ([V2], V2),  # what gridfl's worker offers
+        ([DROPPED, V2], V2),
         (["chat", V2], V2),
-        ([V1], V1),  # a worker built before downloads over the socket: as before
+        ([DROPPED], None),  # the dropped subprotocol is not selected: JSON only
         (["chat"], None),
         ([], None),  # syft.js
     ],
 )
-def test_handshake_selects_the_best_subprotocol(server, offered, selected):
+def test_handshake_selects_gridfl_binary_2_only(server, offered, selected):
     with _socket(server, offered) as ws:
         assert ws.subprotocol == selected
 
@@ -111,7 +112,7 @@ def test_plan_variants_over_the_socket(server, joined):
     assert tfjs == b"TFJS" and default == onnx == training_plan()
 
 
-@pytest.mark.parametrize("offered", [[V1], []], ids=["binary-report.1", "none"])
+@pytest.mark.parametrize("offered", [[DROPPED], []], ids=["binary-report.1", "none"])
 @pytest.mark.parametrize("kind", [GET_MODEL, GET_PLAN, GET_PROTOCOL])
 def test_downloads_are_unknown_without_the_subprotocol(server, joined, offered, kind):
     _, queries = joined

@@ -6,11 +6,11 @@ Network transports of the worker SDK (asyncio; the sync shell runs them on its o
 * :class:`WsTransport`: one WebSocket per client, shared by all its jobs; requests carry
   a random ``request_id`` and replies are matched by it; every request has a timeout;
   a dropped socket fails the requests in flight and the next request reconnects. When the
-  node selects one of gridfl's subprotocols at the handshake (gridfl nodes do), reports
-  go as binary frames (JSON header + raw diff bytes), skipping base64 and a 1 MB JSON
-  string on both ends; otherwise (PyGrid) as JSON text frames. With ``gridfl.binary.2``
-  the downloads (model, plans, protocols) also go over the socket: one JSON request frame,
-  one binary reply frame, instead of an HTTP GET each.
+  node selects gridfl's ``gridfl.binary.2`` subprotocol at the handshake (gridfl nodes
+  do), reports go as binary frames (JSON header + raw diff bytes), skipping base64 and a
+  1 MB JSON string on both ends, and the downloads (model, plans, protocols) go over the
+  socket: one JSON request frame, one binary reply frame, instead of an HTTP GET each.
+  Otherwise (PyGrid) reports are JSON text frames and downloads HTTP GETs.
 
 A report's ``diff`` arrives from the job flow as bytes; :func:`json_data` base64-encodes it
 for the JSON paths.
@@ -276,7 +276,7 @@ class WsTransport:
                     # Diffs are base64 floats: deflate saves ~25% of the bytes for several
                     # times the CPU of the whole exchange, on both ends.
                     compression=None,
-                    subprotocols=list(_wire.SUBPROTOCOLS),  # best first
+                    subprotocols=[_wire.BINARY_SUBPROTOCOL],
                     additional_headers=self.headers,
                     proxy=None,
                 )
@@ -414,26 +414,12 @@ class WsTransport:
     @staticmethod
     def _binary_report(conn: ClientConnection, type_: str, data: dict[str, Any]) -> bool:
         """Send this message as a binary frame: a report with bytes, to a node that
-        selected one of gridfl's subprotocols at the handshake."""
+        selected ``gridfl.binary.2`` at the handshake."""
         return (
             type_ == proto.REPORT
-            and conn.subprotocol in _wire.SUBPROTOCOLS
+            and conn.subprotocol == _wire.BINARY_SUBPROTOCOL
             and isinstance(data.get("diff"), (bytes, bytearray, memoryview))
         )
-
-    @property
-    def binary_reports(self) -> bool:
-        """Whether the open socket sends reports as binary frames (the node selected one
-        of gridfl's subprotocols)."""
-        conn = self._conn
-        return conn is not None and conn.subprotocol in _wire.SUBPROTOCOLS
-
-    @property
-    def binary_downloads(self) -> bool:
-        """Whether the open socket downloads models, plans and protocols (the node
-        selected ``gridfl.binary.2``)."""
-        conn = self._conn
-        return conn is not None and conn.subprotocol == _wire.BINARY_SUBPROTOCOL
 
     @property
     def connected(self) -> bool:

@@ -254,9 +254,9 @@ def _too_large(kind: str, size: int, limit: int) -> PayloadTooLargeError:
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:
-    # A client that offers gridfl's subprotocols learns from the handshake what this node
-    # takes: gridfl.binary.2 binary reports and downloads over the socket,
-    # gridfl.binary-report.1 binary reports. syft.js offers none and sees no change.
+    # A client that offers gridfl.binary.2 learns from the handshake that this node takes
+    # binary reports and serves downloads over the socket. syft.js offers none (nor does a
+    # client offering only other subprotocols): plain JSON, as ever.
     subprotocol = _wire.select_subprotocol(ws.scope.get("subprotocols"))
     downloads = subprotocol == _wire.BINARY_SUBPROTOCOL
     await ws.accept(subprotocol=subprotocol)
