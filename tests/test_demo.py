@@ -89,21 +89,29 @@ def test_worker_shard_reads_one_client_at_a_time(tmp_path):
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(list(Shard(path)), shard, strict=True))
 
 
-def test_progress_follows_runs_longer_than_the_status_window(tmp_path):
-    """The node's status lists only its latest 100 cycles; the demo must still take in
-    every cycle after the 100th (it once stopped counting there and missed the target)."""
+def test_progress_follows_runs_longer_than_the_status_window(tmp_path, monkeypatch):
+    """The demo asks the node for the few newest cycles only, and for more when more
+    closed between two polls; it must still take in every cycle of a long run (it once
+    stopped counting at the 100th and missed the target)."""
     import subprocess
     import sys
+    import time
+    import types
 
+    from gridfl.demo import run as demo_run
     from gridfl.demo.report import RunResult
     from gridfl.demo.run import _watch
 
     class Host:  # the node's status over a 250-cycle run, 15 cycles closing per poll
         def __init__(self):
-            self.done = 0
+            self.done = 15
+            self.asked: list[int] = []
+
+        def tick(self, _seconds):  # the demo's sleep between polls: more cycles close
+            self.done = min(250, self.done + 15)
 
         def status(self, name, version, cycles=100):
-            self.done = min(250, self.done + 15)
+            self.asked.append(cycles)
             window = [
                 {
                     "sequence": s,
@@ -133,11 +141,16 @@ def test_progress_follows_runs_longer_than_the_status_window(tmp_path):
             out_dir=tmp_path / "o",
         )
         result = RunResult(settings={})
-        _watch(Host(), "m", "1", 0.0, options, None, None, result, procs, None)
+        host = Host()
+        monkeypatch.setattr(demo_run, "time", types.SimpleNamespace(
+            sleep=host.tick, perf_counter=time.perf_counter))
+        _watch(host, "m", "1", 0.0, options, None, None, result, procs, None)
     finally:
         for p in procs:
             p.kill()
     assert [c.cycle for c in result.cycles] == list(range(1, 251))
+    # every poll asks for the newest few; the catch-up asks for exactly what was missed
+    assert host.asked[:4] == [demo_run._WATCH_WINDOW, 15, demo_run._WATCH_WINDOW, 15]
 
 
 def test_compute_slots_let_n_workers_train_at_once(tmp_path):

@@ -338,14 +338,25 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> No
     raise GridflError(f"the grid node did not answer on {url} within {timeout:.0f} s")
 
 
+_WATCH_WINDOW = 4
+_STATUS_MAX_CYCLES = 1000  # the node lists at most this many cycles per status
+
+
 def _watch(
     host, name, version, node_up, options, mnist, evaluation_plan, result, procs, on_cycle
 ) -> None:
     """Follow the node's status; evaluate each new checkpoint; stop at the target."""
-    seen = 0  # the newest cycle taken in; status lists only the node's latest 100 cycles
+    seen = 0  # the newest cycle taken in
     memory = _PeakMemory(procs[0], procs[1:])
     while True:
-        status = host.status(name, version, cycles=20)  # polled often: only the newest
+        # Polled 4 times a second, and the node's cost grows with the cycles listed (about
+        # 0.5 ms each): ask for the few newest, then once more for all since the last one
+        # taken in if more than those closed since the last poll.
+        status = host.status(name, version, cycles=_WATCH_WINDOW)
+        listed = [c["sequence"] for c in status["cycles"]]
+        if listed and min(listed) > seen + 1:
+            behind = min(_STATUS_MAX_CYCLES, max(listed) - seen)
+            status = host.status(name, version, cycles=behind)
         memory.sample()
         closed = sorted(
             (

@@ -1021,16 +1021,17 @@ class GridNode:
                     ).where(worker_cycles.c.cycle_id.in_([c.id for c in cycle_rows]))
                 ):
                     wcs.setdefault(r.cycle_id, []).append(r)
-            # (id, number) come from the (process_id, number) index alone; the list below
-            # holds only the latest ones: a checkpoint row holds its model, and reading every
-            # row took 200 ms at 1,200 checkpoints (the demo polls this 4 times a second)
+            # only the checkpoints these cycles name: a checkpoint row holds its model, and
+            # reading every row took 200 ms at 1,200 checkpoints (the demo polls this often)
+            named = {i for c in cycle_rows for i in (c.checkpoint_id, c.result_checkpoint_id)}
+            named.discard(None)
             ckpt_numbers = dict(
                 conn.execute(
                     sa.select(checkpoints.c.id, checkpoints.c.number).where(
-                        checkpoints.c.process_id == p.id
+                        checkpoints.c.id.in_(sorted(named))
                     )
                 ).all()
-            )
+            ) if named else {}
             cycle_list = []
             for c in reversed(cycle_rows):
                 rows = wcs.get(c.id, [])
