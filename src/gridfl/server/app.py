@@ -493,7 +493,9 @@ async def _cycle_watcher(node: GridNode, settings: Settings, on_change: Callable
         last = marker
 
 
-async def _cycle_listener(node: GridNode, on_change: Callable[[], None]) -> None:
+async def _cycle_listener(
+    node: GridNode, on_change: Callable[[], None], listening: asyncio.Event
+) -> None:
     """PostgreSQL: wake this process's long-polled cycle requests and deadline timer the
     moment another server process on the database opens a cycle (``LISTEN`` on
     ``CYCLE_CHANNEL``). Without it they would wait for :func:`_cycle_watcher`'s next look,
@@ -509,6 +511,7 @@ async def _cycle_listener(node: GridNode, on_change: Callable[[], None]) -> None
             conn = await psycopg.AsyncConnection.connect(autocommit=True, **params)
             async with conn:
                 await conn.execute(f"LISTEN {CYCLE_CHANNEL}")
+                listening.set()
                 warned = False
                 async for note in conn.notifies():
                     if note.payload != node.token:
@@ -543,7 +546,11 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
         timer = asyncio.create_task(_deadline_timer(n, settings, wake))
         tasks = [timer, asyncio.create_task(_cycle_watcher(n, settings, on_new_cycle))]
         if n.engine.dialect.name == "postgresql":
-            tasks.append(asyncio.create_task(_cycle_listener(n, on_new_cycle)))
+            listening = asyncio.Event()
+            tasks.append(asyncio.create_task(_cycle_listener(n, on_new_cycle, listening)))
+            # up (answering /health) only once other processes' cycles reach it at once
+            with anyio.move_on_after(10):
+                await listening.wait()
         log.info("grid node up: database %s", n.engine.url.render_as_string(hide_password=True))
         try:
             yield
