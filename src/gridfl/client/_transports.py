@@ -257,6 +257,10 @@ class WsTransport:
         self._pending: dict[str, tuple[asyncio.Future[Any], ClientConnection, str]] = {}
         self._closed = False
         self.connects = 0  # how many sockets were opened (visible to tests)
+        # downloads the node refused as larger than max_message (413): what they fetch
+        # (path and ids, not the per-cycle keys) keeps its size, so they go over HTTP
+        # from then on instead of being asked for over the socket again every cycle
+        self._too_large: set[tuple] = set()
 
     async def _connection(self) -> ClientConnection:
         if self._lock is None:
@@ -386,9 +390,14 @@ class WsTransport:
         """Download a model, plan or protocol over the socket (request ``path`` as the
         message type, the GET's query as ``data``; the reply is one binary frame), or None
         when it should go over HTTP: the node did not select ``gridfl.binary.2`` (PyGrid),
-        the download is larger than :attr:`max_message` (the node answers 413), or it did
-        not arrive within the timeout (over the socket the timeout covers the whole
-        transfer; over HTTP it applies to each read)."""
+        the download is larger than :attr:`max_message` (the node answers 413, and the
+        same download goes over HTTP from then on), or it did not arrive within the
+        timeout (over the socket the timeout covers the whole transfer; over HTTP it
+        applies to each read)."""
+        what = (path, *sorted((k, str(v)) for k, v in params.items()
+                              if k not in ("worker_id", "request_key")))
+        if what in self._too_large:
+            return None
 
         async def attempt() -> bytes | None:
             conn = await self._connection()
@@ -405,7 +414,8 @@ class WsTransport:
             try:
                 proto.unwrap_reply(msg, call=path)
             except PayloadTooLargeError as exc:
-                logger.info("%s over the WebSocket: %s", path, exc)
+                logger.info("%s over the WebSocket: %s; over HTTP from now on", path, exc)
+                self._too_large.add(what)
                 return None
             raise GridError(f"malformed reply to {path}: JSON without an error, no bytes")
 
