@@ -143,7 +143,7 @@ def test_progress_follows_runs_longer_than_the_status_window(tmp_path, monkeypat
         result = RunResult(settings={})
         host = Host()
         monkeypatch.setattr(demo_run, "time", types.SimpleNamespace(
-            sleep=host.tick, perf_counter=time.perf_counter))
+            sleep=host.tick, perf_counter=time.perf_counter, monotonic=time.monotonic))
         _watch(host, "m", "1", 0.0, options, None, None, result, procs, None)
     finally:
         for p in procs:
@@ -191,3 +191,22 @@ def test_compute_slots_off():
 
     with _compute_slots(0) as path:
         assert path is None
+
+
+def test_memory_is_read_at_most_every_few_seconds_while_polling(monkeypatch):
+    """Reading PSS is costly (page-table walks): polls within ``every`` seconds of the last
+    reading skip it; the final reading (no ``every``) always happens."""
+    import os
+    import types
+
+    from gridfl.demo import run as demo_run
+
+    reads = []
+    monkeypatch.setattr(demo_run, "_memory_kb", lambda pid: reads.append(pid) or (10, 5))
+    me = types.SimpleNamespace(pid=os.getpid())
+    memory = demo_run._PeakMemory(me, [me, me])
+    for _ in range(5):
+        memory.sample(every=60)
+    assert len(reads) == 3  # one reading of the node and two workers
+    memory.sample()
+    assert len(reads) == 6 and memory.peak_rss_mb == round(30 / 1024, 1)

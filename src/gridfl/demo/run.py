@@ -339,6 +339,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> No
 
 
 _WATCH_WINDOW = 4
+_MEMORY_EVERY = 2.0  # seconds between memory readings while the demo runs
 _STATUS_MAX_CYCLES = 1000  # the node lists at most this many cycles per status
 
 
@@ -357,7 +358,7 @@ def _watch(
         if listed and min(listed) > seen + 1:
             behind = min(_STATUS_MAX_CYCLES, max(listed) - seen)
             status = host.status(name, version, cycles=behind)
-        memory.sample()
+        memory.sample(every=_MEMORY_EVERY)
         closed = sorted(
             (
                 c
@@ -452,8 +453,16 @@ class _PeakMemory:
         self.rss_sum = self.pss_sum = 0  # kB
         self.node_kb = [0, 0]
         self.worker_kb = [0, 0]  # the largest worker's
+        self._last = -float("inf")
 
-    def sample(self) -> None:
+    def sample(self, *, every: float = 0.0) -> None:
+        """Read every process's memory, unless the last reading is under ``every``
+        seconds old: reading PSS walks each process's page tables (about 40 ms of CPU for
+        a CNN demo's eleven processes), too much to do at every status poll."""
+        now = time.monotonic()
+        if now - self._last < every:
+            return
+        self._last = now
         node = _memory_kb(self.node.pid)
         workers = [_memory_kb(w.pid) for w in self.workers]
         self.rss_sum = max(self.rss_sum, node[0] + sum(w[0] for w in workers))
