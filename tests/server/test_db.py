@@ -37,3 +37,25 @@ def test_commits_leave_the_wal_to_the_checkpoint_thread(tmp_path):
         engine.dispose()
     assert len(_wal_threads()) == before  # disposing the engine stops its thread
 
+
+
+def test_status_lists_checkpoints_without_reading_their_models(tmp_path):
+    """In SQLite a checkpoint's created_at is stored after its model blob: the status's
+    checkpoint listing must come from the covering index (migration 0002), or every poll
+    walks megabytes of overflow pages per checkpoint listed."""
+    from gridfl.server import GridNode, Settings
+    from gridfl.server import statements as q
+
+    node = GridNode(Settings(data_dir=tmp_path))
+    try:
+        compiled = q.checkpoint_listing.compile(dialect=node.engine.dialect)
+        values = compiled.construct_params({"process_id": 1, "last": 4})
+        params = [values[k] for k in compiled.positiontup]
+        with node.engine.connect() as conn:
+            plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled.string}",
+                                        tuple(params)).all()
+        assert [row[-1] for row in plan] == [
+            "SEARCH checkpoints USING COVERING INDEX ix_checkpoints_listing (process_id=?)"
+        ]
+    finally:
+        node.close()

@@ -1054,12 +1054,7 @@ class GridNode:
                 cycle_list.append(entry)
             out["cycles"] = cycle_list
             out["current"] = next((c for c in cycle_list if c["status"] == "open"), None)
-            latest = conn.execute(
-                sa.select(checkpoints.c.number, checkpoints.c.alias, checkpoints.c.created_at)
-                .where(checkpoints.c.process_id == p.id)
-                .order_by(checkpoints.c.number.desc())
-                .limit(last)
-            ).all()
+            latest = conn.execute(q.checkpoint_listing, {"process_id": p.id, "last": last}).all()
             out["checkpoints"] = [
                 {"number": r.number, "alias": r.alias, "created_at": r.created_at}
                 for r in reversed(latest)

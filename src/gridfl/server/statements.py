@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from gridfl._wire import PLAN_VARIANTS
 from gridfl.server.tables import (
     aggregates,
+    checkpoints,
     cycles,
     plans,
     processes,
@@ -163,3 +164,12 @@ aggregate_sums = sa.select(aggregates.c.sum_w, aggregates.c.sum_x).where(
 store_sums = aggregates.update().where(aggregates.c.cycle_id == _P("b_cycle_id"))
 mark_reported = worker_cycles.update().where(worker_cycles.c.id == _P("b_seat_id"))
 count_report = cycles.update().where(cycles.c.id == _P("b_cycle_id"))
+
+#: The newest ``last`` checkpoints of a process for the admin status (which a dashboard
+#: or the demo polls several times a second), read from ``ix_checkpoints_listing`` alone.
+checkpoint_listing = (
+    sa.select(checkpoints.c.number, checkpoints.c.alias, checkpoints.c.created_at)
+    .where(checkpoints.c.process_id == _P("process_id"))
+    .order_by(checkpoints.c.number.desc())
+    .limit(_P("last"))
+)

@@ -68,6 +68,9 @@ checkpoints = sa.Table(
     sa.Column("data", Blob, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("process_id", "number", name="uq_checkpoint_number"),
+    # the status lists checkpoints from this index alone: in SQLite, reading created_at
+    # from the row would walk the model blob stored before it (migration 0002)
+    sa.Index("ix_checkpoints_listing", "process_id", "number", "alias", "created_at"),
     sqlite_autoincrement=True,
 )
 

@@ -1,0 +1,33 @@
+"""covering index for listing checkpoints
+
+SQLite keeps a row's columns in order and a checkpoint's ``created_at`` comes after its
+model blob, so reading it walked the blob's overflow pages (about 100 pages of 64 KiB
+for the McMahan CNN) for every checkpoint the status listed. The status reads
+(process_id, number, alias, created_at) from this index alone.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-29
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_index(
+        "ix_checkpoints_listing",
+        "checkpoints",
+        ["process_id", "number", "alias", "created_at"],
+        unique=False,
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_checkpoints_listing", table_name="checkpoints")
