@@ -339,7 +339,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> No
 
 
 _WATCH_WINDOW = 4
-_MEMORY_EVERY = 2.0  # seconds between memory readings while the demo runs
+_MEMORY_EVERY = 5.0  # seconds between memory readings while the demo runs
 _STATUS_MAX_CYCLES = 1000  # the node lists at most this many cycles per status
 
 
@@ -458,7 +458,7 @@ class _PeakMemory:
     def sample(self, *, every: float = 0.0) -> None:
         """Read every process's memory, unless the last reading is under ``every``
         seconds old: reading PSS walks each process's page tables (about 40 ms of CPU for
-        a CNN demo's eleven processes), too much to do at every status poll."""
+        a 2NN demo's eleven processes, more for the CNN's), too much for every status poll.
         now = time.monotonic()
         if now - self._last < every:
             return
