@@ -458,7 +458,7 @@ class _PeakMemory:
     def sample(self, *, every: float = 0.0) -> None:
         """Read every process's memory, unless the last reading is under ``every``
         seconds old: reading PSS walks each process's page tables (about 40 ms of CPU for
-        a 2NN demo's eleven processes, more for the CNN's), too much for every status poll.
+        a 2NN demo's eleven processes, more for the CNN's), too much for every status poll."""
         now = time.monotonic()
         if now - self._last < every:
             return
