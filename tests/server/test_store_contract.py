@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from conftest import Admin, HttpWorker, diff_of, host_payload, join, make_settings, model_params
 from conftest import report as http_report
 
-from gridfl import ConflictError, InvalidRequestError, _wire, state
+from gridfl import ConflictError, InvalidRequestError, NotFoundError, _wire, state
 from gridfl.server import GridNode
 
 
@@ -73,6 +73,25 @@ def test_cycle_aggregates_on_both_backends(node):
         np.testing.assert_allclose(new[j], p - mean, rtol=1e-6, atol=1e-7)
     st = node.status("mnist", "1.0")
     assert st["cycles"][0]["status"] == "completed" and st["current"]["sequence"] == 2
+
+
+def test_checkpoint_rows_are_written_once(node):
+    """Checkpoints are insert-only: no statement updates a checkpoint row (in SQLite an
+    UPDATE rewrites the row's whole model blob), and "latest" is the highest number."""
+    statements = []
+    sa.event.listen(node.engine, "before_cursor_execute",
+                    lambda conn, cur, sql, *a: statements.append(sql))
+    node.host(host_payload(server_config={"max_diffs": 1, "num_cycles": 3}))
+    for seed in range(3):
+        wid, cyc = _join(node)
+        _report(node, wid, cyc, seed)
+    assert not [q for q in statements if q.lstrip().upper().startswith("UPDATE CHECKPOINTS")]
+    assert [c["number"] for c in node.status("mnist", "1.0")["checkpoints"]] == [1, 2, 3, 4]
+    assert [c["alias"] for c in node.status("mnist", "1.0")["checkpoints"]] == [
+        None, None, None, "latest"]
+    assert node.checkpoint("mnist", "1.0", "latest") == node.checkpoint("mnist", "1.0", 4)
+    with pytest.raises(NotFoundError, match="has no checkpoint 'best'"):
+        node.checkpoint("mnist", "1.0", "best")
 
 
 def test_exactly_once_completion_under_concurrency(node):

@@ -168,7 +168,7 @@ count_report = cycles.update().where(cycles.c.id == _P("b_cycle_id"))
 #: The newest ``last`` checkpoints of a process for the admin status (which a dashboard
 #: or the demo polls several times a second), read from ``ix_checkpoints_listing`` alone.
 checkpoint_listing = (
-    sa.select(checkpoints.c.number, checkpoints.c.alias, checkpoints.c.created_at)
+    sa.select(checkpoints.c.number, checkpoints.c.created_at)
     .where(checkpoints.c.process_id == _P("process_id"))
     .order_by(checkpoints.c.number.desc())
     .limit(_P("last"))

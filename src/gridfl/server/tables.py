@@ -64,13 +64,15 @@ checkpoints = sa.Table(
         "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
     ),
     sa.Column("number", sa.Integer, nullable=False),
+    # no longer written (migration 0002): "latest" is the highest number. Moving the alias
+    # from row to row made SQLite rewrite the previous checkpoint's whole model blob.
     sa.Column("alias", sa.String(64), nullable=True),
     sa.Column("data", Blob, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("process_id", "number", name="uq_checkpoint_number"),
     # the status lists checkpoints from this index alone: in SQLite, reading created_at
     # from the row would walk the model blob stored before it (migration 0002)
-    sa.Index("ix_checkpoints_listing", "process_id", "number", "alias", "created_at"),
+    sa.Index("ix_checkpoints_listing", "process_id", "number", "created_at"),
     sqlite_autoincrement=True,
 )
 

@@ -3,7 +3,10 @@
 SQLite keeps a row's columns in order and a checkpoint's ``created_at`` comes after its
 model blob, so reading it walked the blob's overflow pages (about 100 pages of 64 KiB
 for the McMahan CNN) for every checkpoint the status listed. The status reads
-(process_id, number, alias, created_at) from this index alone.
+(process_id, number, created_at) from this index alone.
+
+From this revision on the ``alias`` column is no longer written: "latest" is the
+highest-numbered checkpoint (moving the alias made SQLite rewrite a whole model blob).
 
 Revision ID: 0002
 Revises: 0001
@@ -24,7 +27,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_checkpoints_listing",
         "checkpoints",
-        ["process_id", "number", "alias", "created_at"],
+        ["process_id", "number", "created_at"],
         unique=False,
     )
 
