@@ -89,10 +89,11 @@ def test_worker_shard_reads_one_client_at_a_time(tmp_path):
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(list(Shard(path)), shard, strict=True))
 
 
-def test_progress_follows_runs_longer_than_the_status_window(tmp_path, monkeypatch):
+def test_progress_follows_every_cycle_of_a_long_run(tmp_path, monkeypatch):
     """The demo asks the node for the few newest cycles only, and for more when more
-    closed between two polls; it must still take in every cycle of a long run (it once
-    stopped counting at the 100th and missed the target)."""
+    closed between two polls; it must still take in every completed cycle of a long run
+    (it once stopped counting at the 100th and missed the target), also when cycles close
+    between its two status calls, and step over cycles that expired without a model."""
     import subprocess
     import sys
     import time
@@ -102,27 +103,32 @@ def test_progress_follows_runs_longer_than_the_status_window(tmp_path, monkeypat
     from gridfl.demo.report import RunResult
     from gridfl.demo.run import _watch
 
-    class Host:  # the node's status over a 250-cycle run, 15 cycles closing per poll
+    def expired(s):
+        return s % 7 == 0
+
+    class Host:  # a 250-cycle run: 15 cycles close per poll, and one during each call
         def __init__(self):
             self.done = 15
             self.asked: list[int] = []
 
-        def tick(self, _seconds):  # the demo's sleep between polls: more cycles close
+        def tick(self, _seconds):  # the demo's sleep between polls
             self.done = min(250, self.done + 15)
 
         def status(self, name, version, cycles=100):
+            assert 1 <= cycles <= 1000  # what the node accepts
             self.asked.append(cycles)
+            self.done = min(250, self.done + 1)
             window = [
                 {
                     "sequence": s,
-                    "status": "completed",
-                    "result_checkpoint": s + 1,
+                    "status": "expired" if expired(s) else "completed",
+                    "result_checkpoint": None if expired(s) else s + 1,
                     "reported": 10,
                     "closed_at": s + 1.0,
                     "start": float(s),
                     "metrics": {},
                 }
-                for s in range(max(1, self.done - min(cycles, 100) + 1), self.done + 1)
+                for s in range(max(1, self.done - cycles + 1), self.done + 1)
             ]
             return {
                 "cycles": window[::-1],
@@ -148,9 +154,10 @@ def test_progress_follows_runs_longer_than_the_status_window(tmp_path, monkeypat
     finally:
         for p in procs:
             p.kill()
-    assert [c.cycle for c in result.cycles] == list(range(1, 251))
-    # every poll asks for the newest few; the catch-up asks for exactly what was missed
-    assert host.asked[:4] == [demo_run._WATCH_WINDOW, 15, demo_run._WATCH_WINDOW, 15]
+    assert [c.cycle for c in result.cycles] == [s for s in range(1, 251) if not expired(s)]
+    # each poll asks for the newest few, then back to the last cycle taken in plus a margin
+    w = demo_run._WATCH_WINDOW
+    assert host.asked[:4] == [w, 16 + w, w, 33 - 17 + w]
 
 
 def test_compute_slots_let_n_workers_train_at_once(tmp_path):

@@ -339,7 +339,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> No
 
 
 _WATCH_WINDOW = 4
-_MEMORY_EVERY = 5.0  # seconds between memory readings while the demo runs
+_MEMORY_EVERY = 2.0  # seconds between memory readings while the demo runs
 _STATUS_MAX_CYCLES = 1000  # the node lists at most this many cycles per status
 
 
@@ -351,24 +351,25 @@ def _watch(
     memory = _PeakMemory(procs[0], procs[1:])
     while True:
         # Polled 4 times a second, and the node's cost grows with the cycles listed (about
-        # 0.5 ms each): ask for the few newest, then once more for all since the last one
-        # taken in if more than those closed since the last poll.
+        # 0.5 ms each): ask for the few newest; if more closed since the last poll, ask
+        # again back to the last one taken in, with a margin for cycles closing meanwhile.
         status = host.status(name, version, cycles=_WATCH_WINDOW)
         listed = [c["sequence"] for c in status["cycles"]]
-        if listed and min(listed) > seen + 1:
-            behind = min(_STATUS_MAX_CYCLES, max(listed) - seen)
-            status = host.status(name, version, cycles=behind)
+        window = _WATCH_WINDOW
+        while listed and min(listed) > seen + 1 and window < _STATUS_MAX_CYCLES:
+            window = min(_STATUS_MAX_CYCLES, max(listed) - seen + _WATCH_WINDOW)
+            status = host.status(name, version, cycles=window)
+            listed = [c["sequence"] for c in status["cycles"]]
         memory.sample(every=_MEMORY_EVERY)
+        first = not result.cycles
         closed = sorted(
-            (
-                c
-                for c in status["cycles"]
-                if c["status"] != "open" and c["result_checkpoint"] and c["sequence"] > seen
-            ),
+            (c for c in status["cycles"] if c["status"] != "open" and c["sequence"] > seen),
             key=lambda c: c["sequence"],
         )
         for c in closed:
             seen = c["sequence"]
+            if not c["result_checkpoint"]:  # expired or stopped: no new model to take in
+                continue
             entry = CycleResult(
                 cycle=c["sequence"],
                 checkpoint=c["result_checkpoint"],
@@ -385,6 +386,8 @@ def _watch(
             result.cycles.append(entry)
             if on_cycle:
                 on_cycle(entry)
+        if first and result.cycles:  # every process has loaded and trained once by now
+            memory.sample()
         last = result.cycles[-1] if result.cycles else None
         reached = (
             options.target is not None
