@@ -156,7 +156,8 @@ def test_convert_and_run_are_execute_in_two_steps(plan):
     run() on that feed gives execute()'s outputs; run() checks nothing itself, so a wrong
     feed is onnxruntime's error, reported as a PlanInputError."""
     args = (X.astype(np.float64), Y.astype(np.int32), 4, 0.5, W)
-    feed = {s.name: plan.convert(i, v) for i, (s, v) in enumerate(zip(plan.inputs, args))}
+    pairs = enumerate(zip(plan.inputs, args, strict=True))
+    feed = {s.name: plan.convert(i, v) for i, (s, v) in pairs}
     assert feed["batch_size"].shape == () and feed["lr"].shape == (1,)
     assert feed["X"].dtype == np.float32 and feed["y"].dtype == np.int64
     assert all(s.matches(feed[s.name]) for s in plan.inputs)

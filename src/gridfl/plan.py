@@ -447,11 +447,11 @@ class Plan:
 
     def convert(self, pos: int, value: Any) -> np.ndarray:
         """``value`` as the array input ``pos`` (its index in :attr:`inputs`) takes: cast to
-        the declared dtype (lossless kinds only), scalars reshaped to the declared rank.
+        the declared dtype within its kind (floats to floats, integers to integers or
+        floats, integral floats to integers), scalars reshaped to the declared rank.
         :class:`~gridfl.PlanInputError` names the input when that is not possible.
 
-            >>> plan.convert(2, 64)  # the batch_size input  # doctest: +SKIP
-            array([64])
+            >>> x = plan.convert(0, X)  # the data input, as onnxruntime takes it  # doctest: +SKIP
         """
         slot = self.inputs[pos]
         try:
@@ -498,7 +498,7 @@ class Plan:
         """Run the plan on positional inputs (in :attr:`inputs` order); return its outputs.
 
         Inputs may be numpy arrays, Python scalars or torch tensors; they are cast to the
-        declared dtype (lossless kinds only) and scalars are reshaped to the declared rank::
+        declared dtype (see :meth:`convert`) and scalars are reshaped to the declared rank::
 
             >>> loss, acc, *params = plan.execute(X, y, 64, 0.005, *params)  # doctest: +SKIP
 

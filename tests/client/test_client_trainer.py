@@ -41,6 +41,21 @@ def manual_steps(x, y, params, lr, batch, steps):
     return w, b
 
 
+def _count_calls(obj, *names) -> dict[str, int]:
+    """Wrap obj's methods ``names`` to count their calls (in the returned dict)."""
+    calls = dict.fromkeys(names, 0)
+
+    def spy(name, method):
+        def counted(*args):
+            calls[name] += 1
+            return method(*args)
+        return counted
+
+    for name in names:
+        setattr(obj, name, spy(name, getattr(obj, name)))
+    return calls
+
+
 class TestRun:
     def test_exactly_max_updates_steps(self, plan, data):
         """max_updates=3 runs 3 batches per epoch, not 4 (syft.js's off-by-one)."""
@@ -75,13 +90,8 @@ class TestRun:
 
         x, y = data
         for p in (plan, momentum_plan):
-            calls = {"execute": 0, "run": 0}
             counted = Plan.from_bytes(p.to_bytes(), threads=1)
-            for name in calls:
-                def spy(*a, _f=getattr(counted, name), _n=name):
-                    calls[_n] += 1
-                    return _f(*a)
-                setattr(counted, name, spy)
+            calls = _count_calls(counted, "execute", "run")
             cfg = {"lr": 0.05, "batch_size": 10, "max_updates": 5}
             fast = PlanTrainer(counted, linear_params(), x, y, client_config=cfg, epochs=2)
             fast_result = fast.run()

@@ -38,7 +38,6 @@ def test_commits_leave_the_wal_to_the_checkpoint_thread(tmp_path):
     assert len(_wal_threads()) == before  # disposing the engine stops its thread
 
 
-
 def test_status_lists_checkpoints_without_reading_their_models(tmp_path):
     """In SQLite a checkpoint's created_at is stored after its model blob: the status's
     checkpoint listing must come from the covering index (migration 0002), or every poll
@@ -54,8 +53,7 @@ def test_status_lists_checkpoints_without_reading_their_models(tmp_path):
         with node.engine.connect() as conn:
             plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled.string}",
                                         tuple(params)).all()
-        assert [row[-1] for row in plan] == [
-            "SEARCH checkpoints USING COVERING INDEX ix_checkpoints_listing (process_id=?)"
-        ]
+        # SQLite before 3.36 says "SEARCH TABLE checkpoints ..."
+        assert len(plan) == 1 and "USING COVERING INDEX ix_checkpoints_listing" in plan[0][-1]
     finally:
         node.close()

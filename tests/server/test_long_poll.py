@@ -111,14 +111,18 @@ def test_cycle_opened_by_another_process_wakes_held_requests_at_once(server_fact
 
     t = threading.Thread(target=ask)
     t.start()
-    time.sleep(0.5)
-    assert "reply" not in held, "the request was not held"
-    opened_at = time.monotonic()
-    assert report(on_a, wid_a, cyc_a["request_key"], diff_of(0))[0] == 200
-    t.join(timeout=25)
-    status, reply = held["reply"]
-    assert status == 200 and reply["status"] == "accepted", reply
-    assert time.monotonic() - opened_at < 2.0, "woken by the 30 s recheck, not the NOTIFY"
-    assert admin.status()["current"]["sequence"] == 2
-    on_a.close()
-    on_b.close()
+    try:
+        time.sleep(0.5)
+        assert "reply" not in held, "the request was not held"
+        opened_at = time.monotonic()
+        assert report(on_a, wid_a, cyc_a["request_key"], diff_of(0))[0] == 200
+        t.join(timeout=25)
+        assert "reply" in held, "the held request did not come back within its wait"
+        status, reply = held["reply"]
+        assert status == 200 and reply["status"] == "accepted", reply
+        assert time.monotonic() - opened_at < 2.0, "woken by the 30 s recheck, not the NOTIFY"
+        assert admin.status()["current"]["sequence"] == 2
+    finally:
+        t.join(timeout=25)
+        on_a.close()
+        on_b.close()

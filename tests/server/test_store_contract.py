@@ -50,6 +50,36 @@ def test_migrations_create_schema_and_are_idempotent(node, db_url, tmp_path):
     GridNode(make_settings(db_url, tmp_path)).close()  # second upgrade: no-op
 
 
+def test_downgrade_to_0001_puts_the_latest_alias_back(node, db_url, tmp_path):
+    """Since 0002 "latest" is the highest number and the alias column is not written;
+    revision 0001 looks "latest" up by alias, so the downgrade sets it on each process's
+    newest checkpoint (and nowhere else), and upgrading again works."""
+    from alembic import command
+
+    from gridfl.server import db
+    from gridfl.server.tables import checkpoints, processes
+
+    node.host(host_payload(server_config={"max_diffs": 1, "num_cycles": 3}))
+    node.host(host_payload(name="other"))
+    for seed in range(2):
+        wid, cyc = _join(node)
+        _report(node, wid, cyc, seed)
+    cfg = db.alembic_config()
+    with node.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+    with node.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(processes.c.name, checkpoints.c.number, checkpoints.c.alias)
+            .join(processes, processes.c.id == checkpoints.c.process_id)
+            .order_by(processes.c.name, checkpoints.c.number)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        ("mnist", 1, None), ("mnist", 2, None), ("mnist", 3, "latest"), ("other", 1, "latest")]
+    db.migrate(node.engine)
+    assert node.checkpoint("mnist", "1.0", "latest") == node.checkpoint("mnist", "1.0", 3)
+
+
 def test_host_is_atomic_and_conflicts(node):
     bad = host_payload()
     bad["plans"] = {"training_plan": "bm90IG9ubng="}  # "not onnx"

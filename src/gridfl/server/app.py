@@ -107,9 +107,10 @@ async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
         return await anyio.to_thread.run_sync(HANDLERS[kind], node, data)
     req = _wire.parse_cycle_request(data)
     signal: CycleSignal = app.state.cycle_signal
-    # The signal fires when a cycle opens or closes in this process, and (through
-    # _cycle_watcher, within long_poll_recheck seconds) when another server process on the
-    # same database opens one: waiters do not poll the database themselves.
+    # The signal fires when a cycle opens or closes in this process, and when another
+    # server process on the same database opens one (PostgreSQL: _cycle_listener, at once;
+    # otherwise _cycle_watcher, within long_poll_recheck seconds): waiters do not poll
+    # the database themselves.
     deadline = time.monotonic() + req.wait
     while True:
         generation = signal.generation
@@ -500,21 +501,27 @@ async def _cycle_listener(
     moment another server process on the database opens a cycle (``LISTEN`` on
     ``CYCLE_CHANNEL``). Without it they would wait for :func:`_cycle_watcher`'s next look,
     up to ``long_poll_recheck`` seconds, while the opener's own waiters took every seat.
-    The watcher stays as the fallback: a lost connection is retried every few seconds."""
-    import psycopg
-
-    _, params = node.engine.dialect.create_connect_args(node.engine.url)
-    params.pop("context", None)  # SQLAlchemy's type adapters: not needed to LISTEN
+    The watcher stays as the fallback: a lost connection is retried every few seconds.
+    It needs a direct connection (or a pooler in session mode): through a pooler in
+    transaction mode LISTEN succeeds and never hears anything."""
     warned = False
     while True:
         try:
+            import psycopg
+
+            _, params = node.engine.dialect.create_connect_args(node.engine.url)
+            params.pop("context", None)  # SQLAlchemy's type adapters: not needed to LISTEN
+            # TCP keepalives: a connection that dies silently is noticed within a minute
+            params.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,
+                          keepalives_count=3)
             conn = await psycopg.AsyncConnection.connect(autocommit=True, **params)
             async with conn:
                 await conn.execute(f"LISTEN {CYCLE_CHANNEL}")
                 listening.set()
                 warned = False
+                on_change()  # a cycle may have opened while this process was not listening
                 async for note in conn.notifies():
-                    if note.payload != node.token:
+                    if note.payload != node.instance_id:
                         on_change()
         except Exception as e:  # noqa: BLE001 - e.g. the database restarts; retry
             if not warned:
@@ -551,6 +558,9 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
             # up (answering /health) only once other processes' cycles reach it at once
             with anyio.move_on_after(10):
                 await listening.wait()
+            if not listening.is_set():
+                log.warning("not yet listening for other processes' cycles after 10 s; "
+                            "starting anyway (they are seen within long_poll_recheck)")
         log.info("grid node up: database %s", n.engine.url.render_as_string(hide_password=True))
         try:
             yield

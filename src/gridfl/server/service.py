@@ -64,7 +64,7 @@ from gridfl.server.tables import (
 log = logging.getLogger("gridfl.server")
 
 #: PostgreSQL channel on which a server process announces each cycle it opens (payload:
-#: its GridNode.token), so the other processes on the database wake their long-polled
+#: its GridNode.instance_id), so the other processes on the database wake their long-polled
 #: cycle requests within milliseconds (app.py listens), not at their next recheck.
 CYCLE_CHANNEL = "gridfl_cycles"
 
@@ -171,7 +171,7 @@ class GridNode:
         #: called (from any thread) when a cycle opens, so the deadline timer re-plans
         self.on_new_cycle: Callable[[], None] = lambda: None
         #: tells this process's own CYCLE_CHANNEL notifications from the others'
-        self.token = uuid.uuid4().hex
+        self.instance_id = uuid.uuid4().hex
         self._announce = self.engine.dialect.name == "postgresql"
 
     def close(self) -> None:
@@ -256,7 +256,7 @@ class GridNode:
         ).scalar_one()
         length = process.server_config.get("cycle_length")
         if self._announce:  # delivered when (and only if) this transaction commits
-            conn.execute(sa.select(sa.func.pg_notify(CYCLE_CHANNEL, self.token)))
+            conn.execute(sa.select(sa.func.pg_notify(CYCLE_CHANNEL, self.instance_id)))
         return conn.execute(
             cycles.insert().values(
                 process_id=process.id,
@@ -1064,15 +1064,15 @@ class GridNode:
     def checkpoint(self, name: str, version: str | None, ref: str | int = "latest") -> bytes:
         with db.read(self.engine) as conn:
             p = self._process_by_name(conn, name, version)
-            q = sa.select(checkpoints.c.id).where(checkpoints.c.process_id == p.id)
+            stmt = sa.select(checkpoints.c.id).where(checkpoints.c.process_id == p.id)
             ref = str(ref)
             if ref.isdigit():
-                q = q.where(checkpoints.c.number == int(ref))
-            elif ref == "latest":
-                q = q.order_by(checkpoints.c.number.desc()).limit(1)
-            else:  # the only name a checkpoint has
-                q = None
-            ckpt_id = None if q is None else conn.execute(q).scalar()
+                stmt = stmt.where(checkpoints.c.number == int(ref))
+            elif ref == "latest":  # the one alias: the highest number
+                stmt = stmt.order_by(checkpoints.c.number.desc()).limit(1)
+            else:
+                stmt = None
+            ckpt_id = None if stmt is None else conn.execute(stmt).scalar()
             if ckpt_id is None:
                 raise NotFoundError(
                     f"process '{p.name}' version '{p.version}' has no checkpoint {ref!r}"

@@ -7,6 +7,8 @@ for the McMahan CNN) for every checkpoint the status listed. The status reads
 
 From this revision on the ``alias`` column is no longer written: "latest" is the
 highest-numbered checkpoint (moving the alias made SQLite rewrite a whole model blob).
+Building the index on SQLite reads every stored checkpoint once (their ``created_at``
+sits after the blob), so the first start on a large existing database takes a while.
 
 Revision ID: 0002
 Revises: 0001
@@ -34,3 +36,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_checkpoints_listing", table_name="checkpoints")
+    # revision 0001 finds "latest" by its alias: put it back on each process's newest
+    op.execute("UPDATE checkpoints SET alias = NULL WHERE alias IS NOT NULL")
+    op.execute(
+        "UPDATE checkpoints SET alias = 'latest' WHERE number = "
+        "(SELECT MAX(c.number) FROM checkpoints c WHERE c.process_id = checkpoints.process_id)"
+    )
