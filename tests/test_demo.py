@@ -66,27 +66,29 @@ def test_demo_stops_at_the_target_accuracy(tmp_path):
 def test_worker_shard_reads_one_client_at_a_time(tmp_path):
     import numpy as np
 
-    from gridfl.demo.worker import Shard
+    from gridfl.demo.worker import Shard, write_shard
 
     rng = np.random.default_rng(0)
-    arrays = {}
-    for i in range(3):
-        arrays[f"x{i}"] = rng.random((5, 4), dtype=np.float32)
-        arrays[f"y{i}"] = rng.integers(0, 10, 5)
-    path = tmp_path / "shard.npz"
-    np.savez(path, **arrays)
+    clients = [
+        (rng.random((n, 4), dtype=np.float32), rng.integers(0, 10, n)) for n in (5, 3, 6)
+    ]
+    path = tmp_path / "shard-0"
+    write_shard(path, clients)
 
     shard = Shard(path)
     assert len(shard) == 3
     for i in (0, 2, -1, np.int64(1)):
         x, y = shard[i]
         j = int(i) % 3
-        assert np.array_equal(x, arrays[f"x{j}"]) and np.array_equal(y, arrays[f"y{j}"])
+        assert np.array_equal(x, clients[j][0]) and np.array_equal(y, clients[j][1])
         assert x.dtype == np.float32 and x.flags.writeable
+        assert not isinstance(x, np.memmap) and x.base is None  # a copy: no file stays mapped
     with pytest.raises(IndexError):
         shard[3]
-    assert [len(x) for x, _ in shard[1:]] == [5, 5]
+    assert [len(x) for x, _ in shard[1:]] == [3, 6]
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(list(Shard(path)), shard, strict=True))
+    with pytest.raises(ValueError, match="as many targets"):
+        write_shard(tmp_path / "bad", [(clients[0][0], clients[1][1])])
 
 
 def test_progress_follows_every_cycle_of_a_long_run(tmp_path, monkeypatch):
@@ -148,13 +150,17 @@ def test_progress_follows_every_cycle_of_a_long_run(tmp_path, monkeypatch):
         )
         result = RunResult(settings={})
         host = Host()
+        # the node's clock runs with perf_counter here: node up (perf 0.0) is at node time 0
         monkeypatch.setattr(demo_run, "time", types.SimpleNamespace(
-            sleep=host.tick, perf_counter=time.perf_counter, monotonic=time.monotonic))
+            sleep=host.tick, perf_counter=time.perf_counter, monotonic=time.monotonic,
+            time=time.perf_counter))
         _watch(host, "m", "1", 0.0, options, None, None, result, procs, None)
     finally:
         for p in procs:
             p.kill()
     assert [c.cycle for c in result.cycles] == [s for s in range(1, 251) if not expired(s)]
+    # start-up is the node's closing time of the first cycle, whenever a poll saw it
+    assert result.startup_seconds == 2.0
     # each poll asks for the newest few, then back to the last cycle taken in plus a margin
     w = demo_run._WATCH_WINDOW
     assert host.asked[:4] == [w, 16 + w, w, 33 - 17 + w]

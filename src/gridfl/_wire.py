@@ -186,6 +186,8 @@ class CycleRequest:
 
 #: longest ``wait`` a cycle request may ask for
 MAX_WAIT = 60.0
+#: most cycles (and checkpoints) one admin status call lists (``?cycles=``)
+MAX_STATUS_CYCLES = 1000
 
 
 @dataclass(frozen=True)

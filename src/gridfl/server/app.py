@@ -390,8 +390,9 @@ async def list_processes(request: Request) -> Response:
 async def process_status(request: Request) -> Response:
     name, version = _pv(request)
     raw = request.query_params.get("cycles", "100")
-    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 1000):
-        raise InvalidRequestError(f"cycles must be an integer from 1 to 1000, got {raw!r:.40}")
+    limit = _wire.MAX_STATUS_CYCLES
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= limit):
+        raise InvalidRequestError(f"cycles must be an integer from 1 to {limit}, got {raw!r:.40}")
     node = _node(request)
     return JSONResponse(
         await anyio.to_thread.run_sync(lambda: node.status(name, version, last=int(raw)))

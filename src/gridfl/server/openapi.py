@@ -449,7 +449,12 @@ PATHS: dict[str, Any] = {
                 *_PV,
                 _query(
                     "cycles",
-                    {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": _wire.MAX_STATUS_CYCLES,
+                        "default": 100,
+                    },
                     required=False,
                     desc="how many of the latest cycles and checkpoints to list",
                 ),
