@@ -265,6 +265,36 @@ class TestWebSocket:
                                  keep_state=True))
         assert len(state["messages"]) == 1  # none of these is retried or asked again
 
+    def test_too_large_is_forgotten_on_a_new_socket(self):
+        """A download refused as too large goes over HTTP while the socket lasts; after a
+        reconnect (perhaps to a node restarted with a larger limit) it is asked for over
+        the socket again."""
+
+        async def node(ws, state):
+            async for raw in ws:
+                msg = json.loads(raw)
+                state["messages"].append(msg)
+                if len(state["messages"]) == 1:
+                    reply = {"error": "the model is 9 bytes, more than ...", "status_code": 413}
+                    await ws.send(json.dumps({"type": msg["type"],
+                                              "request_id": msg["request_id"], "data": reply}))
+                else:
+                    head = json.dumps({"type": msg["type"], "request_id": msg["request_id"]})
+                    await ws.send(len(head).to_bytes(4, "big") + head.encode() + b"model")
+
+        async def body(url, state):
+            t = WsTransport(url, timeout=2, retries=0)
+            keys = {"model_id": 7, "worker_id": "w", "request_key": "k1"}
+            assert await t.fetch("model-centric/get-model", keys) is None
+            assert await t.fetch("model-centric/get-model", keys) is None  # not asked
+            assert len(state["messages"]) == 1
+            await t._conn.close()  # the socket drops (the node restarts)
+            assert await t.fetch("model-centric/get-model", keys) == b"model"
+            assert t.connects == 2 and len(state["messages"]) == 2
+            await t.aclose()
+
+        asyncio.run(_run(node, body, subprotocols=[_wire.BINARY_SUBPROTOCOL]))
+
     def test_download_timeout_falls_back(self):
         """Over the socket the timeout covers the whole transfer: when it runs out the
         download is left to HTTP (None) instead of being retried over the socket."""

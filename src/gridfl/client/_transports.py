@@ -259,7 +259,8 @@ class WsTransport:
         self.connects = 0  # how many sockets were opened (visible to tests)
         # downloads the node refused as larger than max_message (413): what they fetch
         # (path and ids, not the per-cycle keys) keeps its size, so they go over HTTP
-        # from then on instead of being asked for over the socket again every cycle
+        # while this socket lasts instead of being asked for over it again every cycle.
+        # A new socket forgets them: it may reach a node restarted with other limits.
         self._too_large: set[tuple] = set()
 
     async def _connection(self) -> ClientConnection:
@@ -291,6 +292,7 @@ class WsTransport:
             self.connects += 1
             logger.debug("WebSocket open: %s", self.url)
             self._conn = conn
+            self._too_large.clear()
             self._reader = asyncio.get_running_loop().create_task(self._read(conn))
             return conn
 
@@ -391,17 +393,15 @@ class WsTransport:
         message type, the GET's query as ``data``; the reply is one binary frame), or None
         when it should go over HTTP: the node did not select ``gridfl.binary.2`` (PyGrid),
         the download is larger than :attr:`max_message` (the node answers 413, and the
-        same download goes over HTTP from then on), or it did not arrive within the
+        same download goes over HTTP while this socket lasts), or it did not arrive within the
         timeout (over the socket the timeout covers the whole transfer; over HTTP it
         applies to each read)."""
         what = (path, *sorted((k, str(v)) for k, v in params.items()
                               if k not in ("worker_id", "request_key")))
-        if what in self._too_large:
-            return None
 
         async def attempt() -> bytes | None:
-            conn = await self._connection()
-            if conn.subprotocol != _wire.BINARY_SUBPROTOCOL:
+            conn = await self._connection()  # a new socket forgets what was too large
+            if conn.subprotocol != _wire.BINARY_SUBPROTOCOL or what in self._too_large:
                 return None
             data = {**params, "max_bytes": self.max_message - _REPLY_HEADER_ROOM}
             try:

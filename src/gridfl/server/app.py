@@ -506,15 +506,17 @@ async def _cycle_listener(
     It needs a direct connection (or a pooler in session mode): through a pooler in
     transaction mode LISTEN succeeds and never hears anything."""
     warned = False
+    params = None
     while True:
         try:
             import psycopg
 
-            _, params = node.engine.dialect.create_connect_args(node.engine.url)
-            params.pop("context", None)  # SQLAlchemy's type adapters: not needed to LISTEN
-            # TCP keepalives: a connection that dies silently is noticed within a minute
-            params.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,
-                          keepalives_count=3)
+            if params is None:
+                _, params = node.engine.dialect.create_connect_args(node.engine.url)
+                params.pop("context", None)  # SQLAlchemy's type adapters: not for LISTEN
+                # TCP keepalives: a connection that dies silently is noticed within a minute
+                params.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,
+                              keepalives_count=3)
             conn = await psycopg.AsyncConnection.connect(autocommit=True, **params)
             async with conn:
                 await conn.execute(f"LISTEN {CYCLE_CHANNEL}")
