@@ -17,6 +17,7 @@ from torch.export import Dim
 from gridfl._exceptions import CompileError
 from gridfl.plan import FORMAT_VERSION
 
+from .fuse import fuse_sgd_updates
 from .ops import translation_table
 
 __all__ = ["export_onnx", "attach_metadata", "STANDARD_DOMAINS"]
@@ -90,6 +91,7 @@ def export_onnx(
             lg.setLevel(lvl)
     model = prog.model_proto
     _inline_functions(model)
+    fuse_sgd_updates(model)
     check_portable(model)
     return model
 
