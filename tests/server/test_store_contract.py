@@ -105,6 +105,42 @@ def test_cycle_aggregates_on_both_backends(node):
     assert st["cycles"][0]["status"] == "completed" and st["current"]["sequence"] == 2
 
 
+def test_held_requests_are_admitted_together(node, monkeypatch):
+    """admit_held answers each request as cycle_request would, in order, in one write
+    transaction; a request that fails (even after writing) leaves no trace, and the
+    others keep their seats."""
+    node.host(host_payload(server_config={"max_workers": 2, "max_diffs": 2}))
+    wids = [node.authenticate(_wire.AuthenticateRequest(model_name="mnist"))["worker_id"]
+            for _ in range(4)]
+    reqs = [_wire.CycleRequest(worker_id=w, model="mnist") for w in wids]
+    unknown = _wire.CycleRequest(worker_id="no-such-worker", model="mnist")
+
+    real_admit = node._admit
+
+    def admit(conn, req):  # the third worker's seat is written, then the request fails
+        reply = real_admit(conn, req)
+        if req.worker_id == wids[2]:
+            raise RuntimeError("broke after writing")
+        return reply
+
+    monkeypatch.setattr(node, "_admit", admit)
+    first, missing, broken, second, late = node.admit_held(
+        [reqs[0], unknown, reqs[2], reqs[1], reqs[3]])
+    assert first["status"] == "accepted" and second["status"] == "accepted"
+    assert isinstance(missing, NotFoundError)
+    assert isinstance(broken, RuntimeError)
+    assert late["status"] == "rejected" and late["reason"] == "the cycle is full"
+    current = node.status("mnist", "1.0")["current"]
+    assert current["accepted"] == 2  # the broken request's seat was rolled back
+    monkeypatch.undo()
+    (again,) = node.admit_held([reqs[0]])
+    assert again["reason"] == "already accepted into this cycle"
+    # the keys work: both accepted workers report and the cycle completes
+    _report(node, wids[0], first, 0)
+    _report(node, wids[1], second, 1)
+    assert node.status("mnist", "1.0")["current"]["sequence"] == 2
+
+
 def test_checkpoint_rows_are_written_once(node):
     """Checkpoints are insert-only: no statement updates a checkpoint row (in SQLite an
     UPDATE rewrites the row's whole model blob), and "latest" is the highest number."""

@@ -93,3 +93,37 @@ def test_validate_diff():
     ):
         with pytest.raises(InvalidRequestError):
             agg.validate_diff(bad, spec)
+
+
+def test_held_admissions_batch_what_one_signal_wakes():
+    """Requests queued in the same loop turns go to the node in one admit_held call (at
+    most ``batch`` each); each waiter gets its own reply, or its own error."""
+    import asyncio
+
+    from gridfl.server.app import HeldAdmissions
+
+    class Node:  # admit_held's contract: one reply or exception per request, in order
+        def __init__(self):
+            self.calls = []
+
+        def admit_held(self, reqs):
+            self.calls.append([r.worker_id for r in reqs])
+            return [ValueError(r.worker_id) if r.worker_id == "bad" else {"for": r.worker_id}
+                    for r in reqs]
+
+    async def main(ids, batch):
+        node = Node()
+        held = HeldAdmissions(node, batch=batch)
+        reqs = [_wire.CycleRequest(worker_id=i, model="m") for i in ids]
+        out = await asyncio.gather(*(held.admit(r) for r in reqs), return_exceptions=True)
+        later = await held.admit(_wire.CycleRequest(worker_id="later", model="m"))
+        return node.calls, out, later
+
+    calls, out, later = asyncio.run(main(["a", "bad", "c"], batch=64))
+    assert calls == [["a", "bad", "c"], ["later"]]
+    assert out[0] == {"for": "a"} and out[2] == {"for": "c"}
+    assert isinstance(out[1], ValueError) and str(out[1]) == "bad"
+    assert later == {"for": "later"}
+    calls, out, _ = asyncio.run(main([str(i) for i in range(5)], batch=2))
+    assert calls == [["0", "1"], ["2", "3"], ["4"], ["later"]]
+    assert out == [{"for": str(i)} for i in range(5)]

@@ -99,6 +99,50 @@ class CycleSignal:
             await self._event.wait()
 
 
+class HeldAdmissions:
+    """Answers the cycle requests held by :func:`dispatch` in batches: when a cycle opens,
+    every worker waiting for it asks at once, and one thread call admits up to
+    ``batch`` of them in one write transaction (:meth:`GridNode.admit_held`) instead of a
+    thread hand-off, a read-only look and a write transaction each.
+    """
+
+    def __init__(self, node: GridNode, batch: int = 64) -> None:
+        self.node = node
+        self.batch = batch
+        self._queue: list[tuple[_wire.CycleRequest, asyncio.Future]] = []
+        self._drainer: asyncio.Task | None = None
+
+    async def admit(self, req: _wire.CycleRequest) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((req, future))
+        if self._drainer is None:
+            self._drainer = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            # the waiters one signal woke resume over the next loop turns: let them queue
+            for _ in range(3):
+                await asyncio.sleep(0)
+            while self._queue:
+                batch, self._queue = self._queue[: self.batch], self._queue[self.batch :]
+                reqs = [req for req, _ in batch]
+                try:
+                    results = await anyio.to_thread.run_sync(self.node.admit_held, reqs)
+                except Exception as e:  # noqa: BLE001 - the transaction failed: all of them
+                    results = [e] * len(batch)
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():  # its connection went away meanwhile
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._drainer = None
+
+
 async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
     """Run one worker handler off the event loop; a cycle request with ``wait`` is held
     while it would be rejected with a timeout, until a cycle opens or ``wait`` runs out."""
@@ -111,13 +155,19 @@ async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
     # server process on the same database opens one (PostgreSQL: _cycle_listener, at once;
     # otherwise _cycle_watcher, within long_poll_recheck seconds): waiters do not poll
     # the database themselves.
+    # Once held, the request is asked again together with the others it waited with.
     deadline = time.monotonic() + req.wait
+    held = False
     while True:
         generation = signal.generation
-        reply = await anyio.to_thread.run_sync(node.cycle_request, req)
+        if held:
+            reply = await app.state.held_admissions.admit(req)
+        else:
+            reply = await anyio.to_thread.run_sync(node.cycle_request, req)
         remaining = deadline - time.monotonic()
         if reply.get("status") != "rejected" or reply.get("timeout") is None or remaining <= 0:
             return reply
+        held = True
         await signal.wait_after(generation, remaining)
 
 
@@ -547,6 +597,7 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         signal = app.state.cycle_signal = CycleSignal()
+        app.state.held_admissions = HeldAdmissions(n)
 
         def on_new_cycle() -> None:
             loop.call_soon_threadsafe(wake.set)

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -467,84 +467,108 @@ class GridNode:
             if full is not None:
                 return full
         with db.write(self.engine) as conn:
-            worker = conn.execute(q.worker_process, {"worker_id": req.worker_id}).first()
-            if worker is None:
-                raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
-            process = self._process_info(conn, worker.process_id)
-            if process.name != req.model or (
-                req.version is not None and req.version != process.version
-            ):
-                raise PermissionDeniedError(
-                    f"this worker_id was issued for '{process.name}' version "
-                    f"'{process.version}'; authenticate for '{req.model}' first"
-                )
-            cfg = process.server_config
-            if requires_speed_test(cfg):
-                for key in ("ping", "download", "upload"):
-                    if getattr(req, key) is None:
-                        raise InvalidRequestError(f"'{key}' is required")
-            if req.ping is not None or req.download is not None or req.upload is not None:
-                conn.execute(
-                    workers.update()
-                    .where(workers.c.id == worker.id)
-                    .values(ping=req.ping, download=req.download, upload=req.upload)
-                )
-            if worker.status != "running":
-                return _wire.rejected_response(None, f"the FL process is {worker.status}")
-            cycle = conn.execute(q.open_cycle_locked, {"process_id": process.id}).first()
-            if cycle is None:
-                return _wire.rejected_response(None, "the FL process has no open cycle")
-            timeout = self._timeout(cycle)
-            seats = conn.execute(q.seats, {"cycle_id": cycle.id, "worker_id": worker.id}).one()
-            if seats.taken is not None:
-                return _wire.rejected_response(timeout, "already accepted into this cycle")
-            for key, limit_key in (
-                ("download", "minimum_download_speed"),
-                ("upload", "minimum_upload_speed"),
-            ):
-                limit = cfg.get(limit_key)
-                value = getattr(req, key)
-                if limit is not None and value < limit:
-                    return _wire.rejected_response(
-                        timeout, f"{key} speed {value:g} Mbit/s is below the minimum {limit:g}"
-                    )
-            k = cfg.get("do_not_reuse_workers_until_cycle") or 0
-            if k > 1:
-                last = conn.execute(
-                    sa.select(sa.func.max(cycles.c.sequence))
-                    .select_from(
-                        worker_cycles.join(cycles, worker_cycles.c.cycle_id == cycles.c.id)
-                    )
-                    .where(
-                        worker_cycles.c.identity == worker.identity,
-                        cycles.c.process_id == process.id,
-                    )
-                ).scalar()
-                if last is not None and cycle.sequence < last + k:
-                    return _wire.rejected_response(
-                        timeout,
-                        f"this worker took part in cycle {last}; it may join again from "
-                        f"cycle {last + k}",
-                    )
-            cap = worker_capacity(cfg)
-            if cap is not None:
-                if seats.accepted >= cap:
-                    return _wire.rejected_response(timeout, "the cycle is full")
-                if cfg.get("pool_selection") == "random" and random.random() >= (
-                    (cap - seats.accepted) / cap
-                ):
-                    return _wire.rejected_response(timeout, "not selected (random pool selection)")
-            request_key = secrets.token_hex(32)
-            conn.execute(
-                q.accept,
-                {
-                    "cycle_id": cycle.id,
-                    "worker_id": worker.id,
-                    "identity": worker.identity,
-                    "request_key": request_key,
-                    "accepted_at": time.time(),
-                },
+            return self._admit(conn, req)
+
+    def admit_held(self, reqs: Sequence[_wire.CycleRequest]) -> list[dict[str, Any] | Exception]:
+        """Cycle requests that were held until a cycle opened, answered together: one write
+        transaction for all of them (a savepoint each, so one failing request leaves the
+        others' seats), where :meth:`cycle_request` would take one each, and each after a
+        read-only look. When a cycle opens, every worker waiting for it asks at once.
+        Returns each request's reply, or the error it raised, in order.
+
+            >>> node.admit_held([req_a, req_b])  # doctest: +SKIP
+            [{'status': 'accepted', ...}, {'status': 'rejected', ...}]
+        """
+        results: list[dict[str, Any] | Exception] = []
+        with db.write(self.engine) as conn:
+            for req in reqs:
+                try:
+                    with conn.begin_nested():
+                        results.append(self._admit(conn, req))
+                except Exception as e:  # noqa: BLE001 - it is this request's answer
+                    results.append(e)
+        return results
+
+    def _admit(self, conn: Connection, req: _wire.CycleRequest) -> dict[str, Any]:
+        """Accept or reject one cycle request, inside the caller's write transaction."""
+        worker = conn.execute(q.worker_process, {"worker_id": req.worker_id}).first()
+        if worker is None:
+            raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+        process = self._process_info(conn, worker.process_id)
+        if process.name != req.model or (
+            req.version is not None and req.version != process.version
+        ):
+            raise PermissionDeniedError(
+                f"this worker_id was issued for '{process.name}' version "
+                f"'{process.version}'; authenticate for '{req.model}' first"
             )
+        cfg = process.server_config
+        if requires_speed_test(cfg):
+            for key in ("ping", "download", "upload"):
+                if getattr(req, key) is None:
+                    raise InvalidRequestError(f"'{key}' is required")
+        if req.ping is not None or req.download is not None or req.upload is not None:
+            conn.execute(
+                workers.update()
+                .where(workers.c.id == worker.id)
+                .values(ping=req.ping, download=req.download, upload=req.upload)
+            )
+        if worker.status != "running":
+            return _wire.rejected_response(None, f"the FL process is {worker.status}")
+        cycle = conn.execute(q.open_cycle_locked, {"process_id": process.id}).first()
+        if cycle is None:
+            return _wire.rejected_response(None, "the FL process has no open cycle")
+        timeout = self._timeout(cycle)
+        seats = conn.execute(q.seats, {"cycle_id": cycle.id, "worker_id": worker.id}).one()
+        if seats.taken is not None:
+            return _wire.rejected_response(timeout, "already accepted into this cycle")
+        for key, limit_key in (
+            ("download", "minimum_download_speed"),
+            ("upload", "minimum_upload_speed"),
+        ):
+            limit = cfg.get(limit_key)
+            value = getattr(req, key)
+            if limit is not None and value < limit:
+                return _wire.rejected_response(
+                    timeout, f"{key} speed {value:g} Mbit/s is below the minimum {limit:g}"
+                )
+        k = cfg.get("do_not_reuse_workers_until_cycle") or 0
+        if k > 1:
+            last = conn.execute(
+                sa.select(sa.func.max(cycles.c.sequence))
+                .select_from(
+                    worker_cycles.join(cycles, worker_cycles.c.cycle_id == cycles.c.id)
+                )
+                .where(
+                    worker_cycles.c.identity == worker.identity,
+                    cycles.c.process_id == process.id,
+                )
+            ).scalar()
+            if last is not None and cycle.sequence < last + k:
+                return _wire.rejected_response(
+                    timeout,
+                    f"this worker took part in cycle {last}; it may join again from "
+                    f"cycle {last + k}",
+                )
+        cap = worker_capacity(cfg)
+        if cap is not None:
+            if seats.accepted >= cap:
+                return _wire.rejected_response(timeout, "the cycle is full")
+            if cfg.get("pool_selection") == "random" and random.random() >= (
+                (cap - seats.accepted) / cap
+            ):
+                return _wire.rejected_response(timeout, "not selected (random pool selection)")
+        request_key = secrets.token_hex(32)
+        conn.execute(
+            q.accept,
+            {
+                "cycle_id": cycle.id,
+                "worker_id": worker.id,
+                "identity": worker.identity,
+                "request_key": request_key,
+                "accepted_at": time.time(),
+            },
+        )
         return _wire.accepted_response(
             request_key=request_key,
             model=process.name,
