@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gridfl import GridError
 from gridfl.client import Syft
 
 
@@ -123,11 +124,15 @@ def run(
             data, target = clients[rng.integers(len(clients))]  # read now: one in memory
             with slots:
                 result = job.train("training_plan", data, target, seed=int(rng.integers(2**31)))
-            job.report(
-                model.create_serialized_diff(result.params),
-                num_samples=result.num_samples,
-                metrics={"loss": result.loss, **result.metrics},
-            )
+            try:
+                job.report(
+                    model.create_serialized_diff(result.params),
+                    num_samples=result.num_samples,
+                    metrics={"loss": result.loss, **result.metrics},
+                )
+            except GridError as exc:  # e.g. the cycle closed first: a late device's round
+                outcome["error"] = exc
+                return
             outcome["reported"] = True
 
         @job.on("rejected")
