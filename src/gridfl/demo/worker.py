@@ -123,7 +123,8 @@ def run(
         def on_accepted(model, client_config):
             data, target = clients[rng.integers(len(clients))]  # read now: one in memory
             with slots:
-                result = job.train("training_plan", data, target, seed=int(rng.integers(2**31)))
+                result = job.train("training_plan", data, target, shuffle=True,
+                                   seed=int(rng.integers(2**31)))
             try:
                 job.report(
                     model.create_serialized_diff(result.params),
