@@ -462,8 +462,12 @@ def accepted_response(
     plans: dict[str, int],
     protocols: dict[str, int],
     client_config: dict[str, Any],
+    plan_digests: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """PyGrid's accepted reply; ``plan_digests`` (gridfl extension, left out when empty):
+    the SHA-256 (hex) of each plan's ``onnx`` variant, so a worker that already holds
+    those bytes from an earlier cycle need not download them again."""
+    out = {
         "status": "accepted",
         "request_key": request_key,
         "version": version,
@@ -473,6 +477,9 @@ def accepted_response(
         "client_config": client_config,
         "model_id": model_id,
     }
+    if plan_digests:
+        out["plan_digests"] = plan_digests
+    return out
 
 
 def rejected_response(timeout: int | None, reason: str) -> dict[str, Any]:

@@ -102,6 +102,36 @@ class TestStartFlow:
         assert plan.params["receive_operations_as"] == "onnx" and plan.params["plan_id"] == 3
         assert list(job.plans) == ["training_plan"] and job.client_config == {"lr": 0.1}
 
+    @pytest.mark.parametrize(
+        ("digest", "fetched_again"),
+        [
+            ("held", False),  # the bytes this client loaded last cycle: no download
+            ("0" * 64, True),  # a plan it does not hold
+            ("zz" * 32, True),  # malformed digests only mean a download
+            (12345, True),
+            (None, True),  # a node that names no digest (PyGrid)
+        ],
+    )
+    def test_plan_digest_skips_the_download_of_a_held_plan(self, digest, fetched_again):
+        import hashlib
+
+        plan_bytes = linear_sgd_plan()
+        if digest == "held":
+            digest = hashlib.sha256(plan_bytes).hexdigest()
+        cycle = dict(ACCEPTED)
+        if digest is not None:
+            cycle["plan_digests"] = {"training_plan": digest}
+        script = Script(cycle=cycle, plan=plan_bytes)
+        job = make_job(script)
+        job.start()
+        first = job.plans["training_plan"]
+        script.ops.clear()
+        job.start()  # the next cycle
+        plan_fetches = [op for op in script.ops if getattr(op, "path", None)
+                        == "model-centric/get-plan"]
+        assert len(plan_fetches) == int(fetched_again)
+        assert job.plans["training_plan"] is first  # the same loaded plan either way
+
     def test_speed_test_only_when_required(self):
         script = Script(auth={"status": "success", "worker_id": "w", "requires_speed_test": True})
         job = make_job(script)

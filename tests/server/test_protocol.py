@@ -3,6 +3,7 @@ over both WebSocket and HTTP, against a live uvicorn server on loopback."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -10,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jwt
 import pytest
-from conftest import Admin, WsWorker, diff_of, host_payload, join, report
+from conftest import Admin, WsWorker, b64, diff_of, host_payload, join, report, training_plan
 
 from gridfl import _wire, state
 from gridfl.plan import Plan
@@ -173,6 +174,19 @@ def test_acceptance_without_auth(admin, worker_factory):
     assert cyc["model_id"] == hosted["model_id"]
     assert cyc["plans"] == hosted["plans"] and cyc["protocols"] == {}
     assert cyc["client_config"] == host_payload()["client_config"]
+    # gridfl extension: the digest of each plan's onnx variant, as downloaded
+    onnx = w.get("get-plan", worker_id=wid, request_key=cyc["request_key"],
+                 plan_id=cyc["plans"]["training_plan"]).content
+    assert cyc["plan_digests"] == {"training_plan": hashlib.sha256(onnx).hexdigest()}
+
+
+def test_plan_digests_name_only_plans_with_an_onnx_variant(admin, worker_factory):
+    payload = host_payload(plans={"training_plan": {"tfjs": b64(b"TFJS")},
+                                  "eval_plan": b64(training_plan())})
+    assert admin.host(payload).status_code == 201
+    _, cyc = join(worker_factory())
+    assert set(cyc["plans"]) == {"training_plan", "eval_plan"}
+    assert set(cyc["plan_digests"]) == {"eval_plan"}
 
 
 def test_rejection_with_integer_timeout_and_reason(admin, worker_factory):

@@ -403,6 +403,10 @@ class BaseJob:
             raise GridError(f"malformed accepted reply: plans/protocols {reply!r:.300}")
         if not isinstance(client_config, dict):
             raise GridError(f"malformed accepted reply: client_config {client_config!r:.200}")
+        # gridfl nodes name each plan's digest: a plan held from an earlier cycle is not
+        # downloaded again (an unknown or malformed digest just means a download)
+        digests = reply.get("plan_digests")
+        digests = digests if isinstance(digests, dict) else {}
         keys = {"worker_id": c.worker_id, "request_key": c.request_key}
 
         try:
@@ -413,6 +417,10 @@ class BaseJob:
 
         plans: dict[str, Plan] = {}
         for name, plan_id in plan_ids.items():
+            held = self._client._held_plan(digests.get(name))
+            if held is not None:
+                plans[name] = held
+                continue
             try:
                 raw = yield Fetch(
                     proto.GET_PLAN,
@@ -586,9 +594,11 @@ class BaseSyft:
         self.retries = retries
         self.speed_test = speed_test
         self.headers = dict(headers or {})
-        # Plans do not change within a process, but every cycle downloads them again (the
-        # protocol gates downloads by request key); reusing the loaded plan for identical
-        # bytes saves an onnxruntime session build per cycle.
+        # Plans do not change within a process. A gridfl node names each plan's digest in
+        # the accepted reply, and a plan held with that digest is not downloaded again;
+        # other nodes' plans are downloaded every cycle (the protocol gates downloads by
+        # request key), and identical bytes reuse the loaded plan: no onnxruntime session
+        # is built twice.
         self._plans: OrderedDict[bytes, Plan] = OrderedDict()
         if self.verbose:
             _turn_up_logging()
@@ -608,6 +618,19 @@ class BaseSyft:
             while len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
         else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def _held_plan(self, digest: Any) -> Plan | None:
+        """The plan already loaded from bytes with this SHA-256 (hex), if any."""
+        if not isinstance(digest, str) or len(digest) != 64:
+            return None
+        try:
+            key = bytes.fromhex(digest)
+        except ValueError:
+            return None
+        plan = self._plans.get(key)
+        if plan is not None:
             self._plans.move_to_end(key)
         return plan
 

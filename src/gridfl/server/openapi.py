@@ -147,6 +147,12 @@ _SCHEMAS: dict[str, Any] = {
             "protocols": {"type": "object", "additionalProperties": {"type": "integer"}},
             "client_config": {"type": "object"},
             "model_id": {"type": "integer"},
+            "plan_digests": {
+                "type": "object",
+                "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "description": "gridfl: SHA-256 (hex) of each plan's onnx variant; a worker "
+                "holding those bytes need not download the plan again",
+            },
         },
     },
     "Rejected": {

@@ -11,6 +11,7 @@ and a cycle completes exactly once, even with several server processes on one da
 from __future__ import annotations
 
 import binascii
+import hashlib
 import hmac
 import logging
 import math
@@ -148,6 +149,7 @@ class _ProcessInfo:
     plan_ids: dict[str, int]
     protocol_ids: dict[str, int]
     averaging_plan_id: int | None
+    plan_digests: dict[str, str]  # SHA-256 of each training-side plan's onnx variant
 
 
 class GridNode:
@@ -220,6 +222,11 @@ class GridNode:
                     for r in conn.execute(q.process_protocols, {"process_id": process_id})
                 },
                 averaging_plan_id=next((r.id for r in plan_rows if r.is_averaging), None),
+                plan_digests={
+                    r.name: hashlib.sha256(r.onnx).hexdigest()
+                    for r in conn.execute(q.process_plan_bytes, {"process_id": process_id})
+                    if r.onnx is not None
+                },
             )
             self._process_cache.put(process_id, info)
         return info
@@ -577,6 +584,7 @@ class GridNode:
             plans=dict(process.plan_ids),
             protocols=dict(process.protocol_ids),
             client_config=process.client_config,
+            plan_digests=dict(process.plan_digests),
         )
 
     def _full_cycle_rejection(self, req: _wire.CycleRequest) -> dict[str, Any] | None:

@@ -118,6 +118,10 @@ process_row = sa.select(processes).where(processes.c.id == _P("process_id"))
 process_plans = sa.select(plans.c.id, plans.c.name, plans.c.is_averaging).where(
     plans.c.process_id == _P("process_id")
 )
+#: The ONNX bytes of a process's worker plans (hashed once, for the accepted reply).
+process_plan_bytes = sa.select(plans.c.name, plans.c.onnx).where(
+    plans.c.process_id == _P("process_id"), plans.c.is_averaging.is_(False)
+)
 process_protocols = sa.select(protocols.c.id, protocols.c.name).where(
     protocols.c.process_id == _P("process_id")
 )
