@@ -13,6 +13,11 @@ const fs = require('fs');
 // Browser globals syft.js 0.1.4 expects, from their usual Node.js polyfills.
 global.WebSocket = require('ws');
 global.XMLHttpRequest = require('xhr2');
+// A fresh connection per XHR: Node's global agent keeps sockets alive and reuses them, and
+// a request written onto a socket the server has just closed fails with ECONNRESET, where a
+// browser would retry it. (syft.js's speed test sends its 64 MB upload right after the
+// ping and download requests.)
+global.XMLHttpRequest.nodejsSet({ httpAgent: new (require('http').Agent)({ keepAlive: false }) });
 // xhr2 writes a request body in one go and never fires the `xhr.upload` events a browser
 // fires. syft.js 0.1.4's upload speed test listens only to those (upload.onprogress,
 // upload.onload) and would wait forever. Upload in 1 MiB chunks and fire them, as a
@@ -46,6 +51,14 @@ global.XMLHttpRequest.XMLHttpRequestUpload.prototype._startUpload = function (re
     sent += chunk.length;
     request.write(chunk, () => setImmediate(next));
   };
+  // A network error during the upload reaches the upload object too, as in a browser
+  // (xhr2 reports it on the request only, and syft.js's upload test listens only here).
+  request.on('error', (err) => {
+    if (sent >= body.length) return;
+    process.stderr.write(`upload failed after ${sent} bytes: ${err.message}\n`);
+    fire('error');
+    fire('loadend');
+  });
   fire('loadstart');
   next();
 };
