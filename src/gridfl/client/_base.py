@@ -612,12 +612,16 @@ class BaseSyft:
         from gridfl.plan import Plan
 
         key = hashlib.sha256(raw).digest()
-        plan = self._plans.get(key)
+        plan = self._cached_plan(key)
         if plan is None:
             plan = self._plans[key] = Plan.from_bytes(raw)
             while len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
-        else:
+        return plan
+
+    def _cached_plan(self, key: bytes) -> Plan | None:
+        plan = self._plans.get(key)
+        if plan is not None:
             self._plans.move_to_end(key)
         return plan
 
@@ -626,13 +630,9 @@ class BaseSyft:
         if not isinstance(digest, str) or len(digest) != 64:
             return None
         try:
-            key = bytes.fromhex(digest)
+            return self._cached_plan(bytes.fromhex(digest))
         except ValueError:
             return None
-        plan = self._plans.get(key)
-        if plan is not None:
-            self._plans.move_to_end(key)
-        return plan
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"

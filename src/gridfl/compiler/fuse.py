@@ -52,7 +52,12 @@ def fuse_sgd_updates(model: onnx.ModelProto) -> int:
     """
     graph = model.graph
     shapes = _shapes(model)
-    producer = {o: n for n in graph.node for o in n.output}
+    nodes = list(graph.node)
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}  # value -> node index
+
+    def made_by(name: str, op_type: str) -> int | None:
+        k = producer.get(name)
+        return k if k is not None and nodes[k].op_type == op_type else None
     uses: dict[str, int] = {}
     for n in graph.node:
         for i in n.input:
@@ -63,23 +68,21 @@ def fuse_sgd_updates(model: onnx.ModelProto) -> int:
     def only_use(name: str) -> bool:
         return uses.get(name) == 1
 
-    rewrites: dict[int, list[onnx.NodeProto]] = {}  # Sub's position -> its replacement
+    rewrites: dict[int, list[onnx.NodeProto]] = {}  # Sub's index -> its replacement
     dropped: set[int] = set()
-    position = {id(n): k for k, n in enumerate(graph.node)}
-    for k, sub in enumerate(graph.node):
+    for k, sub in enumerate(nodes):
         if sub.op_type != "Sub" or sub.domain not in ("", "ai.onnx"):
             continue
         w, scaled = sub.input
-        mul = producer.get(scaled)
-        if mul is None or mul.op_type != "Mul" or not only_use(scaled):
+        k_mul = made_by(scaled, "Mul")
+        if k_mul is None or not only_use(scaled):
             continue
-        matmul = next(
-            (producer.get(i) for i in mul.input
-             if producer.get(i) is not None and producer[i].op_type == "MatMul"),
-            None,
-        )
-        if matmul is None or not only_use(matmul.output[0]):
+        mul = nodes[k_mul]
+        found = (made_by(i, "MatMul") for i in mul.input)
+        k_mm = next((j for j in found if j is not None), None)
+        if k_mm is None or not only_use(nodes[k_mm].output[0]):
             continue
+        matmul = nodes[k_mm]
         scale = mul.input[1] if mul.input[0] == matmul.output[0] else mul.input[0]
         a, b = matmul.input
         if (
@@ -94,13 +97,11 @@ def fuse_sgd_updates(model: onnx.ModelProto) -> int:
         trans = []
         operands = []
         for x in (a, b):
-            t = producer.get(x)
-            if t is not None and t.op_type == "Transpose" and only_use(x) and _perm(t) in (
-                None, [1, 0]
-            ):
-                operands.append(t.input[0])
+            k_t = made_by(x, "Transpose")
+            if k_t is not None and only_use(x) and _perm(nodes[k_t]) in (None, [1, 0]):
+                operands.append(nodes[k_t].input[0])
                 trans.append(1)
-                dropped.add(position[id(t)])
+                dropped.add(k_t)
             else:
                 operands.append(x)
                 trans.append(0)
@@ -113,16 +114,14 @@ def fuse_sgd_updates(model: onnx.ModelProto) -> int:
                 alpha=-1.0, beta=1.0, transA=trans[0], transB=trans[1],
             ),
         ]
-        dropped.update((position[id(mul)], position[id(matmul)]))
+        dropped.update((k_mul, k_mm))
     if not rewrites:
         return 0
-    removed = {o for k in dropped for o in graph.node[k].output}
-    nodes = []
-    for k, n in enumerate(graph.node):
-        if k not in dropped:
-            nodes.extend(rewrites.get(k, [n]))
+    removed = {o for k in dropped for o in nodes[k].output}
     del graph.node[:]
-    graph.node.extend(nodes)
+    for k, n in enumerate(nodes):
+        if k not in dropped:
+            graph.node.extend(rewrites.get(k, [n]))
     kept = [v for v in graph.value_info if v.name not in removed]
     del graph.value_info[:]
     graph.value_info.extend(kept)
