@@ -151,6 +151,28 @@ def test_speed_test(grid, syftjs, mnist, transport):
     assert isinstance(timeout, int) and 0 < timeout <= 600
 
 
+def test_speed_tests_at_once(grid, syftjs, mnist, transport):
+    """Five syft.js workers speed-test at the same time (each uploads 64 MiB): every one
+    finishes, the three that meet the minimums are accepted with their speeds stored,
+    the two that cannot are rejected. (Under this load the node can read an upload's last
+    bytes and answer before the client has seen them written; a harness that missed that
+    left syft.js waiting forever, in about one such round in 24.)"""
+    fast = {"minimum_download_speed": 1, "minimum_upload_speed": 1}
+    ok = grid.host_mnist(mnist, fast, variants=("tfjs",))
+    slow = grid.host_mnist(mnist, {**fast, "minimum_upload_speed": 1e9}, variants=("tfjs",))
+    url = grid.url(transport)
+    pending = [syftjs.start(url, ok, train=False) for _ in range(3)]
+    pending += [syftjs.start(url, slow, train=False) for _ in range(2)]
+    runs = [p.result() for p in pending]
+    for run in runs[:3]:
+        assert run.names() == ["accepted"], run
+        row = grid.worker_row(run.one("accepted")["workerId"])
+        assert row.ping > 0 and row.download >= 1 and row.upload >= 1, row
+    for run in runs[3:]:
+        assert run.names() == ["rejected"], run
+    assert grid.status(ok)["current"]["accepted"] == 3
+
+
 # --------------------------------------------------------------------------- full flow
 def test_auth_train_report_checkpoint(grid, syftjs, mnist, transport, rsa_keys):
     """No auth, HS256 JWT and RS256 JWT; each: auth -> cycle-request (no speed test) ->
