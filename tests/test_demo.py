@@ -93,7 +93,7 @@ def test_worker_shard_reads_one_client_at_a_time(tmp_path):
 
 def test_progress_follows_every_cycle_of_a_long_run(tmp_path, monkeypatch):
     """The demo asks the node for the few newest cycles only, and for more when more
-    closed between two polls; it must still take in every completed cycle of a long run
+    closed while its request was held; it must still take in every completed cycle of a long run
     (it once stopped counting at the 100th and missed the target), also when cycles close
     between its two status calls, and step over cycles that expired without a model."""
     import subprocess
@@ -108,17 +108,19 @@ def test_progress_follows_every_cycle_of_a_long_run(tmp_path, monkeypatch):
     def expired(s):
         return s % 7 == 0
 
-    class Host:  # a 250-cycle run: 15 cycles close per poll, and one during each call
+    class Host:  # a 250-cycle run: 15 cycles close while a request is held, one meanwhile
         def __init__(self):
-            self.done = 15
+            self.done = 0
             self.asked: list[int] = []
+            self.held: list[int] = []  # the `after` of each held request
 
-        def tick(self, _seconds):  # the demo's sleep between polls
-            self.done = min(250, self.done + 15)
-
-        def status(self, name, version, cycles=100):
+        def status(self, name, version, cycles=100, wait=0.0, after=None):
             assert 1 <= cycles <= 1000  # what the node accepts
             self.asked.append(cycles)
+            if wait:  # held until a cycle after `after` closes: one that has not yet
+                assert 0 < wait <= 60 and after is not None
+                self.held.append(after)
+                self.done = min(250, self.done + 14)
             self.done = min(250, self.done + 1)
             window = [
                 {
@@ -135,7 +137,7 @@ def test_progress_follows_every_cycle_of_a_long_run(tmp_path, monkeypatch):
             return {
                 "cycles": window[::-1],
                 "current": None if self.done == 250 else 1,
-                "status": "done" if self.done == 250 else "running",
+                "status": "finished" if self.done == 250 else "running",
             }
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -152,8 +154,7 @@ def test_progress_follows_every_cycle_of_a_long_run(tmp_path, monkeypatch):
         host = Host()
         # the node's clock runs with perf_counter here: node up (perf 0.0) is at node time 0
         monkeypatch.setattr(demo_run, "time", types.SimpleNamespace(
-            sleep=host.tick, perf_counter=time.perf_counter, monotonic=time.monotonic,
-            time=time.perf_counter))
+            perf_counter=time.perf_counter, monotonic=time.monotonic, time=time.perf_counter))
         _watch(host, "m", "1", 0.0, options, None, None, result, procs, None)
     finally:
         for p in procs:
@@ -161,9 +162,11 @@ def test_progress_follows_every_cycle_of_a_long_run(tmp_path, monkeypatch):
     assert [c.cycle for c in result.cycles] == [s for s in range(1, 251) if not expired(s)]
     # start-up is the node's closing time of the first cycle, whenever a poll saw it
     assert result.startup_seconds == 2.0
-    # each poll asks for the newest few, then back to the last cycle taken in plus a margin
+    # each held request asks for the newest few, then back to the last cycle taken in
+    # plus a margin; the next is held until a cycle after the last one taken in closes
     w = demo_run._WATCH_WINDOW
-    assert host.asked[:4] == [w, 16 + w, w, 33 - 17 + w]
+    assert host.asked[:4] == [w, 15 + w, w, 31 - 16 + w]
+    assert host.held[:3] == [0, 16, 32]
 
 
 def test_compute_slots_let_n_workers_train_at_once(tmp_path):

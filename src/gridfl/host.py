@@ -101,10 +101,40 @@ class HostClient:
         """Every hosted process with its current cycle and checkpoint count."""
         return self._json("GET", "/processes")["processes"]
 
-    def status(self, name: str, version: str | None = None, *, cycles: int = 100) -> dict[str, Any]:
+    def status(
+        self,
+        name: str,
+        version: str | None = None,
+        *,
+        cycles: int = 100,
+        wait: float = 0.0,
+        after: int | None = None,
+    ) -> dict[str, Any]:
         """Configs of one process, and its latest ``cycles`` cycles (accepted, reported,
-        metrics) and checkpoints."""
-        return self._json("GET", _path(name, version), params={"cycles": cycles})
+        metrics) and checkpoints.
+
+        With ``wait`` (seconds, at most 60), the node holds the reply until a cycle newer
+        than ``after`` has closed (default: the newest closed one when asked), the process
+        stops running, or ``wait`` runs out: a watcher follows training without polling.
+
+            >>> seen = 0
+            >>> while True:  # doctest: +SKIP
+            ...     st = host.status("mnist", "1.0", cycles=5, wait=30, after=seen)
+            ...     seen = max([c["sequence"] for c in st["cycles"] if c["status"] != "open"],
+            ...                default=seen)
+            ...     if st["status"] != "running":
+            ...         break
+        """
+        params: dict[str, Any] = {"cycles": cycles}
+        kwargs: dict[str, Any] = {}
+        if wait:
+            params["wait"] = wait
+            read = self._http.timeout.read
+            if read is not None and read < wait + 10:  # the hold is not a stall
+                kwargs["timeout"] = wait + 10
+        if after is not None:
+            params["after"] = after
+        return self._json("GET", _path(name, version), params=params, **kwargs)
 
     def retrieve_bytes(self, name: str, version: str, checkpoint: int | str = "latest") -> bytes:
         """A checkpoint (by number or alias) as ``State`` bytes."""

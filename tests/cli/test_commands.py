@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import numpy as np
@@ -106,12 +107,47 @@ def test_host_status_worker_retrieve_round_trip(node, bundle, tmp_path):
     assert any(not np.allclose(a, b) for a, b in zip(initial, trained, strict=True))
 
 
+def test_status_follow_prints_each_cycle_as_it_closes(node, bundle, tmp_path):
+    """``status NAME --follow --json`` (a real process, as users run it) prints the status,
+    then one JSON object per cycle as the node closes it, and exits once the process has
+    finished; the worker starts only after the follower printed its status."""
+    import subprocess
+    import sys
+
+    r = run("host", node.url, bundle, "--name", "followed", "--admin-token", TOKEN)
+    assert r.exit_code == 0, r.output
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "gridfl", "status", node.url, "followed", "2.0", "--follow",
+         "--json"],
+        env={**os.environ, "GRIDFL_ADMIN_TOKEN": TOKEN}, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        first = []
+        while not first or first[-1] != "}\n":  # the status, pretty-printed
+            line = follower.stdout.readline()
+            assert line, "the follower exited early"
+            first.append(line)
+        assert json.loads("".join(first))["cycles"][0]["status"] == "open"
+        np.savez(tmp_path / "local.npz", x=np.ones((8, 6), np.float32), y=np.zeros(8, np.int64))
+        r = run("worker", node.ws_url, "followed", "--version", "2.0", "--data",
+                tmp_path / "local.npz")
+        assert r.exit_code == 0 and "reported 2 cycle(s)" in r.output, r.output
+        out, _ = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0
+    cycles = [json.loads(line) for line in out.splitlines()]
+    assert [(c["sequence"], c["status"], c["reported"]) for c in cycles] == [
+        (1, "completed", 1), (2, "completed", 1)]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["status", "http://127.0.0.1:9"], "admin token is needed"),
         (["status", "http://127.0.0.1:9", "--admin-token", "x"], "GET /processes"),
         (["status", "ftp://nowhere", "--admin-token", "x"], "must start with http"),
+        (["status", "NODE", "--follow", "--admin-token", TOKEN], "--follow needs the NAME"),
         (["demo", "--model", "resnet"], "Invalid value for '--model'"),
         (["demo", "--fraction", "0"], "Invalid value for '--fraction'"),
         (["host", "NODE", "BUNDLE_PARENT", "--admin-token", TOKEN], "not a plan bundle"),

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from conftest import Admin, HttpWorker, WsWorker, diff_of, host_payload, join, report
+from conftest import ADMIN, Admin, HttpWorker, WsWorker, diff_of, host_payload, join, report
 
 
 def _worker(server, kind):
@@ -126,3 +126,106 @@ def test_cycle_opened_by_another_process_wakes_held_requests_at_once(server_fact
         t.join(timeout=25)
         on_a.close()
         on_b.close()
+
+
+# ---------------------------------------------------------------- held status (admin API)
+def _held(fn) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run():
+        started = time.monotonic()
+        out["reply"] = fn()
+        out["seconds"] = time.monotonic() - started
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_held_status_answers_when_the_next_cycle_closes(server):
+    """``wait`` with no ``after``: the status is held until a cycle newer than the newest
+    closed one closes (here: worker B's report completes cycle 1), then answered at once
+    with it; asked again with ``after`` behind the newest, it answers without holding."""
+    from gridfl.host import HostClient
+
+    admin = Admin(server.url)
+    cfg = {"max_workers": 1, "max_diffs": 1, "num_cycles": 3, "cycle_length": 600}
+    assert admin.host(host_payload(server_config=cfg)).status_code == 201
+    w = HttpWorker(server.url)
+    wid, cyc = join(w)
+    with HostClient(server.url, admin_token=ADMIN, timeout=5) as host:
+        # the client's 5 s read timeout is stretched for a 20 s hold
+        t, held = _held(lambda: host.status("mnist", "1.0", cycles=5, wait=20))
+        time.sleep(0.5)
+        assert "reply" not in held, "the status was not held"
+        closed_at = time.monotonic()
+        assert report(w, wid, cyc["request_key"], diff_of(0))[0] == 200
+        t.join(timeout=10)
+        assert time.monotonic() - closed_at < 2.0
+        cycles = {c["sequence"]: c["status"] for c in held["reply"]["cycles"]}
+        assert cycles == {1: "completed", 2: "open"}, held["reply"]
+        started = time.monotonic()
+        again = host.status("mnist", "1.0", wait=20, after=0)
+        assert time.monotonic() - started < 1.0
+        assert again["cycles"][0]["status"] == "completed"
+    w.close()
+
+
+def test_held_status_runs_out_with_the_usual_status(server):
+    admin = Admin(server.url)
+    assert admin.host(host_payload(server_config={"cycle_length": 600})).status_code == 201
+    started = time.monotonic()
+    r = admin.http.get("/gridfl/v1/processes/mnist/1.0", params={"wait": 1.5, "after": 0})
+    took = time.monotonic() - started
+    assert r.status_code == 200 and r.json()["current"]["sequence"] == 1, r.text
+    assert 1.4 <= took < 4
+
+
+def test_stop_answers_held_requests_at_once(server):
+    """Stopping a process wakes what is held for it: a status waiting for a cycle to close
+    and a worker's cycle request waiting for a seat come back at once (not after their
+    20 s), the request rejected with no timeout, as for any stopped process."""
+    admin = Admin(server.url)
+    cfg = {"max_workers": 1, "max_diffs": 1, "cycle_length": 600}
+    assert admin.host(host_payload(server_config=cfg)).status_code == 201
+    a, b = HttpWorker(server.url), HttpWorker(server.url)
+    join(a)
+    st, auth = b.call("model-centric/authenticate", {"model_name": "mnist"})
+    t_status, status = _held(
+        lambda: admin.http.get("/gridfl/v1/processes/mnist/1.0", params={"wait": 20})
+    )
+    t_cycle, cycle = _held(
+        lambda: b.call(
+            "model-centric/cycle-request",
+            {"worker_id": auth["worker_id"], "model": "mnist", "wait": 20},
+        )
+    )
+    time.sleep(0.5)
+    assert "reply" not in status and "reply" not in cycle, "nothing was held"
+    assert admin.http.post("/gridfl/v1/processes/mnist/1.0/stop").status_code == 200
+    t_status.join(timeout=10)
+    t_cycle.join(timeout=10)
+    assert status["seconds"] < 3 and cycle["seconds"] < 3, (status, cycle)
+    assert status["reply"].json()["status"] == "stopped"
+    code, reply = cycle["reply"]
+    assert code == 200 and reply["status"] == "rejected" and "timeout" not in reply, reply
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize(
+    "params, key",
+    [
+        ({"wait": -1}, "wait"),
+        ({"wait": 61}, "wait"),
+        ({"wait": "soon"}, "wait"),
+        ({"wait": "nan"}, "wait"),
+        ({"wait": 1, "after": -1}, "after"),
+        ({"after": "two"}, "after"),
+    ],
+)
+def test_bad_held_status_parameters_are_refused(server, params, key):
+    admin = Admin(server.url)
+    assert admin.host(host_payload()).status_code == 201
+    r = admin.http.get("/gridfl/v1/processes/mnist/1.0", params=params)
+    assert r.status_code == 400 and r.json()["error"].startswith(f"{key} must be"), r.text

@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from gridfl._exceptions import ConfigError, GridflError
+from gridfl._wire import MAX_STATUS_CYCLES
 
 BUNDLE_FILE = "bundle.json"
 
@@ -276,48 +277,87 @@ def _bundle_payload(folder: Path, bundle: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- status
+#: seconds a --follow request is held by the node waiting for the next cycle to close
+_FOLLOW_HOLD = 30.0
+
+
 @click.command()
 @admin_options
 @click.argument("name", required=False)
 @click.argument("version", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Then print each cycle as it closes, until the process stops running "
+                   "(with --json: one JSON object per cycle). Needs NAME.")
 @friendly
-def status(url, admin_token, admin_token_file, name, version, as_json) -> None:
+def status(url, admin_token, admin_token_file, name, version, as_json, follow) -> None:
     """Processes on the node at URL, or the cycles and checkpoints of NAME [VERSION]."""
     from rich.console import Console
     from rich.table import Table
 
+    if follow and not name:
+        raise click.UsageError("--follow needs the NAME of a process")
     with _host_client(url, admin_token, admin_token_file) as client:
         data = client.status(name, version) if name else client.processes()
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-        return
-    console = Console()
-    if not name:
-        table = Table(title=f"processes on {url}")
-        for col in ("name", "version", "status", "cycle", "checkpoints"):
-            table.add_column(col)
-        for p in data:
-            current = p.get("current_cycle") or p.get("current") or {}
-            seq = current.get("sequence") if isinstance(current, dict) else current
-            table.add_row(str(p.get("name")), str(p.get("version")), str(p.get("status")),
-                          "-" if seq is None else str(seq), str(p.get("checkpoints", "-")))
-        console.print(table)
-        return
-    table = Table(title=f"{data.get('name')} {data.get('version')}: {data.get('status')}")
-    for col in ("cycle", "status", "accepted", "reported", "samples", "loss", "accuracy",
-                "checkpoint"):
-        table.add_column(col, justify="right")
-    for c in data.get("cycles", []):
-        m = c.get("metrics") or {}
-        table.add_row(
-            str(c["sequence"]), c["status"], str(c["accepted"]), str(c["reported"]),
-            str(c.get("num_samples", "-")),
-            "-" if m.get("loss") is None else f"{m['loss']:.4f}",
-            "-" if m.get("accuracy") is None else f"{m['accuracy']:.4f}",
-            str(c.get("result_checkpoint") or "-"),
-        )
-    console.print(table)
+        if as_json:
+            click.echo(json.dumps(data, indent=2))
+        elif not name:
+            table = Table(title=f"processes on {url}")
+            for col in ("name", "version", "status", "cycle", "checkpoints"):
+                table.add_column(col)
+            for p in data:
+                current = p.get("current_cycle") or p.get("current") or {}
+                seq = current.get("sequence") if isinstance(current, dict) else current
+                table.add_row(str(p.get("name")), str(p.get("version")), str(p.get("status")),
+                              "-" if seq is None else str(seq), str(p.get("checkpoints", "-")))
+            Console().print(table)
+        else:
+            table = Table(title=f"{data.get('name')} {data.get('version')}: {data.get('status')}")
+            for col in _CYCLE_COLUMNS:
+                table.add_column(col, justify="right")
+            for c in data.get("cycles", []):
+                table.add_row(*_cycle_row(c))
+            Console().print(table)
+        if follow:
+            _follow(client, data, as_json)
+
+
+_CYCLE_COLUMNS = ("cycle", "status", "accepted", "reported", "samples", "loss", "accuracy",
+                  "checkpoint")
+
+
+def _cycle_row(c: dict) -> list[str]:
+    m = c.get("metrics") or {}
+    return [
+        str(c["sequence"]), c["status"], str(c["accepted"]), str(c["reported"]),
+        str(c.get("num_samples", "-")),
+        "-" if m.get("loss") is None else f"{m['loss']:.4f}",
+        "-" if m.get("accuracy") is None else f"{m['accuracy']:.4f}",
+        str(c.get("result_checkpoint") or "-"),
+    ]
+
+
+def _follow(client, data: dict, as_json: bool) -> None:
+    """Print each cycle closing after ``data`` (a status), asking the node to hold each
+    request until the next one closes: no polling, and a line as soon as a cycle closes."""
+    name, version = data["name"], data["version"]
+    seen = max((c["sequence"] for c in data["cycles"] if c["status"] != "open"), default=0)
+    while data["status"] == "running":
+        data = client.status(name, version, cycles=10, wait=_FOLLOW_HOLD, after=seen)
+        listed = [c["sequence"] for c in data["cycles"]]
+        if listed and min(listed) > seen + 1:  # more closed meanwhile than were listed
+            window = min(MAX_STATUS_CYCLES, max(listed) - seen + 2)
+            data = client.status(name, version, cycles=window)
+        closed = [c for c in data["cycles"] if c["status"] != "open" and c["sequence"] > seen]
+        for c in sorted(closed, key=lambda c: c["sequence"]):
+            seen = c["sequence"]
+            if as_json:
+                click.echo(json.dumps(c))
+            else:
+                click.echo("  ".join(f"{k} {v}" for k, v in zip(_CYCLE_COLUMNS, _cycle_row(c),
+                                                               strict=True)))
+    if not as_json:
+        click.echo(f"{name} {version}: {data['status']}")
 
 
 # --------------------------------------------------------------------------- retrieve

@@ -337,9 +337,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> No
 
 _WATCH_WINDOW = 4
 _MEMORY_EVERY = 2.0  # seconds between memory readings while the demo runs
-# seconds between status polls: each costs the node ~5 ms of CPU, which the 2NN's
-# cycles (~0.4 s on two cores) feel; progress and start-up use the node's timestamps
-_POLL_EVERY = 0.5
+# longest a status request is held by the node waiting for the next cycle to close: the
+# demo notices a crashed worker within about this long
+_HOLD = 1.0
 
 
 def _watch(
@@ -352,10 +352,11 @@ def _watch(
     # closing time of the first cycle, not off when a poll happened to see it
     node_up_at = time.time() - (time.perf_counter() - node_up)
     while True:
-        # Polled twice a second, and the node's cost grows with the cycles listed (about
-        # 0.5 ms each): ask for the few newest; if more closed since the last poll, ask
-        # again back to the last one taken in, with a margin for cycles closing meanwhile.
-        status = host.status(name, version, cycles=_WATCH_WINDOW)
+        # The node holds the request until a cycle after the last one taken in closes (or
+        # _HOLD passes): no polling. The node's cost grows with the cycles listed (about
+        # 0.5 ms each): ask for the few newest; if more closed meanwhile, ask again back to
+        # the last one taken in, with a margin for cycles closing in between.
+        status = host.status(name, version, cycles=_WATCH_WINDOW, wait=_HOLD, after=seen)
         listed = [c["sequence"] for c in status["cycles"]]
         window = _WATCH_WINDOW
         while listed and min(listed) > seen + 1 and window < _wire.MAX_STATUS_CYCLES:
@@ -401,14 +402,13 @@ def _watch(
             break
         if any(p.poll() not in (None, 0) for p in procs):
             raise GridflError("a worker or the node crashed; see its output above")
-        time.sleep(_POLL_EVERY)
     memory.sample()
     result.peak_rss_mb, result.peak_pss_mb = memory.peak_rss_mb, memory.peak_pss_mb
     result.memory_mb = memory.breakdown()
 
 
 def _done(status: dict) -> bool:
-    return status.get("status") in ("done", "stopped") or status["current"] is None
+    return status.get("status") in ("finished", "stopped") or status["current"] is None
 
 
 def _evaluate(plan, mnist, params, batch: int = 2000) -> tuple[float, float]:

@@ -27,6 +27,7 @@ import gridfl
 from gridfl import _wire
 from gridfl._exceptions import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from gridfl.server.auth import check_admin
+from gridfl.server.config import MAX_INT
 from gridfl.server.errors import to_status
 from gridfl.server.service import CYCLE_CHANNEL, GridNode
 from gridfl.server.settings import Settings
@@ -436,17 +437,56 @@ async def list_processes(request: Request) -> Response:
     )
 
 
+def _int_param(request: Request, key: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(key, str(default))
+    if not (raw.isascii() and raw.isdigit() and low <= int(raw) <= high):
+        raise InvalidRequestError(f"{key} must be an integer from {low} to {high}, got {raw!r:.40}")
+    return int(raw)
+
+
+def _wait_param(request: Request) -> float:
+    raw = request.query_params.get("wait", "0")
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= _wire.MAX_WAIT:  # also NaN
+        raise InvalidRequestError(
+            f"wait must be a number of seconds from 0 to {_wire.MAX_WAIT:g}, got {raw!r:.40}"
+        )
+    return wait
+
+
+async def _hold_status(app, name: str, version: str | None, after: int | None, wait: float):
+    """Return once a cycle newer than ``after`` (default: the newest closed one now) has
+    closed, the process is no longer running, or ``wait`` seconds pass. The node's cycle
+    signal wakes the holder, so a watcher need not poll."""
+    node: GridNode = app.state.node
+    signal: CycleSignal = app.state.cycle_signal
+    deadline = time.monotonic() + wait
+    while True:
+        generation = signal.generation
+        status, newest = await anyio.to_thread.run_sync(node.progress, name, version)
+        after = newest if after is None else after
+        remaining = deadline - time.monotonic()
+        if newest > after or status != "running" or remaining <= 0:
+            return
+        await signal.wait_after(generation, remaining)
+
+
 @_admin
 async def process_status(request: Request) -> Response:
     name, version = _pv(request)
-    raw = request.query_params.get("cycles", "100")
-    limit = _wire.MAX_STATUS_CYCLES
-    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= limit):
-        raise InvalidRequestError(f"cycles must be an integer from 1 to {limit}, got {raw!r:.40}")
+    last = _int_param(request, "cycles", 100, 1, _wire.MAX_STATUS_CYCLES)
+    wait = _wait_param(request)
+    after = None
+    if "after" in request.query_params:
+        after = _int_param(request, "after", 0, 0, MAX_INT)
+    if wait > 0:
+        await _hold_status(request.app, name, version, after, wait)
     node = _node(request)
-    return JSONResponse(
-        await anyio.to_thread.run_sync(lambda: node.status(name, version, last=int(raw)))
-    )
+    status = await anyio.to_thread.run_sync(lambda: node.status(name, version, last=last))
+    return JSONResponse(status)
 
 
 @_admin

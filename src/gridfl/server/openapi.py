@@ -12,6 +12,7 @@ from typing import Any
 
 import gridfl
 from gridfl import _wire
+from gridfl.server.config import MAX_INT
 
 _JSON = "application/json"
 _OCTETS = "application/octet-stream"
@@ -335,6 +336,28 @@ def _admin_get(summary: str, ok: dict, params: list, *errors: int) -> dict:
 
 
 _STATUS = _json(_ref("ProcessStatus"), "process status")
+_STATUS_QUERY = [
+    _query(
+        "cycles",
+        {"type": "integer", "minimum": 1, "maximum": _wire.MAX_STATUS_CYCLES, "default": 100},
+        required=False,
+        desc="how many of the latest cycles and checkpoints to list",
+    ),
+    _query(
+        "wait",
+        {"type": "number", "minimum": 0, "maximum": _wire.MAX_WAIT, "default": 0},
+        required=False,
+        desc="hold the reply up to this many seconds, until a cycle newer than `after` "
+        "closes or the process stops running",
+    ),
+    _query(
+        "after",
+        {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+        required=False,
+        desc="with `wait`: the newest cycle sequence already seen (default: the newest "
+        "closed cycle when the request arrives)",
+    ),
+]
 _ACTION = _json(_ref("ProcessAction"), "done")
 _STATE_BYTES = {
     "description": "syft-proto State bytes",
@@ -445,29 +468,12 @@ PATHS: dict[str, Any] = {
         "get": _admin_get("list processes", _json(_ref("ProcessList"), "processes"), []),
     },
     "/gridfl/v1/processes/{name}": {
-        "get": _admin_get("status of the latest version", _STATUS, [_path("name")], 400, 404)
+        "get": _admin_get(
+            "status of the latest version", _STATUS, [_path("name"), *_STATUS_QUERY], 400, 404
+        )
     },
     "/gridfl/v1/processes/{name}/{version}": {
-        "get": _admin_get(
-            "status",
-            _STATUS,
-            [
-                *_PV,
-                _query(
-                    "cycles",
-                    {
-                        "type": "integer",
-                        "minimum": 1,
-                        "maximum": _wire.MAX_STATUS_CYCLES,
-                        "default": 100,
-                    },
-                    required=False,
-                    desc="how many of the latest cycles and checkpoints to list",
-                ),
-            ],
-            400,
-            404,
-        ),
+        "get": _admin_get("status", _STATUS, [*_PV, *_STATUS_QUERY], 400, 404),
         "delete": _admin_get("delete the process and all it stored", _ACTION, _PV, 400, 404),
     },
     "/gridfl/v1/processes/{name}/{version}/stop": {

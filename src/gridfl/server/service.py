@@ -170,7 +170,8 @@ class GridNode:
         # cycle id -> [version, sum_w, sum_x]; version -1 while a fold is in flight
         self._agg_cache: dict[int, list] = {}
         self._agg_lock = threading.Lock()
-        #: called (from any thread) when a cycle opens, so the deadline timer re-plans
+        #: called (from any thread) when a cycle opens or closes and when a process stops
+        #: or goes: the deadline timer re-plans and held requests look again
         self.on_new_cycle: Callable[[], None] = lambda: None
         #: tells this process's own CYCLE_CHANNEL notifications from the others'
         self.instance_id = uuid.uuid4().hex
@@ -1115,6 +1116,18 @@ class GridNode:
                 ).scalar()
             )
 
+    def progress(self, name: str, version: str | None) -> tuple[str, int]:
+        """(the process's status, the sequence of its newest closed cycle, 0 before the
+        first closes): one cheap read, for status requests held until a cycle closes."""
+        with db.read(self.engine) as conn:
+            p = self._process_by_name(conn, name, version)
+            newest = conn.execute(
+                sa.select(sa.func.max(cycles.c.sequence)).where(
+                    cycles.c.process_id == p.id, cycles.c.status != "open"
+                )
+            ).scalar()
+            return p.status, newest or 0
+
     def stop(self, name: str, version: str | None) -> dict[str, Any]:
         with db.write(self.engine) as conn:
             p = self._process_by_name(conn, name, version)
@@ -1130,6 +1143,7 @@ class GridNode:
                 conn.execute(
                     processes.update().where(processes.c.id == p.id).values(status="stopped")
                 )
+        self.on_new_cycle()  # requests held for this process answer now, not at their timeout
         return {"status": "success", "name": p.name, "version": p.version}
 
     def delete(self, name: str, version: str | None) -> dict[str, Any]:
@@ -1142,6 +1156,7 @@ class GridNode:
             for table in (workers, checkpoints, plans, protocols):
                 conn.execute(table.delete().where(table.c.process_id == p.id))
             conn.execute(processes.delete().where(processes.c.id == p.id))
+        self.on_new_cycle()
         return {"status": "success", "name": p.name, "version": p.version}
 
 
