@@ -229,3 +229,36 @@ def test_bad_held_status_parameters_are_refused(server, params, key):
     assert admin.host(host_payload()).status_code == 201
     r = admin.http.get("/gridfl/v1/processes/mnist/1.0", params=params)
     assert r.status_code == 400 and r.json()["error"].startswith(f"{key} must be"), r.text
+
+
+@pytest.mark.postgres
+def test_status_held_by_another_process_answers_when_the_process_finishes(server_factory,
+                                                                            pg_database):
+    """Two server processes on one PostgreSQL database, each looking for the other's
+    cycles only every 30 s: a status held by node B comes back right after node A's report
+    completes the process's last cycle (no next cycle opens; A announces the finish)."""
+    from conftest import _reset_pg
+
+    _reset_pg(pg_database)
+    a = server_factory(pg_database, long_poll_recheck=30)
+    b = server_factory(pg_database, long_poll_recheck=30)
+    admin_a, admin_b = Admin(a.url), Admin(b.url)
+    cfg = {"max_workers": 1, "max_diffs": 1, "num_cycles": 1, "cycle_length": 600}
+    assert admin_a.host(host_payload(server_config=cfg)).status_code == 201
+    w = HttpWorker(a.url)
+    wid, cyc = join(w)
+    t, held = _held(
+        lambda: admin_b.http.get("/gridfl/v1/processes/mnist/1.0", params={"wait": 20})
+    )
+    try:
+        time.sleep(0.5)
+        assert "reply" not in held, "the status was not held"
+        finished_at = time.monotonic()
+        assert report(w, wid, cyc["request_key"], diff_of(0))[0] == 200
+        t.join(timeout=25)
+        assert "reply" in held, "the held status did not come back within its wait"
+        assert time.monotonic() - finished_at < 2.0, "woken by the 30 s recheck, not NOTIFY"
+        assert held["reply"].json()["status"] == "finished"
+    finally:
+        t.join(timeout=25)
+        w.close()

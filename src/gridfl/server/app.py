@@ -77,7 +77,8 @@ def _parse_json(body: bytes | str, what: str = "the body") -> Any:
 
 
 class CycleSignal:
-    """Wakes long-polled cycle requests when a cycle opens in this process.
+    """Wakes held requests (cycle requests, status) when a cycle opens or closes or a
+    process stops running.
 
     ``notify`` runs on the event loop (the node calls it from worker threads through
     ``call_soon_threadsafe``); waiters compare generations, so a wake-up between their
@@ -588,8 +589,8 @@ async def _cycle_watcher(node: GridNode, settings: Settings, on_change: Callable
 async def _cycle_listener(
     node: GridNode, on_change: Callable[[], None], listening: asyncio.Event
 ) -> None:
-    """PostgreSQL: wake this process's long-polled cycle requests and deadline timer the
-    moment another server process on the database opens a cycle (``LISTEN`` on
+    """PostgreSQL: wake this process's held requests and deadline timer the moment another
+    server process on the database opens a cycle or stops a process (``LISTEN`` on
     ``CYCLE_CHANNEL``). Without it they would wait for :func:`_cycle_watcher`'s next look,
     up to ``long_poll_recheck`` seconds, while the opener's own waiters took every seat.
     The watcher stays as the fallback: a lost connection is retried every few seconds.

@@ -175,7 +175,7 @@ class GridNode:
         self.on_new_cycle: Callable[[], None] = lambda: None
         #: tells this process's own CYCLE_CHANNEL notifications from the others'
         self.instance_id = uuid.uuid4().hex
-        self._announce = self.engine.dialect.name == "postgresql"
+        self._notify_others = self.engine.dialect.name == "postgresql"
 
     def close(self) -> None:
         self.engine.dispose()
@@ -256,6 +256,13 @@ class GridNode:
             q = q.with_for_update()
         return conn.execute(q).first()
 
+    def _announce(self, conn: Connection) -> None:
+        """PostgreSQL: tell the other server processes on this database that a cycle opened
+        or a process stopped running (NOTIFY on ``CYCLE_CHANNEL``, delivered when and only
+        if this transaction commits), so what they hold for it is answered at once."""
+        if self._notify_others:
+            conn.execute(sa.select(sa.func.pg_notify(CYCLE_CHANNEL, self.instance_id)))
+
     def _new_cycle(self, conn: Connection, process, checkpoint_id: int, now: float) -> int:
         seq = conn.execute(
             sa.select(sa.func.coalesce(sa.func.max(cycles.c.sequence), 0)).where(
@@ -263,8 +270,7 @@ class GridNode:
             )
         ).scalar_one()
         length = process.server_config.get("cycle_length")
-        if self._announce:  # delivered when (and only if) this transaction commits
-            conn.execute(sa.select(sa.func.pg_notify(CYCLE_CHANNEL, self.instance_id)))
+        self._announce(conn)
         return conn.execute(
             cycles.insert().values(
                 process_id=process.id,
@@ -912,6 +918,7 @@ class GridNode:
             conn.execute(
                 processes.update().where(processes.c.id == process.id).values(status="finished")
             )
+            self._announce(conn)
             log.info("process %s/%s finished", process.name, process.version)
         else:
             self._new_cycle(conn, process, ckpt, now)
@@ -1143,6 +1150,7 @@ class GridNode:
                 conn.execute(
                     processes.update().where(processes.c.id == p.id).values(status="stopped")
                 )
+                self._announce(conn)
         self.on_new_cycle()  # requests held for this process answer now, not at their timeout
         return {"status": "success", "name": p.name, "version": p.version}
 
