@@ -18,19 +18,15 @@ class LiveNode:
     """``gridfl.server`` served by uvicorn on 127.0.0.1 until :meth:`stop`."""
 
     def __init__(self, settings) -> None:
-        import uvicorn
-
-        from gridfl.server import create_app, uvicorn_options
+        from gridfl.server import make_server
 
         self.settings = settings
         self.port = free_port()
         self.http_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
-            lifespan="on", **uvicorn_options(settings),
+        self.server = make_server(
+            settings, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
         )
-        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20

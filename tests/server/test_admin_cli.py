@@ -17,6 +17,7 @@ from conftest import (
     ADMIN,
     Admin,
     HttpWorker,
+    WsWorker,
     b64,
     diff_of,
     free_port,
@@ -205,3 +206,55 @@ def test_plan_of_a_deleted_process_is_not_found(admin, server):
     assert admin.http.delete("/gridfl/v1/processes/mnist/1.0").status_code == 200
     r = w.get("get-plan", **params)
     assert r.status_code == 400 and r.json()["error"] == "Plan ID not found!", r.text
+
+
+def test_serve_answers_held_requests_when_told_to_stop(tmp_path):
+    """SIGTERM with requests held for a cycle (a status, a cycle request over HTTP and one
+    over WebSocket, each with a 60 s wait): they are answered at once (the status as it
+    is, the requests with their rejection and its timeout) and the node exits within
+    seconds; uvicorn alone waits for them, a minute."""
+    import threading
+
+    token_file = tmp_path / "token"
+    token_file.write_text(ADMIN + "\n")
+    proc, url = _start(tmp_path, free_port(), token_file)
+    replies: dict = {}
+    try:
+        admin = Admin(url)
+        cfg = {"max_workers": 1, "cycle_length": 600}
+        assert admin.host(host_payload(server_config=cfg)).status_code == 201
+        join(HttpWorker(url))  # the cycle's one seat
+        http_w, ws_w = HttpWorker(url), WsWorker(url, url.replace("http", "ws"))
+        asks = {}
+        for name, w in (("http", http_w), ("ws", ws_w)):
+            wid = w.call("model-centric/authenticate", {"model_name": "mnist"})[1]["worker_id"]
+            asks[name] = (w, {"worker_id": wid, "model": "mnist", "wait": 60})
+
+        def held(name):
+            if name == "status":
+                r = admin.http.get("/gridfl/v1/processes/mnist/1.0", params={"wait": 60},
+                                   timeout=90)
+                replies[name] = r.status_code, r.json()
+            else:
+                w, body = asks[name]
+                replies[name] = w.call("model-centric/cycle-request", body)
+
+        threads = [threading.Thread(target=held, args=(n,)) for n in ("status", "http", "ws")]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        assert not replies, f"not held: {replies}"
+        asked_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        took = time.monotonic() - asked_at
+        for t in threads:
+            t.join(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert took < 5, f"the node took {took:.1f} s to stop"
+    assert replies["status"][0] == 200 and replies["status"][1]["status"] == "running"
+    for name in ("http", "ws"):
+        code, body = replies[name]
+        assert code == 200 and body["status"] == "rejected" and body["timeout"] > 500, body

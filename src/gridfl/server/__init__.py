@@ -9,11 +9,14 @@ Worker API (HTTP under ``/model-centric/`` and WebSocket at ``/``) and the admin
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 from gridfl.server.app import create_app
 from gridfl.server.service import GridNode
 from gridfl.server.settings import Settings
 
-__all__ = ["GridNode", "Settings", "create_app", "serve", "uvicorn_options"]
+__all__ = ["GridNode", "Settings", "create_app", "make_server", "serve", "uvicorn_options"]
 
 
 def uvicorn_options(settings: Settings) -> dict:
@@ -30,16 +33,34 @@ def uvicorn_options(settings: Settings) -> dict:
     }
 
 
+def make_server(settings: Settings, **config: Any):
+    """A ``uvicorn.Server`` running the node with :func:`uvicorn_options`; ``config`` goes
+    to ``uvicorn.Config`` (host, port, log_level...). On shutdown (SIGINT, SIGTERM) it
+    first answers the requests held for a cycle, which would otherwise keep it up for as
+    long as they wait (up to 60 s), then stops as uvicorn does.
+
+        >>> make_server(Settings(data_dir="data"), port=5000).run()  # doctest: +SKIP
+    """
+    import uvicorn
+
+    from gridfl.server.app import release_held
+
+    app = create_app(settings)
+
+    class GridServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            await release_held(app)
+            await super().shutdown(sockets)
+
+    return GridServer(uvicorn.Config(app, **{**uvicorn_options(settings), **config}))
+
+
 def serve(
     settings: Settings, *, host: str = "127.0.0.1", port: int = 5000, log_level: str = "info"
 ) -> None:
     """Run the node with uvicorn until interrupted."""
-    import uvicorn
-
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level=log_level.lower(),
-        **uvicorn_options(settings),
-    )
+    server = make_server(settings, host=host, port=port, log_level=log_level.lower())
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:  # e.g. the port is taken: uvicorn has logged why
+        raise SystemExit(3)

@@ -87,6 +87,8 @@ class CycleSignal:
 
     def __init__(self) -> None:
         self.generation = 0
+        #: the server is shutting down: nothing waits any more
+        self.closed = False
         self._event = asyncio.Event()
 
     def notify(self) -> None:
@@ -94,8 +96,12 @@ class CycleSignal:
         self._event.set()
         self._event = asyncio.Event()
 
+    def close(self) -> None:
+        self.closed = True
+        self.notify()
+
     async def wait_after(self, generation: int, timeout: float) -> None:
-        if self.generation != generation:
+        if self.closed or self.generation != generation:
             return
         with anyio.move_on_after(timeout):
             await self._event.wait()
@@ -171,6 +177,8 @@ async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
             return reply
         held = True
         await signal.wait_after(generation, remaining)
+        if signal.closed:  # shutting down: the rejection stands, the worker asks again later
+            return reply
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -370,7 +378,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:
 
     async def run(text: str | bytes) -> None:
         try:
-            await handle(text)
+            with ws.app.state.ws_answering.track():
+                await handle(text)
         finally:
             in_flight.release()
 
@@ -470,7 +479,7 @@ async def _hold_status(app, name: str, version: str | None, after: int | None, w
         status, newest = await anyio.to_thread.run_sync(node.progress, name, version)
         after = newest if after is None else after
         remaining = deadline - time.monotonic()
-        if newest > after or status != "running" or remaining <= 0:
+        if newest > after or status != "running" or remaining <= 0 or signal.closed:
             return
         await signal.wait_after(generation, remaining)
 
@@ -625,6 +634,42 @@ async def _cycle_listener(
         await anyio.sleep(3)
 
 
+class Answering:
+    """Counts the WebSocket requests being answered, so that shutdown can let them send
+    their replies before uvicorn closes the sockets (1012) under them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def track(self):
+        self.count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if not self.count:
+                self._idle.set()
+
+    async def idle(self, timeout: float) -> None:
+        with anyio.move_on_after(timeout):
+            await self._idle.wait()
+
+
+async def release_held(app: Starlette, grace: float = 2.0) -> None:
+    """Answer every held request now and hold no new ones, then give the WebSocket
+    requests being answered up to ``grace`` seconds to send their replies: the server is
+    shutting down. (uvicorn waits for HTTP requests before it stops, and a held one can
+    take 60 s; it closes WebSockets at once.)"""
+    signal: CycleSignal | None = getattr(app.state, "cycle_signal", None)
+    if signal is not None:
+        signal.close()
+        await app.state.ws_answering.idle(grace)
+
+
 def create_app(settings: Settings | None = None, node: GridNode | None = None) -> Starlette:
     """The grid node as an ASGI app. The database is opened (and migrated) at startup."""
     settings = settings or Settings()
@@ -639,6 +684,7 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
         wake = asyncio.Event()
         signal = app.state.cycle_signal = CycleSignal()
         app.state.held_admissions = HeldAdmissions(n)
+        app.state.ws_answering = Answering()
 
         def on_new_cycle() -> None:
             loop.call_soon_threadsafe(wake.set)
