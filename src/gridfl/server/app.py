@@ -686,16 +686,16 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
         app.state.held_admissions = HeldAdmissions(n)
         app.state.ws_answering = Answering()
 
-        def on_new_cycle() -> None:
+        def on_cycles_changed() -> None:
             loop.call_soon_threadsafe(wake.set)
             loop.call_soon_threadsafe(signal.notify)
 
-        n.on_new_cycle = on_new_cycle
+        n.on_cycles_changed = on_cycles_changed
         timer = asyncio.create_task(_deadline_timer(n, settings, wake))
-        tasks = [timer, asyncio.create_task(_cycle_watcher(n, settings, on_new_cycle))]
+        tasks = [timer, asyncio.create_task(_cycle_watcher(n, settings, on_cycles_changed))]
         if n.engine.dialect.name == "postgresql":
             listening = asyncio.Event()
-            tasks.append(asyncio.create_task(_cycle_listener(n, on_new_cycle, listening)))
+            tasks.append(asyncio.create_task(_cycle_listener(n, on_cycles_changed, listening)))
             # up (answering /health) only once other processes' cycles reach it at once
             with anyio.move_on_after(10):
                 await listening.wait()
@@ -710,7 +710,7 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            n.on_new_cycle = lambda: None
+            n.on_cycles_changed = lambda: None
             if own:
                 n.close()
 

@@ -172,7 +172,7 @@ class GridNode:
         self._agg_lock = threading.Lock()
         #: called (from any thread) when a cycle opens or closes and when a process stops
         #: or goes: the deadline timer re-plans and held requests look again
-        self.on_new_cycle: Callable[[], None] = lambda: None
+        self.on_cycles_changed: Callable[[], None] = lambda: None
         #: tells this process's own CYCLE_CHANNEL notifications from the others'
         self.instance_id = uuid.uuid4().hex
         self._notify_others = self.engine.dialect.name == "postgresql"
@@ -406,7 +406,7 @@ class GridNode:
         except sa.exc.IntegrityError as e:
             raise ConflictError(f"FL Process already exists: '{name}' version '{version}'") from e
         log.info("hosted process %s/%s id=%s params=%d", name, version, pid, spec.total)
-        self.on_new_cycle()
+        self.on_cycles_changed()
         return {
             "status": "success",
             "id": pid,
@@ -807,7 +807,7 @@ class GridNode:
             else:
                 self._agg_cache[cycle_id] = [version + 1, sum_w, sum_x]
         if completed:
-            self.on_new_cycle()
+            self.on_cycles_changed()
         return _wire.report_response()
 
     def _load_aggregate(self, conn: Connection, cycle_id: int, spec: agg.ModelSpec):
@@ -963,7 +963,7 @@ class GridNode:
             except Exception:  # keep closing the others; the next wake-up retries
                 log.exception("closing cycle %s at its deadline failed", cycle_id)
         if closed:
-            self.on_new_cycle()
+            self.on_cycles_changed()
         return closed
 
     def _close_at_deadline(self, cycle_id: int, now: float) -> int:
@@ -1151,7 +1151,7 @@ class GridNode:
                     processes.update().where(processes.c.id == p.id).values(status="stopped")
                 )
                 self._announce(conn)
-        self.on_new_cycle()  # requests held for this process answer now, not at their timeout
+        self.on_cycles_changed()  # requests held for this process answer now, not at their timeout
         return {"status": "success", "name": p.name, "version": p.version}
 
     def delete(self, name: str, version: str | None) -> dict[str, Any]:
@@ -1164,7 +1164,7 @@ class GridNode:
             for table in (workers, checkpoints, plans, protocols):
                 conn.execute(table.delete().where(table.c.process_id == p.id))
             conn.execute(processes.delete().where(processes.c.id == p.id))
-        self.on_new_cycle()
+        self.on_cycles_changed()
         return {"status": "success", "name": p.name, "version": p.version}
 
 
