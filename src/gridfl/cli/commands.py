@@ -17,7 +17,6 @@ import click
 import numpy as np
 
 from gridfl._exceptions import ConfigError, GridflError
-from gridfl._wire import MAX_STATUS_CYCLES
 
 BUNDLE_FILE = "bundle.json"
 
@@ -338,18 +337,14 @@ def _cycle_row(c: dict) -> list[str]:
 
 
 def _follow(client, data: dict, as_json: bool) -> None:
-    """Print each cycle closing after ``data`` (a status), asking the node to hold each
-    request until the next one closes: no polling, and a line as soon as a cycle closes."""
+    """Print each cycle closing after ``data`` (a status), as soon as it closes."""
+    from gridfl.host import closed_cycles
+
     name, version = data["name"], data["version"]
     seen = max((c["sequence"] for c in data["cycles"] if c["status"] != "open"), default=0)
     while data["status"] == "running":
-        data = client.status(name, version, cycles=10, wait=_FOLLOW_HOLD, after=seen)
-        listed = [c["sequence"] for c in data["cycles"]]
-        if listed and min(listed) > seen + 1:  # more closed meanwhile than were listed
-            window = min(MAX_STATUS_CYCLES, max(listed) - seen + 2)
-            data = client.status(name, version, cycles=window)
-        closed = [c for c in data["cycles"] if c["status"] != "open" and c["sequence"] > seen]
-        for c in sorted(closed, key=lambda c: c["sequence"]):
+        data, closed = closed_cycles(client, name, version, seen, wait=_FOLLOW_HOLD)
+        for c in closed:
             seen = c["sequence"]
             if as_json:
                 click.echo(json.dumps(c))

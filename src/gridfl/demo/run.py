@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gridfl import Plan, _wire, state
+from gridfl import Plan, state
 from gridfl._exceptions import ConfigError, GridflError
 from gridfl.datasets import Mnist, load_mnist
 from gridfl.demo.report import CycleResult, RunResult
-from gridfl.host import HostClient
+from gridfl.host import HostClient, closed_cycles
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -352,23 +352,12 @@ def _watch(
     # closing time of the first cycle, not off when a poll happened to see it
     node_up_at = time.time() - (time.perf_counter() - node_up)
     while True:
-        # The node holds the request until a cycle after the last one taken in closes (or
-        # _HOLD passes): no polling. The node's cost grows with the cycles listed (about
-        # 0.5 ms each): ask for the few newest; if more closed meanwhile, ask again back to
-        # the last one taken in, with a margin for cycles closing in between.
-        status = host.status(name, version, cycles=_WATCH_WINDOW, wait=_HOLD, after=seen)
-        listed = [c["sequence"] for c in status["cycles"]]
-        window = _WATCH_WINDOW
-        while listed and min(listed) > seen + 1 and window < _wire.MAX_STATUS_CYCLES:
-            window = min(_wire.MAX_STATUS_CYCLES, max(listed) - seen + _WATCH_WINDOW)
-            status = host.status(name, version, cycles=window)
-            listed = [c["sequence"] for c in status["cycles"]]
+        # held by the node until a cycle after the last one taken in closes, or _HOLD
+        status, closed = closed_cycles(
+            host, name, version, seen, wait=_HOLD, window=_WATCH_WINDOW
+        )
         memory.sample(every=_MEMORY_EVERY)
         first = not result.cycles
-        closed = sorted(
-            (c for c in status["cycles"] if c["status"] != "open" and c["sequence"] > seen),
-            key=lambda c: c["sequence"],
-        )
         for c in closed:
             seen = c["sequence"]
             if not c["result_checkpoint"]:  # expired or stopped: no new model to take in
