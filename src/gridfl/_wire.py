@@ -56,6 +56,7 @@ __all__ = [
     "parse_report",
     "parse_asset_request",
     "parse_ws_frame",
+    "echoable_request_id",
     "ws_reply",
     "ws_error",
     "authenticate_response",
@@ -74,7 +75,10 @@ __all__ = [
     "split_binary_frame",
     "binary_report_data",
     "check_text",
+    "check_json_values",
+    "parse_json",
     "MAX_NUM_SAMPLES",
+    "MAX_MESSAGE_VALUES",
 ]
 
 # --- message types (WebSocket `type`; the HTTP path is `/` + type) -------------------------
@@ -119,6 +123,103 @@ def check_text(value: str, what: str) -> str:
     except UnicodeEncodeError:
         raise InvalidRequestError(f"{what} is not valid Unicode (a lone surrogate)") from None
     return value
+
+
+#: most JSON values (objects, arrays and their members) one worker message may hold: a
+#: report is a handful of fields and one long base64 string, so anything near this is
+#: hostile, and refusing it before decoding keeps the parser's work linear in the bytes
+#: with the constant of a normal report (64 MiB of ``[0,0,...]`` is 32M Python objects)
+MAX_MESSAGE_VALUES = 4096
+
+
+def parse_json(
+    body: bytes | str, what: str = "the body", *, max_values: int | None = None, check: bool = True
+) -> Any:
+    """Decode JSON that the node can store and send back as JSON: every failure is an
+    :class:`InvalidRequestError` naming what was wrong (bad UTF-8, syntax, nesting deeper
+    than the decoder recurses, ``NaN``/``Infinity`` or a number beyond the float range,
+    text no database stores; see :func:`check_json_values`).
+
+    ``max_values`` caps the JSON values (a cheap count of ``,``, ``[``, ``{`` before
+    decoding, an over-count since it also sees them inside strings). ``check=False``
+    leaves the values to the caller (:func:`parse_ws_frame` checks a frame's).
+
+        >>> parse_json('{"lr": 0.1}')
+        {'lr': 0.1}
+        >>> parse_json('{"lr": 1e999}')  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        gridfl._exceptions.InvalidRequestError: 'lr' is not a finite number ...
+    """
+    if max_values is not None:
+        raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+        count = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+        if count > max_values:
+            raise InvalidRequestError(
+                f"{what} holds more than {max_values} JSON values; a worker message has a "
+                "few fields and carries its diff as one base64 string"
+            )
+    try:
+        # float("1e999") is inf and the decoder takes NaN and Infinity: both are left as
+        # they come and found, with their path, by check_json_values
+        value = json.loads(body)
+    except RecursionError:
+        raise InvalidRequestError(f"{what} is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise InvalidRequestError(f"{what} is not valid JSON: {e}") from None
+    return check_json_values(value) if check else value
+
+
+def check_json_values(value: Any, where: str = "") -> Any:
+    """Refuse, naming the field, what JSON cannot carry back out or a database cannot
+    store: a non-finite float (``NaN``, ``Infinity``, ``1e999``), an integer beyond the
+    float range (JavaScript reads it as ``Infinity``), and text holding NUL or a lone
+    UTF-16 surrogate, in any key or value at any depth. Returns ``value``.
+
+        >>> check_json_values({"a": [1, 2.5, "x"]})
+        {'a': [1, 2.5, 'x']}
+    """
+    stack = [(value, where)]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            _check_json_text(v, path)
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise InvalidRequestError(f"{_name(path)}: keys must be strings")
+                inner = f"{path}.{_segment(k)}" if path else _segment(k)
+                _check_json_text(k, inner, key=True)
+                stack.append((item, inner))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(v))
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise InvalidRequestError(
+                f"{_name(path)} is not a finite number (NaN, Infinity and numbers beyond "
+                "the float range cannot be sent back as JSON)"
+            )
+        elif isinstance(v, int) and not isinstance(v, bool) and _finite(v) is None:
+            raise InvalidRequestError(f"{_name(path)} is an integer beyond the float range")
+    return value
+
+
+def _segment(key: str) -> str:
+    """A key as it may appear in an error message: printable ASCII, escaped otherwise (a
+    message must not carry the very text it refuses), and cut short."""
+    if key.isascii() and key.isprintable() and len(key) <= 64:
+        return key
+    return ascii(key[:64])[1:-1]
+
+
+def _name(path: str) -> str:
+    return f"'{path}'" if path else "the value"
+
+
+def _check_json_text(text: str, path: str, *, key: bool = False) -> None:
+    if text.isascii() and "\x00" not in text:  # isascii is O(1), the NUL search a memchr
+        return
+    what = f"the key {_name(path)}" if key else _name(path)
+    check_text(text, what)
 
 
 def _str(data: dict, key: str, *, required: bool = True, max_len: int = 4096) -> str | None:
@@ -294,7 +395,9 @@ def parse_report(data: Any) -> ReportRequest:
             raise InvalidRequestError(
                 f"'num_samples' must be a positive integer (at most {MAX_NUM_SAMPLES})"
             )
-    metrics = data.get("metrics") or {}
+    metrics = data.get("metrics")
+    if metrics is None:
+        metrics = {}
     if not isinstance(metrics, dict):
         raise InvalidRequestError("'metrics' must be an object of name -> number")
     if len(metrics) > 32:
@@ -340,7 +443,17 @@ def parse_ws_frame(frame: Any) -> tuple[str, dict[str, Any], Any]:
         data = {}
     if not isinstance(data, dict):
         raise InvalidRequestError("message 'data' must be an object")
-    return kind, data, frame.get("request_id")
+    request_id = check_json_values(frame.get("request_id"), "request_id")
+    return kind, check_json_values(data), request_id
+
+
+def echoable_request_id(frame: Any) -> Any:
+    """The frame's ``request_id`` if a reply can carry it back as JSON, else None."""
+    request_id = frame.get("request_id") if isinstance(frame, dict) else None
+    try:
+        return check_json_values(request_id)
+    except InvalidRequestError:
+        return None
 
 
 def ws_reply(kind: str | None, data: dict[str, Any], request_id: Any = None) -> dict[str, Any]:

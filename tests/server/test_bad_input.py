@@ -353,6 +353,16 @@ def _host(mutate: Callable[[dict, Any], Any], *, token: str | None = ADMIN, raw=
     return request
 
 
+def _host_json(**client_config_literals: str) -> bytes:
+    """A valid host body with JSON literals spliced into its client_config (NaN, 1e999 and
+    lone surrogates, which json.dumps would not write)."""
+    payload = host_payload(name="fresh", server_config={"cycle_length": 3600})
+    text = json.dumps(payload)
+    head, _, tail = text.partition('"client_config": {')
+    extra = "".join(f'"{k}": {v}, ' for k, v in client_config_literals.items())
+    return (head + '"client_config": {' + extra + tail).encode()
+
+
 def _sc(**cfg):
     def mutate(p, ctx):
         p["server_config"].update(cfg)
@@ -397,7 +407,8 @@ def _asset(path, **params):
 
 
 _inv = _wire.MSG_AUTH_INVALID
-_deep = "[" * 100_000 + "]" * 100_000
+_deep = "[" * 4000 + "]" * 4000  # under the value cap, deeper than the decoder recurses
+_many = "[" + "0," * 5000 + "0]"
 
 # One case per line or two: a table reads better than one argument per line.
 # fmt: off
@@ -419,10 +430,12 @@ CASES: list[Case] = [
     W("auth-not-utf8", AUTH, None, 400, "not valid JSON", raw=lambda ctx: b"\xff\xfe{}",
       transports=("http",)),
     W("auth-deeply-nested-json", AUTH, None, 400, "nested", raw=lambda ctx: _deep),
+    W("auth-many-json-values", AUTH, None, 400, "more than 4096 JSON values",
+      raw=lambda ctx: _many),
     W("auth-huge-integer-literal", AUTH, None, 400, "not valid JSON",
       raw=lambda ctx: '{"model_name": ' + "9" * 5000 + "}"),
     W("auth-model_name-4000-digit-integer", AUTH, lambda ctx: {"model_name": 10**4000}, 400,
-      "'model_name' is too long"),
+      "'model_name' is an integer beyond the float range"),
     W("auth-empty-body", AUTH, None, 400, "not valid JSON", raw=lambda ctx: "",
       transports=("http",)),
     # ---- missing fields, wrong types, out-of-range values
@@ -439,6 +452,10 @@ CASES: list[Case] = [
       "control character"),
     W("auth-model_name-lone-surrogate", AUTH, None, 400, "surrogate",
       raw=lambda ctx: '{"model_name": "\\ud800"}'),
+    W("auth-token-lone-surrogate", AUTH, None, 400, "'auth_token' is not valid Unicode",
+      raw=lambda ctx: '{"model_name": "hs", "auth_token": "\\ud800"}'),
+    W("auth-surrogate-in-an-unknown-field", AUTH, None, 400, "'extra.x' is not valid Unicode",
+      raw=lambda ctx: '{"model_name": "mnist", "extra": {"x": "a\\udfffb"}}'),
     W("auth-token-number", AUTH, lambda ctx: {"model_name": "hs", "auth_token": 5}, 400,
       "'auth_token' must be a string"),
     W("cycle-missing-worker_id", CYCLE, lambda ctx: {"model": "mnist"}, 400,
@@ -453,13 +470,13 @@ CASES: list[Case] = [
     W("cycle-download-negative", CYCLE,
       lambda ctx: {"worker_id": ctx.a3, "model": "mnist", "download": -1}, 400,
       "'download' needs to be a positive number"),
-    W("cycle-upload-infinity", CYCLE, None, 400, "'upload' needs to be a positive number",
+    W("cycle-upload-infinity", CYCLE, None, 400, "'upload' is not a finite number",
       raw=lambda ctx: json.dumps({"worker_id": ctx.a3, "model": "mnist", "upload": 1e999})),
-    W("cycle-ping-NaN", CYCLE, None, 400, "'ping' needs to be a positive number",
+    W("cycle-ping-NaN", CYCLE, None, 400, "'ping' is not a finite number",
       raw=lambda ctx: json.dumps({"worker_id": ctx.a3, "model": "mnist", "ping": float("nan")})),
     W("cycle-ping-huge-int", CYCLE,
       lambda ctx: {"worker_id": ctx.a3, "model": "mnist", "ping": 10**400}, 400,
-      "'ping' needs to be a positive number"),
+      "'ping' is an integer beyond the float range"),
     W("cycle-wait-too-long", CYCLE,
       lambda ctx: {"worker_id": ctx.a3, "model": "mnist", "wait": 3600}, 400, "'wait' must be"),
     W("cycle-speed-test-fields-missing", CYCLE,
@@ -482,11 +499,15 @@ CASES: list[Case] = [
       "'num_samples' must be a positive integer"),
     W("report-metrics-list", REPORT, lambda ctx: _report(ctx, metrics=[1]), 400,
       "'metrics' must be an object"),
+    W("report-metrics-empty-list", REPORT, lambda ctx: _report(ctx, metrics=[]), 400,
+      "'metrics' must be an object"),
+    W("report-metrics-false", REPORT, lambda ctx: _report(ctx, metrics=False), 400,
+      "'metrics' must be an object"),
     W("report-metric-string", REPORT, lambda ctx: _report(ctx, metrics={"acc": "high"}), 400,
       "metric 'acc' must be a finite number"),
     W("report-metric-huge-int", REPORT, lambda ctx: _report(ctx, metrics={"acc": 10**400}), 400,
-      "metric 'acc' must be a finite number"),
-    W("report-metric-NaN", REPORT, None, 400, "metric 'loss' must be a finite number",
+      "'metrics.acc' is an integer beyond the float range"),
+    W("report-metric-NaN", REPORT, None, 400, "'metrics.loss' is not a finite number",
       raw=lambda ctx: json.dumps(_report(ctx, metrics={"loss": float("nan")}))),
     W("report-too-many-metrics", REPORT,
       lambda ctx: _report(ctx, metrics={f"m{i}": 1 for i in range(33)}), 400, "at most 32"),
@@ -531,6 +552,10 @@ CASES: list[Case] = [
       "diff tensor 1 has NaN or infinite values"),
     W("report-diff-minus-Inf", REPORT, _diff(_float_diff(float("-inf"))), 400,
       "diff tensor 1 has NaN or infinite values"),
+    W("report-diff-finite-but-huge", REPORT, _diff(_float_diff(3e38)), 400,
+      "diff tensor 1 has values beyond ±1e+12"),
+    W("report-diff-1e23", REPORT, _diff(_float_diff(-1e23)), 400,
+      "diff tensor 1 has values beyond ±1e+12"),
     # ---- request keys, foreign workers, closed cycles, double reports
     W("report-unknown-worker", REPORT, lambda ctx: _report(ctx, worker_id=str(uuid.uuid4())),
       400, "Worker ID not found!"),
@@ -635,6 +660,15 @@ CASES: list[Case] = [
     WSONLY("ws-data-list", lambda ctx: json.dumps({"type": AUTH, "data": [1]}), 400,
            "message 'data' must be an object"),
     WSONLY("ws-frame-list", lambda ctx: "[1, 2]", 400, "expected a JSON object"),
+    WSONLY("ws-request_id-NaN",
+           lambda ctx: f'{{"type": "{AUTH}", "request_id": NaN, "data": {{"model_name": "x"}}}}',
+           400, "'request_id' is not a finite number"),
+    WSONLY("ws-request_id-1e400",
+           lambda ctx: f'{{"type": "{AUTH}", "request_id": 1e400, "data": {{"model_name": "x"}}}}',
+           400, "'request_id' is not a finite number"),
+    WSONLY("ws-request_id-lone-surrogate",
+           lambda ctx: f'{{"type": "{AUTH}", "request_id": "\\ud800", "data": {{}}}}',
+           400, "'request_id' is not valid Unicode"),
     WSONLY("ws-host-training", lambda ctx: json.dumps({"type": _wire.HOST_TRAINING, "data": {}}),
            400, "hosting over the WebSocket is not supported"),
     # ---- binary report frames (gridfl extension): 4-byte length, JSON header, diff bytes;
@@ -748,22 +782,30 @@ CASES: list[Case] = [
       "client_config.name is required"),
     H("host-client_config-name-nul", _host(lambda p, c: p["client_config"].update(name="a\0")),
       400, "control character"),
+    H("host-client_config-NaN", _host(None, raw=_host_json(decay="NaN")), 400,
+      "'client_config.decay' is not a finite number"),
+    H("host-client_config-1e999", _host(None, raw=_host_json(decay="[0.1, 1e999]")), 400,
+      "'client_config.decay[1]' is not a finite number"),
+    H("host-client_config-surrogate-key", _host(None, raw=_host_json(**{"\\udc00": "1"})), 400,
+      "is not valid Unicode"),
+    H("host-cycle_length-1e-9", _host(_sc(cycle_length=1e-9)), 400,
+      "server_config.cycle_length must be a number >= 1"),
     H("host-unknown-server_config-key", _host(_sc(cycle_lenght=60)), 400,
       "server_config: unknown keys ['cycle_lenght']"),
     H("host-server_config-not-object", _host(_set("server_config", [1])), 400,
       "server_config must be an object"),
     H("host-cycle_length-string", _host(_sc(cycle_length="60")), 400,
-      "server_config.cycle_length must be a number > 0"),
+      "server_config.cycle_length must be a number >= 1"),
     H("host-cycle_length-zero", _host(_sc(cycle_length=0)), 400,
-      "server_config.cycle_length must be a number > 0"),
+      "server_config.cycle_length must be a number >= 1"),
     H("host-cycle_length-huge-int", _host(_sc(cycle_length=10**400)), 400,
-      "server_config.cycle_length must be a number"),
+      "'server_config.cycle_length' is an integer beyond the float range"),
     H("host-num_cycles-bool", _host(_sc(num_cycles=True)), 400,
       "server_config.num_cycles must be an integer >= 0"),
     H("host-max_workers-zero", _host(_sc(max_workers=0)), 400,
       "server_config.max_workers must be an integer >= 1"),
     H("host-max_workers-huge", _host(_sc(max_workers=10**400)), 400,
-      "server_config.max_workers must be an integer"),
+      "'server_config.max_workers' is an integer beyond the float range"),
     H("host-over_selection-huge", _host(_sc(max_workers=2, over_selection=1e300)), 400,
       "server_config.over_selection must be"),
     H("host-max_diffs-below-min_diffs", _host(_sc(min_diffs=3, max_diffs=2)), 400,
@@ -821,9 +863,9 @@ CASES: list[Case] = [
       "protocols.p: expected a non-empty base64 string"),
     # NUL in a name: PostgreSQL refuses to store it (a 500 before); refused on both stores
     H("host-plan-name-nul", _host(_set("plans", {"train\x00ing": b64(training_plan())})), 400,
-      "a plan name must not contain control character NUL"),
+      "the key 'plans.train\\x00ing' must not contain control character NUL"),
     H("host-protocol-name-nul", _host(_set("protocols", {"p\x00": b64(b"x")})), 400,
-      "a protocol name must not contain control character NUL"),
+      "the key 'protocols.p\\x00' must not contain control character NUL"),
     # ---- admin: unknown processes, checkpoints, retrieve
     H("status-unknown-process", _admin_req("GET", "/gridfl/v1/processes/nope"), 404,
       "no FL process named 'nope'"),
@@ -913,7 +955,7 @@ def _send_ws(ctx, case: Case, transport: str = "ws") -> tuple[dict | None, int |
     with connect(ctx.srv.ws_url, max_size=None, open_timeout=20, subprotocols=subprotocols) as ws:
         try:
             ws.send(frame)
-            reply = json.loads(ws.recv(timeout=30))
+            reply = _strict_json(ws.recv(timeout=30))
         except ConnectionClosed as e:
             return None, e.rcvd.code if e.rcvd else None
         # the socket stays usable after an error
@@ -923,6 +965,14 @@ def _send_ws(ctx, case: Case, transport: str = "ws") -> tuple[dict | None, int |
     if isinstance(reply, dict) and reply.get("request_id") not in (None, rid, "r"):
         raise AssertionError(f"reply to another request: {reply}")
     return reply, None
+
+
+def _refuse_constant(name: str):
+    raise AssertionError(f"the node sent {name}, which is not JSON")
+
+
+def _strict_json(text: str | bytes) -> Any:
+    return json.loads(text, parse_constant=_refuse_constant)
 
 
 def _check_message(message: str, case: Case) -> None:
@@ -938,7 +988,7 @@ def test_bad_input(node, case: Case, transport: str):
         r = _send_http(node, case)
         assert r.status_code == case.status, (r.status_code, r.text[:500])
         assert r.headers["content-type"].startswith("application/json"), r.headers
-        body = r.json()
+        body = _strict_json(r.content)
         _check_message(body.get("error"), case)
         if case.kind == CYCLE:
             assert body.get("status") == "rejected", body

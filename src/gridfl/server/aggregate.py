@@ -8,6 +8,12 @@ writes; float64 when the model has float64 or integer tensors):
   (``count_w`` reports, total weight ``weight``);
 * ``sum_x`` = sum of ``diff`` over reports without ``num_samples`` (``count_x`` reports).
 
+No sequence of accepted reports can overflow these sums or publish a non-finite model:
+:func:`validate_diff` bounds every diff value to ``±MAX_DIFF_VALUE`` and ``num_samples`` is
+at most 2**53 - 1, so one float32 sum stays below 3.4e38 for up to 3e10 reports, and
+:func:`apply_diff` refuses (:class:`ModelError`) a result that does not fit its dtype (a
+model drifted past float32's range), which the node treats as an expired cycle.
+
 The cycle's aggregate (see :func:`mean_diff`) is the plain mean when no report carried
 ``num_samples``, the ``num_samples``-weighted mean when all did, and in a mixed cycle the
 weighted mean where each report without ``num_samples`` weighs the mean ``num_samples`` of
@@ -22,7 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gridfl._exceptions import InvalidRequestError
+from gridfl._exceptions import InvalidRequestError, ModelError
+
+#: largest magnitude of a diff value: a trained weight moving by 1e12 in one cycle is no
+#: longer training, and the bound keeps float32 sums of num_samples-weighted diffs finite
+#: (1e12 x (2**53 - 1) x 3e10 reports < 3.4e38)
+MAX_DIFF_VALUE = 1e12
 
 
 @dataclass(frozen=True)
@@ -59,8 +70,17 @@ def validate_diff(arrays: Sequence[np.ndarray], spec: ModelSpec) -> None:
             raise InvalidRequestError(
                 f"diff tensor {i} is {a.dtype}{list(a.shape)}; the model's is {spec.describe(i)}"
             )
-        if a.dtype.kind in "fc" and not np.isfinite(a).all():
-            raise InvalidRequestError(f"diff tensor {i} has NaN or infinite values")
+        if a.size == 0 or a.dtype.kind == "b":
+            continue
+        # min and max are two passes with no temporary array; NaN fails both comparisons
+        lo, hi = a.min(), a.max()
+        if not (-MAX_DIFF_VALUE <= lo and hi <= MAX_DIFF_VALUE):
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise InvalidRequestError(f"diff tensor {i} has NaN or infinite values")
+            raise InvalidRequestError(
+                f"diff tensor {i} has values beyond ±{MAX_DIFF_VALUE:g} (from {lo:g} to {hi:g}); "
+                "a diff is original - trained parameters"
+            )
 
 
 def new_sum(spec: ModelSpec) -> np.ndarray:
@@ -104,13 +124,30 @@ def split(flat: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:
 
 
 def apply_diff(params: Sequence[np.ndarray], flat: np.ndarray, spec: ModelSpec) -> list:
-    """``new = current - aggregate``, computed in float64 and cast back to each dtype."""
+    """``new = current - aggregate``, computed in float64 and cast back to each dtype.
+
+    Raises :class:`ModelError` when a value does not fit its dtype (beyond float32's range,
+    or an integer dtype's): the caller keeps the current checkpoint.
+    """
     out = []
-    for p, d in zip(params, split(flat, spec), strict=True):
-        if p.dtype.kind in "iub":
+    for i, (p, d) in enumerate(zip(params, split(flat, spec), strict=True)):
+        if p.dtype.kind == "b":
             out.append((p - np.rint(d)).astype(p.dtype))
+            continue
+        new = p - np.rint(d) if p.dtype.kind in "iu" else p.astype(np.float64) - d
+        if new.size and p.dtype.kind in "iu":
+            info = np.iinfo(p.dtype)
+            fits = info.min <= new.min() and new.max() <= info.max
         else:
-            out.append((p.astype(np.float64) - d).astype(p.dtype))
+            with np.errstate(over="ignore"):  # overflow is what the check below finds
+                new = new.astype(p.dtype)
+            fits = bool(np.isfinite(new).all())
+        if not fits:
+            raise ModelError(
+                f"the aggregate moves model tensor {i} ({spec.describe(i)}) beyond the range "
+                f"of {p.dtype}"
+            )
+        out.append(new.astype(p.dtype, copy=False))
     return out
 
 

@@ -65,15 +65,9 @@ def _error_extra(kind: str) -> dict[str, Any]:
     return {"status": "rejected"} if kind == _wire.CYCLE_REQUEST else {}
 
 
-def _parse_json(body: bytes | str, what: str = "the body") -> Any:
-    """Decode JSON; every failure is a 400 (bad UTF-8, syntax, integers longer than Python
-    reads, nesting deeper than the decoder recurses)."""
-    try:
-        return json.loads(body)
-    except RecursionError:
-        raise InvalidRequestError(f"{what} is not valid JSON: nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
-        raise InvalidRequestError(f"{what} is not valid JSON: {e}") from None
+def _parse_json(body: bytes | str, what: str = "the body", *, check: bool = True) -> Any:
+    """A worker message's JSON (:func:`_wire.parse_json`, its values capped)."""
+    return _wire.parse_json(body, what, max_values=_wire.MAX_MESSAGE_VALUES, check=check)
 
 
 class CycleSignal:
@@ -303,7 +297,7 @@ def _parse_binary_header(head: bytes) -> Any:
         text = head.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InvalidRequestError(f"the binary frame's header is not UTF-8: {e}") from None
-    return _parse_json(text, "the binary frame's header")
+    return _parse_json(text, "the binary frame's header", check=False)
 
 
 def _too_large(kind: str, size: int, limit: int) -> PayloadTooLargeError:
@@ -329,7 +323,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             if isinstance(reply, bytes):
                 await ws.send_bytes(reply)
             else:
-                await ws.send_text(json.dumps(reply))
+                await ws.send_text(json.dumps(reply, allow_nan=False))
 
     async def handle(text: str | bytes) -> None:
         kind, request_id = None, None
@@ -337,12 +331,12 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         try:
             payload = None
             if isinstance(text, str):
-                frame = _parse_json(text, "the message")
+                frame = _parse_json(text, "the message", check=False)
             else:  # a binary report (gridfl extension): JSON header + raw diff bytes
                 head, payload = _wire.split_binary_frame(text)
                 frame = _parse_binary_header(head)
-            if isinstance(frame, dict):
-                request_id = frame.get("request_id")
+            if isinstance(frame, dict):  # for the error reply's envelope, if it comes to that
+                request_id = _wire.echoable_request_id(frame)
                 kind = frame.get("type") if isinstance(frame.get("type"), str) else None
             kind, data, request_id = _wire.parse_ws_frame(frame)
             if payload is not None:
@@ -436,7 +430,7 @@ def _checkpoint_ref(ref: str) -> str:
 async def host_process(request: Request) -> Response:
     body = await _read_body(request, _settings(request).max_admin_body_bytes)
     node = _node(request)
-    result = await anyio.to_thread.run_sync(lambda: node.host(_parse_json(body)))
+    result = await anyio.to_thread.run_sync(lambda: node.host(_wire.parse_json(body)))
     return JSONResponse(result, status_code=201)
 
 

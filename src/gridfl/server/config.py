@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from gridfl._exceptions import ConfigError
+from gridfl._wire import check_json_values
 
 #: key -> default of the normalized server_config
 SERVER_DEFAULTS: dict[str, Any] = {
@@ -34,6 +35,10 @@ _AUTH_KEYS = {"type", "secret", "pub_key", "endpoint"}
 
 #: largest integer a server_config key takes (a 32-bit database integer)
 MAX_INT = (1 << 31) - 1
+#: shortest and longest cycle_length (seconds): a cycle shorter than a second expires and
+#: reopens faster than any worker can join it; a year is longer than any process runs
+MIN_CYCLE_LENGTH = 1.0
+MAX_CYCLE_LENGTH = 365 * 24 * 3600.0
 #: largest over_selection (accepting 100x max_workers is already absurd)
 MAX_OVER_SELECTION = 100.0
 
@@ -106,6 +111,8 @@ def _encodes(v: str) -> bool:
 def validate_client_config(cfg: Any) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ConfigError("client_config must be an object")
+    # every worker is sent it as JSON: no NaN, no Infinity, text a database stores
+    check_json_values(cfg, "client_config")
     for key in ("name", "version"):
         v = cfg.get(key)
         if not isinstance(v, str) or not v or len(v) > 255:
@@ -161,13 +168,16 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
         cfg = {}
     if not isinstance(cfg, dict):
         raise ConfigError("server_config must be an object")
+    check_json_values(cfg, "server_config")
     unknown = set(cfg) - set(SERVER_DEFAULTS)
     if unknown:
         raise ConfigError(
             f"server_config: unknown keys {sorted(unknown)}; known: {sorted(SERVER_DEFAULTS)}"
         )
     out = {**SERVER_DEFAULTS, **cfg}
-    _num(out, "cycle_length", minimum=0, nullable=True, strict=True)
+    _num(
+        out, "cycle_length", minimum=MIN_CYCLE_LENGTH, nullable=True, maximum=MAX_CYCLE_LENGTH
+    )
     _int(out, "num_cycles", minimum=0, nullable=False)
     for key in ("min_diffs", "max_diffs", "max_workers"):
         _int(out, key, minimum=1, nullable=True)

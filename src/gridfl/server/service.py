@@ -37,6 +37,7 @@ from gridfl._exceptions import (
     GridError,
     GridflError,
     InvalidRequestError,
+    ModelError,
     NotFoundError,
     PermissionDeniedError,
 )
@@ -304,6 +305,9 @@ class GridNode:
             raise InvalidRequestError(f"model: not valid State bytes: {e}") from e
         if not params:
             raise InvalidRequestError("model: the State holds no tensors")
+        for i, p in enumerate(params):
+            if p.dtype.kind == "f" and not np.isfinite(p).all():
+                raise InvalidRequestError(f"model: tensor {i} has NaN or infinite values")
         spec = agg.ModelSpec.of(params)
 
         raw_plans = payload.get("plans")
@@ -865,7 +869,8 @@ class GridNode:
         return cap is not None and accepted >= cap and received >= accepted
 
     def _complete(self, conn: Connection, cycle, process, spec, sums) -> None:
-        """Aggregate, write the new checkpoint, close the cycle, open the next one."""
+        """Aggregate, write the new checkpoint, close the cycle, open the next one; or
+        expire the cycle when its result does not fit the model's dtypes."""
         from gridfl import state
 
         count_w, weight, sum_w, count_x, sum_x = sums
@@ -874,9 +879,13 @@ class GridNode:
             mean = sum_x
         else:
             mean = agg.mean_diff(sum_w, count_w, weight, sum_x, count_x)
-        new_params = agg.apply_diff(params, mean, spec)
-        data = state.dumps(new_params)
         now = time.time()
+        try:
+            new_params = agg.apply_diff(params, mean, spec)
+        except ModelError as e:
+            self._expire(conn, cycle, process, now, f"its result is not usable: {e}", warn=True)
+            return
+        data = state.dumps(new_params)
         number = (
             conn.execute(
                 sa.select(sa.func.max(checkpoints.c.number)).where(
@@ -923,6 +932,26 @@ class GridNode:
         else:
             self._new_cycle(conn, process, ckpt, now)
         _test_crash_point("aggregate")
+
+    def _expire(
+        self, conn: Connection, cycle, process, now: float, why: str, *, warn: bool = False
+    ) -> None:
+        """Close the cycle without a checkpoint: its reports are dropped and a new cycle
+        opens on the same checkpoint."""
+        conn.execute(
+            cycles.update().where(cycles.c.id == cycle.id).values(status="expired", closed_at=now)
+        )
+        conn.execute(aggregates.delete().where(aggregates.c.cycle_id == cycle.id))
+        self._new_cycle(conn, process, cycle.checkpoint_id, now)
+        log.log(
+            logging.WARNING if warn else logging.INFO,
+            "cycle %s/%s #%d expired with %d reports: %s",
+            process.name,
+            process.version,
+            cycle.sequence,
+            cycle.num_reports,
+            why,
+        )
 
     # ------------------------------------------------------------------ deadlines
     def next_deadline(self) -> float | None:
@@ -987,21 +1016,8 @@ class GridNode:
                         conn, cycle, process, spec, (count_w, weight, sum_w, count_x, sum_x)
                     )
                 else:
-                    # too few reports (min_diffs) or workers (min_workers): the cycle expires,
-                    # its reports are dropped and a new cycle opens on the same checkpoint
-                    conn.execute(
-                        cycles.update()
-                        .where(cycles.c.id == cycle_id)
-                        .values(status="expired", closed_at=now)
-                    )
-                    conn.execute(aggregates.delete().where(aggregates.c.cycle_id == cycle_id))
-                    self._new_cycle(conn, process, cycle.checkpoint_id, now)
-                    log.info(
-                        "cycle %s/%s #%d expired with %d reports",
-                        process.name,
-                        process.version,
-                        cycle.sequence,
-                        cycle.num_reports,
+                    self._expire(
+                        conn, cycle, process, now, "too few reports (min_diffs) or workers"
                     )
         finally:
             with self._agg_lock:
@@ -1169,13 +1185,24 @@ class GridNode:
 
 
 def _metric_means(reported) -> dict[str, float]:
-    """Mean of each metric over the cycle's reports; num_samples-weighted if all carry it."""
+    """Mean of each metric over the cycle's reports; num_samples-weighted if all carry it.
+
+    Computed as a convex combination (weights normalised, values scaled by the largest)
+    with ``math.fsum``, then kept within the values' range: the mean of finite values is
+    finite, however large the values and weights (1e300 weighted by 2**53 - 1 overflowed a
+    plain weighted sum to inf, which no status reply could carry as JSON).
+    """
     weighted = bool(reported) and all(r.num_samples for r in reported)
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
+    values: dict[str, list[tuple[float, float]]] = {}
     for r in reported:
-        w = float(r.num_samples) if weighted else 1.0
+        w = r.num_samples if weighted else 1
         for k, v in (r.metrics or {}).items():
-            sums[k] = sums.get(k, 0.0) + w * v
-            weights[k] = weights.get(k, 0.0) + w
-    return {k: sums[k] / weights[k] for k in sums}
+            values.setdefault(k, []).append((w, v))
+    means = {}
+    for k, pairs in values.items():
+        total = sum(w for w, _ in pairs)  # integers: exact
+        lo, hi = min(v for _, v in pairs), max(v for _, v in pairs)
+        scale = max(abs(lo), abs(hi)) or 1.0
+        mean = scale * math.fsum((v / scale) * (w / total) for w, v in pairs)  # inf: clipped
+        means[k] = min(max(mean, lo), hi)
+    return means
