@@ -73,7 +73,7 @@ def validate_diff(arrays: Sequence[np.ndarray], spec: ModelSpec) -> None:
         if a.size == 0 or a.dtype.kind == "b":
             continue
         # min and max are two passes with no temporary array; NaN fails both comparisons
-        lo, hi = a.min(), a.max()
+        lo, hi = float(a.min()), float(a.max())
         if not (-MAX_DIFF_VALUE <= lo and hi <= MAX_DIFF_VALUE):
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise InvalidRequestError(f"diff tensor {i} has NaN or infinite values")

@@ -127,7 +127,7 @@ worker_cycles = sa.Table(
     sa.Column("request_key", sa.String(128), nullable=False),
     sa.Column("accepted_at", sa.Float, nullable=False),
     sa.Column("reported_at", sa.Float, nullable=True),
-    sa.Column("num_samples", sa.Integer, nullable=True),
+    sa.Column("num_samples", sa.BigInteger, nullable=True),  # up to 2**53 - 1
     sa.Column("metrics", sa.JSON, nullable=True),
     sa.UniqueConstraint("cycle_id", "worker_id", name="uq_worker_cycle"),
     sa.Index("ix_worker_cycles_worker", "worker_id"),
