@@ -58,6 +58,22 @@ else:
         help="Largest worker request (a report of the 1.66M-param CNN is ~9 MB).",
     )
     @click.option(
+        "--body-buffer-mb",
+        default=256,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Worker request bodies held in memory at once, all connections together "
+        "(more wait, then get 503).",
+    )
+    @click.option(
+        "--read-idle-timeout",
+        default=60.0,
+        show_default=True,
+        type=click.FloatRange(0, min_open=True),
+        help="Seconds of silence from a client sending a body (408) or a WebSocket frame "
+        "(closed) before giving up on it.",
+    )
+    @click.option(
         "--speed-test-mb",
         default=64,
         show_default=True,
@@ -85,6 +101,8 @@ else:
         admin_token,
         admin_token_file,
         max_body_mb,
+        body_buffer_mb,
+        read_idle_timeout,
         speed_test_mb,
         log_level,
         log_format,
@@ -113,6 +131,8 @@ else:
             database_url=database_url,
             admin_token=admin_token,
             max_body_bytes=max_body_mb * 1024 * 1024,
+            body_buffer_bytes=body_buffer_mb * 1024 * 1024,
+            read_idle_timeout=read_idle_timeout,
             speed_test_bytes=speed_test_mb * 1024 * 1024,
         )
         run(settings, host=host, port=port, log_level=log_level)

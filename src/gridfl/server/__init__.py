@@ -20,13 +20,19 @@ __all__ = ["GridNode", "Settings", "create_app", "make_server", "serve", "uvicor
 
 
 def uvicorn_options(settings: Settings) -> dict:
-    """The uvicorn settings a node runs with (``serve`` and the test servers share them)."""
+    """The uvicorn settings a node runs with (``serve`` and the test servers share them):
+    the protocols of :mod:`gridfl.server.transport`, which bound each request's head, so
+    that a node is safe to face devices without a proxy."""
+    from gridfl.server.transport import protocol_options
+
     return {
+        **protocol_options(settings.max_head_bytes, settings.max_headers, settings.head_timeout),
         "ws_max_size": settings.max_body_bytes,
         # Diffs are base64 floats: compressing them costs far more CPU than it saves.
         "ws_per_message_deflate": False,
-        "ws_ping_interval": 20,
-        "ws_ping_timeout": 60,
+        "ws_ping_interval": settings.ws_ping_interval,
+        # with transport.WebSocketProtocol: seconds of silence after a ping
+        "ws_ping_timeout": settings.read_idle_timeout,
         # syft.js in Node.js reuses an idle keep-alive connection after a long training
         # step and does not retry a report the server closed meanwhile (uvicorn: 5 s)
         "timeout_keep_alive": 30,

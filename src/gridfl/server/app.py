@@ -18,14 +18,19 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import gridfl
 from gridfl import _wire
-from gridfl._exceptions import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from gridfl._exceptions import (
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnavailableError,
+)
 from gridfl.server.auth import check_admin
 from gridfl.server.config import MAX_INT
 from gridfl.server.errors import to_status
@@ -175,17 +180,85 @@ async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
             return reply
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+class RequestTimeoutError(InvalidRequestError):
+    """A request body stopped arriving for ``read_idle_timeout`` seconds."""
+
+    http_status = 408
+
+
+class BodyBudget:
+    """Bytes of worker request bodies and WebSocket messages held in memory, all
+    connections together. Readers take room as bytes arrive and give it back once the
+    request is answered; one that finds no room stops reading (TCP backpressure) for up
+    to ``timeout`` seconds, then fails with a 503 and gives its bytes back, so readers
+    holding partial bodies cannot wait on each other for ever."""
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.limit, self.timeout = limit, timeout
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    async def take(self, n: int) -> None:
+        with anyio.move_on_after(self.timeout):
+            while self.used + n > self.limit:
+                await self._freed.wait()
+        if self.used + n > self.limit:
+            raise UnavailableError("the node is receiving too many reports at once; retry later")
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        self._freed.set()
+        self._freed = asyncio.Event()
+
+
+async def _body_chunks(request: Request, limit: int | None):
+    """The body's chunks as they arrive: at most ``limit`` bytes (413) and no silence
+    longer than ``read_idle_timeout`` (408), so a stalled client holds nothing but its
+    own connection."""
+    too_large = f"the body is larger than the node accepts ({limit} bytes)"
+    limit = limit if limit is not None else float("inf")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLargeError(f"the body is larger than the node accepts ({limit} bytes)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+        raise PayloadTooLargeError(too_large)
+    idle = _settings(request).read_idle_timeout
+    size, more = 0, True
+    while more:
+        message = None
+        with anyio.move_on_after(idle):
+            message = await request.receive()
+        if message is None:
+            client = request.client.host if request.client else "a client"
+            log.info("%s %s from %s: no body bytes for %g s, answered 408", request.method,
+                     request.url.path, client, idle)
+            raise RequestTimeoutError(f"the body stopped arriving (nothing for {idle:g} s)")
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLargeError(f"the body is larger than the node accepts ({limit} bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise PayloadTooLargeError(too_large)
+        yield chunk
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _body_chunks(request, limit)])
+
+
+@contextlib.asynccontextmanager
+async def _worker_body(request: Request):
+    """A worker request's body, its bytes taken from the node's body budget as they
+    arrive and given back on leaving the block."""
+    budget: BodyBudget = request.app.state.body_budget
+    chunks, taken = [], 0
+    try:
+        async for chunk in _body_chunks(request, _settings(request).max_body_bytes):
+            await budget.take(len(chunk))
+            taken += len(chunk)
+            chunks.append(chunk)
+        yield b"".join(chunks)
+    finally:
+        budget.give(taken)
 
 
 _CHUNK = 1 << 20
@@ -211,7 +284,9 @@ def _bytes_response(data: bytes) -> Response:
 
 def _error_response(exc: BaseException, **extra: Any) -> JSONResponse:
     status, message = to_status(exc)
-    return JSONResponse(_wire.error_body(message, **extra), status_code=status)
+    # after a 408 the rest of the body may still come, or never: do not wait for it
+    headers = {"connection": "close"} if status == 408 else None
+    return JSONResponse(_wire.error_body(message, **extra), status_code=status, headers=headers)
 
 
 def _node(request) -> GridNode:
@@ -225,10 +300,10 @@ def _settings(request) -> Settings:
 # --- HTTP worker API ------------------------------------------------------------------------
 def _worker_post(kind: str):
     async def endpoint(request: Request) -> Response:
+        # the report slot is taken once the body is in: a slow upload holds no slot
         gate = request.app.state.report_gate if kind == _wire.REPORT else None
         try:
-            async with gate or contextlib.nullcontext():
-                body = await _read_body(request, _settings(request).max_body_bytes)
+            async with _worker_body(request) as body, gate or contextlib.nullcontext():
                 data = await dispatch(request.app, kind, _parse_json(body))
         except Exception as e:  # noqa: BLE001 - the table decides
             return _error_response(e, **_error_extra(kind))
@@ -259,8 +334,11 @@ async def speed_test(request: Request) -> Response:
     except Exception as e:  # noqa: BLE001
         return _error_response(e)
     if request.method == "POST":
-        async for _ in request.stream():
-            pass
+        try:
+            async for _ in _body_chunks(request, None):  # dropped: any size
+                pass
+        except Exception as e:  # noqa: BLE001
+            return _error_response(e)
         return JSONResponse({})
     if "is_ping" in request.query_params:
         return JSONResponse({})
@@ -317,6 +395,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     await ws.accept(subprotocol=subprotocol)
     send_lock = anyio.Lock()
     in_flight = anyio.Semaphore(32)
+    budget: BodyBudget = ws.app.state.body_budget
 
     async def send(reply: dict | bytes) -> None:
         async with send_lock:
@@ -325,7 +404,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             else:
                 await ws.send_text(json.dumps(reply, allow_nan=False))
 
-    async def handle(text: str | bytes) -> None:
+    async def handle(text: str | bytes, refused: Exception | None) -> None:
         kind, request_id = None, None
         reply: dict | bytes
         try:
@@ -339,6 +418,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                 request_id = _wire.echoable_request_id(frame)
                 kind = frame.get("type") if isinstance(frame.get("type"), str) else None
             kind, data, request_id = _wire.parse_ws_frame(frame)
+            if refused is not None:  # no room in the body budget
+                raise refused
             if payload is not None:
                 # validated by parse_report in the handler, exactly as a JSON report
                 data = _wire.binary_report_data(kind, data, payload)
@@ -370,12 +451,13 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         with contextlib.suppress(Exception):
             await send(reply)
 
-    async def run(text: str | bytes) -> None:
+    async def run(text: str | bytes, taken: int, refused: Exception | None) -> None:
         try:
             with ws.app.state.ws_answering.track():
-                await handle(text)
+                await handle(text, refused)
         finally:
             in_flight.release()
+            budget.give(taken)
 
     try:
         async with anyio.create_task_group() as tg:
@@ -388,7 +470,13 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                     if text is None:  # a binary frame (a report, or answered with an error)
                         text = message.get("bytes") or b""
                     await in_flight.acquire()
-                    tg.start_soon(run, text)
+                    # the next message is not read while there is no room for this one
+                    taken, refused = len(text), None  # str: ~bytes (JSON is mostly ASCII)
+                    try:
+                        await budget.take(taken)
+                    except UnavailableError as e:
+                        taken, refused = 0, e
+                    tg.start_soon(run, text, taken, refused)
             except WebSocketDisconnect:
                 pass
     except Exception:  # noqa: BLE001 - a broken socket ends only this connection
@@ -674,6 +762,9 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
         n = node or await anyio.to_thread.run_sync(GridNode, settings)
         app.state.node = n
         app.state.report_gate = anyio.Semaphore(max(1, settings.max_concurrent_reports))
+        app.state.body_budget = BodyBudget(
+            max(settings.body_buffer_bytes, settings.max_body_bytes), settings.read_idle_timeout
+        )
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         signal = app.state.cycle_signal = CycleSignal()

@@ -24,9 +24,30 @@ class Settings:
     max_body_bytes: int = 64 * MiB
     #: largest admin (host) request body
     max_admin_body_bytes: int = 1024 * MiB
-    #: reports read and folded at once; later ones wait (TCP backpressure), so server
-    #: memory stays O(model x this), not O(model x concurrent uploads)
+    #: reports folded at once (a slot is taken once the body has arrived); later ones
+    #: wait, so folding memory stays O(model x this), not O(model x concurrent uploads)
     max_concurrent_reports: int = 4
+    #: worker request bodies (HTTP) and messages (WebSocket) held in memory at once, all
+    #: connections together (at least ``max_body_bytes``): a reader waits for room, up to
+    #: ``read_idle_timeout``, then is answered 503. Counted as bytes arrive, so a stalled
+    #: upload holds only what it sent. Default: the 4 x 64 MiB the report slots once held.
+    body_buffer_bytes: int = 256 * MiB
+    #: longest silence while a body arrives (then 408), and on a WebSocket after a keepalive
+    #: ping (then close 1011): a stalled client costs only its own connection. A slow link
+    #: still sends bytes every few seconds; 60 s also rides out TCP's retransmission back-off
+    #: after a ~30 s radio outage (nginx's client_body_timeout is 60 s too)
+    read_idle_timeout: float = 60.0
+    #: seconds between keepalive pings on a WebSocket (a peer stalled mid-frame is closed
+    #: within this + ``read_idle_timeout``)
+    ws_ping_interval: float = 20.0
+    #: an HTTP request's head (request line + headers) must end within this many seconds
+    #: of the connection opening or of its first byte (then 408, or a quiet close if the
+    #: connection sent nothing)
+    head_timeout: float = 30.0
+    #: largest HTTP request head (request line + headers; nginx allows 32 KiB, Node 16 KiB)
+    max_head_bytes: int = 32 * 1024
+    #: most headers in one HTTP request (Apache's default; clients send ~10-20)
+    max_headers: int = 100
     #: size of the speed-test download (PyGrid sends 64 MiB)
     speed_test_bytes: int = 64 * MiB
     #: rejection ``timeout`` when the open cycle has no deadline (cycle_length null)
