@@ -12,6 +12,11 @@ Workload: the McMahan et al. MNIST CNN, 1,663,370 float32 parameters in 8 tensor
 
 All variants run in the same process, interleaved round by round, and the table reports
 medians. Run: ``python -m benchmarks.bench_state [--repeats N]``.
+
+A second table is the parse cost of hostile diffs (benchmarks/hostile_state.py: millions
+of tiny tensors, placeholders, tags, unknown fields, groups ...) against a model whose real
+diff has the same size, read with ``loads(data, expect=model)`` as the grid node does: the
+time to refuse each one over the time to read the real diff, min of interleaved rounds.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import numpy as np
 from google.protobuf import __version__ as protobuf_version
 from google.protobuf.internal import api_implementation
 
+from benchmarks.hostile_state import HOSTILE, model_of_size, normal_diff
 from benchmarks.syft_proto import arrays_from_message, state_message, syft_proto
+from gridfl import StateError
 from gridfl.state import dumps, loads
 
 MCMAHAN_CNN_SHAPES = [
@@ -41,6 +48,8 @@ MCMAHAN_CNN_SHAPES = [
 GOAL_VS_COPY = 3.0  # gridfl within 3x of a plain copy
 GOAL_VS_NAIVE = 10.0
 BURST = 5  # calls per burst for copy and gridfl  # gridfl at least 10x faster than the naive path
+GOAL_HOSTILE = 3.0  # a hostile diff refused within 3x the time the real one takes to read
+HOSTILE_SIZES = (256 * 1024, 4 << 20, 60 << 20)
 
 
 def make_params(seed: int = 0) -> list[np.ndarray]:
@@ -113,6 +122,61 @@ def run(repeats: int = 21) -> dict[str, dict[str, float]]:
     return out
 
 
+def run_hostile(sizes=HOSTILE_SIZES, repeats: int = 9) -> dict[str, dict[int, float]]:
+    """hostile case -> {real diff's size: refuse time / read time}; plus "_normal_ms"."""
+    out: dict[str, dict[int, float]] = {"_normal_ms": {}}
+    for size in sizes:
+        model = model_of_size(size)
+        normal = dumps(normal_diff(model))
+        for name, build in HOSTILE.items():
+            t_normal, t_hostile = _read_and_refuse(
+                normal, build(model, len(normal)), model, repeats
+            )
+            out.setdefault(name, {})[len(normal)] = t_hostile / t_normal
+            out["_normal_ms"][len(normal)] = t_normal * 1e3
+    return out
+
+
+def _read_and_refuse(normal: bytes, hostile: bytes, model, repeats: int) -> tuple[float, float]:
+    """Min times to read ``normal`` and to refuse ``hostile``, interleaved (same machine)."""
+
+    def refuse():
+        try:
+            loads(hostile, expect=model)
+        except StateError:
+            return
+        raise AssertionError("a hostile diff was accepted")
+
+    return tuple(_min_times([lambda: loads(normal, expect=model), refuse], repeats))
+
+
+def _min_times(fns, repeats: int) -> list[float]:
+    best = [float("inf")] * len(fns)
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            best[i] = min(best[i], _time(fns[i]))
+    return best
+
+
+def print_hostile(res: dict[str, dict[int, float]]) -> None:
+    normal_ms = res.pop("_normal_ms")
+    sizes = list(normal_ms)
+    print(
+        f"\nHostile diffs vs the real diff of the same size, loads(data, expect=model): "
+        f"time to refuse / time to read (goal <= {GOAL_HOSTILE:g}x)"
+    )
+    header = f"{'hostile diff':<34}" + "".join(f"{f'{n / 2**20:.2f} MiB':>12}" for n in sizes)
+    print(header)
+    print("-" * len(header))
+    print(f"{'(real diff, ms to read)':<34}" + "".join(f"{normal_ms[n]:>11.2f} " for n in sizes))
+    worst = 0.0
+    for name, ratios in res.items():
+        worst = max(worst, *ratios.values())
+        print(f"{name:<34}" + "".join(f"{ratios[n]:>11.2f}x" for n in sizes))
+    print(f"worst {worst:.2f}x: {'met' if worst <= GOAL_HOSTILE else 'MISSED'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=21)
@@ -143,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         "       decode* = ParseFromString + np.array(list(container)): Python floats, as "
         "without __array__"
     )
+    print_hostile(run_hostile())
 
 
 if __name__ == "__main__":

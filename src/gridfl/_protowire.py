@@ -11,11 +11,17 @@ Every reader function checks bounds before it reads and raises :class:`StateErro
 with the byte offset of the problem: a declared length larger than what is left, a
 varint longer than 10 bytes, a varint above 64 bits, an invalid wire type or field
 number, or groups nested deeper than :data:`MAX_GROUP_DEPTH`.
+
+Work is bounded too: every tag the reader visits (fields it yields, and fields inside
+groups it skips) is paid from a :class:`FieldBudget`, so a caller that gives one a limit
+does at most that many Python-level iterations however many bytes it is handed.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 import numpy as np
 
@@ -46,6 +52,32 @@ _U64 = (1 << 64) - 1
 Buffer = bytes | bytearray | memoryview
 
 
+class FieldBudget:
+    """How many more fields a parse may visit; :class:`StateError` when it runs out.
+
+    One budget is shared by every :func:`iter_fields` call of a parse, so the Python-level
+    work of the whole parse is at most ``limit`` field visits (each O(1): a varint of at
+    most 10 bytes, a bounds check). ``why`` explains the limit in the error message.
+
+        >>> budget = FieldBudget(1, "the example's limit")
+        >>> list(iter_fields(b"\\x08\\x01\\x08\\x02", 0, 4, budget))
+        Traceback (most recent call last):
+        ...
+        gridfl._exceptions.StateError: more than 1 fields (the example's limit) at byte 2
+    """
+
+    __slots__ = ("left", "limit", "why")
+
+    def __init__(self, limit: int, why: str = "") -> None:
+        self.limit = limit
+        self.left = limit
+        self.why = why
+
+    def exhausted(self, at: int) -> NoReturn:
+        why = f" ({self.why})" if self.why else ""
+        raise StateError(f"more than {self.limit:,} fields{why} at byte {at}")
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -70,11 +102,14 @@ def read_varint(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
     return result, pos
 
 
-def _skip_group(buf: Buffer, pos: int, end: int, field: int, at: int) -> int:
+def _skip_group(buf: Buffer, pos: int, end: int, field: int, at: int, budget: FieldBudget) -> int:
     """Skip a group whose start tag (``field``) was at byte ``at``; return the position after it."""
     stack = [field]
     while pos < end:
         tag_pos = pos
+        budget.left -= 1
+        if budget.left < 0:
+            budget.exhausted(tag_pos)
         key, pos = read_varint(buf, pos, end)
         f, wt = key >> 3, key & 7
         if f == 0:
@@ -112,7 +147,9 @@ def _advance(pos: int, n: int, end: int, field: int, tag_pos: int) -> int:
     return pos + n
 
 
-def iter_fields(buf: Buffer, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+def iter_fields(
+    buf: Buffer, pos: int, end: int, budget: FieldBudget | None = None
+) -> Iterator[tuple[int, int, int, int, int]]:
     """Iterate over the fields of the message in ``buf[pos:end]``.
 
     Yields ``(field, wire_type, start, stop, value)``:
@@ -122,9 +159,16 @@ def iter_fields(buf: Buffer, pos: int, end: int) -> Iterator[tuple[int, int, int
       the offset of the field's tag (for error messages).
 
     Groups are skipped (no field in syft-proto uses them). Offsets are absolute in ``buf``.
+    Every field visited, skipped groups' fields included, is paid from ``budget`` (no
+    limit without one).
     """
+    if budget is None:
+        budget = FieldBudget(sys.maxsize)
     while pos < end:
         tag_pos = pos
+        budget.left -= 1
+        if budget.left < 0:
+            budget.exhausted(tag_pos)
         key, pos = read_varint(buf, pos, end)
         field, wt = key >> 3, key & 7
         if field == 0:
@@ -146,7 +190,7 @@ def iter_fields(buf: Buffer, pos: int, end: int) -> Iterator[tuple[int, int, int
             pos = _advance(pos, 8, end, field, tag_pos)
             yield field, wt, start, pos, tag_pos
         elif wt == SGROUP:
-            pos = _skip_group(buf, pos, end, field, tag_pos)
+            pos = _skip_group(buf, pos, end, field, tag_pos, budget)
         elif wt == EGROUP:
             raise StateError(f"unexpected end-group tag (field {field}) at byte {tag_pos}")
         else:

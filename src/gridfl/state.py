@@ -34,6 +34,27 @@ packed or unpacked contents, unknown fields skipped by wire type. Anything else 
 Tensors come back in ``State.tensors`` order (placeholders are not used for ordering:
 PyGrid only relies on order).
 
+Parse cost is bounded by the structure, not the bytes. The structure (tags, lengths,
+shapes) is read in pure Python, so a hostile ``State`` made of millions of tiny fields
+(empty tensors, placeholders, tags, unknown fields at any level, groups, unpacked
+elements) could cost seconds of CPU for a few megabytes. :func:`loads` therefore pays
+every field it visits from one budget and refuses the input when the budget or a count
+runs out, before building anything:
+
+* with ``expect`` (the tensors the caller wants, as a grid node knows its model): at most
+  ``len(expect)`` tensors and placeholders, each tensor's dtype and shape must match
+  (checked before its contents are decoded or copied), and at most
+  ``FIELDS_BASE + FIELDS_PER_TENSOR * len(expect)`` fields in all. A hostile input is
+  then refused after O(``len(expect)``) Python work whatever its size, and bulk contents
+  stay numpy work, linear in the bytes;
+* without ``expect``: at most :data:`MAX_TENSORS` tensors and placeholders and
+  ``FIELDS_BASE + FIELDS_PER_TENSOR * MAX_TENSORS`` fields (generous caps: a fraction
+  of a second of parsing at worst).
+
+A ``State`` written by :func:`dumps`, PySyft or syft.js uses 12-14 fields per tensor.
+Contents written unpacked (one field per element, which proto3 writers do not do) count
+one field per element, so only small unpacked tensors fit the budget.
+
 Supported dtypes: float32, float64, float16 (float32 on the wire, as PySyft does),
 int64, int32, int16, int8, uint8 and bool. bfloat16, quantized and complex tensors are
 refused.
@@ -52,7 +73,7 @@ It also keeps ``protobuf`` off the workers' dependency list.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,7 +81,15 @@ import numpy as np
 from gridfl import _protowire as pw
 from gridfl._exceptions import StateError
 
-__all__ = ["dumps", "loads", "SUPPORTED_DTYPES", "SERIALIZER_ALL"]
+__all__ = [
+    "dumps",
+    "loads",
+    "SUPPORTED_DTYPES",
+    "SERIALIZER_ALL",
+    "MAX_TENSORS",
+    "FIELDS_PER_TENSOR",
+    "FIELDS_BASE",
+]
 
 SERIALIZER_ALL = 4
 _SERIALIZER_NAMES = {
@@ -73,6 +102,15 @@ _SERIALIZER_NAMES = {
 
 #: numpy arrays cannot have more dimensions than this on every supported numpy.
 MAX_NDIM = 32
+#: Tensors (and placeholders) :func:`loads` reads without ``expect``; models have hundreds.
+MAX_TENSORS = 10_000
+#: Fields :func:`loads` may visit per tensor: 12-14 in a State from dumps, PySyft or
+#: syft.js, so room for tags, descriptions and unknown fields, but a bound.
+FIELDS_PER_TENSOR = 24
+#: Fields :func:`loads` may visit besides the per-tensor allowance (unknown top-level fields).
+FIELDS_BASE = 16
+#: Bytes of a dtype name kept for matching and messages (the longest supported is 7).
+_DTYPE_KEEP = 64
 _MAX_BYTES = (1 << 62) - 1
 
 
@@ -200,15 +238,32 @@ def _nbytes(payload: memoryview) -> int:
 # =========================================================================== loads
 
 
-def loads(data: bytes | bytearray | memoryview) -> list[np.ndarray]:
+def loads(
+    data: bytes | bytearray | memoryview,
+    expect: Iterable[tuple[Sequence[int], object]] | None = None,
+) -> list[np.ndarray]:
     """Parse syft-proto ``State`` bytes into a list of numpy arrays.
 
     The arrays are fresh, writable, C-contiguous and native-endian. Raises
     :class:`gridfl.StateError` on malformed, truncated or unsupported input.
 
+    ``expect``, a ``(shape, dtype)`` pair per tensor, says what the State must hold: the
+    parse refuses the input as soon as it departs from it (one tensor too many, a dtype
+    or shape that differs, fewer tensors at the end) and visits at most
+    ``FIELDS_BASE + FIELDS_PER_TENSOR * len(expect)`` fields, so refusing hostile input
+    costs no more than reading the real thing. Without it, the global caps
+    :data:`MAX_TENSORS` and ``FIELDS_BASE + FIELDS_PER_TENSOR * MAX_TENSORS`` apply.
+
         >>> import numpy as np
         >>> loads(dumps([np.eye(2, dtype=np.float64)]))[0].tolist()
         [[1.0, 0.0], [0.0, 1.0]]
+        >>> loads(dumps([np.eye(2)]), expect=[((2, 2), np.float64)])[0].shape
+        (2, 2)
+        >>> try:
+        ...     loads(dumps([np.eye(2)]), expect=[((2, 3), np.float64)])
+        ... except StateError as e:
+        ...     print(e)
+        State tensor 0 is float64[2, 2] (TensorData at byte 36); expected float64[2, 3]
     """
     try:
         buf = memoryview(data)
@@ -217,17 +272,50 @@ def loads(data: bytes | bytearray | memoryview) -> list[np.ndarray]:
     if buf.ndim != 1 or buf.itemsize != 1 or not buf.contiguous:
         buf = memoryview(buf.tobytes())
     buf = buf.cast("B") if buf.format != "B" else buf
+    wants = None if expect is None else _wants(expect)
+    if wants is None:
+        most, why = MAX_TENSORS, f"loads() reads at most {MAX_TENSORS:,} without expect"
+    else:
+        most, why = len(wants), f"expected {len(wants)}"
+    budget = pw.FieldBudget(
+        FIELDS_BASE + FIELDS_PER_TENSOR * most,
+        f"the limit for a State of {most:,} tensors" if wants is not None else "loads() cap",
+    )
     out: list[np.ndarray] = []
-    for fnum, wt, start, stop, info in pw.iter_fields(buf, 0, len(buf)):
+    placeholders = 0
+    for fnum, wt, start, stop, info in pw.iter_fields(buf, 0, len(buf), budget):
+        at = _tag_pos(wt, start, info)
         if fnum == 1:  # placeholders: only checked to be well-formed messages
-            _expect_len("State.placeholders", wt, info if wt != pw.VARINT else start)
-            for _ in pw.iter_fields(buf, start, stop):
+            _expect_len("State.placeholders", wt, at)
+            if placeholders == most:
+                raise StateError(f"State has more than {most:,} placeholders (byte {at}); {why}")
+            placeholders += 1
+            for _ in pw.iter_fields(buf, start, stop, budget):
                 pass
         elif fnum == 2:
             where = f"State tensor {len(out)}"
-            _expect_len(where, wt, info if wt != pw.VARINT else start)
-            out.append(_read_state_tensor(buf, start, stop, where))
+            _expect_len(where, wt, at)
+            if len(out) == most:
+                raise StateError(
+                    f"State has more than {most:,} tensors ({where} at byte {at}); {why}"
+                )
+            want = None if wants is None else wants[len(out)]
+            out.append(_read_state_tensor(buf, start, stop, where, budget, want))
+    if wants is not None and len(out) != len(wants):
+        raise StateError(f"State has {len(out)} tensors; expected {len(wants)}")
     return out
+
+
+def _wants(expect: Iterable[tuple[Sequence[int], object]]) -> list[tuple[tuple[int, ...], _Kind]]:
+    """``expect`` as (shape, kind) pairs; a dtype State cannot carry is the caller's bug."""
+    wants = []
+    for shape, dtype in expect:
+        dt = np.dtype(dtype)
+        kind = _BY_NP.get(dt if dt.isnative else dt.newbyteorder("="))
+        if kind is None:
+            raise ValueError(f"expect: dtype {dt} cannot be in a State")
+        wants.append((tuple(int(d) for d in shape), kind))
+    return wants
 
 
 def _expect_len(where: str, wt: int, at: int) -> None:
@@ -243,13 +331,15 @@ def _tag_pos(wt: int, start: int, info: int) -> int:
     return start if wt == pw.VARINT else info
 
 
-def _read_state_tensor(buf: memoryview, start: int, stop: int, where: str) -> np.ndarray:
+def _read_state_tensor(
+    buf: memoryview, start: int, stop: int, where: str, budget: pw.FieldBudget, want
+) -> np.ndarray:
     # oneof tensor { TorchTensor torch_tensor = 1; Parameter torch_param = 2; }
     # Protobuf merge semantics: repeated occurrences of the same member merge, switching
     # member replaces.
     member = 0
     segments: list[tuple[int, int]] = []
-    for fnum, wt, s, e, info in pw.iter_fields(buf, start, stop):
+    for fnum, wt, s, e, info in pw.iter_fields(buf, start, stop, budget):
         if fnum in (1, 2):
             name = "torch_tensor" if fnum == 1 else "torch_param"
             _expect_len(f"{where}: StateTensor.{name}", wt, _tag_pos(wt, s, info))
@@ -261,34 +351,36 @@ def _read_state_tensor(buf: memoryview, start: int, stop: int, where: str) -> np
     if member == 2:  # Parameter { Id id = 1; TorchTensor tensor = 2; ... }
         inner: list[tuple[int, int]] = []
         for s0, e0 in segments:
-            for fnum, wt, s, e, info in pw.iter_fields(buf, s0, e0):
+            for fnum, wt, s, e, info in pw.iter_fields(buf, s0, e0, budget):
                 if fnum == 2:
                     _expect_len(f"{where}: Parameter.tensor", wt, _tag_pos(wt, s, info))
                     inner.append((s, e))
         if not inner:
             raise StateError(f"{where}: Parameter at byte {segments[0][0]} has no tensor")
         segments = inner
-    return _read_torch_tensor(buf, segments, where)
+    return _read_torch_tensor(buf, segments, where, budget, want)
 
 
 @dataclass
 class _TensorData:
     dims: list[int] = field(default_factory=list)
     has_shape: bool = False
-    dtype: bytes | None = None
-    dtype_at: int = 0
+    dtype_at: int = -1  # offsets of the (last) dtype name; -1: none
+    dtype_end: int = -1
     quantized: bool = False
     # contents field number -> list of (wire type, start, stop) chunks, in order
     contents: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
 
 
-def _read_torch_tensor(buf: memoryview, segments: list[tuple[int, int]], where: str) -> np.ndarray:
+def _read_torch_tensor(
+    buf: memoryview, segments: list[tuple[int, int]], where: str, budget: pw.FieldBudget, want
+) -> np.ndarray:
     serializer = 0
     td_segments: list[tuple[int, int]] = []
     content_member = 0  # oneof contents { contents_data = 2; contents_bin = 3 }
     first = segments[0][0]
     for s0, e0 in segments:
-        for fnum, wt, s, e, info in pw.iter_fields(buf, s0, e0):
+        for fnum, wt, s, e, info in pw.iter_fields(buf, s0, e0, budget):
             at = _tag_pos(wt, s, info)
             if fnum == 2:
                 _expect_len(f"{where}: TorchTensor.contents_data", wt, at)
@@ -320,17 +412,21 @@ def _read_torch_tensor(buf: memoryview, segments: list[tuple[int, int]], where: 
         raise StateError(f"{where}: TorchTensor at byte {first} has no contents_data")
     td = _TensorData()
     for s0, e0 in td_segments:
-        _parse_tensor_data(buf, s0, e0, td, where)
-    return _build_array(buf, td, where, td_segments[0][0])
+        _parse_tensor_data(buf, s0, e0, td, where, budget)
+    return _build_array(buf, td, where, td_segments[0][0], want)
 
 
-def _parse_tensor_data(buf: memoryview, start: int, stop: int, td: _TensorData, where: str):
-    for fnum, wt, s, e, info in pw.iter_fields(buf, start, stop):
+def _parse_tensor_data(
+    buf: memoryview, start: int, stop: int, td: _TensorData, where: str, budget: pw.FieldBudget
+):
+    for fnum, wt, s, e, info in pw.iter_fields(buf, start, stop, budget):
         at = _tag_pos(wt, s, info)
         if fnum == 1:  # Size shape
             _expect_len(f"{where}: TensorData.shape", wt, at)
             td.has_shape = True
-            for f2, wt2, s2, e2, info2 in pw.iter_fields(buf, s, e):
+            if s == e:  # an empty Size (merged repeats of one add nothing)
+                continue
+            for f2, wt2, s2, e2, info2 in pw.iter_fields(buf, s, e, budget):
                 if f2 != 1:
                     continue
                 if wt2 == pw.VARINT:
@@ -348,8 +444,7 @@ def _parse_tensor_data(buf: memoryview, start: int, stop: int, td: _TensorData, 
                     )
         elif fnum == 2:
             _expect_len(f"{where}: TensorData.dtype", wt, at)
-            td.dtype = bytes(buf[s:e])
-            td.dtype_at = s
+            td.dtype_at, td.dtype_end = s, e  # copied once, when the tensor is built
         elif fnum == 3:
             if wt != pw.VARINT:
                 raise StateError(f"{where}: TensorData.is_quantized at byte {at} is not a varint")
@@ -370,16 +465,18 @@ def _add_dim(td: _TensorData, value: int, at: int, where: str) -> None:
     td.dims.append(value)
 
 
-def _build_array(buf: memoryview, td: _TensorData, where: str, at: int) -> np.ndarray:
+def _build_array(buf: memoryview, td: _TensorData, where: str, at: int, want) -> np.ndarray:
     if td.quantized:
         raise StateError(f"{where}: quantized tensors are not supported (TensorData at byte {at})")
-    if td.dtype is None or not td.dtype:
+    if td.dtype_at == td.dtype_end:
         raise StateError(f"{where}: TensorData at byte {at} has no dtype")
     try:
-        dname = td.dtype.decode("utf-8")
+        # at most _DTYPE_KEEP bytes: no copy of a huge name
+        raw_name = bytes(buf[td.dtype_at : min(td.dtype_end, td.dtype_at + _DTYPE_KEEP)])
+        dname = raw_name.decode("utf-8")
     except UnicodeDecodeError:
         raise StateError(
-            f"{where}: dtype at byte {td.dtype_at} is not valid UTF-8: {td.dtype[:40]!r}"
+            f"{where}: dtype at byte {td.dtype_at} is not valid UTF-8: {raw_name[:40]!r}"
         ) from None
     kind = _BY_NAME.get(_ALIASES.get(dname, dname))
     if kind is None:
@@ -387,13 +484,18 @@ def _build_array(buf: memoryview, td: _TensorData, where: str, at: int) -> np.nd
             f"{where}: unsupported dtype {dname[:40]!r} (byte {td.dtype_at}); "
             f"supported: {', '.join(SUPPORTED_DTYPES)}"
         )
+    shape = tuple(td.dims)
+    if want is not None and (shape, kind) != want:
+        raise StateError(
+            f"{where} is {kind.name}{list(shape)} (TensorData at byte {at}); "
+            f"expected {want[1].name}{list(want[0])}"
+        )
     for fnum, chunks in td.contents.items():
         if fnum != kind.field and any(s != e or wt != pw.LEN for wt, s, e in chunks):
             raise StateError(
                 f"{where}: dtype is {kind.name!r} but values are in "
                 f"{_CONTENTS_NAMES[fnum]} (field {fnum}, byte {chunks[0][1]})"
             )
-    shape = tuple(td.dims)
     count = math.prod(shape)
     # numpy refuses shapes whose non-zero dims overflow its index type, even when one dim is 0.
     if math.prod(d for d in shape if d) * kind.np_dtype.itemsize > _MAX_BYTES:
@@ -404,6 +506,9 @@ def _build_array(buf: memoryview, td: _TensorData, where: str, at: int) -> np.nd
         # Every element takes at least one byte: refuse an impossible shape before decoding.
         if count > len(raw):
             raise StateError(_mismatch(where, shape, count, f"at most {len(raw)}"))
+        # ... and at most 10 bytes: refuse before decoding 8 bytes per input byte.
+        if len(raw) > 10 * count:
+            raise StateError(_mismatch(where, shape, count, f"at least {-(-len(raw) // 10)}"))
         values = pw.decode_packed_varints(np.frombuffer(raw, np.uint8), where, at)
         if values.size != count:
             raise StateError(_mismatch(where, shape, count, values.size))

@@ -89,7 +89,8 @@ def test_binary_report_errors_keep_envelope_and_socket(server):
             "error": "Invalid request key!", "status_code": 401})
         bad = state.dumps(diff_of(0)[:1])
         st, body = report(w, wid, key, bad)
-        assert (st, body["error"]) == (400, "diff has 1 tensors; the model has 2")
+        assert (st, body["error"]) == (
+            400, "diff is not valid State bytes: State has 1 tensors; expected 2")
         assert admin.status()["cycles"][0]["reported"] == 0
         assert report(w, wid, key, diff_of(0)) == (200, {"status": "success"})
         st, body = report(w, wid, key, diff_of(0))  # the cycle closed with that report

@@ -284,9 +284,24 @@ def _bytes_response(data: bytes) -> Response:
 
 def _error_response(exc: BaseException, **extra: Any) -> JSONResponse:
     status, message = to_status(exc)
+    _drop_tracebacks(exc)
     # after a 408 the rest of the body may still come, or never: do not wait for it
     headers = {"connection": "close"} if status == 408 else None
     return JSONResponse(_wire.error_body(message, **extra), status_code=status, headers=headers)
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Forget an answered error's tracebacks (its causes' too).
+
+    An error raised in a worker thread sits in a reference cycle (anyio's future, the
+    error, its traceback, the awaiting frame) that only the cyclic GC frees, and an idle
+    node rarely runs it: until then every frame's locals live on, among them a refused
+    report's body and diff (four 60 MiB reports kept ~1 GB). Without the tracebacks the
+    frames, and the bytes, are freed at once.
+    """
+    while exc is not None and exc.__traceback__ is not None:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 def _node(request) -> GridNode:
@@ -445,6 +460,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                 raise InvalidRequestError(f"unknown message type {kind!r}")
         except Exception as e:  # noqa: BLE001
             status, message = to_status(e)
+            _drop_tracebacks(e)
             reply = _wire.ws_error(
                 kind, message, request_id, status_code=status, **_error_extra(kind)
             )

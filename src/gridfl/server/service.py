@@ -734,7 +734,8 @@ class GridNode:
             _, _, spec = self._checkpoint(conn, match.checkpoint_id)
         # 2. decode and validate the diff outside any lock
         try:
-            diff = state.loads(req.diff)
+            # refused as soon as it departs from the model: cost O(model tensors), not O(bytes)
+            diff = state.loads(req.diff, expect=zip(spec.shapes, spec.dtypes, strict=True))
         except GridflError as e:
             raise InvalidRequestError(f"diff is not valid State bytes: {e}") from e
         agg.validate_diff(diff, spec)
