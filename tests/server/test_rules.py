@@ -225,3 +225,11 @@ def test_a_strategy_cannot_need_every_diff_and_only_sums():
     with pytest.raises(TypeError, match="cannot work from their sum alone"):
         type("MedianUnderSecureAggregation", (agg.Strategy,),
              {"needs_every_diff": True, "sums_only": True})
+
+
+def test_enough_reports_is_max_1_min_diffs():
+    assert not rules.enough_reports({}, 0)
+    assert rules.enough_reports({}, 1)
+    assert rules.enough_reports({"min_diffs": None}, 1)
+    assert not rules.enough_reports({"min_diffs": 4}, 3)
+    assert rules.enough_reports({"min_diffs": 4}, 4)

@@ -203,11 +203,12 @@ class Cycles:
                 if cycle.status != "open" or cycle.end_at is None or cycle.end_at > now:
                     return 0
                 process = storage.process_by_id(conn, cycle.process_id)
-                accepted = storage.count_seats(conn, cycle_id)
-                if rules.ready(
-                    process.server_config,
-                    received=cycle.num_reports,
-                    accepted=accepted,
+                cfg, received = process.server_config, cycle.num_reports
+                # the seats are counted only when the reports could be enough
+                if rules.enough_reports(cfg, received) and rules.ready(
+                    cfg,
+                    received=received,
+                    accepted=storage.count_seats(conn, cycle_id),
                     end_at=cycle.end_at,
                     now=now,
                 ):

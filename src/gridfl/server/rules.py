@@ -5,7 +5,7 @@ server_config keys are the ones validated by :mod:`gridfl.server.config`.
 * :func:`missing_speed_field` and :func:`admit`: whether a cycle request is accepted, or
   why not;
 * :func:`full_cycle_reason`: the read-only fast path's rejection of a full cycle;
-* :func:`ready`: whether a cycle completes now;
+* :func:`ready` (and :func:`enough_reports`): whether a cycle completes now;
 * :func:`cycle_deadline` and :func:`retry_timeout`: a cycle's deadline, and the
   ``timeout`` a rejected worker is told to wait.
 """
@@ -24,6 +24,7 @@ __all__ = [
     "Admission",
     "admit",
     "cycle_deadline",
+    "enough_reports",
     "full_cycle_reason",
     "missing_speed_field",
     "ready",
@@ -81,6 +82,9 @@ def admit(
     * ``max_workers`` x ``over_selection`` caps the seats (``worker_capacity``);
     * ``pool_selection: random``: accepted with probability free seats / cap, i.e. when
       ``draw()`` (uniform in [0, 1), only drawn under a cap) is below it.
+
+    The defaults of ``last_joined`` and ``draw`` stand for a worker that never joined and
+    a draw that always wins.
     """
     if taken:
         return Admission.reject("already accepted into this cycle")
@@ -121,6 +125,12 @@ def full_cycle_reason(cfg: dict[str, Any], *, accepted: int, taken: bool) -> str
     return "already accepted into this cycle" if taken else "the cycle is full"
 
 
+def enough_reports(cfg: dict[str, Any], received: int) -> bool:
+    """At least max(1, ``min_diffs``) reports: no cycle completes with fewer (a caller can
+    ask this before counting seats for :func:`ready`)."""
+    return received >= max(1, cfg.get("min_diffs") or 1)
+
+
 def ready(
     cfg: dict[str, Any], *, received: int, accepted: int, end_at: float | None, now: float
 ) -> bool:
@@ -129,7 +139,7 @@ def ready(
     max(1, ``min_diffs``) reports and ``min_workers`` seats, it completes when ``max_diffs``
     reports arrived, or its deadline ``end_at`` passed, or it has neither ``max_diffs`` nor a
     deadline, or the cap is reached and every seat reported."""
-    if received < max(1, cfg.get("min_diffs") or 1):
+    if not enough_reports(cfg, received):
         return False
     if accepted < (cfg.get("min_workers") or 0):
         return False

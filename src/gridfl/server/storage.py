@@ -195,6 +195,12 @@ def process_by_id(conn: Connection, process_id: int):
     return conn.execute(sa.select(processes).where(processes.c.id == process_id)).first()
 
 
+def process_id_exists(conn: Connection, process_id: int) -> bool:
+    return conn.execute(
+        sa.select(processes.c.id).where(processes.c.id == process_id)
+    ).first() is not None
+
+
 def process_exists(conn: Connection, name: str, version: str) -> bool:
     return conn.execute(
         sa.select(processes.c.id).where(processes.c.name == name, processes.c.version == version)

@@ -208,7 +208,7 @@ class WorkerApi:
             try:
                 cycle = self._check_asset_access(conn, req.asset_id, req.worker_id, req.request_key)
             except GridError:
-                if storage.process_by_id(conn, req.asset_id) is None:
+                if not storage.process_id_exists(conn, req.asset_id):
                     raise _not_found_400(_wire.MSG_MODEL_NOT_FOUND) from None
                 raise
             return self.catalog.checkpoint(conn, cycle.checkpoint_id)[0]
