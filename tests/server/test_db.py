@@ -43,7 +43,7 @@ def test_status_lists_checkpoints_without_reading_their_models(tmp_path):
     checkpoint listing must come from the covering index (migration 0002), or every poll
     walks megabytes of overflow pages per checkpoint listed."""
     from gridfl.server import GridNode, Settings
-    from gridfl.server import statements as q
+    from gridfl.server import storage as q
 
     node = GridNode(Settings(data_dir=tmp_path))
     try:

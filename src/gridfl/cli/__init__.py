@@ -134,6 +134,8 @@ else:
             body_buffer_bytes=body_buffer_mb * 1024 * 1024,
             read_idle_timeout=read_idle_timeout,
             speed_test_bytes=speed_test_mb * 1024 * 1024,
+            # test-only fault injection (tests/faults); the one place it is read
+            test_crash_at=os.environ.get("GRIDFL_TEST_CRASH_AT") or None,
         )
         run(settings, host=host, port=port, log_level=log_level)
 

@@ -19,12 +19,16 @@ The cycle's aggregate (see :func:`mean_diff`) is the plain mean when no report c
 weighted mean where each report without ``num_samples`` weighs the mean ``num_samples`` of
 the others. With a hosted iterative averaging plan, ``sum_x`` holds the plan's running
 average instead (PyGrid: ``avg = plan(avg, diff, n)``).
+
+:class:`RunningSums` holds one cycle's sums; a :class:`Strategy` folds each report into
+them and turns them into the next model (:class:`FedAvg`, :class:`IterativeAveraging`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -176,3 +180,130 @@ def averaging_step(plan, avg: np.ndarray, item: Sequence[np.ndarray], n: int, sp
     for off, size, a in zip(spec.offsets, spec.sizes, new, strict=True):
         result[off : off + size] = np.asarray(a, dtype=np.float64).reshape(-1)
     return result
+
+
+@dataclass(eq=False)
+class RunningSums:
+    """One cycle's folded reports (the sums of the module docstring), O(model) in memory.
+
+    ``version`` counts the folds stored so far (the aggregate row's ``version``, which
+    tells whether an in-memory copy is current); ``changed`` names the side of the last
+    fold, ``"w"`` or ``"x"``, whose columns are the ones to store.
+    """
+
+    spec: ModelSpec
+    version: int = 0
+    count_w: int = 0
+    weight: float = 0.0
+    sum_w: np.ndarray | None = None
+    count_x: int = 0
+    sum_x: np.ndarray | None = None
+    changed: str | None = None
+
+    def fold(self, diff: Sequence[np.ndarray], num_samples: int | None = None) -> None:
+        """Add one validated diff: weighted by ``num_samples`` when given, else unweighted."""
+        if num_samples is not None:
+            if self.sum_w is None:
+                self.sum_w = new_sum(self.spec)
+            fold(self.sum_w, diff, self.spec, weight=num_samples)
+            self.count_w += 1
+            self.weight += num_samples
+            self.changed = "w"
+        else:
+            if self.sum_x is None:
+                self.sum_x = new_sum(self.spec)
+            fold(self.sum_x, diff, self.spec)
+            self.count_x += 1
+            self.changed = "x"
+
+    def result(self) -> np.ndarray:
+        """The mean diff (:func:`mean_diff`) as one flat float64 vector."""
+        return mean_diff(self.sum_w, self.count_w, self.weight, self.sum_x, self.count_x)
+
+
+class Strategy:
+    """How a cycle's reports become the next model: the seam for aggregation rules.
+
+    The node calls :meth:`fold` once per accepted report, inside the report's transaction
+    (the diff is already validated against the model), and :meth:`aggregate` once when the
+    cycle completes, with the current parameters and the strategy's state as persisted
+    after the previous cycle (``None`` at first). ``aggregate`` returns the new parameters
+    and the state to persist, ``None`` for a stateless rule; raising
+    :class:`~gridfl._exceptions.ModelError` (as :func:`apply_diff` does for a result that
+    does not fit the model's dtypes) expires the cycle and keeps the current checkpoint.
+
+    How the rules to come plug in:
+
+    * **FedAdam / FedYogi** (server optimizers): fold as FedAvg; ``aggregate`` takes
+      ``result()`` as the pseudo-gradient, updates its moments ``m`` and ``v`` (its state,
+      persisted per process beside the checkpoint) and returns them with the new params.
+    * **Median / Krum** (robust rules) set ``needs_every_diff = True``: they cannot work from
+      sums, so their ``fold`` keeps each diff (O(model x reports), stored per report
+      instead of the sums' blobs) and ``aggregate`` reads them back; secure aggregation
+      cannot be combined with them (a class declaring both is refused).
+    * **Secure aggregation**: only the masked sum is ever known, so it sets
+      ``sums_only = True`` (never ``needs_every_diff``) and its ``fold`` adds the masked
+      vectors; ``aggregate`` unmasks the sum, then proceeds as FedAvg.
+    * **Differential privacy**: ``fold`` clips each diff to a norm bound before
+      ``RunningSums.fold``; ``aggregate`` adds calibrated noise to the sum before applying
+      it (the accountant's budget is its state).
+    """
+
+    #: the rule needs every diff of the cycle, not their sums (median, Krum)
+    needs_every_diff: ClassVar[bool] = False
+    #: the rule must work from the sum alone (secure aggregation): no per-diff rule with it
+    sums_only: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.needs_every_diff and cls.sums_only:
+            raise TypeError(
+                f"{cls.__name__}: a rule that needs every diff cannot work from their sum alone"
+            )
+
+    def fold(
+        self, sums: RunningSums, diff: Sequence[np.ndarray], num_samples: int | None
+    ) -> None:
+        """Fold one report into the cycle's sums."""
+        sums.fold(diff, num_samples)
+
+    def aggregate(
+        self, sums: RunningSums, params: Sequence[np.ndarray], state: Any = None
+    ) -> tuple[list[np.ndarray], Any]:
+        """``(new params, state to persist)`` from the cycle's sums and current params."""
+        raise NotImplementedError
+
+
+class FedAvg(Strategy):
+    """``new = current - mean diff`` (weighted as the module docstring says); no state."""
+
+    def aggregate(self, sums, params, state=None):
+        return apply_diff(params, sums.result(), sums.spec), None
+
+
+class IterativeAveraging(Strategy):
+    """A hosted averaging plan (PyGrid's ``avg = plan(avg, diff, n)``): ``sum_x`` holds the
+    running average, the first diff as is; ``num_samples`` is ignored."""
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+
+    def fold(self, sums, diff, num_samples):
+        if sums.count_x == 0:
+            sums.sum_x = None  # the first diff starts the average
+            sums.fold(diff)
+        else:
+            sums.sum_x = averaging_step(self.plan, sums.sum_x, diff, sums.count_x, sums.spec)
+            sums.count_x += 1
+            sums.changed = "x"
+
+    def aggregate(self, sums, params, state=None):
+        return apply_diff(params, sums.sum_x, sums.spec), None
+
+
+FED_AVG = FedAvg()
+
+
+def strategy_for(averaging_plan) -> Strategy:
+    """The process's strategy: its hosted averaging plan's, else FedAvg."""
+    return FED_AVG if averaging_plan is None else IterativeAveraging(averaging_plan)

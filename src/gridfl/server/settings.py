@@ -60,6 +60,11 @@ class Settings:
     long_poll_recheck: float = 1.0
     #: third-party auth endpoint timeout (seconds)
     auth_endpoint_timeout: float = 10.0
+    #: TEST-ONLY fault injection, never set in production: ``"report"`` or ``"aggregate"``
+    #: makes the process exit abruptly at that point inside the transaction (see
+    #: ``gridfl.server.cycles.Cycles.crash_point``); ``gridfl serve`` takes it from the
+    #: environment variable ``GRIDFL_TEST_CRASH_AT``
+    test_crash_at: str | None = None
 
     def resolved_database_url(self) -> str:
         if self.database_url:

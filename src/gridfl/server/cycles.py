@@ -1,0 +1,223 @@
+"""A cycle's life after it opens: folding reports into its running sums, completing it
+(aggregate, new checkpoint, next cycle), expiring it, closing it at its deadline, and
+telling the other server processes (PostgreSQL NOTIFY) that one opened.
+
+Every write here runs inside a transaction that holds the cycle's row lock, so a cycle
+completes exactly once, even with several server processes on one database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+from sqlalchemy.engine import Connection, Engine
+
+from gridfl._exceptions import ModelError
+from gridfl.server import aggregate as agg
+from gridfl.server import db, rules, storage
+from gridfl.server.catalog import Catalog
+
+log = logging.getLogger("gridfl.server")
+
+#: PostgreSQL channel on which a server process announces each cycle it opens (payload:
+#: its GridNode.instance_id), so the other processes on the database wake their long-polled
+#: cycle requests within milliseconds (app.py listens), not at their next recheck.
+CYCLE_CHANNEL = "gridfl_cycles"
+
+
+class Cycles:
+    """Opens, folds into, completes, expires and closes cycles for one node process.
+
+    ``crash_at`` is TEST-ONLY fault injection (``Settings.test_crash_at``): see
+    :meth:`crash_point`.
+    """
+
+    def __init__(
+        self, engine: Engine, catalog: Catalog, instance_id: str, *, crash_at: str | None = None
+    ) -> None:
+        self.engine = engine
+        self.catalog = catalog
+        self.instance_id = instance_id
+        self.crash_at = crash_at
+        self._notify_others = engine.dialect.name == "postgresql"
+        # cycle id -> [version, sum_w, sum_x]; version -1 while a fold is in flight
+        self._sums: dict[int, list] = {}
+        self._sums_lock = threading.Lock()
+
+    def crash_point(self, name: str) -> None:
+        """TEST-ONLY: when ``crash_at`` is ``name`` the process dies here (``os._exit(137)``,
+        as abruptly as ``kill -9``: no cleanup, no commit).
+
+        Points: ``report`` (inside a report's transaction, after the diff is folded in and
+        the worker marked reported, before commit) and ``aggregate`` (inside the completion
+        transaction, after the new checkpoint row is written and the cycle marked
+        completed, before commit). tests/faults/ use them to prove a crash there leaves
+        nothing half-done. Never set in production.
+        """
+        if self.crash_at == name:
+            log.warning(
+                "GRIDFL_TEST_CRASH_AT=%s: exiting abruptly (test-only fault injection)", name
+            )
+            logging.shutdown()
+            os._exit(137)
+
+    # ------------------------------------------------------------------ opening
+    def announce(self, conn: Connection) -> None:
+        """PostgreSQL: tell the other server processes on this database that a cycle opened
+        or a process stopped running (NOTIFY on ``CYCLE_CHANNEL``, delivered when and only
+        if this transaction commits), so what they hold for it is answered at once."""
+        if self._notify_others:
+            storage.notify(conn, CYCLE_CHANNEL, self.instance_id)
+
+    def open_next(self, conn: Connection, process, checkpoint_id: int, now: float) -> int:
+        """Open the process's next cycle on ``checkpoint_id``; returns its id."""
+        self.announce(conn)
+        return storage.insert_cycle(
+            conn,
+            process.id,
+            checkpoint_id=checkpoint_id,
+            start_at=now,
+            end_at=rules.cycle_deadline(process.server_config, now),
+            status="open",
+            num_reports=0,
+        )
+
+    # ------------------------------------------------------------------ running sums
+    def load_sums(self, conn: Connection, cycle_id: int, spec: agg.ModelSpec) -> agg.RunningSums:
+        """The cycle's running sums (cached in memory, checked against the row's version);
+        the caller holds the cycle's lock."""
+        row = conn.execute(storage.aggregate_counts, {"cycle_id": cycle_id}).first()
+        if row is None:
+            storage.insert_aggregate(conn, cycle_id)
+            sums = agg.RunningSums(spec)
+        else:
+            sums = agg.RunningSums(
+                spec, row.version, count_w=row.count_w, weight=row.weight, count_x=row.count_x
+            )
+        with self._sums_lock:
+            cached = self._sums.get(cycle_id)
+            if cached is not None and cached[0] == sums.version:
+                cached[0] = -1  # a fold is in flight: nobody else may trust these arrays
+                sums.sum_w, sums.sum_x = cached[1], cached[2]
+                return sums
+        if sums.count_w or sums.count_x:
+            blobs = conn.execute(storage.aggregate_sums, {"cycle_id": cycle_id}).one()
+            if blobs.sum_w is not None:
+                sums.sum_w = np.frombuffer(blobs.sum_w, dtype=spec.acc_dtype).copy()
+            if blobs.sum_x is not None:
+                sums.sum_x = np.frombuffer(blobs.sum_x, dtype=spec.acc_dtype).copy()
+        return sums
+
+    @staticmethod
+    def store_sums(conn: Connection, cycle_id: int, sums: agg.RunningSums) -> None:
+        """Write the side of the sums the last fold changed, and count the fold in
+        ``version``; the other side's blob is not rewritten."""
+        sums.version += 1
+        values: dict = {"b_cycle_id": cycle_id, "version": sums.version}
+        if sums.changed == "w":
+            values.update(
+                count_w=sums.count_w, weight=sums.weight, sum_w=memoryview(sums.sum_w).cast("B")
+            )
+        elif sums.changed == "x":
+            values.update(count_x=sums.count_x, sum_x=memoryview(sums.sum_x).cast("B"))
+        conn.execute(storage.store_sums, values)
+
+    def keep_sums(self, cycle_id: int, sums: agg.RunningSums) -> None:
+        """After the fold's commit: the next report of the cycle starts from these arrays."""
+        with self._sums_lock:
+            self._sums[cycle_id] = [sums.version, sums.sum_w, sums.sum_x]
+
+    def forget_sums(self, cycle_id: int) -> None:
+        with self._sums_lock:
+            self._sums.pop(cycle_id, None)
+
+    # ------------------------------------------------------------------ closing
+    def complete(self, conn: Connection, cycle, process, sums: agg.RunningSums) -> None:
+        """Aggregate, write the new checkpoint, close the cycle, open the next one; or
+        expire the cycle when its result does not fit the model's dtypes."""
+        from gridfl import state
+
+        _, params, _ = self.catalog.checkpoint(conn, cycle.checkpoint_id)
+        strategy = self.catalog.strategy(conn, process.id)
+        now = time.time()
+        try:
+            # FedAvg and iterative averaging keep no state between cycles (None)
+            new_params, _ = strategy.aggregate(sums, params)
+        except ModelError as e:
+            self.expire(conn, cycle, process, now, f"its result is not usable: {e}", warn=True)
+            return
+        data = state.dumps(new_params)
+        number = storage.latest_checkpoint_number(conn, process.id) + 1
+        # "latest" is the highest number: no alias moves from row to row, because any
+        # UPDATE of a checkpoint row makes SQLite rewrite its whole model blob (13 MB of
+        # WAL and ~70 ms for the McMahan CNN, inside the transaction that opens the next
+        # cycle)
+        ckpt = storage.insert_checkpoint(conn, process.id, number, data, now)
+        self.catalog.remember_checkpoint(ckpt, data, new_params, sums.spec)
+        storage.close_cycle(
+            conn, cycle.id, status="completed", closed_at=now, result_checkpoint_id=ckpt
+        )
+        done = storage.count_completed(conn, process.id)
+        num_cycles = process.server_config.get("num_cycles") or 0
+        log.info(
+            "cycle %s/%s #%d completed: checkpoint %d",
+            process.name,
+            process.version,
+            cycle.sequence,
+            number,
+        )
+        if num_cycles and done >= num_cycles:
+            storage.set_process_status(conn, process.id, "finished")
+            self.announce(conn)
+            log.info("process %s/%s finished", process.name, process.version)
+        else:
+            self.open_next(conn, process, ckpt, now)
+        self.crash_point("aggregate")
+
+    def expire(
+        self, conn: Connection, cycle, process, now: float, why: str, *, warn: bool = False
+    ) -> None:
+        """Close the cycle without a checkpoint: its reports are dropped and a new cycle
+        opens on the same checkpoint."""
+        storage.close_cycle(conn, cycle.id, status="expired", closed_at=now)
+        self.open_next(conn, process, cycle.checkpoint_id, now)
+        log.log(
+            logging.WARNING if warn else logging.INFO,
+            "cycle %s/%s #%d expired with %d reports: %s",
+            process.name,
+            process.version,
+            cycle.sequence,
+            cycle.num_reports,
+            why,
+        )
+
+    def close_at_deadline(self, cycle_id: int, now: float) -> int:
+        """Complete or expire one cycle whose deadline passed; 1 if this call closed it."""
+        try:
+            with db.write(self.engine) as conn:
+                cycle = storage.lock_cycle(conn, cycle_id)
+                if cycle.status != "open" or cycle.end_at is None or cycle.end_at > now:
+                    return 0
+                process = storage.process_by_id(conn, cycle.process_id)
+                cfg, received = process.server_config, cycle.num_reports
+                # the seats are counted only when the reports could be enough
+                if rules.enough_reports(cfg, received) and rules.ready(
+                    cfg,
+                    received=received,
+                    accepted=storage.count_seats(conn, cycle_id),
+                    end_at=cycle.end_at,
+                    now=now,
+                ):
+                    _, _, spec = self.catalog.checkpoint(conn, cycle.checkpoint_id)
+                    self.complete(conn, cycle, process, self.load_sums(conn, cycle_id, spec))
+                else:
+                    self.expire(
+                        conn, cycle, process, now, "too few reports (min_diffs) or workers"
+                    )
+        finally:
+            self.forget_sums(cycle_id)
+        return 1

@@ -1,0 +1,334 @@
+"""The worker API (PyGrid's model-centric protocol): authenticate, cycle requests, asset
+downloads and reports. :class:`~gridfl.server.service.GridNode` inherits it; error messages
+and status codes follow PyGrid's, which syft.js's tests check."""
+
+from __future__ import annotations
+
+import hmac
+import random
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy.engine import Connection, Engine
+
+from gridfl import _wire
+from gridfl._exceptions import (
+    AuthenticationError,
+    ConflictError,
+    GridError,
+    GridflError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from gridfl.server import aggregate as agg
+from gridfl.server import db, rules, storage
+from gridfl.server.admin import process_named
+from gridfl.server.auth import verify_worker_token
+from gridfl.server.catalog import Catalog
+from gridfl.server.config import requires_speed_test
+from gridfl.server.cycles import Cycles
+from gridfl.server.settings import Settings
+
+
+def _not_found_400(message: str) -> NotFoundError:
+    """PyGrid answers these lookups with 400 and syft.js's tests expect it."""
+    err = NotFoundError(message)
+    err.http_status = 400
+    return err
+
+
+def _invalid_key() -> AuthenticationError:
+    return AuthenticationError(_wire.MSG_INVALID_REQUEST_KEY)
+
+
+class WorkerApi:
+    """The worker-facing handlers; each takes a parsed request and returns a JSON-able
+    ``dict`` (or bytes), raising :mod:`gridfl._exceptions` errors."""
+
+    settings: Settings
+    engine: Engine
+    catalog: Catalog
+    cycles: Cycles
+    on_cycles_changed: Callable[[], None]
+
+    def _timeout(self, cycle) -> int:
+        end_at = None if cycle is None else cycle.end_at
+        return rules.retry_timeout(end_at, time.time(), self.settings.retry_seconds)
+
+    def authenticate(self, req: _wire.AuthenticateRequest) -> dict[str, Any]:
+        with db.read(self.engine) as conn:
+            process = process_named(conn, req.model_name, req.model_version)
+        cfg = process.server_config
+        claims = verify_worker_token(
+            req.auth_token,
+            cfg.get("authentication"),
+            endpoint_timeout=self.settings.auth_endpoint_timeout,
+        )
+        worker_id = str(uuid.uuid4())
+        sub = claims.get("sub") if claims else None
+        identity = f"sub:{sub}"[:320] if isinstance(sub, str) and sub else worker_id
+        with db.write(self.engine) as conn:
+            storage.insert_worker(
+                conn, id=worker_id, process_id=process.id, identity=identity, created_at=time.time()
+            )
+        return _wire.authenticate_response(worker_id, requires_speed_test(cfg))
+
+    def cycle_request(self, req: _wire.CycleRequest) -> dict[str, Any]:
+        if req.ping is None and req.download is None and req.upload is None:
+            full = self._full_cycle_rejection(req)
+            if full is not None:
+                return full
+        with db.write(self.engine) as conn:
+            return self._admit(conn, req)
+
+    def admit_held(self, reqs: Sequence[_wire.CycleRequest]) -> list[dict[str, Any] | Exception]:
+        """Cycle requests that were held until a cycle opened, answered together: one write
+        transaction for all of them (a savepoint each, so one failing request leaves the
+        others' seats), where :meth:`cycle_request` would take one each, and each after a
+        read-only look. When a cycle opens, every worker waiting for it asks at once.
+        Returns each request's reply, or the error it raised, in order.
+
+            >>> node.admit_held([req_a, req_b])  # doctest: +SKIP
+            [{'status': 'accepted', ...}, {'status': 'rejected', ...}]
+        """
+        results: list[dict[str, Any] | Exception] = []
+        with db.write(self.engine) as conn:
+            for req in reqs:
+                try:
+                    with conn.begin_nested():
+                        results.append(self._admit(conn, req))
+                except Exception as e:  # noqa: BLE001 - it is this request's answer
+                    results.append(e)
+        return results
+
+    def _admit(self, conn: Connection, req: _wire.CycleRequest) -> dict[str, Any]:
+        """Accept or reject one cycle request, inside the caller's write transaction."""
+        worker = conn.execute(storage.worker_process, {"worker_id": req.worker_id}).first()
+        if worker is None:
+            raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+        process = self.catalog.process(conn, worker.process_id)
+        if process.name != req.model or (
+            req.version is not None and req.version != process.version
+        ):
+            raise PermissionDeniedError(
+                f"this worker_id was issued for '{process.name}' version "
+                f"'{process.version}'; authenticate for '{req.model}' first"
+            )
+        cfg = process.server_config
+        missing = rules.missing_speed_field(cfg, req.ping, req.download, req.upload)
+        if missing is not None:
+            raise InvalidRequestError(f"'{missing}' is required")
+        if req.ping is not None or req.download is not None or req.upload is not None:
+            storage.store_speeds(conn, worker.id, req.ping, req.download, req.upload)
+        if worker.status != "running":
+            return _wire.rejected_response(None, f"the FL process is {worker.status}")
+        cycle = conn.execute(storage.open_cycle_locked, {"process_id": process.id}).first()
+        if cycle is None:
+            return _wire.rejected_response(None, "the FL process has no open cycle")
+        timeout = self._timeout(cycle)
+        seats = conn.execute(storage.seats, {"cycle_id": cycle.id, "worker_id": worker.id}).one()
+        decision = rules.admit(
+            cfg,
+            sequence=cycle.sequence,
+            accepted=seats.accepted,
+            taken=seats.taken is not None,
+            download=req.download,
+            upload=req.upload,
+            last_joined=lambda: storage.last_cycle_joined(conn, worker.identity, process.id),
+            draw=random.random,
+        )
+        if not decision.accepted:
+            return _wire.rejected_response(timeout, decision.reason)
+        request_key = secrets.token_hex(32)
+        conn.execute(
+            storage.accept,
+            {
+                "cycle_id": cycle.id,
+                "worker_id": worker.id,
+                "identity": worker.identity,
+                "request_key": request_key,
+                "accepted_at": time.time(),
+            },
+        )
+        return _wire.accepted_response(
+            request_key=request_key,
+            model=process.name,
+            version=process.version,
+            model_id=process.id,
+            plans=dict(process.plan_ids),
+            protocols=dict(process.protocol_ids),
+            client_config=process.client_config,
+            plan_digests=dict(process.plan_digests),
+        )
+
+    def _full_cycle_rejection(self, req: _wire.CycleRequest) -> dict[str, Any] | None:
+        """Fast path, read-only: the rejection of a request for a cycle that is already
+        full, or ``None`` to take the locked path. Workers long-polling a full cycle
+        re-ask whenever a cycle opens or closes; without this each re-ask would be a
+        write transaction holding the cycle's row lock, which reports queue behind.
+        """
+        with db.read(self.engine) as conn:
+            row = conn.execute(storage.admission, {"worker_id": req.worker_id}).first()
+            if row is None or row.cycle_id is None or row.process_status != "running":
+                return None
+            process = self.catalog.process(conn, row.process_id)
+        if process.name != req.model or (
+            req.version is not None and req.version != process.version
+        ):
+            return None
+        reason = rules.full_cycle_reason(
+            process.server_config, accepted=row.accepted, taken=row.taken is not None
+        )
+        return None if reason is None else _wire.rejected_response(self._timeout(row), reason)
+
+    # ------------------------------------------------------------------ downloads
+    def _check_asset_access(self, conn: Connection, process_id: int, worker_id: str, key: str):
+        """The worker must hold ``key`` for the process's currently open cycle; returns
+        the cycle (``id``, ``checkpoint_id``)."""
+        row = conn.execute(
+            storage.asset_access, {"process_id": process_id, "worker_id": worker_id}
+        ).first()
+        if row is not None and row.request_key is not None:
+            if hmac.compare_digest(row.request_key.encode(), key.encode()):
+                return row
+            raise _invalid_key()
+        # refused: find out why, in the order PyGrid reports it
+        if storage.worker_row(conn, worker_id) is None:
+            raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+        if row is None:
+            raise _not_found_400("Cycle not found!")
+        raise _invalid_key()
+
+    def get_model(self, req: _wire.AssetRequest) -> bytes:
+        with db.read(self.engine) as conn:
+            try:
+                cycle = self._check_asset_access(conn, req.asset_id, req.worker_id, req.request_key)
+            except GridError:
+                if not storage.process_id_exists(conn, req.asset_id):
+                    raise _not_found_400(_wire.MSG_MODEL_NOT_FOUND) from None
+                raise
+            return self.catalog.checkpoint(conn, cycle.checkpoint_id)[0]
+
+    def get_plan(self, req: _wire.AssetRequest) -> bytes:
+        with db.read(self.engine) as conn:
+            row = self.catalog.plan_meta(conn, req.asset_id)
+            if row is None:
+                raise _not_found_400(_wire.MSG_PLAN_NOT_FOUND)
+            try:
+                self._check_asset_access(conn, row.process_id, req.worker_id, req.request_key)
+            except GridError:
+                # refused: the plan may have gone with its process since it was cached
+                if conn.execute(storage.plan_meta, {"plan_id": req.asset_id}).first() is None:
+                    self.catalog.forget_plan_meta(req.asset_id)
+                    raise _not_found_400(_wire.MSG_PLAN_NOT_FOUND) from None
+                raise
+            have = [v for v in _wire.PLAN_VARIANTS if getattr(row, f"has_{v}")]
+            variant = req.receive_operations_as or have[0]
+            if variant not in have:
+                raise InvalidRequestError(
+                    f"plan '{row.name}' has no '{variant}' variant; it has: {', '.join(have)}"
+                )
+            return self.catalog.plan_bytes(conn, row.id, variant)
+
+    def get_protocol(self, req: _wire.AssetRequest) -> bytes:
+        with db.read(self.engine) as conn:
+            row = storage.protocol_row(conn, req.asset_id)
+            if row is None:
+                raise _not_found_400(_wire.MSG_PROTOCOL_NOT_FOUND)
+            self._check_asset_access(conn, row.process_id, req.worker_id, req.request_key)
+            return bytes(row.data)
+
+    def check_worker(self, worker_id: str) -> None:
+        with db.read(self.engine) as conn:
+            if storage.worker_exists(conn, worker_id):
+                return
+        raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+
+    # ------------------------------------------------------------------ reports
+    def report(self, req: _wire.ReportRequest) -> dict[str, Any]:
+        from gridfl import state
+
+        # 1. find the worker's cycle by its request key (constant-time compare), no lock
+        with db.read(self.engine) as conn:
+            rows = conn.execute(storage.worker_seats, {"worker_id": req.worker_id}).all()
+            if not rows:
+                if storage.worker_exists(conn, req.worker_id):
+                    raise _invalid_key()
+                raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+            match = None
+            for r in rows:
+                if hmac.compare_digest(r.request_key.encode(), req.request_key.encode()):
+                    match = r
+            if match is None:
+                raise _invalid_key()
+            if match.reported_at is not None:
+                raise ConflictError(f"this worker already reported for cycle {match.sequence}")
+            if match.status != "open":
+                raise ConflictError(
+                    f"cycle {match.sequence} is closed ({match.status}): the report came too late"
+                )
+            _, _, spec = self.catalog.checkpoint(conn, match.checkpoint_id)
+        # 2. decode and validate the diff outside any lock
+        try:
+            # refused as soon as it departs from the model: cost O(model tensors), not O(bytes)
+            diff = state.loads(req.diff, expect=zip(spec.shapes, spec.dtypes, strict=True))
+        except GridflError as e:
+            raise InvalidRequestError(f"diff is not valid State bytes: {e}") from e
+        agg.validate_diff(diff, spec)
+        # 3. fold in, mark reported, maybe complete: one transaction, cycle row locked
+        completed = False
+        cycle_id = match.cycle_id
+        try:
+            with db.write(self.engine) as conn:
+                cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).one()
+                if cycle.status != "open":
+                    raise ConflictError(
+                        f"cycle {cycle.sequence} is closed ({cycle.status}): "
+                        "the report came too late"
+                    )
+                seat = conn.execute(
+                    storage.report_check, {"seat_id": match.id, "cycle_id": cycle_id}
+                ).one()
+                if seat.reported_at is not None:
+                    raise ConflictError(f"this worker already reported for cycle {cycle.sequence}")
+                process = self.catalog.process(conn, cycle.process_id)
+                sums = self.cycles.load_sums(conn, cycle_id, spec)
+                self.catalog.strategy(conn, process.id).fold(sums, diff, req.num_samples)
+                self.cycles.store_sums(conn, cycle_id, sums)
+                now = time.time()
+                conn.execute(
+                    storage.mark_reported,
+                    {
+                        "b_seat_id": match.id,
+                        "reported_at": now,
+                        "num_samples": req.num_samples,
+                        "metrics": req.metrics,
+                    },
+                )
+                received = cycle.num_reports + 1
+                conn.execute(
+                    storage.count_report, {"b_cycle_id": cycle_id, "num_reports": received}
+                )
+                self.cycles.crash_point("report")
+                if rules.ready(
+                    process.server_config,
+                    received=received,
+                    accepted=seat.accepted,
+                    end_at=cycle.end_at,
+                    now=now,
+                ):
+                    self.cycles.complete(conn, cycle, process, sums)
+                    completed = True
+        except BaseException:
+            self.cycles.forget_sums(cycle_id)
+            raise
+        if completed:
+            self.cycles.forget_sums(cycle_id)
+            self.on_cycles_changed()
+        else:
+            self.cycles.keep_sums(cycle_id, sums)
+        return _wire.report_response()
