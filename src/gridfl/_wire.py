@@ -22,7 +22,7 @@ import binascii
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import pybase64
 
@@ -222,6 +222,10 @@ def _check_json_text(text: str, path: str, *, key: bool = False) -> None:
     check_text(text, what)
 
 
+@overload
+def _str(data: dict, key: str, *, required: Literal[True] = ..., max_len: int = ...) -> str: ...
+@overload
+def _str(data: dict, key: str, *, required: bool, max_len: int = ...) -> str | None: ...
 def _str(data: dict, key: str, *, required: bool = True, max_len: int = 4096) -> str | None:
     value = data.get(key)
     if value is None:

@@ -70,7 +70,7 @@ _META_INPUTS = "gridfl.inputs"
 _META_OUTPUTS = "gridfl.outputs"
 
 # onnxruntime type strings -> numpy dtypes.
-_ORT_DTYPES = {
+_ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(double)": np.dtype(np.float64),
     "tensor(float16)": np.dtype(np.float16),
@@ -208,10 +208,10 @@ def _parse_slots(raw: str | None, meta_key: str, ort_args: list, allowed_roles) 
         if dtype is None:
             raise PlanLoadError(f"graph slot {arg.name!r} has unsupported type {arg.type}")
         shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or ()))
-        slots.append(PlanSlot(name, role, key, index, dtype, shape))
+        slots.append(PlanSlot(arg.name, str(role), key, index, dtype, shape))
     # Indexed roles must be numbered 0..n-1.
     for role in INDEXED_ROLES:
-        idx = sorted(s.index for s in slots if s.role == role)
+        idx = sorted(s.index for s in slots if s.role == role and s.index is not None)
         if idx != list(range(len(idx))):
             raise PlanLoadError(
                 f"plan metadata {meta_key!r}: {role} indices must be 0..{len(idx) - 1}, got {idx}"
@@ -373,12 +373,12 @@ class Plan:
     @property
     def client_config_keys(self) -> list[str]:
         """The ``client_config`` keys the plan reads, e.g. ``["lr"]``."""
-        return [s.key for s in self.inputs if s.role == "client_config"]
+        return [s.key for s in self.inputs if s.role == "client_config" and s.key is not None]
 
     @property
     def metric_names(self) -> list[str]:
         """The metrics the plan outputs, e.g. ``["accuracy"]``."""
-        return [s.key for s in self.outputs if s.role == "metric"]
+        return [s.key for s in self.outputs if s.role == "metric" and s.key is not None]
 
     def __repr__(self) -> str:
         ins = ", ".join(s.role + (f"[{s.key}]" if s.key else "") for s in self.inputs)
@@ -421,7 +421,7 @@ class Plan:
                     None if data is None else len(_to_numpy(data))
                 )
             elif r == "client_config":
-                if s.key not in client_config:
+                if s.key is None or s.key not in client_config:
                     raise PlanInputError(
                         f"client_config lacks {s.key!r}, which plan input {s.describe()} needs"
                     )
@@ -431,15 +431,16 @@ class Plan:
             else:
                 seq = {"model_param": params, "optimizer_state": optimizer_state,
                        "average": average, "item": item}[r]
+                index = s.index if s.index is not None else 0  # indexed roles have one
                 if r == "optimizer_state" and len(seq) == 0:
                     v = np.zeros([d or 0 for d in s.shape], dtype=s.dtype)
-                elif s.index >= len(seq):
+                elif index >= len(seq):
                     raise PlanInputError(
-                        f"plan input {s.describe()} needs {r} #{s.index} but only "
+                        f"plan input {s.describe()} needs {r} #{index} but only "
                         f"{len(seq)} were given"
                     )
                 else:
-                    v = seq[s.index]
+                    v = seq[index]
             if v is None:
                 raise PlanInputError(f"no value given for plan input {s.describe()}")
             out.append(v)

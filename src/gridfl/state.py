@@ -77,6 +77,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from gridfl import _protowire as pw
 from gridfl._exceptions import StateError
@@ -216,7 +217,7 @@ def dumps(arrays: Sequence[np.ndarray]) -> bytes:
             tensors.append(payload)
         tensors.append(tt_tail)
     # One copy of every payload, straight from the array buffers into the result.
-    return b"".join(placeholders + tensors)
+    return b"".join([*placeholders, *tensors])
 
 
 def _payload(arr: np.ndarray, kind: _Kind) -> memoryview:
@@ -228,7 +229,7 @@ def _payload(arr: np.ndarray, kind: _Kind) -> memoryview:
         flat = np.ascontiguousarray(arr, dtype="<f8")
     else:
         flat = pw.encode_packed_varints(np.ascontiguousarray(arr))
-    return memoryview(flat.reshape(-1)).cast("B")
+    return flat.reshape(-1).data.cast("B")
 
 
 def _nbytes(payload: memoryview) -> int:
@@ -240,7 +241,7 @@ def _nbytes(payload: memoryview) -> int:
 
 def loads(
     data: bytes | bytearray | memoryview,
-    expect: Iterable[tuple[Sequence[int], object]] | None = None,
+    expect: Iterable[tuple[Sequence[int], npt.DTypeLike]] | None = None,
 ) -> list[np.ndarray]:
     """Parse syft-proto ``State`` bytes into a list of numpy arrays.
 
@@ -306,7 +307,9 @@ def loads(
     return out
 
 
-def _wants(expect: Iterable[tuple[Sequence[int], object]]) -> list[tuple[tuple[int, ...], _Kind]]:
+def _wants(
+    expect: Iterable[tuple[Sequence[int], npt.DTypeLike]],
+) -> list[tuple[tuple[int, ...], _Kind]]:
     """``expect`` as (shape, kind) pairs; a dtype State cannot carry is the caller's bug."""
     wants = []
     for shape, dtype in expect:

@@ -20,7 +20,7 @@ else:
     def main() -> None:
         """gridfl: static federated learning."""
 
-    @main.command()
+    @main.command()  # type: ignore[attr-defined]  # a click group here
     @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
     @click.option("--port", default=5000, show_default=True, type=int)
     @click.option(
@@ -142,4 +142,4 @@ else:
     from gridfl.cli.commands import COMMANDS
 
     for _command in COMMANDS:
-        main.add_command(_command)
+        main.add_command(_command)  # type: ignore[attr-defined]  # a click group here

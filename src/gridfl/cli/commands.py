@@ -373,7 +373,7 @@ def retrieve(url, admin_token, admin_token_file, name, version, checkpoint, out:
         data = client.retrieve_bytes(name, version, checkpoint)
     if out.suffix == ".npz":
         params = state.loads(data)
-        np.savez(out, **{f"p{i}": p for i, p in enumerate(params)})
+        np.savez(out, **{f"p{i}": p for i, p in enumerate(params)})  # type: ignore[arg-type]
     else:
         out.write_bytes(data)
     click.echo(f"wrote checkpoint {checkpoint} of {name} {version} to {out}")

@@ -49,8 +49,10 @@ _RoleSpec = str | dict
 # ---------------------------------------------------------------- roles
 def _parse_roles(specs: Sequence[_RoleSpec], allowed, what: str) -> list[dict]:
     """``["data", "client_config:lr", {"role": "model_param", "index": 0}]`` -> dicts."""
-    out, counters = [], {}
+    out: list[dict] = []
+    counters: dict[str, int] = {}
     for i, spec in enumerate(specs):
+        d: dict[str, Any]
         if isinstance(spec, str):
             role, _, key = spec.partition(":")
             d = {"role": role}
@@ -60,11 +62,12 @@ def _parse_roles(specs: Sequence[_RoleSpec], allowed, what: str) -> list[dict]:
             d = dict(spec)
         else:
             raise CompileError(f"{what} role #{i}: expected a str or dict, got {spec!r}")
-        role = d.get("role")
-        if role not in allowed:
+        if d.get("role") not in allowed:
             raise CompileError(
-                f"{what} role #{i}: unknown role {role!r}; expected one of {', '.join(allowed)}"
+                f"{what} role #{i}: unknown role {d.get('role')!r}; "
+                f"expected one of {', '.join(allowed)}"
             )
+        role = d["role"]
         if role in KEYED_ROLES:
             if not d.get("key"):
                 raise CompileError(f"{what} role #{i} ({role}) needs a key, e.g. '{role}:lr'")
@@ -81,7 +84,7 @@ def _parse_roles(specs: Sequence[_RoleSpec], allowed, what: str) -> list[dict]:
 
 def _slot_name(d: dict, output: bool) -> str:
     role = d["role"]
-    base = {
+    base: str = {
         "data": "X",
         "target": "y",
         "batch_size": "batch_size",
@@ -91,7 +94,7 @@ def _slot_name(d: dict, output: bool) -> str:
         "optimizer_state": "opt_state",
         "average": "avg",
         "item": "item",
-    }.get(role)
+    }.get(role, role)
     if role in KEYED_ROLES:
         base = re.sub(r"\W", "_", d["key"])
     if role in INDEXED_ROLES:

@@ -89,6 +89,8 @@ def export_onnx(
     finally:
         for lg, lvl in zip(loggers, levels, strict=True):
             lg.setLevel(lvl)
+    if prog is None:  # torch returns None only when asked to write a file
+        raise CompileError("ONNX export returned no program")
     model = prog.model_proto
     _inline_functions(model)
     fuse_sgd_updates(model)

@@ -26,11 +26,11 @@ gridfl_ops = torch.ops.gridfl
 
 
 def _requires_grad_wrapper(fn: Callable, grad_positions: Sequence[int]) -> Callable:
-    grad_positions = frozenset(grad_positions)
+    positions = frozenset(grad_positions)
 
     def step(*args):
         args = [
-            a.detach().requires_grad_(True) if i in grad_positions else a
+            a.detach().requires_grad_(True) if i in positions else a
             for i, a in enumerate(args)
         ]
         with torch.enable_grad():
@@ -66,7 +66,7 @@ def trace_step(
     table = decomposition_table(conv_weight_grad=conv_weight_grad)
     try:
         # No duck shaping: a batch of 10 and 10 classes must stay distinct symbols.
-        with fx_config.patch(use_duck_shape=False):
+        with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
             gm = make_fx(
                 step, decomposition_table=table, tracing_mode="symbolic",
                 _allow_non_fake_inputs=True,  # module buffers (BatchNorm stats) as constants
@@ -74,7 +74,7 @@ def trace_step(
     except CompileError:
         raise
     except Exception as e:  # torch wraps errors raised inside decompositions
-        cause = e
+        cause: BaseException | None = e
         while cause is not None:
             if isinstance(cause, CompileError):
                 raise CompileError(str(cause)) from None

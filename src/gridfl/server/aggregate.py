@@ -109,14 +109,19 @@ def mean_diff(
     sum_x: np.ndarray | None,
     count_x: int,
 ) -> np.ndarray:
-    """The cycle's aggregate diff as one float64 vector (rule in the module docstring)."""
+    """The cycle's aggregate diff as one float64 vector (rule in the module docstring).
+    A side's sum is None exactly when its count is 0."""
     if count_w == 0:
+        assert sum_x is not None
         return sum_x.astype(np.float64) / count_x
+    assert sum_w is not None
     if count_x == 0:
         return sum_w.astype(np.float64) / weight
-    sum_w, sum_x = sum_w.astype(np.float64), sum_x.astype(np.float64)
+    assert sum_x is not None
     mean_weight = weight / count_w
-    return (sum_w + mean_weight * sum_x) / (weight + mean_weight * count_x)
+    return (sum_w.astype(np.float64) + mean_weight * sum_x.astype(np.float64)) / (
+        weight + mean_weight * count_x
+    )
 
 
 def split(flat: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:

@@ -35,8 +35,9 @@ def verify_worker_token(
     if not token:
         raise _auth_error(_wire.MSG_AUTH_REQUIRED)
     claims: dict[str, Any] | None = None
-    keys = [(auth.get("secret"), "HS256"), (auth.get("pub_key"), "RS256")]
-    keys = [(k, alg) for k, alg in keys if k]
+    keys: list[tuple[str, str]] = [
+        (k, alg) for k, alg in ((auth.get("secret"), "HS256"), (auth.get("pub_key"), "RS256")) if k
+    ]
     if keys:
         for key, alg in keys:
             try:

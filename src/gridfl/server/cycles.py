@@ -119,11 +119,11 @@ class Cycles:
         sums.version += 1
         values: dict = {"b_cycle_id": cycle_id, "version": sums.version}
         if sums.changed == "w":
-            values.update(
-                count_w=sums.count_w, weight=sums.weight, sum_w=memoryview(sums.sum_w).cast("B")
-            )
+            assert sums.sum_w is not None  # a fold into it just happened
+            values.update(count_w=sums.count_w, weight=sums.weight, sum_w=sums.sum_w.data.cast("B"))
         elif sums.changed == "x":
-            values.update(count_x=sums.count_x, sum_x=memoryview(sums.sum_x).cast("B"))
+            assert sums.sum_x is not None
+            values.update(count_x=sums.count_x, sum_x=sums.sum_x.data.cast("B"))
         conn.execute(storage.store_sums, values)
 
     def keep_sums(self, cycle_id: int, sums: agg.RunningSums) -> None:

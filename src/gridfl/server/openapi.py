@@ -53,7 +53,7 @@ def _path(name: str) -> dict[str, Any]:
 
 _STR = {"type": "string", "minLength": 1}
 _ID = {"type": "string", "pattern": "^[0-9]+$", "description": "integer id"}
-_ADMIN = [{"admin": []}]
+_ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
 _NUM = {"type": "number", "minimum": 0}
 _PV = [_path("name"), _path("version")]
 

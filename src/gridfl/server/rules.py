@@ -37,7 +37,8 @@ SPEED_FIELDS = ("ping", "download", "upload")
 
 @dataclass(frozen=True)
 class Admission:
-    """The answer to a cycle request: accepted, or rejected for ``reason``."""
+    """The answer to a cycle request: accepted (``reason`` None), or rejected for
+    ``reason``."""
 
     accepted: bool
     reason: str | None = None

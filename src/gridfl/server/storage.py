@@ -13,7 +13,7 @@ client sees.
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, CursorResult
 
 from gridfl._wire import PLAN_VARIANTS
 from gridfl.server.tables import (
@@ -196,15 +196,28 @@ def process_by_id(conn: Connection, process_id: int):
 
 
 def process_id_exists(conn: Connection, process_id: int) -> bool:
-    return conn.execute(
-        sa.select(processes.c.id).where(processes.c.id == process_id)
-    ).first() is not None
+    return (
+        conn.execute(sa.select(processes.c.id).where(processes.c.id == process_id)).first()
+        is not None
+    )
 
 
 def process_exists(conn: Connection, name: str, version: str) -> bool:
-    return conn.execute(
-        sa.select(processes.c.id).where(processes.c.name == name, processes.c.version == version)
-    ).first() is not None
+    return (
+        conn.execute(
+            sa.select(processes.c.id).where(
+                processes.c.name == name, processes.c.version == version
+            )
+        ).first()
+        is not None
+    )
+
+
+def _new_id(result: CursorResult) -> int:
+    """The primary key an INSERT of one row made."""
+    key = result.inserted_primary_key
+    assert key is not None  # always set for a single-row INSERT
+    return int(key[0])
 
 
 def all_processes(conn: Connection):
@@ -212,17 +225,15 @@ def all_processes(conn: Connection):
 
 
 def insert_process(conn: Connection, **values) -> int:
-    return conn.execute(processes.insert().values(**values)).inserted_primary_key[0]
+    return _new_id(conn.execute(processes.insert().values(**values)))
 
 
 def insert_plan(conn: Connection, process_id: int, row: dict) -> int:
-    return conn.execute(plans.insert().values(process_id=process_id, **row)).inserted_primary_key[0]
+    return _new_id(conn.execute(plans.insert().values(process_id=process_id, **row)))
 
 
 def insert_protocol(conn: Connection, process_id: int, row: dict) -> int:
-    return conn.execute(
-        protocols.insert().values(process_id=process_id, **row)
-    ).inserted_primary_key[0]
+    return _new_id(conn.execute(protocols.insert().values(process_id=process_id, **row)))
 
 
 def set_process_status(conn: Connection, process_id: int, status: str) -> None:
@@ -257,9 +268,9 @@ def insert_worker(conn: Connection, **values) -> None:
 
 
 def worker_exists(conn: Connection, worker_id: str) -> bool:
-    return conn.execute(
-        sa.select(workers.c.id).where(workers.c.id == worker_id)
-    ).first() is not None
+    return (
+        conn.execute(sa.select(workers.c.id).where(workers.c.id == worker_id)).first() is not None
+    )
 
 
 def worker_row(conn: Connection, worker_id: str):
@@ -300,9 +311,9 @@ def insert_cycle(conn: Connection, process_id: int, **values) -> int:
             cycles.c.process_id == process_id
         )
     ).scalar_one()
-    return conn.execute(
-        cycles.insert().values(process_id=process_id, sequence=seq + 1, **values)
-    ).inserted_primary_key[0]
+    return _new_id(
+        conn.execute(cycles.insert().values(process_id=process_id, sequence=seq + 1, **values))
+    )
 
 
 def notify(conn: Connection, channel: str, payload: str) -> None:
@@ -318,9 +329,9 @@ def close_cycle(conn: Connection, cycle_id: int, **values) -> None:
 
 def count_seats(conn: Connection, cycle_id: int) -> int:
     return conn.execute(
-        sa.select(sa.func.count()).select_from(worker_cycles).where(
-            worker_cycles.c.cycle_id == cycle_id
-        )
+        sa.select(sa.func.count())
+        .select_from(worker_cycles)
+        .where(worker_cycles.c.cycle_id == cycle_id)
     ).scalar_one()
 
 
@@ -350,7 +361,7 @@ def cycle_marker(conn: Connection) -> tuple[int | None, int]:
 
 
 def due_cycles(conn: Connection, now: float) -> list[int]:
-    return (
+    return list(
         conn.execute(
             sa.select(cycles.c.id).where(cycles.c.status == "open", cycles.c.end_at <= now)
         )
@@ -404,16 +415,21 @@ def checkpoint_data(conn: Connection, checkpoint_id: int):
     ).scalar_one()
 
 
-def latest_checkpoint_number(conn: Connection, process_id: int) -> int | None:
+def latest_checkpoint_number(conn: Connection, process_id: int) -> int:
+    """The process's highest checkpoint number (every hosted process has checkpoint 1)."""
     return conn.execute(
         sa.select(sa.func.max(checkpoints.c.number)).where(checkpoints.c.process_id == process_id)
-    ).scalar()
+    ).scalar_one()
 
 
 def insert_checkpoint(conn: Connection, process_id: int, number: int, data, now: float) -> int:
-    return conn.execute(
-        checkpoints.insert().values(process_id=process_id, number=number, data=data, created_at=now)
-    ).inserted_primary_key[0]
+    return _new_id(
+        conn.execute(
+            checkpoints.insert().values(
+                process_id=process_id, number=number, data=data, created_at=now
+            )
+        )
+    )
 
 
 def checkpoint_numbers(conn: Connection, checkpoint_ids: set[int]) -> dict[int, int]:

@@ -174,7 +174,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     frame that is not UTF-8 closes the socket (1007) with one quiet log line."""
 
     def data_received(self, data: bytes) -> None:
-        if self.pong_timer is not None:
+        if self.pong_timer is not None and self.ping_timeout is not None:
             # A ping is out. The peer's pong waits behind whatever it is sending (a report
             # frame over a slow link can take minutes): it is alive while bytes arrive,
             # and only ping_timeout seconds of silence close it.

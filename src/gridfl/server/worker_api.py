@@ -141,7 +141,7 @@ class WorkerApi:
             last_joined=lambda: storage.last_cycle_joined(conn, worker.identity, process.id),
             draw=random.random,
         )
-        if not decision.accepted:
+        if decision.reason is not None:  # rejected
             return _wire.rejected_response(timeout, decision.reason)
         request_key = secrets.token_hex(32)
         conn.execute(
