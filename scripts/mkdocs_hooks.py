@@ -3,6 +3,7 @@
 gridfl's docstrings use Sphinx roles (``:class:`~gridfl.Syft```), which Markdown renders
 as ``:class:<code>~gridfl.Syft</code>``. This turns each into an optional autorefs
 reference: a link when the name is documented, plain code when it is not (no warning).
+The reST ``Example::`` that opens a literal block loses its second colon.
 """
 
 from __future__ import annotations
@@ -23,4 +24,4 @@ def _autoref(match: re.Match[str]) -> str:
 
 
 def on_page_content(html_text: str, **kwargs: object) -> str:
-    return _ROLE.sub(_autoref, html_text)
+    return _ROLE.sub(_autoref, html_text).replace("::</p>", ":</p>")

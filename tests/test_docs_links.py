@@ -1,4 +1,5 @@
-"""The docs refer only to files that exist: links, anchors and backticked repo paths.
+"""The docs refer only to files that exist (links, anchors, backticked repo paths), and
+their Python examples compile.
 
 Covers README.md, CHANGELOG.md and docs/*.md (``make docs`` checks the site's own links
 again with mkdocs --strict; this also covers the README and paths in backticks).
@@ -83,3 +84,9 @@ def test_backticked_paths_exist(md: Path) -> None:
         if (is_file or is_dir) and not _exists(ref):
             missing.append(ref)
     assert not missing, f"{md.relative_to(ROOT)} names files not in the repository: {missing}"
+
+
+@pytest.mark.parametrize("md", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_examples_compile(md: Path) -> None:
+    for i, block in enumerate(re.findall(r"```python\n(.*?)```", md.read_text(), re.S)):
+        compile(block, f"{md.relative_to(ROOT)}, python block {i + 1}", "exec")
