@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh machine:
 #   make demo   federated MNIST on an embedded grid node (creates the venv first)
 #   make test   the test suite (creates the venv, starts PostgreSQL for the contract tests)
+#               and the docs build
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test docs bench lint clean
 
 venv: $(STAMP)
 
@@ -23,13 +24,18 @@ demo: venv
 
 INTEROP := tests/interop/node_modules/.package-lock.json
 
-test: venv $(INTEROP)
+test: venv $(INTEROP) docs
 	. scripts/ensure-postgres && $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The published syft.js client and its Node.js polyfills, from the committed lockfile.
 $(INTEROP): tests/interop/package.json tests/interop/package-lock.json
 	scripts/ensure-node
 	cd tests/interop && npm ci --no-audit --no-fund --loglevel=error
+
+# The documentation site (mkdocs + mkdocstrings), to build/site. Warnings are errors:
+# a broken link or a docstring the reference cannot read fails the build. Offline.
+docs: venv
+	$(BIN)/mkdocs build --strict --quiet
 
 bench: venv
 	$(BIN)/python -m benchmarks

@@ -106,7 +106,8 @@ class PlanTrainer:
     Args:
         plan: a training :class:`~gridfl.Plan`.
         params: the model params to start from (``model.params``).
-        data, target: arrays with the samples on the first axis.
+        data: an array with the samples on the first axis.
+        target: an array with the targets on the first axis.
         client_config: values for the plan's ``client_config`` inputs (e.g. ``lr``) and
             the defaults below.
         batch_size: default ``client_config["batch_size"]``.

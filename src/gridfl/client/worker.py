@@ -84,11 +84,15 @@ def run_worker(
     """Train on ``data``/``target`` for ``model_name`` until the node has nothing left.
 
     Args:
-        url, auth_token, client_options: passed to :class:`~gridfl.Syft` (unless an
-            open ``client`` is given, which is then reused and not closed).
+        url: the grid node; with ``auth_token`` and ``client_options`` passed to
+            :class:`~gridfl.Syft` (unless an open ``client`` is given, which is then
+            reused and not closed).
+        model_name: the FL process to train (``model_version``: latest when ``None``).
+        data: the local samples, first axis; ``target`` the labels.
         plan_name: the training plan to run (PyGrid's name is ``training_plan``).
-        batch_size, epochs, max_updates, shuffle, seed: passed to ``job.train``;
-            ``None`` takes the cycle's ``client_config``. ``seed`` varies per cycle.
+        batch_size: passed to ``job.train``, as are ``epochs``, ``max_updates``,
+            ``shuffle`` and ``seed``; ``None`` takes the cycle's ``client_config``.
+            ``seed`` varies per cycle.
         max_cycles: stop after reporting this many cycles (``None``: until done).
         max_wait: cap on each sleep after a rejection (``None``: the node's timeout).
         min_wait: shortest sleep after a rejection (a timeout of 0 means "the cycle's

@@ -1,7 +1,7 @@
 """Compile PyTorch training steps into ONNX plans (needs the ``torch`` extra).
 
 A whole step, forward, loss, ``torch.autograd.grad`` and the optimizer update, is
-traced into ONE ONNX graph (design.md decision 2) that workers run with onnxruntime::
+traced into ONE ONNX graph that workers run with onnxruntime::
 
     >>> from gridfl.compiler import compile_training_plan, SGD
     >>> plan = compile_training_plan(model, loss="cross_entropy", optimizer=SGD(lr=0.1),
