@@ -4,6 +4,8 @@ The I/O-free core of the worker SDK, shared by :class:`~gridfl.Syft` and
 
 * :class:`Endpoints` turns the user's URL into the WebSocket and HTTP addresses and
   enforces the "no plain text to a remote node unless allowed" rule.
+* :class:`BaseSyft` checks a client's options and builds its
+  :class:`~gridfl.client._transports.Network` (the I/O side, imported lazily).
 * :class:`BaseJob` holds a job's state, its event registry and the job flow. The flow is
   a generator that *yields* operations (:class:`Call`, :class:`Fetch`,
   :class:`MeasureSpeed`) and receives their results; it never does I/O itself. The shells
@@ -627,7 +629,11 @@ class BaseSyft:
             ``http://`` or ``https://``: a ``ws://`` or ``wss://`` URL is refused with a
             :class:`~gridfl.ConfigError` rather than quietly switched to HTTP (the node
             speaks the same protocol over both). :class:`~gridfl.Syft` sends the requests
-            from its private I/O thread, so the app's handlers run on that thread's loop.
+            from its private I/O thread, so the app's handlers run on that thread's loop,
+            not on the one that ran the app's lifespan: plain requests are served as
+            usual, but a held cycle request (``start(wait=...)``) misses the node's
+            wake-up and is answered only when its ``wait`` runs out. Use
+            :class:`~gridfl.AsyncSyft` on the lifespan's loop when that matters.
 
     Example, a worker and a node in one process::
 
