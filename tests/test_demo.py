@@ -10,9 +10,9 @@ import pytest
 from gridfl.demo.run import DemoOptions, run_demo
 
 
-def test_short_demo_run_trains_and_writes_results(tmp_path):
+def test_short_demo_run_trains_and_writes_results(tmp_path, capfd):
     pytest.importorskip("torch")
-    seen = []
+    seen, steps = [], []
     options = DemoOptions(
         model="2nn",
         clients=4,
@@ -25,9 +25,17 @@ def test_short_demo_run_trains_and_writes_results(tmp_path):
         data_dir=tmp_path / "data",
         out_dir=tmp_path / "out",
     )
-    result = run_demo(options, on_cycle=seen.append)
+    result = run_demo(options, on_cycle=seen.append, on_step=steps.append)
 
     assert [c.cycle for c in result.cycles] == [1, 2, 3] == [c.cycle for c in seen]
+    # start-up shows each step as it begins: both compilations, the processes, hosting
+    assert [s.split()[0].rstrip(":") for s in steps] == [
+        "loading", "compiling", "compiling", "starting", "node", "training"
+    ], steps
+    assert "training plan" in steps[1] and "evaluation plan" in steps[2]
+    assert "2 worker processes" in steps[3] and "hosting mnist-2nn" in steps[4]
+    # all cycles ran to the end: the workers stop without reporting any failure
+    assert "cycle failed" not in capfd.readouterr().err
     assert all(c.reports == 2 for c in result.cycles)
     accuracies = [c.test_accuracy for c in result.cycles]
     assert accuracies[-1] > 0.6, accuracies  # 10-class MNIST: chance is 0.1
@@ -45,7 +53,7 @@ def test_short_demo_run_trains_and_writes_results(tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
-def test_demo_stops_at_the_target_accuracy(tmp_path):
+def test_demo_stops_at_the_target_accuracy(tmp_path, capfd):
     pytest.importorskip("torch")
     options = DemoOptions(
         model="2nn",
@@ -61,6 +69,9 @@ def test_demo_stops_at_the_target_accuracy(tmp_path):
     result = run_demo(options)
     assert result.cycles[-1].test_accuracy >= 0.5
     assert len(result.cycles) < 10
+    # stopping at the target is the normal end: the workers' refused last reports
+    # ("cycle N is closed (stopped)") are not printed as failures
+    assert "cycle failed" not in capfd.readouterr().err
 
 
 def test_worker_shard_reads_one_client_at_a_time(tmp_path):

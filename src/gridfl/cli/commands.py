@@ -117,18 +117,21 @@ def demo(**kw: Any) -> None:
     console.print(
         f"[bold]gridfl demo[/]: {options.model}, K={options.clients}, C={options.fraction}, "
         f"E={options.epochs}, B={options.batch_size}, lr={options.lr}, "
-        f"{'IID' if options.iid else 'non-IID'}, {options.workers} worker processes; "
-        "compiling plans and starting the grid..."
+        f"{'IID' if options.iid else 'non-IID'}, {options.workers} worker processes"
     )
     table = _cycle_table()
     started = time.perf_counter()
+
+    def on_step(message: str) -> None:  # start-up takes a while: show where it is
+        console.print(f"[dim]{time.perf_counter() - started:5.1f} s[/]  {message}...")
+
     with Live(table, console=console, refresh_per_second=4) as live:
 
         def on_cycle(c) -> None:
             _add_row(table, c)
             live.update(table)
 
-        result = run_demo(options, on_cycle=on_cycle)
+        result = run_demo(options, on_cycle=on_cycle, on_step=on_step)
     if not options.evaluate:
         table = _cycle_table()
         for c in result.cycles:

@@ -27,8 +27,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from gridfl.client._base import BaseJob, BaseSyft, drive_async, is_awaitable
-from gridfl.client._transports import Network
+from gridfl.client._base import START_DOC, BaseJob, BaseSyft, drive_async, is_awaitable
 from gridfl.client.trainer import TrainResult
 
 __all__ = ["AsyncSyft", "AsyncJob"]
@@ -43,32 +42,13 @@ class AsyncJob(BaseJob):
     _client: AsyncSyft
 
     async def start(self, *, wait: float = 0.0) -> None:
-        """Authenticate, speed-test if asked, request a cycle, download, fire an event.
-
-        Fires ``accepted(model, client_config)``, ``rejected(timeout)`` or
-        ``error(exc)``. With no ``error`` handler registered the error is raised instead.
-        Exceptions raised by handlers propagate.
-
-        ``wait`` (seconds) lets a gridfl node hold a rejection and answer as soon as the
-        worker can join a cycle, instead of the worker sleeping for ``timeout`` and asking
-        again; it is how a worker moves to the next cycle the moment it opens.
-
-        Starting the same job again joins the next cycle as the same worker (no new
-        authentication); a new job authenticates afresh, as syft.js does.
-        """
-        self._begin(wait)
-        try:
-            outcome: Any = await drive_async(self._start_flow(wait), self._client._perform)
-        except Exception as exc:
-            outcome = exc
-        event, args = self._finish(outcome)
-        handlers = self._handlers_for(event)
-        if event == "error" and not handlers:
-            raise args[0]
+        _, handlers, args = await drive_async(self._start_job(wait), self._client._perform)
         for handler in handlers:
             result = handler(*args)
             if is_awaitable(result):
                 await result
+
+    start.__doc__ = START_DOC
 
     async def report(
         self,
@@ -96,19 +76,9 @@ class AsyncSyft(BaseSyft):
 
     One WebSocket (for ``ws``/``wss`` URLs) and one HTTP connection pool are shared by
     every job of the client. Close it with ``await client.aclose()`` or ``async with``.
+    ``transport=httpx.ASGITransport(app)`` talks to a node in the same process (see
+    :class:`~gridfl.client._base.BaseSyft`).
     """
-
-    def __init__(self, url: str, **options: Any) -> None:
-        super().__init__(url, **options)
-        self._net = Network(
-            transport=self.endpoints.transport,
-            ws_url=self.endpoints.ws_url,
-            http_url=self.endpoints.http_url,
-            timeout=self.timeout,
-            retries=self.retries,
-            headers=self.headers,
-            speed_test=self.speed_test,
-        )
 
     def new_job(
         self,

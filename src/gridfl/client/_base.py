@@ -4,6 +4,8 @@ The I/O-free core of the worker SDK, shared by :class:`~gridfl.Syft` and
 
 * :class:`Endpoints` turns the user's URL into the WebSocket and HTTP addresses and
   enforces the "no plain text to a remote node unless allowed" rule.
+* :class:`BaseSyft` checks a client's options and builds its
+  :class:`~gridfl.client._transports.Network` (the I/O side, imported lazily).
 * :class:`BaseJob` holds a job's state, its event registry and the job flow. The flow is
   a generator that *yields* operations (:class:`Call`, :class:`Fetch`,
   :class:`MeasureSpeed`) and receives their results; it never does I/O itself. The shells
@@ -39,6 +41,8 @@ from gridfl.client._events import EventHandlers
 _PLAN_CACHE_SIZE = 8
 
 if TYPE_CHECKING:
+    import httpx
+
     from gridfl.client.trainer import PlanTrainer
     from gridfl.model import SyftModel
     from gridfl.plan import Plan
@@ -349,6 +353,21 @@ class BaseJob:
             logger.warning("%s failed: %s", self.model_name, outcome)
         return self._event_calls(outcome)
 
+    def _start_job(self, wait: float) -> Flow:
+        """All of ``start()`` but calling the handlers, which the shells do (the sync one
+        runs them, the async one also awaits them). Returns ``(event, handlers, args)``;
+        raises the error itself when it has no ``error`` handler."""
+        self._begin(wait)
+        try:
+            outcome: Any = yield from self._start_flow(wait)
+        except Exception as exc:  # the outcome: recorded, then handed to the handlers
+            outcome = exc
+        event, args = self._finish(outcome)
+        handlers = self._handlers_for(event)
+        if event == "error" and not handlers:
+            raise args[0]
+        return event, handlers, args
+
     def _start_flow(self, wait: float = 0.0) -> Flow:
         """authenticate -> [speed test] -> cycle-request -> downloads.
 
@@ -530,6 +549,22 @@ class BaseJob:
         return self._events.handlers(event)
 
 
+#: The docstring of ``Job.start`` and ``AsyncJob.start`` (one text for both shells).
+START_DOC = """Authenticate, speed-test if asked, request a cycle, download, fire an event.
+
+        Fires ``accepted(model, client_config)``, ``rejected(timeout)`` or
+        ``error(exc)``. With no ``error`` handler registered the error is raised instead.
+        Exceptions raised by handlers propagate.
+
+        ``wait`` (seconds) lets a gridfl node hold a rejection and answer as soon as the
+        worker can join a cycle, instead of the worker sleeping for ``timeout`` and asking
+        again; it is how a worker moves to the next cycle the moment it opens.
+
+        Starting the same job again joins the next cycle as the same worker (no new
+        authentication); a new job authenticates afresh, as syft.js does.
+        """
+
+
 def is_awaitable(value: Any) -> bool:
     return inspect.isawaitable(value)
 
@@ -551,6 +586,25 @@ def _turn_up_logging() -> None:
         logger.addHandler(_verbose_handler)
 
 
+def _check_transport(transport: Any, endpoints: Endpoints) -> None:
+    """Refuse a ``transport=`` the client could not use, before anything is opened."""
+    if transport is None:
+        return
+    import httpx
+
+    if not isinstance(transport, httpx.AsyncBaseTransport):
+        raise ConfigError(
+            "transport must be an httpx.AsyncBaseTransport (such as "
+            f"httpx.ASGITransport(app)), got {type(transport).__name__}: both Syft and "
+            "AsyncSyft send their requests with an httpx.AsyncClient"
+        )
+    if endpoints.transport == "ws":
+        raise ConfigError(
+            "a transport= carries HTTP requests only, and a ws:// or wss:// URL asks for a "
+            "WebSocket; use the node's http:// or https:// URL (same protocol, over HTTP)"
+        )
+
+
 class BaseSyft:
     """Options shared by :class:`~gridfl.Syft` and :class:`~gridfl.AsyncSyft`.
 
@@ -567,6 +621,33 @@ class BaseSyft:
         retries: retries of transient network failures per request.
         speed_test: bounds of the speed test (:class:`~gridfl.client.SpeedTestLimits`).
         headers: extra HTTP headers for every request and the WebSocket handshake.
+        transport: an ``httpx.AsyncBaseTransport`` that carries every HTTP request of
+            the client (calls, downloads, speed test) instead of a socket; ``None`` (the
+            default) opens connections as usual. With ``httpx.ASGITransport(app)`` the
+            client talks to a grid node running in the same process (tests, notebooks),
+            no port needed. Such a transport carries HTTP only, so the URL must be
+            ``http://`` or ``https://``: a ``ws://`` or ``wss://`` URL is refused with a
+            :class:`~gridfl.ConfigError` rather than quietly switched to HTTP (the node
+            speaks the same protocol over both). :class:`~gridfl.Syft` sends the requests
+            from its private I/O thread, so the app's handlers run on that thread's loop,
+            not on the one that ran the app's lifespan: plain requests are served as
+            usual, but a held cycle request (``start(wait=...)``) misses the node's
+            wake-up and is answered only when its ``wait`` runs out. Use
+            :class:`~gridfl.AsyncSyft` on the lifespan's loop when that matters.
+
+    Example, a worker and a node in one process::
+
+        import httpx
+        from gridfl import AsyncSyft
+        from gridfl.server import Settings, create_app
+
+        app = create_app(Settings(data_dir="grid-data"))
+        async with app.router.lifespan_context(app):  # opens the node's database
+            async with AsyncSyft(
+                "http://localhost", transport=httpx.ASGITransport(app)
+            ) as client:
+                job = client.new_job("mnist", "1.0")
+                ...
     """
 
     def __init__(
@@ -580,9 +661,11 @@ class BaseSyft:
         retries: int = 2,
         speed_test: Any = None,
         headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         allow = bool(verbose) if allow_insecure is None else bool(allow_insecure)
         self.endpoints = Endpoints.parse(url, allow_insecure=allow)
+        _check_transport(transport, self.endpoints)
         self.url = url
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -603,6 +686,18 @@ class BaseSyft:
         if self.verbose:
             _turn_up_logging()
         logger.debug("client for %s (%s transport)", url, self.endpoints.transport)
+        from gridfl.client._transports import Network  # the I/O side, kept out of this core
+
+        self._net = Network(
+            transport=self.endpoints.transport,
+            ws_url=self.endpoints.ws_url,
+            http_url=self.endpoints.http_url,
+            timeout=self.timeout,
+            retries=self.retries,
+            headers=self.headers,
+            speed_test=self.speed_test,
+            http_transport=transport,
+        )
 
     def _job_token(self, auth_token: str | None) -> str | None:
         return self.auth_token if auth_token is None else auth_token

@@ -31,8 +31,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 from gridfl._exceptions import ConfigError, GridflError
-from gridfl.client._base import BaseJob, BaseSyft, drive_sync, is_awaitable
-from gridfl.client._transports import Network
+from gridfl.client._base import START_DOC, BaseJob, BaseSyft, drive_sync, is_awaitable
 from gridfl.client.trainer import TrainResult
 
 __all__ = ["Syft", "Job"]
@@ -107,28 +106,7 @@ class Job(BaseJob):
     _client: Syft
 
     def start(self, *, wait: float = 0.0) -> None:
-        """Authenticate, speed-test if asked, request a cycle, download, fire an event.
-
-        Fires ``accepted(model, client_config)``, ``rejected(timeout)`` or
-        ``error(exc)``. With no ``error`` handler registered the error is raised instead.
-        Exceptions raised by handlers propagate.
-
-        ``wait`` (seconds) lets a gridfl node hold a rejection and answer as soon as the
-        worker can join a cycle, instead of the worker sleeping for ``timeout`` and asking
-        again; it is how a worker moves to the next cycle the moment it opens.
-
-        Starting the same job again joins the next cycle as the same worker (no new
-        authentication); a new job authenticates afresh, as syft.js does.
-        """
-        self._begin(wait)
-        try:
-            outcome: Any = drive_sync(self._start_flow(wait), self._client._perform)
-        except Exception as exc:
-            outcome = exc
-        event, args = self._finish(outcome)
-        handlers = self._handlers_for(event)
-        if event == "error" and not handlers:
-            raise args[0]
+        event, handlers, args = drive_sync(self._start_job(wait), self._client._perform)
         for handler in handlers:
             result = handler(*args)
             if is_awaitable(result):
@@ -138,6 +116,8 @@ class Job(BaseJob):
                     f"the {event!r} handler {handler!r} is a coroutine function; "
                     "use AsyncSyft for async handlers"
                 )
+
+    start.__doc__ = START_DOC
 
     def report(
         self,
@@ -186,20 +166,19 @@ class Syft(BaseSyft):
 
     Options are those of :class:`~gridfl.client._base.BaseSyft` (``auth_token``,
     ``verbose``, ``allow_insecure``, ``timeout``, ``retries``, ``speed_test``,
-    ``headers``). Works inside a running event loop (Jupyter); see the module docstring.
+    ``headers``, ``transport``). Works inside a running event loop (Jupyter); see the
+    module docstring. ``transport=`` talks to a node in the same process, no socket::
+
+        from starlette.testclient import TestClient  # runs the app's lifespan
+
+        app = create_app(Settings(data_dir="grid-data"))
+        with TestClient(app), Syft("http://localhost",
+                                   transport=httpx.ASGITransport(app)) as client:
+            ...
     """
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
-        self._net = Network(
-            transport=self.endpoints.transport,
-            ws_url=self.endpoints.ws_url,
-            http_url=self.endpoints.http_url,
-            timeout=self.timeout,
-            retries=self.retries,
-            headers=self.headers,
-            speed_test=self.speed_test,
-        )
         self._io = _IOLoop()
         self._finalizer = weakref.finalize(self, self._io.stop)
 

@@ -154,6 +154,7 @@ class HttpTransport:
         retries: int,
         headers: dict[str, str] | None = None,
         client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url
         self.timeout = timeout
@@ -163,7 +164,8 @@ class HttpTransport:
             timeout=httpx.Timeout(timeout),
             headers=headers,
             follow_redirects=False,
-            verify=_verify(base_url),
+            verify=_verify(base_url),  # unused by a given transport: it connects itself
+            transport=transport,
         )
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -460,8 +462,11 @@ class Network:
         retries: int,
         headers: dict[str, str] | None = None,
         speed_test: Any = None,
+        http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.http = HttpTransport(http_url, timeout=timeout, retries=retries, headers=headers)
+        self.http = HttpTransport(
+            http_url, timeout=timeout, retries=retries, headers=headers, transport=http_transport
+        )
         self.ws = (
             WsTransport(ws_url, timeout=timeout, retries=retries, headers=headers)
             if transport == "ws"

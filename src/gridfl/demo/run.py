@@ -84,31 +84,43 @@ class DemoOptions:
 
 
 def run_demo(
-    options: DemoOptions, *, on_cycle: Callable[[CycleResult], None] | None = None
+    options: DemoOptions,
+    *,
+    on_cycle: Callable[[CycleResult], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Run a whole federated training and return its results (also saved to ``out_dir``)."""
+    """Run a whole federated training and return its results (also saved to ``out_dir``).
+
+    ``on_cycle`` gets each cycle's result as it is taken in; ``on_step`` gets a short line
+    as each start-up step begins (shards, each plan's compilation, the node and workers,
+    hosting), since start-up can take half a minute before the first cycle closes::
+
+        run_demo(DemoOptions(model="2nn"), on_step=print)
+    """
+    step = on_step or (lambda message: None)
     options.validate()
 
+    step("loading MNIST and writing the shards")
     mnist = load_mnist()
     options.data_dir.mkdir(parents=True, exist_ok=True)
     shard_files = _write_shards(mnist, options)
+    x, y = mnist.x_train[: options.batch_size], mnist.y_train[: options.batch_size]
     # torch lives only in a short-lived compiler process: this one stays small.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        compiled = pool.submit(
-            _compile_plans,
-            options,
-            mnist.x_train[: options.batch_size],
-            mnist.y_train[: options.batch_size],
-        ).result()
-    initial_params = state.loads(compiled["model"])
-    training_plan = Plan.from_bytes(compiled["training"])
-    evaluation_plan = Plan.from_bytes(compiled["evaluation"])
+        step(f"compiling the {options.model.upper()} training plan (imports PyTorch)")
+        model_bytes, training_bytes = pool.submit(_compile_training, options, x, y).result()
+        step("compiling the evaluation plan")
+        evaluation_bytes = pool.submit(_compile_evaluation, options, x, y).result()
+    initial_params = state.loads(model_bytes)
+    training_plan = Plan.from_bytes(training_bytes)
+    evaluation_plan = Plan.from_bytes(evaluation_bytes)
     mnist = Mnist(mnist.x_train[:0], mnist.y_train[:0], mnist.x_test, mnist.y_test)
     name, version = f"mnist-{options.model}", "1"
     result = RunResult(settings={**_jsonable(asdict(options)), "per_cycle": options.per_cycle})
 
     token = secrets.token_urlsafe(16)
     parallel = _usable_cpus() if options.parallel is None else options.parallel
+    step(f"starting the grid node and {options.workers} worker processes")
     with (
         _compute_slots(parallel) as slots,
         _node(options.data_dir, token) as (url, node_proc, node_started),
@@ -150,6 +162,7 @@ def run_demo(
             _wait_healthy(url, node_proc)
             node_up = time.perf_counter()
             result.node_boot_seconds = round(node_up - node_started, 2)
+            step(f"node up in {result.node_boot_seconds:.1f} s; hosting {name} version {version}")
             with contextlib.suppress(GridflError):
                 host.delete(name, version)  # a previous run in the same data dir
             host.host(
@@ -171,6 +184,7 @@ def run_demo(
                 },
             )
             result.host_seconds = round(time.perf_counter() - node_up, 2)
+        step(f"training: {options.per_cycle} workers per cycle, up to {options.cycles} cycles")
         for w in workers:
             w.stdin.write(b"go\n")
             w.stdin.close()
@@ -223,9 +237,10 @@ def _write_shards(mnist, options: DemoOptions) -> list[Path]:
     return files
 
 
-def _compile_plans(options: DemoOptions, x: np.ndarray, y: np.ndarray) -> dict[str, bytes]:
-    """Build the model and compile its plans (runs in a child process: imports torch)."""
-    from gridfl.compiler import SGD, compile_evaluation_plan, compile_training_plan
+def _compile_training(options: DemoOptions, x: np.ndarray, y: np.ndarray) -> tuple[bytes, bytes]:
+    """The initial model's State bytes and its training plan's bytes (runs in a child
+    process: imports torch)."""
+    from gridfl.compiler import SGD, compile_training_plan
     from gridfl.demo.models import build_model
 
     model = build_model(options.model, seed=options.seed)
@@ -236,14 +251,20 @@ def _compile_plans(options: DemoOptions, x: np.ndarray, y: np.ndarray) -> dict[s
         example_data=x,
         example_target=y,
     )
-    evaluation = compile_evaluation_plan(
+    return state.dumps([p.detach().numpy() for p in model.parameters()]), training.to_bytes()
+
+
+def _compile_evaluation(options: DemoOptions, x: np.ndarray, y: np.ndarray) -> bytes:
+    """The evaluation plan's bytes (a second call to the same child process, so the two
+    compilations are told apart; the plan takes the parameters as inputs, so the model
+    built again here only gives it its shapes)."""
+    from gridfl.compiler import compile_evaluation_plan
+    from gridfl.demo.models import build_model
+
+    model = build_model(options.model, seed=options.seed)
+    return compile_evaluation_plan(
         model, loss="cross_entropy", example_data=x, example_target=y
-    )
-    return {
-        "model": state.dumps([p.detach().numpy() for p in model.parameters()]),
-        "training": training.to_bytes(),
-        "evaluation": evaluation.to_bytes(),
-    }
+    ).to_bytes()
 
 
 def _usable_cpus() -> int:

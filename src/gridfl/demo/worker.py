@@ -144,16 +144,30 @@ def run(
         def on_error(exc):
             outcome["error"] = exc
 
+        # A round that failed is told only once the node says whether training goes on:
+        # when the process stops (the demo reached its target), the rounds in flight fail
+        # with "cycle N is closed (stopped)", and that is the normal end, not a failure.
+        failed: Exception | None = None
         while True:
             outcome.clear()
             job.start(wait=wait)  # the same job again: the next cycle, same worker id
+            nothing_left = (
+                "error" not in outcome
+                and not outcome.get("reported")
+                and outcome.get("timeout") is None
+            )
+            if nothing_left:
+                if failed is not None:
+                    logging.info("training ended during the last round (%s)", failed)
+                return reported
+            if failed is not None:
+                logging.warning("cycle failed: %s", failed)
+                failed = None
             if "error" in outcome:
-                logging.warning("cycle failed: %s", outcome["error"])
+                failed = outcome["error"]
                 time.sleep(0.5)
             elif outcome.get("reported"):
                 reported += 1
-            elif outcome.get("timeout") is None:
-                return reported  # nothing left to train
 
 
 def main(argv: list[str] | None = None) -> int:
