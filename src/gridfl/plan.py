@@ -123,6 +123,20 @@ class PlanSlot:
     dtype: np.dtype
     shape: tuple[int | None, ...]
 
+    @property
+    def required_index(self) -> int:
+        """``index``, for a slot of an indexed role (``model_param``, ``optimizer_state``...)."""
+        if self.index is None:
+            raise PlanLoadError(f"plan slot {self.name!r} (role {self.role}) has no index")
+        return self.index
+
+    @property
+    def required_key(self) -> str:
+        """``key``, for a slot of a keyed role (``client_config``, ``metric``)."""
+        if self.key is None:
+            raise PlanLoadError(f"plan slot {self.name!r} (role {self.role}) has no key")
+        return self.key
+
     def describe(self) -> str:
         """Human-readable name for error messages, e.g. ``input 'p0' (model_param 0)``."""
         what = self.role

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.typing import Subprotocol
 
 from gridfl import _wire
 from gridfl._exceptions import (
@@ -283,7 +284,7 @@ class WsTransport:
                     # Diffs are base64 floats: deflate saves ~25% of the bytes for several
                     # times the CPU of the whole exchange, on both ends.
                     compression=None,
-                    subprotocols=[_wire.BINARY_SUBPROTOCOL],
+                    subprotocols=[Subprotocol(_wire.BINARY_SUBPROTOCOL)],
                     additional_headers=self.headers,
                     proxy=None,
                 )

@@ -169,7 +169,9 @@ class PlanTrainer:
             full_batches if self.max_updates is None else min(full_batches, self.max_updates)
         )
         self.shuffle = bool(shuffle)
-        self.seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+        entropy = np.random.SeedSequence().entropy
+        assert isinstance(entropy, int)  # drawn from the OS when no entropy is given
+        self.seed = int(seed) if seed is not None else entropy % 2**63
 
         self.params = [_array(p, f"param #{i}") for i, p in enumerate(params)]
         if len(self.params) != self._num_params:
@@ -208,8 +210,8 @@ class PlanTrainer:
                 raise ConfigError(
                     f"client_config lacks {s.key!r}, which plan input {s.describe()} needs"
                 )
-        param_in = sorted(s.index for s in plan.inputs if s.role == "model_param")
-        param_out = sorted(s.index for s in plan.outputs if s.role == "model_param")
+        param_in = sorted(s.required_index for s in plan.inputs if s.role == "model_param")
+        param_out = sorted(s.required_index for s in plan.outputs if s.role == "model_param")
         if param_in != list(range(len(param_in))) or param_out != param_in:
             raise PlanError(
                 f"the plan's model_param inputs {param_in} and outputs {param_out} must both "
@@ -217,7 +219,8 @@ class PlanTrainer:
             )
         self._num_params = len(param_in)
         self._opt_slots = sorted(
-            (s for s in plan.inputs if s.role == "optimizer_state"), key=lambda s: s.index
+            (s for s in plan.inputs if s.role == "optimizer_state"),
+            key=lambda s: s.required_index,
         )
 
     def _fixed_batch(self) -> int | None:
@@ -288,11 +291,11 @@ class PlanTrainer:
             if s.role == "loss":
                 self.loss = float(np.asarray(value).reshape(-1)[0])
             elif s.role == "metric":
-                metrics[s.key] = float(np.asarray(value).reshape(-1)[0])
+                metrics[s.required_key] = float(np.asarray(value).reshape(-1)[0])
             elif s.role == "model_param":
-                params[s.index] = np.asarray(value)
+                params[s.required_index] = np.asarray(value)
             elif s.role == "optimizer_state":
-                opt[s.index] = np.asarray(value)
+                opt[s.required_index] = np.asarray(value)
         self.params, self.optimizer_state, self.metrics = params, opt, metrics
         if self._fast is None:
             self._fast = self._fast_feed()
@@ -309,11 +312,11 @@ class PlanTrainer:
             elif r == "batch_size":
                 args.append(self.batch_size)
             elif r == "client_config":
-                args.append(self.client_config[s.key])
+                args.append(self.client_config[s.required_key])
             elif r == "model_param":
-                args.append(self.params[s.index])
+                args.append(self.params[s.required_index])
             else:  # optimizer_state
-                args.append(self.optimizer_state[s.index])
+                args.append(self.optimizer_state[s.required_index])
         return self.plan.execute(*args)
 
     def _fast_feed(self) -> dict[str, Any] | bool:
@@ -337,10 +340,12 @@ class PlanTrainer:
             if s.role == "batch_size":
                 const[s.name] = plan.convert(pos, self.batch_size)
             elif s.role == "client_config":
-                const[s.name] = plan.convert(pos, self.client_config[s.key])
-            elif s.role == "model_param" and not s.matches(self.params[s.index]):
+                const[s.name] = plan.convert(pos, self.client_config[s.required_key])
+            elif s.role == "model_param" and not s.matches(self.params[s.required_index]):
                 return False
-            elif s.role == "optimizer_state" and not s.matches(self.optimizer_state[s.index]):
+            elif s.role == "optimizer_state" and not s.matches(
+                self.optimizer_state[s.required_index]
+            ):
                 return False
         return const
 
@@ -355,9 +360,9 @@ class PlanTrainer:
             elif r == "target":
                 feed[s.name] = plan.convert(pos, yb)
             elif r == "model_param":
-                feed[s.name] = self.params[s.index]
+                feed[s.name] = self.params[s.required_index]
             elif r == "optimizer_state":
-                feed[s.name] = self.optimizer_state[s.index]
+                feed[s.name] = self.optimizer_state[s.required_index]
         return plan.run(feed)
 
     def run(self) -> TrainResult:
@@ -448,7 +453,7 @@ class PlanTrainer:
         for i, o in enumerate(self.optimizer_state):
             arrays[f"opt_{i}"] = o
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
         return buf.getvalue()
 
     @classmethod

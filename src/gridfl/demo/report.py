@@ -70,7 +70,7 @@ def plot(result: RunResult, path: Path) -> None:
     xs = [c.cycle for c in done]
     marker = "o" if len(done) <= 60 else None  # long runs: a line reads better than dots
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(xs, [100 * c.test_accuracy for c in done], marker=marker)
+    ax_acc.plot(xs, [100 * (c.test_accuracy or 0.0) for c in done], marker=marker)
     ax_acc.set(xlabel="cycle", ylabel="test accuracy (%)", title="Global model on the 10k test set")
     ax_acc.grid(alpha=0.3)
     ax_loss.plot(xs, [c.test_loss for c in done], marker=marker, label="test")

@@ -186,6 +186,7 @@ def run_demo(
             result.host_seconds = round(time.perf_counter() - node_up, 2)
         step(f"training: {options.per_cycle} workers per cycle, up to {options.cycles} cycles")
         for w in workers:
+            assert w.stdin is not None  # started with stdin=PIPE
             w.stdin.write(b"go\n")
             w.stdin.close()
         try:
