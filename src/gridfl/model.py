@@ -60,7 +60,7 @@ class SyftModel:
         [(3,)]
     """
 
-    __slots__ = ("params", "_original")
+    __slots__ = ("_original", "params")
 
     def __init__(self, params: Sequence[Any]):
         """Build a model from parameters (numpy arrays or tensors); they are copied."""

@@ -34,14 +34,14 @@ import numpy as np
 from gridfl._exceptions import PlanInputError, PlanLoadError
 
 __all__ = [
+    "FORMAT_VERSION",
+    "INDEXED_ROLES",
+    "INPUT_ROLES",
+    "KEYED_ROLES",
+    "KINDS",
+    "OUTPUT_ROLES",
     "Plan",
     "PlanSlot",
-    "FORMAT_VERSION",
-    "KINDS",
-    "INPUT_ROLES",
-    "OUTPUT_ROLES",
-    "KEYED_ROLES",
-    "INDEXED_ROLES",
     "default_threads",
 ]
 
@@ -167,7 +167,9 @@ class PlanSlot:
         )
 
 
-def _parse_slots(raw: str | None, meta_key: str, ort_args: list, allowed_roles) -> list[PlanSlot]:
+def _parse_slots(  # noqa: C901 - one check per metadata rule, in the order reported
+    raw: str | None, meta_key: str, ort_args: list, allowed_roles
+) -> list[PlanSlot]:
     if raw is None:
         raise PlanLoadError(f"plan metadata lacks {meta_key!r}")
     try:
@@ -349,7 +351,7 @@ class Plan:
             return ort.InferenceSession(
                 self._bytes, sess_options=so, providers=["CPUExecutionProvider"]
             )
-        except Exception as e:  # onnxruntime raises its own exception types
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PlanLoadError(f"onnxruntime cannot load the plan: {msg}") from None
 
@@ -471,7 +473,7 @@ class Plan:
         slot = self.inputs[pos]
         try:
             arr = _to_numpy(value)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any value a caller passes: named in the error
             raise PlanInputError(
                 f"input #{pos} {slot.describe()}: cannot convert {type(value).__name__} "
                 f"to an array: {e}"
@@ -548,5 +550,5 @@ class Plan:
         session = self.session
         try:
             return session.run(None, feed)
-        except Exception as e:  # onnxruntime raises its own exception types
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise PlanInputError(f"onnxruntime failed to run the plan: {e}") from None

@@ -83,13 +83,13 @@ from gridfl import _protowire as pw
 from gridfl._exceptions import StateError
 
 __all__ = [
+    "FIELDS_BASE",
+    "FIELDS_PER_TENSOR",
+    "MAX_TENSORS",
+    "SERIALIZER_ALL",
+    "SUPPORTED_DTYPES",
     "dumps",
     "loads",
-    "SUPPORTED_DTYPES",
-    "SERIALIZER_ALL",
-    "MAX_TENSORS",
-    "FIELDS_PER_TENSOR",
-    "FIELDS_BASE",
 ]
 
 SERIALIZER_ALL = 4
@@ -468,7 +468,9 @@ def _add_dim(td: _TensorData, value: int, at: int, where: str) -> None:
     td.dims.append(value)
 
 
-def _build_array(buf: memoryview, td: _TensorData, where: str, at: int, want) -> np.ndarray:
+def _build_array(  # noqa: C901 - one check per way a tensor can be malformed
+    buf: memoryview, td: _TensorData, where: str, at: int, want
+) -> np.ndarray:
     if td.quantized:
         raise StateError(f"{where}: quantized tensors are not supported (TensorData at byte {at})")
     if td.dtype_at == td.dtype_end:

@@ -19,17 +19,17 @@ from gridfl.client.trainer import TRAINER_EVENTS, PlanTrainer, TrainResult
 from gridfl.client.worker import WorkerSummary, run_worker
 
 __all__ = [
-    "Syft",
-    "Job",
-    "AsyncSyft",
-    "AsyncJob",
-    "JobState",
     "JOB_EVENTS",
-    "PlanTrainer",
-    "TrainResult",
     "TRAINER_EVENTS",
-    "run_worker",
-    "WorkerSummary",
+    "AsyncJob",
+    "AsyncSyft",
+    "Job",
+    "JobState",
+    "PlanTrainer",
     "SpeedTestLimits",
     "SpeedTestResult",
+    "Syft",
+    "TrainResult",
+    "WorkerSummary",
+    "run_worker",
 ]

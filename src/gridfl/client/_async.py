@@ -30,7 +30,7 @@ from typing import Any
 from gridfl.client._base import START_DOC, BaseJob, BaseSyft, drive_async, is_awaitable
 from gridfl.client.trainer import TrainResult
 
-__all__ = ["AsyncSyft", "AsyncJob"]
+__all__ = ["AsyncJob", "AsyncSyft"]
 
 
 class AsyncJob(BaseJob):

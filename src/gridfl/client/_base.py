@@ -177,7 +177,7 @@ def drive_sync(flow: Flow, perform: Callable[[Operation], Any]) -> Any:
             return stop.value
         try:
             value, error = perform(op), None
-        except Exception as exc:  # handed back to the flow, which decides
+        except Exception as exc:  # noqa: BLE001 - handed back to the flow, which decides
             value, error = None, exc
 
 
@@ -192,7 +192,7 @@ async def drive_async(flow: Flow, perform: Callable[[Operation], Awaitable[Any]]
             return stop.value
         try:
             value, error = await perform(op), None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed back to the flow, which decides
             value, error = None, exc
 
 
@@ -360,7 +360,7 @@ class BaseJob:
         self._begin(wait)
         try:
             outcome: Any = yield from self._start_flow(wait)
-        except Exception as exc:  # the outcome: recorded, then handed to the handlers
+        except Exception as exc:  # noqa: BLE001 - the outcome: recorded, handed to the handlers
             outcome = exc
         event, args = self._finish(outcome)
         handlers = self._handlers_for(event)
@@ -368,7 +368,7 @@ class BaseJob:
             raise args[0]
         return event, handlers, args
 
-    def _start_flow(self, wait: float = 0.0) -> Flow:
+    def _start_flow(self, wait: float = 0.0) -> Flow:  # noqa: C901 - the protocol, in order
         """authenticate -> [speed test] -> cycle-request -> downloads.
 
         ``wait`` > 0 asks the node to hold a rejection for up to that many seconds and

@@ -34,7 +34,7 @@ from gridfl._exceptions import ConfigError, GridflError
 from gridfl.client._base import START_DOC, BaseJob, BaseSyft, drive_sync, is_awaitable
 from gridfl.client.trainer import TrainResult
 
-__all__ = ["Syft", "Job"]
+__all__ = ["Job", "Syft"]
 
 T = TypeVar("T")
 

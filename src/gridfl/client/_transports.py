@@ -23,6 +23,7 @@ surely did not reach the node (connect failed, socket already closed before send
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -444,10 +445,8 @@ class WsTransport:
         if conn is not None:
             await conn.close()
         if self._reader is not None:
-            try:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._reader, 3)
-            except (TimeoutError, asyncio.CancelledError):  # pragma: no cover
-                pass
 
 
 class Network:

@@ -96,7 +96,7 @@ def _array(value: Any, what: str) -> np.ndarray:
 def _plan_digest(plan: Plan) -> str:
     try:
         return hashlib.sha256(plan.to_bytes()).hexdigest()
-    except Exception:  # pragma: no cover - a plan-like object without bytes
+    except Exception:  # noqa: BLE001  # pragma: no cover - a plan-like object without bytes
         return ""
 
 
@@ -195,7 +195,7 @@ class PlanTrainer:
         self._running = threading.Lock()
         # Steps after the first go through Plan.run (see _fast_feed): None until the
         # first step ran through Plan.execute, False when the plan does not allow it.
-        self._fast: dict[str, Any] | None | bool = None
+        self._fast: dict[str, Any] | bool | None = None
 
     # ------------------------------------------------------------------ set-up
     def _check_plan(self) -> None:
@@ -280,10 +280,7 @@ class PlanTrainer:
         else:
             idx = order[lo:hi]
             xb, yb = self.data[idx], self.target[idx]
-        if self._fast:
-            outputs = self._fast_step(xb, yb)
-        else:
-            outputs = self._execute_step(xb, yb)
+        outputs = self._fast_step(xb, yb) if self._fast else self._execute_step(xb, yb)
         params = list(self.params)
         opt = list(self.optimizer_state)
         metrics: dict[str, float] = {}
@@ -341,12 +338,10 @@ class PlanTrainer:
                 const[s.name] = plan.convert(pos, self.batch_size)
             elif s.role == "client_config":
                 const[s.name] = plan.convert(pos, self.client_config[s.required_key])
-            elif s.role == "model_param" and not s.matches(self.params[s.required_index]):
-                return False
-            elif s.role == "optimizer_state" and not s.matches(
-                self.optimizer_state[s.required_index]
-            ):
-                return False
+            elif s.role in ("model_param", "optimizer_state"):
+                values = self.params if s.role == "model_param" else self.optimizer_state
+                if not s.matches(values[s.required_index]):
+                    return False
         return const
 
     def _fast_step(self, xb: np.ndarray, yb: np.ndarray) -> list[Any]:

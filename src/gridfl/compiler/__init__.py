@@ -35,12 +35,12 @@ from .losses import LOSSES, accuracy, get_loss
 from .optim import SGD, as_optimizer
 
 __all__ = [
+    "LOSSES",
+    "SGD",
+    "compile_averaging_plan",
+    "compile_evaluation_plan",
     "compile_plan",
     "compile_training_plan",
-    "compile_evaluation_plan",
-    "compile_averaging_plan",
-    "SGD",
-    "LOSSES",
 ]
 
 _RoleSpec = str | dict
@@ -181,7 +181,7 @@ def _resize_batch(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- core
-def _compile(
+def _compile(  # noqa: C901 - the compile pipeline, step by step
     fn: Callable,
     args: list[torch.Tensor],
     kind: str,
@@ -236,7 +236,7 @@ def _compile(
         args2 = _other_batch(args, input_roles, batch_inputs)
         try:
             other = (args2, eager(*args2))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the user's function failed: warned, not fatal
             import warnings
 
             warnings.warn(

@@ -33,7 +33,7 @@ from . import ops  # noqa: F401  (registers torch.ops.gridfl.*)
 aten = torch.ops.aten
 gridfl_ops = torch.ops.gridfl
 
-__all__ = ["decomposition_table", "REFUSED"]
+__all__ = ["REFUSED", "decomposition_table"]
 
 
 def _pair(v, n=2):

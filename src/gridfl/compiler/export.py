@@ -20,7 +20,7 @@ from gridfl.plan import FORMAT_VERSION
 from .fuse import fuse_sgd_updates
 from .ops import translation_table
 
-__all__ = ["export_onnx", "attach_metadata", "STANDARD_DOMAINS"]
+__all__ = ["STANDARD_DOMAINS", "attach_metadata", "export_onnx"]
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 OPSET = 18
@@ -151,5 +151,5 @@ def _version() -> str:
         from gridfl import __version__
 
         return __version__
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001  # pragma: no cover - a version only labels the file
         return "?"

@@ -42,7 +42,7 @@ def _static(shape) -> bool:
     return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
 
 
-def fuse_sgd_updates(model: onnx.ModelProto) -> int:
+def fuse_sgd_updates(model: onnx.ModelProto) -> int:  # noqa: C901 - one pattern, every guard
     """Rewrite ``Sub(w, Mul(s, MatMul(a, b)))`` (``s`` a scalar, ``w`` and the product
     2-D of the same static shape, the Mul and MatMul used nowhere else) into
     ``Gemm(Mul(s, a), b, w, alpha=-1, beta=1)``, in place; returns how many.

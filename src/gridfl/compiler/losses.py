@@ -10,7 +10,7 @@ import torch
 
 from gridfl._exceptions import CompileError
 
-__all__ = ["LOSSES", "get_loss", "accuracy"]
+__all__ = ["LOSSES", "accuracy", "get_loss"]
 
 
 def _onehot(target: torch.Tensor, num_classes: int, dtype) -> torch.Tensor:

@@ -409,7 +409,7 @@ def _watch(
             and last.test_accuracy is not None
             and last.test_accuracy >= options.target
         )
-        if reached or status["current"] is None and result.cycles and _done(status):
+        if reached or (status["current"] is None and result.cycles and _done(status)):
             break
         if any(p.poll() not in (None, 0) for p in procs):
             raise GridflError("a worker or the node crashed; see its output above")

@@ -40,6 +40,9 @@ from gridfl._exceptions import InvalidRequestError, ModelError
 MAX_DIFF_VALUE = 1e12
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     shapes: tuple[tuple[int, ...], ...]
@@ -47,7 +50,7 @@ class ModelSpec:
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     total: int
-    acc_dtype: np.dtype = np.dtype(np.float32)
+    acc_dtype: np.dtype = _FLOAT32
 
     @classmethod
     def of(cls, params: Sequence[np.ndarray]) -> ModelSpec:
@@ -78,7 +81,7 @@ def validate_diff(arrays: Sequence[np.ndarray], spec: ModelSpec) -> None:
             continue
         # min and max are two passes with no temporary array; NaN fails both comparisons
         lo, hi = float(a.min()), float(a.max())
-        if not (-MAX_DIFF_VALUE <= lo and hi <= MAX_DIFF_VALUE):
+        if not (lo >= -MAX_DIFF_VALUE and hi <= MAX_DIFF_VALUE):
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise InvalidRequestError(f"diff tensor {i} has NaN or infinite values")
             raise InvalidRequestError(

@@ -39,7 +39,7 @@ def _client(transport) -> str:
     return f"{peer[0]}:{peer[1]}" if peer else "a client"
 
 
-def _httptools_guard() -> type | None:
+def _httptools_guard() -> type | None:  # noqa: C901 - defines a class of small methods
     try:
         import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -64,7 +64,7 @@ def _httptools_guard() -> type | None:
             self.header_count = 0
             self.head_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_head_timer()
 
