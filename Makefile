@@ -42,6 +42,7 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -15,6 +15,7 @@ values also derive from :class:`ValueError`, so ``except ValueError`` keeps work
   + GridError                an FL request failed (raised by the node, re-raised by workers)
     - InvalidRequestError    malformed or invalid input (HTTP 400)
       · PayloadTooLargeError the body is larger than the node accepts (HTTP 413)
+      · RequestTimeoutError  the body stopped arriving (HTTP 408)
     - AuthenticationError    missing, invalid or foreign credentials (HTTP 400/401)
     - PermissionDeniedError  authenticated, but not allowed to do this (HTTP 403)
     - NotFoundError          unknown process, model, plan, cycle or worker (HTTP 404)
@@ -47,10 +48,12 @@ __all__ = [
     "PlanInputError",
     "PlanLoadError",
     "PlanLoadFailedError",
+    "RequestTimeoutError",
     "ResponseTimeoutError",
     "StateError",
     "TransportError",
     "UnavailableError",
+    "error_for_status",
 ]
 
 
@@ -112,6 +115,12 @@ class PayloadTooLargeError(InvalidRequestError):
     http_status = 413
 
 
+class RequestTimeoutError(InvalidRequestError):
+    """The request body stopped arriving for longer than the node waits (a stalled upload)."""
+
+    http_status = 408
+
+
 class AuthenticationError(GridError):
     """Missing, invalid or foreign credentials (JWT, admin token, worker id, request key)."""
 
@@ -163,3 +172,26 @@ class TransportError(GridError):
 
 class ResponseTimeoutError(TransportError):
     """No reply arrived within the request timeout."""
+
+
+def error_for_status(status: int | None) -> type[GridError]:
+    """The :class:`GridError` subclass the node answers with ``status`` (the class whose
+    own ``http_status`` it is), or :class:`GridError` for any other status.
+
+        >>> error_for_status(409).__name__
+        'ConflictError'
+    """
+    return _BY_STATUS.get(status, GridError) if status is not None else GridError
+
+
+def _own_statuses(cls: type[GridError]) -> dict[int, type[GridError]]:
+    found: dict[int, type[GridError]] = {}
+    for sub in cls.__subclasses__():
+        if "http_status" in vars(sub):
+            found.setdefault(sub.http_status, sub)
+        found.update({k: v for k, v in _own_statuses(sub).items() if k not in found})
+    return found
+
+
+#: status -> class, derived from the classes: one table for the node and both clients
+_BY_STATUS = _own_statuses(GridError)

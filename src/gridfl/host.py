@@ -30,17 +30,6 @@ from gridfl.model import SyftModel
 
 __all__ = ["HostClient", "closed_cycles"]
 
-_BY_STATUS: dict[int, type[errors.GridError]] = {
-    400: errors.InvalidRequestError,
-    401: errors.AuthenticationError,
-    403: errors.PermissionDeniedError,
-    404: errors.NotFoundError,
-    409: errors.ConflictError,
-    413: errors.PayloadTooLargeError,
-    503: errors.UnavailableError,
-}
-
-
 class HostClient:
     """A blocking client of a grid node's admin API.
 
@@ -169,7 +158,7 @@ class HostClient:
             message = response.json().get("error") or response.reason_phrase
         except ValueError:
             message = response.text[:200] or response.reason_phrase
-        cls = _BY_STATUS.get(response.status_code, errors.GridError)
+        cls = errors.error_for_status(response.status_code)
         raise cls(f"{method} {path}: {response.status_code} {message}")
 
 

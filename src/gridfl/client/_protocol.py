@@ -12,13 +12,9 @@ from typing import Any
 
 from gridfl._exceptions import (
     AuthenticationError,
-    ConflictError,
     GridError,
-    InvalidRequestError,
     NotFoundError,
-    PayloadTooLargeError,
-    PermissionDeniedError,
-    UnavailableError,
+    error_for_status,
 )
 from gridfl._wire import (  # noqa: F401 - re-exported
     AUTHENTICATE,
@@ -37,16 +33,6 @@ PLAN_VARIANT = "onnx"
 STATUS_ACCEPTED = "accepted"
 STATUS_REJECTED = "rejected"
 
-_STATUS_ERRORS: dict[int, type[GridError]] = {
-    400: InvalidRequestError,
-    401: AuthenticationError,
-    403: PermissionDeniedError,
-    404: NotFoundError,
-    409: ConflictError,
-    413: PayloadTooLargeError,
-    503: UnavailableError,
-}
-
 # Node error texts that mean "bad credentials" whatever status carried them (PyGrid
 # answers authentication failures with 400, and WebSocket replies carry no status).
 _AUTH_TEXTS = (
@@ -62,9 +48,7 @@ def error_class(status: int | None, message: str) -> type[GridError]:
         return AuthenticationError
     if "not found" in low and status in (None, 400, 404):
         return NotFoundError  # PyGrid answers "Model ID not found!" etc. with 400
-    if status is None:
-        return GridError
-    return _STATUS_ERRORS.get(status, GridError)
+    return error_for_status(status)
 
 
 def node_error(message: Any, *, status: int | None = None, call: str | None = None) -> GridError:

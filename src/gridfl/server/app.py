@@ -29,6 +29,7 @@ from gridfl._exceptions import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     UnavailableError,
 )
 from gridfl.server.auth import check_admin
@@ -178,12 +179,6 @@ async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
         await signal.wait_after(generation, remaining)
         if signal.closed:  # shutting down: the rejection stands, the worker asks again later
             return reply
-
-
-class RequestTimeoutError(InvalidRequestError):
-    """A request body stopped arriving for ``read_idle_timeout`` seconds."""
-
-    http_status = 408
 
 
 class BodyBudget:
@@ -495,7 +490,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                     tg.start_soon(run, text, taken, refused)
             except WebSocketDisconnect:
                 pass
-    except Exception:  # noqa: BLE001 - a broken socket ends only this connection
+    except Exception:
         log.debug("websocket closed with an error", exc_info=True)
 
 
@@ -669,7 +664,7 @@ async def _deadline_timer(node: GridNode, settings: Settings, wake: asyncio.Even
             nxt = await anyio.to_thread.run_sync(node.next_deadline)
             if nxt is not None:
                 delay = min(delay, max(0.0, nxt - time.time()) + 0.005)
-        except Exception:  # noqa: BLE001 - e.g. the database is briefly down; retry
+        except Exception:
             log.exception("deadline timer")
         wake.clear()
         with anyio.move_on_after(delay):
@@ -685,7 +680,7 @@ async def _cycle_watcher(node: GridNode, settings: Settings, on_change: Callable
         await anyio.sleep(settings.long_poll_recheck)
         try:
             marker = await anyio.to_thread.run_sync(node.cycle_marker)
-        except Exception:  # noqa: BLE001 - e.g. the database is briefly down; retry
+        except Exception:
             log.debug("cycle watcher", exc_info=True)
             continue
         if last is not None and marker != last:

@@ -1,30 +1,14 @@
-"""The one table mapping errors to HTTP status codes and WebSocket error replies."""
+"""Errors to HTTP status codes and WebSocket error replies: a :class:`GridError` carries
+its own ``http_status``; any other gridfl error about a bad value is a 400; the database
+being out of reach is a 503; anything else is a 500, logged."""
 
 from __future__ import annotations
 
 import logging
 
-from gridfl._exceptions import (
-    ConfigError,
-    GridError,
-    ModelError,
-    PlanInputError,
-    PlanLoadError,
-    StateError,
-    UnavailableError,
-)
+from gridfl._exceptions import GridError, GridflError, UnavailableError
 
 log = logging.getLogger("gridfl.server")
-
-#: non-GridError domain errors and their HTTP status (GridError carries ``http_status``)
-STATUS = {
-    ConfigError: 400,
-    StateError: 400,
-    ModelError: 400,
-    PlanLoadError: 400,
-    PlanInputError: 400,
-}
-
 
 #: what a worker is told when the database cannot be reached (the request did nothing)
 MSG_DATABASE_UNAVAILABLE = "the database is unavailable ({what}); retry later"
@@ -68,9 +52,8 @@ def to_status(exc: BaseException) -> tuple[int, str]:
         exc = unavailable
     if isinstance(exc, GridError):
         return exc.http_status, str(exc)
-    for cls, status in STATUS.items():
-        if isinstance(exc, cls):
-            return status, str(exc)
+    if isinstance(exc, GridflError) and isinstance(exc, ValueError):
+        return 400, str(exc)  # a bad value (State bytes, a plan, a config): the caller's
     if type(exc).__name__ == "ClientDisconnect":  # starlette: the client went away mid-body
         log.info("client disconnected while sending its request")
         return 400, "client disconnected"
