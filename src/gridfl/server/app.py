@@ -66,7 +66,7 @@ async def fetch_asset(app, kind: str, query: Any) -> bytes:
     return await anyio.to_thread.run_sync(getattr(app.state.node, method), req)
 
 
-def _error_extra(kind: str) -> dict[str, Any]:
+def _error_extra(kind: str | None) -> dict[str, Any]:
     # PyGrid answers a failed cycle-request with a rejection that carries the error
     return {"status": "rejected"} if kind == _wire.CYCLE_REQUEST else {}
 
@@ -212,9 +212,9 @@ async def _body_chunks(request: Request, limit: int | None):
     longer than ``read_idle_timeout`` (408), so a stalled client holds nothing but its
     own connection."""
     too_large = f"the body is larger than the node accepts ({limit} bytes)"
-    limit = limit if limit is not None else float("inf")
+    most: float = limit if limit is not None else float("inf")
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and length.isdigit() and int(length) > most:
         raise PayloadTooLargeError(too_large)
     idle = _settings(request).read_idle_timeout
     size, more = 0, True
@@ -231,7 +231,7 @@ async def _body_chunks(request: Request, limit: int | None):
             raise ClientDisconnect()
         chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
-        if size > limit:
+        if size > most:
             raise PayloadTooLargeError(too_large)
         yield chunk
 
@@ -396,7 +396,7 @@ def _too_large(kind: str, size: int, limit: int) -> PayloadTooLargeError:
     )
 
 
-async def websocket_endpoint(ws: WebSocket) -> None:
+async def websocket_endpoint(ws: WebSocket) -> None:  # noqa: C901 - the receive loop and its dispatch
     # A client that offers gridfl.binary.2 learns from the handshake that this node takes
     # binary reports and serves downloads over the socket. syft.js offers none (nor does a
     # client offering only other subprotocols): plain JSON, as ever.
@@ -646,8 +646,9 @@ async def health(request: Request) -> Response:
     )
 
 
-async def _http_exception(request: Request, exc: HTTPException) -> Response:
+async def _http_exception(request: Request, exc: Exception) -> Response:
     """Routing errors (unknown path 404, wrong method 405) as JSON ``{"error"}`` too."""
+    assert isinstance(exc, HTTPException)  # registered for HTTPException only
     message = f"{exc.detail}: {request.method} {request.url.path}"
     if exc.status_code == 404:
         message += " (the API is described at GET /openapi.json and in docs/protocol.md)"
@@ -770,7 +771,9 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         own = node is None
-        n = node or await anyio.to_thread.run_sync(GridNode, settings)
+        n: GridNode = node if node is not None else await anyio.to_thread.run_sync(
+            GridNode, settings
+        )
         app.state.node = n
         app.state.report_gate = anyio.Semaphore(max(1, settings.max_concurrent_reports))
         app.state.body_budget = BodyBudget(
