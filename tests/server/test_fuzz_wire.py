@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gridfl import GridflError, InvalidRequestError, StateError, _wire, state
-from gridfl.server.app import _parse_json
+from gridfl.server.bodies import parse_worker_json
 
 FAST = settings(
     max_examples=250,
@@ -163,7 +163,7 @@ def test_parsers_take_plausible_messages(value):
 @FAST
 def test_body_decoding_takes_any_bytes(body):
     try:
-        value = _parse_json(body)
+        value = parse_worker_json(body)
     except InvalidRequestError:
         return
     _parse_all(value)
@@ -180,7 +180,7 @@ def test_body_decoding_takes_any_bytes(body):
 @settings(max_examples=30, deadline=2000)
 def test_body_decoding_takes_hostile_json(text):
     try:
-        value = _parse_json(text.encode())
+        value = parse_worker_json(text.encode())
     except InvalidRequestError:
         return
     _parse_all(value)

@@ -285,7 +285,7 @@ def test_body_budget_waits_for_room_then_gives_up():
     import anyio
 
     from gridfl._exceptions import UnavailableError
-    from gridfl.server.app import BodyBudget
+    from gridfl.server.bodies import BodyBudget
 
     async def main():
         budget = BodyBudget(100, timeout=30)

@@ -100,7 +100,7 @@ def test_held_admissions_batch_what_one_signal_wakes():
     most ``batch`` each); each waiter gets its own reply, or its own error."""
     import asyncio
 
-    from gridfl.server.app import HeldAdmissions
+    from gridfl.server.held import HeldAdmissions
 
     class Node:  # admit_held's contract: one reply or exception per request, in order
         def __init__(self):

@@ -59,3 +59,17 @@ def to_status(exc: BaseException) -> tuple[int, str]:
         return 400, "client disconnected"
     log.error("internal error", exc_info=exc)
     return 500, f"internal server error ({type(exc).__name__})"
+
+
+def drop_tracebacks(exc: BaseException | None) -> None:
+    """Forget an answered error's tracebacks (its causes' too).
+
+    An error raised in a worker thread sits in a reference cycle (anyio's future, the
+    error, its traceback, the awaiting frame) that only the cyclic GC frees, and an idle
+    node rarely runs it: until then every frame's locals live on, among them a refused
+    report's body and diff (four 60 MiB reports kept ~1 GB). Without the tracebacks the
+    frames, and the bytes, are freed at once.
+    """
+    while exc is not None and exc.__traceback__ is not None:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__

@@ -1,0 +1,98 @@
+"""Reading request bodies and WebSocket messages: size limits, an idle timeout, and one
+memory budget for every body being read, so a slow or stalled client costs only its own
+connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import anyio
+from starlette.requests import ClientDisconnect, Request
+
+from gridfl import _wire
+from gridfl._exceptions import PayloadTooLargeError, RequestTimeoutError, UnavailableError
+
+log = logging.getLogger("gridfl.server")
+
+
+def parse_worker_json(body: bytes | str, what: str = "the body", *, check: bool = True) -> Any:
+    """A worker message's JSON (:func:`_wire.parse_json`, its values capped)."""
+    return _wire.parse_json(body, what, max_values=_wire.MAX_MESSAGE_VALUES, check=check)
+
+
+class BodyBudget:
+    """Bytes of worker request bodies and WebSocket messages held in memory, all
+    connections together. Readers take room as bytes arrive and give it back once the
+    request is answered; one that finds no room stops reading (TCP backpressure) for up
+    to ``timeout`` seconds, then fails with a 503 and gives its bytes back, so readers
+    holding partial bodies cannot wait on each other for ever."""
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.limit, self.timeout = limit, timeout
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    async def take(self, n: int) -> None:
+        with anyio.move_on_after(self.timeout):
+            while self.used + n > self.limit:
+                await self._freed.wait()
+        if self.used + n > self.limit:
+            raise UnavailableError("the node is receiving too many reports at once; retry later")
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        self._freed.set()
+        self._freed = asyncio.Event()
+
+
+async def body_chunks(request: Request, limit: int | None):
+    """The body's chunks as they arrive: at most ``limit`` bytes (413) and no silence
+    longer than ``read_idle_timeout`` (408), so a stalled client holds nothing but its
+    own connection."""
+    too_large = f"the body is larger than the node accepts ({limit} bytes)"
+    most: float = limit if limit is not None else float("inf")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > most:
+        raise PayloadTooLargeError(too_large)
+    idle = request.app.state.settings.read_idle_timeout
+    size, more = 0, True
+    while more:
+        message = None
+        with anyio.move_on_after(idle):
+            message = await request.receive()
+        if message is None:
+            client = request.client.host if request.client else "a client"
+            log.info("%s %s from %s: no body bytes for %g s, answered 408", request.method,
+                     request.url.path, client, idle)
+            raise RequestTimeoutError(f"the body stopped arriving (nothing for {idle:g} s)")
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk, more = message.get("body", b""), message.get("more_body", False)
+        size += len(chunk)
+        if size > most:
+            raise PayloadTooLargeError(too_large)
+        yield chunk
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in body_chunks(request, limit)])
+
+
+@contextlib.asynccontextmanager
+async def worker_body(request: Request):
+    """A worker request's body, its bytes taken from the node's body budget as they
+    arrive and given back on leaving the block."""
+    budget: BodyBudget = request.app.state.body_budget
+    chunks, taken = [], 0
+    try:
+        async for chunk in body_chunks(request, request.app.state.settings.max_body_bytes):
+            await budget.take(len(chunk))
+            taken += len(chunk)
+            chunks.append(chunk)
+        yield b"".join(chunks)
+    finally:
+        budget.give(taken)

@@ -1,0 +1,73 @@
+"""The worker handlers, written once and called by both transports (HTTP routes and the
+WebSocket): the three worker messages, the downloads, and the cycle request that waits."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from gridfl import _wire
+from gridfl.server.held import CycleSignal
+from gridfl.server.service import GridNode
+
+HANDLERS: dict[str, Callable[[GridNode, Any], dict[str, Any]]] = {
+    _wire.AUTHENTICATE: lambda node, data: node.authenticate(_wire.parse_authenticate(data)),
+    _wire.CYCLE_REQUEST: lambda node, data: node.cycle_request(_wire.parse_cycle_request(data)),
+    _wire.REPORT: lambda node, data: node.report(_wire.parse_report(data)),
+}
+
+
+#: the downloads, written once for both transports: (GridNode method, id parameter, whether
+#: ``receive_operations_as`` picks a variant); HTTP ``GET /<type>?...``, and on a socket
+#: that negotiated the gridfl.binary.2 subprotocol a request frame ``{"type", "data"}``
+ASSETS: dict[str, tuple[str, str, bool]] = {
+    _wire.GET_MODEL: ("get_model", "model_id", False),
+    _wire.GET_PLAN: ("get_plan", "plan_id", True),
+    _wire.GET_PROTOCOL: ("get_protocol", "protocol_id", False),
+}
+
+
+async def fetch_asset(app, kind: str, query: Any) -> bytes:
+    """Validate a download request (query parameters or a WS frame's ``data``) and read the
+    bytes off the event loop."""
+    method, id_key, variant = ASSETS[kind]
+    req = _wire.parse_asset_request(query, id_key, variant=variant)
+    return await anyio.to_thread.run_sync(getattr(app.state.node, method), req)
+
+
+def error_extra(kind: str | None) -> dict[str, Any]:
+    # PyGrid answers a failed cycle-request with a rejection that carries the error
+    return {"status": "rejected"} if kind == _wire.CYCLE_REQUEST else {}
+
+
+async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
+    """Run one worker handler off the event loop; a cycle request with ``wait`` is held
+    while it would be rejected with a timeout, until a cycle opens or ``wait`` runs out."""
+    node: GridNode = app.state.node
+    if kind != _wire.CYCLE_REQUEST:
+        return await anyio.to_thread.run_sync(HANDLERS[kind], node, data)
+    req = _wire.parse_cycle_request(data)
+    signal: CycleSignal = app.state.cycle_signal
+    # The signal fires when a cycle opens or closes in this process, and when another
+    # server process on the same database opens one (PostgreSQL: cycle_listener, at once;
+    # otherwise cycle_watcher, within long_poll_recheck seconds): waiters do not poll
+    # the database themselves.
+    # Once held, the request is asked again together with the others it waited with.
+    deadline = time.monotonic() + req.wait
+    held = False
+    while True:
+        generation = signal.generation
+        if held:
+            reply = await app.state.held_admissions.admit(req)
+        else:
+            reply = await anyio.to_thread.run_sync(node.cycle_request, req)
+        remaining = deadline - time.monotonic()
+        if reply.get("status") != "rejected" or reply.get("timeout") is None or remaining <= 0:
+            return reply
+        held = True
+        await signal.wait_after(generation, remaining)
+        if signal.closed:  # shutting down: the rejection stands, the worker asks again later
+            return reply
