@@ -70,7 +70,7 @@ def test_auth_errors(grid, syftjs, mnist, transport, rsa_keys):
     missing token; HS256 tokens do not pass an RS256 process."""
     _, public = rsa_keys
     # these clients never get past authenticate: the tfjs variant alone will do (and
-    # does not wait for the onnx compile, see conftest.py)
+    # does not wait for the onnx compile, see syftjs_runner.py)
     hs = mnist.host_on(grid, {"authentication": {"secret": SECRET}}, variants=("tfjs",))
     rs = mnist.host_on(grid, {"authentication": {"pub_key": public}}, variants=("tfjs",))
     url = grid.url_for(transport)
