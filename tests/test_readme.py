@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests._live import LiveNode
+from tests.harness import LiveNode
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

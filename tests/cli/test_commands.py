@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from gridfl import state
 from gridfl.cli import main
-from tests._live import LiveNode
+from tests.harness import LiveNode
 
 TOKEN = "cli-tests-admin"
 

@@ -18,8 +18,7 @@ from gridfl import (
 from gridfl.client import Job, JobState, Syft
 from gridfl.client._base import Call, Fetch, MeasureSpeed, drive_sync
 from gridfl.state import dumps, loads
-
-from .plans import linear_params, linear_sgd_plan
+from tests.builders import linear_params, linear_sgd_plan
 
 ACCEPTED = {
     "status": "accepted", "request_key": "k" * 64, "version": "1.0", "model": "m",
@@ -254,7 +253,7 @@ def test_job_constructor_checks():
 
 def test_job_train_continues_from_checkpoint():
     """job.trainer(...).checkpoint() bytes continue through job.train(checkpoint=...)."""
-    from .plans import linear_data
+    from tests.builders import linear_data
 
     job = make_job(Script())
     job.start()

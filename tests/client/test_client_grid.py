@@ -20,8 +20,7 @@ from gridfl import (
 from gridfl.client import JobState
 from gridfl.model import SyftModel
 from gridfl.plan import Plan
-
-from .plans import linear_data, linear_params
+from tests.builders import linear_data, linear_params
 
 SECRET = "a-test-secret-that-is-32-bytes-long!"
 
@@ -44,7 +43,7 @@ class TestAuth:
     def test_per_job_auth(self, grid, transport, api):
         """Each job authenticates with its own token: a bad second token fails that job only."""
         name = grid.host(server_config={"authentication": {"secret": SECRET}})
-        client = api.client(grid.url(transport))
+        client = api.client(grid.url_for(transport))
         token = jwt.encode({}, SECRET, algorithm="HS256")
         forged = jwt.encode({}, SECRET[::-1], algorithm="HS256")
         good = client.new_job(name, "1.0", auth_token=token)
@@ -59,7 +58,7 @@ class TestAuth:
 
     def test_bad_token_error_text(self, grid, transport, api):
         name = grid.host(server_config={"authentication": {"secret": SECRET}})
-        client = api.client(grid.url(transport), auth_token="not-a-jwt")
+        client = api.client(grid.url_for(transport), auth_token="not-a-jwt")
         job = client.new_job(name, "1.0")
         with pytest.raises(AuthenticationError, match=r"The 'auth_token' you sent is invalid\."):
             api.start(job)  # no error handler: start() raises
@@ -67,7 +66,7 @@ class TestAuth:
 
     def test_missing_token(self, grid, transport, api):
         name = grid.host(server_config={"authentication": {"secret": SECRET}})
-        job = api.client(grid.url(transport)).new_job(name, "1.0")
+        job = api.client(grid.url_for(transport)).new_job(name, "1.0")
         events = recorder(job)
         api.start(job)
         _, exc = only(events, "error")
@@ -79,7 +78,7 @@ class TestCycle:
         """Acceptance: request key, worker id, a SyftModel equal to the hosted one, config."""
         params = [np.full((3, 1), 0.25, np.float32), np.array([0.5], np.float32)]
         name = grid.host(params=params, client_config={"extra": "x"})
-        job = api.client(grid.url(transport)).new_job(name)  # no version: latest
+        job = api.client(grid.url_for(transport)).new_job(name)  # no version: latest
         events = recorder(job)
         api.start(job)
         _, model, cfg = only(events, "accepted")
@@ -95,7 +94,7 @@ class TestCycle:
     def test_rejected_with_timeout(self, grid, transport, api):
         """A full cycle rejects with an integer timeout (seconds to the cycle's deadline)."""
         name = grid.host(server_config={"max_workers": 1, "cycle_length": 100})
-        client = api.client(grid.url(transport))
+        client = api.client(grid.url_for(transport))
         first, second = client.new_job(name, "1.0"), client.new_job(name, "1.0")
         ev1, ev2 = recorder(first), recorder(second)
         api.start(first)
@@ -107,7 +106,7 @@ class TestCycle:
 
     def test_rejected_without_timeout_when_done(self, grid, transport, api):
         name = grid.host(server_config={"num_cycles": 1, "max_diffs": 1})
-        client = api.client(grid.url(transport))
+        client = api.client(grid.url_for(transport))
         job = client.new_job(name, "1.0")
         api.start(job)
         api.report(job, job.model.create_serialized_diff(job.model.params))
@@ -120,7 +119,7 @@ class TestCycle:
         """Train the downloaded plan, report the diff: the node's next checkpoint is
         params - diff, and it recorded the sample count."""
         name = grid.host(server_config={"max_diffs": 1, "num_cycles": 2})
-        client = api.client(grid.url(transport))
+        client = api.client(grid.url_for(transport))
         job = client.new_job(name, "1.0")
         api.start(job)
         x, y = linear_data(n=64)
@@ -154,7 +153,7 @@ class TestCycle:
     def test_report_inside_accepted_handler(self, grid, transport, api):
         """The seed's usage: train and report from the accepted handler."""
         name = grid.host(server_config={"max_diffs": 1, "num_cycles": 2})
-        job = api.client(grid.url(transport)).new_job(name, "1.0")
+        job = api.client(grid.url_for(transport)).new_job(name, "1.0")
         x, y = linear_data(n=64)
         if api.name == "sync":
             @job.on("accepted")
@@ -173,7 +172,7 @@ class TestCycle:
     def test_several_jobs_at_once_on_one_client(self, grid, transport, api):
         """Concurrent jobs of one client share its one WebSocket; each gets its own cycle."""
         names = [grid.host(), grid.host()]
-        client = api.client(grid.url(transport))
+        client = api.client(grid.url_for(transport))
         jobs = [client.new_job(n, "1.0") for n in names for _ in range(2)]
         events = [recorder(j) for j in jobs]
         api.start_all(jobs)
@@ -187,7 +186,7 @@ class TestCycle:
     def test_speed_test_when_required(self, grid, transport, api):
         name = grid.host(server_config={"minimum_download_speed": 0,
                                         "minimum_upload_speed": 0})
-        job = api.client(grid.url(transport)).new_job(name, "1.0")
+        job = api.client(grid.url_for(transport)).new_job(name, "1.0")
         events = recorder(job)
         api.start(job)
         only(events, "accepted")
@@ -196,7 +195,7 @@ class TestCycle:
 
     def test_reconnects_after_socket_drop(self, grid, api):
         name = grid.host()
-        client = api.client(grid.url("ws"))
+        client = api.client(grid.url_for("ws"))
         first = client.new_job(name, "1.0")
         api.start(first)
         api.drop_socket(client)
@@ -209,7 +208,7 @@ class TestCycle:
 
 class TestFailures:
     def test_missing_fl_model(self, grid, transport, api):
-        job = api.client(grid.url(transport)).new_job("no-such-model", "1.0")
+        job = api.client(grid.url_for(transport)).new_job("no-such-model", "1.0")
         events = recorder(job)
         api.start(job)
         _, exc = only(events, "error")
@@ -232,7 +231,7 @@ class TestFailures:
     def test_missing_model(self, grid, transport, api):
         """get-model answers 'Model ID not found!': error event, 'Failed to load Model'."""
         name = grid.host()
-        client = api.client(grid.url(transport))
+        client = api.client(grid.url_for(transport))
         self._tamper(api, client, "model_id")
         job = client.new_job(name, "1.0")
         events = recorder(job)
@@ -244,7 +243,7 @@ class TestFailures:
 
     def test_missing_plan(self, grid, transport, api):
         name = grid.host()
-        client = api.client(grid.url(transport))
+        client = api.client(grid.url_for(transport))
         self._tamper(api, client, "plan_id")
         job = client.new_job(name, "1.0")
         events = recorder(job)
@@ -256,7 +255,7 @@ class TestFailures:
     def test_invalid_model(self, grid, transport, api):
         name = grid.host()
         grid.corrupt(name, model=b"\x0a\x03abc-not-a-state")
-        job = api.client(grid.url(transport)).new_job(name, "1.0")
+        job = api.client(grid.url_for(transport)).new_job(name, "1.0")
         events = recorder(job)
         api.start(job)
         _, exc = only(events, "error")
@@ -267,7 +266,7 @@ class TestFailures:
     def test_invalid_plan(self, grid, transport, api):
         name = grid.host()
         grid.corrupt(name, plan=b"definitely not onnx")
-        job = api.client(grid.url(transport)).new_job(name, "1.0")
+        job = api.client(grid.url_for(transport)).new_job(name, "1.0")
         events = recorder(job)
         api.start(job)
         _, exc = only(events, "error")
@@ -282,7 +281,7 @@ def test_sync_api_inside_running_event_loop(grid, transport):
     name = grid.host(server_config={"max_diffs": 1, "num_cycles": 2})
 
     async def notebook_cell():
-        with Syft(grid.url(transport)) as client:
+        with Syft(grid.url_for(transport)) as client:
             job = client.new_job(name, "1.0")
             job.start()
             result = job.train("training_plan", *linear_data(n=32))
@@ -296,7 +295,7 @@ def test_protocols_downloaded(grid, transport):
     from gridfl.client import Syft
 
     name = grid.host(protocols={"secure_agg": b"\x01\x02protocol"})
-    with Syft(grid.url(transport)) as client:
+    with Syft(grid.url_for(transport)) as client:
         job = client.new_job(name, "1.0")
         job.start()
         assert job.protocols == {"secure_agg": b"\x01\x02protocol"}
@@ -317,7 +316,7 @@ class TestDownloadsOverTheSocket:
     def test_full_cycle_makes_no_http_request(self, grid, transport, api):
         name = grid.host(server_config={"max_diffs": 1, "num_cycles": 3},
                          protocols={"secure_agg": b"\x01\x02protocol"})
-        client = api.client(grid.url(transport))
+        client = api.client(grid.url_for(transport))
         http = self._http_requests(api, client)
         job = client.new_job(name, "1.0")
         for cycle in (1, 2):
@@ -344,7 +343,7 @@ class TestDownloadsOverTheSocket:
         from gridfl.client._transports import _REPLY_HEADER_ROOM
 
         name = grid.host()
-        client = api.client(grid.url("ws"))
+        client = api.client(grid.url_for("ws"))
         # the model (126 bytes) fits, the plan (1330 bytes of ONNX) does not
         client._net.ws.max_message = _REPLY_HEADER_ROOM + 600
         http = self._http_requests(api, client)
@@ -364,7 +363,7 @@ class TestRunWorker:
 
         name = grid.host(server_config={"num_cycles": 2, "max_diffs": 1})
         trained = []
-        summary = run_worker(grid.url(transport), name, *linear_data(n=64), model_version="1.0",
+        summary = run_worker(grid.url_for(transport), name, *linear_data(n=64), model_version="1.0",
                              max_wait=0.1, seed=1,
                              on_trained=lambda job, result: trained.append(result.steps))
         assert summary.finished and summary.cycles == 2 and trained == [4, 4]
@@ -375,7 +374,7 @@ class TestRunWorker:
         from gridfl.client import run_worker
 
         name = grid.host(server_config={"max_diffs": 1})
-        summary = run_worker(grid.url(transport), name, *linear_data(n=64), max_cycles=1)
+        summary = run_worker(grid.url_for(transport), name, *linear_data(n=64), max_cycles=1)
         assert summary.cycles == 1 and not summary.finished
 
     def test_auth_error_is_raised_at_once(self, grid, transport):
@@ -384,6 +383,6 @@ class TestRunWorker:
         name = grid.host(server_config={"authentication": {"secret": SECRET}})
         sleeps = []
         with pytest.raises(AuthenticationError):
-            run_worker(grid.url(transport), name, *linear_data(n=64), auth_token="bad",
+            run_worker(grid.url_for(transport), name, *linear_data(n=64), auth_token="bad",
                        sleep=sleeps.append)
         assert sleeps == []

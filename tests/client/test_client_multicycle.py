@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import b64
+from tests.builders import b64
+
 from .worker_proc import CLASSES, FEATURES, blobs
 
 torch = pytest.importorskip("torch")
@@ -48,7 +49,7 @@ def test_workers_train_over_cycles(grid):
                        "max_diffs": WORKERS},
     )
     script = Path(__file__).with_name("worker_proc.py")
-    urls = [grid.url("ws"), grid.url("http"), grid.url("ws")]
+    urls = [grid.url_for("ws"), grid.url_for("http"), grid.url_for("ws")]
     procs = [
         subprocess.Popen([sys.executable, str(script), urls[i], name, str(i)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -7,14 +7,13 @@ import threading
 import time
 
 from gridfl.client import JobState, Syft
-
-from .plans import linear_data
+from tests.builders import linear_data
 
 
 def test_restart_joins_next_cycle_without_authenticating_again(grid, transport):
     """(The job flow is shared by Syft and AsyncSyft; threads make this one sync.)"""
     name = grid.host(server_config={"max_workers": 2, "max_diffs": 2, "num_cycles": 3})
-    client = Syft(grid.url(transport))
+    client = Syft(grid.url_for(transport))
     first, second = client.new_job(name, "1.0"), client.new_job(name, "1.0")
     first.start()
     second.start()

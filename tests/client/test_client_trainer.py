@@ -10,8 +10,7 @@ import pytest
 from gridfl import ConfigError, GridflError, PlanError
 from gridfl.client import PlanTrainer
 from gridfl.plan import Plan
-
-from .plans import linear_data, linear_params, linear_sgd_plan
+from tests.builders import linear_data, linear_params, linear_sgd_plan
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from gridfl import CompileError
 from gridfl.plan import Plan
 
-from .conftest import assert_close, eager_step
+from .eager import assert_close, eager_step
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402

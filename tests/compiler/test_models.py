@@ -7,7 +7,7 @@ import pytest
 
 from gridfl.plan import Plan
 
-from .conftest import assert_close, eager_step
+from .eager import assert_close, eager_step
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402

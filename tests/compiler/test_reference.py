@@ -9,7 +9,7 @@ import pytest
 
 from gridfl.plan import Plan
 
-from .conftest import VECTORS, vector
+from .eager import VECTORS, vector
 
 torch = pytest.importorskip("torch")
 from gridfl.compiler import compile_plan  # noqa: E402

@@ -1,3 +1,15 @@
-"""Fixtures of the fault and load tests (defined in tests/_faultkit.py)."""
+"""Fixtures of the fault tests (the live node and databases are in tests/conftest.py)."""
 
-from tests._faultkit import pg_cluster, pg_fresh_db, serve_factory  # noqa: F401
+from __future__ import annotations
+
+import pytest
+
+from tests._faultkit import PgCluster
+
+
+@pytest.fixture
+def pg_cluster():
+    """A private PostgreSQL cluster the test may stop and start (destroyed afterwards)."""
+    cluster = PgCluster()
+    yield cluster
+    cluster.destroy()

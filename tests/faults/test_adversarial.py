@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 
 from gridfl import _protowire as pw
 from gridfl import _wire, state
-from tests.server.conftest import ADMIN, SHAPES, host_payload
+from tests.builders import ADMIN, SHAPES, host_payload
 
 AUTH, CYCLE, REPORT = _wire.AUTHENTICATE, _wire.CYCLE_REQUEST, _wire.REPORT
 N_MAX = _wire.MAX_NUM_SAMPLES

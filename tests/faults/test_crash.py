@@ -11,15 +11,8 @@ import sqlalchemy as sa
 
 from gridfl.server.tables import aggregates, checkpoints, cycles
 from tests._faultkit import assert_mean_applied, wait_until
-from tests.server.conftest import (
-    Admin,
-    HttpWorker,
-    diff_of,
-    host_payload,
-    join,
-    model_params,
-    report,
-)
+from tests.builders import diff_of, host_payload, model_params
+from tests.harness import Admin, HttpWorker, join, report
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

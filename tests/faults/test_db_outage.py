@@ -14,16 +14,8 @@ import pytest
 
 from gridfl._exceptions import UnavailableError
 from tests._faultkit import assert_mean_applied, wait_until
-from tests.server.conftest import (
-    Admin,
-    HttpWorker,
-    WsWorker,
-    diff_of,
-    host_payload,
-    join,
-    model_params,
-    report,
-)
+from tests.builders import diff_of, host_payload, model_params
+from tests.harness import Admin, HttpWorker, WsWorker, join, report
 
 pytestmark = pytest.mark.postgres
 

@@ -13,17 +13,8 @@ import pytest
 
 from gridfl import state
 from tests._faultkit import assert_mean_applied, wait_until
-from tests.server.conftest import (
-    Admin,
-    HttpWorker,
-    b64,
-    diff_of,
-    host_payload,
-    join,
-    model_params,
-    report,
-    training_plan,
-)
+from tests.builders import b64, diff_of, host_payload, model_params, training_plan
+from tests.harness import Admin, HttpWorker, join, report
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The MNIST training function of syft.js 0.1.4's test vectors, compiled into gridfl's onnx
 plan variant (tests/vectors/README.md).
 
-Compiling takes seconds (torch.onnx export), so conftest.py runs this file as a separate
+Compiling takes seconds (torch.onnx export), so syftjs_runner.py runs this file as a separate
 process as soon as the interop tests are collected, in parallel with the first tests:
 
     python mnist_plan.py <vectors dir> <output file>

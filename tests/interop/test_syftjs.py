@@ -25,26 +25,6 @@ MSG_INVALID = "The 'auth_token' you sent is invalid."
 MSG_REQUIRED = "Authentication is required, please pass an 'auth_token'."
 
 
-@pytest.fixture(scope="module")
-def rsa_keys() -> tuple[str, str]:
-    """A fresh RSA key pair (PEM): (private PKCS8, public SubjectPublicKeyInfo)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
-
-
 def grid_error(transport: str, message: str) -> str:
     """The text of the Error syft.js 0.1.4 throws for a node error reply: the bare
     ``error`` over WebSocket, ``"Grid error: " + error`` for a non-2xx HTTP reply."""
@@ -90,10 +70,10 @@ def test_auth_errors(grid, syftjs, mnist, transport, rsa_keys):
     missing token; HS256 tokens do not pass an RS256 process."""
     _, public = rsa_keys
     # these clients never get past authenticate: the tfjs variant alone will do (and
-    # does not wait for the onnx compile, see conftest.py)
-    hs = grid.host_mnist(mnist, {"authentication": {"secret": SECRET}}, variants=("tfjs",))
-    rs = grid.host_mnist(mnist, {"authentication": {"pub_key": public}}, variants=("tfjs",))
-    url = grid.url(transport)
+    # does not wait for the onnx compile, see syftjs_runner.py)
+    hs = mnist.host_on(grid, {"authentication": {"secret": SECRET}}, variants=("tfjs",))
+    rs = mnist.host_on(grid, {"authentication": {"pub_key": public}}, variants=("tfjs",))
+    url = grid.url_for(transport)
     tokens = {
         "garbage": (hs, "not-a-jwt"),
         "wrong-secret": (
@@ -121,9 +101,9 @@ def test_speed_test(grid, syftjs, mnist, transport):
     results in cycle-request; the node stores them and accepts. A minimum the client
     cannot meet gets a rejection with a numeric timeout."""
     fast = {"minimum_download_speed": 1, "minimum_upload_speed": 1}
-    ok = grid.host_mnist(mnist, fast, variants=("tfjs",))
-    slow = grid.host_mnist(mnist, {**fast, "minimum_download_speed": 1e9}, variants=("tfjs",))
-    url = grid.url(transport)
+    ok = mnist.host_on(grid, fast, variants=("tfjs",))
+    slow = mnist.host_on(grid, {**fast, "minimum_download_speed": 1e9}, variants=("tfjs",))
+    url = grid.url_for(transport)
     p_ok = syftjs.start(url, ok, train=False)
     p_slow = syftjs.start(url, slow, train=False)
     run = p_ok.result()
@@ -158,9 +138,9 @@ def test_speed_tests_at_once(grid, syftjs, mnist, transport):
     bytes and answer before the client has seen them written; a harness that missed that
     left syft.js waiting forever, in about one such round in 24.)"""
     fast = {"minimum_download_speed": 1, "minimum_upload_speed": 1}
-    ok = grid.host_mnist(mnist, fast, variants=("tfjs",))
-    slow = grid.host_mnist(mnist, {**fast, "minimum_upload_speed": 1e9}, variants=("tfjs",))
-    url = grid.url(transport)
+    ok = mnist.host_on(grid, fast, variants=("tfjs",))
+    slow = mnist.host_on(grid, {**fast, "minimum_upload_speed": 1e9}, variants=("tfjs",))
+    url = grid.url_for(transport)
     pending = [syftjs.start(url, ok, train=False) for _ in range(3)]
     pending += [syftjs.start(url, slow, train=False) for _ in range(2)]
     runs = [p.result() for p in pending]
@@ -188,9 +168,9 @@ def test_auth_train_report_checkpoint(grid, syftjs, mnist, transport, rsa_keys):
     }
     names, pending = {}, {}
     for case, (auth, _) in cases.items():
-        names[case] = grid.host_mnist(mnist, {"authentication": auth})
+        names[case] = mnist.host_on(grid, {"authentication": auth})
     for case, (_, token) in cases.items():  # the three clients run concurrently
-        pending[case] = syftjs.start(grid.url(transport), names[case], token=token)
+        pending[case] = syftjs.start(grid.url_for(transport), names[case], token=token)
     for case, p in pending.items():
         run = p.result()
         check_trained(grid, mnist, names[case], run)
@@ -205,7 +185,7 @@ def test_auth_train_report_checkpoint(grid, syftjs, mnist, transport, rsa_keys):
 def _python_worker(grid, name: str, *, train: bool, mnist=None, transport="http"):
     """A gridfl Python worker (onnx variant): accepted, and optionally trains + reports."""
     got = {}
-    with Syft(grid.url(transport), timeout=30) as client:
+    with Syft(grid.url_for(transport), timeout=30) as client:
         job = client.new_job(name, "1.0")
 
         @job.on("accepted")
@@ -234,9 +214,9 @@ def _python_worker(grid, name: str, *, train: bool, mnist=None, transport="http"
 def test_rejected_with_timeout(grid, syftjs, mnist, transport):
     """The cycle is full (max_workers 1): syft.js gets ``rejected`` with the node's integer
     seconds until the cycle's deadline, passed through to its handler."""
-    name = grid.host_mnist(mnist, {"cycle_length": 300, "max_workers": 1, "max_diffs": 1})
+    name = mnist.host_on(grid, {"cycle_length": 300, "max_workers": 1, "max_diffs": 1})
     _python_worker(grid, name, train=False)
-    run = syftjs.run(grid.url(transport), name, train=False)
+    run = syftjs.run(grid.url_for(transport), name, train=False)
     assert run.names() == ["rejected"], run
     timeout = run.one("rejected")["timeout"]
     assert isinstance(timeout, int) and 290 <= timeout <= 300
@@ -246,10 +226,10 @@ def test_rejected_with_timeout(grid, syftjs, mnist, transport):
 def test_rejected_without_timeout_when_done(grid, syftjs, mnist, transport):
     """After num_cycles cycles the process is finished: syft.js gets ``rejected`` with no
     timeout (``undefined`` in its handler)."""
-    name = grid.host_mnist(mnist, {"num_cycles": 1, "max_diffs": 1})
+    name = mnist.host_on(grid, {"num_cycles": 1, "max_diffs": 1})
     _python_worker(grid, name, train=True, mnist=mnist)
     assert grid.status(name)["status"] == "finished"
-    run = syftjs.run(grid.url(transport), name, train=False)
+    run = syftjs.run(grid.url_for(transport), name, train=False)
     assert run.names() == ["rejected"], run
     assert run.one("rejected")["timeout"] == "<undefined>"
 
@@ -257,7 +237,7 @@ def test_rejected_without_timeout_when_done(grid, syftjs, mnist, transport):
 def test_next_cycle_trains_on_gridfl_checkpoint(grid, syftjs, mnist):
     """Cycle 2 serves the checkpoint gridfl wrote itself (gridfl.state, not PySyft bytes):
     syft.js loads it, trains and reports; checkpoint 3 == the onnx plan applied to it."""
-    name = grid.host_mnist(mnist, {"num_cycles": 2})
+    name = mnist.host_on(grid, {"num_cycles": 2})
     _python_worker(grid, name, train=True, mnist=mnist)  # cycle 1
     assert_close(grid.checkpoint(name, 2), mnist.updated)
     run = syftjs.run(grid.ws_url, name)  # cycle 2
@@ -274,7 +254,7 @@ def test_mixed_cycle_syftjs_and_python(grid, syftjs, mnist):
     """One syft.js worker (tfjs variant, ws://) and one gridfl Python worker (onnx variant,
     http://) in the same cycle (max_diffs 2): both diffs go into the aggregate,
     checkpoint 2 == initial - mean(diff_syftjs, diff_python)."""
-    name = grid.host_mnist(mnist, {"max_diffs": 2, "num_cycles": 1})
+    name = mnist.host_on(grid, {"max_diffs": 2, "num_cycles": 1})
     with Syft(grid.http_url, timeout=30) as client:
         job = client.new_job(name, "1.0")
         got = {}
@@ -313,7 +293,7 @@ def test_mixed_cycle_syftjs_and_python(grid, syftjs, mnist):
 def test_process_without_tfjs_variant(grid, syftjs, mnist):
     """syft.js 0.1.4 always asks get-plan for ``receive_operations_as=tfjs``: a process
     hosted with only the onnx variant fails its download with the node's 400 text."""
-    name = grid.host_mnist(mnist, variants=("onnx",))
+    name = mnist.host_on(grid, variants=("onnx",))
     run = syftjs.run(grid.ws_url, name, train=False)
     err = run.one("error")
     assert err["during"] == "start", run

@@ -34,9 +34,9 @@ import time
 
 import httpx
 
-from tests._faultkit import Serve
 from tests._swarm import check_counted_once, run_swarm
-from tests.server.conftest import ADMIN, host_payload
+from tests.builders import ADMIN, host_payload
+from tests.harness import Serve
 
 SHAPES = [(4, 3), (3,)]
 N_WORKERS, PER_CYCLE, CYCLES = 200, 40, 5

@@ -14,9 +14,9 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests._faultkit import Serve
 from tests._swarm import check_counted_once, run_swarm
-from tests.server.conftest import ADMIN, host_payload
+from tests.builders import ADMIN, host_payload
+from tests.harness import Serve
 
 pytestmark = pytest.mark.postgres
 

@@ -13,23 +13,11 @@ import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import (
-    ADMIN,
-    Admin,
-    HttpWorker,
-    WsWorker,
-    b64,
-    diff_of,
-    free_port,
-    host_payload,
-    join,
-    model_params,
-    report,
-    training_plan,
-)
 
 from gridfl import state
 from gridfl.cli import main
+from tests.builders import ADMIN, b64, diff_of, host_payload, model_params, training_plan
+from tests.harness import Admin, HttpWorker, WsWorker, free_port, join, report
 
 
 def test_admin_token_required(server):

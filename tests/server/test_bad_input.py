@@ -28,22 +28,22 @@ import jwt
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from conftest import (
-    ADMIN,
-    SHAPES,
-    LiveServer,
-    averaging_plan,
-    b64,
-    diff_of,
-    host_payload,
-    make_settings,
-    training_plan,
-)
 from websockets.sync.client import connect
 
 from gridfl import _protowire as pw
 from gridfl import _wire, state
 from gridfl.server import tables
+from tests.builders import (
+    ADMIN,
+    SHAPES,
+    averaging_plan,
+    b64,
+    diff_of,
+    host_payload,
+    rsa_key_pair,
+    training_plan,
+)
+from tests.harness import LiveNode, make_settings
 
 AUTH = _wire.AUTHENTICATE
 CYCLE = _wire.CYCLE_REQUEST
@@ -54,24 +54,6 @@ MAX_ADMIN_BODY = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- keys and tokens
-def _rsa_pair() -> tuple[str, str]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
-
-
 def _b64url(b: bytes) -> str:
     return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
 
@@ -122,7 +104,7 @@ def _float_diff(fill: float) -> list[np.ndarray]:
 def node(tmp_path_factory):
     """A node with processes and workers in every state the cases need (built once)."""
     tmp = tmp_path_factory.mktemp("bad-input")
-    srv = LiveServer(
+    srv = LiveNode(
         make_settings(
             f"sqlite:///{tmp / 'grid.db'}",
             tmp,
@@ -130,11 +112,11 @@ def node(tmp_path_factory):
             max_admin_body_bytes=MAX_ADMIN_BODY,
         )
     )
-    bare = LiveServer(make_settings(f"sqlite:///{tmp / 'bare.db'}", tmp, admin_token=None))
+    bare = LiveNode(make_settings(f"sqlite:///{tmp / 'bare.db'}", tmp, admin_token=None))
     admin = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
     http = httpx.Client(base_url=srv.url, timeout=30)
-    private, public = _rsa_pair()
-    other_private, _ = _rsa_pair()
+    private, public = rsa_key_pair()
+    other_private, _ = rsa_key_pair()
 
     def host(name: str, **cfg) -> dict:
         payload = host_payload(

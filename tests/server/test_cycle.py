@@ -7,19 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import (
-    Admin,
-    HttpWorker,
-    WsWorker,
-    diff_of,
-    host_payload,
-    join,
-    model_params,
-    report,
-)
 
 from gridfl import state
 from gridfl.plan import Plan
+from tests.builders import diff_of, host_payload, model_params
+from tests.harness import Admin, HttpWorker, WsWorker, join, report
 
 
 def _run_worker(srv, kind, seed, **extra):

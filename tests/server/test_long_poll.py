@@ -7,7 +7,9 @@ import threading
 import time
 
 import pytest
-from conftest import ADMIN, Admin, HttpWorker, WsWorker, diff_of, host_payload, join, report
+
+from tests.builders import ADMIN, diff_of, host_payload, reset_postgres_schema
+from tests.harness import Admin, HttpWorker, WsWorker, join, report
 
 
 def _worker(server, kind):
@@ -111,9 +113,7 @@ def test_cycle_opened_by_another_process_wakes_held_requests_at_once(server_fact
     """Two server processes on one PostgreSQL database, each looking for other processes'
     cycles only every 30 s: a request held by node B is still accepted right after node A
     opens the next cycle, because A announces it (NOTIFY) and B listens."""
-    from conftest import _reset_pg
-
-    _reset_pg(pg_database)
+    reset_postgres_schema(pg_database)
     a = server_factory(pg_database, long_poll_recheck=30)
     b = server_factory(pg_database, long_poll_recheck=30)
     admin = Admin(a.url)
@@ -235,9 +235,7 @@ def test_status_held_by_another_process_answers_when_the_process_finishes(server
     """Two server processes on one PostgreSQL database, each looking for the other's
     cycles only every 30 s: a status held by node B comes back right after node A's report
     completes the process's last cycle (no next cycle opens; A announces the finish)."""
-    from conftest import _reset_pg
-
-    _reset_pg(pg_database)
+    reset_postgres_schema(pg_database)
     a = server_factory(pg_database, long_poll_recheck=30)
     b = server_factory(pg_database, long_poll_recheck=30)
     admin_a, admin_b = Admin(a.url), Admin(b.url)

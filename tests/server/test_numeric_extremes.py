@@ -13,13 +13,14 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from conftest import SHAPES, host_payload, make_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gridfl import InvalidRequestError, _wire, state
 from gridfl.server import GridNode
 from gridfl.server.aggregate import MAX_DIFF_VALUE
+from tests.builders import SHAPES, host_payload
+from tests.harness import make_settings
 
 F32_MAX = float(np.finfo(np.float32).max)
 F16_MAX = float(np.finfo(np.float16).max)

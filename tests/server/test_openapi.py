@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hypothesis
 import pytest
-from conftest import ADMIN, LiveServer, host_payload, make_settings
 
 from gridfl.server.openapi import spec
+from tests.builders import ADMIN, host_payload
+from tests.harness import LiveNode, make_settings
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode, checks  # noqa: E402
@@ -42,7 +43,7 @@ def fuzzed_node(tmp_path_factory):
     import httpx
 
     tmp = tmp_path_factory.mktemp("openapi")
-    srv = LiveServer(
+    srv = LiveNode(
         make_settings(
             f"sqlite:///{tmp / 'grid.db'}", tmp, max_body_bytes=1 << 20, speed_test_bytes=1024
         )

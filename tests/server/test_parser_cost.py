@@ -372,8 +372,8 @@ def test_live_node_refuses_four_60mib_hostile_reports_and_gives_memory_back(tmp_
     real report is accepted afterwards."""
     import httpx
 
-    from tests._faultkit import Serve
-    from tests.server.conftest import ADMIN, SHAPES, HttpWorker, diff_of, host_payload, join
+    from tests.builders import ADMIN, SHAPES, diff_of, host_payload
+    from tests.harness import HttpWorker, Serve, join
 
     node = Serve(f"sqlite:///{tmp_path / 'grid.db'}", tmp_path)
     try:

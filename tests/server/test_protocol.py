@@ -11,33 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jwt
 import pytest
-from conftest import Admin, WsWorker, b64, diff_of, host_payload, join, report, training_plan
 
 from gridfl import _wire, state
 from gridfl.plan import Plan
+from tests.builders import b64, diff_of, host_payload, rsa_key_pair, training_plan
+from tests.harness import Admin, HttpWorker, WsWorker, join, report
 
 AUTH = "model-centric/authenticate"
 CYCLE = "model-centric/cycle-request"
 SECRET = "a-long-enough-hs256-secret-for-the-tests"
-
-
-@pytest.fixture(scope="module")
-def rsa_keys():
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
 
 
 def _host(admin, name="mnist", **cfg):
@@ -109,15 +91,7 @@ def _hs256_forged(public: str) -> str:
 
 
 def _other_private() -> str:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
+    return rsa_key_pair()[0]
 
 
 def test_per_job_auth(admin, worker_factory):
@@ -260,8 +234,6 @@ def test_missing_model_plan_and_bad_key(admin, worker_factory):
 
 
 def test_plan_variants_and_protocol(admin, worker_factory):
-    from conftest import b64, training_plan
-
     payload = host_payload(
         plans={"training_plan": {"onnx": b64(training_plan()), "tfjs": b64(b"TFJS")}},
         protocols={"secure_agg": b"PROTO"},
@@ -345,8 +317,6 @@ def test_speed_test_required(admin, worker_factory, server):
 
 def test_concurrent_reports_complete_exactly_once(admin, server, transport):
     """max_diffs reached by several simultaneous reports: one completion, one checkpoint."""
-    from conftest import HttpWorker
-
     _host(admin, max_diffs=3, num_cycles=0)
     workers = [
         HttpWorker(server.url) if transport == "http" else WsWorker(server.url, server.ws_url)

@@ -15,10 +15,10 @@ import threading
 import time
 
 import pytest
-from conftest import Admin, HttpWorker, WsWorker, diff_of, host_payload, join, report
 
 from gridfl import state
-from tests._faultkit import Serve
+from tests.builders import diff_of, host_payload
+from tests.harness import Admin, HttpWorker, Serve, WsWorker, join, report
 
 IDLE = 10.0  # read_idle_timeout of these servers: far above a report's time on loopback
 

@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from conftest import Admin, HttpWorker, diff_of, host_payload, join, make_settings, model_params
-from conftest import report as http_report
 
 from gridfl import ConflictError, InvalidRequestError, NotFoundError, _wire, state
 from gridfl.server import GridNode
+from tests.builders import diff_of, host_payload, model_params
+from tests.harness import Admin, HttpWorker, join, make_settings
+from tests.harness import report as http_report
 
 
 @pytest.fixture

@@ -11,20 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import (
-    Admin,
-    HttpWorker,
-    WsBinWorker,
-    WsWorker,
-    diff_of,
-    host_payload,
-    join,
-    model_params,
-    report,
-)
 from websockets.sync.client import connect
 
 from gridfl import state
+from tests.builders import diff_of, host_payload, model_params
+from tests.harness import Admin, HttpWorker, WsBinWorker, WsWorker, join, report
 
 REPORT = "model-centric/report"
 SUBPROTOCOL = "gridfl.binary.2"

@@ -14,10 +14,11 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import Admin, HttpWorker, b64, host_payload, join, training_plan
 from websockets.sync.client import connect
 
 from gridfl import state
+from tests.builders import b64, host_payload, training_plan
+from tests.harness import Admin, HttpWorker, join
 
 V2 = "gridfl.binary.2"
 DROPPED = "gridfl.binary-report.1"  # never released, no longer selected
