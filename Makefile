@@ -24,8 +24,10 @@ demo: venv
 
 INTEROP := tests/interop/node_modules/.package-lock.json
 
-test: venv $(INTEROP) docs
+test: venv $(INTEROP) docs lint
 	. scripts/ensure-postgres && $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --no-header -p no:cacheprovider --doctest-modules src \
+		--ignore=src/gridfl/server/migrations
 
 # The published syft.js client and its Node.js polyfills, from the committed lockfile.
 $(INTEROP): tests/interop/package.json tests/interop/package-lock.json

@@ -17,7 +17,7 @@ def test_mnist_has_60k_train_and_10k_test_in_unit_range(mnist):
     assert mnist.x_train.shape == (60000, 784) and mnist.x_train.dtype == np.float32
     assert mnist.x_test.shape == (10000, 784)
     assert mnist.y_train.shape == (60000,) and set(np.unique(mnist.y_test)) == set(range(10))
-    assert 0.0 <= mnist.x_train.min() and mnist.x_train.max() <= 1.0
+    assert mnist.x_train.min() >= 0.0 and mnist.x_train.max() <= 1.0
 
 
 def test_a_changed_file_is_refused_before_unpickling(tmp_path):

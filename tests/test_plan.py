@@ -132,7 +132,7 @@ def test_execute_numpy_and_scalars(plan):
 def test_execute_torch_tensors(plan):
     torch = pytest.importorskip("torch")
     w = torch.ones(2, 3, requires_grad=True)
-    loss, acc, new_w = plan.execute(torch.from_numpy(X), torch.from_numpy(Y),
+    loss, _acc, new_w = plan.execute(torch.from_numpy(X), torch.from_numpy(Y),
                                     torch.tensor(4.0), torch.tensor([0.5]), w)
     assert float(loss) == pytest.approx(66 / 4)
     np.testing.assert_allclose(new_w, W * 0.5)
@@ -143,7 +143,7 @@ def test_execute_torch_tensors(plan):
 def test_bind(plan):
     args = plan.bind(data=X, target=Y, params=[W], client_config={"lr": 0.5})
     assert args[2] == 4  # batch_size defaults to len(data)
-    loss, acc, new_w = plan.execute(*args)
+    _loss, _acc, new_w = plan.execute(*args)
     np.testing.assert_allclose(new_w, W * 0.5)
     with pytest.raises(PlanInputError, match="client_config lacks 'lr'"):
         plan.bind(data=X, target=Y, params=[W], client_config={})

@@ -31,7 +31,7 @@ class SyncApi:
         def run(job):
             try:
                 job.start()
-            except Exception as e:  # pragma: no cover - reported below
+            except Exception as e:  # noqa: BLE001  # pragma: no cover - reported below
                 errors.append(e)
 
         threads = [threading.Thread(target=run, args=(j,)) for j in jobs]

@@ -14,8 +14,7 @@ import pytest
 
 from gridfl import ConfigError, state
 from gridfl.client import AsyncSyft, Syft
-
-from .plans import linear_params, linear_sgd_plan
+from tests.builders import linear_params, linear_sgd_plan
 
 pytest.importorskip("starlette")
 
@@ -29,8 +28,13 @@ def _b64(data: bytes) -> str:
 
 
 HOSTED = {
-    "client_config": {"name": NAME, "version": VERSION, "batch_size": 8, "lr": 0.05,
-                      "max_updates": 4},
+    "client_config": {
+        "name": NAME,
+        "version": VERSION,
+        "batch_size": 8,
+        "lr": 0.05,
+        "max_updates": 4,
+    },
     # one report completes a cycle, so one worker cycle moves the process on
     "server_config": {"cycle_length": 60, "num_cycles": 2, "max_diffs": 1},
     "model": _b64(state.dumps(linear_params())),
@@ -64,7 +68,8 @@ def _examples() -> tuple[np.ndarray, np.ndarray]:
 
 async def _admin(app, method: str, path: str, **kw) -> httpx.Response:
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app), base_url=URL,
+        transport=httpx.ASGITransport(app),
+        base_url=URL,
         headers={"Authorization": f"Bearer {ADMIN}"},
     ) as admin:
         response = await admin.request(method, path, **kw)
@@ -83,26 +88,26 @@ def test_sync_worker_cycle_through_asgi_transport(app, no_connections):
     from anyio.from_thread import start_blocking_portal
 
     x, y = _examples()
-    with start_blocking_portal() as portal:
-        with portal.wrap_async_context_manager(app.router.lifespan_context(app)):
-            portal.call(lambda: _admin(app, "POST", "/gridfl/v1/processes", json=HOSTED))
-            outcome = {}
-            with Syft(URL, transport=httpx.ASGITransport(app)) as client:
-                job = client.new_job(NAME, VERSION)
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(app.router.lifespan_context(app)),
+    ):
+        portal.call(lambda: _admin(app, "POST", "/gridfl/v1/processes", json=HOSTED))
+        outcome = {}
+        with Syft(URL, transport=httpx.ASGITransport(app)) as client:
+            job = client.new_job(NAME, VERSION)
 
-                @job.on("accepted")
-                def on_accepted(model, client_config):
-                    result = job.train("training_plan", x, y)
-                    outcome["reply"] = job.report(
-                        model.create_serialized_diff(result.params),
-                        num_samples=result.num_samples,
-                    )
+            @job.on("accepted")
+            def on_accepted(model, client_config):
+                result = job.train("training_plan", x, y)
+                outcome["reply"] = job.report(
+                    model.create_serialized_diff(result.params),
+                    num_samples=result.num_samples,
+                )
 
-                job.start()
-            assert outcome["reply"].get("status", "success") == "success"
-            status = portal.call(
-                lambda: _admin(app, "GET", f"/gridfl/v1/processes/{NAME}/{VERSION}")
-            )
+            job.start()
+        assert outcome["reply"].get("status", "success") == "success"
+        status = portal.call(lambda: _admin(app, "GET", f"/gridfl/v1/processes/{NAME}/{VERSION}"))
     _assert_one_cycle_completed(status.json())
 
 
@@ -153,7 +158,7 @@ def test_websocket_url_with_a_transport_is_refused(app, client_class):
 def test_a_blocking_transport_is_refused(client_class):
     blocking = httpx.HTTPTransport()
     try:
-        with pytest.raises(ConfigError, match="httpx.AsyncBaseTransport"):
+        with pytest.raises(ConfigError, match=r"httpx\.AsyncBaseTransport"):
             client_class(URL, transport=blocking)
     finally:
         blocking.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -71,12 +72,12 @@ def test_workers_train_over_cycles(grid):
     assert all(c["reported"] == WORKERS for c in status["cycles"])
     assert status["status"] == "finished"
     ckpts = [grid.checkpoint(name, n) for n in range(1, CYCLES + 2)]
-    for before, after in zip(ckpts, ckpts[1:], strict=False):
+    for before, after in itertools.pairwise(ckpts):
         assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
     np.testing.assert_array_equal(ckpts[0][0], params[0])
 
     xt, yt = blobs(2000, seed=1000)
     losses = [cross_entropy(c, xt, yt) for c in ckpts]
-    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] < 0.7 * losses[0], losses
     assert b64(state.dumps(ckpts[-1]))  # the final model round-trips through State

@@ -223,7 +223,7 @@ class TestErrors:
     def test_not_a_training_plan(self, data):
         class Fake:
             kind = "averaging"
-            inputs = outputs = []
+            inputs = outputs = ()
 
         with pytest.raises(PlanError, match="training plan"):
             PlanTrainer(Fake(), [], *data, batch_size=2)

@@ -186,7 +186,7 @@ def test_module_errors():
                               example_data=X, example_target=y)
     with pytest.raises(CompileError, match="no parameters"):
         compile_training_plan(nn.ReLU(), example_data=X, example_target=y)
-    with pytest.raises(CompileError, match="expected a torch.nn.Module"):
+    with pytest.raises(CompileError, match=r"expected a torch\.nn\.Module"):
         compile_training_plan(lambda x: x, example_data=X, example_target=y)
     with pytest.raises(CompileError, match="nesterov needs momentum"):
         SGD(nesterov=True)

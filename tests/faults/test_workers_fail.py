@@ -4,6 +4,7 @@ accepted, a connection that drops mid-upload (raw socket), and the worker SDK's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -150,10 +151,8 @@ class CuttingProxy:
         except OSError:
             pass
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _up(self, client, upstream) -> None:
         buf = b""
@@ -178,10 +177,8 @@ class CuttingProxy:
         except OSError:
             pass
         for s in (client, upstream):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def close(self) -> None:

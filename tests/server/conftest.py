@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("onnx")
 
-from tests.harness import Admin, HttpWorker, WsWorker  # noqa: E402
+from tests.harness import Admin, HttpWorker, WsWorker
 
 
 @pytest.fixture

@@ -78,7 +78,7 @@ def test_host_conflict_list_status_stop_delete(admin, server):
     assert admin.status()["status"] == "stopped"
     _, again = join(w)
     assert again["status"] == "rejected" and "timeout" not in again
-    st, body = report(w, wid, cyc["request_key"], diff_of(0))
+    st, _body = report(w, wid, cyc["request_key"], diff_of(0))
     assert st == 409
     assert admin.http.delete("/gridfl/v1/processes/mnist/1.0").status_code == 200
     assert admin.http.get("/gridfl/v1/processes/mnist/1.0").status_code == 404
@@ -91,7 +91,7 @@ def test_body_limits(server_factory):
     w = HttpWorker(srv.url)
     wid, cyc = join(w)
     big = [np.zeros((4, 3), np.float32), np.zeros(3, np.float32)]
-    st, body = report(w, wid, cyc["request_key"], big, metrics={"pad": 1.0}, junk="x" * 20_000)
+    st, _body = report(w, wid, cyc["request_key"], big, metrics={"pad": 1.0}, junk="x" * 20_000)
     assert st == 413
 
 

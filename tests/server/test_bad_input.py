@@ -251,19 +251,19 @@ class Case:
     tags: tuple[str, ...] = field(default=())
 
 
-def W(id, kind, data, status, message, **kw) -> Case:  # noqa: N802 - a table constructor
+def W(id, kind, data, status, message, **kw) -> Case:
     return Case(id, status, message, kind=kind, data=data, **kw)
 
 
-def H(id, request, status, message) -> Case:  # noqa: N802
+def H(id, request, status, message) -> Case:
     return Case(id, status, message, request=request, transports=("http",))
 
 
-def WSONLY(id, raw, status, message, **kw) -> Case:  # noqa: N802
+def WSONLY(id, raw, status, message, **kw) -> Case:
     return Case(id, status, message, kind="?", raw=raw, transports=("ws",), **kw)
 
 
-def DL(id, path, status, message, transports=("http", "wsdl"), **params) -> Case:  # noqa: N802
+def DL(id, path, status, message, transports=("http", "wsdl"), **params) -> Case:
     """A download: an HTTP GET, and ("wsdl") the same query as the ``data`` of a request
     frame on a socket that negotiated gridfl.binary.2."""
     return Case(id, status, message, kind="model-centric/" + path,
@@ -322,7 +322,7 @@ def _admin_req(method, path, *, token: str | None = ADMIN, **kw) -> Callable[[An
 
 def _host(mutate: Callable[[dict, Any], Any], *, token: str | None = ADMIN, raw=None):
     """A host request built from a valid payload (name 'fresh') by ``mutate``."""
-    URL = "/gridfl/v1/processes"  # noqa: N806
+    URL = "/gridfl/v1/processes"
 
     def request(ctx):
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}

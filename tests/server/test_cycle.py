@@ -163,7 +163,7 @@ def test_reuse_rule(server):
     cfg = {"max_diffs": 1, "do_not_reuse_workers_until_cycle": 3, "num_cycles": 0}
     assert admin.host(host_payload(server_config=cfg)).status_code == 201
     w = HttpWorker(server.url)
-    st, auth = w.call("model-centric/authenticate", {"model_name": "mnist"})
+    _st, auth = w.call("model-centric/authenticate", {"model_name": "mnist"})
     wid = auth["worker_id"]
 
     def request():

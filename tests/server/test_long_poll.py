@@ -121,7 +121,7 @@ def test_cycle_opened_by_another_process_wakes_held_requests_at_once(server_fact
     assert admin.host(host_payload(server_config=cfg)).status_code == 201
     on_a, on_b = HttpWorker(a.url), HttpWorker(b.url)
     wid_a, cyc_a = join(on_a)
-    st, auth = on_b.call("model-centric/authenticate", {"model_name": "mnist"})
+    _st, auth = on_b.call("model-centric/authenticate", {"model_name": "mnist"})
     t, held = _held(
         lambda: on_b.call(
             "model-centric/cycle-request",
@@ -188,7 +188,7 @@ def test_stop_answers_held_requests_at_once(server_factory):
     assert admin.host(host_payload(server_config=cfg)).status_code == 201
     a, b = HttpWorker(server.url), HttpWorker(server.url)
     join(a)
-    st, auth = b.call("model-centric/authenticate", {"model_name": "mnist"})
+    _st, auth = b.call("model-centric/authenticate", {"model_name": "mnist"})
     t_status, status = _held(
         lambda: admin.http.get("/gridfl/v1/processes/mnist/1.0", params={"wait": 20})
     )

@@ -12,6 +12,7 @@ is exact on a noisy machine.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import sys
 import threading
@@ -53,10 +54,8 @@ def _best(fns: dict, reps: int = REPS) -> dict[str, float]:
 
 
 def _try_loads(data, expect) -> None:
-    try:
+    with contextlib.suppress(StateError):
         loads(data, expect=expect)
-    except StateError:
-        pass
 
 
 # --------------------------------------------------------------------------- refusals

@@ -117,7 +117,7 @@ def test_third_party_endpoint(admin, worker_factory):
     import http.server
 
     class H(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             self.send_response(200 if body.get("auth_token") == "letmein" else 403)
             self.end_headers()

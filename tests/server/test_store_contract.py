@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -200,10 +201,8 @@ def test_two_nodes_one_database(db_url, tmp_path):
 
 
 def _safe_report(node, wid, cyc, i):
-    try:
+    with contextlib.suppress(ConflictError):
         _report(node, wid, cyc, i)
-    except ConflictError:
-        pass
 
 
 def test_reports_survive_a_new_node(db_url, tmp_path):
