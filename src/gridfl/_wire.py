@@ -1,8 +1,12 @@
 """Sans-I/O shapes of the PyGrid model-centric protocol, shared by the grid node and workers.
 
-Nothing here does I/O. Requests are parsed from plain JSON values (``dict``) into small
-frozen dataclasses, with :class:`gridfl.InvalidRequestError` naming the bad field;
-responses are built as plain ``dict`` objects ready for ``json.dumps``.
+Nothing here does I/O. Every message is a small frozen dataclass both sides use: its
+``to_json()`` builds the JSON value to send (requests on the worker, responses on the node);
+``parse_*`` reads one back. Request parsers are the node's strict gate (an
+:class:`gridfl.InvalidRequestError` naming the bad field); response parsers are the worker's
+tolerant reading of what gridfl and PyGrid nodes send (a :class:`gridfl.GridError` only
+when a reply lacks what the worker needs). Field ``metadata`` holds the JSON-schema
+constraints the node's OpenAPI description is generated from (server/openapi.py).
 
 Transports (docs/protocol.md has the full story):
 
@@ -21,12 +25,13 @@ from __future__ import annotations
 import binascii
 import json
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any, ClassVar, Literal, overload
 
 import pybase64
 
-from gridfl._exceptions import InvalidRequestError
+from gridfl._exceptions import CycleStatusError, GridError, InvalidRequestError
 
 __all__ = [
     "AUTHENTICATE",
@@ -53,10 +58,12 @@ __all__ = [
     "WS_TYPES",
     "AssetRequest",
     "AuthenticateRequest",
+    "AuthenticateResponse",
+    "CycleAccepted",
+    "CycleRejected",
     "CycleRequest",
     "ReportRequest",
-    "accepted_response",
-    "authenticate_response",
+    "ReportResponse",
     "binary_report_data",
     "check_json_values",
     "check_text",
@@ -68,13 +75,15 @@ __all__ = [
     "error_body",
     "parse_asset_request",
     "parse_authenticate",
+    "parse_authenticate_response",
     "parse_cycle_request",
+    "parse_cycle_response",
     "parse_json",
     "parse_max_bytes",
     "parse_report",
+    "parse_report_response",
+    "parse_timeout",
     "parse_ws_frame",
-    "rejected_response",
-    "report_response",
     "select_subprotocol",
     "split_binary_frame",
     "ws_error",
@@ -270,48 +279,139 @@ def _number(data: dict, key: str) -> float | None:
 
 
 # --- requests -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AuthenticateRequest:
-    model_name: str
-    model_version: str | None = None
-    auth_token: str | None = None
-
-
-@dataclass(frozen=True)
-class CycleRequest:
-    worker_id: str
-    model: str
-    version: str | None = None
-    ping: float | None = None
-    download: float | None = None
-    upload: float | None = None
-    #: gridfl extension: seconds the node may hold a rejection until a cycle opens
-    wait: float = 0.0
-
-
 #: longest ``wait`` a cycle request may ask for
 MAX_WAIT = 60.0
 #: most cycles (and checkpoints) one admin status call lists (``?cycles=``)
 MAX_STATUS_CYCLES = 1000
 
 
+def _present(pairs: dict[str, Any]) -> dict[str, Any]:
+    """``pairs`` without the ``None`` values: optional fields are left out, not sent null."""
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class AuthenticateRequest:
+    """``model-centric/authenticate``: a worker asks for a worker id in a process.
+
+    >>> AuthenticateRequest("mnist", auth_token="t").to_json()
+    {'model_name': 'mnist', 'auth_token': 't'}
+    >>> parse_authenticate(AuthenticateRequest("mnist").to_json())
+    AuthenticateRequest(model_name='mnist', model_version=None, auth_token=None)
+    """
+
+    model_name: str = field(metadata={"maxLength": 4096})
+    model_version: str | None = None
+    auth_token: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return _present(
+            {
+                "model_name": self.model_name,
+                "model_version": self.model_version,
+                "auth_token": self.auth_token,
+            }
+        )
+
+
+_NON_NEGATIVE = {"minimum": 0}
+
+
+@dataclass(frozen=True)
+class CycleRequest:
+    """``model-centric/cycle-request``: a worker asks to join the open cycle.
+
+    >>> CycleRequest("w1", "mnist", ping=3.0).to_json()
+    {'worker_id': 'w1', 'model': 'mnist', 'ping': 3.0}
+    """
+
+    worker_id: str
+    model: str
+    version: str | None = None
+    ping: float | None = field(default=None, metadata={**_NON_NEGATIVE, "description": "ms"})
+    download: float | None = field(
+        default=None, metadata={**_NON_NEGATIVE, "description": "Mbit/s"}
+    )
+    upload: float | None = field(default=None, metadata={**_NON_NEGATIVE, "description": "Mbit/s"})
+    #: gridfl extension: seconds the node may hold a rejection until a cycle opens
+    wait: float = field(
+        default=0.0,
+        metadata={
+            **_NON_NEGATIVE,
+            "maximum": MAX_WAIT,
+            "description": "gridfl: hold a rejection up to this many seconds",
+        },
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return _present(
+            {
+                "worker_id": self.worker_id,
+                "model": self.model,
+                "version": self.version,
+                "ping": self.ping,
+                "download": self.download,
+                "upload": self.upload,
+                "wait": self.wait or None,  # 0 is the default: PyGrid is sent no extension
+            }
+        )
+
+
 @dataclass(frozen=True)
 class ReportRequest:
+    """``model-centric/report``: a worker's diff for the cycle it was accepted into.
+
+    >>> ReportRequest("w1", "k", b"diff", num_samples=10).to_json()
+    {'worker_id': 'w1', 'request_key': 'k', 'diff': 'ZGlmZg==', 'num_samples': 10}
+    >>> parse_report(ReportRequest("w1", "k", b"diff").to_json()).diff
+    b'diff'
+    """
+
     worker_id: str
     request_key: str
-    diff: bytes = field(repr=False)
-    num_samples: int | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    diff: bytes = field(repr=False, metadata={"description": "base64 State bytes"})
+    num_samples: int | None = field(
+        default=None, metadata={"minimum": 1, "maximum": MAX_NUM_SAMPLES}
+    )
+    metrics: dict[str, float] = field(default_factory=dict, metadata={"maxProperties": 32})
+
+    def to_json(self, *, raw_diff: bool = False) -> dict[str, Any]:
+        """The report as JSON, its ``diff`` base64 text; ``raw_diff=True`` leaves the
+        bytes for the transport (a binary WebSocket frame carries them raw)."""
+        return _present(
+            {
+                "worker_id": self.worker_id,
+                "request_key": self.request_key,
+                "diff": self.diff if raw_diff else encode_diff(self.diff),
+                "num_samples": self.num_samples,
+                "metrics": self.metrics or None,
+            }
+        )
 
 
 @dataclass(frozen=True)
 class AssetRequest:
-    """Query of ``get-model`` / ``get-plan`` / ``get-protocol``."""
+    """Query of ``get-model`` / ``get-plan`` / ``get-protocol``; the id's name (``model_id``,
+    ``plan_id``, ``protocol_id``) is the download's.
+
+    >>> AssetRequest("w1", "k", 7).to_json("model_id")
+    {'worker_id': 'w1', 'request_key': 'k', 'model_id': 7}
+    """
 
     worker_id: str
     request_key: str
     asset_id: int
     receive_operations_as: str | None = None
+
+    def to_json(self, id_key: str) -> dict[str, Any]:
+        return _present(
+            {
+                "worker_id": self.worker_id,
+                "request_key": self.request_key,
+                id_key: self.asset_id,
+                "receive_operations_as": self.receive_operations_as,
+            }
+        )
 
 
 def parse_authenticate(data: Any) -> AuthenticateRequest:
@@ -561,50 +661,224 @@ def binary_report_data(kind: str, data: dict[str, Any], payload: bytes) -> dict[
 
 
 # --- responses ------------------------------------------------------------------------------
-def authenticate_response(worker_id: str, requires_speed_test: bool) -> dict[str, Any]:
-    return {
-        "status": "success",
-        "worker_id": worker_id,
-        "requires_speed_test": bool(requires_speed_test),
-    }
+# Each has ``to_json()`` (the node's reply) and a ``parse_*`` the worker reads replies with,
+# as tolerant as syft.js: PyGrid and older gridfl nodes leave out ``status`` on success and
+# may leave out the ids and config a worker can do without. ``STATUS`` is the ``status``
+# value the node sends.
+def _reply_field(data: dict[str, Any], key: str, call: str) -> Any:
+    if data.get(key) is None:
+        raise GridError(f"malformed reply to {call}: no {key!r} in {data!r:.300}")
+    return data[key]
 
 
-def accepted_response(
-    *,
-    request_key: str,
-    model: str,
-    version: str,
-    model_id: int,
-    plans: dict[str, int],
-    protocols: dict[str, int],
-    client_config: dict[str, Any],
-    plan_digests: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """PyGrid's accepted reply; ``plan_digests`` (gridfl extension, left out when empty):
-    the SHA-256 (hex) of each plan's ``onnx`` variant, so a worker that already holds
-    those bytes from an earlier cycle need not download them again."""
-    out = {
-        "status": "accepted",
-        "request_key": request_key,
-        "version": version,
-        "model": model,
-        "plans": plans,
-        "protocols": protocols,
-        "client_config": client_config,
-        "model_id": model_id,
-    }
-    if plan_digests:
-        out["plan_digests"] = plan_digests
-    return out
+def _reply_obj(data: Any, call: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise GridError(f"malformed reply to {call}: expected a JSON object, got {data!r:.200}")
+    return data
 
 
-def rejected_response(timeout: int | None, reason: str) -> dict[str, Any]:
-    """A rejection: ``timeout`` is integer seconds until a retry may succeed; None = done."""
-    out: dict[str, Any] = {"status": "rejected", "reason": reason}
-    if timeout is not None:
-        out["timeout"] = max(0, int(timeout))
-    return out
+#: the node always sends this field; a worker reading PyGrid's reply does without it
+_ALWAYS_SENT = {"always_sent": True}
 
 
-def report_response() -> dict[str, Any]:
-    return {"status": "success"}
+@dataclass(frozen=True)
+class AuthenticateResponse:
+    """The node's reply to :class:`AuthenticateRequest`.
+
+    >>> AuthenticateResponse("w1", requires_speed_test=True).to_json()
+    {'status': 'success', 'worker_id': 'w1', 'requires_speed_test': True}
+    >>> parse_authenticate_response({"worker_id": 7})  # PyGrid: no status, a number
+    AuthenticateResponse(worker_id='7', requires_speed_test=False)
+    """
+
+    STATUS: ClassVar[str] = "success"
+    worker_id: str
+    requires_speed_test: bool = field(default=False, metadata=_ALWAYS_SENT)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.STATUS,
+            "worker_id": self.worker_id,
+            "requires_speed_test": bool(self.requires_speed_test),
+        }
+
+
+def parse_authenticate_response(data: Any) -> AuthenticateResponse:
+    """The worker's reading of an authenticate reply: no ``status`` means success."""
+    data = _reply_obj(data, AUTHENTICATE)
+    if data.get("status", AuthenticateResponse.STATUS) != AuthenticateResponse.STATUS:
+        raise GridError(f"authentication failed: {data!r:.300}")
+    return AuthenticateResponse(
+        worker_id=str(_reply_field(data, "worker_id", AUTHENTICATE)),
+        requires_speed_test=bool(data.get("requires_speed_test", False)),
+    )
+
+
+@dataclass(frozen=True)
+class CycleAccepted:
+    """The node's reply to a :class:`CycleRequest` it accepted (PyGrid's, plus
+    ``plan_digests``, a gridfl extension left out when empty: the SHA-256 (hex) of each
+    plan's ``onnx`` variant, so a worker holding those bytes need not download them again).
+
+    >>> reply = CycleAccepted("k", 1, model="mnist", version="1.0", plans={"training": 2})
+    >>> reply.to_json()["plans"]
+    {'training': 2}
+    >>> parse_cycle_response(reply.to_json()) == reply
+    True
+    """
+
+    STATUS: ClassVar[str] = "accepted"
+    request_key: str
+    #: ids are passed back to the node as they came (PyGrid's and gridfl's are integers)
+    model_id: int
+    model: str | None = field(default=None, metadata=_ALWAYS_SENT)
+    version: str | None = field(default=None, metadata=_ALWAYS_SENT)
+    plans: dict[str, int] = field(default_factory=dict, metadata=_ALWAYS_SENT)
+    protocols: dict[str, int] = field(default_factory=dict, metadata=_ALWAYS_SENT)
+    client_config: dict[str, Any] = field(default_factory=dict, metadata=_ALWAYS_SENT)
+    plan_digests: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "description": "gridfl: SHA-256 (hex) of each plan's onnx variant; a worker "
+            "holding those bytes need not download the plan again",
+        },
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "status": self.STATUS,
+            "request_key": self.request_key,
+            "version": self.version,
+            "model": self.model,
+            "plans": self.plans,
+            "protocols": self.protocols,
+            "client_config": self.client_config,
+            "model_id": self.model_id,
+        }
+        if self.plan_digests:
+            out["plan_digests"] = self.plan_digests
+        return out
+
+
+@dataclass(frozen=True)
+class CycleRejected:
+    """The node's reply to a :class:`CycleRequest` it rejected: ``timeout`` is whole
+    seconds until a retry may succeed, ``None`` when nothing is left to train.
+
+    >>> CycleRejected(timeout=-3, reason="full").to_json()
+    {'status': 'rejected', 'reason': 'full', 'timeout': 0}
+    >>> parse_cycle_response({"status": "rejected", "timeout": "0:00:09.5"})
+    CycleRejected(timeout=10, reason=None)
+    """
+
+    STATUS: ClassVar[str] = "rejected"
+    timeout: int | None = field(
+        default=None,
+        metadata={
+            "minimum": 0,
+            "description": "seconds until a retry may succeed; absent: nothing left to train",
+        },
+    )
+    reason: str | None = field(default=None, metadata=_ALWAYS_SENT)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.STATUS, "reason": self.reason}
+        if self.timeout is not None:
+            out["timeout"] = max(0, int(self.timeout))
+        return out
+
+
+def parse_cycle_response(data: Any) -> CycleAccepted | CycleRejected:
+    """The worker's reading of a cycle-request reply (a :class:`CycleStatusError` if its
+    ``status`` is neither accepted nor rejected)."""
+    data = _reply_obj(data, CYCLE_REQUEST)
+    status = data.get("status")
+    if status == CycleRejected.STATUS:
+        reason = data.get("reason")
+        return CycleRejected(parse_timeout(data.get("timeout")), reason=_text_or_none(reason))
+    if status != CycleAccepted.STATUS:
+        raise CycleStatusError(f"unknown cycle status {status!r} in reply {data!r:.300}")
+    plans = data.get("plans") or {}
+    protocols = data.get("protocols") or {}
+    client_config = data.get("client_config") or {}
+    if not isinstance(plans, dict) or not isinstance(protocols, dict):
+        raise GridError(f"malformed accepted reply: plans/protocols {data!r:.300}")
+    if not isinstance(client_config, dict):
+        raise GridError(f"malformed accepted reply: client_config {client_config!r:.200}")
+    digests = data.get("plan_digests")
+    return CycleAccepted(
+        request_key=str(_reply_field(data, "request_key", CYCLE_REQUEST)),
+        model_id=_reply_field(data, "model_id", CYCLE_REQUEST),
+        model=_text_or_none(data.get("model")),
+        version=data.get("version"),
+        plans=plans,
+        protocols=protocols,
+        client_config=client_config,
+        # an unknown or malformed digest just means the plan is downloaded
+        plan_digests=digests if isinstance(digests, dict) else None,
+    )
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class ReportResponse:
+    """The node's reply to a :class:`ReportRequest` it stored.
+
+    >>> ReportResponse().to_json()
+    {'status': 'success'}
+    """
+
+    STATUS: ClassVar[str] = "success"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.STATUS}
+
+
+def parse_report_response(data: Any) -> ReportResponse:
+    """The worker's reading of a report reply: no ``status`` means success."""
+    data = _reply_obj(data, REPORT)
+    if data.get("status", ReportResponse.STATUS) != ReportResponse.STATUS:
+        raise GridError(f"report failed: {data!r:.300}")
+    return ReportResponse()
+
+
+_TIMEDELTA = re.compile(
+    r"^\s*(?:(?P<days>-?\d+)\s+days?,\s*)?(?P<h>-?\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2}(?:\.\d*)?)\s*$"
+)
+
+
+def parse_timeout(value: Any) -> int | None:
+    """A rejection ``timeout`` as whole seconds (rounded up, at least 0), or ``None``.
+
+    gridfl sends integer seconds; PyGrid sends ``str(timedelta)`` such as
+    ``"7:59:41.123456"``, ``"1 day, 2:00:00"`` or, after the deadline,
+    ``"-1 day, 23:59:50"``. Anything unreadable is treated as "no timeout".
+
+        >>> parse_timeout("1 day, 2:00:00"), parse_timeout(-5), parse_timeout("soon")
+        (93600, 0, None)
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            seconds = float(text)
+        except ValueError:
+            m = _TIMEDELTA.match(text)
+            if m is None:
+                return None
+            days = int(m["days"] or 0)
+            seconds = days * 86400 + int(m["h"]) * 3600 + int(m["m"]) * 60 + float(m["s"])
+    else:
+        return None
+    if not math.isfinite(seconds):
+        return None
+    return max(0, math.ceil(seconds))

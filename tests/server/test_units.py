@@ -41,8 +41,8 @@ def test_parse_cycle_request_speeds():
 
 
 def test_rejected_response_shape():
-    assert _wire.rejected_response(None, "done") == {"status": "rejected", "reason": "done"}
-    assert _wire.rejected_response(-3, "x")["timeout"] == 0
+    assert _wire.CycleRejected(None, "done").to_json() == {"status": "rejected", "reason": "done"}
+    assert _wire.CycleRejected(-3, "x").to_json()["timeout"] == 0
 
 
 def test_server_config_defaults_and_refusals():

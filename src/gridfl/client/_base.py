@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from gridfl import _wire
 from gridfl._exceptions import (
     ConfigError,
-    CycleStatusError,
     GridError,
     GridflError,
     ModelLoadFailedError,
@@ -220,12 +220,6 @@ def _as_error(exc: BaseException) -> GridflError:
     return err
 
 
-def _require(reply: Mapping[str, Any], key: str, call: str) -> Any:
-    if key not in reply or reply[key] is None:
-        raise GridError(f"malformed reply to {call}: no {key!r} in {dict(reply)!r:.300}")
-    return reply[key]
-
-
 @dataclass
 class _Cycle:
     worker_id: str | None = None
@@ -368,7 +362,7 @@ class BaseJob:
             raise args[0]
         return event, handlers, args
 
-    def _start_flow(self, wait: float = 0.0) -> Flow:  # noqa: C901 - the protocol, in order
+    def _start_flow(self, wait: float = 0.0) -> Flow:
         """authenticate -> [speed test] -> cycle-request -> downloads.
 
         ``wait`` > 0 asks the node to hold a rejection for up to that many seconds and
@@ -378,90 +372,73 @@ class BaseJob:
         from gridfl.model import SyftModel
 
         c = self._cycle
-        if self._identity is not None:
-            # A started job starting again joins the next cycle as the same worker: the node
-            # binds a worker id to its process, and PyGrid lets it join each cycle once.
-            c.worker_id, c.requires_speed_test = self._identity
-        else:
-            auth: dict[str, Any] = {"model_name": self.model_name}
-            if self.model_version is not None:
-                auth["model_version"] = self.model_version
-            if self.auth_token is not None:
-                auth["auth_token"] = self.auth_token
-            reply = yield Call(proto.AUTHENTICATE, auth)
-            if reply.get("status", "success") != "success":
-                raise GridError(f"authentication failed: {reply!r:.300}")
-            c.worker_id = str(_require(reply, "worker_id", proto.AUTHENTICATE))
-            c.requires_speed_test = bool(reply.get("requires_speed_test", False))
-            self._identity = (c.worker_id, c.requires_speed_test)
-            logger.debug("%s: authenticated as worker %s", self.model_name, c.worker_id)
-
-        request: dict[str, Any] = {"worker_id": c.worker_id, "model": self.model_name}
-        if self.model_version is not None:
-            request["version"] = self.model_version
+        # A started job starting again joins the next cycle as the same worker: the node
+        # binds a worker id to its process, and PyGrid lets it join each cycle once.
+        if self._identity is None:
+            auth = _wire.AuthenticateRequest(self.model_name, self.model_version, self.auth_token)
+            identity = _wire.parse_authenticate_response(
+                (yield Call(proto.AUTHENTICATE, auth.to_json()))
+            )
+            self._identity = (identity.worker_id, identity.requires_speed_test)
+            logger.debug("%s: authenticated as worker %s", self.model_name, identity.worker_id)
+        worker_id, c.requires_speed_test = self._identity
+        c.worker_id = worker_id
         if c.requires_speed_test:
-            c.speed = dict((yield MeasureSpeed(c.worker_id)))
-            request.update(c.speed)
+            c.speed = dict((yield MeasureSpeed(worker_id)))
             logger.debug("%s: speed test %s", self.model_name, c.speed)
-        if wait > 0:
-            request["wait"] = wait
-        reply = yield Call(proto.CYCLE_REQUEST, request, idempotent=False, extra_timeout=wait)
-        status = reply.get("status")
-        if status == proto.STATUS_REJECTED:
-            return Rejected(proto.parse_timeout(reply.get("timeout")))
-        if status != proto.STATUS_ACCEPTED:
-            raise CycleStatusError(f"unknown cycle status {status!r} in reply {reply!r:.300}")
+        request = _wire.CycleRequest(
+            worker_id=worker_id,
+            model=self.model_name,
+            version=self.model_version,
+            ping=c.speed.get("ping"),
+            download=c.speed.get("download"),
+            upload=c.speed.get("upload"),
+            wait=max(0.0, wait),
+        )
+        call = Call(proto.CYCLE_REQUEST, request.to_json(), idempotent=False, extra_timeout=wait)
+        reply = _wire.parse_cycle_response((yield call))
+        if isinstance(reply, _wire.CycleRejected):
+            return Rejected(reply.timeout)
 
-        c.request_key = str(_require(reply, "request_key", proto.CYCLE_REQUEST))
-        c.model_id = _require(reply, "model_id", proto.CYCLE_REQUEST)
-        c.version = reply.get("version")
-        plan_ids = reply.get("plans") or {}
-        protocol_ids = reply.get("protocols") or {}
-        client_config = reply.get("client_config") or {}
-        if not isinstance(plan_ids, dict) or not isinstance(protocol_ids, dict):
-            raise GridError(f"malformed accepted reply: plans/protocols {reply!r:.300}")
-        if not isinstance(client_config, dict):
-            raise GridError(f"malformed accepted reply: client_config {client_config!r:.200}")
+        c.request_key, c.model_id, c.version = reply.request_key, reply.model_id, reply.version
         # gridfl nodes name each plan's digest: a plan held from an earlier cycle is not
         # downloaded again (an unknown or malformed digest just means a download)
-        digests = reply.get("plan_digests")
-        digests = digests if isinstance(digests, dict) else {}
-        keys = {"worker_id": c.worker_id, "request_key": c.request_key}
+        digests = reply.plan_digests or {}
+
+        def asset(asset_id: Any, id_key: str, variant: str | None = None) -> dict[str, Any]:
+            query = _wire.AssetRequest(worker_id, reply.request_key, asset_id, variant)
+            return query.to_json(id_key)
 
         try:
-            raw = yield Fetch(proto.GET_MODEL, {**keys, "model_id": c.model_id})
+            raw = yield Fetch(proto.GET_MODEL, asset(reply.model_id, "model_id"))
             model = SyftModel.from_bytes(raw)
         except Exception as exc:
             raise ModelLoadFailedError(f"Failed to load Model: {exc}") from exc
 
         plans: dict[str, Plan] = {}
-        for name, plan_id in plan_ids.items():
+        for name, plan_id in reply.plans.items():
             held = self._client._held_plan(digests.get(name))
             if held is not None:
                 plans[name] = held
                 continue
             try:
-                raw = yield Fetch(
-                    proto.GET_PLAN,
-                    {**keys, "plan_id": plan_id, "receive_operations_as": proto.PLAN_VARIANT},
-                )
+                raw = yield Fetch(proto.GET_PLAN, asset(plan_id, "plan_id", proto.PLAN_VARIANT))
                 plans[name] = self._client._load_plan(raw)
             except Exception as exc:
                 raise PlanLoadFailedError(f"Failed to load {name!r} Plan: {exc}") from exc
 
         protocols: dict[str, bytes] = {}
-        for name, protocol_id in protocol_ids.items():
+        for name, protocol_id in reply.protocols.items():
             try:
-                protocols[name] = yield Fetch(
-                    proto.GET_PROTOCOL, {**keys, "protocol_id": protocol_id}
-                )
+                query = asset(protocol_id, "protocol_id")
+                protocols[name] = yield Fetch(proto.GET_PROTOCOL, query)
             except Exception as exc:
                 raise GridError(f"Failed to load {name!r} Protocol: {exc}") from exc
 
         self.model = model
         self.plans = plans
         self.protocols = protocols
-        self.client_config = dict(client_config)
+        self.client_config = dict(reply.client_config)
         return Accepted(model, self.client_config)
 
     def _report_flow(
@@ -480,22 +457,21 @@ class BaseJob:
                 f"diff must be bytes (use model.create_serialized_diff(params)), "
                 f"got {type(diff).__name__}"
             )
-        # The diff stays bytes here: the transport encodes it (base64 in JSON, or raw in a
-        # binary WebSocket frame when the node takes those).
-        data: dict[str, Any] = {
-            "worker_id": self.worker_id,
-            "request_key": self.request_key,
-            "diff": bytes(diff),
-        }
         if num_samples is not None:
             if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:
                 raise ConfigError(f"num_samples must be a non-negative int, got {num_samples!r}")
-            data["num_samples"] = int(num_samples)
-        if metrics is not None:
-            data["metrics"] = {str(k): float(v) for k, v in dict(metrics).items()}
-        reply = yield Call(proto.REPORT, data, idempotent=False)
-        if reply.get("status", "success") != "success":
-            raise GridError(f"report failed: {reply!r:.300}")
+            num_samples = int(num_samples)
+        report = _wire.ReportRequest(
+            worker_id=str(self.worker_id),
+            request_key=str(self.request_key),
+            diff=bytes(diff),
+            num_samples=num_samples,
+            metrics={str(k): float(v) for k, v in dict(metrics or {}).items()},
+        )
+        # The diff stays bytes here: the transport encodes it (base64 in JSON, or raw in a
+        # binary WebSocket frame when the node takes those).
+        reply = yield Call(proto.REPORT, report.to_json(raw_diff=True), idempotent=False)
+        _wire.parse_report_response(reply)
         self.state = JobState.REPORTED
         logger.info("%s: reported diff of %d bytes", self.model_name, len(diff))
         return reply

@@ -1,13 +1,11 @@
 """
 What the worker SDK needs of the protocol besides :mod:`gridfl._wire` (whose message
-types it reuses): download paths, reply unwrapping, error classes, rejection timeouts.
+types it reuses): download paths, reply unwrapping, error classes.
 Everything here is pure (no I/O).
 """
 
 from __future__ import annotations
 
-import math
-import re
 from typing import Any
 
 from gridfl._exceptions import (
@@ -23,15 +21,13 @@ from gridfl._wire import (  # noqa: F401 - re-exported
     GET_PLAN,
     GET_PROTOCOL,
     REPORT,
+    parse_timeout,
 )
 
 SPEED_TEST = "model-centric/speed-test"
 
 #: ``receive_operations_as`` value that selects gridfl's ONNX plan variant.
 PLAN_VARIANT = "onnx"
-
-STATUS_ACCEPTED = "accepted"
-STATUS_REJECTED = "rejected"
 
 # Node error texts that mean "bad credentials" whatever status carried them (PyGrid
 # answers authentication failures with 400, and WebSocket replies carry no status).
@@ -80,38 +76,3 @@ def unwrap_reply(body: Any, *, call: str, status: int | None = None) -> dict[str
             status = code
         raise node_error(data["error"], status=status, call=call)
     return data
-
-
-_TIMEDELTA = re.compile(
-    r"^\s*(?:(?P<days>-?\d+)\s+days?,\s*)?(?P<h>-?\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2}(?:\.\d*)?)\s*$"
-)
-
-
-def parse_timeout(value: Any) -> int | None:
-    """A rejection ``timeout`` as whole seconds (rounded up, at least 0), or ``None``.
-
-    gridfl sends integer seconds; PyGrid sends ``str(timedelta)`` such as
-    ``"7:59:41.123456"``, ``"1 day, 2:00:00"`` or, after the deadline,
-    ``"-1 day, 23:59:50"``. Anything unreadable is treated as "no timeout".
-    """
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return None
-        try:
-            seconds = float(text)
-        except ValueError:
-            m = _TIMEDELTA.match(text)
-            if m is None:
-                return None
-            days = int(m["days"] or 0)
-            seconds = days * 86400 + int(m["h"]) * 3600 + int(m["m"]) * 60 + float(m["s"])
-    else:
-        return None
-    if not math.isfinite(seconds):
-        return None
-    return max(0, math.ceil(seconds))

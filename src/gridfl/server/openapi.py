@@ -1,18 +1,75 @@
 """The OpenAPI 3.0 description of the node's HTTP API, served at ``GET /openapi.json``.
 
 Written as data (no framework introspection): the worker API under ``/model-centric/``, the
-admin API under ``/gridfl/v1/`` and ``/health``. docs/protocol.md is the prose contract;
-tests/server/test_openapi.py fuzzes a live node against this description (schemathesis).
+admin API under ``/gridfl/v1/`` and ``/health``. The worker messages' schemas are generated
+from their dataclasses in :mod:`gridfl._wire` (:func:`message_schema`), so the description
+cannot drift from what the node parses and sends; the rest is written by hand.
+docs/protocol.md is the prose contract; tests/server/test_openapi.py fuzzes a live node
+against this description (schemathesis).
 The WebSocket at ``/`` carries the same worker messages (not describable in OpenAPI).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from typing import Any
 
 import gridfl
 from gridfl import _wire
 from gridfl.server.config import MAX_INT
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _type_schema(hint: Any) -> dict[str, Any]:
+    """The JSON schema of one field's type: str, int, float, bool, bytes (base64 text),
+    ``dict[str, X]``, ``list[X]``, and ``X | None`` (nullable)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in args if a is not type(None)]
+        return {**_type_schema(inner), "nullable": True}
+    if hint is bytes:
+        return {"type": "string", "format": "byte"}
+    if hint is dict or origin is dict:
+        values = args[1] if args else Any
+        return {"type": "object"} | (
+            {} if values is Any else {"additionalProperties": _type_schema(values)}
+        )
+    if hint is list or origin is list:
+        return {"type": "array"} | ({"items": _type_schema(args[0])} if args else {})
+    if hint in _JSON_TYPES:
+        return {"type": _JSON_TYPES[hint]}
+    raise TypeError(f"no JSON schema for {hint!r}")
+
+
+def message_schema(message: type) -> dict[str, Any]:
+    """The JSON schema of a message dataclass: a property per field, typed by its
+    annotation and constrained by its ``metadata`` (JSON-schema keywords such as
+    ``minimum`` or ``description``; ``always_sent`` makes a field the node always sends
+    required even though the worker's parser tolerates its absence); a response's
+    ``STATUS`` becomes a required ``status`` property.
+
+    >>> message_schema(_wire.ReportResponse)
+    {'type': 'object', 'required': ['status'], 'properties': {'status': {'enum': ['success']}}}
+    >>> message_schema(_wire.AuthenticateRequest)["properties"]["model_version"]
+    {'type': 'string', 'nullable': True}
+    """
+    hints = typing.get_type_hints(message)
+    required: list[str] = []
+    properties: dict[str, Any] = {}
+    if hasattr(message, "STATUS"):
+        required.append("status")
+        properties["status"] = {"enum": [message.STATUS]}
+    for f in dataclasses.fields(message):
+        constraints = dict(f.metadata)
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if constraints.pop("always_sent", False) or no_default:
+            required.append(f.name)
+        properties[f.name] = {**_type_schema(hints[f.name]), **constraints}
+    return {"type": "object", "required": required, "properties": properties}
+
 
 _JSON = "application/json"
 _OCTETS = "application/octet-stream"
@@ -54,7 +111,6 @@ def _path(name: str) -> dict[str, Any]:
 _STR = {"type": "string", "minLength": 1}
 _ID = {"type": "string", "pattern": "^[0-9]+$", "description": "integer id"}
 _ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
-_NUM = {"type": "number", "minimum": 0}
 _PV = [_path("name"), _path("version")]
 
 
@@ -80,7 +136,18 @@ def _asset(summary: str, id_key: str, extra: list | None = None) -> dict[str, An
     }
 
 
+_MESSAGES = (
+    _wire.AuthenticateRequest,
+    _wire.AuthenticateResponse,
+    _wire.CycleRequest,
+    _wire.CycleAccepted,
+    _wire.CycleRejected,
+    _wire.ReportRequest,
+    _wire.ReportResponse,
+)
+
 _SCHEMAS: dict[str, Any] = {
+    **{message.__name__: message_schema(message) for message in _MESSAGES},
     "Error": {
         "type": "object",
         "required": ["error"],
@@ -90,108 +157,6 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["error", "status"],
         "properties": {"error": {"type": "string"}, "status": {"enum": ["rejected"]}},
-    },
-    "AuthenticateRequest": {
-        "type": "object",
-        "required": ["model_name"],
-        "properties": {
-            "model_name": {"type": "string", "maxLength": 4096},
-            "model_version": {"type": "string", "nullable": True},
-            "auth_token": {"type": "string", "nullable": True},
-        },
-    },
-    "AuthenticateResponse": {
-        "type": "object",
-        "required": ["status", "worker_id", "requires_speed_test"],
-        "properties": {
-            "status": {"enum": ["success"]},
-            "worker_id": {"type": "string"},
-            "requires_speed_test": {"type": "boolean"},
-        },
-    },
-    "CycleRequest": {
-        "type": "object",
-        "required": ["worker_id", "model"],
-        "properties": {
-            "worker_id": {"type": "string"},
-            "model": {"type": "string"},
-            "version": {"type": "string", "nullable": True},
-            "ping": {**_NUM, "description": "ms"},
-            "download": {**_NUM, "description": "Mbit/s"},
-            "upload": {**_NUM, "description": "Mbit/s"},
-            "wait": {
-                "type": "number",
-                "minimum": 0,
-                "maximum": _wire.MAX_WAIT,
-                "description": "gridfl: hold a rejection up to this many seconds",
-            },
-        },
-    },
-    "Accepted": {
-        "type": "object",
-        "required": [
-            "status",
-            "request_key",
-            "version",
-            "model",
-            "plans",
-            "protocols",
-            "client_config",
-            "model_id",
-        ],
-        "properties": {
-            "status": {"enum": ["accepted"]},
-            "request_key": {"type": "string"},
-            "version": {"type": "string"},
-            "model": {"type": "string"},
-            "plans": {"type": "object", "additionalProperties": {"type": "integer"}},
-            "protocols": {"type": "object", "additionalProperties": {"type": "integer"}},
-            "client_config": {"type": "object"},
-            "model_id": {"type": "integer"},
-            "plan_digests": {
-                "type": "object",
-                "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                "description": "gridfl: SHA-256 (hex) of each plan's onnx variant; a worker "
-                "holding those bytes need not download the plan again",
-            },
-        },
-    },
-    "Rejected": {
-        "type": "object",
-        "required": ["status", "reason"],
-        "properties": {
-            "status": {"enum": ["rejected"]},
-            "reason": {"type": "string"},
-            "timeout": {
-                "type": "integer",
-                "minimum": 0,
-                "description": "seconds until a retry may succeed; absent: nothing left to train",
-            },
-        },
-    },
-    "ReportRequest": {
-        "type": "object",
-        "required": ["worker_id", "request_key", "diff"],
-        "properties": {
-            "worker_id": {"type": "string"},
-            "request_key": {"type": "string"},
-            "diff": {"type": "string", "format": "byte", "description": "base64 State bytes"},
-            "num_samples": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": _wire.MAX_NUM_SAMPLES,
-            },
-            "metrics": {
-                "type": "object",
-                "maxProperties": 32,
-                "additionalProperties": {"type": "number"},
-            },
-        },
-    },
-    "Success": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"enum": ["success"]}},
     },
     "Empty": {"type": "object"},
     "Health": {
@@ -383,7 +348,7 @@ PATHS: dict[str, Any] = {
     "/model-centric/cycle-request": _post(
         "ask to join the open cycle",
         "CycleRequest",
-        _json({"oneOf": [_ref("Accepted"), _ref("Rejected")]}, "accepted or rejected"),
+        _json({"oneOf": [_ref("CycleAccepted"), _ref("CycleRejected")]}, "accepted or rejected"),
         400,
         403,
         413,
@@ -392,7 +357,7 @@ PATHS: dict[str, Any] = {
     "/model-centric/report": _post(
         "report a diff",
         "ReportRequest",
-        _json(_ref("Success"), "stored and folded into the cycle's aggregate"),
+        _json(_ref("ReportResponse"), "stored and folded into the cycle's aggregate"),
         400,
         401,
         409,

@@ -75,7 +75,7 @@ class WorkerApi:
             storage.insert_worker(
                 conn, id=worker_id, process_id=process.id, identity=identity, created_at=time.time()
             )
-        return _wire.authenticate_response(worker_id, requires_speed_test(cfg))
+        return _wire.AuthenticateResponse(worker_id, requires_speed_test(cfg)).to_json()
 
     def cycle_request(self, req: _wire.CycleRequest) -> dict[str, Any]:
         if req.ping is None and req.download is None and req.upload is None:
@@ -125,10 +125,10 @@ class WorkerApi:
         if req.ping is not None or req.download is not None or req.upload is not None:
             storage.store_speeds(conn, worker.id, req.ping, req.download, req.upload)
         if worker.status != "running":
-            return _wire.rejected_response(None, f"the FL process is {worker.status}")
+            return _wire.CycleRejected(None, f"the FL process is {worker.status}").to_json()
         cycle = conn.execute(storage.open_cycle_locked, {"process_id": process.id}).first()
         if cycle is None:
-            return _wire.rejected_response(None, "the FL process has no open cycle")
+            return _wire.CycleRejected(None, "the FL process has no open cycle").to_json()
         timeout = self._timeout(cycle)
         seats = conn.execute(storage.seats, {"cycle_id": cycle.id, "worker_id": worker.id}).one()
         decision = rules.admit(
@@ -142,7 +142,7 @@ class WorkerApi:
             draw=random.random,
         )
         if decision.reason is not None:  # rejected
-            return _wire.rejected_response(timeout, decision.reason)
+            return _wire.CycleRejected(timeout, decision.reason).to_json()
         request_key = secrets.token_hex(32)
         conn.execute(
             storage.accept,
@@ -154,7 +154,7 @@ class WorkerApi:
                 "accepted_at": time.time(),
             },
         )
-        return _wire.accepted_response(
+        return _wire.CycleAccepted(
             request_key=request_key,
             model=process.name,
             version=process.version,
@@ -163,7 +163,7 @@ class WorkerApi:
             protocols=dict(process.protocol_ids),
             client_config=process.client_config,
             plan_digests=dict(process.plan_digests),
-        )
+        ).to_json()
 
     def _full_cycle_rejection(self, req: _wire.CycleRequest) -> dict[str, Any] | None:
         """Fast path, read-only: the rejection of a request for a cycle that is already
@@ -183,7 +183,7 @@ class WorkerApi:
         reason = rules.full_cycle_reason(
             process.server_config, accepted=row.accepted, taken=row.taken is not None
         )
-        return None if reason is None else _wire.rejected_response(self._timeout(row), reason)
+        return None if reason is None else _wire.CycleRejected(self._timeout(row), reason).to_json()
 
     # ------------------------------------------------------------------ downloads
     def _check_asset_access(self, conn: Connection, process_id: int, worker_id: str, key: str):
@@ -331,4 +331,4 @@ class WorkerApi:
             self.on_cycles_changed()
         else:
             self.cycles.keep_sums(cycle_id, sums)
-        return _wire.report_response()
+        return _wire.ReportResponse().to_json()

@@ -1,0 +1,56 @@
+"""A GridNode's real replies, read back by the worker's parsers (gridfl._wire): the messages
+the worker builds are what the node parses, and what the node sends is what the worker reads.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import diff_of, host_payload, make_settings
+
+from gridfl import _wire, state
+from gridfl.server import GridNode
+
+
+@pytest.fixture
+def node(sqlite_url, tmp_path):
+    n = GridNode(make_settings(sqlite_url, tmp_path))
+    n.host(host_payload(server_config={"max_diffs": 1, "num_cycles": 2}))
+    yield n
+    n.close()
+
+
+def _over_the_wire(value):
+    """``value`` as the other side sees it: encoded to JSON text and decoded again."""
+    return json.loads(json.dumps(value))
+
+
+def test_one_cycle_in_typed_messages(node):
+    auth_request = _over_the_wire(_wire.AuthenticateRequest("mnist", "1.0").to_json())
+    auth_reply = node.authenticate(_wire.parse_authenticate(auth_request))
+    identity = _wire.parse_authenticate_response(_over_the_wire(auth_reply))
+    assert identity.to_json() == auth_reply
+
+    cycle_request = _over_the_wire(_wire.CycleRequest(identity.worker_id, "mnist").to_json())
+    reply = node.cycle_request(_wire.parse_cycle_request(cycle_request))
+    accepted = _wire.parse_cycle_response(_over_the_wire(reply))
+    assert isinstance(accepted, _wire.CycleAccepted)
+    assert accepted.to_json() == reply  # nothing the node sent is lost
+    assert accepted.model == "mnist" and accepted.version == "1.0"
+    assert set(accepted.plans) == set(accepted.plan_digests or {}) == {"training_plan"}
+
+    query = _wire.AssetRequest(identity.worker_id, accepted.request_key, accepted.model_id)
+    model = node.get_model(_wire.parse_asset_request(query.to_json("model_id"), "model_id"))
+    assert len(state.loads(model)) == len(diff_of(0))
+
+    again = node.cycle_request(_wire.parse_cycle_request(cycle_request))
+    rejected = _wire.parse_cycle_response(_over_the_wire(again))
+    assert isinstance(rejected, _wire.CycleRejected) and rejected.timeout is not None
+    assert rejected.to_json() == again
+
+    report = _wire.ReportRequest(
+        identity.worker_id, accepted.request_key, state.dumps(diff_of(0)), num_samples=8
+    )
+    report_reply = node.report(_wire.parse_report(_over_the_wire(report.to_json())))
+    assert _wire.parse_report_response(_over_the_wire(report_reply)) == _wire.ReportResponse()
