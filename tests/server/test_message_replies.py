@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import diff_of, host_payload, make_settings
 
 from gridfl import _wire, state
 from gridfl.server import GridNode
+from tests.builders import diff_of, host_payload
+from tests.harness import make_settings
 
 
 @pytest.fixture
