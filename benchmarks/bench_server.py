@@ -290,7 +290,7 @@ def bench_load(ns=(100, 1000)) -> None:
 
 
 def bench_aggregation(k: int = 100) -> None:
-    from gridfl import _wire, state
+    from gridfl import _messages, state
     from gridfl.server import GridNode, Settings
 
     rng = np.random.default_rng(0)
@@ -307,12 +307,12 @@ def bench_aggregation(k: int = 100) -> None:
         node.host(payload)
         joined = []
         for _ in range(k):
-            a = node.authenticate(_wire.AuthenticateRequest(model_name="agg"))
-            c = node.cycle_request(_wire.CycleRequest(worker_id=a["worker_id"], model="agg"))
+            a = node.authenticate(_messages.AuthenticateRequest(model_name="agg"))
+            c = node.cycle_request(_messages.CycleRequest(worker_id=a["worker_id"], model="agg"))
             joined.append((a["worker_id"], c["request_key"]))
         t = time.perf_counter()
         for (wid, key), blob in zip(joined, blobs, strict=True):
-            node.report(_wire.ReportRequest(wid, key, blob))
+            node.report(_messages.ReportRequest(wid, key, blob))
         t_node = time.perf_counter() - t
         new = state.loads(node.checkpoint("agg", "1", "latest"))
         base = cnn_params()

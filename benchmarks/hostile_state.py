@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from gridfl import _protowire as pw
+from gridfl import _protobuf as pw
 from gridfl.state import dumps
 
 Model = list[tuple[tuple[int, ...], np.dtype]]

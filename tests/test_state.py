@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gridfl import StateError
-from gridfl import _protowire as pw
+from gridfl import _protobuf as pw
 from gridfl.state import SUPPORTED_DTYPES, dumps, loads
 
 ROOT = Path(__file__).resolve().parents[1]

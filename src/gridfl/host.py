@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from gridfl import _exceptions as errors
-from gridfl import _wire, state
+from gridfl import _messages, state
 from gridfl.model import SyftModel
 
 __all__ = ["HostClient", "closed_cycles"]
@@ -168,7 +168,7 @@ def _path(name: str, version: str | None) -> str:
 
 
 def _b64(data: bytes) -> str:
-    return _wire.b64encode(data)
+    return _messages.b64encode(data)
 
 
 def _model_bytes(model: Any) -> bytes:
@@ -209,9 +209,9 @@ def closed_cycles(
     status = host.status(name, version, cycles=window, wait=wait, after=after)
     listed = [c["sequence"] for c in status["cycles"]]
     size = window
-    while listed and min(listed) > after + 1 and size < _wire.MAX_STATUS_CYCLES:
+    while listed and min(listed) > after + 1 and size < _messages.MAX_STATUS_CYCLES:
         # back to the last one taken in, with a margin for cycles closing in between
-        size = min(_wire.MAX_STATUS_CYCLES, max(listed) - after + window)
+        size = min(_messages.MAX_STATUS_CYCLES, max(listed) - after + window)
         status = host.status(name, version, cycles=size)
         listed = [c["sequence"] for c in status["cycles"]]
     closed = [c for c in status["cycles"] if c["status"] != "open" and c["sequence"] > after]

@@ -66,7 +66,7 @@ that is 10-100x slower than copying the bytes. Here packed fixed-width contents 
 straight between the wire bytes and numpy buffers (``np.frombuffer`` on a slice of the
 input; ``b"".join`` of the headers and the array's own buffer on output), and packed
 varints are converted with vectorised numpy. The structure around them is a few dozen
-bytes per tensor, parsed by the small pure-Python reader in :mod:`gridfl._protowire`.
+bytes per tensor, parsed by the small pure-Python reader in :mod:`gridfl._protobuf`.
 It also keeps ``protobuf`` off the workers' dependency list.
 """
 
@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from gridfl import _protowire as pw
+from gridfl import _protobuf as pw
 from gridfl._exceptions import StateError
 
 __all__ = [

@@ -15,7 +15,7 @@ from gridfl import (
     ModelLoadFailedError,
     NotFoundError,
     PlanLoadFailedError,
-    _wire,
+    _messages,
 )
 from gridfl.client import JobState
 from gridfl.model import SyftModel
@@ -139,7 +139,7 @@ class TestCycle:
         # over ws the gridfl node selected gridfl.binary.2: the diff went as raw bytes in
         # a binary frame (the node's checkpoint below shows it arrived intact)
         ws = client._net.ws
-        assert (ws is not None and ws._conn.subprotocol == _wire.BINARY_SUBPROTOCOL) == (
+        assert (ws is not None and ws._conn.subprotocol == _messages.BINARY_SUBPROTOCOL) == (
             transport == "ws")
         new = grid.checkpoint(name)
         for a, b in zip(new, result.params, strict=True):
@@ -329,7 +329,7 @@ class TestDownloadsOverTheSocket:
             assert grid.status(name)["cycles"][0]["reported"] == 1, cycle
         if transport == "ws":
             ws = client._net.ws
-            assert ws._conn.subprotocol == _wire.BINARY_SUBPROTOCOL and ws.connects == 1
+            assert ws._conn.subprotocol == _messages.BINARY_SUBPROTOCOL and ws.connects == 1
             assert http == []
         else:  # the same flow over HTTP: every download is a GET, but the plan only once
             gets = [r for r in http if r.startswith("GET ")]
@@ -353,7 +353,7 @@ class TestDownloadsOverTheSocket:
         np.testing.assert_array_equal(job.model.params[0], linear_params()[0])
         assert http == ["GET /model-centric/get-plan"]
         ws = client._net.ws
-        assert ws._conn.subprotocol == _wire.BINARY_SUBPROTOCOL and ws.connects == 1
+        assert ws._conn.subprotocol == _messages.BINARY_SUBPROTOCOL and ws.connects == 1
 
 
 class TestRunWorker:

@@ -12,7 +12,7 @@ from gridfl import (
     NotFoundError,
 )
 from gridfl.client._base import Endpoints, is_loopback
-from gridfl.client._protocol import error_class, parse_timeout, unwrap_reply
+from gridfl.client._replies import error_class, parse_timeout, unwrap_reply
 
 
 class TestEndpoints:

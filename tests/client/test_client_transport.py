@@ -20,7 +20,7 @@ from gridfl import (
     ResponseTimeoutError,
     TransportError,
     UnavailableError,
-    _wire,
+    _messages,
 )
 from gridfl.client._transports import HttpTransport, WsTransport
 
@@ -103,7 +103,7 @@ class TestWebSocket:
             reply = await t.call("model-centric/report", {
                 "worker_id": "w", "request_key": "k", "diff": diff, "num_samples": 3})
             assert reply == {"status": "success"}
-            assert t._conn.subprotocol == (_wire.BINARY_SUBPROTOCOL if binary else None)
+            assert t._conn.subprotocol == (_messages.BINARY_SUBPROTOCOL if binary else None)
             await t.aclose()
 
         async def node(ws, state):
@@ -118,7 +118,7 @@ class TestWebSocket:
                 await ws.send(json.dumps({"type": msg["type"], "request_id": msg["request_id"],
                                           "data": {"status": "success"}}))
 
-        state = asyncio.run(_run(node, body, subprotocols=[_wire.BINARY_SUBPROTOCOL]
+        state = asyncio.run(_run(node, body, subprotocols=[_messages.BINARY_SUBPROTOCOL]
                                  if binary else None, keep_state=True))
         assert state["offered"] == "gridfl.binary.2"
         (auth_kind, _, _), (kind, msg, payload) = state["messages"]
@@ -219,10 +219,10 @@ class TestWebSocket:
                 t.call("t", {}),
             )
             assert got == [b"bytes of 1", b"bytes of 2", {"echo": 1}]
-            assert t._conn.subprotocol == _wire.BINARY_SUBPROTOCOL and t.connects == 1
+            assert t._conn.subprotocol == _messages.BINARY_SUBPROTOCOL and t.connects == 1
             await t.aclose()
 
-        state = asyncio.run(_run(reverse, body, subprotocols=[_wire.BINARY_SUBPROTOCOL],
+        state = asyncio.run(_run(reverse, body, subprotocols=[_messages.BINARY_SUBPROTOCOL],
                                  keep_state=True))
         dl = [m for m in state["messages"] if m["type"] == "model-centric/get-model"]
         assert [m["data"] for m in dl] == [
@@ -261,7 +261,7 @@ class TestWebSocket:
                 assert ("Model ID not found!" in str(info.value)) == (outcome is NotFoundError)
             await t.aclose()
 
-        state = asyncio.run(_run(node, body, subprotocols=[_wire.BINARY_SUBPROTOCOL],
+        state = asyncio.run(_run(node, body, subprotocols=[_messages.BINARY_SUBPROTOCOL],
                                  keep_state=True))
         assert len(state["messages"]) == 1  # none of these is retried or asked again
 
@@ -293,7 +293,7 @@ class TestWebSocket:
             assert t.connects == 2 and len(state["messages"]) == 2
             await t.aclose()
 
-        asyncio.run(_run(node, body, subprotocols=[_wire.BINARY_SUBPROTOCOL]))
+        asyncio.run(_run(node, body, subprotocols=[_messages.BINARY_SUBPROTOCOL]))
 
     def test_download_timeout_falls_back(self):
         """Over the socket the timeout covers the whole transfer: when it runs out the
@@ -306,7 +306,7 @@ class TestWebSocket:
             assert len(state["messages"]) == 1
             await t.aclose()
 
-        asyncio.run(_run(silent, body, subprotocols=[_wire.BINARY_SUBPROTOCOL]))
+        asyncio.run(_run(silent, body, subprotocols=[_messages.BINARY_SUBPROTOCOL]))
 
     def test_broken_binary_frame_is_ignored(self):
         """A binary frame whose framing or header is broken matches no request: the
@@ -329,7 +329,7 @@ class TestWebSocket:
             assert await t.call("t", {}) == {"ok": True} and t.connects == 1
             await t.aclose()
 
-        asyncio.run(_run(node, body, subprotocols=[_wire.BINARY_SUBPROTOCOL]))
+        asyncio.run(_run(node, body, subprotocols=[_messages.BINARY_SUBPROTOCOL]))
 
     def test_connect_refused(self):
         async def main():

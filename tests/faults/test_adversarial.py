@@ -21,12 +21,12 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from gridfl import _protowire as pw
-from gridfl import _wire, state
+from gridfl import _messages, state
+from gridfl import _protobuf as pw
 from tests.builders import ADMIN, SHAPES, host_payload
 
-AUTH, CYCLE, REPORT = _wire.AUTHENTICATE, _wire.CYCLE_REQUEST, _wire.REPORT
-N_MAX = _wire.MAX_NUM_SAMPLES
+AUTH, CYCLE, REPORT = _messages.AUTHENTICATE, _messages.CYCLE_REQUEST, _messages.REPORT
+N_MAX = _messages.MAX_NUM_SAMPLES
 
 
 def _strict(text):

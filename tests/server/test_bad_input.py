@@ -30,8 +30,8 @@ import pytest
 import sqlalchemy as sa
 from websockets.sync.client import connect
 
-from gridfl import _protowire as pw
-from gridfl import _wire, state
+from gridfl import _messages, state
+from gridfl import _protobuf as pw
 from gridfl.server import tables
 from tests.builders import (
     ADMIN,
@@ -45,9 +45,9 @@ from tests.builders import (
 )
 from tests.harness import LiveNode, make_settings
 
-AUTH = _wire.AUTHENTICATE
-CYCLE = _wire.CYCLE_REQUEST
-REPORT = _wire.REPORT
+AUTH = _messages.AUTHENTICATE
+CYCLE = _messages.CYCLE_REQUEST
+REPORT = _messages.REPORT
 SECRET = "a-long-enough-hmac-secret-for-the-bad-input-tests-also-for-hs512-0123456789"
 MAX_BODY = 256 * 1024
 MAX_ADMIN_BODY = 1024 * 1024
@@ -388,7 +388,7 @@ def _asset(path, **params):
     return request
 
 
-_inv = _wire.MSG_AUTH_INVALID
+_inv = _messages.MSG_AUTH_INVALID
 _deep = "[" * 4000 + "]" * 4000  # under the value cap, deeper than the decoder recurses
 _many = "[" + "0," * 5000 + "0]"
 
@@ -573,9 +573,9 @@ CASES: list[Case] = [
     W("auth-unknown-version", AUTH, lambda ctx: {"model_name": "mnist", "model_version": "9.9"},
       404, "no FL process named 'mnist' version '9.9'"),
     # ---- JWTs
-    W("jwt-missing", AUTH, lambda ctx: {"model_name": "hs"}, 400, _wire.MSG_AUTH_REQUIRED),
+    W("jwt-missing", AUTH, lambda ctx: {"model_name": "hs"}, 400, _messages.MSG_AUTH_REQUIRED),
     W("jwt-empty", AUTH, lambda ctx: {"model_name": "hs", "auth_token": ""}, 400,
-      _wire.MSG_AUTH_REQUIRED),
+      _messages.MSG_AUTH_REQUIRED),
     W("jwt-garbage", AUTH, lambda ctx: {"model_name": "hs", "auth_token": "a.b.c"}, 400, _inv),
     W("jwt-hs256-expired", AUTH,
       lambda ctx: {"model_name": "hs",
@@ -652,7 +652,8 @@ CASES: list[Case] = [
     WSONLY("ws-request_id-lone-surrogate",
            lambda ctx: f'{{"type": "{AUTH}", "request_id": "\\ud800", "data": {{}}}}',
            400, "'request_id' is not valid Unicode"),
-    WSONLY("ws-host-training", lambda ctx: json.dumps({"type": _wire.HOST_TRAINING, "data": {}}),
+    WSONLY("ws-host-training",
+           lambda ctx: json.dumps({"type": _messages.HOST_TRAINING, "data": {}}),
            400, "hosting over the WebSocket is not supported"),
     # ---- binary report frames (gridfl extension): 4-byte length, JSON header, diff bytes;
     # report cases above also run as binary frames ("wsbin"), these break the framing
@@ -674,7 +675,7 @@ CASES: list[Case] = [
            "expected a JSON object"),
     WSONLY("ws-binary-header-no-type", lambda ctx: _bin_report(ctx, kind=_DROP), 400,
            "message 'type' is required"),
-    WSONLY("ws-binary-socket-ping", lambda ctx: _bin_report(ctx, kind=_wire.SOCKET_PING), 400,
+    WSONLY("ws-binary-socket-ping", lambda ctx: _bin_report(ctx, kind=_messages.SOCKET_PING), 400,
            "only 'model-centric/report' may be sent as a binary frame"),
     WSONLY("ws-binary-authenticate", lambda ctx: _bin_report(
         ctx, kind=AUTH, data={"model_name": "mnist"}), 400,
@@ -916,14 +917,14 @@ def _send_ws(ctx, case: Case, transport: str = "ws") -> tuple[dict | None, int |
     from websockets.exceptions import ConnectionClosed
 
     rid = uuid.uuid4().hex
-    subprotocols = [_wire.BINARY_SUBPROTOCOL] if transport == "wsdl" else None
+    subprotocols = [_messages.BINARY_SUBPROTOCOL] if transport == "wsdl" else None
     if case.request is not None:  # a download
         params = case.request(ctx).get("params", {})
         frame = json.dumps({"type": case.kind, "request_id": rid, "data": params})
     elif transport == "wsbin":
         data = dict(case.data(ctx))
-        diff = _wire.b64decode(data.pop("diff"))  # every "wsbin" case has a base64 diff
-        frame = _wire.encode_binary_report({**data, "diff": diff}, rid)
+        diff = _messages.b64decode(data.pop("diff"))  # every "wsbin" case has a base64 diff
+        frame = _messages.encode_binary_report({**data, "diff": diff}, rid)
     elif case.raw is not None:
         frame = case.raw(ctx)
         if case.kind not in ("?", None) and not isinstance(frame, bytes):
@@ -942,7 +943,7 @@ def _send_ws(ctx, case: Case, transport: str = "ws") -> tuple[dict | None, int |
         except ConnectionClosed as e:
             return None, e.rcvd.code if e.rcvd else None
         # the socket stays usable after an error
-        ws.send(json.dumps({"type": _wire.SOCKET_PING, "request_id": "after"}))
+        ws.send(json.dumps({"type": _messages.SOCKET_PING, "request_id": "after"}))
         pong = json.loads(ws.recv(timeout=30))
         assert pong == {"alive": "True", "request_id": "after"}, pong
     if isinstance(reply, dict) and reply.get("request_id") not in (None, rid, "r"):

@@ -1,4 +1,4 @@
-"""Property tests (Hypothesis) of the message parsers in ``gridfl._wire`` and the node's JSON
+"""Property tests (Hypothesis) of the message parsers in ``gridfl._messages`` and the node's JSON
 decoding: arbitrary JSON-like values, bytes and text either parse into well-typed requests
 or raise :class:`gridfl.InvalidRequestError` (a gridfl error, mapped to a 4xx), never anything
 else, and quickly (a per-example deadline). Plus the allocation bound of the State codec:
@@ -17,7 +17,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gridfl import GridflError, InvalidRequestError, StateError, _wire, state
+from gridfl import GridflError, InvalidRequestError, StateError, _messages, state
 from gridfl.server.bodies import parse_worker_json
 
 FAST = settings(
@@ -79,7 +79,7 @@ plausible = st.fixed_dictionaries(
         "model": st.text(max_size=20),
         "request_key": st.text(max_size=70),
         "diff": st.one_of(
-            st.text(max_size=40), st.binary(max_size=60).map(_wire.encode_diff)
+            st.text(max_size=40), st.binary(max_size=60).map(_messages.encode_diff)
         ),
         "num_samples": st.one_of(st.integers(), st.floats()),
         "metrics": st.dictionaries(st.text(max_size=70), scalars, max_size=34),
@@ -91,12 +91,12 @@ plausible = st.fixed_dictionaries(
 )
 
 PARSERS = {
-    "authenticate": _wire.parse_authenticate,
-    "cycle_request": _wire.parse_cycle_request,
-    "report": _wire.parse_report,
-    "ws_frame": _wire.parse_ws_frame,
-    "get-model": lambda v: _wire.parse_asset_request(v, "model_id"),
-    "get-plan": lambda v: _wire.parse_asset_request(v, "plan_id", variant=True),
+    "authenticate": _messages.parse_authenticate,
+    "cycle_request": _messages.parse_cycle_request,
+    "report": _messages.parse_report,
+    "ws_frame": _messages.parse_ws_frame,
+    "get-model": lambda v: _messages.parse_asset_request(v, "model_id"),
+    "get-plan": lambda v: _messages.parse_asset_request(v, "plan_id", variant=True),
 }
 
 
@@ -108,24 +108,24 @@ def _check_text(value) -> None:
 
 def _check_parsed(result) -> None:
     """What a successful parse guarantees to the node."""
-    if isinstance(result, _wire.AuthenticateRequest):
+    if isinstance(result, _messages.AuthenticateRequest):
         _check_text(result.model_name)
         assert result.auth_token is None or isinstance(result.auth_token, str)
-    elif isinstance(result, _wire.CycleRequest):
+    elif isinstance(result, _messages.CycleRequest):
         _check_text(result.worker_id)
         for v in (result.ping, result.download, result.upload):
             assert v is None or (isinstance(v, float) and math.isfinite(v) and v >= 0)
-        assert 0 <= result.wait <= _wire.MAX_WAIT
-    elif isinstance(result, _wire.ReportRequest):
+        assert 0 <= result.wait <= _messages.MAX_WAIT
+    elif isinstance(result, _messages.ReportRequest):
         assert isinstance(result.diff, bytes) and result.diff
         n = result.num_samples
-        assert n is None or (type(n) is int and 0 < n <= _wire.MAX_NUM_SAMPLES)
+        assert n is None or (type(n) is int and 0 < n <= _messages.MAX_NUM_SAMPLES)
         assert len(result.metrics) <= 32
         for k, v in result.metrics.items():
             _check_text(k)
             assert isinstance(v, float) and math.isfinite(v)
         json.dumps(result.metrics, allow_nan=False)
-    elif isinstance(result, _wire.AssetRequest):
+    elif isinstance(result, _messages.AssetRequest):
         assert type(result.asset_id) is int and result.asset_id < 1 << 63
         _check_text(result.worker_id)
         _check_text(result.request_key)
@@ -191,7 +191,7 @@ def test_body_decoding_takes_hostile_json(text):
 @FAST
 def test_decode_diff_takes_any_text(text):
     with contextlib.suppress(InvalidRequestError):
-        assert isinstance(_wire.decode_diff(text), bytes)
+        assert isinstance(_messages.decode_diff(text), bytes)
 
 
 # --------------------------------------------------------------------------- State allocation

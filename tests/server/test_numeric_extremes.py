@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gridfl import InvalidRequestError, _wire, state
+from gridfl import InvalidRequestError, _messages, state
 from gridfl.server import GridNode
 from gridfl.server.aggregate import MAX_DIFF_VALUE
 from tests.builders import SHAPES, host_payload
@@ -56,7 +56,7 @@ def _tensors(bound):
 
 model_st = _tensors(float("inf"))
 weight = st.one_of(
-    st.none(), st.integers(1, _wire.MAX_NUM_SAMPLES), st.just(_wire.MAX_NUM_SAMPLES)
+    st.none(), st.integers(1, _messages.MAX_NUM_SAMPLES), st.just(_messages.MAX_NUM_SAMPLES)
 )
 metric = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
@@ -108,11 +108,11 @@ def node(db_url, tmp_path):
 
 
 def _report(node: GridNode, name: str, diff, num_samples, metrics) -> None:
-    auth = node.authenticate(_wire.AuthenticateRequest(model_name=name))
-    cyc = node.cycle_request(_wire.CycleRequest(worker_id=auth["worker_id"], model=name))
+    auth = node.authenticate(_messages.AuthenticateRequest(model_name=name))
+    cyc = node.cycle_request(_messages.CycleRequest(worker_id=auth["worker_id"], model=name))
     assert cyc["status"] == "accepted", cyc
     node.report(
-        _wire.ReportRequest(
+        _messages.ReportRequest(
             auth["worker_id"], cyc["request_key"], state.dumps(diff), num_samples, metrics
         )
     )
@@ -174,7 +174,7 @@ def test_a_diff_beyond_the_bound_is_refused_and_changes_nothing(node):
     float32), and 1e23 weighted by 2**53 - 1."""
     node.host(host_payload("edge", server_config={"max_diffs": 2}))
     before = node.checkpoint("edge", "1.0")
-    for value, n in ((3e38, None), (1e23, _wire.MAX_NUM_SAMPLES)):
+    for value, n in ((3e38, None), (1e23, _messages.MAX_NUM_SAMPLES)):
         diff = [np.full(s, value, np.float32) for s in SHAPES]  # the default float32 model
         with pytest.raises(InvalidRequestError, match="beyond ±1e\\+12"):
             _report(node, "edge", diff, n, {})

@@ -27,7 +27,7 @@ from hypothesis.extra import numpy as hnp
 
 from benchmarks.hostile_state import HOSTILE, model_of_size, normal_diff
 from gridfl import StateError
-from gridfl import _protowire as pw
+from gridfl import _protobuf as pw
 from gridfl.state import FIELDS_BASE, FIELDS_PER_TENSOR, MAX_TENSORS, dumps, loads
 
 #: hostile / normal parse time, goal; measured, on this 2-core box, at most ~1.2

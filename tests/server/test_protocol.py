@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jwt
 import pytest
 
-from gridfl import _wire, state
+from gridfl import _messages, state
 from gridfl.plan import Plan
 from tests.builders import b64, diff_of, host_payload, rsa_key_pair, training_plan
 from tests.harness import Admin, HttpWorker, WsWorker, join, report
@@ -49,7 +49,7 @@ def test_auth_required_and_invalid_texts(admin, worker_factory):
     _host(admin, authentication={"secret": SECRET})
     w = worker_factory()
     st, body = _auth(w)
-    assert st == 400 and body["error"] == _wire.MSG_AUTH_REQUIRED
+    assert st == 400 and body["error"] == _messages.MSG_AUTH_REQUIRED
     st, body = _auth(w, token="garbage")
     assert st == 400 and "The 'auth_token' you sent is invalid" in body["error"]
     good = jwt.encode({}, SECRET, algorithm="HS256")
@@ -72,7 +72,7 @@ def test_jwt_cases(admin, worker_factory, rsa_keys):
     }
     for what, token in bad.items():
         st, body = _auth(w, token=token)
-        assert st == 400 and body["error"] == _wire.MSG_AUTH_INVALID, what
+        assert st == 400 and body["error"] == _messages.MSG_AUTH_INVALID, what
 
 
 def _hs256_forged(public: str) -> str:
@@ -133,7 +133,7 @@ def test_third_party_endpoint(admin, worker_factory):
         w = worker_factory()
         assert _auth(w, token="letmein")[0] == 200
         st, body = _auth(w, token="nope")
-        assert st == 400 and body["error"] == _wire.MSG_AUTH_THIRD_PARTY
+        assert st == 400 and body["error"] == _messages.MSG_AUTH_THIRD_PARTY
     finally:
         srv.shutdown()
 
@@ -199,7 +199,7 @@ def test_missing_fl_model(admin, worker_factory):
     st, cyc = w.call(CYCLE, {"worker_id": auth["worker_id"], "model": "nope"})
     assert st >= 400 and cyc["status"] == "rejected" and cyc["error"]
     st, cyc = w.call(CYCLE, {"worker_id": "unknown", "model": "mnist"})
-    assert st == 400 and cyc["error"] == _wire.MSG_WORKER_NOT_FOUND
+    assert st == 400 and cyc["error"] == _messages.MSG_WORKER_NOT_FOUND
 
 
 def test_missing_model_plan_and_bad_key(admin, worker_factory):

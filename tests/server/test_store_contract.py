@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from gridfl import ConflictError, InvalidRequestError, NotFoundError, _wire, state
+from gridfl import ConflictError, InvalidRequestError, NotFoundError, _messages, state
 from gridfl.server import GridNode
 from tests.builders import diff_of, host_payload, model_params
 from tests.harness import Admin, HttpWorker, join, make_settings
@@ -26,14 +26,14 @@ def node(db_url, tmp_path):
 
 
 def _join(node: GridNode, name="mnist"):
-    auth = node.authenticate(_wire.AuthenticateRequest(model_name=name))
-    cyc = node.cycle_request(_wire.CycleRequest(worker_id=auth["worker_id"], model=name))
+    auth = node.authenticate(_messages.AuthenticateRequest(model_name=name))
+    cyc = node.cycle_request(_messages.CycleRequest(worker_id=auth["worker_id"], model=name))
     return auth["worker_id"], cyc
 
 
 def _report(node, wid, cyc, seed, **kw):
     return node.report(
-        _wire.ReportRequest(wid, cyc["request_key"], state.dumps(diff_of(seed)), **kw)
+        _messages.ReportRequest(wid, cyc["request_key"], state.dumps(diff_of(seed)), **kw)
     )
 
 
@@ -112,10 +112,10 @@ def test_held_requests_are_admitted_together(node, monkeypatch):
     transaction; a request that fails (even after writing) leaves no trace, and the
     others keep their seats."""
     node.host(host_payload(server_config={"max_workers": 2, "max_diffs": 2}))
-    wids = [node.authenticate(_wire.AuthenticateRequest(model_name="mnist"))["worker_id"]
+    wids = [node.authenticate(_messages.AuthenticateRequest(model_name="mnist"))["worker_id"]
             for _ in range(4)]
-    reqs = [_wire.CycleRequest(worker_id=w, model="mnist") for w in wids]
-    unknown = _wire.CycleRequest(worker_id="no-such-worker", model="mnist")
+    reqs = [_messages.CycleRequest(worker_id=w, model="mnist") for w in wids]
+    unknown = _messages.CycleRequest(worker_id="no-such-worker", model="mnist")
 
     real_admit = node._admit
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gridfl import ConfigError, InvalidRequestError, _wire
+from gridfl import ConfigError, InvalidRequestError, _messages
 from gridfl.server import aggregate as agg
 from gridfl.server.config import validate_server_config, worker_capacity
 
 
 def test_parse_report_and_errors():
-    r = _wire.parse_report(
+    r = _messages.parse_report(
         {
             "worker_id": "w",
             "request_key": "k",
@@ -30,19 +30,22 @@ def test_parse_report_and_errors():
         ([], "JSON object"),
     ]:
         with pytest.raises(InvalidRequestError, match=text):
-            _wire.parse_report(bad)
+            _messages.parse_report(bad)
 
 
 def test_parse_cycle_request_speeds():
-    r = _wire.parse_cycle_request({"worker_id": "w", "model": "m", "ping": 3, "download": 1.5})
+    r = _messages.parse_cycle_request({"worker_id": "w", "model": "m", "ping": 3, "download": 1.5})
     assert (r.version, r.ping, r.download, r.upload) == (None, 3.0, 1.5, None)
     with pytest.raises(InvalidRequestError, match="positive number"):
-        _wire.parse_cycle_request({"worker_id": "w", "model": "m", "upload": -1})
+        _messages.parse_cycle_request({"worker_id": "w", "model": "m", "upload": -1})
 
 
 def test_rejected_response_shape():
-    assert _wire.CycleRejected(None, "done").to_json() == {"status": "rejected", "reason": "done"}
-    assert _wire.CycleRejected(-3, "x").to_json()["timeout"] == 0
+    assert _messages.CycleRejected(None, "done").to_json() == {
+        "status": "rejected",
+        "reason": "done",
+    }
+    assert _messages.CycleRejected(-3, "x").to_json()["timeout"] == 0
 
 
 def test_server_config_defaults_and_refusals():
@@ -108,15 +111,17 @@ def test_held_admissions_batch_what_one_signal_wakes():
 
         def admit_held(self, reqs):
             self.calls.append([r.worker_id for r in reqs])
-            return [ValueError(r.worker_id) if r.worker_id == "bad" else {"for": r.worker_id}
-                    for r in reqs]
+            return [
+                ValueError(r.worker_id) if r.worker_id == "bad" else {"for": r.worker_id}
+                for r in reqs
+            ]
 
     async def main(ids, batch):
         node = Node()
         held = HeldAdmissions(node, batch=batch)
-        reqs = [_wire.CycleRequest(worker_id=i, model="m") for i in ids]
+        reqs = [_messages.CycleRequest(worker_id=i, model="m") for i in ids]
         out = await asyncio.gather(*(held.admit(r) for r in reqs), return_exceptions=True)
-        later = await held.admit(_wire.CycleRequest(worker_id="later", model="m"))
+        later = await held.admit(_messages.CycleRequest(worker_id="later", model="m"))
         return node.calls, out, later
 
     calls, out, later = asyncio.run(main(["a", "bad", "c"], batch=64))

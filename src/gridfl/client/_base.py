@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from gridfl import _wire
+from gridfl import _messages
 from gridfl._exceptions import (
     ConfigError,
     GridError,
@@ -35,7 +35,7 @@ from gridfl._exceptions import (
     ModelLoadFailedError,
     PlanLoadFailedError,
 )
-from gridfl.client import _protocol as proto
+from gridfl.client import _replies as replies
 from gridfl.client._events import EventHandlers
 
 _PLAN_CACHE_SIZE = 8
@@ -332,7 +332,9 @@ class BaseJob:
         if isinstance(outcome, Accepted):
             self.state = JobState.ACCEPTED
             logger.info(
-                "%s accepted: worker %s, %d plan(s)", self.model_name, self.worker_id,
+                "%s accepted: worker %s, %d plan(s)",
+                self.model_name,
+                self.worker_id,
                 len(self.plans),
             )
         elif isinstance(outcome, Rejected):
@@ -375,9 +377,11 @@ class BaseJob:
         # A started job starting again joins the next cycle as the same worker: the node
         # binds a worker id to its process, and PyGrid lets it join each cycle once.
         if self._identity is None:
-            auth = _wire.AuthenticateRequest(self.model_name, self.model_version, self.auth_token)
-            identity = _wire.parse_authenticate_response(
-                (yield Call(proto.AUTHENTICATE, auth.to_json()))
+            auth = _messages.AuthenticateRequest(
+                self.model_name, self.model_version, self.auth_token
+            )
+            identity = _messages.parse_authenticate_response(
+                (yield Call(replies.AUTHENTICATE, auth.to_json()))
             )
             self._identity = (identity.worker_id, identity.requires_speed_test)
             logger.debug("%s: authenticated as worker %s", self.model_name, identity.worker_id)
@@ -386,7 +390,7 @@ class BaseJob:
         if c.requires_speed_test:
             c.speed = dict((yield MeasureSpeed(worker_id)))
             logger.debug("%s: speed test %s", self.model_name, c.speed)
-        request = _wire.CycleRequest(
+        request = _messages.CycleRequest(
             worker_id=worker_id,
             model=self.model_name,
             version=self.model_version,
@@ -395,9 +399,9 @@ class BaseJob:
             upload=c.speed.get("upload"),
             wait=max(0.0, wait),
         )
-        call = Call(proto.CYCLE_REQUEST, request.to_json(), idempotent=False, extra_timeout=wait)
-        reply = _wire.parse_cycle_response((yield call))
-        if isinstance(reply, _wire.CycleRejected):
+        call = Call(replies.CYCLE_REQUEST, request.to_json(), idempotent=False, extra_timeout=wait)
+        reply = _messages.parse_cycle_response((yield call))
+        if isinstance(reply, _messages.CycleRejected):
             return Rejected(reply.timeout)
 
         c.request_key, c.model_id, c.version = reply.request_key, reply.model_id, reply.version
@@ -406,11 +410,11 @@ class BaseJob:
         digests = reply.plan_digests or {}
 
         def asset(asset_id: Any, id_key: str, variant: str | None = None) -> dict[str, Any]:
-            query = _wire.AssetRequest(worker_id, reply.request_key, asset_id, variant)
+            query = _messages.AssetRequest(worker_id, reply.request_key, asset_id, variant)
             return query.to_json(id_key)
 
         try:
-            raw = yield Fetch(proto.GET_MODEL, asset(reply.model_id, "model_id"))
+            raw = yield Fetch(replies.GET_MODEL, asset(reply.model_id, "model_id"))
             model = SyftModel.from_bytes(raw)
         except Exception as exc:
             raise ModelLoadFailedError(f"Failed to load Model: {exc}") from exc
@@ -422,7 +426,7 @@ class BaseJob:
                 plans[name] = held
                 continue
             try:
-                raw = yield Fetch(proto.GET_PLAN, asset(plan_id, "plan_id", proto.PLAN_VARIANT))
+                raw = yield Fetch(replies.GET_PLAN, asset(plan_id, "plan_id", replies.PLAN_VARIANT))
                 plans[name] = self._client._load_plan(raw)
             except Exception as exc:
                 raise PlanLoadFailedError(f"Failed to load {name!r} Plan: {exc}") from exc
@@ -431,7 +435,7 @@ class BaseJob:
         for name, protocol_id in reply.protocols.items():
             try:
                 query = asset(protocol_id, "protocol_id")
-                protocols[name] = yield Fetch(proto.GET_PROTOCOL, query)
+                protocols[name] = yield Fetch(replies.GET_PROTOCOL, query)
             except Exception as exc:
                 raise GridError(f"Failed to load {name!r} Protocol: {exc}") from exc
 
@@ -461,7 +465,7 @@ class BaseJob:
             if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:
                 raise ConfigError(f"num_samples must be a non-negative int, got {num_samples!r}")
             num_samples = int(num_samples)
-        report = _wire.ReportRequest(
+        report = _messages.ReportRequest(
             worker_id=str(self.worker_id),
             request_key=str(self.request_key),
             diff=bytes(diff),
@@ -470,8 +474,8 @@ class BaseJob:
         )
         # The diff stays bytes here: the transport encodes it (base64 in JSON, or raw in a
         # binary WebSocket frame when the node takes those).
-        reply = yield Call(proto.REPORT, report.to_json(raw_diff=True), idempotent=False)
-        _wire.parse_report_response(reply)
+        reply = yield Call(replies.REPORT, report.to_json(raw_diff=True), idempotent=False)
+        _messages.parse_report_response(reply)
         self.state = JobState.REPORTED
         logger.info("%s: reported diff of %d bytes", self.model_name, len(diff))
         return reply
@@ -517,8 +521,17 @@ class BaseJob:
                 plan, data, target, checkpoint, client_config=cfg, events=events
             )
         return PlanTrainer(
-            plan, self.model.params, data, target, client_config=cfg, batch_size=batch_size,
-            epochs=epochs, max_updates=max_updates, shuffle=shuffle, seed=seed, events=events,
+            plan,
+            self.model.params,
+            data,
+            target,
+            client_config=cfg,
+            batch_size=batch_size,
+            epochs=epochs,
+            max_updates=max_updates,
+            shuffle=shuffle,
+            seed=seed,
+            events=events,
         )
 
     def _handlers_for(self, event: str) -> list[Callable[..., Any]]:

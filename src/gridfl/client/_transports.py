@@ -36,14 +36,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.typing import Subprotocol
 
-from gridfl import _wire
+from gridfl import _messages
 from gridfl._exceptions import (
     GridError,
     PayloadTooLargeError,
     ResponseTimeoutError,
     TransportError,
 )
-from gridfl.client import _protocol as proto
+from gridfl.client import _replies as replies
 
 logger = logging.getLogger("gridfl.client")
 
@@ -72,7 +72,7 @@ def json_data(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` for a JSON message: a bytes ``diff`` (a report) as base64 text."""
     diff = data.get("diff")
     if isinstance(diff, (bytes, bytearray, memoryview)):
-        return {**data, "diff": _wire.encode_diff(bytes(diff))}
+        return {**data, "diff": _messages.encode_diff(bytes(diff))}
     return data
 
 
@@ -211,7 +211,7 @@ class HttpTransport:
             body = resp.json()
         except ValueError as exc:
             raise GridError(f"malformed reply to {call}: not JSON ({resp.text[:200]!r})") from exc
-        return proto.unwrap_reply(body, call=call, status=resp.status_code)
+        return replies.unwrap_reply(body, call=call, status=resp.status_code)
 
     @staticmethod
     def _error(resp: httpx.Response, call: str) -> GridError:
@@ -226,7 +226,7 @@ class HttpTransport:
             pass
         if message is None:
             message = f"{resp.status_code} {resp.reason_phrase}".strip()
-        return proto.node_error(message, status=resp.status_code, call=call)
+        return replies.node_error(message, status=resp.status_code, call=call)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -285,7 +285,7 @@ class WsTransport:
                     # Diffs are base64 floats: deflate saves ~25% of the bytes for several
                     # times the CPU of the whole exchange, on both ends.
                     compression=None,
-                    subprotocols=[Subprotocol(_wire.BINARY_SUBPROTOCOL)],
+                    subprotocols=[Subprotocol(_messages.BINARY_SUBPROTOCOL)],
                     additional_headers=self.headers,
                     proxy=None,
                 )
@@ -325,7 +325,7 @@ class WsTransport:
             if isinstance(raw, str):
                 msg = json.loads(raw)
             else:  # a download's reply: length, JSON header {type, request_id}, bytes
-                head, payload = _wire.split_binary_frame(raw)
+                head, payload = _messages.split_binary_frame(raw)
                 msg = json.loads(head.decode("utf-8"))
         except (ValueError, GridError):  # bad JSON, bad UTF-8, broken framing
             logger.warning("ignoring a malformed WebSocket message: %.200r", raw)
@@ -359,7 +359,7 @@ class WsTransport:
         try:
             frame: str | bytes
             if self._binary_report(conn, type_, data):
-                frame = _wire.encode_binary_report(data, rid)
+                frame = _messages.encode_binary_report(data, rid)
             else:
                 frame = json.dumps({"type": type_, "request_id": rid, "data": json_data(data)})
             try:
@@ -388,7 +388,7 @@ class WsTransport:
             msg = await self._exchange(await self._connection(), type_, data, timeout)
             if isinstance(msg, _BinaryReply):
                 raise GridError(f"malformed reply to {type_}: a binary frame")
-            return proto.unwrap_reply(msg, call=type_)
+            return replies.unwrap_reply(msg, call=type_)
 
         return await with_retries(type_, attempt, retries=self.retries, idempotent=idempotent)
 
@@ -405,7 +405,7 @@ class WsTransport:
 
         async def attempt() -> bytes | None:
             conn = await self._connection()  # a new socket forgets what was too large
-            if conn.subprotocol != _wire.BINARY_SUBPROTOCOL or what in self._too_large:
+            if conn.subprotocol != _messages.BINARY_SUBPROTOCOL or what in self._too_large:
                 return None
             data = {**params, "max_bytes": self.max_message - _REPLY_HEADER_ROOM}
             try:
@@ -416,7 +416,7 @@ class WsTransport:
             if isinstance(msg, _BinaryReply):
                 return msg.payload
             try:
-                proto.unwrap_reply(msg, call=path)
+                replies.unwrap_reply(msg, call=path)
             except PayloadTooLargeError as exc:
                 logger.info("%s over the WebSocket: %s; over HTTP from now on", path, exc)
                 self._too_large.add(what)
@@ -430,8 +430,8 @@ class WsTransport:
         """Send this message as a binary frame: a report with bytes, to a node that
         selected ``gridfl.binary.2`` at the handshake."""
         return (
-            type_ == proto.REPORT
-            and conn.subprotocol == _wire.BINARY_SUBPROTOCOL
+            type_ == replies.REPORT
+            and conn.subprotocol == _messages.BINARY_SUBPROTOCOL
             and isinstance(data.get("diff"), (bytes, bytearray, memoryview))
         )
 

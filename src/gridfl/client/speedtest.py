@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import httpx
 
 from gridfl._exceptions import ConfigError, GridError, ResponseTimeoutError, TransportError
-from gridfl.client import _protocol as proto
+from gridfl.client import _replies as replies
 
 __all__ = ["SpeedTestLimits", "SpeedTestResult", "measure_speed"]
 
@@ -84,9 +84,9 @@ def _params(worker_id: str, ping: bool = False) -> dict[str, str]:
 
 def _check(resp: httpx.Response, what: str) -> None:
     if not resp.is_success:
-        raise proto.node_error(
+        raise replies.node_error(
             f"speed test {what} failed: {resp.status_code} {resp.text[:200]}",
-            status=resp.status_code, call=proto.SPEED_TEST,
+            status=resp.status_code, call=replies.SPEED_TEST,
         )
 
 
@@ -146,7 +146,7 @@ async def measure_speed(
     worker_id: str,
     *,
     limits: SpeedTestLimits | None = None,
-    path: str = "/" + proto.SPEED_TEST,
+    path: str = "/" + replies.SPEED_TEST,
 ) -> SpeedTestResult:
     """Measure ping, download and upload speed against the node ``http`` points to.
 

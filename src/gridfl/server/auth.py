@@ -8,7 +8,7 @@ from typing import Any
 
 import jwt
 
-from gridfl import _wire
+from gridfl import _messages
 from gridfl._exceptions import AuthenticationError
 
 log = logging.getLogger("gridfl.server")
@@ -33,7 +33,7 @@ def verify_worker_token(
     if not auth:
         return None
     if not token:
-        raise _auth_error(_wire.MSG_AUTH_REQUIRED)
+        raise _auth_error(_messages.MSG_AUTH_REQUIRED)
     claims: dict[str, Any] | None = None
     keys: list[tuple[str, str]] = [
         (k, alg) for k, alg in ((auth.get("secret"), "HS256"), (auth.get("pub_key"), "RS256")) if k
@@ -46,7 +46,7 @@ def verify_worker_token(
             except jwt.PyJWTError as e:
                 log.info("auth: token refused (%s): %s", alg, e)
         if claims is None:
-            raise _auth_error(_wire.MSG_AUTH_INVALID)
+            raise _auth_error(_messages.MSG_AUTH_INVALID)
     endpoint = auth.get("endpoint")
     if endpoint:
         import httpx
@@ -58,7 +58,7 @@ def verify_worker_token(
             log.warning("auth: third-party endpoint %s failed: %s", endpoint, e)
             ok = False
         if not ok:
-            raise _auth_error(_wire.MSG_AUTH_THIRD_PARTY)
+            raise _auth_error(_messages.MSG_AUTH_THIRD_PARTY)
     return claims if claims is not None else {}
 
 

@@ -12,15 +12,15 @@ from typing import Any
 import anyio
 from starlette.requests import ClientDisconnect, Request
 
-from gridfl import _wire
+from gridfl import _messages
 from gridfl._exceptions import PayloadTooLargeError, RequestTimeoutError, UnavailableError
 
 log = logging.getLogger("gridfl.server")
 
 
 def parse_worker_json(body: bytes | str, what: str = "the body", *, check: bool = True) -> Any:
-    """A worker message's JSON (:func:`_wire.parse_json`, its values capped)."""
-    return _wire.parse_json(body, what, max_values=_wire.MAX_MESSAGE_VALUES, check=check)
+    """A worker message's JSON (:func:`_messages.parse_json`, its values capped)."""
+    return _messages.parse_json(body, what, max_values=_messages.MAX_MESSAGE_VALUES, check=check)
 
 
 class BodyBudget:

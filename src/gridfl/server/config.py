@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from gridfl._exceptions import ConfigError
-from gridfl._wire import check_json_values
+from gridfl._messages import check_json_values
 
 #: key -> default of the normalized server_config
 SERVER_DEFAULTS: dict[str, Any] = {

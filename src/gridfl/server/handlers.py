@@ -9,14 +9,18 @@ from typing import Any
 
 import anyio
 
-from gridfl import _wire
+from gridfl import _messages
 from gridfl.server.held import CycleSignal
 from gridfl.server.service import GridNode
 
 HANDLERS: dict[str, Callable[[GridNode, Any], dict[str, Any]]] = {
-    _wire.AUTHENTICATE: lambda node, data: node.authenticate(_wire.parse_authenticate(data)),
-    _wire.CYCLE_REQUEST: lambda node, data: node.cycle_request(_wire.parse_cycle_request(data)),
-    _wire.REPORT: lambda node, data: node.report(_wire.parse_report(data)),
+    _messages.AUTHENTICATE: lambda node, data: node.authenticate(
+        _messages.parse_authenticate(data)
+    ),
+    _messages.CYCLE_REQUEST: lambda node, data: node.cycle_request(
+        _messages.parse_cycle_request(data)
+    ),
+    _messages.REPORT: lambda node, data: node.report(_messages.parse_report(data)),
 }
 
 
@@ -24,9 +28,9 @@ HANDLERS: dict[str, Callable[[GridNode, Any], dict[str, Any]]] = {
 #: ``receive_operations_as`` picks a variant); HTTP ``GET /<type>?...``, and on a socket
 #: that negotiated the gridfl.binary.2 subprotocol a request frame ``{"type", "data"}``
 ASSETS: dict[str, tuple[str, str, bool]] = {
-    _wire.GET_MODEL: ("get_model", "model_id", False),
-    _wire.GET_PLAN: ("get_plan", "plan_id", True),
-    _wire.GET_PROTOCOL: ("get_protocol", "protocol_id", False),
+    _messages.GET_MODEL: ("get_model", "model_id", False),
+    _messages.GET_PLAN: ("get_plan", "plan_id", True),
+    _messages.GET_PROTOCOL: ("get_protocol", "protocol_id", False),
 }
 
 
@@ -34,22 +38,22 @@ async def fetch_asset(app, kind: str, query: Any) -> bytes:
     """Validate a download request (query parameters or a WS frame's ``data``) and read the
     bytes off the event loop."""
     method, id_key, variant = ASSETS[kind]
-    req = _wire.parse_asset_request(query, id_key, variant=variant)
+    req = _messages.parse_asset_request(query, id_key, variant=variant)
     return await anyio.to_thread.run_sync(getattr(app.state.node, method), req)
 
 
 def error_extra(kind: str | None) -> dict[str, Any]:
     # PyGrid answers a failed cycle-request with a rejection that carries the error
-    return {"status": "rejected"} if kind == _wire.CYCLE_REQUEST else {}
+    return {"status": "rejected"} if kind == _messages.CYCLE_REQUEST else {}
 
 
 async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
     """Run one worker handler off the event loop; a cycle request with ``wait`` is held
     while it would be rejected with a timeout, until a cycle opens or ``wait`` runs out."""
     node: GridNode = app.state.node
-    if kind != _wire.CYCLE_REQUEST:
+    if kind != _messages.CYCLE_REQUEST:
         return await anyio.to_thread.run_sync(HANDLERS[kind], node, data)
-    req = _wire.parse_cycle_request(data)
+    req = _messages.parse_cycle_request(data)
     signal: CycleSignal = app.state.cycle_signal
     # The signal fires when a cycle opens or closes in this process, and when another
     # server process on the same database opens one (PostgreSQL: cycle_listener, at once;

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from gridfl import _wire
+from gridfl import _messages
 from gridfl.server.service import GridNode
 
 
@@ -60,10 +60,10 @@ class HeldAdmissions:
     def __init__(self, node: GridNode, batch: int = 64) -> None:
         self.node = node
         self.batch = batch
-        self._queue: list[tuple[_wire.CycleRequest, asyncio.Future]] = []
+        self._queue: list[tuple[_messages.CycleRequest, asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
 
-    async def admit(self, req: _wire.CycleRequest) -> dict[str, Any]:
+    async def admit(self, req: _messages.CycleRequest) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.append((req, future))

@@ -13,7 +13,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gridfl import _wire
+from gridfl import _messages
 from gridfl._exceptions import ConfigError, ConflictError, GridflError, InvalidRequestError
 from gridfl.server import aggregate as agg
 from gridfl.server import db, storage
@@ -113,7 +113,7 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
     for name, value in raw_plans.items():
         if not isinstance(name, str) or not name or len(name) > 255:
             raise InvalidRequestError("plans: names must be non-empty strings")
-        _wire.check_text(name, "a plan name")  # PostgreSQL stores no NUL: a 500 before
+        _messages.check_text(name, "a plan name")  # PostgreSQL stores no NUL: a 500 before
         variants = {"onnx": value} if isinstance(value, str) else value
         if not isinstance(variants, dict) or not variants:
             raise InvalidRequestError(
@@ -121,10 +121,10 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
             )
         row: dict[str, Any] = {"name": name, "is_averaging": False}
         for variant, blob in variants.items():
-            if variant not in _wire.PLAN_VARIANTS:
+            if variant not in _messages.PLAN_VARIANTS:
                 raise InvalidRequestError(
                     f"plans.{name}: unknown variant {variant!r}; "
-                    f"known: {', '.join(_wire.PLAN_VARIANTS)}"
+                    f"known: {', '.join(_messages.PLAN_VARIANTS)}"
                 )
             row[variant] = _b64(blob, f"plans.{name}.{variant}")
         if "onnx" in row:
@@ -158,7 +158,7 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
     if not isinstance(raw_protocols, dict):
         raise InvalidRequestError("protocols: expected an object of name -> base64 bytes")
     protocol_rows = [
-        {"name": _wire.check_text(n, "a protocol name"), "data": _b64(v, f"protocols.{n}")}
+        {"name": _messages.check_text(n, "a protocol name"), "data": _b64(v, f"protocols.{n}")}
         for n, v in raw_protocols.items()
     ]
     return HostRequest(client_config, server_config, model_bytes, spec, plan_rows, protocol_rows)
@@ -209,6 +209,6 @@ def _b64(value: Any, what: str) -> bytes:
     if not isinstance(value, str) or not value:
         raise InvalidRequestError(f"{what}: expected a non-empty base64 string")
     try:
-        return _wire.b64decode(value)
+        return _messages.b64decode(value)
     except (binascii.Error, ValueError):
         raise InvalidRequestError(f"{what}: not valid base64") from None

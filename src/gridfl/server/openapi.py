@@ -2,7 +2,7 @@
 
 Written as data (no framework introspection): the worker API under ``/model-centric/``, the
 admin API under ``/gridfl/v1/`` and ``/health``. The worker messages' schemas are generated
-from their dataclasses in :mod:`gridfl._wire` (:func:`message_schema`), so the description
+from their dataclasses in :mod:`gridfl._messages` (:func:`message_schema`), so the description
 cannot drift from what the node parses and sends; the rest is written by hand.
 docs/protocol.md is the prose contract; tests/server/test_openapi.py fuzzes a live node
 against this description (schemathesis).
@@ -17,7 +17,7 @@ import typing
 from typing import Any
 
 import gridfl
-from gridfl import _wire
+from gridfl import _messages
 from gridfl.server.config import MAX_INT
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
@@ -51,9 +51,9 @@ def message_schema(message: type) -> dict[str, Any]:
     required even though the worker's parser tolerates its absence); a response's
     ``STATUS`` becomes a required ``status`` property.
 
-    >>> message_schema(_wire.ReportResponse)
+    >>> message_schema(_messages.ReportResponse)
     {'type': 'object', 'required': ['status'], 'properties': {'status': {'enum': ['success']}}}
-    >>> message_schema(_wire.AuthenticateRequest)["properties"]["model_version"]
+    >>> message_schema(_messages.AuthenticateRequest)["properties"]["model_version"]
     {'type': 'string', 'nullable': True}
     """
     hints = typing.get_type_hints(message)
@@ -137,13 +137,13 @@ def _asset(summary: str, id_key: str, extra: list | None = None) -> dict[str, An
 
 
 _MESSAGES = (
-    _wire.AuthenticateRequest,
-    _wire.AuthenticateResponse,
-    _wire.CycleRequest,
-    _wire.CycleAccepted,
-    _wire.CycleRejected,
-    _wire.ReportRequest,
-    _wire.ReportResponse,
+    _messages.AuthenticateRequest,
+    _messages.AuthenticateResponse,
+    _messages.CycleRequest,
+    _messages.CycleAccepted,
+    _messages.CycleRejected,
+    _messages.ReportRequest,
+    _messages.ReportResponse,
 )
 
 _SCHEMAS: dict[str, Any] = {
@@ -304,13 +304,13 @@ _STATUS = _json(_ref("ProcessStatus"), "process status")
 _STATUS_QUERY = [
     _query(
         "cycles",
-        {"type": "integer", "minimum": 1, "maximum": _wire.MAX_STATUS_CYCLES, "default": 100},
+        {"type": "integer", "minimum": 1, "maximum": _messages.MAX_STATUS_CYCLES, "default": 100},
         required=False,
         desc="how many of the latest cycles and checkpoints to list",
     ),
     _query(
         "wait",
-        {"type": "number", "minimum": 0, "maximum": _wire.MAX_WAIT, "default": 0},
+        {"type": "number", "minimum": 0, "maximum": _messages.MAX_WAIT, "default": 0},
         required=False,
         desc="hold the reply up to this many seconds, until a cycle newer than `after` "
         "closes or the process stops running",
@@ -367,7 +367,7 @@ PATHS: dict[str, Any] = {
     "/model-centric/get-plan": _asset(
         "download a plan variant",
         "plan_id",
-        [_query("receive_operations_as", {"enum": list(_wire.PLAN_VARIANTS)}, required=False)],
+        [_query("receive_operations_as", {"enum": list(_messages.PLAN_VARIANTS)}, required=False)],
     ),
     "/model-centric/get-protocol": _asset("download a protocol", "protocol_id"),
     "/model-centric/speed-test": {

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 import gridfl
-from gridfl import _wire
+from gridfl import _messages
 from gridfl._exceptions import GridflError, InvalidRequestError, NotFoundError
 from gridfl.server.auth import check_admin
 from gridfl.server.bodies import body_chunks, parse_worker_json, read_body, worker_body
@@ -55,7 +55,7 @@ def error_response(exc: BaseException, **extra: Any) -> JSONResponse:
     drop_tracebacks(exc)
     # after a 408 the rest of the body may still come, or never: do not wait for it
     headers = {"connection": "close"} if status == 408 else None
-    return JSONResponse(_wire.error_body(message, **extra), status_code=status, headers=headers)
+    return JSONResponse(_messages.error_body(message, **extra), status_code=status, headers=headers)
 
 
 def _node(request) -> GridNode:
@@ -70,7 +70,7 @@ def _settings(request) -> Settings:
 def _worker_post(kind: str):
     async def endpoint(request: Request) -> Response:
         # the report slot is taken once the body is in: a slow upload holds no slot
-        gate = request.app.state.report_gate if kind == _wire.REPORT else None
+        gate = request.app.state.report_gate if kind == _messages.REPORT else None
         async with worker_body(request) as body, gate or contextlib.nullcontext():
             data = await dispatch(request.app, kind, parse_worker_json(body))
         return JSONResponse(data)
@@ -135,15 +135,15 @@ def _admin(fn):
 
 def _pv(request: Request) -> tuple[str, str | None]:
     name, version = request.path_params["name"], request.path_params.get("version")
-    _wire.check_text(name, "the process name")
+    _messages.check_text(name, "the process name")
     if version is not None:
-        _wire.check_text(version, "the process version")
+        _messages.check_text(version, "the process version")
     return name, version
 
 
 def _checkpoint_ref(ref: str) -> str:
     """A checkpoint number (ASCII digits, fits a database integer) or an alias."""
-    _wire.check_text(ref, "the checkpoint")
+    _messages.check_text(ref, "the checkpoint")
     if ref.isdigit() and not (ref.isascii() and int(ref) < 1 << 63):
         raise NotFoundError(
             f"this process has no checkpoint {ref!r} (a checkpoint is a number or an alias "
@@ -156,7 +156,7 @@ def _checkpoint_ref(ref: str) -> str:
 async def host_process(request: Request) -> Response:
     body = await read_body(request, _settings(request).max_admin_body_bytes)
     node = _node(request)
-    result = await anyio.to_thread.run_sync(lambda: node.host(_wire.parse_json(body)))
+    result = await anyio.to_thread.run_sync(lambda: node.host(_messages.parse_json(body)))
     return JSONResponse(result, status_code=201)
 
 
@@ -180,9 +180,9 @@ def _wait_param(request: Request) -> float:
         wait = float(raw)
     except ValueError:
         wait = -1.0
-    if not 0 <= wait <= _wire.MAX_WAIT:  # also NaN
+    if not 0 <= wait <= _messages.MAX_WAIT:  # also NaN
         raise InvalidRequestError(
-            f"wait must be a number of seconds from 0 to {_wire.MAX_WAIT:g}, got {raw!r:.40}"
+            f"wait must be a number of seconds from 0 to {_messages.MAX_WAIT:g}, got {raw!r:.40}"
         )
     return wait
 
@@ -190,7 +190,7 @@ def _wait_param(request: Request) -> float:
 @_admin
 async def process_status(request: Request) -> Response:
     name, version = _pv(request)
-    last = _int_param(request, "cycles", 100, 1, _wire.MAX_STATUS_CYCLES)
+    last = _int_param(request, "cycles", 100, 1, _messages.MAX_STATUS_CYCLES)
     wait = _wait_param(request)
     after = None
     if "after" in request.query_params:
@@ -230,9 +230,9 @@ async def retrieve_model(request: Request) -> Response:
     if not name:
         raise InvalidRequestError("'name' is required")
     version = q.get("version") or None
-    _wire.check_text(name, "'name'")
+    _messages.check_text(name, "'name'")
     if version is not None:
-        _wire.check_text(version, "'version'")
+        _messages.check_text(version, "'version'")
     ref = _checkpoint_ref(q.get("checkpoint") or "latest")
     data = await anyio.to_thread.run_sync(_node(request).checkpoint, name, version, ref)
     return Response(data, media_type="application/octet-stream")
@@ -262,7 +262,9 @@ async def http_exception(request: Request, exc: Exception) -> Response:
     message = f"{exc.detail}: {request.method} {request.url.path}"
     if exc.status_code == 404:
         message += " (the API is described at GET /openapi.json and in docs/protocol.md)"
-    return JSONResponse(_wire.error_body(message), status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(
+        _messages.error_body(message), status_code=exc.status_code, headers=exc.headers
+    )
 
 
 async def answer_error(request: Request, exc: Exception) -> Response:
@@ -290,9 +292,9 @@ def routes() -> list[BaseRoute]:
     mc = "/model-centric"
     return [
         WebSocketRoute("/", websocket_endpoint),
-        Route(f"{mc}/authenticate", _worker_post(_wire.AUTHENTICATE), methods=["POST"]),
-        Route(f"{mc}/cycle-request", _worker_post(_wire.CYCLE_REQUEST), methods=["POST"]),
-        Route(f"{mc}/report", _worker_post(_wire.REPORT), methods=["POST"]),
+        Route(f"{mc}/authenticate", _worker_post(_messages.AUTHENTICATE), methods=["POST"]),
+        Route(f"{mc}/cycle-request", _worker_post(_messages.CYCLE_REQUEST), methods=["POST"]),
+        Route(f"{mc}/report", _worker_post(_messages.REPORT), methods=["POST"]),
         *[Route(f"/{kind}", _asset_get(kind), methods=["GET"]) for kind in ASSETS],
         Route(f"{mc}/speed-test", speed_test, methods=["GET", "POST"]),
         Route(f"{mc}/retrieve-model", retrieve_model, methods=["GET"]),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, CursorResult
 
-from gridfl._wire import PLAN_VARIANTS
+from gridfl._messages import PLAN_VARIANTS
 from gridfl.server.tables import (
     aggregates,
     checkpoints,

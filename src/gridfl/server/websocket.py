@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gridfl import _wire
+from gridfl import _messages
 from gridfl._exceptions import InvalidRequestError, PayloadTooLargeError, UnavailableError
 from gridfl.server.bodies import BodyBudget, parse_worker_json
 from gridfl.server.errors import drop_tracebacks, to_status
@@ -43,8 +43,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:  # noqa: C901 - the receive
     # A client that offers gridfl.binary.2 learns from the handshake that this node takes
     # binary reports and serves downloads over the socket. syft.js offers none (nor does a
     # client offering only other subprotocols): plain JSON, as ever.
-    subprotocol = _wire.select_subprotocol(ws.scope.get("subprotocols"))
-    downloads = subprotocol == _wire.BINARY_SUBPROTOCOL
+    subprotocol = _messages.select_subprotocol(ws.scope.get("subprotocols"))
+    downloads = subprotocol == _messages.BINARY_SUBPROTOCOL
     await ws.accept(subprotocol=subprotocol)
     send_lock = anyio.Lock()
     in_flight = anyio.Semaphore(32)
@@ -65,31 +65,31 @@ async def websocket_endpoint(ws: WebSocket) -> None:  # noqa: C901 - the receive
             if isinstance(text, str):
                 frame = parse_worker_json(text, "the message", check=False)
             else:  # a binary report (gridfl extension): JSON header + raw diff bytes
-                head, payload = _wire.split_binary_frame(text)
+                head, payload = _messages.split_binary_frame(text)
                 frame = _parse_binary_header(head)
             if isinstance(frame, dict):  # for the error reply's envelope, if it comes to that
-                request_id = _wire.echoable_request_id(frame)
+                request_id = _messages.echoable_request_id(frame)
                 kind = frame.get("type") if isinstance(frame.get("type"), str) else None
-            kind, data, request_id = _wire.parse_ws_frame(frame)
+            kind, data, request_id = _messages.parse_ws_frame(frame)
             if refused is not None:  # no room in the body budget
                 raise refused
             if payload is not None:
                 # validated by parse_report in the handler, exactly as a JSON report
-                data = _wire.binary_report_data(kind, data, payload)
-            if kind == _wire.SOCKET_PING:
-                reply = _wire.ws_reply(None, {"alive": "True"}, request_id)
+                data = _messages.binary_report_data(kind, data, payload)
+            if kind == _messages.SOCKET_PING:
+                reply = _messages.ws_reply(None, {"alive": "True"}, request_id)
             elif kind in HANDLERS:
-                gate = ws.app.state.report_gate if kind == _wire.REPORT else None
+                gate = ws.app.state.report_gate if kind == _messages.REPORT else None
                 async with gate or contextlib.nullcontext():
                     result = await dispatch(ws.app, kind, data)
-                reply = _wire.ws_reply(kind, result, request_id)
+                reply = _messages.ws_reply(kind, result, request_id)
             elif downloads and kind in ASSETS:
-                limit = _wire.parse_max_bytes(data)
+                limit = _messages.parse_max_bytes(data)
                 blob = await fetch_asset(ws.app, kind, data)  # as the HTTP GET
                 if limit is not None and len(blob) > limit:
                     raise _too_large(kind, len(blob), limit)
-                reply = _wire.encode_binary_reply(kind, blob, request_id)
-            elif kind == _wire.HOST_TRAINING:
+                reply = _messages.encode_binary_reply(kind, blob, request_id)
+            elif kind == _messages.HOST_TRAINING:
                 raise InvalidRequestError(
                     "hosting over the WebSocket is not supported: use the admin API "
                     "(POST /gridfl/v1/processes, see docs/protocol.md)"
@@ -99,7 +99,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:  # noqa: C901 - the receive
         except Exception as e:  # noqa: BLE001
             status, message = to_status(e)
             drop_tracebacks(e)
-            reply = _wire.ws_error(
+            reply = _messages.ws_error(
                 kind, message, request_id, status_code=status, **error_extra(kind)
             )
         with contextlib.suppress(Exception):

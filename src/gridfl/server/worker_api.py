@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
-from gridfl import _wire
+from gridfl import _messages
 from gridfl._exceptions import (
     AuthenticationError,
     ConflictError,
@@ -42,7 +42,7 @@ def _not_found_400(message: str) -> NotFoundError:
 
 
 def _invalid_key() -> AuthenticationError:
-    return AuthenticationError(_wire.MSG_INVALID_REQUEST_KEY)
+    return AuthenticationError(_messages.MSG_INVALID_REQUEST_KEY)
 
 
 class WorkerApi:
@@ -59,7 +59,7 @@ class WorkerApi:
         end_at = None if cycle is None else cycle.end_at
         return rules.retry_timeout(end_at, time.time(), self.settings.retry_seconds)
 
-    def authenticate(self, req: _wire.AuthenticateRequest) -> dict[str, Any]:
+    def authenticate(self, req: _messages.AuthenticateRequest) -> dict[str, Any]:
         with db.read(self.engine) as conn:
             process = process_named(conn, req.model_name, req.model_version)
         cfg = process.server_config
@@ -75,9 +75,9 @@ class WorkerApi:
             storage.insert_worker(
                 conn, id=worker_id, process_id=process.id, identity=identity, created_at=time.time()
             )
-        return _wire.AuthenticateResponse(worker_id, requires_speed_test(cfg)).to_json()
+        return _messages.AuthenticateResponse(worker_id, requires_speed_test(cfg)).to_json()
 
-    def cycle_request(self, req: _wire.CycleRequest) -> dict[str, Any]:
+    def cycle_request(self, req: _messages.CycleRequest) -> dict[str, Any]:
         if req.ping is None and req.download is None and req.upload is None:
             full = self._full_cycle_rejection(req)
             if full is not None:
@@ -85,7 +85,9 @@ class WorkerApi:
         with db.write(self.engine) as conn:
             return self._admit(conn, req)
 
-    def admit_held(self, reqs: Sequence[_wire.CycleRequest]) -> list[dict[str, Any] | Exception]:
+    def admit_held(
+        self, reqs: Sequence[_messages.CycleRequest]
+    ) -> list[dict[str, Any] | Exception]:
         """Cycle requests that were held until a cycle opened, answered together: one write
         transaction for all of them (a savepoint each, so one failing request leaves the
         others' seats), where :meth:`cycle_request` would take one each, and each after a
@@ -105,11 +107,11 @@ class WorkerApi:
                     results.append(e)
         return results
 
-    def _admit(self, conn: Connection, req: _wire.CycleRequest) -> dict[str, Any]:
+    def _admit(self, conn: Connection, req: _messages.CycleRequest) -> dict[str, Any]:
         """Accept or reject one cycle request, inside the caller's write transaction."""
         worker = conn.execute(storage.worker_process, {"worker_id": req.worker_id}).first()
         if worker is None:
-            raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+            raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
         process = self.catalog.process(conn, worker.process_id)
         if process.name != req.model or (
             req.version is not None and req.version != process.version
@@ -125,10 +127,10 @@ class WorkerApi:
         if req.ping is not None or req.download is not None or req.upload is not None:
             storage.store_speeds(conn, worker.id, req.ping, req.download, req.upload)
         if worker.status != "running":
-            return _wire.CycleRejected(None, f"the FL process is {worker.status}").to_json()
+            return _messages.CycleRejected(None, f"the FL process is {worker.status}").to_json()
         cycle = conn.execute(storage.open_cycle_locked, {"process_id": process.id}).first()
         if cycle is None:
-            return _wire.CycleRejected(None, "the FL process has no open cycle").to_json()
+            return _messages.CycleRejected(None, "the FL process has no open cycle").to_json()
         timeout = self._timeout(cycle)
         seats = conn.execute(storage.seats, {"cycle_id": cycle.id, "worker_id": worker.id}).one()
         decision = rules.admit(
@@ -142,7 +144,7 @@ class WorkerApi:
             draw=random.random,
         )
         if decision.reason is not None:  # rejected
-            return _wire.CycleRejected(timeout, decision.reason).to_json()
+            return _messages.CycleRejected(timeout, decision.reason).to_json()
         request_key = secrets.token_hex(32)
         conn.execute(
             storage.accept,
@@ -154,7 +156,7 @@ class WorkerApi:
                 "accepted_at": time.time(),
             },
         )
-        return _wire.CycleAccepted(
+        return _messages.CycleAccepted(
             request_key=request_key,
             model=process.name,
             version=process.version,
@@ -165,7 +167,7 @@ class WorkerApi:
             plan_digests=dict(process.plan_digests),
         ).to_json()
 
-    def _full_cycle_rejection(self, req: _wire.CycleRequest) -> dict[str, Any] | None:
+    def _full_cycle_rejection(self, req: _messages.CycleRequest) -> dict[str, Any] | None:
         """Fast path, read-only: the rejection of a request for a cycle that is already
         full, or ``None`` to take the locked path. Workers long-polling a full cycle
         re-ask whenever a cycle opens or closes; without this each re-ask would be a
@@ -183,7 +185,11 @@ class WorkerApi:
         reason = rules.full_cycle_reason(
             process.server_config, accepted=row.accepted, taken=row.taken is not None
         )
-        return None if reason is None else _wire.CycleRejected(self._timeout(row), reason).to_json()
+        return (
+            None
+            if reason is None
+            else _messages.CycleRejected(self._timeout(row), reason).to_json()
+        )
 
     # ------------------------------------------------------------------ downloads
     def _check_asset_access(self, conn: Connection, process_id: int, worker_id: str, key: str):
@@ -198,35 +204,35 @@ class WorkerApi:
             raise _invalid_key()
         # refused: find out why, in the order PyGrid reports it
         if storage.worker_row(conn, worker_id) is None:
-            raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+            raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
         if row is None:
             raise _not_found_400("Cycle not found!")
         raise _invalid_key()
 
-    def get_model(self, req: _wire.AssetRequest) -> bytes:
+    def get_model(self, req: _messages.AssetRequest) -> bytes:
         with db.read(self.engine) as conn:
             try:
                 cycle = self._check_asset_access(conn, req.asset_id, req.worker_id, req.request_key)
             except GridError:
                 if not storage.process_id_exists(conn, req.asset_id):
-                    raise _not_found_400(_wire.MSG_MODEL_NOT_FOUND) from None
+                    raise _not_found_400(_messages.MSG_MODEL_NOT_FOUND) from None
                 raise
             return self.catalog.checkpoint(conn, cycle.checkpoint_id)[0]
 
-    def get_plan(self, req: _wire.AssetRequest) -> bytes:
+    def get_plan(self, req: _messages.AssetRequest) -> bytes:
         with db.read(self.engine) as conn:
             row = self.catalog.plan_meta(conn, req.asset_id)
             if row is None:
-                raise _not_found_400(_wire.MSG_PLAN_NOT_FOUND)
+                raise _not_found_400(_messages.MSG_PLAN_NOT_FOUND)
             try:
                 self._check_asset_access(conn, row.process_id, req.worker_id, req.request_key)
             except GridError:
                 # refused: the plan may have gone with its process since it was cached
                 if conn.execute(storage.plan_meta, {"plan_id": req.asset_id}).first() is None:
                     self.catalog.forget_plan_meta(req.asset_id)
-                    raise _not_found_400(_wire.MSG_PLAN_NOT_FOUND) from None
+                    raise _not_found_400(_messages.MSG_PLAN_NOT_FOUND) from None
                 raise
-            have = [v for v in _wire.PLAN_VARIANTS if getattr(row, f"has_{v}")]
+            have = [v for v in _messages.PLAN_VARIANTS if getattr(row, f"has_{v}")]
             variant = req.receive_operations_as or have[0]
             if variant not in have:
                 raise InvalidRequestError(
@@ -234,11 +240,11 @@ class WorkerApi:
                 )
             return self.catalog.plan_bytes(conn, row.id, variant)
 
-    def get_protocol(self, req: _wire.AssetRequest) -> bytes:
+    def get_protocol(self, req: _messages.AssetRequest) -> bytes:
         with db.read(self.engine) as conn:
             row = storage.protocol_row(conn, req.asset_id)
             if row is None:
-                raise _not_found_400(_wire.MSG_PROTOCOL_NOT_FOUND)
+                raise _not_found_400(_messages.MSG_PROTOCOL_NOT_FOUND)
             self._check_asset_access(conn, row.process_id, req.worker_id, req.request_key)
             return bytes(row.data)
 
@@ -246,10 +252,10 @@ class WorkerApi:
         with db.read(self.engine) as conn:
             if storage.worker_exists(conn, worker_id):
                 return
-        raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+        raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
 
     # ------------------------------------------------------------------ reports
-    def report(self, req: _wire.ReportRequest) -> dict[str, Any]:
+    def report(self, req: _messages.ReportRequest) -> dict[str, Any]:
         from gridfl import state
 
         # 1. find the worker's cycle by its request key (constant-time compare), no lock
@@ -258,7 +264,7 @@ class WorkerApi:
             if not rows:
                 if storage.worker_exists(conn, req.worker_id):
                     raise _invalid_key()
-                raise _not_found_400(_wire.MSG_WORKER_NOT_FOUND)
+                raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
             match = None
             for r in rows:
                 if hmac.compare_digest(r.request_key.encode(), req.request_key.encode()):
@@ -331,4 +337,4 @@ class WorkerApi:
             self.on_cycles_changed()
         else:
             self.cycles.keep_sums(cycle_id, sums)
-        return _wire.ReportResponse().to_json()
+        return _messages.ReportResponse().to_json()

@@ -1,5 +1,5 @@
 """
-What the worker SDK needs of the protocol besides :mod:`gridfl._wire` (whose message
+What the worker SDK needs of the protocol besides :mod:`gridfl._messages` (whose message
 types it reuses): download paths, reply unwrapping, error classes.
 Everything here is pure (no I/O).
 """
@@ -14,7 +14,7 @@ from gridfl._exceptions import (
     NotFoundError,
     error_for_status,
 )
-from gridfl._wire import (  # noqa: F401 - re-exported
+from gridfl._messages import (  # noqa: F401 - re-exported
     AUTHENTICATE,
     CYCLE_REQUEST,
     GET_MODEL,
