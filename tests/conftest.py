@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.builders import private_postgres_database, reset_postgres_schema, rsa_key_pair
-from tests.harness import LiveNode, Serve, make_settings
+from tests.harness import InProcessNode, LiveNode, Serve, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +69,16 @@ def server_factory(tmp_path, sqlite_url):
 def server(server_factory) -> LiveNode:
     """A live node on a fresh SQLite file."""
     return server_factory()
+
+
+@pytest.fixture
+def in_process_node(tmp_path, sqlite_url):
+    """The node's app on a fresh SQLite file, reached with no socket (``url`` works with
+    the plain clients of tests/harness.py); for tests that need no real connection."""
+    pytest.importorskip("starlette")
+    node = InProcessNode(make_settings(sqlite_url, tmp_path))
+    yield node
+    node.stop()
 
 
 @pytest.fixture

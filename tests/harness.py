@@ -1,7 +1,8 @@
-"""The one test harness of a grid node: a real node on a loopback port, either in a thread
-(:class:`LiveNode`, the node's own ``make_server`` and ``uvicorn_options``) or as a
-``gridfl serve`` subprocess (:class:`Serve`, for tests that kill or restart it), and the
-plain protocol clients that talk to it by hand. Fixtures wrapping these are in
+"""The one test harness of a grid node: the node's app in process with no socket
+(:class:`InProcessNode`, for tests that need none), a real node on a loopback port, either
+in a thread (:class:`LiveNode`, the node's own ``make_server`` and ``uvicorn_options``) or
+as a ``gridfl serve`` subprocess (:class:`Serve`, for tests that kill or restart it), and
+the plain protocol clients that talk to either by hand. Fixtures wrapping these are in
 tests/conftest.py; shared payloads and plans in tests/builders.py."""
 
 from __future__ import annotations
@@ -227,14 +228,74 @@ class Serve:
             self._logf.close()
 
 
+# --------------------------------------------------------------------------- in-process node
+class _PortalTransport(httpx.BaseTransport):
+    """A blocking httpx transport into an ASGI app running on a portal's event loop."""
+
+    def __init__(self, app, portal) -> None:
+        self._asgi = httpx.ASGITransport(app)
+        self._portal = portal
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+
+        async def send() -> httpx.Response:
+            inner = httpx.Request(request.method, request.url, headers=request.headers,
+                                  content=body)
+            response = await self._asgi.handle_async_request(inner)
+            content = b"".join([chunk async for chunk in response.stream])
+            return httpx.Response(response.status_code, headers=response.headers,
+                                  content=content)
+
+        return self._portal.call(send)
+
+
+#: base URL -> transport of every running InProcessNode; the plain clients below use it
+_IN_PROCESS: dict[str, httpx.BaseTransport] = {}
+
+
+class InProcessNode:
+    """The node's ASGI app (startup and background tasks included) on an event loop in a
+    thread, reached through httpx with no socket: ``url`` works with :class:`Admin` and
+    :class:`HttpWorker` as a live node's does. For tests that need no real connection
+    (no WebSocket, no raw socket, no process)."""
+
+    def __init__(self, settings) -> None:
+        from anyio.from_thread import start_blocking_portal
+
+        from gridfl.server import create_app
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self._portal_cm = start_blocking_portal()
+        portal = self._portal_cm.__enter__()
+        self._lifespan = portal.wrap_async_context_manager(
+            self.app.router.lifespan_context(self.app)
+        )
+        self._lifespan.__enter__()
+        self.url = f"http://in-process-{uuid.uuid4().hex[:8]}.test"
+        _IN_PROCESS[self.url] = _PortalTransport(self.app, portal)
+
+    @property
+    def node(self):
+        """The running ``GridNode``."""
+        return self.app.state.node
+
+    def stop(self) -> None:
+        _IN_PROCESS.pop(self.url, None)
+        self._lifespan.__exit__(None, None, None)
+        self._portal_cm.__exit__(None, None, None)
+
+
+def _client(url: str, **kw) -> httpx.Client:
+    """An httpx client of the node at ``url``: in process if it is an InProcessNode's."""
+    return httpx.Client(base_url=url, timeout=60, transport=_IN_PROCESS.get(url), **kw)
+
+
 # --------------------------------------------------------------------------- plain protocol clients
 class Admin:
     def __init__(self, url: str, token: str = ADMIN):
-        import httpx
-
-        self.http = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60
-        )
+        self.http = _client(url, headers={"Authorization": f"Bearer {token}"})
 
     def host(self, payload: dict):
         return self.http.post("/gridfl/v1/processes", json=payload)
@@ -256,9 +317,7 @@ class HttpWorker:
     transport = "http"
 
     def __init__(self, url: str):
-        import httpx
-
-        self.http = httpx.Client(base_url=url, timeout=60)
+        self.http = _client(url)
 
     def call(self, kind: str, data: dict) -> tuple[int, dict]:
         r = self.http.post("/" + kind, json=data)

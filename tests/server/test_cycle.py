@@ -1,4 +1,6 @@
-"""Whole cycles against a live node: concurrent workers, aggregation, deadlines, rules."""
+"""Whole cycles: concurrent workers, aggregation, deadlines, rules. The node runs in
+process (no socket) except where WebSocket workers or the deadline timer of a served
+node are the point."""
 
 from __future__ import annotations
 
@@ -64,12 +66,12 @@ def test_whole_cycle_concurrent_workers(server):
     np.testing.assert_array_equal(admin.checkpoint("1")[0], start[0])
 
 
-def test_weighted_mean_and_metrics(server):
-    admin = Admin(server.url)
+def test_weighted_mean_and_metrics(in_process_node):
+    admin = Admin(in_process_node.url)
     assert admin.host(host_payload(server_config={"max_diffs": 3})).status_code == 201
     weights = [10, 30, 60]
     for i, n in enumerate(weights):
-        w = HttpWorker(server.url)
+        w = HttpWorker(in_process_node.url)
         wid, cyc = join(w)
         st, body = report(
             w,
@@ -90,14 +92,14 @@ def test_weighted_mean_and_metrics(server):
     assert c["metrics"]["accuracy"] == pytest.approx(0.5)
 
 
-def test_averaging_plan_iterative(server):
-    admin = Admin(server.url)
+def test_averaging_plan_iterative(in_process_node):
+    admin = Admin(in_process_node.url)
     r = admin.host(
         host_payload(server_config={"max_diffs": 3, "iterative_plan": True}, avg_plan=True)
     )
     assert r.status_code == 201, r.text
     for i in range(3):
-        w = HttpWorker(server.url)
+        w = HttpWorker(in_process_node.url)
         wid, cyc = join(w)
         assert report(w, wid, cyc["request_key"], diff_of(i))[0] == 200
     for j, p in enumerate(model_params()):
@@ -147,22 +149,22 @@ def test_deadline_without_enough_reports_expires_and_reopens(server):
     assert st2 == 409 and "already reported" in body["error"]
 
 
-def test_max_workers_over_selection_and_timeout(server):
-    admin = Admin(server.url)
+def test_max_workers_over_selection_and_timeout(in_process_node):
+    admin = Admin(in_process_node.url)
     cfg = {"max_workers": 2, "over_selection": 1.5, "max_diffs": 2, "cycle_length": 100}
     assert admin.host(host_payload(server_config=cfg)).status_code == 201
-    w = HttpWorker(server.url)
+    w = HttpWorker(in_process_node.url)
     results = [join(w)[1] for _ in range(4)]
     assert [r["status"] for r in results] == ["accepted"] * 3 + ["rejected"]
     assert isinstance(results[3]["timeout"], int) and 90 <= results[3]["timeout"] <= 100
     assert results[3]["reason"] == "the cycle is full"
 
 
-def test_reuse_rule(server):
-    admin = Admin(server.url)
+def test_reuse_rule(in_process_node):
+    admin = Admin(in_process_node.url)
     cfg = {"max_diffs": 1, "do_not_reuse_workers_until_cycle": 3, "num_cycles": 0}
     assert admin.host(host_payload(server_config=cfg)).status_code == 201
-    w = HttpWorker(server.url)
+    w = HttpWorker(in_process_node.url)
     _st, auth = w.call("model-centric/authenticate", {"model_name": "mnist"})
     wid = auth["worker_id"]
 
@@ -170,7 +172,7 @@ def test_reuse_rule(server):
         return w.call("model-centric/cycle-request", {"worker_id": wid, "model": "mnist"})[1]
 
     def fill_cycle():  # another worker completes the current cycle
-        other = HttpWorker(server.url)
+        other = HttpWorker(in_process_node.url)
         owid, ocyc = join(other)
         assert report(other, owid, ocyc["request_key"], diff_of(1))[0] == 200
 
@@ -186,11 +188,11 @@ def test_reuse_rule(server):
     assert request()["status"] == "accepted"  # cycle 4
 
 
-def test_num_cycles_reached_rejects_without_timeout(server):
-    admin = Admin(server.url)
+def test_num_cycles_reached_rejects_without_timeout(in_process_node):
+    admin = Admin(in_process_node.url)
     cfg = {"max_diffs": 1, "num_cycles": 1}
     assert admin.host(host_payload(server_config=cfg)).status_code == 201
-    w = HttpWorker(server.url)
+    w = HttpWorker(in_process_node.url)
     wid, cyc = join(w)
     assert report(w, wid, cyc["request_key"], diff_of(0))[0] == 200
     _, cyc = join(w)
@@ -198,10 +200,10 @@ def test_num_cycles_reached_rejects_without_timeout(server):
     assert admin.status()["status"] == "finished"
 
 
-def test_bad_reports_leave_aggregate_unchanged(server):
-    admin = Admin(server.url)
+def test_bad_reports_leave_aggregate_unchanged(in_process_node):
+    admin = Admin(in_process_node.url)
     assert admin.host(host_payload(server_config={"max_diffs": 2})).status_code == 201
-    a, b = HttpWorker(server.url), HttpWorker(server.url)
+    a, b = HttpWorker(in_process_node.url), HttpWorker(in_process_node.url)
     wa, ca = join(a)
     wb, cb = join(b)
     ka, kb = ca["request_key"], cb["request_key"]
