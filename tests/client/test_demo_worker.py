@@ -56,8 +56,7 @@ class StopsTheProcess:
 
     def __enter__(self):
         self.entered += 1
-        r = self.grid.admin.post(f"/gridfl/v1/processes/{self.name}/1.0/stop")
-        assert r.is_success, r.text
+        assert self.grid.host_client.stop(self.name, "1.0")["status"] == "success"
         return self
 
     def __exit__(self, *exc):
