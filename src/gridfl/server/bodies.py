@@ -25,10 +25,12 @@ def parse_worker_json(body: bytes | str, what: str = "the body", *, check: bool 
 
 class BodyBudget:
     """Bytes of worker request bodies and WebSocket messages held in memory, all
-    connections together. Readers take room as bytes arrive and give it back once the
-    request is answered; one that finds no room stops reading (TCP backpressure) for up
-    to ``timeout`` seconds, then fails with a 503 and gives its bytes back, so readers
-    holding partial bodies cannot wait on each other for ever."""
+    connections together. A body with a ``Content-Length`` takes its whole room before it
+    is read (readers that each held part of a body could wait on each other until all
+    timed out: 100 concurrent 9 MB reports did); a chunked body takes room as its bytes
+    arrive. A reader that finds no room is not read (TCP backpressure) for up to
+    ``timeout`` seconds, then gets a 503; room is given back once the request is
+    answered."""
 
     def __init__(self, limit: int, timeout: float) -> None:
         self.limit, self.timeout = limit, timeout
@@ -84,14 +86,21 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 @contextlib.asynccontextmanager
 async def worker_body(request: Request):
-    """A worker request's body, its bytes taken from the node's body budget as they
-    arrive and given back on leaving the block."""
+    """A worker request's body, its room taken from the node's body budget (all of it at
+    once when the length is declared) and given back on leaving the block."""
     budget: BodyBudget = request.app.state.body_budget
+    limit = request.app.state.settings.max_body_bytes
+    length = request.headers.get("content-length")
+    declared = int(length) if length is not None and length.isdigit() else None
     chunks, taken = [], 0
     try:
-        async for chunk in body_chunks(request, request.app.state.settings.max_body_bytes):
-            await budget.take(len(chunk))
-            taken += len(chunk)
+        if declared is not None and declared <= limit:  # larger: body_chunks answers 413
+            await budget.take(declared)
+            taken = declared
+        async for chunk in body_chunks(request, limit):
+            if declared is None:
+                await budget.take(len(chunk))
+                taken += len(chunk)
             chunks.append(chunk)
         yield b"".join(chunks)
     finally:

@@ -29,8 +29,9 @@ class Settings:
     max_concurrent_reports: int = 4
     #: worker request bodies (HTTP) and messages (WebSocket) held in memory at once, all
     #: connections together (at least ``max_body_bytes``): a reader waits for room, up to
-    #: ``read_idle_timeout``, then is answered 503. Counted as bytes arrive, so a stalled
-    #: upload holds only what it sent. Default: the 4 x 64 MiB the report slots once held.
+    #: ``read_idle_timeout``, then is answered 503. A body of declared length takes its
+    #: whole room before it is read (partial bodies could otherwise wait on each other);
+    #: a chunked one as it arrives. Default: the 4 x 64 MiB the report slots once held.
     body_buffer_bytes: int = 256 * MiB
     #: longest silence while a body arrives (then 408), and on a WebSocket after a keepalive
     #: ping (then close 1011): a stalled client costs only its own connection. A slow link
