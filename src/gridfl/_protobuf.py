@@ -107,13 +107,7 @@ def _skip_group(buf: Buffer, pos: int, end: int, field: int, at: int, budget: Fi
     stack = [field]
     while pos < end:
         tag_pos = pos
-        budget.left -= 1
-        if budget.left < 0:
-            budget.exhausted(tag_pos)
-        key, pos = read_varint(buf, pos, end)
-        f, wt = key >> 3, key & 7
-        if f == 0:
-            raise StateError(f"invalid field number 0 at byte {tag_pos}")
+        f, wt, pos = _read_tag(buf, pos, end, budget)
         if wt == VARINT:
             _, pos = read_varint(buf, pos, end)
         elif wt == I64:
@@ -137,6 +131,18 @@ def _skip_group(buf: Buffer, pos: int, end: int, field: int, at: int, budget: Fi
         else:
             raise StateError(f"invalid wire type {wt} (field {f}) at byte {tag_pos}")
     raise StateError(f"group for field {field} starting at byte {at} is not closed")
+
+
+def _read_tag(buf: Buffer, pos: int, end: int, budget: FieldBudget) -> tuple[int, int, int]:
+    """Pay one field from ``budget`` and read its tag at ``pos``: ``(field, wire type,
+    position after the tag)``."""
+    budget.left -= 1
+    if budget.left < 0:
+        budget.exhausted(pos)
+    key, after = read_varint(buf, pos, end)
+    if key >> 3 == 0:
+        raise StateError(f"invalid field number 0 at byte {pos}")
+    return key >> 3, key & 7, after
 
 
 def _advance(pos: int, n: int, end: int, field: int, tag_pos: int) -> int:
@@ -166,13 +172,7 @@ def iter_fields(
         budget = FieldBudget(sys.maxsize)
     while pos < end:
         tag_pos = pos
-        budget.left -= 1
-        if budget.left < 0:
-            budget.exhausted(tag_pos)
-        key, pos = read_varint(buf, pos, end)
-        field, wt = key >> 3, key & 7
-        if field == 0:
-            raise StateError(f"invalid field number 0 at byte {tag_pos}")
+        field, wt, pos = _read_tag(buf, pos, end, budget)
         if wt == VARINT:
             start = pos
             value, pos = read_varint(buf, pos, end)
