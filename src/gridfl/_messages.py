@@ -161,8 +161,11 @@ def parse_json(
         gridfl._exceptions.InvalidRequestError: 'lr' is not a finite number ...
     """
     if max_values is not None:
-        raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
-        count = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+        # counted on the text or the bytes as they came: no copy of a 9 MB report
+        if isinstance(body, str):
+            count = body.count(",") + body.count("[") + body.count("{")
+        else:
+            count = body.count(b",") + body.count(b"[") + body.count(b"{")
         if count > max_values:
             raise InvalidRequestError(
                 f"{what} holds more than {max_values} JSON values; a worker message has a "
