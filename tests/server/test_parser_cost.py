@@ -362,6 +362,11 @@ def _at_once(send, url: str, seats, diffs) -> list[dict]:
     return results
 
 
+#: what the allocator may keep after 4 x 60 MiB of refused reports (it was ~1 GB): seen
+#: 2-39 MB on a loaded 2-core machine, as glibc returns freed pages to the system unevenly
+KEPT_MB = 64
+
+
 @pytest.mark.slow
 def test_live_node_refuses_four_60mib_hostile_reports_and_gives_memory_back(tmp_path):
     """A real ``gridfl serve`` process: four concurrent 60 MiB hostile reports (WebSocket
@@ -411,14 +416,14 @@ def test_live_node_refuses_four_60mib_hostile_reports_and_gives_memory_back(tmp_
         del frames, bodies
         # memory comes back once the connections' tasks have ended (later on a busy box)
         deadline = time.monotonic() + 15
-        while (rss_after := node.rss_mb()) > rss_before + 32 and time.monotonic() < deadline:
+        while (rss_after := node.rss_mb()) > rss_before + KEPT_MB and time.monotonic() < deadline:
             time.sleep(0.25)
         print(f"\nnode CPU for 2 x 4 x 60 MiB frames: hostile {cpu['hostile']:.2f} s, "
               f"wrong key {cpu['wrong key']:.2f} s; RSS {rss_before:.0f} MB before, "
               f"{rss_after:.0f} MB after")  # fmt: skip
         # decoding adds little to receiving the bytes (the outside check saw 76 s a report)
         assert cpu["hostile"] <= 2 * cpu["wrong key"] + 0.5, cpu
-        assert rss_after <= rss_before + 32, (rss_before, rss_after)
+        assert rss_after <= rss_before + KEPT_MB, (rss_before, rss_after)
 
         # a real report still works
         data = _ws_report(node.ws_url, *seats[0], dumps(diff_of(1)))
