@@ -107,7 +107,8 @@ def test_averaging_plan_iterative(in_process_node):
         np.testing.assert_allclose(admin.checkpoint()[j], p - mean, rtol=1e-5, atol=1e-6)
 
 
-def test_deadline_closes_cycle_without_more_reports(server):
+def test_deadline_closes_cycle_without_more_reports(in_process_node):
+    server = in_process_node
     admin = Admin(server.url)
     cfg = {"cycle_length": 1.0, "max_diffs": 5, "min_diffs": 1}
     assert admin.host(host_payload(server_config=cfg)).status_code == 201
@@ -127,7 +128,8 @@ def test_deadline_closes_cycle_without_more_reports(server):
         np.testing.assert_allclose(admin.checkpoint()[j], p - diff_of(0)[j], rtol=1e-6)
 
 
-def test_deadline_without_enough_reports_expires_and_reopens(server):
+def test_deadline_without_enough_reports_expires_and_reopens(in_process_node):
+    server = in_process_node
     admin = Admin(server.url)
     # long enough for the report to land in the first cycle on a busy machine
     cfg = {"cycle_length": 2.0, "max_diffs": 5, "min_diffs": 2}

@@ -23,6 +23,10 @@ log = logging.getLogger("gridfl.server")
 async def deadline_timer(node: GridNode, settings: Settings, wake: asyncio.Event) -> None:
     """Close cycles at their deadlines: sleep until the next one or until a cycle opens."""
     while True:
+        # cleared before the deadline is read, so that a cycle opened while it is being
+        # read still wakes the sleep below (cleared after, that wake-up was lost and the
+        # new cycle's deadline waited up to timer_max_sleep)
+        wake.clear()
         delay = settings.timer_max_sleep
         try:
             await anyio.to_thread.run_sync(node.close_due_cycles)
@@ -31,7 +35,6 @@ async def deadline_timer(node: GridNode, settings: Settings, wake: asyncio.Event
                 delay = min(delay, max(0.0, nxt - time.time()) + 0.005)
         except Exception:
             log.exception("deadline timer")
-        wake.clear()
         with anyio.move_on_after(delay):
             await wake.wait()
 
