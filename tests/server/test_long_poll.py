@@ -76,12 +76,12 @@ def test_held_request_is_accepted_as_soon_as_the_next_cycle_opens(server, kind):
     b.close()
 
 
-def test_wait_runs_out_with_the_usual_rejection(server):
+def test_wait_runs_out_with_the_usual_rejection(in_process_node):
     """Nothing opens: after ``wait`` seconds the rejection (with its timeout) comes back."""
-    admin = Admin(server.url)
+    admin = Admin(in_process_node.url)
     cfg = {"max_workers": 1, "max_diffs": 1, "cycle_length": 600}
     assert admin.host(host_payload(server_config=cfg)).status_code == 201
-    w = HttpWorker(server.url)
+    w = HttpWorker(in_process_node.url)
     wid, _ = join(w)
     started = time.monotonic()
     status, reply = w.call(
@@ -94,10 +94,10 @@ def test_wait_runs_out_with_the_usual_rejection(server):
 
 
 @pytest.mark.parametrize("wait", [-1, 61, "soon", True])
-def test_bad_wait_is_refused(server, wait):
-    admin = Admin(server.url)
+def test_bad_wait_is_refused(in_process_node, wait):
+    admin = Admin(in_process_node.url)
     assert admin.host(host_payload()).status_code == 201
-    w = HttpWorker(server.url)
+    w = HttpWorker(in_process_node.url)
     st, auth = w.call("model-centric/authenticate", {"model_name": "mnist"})
     st, reply = w.call(
         "model-centric/cycle-request",
@@ -167,8 +167,8 @@ def test_held_status_answers_when_the_next_cycle_closes(server):
     w.close()
 
 
-def test_held_status_runs_out_with_the_usual_status(server):
-    admin = Admin(server.url)
+def test_held_status_runs_out_with_the_usual_status(in_process_node):
+    admin = Admin(in_process_node.url)
     assert admin.host(host_payload(server_config={"cycle_length": 600})).status_code == 201
     started = time.monotonic()
     r = admin.http.get("/gridfl/v1/processes/mnist/1.0", params={"wait": 1.5, "after": 0})
@@ -222,8 +222,8 @@ def test_stop_answers_held_requests_at_once(server_factory):
         ({"after": "two"}, "after"),
     ],
 )
-def test_bad_held_status_parameters_are_refused(server, params, key):
-    admin = Admin(server.url)
+def test_bad_held_status_parameters_are_refused(in_process_node, params, key):
+    admin = Admin(in_process_node.url)
     assert admin.host(host_payload()).status_code == 201
     r = admin.http.get("/gridfl/v1/processes/mnist/1.0", params=params)
     assert r.status_code == 400 and r.json()["error"].startswith(f"{key} must be"), r.text
