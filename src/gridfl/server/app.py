@@ -25,7 +25,7 @@ from gridfl.server.background import (
 )
 from gridfl.server.bodies import BodyBudget
 from gridfl.server.held import CycleSignal, HeldAdmissions
-from gridfl.server.routes import EXCEPTION_HANDLERS, routes
+from gridfl.server.routes import EXCEPTION_HANDLERS, AnswerBugs, routes
 from gridfl.server.service import GridNode
 from gridfl.server.settings import Settings
 
@@ -90,7 +90,8 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
         middleware=[
             Middleware(
                 CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
-            )
+            ),
+            Middleware(AnswerBugs),
         ],
     )
     app.state.settings = settings

@@ -277,14 +277,42 @@ async def answer_error(request: Request, exc: Exception) -> Response:
 
 #: registered once on the app: the node's own errors, a client gone mid-body and database
 #: errors (503 when it is out of reach) by class; any other exception is a bug, answered
-#: 500 by the same function and logged by Starlette's server-error middleware
+#: by :class:`AnswerBugs`
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     GridflError: answer_error,
     ClientDisconnect: answer_error,
     SQLAlchemyError: answer_error,
-    Exception: answer_error,
     HTTPException: http_exception,
 }
+
+
+class AnswerBugs:
+    """ASGI middleware, inside CORS: an exception no handler knows (a bug) is answered 500
+    ``{"error": ...}`` and logged once, with its traceback. Starlette's own last resort
+    sits outside CORS (a browser would see a network error, not the 500) and re-raises,
+    so the server logged the bug a second time."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:  # too late for an answer: the connection is cut
+                raise
+            response = await answer_error(Request(scope), exc)
+            await response(scope, receive, send)
 
 
 def routes() -> list[BaseRoute]:
