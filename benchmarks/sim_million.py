@@ -21,9 +21,10 @@ Assumptions (stated in docs/scaling.md too):
   device that loses eligibility before it finishes drops out too. The round completes at
   1,000 reports, or at its 15-minute deadline with at least 800 (else it fails), and the
   next round opens one second later. A device takes part at most once a day.
-* **Pace steering** measures the check-in rate (exponential average over 60 s) and the
-  round duration (average of the last rounds), and aims the comebacks at the time the next
-  round opens, spread over a 60 s selection window scaled by the oversupply.
+* **Pace steering** is what ``gridfl serve`` does with ``pace_steering: {"window": 60}``:
+  the check-in rate is averaged over 60 s (:class:`gridfl.server.pacing.CheckInRate`'s
+  estimator, per second instead of per check-in), the needed rate is 1,300 per 60 s
+  window, and the comebacks are spread after the round's deadline.
 * A check-in is one request to the node; "connected" counts the check-ins of the second
   plus the devices training (holding a connection until they report or drop).
 """
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gridfl.server.pacing import RATE_TAU
 from gridfl.server.rules import paced_timeout, retry_timeout
 
 DAY = 86_400
@@ -49,7 +51,6 @@ ROUND_DEADLINE = 900.0
 DROPOUT = 0.10
 TRAIN_MEDIAN, TRAIN_SIGMA = 120.0, 0.5
 SELECTION_WINDOW = 60.0
-RATE_TAU = 60.0
 
 
 @dataclass
@@ -113,7 +114,6 @@ def simulate(n: int, paced: bool, seed: int = 0) -> Run:
     run = Run(np.zeros(DAY, dtype=np.int64), np.zeros(DAY, dtype=np.int64))
     decay = math.exp(-1.0 / RATE_TAU)
     rate = 0.0
-    durations = [ROUND_DEADLINE]
     opened, accepted = 0.0, 0
     reports = np.empty(0)  # this round's report times, sorted
     training_ends = np.empty(0)  # when this round's devices stop training (report or drop)
@@ -123,7 +123,7 @@ def simulate(n: int, paced: bool, seed: int = 0) -> Run:
         if len(ids):
             ids = ids[~done[ids] & (until[ids] > t)]
         run.checkins[t] = len(ids)
-        rate = rate * decay + len(ids) * (1 - decay)
+        rate = rate * decay + len(ids) / RATE_TAU
         if accepted < SELECT and len(ids):
             ids = ids[draw.permutation(len(ids))]
             take = ids[: SELECT - accepted]
@@ -135,24 +135,21 @@ def simulate(n: int, paced: bool, seed: int = 0) -> Run:
             reports = np.sort(np.r_[reports, ends[reported]])
             training_ends = np.r_[training_ends, np.minimum(ends, until[take])]
         if len(ids):  # rejected: told when to come back
-            deadline = opened + ROUND_DEADLINE
+            wait = retry_timeout(opened + ROUND_DEADLINE, t, 60)
             if paced:
-                expected_open = opened + float(np.mean(durations[-5:]))
-                wait = max(0.0, expected_open - t)
                 needed = SELECT / SELECTION_WINDOW
                 back = np.array([
                     paced_timeout(wait, SELECTION_WINDOW, rate, needed, d)
                     for d in draw.random(len(ids))
                 ])
             else:
-                back = np.full(len(ids), retry_timeout(deadline, t, 60))
+                back = np.full(len(ids), wait)
             calendar.add(ids, t + np.maximum(back, 1))
         run.connected[t] = run.checkins[t] + int((training_ends > t).sum())
         got = int(np.searchsorted(reports, t, side="right"))
         if got >= GOAL or t >= opened + ROUND_DEADLINE:
             ok = got >= MIN_REPORTS
             run.rounds.append((opened, float(t), ok))
-            durations.append(t - opened)
             opened, accepted = t + 1.0, 0
             reports, training_ends = np.empty(0), training_ends[training_ends > t]
     run.seconds = time.perf_counter() - started

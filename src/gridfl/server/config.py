@@ -28,7 +28,12 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "minimum_download_speed": None,
     "iterative_plan": False,
     "authentication": None,
+    # null = off; an object {"window": seconds} (true: the default window)
+    "pace_steering": None,
 }
+
+#: pace steering's default selection window: how long a cycle should take to fill, seconds
+PACE_WINDOW = 60.0
 
 _AUTH_KEYS = {"type", "secret", "pub_key", "endpoint"}
 
@@ -197,7 +202,24 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
     if out["min_diffs"] and out["max_workers"] and out["max_workers"] < out["min_diffs"]:
         raise ConfigError("server_config.max_workers must be >= min_diffs")
     out["authentication"] = validate_authentication(out["authentication"])
+    out["pace_steering"] = validate_pace_steering(out["pace_steering"])
     return out
+
+
+def validate_pace_steering(value: Any) -> dict[str, float] | None:
+    """``null``/``false`` (off), ``true`` (the default window) or ``{"window": seconds}``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {"window": PACE_WINDOW}
+    if not isinstance(value, dict) or set(value) - {"window"}:
+        raise ConfigError(
+            'server_config.pace_steering must be true, false, null or {"window": seconds}'
+        )
+    key = "pace_steering.window"
+    out = {key: value.get("window", PACE_WINDOW)}
+    _num(out, key, minimum=1.0, nullable=False, maximum=MAX_CYCLE_LENGTH)
+    return {"window": float(out[key])}
 
 
 def worker_capacity(cfg: dict[str, Any]) -> int | None:
