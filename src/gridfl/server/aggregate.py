@@ -27,8 +27,10 @@ them and turns them into the next model (:class:`FedAvg`, :class:`IterativeAvera
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import math
 
 import numpy as np
 
@@ -88,6 +90,22 @@ def validate_diff(arrays: Sequence[np.ndarray], spec: ModelSpec) -> None:
                 f"diff tensor {i} has values beyond ±{MAX_DIFF_VALUE:g} (from {lo:g} to {hi:g}); "
                 "a diff is original - trained parameters"
             )
+
+
+def clip_l2(diff: Sequence[np.ndarray], clip_norm: float | None) -> Sequence[np.ndarray]:
+    """Scale the whole diff (all tensors together) down to L2 norm ``clip_norm``, if above.
+
+    >>> [a.tolist() for a in clip_l2([np.array([3.0]), np.array([4.0])], 1.0)]
+    [[0.6], [0.8]]
+    """
+    if clip_norm is None:
+        return diff
+    # float64 sums of squares: float32 loses the norm of a large model
+    norm = math.sqrt(sum(float(np.dot(f, f)) for f in (np.asarray(a, np.float64).ravel() for a in diff)))
+    if norm <= clip_norm:
+        return diff
+    scale = clip_norm / norm
+    return [(np.asarray(a, np.float64) * scale).astype(a.dtype) for a in diff]
 
 
 def new_sum(spec: ModelSpec) -> np.ndarray:
@@ -191,12 +209,44 @@ def averaging_step(plan, avg: np.ndarray, item: Sequence[np.ndarray], n: int, sp
 
 
 @dataclass(eq=False)
+class StrategyState:
+    """What a strategy carries from one cycle to the next: its step count and named flat
+    float64 vectors (the moments of a server optimizer). Persisted beside the checkpoint
+    it produced, so the cycle trained on that checkpoint resumes from exactly this.
+
+    >>> s = StrategyState(2, {"m": np.array([0.5, -1.0])})
+    >>> StrategyState.decode(*s.encode()).tensors["m"].tolist()
+    [0.5, -1.0]
+    """
+
+    step: int
+    tensors: dict[str, np.ndarray]
+
+    def encode(self) -> tuple[int, list[str], bytes]:
+        """``(step, names, bytes)``: the vectors concatenated in ``names`` order."""
+        names = list(self.tensors)
+        flat = [np.asarray(self.tensors[n], dtype=np.float64).reshape(-1) for n in names]
+        data = np.concatenate(flat).tobytes() if flat else b""
+        return self.step, names, data
+
+    @classmethod
+    def decode(cls, step: int, names: list[str], data: bytes) -> StrategyState:
+        if not names:
+            return cls(step, {})
+        rows = np.frombuffer(data, dtype=np.float64).reshape(len(names), -1)
+        return cls(step, {n: rows[i].copy() for i, n in enumerate(names)})
+
+
+@dataclass(eq=False)
 class RunningSums:
     """One cycle's folded reports (the sums of the module docstring), O(model) in memory.
 
     ``version`` counts the folds stored so far (the aggregate row's ``version``, which
     tells whether an in-memory copy is current); ``changed`` names the side of the last
-    fold, ``"w"`` or ``"x"``, whose columns are the ones to store.
+    fold, ``"w"`` or ``"x"``, whose columns are the ones to store, or ``"kept"`` when a
+    strategy that needs every diff kept the report as is (``kept``, one flat vector, stored
+    as its own row). ``diffs`` holds every kept diff of the cycle (one row each), read back
+    only when the cycle completes.
     """
 
     spec: ModelSpec
@@ -207,6 +257,16 @@ class RunningSums:
     count_x: int = 0
     sum_x: np.ndarray | None = None
     changed: str | None = None
+    kept: np.ndarray | None = None
+    diffs: np.ndarray | None = field(default=None, repr=False)
+
+    def keep(self, diff: Sequence[np.ndarray]) -> None:
+        """Count one validated diff and keep it whole (strategies that need every diff)."""
+        flat = new_sum(self.spec)
+        fold(flat, diff, self.spec)
+        self.kept = flat
+        self.count_x += 1
+        self.changed = "kept"
 
     def fold(self, diff: Sequence[np.ndarray], num_samples: int | None = None) -> None:
         """Add one validated diff: weighted by ``num_samples`` when given, else unweighted."""
@@ -240,15 +300,17 @@ class Strategy:
     :class:`~gridfl._exceptions.ModelError` (as :func:`apply_diff` does for a result that
     does not fit the model's dtypes) expires the cycle and keeps the current checkpoint.
 
-    How the rules to come plug in:
+    Every strategy clips each report to ``clip_norm`` (L2, all tensors together) before
+    folding it. The rules (:mod:`gridfl.server.strategies` names them):
 
-    * **FedAdam / FedYogi** (server optimizers): fold as FedAvg; ``aggregate`` takes
-      ``result()`` as the pseudo-gradient, updates its moments ``m`` and ``v`` (its state,
-      persisted per process beside the checkpoint) and returns them with the new params.
-    * **Median / Krum** (robust rules) set ``needs_every_diff = True``: they cannot work from
-      sums, so their ``fold`` keeps each diff (O(model x reports), stored per report
-      instead of the sums' blobs) and ``aggregate`` reads them back; secure aggregation
-      cannot be combined with them (a class declaring both is refused).
+    * **server optimizers** (:mod:`gridfl.server.optimizers`): fold as FedAvg; ``aggregate``
+      takes ``result()`` as the pseudo-gradient, updates its moments (a
+      :class:`StrategyState`, persisted beside the checkpoint in the same transaction)
+      and returns them with the new params.
+    * **robust rules** (:mod:`gridfl.server.robust`) set ``needs_every_diff = True``: their
+      ``fold`` keeps each diff (:meth:`RunningSums.keep`, one database row per report,
+      O(model x max_diffs)), and ``aggregate`` gets them all in ``sums.diffs``; secure
+      aggregation cannot be combined with them (a class declaring both is refused).
     * **Secure aggregation**: only the masked sum is ever known, so it sets
       ``sums_only = True`` (never ``needs_every_diff``) and its ``fold`` adds the masked
       vectors; ``aggregate`` unmasks the sum, then proceeds as FedAvg.
@@ -262,6 +324,10 @@ class Strategy:
     #: the rule must work from the sum alone (secure aggregation): no per-diff rule with it
     sums_only: ClassVar[bool] = False
 
+    def __init__(self, *, clip_norm: float | None = None) -> None:
+        #: per-report L2 bound, applied before the report is folded or kept
+        self.clip_norm = clip_norm
+
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if cls.needs_every_diff and cls.sums_only:
@@ -272,14 +338,18 @@ class Strategy:
     def fold(
         self, sums: RunningSums, diff: Sequence[np.ndarray], num_samples: int | None
     ) -> None:
-        """Fold one report into the cycle's sums."""
-        sums.fold(diff, num_samples)
+        """Fold one report into the cycle's sums, clipped to ``clip_norm`` first."""
+        sums.fold(clip_l2(diff, self.clip_norm), num_samples)
 
     def aggregate(
         self, sums: RunningSums, params: Sequence[np.ndarray], state: Any = None
     ) -> tuple[list[np.ndarray], Any]:
         """``(new params, state to persist)`` from the cycle's sums and current params."""
         raise NotImplementedError
+
+    def describe(self, state: Any) -> dict[str, Any]:
+        """A short JSON summary of the persisted state, for the status."""
+        return {}
 
 
 class FedAvg(Strategy):
@@ -294,6 +364,7 @@ class IterativeAveraging(Strategy):
     running average, the first diff as is; ``num_samples`` is ignored."""
 
     def __init__(self, plan) -> None:
+        super().__init__()
         self.plan = plan
 
     def fold(self, sums, diff, num_samples):
@@ -310,8 +381,3 @@ class IterativeAveraging(Strategy):
 
 
 FED_AVG = FedAvg()
-
-
-def strategy_for(averaging_plan) -> Strategy:
-    """The process's strategy: its hosted averaging plan's, else FedAvg."""
-    return FED_AVG if averaging_plan is None else IterativeAveraging(averaging_plan)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Connection
 
 from gridfl.server import aggregate as agg
-from gridfl.server import storage
+from gridfl.server import storage, strategies
 
 
 class LRU:
@@ -125,8 +125,11 @@ class Catalog:
         return plan
 
     def strategy(self, conn: Connection, process_id: int) -> agg.Strategy:
-        """How the process aggregates (:func:`aggregate.strategy_for`)."""
-        return agg.strategy_for(self.averaging_plan(conn, process_id))
+        """How the process aggregates (:func:`strategies.strategy_for`)."""
+        info = self.process(conn, process_id)
+        return strategies.strategy_for(
+            info.server_config.get("strategy"), self.averaging_plan(conn, process_id)
+        )
 
     def plan_meta(self, conn: Connection, plan_id: int):
         """A worker plan's row in ``storage.plan_meta`` (its variants), or ``None``."""

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 from gridfl._exceptions import ConfigError
 from gridfl._messages import check_json_values
+from gridfl.server import strategies
 
 #: key -> default of the normalized server_config
 SERVER_DEFAULTS: dict[str, Any] = {
@@ -30,6 +31,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "authentication": None,
     # null = off; an object {"window": seconds} (true: the default window)
     "pace_steering": None,
+    # null = FedAvg; gridfl.server.strategies validates it
+    "strategy": None,
 }
 
 #: pace steering's default selection window: how long a cycle should take to fill, seconds
@@ -203,6 +206,9 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
         raise ConfigError("server_config.max_workers must be >= min_diffs")
     out["authentication"] = validate_authentication(out["authentication"])
     out["pace_steering"] = validate_pace_steering(out["pace_steering"])
+    out["strategy"] = strategies.normalize(
+        out["strategy"], max_diffs=out["max_diffs"], min_diffs=out["min_diffs"]
+    )
     return out
 
 

@@ -152,3 +152,38 @@ aggregates = sa.Table(
     sa.Column("sum_w", Blob, nullable=True),
     sa.Column("sum_x", Blob, nullable=True),
 )
+
+# A server optimizer's state after the cycle that produced ``checkpoint_id`` (written in the
+# same transaction as that checkpoint): the cycle trained on a checkpoint resumes from its
+# row. ``data`` is the float64 vectors named in ``names``, concatenated (each model-sized).
+strategy_states = sa.Table(
+    "strategy_states",
+    metadata,
+    sa.Column(
+        "checkpoint_id",
+        sa.Integer,
+        sa.ForeignKey("checkpoints.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("names", sa.JSON, nullable=False),
+    sa.Column("data", Blob, nullable=False),
+    sa.Index("ix_strategy_states_process", "process_id", "checkpoint_id"),
+)
+
+# Every diff of an open cycle whose strategy needs them all (median, Krum...): one row per
+# report, flat, in the sums' dtype; dropped with the cycle's aggregate when it closes.
+cycle_diffs = sa.Table(
+    "cycle_diffs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "cycle_id", sa.Integer, sa.ForeignKey("cycles.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("data", Blob, nullable=False),
+    sa.Index("ix_cycle_diffs_cycle", "cycle_id"),
+    sqlite_autoincrement=True,
+)
