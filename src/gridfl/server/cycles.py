@@ -167,7 +167,8 @@ class Cycles:
         # cycle)
         ckpt = storage.insert_checkpoint(conn, process.id, number, data, now)
         if new_state is not None:
-            strategy_store.save_state(conn, ckpt, process.id, new_state)
+            summary = strategy.describe(new_state)
+            strategy_store.save_state(conn, ckpt, process.id, new_state, summary)
         self.catalog.remember_checkpoint(ckpt, data, new_params, sums.spec)
         storage.close_cycle(
             conn, cycle.id, status="completed", closed_at=now, result_checkpoint_id=ckpt

@@ -27,23 +27,27 @@ def kept_diffs(conn: Connection, cycle_id: int, spec: agg.ModelSpec) -> np.ndarr
         .where(cycle_diffs.c.cycle_id == cycle_id)
         .order_by(cycle_diffs.c.id)
     ).scalars()
-    out = np.empty((0, spec.total))
     blobs = list(rows)
-    if blobs:
-        out = np.empty((len(blobs), spec.total))
-        for i, blob in enumerate(blobs):
-            out[i] = np.frombuffer(blob, dtype=spec.acc_dtype)
+    out = np.empty((len(blobs), spec.total))
+    for i, blob in enumerate(blobs):
+        out[i] = np.frombuffer(blob, dtype=spec.acc_dtype)
     return out
 
 
 def save_state(
-    conn: Connection, checkpoint_id: int, process_id: int, state: agg.StrategyState
+    conn: Connection, checkpoint_id: int, process_id: int, state: agg.StrategyState, summary
 ) -> None:
-    """Persist the state that goes with a new checkpoint (same transaction as its row)."""
+    """Persist the state that goes with a new checkpoint (same transaction as its row),
+    with its JSON ``summary`` for the status."""
     step, names, data = state.encode()
     conn.execute(
         strategy_states.insert().values(
-            checkpoint_id=checkpoint_id, process_id=process_id, step=step, names=names, data=data
+            checkpoint_id=checkpoint_id,
+            process_id=process_id,
+            step=step,
+            summary=summary,
+            names=names,
+            data=data,
         )
     )
 
@@ -56,12 +60,11 @@ def load_state(conn: Connection, checkpoint_id: int) -> agg.StrategyState | None
     return None if row is None else agg.StrategyState.decode(row.step, row.names, bytes(row.data))
 
 
-def latest_state(conn: Connection, process_id: int) -> agg.StrategyState | None:
-    """The process's newest state (for the status), or ``None``."""
-    row = conn.execute(
-        sa.select(*_state_columns)
+def latest_summary(conn: Connection, process_id: int) -> dict | None:
+    """The summary stored with the process's newest state (no blob read), or ``None``."""
+    return conn.execute(
+        sa.select(strategy_states.c.summary)
         .where(strategy_states.c.process_id == process_id)
         .order_by(strategy_states.c.checkpoint_id.desc())
         .limit(1)
-    ).first()
-    return None if row is None else agg.StrategyState.decode(row.step, row.names, bytes(row.data))
+    ).scalar()

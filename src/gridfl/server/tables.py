@@ -169,6 +169,9 @@ strategy_states = sa.Table(
         "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
     ),
     sa.Column("step", sa.Integer, nullable=False),
+    # Strategy.describe(state), for the status: read without the model-sized blob (in
+    # SQLite a column after the blob would walk its overflow pages)
+    sa.Column("summary", sa.JSON, nullable=False),
     sa.Column("names", sa.JSON, nullable=False),
     sa.Column("data", Blob, nullable=False),
     sa.Index("ix_strategy_states_process", "process_id", "checkpoint_id"),

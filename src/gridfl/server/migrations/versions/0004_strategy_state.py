@@ -37,6 +37,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("step", sa.Integer, nullable=False),
+        sa.Column("summary", sa.JSON, nullable=False),
         sa.Column("names", sa.JSON, nullable=False),
         sa.Column("data", sa.LargeBinary, nullable=False),
     )
