@@ -32,6 +32,7 @@ from gridfl import Plan, state
 from gridfl._exceptions import ConfigError, GridflError
 from gridfl.datasets import Mnist, load_mnist
 from gridfl.demo.report import CycleResult, RunResult
+from gridfl.demo.worker import ATTACKS
 from gridfl.host import HostClient, closed_cycles
 
 __all__ = ["DemoOptions", "run_demo"]
@@ -59,6 +60,10 @@ class DemoOptions:
     parallel: int | None = None  # workers training at once (None: the CPU count; 0: all)
     examples_per_client: int | None = None  # cut shards (quick runs, tests)
     evaluate: bool = True  # evaluate each checkpoint while training runs
+    strategy: str = "fedavg"  # server_config.strategy name (docs/configs.md)
+    server_lr: float | None = None  # eta / server_learning_rate of a server optimizer
+    byzantine: int = 0  # worker processes that report poisoned diffs
+    attack: str = "scale"  # what they send: scale (x100), signflip or noise
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
     out_dir: Path = field(default_factory=lambda: Path("results"))
 
@@ -76,6 +81,32 @@ class DemoOptions:
             raise ConfigError(f"workers ({self.workers}) cannot exceed clients ({self.clients})")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.byzantine <= self.workers:
+            raise ConfigError(f"byzantine must be 0 to workers ({self.workers}), got {self.byzantine}")
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
+        self.strategy_config()  # the node would refuse it: say so before starting anything
+
+    def strategy_config(self) -> dict | None:
+        """``server_config.strategy`` for these options (``None``: FedAvg). Krum and Bulyan
+        assume as many Byzantine reports as there are Byzantine workers."""
+        from gridfl.server.strategies import OPTIMIZERS, normalize  # the node's own rules
+
+        if self.strategy == "fedavg" and self.server_lr is None:
+            return None
+        cfg: dict = {"name": self.strategy}
+        if self.server_lr is not None:
+            key = {"fedavgm": "server_learning_rate"}.get(self.strategy, "eta")
+            if self.strategy not in OPTIMIZERS:
+                raise ConfigError(
+                    f"--server-lr sets a server optimizer's rate ({', '.join(sorted(OPTIMIZERS))});"
+                    f" {self.strategy} has none"
+                )
+            cfg[key] = self.server_lr
+        if self.strategy in ("krum", "multikrum", "bulyan"):
+            cfg["num_malicious_nodes"] = self.byzantine
+        normalize(cfg, max_diffs=self.per_cycle, min_diffs=self.per_cycle)
+        return cfg
 
     @property
     def per_cycle(self) -> int:
@@ -144,6 +175,7 @@ def run_demo(
                     "--nice",
                     "10",
                     *(["--compute-slots", str(slots)] if slots else []),
+                    *(["--attack", options.attack] if i < options.byzantine else []),
                 ],
                 stdin=subprocess.PIPE,
                 # ten processes share the cores: one plan thread each. They run at a
@@ -181,6 +213,7 @@ def run_demo(
                     "max_diffs": options.per_cycle,
                     "num_cycles": options.cycles,
                     "cycle_length": 600,
+                    "strategy": options.strategy_config(),
                 },
             )
             result.host_seconds = round(time.perf_counter() - node_up, 2)
