@@ -31,7 +31,7 @@ def fedadam(start, cycles, *, eta, beta_1, beta_2, tau):
     history = []
     for reports in cycles:
         w = np.array([n for _, n in reports], dtype=np.float64)
-        delta = sum(wi * -_flat(d) for wi, (d, _) in zip(w, reports)) / w.sum()
+        delta = sum(wi * -_flat(d) for wi, (d, _) in zip(w, reports, strict=True)) / w.sum()
         m = beta_1 * m + (1 - beta_1) * delta
         v = beta_2 * v + (1 - beta_2) * delta**2
         params = _cast_like(x + eta * m / (np.sqrt(v) + tau), start)
@@ -73,6 +73,6 @@ def krum(start, cycles, *, f):
 
 def assert_params_close(got, want, rtol=1e-5, atol=1e-6) -> None:
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)

@@ -177,7 +177,8 @@ def test_status_shows_the_strategy_and_its_state(node):
     from tests.harness import Admin, HttpWorker, join, report
 
     sc = {"max_diffs": 1, "num_cycles": 2, "strategy": {"name": "fedadam", "eta": 0.01}}
-    assert Admin(node.url, TOKEN).host(host_payload("adam-cli", server_config=sc)).status_code == 201
+    hosted = Admin(node.url, TOKEN).host(host_payload("adam-cli", server_config=sc))
+    assert hosted.status_code == 201, hosted.text
     r = run("status", node.url, "adam-cli", "1.0", "--admin-token", TOKEN)
     assert "strategy: fedadam (eta=0.01, beta_1=0.9, beta_2=0.99, tau=0.001); state: step 0" in (
         r.output.replace("\n", " ")

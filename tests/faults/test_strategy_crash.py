@@ -63,7 +63,7 @@ def _join(url: str, n: int = N):
 
 def _report_all(url: str, reports, joined=None, start: int = 0) -> None:
     w, joined = (HttpWorker(url), joined) if joined is not None else _join(url, len(reports))
-    for (wid, cyc), (diff, n) in list(zip(joined, reports))[start:]:
+    for (wid, cyc), (diff, n) in list(zip(joined, reports, strict=True))[start:]:
         st, body = report(w, wid, cyc["request_key"], diff, num_samples=n)
         assert st == 200, body
     w.close()
@@ -85,7 +85,7 @@ def test_kill9_mid_cycle_and_between_cycles(serve_factory, fault_db):
 
     srv.start()
     w, joined = _join(srv.url)
-    for (wid, cyc), (diff, n) in list(zip(joined, cycles[1]))[:2]:
+    for (wid, cyc), (diff, n) in list(zip(joined, cycles[1], strict=True))[:2]:
         assert report(w, wid, cyc["request_key"], diff, num_samples=n)[0] == 200
     w.close()
     srv.kill9()  # mid-cycle: 2 of 3 reports folded, no step taken
@@ -109,7 +109,7 @@ def test_crash_inside_the_step_applies_it_exactly_once(serve_factory, fault_db):
     srv.kill9()
     srv.start(env={"GRIDFL_TEST_CRASH_AT": "aggregate"})
     w, joined = _join(srv.url)
-    for (wid, cyc), (diff, n) in list(zip(joined, cycles[1]))[:2]:
+    for (wid, cyc), (diff, n) in list(zip(joined, cycles[1], strict=True))[:2]:
         assert report(w, wid, cyc["request_key"], diff, num_samples=n)[0] == 200
     (wid, cyc), (diff, n) = joined[2], cycles[1][2]
     with pytest.raises(httpx.TransportError):

@@ -146,7 +146,8 @@ def test_fedavgm_is_momentum_sgd_on_the_mean_diff():
     x, v = _flat(start), None
     for t, reports in enumerate(cycles):
         w = np.array([n for _, n in reports], dtype=np.float64)
-        mean_trained = sum(wi * (x - _flat(d)) for wi, (d, _) in zip(w, _as32(reports))) / w.sum()
+        trained = [x - _flat(d) for d, _ in _as32(reports)]
+        mean_trained = sum(wi * y for wi, y in zip(w, trained, strict=True)) / w.sum()
         dw = x - mean_trained  # Hsu et al.'s Δw
         v = dw if v is None else mu * v + dw
         x = _flat([a.astype(np.float32) for a in _unflat(x - lr * v)])
@@ -159,7 +160,7 @@ def test_fedavgm_defaults_are_plain_fedavg():
     cycles = _cycles(rng)
     _, avgm, _ = _run({"name": "fedavgm"}, cycles)
     _, avg, _ = _run({"name": "fedavg"}, cycles)
-    for a, b in zip(avgm, avg):
+    for a, b in zip(avgm, avg, strict=True):
         np.testing.assert_allclose(_flat(a), _flat(b), rtol=1e-6, atol=1e-7)
 
 
@@ -222,9 +223,8 @@ def _ref_bulyan(rows, f):
 def _ref_rule(name, rows, cfg):
     f = cfg.get("num_malicious_nodes", 0)
     if name == "fedmedian":
-        return np.array([sorted(col)[len(col) // 2 - 1 : len(col) // 2 + 1] for col in rows.T]).mean(
-            axis=1
-        )
+        middle = [sorted(col)[len(col) // 2 - 1 : len(col) // 2 + 1] for col in rows.T]
+        return np.array(middle).mean(axis=1)  # n is even here
     if name == "fedtrimmedavg":
         return stats.trim_mean(rows, cfg["beta"], axis=0)
     scores = _ref_krum_scores(rows, f)

@@ -21,7 +21,7 @@ def run_cycle(url: str, reports) -> None:
     w = HttpWorker(url)
     try:
         joined = [join(w) for _ in reports]
-        for (wid, cyc), (diff, n) in zip(joined, reports):
+        for (wid, cyc), (diff, n) in zip(joined, reports, strict=True):
             extra = {} if n is None else {"num_samples": n}
             st, body = report(w, wid, cyc["request_key"], diff, **extra)
             assert st == 200, body

@@ -82,7 +82,9 @@ class DemoOptions:
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.byzantine <= self.workers:
-            raise ConfigError(f"byzantine must be 0 to workers ({self.workers}), got {self.byzantine}")
+            raise ConfigError(
+                f"byzantine must be 0 to workers ({self.workers}), got {self.byzantine}"
+            )
         if self.attack not in ATTACKS:
             raise ConfigError(f"attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
         self.strategy_config()  # the node would refuse it: say so before starting anything

@@ -26,11 +26,10 @@ them and turns them into the next model (:class:`FedAvg`, :class:`IterativeAvera
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-
-import math
 
 import numpy as np
 
@@ -95,13 +94,14 @@ def validate_diff(arrays: Sequence[np.ndarray], spec: ModelSpec) -> None:
 def clip_l2(diff: Sequence[np.ndarray], clip_norm: float | None) -> Sequence[np.ndarray]:
     """Scale the whole diff (all tensors together) down to L2 norm ``clip_norm``, if above.
 
-    >>> [a.tolist() for a in clip_l2([np.array([3.0]), np.array([4.0])], 1.0)]
-    [[0.6], [0.8]]
+    >>> [a.tolist() for a in clip_l2([np.array([3.0]), np.array([4.0])], 2.5)]
+    [[1.5], [2.0]]
     """
     if clip_norm is None:
         return diff
     # float64 sums of squares: float32 loses the norm of a large model
-    norm = math.sqrt(sum(float(np.dot(f, f)) for f in (np.asarray(a, np.float64).ravel() for a in diff)))
+    flats = (np.asarray(a, np.float64).ravel() for a in diff)
+    norm = math.sqrt(sum(float(np.dot(f, f)) for f in flats))
     if norm <= clip_norm:
         return diff
     scale = clip_norm / norm

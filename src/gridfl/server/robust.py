@@ -107,7 +107,9 @@ class Robust(agg.Strategy):
         x = sums.diffs
         assert x is not None  # the node reads them back before completing
         n = x.shape[0]
-        need = max(min_reports(self.name, self.f), self.m + self.f if self.name == "multikrum" else 1)
+        need = min_reports(self.name, self.f)
+        if self.name == "multikrum":
+            need = max(need, self.m + self.f)
         if n < need:
             raise ModelError(
                 f"{self.name} with num_malicious_nodes = {self.f} needs at least {need} "
