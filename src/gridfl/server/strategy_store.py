@@ -38,8 +38,16 @@ def save_state(
     conn: Connection, checkpoint_id: int, process_id: int, state: agg.StrategyState, summary
 ) -> None:
     """Persist the state that goes with a new checkpoint (same transaction as its row),
-    with its JSON ``summary`` for the status."""
+    with its JSON ``summary`` for the status, and drop the process's older states: cycles
+    only ever open on the newest checkpoint, so one row per process is all that is read
+    (and the one the new row replaces goes in the same commit: never none, never two)."""
     step, names, data = state.encode()
+    conn.execute(
+        strategy_states.delete().where(
+            strategy_states.c.process_id == process_id,
+            strategy_states.c.checkpoint_id != checkpoint_id,
+        )
+    )
     conn.execute(
         strategy_states.insert().values(
             checkpoint_id=checkpoint_id,
