@@ -210,31 +210,36 @@ def averaging_step(plan, avg: np.ndarray, item: Sequence[np.ndarray], n: int, sp
 
 @dataclass(eq=False)
 class StrategyState:
-    """What a strategy carries from one cycle to the next: its step count and named flat
-    float64 vectors (the moments of a server optimizer). Persisted beside the checkpoint
-    it produced, so the cycle trained on that checkpoint resumes from exactly this.
+    """What a strategy carries from one cycle to the next: its step count, named flat
+    float64 vectors (a server optimizer's moments) and JSON ``meta`` (scalars, such as an
+    accountant's or an adaptive clip's). Persisted beside the checkpoint it produced, so
+    the cycle trained on that checkpoint resumes from exactly this.
 
-    >>> s = StrategyState(2, {"m": np.array([0.5, -1.0])})
-    >>> StrategyState.decode(*s.encode()).tensors["m"].tolist()
-    [0.5, -1.0]
+    >>> s = StrategyState(2, {"m": np.array([0.5, -1.0]), "c": np.array([3.0])}, {"eps": 1.5})
+    >>> back = StrategyState.decode(*s.encode())
+    >>> back.tensors["m"].tolist(), back.tensors["c"].tolist(), back.meta
+    ([0.5, -1.0], [3.0], {'eps': 1.5})
     """
 
     step: int
     tensors: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
 
-    def encode(self) -> tuple[int, list[str], bytes]:
-        """``(step, names, bytes)``: the vectors concatenated in ``names`` order."""
-        names = list(self.tensors)
-        flat = [np.asarray(self.tensors[n], dtype=np.float64).reshape(-1) for n in names]
-        data = np.concatenate(flat).tobytes() if flat else b""
-        return self.step, names, data
+    def encode(self) -> tuple[int, dict[str, Any], bytes]:
+        """``(step, layout, bytes)``: the vectors concatenated in the layout's order."""
+        flat = {n: np.asarray(v, dtype=np.float64).reshape(-1) for n, v in self.tensors.items()}
+        layout = {"tensors": [[n, int(v.size)] for n, v in flat.items()], "meta": self.meta}
+        data = np.concatenate(list(flat.values())).tobytes() if flat else b""
+        return self.step, layout, data
 
     @classmethod
-    def decode(cls, step: int, names: list[str], data: bytes) -> StrategyState:
-        if not names:
-            return cls(step, {})
-        rows = np.frombuffer(data, dtype=np.float64).reshape(len(names), -1)
-        return cls(step, {n: rows[i].copy() for i, n in enumerate(names)})
+    def decode(cls, step: int, layout: dict[str, Any], data: bytes) -> StrategyState:
+        values = np.frombuffer(data, dtype=np.float64)
+        tensors, at = {}, 0
+        for name, size in layout["tensors"]:
+            tensors[name] = values[at : at + size].copy()
+            at += size
+        return cls(step, tensors, dict(layout.get("meta") or {}))
 
 
 @dataclass(eq=False)
@@ -294,29 +299,27 @@ class Strategy:
 
     The node calls :meth:`fold` once per accepted report, inside the report's transaction
     (the diff is already validated against the model), and :meth:`aggregate` once when the
-    cycle completes, with the current parameters and the strategy's state as persisted
-    after the previous cycle (``None`` at first). ``aggregate`` returns the new parameters
-    and the state to persist, ``None`` for a stateless rule; raising
+    cycle completes, with the current parameters and the :class:`StrategyState` persisted
+    with them (``None`` before the first step). ``aggregate`` is :meth:`combine` (the
+    cycle's aggregate diff, one flat float64 vector) then :meth:`step` (apply it; returns
+    the new parameters and the state to persist, ``None`` for a stateless rule). Raising
     :class:`~gridfl._exceptions.ModelError` (as :func:`apply_diff` does for a result that
     does not fit the model's dtypes) expires the cycle and keeps the current checkpoint.
+    This base class is FedAvg: ``fold`` clips each report to ``clip_norm`` (L2, all
+    tensors together, ``None``: no clip) and adds it to the sums, ``combine`` is their
+    mean, ``step`` is ``new = current - mean``.
 
-    Every strategy clips each report to ``clip_norm`` (L2, all tensors together) before
-    folding it. The rules (:mod:`gridfl.server.strategies` names them):
-
-    * **server optimizers** (:mod:`gridfl.server.optimizers`): fold as FedAvg; ``aggregate``
-      takes ``result()`` as the pseudo-gradient, updates its moments (a
-      :class:`StrategyState`, persisted beside the checkpoint in the same transaction)
-      and returns them with the new params.
+    * **server optimizers** (:mod:`gridfl.server.optimizers`) override ``step``: the mean
+      diff is a pseudo-gradient, their moments the state.
     * **robust rules** (:mod:`gridfl.server.robust`) set ``needs_every_diff = True``: their
-      ``fold`` keeps each diff (:meth:`RunningSums.keep`, one database row per report,
-      O(model x max_diffs)), and ``aggregate`` gets them all in ``sums.diffs``; secure
-      aggregation cannot be combined with them (a class declaring both is refused).
-    * **Secure aggregation**: only the masked sum is ever known, so it sets
-      ``sums_only = True`` (never ``needs_every_diff``) and its ``fold`` adds the masked
-      vectors; ``aggregate`` unmasks the sum, then proceeds as FedAvg.
-    * **Differential privacy**: ``fold`` clips each diff to a norm bound before
-      ``RunningSums.fold``; ``aggregate`` adds calibrated noise to the sum before applying
-      it (the accountant's budget is its state).
+      ``fold`` keeps each diff (:meth:`RunningSums.keep`, one database row per report), and
+      ``combine`` gets them all in ``sums.diffs``.
+    * **secure aggregation** sets ``sums_only = True`` (a class declaring both flags is
+      refused): its ``fold`` adds masked vectors, its ``combine`` unmasks the sum; any
+      ``step`` (FedAvg's, an optimizer's) then applies it.
+    * **differential privacy** clips in ``fold`` (before the sum), and its ``combine`` adds
+      the noise to the sum and divides by a fixed denominator; an optimizer's ``step``
+      comes after, as post-processing; the accountant lives in ``StrategyState.meta``.
     """
 
     #: the rule needs every diff of the cycle, not their sums (median, Krum)
@@ -341,22 +344,33 @@ class Strategy:
         """Fold one report into the cycle's sums, clipped to ``clip_norm`` first."""
         sums.fold(clip_l2(diff, self.clip_norm), num_samples)
 
-    def aggregate(
-        self, sums: RunningSums, params: Sequence[np.ndarray], state: Any = None
-    ) -> tuple[list[np.ndarray], Any]:
-        """``(new params, state to persist)`` from the cycle's sums and current params."""
-        raise NotImplementedError
+    def combine(self, sums: RunningSums) -> np.ndarray:
+        """The cycle's aggregate diff, one flat float64 vector: the (weighted) mean diff."""
+        return sums.result()
 
-    def describe(self, state: Any) -> dict[str, Any]:
+    def step(
+        self,
+        update: np.ndarray,
+        params: Sequence[np.ndarray],
+        spec: ModelSpec,
+        state: StrategyState | None,
+    ) -> tuple[list[np.ndarray], StrategyState | None]:
+        """``(new params, state to persist)``: ``new = current - update``, no state."""
+        return apply_diff(params, update, spec), None
+
+    def aggregate(
+        self, sums: RunningSums, params: Sequence[np.ndarray], state: StrategyState | None = None
+    ) -> tuple[list[np.ndarray], StrategyState | None]:
+        """``(new params, state to persist)`` from the cycle's sums and current params."""
+        return self.step(self.combine(sums), params, sums.spec, state)
+
+    def describe(self, state: StrategyState) -> dict[str, Any]:
         """A short JSON summary of the persisted state, for the status."""
         return {}
 
 
 class FedAvg(Strategy):
     """``new = current - mean diff`` (weighted as the module docstring says); no state."""
-
-    def aggregate(self, sums, params, state=None):
-        return apply_diff(params, sums.result(), sums.spec), None
 
 
 class IterativeAveraging(Strategy):
@@ -376,8 +390,9 @@ class IterativeAveraging(Strategy):
             sums.count_x += 1
             sums.changed = "x"
 
-    def aggregate(self, sums, params, state=None):
-        return apply_diff(params, sums.sum_x, sums.spec), None
+    def combine(self, sums):
+        assert sums.sum_x is not None  # a cycle completes with at least one report
+        return sums.sum_x.astype(np.float64)
 
 
 FED_AVG = FedAvg()

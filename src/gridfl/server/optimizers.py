@@ -32,7 +32,7 @@ from gridfl.server import aggregate as agg
 
 
 class FedAvgM(agg.Strategy):
-    """``v = momentum * v + g``; ``new = current - server_learning_rate * v``."""
+    """``v = momentum * v + g`` (``v = g`` at first); ``new = current - lr * v``."""
 
     def __init__(
         self, *, server_learning_rate: float, server_momentum: float, clip_norm=None
@@ -41,12 +41,10 @@ class FedAvgM(agg.Strategy):
         self.lr = server_learning_rate
         self.momentum = server_momentum
 
-    def aggregate(self, sums, params, state=None):
-        g = sums.result()
-        v = g if state is None else self.momentum * state.tensors["v"] + g
-        step = 1 if state is None else state.step + 1
-        new = agg.apply_diff(params, self.lr * v, sums.spec)
-        return new, agg.StrategyState(step, {"v": v})
+    def step(self, update, params, spec, state):
+        v = update if state is None else self.momentum * state.tensors["v"] + update
+        steps = 1 if state is None else state.step + 1
+        return agg.apply_diff(params, self.lr * v, spec), agg.StrategyState(steps, {"v": v})
 
     def describe(self, state):
         return _describe(state)
@@ -74,8 +72,8 @@ class FedOpt(agg.Strategy):
         super().__init__(clip_norm=clip_norm)
         self.rule, self.eta, self.beta_1, self.beta_2, self.tau = rule, eta, beta_1, beta_2, tau
 
-    def aggregate(self, sums, params, state=None):
-        g = sums.result()
+    def step(self, update, params, spec, state):
+        g = update
         if state is None:
             state = agg.StrategyState(
                 0, {"m": np.zeros_like(g), "v": np.full_like(g, self.tau * self.tau)}
@@ -88,8 +86,7 @@ class FedOpt(agg.Strategy):
             v = self.beta_2 * v + (1.0 - self.beta_2) * g2
         else:  # fedyogi: v moves additively toward g²
             v = v - (1.0 - self.beta_2) * g2 * np.sign(v - g2)
-        update = self.eta * m / (np.sqrt(v) + self.tau)
-        new = agg.apply_diff(params, update, sums.spec)
+        new = agg.apply_diff(params, self.eta * m / (np.sqrt(v) + self.tau), spec)
         return new, agg.StrategyState(state.step + 1, {"m": m, "v": v})
 
     def describe(self, state):

@@ -123,7 +123,7 @@ class Robust(agg.Strategy):
     def fold(self, sums, diff, num_samples):
         sums.keep(agg.clip_l2(diff, self.clip_norm))
 
-    def aggregate(self, sums, params, state=None):
+    def combine(self, sums):
         x = sums.diffs
         assert x is not None  # the node reads them back before completing
         n = x.shape[0]
@@ -136,16 +136,14 @@ class Robust(agg.Strategy):
                 f"reports; the cycle has {n} (raise min_diffs to {need})"
             )
         if self.name == "fedmedian":
-            result = median(x)
-        elif self.name == "fedtrimmedavg":
-            result = trimmed_mean(x, self.beta)
-        elif self.name == "krum":
-            result = krum(x, self.f)
-        elif self.name == "multikrum":
-            result = multi_krum(x, self.f, self.m)
-        else:
-            result = bulyan(x, self.f)
-        return agg.apply_diff(params, result, sums.spec), None
+            return median(x)
+        if self.name == "fedtrimmedavg":
+            return trimmed_mean(x, self.beta)
+        if self.name == "krum":
+            return krum(x, self.f)
+        if self.name == "multikrum":
+            return multi_krum(x, self.f, self.m)
+        return bulyan(x, self.f)
 
 
 def build(name: str, params: dict[str, Any], *, clip_norm: float | None) -> agg.Strategy:

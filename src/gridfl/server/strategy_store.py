@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 from gridfl.server import aggregate as agg
 from gridfl.server.tables import cycle_diffs, strategy_states
 
-_state_columns = (strategy_states.c.step, strategy_states.c.names, strategy_states.c.data)
+_state_columns = (strategy_states.c.step, strategy_states.c.layout, strategy_states.c.data)
 
 
 def keep_diff(conn: Connection, cycle_id: int, flat: np.ndarray) -> None:
@@ -41,7 +41,7 @@ def save_state(
     with its JSON ``summary`` for the status, and drop the process's older states: cycles
     only ever open on the newest checkpoint, so one row per process is all that is read
     (and the one the new row replaces goes in the same commit: never none, never two)."""
-    step, names, data = state.encode()
+    step, layout, data = state.encode()
     conn.execute(
         strategy_states.delete().where(
             strategy_states.c.process_id == process_id,
@@ -54,7 +54,7 @@ def save_state(
             process_id=process_id,
             step=step,
             summary=summary,
-            names=names,
+            layout=layout,
             data=data,
         )
     )
@@ -65,7 +65,7 @@ def load_state(conn: Connection, checkpoint_id: int) -> agg.StrategyState | None
     row = conn.execute(
         sa.select(*_state_columns).where(strategy_states.c.checkpoint_id == checkpoint_id)
     ).first()
-    return None if row is None else agg.StrategyState.decode(row.step, row.names, bytes(row.data))
+    return None if row is None else agg.StrategyState.decode(row.step, row.layout, bytes(row.data))
 
 
 def latest_summary(conn: Connection, process_id: int) -> dict | None:

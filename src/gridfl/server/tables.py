@@ -155,7 +155,8 @@ aggregates = sa.Table(
 
 # A server optimizer's state after the cycle that produced ``checkpoint_id`` (written in the
 # same transaction as that checkpoint): the cycle trained on a checkpoint resumes from its
-# row. ``data`` is the float64 vectors named in ``names``, concatenated (each model-sized).
+# row. ``data`` is the float64 vectors ``layout`` names (with their sizes), concatenated;
+# ``layout`` also holds the state's JSON scalars (aggregate.StrategyState).
 strategy_states = sa.Table(
     "strategy_states",
     metadata,
@@ -172,7 +173,7 @@ strategy_states = sa.Table(
     # Strategy.describe(state), for the status: read without the model-sized blob (in
     # SQLite a column after the blob would walk its overflow pages)
     sa.Column("summary", sa.JSON, nullable=False),
-    sa.Column("names", sa.JSON, nullable=False),
+    sa.Column("layout", sa.JSON, nullable=False),
     sa.Column("data", Blob, nullable=False),
     sa.Index("ix_strategy_states_process", "process_id", "checkpoint_id"),
 )

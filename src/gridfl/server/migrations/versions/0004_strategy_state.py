@@ -38,7 +38,7 @@ def upgrade() -> None:
         ),
         sa.Column("step", sa.Integer, nullable=False),
         sa.Column("summary", sa.JSON, nullable=False),
-        sa.Column("names", sa.JSON, nullable=False),
+        sa.Column("layout", sa.JSON, nullable=False),
         sa.Column("data", sa.LargeBinary, nullable=False),
     )
     op.create_index(
