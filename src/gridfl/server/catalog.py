@@ -57,6 +57,13 @@ class ProcessInfo:
     plan_digests: dict[str, str]  # SHA-256 of each training-side plan's onnx variant
 
 
+def process_strategy(server_config: dict, averaging_plan) -> agg.Strategy:
+    """The strategy of a process hosted with this (validated) ``server_config`` and
+    averaging plan: the one place the node builds it, which ``gridfl.simulation`` calls
+    too, so a simulation aggregates as the node would."""
+    return agg.strategy_for(averaging_plan)
+
+
 class Catalog:
     """The caches of one node process; every method reads through ``conn`` on a miss."""
 
@@ -125,8 +132,9 @@ class Catalog:
         return plan
 
     def strategy(self, conn: Connection, process_id: int) -> agg.Strategy:
-        """How the process aggregates (:func:`aggregate.strategy_for`)."""
-        return agg.strategy_for(self.averaging_plan(conn, process_id))
+        """How the process aggregates (:func:`process_strategy`)."""
+        info = self.process(conn, process_id)
+        return process_strategy(info.server_config, self.averaging_plan(conn, process_id))
 
     def plan_meta(self, conn: Connection, plan_id: int):
         """A worker plan's row in ``storage.plan_meta`` (its variants), or ``None``."""
