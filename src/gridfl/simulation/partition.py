@@ -113,6 +113,8 @@ def dirichlet(
 
 #: partitioner names for :func:`partition` and ``gridfl simulate --partitioner``
 PARTITIONERS = ("iid", "shards", "dirichlet")
+_OPTIONS = {"iid": set(), "shards": {"shards_per_client"},
+            "dirichlet": {"alpha", "examples_per_client"}}
 
 
 def partition(
@@ -140,6 +142,12 @@ def partition(
         _check_clients(num_clients, len(labels))
         parts = list(method(labels, num_clients, np.random.default_rng(seed), **options))
         return check_parts(parts, num_clients, len(labels))
+    allowed = _OPTIONS.get(method) if isinstance(method, str) else None
+    if allowed is not None and set(options) - allowed:
+        raise ConfigError(
+            f"the {method} partitioner takes no option {sorted(set(options) - allowed)}; "
+            f"it takes {sorted(allowed) or 'none'}"
+        )
     if method == "iid":
         parts = iid(labels, num_clients, seed=seed, **options)
     elif method == "shards":

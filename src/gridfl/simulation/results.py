@@ -15,7 +15,8 @@ __all__ = ["RoundResult", "SimulationResult"]
 @dataclass
 class RoundResult:
     """One round: the clients that trained (in fold order), the mean of their last losses
-    (weighted by ``num_samples``), and the new model's central and federated metrics."""
+    (weighted by ``num_samples``), and the new model's central and federated metrics
+    (``seconds`` is the one field that differs between two runs with the same seed)."""
 
     round: int
     clients: list[int]
@@ -23,6 +24,7 @@ class RoundResult:
     train_loss: float | None = None
     central: dict[str, float] = field(default_factory=dict)
     federated: dict[str, float] = field(default_factory=dict)
+    evaluated: list[int] = field(default_factory=list)  # the federated evaluation's clients
     error: str | None = None  # the strategy refused the aggregate: the model was kept
 
 

@@ -253,7 +253,7 @@ def simulate(
                     entry.central = clients.evaluate_plan(eval_plan, params, *test,
                                                           request.client_config)
                 if opts.federated_every and r % opts.federated_every == 0:
-                    entry.federated = _federated(backend, params, opts, r)
+                    entry.federated, entry.evaluated = _federated(backend, params, opts, r)
                 memory.sample()
                 entry.seconds = round(time.perf_counter() - t0, 4)
                 if r == 1:
@@ -278,17 +278,19 @@ def _client_seed(seed: int, r: int, client: int) -> int:
 
 
 def _federated(backend: LocalPool | RayPool, params: Sequence[np.ndarray],
-               opts: SimulationOptions, r: int) -> dict[str, float]:
-    """Metrics of the drawn clients on their held-out data, weighted by their examples."""
+               opts: SimulationOptions, r: int) -> tuple[dict[str, float], list[int]]:
+    """Metrics of the drawn clients on their held-out data, weighted by their examples,
+    and the clients."""
     chosen = np.random.default_rng([opts.seed, 3, r]).choice(
         opts.num_clients, size=opts.federated_clients, replace=False)
     totals: dict[str, float] = {}
     n = 0
-    for report in backend.evaluate(params, [int(c) for c in chosen]):
+    evaluated = [int(c) for c in chosen]
+    for report in backend.evaluate(params, evaluated):
         n += report.num_samples
         for k, v in report.metrics.items():
             totals[k] = totals.get(k, 0.0) + v * report.num_samples
-    return {k: v / n for k, v in totals.items()} if n else {}
+    return ({k: v / n for k, v in totals.items()} if n else {}), evaluated
 
 
 def _settings(opts: SimulationOptions, request) -> dict[str, Any]:
