@@ -104,6 +104,8 @@ class SimulationOptions:
             )
         self.workers = self.workers or _usable_cpus()
         _positive("workers", self.workers)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -206,6 +208,8 @@ def simulate(
     test = load_data(test_data, "test_data") if test_data is not None else None
     if eval_plan is not None:
         check_shapes(eval_plan, x, y, "evaluation plan")
+        if test is not None:
+            check_shapes(eval_plan, *test, "evaluation plan")
     averaging = rows.get("averaging_plan")
     strategy = process_strategy(
         request.server_config,
@@ -223,7 +227,7 @@ def simulate(
         del x, y, parts  # the workers read the files; this process keeps no copy
         backend = open_backend(opts.backend, job, store, workers=opts.workers or 1,
                                ray_address=opts.ray_address)
-        bar = _progress(opts)
+        bar, stop_bar = _progress(opts)
         try:
             strategy_state: Any = None
             memory = _Memory(backend)
@@ -263,6 +267,7 @@ def simulate(
                 if on_round is not None:
                     on_round(entry)
         finally:
+            stop_bar()
             backend.close()
     result.total_seconds = round(time.perf_counter() - started, 3)
     result.peak_memory_mb = memory.peak_mb()
@@ -306,13 +311,20 @@ def _settings(opts: SimulationOptions, request) -> dict[str, Any]:
     }
 
 
-def _progress(opts: SimulationOptions) -> Callable[[RoundResult], None]:
-    """A progress bar on stderr (``rich``, the cli extra) when asked for, else nothing."""
+def _progress(
+    opts: SimulationOptions,
+) -> tuple[Callable[[RoundResult], None], Callable[[], None]]:
+    """A progress bar (``rich``, the cli extra) when asked for, else nothing: the
+    function that advances it, and the one that takes it down."""
     if not opts.progress:
-        return lambda entry: None
-    from rich.progress import Progress
+        return (lambda entry: None), (lambda: None)
+    try:
+        from rich.console import Console
+        from rich.progress import Progress
+    except ImportError as exc:
+        raise ConfigError("progress=True needs rich: pip install 'gridfl[cli]'") from exc
 
-    bar = Progress(transient=False)
+    bar = Progress(console=Console(stderr=True))
     task = bar.add_task("rounds", total=opts.rounds)
     bar.start()
 
@@ -321,10 +333,8 @@ def _progress(opts: SimulationOptions) -> Callable[[RoundResult], None]:
         if entry.central.get("loss") is not None:
             desc += f" test loss {entry.central['loss']:.4f}"
         bar.update(task, advance=1, description=desc)
-        if entry.round == opts.rounds:
-            bar.stop()
 
-    return advance
+    return advance, bar.stop
 
 
 class _Memory:
