@@ -26,6 +26,8 @@ class RoundResult:
     federated: dict[str, float] = field(default_factory=dict)
     evaluated: list[int] = field(default_factory=list)  # the federated evaluation's clients
     error: str | None = None  # the strategy refused the aggregate: the model was kept
+    #: the round's model until it is evaluated (internal; not in results.json)
+    model: list[np.ndarray] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class SimulationResult:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         del data["final_params"]
+        for entry in data["rounds"]:
+            del entry["model"]
         return data
 
     def save(self, out_dir: Path) -> tuple[Path, Path]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from gridfl import state
 from gridfl._exceptions import ConfigError, ModelError
+from gridfl.server import aggregate as agg
 from gridfl.simulation import clients
 from gridfl.simulation.backends import BACKENDS, LocalPool, RayPool, open_backend
 from gridfl.simulation.partition import partition
@@ -180,7 +181,6 @@ def simulate(
     """
     from gridfl.host import host_payload
     from gridfl.plan import Plan
-    from gridfl.server import aggregate as agg
     from gridfl.server.catalog import process_strategy
     from gridfl.server.hosting import validate
 
@@ -229,52 +229,93 @@ def simulate(
                                ray_address=opts.ray_address)
         bar, stop_bar = _progress(opts)
         try:
-            strategy_state: Any = None
-            memory = _Memory(backend)
-            for r in range(1, (opts.rounds or 0) + 1):
-                t0 = time.perf_counter()
-                chosen = np.random.default_rng([opts.seed, 1, r]).choice(
-                    opts.num_clients, size=opts.clients_per_round, replace=False)
-                tasks = [(int(c), _client_seed(opts.seed, r, int(c))) for c in chosen]
-                sums = agg.RunningSums(spec)
-                losses, weights = [], []
-                for report in backend.fit(params, tasks):
-                    diff = state.loads(report.diff)
-                    agg.validate_diff(diff, spec)
-                    strategy.fold(sums, diff, report.num_samples)
-                    if report.loss is not None:
-                        losses.append(report.loss)
-                        weights.append(report.num_samples)
-                entry = RoundResult(round=r, clients=[c for c, _ in tasks])
-                try:
-                    params, strategy_state = strategy.aggregate(sums, params, strategy_state)
-                except ModelError as exc:  # the node expires such a cycle: keep the model
-                    entry.error = str(exc)
-                if losses:
-                    entry.train_loss = float(np.average(losses, weights=weights))
-                if test is not None and eval_plan is not None and (
-                        r % opts.evaluate_every == 0 or r == opts.rounds):
-                    entry.central = clients.evaluate_plan(eval_plan, params, *test,
-                                                          request.client_config)
-                if opts.federated_every and r % opts.federated_every == 0:
-                    entry.federated, entry.evaluated = _federated(backend, params, opts, r)
-                memory.sample()
-                entry.seconds = round(time.perf_counter() - t0, 4)
-                if r == 1:
-                    result.startup_seconds = round(t0 - started, 3)
-                result.rounds.append(entry)
-                bar(entry)
-                if on_round is not None:
-                    on_round(entry)
+            rounds = _Rounds(opts, backend, strategy, spec, params, result, started)
+            rounds.central = (
+                None if test is None or eval_plan is None
+                else lambda model: clients.evaluate_plan(eval_plan, model, *test,
+                                                         request.client_config)
+            )
+            rounds.emit = lambda entry: (bar(entry), on_round and on_round(entry))
+            params = rounds.run()
         finally:
             stop_bar()
             backend.close()
     result.total_seconds = round(time.perf_counter() - started, 3)
-    result.peak_memory_mb = memory.peak_mb()
+    result.peak_memory_mb = rounds.memory.peak_mb()
     result.final_params = params
     if opts.out_dir is not None:
         result.save(Path(opts.out_dir))
     return result
+
+
+class _Rounds:
+    """The round loop. Round ``r``'s central evaluation runs in this process while the
+    pool trains round ``r + 1`` from the same model (it is that round's starting point),
+    so the evaluation takes no time of its own; each round is reported once evaluated."""
+
+    def __init__(self, opts: SimulationOptions, backend: LocalPool | RayPool, strategy,
+                 spec, params: list[np.ndarray], result: SimulationResult,
+                 started: float) -> None:
+        self.opts, self.backend, self.strategy, self.spec = opts, backend, strategy, spec
+        self.params, self.result, self.started = params, result, started
+        self.strategy_state: Any = None
+        self.memory = _Memory(backend)
+        self.central: Callable[[list[np.ndarray]], dict[str, float]] | None = None
+        self.emit: Callable[[RoundResult], Any] = lambda entry: None
+
+    def run(self) -> list[np.ndarray]:
+        pending: RoundResult | None = None
+        for r in range(1, (self.opts.rounds or 0) + 1):
+            t0 = time.perf_counter()
+            if r == 1:
+                self.result.startup_seconds = round(t0 - self.started, 3)
+            chosen = np.random.default_rng([self.opts.seed, 1, r]).choice(
+                self.opts.num_clients, size=self.opts.clients_per_round, replace=False)
+            tasks = [(int(c), _client_seed(self.opts.seed, r, int(c))) for c in chosen]
+            reports = self.backend.fit(self.params, tasks)  # submitted: training starts
+            if pending is not None:
+                self._finish(pending)
+            pending = self._aggregate(r, tasks, reports)
+            pending.seconds = round(time.perf_counter() - t0, 4)
+        if pending is not None:
+            self._finish(pending)
+        return self.params
+
+    def _aggregate(self, r: int, tasks: list[tuple[int, int]], reports) -> RoundResult:
+        """Fold the reports in the order drawn, as the node folds them; the new model."""
+        sums = agg.RunningSums(self.spec)
+        losses, weights = [], []
+        for report in reports:
+            diff = state.loads(report.diff)
+            agg.validate_diff(diff, self.spec)
+            self.strategy.fold(sums, diff, report.num_samples)
+            if report.loss is not None:
+                losses.append(report.loss)
+                weights.append(report.num_samples)
+        entry = RoundResult(round=r, clients=[c for c, _ in tasks])
+        try:
+            self.params, self.strategy_state = self.strategy.aggregate(
+                sums, self.params, self.strategy_state)
+        except ModelError as exc:  # the node expires such a cycle: the model stays
+            entry.error = str(exc)
+        if losses:
+            entry.train_loss = float(np.average(losses, weights=weights))
+        if self.opts.federated_every and r % self.opts.federated_every == 0:
+            entry.federated, entry.evaluated = _federated(self.backend, self.params,
+                                                          self.opts, r)
+        entry.model = self.params
+        return entry
+
+    def _finish(self, entry: RoundResult) -> None:
+        """Central evaluation of the round's model, then the round is reported."""
+        model, entry.model = entry.model, None
+        due = entry.round % self.opts.evaluate_every == 0 or entry.round == self.opts.rounds
+        if self.central is not None and due:
+            assert model is not None  # set by _aggregate
+            entry.central = self.central(model)
+        self.memory.sample()
+        self.result.rounds.append(entry)
+        self.emit(entry)
 
 
 def _client_seed(seed: int, r: int, client: int) -> int:
