@@ -9,10 +9,10 @@ Three parts, in one run (``--part`` to pick):
   should be close to 1.
 * ``speed``: the Flower workloads of reference/flower-on-this-machine.md (K = 100 IID
   shards, C = 0.1, B = 10, E = 1, lr 0.1, central evaluation on the 10k test set every
-  round), 2NN and CNN: median seconds per round over rounds 2..N, start-up (call -> first
-  round) and peak memory. Flower 1.42's figures are the reference file's, measured on a
-  machine of the same kind, not in this run: the ratios printed against them are
-  indicative only.
+  round), 2NN and CNN: median seconds per round over rounds 2..N, start-up (call ->
+  first aggregated model) and peak memory. Flower 1.42's figures are the reference
+  file's, measured on a machine of the same kind, not in this run: the ratios printed
+  against them are indicative only.
 * ``scale``: 10,000 Dirichlet(0.5) clients, 100 per round, 2NN, B = 5 (a client holds
   6 examples): seconds per round and peak memory.
 

@@ -59,6 +59,7 @@ def test_simulate_writes_results_and_plot(bundle, tmp_path):
         (["--partitioner", "zipf"], "unknown partitioner 'zipf'"),
         (["--partitioner", "dirichlet", "--alpha", "0"], "alpha must be a number > 0"),
         (["--clients", "1000"], "1000 clients are more than the 320 examples"),
+        (["--clients", "80"], "has 4 training examples, fewer than one batch of 8"),
         (["--data", "{tmp}/wide.npz"], "the training plan takes data of shape (N, 3)"),
         (["--federated-every", "0"], "federated_every must be an integer >= 1"),
         (["--evaluate-every", "0"], "evaluate_every must be an integer >= 1"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["RoundResult", "SimulationResult"]
+
+log = logging.getLogger("gridfl.simulation")
 
 
 @dataclass
@@ -37,7 +41,7 @@ class SimulationResult:
 
     settings: dict[str, Any]
     rounds: list[RoundResult] = field(default_factory=list)
-    startup_seconds: float | None = None  # call -> first round started
+    startup_seconds: float | None = None  # call -> first aggregated model
     total_seconds: float | None = None
     peak_memory_mb: float | None = None  # PSS of this process and the local workers
     final_params: list[np.ndarray] = field(default_factory=list)
@@ -49,10 +53,15 @@ class SimulationResult:
             del entry["model"]
         return data
 
-    def save(self, out_dir: Path) -> tuple[Path, Path]:
+    def save(self, out_dir: Path) -> tuple[Path, Path | None]:
+        """Write ``results.json``, and ``results.png`` when matplotlib is installed (the
+        ``demo`` extra); returns their paths (``None`` for a plot not drawn)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path = out_dir / "results.json"
         json_path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        if importlib.util.find_spec("matplotlib") is None:
+            log.warning("no plot: matplotlib is not installed (pip install 'gridfl[demo]')")
+            return json_path, None
         png_path = out_dir / "results.png"
         plot(self, png_path)
         return json_path, png_path

@@ -224,6 +224,7 @@ def simulate(
     result = SimulationResult(settings=_settings(opts, request))
     with tempfile.TemporaryDirectory(prefix="gridfl-sim-") as tmp:
         store = ShardStore.write(tmp, x, y, parts, held_out=opts.held_out or 0.0)
+        _check_batches(store, request.client_config)
         del x, y, parts  # the workers read the files; this process keeps no copy
         backend = open_backend(opts.backend, job, store, workers=opts.workers or 1,
                                ray_address=opts.ray_address)
@@ -267,8 +268,6 @@ class _Rounds:
         pending: RoundResult | None = None
         for r in range(1, (self.opts.rounds or 0) + 1):
             t0 = time.perf_counter()
-            if r == 1:
-                self.result.startup_seconds = round(t0 - self.started, 3)
             chosen = np.random.default_rng([self.opts.seed, 1, r]).choice(
                 self.opts.num_clients, size=self.opts.clients_per_round, replace=False)
             tasks = [(int(c), _client_seed(self.opts.seed, r, int(c))) for c in chosen]
@@ -276,7 +275,10 @@ class _Rounds:
             if pending is not None:
                 self._finish(pending)
             pending = self._aggregate(r, tasks, reports)
-            pending.seconds = round(time.perf_counter() - t0, 4)
+            done = time.perf_counter()
+            pending.seconds = round(done - t0, 4)
+            if r == 1:  # as Flower's is measured: the call -> the first aggregated model
+                self.result.startup_seconds = round(done - self.started, 3)
         if pending is not None:
             self._finish(pending)
         return self.params
@@ -316,6 +318,19 @@ class _Rounds:
         self.memory.sample()
         self.result.rounds.append(entry)
         self.emit(entry)
+
+
+def _check_batches(store: ShardStore, client_config: Mapping[str, Any]) -> None:
+    """Refuse a population where a client has fewer training examples than one batch
+    (it could not train: the last partial batch is dropped, as in syft.js)."""
+    batch = client_config.get("batch_size")
+    sizes = store.train_sizes()
+    if isinstance(batch, int) and sizes.min() < batch:
+        k = int(np.argmin(sizes))
+        raise ConfigError(
+            f"client {k} has {sizes[k]} training examples, fewer than one batch of {batch}: "
+            "use fewer clients, a smaller client_config.batch_size or less held out"
+        )
 
 
 def _client_seed(seed: int, r: int, client: int) -> int:
