@@ -91,3 +91,19 @@ def test_a_bad_server_config_gets_the_nodes_own_message(bundle, tmp_path):
     (bundle / "bundle.json").write_text(json.dumps(spec))
     r = _run(bundle, "--data", tmp_path / "train.npz")
     assert r.exit_code == 1 and "server_config.max_diffs must be an integer" in r.output, r.output
+
+
+def test_a_user_partitioner_by_module_and_name(bundle, tmp_path, monkeypatch):
+    (tmp_path / "my_splits.py").write_text(
+        "import numpy as np\n"
+        "def halves(labels, num_clients, rng):\n"
+        "    return np.array_split(np.arange(len(labels)), num_clients)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    r = _run(bundle, "--data", tmp_path / "train.npz", "--clients", 10, "--partitioner",
+             "my_splits:halves", "--rounds", 1, "--workers", 1, "--out", out)
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["partitioner"] == "halves"
+    assert len(results["rounds"][0]["clients"]) == 5
