@@ -204,7 +204,8 @@ def simulate(
     x, y = load_data(data, "data")
     training = Plan.from_bytes(rows["training_plan"]["onnx"], threads=1)
     check_shapes(training, x, y, "training plan")
-    eval_plan = Plan.from_bytes(evaluation) if evaluation is not None else None
+    # one thread: it runs beside the pool's workers (see _Rounds)
+    eval_plan = Plan.from_bytes(evaluation, threads=1) if evaluation is not None else None
     test = load_data(test_data, "test_data") if test_data is not None else None
     if eval_plan is not None:
         check_shapes(eval_plan, x, y, "evaluation plan")
