@@ -85,6 +85,15 @@ def test_evaluation_without_an_evaluation_plan_is_refused(bundle, tmp_path):
         assert "Traceback" not in r.output
 
 
+def test_plans_of_the_wrong_kind_are_refused(bundle, tmp_path):
+    spec = json.loads((bundle / "bundle.json").read_text())
+    spec["plans"]["training_plan"] = "evaluation_plan.onnx"
+    (bundle / "bundle.json").write_text(json.dumps(spec))
+    r = _run(bundle, "--data", tmp_path / "train.npz")
+    assert r.exit_code == 1 and "plans.training_plan must be a training plan" in r.output, (
+        r.output)
+
+
 def test_a_bad_server_config_gets_the_nodes_own_message(bundle, tmp_path):
     spec = json.loads((bundle / "bundle.json").read_text())
     spec["server_config"]["max_diffs"] = -2

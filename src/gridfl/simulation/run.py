@@ -201,8 +201,15 @@ def simulate(
             "evaluation needs an 'evaluation_plan' among the plans: host one, or run "
             "without test_data and federated_every"
         )
+    if opts.out_dir is not None and Path(opts.out_dir).exists() and not Path(
+            opts.out_dir).is_dir():
+        raise ConfigError(f"out_dir {opts.out_dir} is a file, not a directory")
     x, y = load_data(data, "data")
     training = Plan.from_bytes(rows["training_plan"]["onnx"], threads=1)
+    for name, plan_kind in (("training_plan", "training"), ("evaluation_plan", "evaluation")):
+        blob = rows.get(name, {}).get("onnx")
+        if blob is not None and Plan.from_bytes(blob).kind != plan_kind:
+            raise ConfigError(f"plans.{name} must be a {plan_kind} plan")
     check_shapes(training, x, y, "training plan")
     # one thread: it runs beside the pool's workers (see _Rounds)
     eval_plan = Plan.from_bytes(evaluation, threads=1) if evaluation is not None else None
