@@ -12,6 +12,7 @@ its seed, on any backend and any number of workers.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -185,7 +186,8 @@ def simulate(
     from gridfl.server.hosting import validate
 
     started = time.perf_counter()
-    opts = options or SimulationOptions()
+    # a copy: resolving fills defaults from this process's server_config only
+    opts = dataclasses.replace(options) if options is not None else SimulationOptions()
     request = validate(host_payload(
         model=model, plans=plans, client_config=client_config,
         server_config=server_config, averaging_plan=averaging_plan,
