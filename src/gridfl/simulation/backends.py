@@ -127,9 +127,12 @@ class RayPool:
                 "the ray backend needs Ray: pip install 'gridfl[ray]'"
             ) from exc
         self._ray = ray
-        if not ray.is_initialized():
-            ray.init(address=address, num_cpus=None if address else num_cpus,
-                     include_dashboard=False, log_to_driver=False)
+        if ray.is_initialized():
+            pass  # the caller's ray.init (a cluster's address, a runtime_env) holds
+        elif address:
+            ray.init(address=address)  # a cluster: its resources are its own
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         self.store = store
         self._fit = ray.remote(num_cpus=1)(_ray_fit)
         self._evaluate = ray.remote(num_cpus=1)(_ray_evaluate)
