@@ -28,7 +28,7 @@ from gridfl import _exceptions as errors
 from gridfl import _messages, state
 from gridfl.model import SyftModel
 
-__all__ = ["HostClient", "closed_cycles"]
+__all__ = ["HostClient", "closed_cycles", "host_payload"]
 
 class HostClient:
     """A blocking client of a grid node's admin API.
@@ -74,16 +74,10 @@ class HostClient:
         ``plans``: name -> a :class:`~gridfl.Plan`, ONNX bytes, or ``{variant: bytes}``
         (variants ``onnx``, ``tfjs``, ``torchscript``, ``list``).
         """
-        payload: dict[str, Any] = {
-            "model": _b64(_model_bytes(model)),
-            "plans": {name: _plan_variants(p) for name, p in plans.items()},
-            "client_config": dict(client_config),
-            "server_config": dict(server_config or {}),
-        }
-        if averaging_plan is not None:
-            payload["averaging_plan"] = _b64(_plan_bytes(averaging_plan))
-        if protocols:
-            payload["protocols"] = {k: _b64(v) for k, v in protocols.items()}
+        payload = host_payload(
+            model=model, plans=plans, client_config=client_config,
+            server_config=server_config, averaging_plan=averaging_plan, protocols=protocols,
+        )
         return self._json("POST", "/processes", json=payload)
 
     def processes(self) -> list[dict[str, Any]]:
@@ -165,6 +159,36 @@ class HostClient:
 def _path(name: str, version: str | None) -> str:
     segment = f"/processes/{quote(name, safe='')}"
     return segment + (f"/{quote(version, safe='')}" if version else "")
+
+
+def host_payload(
+    *,
+    model: Any,
+    plans: Mapping[str, Any],
+    client_config: Mapping[str, Any],
+    server_config: Mapping[str, Any] | None = None,
+    averaging_plan: Any = None,
+    protocols: Mapping[str, bytes] | None = None,
+) -> dict[str, Any]:
+    """The JSON body :meth:`HostClient.host` sends (a simulation validates the same one).
+
+    >>> import numpy as np
+    >>> body = host_payload(model=[np.zeros(2, np.float32)], plans={"p": b"onnx"},
+    ...                     client_config={"name": "m", "version": "1"})
+    >>> sorted(body)
+    ['client_config', 'model', 'plans', 'server_config']
+    """
+    payload: dict[str, Any] = {
+        "model": _b64(_model_bytes(model)),
+        "plans": {name: _plan_variants(p) for name, p in plans.items()},
+        "client_config": dict(client_config),
+        "server_config": dict(server_config or {}),
+    }
+    if averaging_plan is not None:
+        payload["averaging_plan"] = _b64(_plan_bytes(averaging_plan))
+    if protocols:
+        payload["protocols"] = {k: _b64(v) for k, v in protocols.items()}
+    return payload
 
 
 def _b64(data: bytes) -> str:
