@@ -308,8 +308,8 @@ def _other_batch(args, input_roles, batch_inputs):
     for i in batch_inputs:
         args2[i] = _resize_batch(args[i], other)
     for i, d in enumerate(input_roles):
-        if d["role"] == "batch_size":
-            args2[i] = torch.tensor(float(other), dtype=args[i].dtype)
+        if d["role"] == "batch_size":  # keep its shape: PySyft passes tensor([64.0])
+            args2[i] = torch.full_like(args[i], float(other))
     return args2
 
 
