@@ -13,7 +13,8 @@ Or compile any function of the PyGrid training signature
 
     >>> plan = compile_plan(train_step, (X, y, 64, 0.005, *params))               # doctest: +SKIP
 
-Anything a plan cannot run (random ops, ops without an ONNX form) raises :class:`gridfl.CompileError` here, naming the op, never on a worker.
+Anything a plan cannot run (random ops, ops without an ONNX form) raises
+:class:`gridfl.CompileError` here, naming the op, never on a worker.
 Every plan is checked against eager PyTorch on the example inputs, at the example batch
 size and at a different one (the batch dimension is dynamic).
 """
