@@ -231,22 +231,8 @@ class PlanTrainer:
                 raise ConfigError(
                     f"client_config lacks {s.key!r}, which plan input {s.describe()} needs"
                 )
-        param_in = sorted(s.required_index for s in plan.inputs if s.role == "model_param")
-        param_out = sorted(s.required_index for s in plan.outputs if s.role == "model_param")
-        if param_in != list(range(len(param_in))) or param_out != param_in:
-            raise PlanError(
-                f"the plan's model_param inputs {param_in} and outputs {param_out} must both "
-                "be 0..n-1"
-            )
-        self._num_params = len(param_in)
-        buf_in = sorted(s.required_index for s in plan.inputs if s.role == "model_buffer")
-        buf_out = sorted(s.required_index for s in plan.outputs if s.role == "model_buffer")
-        if buf_in != list(range(len(buf_in))) or buf_out != buf_in:
-            raise PlanError(
-                f"the plan's model_buffer inputs {buf_in} and outputs {buf_out} must both "
-                "be 0..n-1"
-            )
-        self._num_buffers = len(buf_in)
+        self._num_params = _count_indexed(plan, "model_param")
+        self._num_buffers = _count_indexed(plan, "model_buffer")
         self._opt_slots = sorted(
             (s for s in plan.inputs if s.role == "optimizer_state"),
             key=lambda s: s.required_index,
@@ -575,6 +561,17 @@ class PlanTrainer:
         trainer.loss = meta["loss"]
         trainer.metrics = dict(meta["metrics"])
         return trainer
+
+
+def _count_indexed(plan: Plan, role: str) -> int:
+    """How many slots of ``role`` the plan has; inputs and outputs must both be 0..n-1."""
+    ins = sorted(s.required_index for s in plan.inputs if s.role == role)
+    outs = sorted(s.required_index for s in plan.outputs if s.role == role)
+    if ins != list(range(len(ins))) or outs != ins:
+        raise PlanError(
+            f"the plan's {role} inputs {ins} and outputs {outs} must both be 0..n-1"
+        )
+    return len(ins)
 
 
 def _fits(values: Sequence[np.ndarray], like: Sequence[np.ndarray]) -> bool:

@@ -399,15 +399,23 @@ def _backward_body(w_hh: str) -> onnx.GraphProto:
     )
 
 
-def _lower_forward(node: onnx.NodeProto, k: int) -> list[onnx.NodeProto]:
-    xw, h0, c0, w_hh = node.input
-    p = f"lstm_scan_{k}"
+def _forward_scan(kind: str, node: onnx.NodeProto, k: int, states: list[str], xw: str,
+                  w_hh: str, body) -> list[onnx.NodeProto]:
+    """``Transpose(W_hh)`` then one ``Scan`` over ``xw`` carrying ``states``; the node's
+    outputs are the Scan's per-step outputs (the final states are dropped)."""
+    p = f"{kind}_scan_{k}"
     w_hh_t = f"{p}/w_hh_t"
     return [
         helper.make_node("Transpose", [w_hh], [w_hh_t], perm=[1, 0]),
-        helper.make_node("Scan", [h0, c0, xw], [f"{p}/h_last", f"{p}/c_last", *node.output],
-                         name=p, num_scan_inputs=1, body=_forward_body(w_hh_t)),
+        helper.make_node("Scan", [*states, xw],
+                         [*(f"{p}/last_{i}" for i in range(len(states))), *node.output],
+                         name=p, num_scan_inputs=1, body=body(w_hh_t)),
     ]
+
+
+def _lower_forward(node: onnx.NodeProto, k: int) -> list[onnx.NodeProto]:
+    xw, h0, c0, w_hh = node.input
+    return _forward_scan("lstm", node, k, [h0, c0], xw, w_hh, _forward_body)
 
 
 def _lower_backward(node: onnx.NodeProto, k: int) -> list[onnx.NodeProto]:
@@ -486,13 +494,8 @@ def _gru_backward_body(w_hh: str) -> onnx.GraphProto:
 
 def _lower_gru_forward(node: onnx.NodeProto, k: int) -> list[onnx.NodeProto]:
     xw, h0, w_hh, b_hh = node.input
-    p = f"gru_scan_{k}"
-    w_hh_t = f"{p}/w_hh_t"
-    return [
-        helper.make_node("Transpose", [w_hh], [w_hh_t], perm=[1, 0]),
-        helper.make_node("Scan", [h0, xw], [f"{p}/h_last", *node.output], name=p,
-                         num_scan_inputs=1, body=_gru_forward_body(w_hh_t, b_hh)),
-    ]
+    return _forward_scan("gru", node, k, [h0], xw, w_hh,
+                         lambda w_hh_t: _gru_forward_body(w_hh_t, b_hh))
 
 
 def _lower_gru_backward(node: onnx.NodeProto, k: int) -> list[onnx.NodeProto]:
