@@ -195,3 +195,28 @@ def test_buffer_changed_in_eval_mode_is_refused_by_name():
         compile_training_plan(m, example_data=torch.randn(4, 4),
                               example_target=torch.randint(0, 3, (4,)))
     assert float(m.seen) == 0.0  # left as it was
+
+
+def test_nesterov_sgd_matches_torch_over_20_steps():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+    g = torch.Generator().manual_seed(7)
+    X0, y0 = torch.randn(6, 12, generator=g), torch.randint(0, 5, (6,), generator=g)
+    spec = SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+    plan = compile_training_plan(model, optimizer=spec, example_data=X0, example_target=y0)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                          weight_decay=0.01)
+    tensors, state = model_tensors(model), []
+    for step in range(20):
+        X, y = torch.randn(6, 12, generator=g), torch.randint(0, 5, (6,), generator=g)
+        loss, tensors, state = run_plan(plan, tensors, state, X, y, 0.05)
+        opt.zero_grad()
+        ref_loss = nn.functional.cross_entropy(ref(X), y)
+        ref_loss.backward()
+        opt.step()
+        assert_close(loss, float(ref_loss.detach()), rtol=1e-4, what=f"loss {step}")
+    for i, (got, p) in enumerate(zip(tensors, ref.parameters(), strict=True)):
+        assert_close(got, p.detach().numpy(), rtol=1e-4, atol=1e-6, what=f"param {i}")
+        assert_close(state[i], opt.state[p]["momentum_buffer"].numpy(), rtol=1e-4,
+                     atol=1e-6, what=f"momentum {i}")
