@@ -511,7 +511,7 @@ def compile_training_plan(
     X = _to_tensor(example_data, "data")
     y = _example_target(example_target, loss)
     n_params, n_buffers = len(params), len(buffers)
-    state = opt.init_state(params)
+    state = opt.example_state(params)  # a worker starts from zeros of these shapes
 
     def step(X, y, batch_size, lr, *rest):
         ps = rest[:n_params]

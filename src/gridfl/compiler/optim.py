@@ -48,6 +48,10 @@ class SGD:
         """The state before the first step: one zero momentum buffer per param."""
         return [torch.zeros_like(p) for p in params] if self.momentum else []
 
+    def example_state(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The state the compiler verifies with (zero buffers, as a worker starts)."""
+        return self.init_state(params)
+
     def step(self, params, grads, lr, state):
         """Return ``(new_params, new_state)``; ``state`` is a list of momentum buffers.
 
@@ -100,6 +104,13 @@ class Adam:
         """Zero first and second moments per param, and a zero step count."""
         zeros = [torch.zeros_like(p) for p in params]
         return [*zeros, *[z.clone() for z in zeros], torch.zeros((), dtype=torch.float32)]
+
+    def example_state(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The state the compiler verifies with: a few steps in. At step 1 with zero
+        moments the update is ``lr * g / (|g| + eps)``, which turns float rounding
+        noise in gradients near zero into visible differences from eager PyTorch."""
+        ones = [torch.full_like(p, 1e-4) for p in params]
+        return [*[o * 0.0 for o in ones], *ones, torch.tensor(3.0)]
 
     def step(self, params, grads, lr, state):
         """Return ``(new_params, new_state)`` for state ``[m..., v..., step]``."""
