@@ -62,6 +62,22 @@ def run_plan(plan, tensors, state, X, y, lr):
     return out[0], out[head:head + n_model], out[head + n_model:]
 
 
+def steps_side_by_side(plan, tensors, ref, opt, g, lr, steps=20):
+    """``steps`` plan steps (optimizer state from zeros) and torch.optim steps on the same
+    random batches of 6 x 12 features, losses compared each step; returns the plan's
+    final model tensors and optimizer state."""
+    state: list = []  # bind() starts the state at zeros
+    for step in range(steps):
+        X, y = torch.randn(6, 12, generator=g), torch.randint(0, 5, (6,), generator=g)
+        loss, tensors, state = run_plan(plan, tensors, state, X, y, lr)
+        opt.zero_grad()
+        ref_loss = nn.functional.cross_entropy(ref(X), y)
+        ref_loss.backward()
+        opt.step()
+        assert_close(loss, float(ref_loss.detach()), rtol=1e-4, what=f"loss {step}")
+    return tensors, state
+
+
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
@@ -146,16 +162,8 @@ def test_adam_matches_torch_over_20_steps(make, torch_cls):
     ref = copy.deepcopy(model)
     opt = torch_cls(ref.parameters(), lr=opt_spec.lr, betas=opt_spec.betas,
                     eps=opt_spec.eps, weight_decay=opt_spec.weight_decay)
-    tensors = model_tensors(model)
-    state: list = []  # bind() starts the state at zeros
-    for step in range(20):
-        X, y = torch.randn(6, 12, generator=g), torch.randint(0, 5, (6,), generator=g)
-        loss, tensors, state = run_plan(plan, tensors, state, X, y, opt_spec.lr)
-        opt.zero_grad()
-        ref_loss = nn.functional.cross_entropy(ref(X), y)
-        ref_loss.backward()
-        opt.step()
-        assert_close(loss, float(ref_loss.detach()), rtol=1e-4, what=f"loss {step}")
+    tensors, state = steps_side_by_side(plan, model_tensors(model), ref, opt, g,
+                                        opt_spec.lr)
     for i, (got, p) in enumerate(zip(tensors, ref.parameters(), strict=True)):
         assert_close(got, p.detach().numpy(), rtol=1e-4, atol=1e-6, what=f"param {i}")
         st = opt.state[p]
@@ -207,15 +215,7 @@ def test_nesterov_sgd_matches_torch_over_20_steps():
     ref = copy.deepcopy(model)
     opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, nesterov=True,
                           weight_decay=0.01)
-    tensors, state = model_tensors(model), []
-    for step in range(20):
-        X, y = torch.randn(6, 12, generator=g), torch.randint(0, 5, (6,), generator=g)
-        loss, tensors, state = run_plan(plan, tensors, state, X, y, 0.05)
-        opt.zero_grad()
-        ref_loss = nn.functional.cross_entropy(ref(X), y)
-        ref_loss.backward()
-        opt.step()
-        assert_close(loss, float(ref_loss.detach()), rtol=1e-4, what=f"loss {step}")
+    tensors, state = steps_side_by_side(plan, model_tensors(model), ref, opt, g, 0.05)
     for i, (got, p) in enumerate(zip(tensors, ref.parameters(), strict=True)):
         assert_close(got, p.detach().numpy(), rtol=1e-4, atol=1e-6, what=f"param {i}")
         assert_close(state[i], opt.state[p]["momentum_buffer"].numpy(), rtol=1e-4,
