@@ -12,6 +12,7 @@ import time
 
 BENCHMARKS = {
     "state": "benchmarks.bench_state",  # State codec vs numpy copy and naive protobuf
+    "compile": "benchmarks.bench_compile",  # compile time: RNNs (Scan vs unrolled) vs the CNN
     "step": "benchmarks.bench_step",  # one training step: ONNX plan vs eager torch
     "server": "benchmarks.bench_server",  # grid node under concurrent simulated workers
     "worker": "benchmarks.bench_worker",  # a worker's CPU per cycle, phase by phase

@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import ipaddress
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -516,9 +517,12 @@ class BaseJob:
             )
         plan = self.plans[plan_name]
         cfg = {**self.client_config, **(client_config or {})}
+        local_state = getattr(self._client, "local_state", None)
+        process = f"{self.model_name}:{self.model_version or ''}"  # what is kept is per process
         if checkpoint is not None:
             return PlanTrainer.from_checkpoint(
-                plan, data, target, checkpoint, client_config=cfg, events=events
+                plan, data, target, checkpoint, client_config=cfg, events=events,
+                local_state=local_state, process=process,
             )
         return PlanTrainer(
             plan,
@@ -532,6 +536,8 @@ class BaseJob:
             shuffle=shuffle,
             seed=seed,
             events=events,
+            local_state=local_state,
+            process=process,
         )
 
     def _handlers_for(self, event: str) -> list[Callable[..., Any]]:
@@ -610,6 +616,9 @@ class BaseSyft:
         retries: retries of transient network failures per request.
         speed_test: bounds of the speed test (:class:`~gridfl.client.SpeedTestLimits`).
         headers: extra HTTP headers for every request and the WebSocket handshake.
+        local_state_dir: where the worker keeps per-process state between cycles (FedBN
+            buffers, optimizer state; see :mod:`gridfl.client.local_state`); ``None``
+            keeps it in memory for the client's lifetime.
         transport: an ``httpx.AsyncBaseTransport`` that carries every HTTP request of
             the client (calls, downloads, speed test) instead of a socket; ``None`` (the
             default) opens connections as usual. With ``httpx.ASGITransport(app)`` the
@@ -651,7 +660,11 @@ class BaseSyft:
         speed_test: Any = None,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        local_state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        from gridfl.client.local_state import LocalState
+
+        self.local_state = LocalState(local_state_dir)
         allow = bool(verbose) if allow_insecure is None else bool(allow_insecure)
         self.endpoints = Endpoints.parse(url, allow_insecure=allow)
         _check_transport(transport, self.endpoints)

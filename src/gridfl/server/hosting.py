@@ -168,25 +168,29 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
 
 
 def check_plan_params(name: str, plan, spec: agg.ModelSpec) -> None:
-    """A worker plan's ``model_param`` inputs must name the model's tensors, shapes too."""
+    """A worker plan's ``model_param`` and ``model_buffer`` inputs must name the model's
+    tensors, shapes too (buffer ``j`` is tensor ``num_params + j``)."""
     n = len(spec.shapes)
+    n_params = sum(slot.role == "model_param" for slot in plan.inputs)
     for slot in plan.inputs:
-        if slot.role != "model_param":
+        if slot.role not in ("model_param", "model_buffer"):
             continue
-        if slot.index is None or not 0 <= slot.index < n:
+        index = slot.index if slot.index is None or slot.role == "model_param" else (
+            n_params + slot.index)
+        if index is None or not 0 <= index < n:
             raise InvalidRequestError(
-                f"plans.{name}: input {slot.name!r} is model_param {slot.index}; "
-                f"the model has {n} tensors"
+                f"plans.{name}: input {slot.name!r} is {slot.role} {slot.index}; "
+                f"the model has {n} tensors (params first, then buffers)"
             )
         shape = getattr(slot, "shape", None)
         if (
             shape is not None
             and all(isinstance(d, int) for d in shape)
-            and tuple(shape) != spec.shapes[slot.index]
+            and tuple(shape) != spec.shapes[index]
         ):
             raise InvalidRequestError(
                 f"plans.{name}: input {slot.name!r} has shape {list(shape)}; model "
-                f"tensor {slot.index} is {spec.describe(slot.index)}"
+                f"tensor {index} is {spec.describe(index)}"
             )
 
 
