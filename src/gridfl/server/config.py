@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 from gridfl._exceptions import ConfigError
 from gridfl._messages import check_json_values
+from gridfl.server.dp_config import validate_differential_privacy
 
 #: key -> default of the normalized server_config
 SERVER_DEFAULTS: dict[str, Any] = {
@@ -28,6 +29,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "minimum_download_speed": None,
     "iterative_plan": False,
     "authentication": None,
+    # docs/privacy.md; validated by gridfl.server.dp_config
+    "differential_privacy": None,
 }
 
 _AUTH_KEYS = {"type", "secret", "pub_key", "endpoint"}
@@ -197,6 +200,7 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
     if out["min_diffs"] and out["max_workers"] and out["max_workers"] < out["min_diffs"]:
         raise ConfigError("server_config.max_workers must be >= min_diffs")
     out["authentication"] = validate_authentication(out["authentication"])
+    out["differential_privacy"] = validate_differential_privacy(out["differential_privacy"], out)
     return out
 
 
