@@ -35,7 +35,7 @@ ADAPTIVE_DEFAULTS: dict[str, Any] = {
     "initial": ...,
     "target_quantile": 0.5,
     "learning_rate": 0.2,
-    "count_stddev": None,  # expected reports / 20 when z > 0, else 0
+    "count_stddev": None,  # max(expected reports / 20, z) when z > 0, else 0
 }
 #: largest noise multiplier accepted (z = 1e3 already drowns any model in noise)
 MAX_NOISE_MULTIPLIER = 1e3
@@ -187,7 +187,9 @@ def _clip_norm(c: Any, z: float, m: int) -> float | dict:
     lr = out["learning_rate"]
     _check(_number(lr) and lr > 0, "clip_norm.learning_rate", "a number > 0", lr)
     if out["count_stddev"] is None:
-        out["count_stddev"] = m / 20 if z > 0 else 0.0
+        # the paper's m/20, but at least z, so that the update keeps most of the budget
+        # (z_delta <= 1.155 z) however few reports a cycle expects
+        out["count_stddev"] = max(m / 20, z) if z > 0 else 0.0
     s = out["count_stddev"]
     _check(_number(s) and s >= 0, "clip_norm.count_stddev", "a number >= 0 or null", s)
     if z > 0 and not 2 * s > z:

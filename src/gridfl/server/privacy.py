@@ -235,30 +235,34 @@ def finished_reason(conn: Connection, process_id: int, server_config: dict) -> s
 
 def annotate_status(conn: Connection, process, out: dict[str, Any]) -> None:
     """Add the privacy figures to an admin status reply ``out``: ``out["privacy"]``
-    (:func:`status`) and each listed cycle's ``epsilon``."""
+    (:func:`status`), and to each listed cycle the ``epsilon`` spent once it completed
+    (null while open, expired, or infinite with z = 0) and the ``clip_norm`` its reports
+    were clipped to."""
     figures = status(conn, process)
     if figures is None:
         return
     out["privacy"] = figures
-    by_sequence = {c["sequence"]: c["epsilon"] for c in figures["cycles"]}
+    listed = [c["sequence"] for c in out.get("cycles", [])]
+    rows = conn.execute(
+        sa.select(cycles.c.sequence, privacy_cycles.c.epsilon, privacy_cycles.c.clip_norm)
+        .join(cycles, cycles.c.id == privacy_cycles.c.cycle_id)
+        .where(privacy_cycles.c.process_id == process.id, cycles.c.sequence.in_(listed))
+    ).all()
+    by_sequence = {r.sequence: r for r in rows}
     for entry in out.get("cycles", []):
-        entry["epsilon"] = by_sequence.get(entry["sequence"])
+        row = by_sequence.get(entry["sequence"])
+        entry["epsilon"] = None if row is None else row.epsilon
+        entry["clip_norm"] = None if row is None else row.clip_norm
 
 
 def status(conn: Connection, process) -> dict[str, Any] | None:
-    """The process's privacy figures for the admin status (``None`` without DP): its
-    configuration, the sampling rate and expected count, steps and ε spent, ε after one
-    more cycle, the current clip norm, and ε after each cycle (by sequence)."""
+    """The process's privacy figures (``None`` without DP): its configuration, the
+    sampling rate and expected count, steps and ε spent, ε after one more cycle, the
+    current clip norm, and whether the budget is spent (and why)."""
     dp = DPConfig.of(process.server_config)
     if dp is None:
         return None
     state = latest(conn, process.id)
-    rows = conn.execute(
-        sa.select(cycles.c.sequence, privacy_cycles.c.epsilon, privacy_cycles.c.clip_norm)
-        .join(cycles, cycles.c.id == privacy_cycles.c.cycle_id)
-        .where(privacy_cycles.c.process_id == process.id, privacy_cycles.c.steps.is_not(None))
-        .order_by(cycles.c.sequence)
-    ).all()
     reason = finished_reason(conn, process.id, process.server_config)
     return {
         "mode": dp.mode,
@@ -278,7 +282,4 @@ def status(conn: Connection, process) -> dict[str, Any] | None:
         "epsilon_next": None if state is None else state.epsilon_next,
         "budget_spent": reason is not None,
         "reason": reason,
-        "cycles": [
-            {"sequence": r.sequence, "epsilon": r.epsilon, "clip_norm": r.clip_norm} for r in rows
-        ],
     }
