@@ -292,3 +292,23 @@ def test_process_without_dp_reports_no_privacy(server):
     status = admin.status()
     assert "privacy" not in status and "epsilon" not in status["cycles"][0]
     assert server.host_client.privacy("mnist", "1.0") is None
+
+
+def test_gridfl_status_shows_epsilon(server):
+    from click.testing import CliRunner
+
+    from gridfl.cli import main
+    from tests.builders import ADMIN
+
+    q, z, delta = 2 / 20, 1.0, 1e-5
+    _host(server.url, {"noise_multiplier": z, "clip_norm": 1.0, "population_size": 20,
+                       "max_epsilon": 50})
+    for _ in range(2):
+        assert _cycle(server.url, [diff_of(0), diff_of(1)]) is None
+    r = CliRunner().invoke(main, ["status", server.url, "mnist", "1.0", "--admin-token", ADMIN])
+    assert r.exit_code == 0, r.output
+    eps = _eps_ref(q, z, 2, delta)
+    assert (
+        f"privacy (central): epsilon {eps:.4g} of max 50 at delta 1e-05 after 2 cycles "
+        f"(rdp, q = 0.1, z = 1); clip norm 1" in r.output
+    ), r.output

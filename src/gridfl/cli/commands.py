@@ -315,11 +315,13 @@ def status(url, admin_token, admin_token_file, name, version, as_json, follow) -
             Console().print(table)
         else:
             table = Table(title=f"{data.get('name')} {data.get('version')}: {data.get('status')}")
-            for col in _CYCLE_COLUMNS:
+            for col in _columns(data):
                 table.add_column(col, justify="right")
             for c in data.get("cycles", []):
                 table.add_row(*_cycle_row(c))
             Console().print(table)
+            if data.get("privacy"):
+                click.echo(_privacy_line(data["privacy"]))
         if follow:
             _follow(client, data, as_json)
 
@@ -328,15 +330,35 @@ _CYCLE_COLUMNS = ("cycle", "status", "accepted", "reported", "samples", "loss", 
                   "checkpoint")
 
 
+def _columns(data: dict) -> tuple[str, ...]:
+    """The cycle columns, with ε after each cycle for a differentially private process."""
+    return _CYCLE_COLUMNS + (("epsilon",) if data.get("privacy") else ())
+
+
 def _cycle_row(c: dict) -> list[str]:
     m = c.get("metrics") or {}
-    return [
+    row = [
         str(c["sequence"]), c["status"], str(c["accepted"]), str(c["reported"]),
         str(c.get("num_samples", "-")),
         "-" if m.get("loss") is None else f"{m['loss']:.4f}",
         "-" if m.get("accuracy") is None else f"{m['accuracy']:.4f}",
         str(c.get("result_checkpoint") or "-"),
     ]
+    if "epsilon" in c:  # null: not completed, or infinite (noise_multiplier 0)
+        eps = c["epsilon"]
+        row.append(f"{eps:.4g}" if eps is not None else "inf" if c["status"] == "completed"
+                   else "-")
+    return row
+
+
+def _privacy_line(p: dict) -> str:
+    """One line of a process's privacy figures (docs/privacy.md)."""
+    eps = "inf" if p["epsilon"] is None else f"{p['epsilon']:.4g}"
+    budget = "" if p["max_epsilon"] is None else f" of max {p['max_epsilon']:g}"
+    line = (f"privacy ({p['mode']}): epsilon {eps}{budget} at delta {p['delta']:g} after "
+            f"{p['steps']} cycles ({p['accountant']}, q = {p['sampling_rate']:.4g}, "
+            f"z = {p['noise_multiplier']:g}); clip norm {p['clip_norm']:.4g}")
+    return line + (f"; finished: {p['reason']}" if p["budget_spent"] else "")
 
 
 def _follow(client, data: dict, as_json: bool) -> None:
@@ -352,7 +374,7 @@ def _follow(client, data: dict, as_json: bool) -> None:
             if as_json:
                 click.echo(json.dumps(c))
             else:
-                click.echo("  ".join(f"{k} {v}" for k, v in zip(_CYCLE_COLUMNS, _cycle_row(c),
+                click.echo("  ".join(f"{k} {v}" for k, v in zip(_columns(data), _cycle_row(c),
                                                                strict=True)))
     if not as_json:
         click.echo(f"{name} {version}: {data['status']}")
