@@ -91,6 +91,14 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
 @click.option("--examples-per-client", type=click.IntRange(1), default=None,
               help="Cut each shard (quick runs).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dp-noise", type=click.FloatRange(0), default=None,
+              help="Differential privacy: noise multiplier z (needs --dp-clip; "
+                   "docs/privacy.md).")
+@click.option("--dp-clip", type=click.FloatRange(0, min_open=True), default=None,
+              help="Differential privacy: clip norm C of each diff (the initial one with "
+                   "--dp-adaptive).")
+@click.option("--dp-adaptive", is_flag=True,
+              help="Adapt the clip norm to the median update norm (Andrew et al.).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("data/demo"), show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -111,6 +119,7 @@ def demo(**kw: Any) -> None:
         target=kw["target"], iid=not kw["non_iid"], seed=kw["seed"], workers=kw["workers"],
         parallel=kw["parallel"], examples_per_client=kw["examples_per_client"],
         evaluate=not kw["no_live_eval"],
+        dp_noise=kw["dp_noise"], dp_clip=kw["dp_clip"], dp_adaptive=kw["dp_adaptive"],
         data_dir=kw["data_dir"], out_dir=kw["out_dir"],
     )
     console = Console(stderr=True)
@@ -119,7 +128,7 @@ def demo(**kw: Any) -> None:
         f"E={options.epochs}, B={options.batch_size}, lr={options.lr}, "
         f"{'IID' if options.iid else 'non-IID'}, {options.workers} worker processes"
     )
-    table = _cycle_table()
+    table = _cycle_table(private=options.dp_noise is not None)
     started = time.perf_counter()
 
     def on_step(message: str) -> None:  # start-up takes a while: show where it is
@@ -133,7 +142,7 @@ def demo(**kw: Any) -> None:
 
         result = run_demo(options, on_cycle=on_cycle, on_step=on_step)
     if not options.evaluate:
-        table = _cycle_table()
+        table = _cycle_table(private=options.dp_noise is not None)
         for c in result.cycles:
             _add_row(table, c)
         console.print(table)
@@ -151,23 +160,26 @@ def demo(**kw: Any) -> None:
                   f"{options.out_dir / 'accuracy.png'}")
 
 
-def _cycle_table():
+def _cycle_table(*, private: bool = False):
     from rich.table import Table
 
     table = Table(title="federated MNIST")
     for col in ("cycle", "reports", "cycle s", "elapsed s", "train loss", "test loss",
-                "test acc"):
+                "test acc", *(["epsilon"] if private else [])):
         table.add_column(col, justify="right")
     return table
 
 
 def _add_row(table, c) -> None:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    table.add_row(
+    row = [
         str(c.cycle), str(c.reports), fmt(c.seconds, ".2f"), fmt(c.elapsed, ".1f"),
         fmt(c.train_loss, ".4f"), fmt(c.test_loss, ".4f"),
         "-" if c.test_accuracy is None else f"{100 * c.test_accuracy:.2f}%",
-    )
+    ]
+    if len(table.columns) > len(row):  # the epsilon column (differential privacy)
+        row.append(fmt(c.epsilon, ".4g"))
+    table.add_row(*row)
 
 
 # --------------------------------------------------------------------------- compile

@@ -59,6 +59,11 @@ class DemoOptions:
     parallel: int | None = None  # workers training at once (None: the CPU count; 0: all)
     examples_per_client: int | None = None  # cut shards (quick runs, tests)
     evaluate: bool = True  # evaluate each checkpoint while training runs
+    # differential privacy (docs/privacy.md): noise multiplier z and clip norm C (the
+    # initial one when adaptive); the population is the K clients
+    dp_noise: float | None = None
+    dp_clip: float | None = None
+    dp_adaptive: bool = False
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
     out_dir: Path = field(default_factory=lambda: Path("results"))
 
@@ -76,6 +81,18 @@ class DemoOptions:
             raise ConfigError(f"workers ({self.workers}) cannot exceed clients ({self.clients})")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if (self.dp_noise is None) != (self.dp_clip is None):
+            raise ConfigError("differential privacy needs both dp_noise (z) and dp_clip (C)")
+        if self.dp_adaptive and self.dp_noise is None:
+            raise ConfigError("dp_adaptive needs dp_noise and dp_clip")
+
+    def differential_privacy(self) -> dict | None:
+        """The process's ``server_config.differential_privacy``, or None."""
+        if self.dp_noise is None:
+            return None
+        clip = {"initial": self.dp_clip} if self.dp_adaptive else self.dp_clip
+        return {"noise_multiplier": self.dp_noise, "clip_norm": clip,
+                "population_size": self.clients}
 
     @property
     def per_cycle(self) -> int:
@@ -181,6 +198,7 @@ def run_demo(
                     "max_diffs": options.per_cycle,
                     "num_cycles": options.cycles,
                     "cycle_length": 600,
+                    "differential_privacy": options.differential_privacy(),
                 },
             )
             result.host_seconds = round(time.perf_counter() - node_up, 2)
@@ -391,6 +409,7 @@ def _watch(
                 seconds=round(c["closed_at"] - c["start"], 4),
                 elapsed=round(time.perf_counter() - node_up, 2),
                 train_loss=c["metrics"].get("loss"),
+                epsilon=c.get("epsilon"),
             )
             if result.startup_seconds is None:
                 result.startup_seconds = round(c["closed_at"] - node_up_at, 2)
