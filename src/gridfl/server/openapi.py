@@ -251,6 +251,11 @@ _SCHEMAS: dict[str, Any] = {
                     "client_config": {"type": "object"},
                     "current": {"type": "object", "nullable": True},
                     "cycles": {"type": "array", "items": {"type": "object"}},
+                    "privacy": {
+                        "type": "object",
+                        "description": "differential privacy: epsilon spent, the budget, the "
+                        "clip norm (docs/privacy.md); only for a process hosted with it",
+                    },
                     "checkpoints": {
                         "type": "array",
                         "items": {
