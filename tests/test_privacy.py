@@ -124,6 +124,17 @@ def test_epsilon_agrees_with_opacus_rdp(q, z, steps, delta):
     assert privacy.epsilon(q, z, steps, delta) == pytest.approx(eps, rel=1e-3)
 
 
+def test_pld_bounds_its_cost():
+    """Small z is refused; far beyond any useful epsilon, RDP's value (an upper bound on
+    PLD's) is returned without building the distributions."""
+    with pytest.raises(ValueError, match=r"needs z >= 0\.5"):
+        privacy.epsilon(0.5, 0.1, 3, 1e-5, "pld")
+    q, z, steps, delta = 1.0, 0.5, 30, 1e-5
+    rdp = _dp_accounting_epsilon(q, z, steps, delta)
+    assert rdp > privacy.PLD_MAX_EPSILON
+    assert privacy.epsilon(q, z, steps, delta, "pld") == rdp
+
+
 def test_epsilon_edges():
     assert privacy.epsilon(0.1, 1.0, 0, 1e-5) == 0.0
     assert privacy.epsilon(0.1, 0.0, 3, 1e-5) == math.inf
@@ -212,6 +223,7 @@ def test_defaults_are_filled_in():
         ({"population_size": 0}, {}, "population_size must be an integer >= 1"),
         ({"mode": "local"}, {}, "mode must be 'central' or 'distributed'"),
         ({"accountant": "moments"}, {}, "accountant must be 'rdp' or 'pld'"),
+        ({"accountant": "pld", "noise_multiplier": 0.3}, {}, "'pld' needs noise_multiplier"),
         ({"max_epsilon": 0}, {}, "max_epsilon must be a number > 0 or null"),
         ({"noise_multiplier": 0.0, "max_epsilon": 5.0}, {}, "epsilon is infinite"),
         ({"max_epsilon": 1e-3}, {}, "one cycle alone spends epsilon"),

@@ -41,6 +41,12 @@ __all__ = [
 #: the accountants :func:`epsilon` offers: Renyi DP (fast, a little loose) and privacy loss
 #: distributions (tighter, about 0.7 s per call)
 ACCOUNTANTS = ("rdp", "pld")
+#: the PLD accountant's distributions grow with epsilon and 1/z (76 GiB at z = 0.001,
+#: 5 GB and a minute at z = 0.1): it takes z >= PLD_MIN_NOISE, and beyond an RDP epsilon
+#: of PLD_MAX_EPSILON (a guarantee of no practical worth) the RDP value, a valid upper
+#: bound, is returned instead
+PLD_MIN_NOISE = 0.5
+PLD_MAX_EPSILON = 64.0
 
 
 def secure_rng() -> np.random.Generator:
@@ -187,7 +193,8 @@ def epsilon(
 ) -> float:
     """ε(δ) after ``steps`` cycles of the Poisson-sampled Gaussian mechanism (sampling rate
     ``q``, noise multiplier ``z``), with Google's ``dp-accounting``; ``math.inf`` when
-    ``z`` is 0, 0 before any step.
+    ``z`` is 0, 0 before any step. ``accountant="pld"`` needs ``z >= PLD_MIN_NOISE`` and
+    answers with RDP's ε when that is above ``PLD_MAX_EPSILON``.
 
         >>> round(epsilon(0.1, 1.0, 100, 1e-5), 3)
         7.904
@@ -196,6 +203,12 @@ def epsilon(
         return 0.0
     if noise_multiplier == 0:
         return math.inf
+    if accountant == "pld":
+        if noise_multiplier < PLD_MIN_NOISE:
+            raise ValueError(f"the PLD accountant needs z >= {PLD_MIN_NOISE}")
+        rdp = epsilon(sampling_rate, noise_multiplier, steps, delta)
+        if rdp > PLD_MAX_EPSILON:
+            return rdp
     import dp_accounting
 
     event = dp_accounting.SelfComposedDpEvent(

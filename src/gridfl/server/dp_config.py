@@ -128,10 +128,14 @@ def validate_differential_privacy(dp: Any, server_config: dict[str, Any]) -> dic
             "mechanism that publishes one random worker's data outright meets delta = 1/n"
         )
     out["clip_norm"] = _clip_norm(out["clip_norm"], z, m)
-    adaptive = isinstance(out["clip_norm"], dict)
     _check(
         out["accountant"] in privacy.ACCOUNTANTS, "accountant", "'rdp' or 'pld'", out["accountant"]
     )
+    if out["accountant"] == "pld" and z < privacy.PLD_MIN_NOISE:
+        raise ConfigError(
+            f"{_KEY}.accountant 'pld' needs noise_multiplier >= {privacy.PLD_MIN_NOISE} (below, "
+            "its privacy loss distributions take gigabytes); use 'rdp'"
+        )
     max_eps = out["max_epsilon"]
     _check(
         max_eps is None or (_number(max_eps) and max_eps > 0),
@@ -139,13 +143,20 @@ def validate_differential_privacy(dp: Any, server_config: dict[str, Any]) -> dic
         "a number > 0 or null",
         max_eps,
     )
+    _check_mode(out, server_config, m)
+    _check_budget(out, per_cycle / n)
+    return out
+
+
+def _check_mode(out: dict, server_config: dict[str, Any], m: int) -> None:
+    """What each mode needs from the rest of server_config."""
     if out["mode"] == "central" and server_config.get("secure_aggregation"):
         raise ConfigError(
             f"{_KEY}.mode 'central' cannot be used with secure aggregation: the node never "
             "sees a report to clip; use mode 'distributed'"
         )
     if out["mode"] == "distributed":
-        if adaptive:
+        if isinstance(out["clip_norm"], dict):
             raise ConfigError(
                 f"{_KEY}.clip_norm: adaptive clipping needs the node to see each report's "
                 "norm; in mode 'distributed' give a fixed clip_norm"
@@ -156,19 +167,23 @@ def validate_differential_privacy(dp: Any, server_config: dict[str, Any]) -> dic
                 "expected reports): each worker adds 1/m of the noise, so a cycle with fewer "
                 "reports would be under-noised"
             )
+
+
+def _check_budget(out: dict, sampling_rate: float) -> None:
+    """A budget needs noise, and must allow one cycle at least."""
+    max_eps, z = out["max_epsilon"], out["noise_multiplier"]
     if max_eps is not None:
         if z == 0:
             raise ConfigError(
                 f"{_KEY}.max_epsilon cannot be met with noise_multiplier 0 (epsilon is "
                 "infinite): set max_epsilon to null to clip without noise"
             )
-        first = privacy.epsilon(per_cycle / n, z, 1, delta, out["accountant"])
+        first = privacy.epsilon(sampling_rate, z, 1, out["delta"], out["accountant"])
         if first > max_eps:
             raise ConfigError(
                 f"{_KEY}: one cycle alone spends epsilon {first:.4g} > max_epsilon {max_eps:g}; "
                 "raise noise_multiplier or population_size, or max_epsilon"
             )
-    return out
 
 
 def _clip_norm(c: Any, z: float, m: int) -> float | dict:
