@@ -151,6 +151,32 @@ def test_adaptive_clip_norm_rises_to_the_update_norms(in_process_node):
     np.testing.assert_allclose([c["clip_norm"] for c in cycles], want, rtol=1e-12)
 
 
+@pytest.mark.slow
+def test_adaptive_clip_norm_tracks_the_median_update_norm(in_process_node):
+    """Ten reports a cycle with update norms at the deciles of a log-normal (median 1):
+    from C = 0.3 the clip norm reaches the median within 10% by cycle 30 and stays there,
+    with the count noised (z = 0.5)."""
+    m = 10
+    norms = np.exp(0.5 * stats.norm.ppf((np.arange(m) + 0.5) / m))
+    rng = np.random.default_rng(5)
+    diffs = []
+    for r in norms:
+        direction = [rng.standard_normal(s) for s in [(4, 3), (3,)]]
+        scale = r / np.linalg.norm(_flat(direction))
+        diffs.append([(scale * a).astype(np.float32) for a in direction])
+    _host(
+        in_process_node.url,
+        {"noise_multiplier": 0.5, "clip_norm": {"initial": 0.3}, "population_size": 1000},
+        m=m,
+    )
+    for _ in range(40):
+        assert _cycle(in_process_node.url, diffs) is None
+    cycles = Admin(in_process_node.url).status()["cycles"]
+    late = np.array([c["clip_norm"] for c in cycles[29:40]])
+    median = float(np.median(norms))
+    assert np.all(np.abs(late / median - 1) < 0.10), late / median
+
+
 # ---------------------------------------------------------------------------- the accountant
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_budget_stops_the_process_before_max_epsilon(server_factory, db_url, accountant):

@@ -13,6 +13,18 @@ noised diff, and divides the sum by ``m``.
 After each completed cycle the ledger row holds the accountant's steps and ε; when one
 more cycle would pass ``max_epsilon`` the process finishes ("privacy budget spent") before
 that cycle opens.
+
+    >>> import numpy as np
+    >>> from gridfl.server.dp_config import DPConfig
+    >>> cfg = {"max_workers": 4, "max_diffs": None, "over_selection": 1.0,
+    ...        "differential_privacy": {"mode": "central", "noise_multiplier": 0.0,
+    ...        "clip_norm": 1.0, "delta": 1e-5, "population_size": 100,
+    ...        "max_epsilon": None, "accountant": "rdp"}}
+    >>> dp = PrivateAggregation(agg.FED_AVG, DPConfig.of(cfg), conn=None, process_id=1)
+    >>> sums = agg.RunningSums(agg.ModelSpec.of([np.zeros(2)]))
+    >>> sums.fold(privacy.clip([np.array([30.0, 40.0])], 1.0)[0])  # what fold() folds
+    >>> dp.noised_mean(sums, 1.0).tolist()  # z = 0: the clipped sum over m = 4
+    [0.15, 0.2]
 """
 
 from __future__ import annotations
