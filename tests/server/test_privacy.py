@@ -46,9 +46,11 @@ def _host(url, dp, m=2, **server):
     assert r.status_code == 201, r.text
 
 
-def _cycle(url, diffs, **extra) -> dict | None:
-    """One cycle: a worker per diff joins and reports; the first rejection, else None."""
-    for d in diffs:
+def _cycle(url, diffs, samples=None) -> dict | None:
+    """One cycle: a worker per diff joins and reports (with ``num_samples`` from
+    ``samples``, if given); the first rejection, else None."""
+    for i, d in enumerate(diffs):
+        extra = {} if samples is None else {"num_samples": samples[i]}
         w = HttpWorker(url)
         try:
             wid, cyc = join(w)
@@ -74,7 +76,8 @@ def test_clipping_bounds_one_workers_influence(in_process_node):
     c, m = 0.05, 2
     _host(in_process_node.url, {"noise_multiplier": 0.0, "clip_norm": c, "population_size": 100})
     honest, attack = diff_of(0), [1e6 * a for a in diff_of(1)]
-    assert _cycle(in_process_node.url, [honest, attack], num_samples=7) is None
+    # a num_samples-weighted mean would give the attacker almost all of the weight
+    assert _cycle(in_process_node.url, [honest, attack], samples=[1, 10**6]) is None
     new = _flat(Admin(in_process_node.url).checkpoint("latest"))
     start = _flat(model_params())
     want = start - (_clip_ref(honest, c) + _clip_ref(attack, c)) / m
