@@ -245,6 +245,55 @@ def test_accountant_and_clip_norm_survive_a_restart(server_factory, sqlite_url):
     assert after["epsilon"] == pytest.approx(_eps_ref(q, z, 4, delta), rel=1e-9)
 
 
+def test_crash_inside_aggregation_counts_each_report_once(serve_factory, db_url):
+    """``gridfl serve`` dies inside the completing transaction (GRIDFL_TEST_CRASH_AT):
+    the ledger keeps the first report's clip bit and no step; after the restart the last
+    report completes the cycle once, and the adapted clip norm counts each report once."""
+    import httpx
+    import sqlalchemy as sa
+
+    from gridfl.server.tables import privacy_cycles
+
+    def ledger():
+        eng = sa.create_engine(db_url)
+        try:
+            with eng.connect() as conn:
+                return conn.execute(
+                    sa.select(privacy_cycles.c.unclipped, privacy_cycles.c.steps)
+                ).all()
+        finally:
+            eng.dispose()
+
+    norms = [np.linalg.norm(_flat(diff_of(i))) for i in range(2)]
+    c0 = float(np.mean(norms))  # one report fits under C, the other does not
+    gamma, lr = 0.3, 0.2
+    srv = serve_factory(db_url, env={"GRIDFL_TEST_CRASH_AT": "aggregate"})
+    dp = {
+        "noise_multiplier": 0.0,
+        "clip_norm": {"initial": c0, "target_quantile": gamma, "learning_rate": lr},
+        "population_size": 100,
+    }
+    _host(srv.url, dp)
+    w = HttpWorker(srv.url)
+    joined = [join(w) for _ in range(2)]
+    order = np.argsort(norms)[::-1]  # the clipped report first, then the one that fits
+    wid, cyc = joined[0]
+    assert report(w, wid, cyc["request_key"], diff_of(int(order[0])))[0] == 200
+    wid, cyc = joined[1]
+    with pytest.raises(httpx.TransportError):
+        report(w, wid, cyc["request_key"], diff_of(int(order[1])))
+    assert srv.wait() == 137
+    assert ledger() == [(0, None)]
+
+    srv.start(env={})
+    w = HttpWorker(srv.url)
+    assert report(w, wid, cyc["request_key"], diff_of(int(order[1])))[0] == 200
+    assert ledger() == [(1, 1)]
+    fraction = (1 - 2 / 2) / 2 + 0.5  # Andrew et al.'s centred bits over m = 2
+    want = c0 * math.exp(-lr * (fraction - gamma))
+    assert Admin(srv.url).status()["privacy"]["clip_norm"] == pytest.approx(want, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------- distributed mode
 def test_distributed_mode_workers_clip_and_noise(server_factory):
     """The worker SDK clips to C and adds N(0, z^2 C^2 / m) before reporting; the node
