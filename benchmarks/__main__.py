@@ -15,6 +15,7 @@ BENCHMARKS = {
     "step": "benchmarks.bench_step",  # one training step: ONNX plan vs eager torch
     "server": "benchmarks.bench_server",  # grid node under concurrent simulated workers
     "worker": "benchmarks.bench_worker",  # a worker's CPU per cycle, phase by phase
+    "strategies": "benchmarks.bench_strategies",  # CNN: fold, completion, memory per rule
     "fl": "benchmarks.bench_fl",  # federated MNIST s/cycle vs compute floor, Flower alongside
 }
 

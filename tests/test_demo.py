@@ -239,6 +239,71 @@ def test_memory_is_read_at_most_every_few_seconds_while_polling(monkeypatch):
     assert len(reads) == 6 and memory.peak_rss_mb == round(30 / 1024, 1)
 
 
+def test_demo_with_a_byzantine_worker_and_the_median(tmp_path, capfd):
+    """One of 5 workers reports its diff x100 every cycle; the median keeps training."""
+    pytest.importorskip("torch")
+    options = DemoOptions(
+        model="2nn",
+        clients=5,
+        fraction=1.0,
+        workers=5,
+        cycles=3,
+        target=None,
+        examples_per_client=300,
+        strategy="fedmedian",
+        byzantine=1,
+        attack="scale",
+        data_dir=tmp_path / "data",
+        out_dir=tmp_path / "out",
+    )
+    result = run_demo(options)
+    assert all(c.reports == 5 for c in result.cycles)
+    assert result.cycles[-1].test_accuracy > 0.6, [c.test_accuracy for c in result.cycles]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["settings"]["strategy"] == "fedmedian" and saved["settings"]["byzantine"] == 1
+
+
+def test_demo_strategy_options_are_checked_before_anything_starts():
+    from gridfl._exceptions import ConfigError
+
+    assert DemoOptions().strategy_config() is None
+    assert DemoOptions(strategy="fedadam", server_lr=0.01).strategy_config() == {
+        "name": "fedadam", "eta": 0.01
+    }
+    assert DemoOptions(strategy="fedavgm", server_lr=0.5).strategy_config() == {
+        "name": "fedavgm", "server_learning_rate": 0.5
+    }
+    # Krum assumes as many Byzantine reports as Byzantine workers
+    assert DemoOptions(strategy="krum", byzantine=2).strategy_config() == {
+        "name": "krum", "num_malicious_nodes": 2
+    }
+    for bad, message in [
+        (DemoOptions(strategy="fedsgd"), "strategy.name must be one of"),
+        (DemoOptions(strategy="fedmedian", server_lr=0.1), "fedmedian has none"),
+        (DemoOptions(strategy="krum", byzantine=4), "needs max_diffs >= 11"),
+        (DemoOptions(byzantine=11), "byzantine must be 0 to workers (10)"),
+        (DemoOptions(attack="flood"), "attack must be one of"),
+    ]:
+        with pytest.raises(ConfigError, match=None) as e:
+            bad.validate()
+        assert message in str(e.value)
+
+
+def test_poisoned_diffs():
+    import numpy as np
+
+    from gridfl.demo.worker import poison
+
+    rng = np.random.default_rng(0)
+    d = [rng.normal(scale=0.01, size=(30, 20)).astype(np.float32)]
+    assert poison(d, "scale", rng)[0].dtype == np.float32
+    np.testing.assert_allclose(poison(d, "scale", rng)[0], d[0] * 100, rtol=1e-6)
+    np.testing.assert_array_equal(poison(d, "signflip", rng)[0], -d[0])
+    noisy = poison(d, "noise", rng)[0]
+    rms = float(np.sqrt(np.mean(d[0].astype(np.float64) ** 2)))
+    assert 80 * rms < float(noisy.std()) < 120 * rms
+
+
 def test_demo_with_differential_privacy_reports_epsilon(tmp_path):
     """--dp-noise / --dp-clip: every cycle's epsilon in the results is dp-accounting's for
     q = per-cycle workers / clients, and the plot gets its accuracy-against-epsilon panel."""

@@ -236,6 +236,8 @@ def test_defaults_are_filled_in():
         ({"mode": "distributed"}, {}, "needs server_config.min_diffs >= 10"),
         ({}, {"max_workers": None, "max_diffs": None}, "needs server_config.max_workers"),
         ({}, {"iterative_plan": True}, "iterative averaging plan"),
+        ({}, {"strategy": {"name": "fedmedian"}}, "needs a strategy that works from the sum"),
+        ({}, {"strategy": {"name": "fedadam", "clip_norm": 1.0}}, "without strategy.clip_norm"),
     ],
 )
 def test_bad_configs_are_refused_with_the_reason(dp, server, message):

@@ -86,6 +86,22 @@ def test_clipping_bounds_one_workers_influence(in_process_node):
     assert np.linalg.norm(new - without_attacker) <= c / m * (1 + 1e-5)
 
 
+def test_a_server_optimizer_steps_on_the_private_mean(in_process_node):
+    """FedAvgM's step (lr 2, no momentum) applies the clipped, fixed-denominator mean: the
+    optimizer is post-processing of the private aggregate."""
+    c, m = 0.02, 2
+    _host(
+        in_process_node.url,
+        {"noise_multiplier": 0.0, "clip_norm": c, "population_size": 100},
+        strategy={"name": "fedavgm", "server_learning_rate": 2.0},
+    )
+    diffs = [diff_of(0), diff_of(1)]
+    assert _cycle(in_process_node.url, diffs) is None
+    new = _flat(Admin(in_process_node.url).checkpoint("latest"))
+    want = _flat(model_params()) - 2.0 * (_clip_ref(diffs[0], c) + _clip_ref(diffs[1], c)) / m
+    np.testing.assert_allclose(new, want, rtol=0, atol=1e-6)
+
+
 def test_noise_on_the_sum_has_std_z_c_over_m(in_process_node):
     """Identical reports over many cycles: the aggregate's deviation from the noiseless
     mean has the standard deviation z*C/m (chi-square interval, p = 1e-6)."""

@@ -105,6 +105,15 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
               default=Path("results"), show_default=True)
 @click.option("--no-live-eval", is_flag=True,
               help="Evaluate checkpoints after training instead of during it.")
+@click.option("--strategy", default="fedavg", show_default=True,
+              help="server_config.strategy name: fedavg, fedavgm, fedadagrad, fedadam, fedyogi, "
+              "fedmedian, fedtrimmedavg, krum, multikrum or bulyan (docs/configs.md).")
+@click.option("--server-lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="A server optimizer's rate (eta; server_learning_rate for fedavgm).")
+@click.option("--byzantine", type=click.IntRange(0), default=0, show_default=True,
+              help="Worker processes that report poisoned diffs.")
+@click.option("--attack", type=click.Choice(["scale", "signflip", "noise"]), default="scale",
+              show_default=True, help="What they send: x100, sign flipped, or large noise.")
 @friendly
 def demo(**kw: Any) -> None:
     """Federated MNIST: a grid node, N worker processes, a results table and a plot."""
@@ -119,14 +128,17 @@ def demo(**kw: Any) -> None:
         target=kw["target"], iid=not kw["non_iid"], seed=kw["seed"], workers=kw["workers"],
         parallel=kw["parallel"], examples_per_client=kw["examples_per_client"],
         evaluate=not kw["no_live_eval"],
+        data_dir=kw["data_dir"], out_dir=kw["out_dir"], strategy=kw["strategy"],
+        server_lr=kw["server_lr"], byzantine=kw["byzantine"], attack=kw["attack"],
         dp_noise=kw["dp_noise"], dp_clip=kw["dp_clip"], dp_adaptive=kw["dp_adaptive"],
-        data_dir=kw["data_dir"], out_dir=kw["out_dir"],
     )
     console = Console(stderr=True)
     console.print(
         f"[bold]gridfl demo[/]: {options.model}, K={options.clients}, C={options.fraction}, "
         f"E={options.epochs}, B={options.batch_size}, lr={options.lr}, "
-        f"{'IID' if options.iid else 'non-IID'}, {options.workers} worker processes"
+        f"{'IID' if options.iid else 'non-IID'}, {options.workers} worker processes, "
+        f"strategy {options.strategy_config() or 'fedavg'}"
+        + (f", {options.byzantine} Byzantine ({options.attack})" if options.byzantine else "")
     )
     table = _cycle_table(private=options.dp_noise is not None)
     started = time.perf_counter()
@@ -332,10 +344,28 @@ def status(url, admin_token, admin_token_file, name, version, as_json, follow) -
             for c in data.get("cycles", []):
                 table.add_row(*_cycle_row(c))
             Console().print(table)
+            if data.get("strategy"):
+                click.echo(_strategy_line(data["strategy"]))
             if data.get("privacy"):
                 click.echo(_privacy_line(data["privacy"]))
         if follow:
             _follow(client, data, as_json)
+
+
+def _strategy_line(strategy: dict) -> str:
+    """``strategy: fedadam (eta=0.01, ...); state: step 3, m_norm 0.012, ...``
+
+    >>> _strategy_line({"name": "fedadam", "params": {"eta": 0.01}, "state": {"step": 3}})
+    'strategy: fedadam (eta=0.01); state: step 3'
+    """
+    params = ", ".join(f"{k}={v}" for k, v in (strategy.get("params") or {}).items()
+                       if v is not None)
+    line = f"strategy: {strategy.get('name')}" + (f" ({params})" if params else "")
+    st = strategy.get("state") or {}
+    if st:
+        line += "; state: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in st.items())
+    return line
 
 
 _CYCLE_COLUMNS = ("cycle", "status", "accepted", "reported", "samples", "loss", "accuracy",

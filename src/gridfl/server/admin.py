@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from gridfl._exceptions import NotFoundError
-from gridfl.server import db, privacy, storage
+from gridfl.server import db, privacy, storage, strategies, strategy_store
 from gridfl.server.cycles import Cycles
 
 
@@ -54,6 +54,7 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
             }
         out["server_config"] = cfg
         out["client_config"] = p.client_config
+        out["strategy"] = _strategy(conn, p)
         now = time.time()
         cycle_rows = storage.recent_cycles(conn, p.id, last)
         wcs: dict[int, list] = {}
@@ -96,6 +97,20 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
         ]
         privacy.annotate_status(conn, p, out)
         return out
+
+
+def _strategy(conn: Connection, p) -> dict[str, Any]:
+    """The process's aggregation rule, its hyperparameters, and its state's summary (the
+    step count and moment norms of a server optimizer)."""
+    cfg = p.server_config.get("strategy")
+    if cfg is None:
+        iterative = p.server_config.get("iterative_plan")
+        return {"name": "iterative_averaging" if iterative else "fedavg", "state": {}}
+    summary = strategy_store.latest_summary(conn, p.id)
+    params = {k: v for k, v in cfg.items() if k != "name"}
+    if summary is None:
+        summary = {"step": 0} if cfg["name"] in strategies.OPTIMIZERS else {}
+    return {"name": cfg["name"], "params": params, "state": summary}
 
 
 def metric_means(reported) -> dict[str, float]:

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 from gridfl._exceptions import ConfigError
 from gridfl._messages import check_json_values
+from gridfl.server import strategies
 from gridfl.server.dp_config import validate_differential_privacy
 
 #: key -> default of the normalized server_config
@@ -29,9 +30,16 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "minimum_download_speed": None,
     "iterative_plan": False,
     "authentication": None,
+    # null = off; an object {"window": seconds} (true: the default window)
+    "pace_steering": None,
+    # null = FedAvg; gridfl.server.strategies validates it
+    "strategy": None,
     # docs/privacy.md; validated by gridfl.server.dp_config
     "differential_privacy": None,
 }
+
+#: pace steering's default selection window: how long a cycle should take to fill, seconds
+PACE_WINDOW = 60.0
 
 _AUTH_KEYS = {"type", "secret", "pub_key", "endpoint"}
 
@@ -200,8 +208,28 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
     if out["min_diffs"] and out["max_workers"] and out["max_workers"] < out["min_diffs"]:
         raise ConfigError("server_config.max_workers must be >= min_diffs")
     out["authentication"] = validate_authentication(out["authentication"])
+    out["pace_steering"] = validate_pace_steering(out["pace_steering"])
+    out["strategy"] = strategies.normalize(
+        out["strategy"], max_diffs=out["max_diffs"], min_diffs=out["min_diffs"]
+    )
     out["differential_privacy"] = validate_differential_privacy(out["differential_privacy"], out)
     return out
+
+
+def validate_pace_steering(value: Any) -> dict[str, float] | None:
+    """``null``/``false`` (off), ``true`` (the default window) or ``{"window": seconds}``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {"window": PACE_WINDOW}
+    if not isinstance(value, dict) or set(value) - {"window"}:
+        raise ConfigError(
+            'server_config.pace_steering must be true, false, null or {"window": seconds}'
+        )
+    key = "pace_steering.window"
+    out = {key: value.get("window", PACE_WINDOW)}
+    _num(out, key, minimum=1.0, nullable=False, maximum=MAX_CYCLE_LENGTH)
+    return {"window": float(out[key])}
 
 
 def worker_capacity(cfg: dict[str, Any]) -> int | None:

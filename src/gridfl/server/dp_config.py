@@ -17,6 +17,7 @@ from typing import Any
 
 from gridfl import privacy
 from gridfl._exceptions import ConfigError
+from gridfl.server.strategies import ROBUST
 
 _KEY = "server_config.differential_privacy"
 
@@ -105,6 +106,13 @@ def validate_differential_privacy(dp: Any, server_config: dict[str, Any]) -> dic
         raise ConfigError(
             f"{_KEY} needs server_config.max_workers: the sampling rate is workers per "
             "cycle / population_size"
+        )
+    strategy = server_config.get("strategy") or {}
+    if strategy.get("name") in ROBUST or strategy.get("clip_norm") is not None:
+        raise ConfigError(
+            f"{_KEY} needs a strategy that works from the sum of clipped diffs (fedavg or a "
+            "server optimizer, without strategy.clip_norm: differential_privacy.clip_norm "
+            f"clips); got {strategy}"[:300]
         )
     if server_config.get("iterative_plan"):
         raise ConfigError(

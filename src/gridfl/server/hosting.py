@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from gridfl import _messages
 from gridfl._exceptions import ConfigError, ConflictError, GridflError, InvalidRequestError
 from gridfl.server import aggregate as agg
-from gridfl.server import db, privacy, storage
+from gridfl.server import db, privacy, storage, strategies
 from gridfl.server.config import validate_client_config, validate_server_config
 from gridfl.server.cycles import Cycles
 
@@ -154,6 +154,9 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
                 "diffs in one at a time (avg = plan(avg, diff, n)) and never holds them all"
             )
         plan_rows.append({"name": "averaging_plan", "is_averaging": True, "onnx": blob})
+    strategies.check_hosting(
+        server_config["strategy"], spec, payload.get("averaging_plan") is not None
+    )
 
     raw_protocols = payload.get("protocols") or {}
     if not isinstance(raw_protocols, dict):

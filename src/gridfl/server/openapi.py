@@ -250,6 +250,10 @@ _SCHEMAS: dict[str, Any] = {
                     "server_config": {"type": "object"},
                     "client_config": {"type": "object"},
                     "current": {"type": "object", "nullable": True},
+                    "strategy": {
+                        "type": "object",
+                        "description": "name, params and state summary (docs/configs.md)",
+                    },
                     "cycles": {"type": "array", "items": {"type": "object"}},
                     "privacy": {
                         "type": "object",

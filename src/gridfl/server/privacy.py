@@ -5,8 +5,8 @@ and :func:`status` reports it.
 Central mode: each report's diff is clipped to the cycle's clip norm ``C`` before it is
 folded (unweighted: ``num_samples`` is ignored, a weight would break the ``C / m`` bound on
 one worker's influence); at completion ``N(0, (z C)^2)`` is added to the sum once, the sum
-is divided by the fixed expected count ``m`` and the result goes to the inner strategy as
-the cycle's mean diff (a server optimizer after it is post-processing). Distributed mode:
+is divided by the fixed expected count ``m``, and the inner strategy's ``step`` applies the
+result as the cycle's mean diff (a server optimizer after it is post-processing). Distributed mode:
 workers clip and noise; the node refuses a report whose norm cannot come from a clipped,
 noised diff, and divides the sum by ``m``.
 
@@ -95,6 +95,7 @@ class PrivateAggregation(agg.Strategy):
                 f"differential privacy needs a strategy that works from the sum of diffs, "
                 f"not {type(inner).__name__}"
             )
+        super().__init__()
         self.inner = inner
         self.dp = dp
         self.conn = conn
@@ -147,14 +148,26 @@ class PrivateAggregation(agg.Strategy):
             total += self.rng.normal(0.0, std, size=total.shape)
         return total / self.dp.expected_reports
 
+    def combine(self, sums: agg.RunningSums) -> np.ndarray:
+        """The cycle's noised mean at the clip norm its reports were clipped to."""
+        return self.noised_mean(
+            sums, current_clip_norm(self.dp, latest(self.conn, self.process_id))
+        )
+
+    def step(self, update, params, spec, state):
+        return self.inner.step(update, params, spec, state)
+
+    def describe(self, state: agg.StrategyState) -> dict[str, Any]:
+        return self.inner.describe(state)
+
     def aggregate(self, sums, params, state=None):
         dp = self.dp
         prev = latest(self.conn, self.process_id)
         c = current_clip_norm(dp, prev)
-        mean = self.noised_mean(sums, c)
-        # the inner strategy sees the noised mean as a cycle of one unweighted report
-        proxy = agg.RunningSums(sums.spec, count_x=1, sum_x=mean)
-        new_params, inner_state = self.inner.aggregate(proxy, params, state)
+        # the inner strategy's state (a server optimizer's moments) passes through
+        new_params, inner_state = self.inner.step(
+            self.noised_mean(sums, c), params, sums.spec, state
+        )
         cycle_id = self._cycle_id()
         row = self.conn.execute(
             sa.select(privacy_cycles.c.unclipped).where(privacy_cycles.c.cycle_id == cycle_id)

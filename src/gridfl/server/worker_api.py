@@ -5,6 +5,7 @@ and status codes follow PyGrid's, which syft.js's tests check."""
 from __future__ import annotations
 
 import hmac
+import math
 import random
 import secrets
 import time
@@ -29,8 +30,9 @@ from gridfl.server import db, privacy, rules, storage
 from gridfl.server.admin import process_named
 from gridfl.server.auth import verify_worker_token
 from gridfl.server.catalog import Catalog
-from gridfl.server.config import requires_speed_test
+from gridfl.server.config import requires_speed_test, worker_capacity
 from gridfl.server.cycles import Cycles
+from gridfl.server.pacing import CheckInRate
 from gridfl.server.settings import Settings
 
 
@@ -55,9 +57,21 @@ class WorkerApi:
     cycles: Cycles
     on_cycles_changed: Callable[[], None]
 
-    def _timeout(self, cycle) -> int:
+    check_ins: CheckInRate
+
+    def _timeout(self, cycle, process) -> int:
+        """The ``timeout`` a rejected worker is told: to the open cycle's deadline, or
+        paced (:func:`rules.paced_timeout`) when the process has ``pace_steering``."""
+        now = time.time()
+        rate = self.check_ins.observe(process.id, now)
         end_at = None if cycle is None else cycle.end_at
-        return rules.retry_timeout(end_at, time.time(), self.settings.retry_seconds)
+        wait = rules.retry_timeout(end_at, now, self.settings.retry_seconds)
+        pacing = process.server_config.get("pace_steering")
+        if pacing is None:
+            return wait
+        capacity = worker_capacity(process.server_config)
+        needed = math.inf if capacity is None else capacity / pacing["window"]
+        return rules.paced_timeout(wait, pacing["window"], rate, needed, random.random())
 
     def authenticate(self, req: _messages.AuthenticateRequest) -> dict[str, Any]:
         with db.read(self.engine) as conn:
@@ -135,7 +149,7 @@ class WorkerApi:
         cycle = conn.execute(storage.open_cycle_locked, {"process_id": process.id}).first()
         if cycle is None:
             return _messages.CycleRejected(None, "the FL process has no open cycle").to_json()
-        timeout = self._timeout(cycle)
+        timeout = self._timeout(cycle, process)
         seats = conn.execute(storage.seats, {"cycle_id": cycle.id, "worker_id": worker.id}).one()
         decision = rules.admit(
             cfg,
@@ -192,7 +206,7 @@ class WorkerApi:
         return (
             None
             if reason is None
-            else _messages.CycleRejected(self._timeout(row), reason).to_json()
+            else _messages.CycleRejected(self._timeout(row, process), reason).to_json()
         )
 
     # ------------------------------------------------------------------ downloads

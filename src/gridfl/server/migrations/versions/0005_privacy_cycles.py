@@ -5,8 +5,8 @@ norm its reports were clipped to and how many fit under it (adaptive clipping), 
 the cycle completes the accountant's steps and epsilon. The process's privacy state (steps
 spent, the next clip norm) survives restarts in these rows. Other processes write nothing.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-04
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
