@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.builders import diff_of, host_payload, model_params
+from tests.builders import b64, diff_of, host_payload, model_params
 from tests.harness import Admin, HttpWorker, join, report
 
 dp_accounting = pytest.importorskip("dp_accounting")
@@ -349,6 +349,42 @@ def test_distributed_mode_workers_clip_and_noise(server_factory):
     assert np.linalg.norm(clean) <= c * (1 + 1e-6)
     lo, hi = _chi2_std_interval(noise.size)
     assert lo * z * c / m <= noise.std(ddof=1) <= hi * z * c / m
+
+
+def test_distributed_mode_refuses_a_report_without_its_noise(in_process_node):
+    """1,230 model values, C = 0.05, z = 1, m = 2: a worker's noise has norm about
+    sigma sqrt(d) = 1.24, far above C; a raw diff (syft.js ignores the settings) has norm
+    at most ~C and is refused, and an honest report passes."""
+    from gridfl import privacy as dp_math
+    from tests.builders import training_plan
+
+    shapes = [(40, 30), (30,)]
+    z, c, m = 1.0, 0.05, 2
+    payload = host_payload(
+        params=model_params(shapes=shapes),
+        plans={"training_plan": b64(training_plan(shapes))},
+        server_config={
+            "max_workers": m,
+            "max_diffs": m,
+            "min_diffs": m,
+            "num_cycles": 0,
+            "differential_privacy": {
+                "mode": "distributed",
+                "noise_multiplier": z,
+                "clip_norm": c,
+                "population_size": 10,
+            },
+        },
+    )
+    assert Admin(in_process_node.url).host(payload).status_code == 201
+    w = HttpWorker(in_process_node.url)
+    wid, cyc = join(w)
+    raw = diff_of(0, shapes=shapes)
+    st, body = report(w, wid, cyc["request_key"], raw)
+    assert st == 400 and "less than a report clipped" in body["error"], body
+    honest = dp_math.privatize(raw, c, z * c / math.sqrt(m))
+    assert report(w, wid, cyc["request_key"], honest)[0] == 200
+    w.close()
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -47,8 +47,9 @@ from gridfl.server.tables import cycles, privacy_cycles
 
 BUDGET_SPENT = "privacy budget spent"
 
-#: how far beyond C a distributed-mode report may reach, in noise standard deviations on
-#: top of sqrt(d): an honest report passes except with probability below exp(-50)
+#: the slack of the distributed-mode norm checks, in noise standard deviations around
+#: sqrt(d): an honest report (clipped diff plus its noise) fails them with probability
+#: below exp(-50), by the Gaussian norm's concentration
 _NORM_SLACK = 10.0
 
 _latest = (
@@ -114,14 +115,7 @@ class PrivateAggregation(agg.Strategy):
         c = current_clip_norm(self.dp, state)
         norm = privacy.l2_norm(diff)
         if self.dp.mode == "distributed":
-            bound = c + self.worker_noise_std(c) * (math.sqrt(sums.spec.total) + _NORM_SLACK)
-            if norm > bound:
-                raise InvalidRequestError(
-                    f"the diff's L2 norm {norm:.6g} is more than a report clipped to {c:g} "
-                    f"and noised can reach ({bound:.6g}): this process uses distributed "
-                    "differential privacy; report with gridfl's worker SDK, which clips "
-                    "and adds the noise"
-                )
+            self.check_distributed_report(norm, c, sums.spec.total)
             sums.fold(diff, None)
         else:
             clipped, _ = privacy.clip(diff, c)
@@ -133,6 +127,23 @@ class PrivateAggregation(agg.Strategy):
                 privacy_cycles.insert().values(
                     cycle_id=cycle_id, process_id=self.process_id, clip_norm=c, unclipped=bit
                 )
+            )
+
+    def check_distributed_report(self, norm: float, clip_norm: float, size: int) -> None:
+        """Refuse a report whose norm a diff clipped to C plus the worker's noise (std
+        sigma on each of ``size`` values) cannot have: more than C + sigma (sqrt(d) + 10)
+        (not clipped), or, when the noise dominates, less than sigma (sqrt(d) - 10) - C
+        (the noise is missing)."""
+        sigma = self.worker_noise_std(clip_norm)
+        high = clip_norm + sigma * (math.sqrt(size) + _NORM_SLACK)
+        low = sigma * (math.sqrt(size) - _NORM_SLACK) - clip_norm
+        if norm > high or norm < low:
+            what = "more than" if norm > high else "less than"
+            raise InvalidRequestError(
+                f"the diff's L2 norm {norm:.6g} is {what} a report clipped to {clip_norm:g} "
+                f"and noised can have ({low if norm < low else high:.6g}): this process uses "
+                "distributed differential privacy; report with gridfl's worker SDK, which "
+                "clips and adds the noise"
             )
 
     def worker_noise_std(self, clip_norm: float) -> float:
