@@ -302,3 +302,44 @@ def test_poisoned_diffs():
     noisy = poison(d, "noise", rng)[0]
     rms = float(np.sqrt(np.mean(d[0].astype(np.float64) ** 2)))
     assert 80 * rms < float(noisy.std()) < 120 * rms
+
+
+def test_demo_with_differential_privacy_reports_epsilon(tmp_path):
+    """--dp-noise / --dp-clip: every cycle's epsilon in the results is dp-accounting's for
+    q = per-cycle workers / clients, and the plot gets its accuracy-against-epsilon panel."""
+    pytest.importorskip("torch")
+    dp_accounting = pytest.importorskip("dp_accounting")
+    options = DemoOptions(
+        model="2nn",
+        clients=4,
+        fraction=0.5,
+        workers=2,
+        cycles=3,
+        target=None,
+        examples_per_client=100,
+        dp_noise=1.0,
+        dp_clip=0.1,  # noise z*C/m = 0.05 a value: a 2NN trains on through it
+        dp_adaptive=True,
+        data_dir=tmp_path / "data",
+        out_dir=tmp_path / "out",
+    )
+    result = run_demo(options)
+    want = []
+    for t in (1, 2, 3):
+        event = dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(2 / 4, dp_accounting.GaussianDpEvent(1.0)), t
+        )
+        want.append(dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(1e-5))
+    assert [c.epsilon for c in result.cycles] == pytest.approx(want, rel=1e-9)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [c["epsilon"] for c in saved["cycles"]] == pytest.approx(want, rel=1e-9)
+    assert (tmp_path / "out" / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_demo_refuses_half_a_privacy_setting():
+    from gridfl._exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="both dp_noise"):
+        DemoOptions(dp_noise=1.0).validate()
+    with pytest.raises(ConfigError, match="dp_adaptive needs"):
+        DemoOptions(dp_adaptive=True).validate()

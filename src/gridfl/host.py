@@ -119,6 +119,17 @@ class HostClient:
             params["after"] = after
         return self._json("GET", _path(name, version), params=params, **kwargs)
 
+    def privacy(self, name: str, version: str | None = None) -> dict[str, Any] | None:
+        """The differential-privacy figures of a process hosted with
+        ``server_config.differential_privacy`` (docs/privacy.md), else ``None``: ``epsilon``
+        spent after ``steps`` completed cycles at ``delta``, ``epsilon_next`` after one
+        more, the current ``clip_norm``, ``budget_spent`` and its ``reason``.
+
+            >>> host.privacy("mnist", "1.0")["epsilon"]  # doctest: +SKIP
+            1.2141452944480204
+        """
+        return self.status(name, version, cycles=1).get("privacy")
+
     def retrieve_bytes(self, name: str, version: str, checkpoint: int | str = "latest") -> bytes:
         """A checkpoint (by number or alias) as ``State`` bytes."""
         return self._request("GET", f"{_path(name, version)}/checkpoints/{checkpoint}").content

@@ -38,6 +38,7 @@ from gridfl._exceptions import (
 )
 from gridfl.client import _replies as replies
 from gridfl.client._events import EventHandlers
+from gridfl.privacy import privatize_report
 
 _PLAN_CACHE_SIZE = 8
 
@@ -466,6 +467,7 @@ class BaseJob:
             if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:
                 raise ConfigError(f"num_samples must be a non-negative int, got {num_samples!r}")
             num_samples = int(num_samples)
+        diff = privatize_report(diff, self.client_config)
         report = _messages.ReportRequest(
             worker_id=str(self.worker_id),
             request_key=str(self.request_key),

@@ -64,6 +64,11 @@ class DemoOptions:
     server_lr: float | None = None  # eta / server_learning_rate of a server optimizer
     byzantine: int = 0  # worker processes that report poisoned diffs
     attack: str = "scale"  # what they send: scale (x100), signflip or noise
+    # differential privacy (docs/privacy.md): noise multiplier z and clip norm C (the
+    # initial one when adaptive); the population is the K clients
+    dp_noise: float | None = None
+    dp_clip: float | None = None
+    dp_adaptive: bool = False
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
     out_dir: Path = field(default_factory=lambda: Path("results"))
 
@@ -88,6 +93,10 @@ class DemoOptions:
         if self.attack not in ATTACKS:
             raise ConfigError(f"attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
         self.strategy_config()  # the node would refuse it: say so before starting anything
+        if (self.dp_noise is None) != (self.dp_clip is None):
+            raise ConfigError("differential privacy needs both dp_noise (z) and dp_clip (C)")
+        if self.dp_adaptive and self.dp_noise is None:
+            raise ConfigError("dp_adaptive needs dp_noise and dp_clip")
 
     def strategy_config(self) -> dict | None:
         """``server_config.strategy`` for these options (``None``: FedAvg). Krum and Bulyan
@@ -109,6 +118,14 @@ class DemoOptions:
             cfg["num_malicious_nodes"] = self.byzantine
         normalize(cfg, max_diffs=self.per_cycle, min_diffs=self.per_cycle)
         return cfg
+
+    def differential_privacy(self) -> dict | None:
+        """The process's ``server_config.differential_privacy``, or None."""
+        if self.dp_noise is None:
+            return None
+        clip = {"initial": self.dp_clip} if self.dp_adaptive else self.dp_clip
+        return {"noise_multiplier": self.dp_noise, "clip_norm": clip,
+                "population_size": self.clients}
 
     @property
     def per_cycle(self) -> int:
@@ -216,6 +233,7 @@ def run_demo(
                     "num_cycles": options.cycles,
                     "cycle_length": 600,
                     "strategy": options.strategy_config(),
+                    "differential_privacy": options.differential_privacy(),
                 },
             )
             result.host_seconds = round(time.perf_counter() - node_up, 2)
@@ -426,6 +444,7 @@ def _watch(
                 seconds=round(c["closed_at"] - c["start"], 4),
                 elapsed=round(time.perf_counter() - node_up, 2),
                 train_loss=c["metrics"].get("loss"),
+                epsilon=c.get("epsilon"),
             )
             if result.startup_seconds is None:
                 result.startup_seconds = round(c["closed_at"] - node_up_at, 2)

@@ -317,9 +317,11 @@ class Strategy:
     * **secure aggregation** sets ``sums_only = True`` (a class declaring both flags is
       refused): its ``fold`` adds masked vectors, its ``combine`` unmasks the sum; any
       ``step`` (FedAvg's, an optimizer's) then applies it.
-    * **differential privacy** clips in ``fold`` (before the sum), and its ``combine`` adds
-      the noise to the sum and divides by a fixed denominator; an optimizer's ``step``
-      comes after, as post-processing; the accountant lives in ``StrategyState.meta``.
+    * **differential privacy** (:mod:`gridfl.server.privacy`) wraps the strategy: it clips
+      in ``fold`` (before the sum), and its ``combine`` adds the noise to the sum and
+      divides by a fixed denominator; the inner ``step`` (an optimizer's) comes after, as
+      post-processing; the accountant and the adaptive clip norm live in its per-cycle
+      ledger (table ``privacy_cycles``).
     """
 
     #: the rule needs every diff of the cycle, not their sums (median, Krum)

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 from gridfl._exceptions import ConfigError
 from gridfl._messages import check_json_values
 from gridfl.server import strategies
+from gridfl.server.dp_config import validate_differential_privacy
 
 #: key -> default of the normalized server_config
 SERVER_DEFAULTS: dict[str, Any] = {
@@ -33,6 +34,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "pace_steering": None,
     # null = FedAvg; gridfl.server.strategies validates it
     "strategy": None,
+    # docs/privacy.md; validated by gridfl.server.dp_config
+    "differential_privacy": None,
 }
 
 #: pace steering's default selection window: how long a cycle should take to fill, seconds
@@ -209,6 +212,7 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
     out["strategy"] = strategies.normalize(
         out["strategy"], max_diffs=out["max_diffs"], min_diffs=out["min_diffs"]
     )
+    out["differential_privacy"] = validate_differential_privacy(out["differential_privacy"], out)
     return out
 
 

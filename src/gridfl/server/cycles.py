@@ -182,10 +182,15 @@ class Cycles:
             cycle.sequence,
             number,
         )
-        if num_cycles and done >= num_cycles:
+        # differential privacy: the next cycle would spend more than max_epsilon
+        stop_reason = getattr(strategy, "stop_reason", None)
+        if (num_cycles and done >= num_cycles) or stop_reason:
             storage.set_process_status(conn, process.id, "finished")
             self.announce(conn)
-            log.info("process %s/%s finished", process.name, process.version)
+            log.info(
+                "process %s/%s finished%s", process.name, process.version,
+                f": {stop_reason}" if stop_reason else "",
+            )
         else:
             self.open_next(conn, process, ckpt, now)
         self.crash_point("aggregate")

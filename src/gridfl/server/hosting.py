@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from gridfl import _messages
 from gridfl._exceptions import ConfigError, ConflictError, GridflError, InvalidRequestError
 from gridfl.server import aggregate as agg
-from gridfl.server import db, storage, strategies
+from gridfl.server import db, privacy, storage, strategies
 from gridfl.server.config import validate_client_config, validate_server_config
 from gridfl.server.cycles import Cycles
 
@@ -94,6 +94,7 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
         raise InvalidRequestError(f"host: unknown fields {sorted(unknown)}")
     client_config = validate_client_config(payload.get("client_config"))
     server_config = validate_server_config(payload.get("server_config"))
+    client_config = privacy.worker_settings(client_config, server_config)
     model_bytes = _b64(payload.get("model"), "model")
     try:
         params = state.loads(model_bytes)

@@ -255,6 +255,11 @@ _SCHEMAS: dict[str, Any] = {
                         "description": "name, params and state summary (docs/configs.md)",
                     },
                     "cycles": {"type": "array", "items": {"type": "object"}},
+                    "privacy": {
+                        "type": "object",
+                        "description": "differential privacy: epsilon spent, the budget, the "
+                        "clip norm (docs/privacy.md); only for a process hosted with it",
+                    },
                     "checkpoints": {
                         "type": "array",
                         "items": {

@@ -191,3 +191,27 @@ cycle_diffs = sa.Table(
     sa.Index("ix_cycle_diffs_cycle", "cycle_id"),
     sqlite_autoincrement=True,
 )
+
+# Differential privacy (docs/privacy.md), one row per cycle of a process hosted with
+# server_config.differential_privacy: the clip norm the cycle's reports were clipped to and
+# how many fit under it (adaptive clipping), written as reports arrive; at completion the
+# accountant's steps, epsilon after the cycle and after one more (the budget check before
+# the next cycle opens), and the next cycle's clip norm. A process's privacy state is its
+# completed row with the most steps.
+privacy_cycles = sa.Table(
+    "privacy_cycles",
+    metadata,
+    sa.Column(
+        "cycle_id", sa.Integer, sa.ForeignKey("cycles.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column(
+        "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("clip_norm", sa.Float, nullable=False),
+    sa.Column("unclipped", sa.Integer, nullable=False, default=0),
+    sa.Column("steps", sa.Integer, nullable=True),
+    sa.Column("epsilon", sa.Float, nullable=True),  # null: infinite (z = 0)
+    sa.Column("epsilon_next", sa.Float, nullable=True),
+    sa.Column("next_clip_norm", sa.Float, nullable=True),
+    sa.Index("ix_privacy_cycles_steps", "process_id", "steps"),
+)

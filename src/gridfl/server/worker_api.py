@@ -26,7 +26,7 @@ from gridfl._exceptions import (
     PermissionDeniedError,
 )
 from gridfl.server import aggregate as agg
-from gridfl.server import db, rules, storage
+from gridfl.server import db, privacy, rules, storage
 from gridfl.server.admin import process_named
 from gridfl.server.auth import verify_worker_token
 from gridfl.server.catalog import Catalog
@@ -141,7 +141,11 @@ class WorkerApi:
         if req.ping is not None or req.download is not None or req.upload is not None:
             storage.store_speeds(conn, worker.id, req.ping, req.download, req.upload)
         if worker.status != "running":
-            return _messages.CycleRejected(None, f"the FL process is {worker.status}").to_json()
+            reason = f"the FL process is {worker.status}"
+            if worker.status == "finished":  # maybe its privacy budget is spent
+                why = privacy.finished_reason(conn, process.id, cfg)
+                reason = f"{reason}: {why}" if why else reason
+            return _messages.CycleRejected(None, reason).to_json()
         cycle = conn.execute(storage.open_cycle_locked, {"process_id": process.id}).first()
         if cycle is None:
             return _messages.CycleRejected(None, "the FL process has no open cycle").to_json()
