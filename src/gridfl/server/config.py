@@ -10,6 +10,7 @@ import math
 from typing import Any
 from urllib.parse import urlparse
 
+from gridfl import compression
 from gridfl._exceptions import ConfigError
 from gridfl._messages import check_json_values
 from gridfl.server import strategies
@@ -33,6 +34,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "pace_steering": None,
     # null = FedAvg; gridfl.server.strategies validates it
     "strategy": None,
+    # null = off; {"kind": "float16" | "int8" | "topk", "fraction"?} (gridfl.compression)
+    "compression": None,
 }
 
 #: pace steering's default selection window: how long a cycle should take to fill, seconds
@@ -209,6 +212,7 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
     out["strategy"] = strategies.normalize(
         out["strategy"], max_diffs=out["max_diffs"], min_diffs=out["min_diffs"]
     )
+    out["compression"] = compression.validate_config(out["compression"])
     return out
 
 
