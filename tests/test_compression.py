@@ -197,3 +197,19 @@ def test_config_defaults():
     assert compression.validate_config({"kind": "int8"}) == {"kind": "int8"}
     assert compression.validate_config({"kind": "topk", "fraction": 1}) == {
         "kind": "topk", "fraction": 1.0}
+
+
+def test_widen_float16_is_exact_for_every_finite_float16():
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)]
+    got = compression.widen_float16(finite)
+    want = finite.astype(np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("scale", [600.0, 2.0**53 - 1])
+def test_widen_float16_scales(scale):
+    values = np.array([1.5, -3e-6, 65504, 0], np.float16)
+    np.testing.assert_allclose(compression.widen_float16(values, scale),
+                               values.astype(np.float64) * scale, rtol=1e-7)

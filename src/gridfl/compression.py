@@ -183,6 +183,34 @@ class ErrorFeedback:
 
 
 # --- the node's side ------------------------------------------------------------------------
+_F16_TO_F32_EXPONENT = np.float32(2.0**112)  # 2**(127 - 15): float32's bias minus float16's
+
+
+def widen_float16(values: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Finite float16 ``values`` times ``scale`` as a new float32 array (exact for scale
+    1): the bits moved into float32's places, then multiplied by 2**112 (which also makes
+    subnormals normal). ~4x faster than ``astype(np.float32)``, which numpy does element
+    by element.
+
+        >>> widen_float16(np.array([1.5, -6e-08, 65504], np.float16)).tolist()
+        [1.5, -5.960464477539063e-08, 65504.0]
+    """
+    x = values.view(np.uint16).astype(np.uint32)
+    np.left_shift(x, 13, out=x)  # exponent and mantissa in place; the sign lands on bit 28
+    sign = x & 0x10000000
+    x ^= sign
+    sign <<= 3
+    x |= sign
+    out = x.view(np.float32)
+    factor = float(_F16_TO_F32_EXPONENT) * scale
+    if factor < 1e38:  # one multiply for both, while the factor fits float32
+        out *= np.float32(factor)
+    else:
+        out *= _F16_TO_F32_EXPONENT
+        out *= np.float32(scale)
+    return out
+
+
 class CompressedDiff(Sequence[np.ndarray]):
     """A validated compressed diff: :meth:`fold_into` adds it (times a weight) to a flat
     running sum directly from its compressed form; indexing gives a tensor dequantized in
@@ -207,7 +235,7 @@ class CompressedDiff(Sequence[np.ndarray]):
             return [self[j] for j in range(len(self))[i]]
         off, size = self.offsets[i], self.sizes[i]
         if self.kind == "float16":
-            dense = self.parts[0][off : off + size].astype(self.dtypes[i])
+            dense = widen_float16(self.parts[0][off : off + size]).astype(self.dtypes[i])
         elif self.kind == "int8":
             scales, q = self.parts
             dense = (q[off : off + size] * scales[i]).astype(self.dtypes[i])
@@ -228,11 +256,8 @@ class CompressedDiff(Sequence[np.ndarray]):
         for i, (off, size) in enumerate(zip(self.offsets, self.sizes, strict=True)):
             view = total[off : off + size]
             if self.kind == "float16":
-                part = self.parts[0][off : off + size]
-                if weight is None:  # the cast runs in the ufunc's buffer: no temporary
-                    np.add(view, part, out=view, casting="unsafe")
-                else:
-                    view += part * acc(weight)
+                part = widen_float16(self.parts[0][off : off + size], weight or 1.0)
+                np.add(view, part, out=view, casting="unsafe")
             else:
                 scales, q = self.parts
                 factor = float(scales[i]) * (1.0 if weight is None else weight)
@@ -256,7 +281,10 @@ def decode(
     if kind == "float16":
         _expect_bytes(kind, len(buf), 2 * total, f"2 bytes x {total} values")
         values = np.frombuffer(buf, _F16)
-        _check_values(kind, values)
+        # non-finite float16 = exponent bits all ones; on the bits, as numpy's float16
+        # min/max are slow. Every finite float16 is within the bound (±65504).
+        if values.size and int((values.view(np.uint16) & 0x7FFF).max()) >= 0x7C00:
+            raise InvalidRequestError(f"{kind} diff has NaN or infinite values")
         return CompressedDiff(kind, shapes, dtypes, (values,))
     if kind == "int8":
         n = len(sizes)

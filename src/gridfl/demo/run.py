@@ -30,6 +30,7 @@ import numpy as np
 
 from gridfl import Plan, state
 from gridfl._exceptions import ConfigError, GridflError
+from gridfl.compression import KINDS, validate_config
 from gridfl.datasets import Mnist, load_mnist
 from gridfl.demo.report import CycleResult, RunResult
 from gridfl.demo.worker import ATTACKS
@@ -64,6 +65,8 @@ class DemoOptions:
     server_lr: float | None = None  # eta / server_learning_rate of a server optimizer
     byzantine: int = 0  # worker processes that report poisoned diffs
     attack: str = "scale"  # what they send: scale (x100), signflip or noise
+    #: reports compressed as float16, int8 or topk (10%, error feedback); None = plain
+    compression: str | None = None
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
     out_dir: Path = field(default_factory=lambda: Path("results"))
 
@@ -81,6 +84,11 @@ class DemoOptions:
             raise ConfigError(f"workers ({self.workers}) cannot exceed clients ({self.clients})")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.compression is not None and self.compression not in KINDS:
+            raise ConfigError(
+                f"compression must be one of {', '.join(KINDS)} (or None), "
+                f"got {self.compression!r}"
+            )
         if not 0 <= self.byzantine <= self.workers:
             raise ConfigError(
                 f"byzantine must be 0 to workers ({self.workers}), got {self.byzantine}"
@@ -109,6 +117,11 @@ class DemoOptions:
             cfg["num_malicious_nodes"] = self.byzantine
         normalize(cfg, max_diffs=self.per_cycle, min_diffs=self.per_cycle)
         return cfg
+
+    @property
+    def compression_config(self) -> dict | None:
+        """``server_config.compression`` for :attr:`compression` (top-k: its default 10%)."""
+        return None if self.compression is None else validate_config({"kind": self.compression})
 
     @property
     def per_cycle(self) -> int:
@@ -216,6 +229,7 @@ def run_demo(
                     "num_cycles": options.cycles,
                     "cycle_length": 600,
                     "strategy": options.strategy_config(),
+                    "compression": options.compression_config,
                 },
             )
             result.host_seconds = round(time.perf_counter() - node_up, 2)
