@@ -17,6 +17,7 @@ BENCHMARKS = {
     "worker": "benchmarks.bench_worker",  # a worker's CPU per cycle, phase by phase
     "strategies": "benchmarks.bench_strategies",  # CNN: fold, completion, memory per rule
     "fl": "benchmarks.bench_fl",  # federated MNIST s/cycle vs compute floor, Flower alongside
+    "compression": "benchmarks.bench_compression",  # compressed reports: bytes, CPU, accuracy
 }
 
 
