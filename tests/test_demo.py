@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from gridfl._exceptions import ConfigError
 from gridfl.demo.run import DemoOptions, run_demo
 
 
@@ -302,3 +303,13 @@ def test_poisoned_diffs():
     noisy = poison(d, "noise", rng)[0]
     rms = float(np.sqrt(np.mean(d[0].astype(np.float64) ** 2)))
     assert 80 * rms < float(noisy.std()) < 120 * rms
+
+
+def test_demo_compression_option():
+    """--compression maps to server_config.compression (top-k: 10%); anything else is
+    refused before a process starts."""
+    assert DemoOptions(compression="topk").compression_config == {"kind": "topk", "fraction": 0.1}
+    assert DemoOptions(compression="int8").compression_config == {"kind": "int8"}
+    assert DemoOptions().compression_config is None
+    with pytest.raises(ConfigError, match="compression must be one of float16, int8, topk"):
+        DemoOptions(compression="zip").validate()
