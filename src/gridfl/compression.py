@@ -186,29 +186,37 @@ class ErrorFeedback:
 _F16_TO_F32_EXPONENT = np.float32(2.0**112)  # 2**(127 - 15): float32's bias minus float16's
 
 
-def widen_float16(values: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """Finite float16 ``values`` times ``scale`` as a new float32 array (exact for scale
-    1): the bits moved into float32's places, then multiplied by 2**112 (which also makes
-    subnormals normal). ~4x faster than ``astype(np.float32)``, which numpy does element
-    by element.
+def widen_float16(
+    values: np.ndarray, scale: float = 1.0, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Finite float16 ``values`` times ``scale`` as float32 (exact for scale 1), written
+    into ``out`` (a uint32 buffer of the same size, viewed as float32) or a new array: the
+    bits moved into float32's places, then multiplied by 2**112 (which also makes
+    subnormals normal). ~4x faster than ``astype(np.float32)``, which numpy does element by
+    element.
 
         >>> widen_float16(np.array([1.5, -6e-08, 65504], np.float16)).tolist()
         [1.5, -5.960464477539063e-08, 65504.0]
     """
-    x = values.view(np.uint16).astype(np.uint32)
+    x = np.empty(values.size, np.uint32) if out is None else out
+    np.copyto(x, values.view(np.uint16))
     np.left_shift(x, 13, out=x)  # exponent and mantissa in place; the sign lands on bit 28
     sign = x & 0x10000000
     x ^= sign
     sign <<= 3
     x |= sign
-    out = x.view(np.float32)
+    result = x.view(np.float32)
     factor = float(_F16_TO_F32_EXPONENT) * scale
     if factor < 1e38:  # one multiply for both, while the factor fits float32
-        out *= np.float32(factor)
+        result *= np.float32(factor)
     else:
-        out *= _F16_TO_F32_EXPONENT
-        out *= np.float32(scale)
-    return out
+        result *= _F16_TO_F32_EXPONENT
+        result *= np.float32(scale)
+    return result
+
+
+#: values widened at a time when folding float16: the buffers stay in the CPU's cache
+_CHUNK = 1 << 15
 
 
 class CompressedDiff(Sequence[np.ndarray]):
@@ -256,8 +264,13 @@ class CompressedDiff(Sequence[np.ndarray]):
         for i, (off, size) in enumerate(zip(self.offsets, self.sizes, strict=True)):
             view = total[off : off + size]
             if self.kind == "float16":
-                part = widen_float16(self.parts[0][off : off + size], weight or 1.0)
-                np.add(view, part, out=view, casting="unsafe")
+                values = self.parts[0][off : off + size]
+                buf = np.empty(min(_CHUNK, size), np.uint32)
+                for at in range(0, size, _CHUNK):
+                    chunk = values[at : at + _CHUNK]
+                    part = widen_float16(chunk, weight or 1.0, out=buf[: chunk.size])
+                    piece = view[at : at + _CHUNK]
+                    np.add(piece, part, out=piece, casting="unsafe")
             else:
                 scales, q = self.parts
                 factor = float(scales[i]) * (1.0 if weight is None else weight)
