@@ -19,6 +19,7 @@ BENCHMARKS = {
     "strategies": "benchmarks.bench_strategies",  # CNN: fold, completion, memory per rule
     "fl": "benchmarks.bench_fl",  # federated MNIST s/cycle vs compute floor, Flower alongside
     "simulation": "benchmarks.bench_simulation",  # memory at N=100 vs N=10,000 clients
+    "compression": "benchmarks.bench_compression",  # compressed reports: bytes, CPU, accuracy
 }
 
 

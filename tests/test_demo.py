@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from gridfl._exceptions import ConfigError
 from gridfl.demo.run import DemoOptions, run_demo
 
 
@@ -343,3 +344,11 @@ def test_demo_refuses_half_a_privacy_setting():
         DemoOptions(dp_noise=1.0).validate()
     with pytest.raises(ConfigError, match="dp_adaptive needs"):
         DemoOptions(dp_adaptive=True).validate()
+def test_demo_compression_option():
+    """--compression maps to server_config.compression (top-k: 10%); anything else is
+    refused before a process starts."""
+    assert DemoOptions(compression="topk").compression_config == {"kind": "topk", "fraction": 0.1}
+    assert DemoOptions(compression="int8").compression_config == {"kind": "int8"}
+    assert DemoOptions().compression_config is None
+    with pytest.raises(ConfigError, match="compression must be one of float16, int8, topk"):
+        DemoOptions(compression="zip").validate()

@@ -150,6 +150,7 @@ def test_status_follow_prints_each_cycle_as_it_closes(node, bundle, tmp_path):
         (["status", "NODE", "--follow", "--admin-token", TOKEN], "--follow needs the NAME"),
         (["demo", "--model", "resnet"], "Invalid value for '--model'"),
         (["demo", "--fraction", "0"], "Invalid value for '--fraction'"),
+        (["demo", "--compression", "zip"], "Invalid value for '--compression'"),
         (["host", "NODE", "BUNDLE_PARENT", "--admin-token", TOKEN], "not a plan bundle"),
         (["retrieve", "NODE", "nope", "1.0", "-o", "x.pb", "--admin-token", TOKEN], "404"),
         (["host", "NODE", "BUNDLE", "--admin-token", "wrong"], "invalid admin token"),

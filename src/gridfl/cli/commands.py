@@ -114,6 +114,8 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
               help="Worker processes that report poisoned diffs.")
 @click.option("--attack", type=click.Choice(["scale", "signflip", "noise"]), default="scale",
               show_default=True, help="What they send: x100, sign flipped, or large noise.")
+@click.option("--compression", type=click.Choice(["float16", "int8", "topk"]), default=None,
+              help="Workers send compressed diffs (topk: 10%, with error feedback).")
 @friendly
 def demo(**kw: Any) -> None:
     """Federated MNIST: a grid node, N worker processes, a results table and a plot."""
@@ -127,7 +129,7 @@ def demo(**kw: Any) -> None:
         epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], cycles=kw["cycles"],
         target=kw["target"], iid=not kw["non_iid"], seed=kw["seed"], workers=kw["workers"],
         parallel=kw["parallel"], examples_per_client=kw["examples_per_client"],
-        evaluate=not kw["no_live_eval"],
+        evaluate=not kw["no_live_eval"], compression=kw["compression"],
         data_dir=kw["data_dir"], out_dir=kw["out_dir"], strategy=kw["strategy"],
         server_lr=kw["server_lr"], byzantine=kw["byzantine"], attack=kw["attack"],
         dp_noise=kw["dp_noise"], dp_clip=kw["dp_clip"], dp_adaptive=kw["dp_adaptive"],
@@ -139,6 +141,7 @@ def demo(**kw: Any) -> None:
         f"{'IID' if options.iid else 'non-IID'}, {options.workers} worker processes, "
         f"strategy {options.strategy_config() or 'fedavg'}"
         + (f", {options.byzantine} Byzantine ({options.attack})" if options.byzantine else "")
+        + (f", {options.compression} reports" if options.compression else "")
     )
     table = _cycle_table(private=options.dp_noise is not None)
     started = time.perf_counter()

@@ -151,7 +151,13 @@ class MeasureSpeed:
     worker_id: str
 
 
-Operation = Call | Fetch | MeasureSpeed
+@dataclass(frozen=True)
+class BinaryReports:
+    """Whether a report would go as a binary frame (a WebSocket on which the node
+    selected ``gridfl.binary.2``): the only way a compressed report travels. A bool."""
+
+
+Operation = Call | Fetch | MeasureSpeed | BinaryReports
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,8 @@ class _Cycle:
     model_id: Any = None
     version: str | None = None
     timeout: int | None = None
+    #: the node's ``compression`` request in the accepted reply (gridfl extension)
+    compression: dict[str, Any] | None = None
 
 
 class BaseJob:
@@ -407,6 +415,7 @@ class BaseJob:
             return Rejected(reply.timeout)
 
         c.request_key, c.model_id, c.version = reply.request_key, reply.model_id, reply.version
+        c.compression = reply.compression
         # gridfl nodes name each plan's digest: a plan held from an earlier cycle is not
         # downloaded again (an unknown or malformed digest just means a download)
         digests = reply.plan_digests or {}
@@ -468,19 +477,30 @@ class BaseJob:
                 raise ConfigError(f"num_samples must be a non-negative int, got {num_samples!r}")
             num_samples = int(num_samples)
         diff = privatize_report(diff, self.client_config)
+        payload, kind, commit = bytes(diff), None, None
+        setting = self._cycle.compression
+        # compressed only where the node asked for it and the report goes as a binary frame
+        if setting is not None and self.model is not None and (yield BinaryReports()):
+            shapes = [tuple(p.shape) for p in self.model.params]
+            key = (self.model_name, self._cycle.version)
+            payload, commit = self._client._compressor.compress(setting, key, payload, shapes)
+            kind = setting["kind"]
         report = _messages.ReportRequest(
             worker_id=str(self.worker_id),
             request_key=str(self.request_key),
-            diff=bytes(diff),
+            diff=payload,
             num_samples=num_samples,
             metrics={str(k): float(v) for k, v in dict(metrics or {}).items()},
+            compression=kind,
         )
         # The diff stays bytes here: the transport encodes it (base64 in JSON, or raw in a
         # binary WebSocket frame when the node takes those).
         reply = yield Call(replies.REPORT, report.to_json(raw_diff=True), idempotent=False)
         _messages.parse_report_response(reply)
+        if commit is not None:
+            commit()
         self.state = JobState.REPORTED
-        logger.info("%s: reported diff of %d bytes", self.model_name, len(diff))
+        logger.info("%s: reported diff of %d bytes", self.model_name, len(payload))
         return reply
 
     # ------------------------------------------------------------------ training
@@ -687,6 +707,10 @@ class BaseSyft:
         # request key), and identical bytes reuse the loaded plan: no onnxruntime session
         # is built twice.
         self._plans: OrderedDict[bytes, Plan] = OrderedDict()
+        from gridfl.client._compress import Compressor
+
+        #: top-k error feedback, per process, carried across this client's reports
+        self._compressor = Compressor()
         if self.verbose:
             _turn_up_logging()
         logger.debug("client for %s (%s transport)", url, self.endpoints.transport)

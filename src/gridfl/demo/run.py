@@ -30,6 +30,7 @@ import numpy as np
 
 from gridfl import Plan, state
 from gridfl._exceptions import ConfigError, GridflError
+from gridfl.compression import KINDS, validate_config
 from gridfl.datasets import Mnist, load_mnist
 from gridfl.demo.report import CycleResult, RunResult
 from gridfl.demo.worker import ATTACKS
@@ -69,6 +70,8 @@ class DemoOptions:
     dp_noise: float | None = None
     dp_clip: float | None = None
     dp_adaptive: bool = False
+    #: reports compressed as float16, int8 or topk (10%, error feedback); None = plain
+    compression: str | None = None
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
     out_dir: Path = field(default_factory=lambda: Path("results"))
 
@@ -86,6 +89,11 @@ class DemoOptions:
             raise ConfigError(f"workers ({self.workers}) cannot exceed clients ({self.clients})")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.compression is not None and self.compression not in KINDS:
+            raise ConfigError(
+                f"compression must be one of {', '.join(KINDS)} (or None), "
+                f"got {self.compression!r}"
+            )
         if not 0 <= self.byzantine <= self.workers:
             raise ConfigError(
                 f"byzantine must be 0 to workers ({self.workers}), got {self.byzantine}"
@@ -126,6 +134,11 @@ class DemoOptions:
         clip = {"initial": self.dp_clip} if self.dp_adaptive else self.dp_clip
         return {"noise_multiplier": self.dp_noise, "clip_norm": clip,
                 "population_size": self.clients}
+
+    @property
+    def compression_config(self) -> dict | None:
+        """``server_config.compression`` for :attr:`compression` (top-k: its default 10%)."""
+        return None if self.compression is None else validate_config({"kind": self.compression})
 
     @property
     def per_cycle(self) -> int:
@@ -234,6 +247,7 @@ def run_demo(
                     "cycle_length": 600,
                     "strategy": options.strategy_config(),
                     "differential_privacy": options.differential_privacy(),
+                    "compression": options.compression_config,
                 },
             )
             result.host_seconds = round(time.perf_counter() - node_up, 2)

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gridfl._exceptions import InvalidRequestError, ModelError
+from gridfl.compression import CompressedDiff
 
 #: largest magnitude of a diff value: a trained weight moving by 1e12 in one cycle is no
 #: longer training, and the bound keeps float32 sums of num_samples-weighted diffs finite
@@ -62,6 +63,11 @@ class ModelSpec:
         narrow = all(dt.kind == "f" and dt.itemsize <= 4 for dt in dtypes)
         acc = np.dtype(np.float32 if narrow else np.float64)
         return cls(shapes, dtypes, offsets, sizes, sum(sizes), acc)
+
+    @property
+    def all_float(self) -> bool:
+        """Every tensor is floating point (what compressed diffs need)."""
+        return all(dt.kind == "f" for dt in self.dtypes)
 
     def describe(self, i: int) -> str:
         return f"{self.dtypes[i]}{list(self.shapes[i])}"
@@ -113,7 +119,11 @@ def new_sum(spec: ModelSpec) -> np.ndarray:
 
 
 def fold(total: np.ndarray, arrays: Sequence[np.ndarray], spec: ModelSpec, weight=None) -> None:
-    """``total += weight * concat(arrays)`` in place, one parameter at a time."""
+    """``total += weight * concat(arrays)`` in place, one parameter at a time; a
+    compressed diff adds itself from its compressed form (no dense copy)."""
+    if isinstance(arrays, CompressedDiff):
+        arrays.fold_into(total, weight)
+        return
     for off, size, a in zip(spec.offsets, spec.sizes, arrays, strict=True):
         view = total[off : off + size]
         flat = np.asarray(a).reshape(-1)

@@ -10,6 +10,7 @@ import math
 from typing import Any
 from urllib.parse import urlparse
 
+from gridfl import compression
 from gridfl._exceptions import ConfigError
 from gridfl._messages import check_json_values
 from gridfl.server import strategies
@@ -36,6 +37,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "strategy": None,
     # docs/privacy.md; validated by gridfl.server.dp_config
     "differential_privacy": None,
+    # null = off; {"kind": "float16" | "int8" | "topk", "fraction"?} (gridfl.compression)
+    "compression": None,
 }
 
 #: pace steering's default selection window: how long a cycle should take to fill, seconds
@@ -213,6 +216,7 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
         out["strategy"], max_diffs=out["max_diffs"], min_diffs=out["min_diffs"]
     )
     out["differential_privacy"] = validate_differential_privacy(out["differential_privacy"], out)
+    out["compression"] = compression.validate_config(out["compression"])
     return out
 
 

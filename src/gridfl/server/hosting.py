@@ -106,6 +106,11 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
         if p.dtype.kind == "f" and not np.isfinite(p).all():
             raise InvalidRequestError(f"model: tensor {i} has NaN or infinite values")
     spec = agg.ModelSpec.of(params)
+    if server_config["compression"] is not None and not spec.all_float:
+        raise ConfigError(
+            "server_config.compression needs a model of float tensors only; this one has "
+            f"{', '.join(sorted({str(d) for d in spec.dtypes if d.kind != 'f'}))} tensors"
+        )
 
     raw_plans = payload.get("plans")
     if not isinstance(raw_plans, dict) or not raw_plans:

@@ -141,6 +141,7 @@ worker_seats = (
         cycles.c.sequence,
         cycles.c.status,
         cycles.c.checkpoint_id,
+        cycles.c.process_id,
     )
     .select_from(worker_cycles.join(cycles, worker_cycles.c.cycle_id == cycles.c.id))
     .where(worker_cycles.c.worker_id == _P("worker_id"))
