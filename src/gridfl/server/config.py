@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from gridfl._exceptions import ConfigError
 from gridfl._messages import check_json_values
-from gridfl.server import strategies
+from gridfl.server import fedbuff, strategies
 
 #: key -> default of the normalized server_config
 SERVER_DEFAULTS: dict[str, Any] = {
@@ -33,6 +33,9 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "pace_steering": None,
     # null = FedAvg; gridfl.server.strategies validates it
     "strategy": None,
+    # "sync" (cycles) or "async" (FedBuff buffers); gridfl.server.fedbuff validates these
+    "mode": "sync",
+    **{key: None for key in fedbuff.ASYNC_DEFAULTS},
 }
 
 #: pace steering's default selection window: how long a cycle should take to fill, seconds
@@ -209,7 +212,7 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
     out["strategy"] = strategies.normalize(
         out["strategy"], max_diffs=out["max_diffs"], min_diffs=out["min_diffs"]
     )
-    return out
+    return fedbuff.normalize(out)
 
 
 def validate_pace_steering(value: Any) -> dict[str, float] | None:

@@ -26,7 +26,7 @@ from gridfl._exceptions import (
     PermissionDeniedError,
 )
 from gridfl.server import aggregate as agg
-from gridfl.server import db, rules, storage
+from gridfl.server import async_reports, db, rules, storage
 from gridfl.server.admin import process_named
 from gridfl.server.auth import verify_worker_token
 from gridfl.server.catalog import Catalog
@@ -147,11 +147,12 @@ class WorkerApi:
             return _messages.CycleRejected(None, "the FL process has no open cycle").to_json()
         timeout = self._timeout(cycle, process)
         seats = conn.execute(storage.seats, {"cycle_id": cycle.id, "worker_id": worker.id}).one()
+        buffered = cfg.get("mode") == "async"
         decision = rules.admit(
             cfg,
             sequence=cycle.sequence,
             accepted=seats.accepted,
-            taken=seats.taken is not None,
+            taken=seats.taken is not None and not buffered,
             download=req.download,
             upload=req.upload,
             last_joined=lambda: storage.last_cycle_joined(conn, worker.identity, process.id),
@@ -160,16 +161,19 @@ class WorkerApi:
         if decision.reason is not None:  # rejected
             return _messages.CycleRejected(timeout, decision.reason).to_json()
         request_key = secrets.token_hex(32)
-        conn.execute(
-            storage.accept,
-            {
-                "cycle_id": cycle.id,
-                "worker_id": worker.id,
-                "identity": worker.identity,
-                "request_key": request_key,
-                "accepted_at": time.time(),
-            },
-        )
+        if buffered and seats.taken is not None:
+            async_reports.rekey(conn, seats.taken, request_key, time.time())
+        else:
+            conn.execute(
+                storage.accept,
+                {
+                    "cycle_id": cycle.id,
+                    "worker_id": worker.id,
+                    "identity": worker.identity,
+                    "request_key": request_key,
+                    "accepted_at": time.time(),
+                },
+            )
         return _messages.CycleAccepted(
             request_key=request_key,
             model=process.name,
@@ -215,6 +219,12 @@ class WorkerApi:
         if row is not None and row.request_key is not None:
             if hmac.compare_digest(row.request_key.encode(), key.encode()):
                 return row
+        if self.catalog.process(conn, process_id).server_config.get("mode") == "async":
+            # a seat outlives its buffer: its checkpoint stays downloadable
+            seat = async_reports.seat_for_key(conn, process_id, worker_id, key)
+            if seat is not None:
+                return seat
+        if row is not None and row.request_key is not None:
             raise _invalid_key()
         # refused: find out why, in the order PyGrid reports it
         if storage.worker_row(conn, worker_id) is None:
@@ -287,7 +297,8 @@ class WorkerApi:
                 raise _invalid_key()
             if match.reported_at is not None:
                 raise ConflictError(f"this worker already reported for cycle {match.sequence}")
-            if match.status != "open":
+            buffered = self.catalog.process(conn, match.process_id).server_config.get("mode")
+            if buffered != "async" and match.status != "open":
                 raise ConflictError(
                     f"cycle {match.sequence} is closed ({match.status}): the report came too late"
                 )
@@ -299,6 +310,12 @@ class WorkerApi:
         except GridflError as e:
             raise InvalidRequestError(f"diff is not valid State bytes: {e}") from e
         agg.validate_diff(diff, spec)
+        if buffered == "async":
+            if async_reports.report(
+                self.engine, self.catalog, self.cycles, match, diff, req, spec
+            ):
+                self.on_cycles_changed()
+            return _messages.ReportResponse().to_json()
         # 3. fold in, mark reported, maybe complete: one transaction, cycle row locked
         completed = False
         cycle_id = match.cycle_id
