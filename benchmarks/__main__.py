@@ -17,6 +17,7 @@ BENCHMARKS = {
     "worker": "benchmarks.bench_worker",  # a worker's CPU per cycle, phase by phase
     "strategies": "benchmarks.bench_strategies",  # CNN: fold, completion, memory per rule
     "fl": "benchmarks.bench_fl",  # federated MNIST s/cycle vs compute floor, Flower alongside
+    "fedbuff": "benchmarks.bench_fedbuff",  # async vs sync with 5 of 10 workers 5x slower
 }
 
 

@@ -209,10 +209,11 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
         raise ConfigError("server_config.max_workers must be >= min_diffs")
     out["authentication"] = validate_authentication(out["authentication"])
     out["pace_steering"] = validate_pace_steering(out["pace_steering"])
+    out = fedbuff.normalize(out)  # first: it says why a robust rule cannot run async
     out["strategy"] = strategies.normalize(
         out["strategy"], max_diffs=out["max_diffs"], min_diffs=out["min_diffs"]
     )
-    return fedbuff.normalize(out)
+    return out
 
 
 def validate_pace_steering(value: Any) -> dict[str, float] | None:

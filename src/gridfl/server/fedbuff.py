@@ -27,6 +27,7 @@ import numpy as np
 
 from gridfl._exceptions import ConfigError
 from gridfl.server import aggregate as agg
+from gridfl.server import strategies
 
 #: the keys of ``server_config`` that only ``mode: "async"`` takes, and their defaults
 ASYNC_DEFAULTS: dict[str, Any] = {
@@ -47,8 +48,8 @@ _SYNC_ONLY = ("cycle_length", "min_diffs", "max_diffs", "min_workers", "max_work
 
 
 def normalize(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Check ``mode`` and the async keys of a server_config (other keys already normalized
-    or absent); returns it with ``mode`` and, in async mode, every async key filled in.
+    """Check ``mode`` and the async keys of a server_config (checked before ``strategy``
+    is normalized, other keys after); returns it with ``mode`` and, in async mode, every async key filled in.
     Raises :class:`ConfigError` saying what to fix."""
     out = dict(cfg)
     mode = out.get("mode", "sync")
@@ -88,18 +89,19 @@ def normalize(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"server_config.server_lr must be a number > 0; got {lr!r}")
     out["server_lr"] = float(lr)
     out["staleness_weight"] = _weight_config(out["staleness_weight"])
+    # the raw strategy object: strategies.normalize checks the rest of it afterwards
     strategy = out.get("strategy")
-    if strategy is not None and strategy["name"] not in ("fedavg", "fedavgm", "fedadagrad",
-                                                          "fedadam", "fedyogi"):
+    name = strategy.get("name") if isinstance(strategy, dict) else None
+    if name in strategies.ROBUST:
         raise ConfigError(
-            f"server_config.strategy {strategy['name']!r} needs every diff of a cycle; "
-            "mode 'async' folds each report into a running mean: use fedavg or a server "
-            "optimizer (fedavgm, fedadagrad, fedadam, fedyogi)"
+            f"server_config.strategy {name!r} needs every diff of a cycle; mode 'async' folds "
+            "each report into a running mean: use fedavg or a server optimizer "
+            f"({', '.join(sorted(strategies.OPTIMIZERS))})"
         )
-    if strategy is not None and strategy["name"] != "fedavg" and out["server_lr"] != 1.0:
+    if name in strategies.OPTIMIZERS and out["server_lr"] != 1.0:
         raise ConfigError(
-            f"server_config.server_lr: with strategy {strategy['name']!r} the optimizer's own "
-            "rate is the server learning rate; drop server_lr"
+            f"server_config.server_lr: with strategy {name!r} the optimizer's own rate is "
+            "the server learning rate; drop server_lr"
         )
     return out
 
