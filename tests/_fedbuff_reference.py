@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests._strategy_reference import _cast_like, _flat
 
-def flat(arrays) -> np.ndarray:
-    return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
-
-
-def unflat(vector: np.ndarray, like) -> list[np.ndarray]:
-    out, i = [], 0
-    for a in like:
-        out.append(vector[i : i + a.size].reshape(a.shape).astype(a.dtype))
-        i += a.size
-    return out
+#: the flat float64 vector of a model's arrays, and back to their shapes and dtypes
+flat, unflat = _flat, _cast_like
 
 
 def polynomial(exponent: float = 0.5):
     return lambda tau: (1.0 + tau) ** -exponent
 
 
-def fedbuff(start, arrivals, *, buffer_size, server_lr=1.0, weight=polynomial()):
+INVERSE_SQRT = polynomial(0.5)  # the paper's experiments: 1/sqrt(1 + tau)
+
+
+def fedbuff(start, arrivals, *, buffer_size, server_lr=1.0, weight=INVERSE_SQRT):
     """``arrivals``: ``(diff arrays, t_k)`` in arrival order, ``t_k`` the number of server
     updates the model the client trained on had seen (0 for the hosted model). Returns
     the params after each server update (cast to the start's dtypes each time, as a

@@ -59,7 +59,11 @@ def _run_buffers(strategy, cfg, arrivals, start):
 
 @pytest.mark.parametrize(
     ("buffer_size", "server_lr", "weight"),
-    [(3, 1.0, None), (4, 0.7, {"name": "polynomial", "exponent": 1.0}), (2, 1.3, {"name": "constant"})],
+    [
+        (3, 1.0, None),
+        (4, 0.7, {"name": "polynomial", "exponent": 1.0}),
+        (2, 1.3, {"name": "constant"}),
+    ],
 )
 def test_buffers_publish_algorithm_1(buffer_size, server_lr, weight):
     sc = {"mode": "async", "buffer_size": buffer_size, "server_lr": server_lr}
@@ -70,7 +74,10 @@ def test_buffers_publish_algorithm_1(buffer_size, server_lr, weight):
     raw = _arrivals(5 * buffer_size, rng)
     # the reference takes t_k: the version trained on; arrival i sees version i // K
     arrivals = [(d, max(0, i // buffer_size - back)) for i, (d, back) in enumerate(raw)]
-    exponent = 0.0 if weight and weight["name"] == "constant" else (weight or {}).get("exponent", 0.5)
+    if weight is not None and weight["name"] == "constant":
+        exponent = 0.0
+    else:
+        exponent = (weight or {}).get("exponent", 0.5)
     want = ref.fedbuff(
         model_params(), arrivals, buffer_size=buffer_size, server_lr=server_lr,
         weight=ref.polynomial(exponent),
@@ -104,14 +111,13 @@ def test_buffered_mean_is_the_server_optimizers_pseudo_gradient():
     raw = _arrivals(9, rng)
     got = _run_buffers(optimizers.FedOpt("fedadam", **adam), cfg, raw, model_params())
     # Reddi et al.'s FedAdam fed, per buffer, the staleness-weighted diffs (equal weights)
-    cycles, version = [], 0
-    for b in range(3):
+    cycles = []
+    for version in range(3):  # buffer b trains at version b
         reports = []
-        for d, back in raw[3 * b : 3 * b + 3]:
+        for d, back in raw[3 * version : 3 * version + 3]:
             s = 1 / math.sqrt(1 + min(back, version))
             reports.append(([s * x for x in d], 1))
         cycles.append(reports)
-        version += 1
     want = sref.fedadam(model_params(), cycles, **adam)
     for g, w in zip(got, want, strict=True):
         sref.assert_params_close(g, w, rtol=1e-4, atol=1e-6)
@@ -149,10 +155,9 @@ def test_bad_async_configs_are_refused_saying_what_to_fix(sc, says):
 
 
 def test_robust_strategies_are_refused_in_async_mode():
-    # a robust rule needs max_diffs, which async refuses: either way it is refused
-    with pytest.raises(ConfigError, match="does not apply with mode 'async'|needs every diff"):
+    with pytest.raises(ConfigError, match=r"needs every diff"):
         validate_server_config(
-            {"mode": "async", "max_diffs": 5, "strategy": {"name": "fedmedian"}}
+            {"mode": "async", "strategy": {"name": "fedmedian"}, "max_diffs": None}
         )
 
 

@@ -87,7 +87,8 @@ def test_reports_at_different_staleness_match_fedbuff(server_factory, db_url):
     try:
         with eng.connect() as c:
             before = c.execute(sa.select(aggregates)).all()
-            open_before = c.execute(sa.select(cycles).where(cycles.c.status == "open")).one()
+            open_now = sa.select(cycles).where(cycles.c.status == "open")
+            open_before = c.execute(open_now).one()
         wid, key, _ = s.seats["late"]
         st, body = report(s.w, wid, key, diff_of(99))
         assert st == 409, body
@@ -95,7 +96,7 @@ def test_reports_at_different_staleness_match_fedbuff(server_factory, db_url):
         assert "3 checkpoints stale" in text and "max_staleness is 2" in text, text
         with eng.connect() as c:
             assert c.execute(sa.select(aggregates)).all() == before
-            assert c.execute(sa.select(cycles).where(cycles.c.status == "open")).one() == open_before
+            assert c.execute(open_now).one() == open_before
     finally:
         eng.dispose()
     s.ask_again("late")  # on checkpoint 4
@@ -127,3 +128,29 @@ def test_a_report_counts_once_and_an_old_key_is_refused(server_factory, db_url):
     s.report("a"), s.join("b"), s.report("b")  # -> checkpoint 2
     want = ref.fedbuff(model_params(), s.arrivals, buffer_size=3)
     sref.assert_params_close(admin.checkpoint(2), want[0])
+
+
+def test_async_fedadam_steps_on_the_buffered_mean(server_factory, db_url):
+    """A server optimizer in async mode: each published buffer is one FedAdam step whose
+    pseudo-gradient is (1/K) sum s(tau_k) diff_k; its moments persist with the checkpoint."""
+    adam = {"eta": 0.05, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
+    srv = server_factory(db_url)
+    admin = Admin(srv.url)
+    sc = {**SC, **NO_SYNC, "strategy": {"name": "fedadam", **adam}}
+    assert admin.host(host_payload(server_config=sc)).status_code == 201
+    s = Script(srv.url)
+    for n in ("a", "b", "c", "d"):
+        s.join(n)
+    s.report("a"), s.report("b"), s.report("c")  # -> checkpoint 2
+    s.join("e"), s.join("f")
+    s.report("d"), s.report("e"), s.report("f")  # d one stale -> checkpoint 3
+    cycles = []
+    for version in range(2):  # buffer b is folded while checkpoint b + 1 is the latest
+        reports = []
+        for diff, trained_at in s.arrivals[3 * version : 3 * version + 3]:
+            w = 1 / np.sqrt(1 + version - trained_at)
+            reports.append(([w * x for x in diff], 1))
+        cycles.append(reports)
+    for number, params in enumerate(sref.fedadam(model_params(), cycles, **adam), start=2):
+        sref.assert_params_close(admin.checkpoint(number), params, rtol=1e-4)
+    assert admin.status()["strategy"]["state"]["step"] == 2

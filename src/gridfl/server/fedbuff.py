@@ -48,9 +48,9 @@ _SYNC_ONLY = ("cycle_length", "min_diffs", "max_diffs", "min_workers", "max_work
 
 
 def normalize(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Check ``mode`` and the async keys of a server_config (checked before ``strategy``
-    is normalized, other keys after); returns it with ``mode`` and, in async mode, every async key filled in.
-    Raises :class:`ConfigError` saying what to fix."""
+    """Check ``mode`` and the async keys of a server_config (the other keys already
+    checked, ``strategy`` not yet normalized); returns it with ``mode`` and, in async mode,
+    every async key filled in. Raises :class:`ConfigError` saying what to fix."""
     out = dict(cfg)
     mode = out.get("mode", "sync")
     if mode not in ("sync", "async"):

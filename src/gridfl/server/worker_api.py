@@ -216,15 +216,15 @@ class WorkerApi:
         row = conn.execute(
             storage.asset_access, {"process_id": process_id, "worker_id": worker_id}
         ).first()
-        if row is not None and row.request_key is not None:
-            if hmac.compare_digest(row.request_key.encode(), key.encode()):
-                return row
+        held = row.request_key if row is not None else None
+        if held is not None and hmac.compare_digest(held.encode(), key.encode()):
+            return row
         if self.catalog.process(conn, process_id).server_config.get("mode") == "async":
             # a seat outlives its buffer: its checkpoint stays downloadable
             seat = async_reports.seat_for_key(conn, process_id, worker_id, key)
             if seat is not None:
                 return seat
-        if row is not None and row.request_key is not None:
+        if held is not None:
             raise _invalid_key()
         # refused: find out why, in the order PyGrid reports it
         if storage.worker_row(conn, worker_id) is None:
@@ -279,24 +279,30 @@ class WorkerApi:
         raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
 
     # ------------------------------------------------------------------ reports
+    @staticmethod
+    def _seat_of(conn: Connection, req: _messages.ReportRequest):
+        """The seat (``worker_seats`` row) whose key the report carries, not yet reported."""
+        rows = conn.execute(storage.worker_seats, {"worker_id": req.worker_id}).all()
+        if not rows:
+            if storage.worker_exists(conn, req.worker_id):
+                raise _invalid_key()
+            raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
+        match = None
+        for r in rows:
+            if hmac.compare_digest(r.request_key.encode(), req.request_key.encode()):
+                match = r
+        if match is None:
+            raise _invalid_key()
+        if match.reported_at is not None:
+            raise ConflictError(f"this worker already reported for cycle {match.sequence}")
+        return match
+
     def report(self, req: _messages.ReportRequest) -> dict[str, Any]:
         from gridfl import state
 
         # 1. find the worker's cycle by its request key (constant-time compare), no lock
         with db.read(self.engine) as conn:
-            rows = conn.execute(storage.worker_seats, {"worker_id": req.worker_id}).all()
-            if not rows:
-                if storage.worker_exists(conn, req.worker_id):
-                    raise _invalid_key()
-                raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
-            match = None
-            for r in rows:
-                if hmac.compare_digest(r.request_key.encode(), req.request_key.encode()):
-                    match = r
-            if match is None:
-                raise _invalid_key()
-            if match.reported_at is not None:
-                raise ConflictError(f"this worker already reported for cycle {match.sequence}")
+            match = self._seat_of(conn, req)
             buffered = self.catalog.process(conn, match.process_id).server_config.get("mode")
             if buffered != "async" and match.status != "open":
                 raise ConflictError(
