@@ -109,10 +109,13 @@ def report(
 def _fold(conn, catalog, buffers: Cycles, buffer, seat, diff, req, spec):
     """The report's writes; returns the buffer's sums, or ``None`` when it was published."""
     now_seat = conn.execute(_seat_now, {"seat_id": seat.id}).one()
-    if now_seat.reported_at is not None or not hmac.compare_digest(
-        now_seat.request_key.encode(), seat.request_key.encode()
-    ):
+    if now_seat.reported_at is not None:
         raise ConflictError(f"this worker already reported for cycle {seat.sequence}")
+    if not hmac.compare_digest(now_seat.request_key.encode(), seat.request_key.encode()):
+        raise ConflictError(
+            "this request key was replaced by the worker's newer cycle request; report "
+            "with the new key"
+        )
     process = catalog.process(conn, buffer.process_id)
     cfg = process.server_config
     numbers = storage.checkpoint_numbers(conn, {seat.checkpoint_id, buffer.checkpoint_id})
