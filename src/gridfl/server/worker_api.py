@@ -219,7 +219,10 @@ class WorkerApi:
         held = row.request_key if row is not None else None
         if held is not None and hmac.compare_digest(held.encode(), key.encode()):
             return row
-        if self.catalog.process(conn, process_id).server_config.get("mode") == "async":
+        if (
+            storage.process_id_exists(conn, process_id)
+            and self.catalog.process(conn, process_id).server_config.get("mode") == "async"
+        ):
             # a seat outlives its buffer: its checkpoint stays downloadable
             seat = async_reports.seat_for_key(conn, process_id, worker_id, key)
             if seat is not None:
