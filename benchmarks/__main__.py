@@ -20,6 +20,7 @@ BENCHMARKS = {
     "fl": "benchmarks.bench_fl",  # federated MNIST s/cycle vs compute floor, Flower alongside
     "simulation": "benchmarks.bench_simulation",  # memory at N=100 vs N=10,000 clients
     "compression": "benchmarks.bench_compression",  # compressed reports: bytes, CPU, accuracy
+    "fedbuff": "benchmarks.bench_fedbuff",  # async vs sync with 5 of 10 workers 5x slower
 }
 
 

@@ -352,3 +352,45 @@ def test_demo_compression_option():
     assert DemoOptions().compression_config is None
     with pytest.raises(ConfigError, match="compression must be one of float16, int8, topk"):
         DemoOptions(compression="zip").validate()
+
+
+def test_async_demo_publishes_buffers_with_a_slow_worker(tmp_path, capfd):
+    """``gridfl demo --async --buffer-size 3 --slow-workers 1``: FedBuff buffers of 3
+    reports, the fast worker reporting more often than the slow one."""
+    pytest.importorskip("torch")
+    options = DemoOptions(
+        model="2nn",
+        clients=4,
+        fraction=0.5,
+        workers=2,
+        cycles=4,
+        target=None,
+        examples_per_client=300,
+        asynchronous=True,
+        buffer_size=3,
+        slow_workers=1,
+        slowdown=5.0,
+        data_dir=tmp_path / "data",
+        out_dir=tmp_path / "out",
+    )
+    assert options.server_config()["mode"] == "async"
+    result = run_demo(options)
+    assert [c.cycle for c in result.cycles] == [1, 2, 3, 4]
+    assert all(c.reports == 3 for c in result.cycles)
+    assert result.cycles[-1].test_accuracy > 0.6, [c.test_accuracy for c in result.cycles]
+    assert "cycle failed" not in capfd.readouterr().err
+
+
+def test_async_demo_options_are_checked():
+    from gridfl._exceptions import ConfigError
+
+    assert DemoOptions(asynchronous=True, server_lr=0.5).server_config()["server_lr"] == 0.5
+    for bad, message in [
+        (DemoOptions(asynchronous=True, buffer_size=0), "buffer_size must be an integer >= 1"),
+        (DemoOptions(asynchronous=True, strategy="fedmedian"), "needs every diff"),
+        (DemoOptions(slow_workers=11), "slow_workers must be 0 to workers (10)"),
+        (DemoOptions(slowdown=0.5), "slowdown must be in [1, 100]"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            bad.validate()
+        assert message in str(e.value)

@@ -116,6 +116,14 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
               show_default=True, help="What they send: x100, sign flipped, or large noise.")
 @click.option("--compression", type=click.Choice(["float16", "int8", "topk"]), default=None,
               help="Workers send compressed diffs (topk: 10%, with error feedback).")
+@click.option("--async", "asynchronous", is_flag=True,
+              help="Buffered asynchronous training (FedBuff, server_config.mode 'async').")
+@click.option("--buffer-size", type=click.IntRange(1), default=10, show_default=True,
+              help="With --async: reports per published checkpoint.")
+@click.option("--slow-workers", type=click.IntRange(0), default=0, show_default=True,
+              help="Worker processes that are --slowdown times slower.")
+@click.option("--slowdown", type=click.FloatRange(1, 100), default=5.0, show_default=True,
+              help="How much slower the slow workers are.")
 @friendly
 def demo(**kw: Any) -> None:
     """Federated MNIST: a grid node, N worker processes, a results table and a plot."""
@@ -133,6 +141,8 @@ def demo(**kw: Any) -> None:
         data_dir=kw["data_dir"], out_dir=kw["out_dir"], strategy=kw["strategy"],
         server_lr=kw["server_lr"], byzantine=kw["byzantine"], attack=kw["attack"],
         dp_noise=kw["dp_noise"], dp_clip=kw["dp_clip"], dp_adaptive=kw["dp_adaptive"],
+        asynchronous=kw["asynchronous"], buffer_size=kw["buffer_size"],
+        slow_workers=kw["slow_workers"], slowdown=kw["slowdown"],
     )
     console = Console(stderr=True)
     console.print(
@@ -140,6 +150,9 @@ def demo(**kw: Any) -> None:
         f"E={options.epochs}, B={options.batch_size}, lr={options.lr}, "
         f"{'IID' if options.iid else 'non-IID'}, {options.workers} worker processes, "
         f"strategy {options.strategy_config() or 'fedavg'}"
+        + (f", async (buffers of {options.buffer_size})" if options.asynchronous else "")
+        + (f", {options.slow_workers} {options.slowdown:g}x slower" if options.slow_workers
+           else "")
         + (f", {options.byzantine} Byzantine ({options.attack})" if options.byzantine else "")
         + (f", {options.compression} reports" if options.compression else "")
     )

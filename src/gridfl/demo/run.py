@@ -72,6 +72,10 @@ class DemoOptions:
     dp_adaptive: bool = False
     #: reports compressed as float16, int8 or topk (10%, error feedback); None = plain
     compression: str | None = None
+    asynchronous: bool = False  # server_config.mode "async" (FedBuff) instead of cycles
+    buffer_size: int = 10  # async: reports per published checkpoint (FedBuff's K)
+    slow_workers: int = 0  # worker processes that are `slowdown` times slower
+    slowdown: float = 5.0  # how much slower: they sleep (slowdown - 1) x their training time
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
     out_dir: Path = field(default_factory=lambda: Path("results"))
 
@@ -105,14 +109,23 @@ class DemoOptions:
             raise ConfigError("differential privacy needs both dp_noise (z) and dp_clip (C)")
         if self.dp_adaptive and self.dp_noise is None:
             raise ConfigError("dp_adaptive needs dp_noise and dp_clip")
+        if not 0 <= self.slow_workers <= self.workers:
+            raise ConfigError(
+                f"slow_workers must be 0 to workers ({self.workers}), got {self.slow_workers}"
+            )
+        if not 1 <= self.slowdown <= 100:
+            raise ConfigError(f"slowdown must be in [1, 100], got {self.slowdown}")
+        from gridfl.server.config import validate_server_config  # the node's own rules
+
+        validate_server_config(self.server_config())  # refused: say so before starting
 
     def strategy_config(self) -> dict | None:
         """``server_config.strategy`` for these options (``None``: FedAvg). Krum and Bulyan
         assume as many Byzantine reports as there are Byzantine workers."""
         from gridfl.server.strategies import OPTIMIZERS, normalize  # the node's own rules
 
-        if self.strategy == "fedavg" and self.server_lr is None:
-            return None
+        if self.strategy == "fedavg" and (self.server_lr is None or self.asynchronous):
+            return None  # async FedAvg takes --server-lr as server_config.server_lr
         cfg: dict = {"name": self.strategy}
         if self.server_lr is not None:
             key = {"fedavgm": "server_learning_rate"}.get(self.strategy, "eta")
@@ -139,6 +152,32 @@ class DemoOptions:
     def compression_config(self) -> dict | None:
         """``server_config.compression`` for :attr:`compression` (top-k: its default 10%)."""
         return None if self.compression is None else validate_config({"kind": self.compression})
+
+    def server_config(self) -> dict:
+        """The process's ``server_config``: cycles of ``per_cycle`` workers, or (async)
+        FedBuff buffers of ``buffer_size`` reports; ``cycles`` checkpoints either way."""
+        if not self.asynchronous:
+            return {
+                "max_workers": self.per_cycle,
+                "min_diffs": self.per_cycle,
+                "max_diffs": self.per_cycle,
+                "num_cycles": self.cycles,
+                "cycle_length": 600,
+                "strategy": self.strategy_config(),
+                "differential_privacy": self.differential_privacy(),
+                "compression": self.compression_config,
+            }
+        cfg = {
+            "mode": "async",
+            "buffer_size": self.buffer_size,
+            "num_cycles": self.cycles,
+            "strategy": self.strategy_config(),
+            "differential_privacy": self.differential_privacy(),
+            "compression": self.compression_config,
+        }
+        if self.strategy == "fedavg" and self.server_lr is not None:
+            cfg["server_lr"] = self.server_lr
+        return cfg
 
     @property
     def per_cycle(self) -> int:
@@ -208,6 +247,12 @@ def run_demo(
                     "10",
                     *(["--compute-slots", str(slots)] if slots else []),
                     *(["--attack", options.attack] if i < options.byzantine else []),
+                    # the last slow_workers processes (the Byzantine ones are the first)
+                    *(
+                        ["--slowdown", str(options.slowdown)]
+                        if i >= options.workers - options.slow_workers
+                        else []
+                    ),
                 ],
                 stdin=subprocess.PIPE,
                 # ten processes share the cores: one plan thread each. They run at a
@@ -239,19 +284,15 @@ def run_demo(
                     "lr": options.lr,
                     "max_epochs": options.epochs,
                 },
-                server_config={
-                    "max_workers": options.per_cycle,
-                    "min_diffs": options.per_cycle,
-                    "max_diffs": options.per_cycle,
-                    "num_cycles": options.cycles,
-                    "cycle_length": 600,
-                    "strategy": options.strategy_config(),
-                    "differential_privacy": options.differential_privacy(),
-                    "compression": options.compression_config,
-                },
+                server_config=options.server_config(),
             )
             result.host_seconds = round(time.perf_counter() - node_up, 2)
-        step(f"training: {options.per_cycle} workers per cycle, up to {options.cycles} cycles")
+        step(
+            f"training: buffers of {options.buffer_size} reports (async), up to "
+            f"{options.cycles} checkpoints"
+            if options.asynchronous
+            else f"training: {options.per_cycle} workers per cycle, up to {options.cycles} cycles"
+        )
         for w in workers:
             assert w.stdin is not None  # started with stdin=PIPE
             w.stdin.write(b"go\n")

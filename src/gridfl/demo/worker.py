@@ -137,9 +137,12 @@ def run(
     wait: float,
     slots: ComputeSlots | None = None,
     attack: str | None = None,
+    slowdown: float = 1.0,
 ) -> int:
     """Join cycles until the node is done; returns the number of cycles reported. With
-    ``attack``, every report is poisoned (:func:`poison`)."""
+    ``attack``, every report is poisoned (:func:`poison`). ``slowdown`` > 1 makes a slow
+    device: after each training it sleeps ``slowdown - 1`` times the training's time (its
+    compute slot given back), so a round takes ``slowdown`` times as long."""
     slots = slots or ComputeSlots(None)
     rng = np.random.default_rng(seed)
     reported = 0
@@ -151,8 +154,12 @@ def run(
         def on_accepted(model, client_config):
             data, target = clients[rng.integers(len(clients))]  # read now: one in memory
             with slots:
+                started = time.perf_counter()  # the training, not the wait for a slot
                 result = job.train("training_plan", data, target, shuffle=True,
                                    seed=int(rng.integers(2**31)))
+                trained = time.perf_counter() - started
+            if slowdown > 1:
+                time.sleep((slowdown - 1) * trained)
             diff = model.create_serialized_diff(result.params)
             if attack is not None:
                 diff = state.dumps(poison(state.loads(diff), attack, rng))
@@ -232,7 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="report poisoned diffs (a Byzantine worker, for robust aggregation)",
     )
+    parser.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        help="a slow device: each round takes this many times its training time",
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.slowdown <= 100:
+        parser.error("--slowdown must be in [1, 100]")
     if args.nice:
         os.nice(args.nice)
     logging.basicConfig(level=logging.WARNING, format="worker %(process)d: %(message)s")
@@ -250,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         wait=args.wait,
         slots=ComputeSlots(args.compute_slots),
         attack=args.attack,
+        slowdown=args.slowdown,
     )
     assert "torch" not in sys.modules, "demo workers must not import torch"
     return 0

@@ -67,6 +67,8 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
         named.discard(None)
         ckpt_numbers = storage.checkpoint_numbers(conn, named) if named else {}
         cycle_list = []
+        # async: a buffer's reports come from seats of any recent buffer (its num_reports)
+        buffered = cfg.get("mode") == "async"
         for c in reversed(cycle_rows):
             rows = wcs.get(c.id, [])
             reported = [r for r in rows if r.reported_at is not None]
@@ -77,7 +79,7 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
                 "end": c.end_at,
                 "closed_at": c.closed_at,
                 "accepted": len(rows),
-                "reported": len(reported),
+                "reported": c.num_reports if buffered else len(reported),
                 "checkpoint": ckpt_numbers.get(c.checkpoint_id),
                 "result_checkpoint": ckpt_numbers.get(c.result_checkpoint_id),
                 "num_samples": sum(r.num_samples or 0 for r in reported),

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 from gridfl import compression
 from gridfl._exceptions import ConfigError
 from gridfl._messages import check_json_values
-from gridfl.server import strategies
+from gridfl.server import fedbuff, strategies
 from gridfl.server.dp_config import validate_differential_privacy
 
 #: key -> default of the normalized server_config
@@ -39,6 +39,9 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "differential_privacy": None,
     # null = off; {"kind": "float16" | "int8" | "topk", "fraction"?} (gridfl.compression)
     "compression": None,
+    # "sync" (cycles) or "async" (FedBuff buffers); gridfl.server.fedbuff validates these
+    "mode": "sync",
+    **{key: None for key in fedbuff.ASYNC_DEFAULTS},
 }
 
 #: pace steering's default selection window: how long a cycle should take to fill, seconds
@@ -212,11 +215,17 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
         raise ConfigError("server_config.max_workers must be >= min_diffs")
     out["authentication"] = validate_authentication(out["authentication"])
     out["pace_steering"] = validate_pace_steering(out["pace_steering"])
+    out = fedbuff.normalize(out)  # first: it says why a robust rule cannot run async
     out["strategy"] = strategies.normalize(
         out["strategy"], max_diffs=out["max_diffs"], min_diffs=out["min_diffs"]
     )
     out["differential_privacy"] = validate_differential_privacy(out["differential_privacy"], out)
     out["compression"] = compression.validate_config(out["compression"])
+    if out["compression"] is not None and out["mode"] == "async":
+        raise ConfigError(
+            "server_config.compression is not available with mode 'async' yet: "
+            "remove one of them"
+        )
     return out
 
 

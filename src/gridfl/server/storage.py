@@ -138,6 +138,7 @@ worker_seats = (
         worker_cycles.c.request_key,
         worker_cycles.c.reported_at,
         cycles.c.id.label("cycle_id"),
+        cycles.c.process_id,
         cycles.c.sequence,
         cycles.c.status,
         cycles.c.checkpoint_id,

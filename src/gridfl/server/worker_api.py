@@ -26,7 +26,7 @@ from gridfl._exceptions import (
     PermissionDeniedError,
 )
 from gridfl.server import aggregate as agg
-from gridfl.server import db, privacy, rules, storage
+from gridfl.server import async_reports, db, privacy, rules, storage
 from gridfl.server.admin import process_named
 from gridfl.server.auth import verify_worker_token
 from gridfl.server.catalog import Catalog
@@ -170,11 +170,12 @@ class WorkerApi:
             return _messages.CycleRejected(None, "the FL process has no open cycle").to_json()
         timeout = self._timeout(cycle, process)
         seats = conn.execute(storage.seats, {"cycle_id": cycle.id, "worker_id": worker.id}).one()
+        buffered = cfg.get("mode") == "async"
         decision = rules.admit(
             cfg,
             sequence=cycle.sequence,
             accepted=seats.accepted,
-            taken=seats.taken is not None,
+            taken=seats.taken is not None and not buffered,
             download=req.download,
             upload=req.upload,
             last_joined=lambda: storage.last_cycle_joined(conn, worker.identity, process.id),
@@ -183,16 +184,19 @@ class WorkerApi:
         if decision.reason is not None:  # rejected
             return _messages.CycleRejected(timeout, decision.reason).to_json()
         request_key = secrets.token_hex(32)
-        conn.execute(
-            storage.accept,
-            {
-                "cycle_id": cycle.id,
-                "worker_id": worker.id,
-                "identity": worker.identity,
-                "request_key": request_key,
-                "accepted_at": time.time(),
-            },
-        )
+        if buffered and seats.taken is not None:
+            async_reports.rekey(conn, seats.taken, request_key, time.time())
+        else:
+            conn.execute(
+                storage.accept,
+                {
+                    "cycle_id": cycle.id,
+                    "worker_id": worker.id,
+                    "identity": worker.identity,
+                    "request_key": request_key,
+                    "accepted_at": time.time(),
+                },
+            )
         return _messages.CycleAccepted(
             request_key=request_key,
             model=process.name,
@@ -236,9 +240,18 @@ class WorkerApi:
         row = conn.execute(
             storage.asset_access, {"process_id": process_id, "worker_id": worker_id}
         ).first()
-        if row is not None and row.request_key is not None:
-            if hmac.compare_digest(row.request_key.encode(), key.encode()):
-                return row
+        held = row.request_key if row is not None else None
+        if held is not None and hmac.compare_digest(held.encode(), key.encode()):
+            return row
+        if (
+            storage.process_id_exists(conn, process_id)
+            and self.catalog.process(conn, process_id).server_config.get("mode") == "async"
+        ):
+            # a seat outlives its buffer: its checkpoint stays downloadable
+            seat = async_reports.seat_for_key(conn, process_id, worker_id, key)
+            if seat is not None:
+                return seat
+        if held is not None:
             raise _invalid_key()
         # refused: find out why, in the order PyGrid reports it
         if storage.worker_row(conn, worker_id) is None:
@@ -293,25 +306,32 @@ class WorkerApi:
         raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
 
     # ------------------------------------------------------------------ reports
+    @staticmethod
+    def _seat_of(conn: Connection, req: _messages.ReportRequest):
+        """The seat (``worker_seats`` row) whose key the report carries, not yet reported."""
+        rows = conn.execute(storage.worker_seats, {"worker_id": req.worker_id}).all()
+        if not rows:
+            if storage.worker_exists(conn, req.worker_id):
+                raise _invalid_key()
+            raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
+        match = None
+        for r in rows:
+            if hmac.compare_digest(r.request_key.encode(), req.request_key.encode()):
+                match = r
+        if match is None:
+            raise _invalid_key()
+        if match.reported_at is not None:
+            raise ConflictError(f"this worker already reported for cycle {match.sequence}")
+        return match
+
     def report(self, req: _messages.ReportRequest) -> dict[str, Any]:
         from gridfl import state
 
         # 1. find the worker's cycle by its request key (constant-time compare), no lock
         with db.read(self.engine) as conn:
-            rows = conn.execute(storage.worker_seats, {"worker_id": req.worker_id}).all()
-            if not rows:
-                if storage.worker_exists(conn, req.worker_id):
-                    raise _invalid_key()
-                raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
-            match = None
-            for r in rows:
-                if hmac.compare_digest(r.request_key.encode(), req.request_key.encode()):
-                    match = r
-            if match is None:
-                raise _invalid_key()
-            if match.reported_at is not None:
-                raise ConflictError(f"this worker already reported for cycle {match.sequence}")
-            if match.status != "open":
+            match = self._seat_of(conn, req)
+            buffered = self.catalog.process(conn, match.process_id).server_config.get("mode")
+            if buffered != "async" and match.status != "open":
                 raise ConflictError(
                     f"cycle {match.sequence} is closed ({match.status}): the report came too late"
                 )
@@ -328,6 +348,12 @@ class WorkerApi:
             except GridflError as e:
                 raise InvalidRequestError(f"diff is not valid State bytes: {e}") from e
             agg.validate_diff(diff, spec)
+        if buffered == "async":
+            if async_reports.report(
+                self.engine, self.catalog, self.cycles, match, diff, req, spec
+            ):
+                self.on_cycles_changed()
+            return _messages.ReportResponse().to_json()
         # 3. fold in, mark reported, maybe complete: one transaction, cycle row locked
         completed = False
         cycle_id = match.cycle_id
