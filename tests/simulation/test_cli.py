@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from gridfl import state
 from gridfl.cli import main
 from tests.builders import linear_data, linear_eval_plan, linear_params, linear_sgd_plan
-from tests.simulation.conftest import CLIENT_CONFIG, SERVER_CONFIG
+from tests.simulation.shared import CLIENT_CONFIG, SERVER_CONFIG
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gridfl.simulation import SimulationOptions, simulate
-from tests.simulation.conftest import without_timing
+from tests.simulation.shared import without_timing
 
 try:
     import ray

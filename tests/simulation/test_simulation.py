@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gridfl.simulation import SimulationOptions, partition, simulate
-from tests.simulation.conftest import CLIENT_CONFIG, without_timing
+from tests.simulation.shared import CLIENT_CONFIG, without_timing
 
 
 def _sgd_step(w, b, x, y, lr):
@@ -81,3 +81,20 @@ def test_federated_metrics_are_the_weighted_mean_of_the_clients_own(process, dat
         n.append(len(idx))
     assert entry.federated["loss"] == pytest.approx(np.average(mse, weights=n), rel=1e-5)
     assert entry.federated["mae"] == pytest.approx(np.average(mae, weights=n), rel=1e-5)
+
+
+@pytest.mark.parametrize("extra", [
+    {"mode": "async"},
+    {"compression": {"kind": "int8"}},
+    {"differential_privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0,
+                              "population_size": 40}},
+], ids=["async", "compression", "dp"])
+def test_what_a_simulation_cannot_run_is_refused_not_ignored(process, data, extra):
+    from gridfl._exceptions import ConfigError
+
+    server_config = {**process["server_config"], "max_workers": 5, **extra}
+    if "mode" in extra:
+        server_config = {"mode": "async", "num_cycles": 2}
+    with pytest.raises(ConfigError, match=f"{next(iter(extra))}: not simulated yet"):
+        simulate(**{**process, "server_config": server_config}, data=data,
+                 options=SimulationOptions(num_clients=40, seed=5, workers=1))

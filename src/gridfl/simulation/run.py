@@ -153,6 +153,10 @@ def check_shapes(plan, x: np.ndarray, y: np.ndarray, what: str) -> None:
             )
 
 
+#: server_config keys a simulation refuses rather than ignore, with their "off" value
+_NOT_SIMULATED = {"mode": "sync", "differential_privacy": None, "compression": None}
+
+
 def simulate(
     *,
     model: Any,
@@ -193,6 +197,13 @@ def simulate(
         model=model, plans=plans, client_config=client_config,
         server_config=server_config, averaging_plan=averaging_plan,
     ))
+    unsupported = [key for key, off in _NOT_SIMULATED.items()
+                   if request.server_config.get(key) != off]
+    if unsupported:
+        raise ConfigError(
+            f"server_config {', '.join(unsupported)}: not simulated yet (a simulation runs "
+            "synchronous rounds of plain reports); remove it to simulate"
+        )
     opts.resolve(request.server_config)
     rows = {r["name"]: r for r in request.plan_rows}
     if "training_plan" not in rows or rows["training_plan"].get("onnx") is None:
