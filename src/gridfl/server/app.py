@@ -1,5 +1,5 @@
 """The ASGI app: WebSocket at ``/``, worker HTTP under ``/model-centric/``, admin under
-``/gridfl/v1/``. This module wires the parts together at startup (:func:`create_app`);
+``/gridfl/v1/``, the web dashboard under ``/dashboard`` (:mod:`gridfl.server.dashboard`). This module wires the parts together at startup (:func:`create_app`);
 the routes are in :mod:`gridfl.server.routes`, the socket in
 :mod:`gridfl.server.websocket`, held requests in :mod:`gridfl.server.held` and the
 background tasks in :mod:`gridfl.server.background`.
@@ -23,6 +23,7 @@ from gridfl.server.background import (
     deadline_timer,
     release_held,
 )
+from gridfl.server import dashboard
 from gridfl.server.bodies import BodyBudget
 from gridfl.server.held import CycleSignal, HeldAdmissions
 from gridfl.server.routes import EXCEPTION_HANDLERS, AnswerBugs, routes
@@ -84,7 +85,7 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
                 n.close()
 
     app = Starlette(
-        routes=routes(),
+        routes=[*routes(), *dashboard.routes()],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[
