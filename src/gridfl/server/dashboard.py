@@ -135,9 +135,7 @@ async def sign_in(request: Request) -> Response:
     if not token:
         raise PermissionDeniedError("the dashboard is disabled: the node has no admin token")
     body = _messages.parse_json(await read_body(request, 16384))
-    given = body.get("token") if isinstance(body, dict) else None
-    if not isinstance(given, str) or not given:
-        raise InvalidRequestError('send {"token": "<the node\'s admin token>"}')
+    given = _messages.parse_dashboard_sign_in(body).token
     if not hmac.compare_digest(given.encode(), token.encode()):
         raise AuthenticationError("wrong admin token")
     value, expires = new_session(token)

@@ -1,7 +1,8 @@
 """The OpenAPI 3.0 description of the node's HTTP API, served at ``GET /openapi.json``.
 
 Written as data (no framework introspection): the worker API under ``/model-centric/``, the
-admin API under ``/gridfl/v1/`` and ``/health``. The worker messages' schemas are generated
+admin API under ``/gridfl/v1/``, ``/health`` and the dashboard's API
+(:mod:`gridfl.server.dashboard_openapi`). The worker messages' schemas are generated
 from their dataclasses in :mod:`gridfl._messages` (:func:`message_schema`), so the description
 cannot drift from what the node parses and sends; the rest is written by hand.
 docs/protocol.md is the prose contract; tests/server/test_openapi.py fuzzes a live node
@@ -467,6 +468,8 @@ def spec() -> dict[str, Any]:
     """The OpenAPI document (a fresh dict)."""
     import copy
 
+    from gridfl.server import dashboard_openapi
+
     return copy.deepcopy(
         {
             "openapi": "3.0.3",
@@ -479,10 +482,11 @@ def spec() -> dict[str, Any]:
                     'JSON {"error": "..."}. See docs/protocol.md.'
                 ),
             },
-            "paths": PATHS,
+            "paths": {**PATHS, **dashboard_openapi.PATHS},
             "components": {
-                "schemas": _SCHEMAS,
+                "schemas": {**_SCHEMAS, **dashboard_openapi.SCHEMAS},
                 "securitySchemes": {
+                    **dashboard_openapi.SECURITY_SCHEMES,
                     "admin": {
                         "type": "http",
                         "scheme": "bearer",

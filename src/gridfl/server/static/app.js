@@ -133,15 +133,18 @@ async function processesPage(signal) {
             el("td", {text: p.current_cycle ?? "—"}), el("td", {text: p.reports}),
             el("td", {text: p.strategy}), el("td", {text: fmtNum(p.epsilon)}),
             el("td", {text: fmtTime(p.last_activity)}))), "Hosted processes");
-    const focused = document.activeElement && main.contains(document.activeElement)
-      ? document.activeElement.getAttribute("href") : null;
+    // a re-render keeps the focus where it was (the heading, or the same process link)
+    const active = main.contains(document.activeElement) ? document.activeElement : null;
+    const href = active?.getAttribute("href");
     show(el("h1", {text: "Processes"}), body);
-    if (focused) main.querySelector(`a[href="${CSS.escape(focused)}"]`)?.focus();
+    if (href) main.querySelector(`a[href="${CSS.escape(href)}"]`)?.focus();
+    else if (active?.tagName === "H1" || active === main) focusHeading();
   }
 }
 
 // ---------------------------------------------------------------- one process
 const GROUPS = [
+  ["Evaluation", (k) => /^(eval|val|test)[_-]/i.test(k)],
   ["Loss", (k) => /loss/i.test(k)],
   ["Accuracy", (k) => /acc/i.test(k)],
   ["Privacy budget ε", (k) => /^(epsilon|eps)$/i.test(k)],
@@ -384,5 +387,10 @@ async function route() {
   }
 }
 
-window.addEventListener("hashchange", route);
+// the skip link moves the focus without touching the route in the hash
+document.querySelector(".skip").addEventListener("click", (ev) => {
+  ev.preventDefault();
+  main.focus();
+});
+window.addEventListener("hashchange", () => { if (!location.hash || location.hash.startsWith("#/")) route(); });
 window.addEventListener("load", route);
