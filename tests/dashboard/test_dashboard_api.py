@@ -135,3 +135,31 @@ def test_token_never_logged(live, caplog):
         _sign_in(http)
         http.get("/dashboard/api/processes")
     assert ADMIN not in caplog.text
+
+
+@pytest.mark.postgres
+def test_node_page_lists_the_server_processes_on_postgresql(server_factory, pg_fresh_db):
+    first, second = server_factory(pg_fresh_db), server_factory(pg_fresh_db)
+    with _client(first) as http:
+        _sign_in(http)
+        db = http.get("/dashboard/api/node").json()["database"]
+    assert db["kind"] == "postgresql" and db["healthy"] is True
+    # both nodes (threads of this test process) hold one LISTEN session each
+    assert len(db["server_processes"]) == 2, db
+    assert second.node.engine.dialect.name == "postgresql"
+
+
+def test_page_and_vendored_files_are_served_from_the_package(live):
+    with _client(live, origin=None) as http:
+        r = http.get("/dashboard")
+        assert r.status_code == 308 and r.headers["location"] == "/dashboard/"
+        page = http.get("/dashboard/")
+        assert page.status_code == 200 and "<title>gridfl dashboard</title>" in page.text
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        for path in ("app.js", "app.css", "vendor/uplot/uPlot.iife.min.js",
+                     "vendor/uplot/LICENSE"):
+            assert http.get(f"/dashboard/static/{path}").status_code == 200, path
+        assert "MIT" in http.get("/dashboard/static/vendor/uplot/LICENSE").text
+        # nothing outside the static directory
+        assert http.get("/dashboard/static/%2e%2e/dashboard.py").status_code == 404

@@ -39,7 +39,7 @@ def test_sign_in_refuses_a_wrong_token_and_signs_out(page: Page, live):
     assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
     assert cookie["expires"] > 0  # not a browser-session cookie: it expires
     assert page.evaluate("document.cookie") == ""  # no script can read it
-    assert all(ADMIN not in u for u in requests + [page.url])
+    assert all(ADMIN not in u for u in [*requests, page.url])
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     page.reload()
@@ -84,7 +84,7 @@ def test_checkpoint_downloads_equal_the_admin_api(page: Page, driven):
     page.goto(f"{live.url}/dashboard/#/process/{name}/1.0")
     with page.expect_download() as got:
         page.get_by_role("link", name="checkpoint 2 as State bytes").click()
-    data = open(got.value.path(), "rb").read()
+    data = got.value.path().read_bytes()
     assert got.value.suggested_filename.endswith(".state")
     want = live.host_client.retrieve(name, "1.0", 2)
     for a, b in zip(state.loads(data), want, strict=True):
@@ -136,6 +136,8 @@ def test_hostile_name_is_text_narrow_layout_and_keyboard(page: Page, live):
     page.keyboard.press("Tab")
     expect(link).to_be_focused()
     page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name=re.compile(re.escape(hostile)))).to_be_focused()
+    expect(page.get_by_role("heading", name="Cycles")).to_be_visible()  # loaded
     expect(page.get_by_role("heading", name=re.compile(re.escape(hostile)))).to_be_focused()
     assert page.evaluate(no_scroll)
     # the skip link comes first in the tab order and moves the focus to the content

@@ -222,7 +222,8 @@ def to_npz(data: bytes) -> bytes:
     [1.0, 1.0]
     """
     buf = io.BytesIO()
-    np.savez(buf, **{f"param_{i}": a for i, a in enumerate(state.loads(data))})
+    arrays: dict[str, Any] = {f"param_{i}": a for i, a in enumerate(state.loads(data))}
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 

@@ -467,7 +467,7 @@ def workers_of(conn: Connection, process_id: int, last: int):
     ).all()
 
 
-def node_listeners(conn: Connection) -> list:
+def node_listeners(conn: Connection):
     """PostgreSQL only: the sessions on this database LISTENing for cycle news, one per
     running server process (pid, client address, since when)."""
     return conn.execute(

@@ -236,11 +236,13 @@ async function processPage(signal, name, version) {
       ? `Live: updates as each cycle closes (${done.length} closed so far).`
       : `The process is ${s.status}; no more updates.`;
     if (first) {
+      // the loaded page takes the focus only from its loading state, not from elsewhere
+      const refocus = main.contains(document.activeElement) || document.activeElement === document.body;
       show(parts.head, live, el("h2", {text: "Charts"}), chartBox, el("h2", {text: "Cycles"}),
         parts.cycles, el("h2", {text: "Workers seen"}), parts.workers,
         el("h2", {text: "Checkpoints"}), parts.ckpts, el("h2", {text: "Configs"}), parts.configs);
       first = false;
-      focusHeading();
+      if (refocus) focusHeading();
       for (const c of charts.values()) c.update(done); // sized now that they are on the page
     }
     if (s.status !== "running") return;
