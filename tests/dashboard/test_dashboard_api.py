@@ -163,3 +163,25 @@ def test_page_and_vendored_files_are_served_from_the_package(live):
         assert "MIT" in http.get("/dashboard/static/vendor/uplot/LICENSE").text
         # nothing outside the static directory
         assert http.get("/dashboard/static/%2e%2e/dashboard.py").status_code == 404
+
+
+def test_processes_request_is_held_until_a_cycle_changes(driven):
+    import threading
+    import time
+
+    live, name, driver = driven
+    with _client(live) as http:
+        _sign_in(http)
+        first = http.get("/dashboard/api/processes").json()
+        seen = first["generation"]
+        started = time.monotonic()
+        quiet = http.get(f"/dashboard/api/processes?wait=0.5&after={seen}").json()
+        assert time.monotonic() - started >= 0.5 and quiet["generation"] == seen
+        timer = threading.Timer(0.3, driver.close_cycle, kwargs={"loss": 0.4})
+        timer.start()
+        started = time.monotonic()
+        woken = http.get(f"/dashboard/api/processes?wait=20&after={seen}").json()
+        timer.join()
+        assert time.monotonic() - started < 10 and woken["generation"] > seen
+        (entry,) = woken["processes"]
+        assert entry["name"] == name and entry["current_cycle"] == 2

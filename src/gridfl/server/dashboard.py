@@ -37,8 +37,14 @@ from gridfl._exceptions import AuthenticationError, InvalidRequestError, Permiss
 from gridfl.server import admin
 from gridfl.server.bodies import read_body
 from gridfl.server.config import MAX_INT
-from gridfl.server.held import hold_status
-from gridfl.server.routes import _checkpoint_ref, _int_param, _pv, _wait_param, bytes_response
+from gridfl.server.routes import (
+    _checkpoint_ref,
+    _int_param,
+    _pv,
+    _wait_param,
+    bytes_response,
+    held_status_request,
+)
 
 STATIC_DIR = Path(__file__).parent / "static"
 COOKIE = "gridfl_session"
@@ -182,26 +188,25 @@ def mask_secrets(value: Any) -> Any:
 
 async def processes(request: Request) -> Response:
     """Every process with its list figures; ``wait`` holds the answer until a cycle opens
-    or closes anywhere on the node (one request per change, not a polling loop)."""
+    or closes anywhere on the node after the reply that said ``generation`` ``after``
+    (one request per change, not a polling loop)."""
     wait = _wait_param(request)
     signal = request.app.state.cycle_signal
+    seen = signal.generation
+    if "after" in request.query_params:
+        seen = _int_param(request, "after", 0, 0, MAX_INT)
     if wait > 0:
-        await signal.wait_after(signal.generation, wait)
+        await signal.wait_after(seen, wait)
+    generation = signal.generation  # before the read: a change during it is not missed
     engine = request.app.state.node.engine
-    return JSONResponse({"processes": await anyio.to_thread.run_sync(admin.overview, engine)})
+    listed = await anyio.to_thread.run_sync(admin.overview, engine)
+    return JSONResponse({"processes": listed, "generation": generation})
 
 
 async def process(request: Request) -> Response:
     """The process's status, as the admin API's (held the same way with ``wait`` and
     ``after``), its configs masked, plus the workers seen."""
-    name, version = _pv(request)
-    last = _int_param(request, "cycles", 100, 1, _messages.MAX_STATUS_CYCLES)
-    wait = _wait_param(request)
-    after = None
-    if "after" in request.query_params:
-        after = _int_param(request, "after", 0, 0, MAX_INT)
-    if wait > 0:
-        await hold_status(request.app, name, version, after, wait)
+    name, version, last = await held_status_request(request)
     node = request.app.state.node
 
     def read() -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from gridfl import _messages
+from gridfl.server.config import MAX_INT
 from gridfl.server.openapi import (
     _JSON,
     _OCTETS,
@@ -45,8 +46,12 @@ SCHEMAS: dict[str, Any] = {
     },
     "DashboardProcessList": {
         "type": "object",
-        "required": ["processes"],
+        "required": ["processes", "generation"],
         "properties": {
+            "generation": {
+                "type": "integer",
+                "description": "the node's count of cycle changes: send it back as `after`",
+            },
             "processes": {
                 "type": "array",
                 "items": {
@@ -155,7 +160,11 @@ PATHS: dict[str, Any] = {
             "every process with its list figures; `wait` holds the reply until a cycle "
             "opens or closes on the node",
             _json(_ref("DashboardProcessList"), "processes"),
-            [_WAIT],
+            [
+                _WAIT,
+                _query("after", {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+                       required=False, desc="with `wait`: the `generation` of the last reply"),
+            ],
             400,
         )
     },

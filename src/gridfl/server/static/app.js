@@ -7,6 +7,14 @@
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
 const WAIT = 25; // seconds the node may hold a live request
+// at most one live reply a second: with cycles of 0.3 s a reply brings a few cycles (none
+// is lost, the page keeps them all) and an open page costs the node and the browser a
+// third of what a reply per cycle would
+const MIN_INTERVAL_MS = 1000;
+const pause = (ms, signal) => new Promise((resolve) => {
+  const timer = setTimeout(resolve, ms);
+  signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, {once: true});
+});
 let pageAbort = null; // aborts the current page's requests when the route changes
 
 class Unauthorized extends Error {}
@@ -118,10 +126,13 @@ function confirmAction(text, okLabel) {
 async function processesPage(signal) {
   show(el("h1", {text: "Processes"}), el("p", {class: "loading", role: "status", text: "Loading…"}));
   focusHeading();
-  let wait = 0;
+  let query = "processes";
+  let lastAsked = 0;
   while (!signal.aborted) {
-    const data = await api("processes?wait=" + wait, {signal});
-    wait = WAIT;
+    await pause(lastAsked + MIN_INTERVAL_MS - Date.now(), signal);
+    lastAsked = Date.now();
+    const data = await api(query, {signal});
+    query = `processes?wait=${WAIT}&after=${data.generation}`;
     const body = data.processes.length === 0
       ? el("p", {class: "empty", text: "No processes hosted yet. Host one with `gridfl host` " +
           "or run `gridfl demo`."})
@@ -198,16 +209,21 @@ async function processPage(signal, name, version) {
   const charts = new Map(); // group title -> Chart
   const chartBox = el("div", {class: "charts"});
   const live = el("p", {class: "muted", role: "status"});
-  const parts = {head: el("div"), cycles: el("div"), workers: el("div"), ckpts: el("div"),
-    configs: el("div")};
+  // sections below the fold are not laid out or painted until scrolled to
+  const section = () => el("div", {class: "section"});
+  const parts = {head: el("div"), cycles: section(), workers: section(), ckpts: section(),
+    configs: section()};
   let first = true;
   let after = null;
   let gap = false;
+  let lastAsked = 0;
   while (!signal.aborted) {
     // the first reply (and one after a gap) lists up to 1000 cycles; held ones only the
     // newest 20, so a 0.3 s cycle costs the node a small read per reply
     const q = after === null || gap ? "?cycles=1000" : `?cycles=20&wait=${WAIT}&after=${after}`;
     let s;
+    await pause(lastAsked + MIN_INTERVAL_MS - Date.now(), signal);
+    lastAsked = Date.now();
     try {
       s = await api(path + q, {signal});
     } catch (e) {
@@ -226,7 +242,7 @@ async function processPage(signal, name, version) {
     after = Math.max(after ?? 0, ...closed, 0);
     const all = [...cycles.values()].sort((a, b) => a.sequence - b.sequence);
     const done = all.filter((c) => c.status !== "open");
-    renderHead(parts.head, s, signal);
+    renderHead(parts.head, s);
     renderCharts(chartBox, charts, done);
     renderCycles(parts.cycles, all);
     renderWorkers(parts.workers, s.workers);
@@ -249,34 +265,83 @@ async function processPage(signal, name, version) {
   }
 }
 
-function renderHead(box, s, signal) {
-  const stop = el("button", {type: "button", disabled: s.status !== "running", onclick: async () => {
-    if (!await confirmAction(`Stop ${s.name} ${s.version}? Its open cycle closes and no new ` +
-      "cycle opens.", "Stop")) return;
-    try { await api(`processes/${enc(s.name)}/${enc(s.version)}/stop`, {method: "POST"}); }
-    catch (e) { showError(e, route); }
-  }, text: "Stop"});
-  const del = el("button", {type: "button", class: "danger", onclick: async () => {
-    if (!await confirmAction(`Delete ${s.name} ${s.version} and every checkpoint, cycle and ` +
-      "worker it has? This cannot be undone.", "Delete")) return;
-    try {
-      if (pageAbort) pageAbort.abort();
-      await api(`processes/${enc(s.name)}/${enc(s.version)}`, {method: "DELETE"});
-      location.hash = "#/";
-    } catch (e) { showError(e, route); }
-  }, text: "Delete"});
-  box.replaceChildren(el("div", {class: "head"},
-    el("h1", {}, `${s.name} `, el("span", {class: "muted", text: `version ${s.version}`})),
-    badge(s.status), el("div", {class: "actions"}, stop, del)),
-    el("p", {class: "muted", text: `Current cycle ${s.current_cycle ?? "—"} · ` +
-      `latest checkpoint ${s.latest_checkpoint ?? "—"} · hosted ${fmtTime(s.created_at)}`}));
+// Each cycle's reply re-renders only what changed: rows are kept by key (a closed cycle's
+// row never changes), a table's body is swapped only when its rows differ, and the head
+// is built once. An open page then costs the browser little per cycle.
+function keyedRows(box, items, key, build) {
+  const old = box.rowCache || new Map();
+  box.rowCache = new Map();
+  return items.map((item) => {
+    const k = key(item);
+    const row = old.get(k) || build(item);
+    box.rowCache.set(k, row);
+    return row;
+  });
+}
+
+function tableInto(box, headers, rows, caption, empty) {
+  if (rows.length === 0) {
+    if (box.dataset.state !== "empty") {
+      box.replaceChildren(el("p", {class: "empty", text: empty}));
+      box.dataset.state = "empty";
+      box.tbody = null;
+    }
+    return;
+  }
+  if (!box.tbody) {
+    box.replaceChildren(table(headers, [], caption));
+    box.tbody = box.querySelector("tbody");
+    box.dataset.state = "rows";
+  }
+  // move rows into place one by one: a new cycle is one insertion, not a rebuilt table
+  const body = box.tbody;
+  rows.forEach((row, i) => { if (body.children[i] !== row) body.insertBefore(row, body.children[i] || null); });
+  while (body.children.length > rows.length) body.lastChild.remove();
+}
+
+function changed(box, value) {
+  const key = JSON.stringify(value);
+  if (box.dataset.key === key) return false;
+  box.dataset.key = key;
+  return true;
+}
+
+function renderHead(box, s) {
+  if (!box.firstChild) {
+    const stop = el("button", {type: "button", onclick: async () => {
+      if (!await confirmAction(`Stop ${s.name} ${s.version}? Its open cycle closes and no ` +
+        "new cycle opens.", "Stop")) return;
+      try { await api(`processes/${enc(s.name)}/${enc(s.version)}/stop`, {method: "POST"}); }
+      catch (e) { showError(e, route); }
+    }, text: "Stop"});
+    const del = el("button", {type: "button", class: "danger", onclick: async () => {
+      if (!await confirmAction(`Delete ${s.name} ${s.version} and every checkpoint, cycle ` +
+        "and worker it has? This cannot be undone.", "Delete")) return;
+      try {
+        if (pageAbort) pageAbort.abort();
+        await api(`processes/${enc(s.name)}/${enc(s.version)}`, {method: "DELETE"});
+        location.hash = "#/";
+      } catch (e) { showError(e, route); }
+    }, text: "Delete"});
+    box.stop = stop;
+    box.badge = badge(s.status);
+    box.meta = el("p", {class: "muted"});
+    box.replaceChildren(el("div", {class: "head"},
+      el("h1", {}, `${s.name} `, el("span", {class: "muted", text: `version ${s.version}`})),
+      box.badge, el("div", {class: "actions"}, stop, del)), box.meta);
+  }
+  box.badge.textContent = s.status;
+  box.badge.className = "badge " + s.status;
+  box.stop.disabled = s.status !== "running";
+  box.meta.textContent = `Current cycle ${s.current_cycle ?? "—"} · latest checkpoint ` +
+    `${s.latest_checkpoint ?? "—"} · hosted ${fmtTime(s.created_at)}`;
 }
 
 function renderCharts(box, charts, done) {
   const keys = metricKeys(done);
   if (keys.length === 0) {
-    box.replaceChildren(el("p", {class: "empty", text: "No metrics yet: charts appear when " +
-      "workers report loss or accuracy with their diffs."}));
+    if (changed(box, "empty")) box.replaceChildren(el("p", {class: "empty", text: "No metrics " +
+      "yet: charts appear when workers report loss or accuracy with their diffs."}));
     return;
   }
   const groups = new Map();
@@ -291,13 +356,15 @@ function renderCharts(box, charts, done) {
     if (!chart) { chart = new Chart(title); chart.keys = ks; charts.set(title, chart); }
   }
   const order = GROUPS.map(([t]) => t).filter((t) => groups.has(t));
-  box.replaceChildren(...order.map((t) => charts.get(t).figure));
+  if (changed(box, order.map((t) => [t, charts.get(t).keys]))) {
+    box.replaceChildren(...order.map((t) => charts.get(t).figure));
+  }
   for (const t of order) charts.get(t).update(done);
 }
 
 function renderCycles(box, all) {
-  if (all.length === 0) { box.replaceChildren(el("p", {class: "empty", text: "No cycles yet."})); return; }
-  const rows = all.slice(-50).reverse().map((c) => {
+  const shown = all.slice(-50).reverse();
+  const rows = keyedRows(box, shown, (c) => `${c.sequence} ${c.status}`, (c) => {
     const end = c.closed_at ?? null;
     const expired = c.status === "open" ? "—" : String(c.accepted - c.reported);
     return el("tr", {}, el("td", {text: c.sequence}), el("td", {}, badge(c.status)),
@@ -305,22 +372,30 @@ function renderCycles(box, all) {
       el("td", {text: end ? fmtSecs(end - c.start) : "—"}), el("td", {text: c.accepted}),
       el("td", {text: c.reported}), el("td", {text: expired}));
   });
-  box.replaceChildren(table(["Cycle", "Status", "Start", "End", "Duration", "Accepted",
-    "Reported", "Expired"], rows, "Cycles, newest first (50 shown)"));
+  // an open cycle's counts change as workers join and report
+  const open = shown.find((c) => c.status === "open");
+  if (open) {
+    const cells = box.rowCache.get(`${open.sequence} open`).children;
+    cells[5].textContent = open.accepted;
+    cells[6].textContent = open.reported;
+  }
+  tableInto(box, ["Cycle", "Status", "Start", "End", "Duration", "Accepted", "Reported",
+    "Expired"], rows, "Cycles, newest first (50 shown)", "No cycles yet.");
 }
 
 function renderWorkers(box, workers) {
-  if (!workers.length) { box.replaceChildren(el("p", {class: "empty", text: "No workers yet."})); return; }
-  box.replaceChildren(table(["Worker", "Joined", "Ping (ms)", "Download (Mbps)", "Upload (Mbps)"],
-    workers.map((w) => el("tr", {}, el("td", {class: "name", text: w.worker_id.slice(0, 12)}),
+  const rows = keyedRows(box, workers,
+    (w) => JSON.stringify([w.worker_id, w.ping, w.download, w.upload]),
+    (w) => el("tr", {}, el("td", {class: "name", text: w.worker_id.slice(0, 12)}),
       el("td", {text: fmtTime(w.created_at)}), el("td", {text: fmtNum(w.ping)}),
-      el("td", {text: fmtNum(w.download)}), el("td", {text: fmtNum(w.upload)}))),
-    "Workers seen, newest first"));
+      el("td", {text: fmtNum(w.download)}), el("td", {text: fmtNum(w.upload)})));
+  tableInto(box, ["Worker", "Joined", "Ping (ms)", "Download (Mbps)", "Upload (Mbps)"], rows,
+    "Workers seen, newest first", "No workers yet.");
 }
 
 function renderCheckpoints(box, s, path) {
   const list = [...s.checkpoints].reverse();
-  box.replaceChildren(table(["Checkpoint", "Created", "Download"], list.map((c) => {
+  const rows = keyedRows(box, list, (c) => `${c.number} ${c.alias}`, (c) => {
     const href = `api/${path}/checkpoints/${c.number}`;
     return el("tr", {}, el("td", {text: c.number + (c.alias ? ` (${c.alias})` : "")}),
       el("td", {text: fmtTime(c.created_at)}),
@@ -328,10 +403,13 @@ function renderCheckpoints(box, s, path) {
         "aria-label": `checkpoint ${c.number} as State bytes`}), " · ",
         el("a", {href: href + "?format=npz", download: true, text: ".npz",
           "aria-label": `checkpoint ${c.number} as npz`})));
-  }), "Checkpoints, newest first"));
+  });
+  tableInto(box, ["Checkpoint", "Created", "Download"], rows, "Checkpoints, newest first",
+    "No checkpoints.");
 }
 
 function renderConfigs(box, s) {
+  if (!changed(box, [s.server_config, s.client_config])) return;
   box.replaceChildren(el("h3", {text: "Server config"}),
     el("pre", {tabindex: "0", text: JSON.stringify(s.server_config, null, 2)}),
     el("h3", {text: "Client config"}),
