@@ -15,12 +15,35 @@ is under 5 % apart. The page follows every cycle through its held status request
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import shutil
 import statistics
 import tempfile
 import threading
 from pathlib import Path
+
+
+def chromium_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's Chromium descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            rest = stat[stat.rindex(")") + 2 :].split()
+            procs[int(entry)] = (int(rest[1]), comm, (int(rest[11]) + int(rest[12])) / tick)
+    mine, grew = {os.getpid()}, True
+    while grew:
+        found = {pid for pid, (parent, _, _) in procs.items() if parent in mine} - mine
+        mine |= found
+        grew = bool(found)
+    return sum(cpu for pid, (_, comm, cpu) in procs.items()
+               if pid in mine and comm.startswith("chrom"))
 
 
 class PageThread:
@@ -32,6 +55,9 @@ class PageThread:
         self.commands: queue.Queue = queue.Queue()
         self.done: queue.Queue = queue.Queue()
         self.charted = 0  # cycles on the page's loss chart when it last closed
+        self.cpu_open = 0.0  # CPU seconds of Chromium's processes while the page was open
+        self.cycles_open = 0  # cycles closed while it was open
+        self.cpu_at_open = 0.0
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -50,11 +76,13 @@ class PageThread:
                     page.keyboard.press("Enter")
                     page.goto(f"{url}#/process/{self.process}/1")
                     page.get_by_role("heading", name="Cycles").wait_for()
+                    self.cpu_at_open = chromium_cpu_seconds()
                 elif cmd == "close" and page is not None:
                     charted = page.locator('figure[data-chart="Loss"]').get_attribute(
                         "data-points"
                     )
                     self.charted = int(charted or 0)
+                    self.cpu_open += chromium_cpu_seconds() - self.cpu_at_open
                     page.close()
                     page = None
                 elif cmd == "quit":
@@ -62,6 +90,9 @@ class PageThread:
                     self.done.put(None)
                     return
                 self.done.put(None)
+
+    def cpu_ms_per_cycle(self) -> float:
+        return 1000 * self.cpu_open / max(1, self.cycles_open)
 
     def call(self, cmd: str, *args) -> None:
         self.commands.put((cmd, args))
@@ -86,6 +117,7 @@ def main(argv: list[str]) -> None:
     page = PageThread("mnist-2nn")
     where: dict[str, str] = {}
     seconds: dict[bool, list[float]] = {True: [], False: []}
+    blocks: dict[int, list[float]] = {}
 
     def page_open(block: int) -> bool:
         return block % 2 == 1
@@ -100,8 +132,11 @@ def main(argv: list[str]) -> None:
                 page.call("open", where["url"], where["token"])
             return
         block, at = divmod(i - 1, args.block)
+        if page_open(block):  # closed while the page was open
+            page.cycles_open += 1
         if at > 0:  # the first cycle of a block saw the page open or close
             seconds[page_open(block)].append(c.seconds)
+            blocks.setdefault(block, []).append(c.seconds)
         if at == args.block - 1 and block + 1 < args.blocks:  # the next block's state
             if page_open(block + 1):
                 page.call("open", where["url"], where["token"])
@@ -118,6 +153,10 @@ def main(argv: list[str]) -> None:
     print(f"  s/cycle with the page:  median {with_page:.3f} over {len(seconds[True])} cycles")
     print(f"  with / without: {with_page / without:.3f} (goal: within 5 %); the page's chart "
           f"held {page.charted} cycles when it last closed")
+    print("  median s/cycle per block (the spread is the machine's noise): " + ", ".join(
+        f"{statistics.median(v):.3f}{' (page)' if page_open(b) else ''}"
+        for b, v in sorted(blocks.items())))
+    print(f"  Chromium's CPU while the page was open: {page.cpu_ms_per_cycle():.1f} ms per cycle")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def check_session(value: str | None, admin_token: str | None, now: float | None 
         return None
     expires, nonce, mac = value.split(".")
     want = hmac.new(_key(admin_token), f"{expires}.{nonce}".encode(), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(mac.encode(), want.encode()) or not expires.isdigit():
+    if not hmac.compare_digest(mac.encode(), want.encode()) or not expires.isascii() \
+            or not expires.isdigit():
         return None
     return int(expires) if int(expires) > (time.time() if now is None else now) else None
 
