@@ -61,7 +61,10 @@ function table(headers, rows, caption) {
 }
 
 function show(...nodes) {
+  // a page replacing its loading state keeps the focus on its heading
+  const headingFocused = document.activeElement?.tagName === "H1" && main.contains(document.activeElement);
   main.replaceChildren(...nodes);
+  if (headingFocused) focusHeading();
 }
 
 function showError(err, retry) {
