@@ -40,6 +40,10 @@ def test_sign_in_refuses_a_wrong_token_and_signs_out(page: Page, live):
     assert cookie["expires"] > 0  # not a browser-session cookie: it expires
     assert page.evaluate("document.cookie") == ""  # no script can read it
     assert all(ADMIN not in u for u in [*requests, page.url])
+    # the error state: what went wrong, and a way to try again
+    page.goto(f"{live.url}/dashboard/#/process/nope/1")
+    expect(page.get_by_role("alert")).to_contain_text("no FL process named 'nope'")
+    expect(page.get_by_role("button", name="Try again")).to_be_visible()
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     page.reload()
