@@ -185,3 +185,28 @@ def test_processes_request_is_held_until_a_cycle_changes(driven):
         assert time.monotonic() - started < 10 and woken["generation"] > seen
         (entry,) = woken["processes"]
         assert entry["name"] == name and entry["current_cycle"] == 2
+
+
+def test_dp_process_shows_its_epsilon_and_strategy(live):
+    from tests.dashboard.conftest import CycleDriver
+
+    dp = {"noise_multiplier": 1.0, "clip_norm": 0.5, "population_size": 1000,
+          "max_epsilon": 100.0}
+    name = live.host(server_config={"max_diffs": 1, "max_workers": 1, "cycle_length": 600,
+                                    "differential_privacy": dp})
+    driver = CycleDriver(live, name)
+    try:
+        driver.close_cycle(loss=0.5)
+        driver.close_cycle(loss=0.4)
+    finally:
+        driver.close()
+    admin = live.status(name)
+    with _client(live) as http:
+        _sign_in(http)
+        (entry,) = http.get("/dashboard/api/processes").json()["processes"]
+        page = http.get(f"/dashboard/api/processes/{name}/1.0").json()
+    # the figures the admin API reports, passed through
+    assert entry["epsilon"] == admin["privacy"]["epsilon"] > 0
+    assert entry["strategy"] == admin["strategy"]["name"]
+    spent = [c["epsilon"] for c in page["cycles"] if c["status"] == "completed"]
+    assert len(spent) == 2 and 0 < spent[0] < spent[1]  # ε grows cycle by cycle

@@ -30,8 +30,10 @@ import numpy as np
 
 from gridfl import Plan, state
 from gridfl._exceptions import ConfigError, GridflError
+from gridfl.compression import KINDS, validate_config
 from gridfl.datasets import Mnist, load_mnist
 from gridfl.demo.report import CycleResult, RunResult
+from gridfl.demo.worker import ATTACKS
 from gridfl.host import HostClient, closed_cycles
 
 __all__ = ["DemoOptions", "run_demo"]
@@ -59,6 +61,17 @@ class DemoOptions:
     parallel: int | None = None  # workers training at once (None: the CPU count; 0: all)
     examples_per_client: int | None = None  # cut shards (quick runs, tests)
     evaluate: bool = True  # evaluate each checkpoint while training runs
+    strategy: str = "fedavg"  # server_config.strategy name (docs/configs.md)
+    server_lr: float | None = None  # eta / server_learning_rate of a server optimizer
+    byzantine: int = 0  # worker processes that report poisoned diffs
+    attack: str = "scale"  # what they send: scale (x100), signflip or noise
+    # differential privacy (docs/privacy.md): noise multiplier z and clip norm C (the
+    # initial one when adaptive); the population is the K clients
+    dp_noise: float | None = None
+    dp_clip: float | None = None
+    dp_adaptive: bool = False
+    #: reports compressed as float16, int8 or topk (10%, error feedback); None = plain
+    compression: str | None = None
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
     out_dir: Path = field(default_factory=lambda: Path("results"))
 
@@ -76,6 +89,56 @@ class DemoOptions:
             raise ConfigError(f"workers ({self.workers}) cannot exceed clients ({self.clients})")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.compression is not None and self.compression not in KINDS:
+            raise ConfigError(
+                f"compression must be one of {', '.join(KINDS)} (or None), "
+                f"got {self.compression!r}"
+            )
+        if not 0 <= self.byzantine <= self.workers:
+            raise ConfigError(
+                f"byzantine must be 0 to workers ({self.workers}), got {self.byzantine}"
+            )
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
+        self.strategy_config()  # the node would refuse it: say so before starting anything
+        if (self.dp_noise is None) != (self.dp_clip is None):
+            raise ConfigError("differential privacy needs both dp_noise (z) and dp_clip (C)")
+        if self.dp_adaptive and self.dp_noise is None:
+            raise ConfigError("dp_adaptive needs dp_noise and dp_clip")
+
+    def strategy_config(self) -> dict | None:
+        """``server_config.strategy`` for these options (``None``: FedAvg). Krum and Bulyan
+        assume as many Byzantine reports as there are Byzantine workers."""
+        from gridfl.server.strategies import OPTIMIZERS, normalize  # the node's own rules
+
+        if self.strategy == "fedavg" and self.server_lr is None:
+            return None
+        cfg: dict = {"name": self.strategy}
+        if self.server_lr is not None:
+            key = {"fedavgm": "server_learning_rate"}.get(self.strategy, "eta")
+            if self.strategy not in OPTIMIZERS:
+                raise ConfigError(
+                    f"--server-lr sets a server optimizer's rate ({', '.join(sorted(OPTIMIZERS))});"
+                    f" {self.strategy} has none"
+                )
+            cfg[key] = self.server_lr
+        if self.strategy in ("krum", "multikrum", "bulyan"):
+            cfg["num_malicious_nodes"] = self.byzantine
+        normalize(cfg, max_diffs=self.per_cycle, min_diffs=self.per_cycle)
+        return cfg
+
+    def differential_privacy(self) -> dict | None:
+        """The process's ``server_config.differential_privacy``, or None."""
+        if self.dp_noise is None:
+            return None
+        clip = {"initial": self.dp_clip} if self.dp_adaptive else self.dp_clip
+        return {"noise_multiplier": self.dp_noise, "clip_norm": clip,
+                "population_size": self.clients}
+
+    @property
+    def compression_config(self) -> dict | None:
+        """``server_config.compression`` for :attr:`compression` (top-k: its default 10%)."""
+        return None if self.compression is None else validate_config({"kind": self.compression})
 
     @property
     def per_cycle(self) -> int:
@@ -148,6 +211,7 @@ def run_demo(
                     "--nice",
                     "10",
                     *(["--compute-slots", str(slots)] if slots else []),
+                    *(["--attack", options.attack] if i < options.byzantine else []),
                 ],
                 stdin=subprocess.PIPE,
                 # ten processes share the cores: one plan thread each. They run at a
@@ -187,6 +251,9 @@ def run_demo(
                     "max_diffs": options.per_cycle,
                     "num_cycles": options.cycles,
                     "cycle_length": 600,
+                    "strategy": options.strategy_config(),
+                    "differential_privacy": options.differential_privacy(),
+                    "compression": options.compression_config,
                 },
             )
             result.host_seconds = round(time.perf_counter() - node_up, 2)
@@ -408,6 +475,7 @@ def _watch(
                 seconds=round(c["closed_at"] - c["start"], 4),
                 elapsed=round(time.perf_counter() - node_up, 2),
                 train_loss=c["metrics"].get("loss"),
+                epsilon=c.get("epsilon"),
             )
             if result.startup_seconds is None:
                 result.startup_seconds = round(c["closed_at"] - node_up_at, 2)

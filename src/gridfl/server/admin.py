@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from gridfl._exceptions import NotFoundError
-from gridfl.server import db, storage
+from gridfl.server import db, privacy, storage, strategies, strategy_store
 from gridfl.server.cycles import Cycles
 
 
@@ -54,6 +54,7 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
             }
         out["server_config"] = cfg
         out["client_config"] = p.client_config
+        out["strategy"] = _strategy(conn, p)
         now = time.time()
         cycle_rows = storage.recent_cycles(conn, p.id, last)
         wcs: dict[int, list] = {}
@@ -94,7 +95,22 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
             {"number": r.number, "alias": "latest" if i == 0 else None, "created_at": r.created_at}
             for i, r in reversed(list(enumerate(latest)))
         ]
+        privacy.annotate_status(conn, p, out)
         return out
+
+
+def _strategy(conn: Connection, p) -> dict[str, Any]:
+    """The process's aggregation rule, its hyperparameters, and its state's summary (the
+    step count and moment norms of a server optimizer)."""
+    cfg = p.server_config.get("strategy")
+    if cfg is None:
+        iterative = p.server_config.get("iterative_plan")
+        return {"name": "iterative_averaging" if iterative else "fedavg", "state": {}}
+    summary = strategy_store.latest_summary(conn, p.id)
+    params = {k: v for k, v in cfg.items() if k != "name"}
+    if summary is None:
+        summary = {"step": 0} if cfg["name"] in strategies.OPTIMIZERS else {}
+    return {"name": cfg["name"], "params": params, "state": summary}
 
 
 def metric_means(reported) -> dict[str, float]:
@@ -165,7 +181,7 @@ def delete(engine: Engine, name: str, version: str | None) -> dict[str, Any]:
 
 def overview(engine: Engine) -> list[dict[str, Any]]:
     """Each process's summary plus what a list of them shows: the reports of its newest
-    cycle, its strategy, ε when a cycle reported one and its last activity."""
+    cycle, its strategy's name, the ε spent when it trains with DP and its last activity."""
     with db.read(engine) as conn:
         out = []
         for p in storage.all_processes(conn):
@@ -176,15 +192,11 @@ def overview(engine: Engine) -> list[dict[str, Any]]:
             reported = [s for s in seats if newest and s.cycle_id == newest.id and s.reported_at]
             times = [p.created_at, *(s.reported_at or 0 for s in seats)]
             times += [t or 0 for c in cycle_rows for t in (c.start_at, c.closed_at)]
-            closed = [c for c in cycle_rows if c.status != "open"]
-            eps = None
-            if closed:
-                eps = metric_means([s for s in seats if s.cycle_id == closed[0].id
-                                    and s.reported_at]).get("epsilon")
+            dp = privacy.status(conn, p)
             entry.update(
                 reports=len(reported),
-                strategy=(p.server_config or {}).get("strategy") or "fedavg",
-                epsilon=eps,
+                strategy=_strategy(conn, p)["name"],
+                epsilon=None if dp is None else dp["epsilon"],
                 last_activity=max(times),
             )
             out.append(entry)

@@ -10,8 +10,11 @@ import math
 from typing import Any
 from urllib.parse import urlparse
 
+from gridfl import compression
 from gridfl._exceptions import ConfigError
 from gridfl._messages import check_json_values
+from gridfl.server import strategies
+from gridfl.server.dp_config import validate_differential_privacy
 
 #: key -> default of the normalized server_config
 SERVER_DEFAULTS: dict[str, Any] = {
@@ -30,6 +33,12 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "authentication": None,
     # null = off; an object {"window": seconds} (true: the default window)
     "pace_steering": None,
+    # null = FedAvg; gridfl.server.strategies validates it
+    "strategy": None,
+    # docs/privacy.md; validated by gridfl.server.dp_config
+    "differential_privacy": None,
+    # null = off; {"kind": "float16" | "int8" | "topk", "fraction"?} (gridfl.compression)
+    "compression": None,
 }
 
 #: pace steering's default selection window: how long a cycle should take to fill, seconds
@@ -203,6 +212,11 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
         raise ConfigError("server_config.max_workers must be >= min_diffs")
     out["authentication"] = validate_authentication(out["authentication"])
     out["pace_steering"] = validate_pace_steering(out["pace_steering"])
+    out["strategy"] = strategies.normalize(
+        out["strategy"], max_diffs=out["max_diffs"], min_diffs=out["min_diffs"]
+    )
+    out["differential_privacy"] = validate_differential_privacy(out["differential_privacy"], out)
+    out["compression"] = compression.validate_config(out["compression"])
     return out
 
 

@@ -1,6 +1,6 @@
-"""The OpenAPI description of the dashboard's JSON API (``/dashboard/api/``), merged into
-the node's document by :func:`gridfl.server.openapi.spec`. Its requests carry the session
-cookie that ``POST /dashboard/api/session`` sets, not the admin bearer token."""
+"""The OpenAPI description of the dashboard's JSON API (``/dashboard/api/``), added to
+the node's document (:func:`gridfl.server.openapi.spec`) by :func:`extend`. Its requests
+carry the session cookie that ``POST /dashboard/api/session`` sets, not the bearer token."""
 
 from __future__ import annotations
 
@@ -206,3 +206,13 @@ SECURITY_SCHEMES: dict[str, Any] = {
         "description": "the dashboard's session (POST /dashboard/api/session sets it)",
     }
 }
+
+
+def extend(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (the node's OpenAPI document) with the dashboard's paths and schemas added."""
+    import copy
+
+    doc["paths"].update(copy.deepcopy(PATHS))
+    doc["components"]["schemas"].update(copy.deepcopy(SCHEMAS))
+    doc["components"]["securitySchemes"].update(copy.deepcopy(SECURITY_SCHEMES))
+    return doc

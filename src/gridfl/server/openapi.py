@@ -1,8 +1,7 @@
 """The OpenAPI 3.0 description of the node's HTTP API, served at ``GET /openapi.json``.
 
 Written as data (no framework introspection): the worker API under ``/model-centric/``, the
-admin API under ``/gridfl/v1/``, ``/health`` and the dashboard's API
-(:mod:`gridfl.server.dashboard_openapi`). The worker messages' schemas are generated
+admin API under ``/gridfl/v1/`` and ``/health``. The worker messages' schemas are generated
 from their dataclasses in :mod:`gridfl._messages` (:func:`message_schema`), so the description
 cannot drift from what the node parses and sends; the rest is written by hand.
 docs/protocol.md is the prose contract; tests/server/test_openapi.py fuzzes a live node
@@ -251,7 +250,16 @@ _SCHEMAS: dict[str, Any] = {
                     "server_config": {"type": "object"},
                     "client_config": {"type": "object"},
                     "current": {"type": "object", "nullable": True},
+                    "strategy": {
+                        "type": "object",
+                        "description": "name, params and state summary (docs/configs.md)",
+                    },
                     "cycles": {"type": "array", "items": {"type": "object"}},
+                    "privacy": {
+                        "type": "object",
+                        "description": "differential privacy: epsilon spent, the budget, the "
+                        "clip norm (docs/privacy.md); only for a process hosted with it",
+                    },
                     "checkpoints": {
                         "type": "array",
                         "items": {
@@ -468,9 +476,9 @@ def spec() -> dict[str, Any]:
     """The OpenAPI document (a fresh dict)."""
     import copy
 
-    from gridfl.server import dashboard_openapi
+    from gridfl.server.dashboard_openapi import extend
 
-    return copy.deepcopy(
+    return extend(copy.deepcopy(
         {
             "openapi": "3.0.3",
             "info": {
@@ -482,11 +490,10 @@ def spec() -> dict[str, Any]:
                     'JSON {"error": "..."}. See docs/protocol.md.'
                 ),
             },
-            "paths": {**PATHS, **dashboard_openapi.PATHS},
+            "paths": PATHS,
             "components": {
-                "schemas": {**_SCHEMAS, **dashboard_openapi.SCHEMAS},
+                "schemas": _SCHEMAS,
                 "securitySchemes": {
-                    **dashboard_openapi.SECURITY_SCHEMES,
                     "admin": {
                         "type": "http",
                         "scheme": "bearer",
@@ -495,4 +502,4 @@ def spec() -> dict[str, Any]:
                 },
             },
         }
-    )
+    ))

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
-from gridfl import _messages
+from gridfl import _messages, compression
 from gridfl._exceptions import (
     AuthenticationError,
     ConflictError,
@@ -26,7 +26,7 @@ from gridfl._exceptions import (
     PermissionDeniedError,
 )
 from gridfl.server import aggregate as agg
-from gridfl.server import db, rules, storage
+from gridfl.server import db, privacy, rules, storage
 from gridfl.server.admin import process_named
 from gridfl.server.auth import verify_worker_token
 from gridfl.server.catalog import Catalog
@@ -45,6 +45,25 @@ def _not_found_400(message: str) -> NotFoundError:
 
 def _invalid_key() -> AuthenticationError:
     return AuthenticationError(_messages.MSG_INVALID_REQUEST_KEY)
+
+
+def _compressed_diff(
+    req: _messages.ReportRequest, wanted: dict[str, Any] | None, spec: agg.ModelSpec
+) -> compression.CompressedDiff:
+    """Validate a compressed report against what its process asked for (``wanted``)."""
+    if wanted is None:
+        raise InvalidRequestError(
+            "this process takes no compressed reports (its server_config.compression "
+            "is null): send the diff as plain State bytes"
+        )
+    if req.compression != wanted["kind"]:
+        raise InvalidRequestError(
+            f"this process takes {wanted['kind']!r}-compressed reports, not "
+            f"{req.compression!r}"
+        )
+    return compression.decode(
+        req.compression, req.diff, spec.shapes, spec.dtypes, fraction=wanted.get("fraction")
+    )
 
 
 class WorkerApi:
@@ -141,7 +160,11 @@ class WorkerApi:
         if req.ping is not None or req.download is not None or req.upload is not None:
             storage.store_speeds(conn, worker.id, req.ping, req.download, req.upload)
         if worker.status != "running":
-            return _messages.CycleRejected(None, f"the FL process is {worker.status}").to_json()
+            reason = f"the FL process is {worker.status}"
+            if worker.status == "finished":  # maybe its privacy budget is spent
+                why = privacy.finished_reason(conn, process.id, cfg)
+                reason = f"{reason}: {why}" if why else reason
+            return _messages.CycleRejected(None, reason).to_json()
         cycle = conn.execute(storage.open_cycle_locked, {"process_id": process.id}).first()
         if cycle is None:
             return _messages.CycleRejected(None, "the FL process has no open cycle").to_json()
@@ -179,6 +202,7 @@ class WorkerApi:
             protocols=dict(process.protocol_ids),
             client_config=process.client_config,
             plan_digests=dict(process.plan_digests),
+            compression=cfg.get("compression"),
         ).to_json()
 
     def _full_cycle_rejection(self, req: _messages.CycleRequest) -> dict[str, Any] | None:
@@ -292,13 +316,18 @@ class WorkerApi:
                     f"cycle {match.sequence} is closed ({match.status}): the report came too late"
                 )
             _, _, spec = self.catalog.checkpoint(conn, match.checkpoint_id)
+            process_config = self.catalog.process(conn, match.process_id).server_config
         # 2. decode and validate the diff outside any lock
-        try:
-            # refused as soon as it departs from the model: cost O(model tensors), not O(bytes)
-            diff = state.loads(req.diff, expect=zip(spec.shapes, spec.dtypes, strict=True))
-        except GridflError as e:
-            raise InvalidRequestError(f"diff is not valid State bytes: {e}") from e
-        agg.validate_diff(diff, spec)
+        diff: Sequence[Any]
+        if req.compression is not None:
+            diff = _compressed_diff(req, process_config.get("compression"), spec)
+        else:
+            try:
+                # refused as soon as it departs from the model: O(model tensors), not O(bytes)
+                diff = state.loads(req.diff, expect=zip(spec.shapes, spec.dtypes, strict=True))
+            except GridflError as e:
+                raise InvalidRequestError(f"diff is not valid State bytes: {e}") from e
+            agg.validate_diff(diff, spec)
         # 3. fold in, mark reported, maybe complete: one transaction, cycle row locked
         completed = False
         cycle_id = match.cycle_id

@@ -238,7 +238,11 @@ async function processPage(signal, name, version) {
       }
       throw e;
     }
-    for (const c of s.cycles) cycles.set(c.sequence, c);
+    for (const c of s.cycles) {
+      // with DP, the node reports the ε spent after each completed cycle: chart it too
+      if (c.epsilon !== undefined && c.epsilon !== null) c.metrics = {...c.metrics, epsilon: c.epsilon};
+      cycles.set(c.sequence, c);
+    }
     const oldest = s.cycles.length ? s.cycles[0].sequence : null;
     gap = after !== null && oldest !== null && oldest > after + 1 && !cycles.has(oldest - 1);
     const closed = s.cycles.filter((c) => c.status !== "open").map((c) => c.sequence);
