@@ -156,3 +156,26 @@ def test_hostile_name_is_text_narrow_layout_and_keyboard(page: Page, live):
     expect(page.get_by_role("heading", name="Node")).to_be_focused()
     expect(page.get_by_text("sqlite", exact=True)).to_be_visible()
     assert page.evaluate(no_scroll)
+
+
+def test_dp_epsilon_is_charted(page: Page, live):
+    from tests.dashboard.conftest import CycleDriver
+
+    dp = {"noise_multiplier": 1.0, "clip_norm": 0.5, "population_size": 1000,
+          "max_epsilon": 100.0}
+    name = live.host(server_config={"max_diffs": 1, "max_workers": 1, "cycle_length": 600,
+                                    "differential_privacy": dp})
+    driver = CycleDriver(live, name)
+    try:
+        driver.close_cycle(loss=0.5)
+        sign_in(page, live.url)
+        page.goto(f"{live.url}/dashboard/#/process/{name}/1.0")
+        chart = page.locator('figure[data-chart="Privacy budget ε"]')
+        expect(chart).to_have_attribute("data-points", "1")
+        driver.close_cycle(loss=0.4)
+        expect(chart).to_have_attribute("data-points", "2")
+    finally:
+        driver.close()
+    spent = live.status(name)["privacy"]["epsilon"]
+    label = re.compile(f"epsilon {spent:#.3g}")  # 3 significant digits, as toPrecision(3)
+    expect(chart).to_have_attribute("aria-label", label)
