@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   federated MNIST on an embedded grid node (creates the venv first)
-#   make test   the test suite (creates the venv, starts PostgreSQL for the contract tests)
-#               and the docs build
+#   make test   the test suite (creates the venv, starts PostgreSQL for the contract tests,
+#               installs Chromium for the dashboard's browser tests) and the docs build
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -25,6 +25,7 @@ demo: venv
 INTEROP := tests/interop/node_modules/.package-lock.json
 
 test: venv $(INTEROP) docs lint
+	scripts/ensure-chromium
 	. scripts/ensure-postgres && $(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -q --no-header -p no:cacheprovider --doctest-modules src \
 		--ignore=src/gridfl/server/migrations

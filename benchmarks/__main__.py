@@ -18,6 +18,7 @@ BENCHMARKS = {
     "worker": "benchmarks.bench_worker",  # a worker's CPU per cycle, phase by phase
     "strategies": "benchmarks.bench_strategies",  # CNN: fold, completion, memory per rule
     "fl": "benchmarks.bench_fl",  # federated MNIST s/cycle vs compute floor, Flower alongside
+    "dashboard": "benchmarks.bench_dashboard",  # 2NN demo s/cycle with and without a page open
     "simulation": "benchmarks.bench_simulation",  # memory at N=100 vs N=10,000 clients
     "compression": "benchmarks.bench_compression",  # compressed reports: bytes, CPU, accuracy
     "fedbuff": "benchmarks.bench_fedbuff",  # async vs sync with 5 of 10 workers 5x slower

@@ -26,7 +26,13 @@ def test_short_demo_run_trains_and_writes_results(tmp_path, capfd):
         data_dir=tmp_path / "data",
         out_dir=tmp_path / "out",
     )
-    result = run_demo(options, on_cycle=seen.append, on_step=steps.append)
+    dashboards = []
+    result = run_demo(options, on_cycle=seen.append, on_step=steps.append,
+                      on_dashboard=lambda url, path: dashboards.append((url, path)))
+    # the dashboard's URL, and the token to sign in with in a file only this user reads
+    ((url, token_file),) = dashboards
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/dashboard/")
+    assert token_file.stat().st_mode & 0o777 == 0o600 and len(token_file.read_text()) > 16
 
     assert [c.cycle for c in result.cycles] == [1, 2, 3] == [c.cycle for c in seen]
     # start-up shows each step as it begins: both compilations, the processes, hosting

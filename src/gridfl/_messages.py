@@ -62,6 +62,7 @@ __all__ = [
     "CycleAccepted",
     "CycleRejected",
     "CycleRequest",
+    "DashboardSignIn",
     "ReportRequest",
     "ReportResponse",
     "binary_report_data",
@@ -78,6 +79,7 @@ __all__ = [
     "parse_authenticate_response",
     "parse_cycle_request",
     "parse_cycle_response",
+    "parse_dashboard_sign_in",
     "parse_json",
     "parse_max_bytes",
     "parse_report",
@@ -927,3 +929,27 @@ def parse_timeout(value: Any) -> int | None:
     if not math.isfinite(seconds):
         return None
     return max(0, math.ceil(seconds))
+
+
+# --- the dashboard ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DashboardSignIn:
+    """``POST /dashboard/api/session``: sign in to the dashboard with the admin token
+    (sent once in the body, never in a URL; the reply sets the session cookie).
+
+    >>> parse_dashboard_sign_in({"token": "s3cret"})
+    DashboardSignIn(token='s3cret')
+    >>> parse_dashboard_sign_in({"token": 7})
+    Traceback (most recent call last):
+    gridfl._exceptions.InvalidRequestError: 'token' must be the node's admin token, a string
+    """
+
+    token: str = field(metadata={"minLength": 1, "maxLength": 4096})
+
+
+def parse_dashboard_sign_in(data: Any) -> DashboardSignIn:
+    data = _obj(data, "sign-in")
+    token = data.get("token")
+    if not isinstance(token, str) or not 0 < len(token) <= 4096:
+        raise InvalidRequestError("'token' must be the node's admin token, a string")
+    return DashboardSignIn(check_text(token, "'token'"))

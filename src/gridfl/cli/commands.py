@@ -168,7 +168,15 @@ def demo(**kw: Any) -> None:
             _add_row(table, c)
             live.update(table)
 
-        result = run_demo(options, on_cycle=on_cycle, on_step=on_step)
+        def on_dashboard(url: str, token_file: Path) -> None:
+            console.print(
+                f"[bold]dashboard[/]: {url} (while the demo runs; sign in with the admin "
+                f"token in {token_file})"
+            )
+
+        result = run_demo(
+            options, on_cycle=on_cycle, on_step=on_step, on_dashboard=on_dashboard
+        )
     if not options.evaluate:
         table = _cycle_table(private=options.dp_noise is not None)
         for c in result.cycles:

@@ -190,6 +190,7 @@ def run_demo(
     *,
     on_cycle: Callable[[CycleResult], None] | None = None,
     on_step: Callable[[str], None] | None = None,
+    on_dashboard: Callable[[str, Path], None] | None = None,
 ) -> RunResult:
     """Run a whole federated training and return its results (also saved to ``out_dir``).
 
@@ -198,6 +199,9 @@ def run_demo(
     hosting), since start-up can take half a minute before the first cycle closes::
 
         run_demo(DemoOptions(model="2nn"), on_step=print)
+
+    ``on_dashboard`` gets the node's dashboard URL and the file holding the admin token
+    to sign in with (readable by this user only) once the node is up.
     """
     step = on_step or (lambda message: None)
     options.validate()
@@ -271,6 +275,8 @@ def run_demo(
             _wait_healthy(url, node_proc)
             node_up = time.perf_counter()
             result.node_boot_seconds = round(node_up - node_started, 2)
+            if on_dashboard is not None:
+                on_dashboard(f"{url}/dashboard/", _token_file(options.data_dir, token))
             step(f"node up in {result.node_boot_seconds:.1f} s; hosting {name} version {version}")
             with contextlib.suppress(GridflError):
                 host.delete(name, version)  # a previous run in the same data dir
@@ -398,6 +404,17 @@ def _compute_slots(n: int) -> Iterator[Path | None]:
             yield path
         finally:
             os.close(fd)
+
+
+def _token_file(data_dir: Path, token: str) -> Path:
+    """This run's admin token in ``data_dir/demo-admin-token``, mode 0600 (never printed:
+    terminals and CI logs are kept)."""
+    path = data_dir / "demo-admin-token"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return path
 
 
 @contextlib.contextmanager

@@ -179,3 +179,63 @@ def delete(engine: Engine, name: str, version: str | None) -> dict[str, Any]:
         p = process_named(conn, name, version)
         storage.delete_process(conn, p.id)
     return {"status": "success", "name": p.name, "version": p.version}
+
+
+def overview(engine: Engine) -> list[dict[str, Any]]:
+    """Each process's summary plus what a list of them shows: the reports of its newest
+    cycle, its strategy's name, the ε spent when it trains with DP and its last activity."""
+    with db.read(engine) as conn:
+        out = []
+        for p in storage.all_processes(conn):
+            entry = _summary(conn, p)
+            cycle_rows = storage.recent_cycles(conn, p.id, 2)
+            seats = storage.seats_of(conn, [c.id for c in cycle_rows]).all() if cycle_rows else []
+            newest = cycle_rows[0] if cycle_rows else None
+            reported = [s for s in seats if newest and s.cycle_id == newest.id and s.reported_at]
+            times = [p.created_at, *(s.reported_at or 0 for s in seats)]
+            times += [t or 0 for c in cycle_rows for t in (c.start_at, c.closed_at)]
+            dp = privacy.status(conn, p)
+            entry.update(
+                reports=len(reported),
+                strategy=_strategy(conn, p)["name"],
+                epsilon=None if dp is None else dp["epsilon"],
+                last_activity=max(times),
+            )
+            out.append(entry)
+        return out
+
+
+def workers_seen(engine: Engine, name: str, version: str | None, last: int = 200) -> list[dict]:
+    """The process's newest workers with their speed-test figures (None: not measured)."""
+    with db.read(engine) as conn:
+        p = process_named(conn, name, version)
+        return [
+            {"worker_id": r.id, "created_at": r.created_at, "ping": r.ping,
+             "download": r.download, "upload": r.upload}
+            for r in storage.workers_of(conn, p.id, last)
+        ]
+
+
+def database_info(engine: Engine) -> dict[str, Any]:
+    """The database's kind, whether it answers (and how fast) and, on PostgreSQL, the
+    server processes listening on it."""
+    import sqlalchemy as sa
+
+    kind = engine.dialect.name
+    info: dict[str, Any] = {"kind": kind, "healthy": False, "latency_ms": None,
+                            "server_processes": None, "error": None}
+    started = time.perf_counter()
+    try:
+        with db.read(engine) as conn:
+            conn.execute(sa.text("SELECT 1")).scalar()
+            info["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            info["healthy"] = True
+            if kind == "postgresql":
+                info["server_processes"] = [
+                    {"pid": r.pid, "client_addr": r.client_addr,
+                     "since": r.backend_start.timestamp()}
+                    for r in storage.node_listeners(conn)
+                ]
+    except sa.exc.SQLAlchemyError as e:
+        info["error"] = str(e).splitlines()[0][:300]
+    return info

@@ -1,8 +1,8 @@
 """The ASGI app: WebSocket at ``/``, worker HTTP under ``/model-centric/``, admin under
-``/gridfl/v1/``. This module wires the parts together at startup (:func:`create_app`);
-the routes are in :mod:`gridfl.server.routes`, the socket in
-:mod:`gridfl.server.websocket`, held requests in :mod:`gridfl.server.held` and the
-background tasks in :mod:`gridfl.server.background`.
+``/gridfl/v1/``, the web dashboard under ``/dashboard`` (:mod:`gridfl.server.dashboard`).
+This module wires the parts together at startup (:func:`create_app`); the routes are in
+:mod:`gridfl.server.routes`, the socket in :mod:`gridfl.server.websocket`, held requests
+in :mod:`gridfl.server.held` and the background tasks in :mod:`gridfl.server.background`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
+from gridfl.server import dashboard
 from gridfl.server.background import (
     Answering,
     cycle_listener,
@@ -84,7 +85,7 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
                 n.close()
 
     app = Starlette(
-        routes=routes(),
+        routes=[*routes(), *dashboard.routes()],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[

@@ -476,7 +476,9 @@ def spec() -> dict[str, Any]:
     """The OpenAPI document (a fresh dict)."""
     import copy
 
-    return copy.deepcopy(
+    from gridfl.server.dashboard_openapi import extend
+
+    return extend(copy.deepcopy(
         {
             "openapi": "3.0.3",
             "info": {
@@ -500,4 +502,4 @@ def spec() -> dict[str, Any]:
                 },
             },
         }
-    )
+    ))

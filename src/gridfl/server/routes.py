@@ -187,8 +187,9 @@ def _wait_param(request: Request) -> float:
     return wait
 
 
-@_admin
-async def process_status(request: Request) -> Response:
+async def held_status_request(request: Request) -> tuple[str, str | None, int]:
+    """A status request's process, its ``cycles`` (how many to list) and, with ``wait``,
+    held until a cycle newer than ``after`` closes (shared with the dashboard's)."""
     name, version = _pv(request)
     last = _int_param(request, "cycles", 100, 1, _messages.MAX_STATUS_CYCLES)
     wait = _wait_param(request)
@@ -197,6 +198,12 @@ async def process_status(request: Request) -> Response:
         after = _int_param(request, "after", 0, 0, MAX_INT)
     if wait > 0:
         await hold_status(request.app, name, version, after, wait)
+    return name, version, last
+
+
+@_admin
+async def process_status(request: Request) -> Response:
+    name, version, last = await held_status_request(request)
     node = _node(request)
     status = await anyio.to_thread.run_sync(lambda: node.status(name, version, last=last))
     return JSONResponse(status)

@@ -461,3 +461,27 @@ def checkpoint_id(conn: Connection, process_id: int, ref: str) -> int | None:
     else:
         return None
     return conn.execute(stmt).scalar()
+
+
+# ---------------------------------------------------------------- dashboard
+def workers_of(conn: Connection, process_id: int, last: int):
+    """The process's ``last`` newest workers: id, created_at and speed-test figures."""
+    return conn.execute(
+        sa.select(workers.c.id, workers.c.created_at, workers.c.ping, workers.c.download,
+                  workers.c.upload)
+        .where(workers.c.process_id == process_id)
+        .order_by(workers.c.created_at.desc())
+        .limit(last)
+    ).all()
+
+
+def node_listeners(conn: Connection):
+    """PostgreSQL only: the sessions on this database LISTENing for cycle news, one per
+    running server process (pid, client address, since when)."""
+    return conn.execute(
+        sa.text(
+            "SELECT pid, client_addr::text AS client_addr, backend_start FROM pg_stat_activity"
+            " WHERE datname = current_database() AND query ILIKE 'LISTEN %'"
+            " ORDER BY backend_start"
+        )
+    ).all()
