@@ -18,8 +18,8 @@ from gridfl.server.openapi import (
     _path,
     _query,
     _ref,
-    message_schema,
 )
+from gridfl.server.openapi_schemas import message_schema
 
 _SESSION: list[dict[str, list[str]]] = [{"dashboard_session": []}]
 _NULLABLE_NUMBER = {"type": "number", "nullable": True}
