@@ -284,6 +284,8 @@ def _number(data: dict, key: str) -> float | None:
 # --- requests -------------------------------------------------------------------------------
 #: longest ``wait`` a cycle request may ask for
 MAX_WAIT = 60.0
+#: most protocol names a cycle request may list
+MAX_WORKER_PROTOCOLS = 16
 #: most cycles (and checkpoints) one admin status call lists (``?cycles=``)
 MAX_STATUS_CYCLES = 1000
 
@@ -345,6 +347,15 @@ class CycleRequest:
             "description": "gridfl: hold a rejection up to this many seconds",
         },
     )
+    #: gridfl extension: the protocols this worker runs (a process hosted with one is
+    #: refused to workers that do not name it, such as syft.js)
+    protocols: list[str] | None = field(
+        default=None,
+        metadata={
+            "maxItems": MAX_WORKER_PROTOCOLS,
+            "description": "gridfl: protocols this worker runs, e.g. secure_aggregation",
+        },
+    )
 
     def to_json(self) -> dict[str, Any]:
         return _present(
@@ -356,6 +367,7 @@ class CycleRequest:
                 "download": self.download,
                 "upload": self.upload,
                 "wait": self.wait or None,  # 0 is the default: PyGrid is sent no extension
+                "protocols": self.protocols or None,
             }
         )
 
@@ -439,7 +451,23 @@ def parse_cycle_request(data: Any) -> CycleRequest:
         download=_number(data, "download"),
         upload=_number(data, "upload"),
         wait=_wait(data),
+        protocols=_protocol_names(data),
     )
+
+
+def _protocol_names(data: dict[str, Any]) -> list[str] | None:
+    value = data.get("protocols")
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_WORKER_PROTOCOLS
+        or not all(isinstance(v, str) and 0 < len(v) <= 64 for v in value)
+    ):
+        raise InvalidRequestError(
+            f"'protocols' must be a list of at most {MAX_WORKER_PROTOCOLS} protocol names"
+        )
+    return value
 
 
 def _wait(data: dict[str, Any]) -> float:

@@ -28,6 +28,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "minimum_download_speed": None,
     "iterative_plan": False,
     "authentication": None,
+    "secure_aggregation": None,
 }
 
 _AUTH_KEYS = {"type", "secret", "pub_key", "endpoint"}
@@ -175,9 +176,7 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
             f"server_config: unknown keys {sorted(unknown)}; known: {sorted(SERVER_DEFAULTS)}"
         )
     out = {**SERVER_DEFAULTS, **cfg}
-    _num(
-        out, "cycle_length", minimum=MIN_CYCLE_LENGTH, nullable=True, maximum=MAX_CYCLE_LENGTH
-    )
+    _num(out, "cycle_length", minimum=MIN_CYCLE_LENGTH, nullable=True, maximum=MAX_CYCLE_LENGTH)
     _int(out, "num_cycles", minimum=0, nullable=False)
     for key in ("min_diffs", "max_diffs", "max_workers"):
         _int(out, key, minimum=1, nullable=True)
@@ -197,7 +196,26 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
     if out["min_diffs"] and out["max_workers"] and out["max_workers"] < out["min_diffs"]:
         raise ConfigError("server_config.max_workers must be >= min_diffs")
     out["authentication"] = validate_authentication(out["authentication"])
+    out["secure_aggregation"] = validate_secure_aggregation(out)
     return out
+
+
+def validate_secure_aggregation(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """``server_config.secure_aggregation`` normalized (docs/secure-aggregation.md), or
+    None; refused with a rule that needs each diff (an iterative averaging plan)."""
+    if cfg["secure_aggregation"] is None:
+        return None
+    from dataclasses import asdict
+
+    from gridfl.secagg import SecAggParams
+
+    params = SecAggParams.from_config(cfg["secure_aggregation"], max_workers=worker_capacity(cfg))
+    if cfg["iterative_plan"]:
+        raise ConfigError(
+            "server_config.secure_aggregation cannot be combined with iterative_plan: the node "
+            "sees only the sum of the diffs, and an averaging plan is called on each diff"
+        )
+    return asdict(params)
 
 
 def worker_capacity(cfg: dict[str, Any]) -> int | None:

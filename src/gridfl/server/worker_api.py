@@ -121,6 +121,9 @@ class WorkerApi:
                 f"'{process.version}'; authenticate for '{req.model}' first"
             )
         cfg = process.server_config
+        unsupported = rules.missing_protocol(cfg, req.protocols)
+        if unsupported is not None:  # no timeout: retrying cannot help this worker
+            return _messages.CycleRejected(None, unsupported).to_json()
         missing = rules.missing_speed_field(cfg, req.ping, req.download, req.upload)
         if missing is not None:
             raise InvalidRequestError(f"'{missing}' is required")
@@ -182,6 +185,9 @@ class WorkerApi:
             req.version is not None and req.version != process.version
         ):
             return None
+        unsupported = rules.missing_protocol(process.server_config, req.protocols)
+        if unsupported is not None:
+            return _messages.CycleRejected(None, unsupported).to_json()
         reason = rules.full_cycle_reason(
             process.server_config, accepted=row.accepted, taken=row.taken is not None
         )
