@@ -176,7 +176,9 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
             f"server_config: unknown keys {sorted(unknown)}; known: {sorted(SERVER_DEFAULTS)}"
         )
     out = {**SERVER_DEFAULTS, **cfg}
-    _num(out, "cycle_length", minimum=MIN_CYCLE_LENGTH, nullable=True, maximum=MAX_CYCLE_LENGTH)
+    _num(
+        out, "cycle_length", minimum=MIN_CYCLE_LENGTH, nullable=True, maximum=MAX_CYCLE_LENGTH
+    )
     _int(out, "num_cycles", minimum=0, nullable=False)
     for key in ("min_diffs", "max_diffs", "max_workers"):
         _int(out, key, minimum=1, nullable=True)

@@ -113,13 +113,16 @@ def admit(
     ):
         limit = cfg.get(limit_key)
         if limit is not None and value < limit:
-            return Admission.reject(f"{key} speed {value:g} Mbit/s is below the minimum {limit:g}")
+            return Admission.reject(
+                f"{key} speed {value:g} Mbit/s is below the minimum {limit:g}"
+            )
     k = cfg.get("do_not_reuse_workers_until_cycle") or 0
     if k > 1:
         last = last_joined()
         if last is not None and sequence < last + k:
             return Admission.reject(
-                f"this worker took part in cycle {last}; it may join again from cycle {last + k}"
+                f"this worker took part in cycle {last}; it may join again from "
+                f"cycle {last + k}"
             )
     cap = worker_capacity(cfg)
     if cap is not None:
