@@ -54,6 +54,7 @@ __all__ = [
     "MSG_WORKER_NOT_FOUND",
     "PLAN_VARIANTS",
     "REPORT",
+    "SECURE_AGGREGATION",
     "SOCKET_PING",
     "WS_TYPES",
     "AssetRequest",
@@ -64,6 +65,7 @@ __all__ = [
     "CycleRequest",
     "ReportRequest",
     "ReportResponse",
+    "SecAggRequest",
     "binary_report_data",
     "check_json_values",
     "check_text",
@@ -82,6 +84,7 @@ __all__ = [
     "parse_max_bytes",
     "parse_report",
     "parse_report_response",
+    "parse_secagg",
     "parse_timeout",
     "parse_ws_frame",
     "select_subprotocol",
@@ -96,11 +99,13 @@ CYCLE_REQUEST = "model-centric/cycle-request"
 REPORT = "model-centric/report"
 HOST_TRAINING = "model-centric/host-training"
 SOCKET_PING = "socket-ping"
+#: gridfl extension: one stage of secure aggregation (docs/secure-aggregation.md)
+SECURE_AGGREGATION = "model-centric/secure-aggregation"
 #: downloads: HTTP ``GET /`` + type; WebSocket requests only with :data:`BINARY_SUBPROTOCOL`
 GET_MODEL = "model-centric/get-model"
 GET_PLAN = "model-centric/get-plan"
 GET_PROTOCOL = "model-centric/get-protocol"
-WS_TYPES = frozenset({AUTHENTICATE, CYCLE_REQUEST, REPORT, SOCKET_PING})
+WS_TYPES = frozenset({AUTHENTICATE, CYCLE_REQUEST, REPORT, SOCKET_PING, SECURE_AGGREGATION})
 
 #: plan variants ``get-plan`` serves (``receive_operations_as``)
 PLAN_VARIANTS = ("onnx", "tfjs", "torchscript", "list")
@@ -513,6 +518,48 @@ def b64encode(data: bytes) -> str:
 
 def encode_diff(diff: bytes) -> str:
     return b64encode(diff)
+
+
+#: the stages a secure-aggregation message may name (gridfl.secagg.messages.STAGES)
+SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+
+
+@dataclass(frozen=True)
+class SecAggRequest:
+    """``model-centric/secure-aggregation`` (gridfl extension): a worker's message for one
+    stage of secure aggregation in the cycle it was accepted into, or, with ``message``
+    null, its request for what the node has for it at that stage.
+
+    >>> parse_secagg(SecAggRequest("w1", "k", "unmask").to_json()).stage
+    'unmask'
+    """
+
+    worker_id: str
+    request_key: str
+    stage: str = field(metadata={"enum": list(SECAGG_STAGES)})
+    message: dict[str, Any] | None = field(
+        default=None,
+        metadata={"description": "the stage's message (gridfl.secagg.messages); null: poll"},
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "request_key": self.request_key,
+            "stage": self.stage,
+            "message": self.message,
+        }
+
+
+def parse_secagg(data: Any) -> SecAggRequest:
+    data = _obj(data, "secure-aggregation")
+    stage = data.get("stage")
+    if stage not in SECAGG_STAGES:
+        raise InvalidRequestError(f"'stage' must be one of {', '.join(SECAGG_STAGES)}")
+    message = data.get("message")
+    if message is not None and not isinstance(message, dict):
+        raise InvalidRequestError("'message' must be an object or null")
+    return SecAggRequest(_str(data, "worker_id"), _str(data, "request_key"), stage, message)
 
 
 def parse_report(data: Any) -> ReportRequest:

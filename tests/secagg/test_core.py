@@ -4,6 +4,8 @@ numpy, independently of the protocol's masking and unmasking."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -37,13 +39,33 @@ def params(n: int, threshold: int, neighbours=None, **kw) -> SecAggParams:
     return SecAggParams.from_config({**cfg, **kw}, max_workers=n)
 
 
-def run(p, inputs, weights, drop=None, tamper=None):
+class ReloadingNode:
+    """A NodeSession stored and reloaded around every call, as the server does between
+    messages (any server process may take the next one)."""
+
+    def __init__(self, p, length):
+        self.args = (p, SESSION, length)
+        self.saved = NodeSession(*self.args).to_state()
+
+    def __getattr__(self, name):
+        def call(*a):
+            node = NodeSession.from_state(*self.args, *self.saved)
+            out = getattr(node, name)(*a)
+            self.saved = node.to_state()
+            self.last = node
+            return out
+
+        return call
+
+
+def run(p, inputs, weights, drop=None, tamper=None, reload=True):
     """Run the four stages; ``drop[stage]`` = worker ids that go silent at that stage.
-    Returns the node's signed sum, or raises what the node raised."""
+    Returns the node's signed sum and its last state, or raises what the node raised."""
     drop = drop or {}
     ids = sorted(inputs)
     workers = {u: WorkerSession(p, u, SESSION) for u in ids}
-    node = NodeSession(p, SESSION, length=next(iter(inputs.values())).size + 1)
+    length = next(iter(inputs.values())).size + 1
+    node: Any = ReloadingNode(p, length) if reload else NodeSession(p, SESSION, length)
     alive = [u for u in ids if u not in drop.get(1, ())]
     for u in alive:
         node.add_keys(u, AdvertiseKeys.from_json(workers[u].advertise().to_json()))
@@ -65,7 +87,7 @@ def run(p, inputs, weights, drop=None, tamper=None):
     for u in alive:
         msg = workers[u].unmask(UnmaskRequest.from_json(requests[u].to_json()))
         node.add_unmask(u, UnmaskShares.from_json(msg.to_json()))
-    return node.close_stage(), node
+    return node.close_stage(), node.last if reload else node
 
 
 def encode_exact(k: np.ndarray, weight: int, p: SecAggParams) -> np.ndarray:
@@ -111,13 +133,25 @@ def test_sum_is_exact_with_dropouts_at_each_stage(neighbours, stage, dropouts):
 
 
 def test_secagg_plus_with_100_workers_and_dropouts_at_stages_3_and_4():
+    """k = 8, t = 5: any 4 dropouts leave every neighbourhood 5 of its 9 shares."""
     n = 100
-    p = params(n, 5, neighbours=7, min_survivors=50)  # degree 8, 9 shares, t = 5
+    p = params(n, 5, neighbours=8, min_survivors=50)
     inputs, weights = make_inputs(n, 20, seed=5)
     ids = sorted(inputs)
-    total, node = run(p, inputs, weights, drop={3: ids[0:10:2], 4: ids[50:60]})
+    total, node = run(p, inputs, weights, drop={3: ids[0:2], 4: ids[50:52]})
     assert all(len(node.graph[u]) == 8 for u in node.graph)
-    survivors = [u for u in ids if u not in ids[0:10:2]]
+    np.testing.assert_array_equal(total, expected_sum(inputs, weights, ids[2:]))
+
+
+@pytest.mark.parametrize("stage", [2, 3, 4])
+def test_plain_secagg_with_100_workers_and_n_minus_t_dropouts(stage):
+    n = 100
+    p = params(n, 51)
+    inputs, weights = make_inputs(n, 8, seed=stage)
+    ids = sorted(inputs)
+    gone = ids[: n - p.threshold]
+    total, _ = run(p, inputs, weights, drop={stage: gone}, reload=False)
+    survivors = ids if stage == 4 else ids[n - p.threshold :]
     np.testing.assert_array_equal(total, expected_sum(inputs, weights, survivors))
 
 

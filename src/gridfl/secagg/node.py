@@ -22,10 +22,12 @@ requests; ``add_unmask`` ... ``close_stage()`` -> the signed sum (see
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
 
+from gridfl import _messages
 from gridfl._exceptions import (
     AggregationAbortedError,
     ConflictError,
@@ -69,6 +71,8 @@ class NodeSession:
         self.masked: set[str] = set()
         self.answers: dict[str, UnmaskShares] = {}
         self.requests: dict[str, UnmaskRequest] = {}
+        #: the signed sum of the survivors' inputs, once the last stage closed
+        self.result: np.ndarray | None = None
 
     # ---------------------------------------------------------------- submissions
     def _expect(self, stage: str, worker_id: str, allowed: Any, seen: Any) -> None:
@@ -120,13 +124,15 @@ class NodeSession:
         """End the current stage (all expected messages in, or its timeout) and return
         what goes to each worker next; raises AggregationAbortedError when too few remain."""
         stage = self.stage
-        closing = {
+        closing: Callable[[], Any] = {
             ADVERTISE: self._close_advertise,
             SHARE: self._close_share,
             MASKED: self._close_masked,
             UNMASK: self._close_unmask,
         }[stage]
         result = closing()
+        if stage == UNMASK:
+            self.result = result
         self.stage = STAGES[STAGES.index(stage) + 1] if stage != UNMASK else DONE
         return result
 
@@ -142,17 +148,11 @@ class NodeSession:
         self._need(len(self.keys), "advertised keys")
         ids = sorted(self.keys)
         self.graph = neighbour_graph(ids, self.params.degree(len(ids)))
-        return {
-            u: Roster({v: (self.keys[v].cipher_key, self.keys[v].mask_key) for v in self.graph[u]})
-            for u in ids
-        }
+        return {u: self.roster_for(u) for u in ids}
 
     def _close_share(self) -> dict[str, EncryptedShares]:
         self._need(len(self.shared), "shared keys")
-        return {
-            u: EncryptedShares({v: self.shared[v][u] for v in self.graph[u] if v in self.shared})
-            for u in self.shared
-        }
+        return {u: self.shares_for(u) for u in self.shared}
 
     def _close_masked(self) -> dict[str, UnmaskRequest]:
         self._need(len(self.masked), "sent masked inputs")
@@ -162,6 +162,67 @@ class NodeSession:
                 survivors=sorted((near & self.masked) | {u}), dropped=sorted(near - self.masked)
             )
         return dict(self.requests)
+
+    # ---------------------------------------------------------------- what each worker gets
+    def roster_for(self, u: str) -> Roster:
+        """Stage 2's message to ``u``: its neighbours' public keys."""
+        return Roster({v: (self.keys[v].cipher_key, self.keys[v].mask_key) for v in self.graph[u]})
+
+    def shares_for(self, u: str) -> EncryptedShares:
+        """Stage 3's message to ``u``: the sealed shares its neighbours addressed to it."""
+        return EncryptedShares({v: self.shared[v][u] for v in self.graph[u] if v in self.shared})
+
+    def participants(self, stage: str) -> Collection[str]:
+        """Who is expected to send a message at ``stage`` (the previous stage's senders)."""
+        expected: dict[str, Collection[str]] = {
+            ADVERTISE: self.keys,
+            SHARE: self.graph,
+            MASKED: self.shared,
+            UNMASK: self.requests,
+        }
+        return expected[stage]
+
+    def received(self, stage: str) -> int:
+        """How many workers sent their message at ``stage``."""
+        sent: dict[str, Collection[str]] = {
+            ADVERTISE: self.keys,
+            SHARE: self.shared,
+            MASKED: self.masked,
+            UNMASK: self.answers,
+        }
+        return len(sent[stage])
+
+    # ---------------------------------------------------------------- persistence
+    def to_state(self) -> tuple[dict[str, Any], bytes]:
+        """``(JSON-able state, running sum bytes)``: what the database keeps between
+        messages, so that any server process can take the next one. Only public keys,
+        sealed shares, who sent what, and the masked running sum."""
+        b64 = _messages.b64encode
+        return {
+            "stage": self.stage,
+            "keys": {u: m.to_json() for u, m in self.keys.items()},
+            "graph": {u: sorted(v) for u, v in self.graph.items()},
+            "shared": {u: {v: b64(c) for v, c in m.items()} for u, m in self.shared.items()},
+            "masked": sorted(self.masked),
+            "requests": {u: r.to_json() for u, r in self.requests.items()},
+            "answers": {u: a.to_json() for u, a in self.answers.items()},
+        }, self.total.astype("<u8").tobytes()
+
+    @classmethod
+    def from_state(
+        cls, params: SecAggParams, session: bytes, length: int, data: dict, total: bytes
+    ) -> NodeSession:
+        node = cls(params, session, length)
+        node.stage = data["stage"]
+        node.keys = {u: AdvertiseKeys.from_json(m) for u, m in data["keys"].items()}
+        node.graph = {u: frozenset(v) for u, v in data["graph"].items()}
+        b64d = _messages.b64decode
+        node.shared = {u: {v: b64d(c) for v, c in m.items()} for u, m in data["shared"].items()}
+        node.masked = set(data["masked"])
+        node.requests = {u: UnmaskRequest.from_json(r) for u, r in data["requests"].items()}
+        node.answers = {u: UnmaskShares.from_json(a) for u, a in data["answers"].items()}
+        node.total = np.frombuffer(total, "<u8").astype(np.uint64)
+        return node
 
     def _close_unmask(self) -> np.ndarray:
         """Remove every mask from the running sum; the signed sum of the survivors' inputs."""

@@ -65,9 +65,10 @@ def add_masks(
 
 
 class WorkerSession:
-    """One worker's run of the four stages of one cycle (``session`` names the cycle)."""
+    """One worker's run of the four stages of one cycle (``session`` names the cycle; a
+    worker that learns it from the node's first reply passes it to :meth:`bind`)."""
 
-    def __init__(self, params: SecAggParams, worker_id: str, session: bytes) -> None:
+    def __init__(self, params: SecAggParams, worker_id: str, session: bytes = b"") -> None:
         self.params = params
         self.me = worker_id
         self.session = session
@@ -77,6 +78,12 @@ class WorkerSession:
         self._seed = secrets.token_bytes(crypto.KEY_BYTES)
         self._roster: dict[str, tuple[bytes, bytes]] = {}
         self._held: dict[str, tuple[shamir.Share, shamir.Share]] = {}
+
+    def bind(self, session: bytes) -> None:
+        """Set the cycle's session name; a node that changes it mid-cycle is refused."""
+        if self.session and session != self.session:
+            raise ProtocolError("the node changed the secure-aggregation session mid-cycle")
+        self.session = session
 
     def _enter(self, stage: str) -> None:
         expected = STAGES[STAGES.index(self.done) + 1] if self.done else ADVERTISE
@@ -97,6 +104,8 @@ class WorkerSession:
         """Check the roster, then Shamir-share the self-mask seed and the mask key among
         the neighbours and self, each share sealed for its recipient."""
         self._enter(SHARE)
+        if not self.session:
+            raise ProtocolError("no session: bind() the cycle's session before sharing keys")
         t = self.params.threshold
         if self.me in roster.neighbours:
             raise ProtocolError("roster lists this worker as its own neighbour")

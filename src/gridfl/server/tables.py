@@ -152,3 +152,19 @@ aggregates = sa.Table(
     sa.Column("sum_w", Blob, nullable=True),
     sa.Column("sum_x", Blob, nullable=True),
 )
+
+#: a secure-aggregation cycle's protocol state (gridfl.secagg.node.NodeSession.to_state):
+#: public keys, sealed shares, who sent what, and the masked running sum; never a diff
+secagg_rounds = sa.Table(
+    "secagg_rounds",
+    metadata,
+    sa.Column(
+        "cycle_id", sa.Integer, sa.ForeignKey("cycles.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("stage", sa.String(32), nullable=False),
+    # when the current stage opened; when the first worker advertised its keys
+    sa.Column("stage_at", sa.Float, nullable=False),
+    sa.Column("first_at", sa.Float, nullable=False),
+    sa.Column("state", sa.JSON, nullable=False),
+    sa.Column("total", Blob, nullable=False),
+)

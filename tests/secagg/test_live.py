@@ -1,0 +1,108 @@
+"""Secure aggregation on a real node (uvicorn on loopback, SQLite): six workers, two of
+which drop out after advertising their keys. The checkpoint must equal the current model
+minus the num_samples-weighted mean of the four survivors' quantized diffs, computed here
+with numpy; no diff is ever sent to the node in the clear."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from gridfl import _messages
+from gridfl.secagg import SecAggParams, WorkerSession
+from gridfl.secagg import messages as m
+from gridfl.secagg.quantize import encode
+from tests.harness import HttpWorker
+
+pytest.importorskip("starlette")
+
+STEP = 1024  # quantization steps per unit: diffs k / STEP are exact (scale == STEP)
+SECAGG = {"threshold": 4, "clipping_range": 32767 / STEP, "stage_timeout": 2.0}
+
+
+def _join(worker, name) -> tuple[str, dict]:
+    st, auth = worker.call(_messages.AUTHENTICATE, {"model_name": name, "model_version": "1.0"})
+    assert st == 200, auth
+    req = {"worker_id": auth["worker_id"], "model": name, "protocols": ["secure_aggregation"]}
+    st, cyc = worker.call(_messages.CYCLE_REQUEST, req)
+    assert st == 200 and cyc["status"] == "accepted", cyc
+    return auth["worker_id"], cyc
+
+
+def _stage(worker, wid, key, stage, message=None) -> dict:
+    """Send one stage message (or poll with None until the node has this stage's)."""
+    body = {"worker_id": wid, "request_key": key, "stage": stage, "message": message}
+    while True:
+        st, reply = worker.call(_messages.SECURE_AGGREGATION, body)
+        assert st == 200, reply
+        if message is not None or reply["status"] != "waiting":
+            return reply
+        time.sleep(reply["retry_after"])
+
+
+def _run_worker(url, name, params, diff, num_samples, drop_after_keys, out, i):
+    worker = HttpWorker(url)
+    try:
+        wid, cyc = _join(worker, name)
+        key = cyc["request_key"]
+        sa = WorkerSession(params, wid)
+        reply = _stage(worker, wid, key, m.ADVERTISE, sa.advertise().to_json())
+        sa.bind(reply["session"].encode())
+        if drop_after_keys:
+            out[i] = "dropped"
+            return
+        reply = _stage(worker, wid, key, m.SHARE)
+        sa.bind(reply["session"].encode())
+        roster = m.Roster.from_json(reply["message"])
+        _stage(worker, wid, key, m.SHARE, sa.share_keys(roster).to_json())
+        shares = m.EncryptedShares.from_json(_stage(worker, wid, key, m.MASKED)["message"])
+        vec = encode(diff, num_samples, params)
+        _stage(worker, wid, key, m.MASKED, sa.masked_vector(shares, vec).to_json())
+        request = m.UnmaskRequest.from_json(_stage(worker, wid, key, m.UNMASK)["message"])
+        out[i] = _stage(worker, wid, key, m.UNMASK, sa.unmask(request).to_json())
+    except BaseException as e:  # noqa: BLE001 - reported by the test
+        out[i] = e
+    finally:
+        worker.close()
+
+
+def test_six_workers_two_drop_after_advertising_keys(server):
+    name = server.host(
+        server_config={"max_workers": 6, "max_diffs": 6, "secure_aggregation": SECAGG}
+    )
+    params = SecAggParams(**server.status(name)["server_config"]["secure_aggregation"])
+    assert params.scale == STEP
+    current = server.checkpoint(name)
+    rng = np.random.default_rng(11)
+    ks = [[rng.integers(-500, 501, p.shape) for p in current] for _ in range(6)]
+    diffs = [[(k / STEP).astype(np.float32) for k in kk] for kk in ks]
+    samples = [int(rng.integers(1, 100)) for _ in range(6)]
+    dropping = {1, 4}
+    out: list = [None] * 6
+    threads = [
+        threading.Thread(
+            target=_run_worker,
+            args=(server.url, name, params, diffs[i], samples[i], i in dropping, out, i),
+        )
+        for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    errors = [o for o in out if isinstance(o, BaseException)]
+    assert not errors, errors
+    status = server.status(name)
+    assert status["cycles"][0]["status"] == "completed", status
+    # numpy reference: the weighted mean of the survivors' quantized diffs
+    survivors = [i for i in range(6) if i not in dropping]
+    w = np.array([samples[i] for i in survivors], np.float64)
+    new = server.checkpoint(name)
+    for t, cur in enumerate(current):
+        k = np.stack([ks[i][t] for i in survivors]).astype(np.float64)
+        mean = (w.reshape(-1, *[1] * cur.ndim) * k).sum(0) / (w.sum() * STEP)
+        expected = (cur.astype(np.float64) - mean).astype(cur.dtype)
+        np.testing.assert_array_equal(new[t], expected)
