@@ -5,16 +5,16 @@ with numpy; no diff is ever sent to the node in the clear."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from gridfl import _messages
-from gridfl.secagg import SecAggParams, WorkerSession
+from gridfl import Syft, _messages, state
+from gridfl.secagg import NAME, SecAggParams, WorkerSession
 from gridfl.secagg import messages as m
-from gridfl.secagg.quantize import encode
 from tests.harness import HttpWorker
 
 pytest.importorskip("starlette")
@@ -43,33 +43,41 @@ def _stage(worker, wid, key, stage, message=None) -> dict:
         time.sleep(reply["retry_after"])
 
 
-def _run_worker(url, name, params, diff, num_samples, drop_after_keys, out, i):
+def _dropping_worker(url, name, params, drop_after, out, i):
+    """A worker driven by hand that goes silent after stage ``drop_after``."""
     worker = HttpWorker(url)
     try:
         wid, cyc = _join(worker, name)
         key = cyc["request_key"]
         sa = WorkerSession(params, wid)
         reply = _stage(worker, wid, key, m.ADVERTISE, sa.advertise().to_json())
-        sa.bind(reply["session"].encode())
-        if drop_after_keys:
-            out[i] = "dropped"
-            return
-        reply = _stage(worker, wid, key, m.SHARE)
-        sa.bind(reply["session"].encode())
-        roster = m.Roster.from_json(reply["message"])
-        _stage(worker, wid, key, m.SHARE, sa.share_keys(roster).to_json())
-        shares = m.EncryptedShares.from_json(_stage(worker, wid, key, m.MASKED)["message"])
-        vec = encode(diff, num_samples, params)
-        _stage(worker, wid, key, m.MASKED, sa.masked_vector(shares, vec).to_json())
-        request = m.UnmaskRequest.from_json(_stage(worker, wid, key, m.UNMASK)["message"])
-        out[i] = _stage(worker, wid, key, m.UNMASK, sa.unmask(request).to_json())
+        if drop_after == m.SHARE:
+            reply = _stage(worker, wid, key, m.SHARE)
+            sa.bind(reply["session"].encode())
+            roster = m.Roster.from_json(reply["message"])
+            _stage(worker, wid, key, m.SHARE, sa.share_keys(roster).to_json())
+        out[i] = "dropped"
     except BaseException as e:  # noqa: BLE001 - reported by the test
         out[i] = e
     finally:
         worker.close()
 
 
-def test_six_workers_two_drop_after_advertising_keys(server):
+def _sdk_worker(url, name, diff, num_samples, out, i):
+    """The worker SDK as users write it: start, then report; the protocol runs inside."""
+    try:
+        with Syft(url) as grid:
+            job = grid.new_job(name, "1.0")
+            job.start()
+            assert json.loads(job.protocols["secure_aggregation"])["threshold"] == 4
+            out[i] = job.report(state.dumps(diff), num_samples=num_samples)
+    except BaseException as e:  # noqa: BLE001 - reported by the test
+        out[i] = e
+
+
+@pytest.mark.parametrize("drop_after", [m.ADVERTISE, m.SHARE])
+@pytest.mark.parametrize("transport", ["http", "ws"])
+def test_six_workers_two_drop_out(server, transport, drop_after):
     name = server.host(
         server_config={"max_workers": 6, "max_diffs": 6, "secure_aggregation": SECAGG}
     )
@@ -84,8 +92,13 @@ def test_six_workers_two_drop_after_advertising_keys(server):
     out: list = [None] * 6
     threads = [
         threading.Thread(
-            target=_run_worker,
-            args=(server.url, name, params, diffs[i], samples[i], i in dropping, out, i),
+            target=_dropping_worker,
+            args=(server.url, name, params, drop_after, out, i),
+        )
+        if i in dropping
+        else threading.Thread(
+            target=_sdk_worker,
+            args=(server.url_for(transport), name, diffs[i], samples[i], out, i),
         )
         for i in range(6)
     ]
@@ -106,3 +119,10 @@ def test_six_workers_two_drop_after_advertising_keys(server):
         mean = (w.reshape(-1, *[1] * cur.ndim) * k).sum(0) / (w.sum() * STEP)
         expected = (cur.astype(np.float64) - mean).astype(cur.dtype)
         np.testing.assert_array_equal(new[t], expected)
+    assert not np.array_equal(new[0], current[0])
+
+
+def test_the_sdk_name_is_the_protocol_name():
+    from gridfl.client._base import SECURE_AGGREGATION
+
+    assert SECURE_AGGREGATION == NAME

@@ -149,7 +149,14 @@ class MeasureSpeed:
     worker_id: str
 
 
-Operation = Call | Fetch | MeasureSpeed
+@dataclass(frozen=True)
+class Sleep:
+    """Wait ``seconds`` (a flow polling the node, such as secure aggregation's stages)."""
+
+    seconds: float
+
+
+Operation = Call | Fetch | MeasureSpeed | Sleep
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,11 @@ class Rejected:
 
 
 Flow = Generator[Operation, Any, Any]
+
+#: the protocol this SDK runs (gridfl.secagg.NAME), named in every cycle request so that
+#: a node hosting it accepts this worker
+SECURE_AGGREGATION = "secure_aggregation"
+SUPPORTED_PROTOCOLS = (SECURE_AGGREGATION,)
 
 
 def drive_sync(flow: Flow, perform: Callable[[Operation], Any]) -> Any:
@@ -398,6 +410,7 @@ class BaseJob:
             download=c.speed.get("download"),
             upload=c.speed.get("upload"),
             wait=max(0.0, wait),
+            protocols=list(SUPPORTED_PROTOCOLS),
         )
         call = Call(replies.CYCLE_REQUEST, request.to_json(), idempotent=False, extra_timeout=wait)
         reply = _messages.parse_cycle_response((yield call))
@@ -465,6 +478,14 @@ class BaseJob:
             if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:
                 raise ConfigError(f"num_samples must be a non-negative int, got {num_samples!r}")
             num_samples = int(num_samples)
+        if SECURE_AGGREGATION in self.protocols:
+            from gridfl import state
+            from gridfl.client._secagg import secure_report_flow
+
+            arrays = state.loads(bytes(diff))
+            reply = yield from secure_report_flow(self, arrays, num_samples)
+            self.state = JobState.REPORTED
+            return reply
         report = _messages.ReportRequest(
             worker_id=str(self.worker_id),
             request_key=str(self.request_key),
