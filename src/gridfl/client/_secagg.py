@@ -47,8 +47,9 @@ def secure_report_flow(
             if message is not None or reply.get("status") != "waiting":
                 return reply
             pause = reply.get("retry_after")
-            ok = isinstance(pause, (int, float)) and not isinstance(pause, bool)
-            yield Sleep(min(max(float(pause), 0.0), MAX_RETRY_AFTER) if ok else 1.0)
+            if not isinstance(pause, (int, float)) or isinstance(pause, bool):
+                pause = 1.0
+            yield Sleep(min(max(float(pause), 0.0), MAX_RETRY_AFTER))
 
     def node_message(reply: dict[str, Any]) -> Any:
         if reply.get("status") != "ready" or not isinstance(reply.get("message"), dict):
