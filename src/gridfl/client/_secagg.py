@@ -9,6 +9,7 @@ User code is the same as without it; metrics are not sent (they would travel in 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Generator
 from typing import Any
 
@@ -47,7 +48,11 @@ def secure_report_flow(
             if message is not None or reply.get("status") != "waiting":
                 return reply
             pause = reply.get("retry_after")
-            if not isinstance(pause, (int, float)) or isinstance(pause, bool):
+            if (
+                not isinstance(pause, (int, float))
+                or isinstance(pause, bool)
+                or not math.isfinite(pause)
+            ):
                 pause = 1.0
             yield Sleep(min(max(float(pause), 0.0), MAX_RETRY_AFTER))
 
