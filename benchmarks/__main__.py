@@ -16,6 +16,7 @@ BENCHMARKS = {
     "server": "benchmarks.bench_server",  # grid node under concurrent simulated workers
     "worker": "benchmarks.bench_worker",  # a worker's CPU per cycle, phase by phase
     "fl": "benchmarks.bench_fl",  # federated MNIST s/cycle vs compute floor, Flower alongside
+    "secagg": "benchmarks.bench_secagg",  # secure aggregation's CPU, worker and node, vs n, k
 }
 
 
