@@ -90,6 +90,18 @@ def run(p, inputs, weights, drop=None, tamper=None, reload=True):
     return node.close_stage(), node.last if reload else node
 
 
+def shared(p, ids, length):
+    """Workers and a node through stages 1 and 2: ``(workers, node, forwarded shares)``."""
+    workers = {u: WorkerSession(p, u, SESSION) for u in ids}
+    node = NodeSession(p, SESSION, length)
+    for u in ids:
+        node.add_keys(u, workers[u].advertise())
+    rosters = node.close_stage()
+    for u in ids:
+        node.add_shares(u, workers[u].share_keys(rosters[u]))
+    return workers, node, node.close_stage()
+
+
 def encode_exact(k: np.ndarray, weight: int, p: SecAggParams) -> np.ndarray:
     """The worker's input for diff ``k / STEP`` through the SDK's encoder."""
     from gridfl.secagg.quantize import encode
@@ -164,14 +176,7 @@ def test_dequantized_result_is_the_weighted_mean_within_the_bound():
     ids = [f"w{i}" for i in range(n)]
     diffs = {u: rng.normal(0, 0.05, length).astype(np.float32) for u in ids}
     weights = {u: int(rng.integers(1, 100)) for u in ids}
-    workers = {u: WorkerSession(p, u, SESSION) for u in ids}
-    node = NodeSession(p, SESSION, length + 1)
-    for u in ids:
-        node.add_keys(u, workers[u].advertise())
-    rosters = node.close_stage()
-    for u in ids:
-        node.add_shares(u, workers[u].share_keys(rosters[u]))
-    fwd = node.close_stage()
+    workers, node, fwd = shared(p, ids, length + 1)
     for u in ids:
         node.add_masked(u, workers[u].masked_input(fwd[u], [diffs[u]], weights[u]))
     reqs = node.close_stage()
@@ -232,14 +237,7 @@ def test_a_node_telling_two_groups_different_stories_gets_too_few_shares():
     inputs, _weights = make_inputs(n, 10)
     ids = sorted(inputs)
     victim = ids[0]
-    workers = {u: WorkerSession(p, u, SESSION) for u in ids}
-    node = NodeSession(p, SESSION, 11)
-    for u in ids:
-        node.add_keys(u, workers[u].advertise())
-    rosters = node.close_stage()
-    for u in ids:
-        node.add_shares(u, workers[u].share_keys(rosters[u]))
-    fwd = node.close_stage()
+    workers, node, fwd = shared(p, ids, 11)
     for u in ids:
         node.add_masked(u, workers[u].masked_vector(fwd[u], encode_exact(inputs[u], 1, p)))
     honest = node.close_stage()
@@ -352,14 +350,7 @@ def test_masked_vectors_do_not_correlate_with_the_inputs_and_hide_num_samples():
     )
     rng = np.random.default_rng(3)
     ids = [f"w{i}" for i in range(n)]
-    ws = {u: WorkerSession(p, u, SESSION) for u in ids}
-    node = NodeSession(p, SESSION, length + 1)
-    for u in ids:
-        node.add_keys(u, ws[u].advertise())
-    rosters = node.close_stage()
-    for u in ids:
-        node.add_shares(u, ws[u].share_keys(rosters[u]))
-    fwd = node.close_stage()
+    ws, _, fwd = shared(p, ids, length + 1)
     for u in ids:
         diff = rng.normal(0, 0.3, length)
         masked = ws[u].masked_input(fwd[u], [diff], 77).vector
