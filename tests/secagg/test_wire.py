@@ -9,12 +9,13 @@ import pytest
 import sqlalchemy as sa
 
 from gridfl import _messages, state
-from gridfl.secagg import SecAggParams, WorkerSession
+from gridfl.secagg import SecAggParams
 from gridfl.secagg import messages as m
 from gridfl.secagg.quantize import encode
 from gridfl.server import tables
 from tests.builders import b64, diff_of, host_payload
 from tests.harness import Admin, HttpWorker
+from tests.secagg._drive import Driver
 
 pytest.importorskip("starlette")
 
@@ -24,35 +25,6 @@ CONFIG = {
     "max_diffs": 3,
     "secure_aggregation": {"threshold": 2, "field_bits": 40, "clipping_range": 0.5},
 }
-
-
-class Driver:
-    def __init__(self, url, params):
-        self.http = HttpWorker(url)
-        st, auth = self.http.call(_messages.AUTHENTICATE, {"model_name": "mnist"})
-        assert st == 200, auth
-        self.wid = auth["worker_id"]
-        req = {"worker_id": self.wid, "model": "mnist", "protocols": ["secure_aggregation"]}
-        st, cyc = self.http.call(_messages.CYCLE_REQUEST, req)
-        assert st == 200 and cyc["status"] == "accepted", cyc
-        self.key = cyc["request_key"]
-        self.session = WorkerSession(params, self.wid)
-
-    def send(self, stage, message=None, **override):
-        body = {
-            "worker_id": self.wid,
-            "request_key": self.key,
-            "stage": stage,
-            "message": message,
-            **override,
-        }
-        return self.http.call(SA, body)
-
-    def ok(self, stage, message=None):
-        st, reply = self.send(stage, message)
-        assert st == 200, reply
-        self.session.bind(reply["session"].encode())
-        return reply
 
 
 def _rounds(node):
