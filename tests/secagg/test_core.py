@@ -435,6 +435,7 @@ def test_neighbour_graph_has_k_neighbours_and_is_symmetric():
         ({"threshold": 6, "min_survivors": 5}, 10, "min_survivors must be an integer in 6..10"),
         ({"threshold": 6, "quantization_bits": 64}, 10, "quantization_bits"),
         ({"threshold": 6, "colour": 1}, 10, "unknown keys"),
+        ({"threshold": 1001}, 2000, "more than 1000; set neighbours"),
         ("yes", 10, "must be an object"),
     ],
 )

@@ -19,6 +19,10 @@ NAME = "secure_aggregation"
 #: version of the stage messages; a worker refuses a descriptor of another version
 VERSION = 1
 
+#: most shares one worker makes: its unmask answer must fit a worker message (at most
+#: 4,096 JSON values; each share is three)
+MAX_SHARES = 1000
+
 #: key -> default (None for ``threshold``: it has no default)
 DEFAULTS: dict[str, Any] = {
     "threshold": None,
@@ -109,6 +113,11 @@ class SecAggParams:
         _int(v, "min_survivors", v["threshold"], max_workers, where)
         p = cls(**v)
         shares = (p.degree(max_workers) + 1) if p.neighbours is not None else max_workers
+        if shares > MAX_SHARES:
+            raise ConfigError(
+                f"{where}: each worker would make {shares} shares, more than {MAX_SHARES}; "
+                "set neighbours (SecAgg+, e.g. 2 log2 of max_workers) or lower max_workers"
+            )
         if p.threshold > shares:
             raise ConfigError(
                 f"{where}.threshold {p.threshold} is more than the {shares} shares each worker "
