@@ -97,6 +97,8 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
               default=Path("results"), show_default=True)
 @click.option("--no-live-eval", is_flag=True,
               help="Evaluate checkpoints after training instead of during it.")
+@click.option("--secure-aggregation", is_flag=True,
+              help="Host with secure aggregation: the node learns only each cycle's sum.")
 @friendly
 def demo(**kw: Any) -> None:
     """Federated MNIST: a grid node, N worker processes, a results table and a plot."""
@@ -110,7 +112,7 @@ def demo(**kw: Any) -> None:
         epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], cycles=kw["cycles"],
         target=kw["target"], iid=not kw["non_iid"], seed=kw["seed"], workers=kw["workers"],
         parallel=kw["parallel"], examples_per_client=kw["examples_per_client"],
-        evaluate=not kw["no_live_eval"],
+        evaluate=not kw["no_live_eval"], secure_aggregation=kw["secure_aggregation"],
         data_dir=kw["data_dir"], out_dir=kw["out_dir"],
     )
     console = Console(stderr=True)

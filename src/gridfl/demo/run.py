@@ -59,6 +59,7 @@ class DemoOptions:
     parallel: int | None = None  # workers training at once (None: the CPU count; 0: all)
     examples_per_client: int | None = None  # cut shards (quick runs, tests)
     evaluate: bool = True  # evaluate each checkpoint while training runs
+    secure_aggregation: bool = False  # the node learns only each cycle's sum
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
     out_dir: Path = field(default_factory=lambda: Path("results"))
 
@@ -76,6 +77,8 @@ class DemoOptions:
             raise ConfigError(f"workers ({self.workers}) cannot exceed clients ({self.clients})")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.secure_aggregation and self.per_cycle < 2:
+            raise ConfigError("secure aggregation needs at least 2 workers per cycle (C * K)")
 
     @property
     def per_cycle(self) -> int:
@@ -181,6 +184,7 @@ def run_demo(
                     "max_diffs": options.per_cycle,
                     "num_cycles": options.cycles,
                     "cycle_length": 600,
+                    **_secure_aggregation(options),
                 },
             )
             result.host_seconds = round(time.perf_counter() - node_up, 2)
@@ -219,6 +223,14 @@ def run_demo(
 
 
 # --------------------------------------------------------------------------- pieces
+def _secure_aggregation(options: DemoOptions) -> dict:
+    """``server_config.secure_aggregation`` for ``--secure-aggregation``: every worker of
+    a cycle shares with every other, and a bare majority must survive."""
+    if not options.secure_aggregation:
+        return {}
+    return {"secure_aggregation": {"threshold": options.per_cycle // 2 + 1}}
+
+
 def _write_shards(mnist, options: DemoOptions) -> list[Path]:
     from gridfl.datasets import split_iid, split_noniid
     from gridfl.demo.worker import write_shard

@@ -91,6 +91,10 @@ class SecAggApi:
                 stage_at = self._advance(node, process, stage_at, first_at, now)
                 if msg is not None:
                     _submit(node, req, msg)
+                    if req.stage == m.MASKED:  # its input is in the sum: it has reported
+                        conn.execute(
+                            storage.mark_reported, {"b_seat_id": seat.id, "reported_at": now}
+                        )
                     stage_at = self._advance(node, process, stage_at, first_at, now)
                 reply = {**_reply(node, req), "session": session.decode()}
             except AggregationAbortedError as e:
