@@ -144,6 +144,7 @@ _MESSAGES = (
     _messages.CycleRejected,
     _messages.ReportRequest,
     _messages.ReportResponse,
+    _messages.SecAggRequest,
 )
 
 _SCHEMAS: dict[str, Any] = {
@@ -362,6 +363,11 @@ PATHS: dict[str, Any] = {
         401,
         409,
         413,
+    ),
+    "/model-centric/secure-aggregation": _post(
+        "one stage of secure aggregation, or a poll for it", "SecAggRequest",
+        _json({"type": "object", "required": ["status", "stage"]}, "the node's reply"),
+        400, 401, 409, 413,
     ),
     "/model-centric/get-model": _asset("download the cycle's model (State bytes)", "model_id"),
     "/model-centric/get-plan": _asset(
