@@ -67,7 +67,14 @@ class SecAggApi:
         with db.read(self.engine) as conn:
             seat = find_seat(conn, req.worker_id, req.request_key)
             _, _, spec = self.catalog.checkpoint(conn, seat.checkpoint_id)
-        msg = _parse(req, spec.total + 1, self._params_of_cycle(seat.cycle_id))
+        params, process_id = self._params_of_cycle(seat.cycle_id)
+        msg = _parse(req, spec.total + 1, params)
+        if msg is None and seat.status == "open":
+            early = self._still_waiting(
+                req, seat.cycle_id, params, session_of(process_id, seat.cycle_id)
+            )
+            if early is not None:
+                return early
         changed = False
         with db.write(self.engine) as conn:
             cycle = conn.execute(storage.cycle_locked, {"cycle_id": seat.cycle_id}).one()
@@ -121,7 +128,31 @@ class SecAggApi:
             self.on_cycles_changed()
         return reply
 
-    def _params_of_cycle(self, cycle_id: int) -> SecAggParams:
+    def _still_waiting(self, req, cycle_id: int, params: SecAggParams, session: bytes):
+        """A poll for a stage that has not opened and cannot close yet (no timeout is
+        due), answered from a read of the stage columns: most polls take no lock."""
+        with db.read(self.engine) as conn:
+            row = conn.execute(
+                sa.select(
+                    secagg_rounds.c.stage, secagg_rounds.c.stage_at, secagg_rounds.c.first_at
+                ).where(secagg_rounds.c.cycle_id == cycle_id)
+            ).first()
+        stage = row.stage if row is not None else m.ADVERTISE
+        order = (*m.STAGES, "done")
+        if order.index(req.stage) <= order.index(stage):
+            return None
+        if row is not None:
+            opened = row.first_at if stage == m.ADVERTISE else row.stage_at
+            if time.time() >= opened + params.stage_timeout:
+                return None  # the stage may close now: the locked path decides
+        return {
+            "stage": stage,
+            "status": "waiting",
+            "retry_after": RETRY_AFTER,
+            "session": session.decode(),
+        }
+
+    def _params_of_cycle(self, cycle_id: int) -> tuple[SecAggParams, int]:
         with db.read(self.engine) as conn:
             cycle = conn.execute(
                 sa.select(storage.cycles.c.process_id).where(storage.cycles.c.id == cycle_id)
@@ -133,7 +164,7 @@ class SecAggApi:
                 "this FL process does not run secure aggregation: send the diff with "
                 f"{_messages.REPORT}"
             )
-        return SecAggParams(**cfg)
+        return SecAggParams(**cfg), process.id
 
     def _advance(self, node: NodeSession, process, stage_at: float, first_at: float, now: float):
         """Close the current stage while it is due; returns when the open stage opened."""
