@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from gridfl import Syft, _messages, state
+from gridfl import AggregationAbortedError, Syft, _messages, state
 from gridfl.secagg import NAME, SecAggParams, WorkerSession
 from gridfl.secagg import messages as m
 from tests.harness import HttpWorker
@@ -69,7 +69,7 @@ def _sdk_worker(url, name, diff, num_samples, out, i):
         with Syft(url) as grid:
             job = grid.new_job(name, "1.0")
             job.start()
-            assert json.loads(job.protocols["secure_aggregation"])["threshold"] == 4
+            assert json.loads(job.protocols["secure_aggregation"])["name"] == NAME
             out[i] = job.report(state.dumps(diff), num_samples=num_samples)
     except BaseException as e:  # noqa: BLE001 - reported by the test
         out[i] = e
@@ -126,3 +126,29 @@ def test_the_sdk_name_is_the_protocol_name():
     from gridfl.client._base import SECURE_AGGREGATION
 
     assert SECURE_AGGREGATION == NAME
+
+
+def test_the_sdk_raises_when_too_few_survive(server):
+    """min_survivors 3 of 3 and one worker silent after advertising: job.report raises
+    AggregationAbortedError with the node's reason, and the cycle expires."""
+    cfg = {**SECAGG, "threshold": 2, "min_survivors": 3, "stage_timeout": 1.0}
+    name = server.host(server_config={"max_workers": 3, "max_diffs": 3, "secure_aggregation": cfg})
+    params = SecAggParams(**server.status(name)["server_config"]["secure_aggregation"])
+    diff = [np.zeros(p.shape, np.float32) for p in server.checkpoint(name)]
+    out: list = [None] * 3
+    threads = [
+        threading.Thread(
+            target=_dropping_worker, args=(server.url, name, params, m.ADVERTISE, out, 0)
+        )
+    ] + [
+        threading.Thread(target=_sdk_worker, args=(server.url, name, diff, 5, out, i))
+        for i in (1, 2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out[0] == "dropped"
+    for o in out[1:]:
+        assert isinstance(o, AggregationAbortedError) and "it needs 3" in str(o), out
+    assert server.status(name)["cycles"][0]["status"] == "expired"

@@ -4,6 +4,8 @@ are driven by hand, stage by stage, interleaved with the bad messages."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -122,3 +124,33 @@ def test_a_secure_aggregation_message_to_a_plain_process_is_refused(in_process_n
     body = {"worker_id": auth["worker_id"], "request_key": cyc["request_key"], "stage": m.ADVERTISE}
     st, reply = http.call(SA, body)
     assert st == 400 and "does not run secure aggregation" in reply["error"], reply
+
+
+def test_too_few_survivors_expire_the_cycle_and_reveal_nothing(in_process_node):
+    """min_survivors 3 of 3: one worker goes silent after advertising, the share stage
+    times out with two, and the cycle expires: no checkpoint, the workers told why."""
+    admin = Admin(in_process_node.url)
+    config = {**CONFIG, "secure_aggregation": {"threshold": 2, "min_survivors": 3}}
+    config["secure_aggregation"]["stage_timeout"] = 0.5
+    assert admin.host(host_payload(server_config=config)).status_code == 201
+    params = SecAggParams(**admin.status()["server_config"]["secure_aggregation"])
+    workers = [Driver(in_process_node.url, params) for _ in range(3)]
+    for w in workers:
+        w.ok(m.ADVERTISE, w.session.advertise().to_json())
+    for w in workers[:2]:
+        roster = m.Roster.from_json(w.ok(m.SHARE)["message"])
+        w.ok(m.SHARE, w.session.share_keys(roster).to_json())
+    time.sleep(0.6)  # the share stage's timeout passes
+    reply = workers[0].ok(m.MASKED)
+    assert reply["status"] == "aborted" and "it needs 3" in reply["reason"], reply
+    status = admin.status()
+    assert [(c["sequence"], c["status"]) for c in status["cycles"]] == [
+        (1, "expired"),
+        (2, "open"),
+    ], status
+    assert [c["number"] for c in status["checkpoints"]] == [1]
+    # the keys and shares are gone; what is left is why
+    [row] = _rounds(in_process_node)
+    assert row.stage == "aborted" and set(row.state) == {"reason", "session"} and not row.total
+    st, reply = workers[1].send(m.MASKED)
+    assert st == 200 and reply["status"] == "aborted" and "it needs 3" in reply["reason"]

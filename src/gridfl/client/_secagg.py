@@ -40,10 +40,10 @@ def secure_report_flow(
         body = _messages.SecAggRequest(me, key, name, message).to_json()
         while True:
             reply = yield Call(_messages.SECURE_AGGREGATION, body, idempotent=message is None)
+            if isinstance(reply, dict) and reply.get("status") == "aborted":
+                raise AggregationAbortedError(str(reply.get("reason")))
             if not isinstance(reply, dict) or not isinstance(reply.get("session"), str):
                 raise GridError(f"secure-aggregation: malformed reply from the node: {reply!r}")
-            if reply.get("status") == "aborted":
-                raise AggregationAbortedError(str(reply.get("reason")))
             worker.bind(reply["session"].encode())
             if message is not None or reply.get("status") != "waiting":
                 return reply

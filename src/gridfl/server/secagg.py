@@ -44,6 +44,8 @@ from gridfl.server.worker_api import find_seat
 
 log = logging.getLogger("gridfl.server")
 
+#: the stage of a round that ended with too few workers (its cycle expired)
+ABORTED = "aborted"
 #: seconds a worker is told to wait before asking again for a stage that has not opened
 RETRY_AFTER = 0.2
 
@@ -79,6 +81,9 @@ class SecAggApi:
         with db.write(self.engine) as conn:
             cycle = conn.execute(storage.cycle_locked, {"cycle_id": seat.cycle_id}).one()
             if cycle.status != "open":
+                aborted = conn.execute(_round, {"cycle_id": cycle.id}).first()
+                if aborted is not None and aborted.stage == ABORTED:
+                    return _aborted(aborted.state["reason"], aborted.state["session"])
                 raise ConflictError(
                     f"cycle {cycle.sequence} is closed ({cycle.status}): secure aggregation "
                     "ended without this worker"
@@ -106,24 +111,23 @@ class SecAggApi:
                 reply = {**_reply(node, req), "session": session.decode()}
             except AggregationAbortedError as e:
                 self.cycles.expire(conn, cycle, process, now, str(e), warn=True)
-                conn.execute(secagg_rounds.delete().where(secagg_rounds.c.cycle_id == cycle.id))
                 changed = True
-                reply = {"status": "aborted", "stage": m.STAGES[0], "reason": str(e)}
+                # keys and shares are dropped; the reason stays for the other workers
+                reply = _aborted(str(e), session.decode())
+                values = {"stage": ABORTED, "stage_at": now, "total": b""}
+                values["state"] = {"reason": str(e), "session": session.decode()}
             else:
                 if node.stage == "done":
                     self._complete(conn, cycle, process, node, spec)
                     changed = True
                 state, total = node.to_state()
                 values = dict(stage=node.stage, stage_at=stage_at, state=state, total=total)
-                if row is None:
-                    insert = secagg_rounds.insert().values(cycle_id=cycle.id, first_at=first_at)
-                    conn.execute(insert.values(**values))
-                else:
-                    conn.execute(
-                        secagg_rounds.update()
-                        .where(secagg_rounds.c.cycle_id == cycle.id)
-                        .values(**values)
-                    )
+            if row is None:
+                insert = secagg_rounds.insert().values(cycle_id=cycle.id, first_at=first_at)
+                conn.execute(insert.values(**values))
+            else:
+                update = secagg_rounds.update().where(secagg_rounds.c.cycle_id == cycle.id)
+                conn.execute(update.values(**values))
         if changed:
             self.on_cycles_changed()
         return reply
@@ -139,7 +143,7 @@ class SecAggApi:
             ).first()
         stage = row.stage if row is not None else m.ADVERTISE
         order = (*m.STAGES, "done")
-        if order.index(req.stage) <= order.index(stage):
+        if stage not in order or order.index(req.stage) <= order.index(stage):
             return None
         if row is not None:
             opened = row.first_at if stage == m.ADVERTISE else row.stage_at
@@ -203,6 +207,10 @@ class SecAggApi:
             storage.count_report, {"b_cycle_id": cycle.id, "num_reports": len(node.masked)}
         )
         self.cycles.complete(conn, cycle, process, sums)
+
+
+def _aborted(reason: str, session: str) -> dict[str, Any]:
+    return {"status": "aborted", "stage": ABORTED, "reason": reason, "session": session}
 
 
 def _parse(req: _messages.SecAggRequest, length: int, params: SecAggParams) -> Any:
