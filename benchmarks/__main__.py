@@ -12,10 +12,15 @@ import time
 
 BENCHMARKS = {
     "state": "benchmarks.bench_state",  # State codec vs numpy copy and naive protobuf
+    "compile": "benchmarks.bench_compile",  # compile time: RNNs (Scan vs unrolled) vs the CNN
     "step": "benchmarks.bench_step",  # one training step: ONNX plan vs eager torch
     "server": "benchmarks.bench_server",  # grid node under concurrent simulated workers
     "worker": "benchmarks.bench_worker",  # a worker's CPU per cycle, phase by phase
+    "strategies": "benchmarks.bench_strategies",  # CNN: fold, completion, memory per rule
     "fl": "benchmarks.bench_fl",  # federated MNIST s/cycle vs compute floor, Flower alongside
+    "simulation": "benchmarks.bench_simulation",  # memory at N=100 vs N=10,000 clients
+    "compression": "benchmarks.bench_compression",  # compressed reports: bytes, CPU, accuracy
+    "fedbuff": "benchmarks.bench_fedbuff",  # async vs sync with 5 of 10 workers 5x slower
     "secagg": "benchmarks.bench_secagg",  # secure aggregation's CPU, worker and node, vs n, k
 }
 

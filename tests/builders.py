@@ -339,3 +339,37 @@ def reset_postgres_schema(url: str) -> None:
         c.exec_driver_sql("DROP SCHEMA public CASCADE")
         c.exec_driver_sql("CREATE SCHEMA public")
     eng.dispose()
+
+
+def linear_eval_plan(features: int = 3) -> bytes:
+    """The evaluation plan of :func:`linear_sgd_plan`'s model:
+    ``(X, y, W, b) -> (mse loss, mae)``."""
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("X", f32, ["N", features]),
+        helper.make_tensor_value_info("y", f32, ["N", 1]),
+        helper.make_tensor_value_info("W", f32, [features, 1]),
+        helper.make_tensor_value_info("b", f32, [1]),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["X", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["pred"]),
+        helper.make_node("Sub", ["pred", "y"], ["err"]),
+        helper.make_node("Mul", ["err", "err"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["loss"], keepdims=0),
+        helper.make_node("Abs", ["err"], ["abserr"]),
+        helper.make_node("ReduceMean", ["abserr"], ["mae"], keepdims=0),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("loss", f32, []),
+        helper.make_tensor_value_info("mae", f32, []),
+    ]
+    return _plan_bytes(
+        nodes, inputs, outputs, "evaluation",
+        [{"name": "X", "role": "data"}, {"name": "y", "role": "target"},
+         {"name": "W", "role": "model_param", "index": 0},
+         {"name": "b", "role": "model_param", "index": 1}],
+        [{"name": "loss", "role": "loss"}, {"name": "mae", "role": "metric", "key": "mae"}],
+    )

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from gridfl._exceptions import ConfigError
 from gridfl.demo.run import DemoOptions, run_demo
 
 
@@ -237,3 +238,159 @@ def test_memory_is_read_at_most_every_few_seconds_while_polling(monkeypatch):
     assert len(reads) == 3  # one reading of the node and two workers
     memory.sample()
     assert len(reads) == 6 and memory.peak_rss_mb == round(30 / 1024, 1)
+
+
+def test_demo_with_a_byzantine_worker_and_the_median(tmp_path, capfd):
+    """One of 5 workers reports its diff x100 every cycle; the median keeps training."""
+    pytest.importorskip("torch")
+    options = DemoOptions(
+        model="2nn",
+        clients=5,
+        fraction=1.0,
+        workers=5,
+        cycles=3,
+        target=None,
+        examples_per_client=300,
+        strategy="fedmedian",
+        byzantine=1,
+        attack="scale",
+        data_dir=tmp_path / "data",
+        out_dir=tmp_path / "out",
+    )
+    result = run_demo(options)
+    assert all(c.reports == 5 for c in result.cycles)
+    assert result.cycles[-1].test_accuracy > 0.6, [c.test_accuracy for c in result.cycles]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["settings"]["strategy"] == "fedmedian" and saved["settings"]["byzantine"] == 1
+
+
+def test_demo_strategy_options_are_checked_before_anything_starts():
+    from gridfl._exceptions import ConfigError
+
+    assert DemoOptions().strategy_config() is None
+    assert DemoOptions(strategy="fedadam", server_lr=0.01).strategy_config() == {
+        "name": "fedadam", "eta": 0.01
+    }
+    assert DemoOptions(strategy="fedavgm", server_lr=0.5).strategy_config() == {
+        "name": "fedavgm", "server_learning_rate": 0.5
+    }
+    # Krum assumes as many Byzantine reports as Byzantine workers
+    assert DemoOptions(strategy="krum", byzantine=2).strategy_config() == {
+        "name": "krum", "num_malicious_nodes": 2
+    }
+    for bad, message in [
+        (DemoOptions(strategy="fedsgd"), "strategy.name must be one of"),
+        (DemoOptions(strategy="fedmedian", server_lr=0.1), "fedmedian has none"),
+        (DemoOptions(strategy="krum", byzantine=4), "needs max_diffs >= 11"),
+        (DemoOptions(byzantine=11), "byzantine must be 0 to workers (10)"),
+        (DemoOptions(attack="flood"), "attack must be one of"),
+    ]:
+        with pytest.raises(ConfigError, match=None) as e:
+            bad.validate()
+        assert message in str(e.value)
+
+
+def test_poisoned_diffs():
+    import numpy as np
+
+    from gridfl.demo.worker import poison
+
+    rng = np.random.default_rng(0)
+    d = [rng.normal(scale=0.01, size=(30, 20)).astype(np.float32)]
+    assert poison(d, "scale", rng)[0].dtype == np.float32
+    np.testing.assert_allclose(poison(d, "scale", rng)[0], d[0] * 100, rtol=1e-6)
+    np.testing.assert_array_equal(poison(d, "signflip", rng)[0], -d[0])
+    noisy = poison(d, "noise", rng)[0]
+    rms = float(np.sqrt(np.mean(d[0].astype(np.float64) ** 2)))
+    assert 80 * rms < float(noisy.std()) < 120 * rms
+
+
+def test_demo_with_differential_privacy_reports_epsilon(tmp_path):
+    """--dp-noise / --dp-clip: every cycle's epsilon in the results is dp-accounting's for
+    q = per-cycle workers / clients, and the plot gets its accuracy-against-epsilon panel."""
+    pytest.importorskip("torch")
+    dp_accounting = pytest.importorskip("dp_accounting")
+    options = DemoOptions(
+        model="2nn",
+        clients=4,
+        fraction=0.5,
+        workers=2,
+        cycles=3,
+        target=None,
+        examples_per_client=100,
+        dp_noise=1.0,
+        dp_clip=0.1,  # noise z*C/m = 0.05 a value: a 2NN trains on through it
+        dp_adaptive=True,
+        data_dir=tmp_path / "data",
+        out_dir=tmp_path / "out",
+    )
+    result = run_demo(options)
+    want = []
+    for t in (1, 2, 3):
+        event = dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(2 / 4, dp_accounting.GaussianDpEvent(1.0)), t
+        )
+        want.append(dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(1e-5))
+    assert [c.epsilon for c in result.cycles] == pytest.approx(want, rel=1e-9)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [c["epsilon"] for c in saved["cycles"]] == pytest.approx(want, rel=1e-9)
+    assert (tmp_path / "out" / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_demo_refuses_half_a_privacy_setting():
+    from gridfl._exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="both dp_noise"):
+        DemoOptions(dp_noise=1.0).validate()
+    with pytest.raises(ConfigError, match="dp_adaptive needs"):
+        DemoOptions(dp_adaptive=True).validate()
+def test_demo_compression_option():
+    """--compression maps to server_config.compression (top-k: 10%); anything else is
+    refused before a process starts."""
+    assert DemoOptions(compression="topk").compression_config == {"kind": "topk", "fraction": 0.1}
+    assert DemoOptions(compression="int8").compression_config == {"kind": "int8"}
+    assert DemoOptions().compression_config is None
+    with pytest.raises(ConfigError, match="compression must be one of float16, int8, topk"):
+        DemoOptions(compression="zip").validate()
+
+
+def test_async_demo_publishes_buffers_with_a_slow_worker(tmp_path, capfd):
+    """``gridfl demo --async --buffer-size 3 --slow-workers 1``: FedBuff buffers of 3
+    reports, the fast worker reporting more often than the slow one."""
+    pytest.importorskip("torch")
+    options = DemoOptions(
+        model="2nn",
+        clients=4,
+        fraction=0.5,
+        workers=2,
+        cycles=4,
+        target=None,
+        examples_per_client=300,
+        asynchronous=True,
+        buffer_size=3,
+        slow_workers=1,
+        slowdown=5.0,
+        data_dir=tmp_path / "data",
+        out_dir=tmp_path / "out",
+    )
+    assert options.server_config()["mode"] == "async"
+    result = run_demo(options)
+    assert [c.cycle for c in result.cycles] == [1, 2, 3, 4]
+    assert all(c.reports == 3 for c in result.cycles)
+    assert result.cycles[-1].test_accuracy > 0.6, [c.test_accuracy for c in result.cycles]
+    assert "cycle failed" not in capfd.readouterr().err
+
+
+def test_async_demo_options_are_checked():
+    from gridfl._exceptions import ConfigError
+
+    assert DemoOptions(asynchronous=True, server_lr=0.5).server_config()["server_lr"] == 0.5
+    for bad, message in [
+        (DemoOptions(asynchronous=True, buffer_size=0), "buffer_size must be an integer >= 1"),
+        (DemoOptions(asynchronous=True, strategy="fedmedian"), "needs every diff"),
+        (DemoOptions(slow_workers=11), "slow_workers must be 0 to workers (10)"),
+        (DemoOptions(slowdown=0.5), "slowdown must be in [1, 100]"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            bad.validate()
+        assert message in str(e.value)

@@ -2,4 +2,6 @@
 
 from gridfl.cli import main
 
-main()
+# the guard matters: `gridfl simulate`'s spawned pool workers import this module again
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal, overload
 
 import pybase64
 
-from gridfl._exceptions import CycleStatusError, GridError, InvalidRequestError
+from gridfl._exceptions import CycleStatusError, GridError, GridflError, InvalidRequestError
 
 __all__ = [
     "AUTHENTICATE",
@@ -394,6 +394,15 @@ class ReportRequest:
         default=None, metadata={"minimum": 1, "maximum": MAX_NUM_SAMPLES}
     )
     metrics: dict[str, float] = field(default_factory=dict, metadata={"maxProperties": 32})
+    #: gridfl extension, binary frames only: the encoding of ``diff`` (see
+    #: :mod:`gridfl.compression`); None = plain State bytes
+    compression: str | None = field(
+        default=None,
+        metadata={
+            "enum": ["float16", "int8", "topk"],
+            "description": "gridfl, binary frames on gridfl.binary.2 only: diff encoding",
+        },
+    )
 
     def to_json(self, *, raw_diff: bool = False) -> dict[str, Any]:
         """The report as JSON, its ``diff`` base64 text; ``raw_diff=True`` leaves the
@@ -405,6 +414,7 @@ class ReportRequest:
                 "diff": self.diff if raw_diff else encode_diff(self.diff),
                 "num_samples": self.num_samples,
                 "metrics": self.metrics or None,
+                "compression": self.compression,
             }
         )
 
@@ -592,7 +602,18 @@ def parse_report(data: Any) -> ReportRequest:
         if f is None:
             raise InvalidRequestError(f"metric {name!r} must be a finite number")
         clean[name] = f
-    return ReportRequest(worker_id, request_key, diff, num_samples, clean)
+    compression = data.get("compression")
+    if compression is not None:
+        if compression not in ("float16", "int8", "topk"):
+            raise InvalidRequestError(
+                f"'compression' must be 'float16', 'int8' or 'topk', got {compression!r:.60}"
+            )
+        if isinstance(data.get("diff"), str):
+            raise InvalidRequestError(
+                "a compressed diff travels only in a binary report frame on a WebSocket "
+                f"that negotiated {BINARY_SUBPROTOCOL!r}; send plain State bytes here"
+            )
+    return ReportRequest(worker_id, request_key, diff, num_samples, clean, compression)
 
 
 def parse_asset_request(query: Any, id_key: str, *, variant: bool = False) -> AssetRequest:
@@ -823,6 +844,13 @@ class CycleAccepted:
         },
     )
 
+    #: gridfl extension, left out when None: ``server_config.compression``, which a worker
+    #: applies to its report on a socket that negotiated ``gridfl.binary.2``
+    compression: dict[str, Any] | None = field(
+        default=None,
+        metadata={"description": "gridfl: the diff encoding the node asks for (binary only)"},
+    )
+
     def to_json(self) -> dict[str, Any]:
         out = {
             "status": self.STATUS,
@@ -836,6 +864,8 @@ class CycleAccepted:
         }
         if self.plan_digests:
             out["plan_digests"] = self.plan_digests
+        if self.compression:
+            out["compression"] = self.compression
         return out
 
 
@@ -895,7 +925,19 @@ def parse_cycle_response(data: Any) -> CycleAccepted | CycleRejected:
         client_config=client_config,
         # an unknown or malformed digest just means the plan is downloaded
         plan_digests=digests if isinstance(digests, dict) else None,
+        compression=_compression_or_none(data.get("compression")),
     )
+
+
+def _compression_or_none(value: Any) -> dict[str, Any] | None:
+    """The node's ``compression`` request as the worker reads it: one it does not
+    understand means a plain report."""
+    from gridfl.compression import validate_config
+
+    try:
+        return validate_config(value)
+    except GridflError:
+        return None
 
 
 def _text_or_none(value: Any) -> str | None:

@@ -28,7 +28,7 @@ from gridfl import _exceptions as errors
 from gridfl import _messages, state
 from gridfl.model import SyftModel
 
-__all__ = ["HostClient", "closed_cycles"]
+__all__ = ["HostClient", "closed_cycles", "host_payload"]
 
 class HostClient:
     """A blocking client of a grid node's admin API.
@@ -74,16 +74,10 @@ class HostClient:
         ``plans``: name -> a :class:`~gridfl.Plan`, ONNX bytes, or ``{variant: bytes}``
         (variants ``onnx``, ``tfjs``, ``torchscript``, ``list``).
         """
-        payload: dict[str, Any] = {
-            "model": _b64(_model_bytes(model)),
-            "plans": {name: _plan_variants(p) for name, p in plans.items()},
-            "client_config": dict(client_config),
-            "server_config": dict(server_config or {}),
-        }
-        if averaging_plan is not None:
-            payload["averaging_plan"] = _b64(_plan_bytes(averaging_plan))
-        if protocols:
-            payload["protocols"] = {k: _b64(v) for k, v in protocols.items()}
+        payload = host_payload(
+            model=model, plans=plans, client_config=client_config,
+            server_config=server_config, averaging_plan=averaging_plan, protocols=protocols,
+        )
         return self._json("POST", "/processes", json=payload)
 
     def processes(self) -> list[dict[str, Any]]:
@@ -125,6 +119,17 @@ class HostClient:
             params["after"] = after
         return self._json("GET", _path(name, version), params=params, **kwargs)
 
+    def privacy(self, name: str, version: str | None = None) -> dict[str, Any] | None:
+        """The differential-privacy figures of a process hosted with
+        ``server_config.differential_privacy`` (docs/privacy.md), else ``None``: ``epsilon``
+        spent after ``steps`` completed cycles at ``delta``, ``epsilon_next`` after one
+        more, the current ``clip_norm``, ``budget_spent`` and its ``reason``.
+
+            >>> host.privacy("mnist", "1.0")["epsilon"]  # doctest: +SKIP
+            1.2141452944480204
+        """
+        return self.status(name, version, cycles=1).get("privacy")
+
     def retrieve_bytes(self, name: str, version: str, checkpoint: int | str = "latest") -> bytes:
         """A checkpoint (by number or alias) as ``State`` bytes."""
         return self._request("GET", f"{_path(name, version)}/checkpoints/{checkpoint}").content
@@ -165,6 +170,36 @@ class HostClient:
 def _path(name: str, version: str | None) -> str:
     segment = f"/processes/{quote(name, safe='')}"
     return segment + (f"/{quote(version, safe='')}" if version else "")
+
+
+def host_payload(
+    *,
+    model: Any,
+    plans: Mapping[str, Any],
+    client_config: Mapping[str, Any],
+    server_config: Mapping[str, Any] | None = None,
+    averaging_plan: Any = None,
+    protocols: Mapping[str, bytes] | None = None,
+) -> dict[str, Any]:
+    """The JSON body :meth:`HostClient.host` sends (a simulation validates the same one).
+
+    >>> import numpy as np
+    >>> body = host_payload(model=[np.zeros(2, np.float32)], plans={"p": b"onnx"},
+    ...                     client_config={"name": "m", "version": "1"})
+    >>> sorted(body)
+    ['client_config', 'model', 'plans', 'server_config']
+    """
+    payload: dict[str, Any] = {
+        "model": _b64(_model_bytes(model)),
+        "plans": {name: _plan_variants(p) for name, p in plans.items()},
+        "client_config": dict(client_config),
+        "server_config": dict(server_config or {}),
+    }
+    if averaging_plan is not None:
+        payload["averaging_plan"] = _b64(_plan_bytes(averaging_plan))
+    if protocols:
+        payload["protocols"] = {k: _b64(v) for k, v in protocols.items()}
+    return payload
 
 
 def _b64(data: bytes) -> str:

@@ -53,16 +53,18 @@ INPUT_ROLES = (
     "batch_size",
     "client_config",
     "model_param",
+    "model_buffer",
     "optimizer_state",
     "average",
     "item",
     "count",
 )
-OUTPUT_ROLES = ("loss", "metric", "model_param", "optimizer_state", "average")
+OUTPUT_ROLES = ("loss", "metric", "model_param", "model_buffer", "optimizer_state", "average")
 #: Roles whose slots carry a ``key`` (a client_config key or a metric name).
 KEYED_ROLES = frozenset({"client_config", "metric"})
 #: Roles whose slots carry an ``index`` (position among the slots of that role).
-INDEXED_ROLES = frozenset({"model_param", "optimizer_state", "average", "item"})
+#: ``model_buffer`` j is the model's tensor ``num_params + j`` (BatchNorm running stats).
+INDEXED_ROLES = frozenset({"model_param", "model_buffer", "optimizer_state", "average", "item"})
 
 _META_FORMAT = "gridfl.format"
 _META_KIND = "gridfl.kind"
@@ -382,6 +384,11 @@ class Plan:
         return [s.shape for s in slots]
 
     @property
+    def num_buffers(self) -> int:
+        """Number of ``model_buffer`` inputs (e.g. BatchNorm running statistics)."""
+        return len(self._slots("model_buffer"))
+
+    @property
     def num_optimizer_state(self) -> int:
         """Number of optimizer state inputs (e.g. SGD momentum buffers); 0 for plain SGD."""
         return len(self._slots("optimizer_state"))
@@ -418,7 +425,8 @@ class Plan:
         """Arrange values by role into the positional order :meth:`execute` wants.
 
         ``batch_size`` defaults to the length of ``data``; ``optimizer_state`` defaults to
-        zeros (fresh momentum buffers)::
+        zeros (fresh momentum buffers). ``model_buffer`` inputs take the model's tensors
+        after its params (``params`` may be the whole model state)::
 
             >>> args = plan.bind(data=X, target=y, params=model.params,
             ...                  client_config={"lr": 0.1})          # doctest: +SKIP
@@ -446,8 +454,10 @@ class Plan:
                 v = count
             else:
                 seq = {"model_param": params, "optimizer_state": optimizer_state,
-                       "average": average, "item": item}[r]
+                       "average": average, "item": item, "model_buffer": params}[r]
                 index = s.index if s.index is not None else 0  # indexed roles have one
+                if r == "model_buffer":
+                    index += self.num_params
                 if r == "optimizer_state" and len(seq) == 0:
                     v = np.zeros([d or 0 for d in s.shape], dtype=s.dtype)
                 elif index >= len(seq):

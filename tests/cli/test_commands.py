@@ -150,6 +150,7 @@ def test_status_follow_prints_each_cycle_as_it_closes(node, bundle, tmp_path):
         (["status", "NODE", "--follow", "--admin-token", TOKEN], "--follow needs the NAME"),
         (["demo", "--model", "resnet"], "Invalid value for '--model'"),
         (["demo", "--fraction", "0"], "Invalid value for '--fraction'"),
+        (["demo", "--compression", "zip"], "Invalid value for '--compression'"),
         (["host", "NODE", "BUNDLE_PARENT", "--admin-token", TOKEN], "not a plan bundle"),
         (["retrieve", "NODE", "nope", "1.0", "-o", "x.pb", "--admin-token", TOKEN], "404"),
         (["host", "NODE", "BUNDLE", "--admin-token", "wrong"], "invalid admin token"),
@@ -170,3 +171,22 @@ def test_every_command_has_help():
     for name in ("serve", "demo", "compile", "host", "status", "retrieve", "worker"):
         r = run(name, "--help")
         assert r.exit_code == 0 and "Usage:" in r.output and len(r.output) > 200, name
+
+
+def test_status_shows_the_strategy_and_its_state(node):
+    from tests.builders import diff_of, host_payload
+    from tests.harness import Admin, HttpWorker, join, report
+
+    sc = {"max_diffs": 1, "num_cycles": 2, "strategy": {"name": "fedadam", "eta": 0.01}}
+    hosted = Admin(node.url, TOKEN).host(host_payload("adam-cli", server_config=sc))
+    assert hosted.status_code == 201, hosted.text
+    r = run("status", node.url, "adam-cli", "1.0", "--admin-token", TOKEN)
+    assert "strategy: fedadam (eta=0.01, beta_1=0.9, beta_2=0.99, tau=0.001); state: step 0" in (
+        r.output.replace("\n", " ")
+    ), r.output
+    w = HttpWorker(node.url)
+    wid, cyc = join(w, "adam-cli")
+    assert report(w, wid, cyc["request_key"], diff_of(0))[0] == 200
+    w.close()
+    r = run("status", node.url, "adam-cli", "1.0", "--admin-token", TOKEN)
+    assert "state: step 1, m_norm" in r.output.replace("\n", " "), r.output

@@ -180,9 +180,9 @@ def test_module_errors():
         compile_training_plan(small_net(), loss="hinge", example_data=X, example_target=y)
     with pytest.raises(CompileError, match="class-index targets"):
         compile_training_plan(small_net(), example_data=X, example_target=y.float())
-    with pytest.raises(CompileError, match="unsupported optimizer Adam"):
+    with pytest.raises(CompileError, match="unsupported optimizer RMSprop"):
         net = small_net()
-        compile_training_plan(net, optimizer=torch.optim.Adam(net.parameters()),
+        compile_training_plan(net, optimizer=torch.optim.RMSprop(net.parameters()),
                               example_data=X, example_target=y)
     with pytest.raises(CompileError, match="no parameters"):
         compile_training_plan(nn.ReLU(), example_data=X, example_target=y)

@@ -86,3 +86,30 @@ def test_reference_plan_other_batch_and_torch_inputs(plan, data):
     assert float(acc) == pytest.approx(float(ref[1]))
     for got, want in zip(updated, ref[2:], strict=True):
         np.testing.assert_allclose(got, want.detach().numpy(), atol=1e-6)
+
+
+def test_reference_step_with_one_element_scalars(data):
+    """PySyft-style scalars, ``torch.tensor([64.0])``: verified at another batch size too."""
+    X, y, params, expected, scalars = data
+    batch_size = torch.tensor([float(scalars["MNIST_BATCH_SIZE"])])
+    lr = torch.tensor([scalars["MNIST_LR"]])
+    example = (torch.from_numpy(X), torch.from_numpy(y), batch_size, lr,
+               *map(torch.from_numpy, params))
+    plan = compile_plan(mnist_training_plan, example)
+    assert plan.inputs[2].shape == (1,) and plan.inputs[3].shape == (1,)
+    loss, acc, *updated = plan.execute(X, y, np.array([64.0], np.float32),
+                                       np.array([scalars["MNIST_LR"]], np.float32), *params)
+    # [1]-shaped scalars broadcast: the loss comes out [1]-shaped, as in eager PyTorch
+    assert float(loss.reshape(())) == pytest.approx(scalars["MNIST_LOSS"], rel=1e-6)
+    assert float(acc.reshape(())) == pytest.approx(scalars["MNIST_ACCURACY"], abs=1e-7)
+    for got, want in zip(updated, expected, strict=True):
+        assert np.max(np.abs(got - want)) <= 1e-6
+    # a batch of 10, checked against eager PyTorch computed here
+    Xt, yt = torch.from_numpy(X[:10]), torch.from_numpy(y[:10])
+    ps = [torch.from_numpy(p) for p in params]
+    got = plan.execute(Xt, yt, np.array([10.0], np.float32), lr, *ps)
+    ref = mnist_training_plan(Xt, yt, torch.tensor([10.0]), lr,
+                              *[p.clone().requires_grad_() for p in ps])
+    assert float(got[0].reshape(())) == pytest.approx(float(ref[0].detach()), rel=1e-5)
+    for g, r in zip(got[2:], ref[2:], strict=True):
+        np.testing.assert_allclose(g, r.detach().numpy(), atol=1e-6)

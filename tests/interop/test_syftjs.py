@@ -289,6 +289,47 @@ def test_mixed_cycle_syftjs_and_python(grid, syftjs, mnist):
     assert_close(grid.checkpoint(name, 2), [w.astype(np.float32) for w in want])
 
 
+# --------------------------------------------------------------------------- async (FedBuff)
+def test_async_process_syftjs_reports_into_buffers(grid, syftjs, mnist):
+    """``mode: "async"`` (FedBuff, buffer_size 2): syft.js takes part unchanged beside
+    plain HTTP workers. Two HTTP workers take checkpoint 1; syft.js trains on it and
+    reports; the first HTTP worker's report publishes checkpoint 2; syft.js then trains on
+    checkpoint 2, and the second HTTP worker, one checkpoint stale, publishes checkpoint 3
+    with weight 1/sqrt(2). Each checkpoint == FedBuff's update computed here."""
+    from tests.harness import HttpWorker, join, report
+
+    name = mnist.host_on(
+        grid, {"mode": "async", "buffer_size": 2, "cycle_length": None, "max_diffs": None}
+    )
+    rng = np.random.default_rng(0)
+    d1, d2 = ([(0.01 * rng.standard_normal(p.shape)).astype(p.dtype) for p in mnist.params]
+              for _ in range(2))
+    w = HttpWorker(grid.http_url)
+    try:
+        first, second = join(w, name=name), join(w, name=name)  # both on checkpoint 1
+        run = syftjs.run(grid.ws_url, name)
+        assert run.names() == ["accepted", "reported"], run
+        assert report(w, first[0], first[1]["request_key"], d1)[0] == 200
+        diff_js = [p - u for p, u in zip(mnist.params, mnist.updated, strict=True)]
+        want2 = [p - (a + b) / 2 for p, a, b in zip(mnist.params, diff_js, d1, strict=True)]
+        ckpt2 = grid.checkpoint(name, 2)
+        assert_close(ckpt2, [x.astype(np.float32) for x in want2], atol=1e-6)
+
+        run = syftjs.run(grid.ws_url, name)  # on checkpoint 2
+        assert run.names() == ["accepted", "reported"], run
+        assert report(w, second[0], second[1]["request_key"], d2)[0] == 200
+    finally:
+        w.close()
+    plan = Plan.from_bytes(mnist.onnx_plan)
+    _, _, *trained = plan.execute(mnist.X, mnist.y, mnist.batch_size, mnist.lr, *ckpt2)
+    s = 1 / np.sqrt(2)  # the second HTTP worker trained on checkpoint 1: staleness 1
+    want3 = [
+        c - ((c - t) + s * d) / 2 for c, t, d in zip(ckpt2, trained, d2, strict=True)
+    ]
+    assert_close(grid.checkpoint(name, 3), [x.astype(np.float32) for x in want3], atol=1e-6)
+    assert [c["reported"] for c in grid.status(name)["cycles"][:2]] == [2, 2]
+
+
 # --------------------------------------------------------------------------- node contract
 def test_process_without_tfjs_variant(grid, syftjs, mnist):
     """syft.js 0.1.4 always asks get-plan for ``receive_operations_as=tfjs``: a process

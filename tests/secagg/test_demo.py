@@ -34,5 +34,5 @@ def test_short_demo_run_with_secure_aggregation(tmp_path, capfd):
 
 
 def test_secure_aggregation_needs_two_workers_per_cycle():
-    with pytest.raises(ConfigError, match="at least 2 workers per cycle"):
+    with pytest.raises(ConfigError, match="at least 2 workers"):
         DemoOptions(clients=10, fraction=0.1, secure_aggregation=True).validate()

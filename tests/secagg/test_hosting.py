@@ -125,6 +125,21 @@ def test_secure_aggregation_is_refused_with_a_per_diff_rule(admin):
     assert r.status_code == 400 and "iterative_plan" in r.json()["error"], r.text
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"strategy": {"name": "fedmedian"}},
+        {"mode": "async"},
+        {"compression": {"kind": "int8"}},
+        {"differential_privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0}},
+    ],
+)
+def test_secure_aggregation_is_refused_with_rules_that_need_each_diff(admin, extra):
+    r = admin.host(host_payload(server_config={**BASE, **extra, "secure_aggregation": SECAGG}))
+    assert r.status_code == 400, r.text
+    assert admin.http.get("/gridfl/v1/processes/mnist/1.0").status_code == 404
+
+
 def test_the_protocol_name_is_reserved(admin):
     r = admin.host(host_payload(server_config=BASE, protocols={"secure_aggregation": b"x"}))
     assert r.status_code == 400 and "reserved" in r.json()["error"], r.text

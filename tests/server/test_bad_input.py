@@ -165,6 +165,14 @@ def node(tmp_path_factory):
     c1c2 = call(CYCLE, {"worker_id": c1, "model": "closed"})
     assert c1c2["status"] == "accepted", c1c2
     s1 = auth("speed")
+    # compressed reports (gridfl.binary.2): one process per encoding, a worker accepted in each
+    zipped = {}
+    for kind, cfg in (("float16", {"kind": "float16"}), ("int8", {"kind": "int8"}),
+                      ("topk", {"kind": "topk", "fraction": 0.2})):
+        host(f"zip-{kind}", compression=cfg)
+        wid, cyc = accept(f"zip-{kind}")
+        assert cyc["compression"] == {**cfg, **({"fraction": 0.2} if kind == "topk" else {})}
+        zipped[kind] = (wid, cyc["request_key"])
 
     ctx = SimpleNamespace(
         srv=srv,
@@ -190,7 +198,9 @@ def node(tmp_path_factory):
         c2=c2,
         kc2=c2c["request_key"],
         s1=s1,
-        processes=["mnist", "other", "closed", "hs", "rs", "speed"],
+        zipped=zipped,
+        processes=["mnist", "other", "closed", "hs", "rs", "speed",
+                   "zip-float16", "zip-int8", "zip-topk"],
     )
     yield ctx
     admin.close()
@@ -263,6 +273,34 @@ def WSONLY(id, raw, status, message, **kw) -> Case:
     return Case(id, status, message, kind="?", raw=raw, transports=("ws",), **kw)
 
 
+def ZIP(id, kind, payload, status, message, *, process=None, transports=("wsz",)) -> Case:
+    """A compressed binary report (``compression: kind``) by the worker accepted in process
+    ``zip-<process or kind>``, on a socket that negotiated gridfl.binary.2 ("wsz")."""
+
+    def raw(ctx) -> bytes:
+        wid, key = ctx.zipped[process or kind] if process != "mnist" else (ctx.a1, ctx.ka1)
+        data = {"worker_id": wid, "request_key": key, "compression": kind}
+        return _bin(json.dumps({"type": REPORT, "request_id": "r", "data": data}).encode(),
+                    payload)
+
+    return Case(id, status, message, kind="?", raw=raw, transports=transports)
+
+
+def _f16(*values: float) -> bytes:
+    return np.array(values, "<f2").tobytes()
+
+
+def _int8(scales, q=None) -> bytes:
+    q = np.full(15, 127, "i1") if q is None else np.asarray(q, "i1")
+    return np.asarray(scales, "<f4").tobytes() + q.tobytes()
+
+
+def _topk(indices, values, count=None) -> bytes:
+    n = len(indices) if count is None else count
+    return (np.array([n], "<u4").tobytes() + np.asarray(indices, "<u4").tobytes()
+            + np.asarray(values, "<f4").tobytes())
+
+
 def DL(id, path, status, message, transports=("http", "wsdl"), **params) -> Case:
     """A download: an HTTP GET, and ("wsdl") the same query as the ``data`` of a request
     frame on a socket that negotiated gridfl.binary.2."""
@@ -292,7 +330,8 @@ def _bin_report(ctx, *, kind=REPORT, data=None, diff: bytes | None = None) -> by
 #: report cases whose ``diff`` is not base64 of anything: a binary frame cannot carry it
 #: (its own cases above: no diff bytes, a diff in the header)
 _NOT_BINARY = {"report-missing-diff", "report-diff-number", "report-diff-not-base64",
-               "report-diff-urlsafe-base64", "report-diff-empty"}
+               "report-diff-urlsafe-base64", "report-diff-empty",
+               "report-compressed-as-json"}
 
 
 def _diff(arrays_or_bytes) -> Callable[[Any], dict]:
@@ -690,6 +729,57 @@ CASES: list[Case] = [
            "message 'data' must be an object"),
     WSONLY("ws-binary-oversized", lambda ctx: _bin_report(ctx, diff=b"\0" * MAX_BODY), 0, "",
            ws_close=1009),
+    # ---- compressed reports (gridfl extension, gridfl.binary.2 only); the model has 2
+    # tensors, 15 values; zip-topk takes at most ceil(0.2 x 15) = 3 values
+    ZIP("zip-float16-short", "float16", _f16(*[0.0] * 14) + b"\0", 400,
+        "float16 diff is 29 bytes; this model's is 30"),
+    ZIP("zip-float16-long", "float16", _f16(*[0.0] * 16), 400,
+        "float16 diff is 32 bytes; this model's is 30"),
+    ZIP("zip-float16-nan", "float16", _f16(*[0.0] * 14, float("nan")), 400,
+        "float16 diff has NaN or infinite values"),
+    ZIP("zip-float16-inf", "float16", _f16(float("inf"), *[0.0] * 14), 400,
+        "float16 diff has NaN or infinite values"),
+    ZIP("zip-int8-short", "int8", _int8([1, 1], np.zeros(14)), 400,
+        "int8 diff is 22 bytes; this model's is 23 (2 float32 scales + 15 int8 values)"),
+    ZIP("zip-int8-one-scale", "int8", _int8([1]), 400, "int8 diff is 19 bytes"),
+    ZIP("zip-int8-scale-nan", "int8", _int8([float("nan"), 1]), 400,
+        "tensor 0's scale is nan; it must be finite and >= 0"),
+    ZIP("zip-int8-scale-inf", "int8", _int8([1, float("inf")]), 400,
+        "tensor 1's scale is inf; it must be finite and >= 0"),
+    ZIP("zip-int8-scale-negative", "int8", _int8([-1, 1]), 400,
+        "tensor 0's scale is -1.0; it must be finite and >= 0"),
+    ZIP("zip-int8-beyond-bound", "int8", _int8([1, 1e11]), 400,
+        "int8 diff: tensor 1 dequantizes to 1.27e+13, beyond the diff bound ±1e+12"),
+    ZIP("zip-topk-truncated", "topk", b"\1\0", 400, "topk diff is 2 bytes"),
+    ZIP("zip-topk-short", "topk", _topk([0, 1], [1, 1])[:-1], 400,
+        "topk diff is 19 bytes; this model's is 20"),
+    ZIP("zip-topk-count-too-large", "topk", _topk([0, 1, 2, 3], [1, 1, 1, 1]), 400,
+        "topk diff: 4 values, more than the 3 this process takes"),
+    ZIP("zip-topk-count-huge", "topk", _topk([0], [1], count=2**32 - 1), 400,
+        "more than the 3 this process takes"),
+    ZIP("zip-topk-index-out-of-range", "topk", _topk([0, 15], [1, 1]), 400,
+        "topk diff: index 15 is out of range (the model has 15 values)"),
+    ZIP("zip-topk-index-huge", "topk", _topk([2**32 - 1], [1]), 400,
+        "index 4294967295 is out of range"),
+    ZIP("zip-topk-duplicate-index", "topk", _topk([3, 3], [1, 1]), 400,
+        "indices must be strictly increasing (no duplicates)"),
+    ZIP("zip-topk-unsorted", "topk", _topk([4, 2], [1, 1]), 400,
+        "indices must be strictly increasing"),
+    ZIP("zip-topk-value-nan", "topk", _topk([1], [float("nan")]), 400,
+        "topk diff has NaN or infinite values"),
+    ZIP("zip-topk-value-beyond-bound", "topk", _topk([1, 2], [1, -1e13]), 400,
+        "topk diff has values beyond ±1e+12"),
+    ZIP("zip-unknown-encoding", "bfloat16", _f16(*[0.0] * 15), 400,
+        "'compression' must be 'float16', 'int8' or 'topk'", process="float16"),
+    ZIP("zip-other-encoding-than-asked", "int8", _int8([1, 1]), 400,
+        "this process takes 'topk'-compressed reports, not 'int8'", process="topk"),
+    ZIP("zip-on-process-without-compression", "float16", _f16(*[0.0] * 15), 400,
+        "this process takes no compressed reports", process="mnist"),
+    ZIP("zip-without-subprotocol", "float16", _f16(*[0.0] * 15), 400,
+        "a compressed report needs a socket that negotiated the 'gridfl.binary.2'",
+        transports=("ws",)),
+    W("report-compressed-as-json", REPORT, lambda ctx: _report(ctx, compression="float16"),
+      400, "a compressed diff travels only in a binary report frame"),
     # ---- downloads: HTTP GET, and over a gridfl.binary.2 socket ("wsdl")
     DL("get-model-missing-params", "get-model", 400, "'model_id' is required",
        worker_id=_DROP, request_key=_DROP, model_id=_DROP),
@@ -792,6 +882,25 @@ CASES: list[Case] = [
       "'server_config.max_workers' is an integer beyond the float range"),
     H("host-over_selection-huge", _host(_sc(max_workers=2, over_selection=1e300)), 400,
       "server_config.over_selection must be"),
+    H("host-compression-unknown-kind", _host(_sc(compression={"kind": "zip"})), 400,
+      "server_config.compression must be null or an object"),
+    H("host-compression-string", _host(_sc(compression="int8")), 400,
+      "server_config.compression must be null or an object"),
+    H("host-compression-fraction-zero", _host(_sc(compression={"kind": "topk", "fraction": 0})),
+      400, "server_config.compression.fraction must be a number in (0, 1]"),
+    H("host-compression-fraction-on-int8",
+      _host(_sc(compression={"kind": "int8", "fraction": 0.1})), 400,
+      "unknown keys ['fraction'] for kind 'int8'"),
+    H("host-compression-integer-model", _host(lambda p, c: p.update(
+      model=b64(state.dumps([np.ones(3, np.int32)])),
+      server_config={"compression": {"kind": "float16"}})), 400,
+      "server_config.compression needs a model of float tensors only; this one has int32"),
+    H("host-pace_steering-text", _host(_sc(pace_steering="yes")), 400,
+      "server_config.pace_steering must be"),
+    H("host-pace_steering-zero-window", _host(_sc(pace_steering={"window": 0})), 400,
+      "server_config.pace_steering.window must be a number >= 1.0"),
+    H("host-pace_steering-unknown-key", _host(_sc(pace_steering={"window": 5, "rate": 1})),
+      400, "server_config.pace_steering must be"),
     H("host-max_diffs-below-min_diffs", _host(_sc(min_diffs=3, max_diffs=2)), 400,
       "max_diffs must be >= min_diffs"),
     H("host-pool_selection-unknown", _host(_sc(pool_selection="best")), 400,
@@ -806,6 +915,29 @@ CASES: list[Case] = [
       "pub_key is not an RSA key"),
     H("host-auth-endpoint-not-http", _host(_sc(authentication={"endpoint": "file:///etc"})),
       400, "endpoint must be an http(s) URL"),
+    H("host-strategy-unknown-name", _host(_sc(strategy={"name": "fedsgd"})), 400,
+      "server_config.strategy.name must be one of"),
+    H("host-strategy-not-object", _host(_sc(strategy="fedadam")), 400,
+      "server_config.strategy must be an object"),
+    H("host-strategy-negative-eta", _host(_sc(strategy={"name": "fedadam", "eta": -0.1})), 400,
+      "server_config.strategy.eta must be a number > 0"),
+    H("host-strategy-beta_1-one", _host(_sc(strategy={"name": "fedyogi", "beta_1": 1})), 400,
+      "server_config.strategy.beta_1 must be a number in [0, 1)"),
+    H("host-strategy-unknown-hyperparameter",
+      _host(_sc(strategy={"name": "fedadam", "eta_l": 0.1})), 400, "fedadam has no ['eta_l']"),
+    H("host-strategy-clip_norm-negative", _host(_sc(strategy={"name": "fedavg",
+      "clip_norm": -1})), 400, "server_config.strategy.clip_norm must be a number > 0"),
+    H("host-strategy-trim-half", _host(_sc(max_diffs=10, strategy={"name": "fedtrimmedavg",
+      "beta": 0.5})), 400, "server_config.strategy.beta must be a number in [0, 0.5)"),
+    H("host-strategy-krum-f-too-large", _host(_sc(max_diffs=6, strategy={"name": "krum",
+      "num_malicious_nodes": 2})), 400, "needs max_diffs >= 7 (n > 2f + 2); max_diffs is 6"),
+    H("host-strategy-robust-without-max_diffs",
+      _host(_sc(max_diffs=None, strategy={"name": "fedmedian"})), 400,
+      "set server_config.max_diffs"),
+    H("host-strategy-with-averaging-plan",
+      _host(lambda p, c: p.update(averaging_plan=b64(averaging_plan()), server_config={
+          "iterative_plan": True, "strategy": {"name": "fedadam"}})), 400,
+      "a hosted averaging_plan is the aggregation rule"),
     H("host-model-missing", _host(_set("model", _DROP)), 400,
       "model: expected a non-empty base64 string"),
     H("host-model-not-base64", _host(_set("model", "%%%")), 400, "model: not valid base64"),
@@ -917,7 +1049,7 @@ def _send_ws(ctx, case: Case, transport: str = "ws") -> tuple[dict | None, int |
     from websockets.exceptions import ConnectionClosed
 
     rid = uuid.uuid4().hex
-    subprotocols = [_messages.BINARY_SUBPROTOCOL] if transport == "wsdl" else None
+    subprotocols = [_messages.BINARY_SUBPROTOCOL] if transport in ("wsdl", "wsz") else None
     if case.request is not None:  # a download
         params = case.request(ctx).get("params", {})
         frame = json.dumps({"type": case.kind, "request_id": rid, "data": params})
@@ -1004,3 +1136,20 @@ def test_the_snapshot_sees_a_valid_report(node):
     after = snapshot(node)
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert {"status:mnist", "table:worker_cycles", "table:aggregates"} <= changed, changed
+
+
+def test_the_snapshot_sees_a_valid_compressed_report(node):
+    """Control for the compressed cases: a well-formed int8 report through the same path
+    (a gridfl.binary.2 socket) is taken and changes the aggregate."""
+    before = snapshot(node)
+    wid, key = node.zipped["int8"]
+    data = {"worker_id": wid, "request_key": key, "compression": "int8"}
+    frame = _bin(json.dumps({"type": REPORT, "request_id": "r", "data": data}).encode(),
+                 _int8([0.01, 0.02]))
+    with connect(node.srv.ws_url, subprotocols=[_messages.BINARY_SUBPROTOCOL]) as ws:
+        ws.send(frame)
+        reply = json.loads(ws.recv(timeout=30))
+    assert reply["data"] == {"status": "success"}, reply
+    after = snapshot(node)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert {"table:worker_cycles", "table:aggregates"} <= changed, changed

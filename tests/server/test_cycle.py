@@ -162,6 +162,41 @@ def test_max_workers_over_selection_and_timeout(in_process_node):
     assert results[3]["reason"] == "the cycle is full"
 
 
+def _rejection_timeouts(node, cfg, count):
+    admin = Admin(node.url)
+    assert admin.host(host_payload(server_config=cfg)).status_code == 201
+    w = HttpWorker(node.url)
+    assert join(w)[1]["status"] == "accepted"
+    started = time.time()
+    timeouts = []
+    for _ in range(count):
+        reply = join(w)[1]
+        assert reply["status"] == "rejected" and reply["reason"] == "the cycle is full"
+        timeouts.append(reply["timeout"])
+    return np.array(timeouts), time.time() - started
+
+
+def test_without_pace_steering_every_rejection_points_at_the_deadline(in_process_node):
+    cfg = {"max_workers": 1, "max_diffs": 1, "cycle_length": 100}
+    timeouts, took = _rejection_timeouts(in_process_node, cfg, 30)
+    assert timeouts.max() <= 100 and timeouts.min() >= 100 - took - 1
+    assert timeouts.max() - timeouts.min() <= took + 1  # a herd at the deadline
+
+
+def test_pace_steering_spreads_rejections_past_the_deadline(in_process_node):
+    window, count = 10.0, 30
+    cfg = {"max_workers": 1, "max_diffs": 1, "cycle_length": 100,
+           "pace_steering": {"window": window}}
+    timeouts, took = _rejection_timeouts(in_process_node, cfg, count)
+    # at most count + 1 check-ins (the accepted one too) in ``took`` seconds: the averaged
+    # rate is at most (count + 1) / 60 per second, while one seat per 10 s window is needed
+    most_oversupply = ((count + 1) / 60) / (1 / window)
+    assert timeouts.min() >= 100 - took - 1
+    assert timeouts.max() <= 100 + window * most_oversupply + 1
+    assert len(set(timeouts.tolist())) >= count // 2  # spread, not one herd
+    assert timeouts.max() > 100 + window  # the horizon grew with the check-ins
+
+
 def test_reuse_rule(in_process_node):
     admin = Admin(in_process_node.url)
     cfg = {"max_diffs": 1, "do_not_reuse_workers_until_cycle": 3, "num_cycles": 0}

@@ -233,3 +233,29 @@ def test_enough_reports_is_max_1_min_diffs():
     assert rules.enough_reports({"min_diffs": None}, 1)
     assert not rules.enough_reports({"min_diffs": 4}, 3)
     assert rules.enough_reports({"min_diffs": 4}, 4)
+
+
+# --------------------------------------------------------------------------- pace steering
+def test_paced_timeout_waits_for_the_next_cycle_then_spreads_over_one_window():
+    # no oversupply: the comeback is uniform over (wait, wait + window]
+    draws = np.arange(6000) / 6000
+    back = np.array([rules.paced_timeout(30, 60, 1.0, 5.0, d) for d in draws])
+    assert back.min() == 30 and back.max() == 90
+    counts = np.bincount(back - 30)[1:]  # whole seconds 31..90
+    assert len(counts) == 60 and counts.min() >= 99 and counts.max() <= 101
+
+
+def test_paced_timeout_horizon_grows_with_the_oversupply():
+    # 10x more check-ins than needed: spread over 10 windows, so the comeback rate of a
+    # second's arrivals is arrival_rate / (10 x window) = needed_rate / window
+    arrivals, needed, window = 200.0, 20.0, 60.0
+    draws = np.random.default_rng(0).random(200_000)
+    back = np.array([rules.paced_timeout(0, window, arrivals, needed, d) for d in draws])
+    assert back.max() == window * arrivals / needed
+    per_second = np.bincount(back)[1:-1].mean() / len(draws) * arrivals
+    np.testing.assert_allclose(per_second, needed / window, rtol=0.02)
+
+
+@pytest.mark.parametrize("needed_rate", [0.0, -1.0])
+def test_paced_timeout_without_a_needed_rate_is_one_window(needed_rate):
+    assert rules.paced_timeout(5, 60, 100.0, needed_rate, 0.999) == 65

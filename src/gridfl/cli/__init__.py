@@ -140,6 +140,7 @@ else:
         run(settings, host=host, port=port, log_level=log_level)
 
     from gridfl.cli.commands import COMMANDS
+    from gridfl.cli.simulate import simulate
 
-    for _command in COMMANDS:
+    for _command in [*COMMANDS, simulate]:
         main.add_command(_command)  # type: ignore[attr-defined]  # a click group here

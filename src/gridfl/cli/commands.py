@@ -91,6 +91,14 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
 @click.option("--examples-per-client", type=click.IntRange(1), default=None,
               help="Cut each shard (quick runs).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dp-noise", type=click.FloatRange(0), default=None,
+              help="Differential privacy: noise multiplier z (needs --dp-clip; "
+                   "docs/privacy.md).")
+@click.option("--dp-clip", type=click.FloatRange(0, min_open=True), default=None,
+              help="Differential privacy: clip norm C of each diff (the initial one with "
+                   "--dp-adaptive).")
+@click.option("--dp-adaptive", is_flag=True,
+              help="Adapt the clip norm to the median update norm (Andrew et al.).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("data/demo"), show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -99,6 +107,25 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
               help="Evaluate checkpoints after training instead of during it.")
 @click.option("--secure-aggregation", is_flag=True,
               help="Host with secure aggregation: the node learns only each cycle's sum.")
+@click.option("--strategy", default="fedavg", show_default=True,
+              help="server_config.strategy name: fedavg, fedavgm, fedadagrad, fedadam, fedyogi, "
+              "fedmedian, fedtrimmedavg, krum, multikrum or bulyan (docs/configs.md).")
+@click.option("--server-lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="A server optimizer's rate (eta; server_learning_rate for fedavgm).")
+@click.option("--byzantine", type=click.IntRange(0), default=0, show_default=True,
+              help="Worker processes that report poisoned diffs.")
+@click.option("--attack", type=click.Choice(["scale", "signflip", "noise"]), default="scale",
+              show_default=True, help="What they send: x100, sign flipped, or large noise.")
+@click.option("--compression", type=click.Choice(["float16", "int8", "topk"]), default=None,
+              help="Workers send compressed diffs (topk: 10%, with error feedback).")
+@click.option("--async", "asynchronous", is_flag=True,
+              help="Buffered asynchronous training (FedBuff, server_config.mode 'async').")
+@click.option("--buffer-size", type=click.IntRange(1), default=10, show_default=True,
+              help="With --async: reports per published checkpoint.")
+@click.option("--slow-workers", type=click.IntRange(0), default=0, show_default=True,
+              help="Worker processes that are --slowdown times slower.")
+@click.option("--slowdown", type=click.FloatRange(1, 100), default=5.0, show_default=True,
+              help="How much slower the slow workers are.")
 @friendly
 def demo(**kw: Any) -> None:
     """Federated MNIST: a grid node, N worker processes, a results table and a plot."""
@@ -112,16 +139,27 @@ def demo(**kw: Any) -> None:
         epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], cycles=kw["cycles"],
         target=kw["target"], iid=not kw["non_iid"], seed=kw["seed"], workers=kw["workers"],
         parallel=kw["parallel"], examples_per_client=kw["examples_per_client"],
-        evaluate=not kw["no_live_eval"], secure_aggregation=kw["secure_aggregation"],
-        data_dir=kw["data_dir"], out_dir=kw["out_dir"],
+        evaluate=not kw["no_live_eval"], compression=kw["compression"],
+        secure_aggregation=kw["secure_aggregation"],
+        data_dir=kw["data_dir"], out_dir=kw["out_dir"], strategy=kw["strategy"],
+        server_lr=kw["server_lr"], byzantine=kw["byzantine"], attack=kw["attack"],
+        dp_noise=kw["dp_noise"], dp_clip=kw["dp_clip"], dp_adaptive=kw["dp_adaptive"],
+        asynchronous=kw["asynchronous"], buffer_size=kw["buffer_size"],
+        slow_workers=kw["slow_workers"], slowdown=kw["slowdown"],
     )
     console = Console(stderr=True)
     console.print(
         f"[bold]gridfl demo[/]: {options.model}, K={options.clients}, C={options.fraction}, "
         f"E={options.epochs}, B={options.batch_size}, lr={options.lr}, "
-        f"{'IID' if options.iid else 'non-IID'}, {options.workers} worker processes"
+        f"{'IID' if options.iid else 'non-IID'}, {options.workers} worker processes, "
+        f"strategy {options.strategy_config() or 'fedavg'}"
+        + (f", async (buffers of {options.buffer_size})" if options.asynchronous else "")
+        + (f", {options.slow_workers} {options.slowdown:g}x slower" if options.slow_workers
+           else "")
+        + (f", {options.byzantine} Byzantine ({options.attack})" if options.byzantine else "")
+        + (f", {options.compression} reports" if options.compression else "")
     )
-    table = _cycle_table()
+    table = _cycle_table(private=options.dp_noise is not None)
     started = time.perf_counter()
 
     def on_step(message: str) -> None:  # start-up takes a while: show where it is
@@ -135,7 +173,7 @@ def demo(**kw: Any) -> None:
 
         result = run_demo(options, on_cycle=on_cycle, on_step=on_step)
     if not options.evaluate:
-        table = _cycle_table()
+        table = _cycle_table(private=options.dp_noise is not None)
         for c in result.cycles:
             _add_row(table, c)
         console.print(table)
@@ -153,23 +191,26 @@ def demo(**kw: Any) -> None:
                   f"{options.out_dir / 'accuracy.png'}")
 
 
-def _cycle_table():
+def _cycle_table(*, private: bool = False):
     from rich.table import Table
 
     table = Table(title="federated MNIST")
     for col in ("cycle", "reports", "cycle s", "elapsed s", "train loss", "test loss",
-                "test acc"):
+                "test acc", *(["epsilon"] if private else [])):
         table.add_column(col, justify="right")
     return table
 
 
 def _add_row(table, c) -> None:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    table.add_row(
+    row = [
         str(c.cycle), str(c.reports), fmt(c.seconds, ".2f"), fmt(c.elapsed, ".1f"),
         fmt(c.train_loss, ".4f"), fmt(c.test_loss, ".4f"),
         "-" if c.test_accuracy is None else f"{100 * c.test_accuracy:.2f}%",
-    )
+    ]
+    if len(table.columns) > len(row):  # the epsilon column (differential privacy)
+        row.append(fmt(c.epsilon, ".4g"))
+    table.add_row(*row)
 
 
 # --------------------------------------------------------------------------- compile
@@ -317,28 +358,68 @@ def status(url, admin_token, admin_token_file, name, version, as_json, follow) -
             Console().print(table)
         else:
             table = Table(title=f"{data.get('name')} {data.get('version')}: {data.get('status')}")
-            for col in _CYCLE_COLUMNS:
+            for col in _columns(data):
                 table.add_column(col, justify="right")
             for c in data.get("cycles", []):
                 table.add_row(*_cycle_row(c))
             Console().print(table)
+            if data.get("strategy"):
+                click.echo(_strategy_line(data["strategy"]))
+            if data.get("privacy"):
+                click.echo(_privacy_line(data["privacy"]))
         if follow:
             _follow(client, data, as_json)
+
+
+def _strategy_line(strategy: dict) -> str:
+    """``strategy: fedadam (eta=0.01, ...); state: step 3, m_norm 0.012, ...``
+
+    >>> _strategy_line({"name": "fedadam", "params": {"eta": 0.01}, "state": {"step": 3}})
+    'strategy: fedadam (eta=0.01); state: step 3'
+    """
+    params = ", ".join(f"{k}={v}" for k, v in (strategy.get("params") or {}).items()
+                       if v is not None)
+    line = f"strategy: {strategy.get('name')}" + (f" ({params})" if params else "")
+    st = strategy.get("state") or {}
+    if st:
+        line += "; state: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in st.items())
+    return line
 
 
 _CYCLE_COLUMNS = ("cycle", "status", "accepted", "reported", "samples", "loss", "accuracy",
                   "checkpoint")
 
 
+def _columns(data: dict) -> tuple[str, ...]:
+    """The cycle columns, with ε after each cycle for a differentially private process."""
+    return _CYCLE_COLUMNS + (("epsilon",) if data.get("privacy") else ())
+
+
 def _cycle_row(c: dict) -> list[str]:
     m = c.get("metrics") or {}
-    return [
+    row = [
         str(c["sequence"]), c["status"], str(c["accepted"]), str(c["reported"]),
         str(c.get("num_samples", "-")),
         "-" if m.get("loss") is None else f"{m['loss']:.4f}",
         "-" if m.get("accuracy") is None else f"{m['accuracy']:.4f}",
         str(c.get("result_checkpoint") or "-"),
     ]
+    if "epsilon" in c:  # null: not completed, or infinite (noise_multiplier 0)
+        eps = c["epsilon"]
+        row.append(f"{eps:.4g}" if eps is not None else "inf" if c["status"] == "completed"
+                   else "-")
+    return row
+
+
+def _privacy_line(p: dict) -> str:
+    """One line of a process's privacy figures (docs/privacy.md)."""
+    eps = "inf" if p["epsilon"] is None else f"{p['epsilon']:.4g}"
+    budget = "" if p["max_epsilon"] is None else f" of max {p['max_epsilon']:g}"
+    line = (f"privacy ({p['mode']}): epsilon {eps}{budget} at delta {p['delta']:g} after "
+            f"{p['steps']} cycles ({p['accountant']}, q = {p['sampling_rate']:.4g}, "
+            f"z = {p['noise_multiplier']:g}); clip norm {p['clip_norm']:.4g}")
+    return line + (f"; finished: {p['reason']}" if p["budget_spent"] else "")
 
 
 def _follow(client, data: dict, as_json: bool) -> None:
@@ -354,7 +435,7 @@ def _follow(client, data: dict, as_json: bool) -> None:
             if as_json:
                 click.echo(json.dumps(c))
             else:
-                click.echo("  ".join(f"{k} {v}" for k, v in zip(_CYCLE_COLUMNS, _cycle_row(c),
+                click.echo("  ".join(f"{k} {v}" for k, v in zip(_columns(data), _cycle_row(c),
                                                                strict=True)))
     if not as_json:
         click.echo(f"{name} {version}: {data['status']}")

@@ -8,12 +8,14 @@ this package adds the training helpers::
     AsyncSyft, AsyncJob       the asyncio twins
     PlanTrainer, TrainResult  job.train's loop: batches, events, stop/resume, checkpoints
     run_worker                the whole worker loop in one call
+    LocalState                what a worker keeps between cycles (FedBN buffers)
     SpeedTestLimits           bounds of the connection speed test
 """
 
 from gridfl.client._async import AsyncJob, AsyncSyft
 from gridfl.client._base import JOB_EVENTS, JobState
 from gridfl.client._sync import Job, Syft
+from gridfl.client.local_state import LocalState
 from gridfl.client.speedtest import SpeedTestLimits, SpeedTestResult
 from gridfl.client.trainer import TRAINER_EVENTS, PlanTrainer, TrainResult
 from gridfl.client.worker import WorkerSummary, run_worker
@@ -25,6 +27,7 @@ __all__ = [
     "AsyncSyft",
     "Job",
     "JobState",
+    "LocalState",
     "PlanTrainer",
     "SpeedTestLimits",
     "SpeedTestResult",

@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import ipaddress
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from gridfl._exceptions import (
 )
 from gridfl.client import _replies as replies
 from gridfl.client._events import EventHandlers
+from gridfl.privacy import privatize_report
 
 _PLAN_CACHE_SIZE = 8
 
@@ -156,7 +158,13 @@ class Sleep:
     seconds: float
 
 
-Operation = Call | Fetch | MeasureSpeed | Sleep
+@dataclass(frozen=True)
+class BinaryReports:
+    """Whether a report would go as a binary frame (a WebSocket on which the node
+    selected ``gridfl.binary.2``): the only way a compressed report travels. A bool."""
+
+
+Operation = Call | Fetch | MeasureSpeed | Sleep | BinaryReports
 
 
 @dataclass(frozen=True)
@@ -241,6 +249,8 @@ class _Cycle:
     model_id: Any = None
     version: str | None = None
     timeout: int | None = None
+    #: the node's ``compression`` request in the accepted reply (gridfl extension)
+    compression: dict[str, Any] | None = None
 
 
 class BaseJob:
@@ -418,6 +428,7 @@ class BaseJob:
             return Rejected(reply.timeout)
 
         c.request_key, c.model_id, c.version = reply.request_key, reply.model_id, reply.version
+        c.compression = reply.compression
         # gridfl nodes name each plan's digest: a plan held from an earlier cycle is not
         # downloaded again (an unknown or malformed digest just means a download)
         digests = reply.plan_digests or {}
@@ -478,6 +489,7 @@ class BaseJob:
             if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:
                 raise ConfigError(f"num_samples must be a non-negative int, got {num_samples!r}")
             num_samples = int(num_samples)
+        diff = privatize_report(diff, self.client_config)
         if SECURE_AGGREGATION in self.protocols:
             from gridfl import state
             from gridfl.client._secagg import secure_report_flow
@@ -486,19 +498,30 @@ class BaseJob:
             reply = yield from secure_report_flow(self, arrays, num_samples)
             self.state = JobState.REPORTED
             return reply
+        payload, kind, commit = bytes(diff), None, None
+        setting = self._cycle.compression
+        # compressed only where the node asked for it and the report goes as a binary frame
+        if setting is not None and self.model is not None and (yield BinaryReports()):
+            shapes = [tuple(p.shape) for p in self.model.params]
+            key = (self.model_name, self._cycle.version)
+            payload, commit = self._client._compressor.compress(setting, key, payload, shapes)
+            kind = setting["kind"]
         report = _messages.ReportRequest(
             worker_id=str(self.worker_id),
             request_key=str(self.request_key),
-            diff=bytes(diff),
+            diff=payload,
             num_samples=num_samples,
             metrics={str(k): float(v) for k, v in dict(metrics or {}).items()},
+            compression=kind,
         )
         # The diff stays bytes here: the transport encodes it (base64 in JSON, or raw in a
         # binary WebSocket frame when the node takes those).
         reply = yield Call(replies.REPORT, report.to_json(raw_diff=True), idempotent=False)
         _messages.parse_report_response(reply)
+        if commit is not None:
+            commit()
         self.state = JobState.REPORTED
-        logger.info("%s: reported diff of %d bytes", self.model_name, len(diff))
+        logger.info("%s: reported diff of %d bytes", self.model_name, len(payload))
         return reply
 
     # ------------------------------------------------------------------ training
@@ -537,9 +560,12 @@ class BaseJob:
             )
         plan = self.plans[plan_name]
         cfg = {**self.client_config, **(client_config or {})}
+        local_state = getattr(self._client, "local_state", None)
+        process = f"{self.model_name}:{self.model_version or ''}"  # what is kept is per process
         if checkpoint is not None:
             return PlanTrainer.from_checkpoint(
-                plan, data, target, checkpoint, client_config=cfg, events=events
+                plan, data, target, checkpoint, client_config=cfg, events=events,
+                local_state=local_state, process=process,
             )
         return PlanTrainer(
             plan,
@@ -553,6 +579,8 @@ class BaseJob:
             shuffle=shuffle,
             seed=seed,
             events=events,
+            local_state=local_state,
+            process=process,
         )
 
     def _handlers_for(self, event: str) -> list[Callable[..., Any]]:
@@ -631,6 +659,9 @@ class BaseSyft:
         retries: retries of transient network failures per request.
         speed_test: bounds of the speed test (:class:`~gridfl.client.SpeedTestLimits`).
         headers: extra HTTP headers for every request and the WebSocket handshake.
+        local_state_dir: where the worker keeps per-process state between cycles (FedBN
+            buffers, optimizer state; see :mod:`gridfl.client.local_state`); ``None``
+            keeps it in memory for the client's lifetime.
         transport: an ``httpx.AsyncBaseTransport`` that carries every HTTP request of
             the client (calls, downloads, speed test) instead of a socket; ``None`` (the
             default) opens connections as usual. With ``httpx.ASGITransport(app)`` the
@@ -672,7 +703,11 @@ class BaseSyft:
         speed_test: Any = None,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        local_state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        from gridfl.client.local_state import LocalState
+
+        self.local_state = LocalState(local_state_dir)
         allow = bool(verbose) if allow_insecure is None else bool(allow_insecure)
         self.endpoints = Endpoints.parse(url, allow_insecure=allow)
         _check_transport(transport, self.endpoints)
@@ -693,6 +728,10 @@ class BaseSyft:
         # request key), and identical bytes reuse the loaded plan: no onnxruntime session
         # is built twice.
         self._plans: OrderedDict[bytes, Plan] = OrderedDict()
+        from gridfl.client._compress import Compressor
+
+        #: top-k error feedback, per process, carried across this client's reports
+        self._compressor = Compressor()
         if self.verbose:
             _turn_up_logging()
         logger.debug("client for %s (%s transport)", url, self.endpoints.transport)

@@ -425,15 +425,26 @@ class WsTransport:
 
         return await with_retries(path, attempt, retries=self.retries, idempotent=True)
 
+    async def binary_reports(self) -> bool:
+        """Whether the node selected ``gridfl.binary.2`` (opening the socket if need be)."""
+        return (await self._connection()).subprotocol == _messages.BINARY_SUBPROTOCOL
+
     @staticmethod
     def _binary_report(conn: ClientConnection, type_: str, data: dict[str, Any]) -> bool:
         """Send this message as a binary frame: a report with bytes, to a node that
-        selected ``gridfl.binary.2`` at the handshake."""
-        return (
+        selected ``gridfl.binary.2`` at the handshake. A compressed report cannot go
+        otherwise (the socket was reopened to a node that no longer selects it)."""
+        binary = (
             type_ == replies.REPORT
             and conn.subprotocol == _messages.BINARY_SUBPROTOCOL
             and isinstance(data.get("diff"), (bytes, bytearray, memoryview))
         )
+        if not binary and data.get("compression") is not None:
+            raise GridError(
+                f"{type_}: a compressed report needs the {_messages.BINARY_SUBPROTOCOL!r} "
+                "subprotocol, which the node no longer selected"
+            )
+        return binary
 
     @property
     def connected(self) -> bool:
@@ -475,7 +486,7 @@ class Network:
         self.speed_test = speed_test
 
     async def perform(self, op: Any) -> Any:
-        from gridfl.client._base import Call, Fetch, MeasureSpeed, Sleep
+        from gridfl.client._base import BinaryReports, Call, Fetch, MeasureSpeed, Sleep
         from gridfl.client.speedtest import measure_speed
 
         if isinstance(op, Call):
@@ -489,6 +500,8 @@ class Network:
                 if data is not None:
                     return data
             return await self.http.fetch(op.path, op.params)
+        if isinstance(op, BinaryReports):
+            return self.ws is not None and await self.ws.binary_reports()
         if isinstance(op, MeasureSpeed):
             result = await measure_speed(self.http.client, op.worker_id, limits=self.speed_test)
             return result.as_request()

@@ -4,9 +4,15 @@ Training loop for a downloaded plan: the Python equivalent of syft.js's ``PlanTr
 The plan's metadata says what each input is (:attr:`gridfl.Plan.inputs`), so no input or
 output specs are needed: ``data`` and ``target`` get the batch, ``batch_size`` the batch
 size, ``client_config`` inputs the value under their key, ``model_param`` inputs the
-current params by index and ``optimizer_state`` inputs the optimizer buffers (zeros at
+current params by index, ``model_buffer`` inputs the model's tensors after the params
+(BatchNorm statistics) and ``optimizer_state`` inputs the optimizer buffers (zeros at
 first). Outputs are read the same way: ``loss``, ``metric`` (by key), updated
-``model_param`` and ``optimizer_state``.
+``model_param``, ``model_buffer`` and ``optimizer_state``.
+
+What is kept between cycles follows the process's ``client_config`` (see
+:mod:`gridfl.client.local_state`): with ``"buffers": "local"`` (FedBN) the buffers
+start from the worker's own and ``result.params`` carries the downloaded ones (a zero
+diff); with ``"keep_optimizer_state": true`` the optimizer state continues.
 
 Exactly ``max_updates`` batches run per epoch (syft.js and PySyft ran one more). The last
 partial batch is dropped, as in syft.js. Example::
@@ -40,6 +46,7 @@ import numpy as np
 
 from gridfl._exceptions import ConfigError, GridflError, PlanError
 from gridfl.client._events import EventHandlers
+from gridfl.client.local_state import LocalState, read_local_options
 
 if TYPE_CHECKING:
     from gridfl.plan import Plan
@@ -61,14 +68,17 @@ TRAINER_EVENTS = {
 
 _CKPT_FORMAT = "gridfl.trainer/1"
 _INPUT_ROLES = {"data", "target", "batch_size", "client_config", "model_param",
-                "optimizer_state"}
+                "model_buffer", "optimizer_state"}
+_MODEL_ROLES = ("model_param", "model_buffer")
 
 
 @dataclass
 class TrainResult:
     """What a training run produced.
 
-    ``params`` are ready for ``model.create_serialized_diff(params)``; ``num_samples`` is
+    ``params`` are ready for ``model.create_serialized_diff(params)`` (the model's
+    params, then its buffers: the trained ones, or in FedBN mode the downloaded ones);
+    ``buffers`` are the trained buffers in every mode; ``num_samples`` is
     the number of samples one epoch trained on (``steps_per_epoch * batch_size``), the
     weight a node may give this worker's diff; ``loss`` and ``metrics`` are from the last
     batch. ``stopped`` is true when :meth:`PlanTrainer.stop` ended the run early.
@@ -82,6 +92,7 @@ class TrainResult:
     epochs: int
     stopped: bool = False
     optimizer_state: list[np.ndarray] = field(default_factory=list)
+    buffers: list[np.ndarray] = field(default_factory=list)
 
 
 def _array(value: Any, what: str) -> np.ndarray:
@@ -116,6 +127,8 @@ class PlanTrainer:
             every full batch.
         shuffle: draw a new sample order each epoch (reproducible from ``seed``).
         events: ``{event: handler}`` to register at once (see :data:`TRAINER_EVENTS`).
+        local_state: where the worker keeps state between cycles, under the key
+            ``process`` (a :class:`~gridfl.client.LocalState`; jobs pass their client's).
     """
 
     def __init__(
@@ -132,6 +145,8 @@ class PlanTrainer:
         shuffle: bool = False,
         seed: int | None = None,
         events: Mapping[str, Callable[..., Any]] | None = None,
+        local_state: LocalState | None = None,
+        process: str | None = None,
     ) -> None:
         self.plan = plan
         self.client_config = dict(client_config or {})
@@ -174,14 +189,20 @@ class PlanTrainer:
         self.seed = int(seed) if seed is not None else entropy % 2**63
 
         self.params = [_array(p, f"param #{i}") for i, p in enumerate(params)]
-        if len(self.params) != self._num_params:
+        n_model = self._num_params + self._num_buffers
+        if len(self.params) != n_model:
             raise ConfigError(
-                f"the plan takes {self._num_params} model params but {len(self.params)} "
-                "were given"
+                f"the plan takes {self._num_params} model params and {self._num_buffers} "
+                f"buffers but {len(self.params)} model tensors were given"
             )
         self.optimizer_state = [
             np.zeros([d or 0 for d in s.shape], dtype=s.dtype) for s in self._opt_slots
         ]
+        self.local_buffers, self.keep_optimizer_state = read_local_options(cfg)
+        self.local_state, self.process = local_state, process
+        #: the buffers a FedBN result reports: the downloaded ones, so their diff is zero
+        self.reported_buffers = [b.copy() for b in self.params[self._num_params:]]
+        self._restore_local()
         # position
         self.epoch = 0
         self.batch = 0
@@ -210,18 +231,40 @@ class PlanTrainer:
                 raise ConfigError(
                     f"client_config lacks {s.key!r}, which plan input {s.describe()} needs"
                 )
-        param_in = sorted(s.required_index for s in plan.inputs if s.role == "model_param")
-        param_out = sorted(s.required_index for s in plan.outputs if s.role == "model_param")
-        if param_in != list(range(len(param_in))) or param_out != param_in:
-            raise PlanError(
-                f"the plan's model_param inputs {param_in} and outputs {param_out} must both "
-                "be 0..n-1"
-            )
-        self._num_params = len(param_in)
+        self._num_params = _count_indexed(plan, "model_param")
+        self._num_buffers = _count_indexed(plan, "model_buffer")
         self._opt_slots = sorted(
             (s for s in plan.inputs if s.role == "optimizer_state"),
             key=lambda s: s.required_index,
         )
+
+    def _restore_local(self) -> None:
+        """Start from the kept buffers / optimizer state when the process asks for it
+        and the worker has some that fit the plan."""
+        if self.local_state is None or self.process is None:
+            return
+        if not (self.local_buffers or self.keep_optimizer_state):
+            return
+        kept = self.local_state.load(self.process)
+        n = self._num_params
+        if self.local_buffers and _fits(kept.buffers, self.params[n:]):
+            self.params[n:] = kept.buffers
+        if self.keep_optimizer_state and _fits(kept.optimizer_state, self.optimizer_state):
+            self.optimizer_state = kept.optimizer_state
+
+    def _keep_local(self) -> None:
+        if self.local_state is None or self.process is None:
+            return
+        self.local_state.save(
+            self.process,
+            buffers=self.params[self._num_params:] if self.local_buffers else None,
+            optimizer_state=self.optimizer_state if self.keep_optimizer_state else None,
+        )
+
+    def _model_index(self, slot: Any) -> int:
+        """Position of a ``model_param``/``model_buffer`` slot in :attr:`params`."""
+        i: int = slot.required_index
+        return i + self._num_params if slot.role == "model_buffer" else i
 
     def _fixed_batch(self) -> int | None:
         for s in self.plan.inputs:
@@ -289,8 +332,8 @@ class PlanTrainer:
                 self.loss = float(np.asarray(value).reshape(-1)[0])
             elif s.role == "metric":
                 metrics[s.required_key] = float(np.asarray(value).reshape(-1)[0])
-            elif s.role == "model_param":
-                params[s.required_index] = np.asarray(value)
+            elif s.role in _MODEL_ROLES:
+                params[self._model_index(s)] = np.asarray(value)
             elif s.role == "optimizer_state":
                 opt[s.required_index] = np.asarray(value)
         self.params, self.optimizer_state, self.metrics = params, opt, metrics
@@ -310,8 +353,8 @@ class PlanTrainer:
                 args.append(self.batch_size)
             elif r == "client_config":
                 args.append(self.client_config[s.required_key])
-            elif r == "model_param":
-                args.append(self.params[s.required_index])
+            elif r in _MODEL_ROLES:
+                args.append(self.params[self._model_index(s)])
             else:  # optimizer_state
                 args.append(self.optimizer_state[s.required_index])
         return self.plan.execute(*args)
@@ -338,9 +381,10 @@ class PlanTrainer:
                 const[s.name] = plan.convert(pos, self.batch_size)
             elif s.role == "client_config":
                 const[s.name] = plan.convert(pos, self.client_config[s.required_key])
-            elif s.role in ("model_param", "optimizer_state"):
-                values = self.params if s.role == "model_param" else self.optimizer_state
-                if not s.matches(values[s.required_index]):
+            elif s.role in _MODEL_ROLES or s.role == "optimizer_state":
+                value = (self.optimizer_state[s.required_index] if s.role == "optimizer_state"
+                         else self.params[self._model_index(s)])
+                if not s.matches(value):
                     return False
         return const
 
@@ -354,8 +398,8 @@ class PlanTrainer:
                 feed[s.name] = plan.convert(pos, xb)
             elif r == "target":
                 feed[s.name] = plan.convert(pos, yb)
-            elif r == "model_param":
-                feed[s.name] = self.params[s.required_index]
+            elif r in _MODEL_ROLES:
+                feed[s.name] = self.params[self._model_index(s)]
             elif r == "optimizer_state":
                 feed[s.name] = self.optimizer_state[s.required_index]
         return plan.run(feed)
@@ -373,6 +417,7 @@ class PlanTrainer:
             while not self.done:
                 if self.epoch >= self.epochs:
                     self.done = True
+                    self._keep_local()
                     self._fire("end")
                     break
                 if not self._epoch_open:
@@ -401,8 +446,10 @@ class PlanTrainer:
             self._running.release()
 
     def _result(self, *, stopped: bool) -> TrainResult:
+        n = self._num_params
+        reported = self.reported_buffers if self.local_buffers else self.params[n:]
         return TrainResult(
-            params=[np.array(p, copy=True) for p in self.params],
+            params=[np.array(p, copy=True) for p in (*self.params[:n], *reported)],
             loss=self.loss,
             metrics=dict(self.metrics),
             num_samples=self.num_samples,
@@ -410,6 +457,7 @@ class PlanTrainer:
             epochs=self.epoch,
             stopped=stopped,
             optimizer_state=[np.array(o, copy=True) for o in self.optimizer_state],
+            buffers=[np.array(b, copy=True) for b in self.params[n:]],
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -439,6 +487,7 @@ class PlanTrainer:
             "metrics": self.metrics,
             "num_params": len(self.params),
             "num_optimizer_state": len(self.optimizer_state),
+            "num_reported_buffers": len(self.reported_buffers),
         }
         arrays: dict[str, np.ndarray] = {
             "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -447,6 +496,8 @@ class PlanTrainer:
             arrays[f"param_{i}"] = p
         for i, o in enumerate(self.optimizer_state):
             arrays[f"opt_{i}"] = o
+        for i, b in enumerate(self.reported_buffers):
+            arrays[f"reported_buffer_{i}"] = b
         buf = io.BytesIO()
         np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
         return buf.getvalue()
@@ -461,11 +512,15 @@ class PlanTrainer:
         *,
         client_config: Mapping[str, Any] | None = None,
         events: Mapping[str, Callable[..., Any]] | None = None,
+        local_state: LocalState | None = None,
+        process: str | None = None,
     ) -> PlanTrainer:
         """A trainer that continues where :meth:`checkpoint` left off.
 
         ``client_config`` entries override the saved ones (e.g. values that were not
-        JSON). The data must be the same samples in the same order.
+        JSON). The data must be the same samples in the same order. ``local_state``
+        receives what the finished run keeps (its buffers and optimizer state come from
+        the checkpoint, not from it).
         """
         try:
             with np.load(io.BytesIO(checkpoint), allow_pickle=False) as z:
@@ -474,6 +529,8 @@ class PlanTrainer:
                     raise ValueError(f"unknown format {meta.get('format')!r}")
                 params = [z[f"param_{i}"] for i in range(meta["num_params"])]
                 opt = [z[f"opt_{i}"] for i in range(meta["num_optimizer_state"])]
+                reported = [z[f"reported_buffer_{i}"]
+                            for i in range(meta.get("num_reported_buffers", 0))]
         except Exception as exc:
             raise ConfigError(f"not a gridfl trainer checkpoint: {exc}") from exc
         digest = _plan_digest(plan)
@@ -493,6 +550,10 @@ class PlanTrainer:
         if len(opt) != len(trainer.optimizer_state):
             raise ConfigError("the checkpoint's optimizer state does not match the plan")
         trainer.optimizer_state = opt
+        if len(reported) != len(trainer.reported_buffers):
+            raise ConfigError("the checkpoint's buffers do not match the plan")
+        trainer.reported_buffers = reported
+        trainer.local_state, trainer.process = local_state, process
         trainer.epoch, trainer.batch, trainer.steps = meta["epoch"], meta["batch"], meta["steps"]
         trainer._epoch_open = meta["epoch_open"]
         trainer._started = meta["started"]
@@ -500,6 +561,25 @@ class PlanTrainer:
         trainer.loss = meta["loss"]
         trainer.metrics = dict(meta["metrics"])
         return trainer
+
+
+def _count_indexed(plan: Plan, role: str) -> int:
+    """How many slots of ``role`` the plan has; inputs and outputs must both be 0..n-1."""
+    ins = sorted(s.required_index for s in plan.inputs if s.role == role)
+    outs = sorted(s.required_index for s in plan.outputs if s.role == role)
+    if ins != list(range(len(ins))) or outs != ins:
+        raise PlanError(
+            f"the plan's {role} inputs {ins} and outputs {outs} must both be 0..n-1"
+        )
+    return len(ins)
+
+
+def _fits(values: Sequence[np.ndarray], like: Sequence[np.ndarray]) -> bool:
+    """Kept arrays that match the plan's, shapes and dtypes (a new model version may
+    differ: then the worker starts afresh)."""
+    return len(values) == len(like) and len(values) > 0 and all(
+        a.shape == b.shape and a.dtype == b.dtype for a, b in zip(values, like, strict=True)
+    )
 
 
 def _jsonable(value: Any) -> bool:

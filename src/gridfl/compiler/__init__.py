@@ -13,8 +13,8 @@ Or compile any function of the PyGrid training signature
 
     >>> plan = compile_plan(train_step, (X, y, 64, 0.005, *params))               # doctest: +SKIP
 
-Anything a plan cannot run (random ops, BatchNorm in training mode, ops without an
-ONNX form) raises :class:`gridfl.CompileError` here, naming the op, never on a worker.
+Anything a plan cannot run (random ops, ops without an ONNX form) raises
+:class:`gridfl.CompileError` here, naming the op, never on a worker.
 Every plan is checked against eager PyTorch on the example inputs, at the example batch
 size and at a different one (the batch dimension is dynamic).
 """
@@ -32,15 +32,18 @@ from gridfl._exceptions import CompileError
 from gridfl.plan import INDEXED_ROLES, INPUT_ROLES, KEYED_ROLES, KINDS, OUTPUT_ROLES, Plan
 
 from .losses import LOSSES, accuracy, get_loss
-from .optim import SGD, as_optimizer
+from .optim import SGD, Adam, AdamW, Optimizer, as_optimizer
 
 __all__ = [
     "LOSSES",
     "SGD",
+    "Adam",
+    "AdamW",
     "compile_averaging_plan",
     "compile_evaluation_plan",
     "compile_plan",
     "compile_training_plan",
+    "model_tensors",
 ]
 
 _RoleSpec = str | dict
@@ -91,6 +94,7 @@ def _slot_name(d: dict, output: bool) -> str:
         "count": "num",
         "loss": "loss",
         "model_param": "param",
+        "model_buffer": "buffer",
         "optimizer_state": "opt_state",
         "average": "avg",
         "item": "item",
@@ -99,7 +103,7 @@ def _slot_name(d: dict, output: bool) -> str:
         base = re.sub(r"\W", "_", d["key"])
     if role in INDEXED_ROLES:
         base = f"{base}_{d['index']}"
-    if output and role in ("model_param", "optimizer_state", "average"):
+    if output and role in ("model_param", "model_buffer", "optimizer_state", "average"):
         base = f"new_{base}"
     return base
 
@@ -141,15 +145,16 @@ def _default_input_roles(kind: str, n: int) -> list[str]:
 def _default_output_roles(kind: str, n: int, input_roles: list[dict]) -> list[str]:
     if kind == "training":
         n_params = sum(d["role"] == "model_param" for d in input_roles)
+        n_buffers = sum(d["role"] == "model_buffer" for d in input_roles)
         n_state = sum(d["role"] == "optimizer_state" for d in input_roles)
-        head = n - n_params - n_state
+        head = n - n_params - n_buffers - n_state
         if head not in (1, 2):
             raise CompileError(
                 f"a training function returns (loss, acc, *updated_params): {n} outputs "
                 f"for {n_params} params"
             )
         return (["loss", "metric:accuracy"][:head] + ["model_param"] * n_params
-                + ["optimizer_state"] * n_state)
+                + ["model_buffer"] * n_buffers + ["optimizer_state"] * n_state)
     if kind == "evaluation":
         return ["loss", "metric:accuracy"][:n] + [f"metric:metric_{i}" for i in range(2, n)]
     return ["average"] * n
@@ -308,8 +313,8 @@ def _other_batch(args, input_roles, batch_inputs):
     for i in batch_inputs:
         args2[i] = _resize_batch(args[i], other)
     for i, d in enumerate(input_roles):
-        if d["role"] == "batch_size":
-            args2[i] = torch.tensor(float(other), dtype=args[i].dtype)
+        if d["role"] == "batch_size":  # keep its shape: PySyft passes tensor([64.0])
+            args2[i] = torch.full_like(args[i], float(other))
     return args2
 
 
@@ -399,6 +404,61 @@ def _module_params(module: torch.nn.Module):
     return names, params
 
 
+def _module_buffers(module: torch.nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    """The buffers a plan carries: all of them in training mode (BatchNorm updates its
+    running statistics there), none in eval mode (they are constants of the plan)."""
+    if not module.training:
+        return [], []
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm) and sub.momentum is None:
+            raise CompileError(
+                f"buffer '{prefix}.num_batches_tracked': BatchNorm with momentum=None "
+                "(a cumulative average over all batches) cannot be carried by a plan; "
+                "give it a momentum (e.g. the default 0.1)"
+            )
+    named = list(module.named_buffers())
+    for name, b in named:
+        if b.dtype not in (torch.float32, torch.float64, torch.int64):
+            raise CompileError(
+                f"buffer {name!r} is {b.dtype}; a plan carries float32 and int64 buffers"
+            )
+    return [n for n, _ in named], [_float32(b.detach().clone()) for _, b in named]
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32) if t.is_floating_point() else t
+
+
+def model_tensors(module: torch.nn.Module) -> list[np.ndarray]:
+    """The model state to host with the plans of ``module``: its params, then (in
+    training mode) its buffers, as the plans' ``model_param`` and ``model_buffer``
+    inputs number them.
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> [t.shape for t in model_tensors(net)]
+        [(4, 3), (4,), (4,), (4,), (4,), (4,), ()]
+    """
+    _, params = _module_params(module)
+    _, buffers = _module_buffers(module)
+    return [t.numpy() for t in (*params, *buffers)]
+
+
+def _check_buffers_unchanged(module: torch.nn.Module, run: Callable[[], Any]) -> None:
+    """In eval mode buffers are constants of the plan: a module that still changes one
+    (a custom layer's counter) cannot be compiled that way."""
+    before = {n: b.detach().clone() for n, b in module.named_buffers()}
+    run()
+    for name, b in module.named_buffers():
+        if name in before and not torch.equal(before[name], b):
+            module.load_state_dict(before, strict=False)
+            raise CompileError(
+                f"buffer {name!r} changes during the step, which a plan compiled in eval "
+                "mode cannot carry; compile in training mode (module.train()) so the plan "
+                "carries it as a model_buffer"
+            )
+
+
 def _example_target(example_target, loss: str) -> torch.Tensor:
     t = _to_tensor(example_target, "target")
     if loss == "cross_entropy":
@@ -415,24 +475,28 @@ def compile_training_plan(
     module: torch.nn.Module,
     *,
     loss: str = "cross_entropy",
-    optimizer: SGD | torch.optim.SGD | None = None,
+    optimizer: Optimizer | torch.optim.Optimizer | None = None,
     example_data: Any,
     example_target: Any,
     verify: bool = True,
     conv_weight_grad: str = "auto",
 ) -> Plan:
-    """Compile one training step of ``module`` with a standard loss and SGD.
+    """Compile one training step of ``module`` with a standard loss and optimizer.
 
     Plan inputs: ``X`` (data), ``y`` (target), ``batch_size``, ``lr`` (client_config
     ``"lr"``), one ``model_param`` per ``module.named_parameters()`` (in that order),
-    then, with momentum, one ``optimizer_state`` buffer per param (start at zeros).
+    in training mode one ``model_buffer`` per ``module.named_buffers()`` (BatchNorm's
+    running mean, variance and count), then the optimizer's ``optimizer_state`` (SGD
+    momentum buffers; Adam's moments and step count), all zeros at the first step.
     Outputs: ``loss``, ``accuracy`` (metric; absent for single-output MSE), the updated
-    params, then the updated buffers. The loss is divided by ``batch_size``.
+    params, buffers and optimizer state. The loss is divided by ``batch_size``.
 
     ``loss``: ``"cross_entropy"`` (int64 class indices), ``"cross_entropy_onehot"``
-    (float one-hot targets) or ``"mse"``. The module is traced in its current mode:
-    Dropout and BatchNorm must be in eval mode (``module.eval()``); in training mode they
-    are refused with a CompileError.
+    (float one-hot targets) or ``"mse"``. ``optimizer``: :class:`SGD`, :class:`Adam`,
+    :class:`AdamW` or the matching ``torch.optim`` instance. The module is traced in its
+    current mode: in training mode BatchNorm normalizes with batch statistics and
+    updates the running statistics the plan carries (host :func:`model_tensors` as the
+    model); Dropout must be in eval mode (it draws random numbers).
 
         >>> plan = compile_training_plan(net, loss="cross_entropy",
         ...     optimizer=SGD(lr=0.1, momentum=0.9), example_data=X[:16],
@@ -443,28 +507,41 @@ def compile_training_plan(
     opt = as_optimizer(optimizer)
     loss_fn = get_loss(loss)
     names, params = _module_params(module)
+    buffer_names, buffers = _module_buffers(module)
     X = _to_tensor(example_data, "data")
     y = _example_target(example_target, loss)
-    n_params = len(params)
-    n_state = opt.num_state * n_params
+    n_params, n_buffers = len(params), len(buffers)
+    state = opt.example_state(params)  # a worker starts from zeros of these shapes
 
     def step(X, y, batch_size, lr, *rest):
-        ps, st = rest[:n_params], rest[n_params:]
-        out = torch.func.functional_call(module, dict(zip(names, ps, strict=True)), (X,))
+        ps = rest[:n_params]
+        # the step updates copies of its buffer inputs, and returns them
+        bufs = [b.clone() for b in rest[n_params:n_params + n_buffers]]
+        st = rest[n_params + n_buffers:]
+        tensors = {**dict(zip(names, ps, strict=True)),
+                   **dict(zip(buffer_names, bufs, strict=True))}
+        out = torch.func.functional_call(module, tensors, (X,))
         value = loss_fn(out, y, batch_size)
         grads = torch.autograd.grad(value, ps, allow_unused=True, materialize_grads=True)
         new_p, new_s = opt.step(ps, grads, lr, st)
         acc = accuracy(out.detach(), y, batch_size, loss)
         head = (value,) if acc is None else (value, acc)
-        return (*head, *new_p, *new_s)
+        return (*head, *new_p, *bufs, *new_s)
 
-    state = [torch.zeros_like(p) for p in params] * opt.num_state
-    args = [X, y, torch.tensor(float(X.shape[0])), torch.tensor(float(opt.lr)), *params, *state]
+    args = [X, y, torch.tensor(float(X.shape[0])), torch.tensor(float(opt.lr)), *params,
+            *buffers, *state]
     in_roles = ["data", "target", "batch_size", "client_config:lr"]
-    in_roles += ["model_param"] * n_params + ["optimizer_state"] * n_state
-    # Verify with non-zero momentum buffers, so the momentum path is checked too.
+    in_roles += ["model_param"] * n_params + ["model_buffer"] * n_buffers
+    in_roles += ["optimizer_state"] * len(state)
+    if not module.training:
+        _check_buffers_unchanged(module, lambda: step(*_with_grad(args, n_params)))
     return compile_plan(step, args, kind="training", input_roles=in_roles, verify=verify,
                         conv_weight_grad=conv_weight_grad)
+
+
+def _with_grad(args: list[torch.Tensor], n_params: int) -> list[torch.Tensor]:
+    return [a.detach().requires_grad_(True) if 4 <= i < 4 + n_params else a
+            for i, a in enumerate(args)]
 
 
 def compile_evaluation_plan(
@@ -481,15 +558,21 @@ def compile_evaluation_plan(
         ...                                example_target=y[:16])     # doctest: +SKIP
         >>> loss, acc = plan.execute(X_test, y_test, *params)         # doctest: +SKIP
 
-    The loss is the mean over the batch.
+    The loss is the mean over the batch. A module in training mode (one whose training
+    plan carries its buffers) gets its buffers as ``model_buffer`` inputs after the
+    params, so BatchNorm normalizes with the running statistics of the checkpoint.
     """
     loss_fn = get_loss(loss)
     names, params = _module_params(module)
+    buffer_names, buffers = _module_buffers(module)
+    n_params = len(params)
     X = _to_tensor(example_data, "data")
     y = _example_target(example_target, loss)
 
-    def evaluate(X, y, *ps):
-        out = torch.func.functional_call(module, dict(zip(names, ps, strict=True)), (X,))
+    def evaluate(X, y, *rest):
+        tensors = {**dict(zip(names, rest[:n_params], strict=True)),
+                   **dict(zip(buffer_names, rest[n_params:], strict=True))}
+        out = torch.func.functional_call(module, tensors, (X,))
         n = X.shape[0]
         value = loss_fn(out, y, n)
         acc = accuracy(out, y, n, loss)
@@ -498,7 +581,9 @@ def compile_evaluation_plan(
     was_training = module.training
     module.eval()
     try:
-        return compile_plan(evaluate, [X, y, *params], kind="evaluation", verify=verify)
+        roles = ["data", "target"] + ["model_param"] * n_params + ["model_buffer"] * len(buffers)
+        return compile_plan(evaluate, [X, y, *params, *buffers], kind="evaluation",
+                            input_roles=roles, verify=verify)
     finally:
         module.train(was_training)
 

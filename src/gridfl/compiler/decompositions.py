@@ -1,8 +1,8 @@
 """The decomposition table the compiler traces with.
 
 The core ATen decompositions, plus gridfl's own for the backward ops that either have no
-ONNX translation or a slow one, plus "refusals": ops a plan cannot run (random numbers,
-buffer mutation) raise :class:`gridfl.CompileError` at trace time, naming the op.
+ONNX translation or a slow one, plus "refusals": ops a plan cannot run (random numbers)
+raise :class:`gridfl.CompileError` at trace time, naming the op.
 
 Convolution backward (``aten.convolution_backward``), 2-D, groups 1:
 
@@ -15,6 +15,9 @@ Convolution backward (``aten.convolution_backward``), 2-D, groups 1:
   all patches into one im2col matrix costs as much again in copies. With few input
   channels (the first layer) the textbook form is as fast and is used;
 * grad bias   = sum over N, H, W.
+
+BatchNorm in training mode is written out in plain ops (batch mean and variance), so the
+plan normalizes as torch does and updates the running statistics it carries.
 
 Max-pool keeps ONE ``MaxPool`` node with both outputs and stores the gradient back with
 ``MaxUnpool``; ReLU's backward is ``grad * (y > 0)``; see ``ops.py`` and ``trace.py``.
@@ -183,12 +186,6 @@ _RANDOM = (
     "mode does this: call module.eval() before compiling (dropout then compiles as the "
     "identity) or remove it"
 )
-_BN_TRAIN = (
-    "BatchNorm in training mode updates its running statistics, which a plan does not "
-    "carry. Call module.eval() before compiling (BatchNorm then normalizes with its "
-    "running statistics and still trains its weight and bias) or remove it"
-)
-
 REFUSED: dict[str, str] = {
     "native_dropout": _RANDOM,
     "bernoulli": _RANDOM,
@@ -205,17 +202,44 @@ REFUSED: dict[str, str] = {
     "uniform_": _RANDOM,
     "multinomial": _RANDOM,
     "exponential_": _RANDOM,
-    "_native_batch_norm_legit_functional": _BN_TRAIN,
-    "_native_batch_norm_legit": _BN_TRAIN,
 }
 
 
-def _bn_native(inp, weight, bias, running_mean, running_var, training, momentum, eps):
+def _batch_norm_training(inp, weight, bias, running_mean, running_var, momentum, eps):
+    """BatchNorm in training mode from plain ops: batch statistics normalize, and the
+    running statistics are updated in place (on the plan's copies of its
+    ``model_buffer`` inputs, which the step returns), as ``torch.nn.BatchNorm*`` does."""
+    if inp.dim() < 2:
+        raise CompileError("aten.native_batch_norm: the input needs a channel dimension")
+    dims = [0, *range(2, inp.dim())]
+    shape = [1, -1] + [1] * (inp.dim() - 2)
+    count = inp.numel() // inp.shape[1]
+    mean = inp.mean(dims)
+    centered = inp - mean.reshape(shape)
+    var = (centered * centered).mean(dims)  # biased, as torch normalizes with
+    rstd = torch.rsqrt(var + eps)
+    out = centered * rstd.reshape(shape)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    if running_mean is not None:
+        running_mean.copy_((1 - momentum) * running_mean + momentum * mean)
+    if running_var is not None:  # the running variance is the unbiased one
+        running_var.copy_((1 - momentum) * running_var + momentum * var * (count / (count - 1)))
+    return out, mean, rstd
+
+
+def _bn_legit(inp, weight, bias, running_mean, running_var, training, momentum, eps):
     if training:
-        raise CompileError(f"aten.native_batch_norm: {_BN_TRAIN}")
+        return _batch_norm_training(inp, weight, bias, running_mean, running_var, momentum, eps)
     return aten._native_batch_norm_legit_no_training.default(
         inp, weight, bias, running_mean, running_var, momentum, eps
     )
+
+
+def _bn_legit_no_stats(inp, weight, bias, training, momentum, eps):
+    return _batch_norm_training(inp, weight, bias, None, None, momentum, eps)
 
 
 @functools.cache
@@ -229,7 +253,9 @@ def _table_items(weight_grad: str) -> tuple:
             continue
         for overload in packet.overloads():
             table[getattr(packet, overload)] = _refuse(f"aten.{name}", why)
-    table[aten.native_batch_norm.default] = _bn_native
+    table[aten.native_batch_norm.default] = _bn_legit
+    table[aten._native_batch_norm_legit.default] = _bn_legit
+    table[aten._native_batch_norm_legit.no_stats] = _bn_legit_no_stats
     table[aten.convolution_backward.default] = functools.partial(
         _convolution_backward, weight_grad=weight_grad
     )

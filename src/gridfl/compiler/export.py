@@ -19,6 +19,7 @@ from gridfl.plan import FORMAT_VERSION
 
 from .fuse import fuse_sgd_updates
 from .ops import translation_table
+from .recurrent import lower_scans
 
 __all__ = ["STANDARD_DOMAINS", "attach_metadata", "export_onnx"]
 
@@ -93,6 +94,7 @@ def export_onnx(
         raise CompileError("ONNX export returned no program")
     model = prog.model_proto
     _inline_functions(model)
+    lower_scans(model)
     fuse_sgd_updates(model)
     check_portable(model)
     return model

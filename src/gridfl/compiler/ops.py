@@ -188,7 +188,10 @@ def _threshold_backward_onnx(grad, y, threshold):
 
 def translation_table() -> dict:
     """Custom translations for ``torch.onnx.export(custom_translation_table=...)``."""
+    from . import recurrent
+
     return {
+        **recurrent.translation_table(),
         torch.ops.gridfl.max_pool2d.default: _max_pool2d_onnx,
         torch.ops.gridfl.max_pool2d_backward.default: _max_pool2d_backward_onnx,
         torch.ops.gridfl.threshold_backward.default: _threshold_backward_onnx,

@@ -19,6 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from gridfl._exceptions import CompileError
 
 from .decompositions import decomposition_table
+from .recurrent import rnns_as_scans
 
 __all__ = ["trace_step"]
 
@@ -66,7 +67,7 @@ def trace_step(
     table = decomposition_table(conv_weight_grad=conv_weight_grad)
     try:
         # No duck shaping: a batch of 10 and 10 classes must stay distinct symbols.
-        with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+        with fx_config.patch(use_duck_shape=False), rnns_as_scans():  # type: ignore[attr-defined]
             gm = make_fx(
                 step, decomposition_table=table, tracing_mode="symbolic",
                 _allow_non_fake_inputs=True,  # module buffers (BatchNorm stats) as constants

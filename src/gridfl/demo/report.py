@@ -19,6 +19,7 @@ class CycleResult:
     train_loss: float | None = None  # mean of the losses workers reported
     test_loss: float | None = None
     test_accuracy: float | None = None
+    epsilon: float | None = None  # privacy spent after the cycle (differential privacy)
 
 
 @dataclass
@@ -60,7 +61,8 @@ class RunResult:
 
 
 def plot(result: RunResult, path: Path) -> None:
-    """Test accuracy and loss per cycle, side by side."""
+    """Test accuracy and loss per cycle, side by side; with differential privacy, also
+    test accuracy against the ε spent."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -69,7 +71,15 @@ def plot(result: RunResult, path: Path) -> None:
     done = [c for c in result.cycles if c.test_accuracy is not None]
     xs = [c.cycle for c in done]
     marker = "o" if len(done) <= 60 else None  # long runs: a line reads better than dots
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    private = [c for c in done if c.epsilon is not None]
+    fig, axes = plt.subplots(1, 3 if private else 2, figsize=(15 if private else 10, 4))
+    ax_acc, ax_loss = axes[0], axes[1]
+    if private:
+        axes[2].plot([c.epsilon for c in private],
+                     [100 * (c.test_accuracy or 0.0) for c in private], marker=marker)
+        axes[2].set(xlabel="epsilon spent", ylabel="test accuracy (%)",
+                    title="Accuracy against privacy")
+        axes[2].grid(alpha=0.3)
     ax_acc.plot(xs, [100 * (c.test_accuracy or 0.0) for c in done], marker=marker)
     ax_acc.set(xlabel="cycle", ylabel="test accuracy (%)", title="Global model on the 10k test set")
     ax_acc.grid(alpha=0.3)

@@ -30,8 +30,10 @@ import numpy as np
 
 from gridfl import Plan, state
 from gridfl._exceptions import ConfigError, GridflError
+from gridfl.compression import KINDS, validate_config
 from gridfl.datasets import Mnist, load_mnist
 from gridfl.demo.report import CycleResult, RunResult
+from gridfl.demo.worker import ATTACKS
 from gridfl.host import HostClient, closed_cycles
 
 __all__ = ["DemoOptions", "run_demo"]
@@ -59,6 +61,21 @@ class DemoOptions:
     parallel: int | None = None  # workers training at once (None: the CPU count; 0: all)
     examples_per_client: int | None = None  # cut shards (quick runs, tests)
     evaluate: bool = True  # evaluate each checkpoint while training runs
+    strategy: str = "fedavg"  # server_config.strategy name (docs/configs.md)
+    server_lr: float | None = None  # eta / server_learning_rate of a server optimizer
+    byzantine: int = 0  # worker processes that report poisoned diffs
+    attack: str = "scale"  # what they send: scale (x100), signflip or noise
+    # differential privacy (docs/privacy.md): noise multiplier z and clip norm C (the
+    # initial one when adaptive); the population is the K clients
+    dp_noise: float | None = None
+    dp_clip: float | None = None
+    dp_adaptive: bool = False
+    #: reports compressed as float16, int8 or topk (10%, error feedback); None = plain
+    compression: str | None = None
+    asynchronous: bool = False  # server_config.mode "async" (FedBuff) instead of cycles
+    buffer_size: int = 10  # async: reports per published checkpoint (FedBuff's K)
+    slow_workers: int = 0  # worker processes that are `slowdown` times slower
+    slowdown: float = 5.0  # how much slower: they sleep (slowdown - 1) x their training time
     secure_aggregation: bool = False  # the node learns only each cycle's sum
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
     out_dir: Path = field(default_factory=lambda: Path("results"))
@@ -77,8 +94,104 @@ class DemoOptions:
             raise ConfigError(f"workers ({self.workers}) cannot exceed clients ({self.clients})")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.secure_aggregation and self.per_cycle < 2:
-            raise ConfigError("secure aggregation needs at least 2 workers per cycle (C * K)")
+        self.secure_aggregation_config()
+        if self.compression is not None and self.compression not in KINDS:
+            raise ConfigError(
+                f"compression must be one of {', '.join(KINDS)} (or None), "
+                f"got {self.compression!r}"
+            )
+        if not 0 <= self.byzantine <= self.workers:
+            raise ConfigError(
+                f"byzantine must be 0 to workers ({self.workers}), got {self.byzantine}"
+            )
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
+        self.strategy_config()  # the node would refuse it: say so before starting anything
+        if (self.dp_noise is None) != (self.dp_clip is None):
+            raise ConfigError("differential privacy needs both dp_noise (z) and dp_clip (C)")
+        if self.dp_adaptive and self.dp_noise is None:
+            raise ConfigError("dp_adaptive needs dp_noise and dp_clip")
+        if not 0 <= self.slow_workers <= self.workers:
+            raise ConfigError(
+                f"slow_workers must be 0 to workers ({self.workers}), got {self.slow_workers}"
+            )
+        if not 1 <= self.slowdown <= 100:
+            raise ConfigError(f"slowdown must be in [1, 100], got {self.slowdown}")
+        from gridfl.server.config import validate_server_config  # the node's own rules
+
+        validate_server_config(self.server_config())  # refused: say so before starting
+
+    def strategy_config(self) -> dict | None:
+        """``server_config.strategy`` for these options (``None``: FedAvg). Krum and Bulyan
+        assume as many Byzantine reports as there are Byzantine workers."""
+        from gridfl.server.strategies import OPTIMIZERS, normalize  # the node's own rules
+
+        if self.strategy == "fedavg" and (self.server_lr is None or self.asynchronous):
+            return None  # async FedAvg takes --server-lr as server_config.server_lr
+        cfg: dict = {"name": self.strategy}
+        if self.server_lr is not None:
+            key = {"fedavgm": "server_learning_rate"}.get(self.strategy, "eta")
+            if self.strategy not in OPTIMIZERS:
+                raise ConfigError(
+                    f"--server-lr sets a server optimizer's rate ({', '.join(sorted(OPTIMIZERS))});"
+                    f" {self.strategy} has none"
+                )
+            cfg[key] = self.server_lr
+        if self.strategy in ("krum", "multikrum", "bulyan"):
+            cfg["num_malicious_nodes"] = self.byzantine
+        normalize(cfg, max_diffs=self.per_cycle, min_diffs=self.per_cycle)
+        return cfg
+
+    def differential_privacy(self) -> dict | None:
+        """The process's ``server_config.differential_privacy``, or None."""
+        if self.dp_noise is None:
+            return None
+        clip = {"initial": self.dp_clip} if self.dp_adaptive else self.dp_clip
+        return {"noise_multiplier": self.dp_noise, "clip_norm": clip,
+                "population_size": self.clients}
+
+    @property
+    def compression_config(self) -> dict | None:
+        """``server_config.compression`` for :attr:`compression` (top-k: its default 10%)."""
+        return None if self.compression is None else validate_config({"kind": self.compression})
+
+    def secure_aggregation_config(self) -> dict | None:
+        """``server_config.secure_aggregation`` for :attr:`secure_aggregation`: every worker
+        of a cycle shares with every other, and a bare majority must survive."""
+        if not self.secure_aggregation:
+            return None
+        if self.asynchronous or self.per_cycle < 2:
+            raise ConfigError(
+                "secure aggregation needs cycles (not --async) of at least 2 workers (C * K)"
+            )
+        return {"threshold": self.per_cycle // 2 + 1}
+
+    def server_config(self) -> dict:
+        """The process's ``server_config``: cycles of ``per_cycle`` workers, or (async)
+        FedBuff buffers of ``buffer_size`` reports; ``cycles`` checkpoints either way."""
+        if not self.asynchronous:
+            return {
+                "max_workers": self.per_cycle,
+                "min_diffs": self.per_cycle,
+                "max_diffs": self.per_cycle,
+                "num_cycles": self.cycles,
+                "cycle_length": 600,
+                "strategy": self.strategy_config(),
+                "differential_privacy": self.differential_privacy(),
+                "compression": self.compression_config,
+                "secure_aggregation": self.secure_aggregation_config(),
+            }
+        cfg = {
+            "mode": "async",
+            "buffer_size": self.buffer_size,
+            "num_cycles": self.cycles,
+            "strategy": self.strategy_config(),
+            "differential_privacy": self.differential_privacy(),
+            "compression": self.compression_config,
+        }
+        if self.strategy == "fedavg" and self.server_lr is not None:
+            cfg["server_lr"] = self.server_lr
+        return cfg
 
     @property
     def per_cycle(self) -> int:
@@ -147,6 +260,13 @@ def run_demo(
                     "--nice",
                     "10",
                     *(["--compute-slots", str(slots)] if slots else []),
+                    *(["--attack", options.attack] if i < options.byzantine else []),
+                    # the last slow_workers processes (the Byzantine ones are the first)
+                    *(
+                        ["--slowdown", str(options.slowdown)]
+                        if i >= options.workers - options.slow_workers
+                        else []
+                    ),
                 ],
                 stdin=subprocess.PIPE,
                 # ten processes share the cores: one plan thread each. They run at a
@@ -178,17 +298,15 @@ def run_demo(
                     "lr": options.lr,
                     "max_epochs": options.epochs,
                 },
-                server_config={
-                    "max_workers": options.per_cycle,
-                    "min_diffs": options.per_cycle,
-                    "max_diffs": options.per_cycle,
-                    "num_cycles": options.cycles,
-                    "cycle_length": 600,
-                    **_secure_aggregation(options),
-                },
+                server_config=options.server_config(),
             )
             result.host_seconds = round(time.perf_counter() - node_up, 2)
-        step(f"training: {options.per_cycle} workers per cycle, up to {options.cycles} cycles")
+        step(
+            f"training: buffers of {options.buffer_size} reports (async), up to "
+            f"{options.cycles} checkpoints"
+            if options.asynchronous
+            else f"training: {options.per_cycle} workers per cycle, up to {options.cycles} cycles"
+        )
         for w in workers:
             assert w.stdin is not None  # started with stdin=PIPE
             w.stdin.write(b"go\n")
@@ -223,14 +341,6 @@ def run_demo(
 
 
 # --------------------------------------------------------------------------- pieces
-def _secure_aggregation(options: DemoOptions) -> dict:
-    """``server_config.secure_aggregation`` for ``--secure-aggregation``: every worker of
-    a cycle shares with every other, and a bare majority must survive."""
-    if not options.secure_aggregation:
-        return {}
-    return {"secure_aggregation": {"threshold": options.per_cycle // 2 + 1}}
-
-
 def _write_shards(mnist, options: DemoOptions) -> list[Path]:
     from gridfl.datasets import split_iid, split_noniid
     from gridfl.demo.worker import write_shard
@@ -403,6 +513,7 @@ def _watch(
                 seconds=round(c["closed_at"] - c["start"], 4),
                 elapsed=round(time.perf_counter() - node_up, 2),
                 train_loss=c["metrics"].get("loss"),
+                epsilon=c.get("epsilon"),
             )
             if result.startup_seconds is None:
                 result.startup_seconds = round(c["closed_at"] - node_up_at, 2)

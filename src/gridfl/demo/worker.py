@@ -20,8 +20,34 @@ from pathlib import Path
 
 import numpy as np
 
-from gridfl import GridError
+from gridfl import GridError, state
 from gridfl.client import Syft
+
+#: what a Byzantine demo worker sends instead of its diff (``gridfl demo --attack``)
+ATTACKS = ("scale", "signflip", "noise")
+
+
+def poison(diff: Sequence[np.ndarray], attack: str, rng: np.random.Generator) -> list:
+    """A poisoned diff: ``scale`` multiplies it by 100, ``signflip`` negates it, ``noise``
+    replaces it with Gaussian noise 100 times its RMS (per tensor).
+
+    >>> d = [np.array([1.0, -2.0], np.float32)]
+    >>> poison(d, "scale", np.random.default_rng(0))[0].tolist()
+    [100.0, -200.0]
+    >>> poison(d, "signflip", np.random.default_rng(0))[0].tolist()
+    [-1.0, 2.0]
+    """
+    if attack == "scale":
+        return [a * a.dtype.type(100) for a in diff]
+    if attack == "signflip":
+        return [-a for a in diff]
+    if attack == "noise":
+        return [
+            rng.normal(scale=100 * float(np.sqrt(np.mean(np.square(a, dtype=np.float64)))) or 1.0,
+                       size=a.shape).astype(a.dtype)
+            for a in diff
+        ]
+    raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
 
 
 class Shard(Sequence):
@@ -110,8 +136,13 @@ def run(
     seed: int,
     wait: float,
     slots: ComputeSlots | None = None,
+    attack: str | None = None,
+    slowdown: float = 1.0,
 ) -> int:
-    """Join cycles until the node is done; returns the number of cycles reported."""
+    """Join cycles until the node is done; returns the number of cycles reported. With
+    ``attack``, every report is poisoned (:func:`poison`). ``slowdown`` > 1 makes a slow
+    device: after each training it sleeps ``slowdown - 1`` times the training's time (its
+    compute slot given back), so a round takes ``slowdown`` times as long."""
     slots = slots or ComputeSlots(None)
     rng = np.random.default_rng(seed)
     reported = 0
@@ -123,11 +154,18 @@ def run(
         def on_accepted(model, client_config):
             data, target = clients[rng.integers(len(clients))]  # read now: one in memory
             with slots:
+                started = time.perf_counter()  # the training, not the wait for a slot
                 result = job.train("training_plan", data, target, shuffle=True,
                                    seed=int(rng.integers(2**31)))
+                trained = time.perf_counter() - started
+            if slowdown > 1:
+                time.sleep((slowdown - 1) * trained)
+            diff = model.create_serialized_diff(result.params)
+            if attack is not None:
+                diff = state.dumps(poison(state.loads(diff), attack, rng))
             try:
                 job.report(
-                    model.create_serialized_diff(result.params),
+                    diff,
                     num_samples=result.num_samples,
                     metrics={"loss": result.loss, **result.metrics},
                 )
@@ -195,7 +233,21 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train only while holding a slot of this FIFO (one byte each)",
     )
+    parser.add_argument(
+        "--attack",
+        choices=ATTACKS,
+        default=None,
+        help="report poisoned diffs (a Byzantine worker, for robust aggregation)",
+    )
+    parser.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        help="a slow device: each round takes this many times its training time",
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.slowdown <= 100:
+        parser.error("--slowdown must be in [1, 100]")
     if args.nice:
         os.nice(args.nice)
     logging.basicConfig(level=logging.WARNING, format="worker %(process)d: %(message)s")
@@ -212,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         wait=args.wait,
         slots=ComputeSlots(args.compute_slots),
+        attack=args.attack,
+        slowdown=args.slowdown,
     )
     assert "torch" not in sys.modules, "demo workers must not import torch"
     return 0

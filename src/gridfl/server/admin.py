@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from gridfl._exceptions import NotFoundError
-from gridfl.server import db, storage
+from gridfl.server import db, privacy, storage, strategies, strategy_store
 from gridfl.server.cycles import Cycles
 
 
@@ -54,6 +54,7 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
             }
         out["server_config"] = cfg
         out["client_config"] = p.client_config
+        out["strategy"] = _strategy(conn, p)
         now = time.time()
         cycle_rows = storage.recent_cycles(conn, p.id, last)
         wcs: dict[int, list] = {}
@@ -66,6 +67,8 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
         named.discard(None)
         ckpt_numbers = storage.checkpoint_numbers(conn, named) if named else {}
         cycle_list = []
+        # async: a buffer's reports come from seats of any recent buffer (its num_reports)
+        buffered = cfg.get("mode") == "async"
         for c in reversed(cycle_rows):
             rows = wcs.get(c.id, [])
             reported = [r for r in rows if r.reported_at is not None]
@@ -76,7 +79,7 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
                 "end": c.end_at,
                 "closed_at": c.closed_at,
                 "accepted": len(rows),
-                "reported": len(reported),
+                "reported": c.num_reports if buffered else len(reported),
                 "checkpoint": ckpt_numbers.get(c.checkpoint_id),
                 "result_checkpoint": ckpt_numbers.get(c.result_checkpoint_id),
                 "num_samples": sum(r.num_samples or 0 for r in reported),
@@ -94,7 +97,22 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
             {"number": r.number, "alias": "latest" if i == 0 else None, "created_at": r.created_at}
             for i, r in reversed(list(enumerate(latest)))
         ]
+        privacy.annotate_status(conn, p, out)
         return out
+
+
+def _strategy(conn: Connection, p) -> dict[str, Any]:
+    """The process's aggregation rule, its hyperparameters, and its state's summary (the
+    step count and moment norms of a server optimizer)."""
+    cfg = p.server_config.get("strategy")
+    if cfg is None:
+        iterative = p.server_config.get("iterative_plan")
+        return {"name": "iterative_averaging" if iterative else "fedavg", "state": {}}
+    summary = strategy_store.latest_summary(conn, p.id)
+    params = {k: v for k, v in cfg.items() if k != "name"}
+    if summary is None:
+        summary = {"step": 0} if cfg["name"] in strategies.OPTIMIZERS else {}
+    return {"name": cfg["name"], "params": params, "state": summary}
 
 
 def metric_means(reported) -> dict[str, float]:

@@ -26,13 +26,15 @@ them and turns them into the next model (:class:`FedAvg`, :class:`IterativeAvera
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
 from gridfl._exceptions import InvalidRequestError, ModelError
+from gridfl.compression import CompressedDiff
 
 #: largest magnitude of a diff value: a trained weight moving by 1e12 in one cycle is no
 #: longer training, and the bound keeps float32 sums of num_samples-weighted diffs finite
@@ -62,6 +64,11 @@ class ModelSpec:
         acc = np.dtype(np.float32 if narrow else np.float64)
         return cls(shapes, dtypes, offsets, sizes, sum(sizes), acc)
 
+    @property
+    def all_float(self) -> bool:
+        """Every tensor is floating point (what compressed diffs need)."""
+        return all(dt.kind == "f" for dt in self.dtypes)
+
     def describe(self, i: int) -> str:
         return f"{self.dtypes[i]}{list(self.shapes[i])}"
 
@@ -90,12 +97,33 @@ def validate_diff(arrays: Sequence[np.ndarray], spec: ModelSpec) -> None:
             )
 
 
+def clip_l2(diff: Sequence[np.ndarray], clip_norm: float | None) -> Sequence[np.ndarray]:
+    """Scale the whole diff (all tensors together) down to L2 norm ``clip_norm``, if above.
+
+    >>> [a.tolist() for a in clip_l2([np.array([3.0]), np.array([4.0])], 2.5)]
+    [[1.5], [2.0]]
+    """
+    if clip_norm is None:
+        return diff
+    # float64 sums of squares: float32 loses the norm of a large model
+    flats = (np.asarray(a, np.float64).ravel() for a in diff)
+    norm = math.sqrt(sum(float(np.dot(f, f)) for f in flats))
+    if norm <= clip_norm:
+        return diff
+    scale = clip_norm / norm
+    return [(np.asarray(a, np.float64) * scale).astype(a.dtype) for a in diff]
+
+
 def new_sum(spec: ModelSpec) -> np.ndarray:
     return np.zeros(spec.total, dtype=spec.acc_dtype)
 
 
 def fold(total: np.ndarray, arrays: Sequence[np.ndarray], spec: ModelSpec, weight=None) -> None:
-    """``total += weight * concat(arrays)`` in place, one parameter at a time."""
+    """``total += weight * concat(arrays)`` in place, one parameter at a time; a
+    compressed diff adds itself from its compressed form (no dense copy)."""
+    if isinstance(arrays, CompressedDiff):
+        arrays.fold_into(total, weight)
+        return
     for off, size, a in zip(spec.offsets, spec.sizes, arrays, strict=True):
         view = total[off : off + size]
         flat = np.asarray(a).reshape(-1)
@@ -191,12 +219,49 @@ def averaging_step(plan, avg: np.ndarray, item: Sequence[np.ndarray], n: int, sp
 
 
 @dataclass(eq=False)
+class StrategyState:
+    """What a strategy carries from one cycle to the next: its step count, named flat
+    float64 vectors (a server optimizer's moments) and JSON ``meta`` (scalars, such as an
+    accountant's or an adaptive clip's). Persisted beside the checkpoint it produced, so
+    the cycle trained on that checkpoint resumes from exactly this.
+
+    >>> s = StrategyState(2, {"m": np.array([0.5, -1.0]), "c": np.array([3.0])}, {"eps": 1.5})
+    >>> back = StrategyState.decode(*s.encode())
+    >>> back.tensors["m"].tolist(), back.tensors["c"].tolist(), back.meta
+    ([0.5, -1.0], [3.0], {'eps': 1.5})
+    """
+
+    step: int
+    tensors: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> tuple[int, dict[str, Any], bytes]:
+        """``(step, layout, bytes)``: the vectors concatenated in the layout's order."""
+        flat = {n: np.asarray(v, dtype=np.float64).reshape(-1) for n, v in self.tensors.items()}
+        layout = {"tensors": [[n, int(v.size)] for n, v in flat.items()], "meta": self.meta}
+        data = np.concatenate(list(flat.values())).tobytes() if flat else b""
+        return self.step, layout, data
+
+    @classmethod
+    def decode(cls, step: int, layout: dict[str, Any], data: bytes) -> StrategyState:
+        values = np.frombuffer(data, dtype=np.float64)
+        tensors, at = {}, 0
+        for name, size in layout["tensors"]:
+            tensors[name] = values[at : at + size].copy()
+            at += size
+        return cls(step, tensors, dict(layout.get("meta") or {}))
+
+
+@dataclass(eq=False)
 class RunningSums:
     """One cycle's folded reports (the sums of the module docstring), O(model) in memory.
 
     ``version`` counts the folds stored so far (the aggregate row's ``version``, which
     tells whether an in-memory copy is current); ``changed`` names the side of the last
-    fold, ``"w"`` or ``"x"``, whose columns are the ones to store.
+    fold, ``"w"`` or ``"x"``, whose columns are the ones to store, or ``"kept"`` when a
+    strategy that needs every diff kept the report as is (``kept``, one flat vector, stored
+    as its own row). ``diffs`` holds every kept diff of the cycle (one row each), read back
+    only when the cycle completes.
     """
 
     spec: ModelSpec
@@ -207,6 +272,16 @@ class RunningSums:
     count_x: int = 0
     sum_x: np.ndarray | None = None
     changed: str | None = None
+    kept: np.ndarray | None = None
+    diffs: np.ndarray | None = field(default=None, repr=False)
+
+    def keep(self, diff: Sequence[np.ndarray]) -> None:
+        """Count one validated diff and keep it whole (strategies that need every diff)."""
+        flat = new_sum(self.spec)
+        fold(flat, diff, self.spec)
+        self.kept = flat
+        self.count_x += 1
+        self.changed = "kept"
 
     def fold(self, diff: Sequence[np.ndarray], num_samples: int | None = None) -> None:
         """Add one validated diff: weighted by ``num_samples`` when given, else unweighted."""
@@ -234,33 +309,39 @@ class Strategy:
 
     The node calls :meth:`fold` once per accepted report, inside the report's transaction
     (the diff is already validated against the model), and :meth:`aggregate` once when the
-    cycle completes, with the current parameters and the strategy's state as persisted
-    after the previous cycle (``None`` at first). ``aggregate`` returns the new parameters
-    and the state to persist, ``None`` for a stateless rule; raising
+    cycle completes, with the current parameters and the :class:`StrategyState` persisted
+    with them (``None`` before the first step). ``aggregate`` is :meth:`combine` (the
+    cycle's aggregate diff, one flat float64 vector) then :meth:`step` (apply it; returns
+    the new parameters and the state to persist, ``None`` for a stateless rule). Raising
     :class:`~gridfl._exceptions.ModelError` (as :func:`apply_diff` does for a result that
     does not fit the model's dtypes) expires the cycle and keeps the current checkpoint.
+    This base class is FedAvg: ``fold`` clips each report to ``clip_norm`` (L2, all
+    tensors together, ``None``: no clip) and adds it to the sums, ``combine`` is their
+    mean, ``step`` is ``new = current - mean``.
 
-    How the rules to come plug in:
-
-    * **FedAdam / FedYogi** (server optimizers): fold as FedAvg; ``aggregate`` takes
-      ``result()`` as the pseudo-gradient, updates its moments ``m`` and ``v`` (its state,
-      persisted per process beside the checkpoint) and returns them with the new params.
-    * **Median / Krum** (robust rules) set ``needs_every_diff = True``: they cannot work from
-      sums, so their ``fold`` keeps each diff (O(model x reports), stored per report
-      instead of the sums' blobs) and ``aggregate`` reads them back; secure aggregation
-      cannot be combined with them (a class declaring both is refused).
-    * **Secure aggregation**: only the masked sum is ever known, so it sets
-      ``sums_only = True`` (never ``needs_every_diff``) and its ``fold`` adds the masked
-      vectors; ``aggregate`` unmasks the sum, then proceeds as FedAvg.
-    * **Differential privacy**: ``fold`` clips each diff to a norm bound before
-      ``RunningSums.fold``; ``aggregate`` adds calibrated noise to the sum before applying
-      it (the accountant's budget is its state).
+    * **server optimizers** (:mod:`gridfl.server.optimizers`) override ``step``: the mean
+      diff is a pseudo-gradient, their moments the state.
+    * **robust rules** (:mod:`gridfl.server.robust`) set ``needs_every_diff = True``: their
+      ``fold`` keeps each diff (:meth:`RunningSums.keep`, one database row per report), and
+      ``combine`` gets them all in ``sums.diffs``.
+    * **secure aggregation** sets ``sums_only = True`` (a class declaring both flags is
+      refused): its ``fold`` adds masked vectors, its ``combine`` unmasks the sum; any
+      ``step`` (FedAvg's, an optimizer's) then applies it.
+    * **differential privacy** (:mod:`gridfl.server.privacy`) wraps the strategy: it clips
+      in ``fold`` (before the sum), and its ``combine`` adds the noise to the sum and
+      divides by a fixed denominator; the inner ``step`` (an optimizer's) comes after, as
+      post-processing; the accountant and the adaptive clip norm live in its per-cycle
+      ledger (table ``privacy_cycles``).
     """
 
     #: the rule needs every diff of the cycle, not their sums (median, Krum)
     needs_every_diff: ClassVar[bool] = False
     #: the rule must work from the sum alone (secure aggregation): no per-diff rule with it
     sums_only: ClassVar[bool] = False
+
+    def __init__(self, *, clip_norm: float | None = None) -> None:
+        #: per-report L2 bound, applied before the report is folded or kept
+        self.clip_norm = clip_norm
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -272,21 +353,36 @@ class Strategy:
     def fold(
         self, sums: RunningSums, diff: Sequence[np.ndarray], num_samples: int | None
     ) -> None:
-        """Fold one report into the cycle's sums."""
-        sums.fold(diff, num_samples)
+        """Fold one report into the cycle's sums, clipped to ``clip_norm`` first."""
+        sums.fold(clip_l2(diff, self.clip_norm), num_samples)
+
+    def combine(self, sums: RunningSums) -> np.ndarray:
+        """The cycle's aggregate diff, one flat float64 vector: the (weighted) mean diff."""
+        return sums.result()
+
+    def step(
+        self,
+        update: np.ndarray,
+        params: Sequence[np.ndarray],
+        spec: ModelSpec,
+        state: StrategyState | None,
+    ) -> tuple[list[np.ndarray], StrategyState | None]:
+        """``(new params, state to persist)``: ``new = current - update``, no state."""
+        return apply_diff(params, update, spec), None
 
     def aggregate(
-        self, sums: RunningSums, params: Sequence[np.ndarray], state: Any = None
-    ) -> tuple[list[np.ndarray], Any]:
+        self, sums: RunningSums, params: Sequence[np.ndarray], state: StrategyState | None = None
+    ) -> tuple[list[np.ndarray], StrategyState | None]:
         """``(new params, state to persist)`` from the cycle's sums and current params."""
-        raise NotImplementedError
+        return self.step(self.combine(sums), params, sums.spec, state)
+
+    def describe(self, state: StrategyState) -> dict[str, Any]:
+        """A short JSON summary of the persisted state, for the status."""
+        return {}
 
 
 class FedAvg(Strategy):
     """``new = current - mean diff`` (weighted as the module docstring says); no state."""
-
-    def aggregate(self, sums, params, state=None):
-        return apply_diff(params, sums.result(), sums.spec), None
 
 
 class IterativeAveraging(Strategy):
@@ -294,6 +390,7 @@ class IterativeAveraging(Strategy):
     running average, the first diff as is; ``num_samples`` is ignored."""
 
     def __init__(self, plan) -> None:
+        super().__init__()
         self.plan = plan
 
     def fold(self, sums, diff, num_samples):
@@ -305,13 +402,9 @@ class IterativeAveraging(Strategy):
             sums.count_x += 1
             sums.changed = "x"
 
-    def aggregate(self, sums, params, state=None):
-        return apply_diff(params, sums.sum_x, sums.spec), None
+    def combine(self, sums):
+        assert sums.sum_x is not None  # a cycle completes with at least one report
+        return sums.sum_x.astype(np.float64)
 
 
 FED_AVG = FedAvg()
-
-
-def strategy_for(averaging_plan) -> Strategy:
-    """The process's strategy: its hosted averaging plan's, else FedAvg."""
-    return FED_AVG if averaging_plan is None else IterativeAveraging(averaging_plan)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Connection
 
 from gridfl.server import aggregate as agg
-from gridfl.server import storage
+from gridfl.server import privacy, storage, strategies
 
 
 class LRU:
@@ -125,8 +125,13 @@ class Catalog:
         return plan
 
     def strategy(self, conn: Connection, process_id: int) -> agg.Strategy:
-        """How the process aggregates (:func:`aggregate.strategy_for`)."""
-        return agg.strategy_for(self.averaging_plan(conn, process_id))
+        """How the process aggregates (:func:`strategies.strategy_for`), inside differential
+        privacy when it was hosted with it (:func:`gridfl.server.privacy.wrap`)."""
+        info = self.process(conn, process_id)
+        inner = strategies.strategy_for(
+            info.server_config.get("strategy"), self.averaging_plan(conn, process_id)
+        )
+        return privacy.wrap(inner, info.server_config, conn, process_id)
 
     def plan_meta(self, conn: Connection, plan_id: int):
         """A worker plan's row in ``storage.plan_meta`` (its variants), or ``None``."""

@@ -10,8 +10,11 @@ import math
 from typing import Any
 from urllib.parse import urlparse
 
+from gridfl import compression
 from gridfl._exceptions import ConfigError
 from gridfl._messages import check_json_values
+from gridfl.server import fedbuff, strategies
+from gridfl.server.dp_config import validate_differential_privacy
 
 #: key -> default of the normalized server_config
 SERVER_DEFAULTS: dict[str, Any] = {
@@ -28,8 +31,22 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "minimum_download_speed": None,
     "iterative_plan": False,
     "authentication": None,
+    # null = off; an object {"window": seconds} (true: the default window)
+    "pace_steering": None,
+    # null = FedAvg; gridfl.server.strategies validates it
+    "strategy": None,
+    # docs/privacy.md; validated by gridfl.server.dp_config
+    "differential_privacy": None,
+    # null = off; {"kind": "float16" | "int8" | "topk", "fraction"?} (gridfl.compression)
+    "compression": None,
+    # "sync" (cycles) or "async" (FedBuff buffers); gridfl.server.fedbuff validates these
+    "mode": "sync",
+    **{key: None for key in fedbuff.ASYNC_DEFAULTS},
     "secure_aggregation": None,
 }
+
+#: pace steering's default selection window: how long a cycle should take to fill, seconds
+PACE_WINDOW = 60.0
 
 _AUTH_KEYS = {"type", "secret", "pub_key", "endpoint"}
 
@@ -198,8 +215,36 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
     if out["min_diffs"] and out["max_workers"] and out["max_workers"] < out["min_diffs"]:
         raise ConfigError("server_config.max_workers must be >= min_diffs")
     out["authentication"] = validate_authentication(out["authentication"])
+    out["pace_steering"] = validate_pace_steering(out["pace_steering"])
+    out = fedbuff.normalize(out)  # first: it says why a robust rule cannot run async
+    out["strategy"] = strategies.normalize(
+        out["strategy"], max_diffs=out["max_diffs"], min_diffs=out["min_diffs"]
+    )
+    out["differential_privacy"] = validate_differential_privacy(out["differential_privacy"], out)
+    out["compression"] = compression.validate_config(out["compression"])
+    if out["compression"] is not None and out["mode"] == "async":
+        raise ConfigError(
+            "server_config.compression is not available with mode 'async' yet: "
+            "remove one of them"
+        )
     out["secure_aggregation"] = validate_secure_aggregation(out)
     return out
+
+
+def validate_pace_steering(value: Any) -> dict[str, float] | None:
+    """``null``/``false`` (off), ``true`` (the default window) or ``{"window": seconds}``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {"window": PACE_WINDOW}
+    if not isinstance(value, dict) or set(value) - {"window"}:
+        raise ConfigError(
+            'server_config.pace_steering must be true, false, null or {"window": seconds}'
+        )
+    key = "pace_steering.window"
+    out = {key: value.get("window", PACE_WINDOW)}
+    _num(out, key, minimum=1.0, nullable=False, maximum=MAX_CYCLE_LENGTH)
+    return {"window": float(out[key])}
 
 
 def validate_secure_aggregation(cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -212,10 +257,17 @@ def validate_secure_aggregation(cfg: dict[str, Any]) -> dict[str, Any] | None:
     from gridfl.secagg import SecAggParams
 
     params = SecAggParams.from_config(cfg["secure_aggregation"], max_workers=worker_capacity(cfg))
-    if cfg["iterative_plan"]:
+    from gridfl.server import strategies
+
+    if cfg["iterative_plan"] or strategies.strategy_for(cfg.get("strategy")).needs_every_diff:
         raise ConfigError(
-            "server_config.secure_aggregation cannot be combined with iterative_plan: the node "
-            "sees only the sum of the diffs, and an averaging plan is called on each diff"
+            "server_config.secure_aggregation cannot be combined with iterative_plan or a "
+            "strategy that needs every diff: the node sees only the sum of the diffs"
+        )
+    if cfg.get("mode") == "async" or cfg.get("compression") is not None:
+        raise ConfigError(
+            "server_config.secure_aggregation runs in cycles (mode 'sync') and masks its own "
+            "quantized diffs: remove mode 'async' or compression"
         )
     return asdict(params)
 

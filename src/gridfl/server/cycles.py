@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from gridfl._exceptions import ModelError
 from gridfl.server import aggregate as agg
-from gridfl.server import db, rules, storage
+from gridfl.server import db, rules, storage, strategy_store
 from gridfl.server.catalog import Catalog
 
 log = logging.getLogger("gridfl.server")
@@ -124,6 +124,11 @@ class Cycles:
         elif sums.changed == "x":
             assert sums.sum_x is not None
             values.update(count_x=sums.count_x, sum_x=sums.sum_x.data.cast("B"))
+        elif sums.changed == "kept":
+            assert sums.kept is not None
+            values.update(count_x=sums.count_x)
+            strategy_store.keep_diff(conn, cycle_id, sums.kept)
+            sums.kept = None
         conn.execute(storage.store_sums, values)
 
     def keep_sums(self, cycle_id: int, sums: agg.RunningSums) -> None:
@@ -144,9 +149,13 @@ class Cycles:
         _, params, _ = self.catalog.checkpoint(conn, cycle.checkpoint_id)
         strategy = self.catalog.strategy(conn, process.id)
         now = time.time()
+        if strategy.needs_every_diff:
+            sums.diffs = strategy_store.kept_diffs(conn, cycle.id, sums.spec)
+        # the state as it was after the cycle that made this checkpoint: written in that
+        # cycle's completion transaction, so each step is applied exactly once
+        previous = strategy_store.load_state(conn, cycle.checkpoint_id)
         try:
-            # FedAvg and iterative averaging keep no state between cycles (None)
-            new_params, _ = strategy.aggregate(sums, params)
+            new_params, new_state = strategy.aggregate(sums, params, previous)
         except ModelError as e:
             self.expire(conn, cycle, process, now, f"its result is not usable: {e}", warn=True)
             return
@@ -157,6 +166,9 @@ class Cycles:
         # WAL and ~70 ms for the McMahan CNN, inside the transaction that opens the next
         # cycle)
         ckpt = storage.insert_checkpoint(conn, process.id, number, data, now)
+        if new_state is not None:
+            summary = strategy.describe(new_state)
+            strategy_store.save_state(conn, ckpt, process.id, new_state, summary)
         self.catalog.remember_checkpoint(ckpt, data, new_params, sums.spec)
         storage.close_cycle(
             conn, cycle.id, status="completed", closed_at=now, result_checkpoint_id=ckpt
@@ -170,10 +182,15 @@ class Cycles:
             cycle.sequence,
             number,
         )
-        if num_cycles and done >= num_cycles:
+        # differential privacy: the next cycle would spend more than max_epsilon
+        stop_reason = getattr(strategy, "stop_reason", None)
+        if (num_cycles and done >= num_cycles) or stop_reason:
             storage.set_process_status(conn, process.id, "finished")
             self.announce(conn)
-            log.info("process %s/%s finished", process.name, process.version)
+            log.info(
+                "process %s/%s finished%s", process.name, process.version,
+                f": {stop_reason}" if stop_reason else "",
+            )
         else:
             self.open_next(conn, process, ckpt, now)
         self.crash_point("aggregate")

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from gridfl import _messages
 from gridfl._exceptions import ConfigError, ConflictError, GridflError, InvalidRequestError
 from gridfl.server import aggregate as agg
-from gridfl.server import db, storage
+from gridfl.server import db, privacy, storage, strategies
 from gridfl.server.config import validate_client_config, validate_server_config
 from gridfl.server.cycles import Cycles
 
@@ -94,6 +94,7 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
         raise InvalidRequestError(f"host: unknown fields {sorted(unknown)}")
     client_config = validate_client_config(payload.get("client_config"))
     server_config = validate_server_config(payload.get("server_config"))
+    client_config = privacy.worker_settings(client_config, server_config)
     model_bytes = _b64(payload.get("model"), "model")
     try:
         params = state.loads(model_bytes)
@@ -105,6 +106,11 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
         if p.dtype.kind == "f" and not np.isfinite(p).all():
             raise InvalidRequestError(f"model: tensor {i} has NaN or infinite values")
     spec = agg.ModelSpec.of(params)
+    if server_config["compression"] is not None and not spec.all_float:
+        raise ConfigError(
+            "server_config.compression needs a model of float tensors only; this one has "
+            f"{', '.join(sorted({str(d) for d in spec.dtypes if d.kind != 'f'}))} tensors"
+        )
 
     raw_plans = payload.get("plans")
     if not isinstance(raw_plans, dict) or not raw_plans:
@@ -153,6 +159,9 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
                 "diffs in one at a time (avg = plan(avg, diff, n)) and never holds them all"
             )
         plan_rows.append({"name": "averaging_plan", "is_averaging": True, "onnx": blob})
+    strategies.check_hosting(
+        server_config["strategy"], spec, payload.get("averaging_plan") is not None
+    )
 
     raw_protocols = payload.get("protocols") or {}
     if not isinstance(raw_protocols, dict):
@@ -182,25 +191,29 @@ def secure_aggregation_rows(server_config: dict, raw_protocols: dict) -> list[di
 
 
 def check_plan_params(name: str, plan, spec: agg.ModelSpec) -> None:
-    """A worker plan's ``model_param`` inputs must name the model's tensors, shapes too."""
+    """A worker plan's ``model_param`` and ``model_buffer`` inputs must name the model's
+    tensors, shapes too (buffer ``j`` is tensor ``num_params + j``)."""
     n = len(spec.shapes)
+    n_params = sum(slot.role == "model_param" for slot in plan.inputs)
     for slot in plan.inputs:
-        if slot.role != "model_param":
+        if slot.role not in ("model_param", "model_buffer"):
             continue
-        if slot.index is None or not 0 <= slot.index < n:
+        index = slot.index if slot.index is None or slot.role == "model_param" else (
+            n_params + slot.index)
+        if index is None or not 0 <= index < n:
             raise InvalidRequestError(
-                f"plans.{name}: input {slot.name!r} is model_param {slot.index}; "
-                f"the model has {n} tensors"
+                f"plans.{name}: input {slot.name!r} is {slot.role} {slot.index}; "
+                f"the model has {n} tensors (params first, then buffers)"
             )
         shape = getattr(slot, "shape", None)
         if (
             shape is not None
             and all(isinstance(d, int) for d in shape)
-            and tuple(shape) != spec.shapes[slot.index]
+            and tuple(shape) != spec.shapes[index]
         ):
             raise InvalidRequestError(
                 f"plans.{name}: input {slot.name!r} has shape {list(shape)}; model "
-                f"tensor {slot.index} is {spec.describe(slot.index)}"
+                f"tensor {index} is {spec.describe(index)}"
             )
 
 

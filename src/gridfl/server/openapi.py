@@ -251,7 +251,16 @@ _SCHEMAS: dict[str, Any] = {
                     "server_config": {"type": "object"},
                     "client_config": {"type": "object"},
                     "current": {"type": "object", "nullable": True},
+                    "strategy": {
+                        "type": "object",
+                        "description": "name, params and state summary (docs/configs.md)",
+                    },
                     "cycles": {"type": "array", "items": {"type": "object"}},
+                    "privacy": {
+                        "type": "object",
+                        "description": "differential privacy: epsilon spent, the budget, the "
+                        "clip norm (docs/privacy.md); only for a process hosted with it",
+                    },
                     "checkpoints": {
                         "type": "array",
                         "items": {
@@ -364,11 +373,8 @@ PATHS: dict[str, Any] = {
         409,
         413,
     ),
-    "/model-centric/secure-aggregation": _post(
-        "one stage of secure aggregation, or a poll for it", "SecAggRequest",
-        _json({"type": "object", "required": ["status", "stage"]}, "the node's reply"),
-        400, 401, 409, 413,
-    ),
+    "/model-centric/secure-aggregation": _post("one stage of secure aggregation, or a poll",
+        "SecAggRequest", _json({"type": "object"}, "the node's reply"), 400, 401, 409, 413),
     "/model-centric/get-model": _asset("download the cycle's model (State bytes)", "model_id"),
     "/model-centric/get-plan": _asset(
         "download a plan variant",

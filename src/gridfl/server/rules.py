@@ -7,7 +7,9 @@ server_config keys are the ones validated by :mod:`gridfl.server.config`.
 * :func:`full_cycle_reason`: the read-only fast path's rejection of a full cycle;
 * :func:`ready` (and :func:`enough_reports`): whether a cycle completes now;
 * :func:`cycle_deadline` and :func:`retry_timeout`: a cycle's deadline, and the
-  ``timeout`` a rejected worker is told to wait.
+  ``timeout`` a rejected worker is told to wait;
+* :func:`paced_timeout`: that ``timeout`` with pace steering, spread over the time the
+  next cycles can use the workers that check in.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "full_cycle_reason",
     "missing_protocol",
     "missing_speed_field",
+    "paced_timeout",
     "ready",
     "retry_timeout",
     "worker_capacity",
@@ -185,3 +188,28 @@ def retry_timeout(end_at: float | None, now: float, retry_seconds: int) -> int:
     if end_at is None:
         return retry_seconds
     return max(0, math.ceil(end_at - now))
+
+
+def paced_timeout(
+    wait: float, window: float, arrival_rate: float, needed_rate: float, draw: float
+) -> int:
+    """Pace steering (Bonawitz et al., SysML 2019, section 2.3): the whole seconds a
+    rejected worker waits, so that check-ins come back spread out at about the rate the
+    next cycles can admit them, instead of all at the open cycle's deadline.
+
+    ``wait`` is the time until the next cycle opens (:func:`retry_timeout`); ``window``
+    how long a cycle selects workers; ``arrival_rate`` the check-ins per second the node
+    measures and ``needed_rate`` the admissions per second its cycles can use; ``draw``
+    a uniform random number in [0, 1). The next check-in lands uniformly in a horizon
+    ``window x arrival_rate / needed_rate`` long (at least ``window``) after ``wait``:
+    when ten times more workers check in than a cycle uses, each one comes back about
+    ten windows later, and the rate coming back is about the rate needed.
+
+    >>> paced_timeout(wait=30, window=600, arrival_rate=1.0, needed_rate=2.0, draw=0.5)
+    330
+    >>> paced_timeout(wait=30, window=600, arrival_rate=20.0, needed_rate=2.0, draw=0.5)
+    3030
+    """
+    oversupply = arrival_rate / needed_rate if needed_rate > 0 else 1.0
+    horizon = window * max(1.0, oversupply)
+    return max(0, math.ceil(wait + draw * horizon))

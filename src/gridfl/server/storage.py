@@ -19,10 +19,12 @@ from gridfl._messages import PLAN_VARIANTS
 from gridfl.server.tables import (
     aggregates,
     checkpoints,
+    cycle_diffs,
     cycles,
     plans,
     processes,
     protocols,
+    strategy_states,
     worker_cycles,
     workers,
 )
@@ -136,9 +138,11 @@ worker_seats = (
         worker_cycles.c.request_key,
         worker_cycles.c.reported_at,
         cycles.c.id.label("cycle_id"),
+        cycles.c.process_id,
         cycles.c.sequence,
         cycles.c.status,
         cycles.c.checkpoint_id,
+        cycles.c.process_id,
     )
     .select_from(worker_cycles.join(cycles, worker_cycles.c.cycle_id == cycles.c.id))
     .where(worker_cycles.c.worker_id == _P("worker_id"))
@@ -255,6 +259,8 @@ def delete_process(conn: Connection, process_id: int) -> None:
     """The process and everything it owns."""
     cycle_ids = sa.select(cycles.c.id).where(cycles.c.process_id == process_id)
     conn.execute(aggregates.delete().where(aggregates.c.cycle_id.in_(cycle_ids)))
+    conn.execute(cycle_diffs.delete().where(cycle_diffs.c.cycle_id.in_(cycle_ids)))
+    conn.execute(strategy_states.delete().where(strategy_states.c.process_id == process_id))
     conn.execute(worker_cycles.delete().where(worker_cycles.c.cycle_id.in_(cycle_ids)))
     conn.execute(cycles.delete().where(cycles.c.process_id == process_id))
     for table in (workers, checkpoints, plans, protocols):
@@ -322,9 +328,11 @@ def notify(conn: Connection, channel: str, payload: str) -> None:
 
 
 def close_cycle(conn: Connection, cycle_id: int, **values) -> None:
-    """Set the cycle's closing ``status`` (and ``closed_at``...) and drop its aggregate."""
+    """Set the cycle's closing ``status`` (and ``closed_at``...) and drop its aggregate
+    (sums and kept diffs)."""
     conn.execute(cycles.update().where(cycles.c.id == cycle_id).values(**values))
     conn.execute(aggregates.delete().where(aggregates.c.cycle_id == cycle_id))
+    conn.execute(cycle_diffs.delete().where(cycle_diffs.c.cycle_id == cycle_id))
 
 
 def count_seats(conn: Connection, cycle_id: int) -> int:

@@ -153,6 +153,69 @@ aggregates = sa.Table(
     sa.Column("sum_x", Blob, nullable=True),
 )
 
+# A server optimizer's state after the cycle that produced ``checkpoint_id`` (written in the
+# same transaction as that checkpoint): the cycle trained on a checkpoint resumes from its
+# row. ``data`` is the float64 vectors ``layout`` names (with their sizes), concatenated;
+# ``layout`` also holds the state's JSON scalars (aggregate.StrategyState).
+strategy_states = sa.Table(
+    "strategy_states",
+    metadata,
+    sa.Column(
+        "checkpoint_id",
+        sa.Integer,
+        sa.ForeignKey("checkpoints.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("step", sa.Integer, nullable=False),
+    # Strategy.describe(state), for the status: read without the model-sized blob (in
+    # SQLite a column after the blob would walk its overflow pages)
+    sa.Column("summary", sa.JSON, nullable=False),
+    sa.Column("layout", sa.JSON, nullable=False),
+    sa.Column("data", Blob, nullable=False),
+    sa.Index("ix_strategy_states_process", "process_id", "checkpoint_id"),
+)
+
+# Every diff of an open cycle whose strategy needs them all (median, Krum...): one row per
+# report, flat, in the sums' dtype; dropped with the cycle's aggregate when it closes.
+cycle_diffs = sa.Table(
+    "cycle_diffs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "cycle_id", sa.Integer, sa.ForeignKey("cycles.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("data", Blob, nullable=False),
+    sa.Index("ix_cycle_diffs_cycle", "cycle_id"),
+    sqlite_autoincrement=True,
+)
+
+# Differential privacy (docs/privacy.md), one row per cycle of a process hosted with
+# server_config.differential_privacy: the clip norm the cycle's reports were clipped to and
+# how many fit under it (adaptive clipping), written as reports arrive; at completion the
+# accountant's steps, epsilon after the cycle and after one more (the budget check before
+# the next cycle opens), and the next cycle's clip norm. A process's privacy state is its
+# completed row with the most steps.
+privacy_cycles = sa.Table(
+    "privacy_cycles",
+    metadata,
+    sa.Column(
+        "cycle_id", sa.Integer, sa.ForeignKey("cycles.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column(
+        "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("clip_norm", sa.Float, nullable=False),
+    sa.Column("unclipped", sa.Integer, nullable=False, default=0),
+    sa.Column("steps", sa.Integer, nullable=True),
+    sa.Column("epsilon", sa.Float, nullable=True),  # null: infinite (z = 0)
+    sa.Column("epsilon_next", sa.Float, nullable=True),
+    sa.Column("next_clip_norm", sa.Float, nullable=True),
+    sa.Index("ix_privacy_cycles_steps", "process_id", "steps"),
+)
+
 #: a secure-aggregation cycle's protocol state (gridfl.secagg.node.NodeSession.to_state):
 #: public keys, sealed shares, who sent what, and the masked running sum; never a diff
 secagg_rounds = sa.Table(

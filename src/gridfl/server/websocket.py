@@ -76,6 +76,11 @@ async def websocket_endpoint(ws: WebSocket) -> None:  # noqa: C901 - the receive
             if payload is not None:
                 # validated by parse_report in the handler, exactly as a JSON report
                 data = _messages.binary_report_data(kind, data, payload)
+                if not downloads and data.get("compression") is not None:
+                    raise InvalidRequestError(
+                        "a compressed report needs a socket that negotiated the "
+                        f"{_messages.BINARY_SUBPROTOCOL!r} subprotocol"
+                    )
             if kind == _messages.SOCKET_PING:
                 reply = _messages.ws_reply(None, {"alive": "True"}, request_id)
             elif kind in HANDLERS:

@@ -5,6 +5,7 @@ and status codes follow PyGrid's, which syft.js's tests check."""
 from __future__ import annotations
 
 import hmac
+import math
 import random
 import secrets
 import time
@@ -14,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
-from gridfl import _messages
+from gridfl import _messages, compression
 from gridfl._exceptions import (
     AuthenticationError,
     ConflictError,
@@ -25,12 +26,13 @@ from gridfl._exceptions import (
     PermissionDeniedError,
 )
 from gridfl.server import aggregate as agg
-from gridfl.server import db, rules, storage
+from gridfl.server import async_reports, db, privacy, rules, storage
 from gridfl.server.admin import process_named
 from gridfl.server.auth import verify_worker_token
 from gridfl.server.catalog import Catalog
-from gridfl.server.config import requires_speed_test
+from gridfl.server.config import requires_speed_test, worker_capacity
 from gridfl.server.cycles import Cycles
+from gridfl.server.pacing import CheckInRate
 from gridfl.server.settings import Settings
 
 
@@ -62,6 +64,25 @@ def _invalid_key() -> AuthenticationError:
     return AuthenticationError(_messages.MSG_INVALID_REQUEST_KEY)
 
 
+def _compressed_diff(
+    req: _messages.ReportRequest, wanted: dict[str, Any] | None, spec: agg.ModelSpec
+) -> compression.CompressedDiff:
+    """Validate a compressed report against what its process asked for (``wanted``)."""
+    if wanted is None:
+        raise InvalidRequestError(
+            "this process takes no compressed reports (its server_config.compression "
+            "is null): send the diff as plain State bytes"
+        )
+    if req.compression != wanted["kind"]:
+        raise InvalidRequestError(
+            f"this process takes {wanted['kind']!r}-compressed reports, not "
+            f"{req.compression!r}"
+        )
+    return compression.decode(
+        req.compression, req.diff, spec.shapes, spec.dtypes, fraction=wanted.get("fraction")
+    )
+
+
 class WorkerApi:
     """The worker-facing handlers; each takes a parsed request and returns a JSON-able
     ``dict`` (or bytes), raising :mod:`gridfl._exceptions` errors."""
@@ -72,9 +93,21 @@ class WorkerApi:
     cycles: Cycles
     on_cycles_changed: Callable[[], None]
 
-    def _timeout(self, cycle) -> int:
+    check_ins: CheckInRate
+
+    def _timeout(self, cycle, process) -> int:
+        """The ``timeout`` a rejected worker is told: to the open cycle's deadline, or
+        paced (:func:`rules.paced_timeout`) when the process has ``pace_steering``."""
+        now = time.time()
+        rate = self.check_ins.observe(process.id, now)
         end_at = None if cycle is None else cycle.end_at
-        return rules.retry_timeout(end_at, time.time(), self.settings.retry_seconds)
+        wait = rules.retry_timeout(end_at, now, self.settings.retry_seconds)
+        pacing = process.server_config.get("pace_steering")
+        if pacing is None:
+            return wait
+        capacity = worker_capacity(process.server_config)
+        needed = math.inf if capacity is None else capacity / pacing["window"]
+        return rules.paced_timeout(wait, pacing["window"], rate, needed, random.random())
 
     def authenticate(self, req: _messages.AuthenticateRequest) -> dict[str, Any]:
         with db.read(self.engine) as conn:
@@ -147,17 +180,22 @@ class WorkerApi:
         if req.ping is not None or req.download is not None or req.upload is not None:
             storage.store_speeds(conn, worker.id, req.ping, req.download, req.upload)
         if worker.status != "running":
-            return _messages.CycleRejected(None, f"the FL process is {worker.status}").to_json()
+            reason = f"the FL process is {worker.status}"
+            if worker.status == "finished":  # maybe its privacy budget is spent
+                why = privacy.finished_reason(conn, process.id, cfg)
+                reason = f"{reason}: {why}" if why else reason
+            return _messages.CycleRejected(None, reason).to_json()
         cycle = conn.execute(storage.open_cycle_locked, {"process_id": process.id}).first()
         if cycle is None:
             return _messages.CycleRejected(None, "the FL process has no open cycle").to_json()
-        timeout = self._timeout(cycle)
+        timeout = self._timeout(cycle, process)
         seats = conn.execute(storage.seats, {"cycle_id": cycle.id, "worker_id": worker.id}).one()
+        buffered = cfg.get("mode") == "async"
         decision = rules.admit(
             cfg,
             sequence=cycle.sequence,
             accepted=seats.accepted,
-            taken=seats.taken is not None,
+            taken=seats.taken is not None and not buffered,
             download=req.download,
             upload=req.upload,
             last_joined=lambda: storage.last_cycle_joined(conn, worker.identity, process.id),
@@ -166,16 +204,19 @@ class WorkerApi:
         if decision.reason is not None:  # rejected
             return _messages.CycleRejected(timeout, decision.reason).to_json()
         request_key = secrets.token_hex(32)
-        conn.execute(
-            storage.accept,
-            {
-                "cycle_id": cycle.id,
-                "worker_id": worker.id,
-                "identity": worker.identity,
-                "request_key": request_key,
-                "accepted_at": time.time(),
-            },
-        )
+        if buffered and seats.taken is not None:
+            async_reports.rekey(conn, seats.taken, request_key, time.time())
+        else:
+            conn.execute(
+                storage.accept,
+                {
+                    "cycle_id": cycle.id,
+                    "worker_id": worker.id,
+                    "identity": worker.identity,
+                    "request_key": request_key,
+                    "accepted_at": time.time(),
+                },
+            )
         return _messages.CycleAccepted(
             request_key=request_key,
             model=process.name,
@@ -185,6 +226,7 @@ class WorkerApi:
             protocols=dict(process.protocol_ids),
             client_config=process.client_config,
             plan_digests=dict(process.plan_digests),
+            compression=cfg.get("compression"),
         ).to_json()
 
     def _full_cycle_rejection(self, req: _messages.CycleRequest) -> dict[str, Any] | None:
@@ -211,7 +253,7 @@ class WorkerApi:
         return (
             None
             if reason is None
-            else _messages.CycleRejected(self._timeout(row), reason).to_json()
+            else _messages.CycleRejected(self._timeout(row, process), reason).to_json()
         )
 
     # ------------------------------------------------------------------ downloads
@@ -221,9 +263,18 @@ class WorkerApi:
         row = conn.execute(
             storage.asset_access, {"process_id": process_id, "worker_id": worker_id}
         ).first()
-        if row is not None and row.request_key is not None:
-            if hmac.compare_digest(row.request_key.encode(), key.encode()):
-                return row
+        held = row.request_key if row is not None else None
+        if held is not None and hmac.compare_digest(held.encode(), key.encode()):
+            return row
+        if (
+            storage.process_id_exists(conn, process_id)
+            and self.catalog.process(conn, process_id).server_config.get("mode") == "async"
+        ):
+            # a seat outlives its buffer: its checkpoint stays downloadable
+            seat = async_reports.seat_for_key(conn, process_id, worker_id, key)
+            if seat is not None:
+                return seat
+        if held is not None:
             raise _invalid_key()
         # refused: find out why, in the order PyGrid reports it
         if storage.worker_row(conn, worker_id) is None:
@@ -278,26 +329,54 @@ class WorkerApi:
         raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
 
     # ------------------------------------------------------------------ reports
+    @staticmethod
+    def _seat_of(conn: Connection, req: _messages.ReportRequest):
+        """The seat (``worker_seats`` row) whose key the report carries, not yet reported."""
+        rows = conn.execute(storage.worker_seats, {"worker_id": req.worker_id}).all()
+        if not rows:
+            if storage.worker_exists(conn, req.worker_id):
+                raise _invalid_key()
+            raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
+        match = None
+        for r in rows:
+            if hmac.compare_digest(r.request_key.encode(), req.request_key.encode()):
+                match = r
+        if match is None:
+            raise _invalid_key()
+        if match.reported_at is not None:
+            raise ConflictError(f"this worker already reported for cycle {match.sequence}")
+        return match
+
     def report(self, req: _messages.ReportRequest) -> dict[str, Any]:
         from gridfl import state
 
         # 1. find the worker's cycle by its request key (constant-time compare), no lock
         with db.read(self.engine) as conn:
-            match = find_seat(conn, req.worker_id, req.request_key)
-            if match.reported_at is not None:
-                raise ConflictError(f"this worker already reported for cycle {match.sequence}")
-            if match.status != "open":
+            match = self._seat_of(conn, req)
+            buffered = self.catalog.process(conn, match.process_id).server_config.get("mode")
+            if buffered != "async" and match.status != "open":
                 raise ConflictError(
                     f"cycle {match.sequence} is closed ({match.status}): the report came too late"
                 )
             _, _, spec = self.catalog.checkpoint(conn, match.checkpoint_id)
+            process_config = self.catalog.process(conn, match.process_id).server_config
         # 2. decode and validate the diff outside any lock
-        try:
-            # refused as soon as it departs from the model: cost O(model tensors), not O(bytes)
-            diff = state.loads(req.diff, expect=zip(spec.shapes, spec.dtypes, strict=True))
-        except GridflError as e:
-            raise InvalidRequestError(f"diff is not valid State bytes: {e}") from e
-        agg.validate_diff(diff, spec)
+        diff: Sequence[Any]
+        if req.compression is not None:
+            diff = _compressed_diff(req, process_config.get("compression"), spec)
+        else:
+            try:
+                # refused as soon as it departs from the model: O(model tensors), not O(bytes)
+                diff = state.loads(req.diff, expect=zip(spec.shapes, spec.dtypes, strict=True))
+            except GridflError as e:
+                raise InvalidRequestError(f"diff is not valid State bytes: {e}") from e
+            agg.validate_diff(diff, spec)
+        if buffered == "async":
+            if async_reports.report(
+                self.engine, self.catalog, self.cycles, match, diff, req, spec
+            ):
+                self.on_cycles_changed()
+            return _messages.ReportResponse().to_json()
         # 3. fold in, mark reported, maybe complete: one transaction, cycle row locked
         completed = False
         cycle_id = match.cycle_id

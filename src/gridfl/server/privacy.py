@@ -1,0 +1,321 @@
+"""The node's side of differential privacy (docs/privacy.md): :class:`PrivateAggregation`
+wraps a process's strategy, the ``privacy_cycles`` ledger persists the accountant's state,
+and :func:`status` reports it.
+
+Central mode: each report's diff is clipped to the cycle's clip norm ``C`` before it is
+folded (unweighted: ``num_samples`` is ignored, a weight would break the ``C / m`` bound on
+one worker's influence); at completion ``N(0, (z C)^2)`` is added to the sum once, the sum
+is divided by the fixed expected count ``m``, and the inner strategy's ``step`` applies the
+result as the cycle's mean diff (a server optimizer after it is post-processing). Distributed mode:
+workers clip and noise; the node refuses a report whose norm cannot come from a clipped,
+noised diff, and divides the sum by ``m``.
+
+After each completed cycle the ledger row holds the accountant's steps and ε; when one
+more cycle would pass ``max_epsilon`` the process finishes ("privacy budget spent") before
+that cycle opens.
+
+    >>> import numpy as np
+    >>> from gridfl.server.dp_config import DPConfig
+    >>> cfg = {"max_workers": 4, "max_diffs": None, "over_selection": 1.0,
+    ...        "differential_privacy": {"mode": "central", "noise_multiplier": 0.0,
+    ...        "clip_norm": 1.0, "delta": 1e-5, "population_size": 100,
+    ...        "max_epsilon": None, "accountant": "rdp"}}
+    >>> dp = PrivateAggregation(agg.FED_AVG, DPConfig.of(cfg), conn=None, process_id=1)
+    >>> sums = agg.RunningSums(agg.ModelSpec.of([np.zeros(2)]))
+    >>> sums.fold(privacy.clip([np.array([30.0, 40.0])], 1.0)[0])  # what fold() folds
+    >>> dp.noised_mean(sums, 1.0).tolist()  # z = 0: the clipped sum over m = 4
+    [0.15, 0.2]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from gridfl import privacy
+from gridfl._exceptions import ConfigError, InvalidRequestError
+from gridfl.server import aggregate as agg
+from gridfl.server import storage
+from gridfl.server.dp_config import DPConfig
+from gridfl.server.tables import cycles, privacy_cycles
+
+BUDGET_SPENT = "privacy budget spent"
+
+#: the slack of the distributed-mode norm checks, in noise standard deviations around
+#: sqrt(d): an honest report (clipped diff plus its noise) fails them with probability
+#: below exp(-50), by the Gaussian norm's concentration
+_NORM_SLACK = 10.0
+
+_latest = (
+    sa.select(privacy_cycles)
+    .where(privacy_cycles.c.process_id == sa.bindparam("process_id"))
+    .where(privacy_cycles.c.steps.is_not(None))
+    .order_by(privacy_cycles.c.steps.desc())
+    .limit(1)
+)
+_count_fold = (
+    privacy_cycles.update()
+    .where(privacy_cycles.c.cycle_id == sa.bindparam("b_cycle_id"))
+    .values(unclipped=privacy_cycles.c.unclipped + sa.bindparam("bit"))
+)
+
+
+def latest(conn: Connection, process_id: int):
+    """The process's privacy state: its completed ledger row with the most steps, or None."""
+    return conn.execute(_latest, {"process_id": process_id}).first()
+
+
+def current_clip_norm(dp: DPConfig, state) -> float:
+    return dp.initial_clip_norm if state is None else float(state.next_clip_norm)
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isinf(x) else x
+
+
+class PrivateAggregation(agg.Strategy):
+    """DP-FedAvg around ``inner`` (module docstring); built per use with the transaction's
+    connection, which holds the open cycle's lock."""
+
+    def __init__(
+        self,
+        inner: agg.Strategy,
+        dp: DPConfig,
+        conn: Connection,
+        process_id: int,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        if inner.needs_every_diff or isinstance(inner, agg.IterativeAveraging):
+            raise ConfigError(
+                f"differential privacy needs a strategy that works from the sum of diffs, "
+                f"not {type(inner).__name__}"
+            )
+        super().__init__()
+        self.inner = inner
+        self.dp = dp
+        self.conn = conn
+        self.process_id = process_id
+        self.rng = rng or privacy.secure_rng()
+        #: set by :meth:`aggregate` when the next cycle would pass max_epsilon
+        self.stop_reason: str | None = None
+
+    def _cycle_id(self) -> int:
+        cycle = storage.open_cycle(self.conn, self.process_id)
+        assert cycle is not None  # folds and completions run on the open cycle
+        return int(cycle.id)
+
+    def fold(self, sums: agg.RunningSums, diff: Sequence[np.ndarray], num_samples) -> None:
+        state = latest(self.conn, self.process_id)
+        c = current_clip_norm(self.dp, state)
+        norm = privacy.l2_norm(diff)
+        if self.dp.mode == "distributed":
+            self.check_distributed_report(norm, c, sums.spec.total)
+            sums.fold(diff, None)
+        else:
+            clipped, _ = privacy.clip(diff, c)
+            sums.fold(clipped, None)
+        bit = int(norm <= c)
+        cycle_id = self._cycle_id()
+        if self.conn.execute(_count_fold, {"b_cycle_id": cycle_id, "bit": bit}).rowcount == 0:
+            self.conn.execute(
+                privacy_cycles.insert().values(
+                    cycle_id=cycle_id, process_id=self.process_id, clip_norm=c, unclipped=bit
+                )
+            )
+
+    def check_distributed_report(self, norm: float, clip_norm: float, size: int) -> None:
+        """Refuse a report whose norm a diff clipped to C plus the worker's noise (std
+        sigma on each of ``size`` values) cannot have: more than C + sigma (sqrt(d) + 10)
+        (not clipped), or, when the noise dominates, less than sigma (sqrt(d) - 10) - C
+        (the noise is missing)."""
+        sigma = self.worker_noise_std(clip_norm)
+        high = clip_norm + sigma * (math.sqrt(size) + _NORM_SLACK)
+        low = sigma * (math.sqrt(size) - _NORM_SLACK) - clip_norm
+        if norm > high or norm < low:
+            what = "more than" if norm > high else "less than"
+            raise InvalidRequestError(
+                f"the diff's L2 norm {norm:.6g} is {what} a report clipped to {clip_norm:g} "
+                f"and noised can have ({low if norm < low else high:.6g}): this process uses "
+                "distributed differential privacy; report with gridfl's worker SDK, which "
+                "clips and adds the noise"
+            )
+
+    def worker_noise_std(self, clip_norm: float) -> float:
+        """A worker's share of the noise in distributed mode: ``z C / sqrt(m)``."""
+        return self.dp.noise_multiplier * clip_norm / math.sqrt(self.dp.expected_reports)
+
+    def noised_mean(self, sums: agg.RunningSums, clip_norm: float) -> np.ndarray:
+        """``(sum of clipped diffs + N(0, (z C)^2)) / m`` (central; no noise added in
+        distributed mode, where the reports carry it)."""
+        total = np.zeros(sums.spec.total) if sums.sum_x is None else sums.sum_x.astype(np.float64)
+        std = self.dp.update_noise_multiplier * clip_norm
+        if self.dp.mode == "central" and std > 0:
+            total += self.rng.normal(0.0, std, size=total.shape)
+        return total / self.dp.expected_reports
+
+    def combine(self, sums: agg.RunningSums) -> np.ndarray:
+        """The cycle's noised mean at the clip norm its reports were clipped to."""
+        return self.noised_mean(
+            sums, current_clip_norm(self.dp, latest(self.conn, self.process_id))
+        )
+
+    def step(self, update, params, spec, state):
+        return self.inner.step(update, params, spec, state)
+
+    def describe(self, state: agg.StrategyState) -> dict[str, Any]:
+        return self.inner.describe(state)
+
+    def aggregate(self, sums, params, state=None):
+        dp = self.dp
+        prev = latest(self.conn, self.process_id)
+        c = current_clip_norm(dp, prev)
+        # the inner strategy's state (a server optimizer's moments) passes through
+        new_params, inner_state = self.inner.step(
+            self.noised_mean(sums, c), params, sums.spec, state
+        )
+        cycle_id = self._cycle_id()
+        row = self.conn.execute(
+            sa.select(privacy_cycles.c.unclipped).where(privacy_cycles.c.cycle_id == cycle_id)
+        ).first()
+        unclipped = 0 if row is None else int(row.unclipped)
+        next_c = c
+        if dp.adaptive is not None:
+            next_c, _ = privacy.adaptive_clip_update(
+                c,
+                unclipped,
+                sums.count_x,
+                dp.expected_reports,
+                dp.adaptive["target_quantile"],
+                dp.adaptive["learning_rate"],
+                dp.adaptive["count_stddev"],
+                self.rng,
+            )
+        steps = (0 if prev is None else int(prev.steps)) + 1
+        eps = dp.epsilon(steps) if prev is None else _stored(prev.epsilon_next)
+        eps_next = dp.epsilon(steps + 1)
+        values = dict(
+            steps=steps,
+            epsilon=_finite(eps),
+            epsilon_next=_finite(eps_next),
+            next_clip_norm=next_c,
+        )
+        if row is None:
+            self.conn.execute(
+                privacy_cycles.insert().values(
+                    cycle_id=cycle_id,
+                    process_id=self.process_id,
+                    clip_norm=c,
+                    unclipped=0,
+                    **values,
+                )
+            )
+        else:
+            self.conn.execute(
+                privacy_cycles.update()
+                .where(privacy_cycles.c.cycle_id == cycle_id)
+                .values(**values)
+            )
+        if dp.max_epsilon is not None and eps_next > dp.max_epsilon:
+            self.stop_reason = _spent(eps, eps_next, dp.max_epsilon)
+        return new_params, inner_state
+
+
+def _stored(x: float | None) -> float:
+    return math.inf if x is None else float(x)
+
+
+def _spent(eps: float, eps_next: float, max_eps: float) -> str:
+    return (
+        f"{BUDGET_SPENT}: epsilon is {eps:.4g}, one more cycle would make it {eps_next:.4g} "
+        f"> max_epsilon {max_eps:g}"
+    )
+
+
+def wrap(inner: agg.Strategy, server_config: dict, conn: Connection, process_id: int):
+    """``inner`` as is, or wrapped in :class:`PrivateAggregation` when the process was
+    hosted with ``differential_privacy``."""
+    dp = DPConfig.of(server_config)
+    return inner if dp is None else PrivateAggregation(inner, dp, conn, process_id)
+
+
+def worker_settings(client_config: dict, server_config: dict) -> dict:
+    """The ``client_config`` workers receive: in distributed mode with the clip norm and
+    noise each must apply (``differential_privacy``, a key the host may not set)."""
+    if "differential_privacy" in client_config:
+        raise ConfigError(
+            "client_config.differential_privacy is set by the node; configure privacy in "
+            "server_config.differential_privacy"
+        )
+    dp = DPConfig.of(server_config)
+    if dp is None or dp.mode != "distributed":
+        return client_config
+    return {**client_config, "differential_privacy": dp.for_workers()}
+
+
+def finished_reason(conn: Connection, process_id: int, server_config: dict) -> str | None:
+    """Why a finished process finished, when its privacy budget is what ended it."""
+    dp = DPConfig.of(server_config)
+    if dp is None or dp.max_epsilon is None:
+        return None
+    state = latest(conn, process_id)
+    if state is None or _stored(state.epsilon_next) <= dp.max_epsilon:
+        return None
+    return _spent(_stored(state.epsilon), _stored(state.epsilon_next), dp.max_epsilon)
+
+
+def annotate_status(conn: Connection, process, out: dict[str, Any]) -> None:
+    """Add the privacy figures to an admin status reply ``out``: ``out["privacy"]``
+    (:func:`status`), and to each listed cycle the ``epsilon`` spent once it completed
+    (null while open, expired, or infinite with z = 0) and the ``clip_norm`` its reports
+    were clipped to."""
+    figures = status(conn, process)
+    if figures is None:
+        return
+    out["privacy"] = figures
+    listed = [c["sequence"] for c in out.get("cycles", [])]
+    rows = conn.execute(
+        sa.select(cycles.c.sequence, privacy_cycles.c.epsilon, privacy_cycles.c.clip_norm)
+        .join(cycles, cycles.c.id == privacy_cycles.c.cycle_id)
+        .where(privacy_cycles.c.process_id == process.id, cycles.c.sequence.in_(listed))
+    ).all()
+    by_sequence = {r.sequence: r for r in rows}
+    for entry in out.get("cycles", []):
+        row = by_sequence.get(entry["sequence"])
+        entry["epsilon"] = None if row is None else row.epsilon
+        entry["clip_norm"] = None if row is None else row.clip_norm
+
+
+def status(conn: Connection, process) -> dict[str, Any] | None:
+    """The process's privacy figures (``None`` without DP): its configuration, the
+    sampling rate and expected count, steps and ε spent, ε after one more cycle, the
+    current clip norm, and whether the budget is spent (and why)."""
+    dp = DPConfig.of(process.server_config)
+    if dp is None:
+        return None
+    state = latest(conn, process.id)
+    reason = finished_reason(conn, process.id, process.server_config)
+    return {
+        "mode": dp.mode,
+        "noise_multiplier": dp.noise_multiplier,
+        "clip_norm": current_clip_norm(dp, state),
+        "adaptive_clipping": dp.adaptive is not None,
+        "delta": dp.delta,
+        "population_size": dp.population_size,
+        "expected_reports": dp.expected_reports,
+        "sampling_rate": dp.sampling_rate,
+        "accountant": dp.accountant,
+        "accountant_version": f"dp-accounting {metadata.version('dp-accounting')}",
+        "max_epsilon": dp.max_epsilon,
+        "steps": 0 if state is None else int(state.steps),
+        # null: infinite (noise_multiplier 0)
+        "epsilon": 0.0 if state is None else state.epsilon,
+        "epsilon_next": None if state is None else state.epsilon_next,
+        "budget_spent": reason is not None,
+        "reason": reason,
+    }

@@ -1,0 +1,437 @@
+"""The simulation loop: rounds of training over virtual clients, aggregated by the node's
+own strategy, evaluated centrally and/or federatedly.
+
+Per round, ``clients_per_round`` clients are drawn (without replacement, from a generator
+seeded by ``(seed, round)``), train in the backend, and their reports are folded into the
+node's :class:`~gridfl.server.aggregate.RunningSums` in the order drawn, through the
+strategy :func:`gridfl.server.strategies.strategy_for` builds for the process's
+``server_config`` (a robust rule's diffs are kept in memory, where the node keeps them
+in its database): what a node does with the same reports in the same order. Each
+client's training seed is drawn from ``(seed, round, client)``, so a run is a function of
+its seed, on any backend and any number of workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gridfl import state
+from gridfl._exceptions import ConfigError, ModelError
+from gridfl.server import aggregate as agg
+from gridfl.simulation import clients
+from gridfl.simulation.backends import BACKENDS, LocalPool, RayPool, open_backend
+from gridfl.simulation.partition import partition
+from gridfl.simulation.results import RoundResult, SimulationResult
+from gridfl.simulation.store import ShardStore
+
+__all__ = ["SimulationOptions", "simulate"]
+
+Data = tuple[Any, Any] | str | Path
+
+
+@dataclass
+class SimulationOptions:
+    """The knobs of a simulation (the process itself is given as to the host SDK).
+
+    ``rounds`` defaults to ``server_config["num_cycles"]`` and ``clients_per_round`` to
+    ``server_config["max_diffs"]``, else ``max_workers``. ``evaluate_every`` rounds the
+    new model is evaluated centrally (on ``test_data``); ``federated_every`` rounds,
+    ``federated_clients`` drawn clients evaluate it on their held-out share
+    (``held_out`` of each client's examples, kept out of training).
+    """
+
+    num_clients: int = 100
+    partitioner: str | Callable[..., Any] = "iid"
+    partition_options: dict[str, Any] = field(default_factory=dict)
+    rounds: int | None = None
+    clients_per_round: int | None = None
+    evaluate_every: int = 1
+    federated_every: int | None = None
+    federated_clients: int | None = None
+    held_out: float | None = None
+    seed: int = 0
+    workers: int | None = None
+    backend: str = "local"
+    ray_address: str | None = None
+    out_dir: Path | None = None
+    progress: bool = False
+
+    def resolve(self, server_config: Mapping[str, Any]) -> None:
+        """Fill the defaults from ``server_config`` and refuse what cannot run."""
+        if self.rounds is None:
+            self.rounds = server_config.get("num_cycles") or None
+        if self.clients_per_round is None:
+            self.clients_per_round = (
+                server_config.get("max_diffs") or server_config.get("max_workers")
+            )
+        for name in ("rounds", "clients_per_round"):
+            value = getattr(self, name)
+            if value is None:
+                raise ConfigError(
+                    f"{name} is not set: pass it, or set server_config "
+                    f"{'num_cycles' if name == 'rounds' else 'max_diffs'}"
+                )
+            _positive(name, value)
+        assert self.clients_per_round is not None
+        if self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"clients_per_round ({self.clients_per_round}) is more than the "
+                f"{self.num_clients} clients"
+            )
+        _positive("evaluate_every", self.evaluate_every)
+        if self.federated_every is not None:
+            _positive("federated_every", self.federated_every)
+            self.federated_clients = self.federated_clients or self.clients_per_round
+            _positive("federated_clients", self.federated_clients)
+            if self.federated_clients > self.num_clients:
+                raise ConfigError(
+                    f"federated_clients ({self.federated_clients}) is more than the "
+                    f"{self.num_clients} clients"
+                )
+            if self.held_out is None:
+                self.held_out = 0.1
+        if self.held_out is None:
+            self.held_out = 0.0
+        if self.backend not in BACKENDS:
+            raise ConfigError(
+                f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}"
+            )
+        self.workers = self.workers or _usable_cpus()
+        _positive("workers", self.workers)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def load_data(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` from a pair of arrays or an ``.npz`` with arrays ``x`` and ``y``."""
+    if isinstance(data, str | Path):
+        with np.load(data, allow_pickle=False) as npz:
+            if "x" not in npz.files or "y" not in npz.files:
+                raise ConfigError(f"{what} {data} must hold arrays 'x' and 'y' (has {npz.files})")
+            x, y = npz["x"], npz["y"]
+    else:
+        if len(data) != 2:
+            raise ConfigError(f"{what} must be (x, y) or an .npz path")
+        x, y = np.asarray(data[0]), np.asarray(data[1])
+    if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+        raise ConfigError(f"{what}: x and y need the same number of examples on the first axis")
+    return x, y
+
+
+def check_shapes(plan, x: np.ndarray, y: np.ndarray, what: str) -> None:
+    """Refuse data whose examples do not have the shape the plan's inputs take."""
+    for s in plan.inputs:
+        if s.role not in ("data", "target"):
+            continue
+        arr = x if s.role == "data" else y
+        want, got = s.shape[1:], arr.shape[1:]
+        if len(want) != len(got) or any(d is not None and d != g for d, g in zip(want, got,
+                                                                               strict=False)):
+            raise ConfigError(
+                f"the {what} takes {s.role} of shape {s.shape_str()}, but the {s.role} "
+                f"given is {tuple(arr.shape)}: the plan does not match the data"
+            )
+
+
+#: server_config keys a simulation refuses rather than ignore, with their "off" value
+_NOT_SIMULATED = {"mode": "sync", "differential_privacy": None, "compression": None}
+
+
+def simulate(
+    *,
+    model: Any,
+    plans: Mapping[str, Any],
+    client_config: Mapping[str, Any],
+    data: Data,
+    server_config: Mapping[str, Any] | None = None,
+    averaging_plan: Any = None,
+    test_data: Data | None = None,
+    options: SimulationOptions | None = None,
+    on_round: Callable[[RoundResult], None] | None = None,
+) -> SimulationResult:
+    """Run a hosted process definition over virtual clients; see the module docstring.
+
+    ``model``, ``plans``, ``client_config``, ``server_config`` and ``averaging_plan`` are
+    what :meth:`gridfl.host.HostClient.host` takes, validated as the node validates them.
+    ``plans`` needs a ``training_plan``, and an ``evaluation_plan`` for any evaluation.
+    ``data`` and ``test_data`` are ``(x, y)`` or an ``.npz`` with ``x`` and ``y``.
+    With ``options.out_dir``, ``results.json`` and ``results.png`` are written there::
+
+        result = simulate(model=params, plans={"training_plan": plan,
+                          "evaluation_plan": evaluation}, client_config={"name": "m",
+                          "version": "1", "batch_size": 10, "lr": 0.1},
+                          data=(x, y), test_data=(x_test, y_test),
+                          options=SimulationOptions(num_clients=1000, rounds=20,
+                                                    clients_per_round=10))  # doctest: +SKIP
+        print(result.rounds[-1].central)                                   # doctest: +SKIP
+    """
+    from gridfl.host import host_payload
+    from gridfl.plan import Plan
+    from gridfl.server.hosting import validate
+    from gridfl.server.strategies import strategy_for
+
+    started = time.perf_counter()
+    # a copy: resolving fills defaults from this process's server_config only
+    opts = dataclasses.replace(options) if options is not None else SimulationOptions()
+    request = validate(host_payload(
+        model=model, plans=plans, client_config=client_config,
+        server_config=server_config, averaging_plan=averaging_plan,
+    ))
+    unsupported = [key for key, off in _NOT_SIMULATED.items()
+                   if request.server_config.get(key) != off]
+    if unsupported:
+        raise ConfigError(
+            f"server_config {', '.join(unsupported)}: not simulated yet (a simulation runs "
+            "synchronous rounds of plain reports); remove it to simulate"
+        )
+    opts.resolve(request.server_config)
+    rows = {r["name"]: r for r in request.plan_rows}
+    if "training_plan" not in rows or rows["training_plan"].get("onnx") is None:
+        raise ConfigError("plans needs a 'training_plan' with an ONNX variant")
+    evaluation = rows.get("evaluation_plan", {}).get("onnx")
+    central = test_data is not None
+    if (central or opts.federated_every) and evaluation is None:
+        raise ConfigError(
+            "evaluation needs an 'evaluation_plan' among the plans: host one, or run "
+            "without test_data and federated_every"
+        )
+    if opts.out_dir is not None and Path(opts.out_dir).exists() and not Path(
+            opts.out_dir).is_dir():
+        raise ConfigError(f"out_dir {opts.out_dir} is a file, not a directory")
+    x, y = load_data(data, "data")
+    training = Plan.from_bytes(rows["training_plan"]["onnx"], threads=1)
+    for name, plan_kind in (("training_plan", "training"), ("evaluation_plan", "evaluation")):
+        blob = rows.get(name, {}).get("onnx")
+        if blob is not None and Plan.from_bytes(blob).kind != plan_kind:
+            raise ConfigError(f"plans.{name} must be a {plan_kind} plan")
+    check_shapes(training, x, y, "training plan")
+    # one thread: it runs beside the pool's workers (see _Rounds)
+    eval_plan = Plan.from_bytes(evaluation, threads=1) if evaluation is not None else None
+    test = load_data(test_data, "test_data") if test_data is not None else None
+    if eval_plan is not None:
+        check_shapes(eval_plan, x, y, "evaluation plan")
+        if test is not None:
+            check_shapes(eval_plan, *test, "evaluation plan")
+    averaging = rows.get("averaging_plan")
+    strategy = strategy_for(
+        request.server_config["strategy"],
+        Plan.from_bytes(averaging["onnx"], threads=1) if averaging else None,
+    )
+    parts = partition(y, opts.num_clients, opts.partitioner, seed=opts.seed,
+                      **opts.partition_options)
+
+    params = state.loads(request.model_bytes)
+    spec = request.spec
+    job = clients.ClientJob(rows["training_plan"]["onnx"], evaluation, request.client_config)
+    result = SimulationResult(settings=_settings(opts, request))
+    with tempfile.TemporaryDirectory(prefix="gridfl-sim-") as tmp:
+        store = ShardStore.write(tmp, x, y, parts, held_out=opts.held_out or 0.0)
+        _check_batches(store, request.client_config)
+        del x, y, parts  # the workers read the files; this process keeps no copy
+        backend = open_backend(opts.backend, job, store, workers=opts.workers or 1,
+                               ray_address=opts.ray_address)
+        bar, stop_bar = _progress(opts)
+        try:
+            rounds = _Rounds(opts, backend, strategy, spec, params, result, started)
+            rounds.central = (
+                None if test is None or eval_plan is None
+                else lambda model: clients.evaluate_plan(eval_plan, model, *test,
+                                                         request.client_config)
+            )
+            rounds.emit = lambda entry: (bar(entry), on_round and on_round(entry))
+            params = rounds.run()
+        finally:
+            stop_bar()
+            backend.close()
+    result.total_seconds = round(time.perf_counter() - started, 3)
+    result.peak_memory_mb = rounds.memory.peak_mb()
+    result.final_params = params
+    if opts.out_dir is not None:
+        result.save(Path(opts.out_dir))
+    return result
+
+
+class _Rounds:
+    """The round loop. Round ``r``'s central evaluation runs in this process while the
+    pool trains round ``r + 1`` from the same model (it is that round's starting point),
+    so the evaluation takes no time of its own; each round is reported once evaluated."""
+
+    def __init__(self, opts: SimulationOptions, backend: LocalPool | RayPool, strategy,
+                 spec, params: list[np.ndarray], result: SimulationResult,
+                 started: float) -> None:
+        self.opts, self.backend, self.strategy, self.spec = opts, backend, strategy, spec
+        self.params, self.result, self.started = params, result, started
+        self.strategy_state: Any = None
+        self.memory = _Memory(backend)
+        self.central: Callable[[list[np.ndarray]], dict[str, float]] | None = None
+        self.emit: Callable[[RoundResult], Any] = lambda entry: None
+
+    def run(self) -> list[np.ndarray]:
+        pending: RoundResult | None = None
+        for r in range(1, (self.opts.rounds or 0) + 1):
+            t0 = time.perf_counter()
+            chosen = np.random.default_rng([self.opts.seed, 1, r]).choice(
+                self.opts.num_clients, size=self.opts.clients_per_round, replace=False)
+            tasks = [(int(c), _client_seed(self.opts.seed, r, int(c))) for c in chosen]
+            reports = self.backend.fit(self.params, tasks)  # submitted: training starts
+            if pending is not None:
+                self._finish(pending)
+            pending = self._aggregate(r, tasks, reports)
+            done = time.perf_counter()
+            pending.seconds = round(done - t0, 4)
+            if r == 1:  # as Flower's is measured: the call -> the first aggregated model
+                self.result.startup_seconds = round(done - self.started, 3)
+        if pending is not None:
+            self._finish(pending)
+        return self.params
+
+    def _aggregate(self, r: int, tasks: list[tuple[int, int]], reports) -> RoundResult:
+        """Fold the reports in the order drawn, as the node folds them; the new model."""
+        sums = agg.RunningSums(self.spec)
+        losses, weights, kept = [], [], []
+        for report in reports:
+            diff = state.loads(report.diff)
+            agg.validate_diff(diff, self.spec)
+            self.strategy.fold(sums, diff, report.num_samples)
+            if sums.kept is not None:  # a rule that needs every diff (median, Krum)
+                kept.append(sums.kept)
+                sums.kept = None
+            if report.loss is not None:
+                losses.append(report.loss)
+                weights.append(report.num_samples)
+        if kept:
+            sums.diffs = np.stack(kept).astype(np.float64)
+        entry = RoundResult(round=r, clients=[c for c, _ in tasks])
+        try:
+            self.params, self.strategy_state = self.strategy.aggregate(
+                sums, self.params, self.strategy_state)
+        except ModelError as exc:  # the node expires such a cycle: the model stays
+            entry.error = str(exc)
+        if losses:
+            entry.train_loss = float(np.average(losses, weights=weights))
+        if self.opts.federated_every and r % self.opts.federated_every == 0:
+            entry.federated, entry.evaluated = _federated(self.backend, self.params,
+                                                          self.opts, r)
+        entry.model = self.params
+        return entry
+
+    def _finish(self, entry: RoundResult) -> None:
+        """Central evaluation of the round's model, then the round is reported."""
+        model, entry.model = entry.model, None
+        due = entry.round % self.opts.evaluate_every == 0 or entry.round == self.opts.rounds
+        if self.central is not None and due:
+            assert model is not None  # set by _aggregate
+            entry.central = self.central(model)
+        self.memory.sample()
+        self.result.rounds.append(entry)
+        self.emit(entry)
+
+
+def _check_batches(store: ShardStore, client_config: Mapping[str, Any]) -> None:
+    """Refuse a population where a client has fewer training examples than one batch
+    (it could not train: the last partial batch is dropped, as in syft.js)."""
+    batch = client_config.get("batch_size")
+    sizes = store.train_sizes()
+    if isinstance(batch, int) and sizes.min() < batch:
+        k = int(np.argmin(sizes))
+        raise ConfigError(
+            f"client {k} has {sizes[k]} training examples, fewer than one batch of {batch}: "
+            "use fewer clients, a smaller client_config.batch_size or less held out"
+        )
+
+
+def _client_seed(seed: int, r: int, client: int) -> int:
+    return int(np.random.SeedSequence([seed, 2, r, client]).generate_state(1, np.uint64)[0]
+               % 2**63)
+
+
+def _federated(backend: LocalPool | RayPool, params: Sequence[np.ndarray],
+               opts: SimulationOptions, r: int) -> tuple[dict[str, float], list[int]]:
+    """Metrics of the drawn clients on their held-out data, weighted by their examples,
+    and the clients."""
+    chosen = np.random.default_rng([opts.seed, 3, r]).choice(
+        opts.num_clients, size=opts.federated_clients, replace=False)
+    totals: dict[str, float] = {}
+    n = 0
+    evaluated = [int(c) for c in chosen]
+    for report in backend.evaluate(params, evaluated):
+        n += report.num_samples
+        for k, v in report.metrics.items():
+            totals[k] = totals.get(k, 0.0) + v * report.num_samples
+    return ({k: v / n for k, v in totals.items()} if n else {}), evaluated
+
+
+def _settings(opts: SimulationOptions, request) -> dict[str, Any]:
+    partitioner = opts.partitioner if isinstance(opts.partitioner, str) else getattr(
+        opts.partitioner, "__name__", "user function")
+    return {
+        "num_clients": opts.num_clients, "partitioner": partitioner,
+        "partition_options": opts.partition_options, "rounds": opts.rounds,
+        "clients_per_round": opts.clients_per_round, "evaluate_every": opts.evaluate_every,
+        "federated_every": opts.federated_every, "federated_clients": opts.federated_clients,
+        "held_out": opts.held_out, "seed": opts.seed, "backend": opts.backend,
+        "client_config": request.client_config, "server_config": request.server_config,
+    }
+
+
+def _progress(
+    opts: SimulationOptions,
+) -> tuple[Callable[[RoundResult], None], Callable[[], None]]:
+    """A progress bar (``rich``, the cli extra) when asked for, else nothing: the
+    function that advances it, and the one that takes it down."""
+    if not opts.progress:
+        return (lambda entry: None), (lambda: None)
+    try:
+        from rich.console import Console
+        from rich.progress import Progress
+    except ImportError as exc:
+        raise ConfigError("progress=True needs rich: pip install 'gridfl[cli]'") from exc
+
+    bar = Progress(console=Console(stderr=True))
+    task = bar.add_task("rounds", total=opts.rounds)
+    bar.start()
+
+    def advance(entry: RoundResult) -> None:
+        desc = f"round {entry.round}"
+        if entry.central.get("loss") is not None:
+            desc += f" test loss {entry.central['loss']:.4f}"
+        bar.update(task, advance=1, description=desc)
+
+    return advance, bar.stop
+
+
+class _Memory:
+    """Peak PSS of this process plus the local pool's workers (the physical memory the run
+    holds; Ray's workers are not counted)."""
+
+    def __init__(self, backend: LocalPool | RayPool) -> None:
+        self.backend, self.peak_kb = backend, 0
+
+    def sample(self) -> None:
+        from gridfl.demo.run import _memory_kb
+
+        pids = [os.getpid(), *self.backend.pids()]
+        self.peak_kb = max(self.peak_kb, sum(_memory_kb(p)[1] for p in pids))
+
+    def peak_mb(self) -> float:
+        return round(self.peak_kb / 1024, 1)

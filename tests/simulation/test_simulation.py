@@ -1,0 +1,100 @@
+"""The simulation against numpy re-computations of the same rounds, and its determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gridfl.simulation import SimulationOptions, partition, simulate
+from tests.simulation.shared import CLIENT_CONFIG, without_timing
+
+
+def _sgd_step(w, b, x, y, lr):
+    """One full-batch SGD step of the MSE loss mean((x w + b - y)^2), in float64."""
+    err = x @ w + b - y
+    g = 2.0 * err / len(x)
+    return w - lr * (x.T @ g), b - lr * g.sum(axis=0)
+
+
+def test_fedavg_equals_numpy_fedavg_of_the_same_client_diffs(process, data):
+    """Every client has one batch (8 examples, batch_size 8): one SGD step, whatever the
+    shuffle. FedAvg (McMahan et al., eq. 1 as a diff): w <- w - sum_k n_k (w - w_k) / sum n_k."""
+    x, y = data
+    opts = SimulationOptions(num_clients=40, seed=5, workers=2)
+    result = simulate(**process, data=data, options=opts)
+    parts = partition(y, 40, "iid", seed=5)
+    w = np.zeros((3, 1))
+    b = np.zeros(1)
+    for entry in result.rounds:
+        assert len(entry.clients) == 5 and len(set(entry.clients)) == 5
+        diffs_w, diffs_b, weights = [], [], []
+        for c in entry.clients:
+            xc, yc = x[parts[c]].astype(np.float64), y[parts[c]].astype(np.float64)
+            w_k, b_k = _sgd_step(w, b, xc, yc, CLIENT_CONFIG["lr"])
+            diffs_w.append(w - w_k)
+            diffs_b.append(b - b_k)
+            weights.append(len(xc))
+        w = w - np.average(diffs_w, axis=0, weights=weights)
+        b = b - np.average(diffs_b, axis=0, weights=weights)
+    new_w, new_b = result.final_params
+    np.testing.assert_allclose(new_w, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_b, b, rtol=1e-5, atol=1e-6)
+    assert np.abs(w).sum() > 0.1  # the model moved: the comparison is not of zeros
+
+
+def test_same_seed_same_results_json_on_any_number_of_workers(process, data, test_data,
+                                                              tmp_path):
+    runs = []
+    for i, workers in enumerate((2, 1)):
+        out = tmp_path / f"run{i}"
+        opts = SimulationOptions(num_clients=20, partitioner="shards", seed=11, workers=workers,
+                                 federated_every=1, held_out=0.25, out_dir=out)
+        simulate(**{**process, "client_config": {**CLIENT_CONFIG, "batch_size": 4}},
+                 data=data, test_data=test_data, options=opts)
+        assert (out / "results.png").stat().st_size > 1000
+        runs.append(json.loads((out / "results.json").read_text()))
+    assert without_timing(runs[0]) == without_timing(runs[1])
+    assert runs[0]["rounds"][-1]["central"]["loss"] > 0
+    other = simulate(**process, data=data, options=SimulationOptions(
+        num_clients=20, partitioner="shards", seed=12, workers=2))
+    assert [r.clients for r in other.rounds] != [r["clients"] for r in runs[0]["rounds"]]
+
+
+def test_federated_metrics_are_the_weighted_mean_of_the_clients_own(process, data):
+    x, y = data
+    opts = SimulationOptions(num_clients=16, rounds=1, seed=2, workers=2, federated_every=1,
+                             federated_clients=6, held_out=0.25)
+    # 320 / 16 = 20 examples a client: 5 held out, 15 trained (one batch of 8 used)
+    result = simulate(**process, data=data, options=opts)
+    entry = result.rounds[0]
+    assert len(entry.evaluated) == 6
+    w, b = (p.astype(np.float64) for p in result.final_params)
+    parts = partition(y, 16, "iid", seed=2)
+    mse, mae, n = [], [], []
+    for c in entry.evaluated:
+        idx = parts[c][-5:]
+        err = x[idx] @ w + b - y[idx]
+        mse.append(float(np.mean(err**2)))
+        mae.append(float(np.mean(np.abs(err))))
+        n.append(len(idx))
+    assert entry.federated["loss"] == pytest.approx(np.average(mse, weights=n), rel=1e-5)
+    assert entry.federated["mae"] == pytest.approx(np.average(mae, weights=n), rel=1e-5)
+
+
+@pytest.mark.parametrize("extra", [
+    {"mode": "async"},
+    {"compression": {"kind": "int8"}},
+    {"differential_privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0,
+                              "population_size": 40}},
+], ids=["async", "compression", "dp"])
+def test_what_a_simulation_cannot_run_is_refused_not_ignored(process, data, extra):
+    from gridfl._exceptions import ConfigError
+
+    server_config = {**process["server_config"], "max_workers": 5, **extra}
+    if "mode" in extra:
+        server_config = {"mode": "async", "num_cycles": 2}
+    with pytest.raises(ConfigError, match=f"{next(iter(extra))}: not simulated yet"):
+        simulate(**{**process, "server_config": server_config}, data=data,
+                 options=SimulationOptions(num_clients=40, seed=5, workers=1))
