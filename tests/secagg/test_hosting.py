@@ -16,6 +16,7 @@ pytest.importorskip("starlette")
 
 SECAGG = {"threshold": 3, "neighbours": 4, "clipping_range": 0.5, "stage_timeout": 20}
 BASE = {"max_workers": 6, "max_diffs": 4}
+POPULATION = {"population_size": 1000}
 
 
 @pytest.fixture
@@ -129,14 +130,24 @@ def test_secure_aggregation_is_refused_with_a_per_diff_rule(admin):
     "extra",
     [
         {"strategy": {"name": "fedmedian"}},
-        {"mode": "async"},
+        {"mode": "async", "max_workers": None, "cycle_length": None, "max_diffs": None},
         {"compression": {"kind": "int8"}},
-        {"differential_privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0}},
+        {"differential_privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, **POPULATION}},
+        {
+            "min_diffs": 4,
+            "differential_privacy": {
+                "mode": "distributed",
+                "noise_multiplier": 1.0,
+                "clip_norm": 1.0,
+                **POPULATION,
+            },
+        },
     ],
 )
 def test_secure_aggregation_is_refused_with_rules_that_need_each_diff(admin, extra):
     r = admin.host(host_payload(server_config={**BASE, **extra, "secure_aggregation": SECAGG}))
     assert r.status_code == 400, r.text
+    assert "secure" in r.json()["error"].lower(), r.text  # refused for this reason
     assert admin.http.get("/gridfl/v1/processes/mnist/1.0").status_code == 404
 
 
