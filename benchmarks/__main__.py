@@ -22,6 +22,7 @@ BENCHMARKS = {
     "simulation": "benchmarks.bench_simulation",  # memory at N=100 vs N=10,000 clients
     "compression": "benchmarks.bench_compression",  # compressed reports: bytes, CPU, accuracy
     "fedbuff": "benchmarks.bench_fedbuff",  # async vs sync with 5 of 10 workers 5x slower
+    "secagg": "benchmarks.bench_secagg",  # secure aggregation's CPU, worker and node, vs n, k
 }
 
 

@@ -12,6 +12,8 @@ values also derive from :class:`ValueError`, so ``except ValueError`` keeps work
     - PlanInputError         ``Plan.execute`` got the wrong number, shape or dtype of inputs
   + CompileError             a torch function or module cannot be compiled into a plan
   + ConfigError              an invalid ``client_config``, ``server_config`` or setting
+  + ProtocolError            a secure-aggregation message is malformed or must be refused
+  + AggregationAbortedError  too few workers survived a secure-aggregation cycle
   + GridError                an FL request failed (raised by the node, re-raised by workers)
     - InvalidRequestError    malformed or invalid input (HTTP 400)
       · PayloadTooLargeError the body is larger than the node accepts (HTTP 413)
@@ -31,6 +33,7 @@ values also derive from :class:`ValueError`, so ``except ValueError`` keeps work
 from __future__ import annotations
 
 __all__ = [
+    "AggregationAbortedError",
     "AuthenticationError",
     "CompileError",
     "ConfigError",
@@ -48,6 +51,7 @@ __all__ = [
     "PlanInputError",
     "PlanLoadError",
     "PlanLoadFailedError",
+    "ProtocolError",
     "RequestTimeoutError",
     "ResponseTimeoutError",
     "StateError",
@@ -87,6 +91,16 @@ class CompileError(GridflError):
 
 class ConfigError(GridflError, ValueError):
     """An invalid ``client_config``, ``server_config``, setting or option."""
+
+
+class ProtocolError(GridflError, ValueError):
+    """A secure-aggregation message is malformed, replayed, or asks for what an honest
+    worker must not give (both secrets of one worker); the receiver refuses it."""
+
+
+class AggregationAbortedError(GridflError):
+    """A secure-aggregation cycle cannot be unmasked: fewer workers survived than the
+    threshold or ``min_survivors``. Nothing is aggregated and nothing is revealed."""
 
 
 class GridError(GridflError):

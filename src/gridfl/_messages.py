@@ -54,6 +54,7 @@ __all__ = [
     "MSG_WORKER_NOT_FOUND",
     "PLAN_VARIANTS",
     "REPORT",
+    "SECURE_AGGREGATION",
     "SOCKET_PING",
     "WS_TYPES",
     "AssetRequest",
@@ -65,6 +66,7 @@ __all__ = [
     "DashboardSignIn",
     "ReportRequest",
     "ReportResponse",
+    "SecAggRequest",
     "binary_report_data",
     "check_json_values",
     "check_text",
@@ -84,6 +86,7 @@ __all__ = [
     "parse_max_bytes",
     "parse_report",
     "parse_report_response",
+    "parse_secagg",
     "parse_timeout",
     "parse_ws_frame",
     "select_subprotocol",
@@ -98,11 +101,13 @@ CYCLE_REQUEST = "model-centric/cycle-request"
 REPORT = "model-centric/report"
 HOST_TRAINING = "model-centric/host-training"
 SOCKET_PING = "socket-ping"
+#: gridfl extension: one stage of secure aggregation (docs/secure-aggregation.md)
+SECURE_AGGREGATION = "model-centric/secure-aggregation"
 #: downloads: HTTP ``GET /`` + type; WebSocket requests only with :data:`BINARY_SUBPROTOCOL`
 GET_MODEL = "model-centric/get-model"
 GET_PLAN = "model-centric/get-plan"
 GET_PROTOCOL = "model-centric/get-protocol"
-WS_TYPES = frozenset({AUTHENTICATE, CYCLE_REQUEST, REPORT, SOCKET_PING})
+WS_TYPES = frozenset({AUTHENTICATE, CYCLE_REQUEST, REPORT, SOCKET_PING, SECURE_AGGREGATION})
 
 #: plan variants ``get-plan`` serves (``receive_operations_as``)
 PLAN_VARIANTS = ("onnx", "tfjs", "torchscript", "list")
@@ -286,6 +291,8 @@ def _number(data: dict, key: str) -> float | None:
 # --- requests -------------------------------------------------------------------------------
 #: longest ``wait`` a cycle request may ask for
 MAX_WAIT = 60.0
+#: most protocol names a cycle request may list
+MAX_WORKER_PROTOCOLS = 16
 #: most cycles (and checkpoints) one admin status call lists (``?cycles=``)
 MAX_STATUS_CYCLES = 1000
 
@@ -347,6 +354,15 @@ class CycleRequest:
             "description": "gridfl: hold a rejection up to this many seconds",
         },
     )
+    #: gridfl extension: the protocols this worker runs (a process hosted with one is
+    #: refused to workers that do not name it, such as syft.js)
+    protocols: list[str] | None = field(
+        default=None,
+        metadata={
+            "maxItems": MAX_WORKER_PROTOCOLS,
+            "description": "gridfl: protocols this worker runs, e.g. secure_aggregation",
+        },
+    )
 
     def to_json(self) -> dict[str, Any]:
         return _present(
@@ -358,6 +374,7 @@ class CycleRequest:
                 "download": self.download,
                 "upload": self.upload,
                 "wait": self.wait or None,  # 0 is the default: PyGrid is sent no extension
+                "protocols": self.protocols or None,
             }
         )
 
@@ -451,7 +468,23 @@ def parse_cycle_request(data: Any) -> CycleRequest:
         download=_number(data, "download"),
         upload=_number(data, "upload"),
         wait=_wait(data),
+        protocols=_protocol_names(data),
     )
+
+
+def _protocol_names(data: dict[str, Any]) -> list[str] | None:
+    value = data.get("protocols")
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_WORKER_PROTOCOLS
+        or not all(isinstance(v, str) and 0 < len(v) <= 64 for v in value)
+    ):
+        raise InvalidRequestError(
+            f"'protocols' must be a list of at most {MAX_WORKER_PROTOCOLS} protocol names"
+        )
+    return value
 
 
 def _wait(data: dict[str, Any]) -> float:
@@ -497,6 +530,48 @@ def b64encode(data: bytes) -> str:
 
 def encode_diff(diff: bytes) -> str:
     return b64encode(diff)
+
+
+#: the stages a secure-aggregation message may name (gridfl.secagg.messages.STAGES)
+SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+
+
+@dataclass(frozen=True)
+class SecAggRequest:
+    """``model-centric/secure-aggregation`` (gridfl extension): a worker's message for one
+    stage of secure aggregation in the cycle it was accepted into, or, with ``message``
+    null, its request for what the node has for it at that stage.
+
+    >>> parse_secagg(SecAggRequest("w1", "k", "unmask").to_json()).stage
+    'unmask'
+    """
+
+    worker_id: str
+    request_key: str
+    stage: str = field(metadata={"enum": list(SECAGG_STAGES)})
+    message: dict[str, Any] | None = field(
+        default=None,
+        metadata={"description": "the stage's message (gridfl.secagg.messages); null: poll"},
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "request_key": self.request_key,
+            "stage": self.stage,
+            "message": self.message,
+        }
+
+
+def parse_secagg(data: Any) -> SecAggRequest:
+    data = _obj(data, "secure-aggregation")
+    stage = data.get("stage")
+    if stage not in SECAGG_STAGES:
+        raise InvalidRequestError(f"'stage' must be one of {', '.join(SECAGG_STAGES)}")
+    message = data.get("message")
+    if message is not None and not isinstance(message, dict):
+        raise InvalidRequestError("'message' must be an object or null")
+    return SecAggRequest(_str(data, "worker_id"), _str(data, "request_key"), stage, message)
 
 
 def parse_report(data: Any) -> ReportRequest:

@@ -94,7 +94,9 @@ class TestStartFlow:
         auth, cycle, model, plan = script.ops
         assert auth == Call("model-centric/authenticate",
                             {"model_name": "m", "model_version": "1.0", "auth_token": "tok"})
-        assert cycle.data == {"worker_id": "w1", "model": "m", "version": "1.0"}
+        assert cycle.data == {
+            "worker_id": "w1", "model": "m", "version": "1.0", "protocols": ["secure_aggregation"]
+        }
         assert not cycle.idempotent
         assert model == Fetch("model-centric/get-model",
                               {"worker_id": "w1", "request_key": "k" * 64, "model_id": 7})

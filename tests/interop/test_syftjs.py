@@ -366,3 +366,18 @@ def test_cors_preflight_for_browser_syftjs(grid, path, method, headers):
     # and the actual (simple) responses carry the header too
     r = httpx.get(grid.http_url + "/health", headers={"Origin": "https://app.example"})
     assert r.headers["access-control-allow-origin"] == "*"
+
+
+def test_rejected_from_a_secure_aggregation_process(grid, syftjs, mnist, transport):
+    """syft.js 0.1.4 runs no protocols: a process hosted with secure aggregation rejects
+    it at once with no timeout (it stops instead of retrying or hanging), and the reason
+    says why; it still trains on a process without it (the tests above)."""
+    name = mnist.host_on(
+        grid, {"max_workers": 5, "secure_aggregation": {"threshold": 3}}, variants=("tfjs",)
+    )
+    run = syftjs.run(grid.url_for(transport), name, train=False)
+    assert run.names() == ["rejected"], run
+    assert run.one("rejected")["timeout"] == "<undefined>"
+    if transport == "ws":  # syft.js logs the socket's replies; the HTTP one is not shown
+        assert "secure_aggregation" in run.log() and "train it with the gridfl" in run.log()
+    assert grid.status(name)["current"]["accepted"] == 0

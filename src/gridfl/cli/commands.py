@@ -105,6 +105,8 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
               default=Path("results"), show_default=True)
 @click.option("--no-live-eval", is_flag=True,
               help="Evaluate checkpoints after training instead of during it.")
+@click.option("--secure-aggregation", is_flag=True,
+              help="Host with secure aggregation: the node learns only each cycle's sum.")
 @click.option("--strategy", default="fedavg", show_default=True,
               help="server_config.strategy name: fedavg, fedavgm, fedadagrad, fedadam, fedyogi, "
               "fedmedian, fedtrimmedavg, krum, multikrum or bulyan (docs/configs.md).")
@@ -138,6 +140,7 @@ def demo(**kw: Any) -> None:
         target=kw["target"], iid=not kw["non_iid"], seed=kw["seed"], workers=kw["workers"],
         parallel=kw["parallel"], examples_per_client=kw["examples_per_client"],
         evaluate=not kw["no_live_eval"], compression=kw["compression"],
+        secure_aggregation=kw["secure_aggregation"],
         data_dir=kw["data_dir"], out_dir=kw["out_dir"], strategy=kw["strategy"],
         server_lr=kw["server_lr"], byzantine=kw["byzantine"], attack=kw["attack"],
         dp_noise=kw["dp_noise"], dp_clip=kw["dp_clip"], dp_adaptive=kw["dp_adaptive"],

@@ -152,12 +152,19 @@ class MeasureSpeed:
 
 
 @dataclass(frozen=True)
+class Sleep:
+    """Wait ``seconds`` (a flow polling the node, such as secure aggregation's stages)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class BinaryReports:
     """Whether a report would go as a binary frame (a WebSocket on which the node
     selected ``gridfl.binary.2``): the only way a compressed report travels. A bool."""
 
 
-Operation = Call | Fetch | MeasureSpeed | BinaryReports
+Operation = Call | Fetch | MeasureSpeed | Sleep | BinaryReports
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,11 @@ class Rejected:
 
 
 Flow = Generator[Operation, Any, Any]
+
+#: the protocol this SDK runs (gridfl.secagg.NAME), named in every cycle request so that
+#: a node hosting it accepts this worker
+SECURE_AGGREGATION = "secure_aggregation"
+SUPPORTED_PROTOCOLS = (SECURE_AGGREGATION,)
 
 
 def drive_sync(flow: Flow, perform: Callable[[Operation], Any]) -> Any:
@@ -408,6 +420,7 @@ class BaseJob:
             download=c.speed.get("download"),
             upload=c.speed.get("upload"),
             wait=max(0.0, wait),
+            protocols=list(SUPPORTED_PROTOCOLS),
         )
         call = Call(replies.CYCLE_REQUEST, request.to_json(), idempotent=False, extra_timeout=wait)
         reply = _messages.parse_cycle_response((yield call))
@@ -477,6 +490,14 @@ class BaseJob:
                 raise ConfigError(f"num_samples must be a non-negative int, got {num_samples!r}")
             num_samples = int(num_samples)
         diff = privatize_report(diff, self.client_config)
+        if SECURE_AGGREGATION in self.protocols:
+            from gridfl import state
+            from gridfl.client._secagg import secure_report_flow
+
+            arrays = state.loads(bytes(diff))
+            reply = yield from secure_report_flow(self, arrays, num_samples)
+            self.state = JobState.REPORTED
+            return reply
         payload, kind, commit = bytes(diff), None, None
         setting = self._cycle.compression
         # compressed only where the node asked for it and the report goes as a binary frame

@@ -486,7 +486,7 @@ class Network:
         self.speed_test = speed_test
 
     async def perform(self, op: Any) -> Any:
-        from gridfl.client._base import BinaryReports, Call, Fetch, MeasureSpeed
+        from gridfl.client._base import BinaryReports, Call, Fetch, MeasureSpeed, Sleep
         from gridfl.client.speedtest import measure_speed
 
         if isinstance(op, Call):
@@ -505,6 +505,9 @@ class Network:
         if isinstance(op, MeasureSpeed):
             result = await measure_speed(self.http.client, op.worker_id, limits=self.speed_test)
             return result.as_request()
+        if isinstance(op, Sleep):
+            await asyncio.sleep(op.seconds)
+            return None
         raise TypeError(f"unknown operation {op!r}")  # pragma: no cover
 
     async def aclose(self) -> None:

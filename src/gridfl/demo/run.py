@@ -76,6 +76,7 @@ class DemoOptions:
     buffer_size: int = 10  # async: reports per published checkpoint (FedBuff's K)
     slow_workers: int = 0  # worker processes that are `slowdown` times slower
     slowdown: float = 5.0  # how much slower: they sleep (slowdown - 1) x their training time
+    secure_aggregation: bool = False  # the node learns only each cycle's sum
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
     out_dir: Path = field(default_factory=lambda: Path("results"))
 
@@ -93,6 +94,7 @@ class DemoOptions:
             raise ConfigError(f"workers ({self.workers}) cannot exceed clients ({self.clients})")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        self.secure_aggregation_config()
         if self.compression is not None and self.compression not in KINDS:
             raise ConfigError(
                 f"compression must be one of {', '.join(KINDS)} (or None), "
@@ -153,6 +155,17 @@ class DemoOptions:
         """``server_config.compression`` for :attr:`compression` (top-k: its default 10%)."""
         return None if self.compression is None else validate_config({"kind": self.compression})
 
+    def secure_aggregation_config(self) -> dict | None:
+        """``server_config.secure_aggregation`` for :attr:`secure_aggregation`: every worker
+        of a cycle shares with every other, and a bare majority must survive."""
+        if not self.secure_aggregation:
+            return None
+        if self.asynchronous or self.per_cycle < 2:
+            raise ConfigError(
+                "secure aggregation needs cycles (not --async) of at least 2 workers (C * K)"
+            )
+        return {"threshold": self.per_cycle // 2 + 1}
+
     def server_config(self) -> dict:
         """The process's ``server_config``: cycles of ``per_cycle`` workers, or (async)
         FedBuff buffers of ``buffer_size`` reports; ``cycles`` checkpoints either way."""
@@ -166,6 +179,7 @@ class DemoOptions:
                 "strategy": self.strategy_config(),
                 "differential_privacy": self.differential_privacy(),
                 "compression": self.compression_config,
+                "secure_aggregation": self.secure_aggregation_config(),
             }
         cfg = {
             "mode": "async",

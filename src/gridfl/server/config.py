@@ -42,6 +42,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     # "sync" (cycles) or "async" (FedBuff buffers); gridfl.server.fedbuff validates these
     "mode": "sync",
     **{key: None for key in fedbuff.ASYNC_DEFAULTS},
+    "secure_aggregation": None,
 }
 
 #: pace steering's default selection window: how long a cycle should take to fill, seconds
@@ -226,6 +227,7 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
             "server_config.compression is not available with mode 'async' yet: "
             "remove one of them"
         )
+    out["secure_aggregation"] = validate_secure_aggregation(out)
     return out
 
 
@@ -243,6 +245,37 @@ def validate_pace_steering(value: Any) -> dict[str, float] | None:
     out = {key: value.get("window", PACE_WINDOW)}
     _num(out, key, minimum=1.0, nullable=False, maximum=MAX_CYCLE_LENGTH)
     return {"window": float(out[key])}
+
+
+def validate_secure_aggregation(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """``server_config.secure_aggregation`` normalized (docs/secure-aggregation.md), or
+    None; refused with what needs each diff or its own pipeline (per-diff rules, async
+    mode, compression, differential privacy)."""
+    if cfg["secure_aggregation"] is None:
+        return None
+    from dataclasses import asdict
+
+    from gridfl.secagg import SecAggParams
+    from gridfl.server import strategies
+
+    if cfg.get("mode") == "async" or cfg.get("compression") is not None:
+        raise ConfigError(
+            "server_config.secure_aggregation runs in cycles (mode 'sync') and masks its own "
+            "quantized diffs: remove mode 'async' or compression"
+        )
+    if cfg["iterative_plan"] or strategies.strategy_for(cfg.get("strategy")).needs_every_diff:
+        raise ConfigError(
+            "server_config.secure_aggregation cannot be combined with iterative_plan or a "
+            "strategy that needs every diff: the node sees only the sum of the diffs"
+        )
+    if cfg.get("differential_privacy") is not None:
+        raise ConfigError(
+            "server_config.secure_aggregation is not combined with differential_privacy yet "
+            "(the accountant's completion path has not been checked against masked sums): "
+            "remove one of them"
+        )
+    params = SecAggParams.from_config(cfg["secure_aggregation"], max_workers=worker_capacity(cfg))
+    return asdict(params)
 
 
 def worker_capacity(cfg: dict[str, Any]) -> int | None:

@@ -170,7 +170,24 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
         {"name": _messages.check_text(n, "a protocol name"), "data": _b64(v, f"protocols.{n}")}
         for n, v in raw_protocols.items()
     ]
+    protocol_rows += secure_aggregation_rows(server_config, raw_protocols)
     return HostRequest(client_config, server_config, model_bytes, spec, plan_rows, protocol_rows)
+
+
+def secure_aggregation_rows(server_config: dict, raw_protocols: dict) -> list[dict]:
+    """The secure-aggregation descriptor as a protocol row, served by ``get-protocol`` so
+    that workers know what to run (``job.protocols``)."""
+    from gridfl import secagg
+
+    if secagg.NAME in raw_protocols:
+        raise InvalidRequestError(
+            f"protocols.{secagg.NAME}: the name is reserved; configure it in "
+            "server_config.secure_aggregation"
+        )
+    cfg = server_config.get("secure_aggregation")
+    if cfg is None:
+        return []
+    return [{"name": secagg.NAME, "data": secagg.SecAggParams(**cfg).descriptor_bytes()}]
 
 
 def check_plan_params(name: str, plan, spec: agg.ModelSpec) -> None:

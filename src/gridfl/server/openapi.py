@@ -165,6 +165,8 @@ PATHS: dict[str, Any] = {
         409,
         413,
     ),
+    "/model-centric/secure-aggregation": _post("one stage of secure aggregation, or a poll",
+        "SecAggRequest", _json({"type": "object"}, "the node's reply"), 400, 401, 409, 413),
     "/model-centric/get-model": _asset("download the cycle's model (State bytes)", "model_id"),
     "/model-centric/get-plan": _asset(
         "download a plan variant",

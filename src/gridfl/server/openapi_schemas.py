@@ -77,6 +77,7 @@ _MESSAGES = (
     _messages.CycleRejected,
     _messages.ReportRequest,
     _messages.ReportResponse,
+    _messages.SecAggRequest,
 )
 
 SCHEMAS: dict[str, Any] = {

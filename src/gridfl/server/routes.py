@@ -330,6 +330,11 @@ def routes() -> list[BaseRoute]:
         Route(f"{mc}/authenticate", _worker_post(_messages.AUTHENTICATE), methods=["POST"]),
         Route(f"{mc}/cycle-request", _worker_post(_messages.CYCLE_REQUEST), methods=["POST"]),
         Route(f"{mc}/report", _worker_post(_messages.REPORT), methods=["POST"]),
+        Route(
+            f"/{_messages.SECURE_AGGREGATION}",
+            _worker_post(_messages.SECURE_AGGREGATION),
+            methods=["POST"],
+        ),
         *[Route(f"/{kind}", _asset_get(kind), methods=["GET"]) for kind in ASSETS],
         Route(f"{mc}/speed-test", speed_test, methods=["GET", "POST"]),
         Route(f"{mc}/retrieve-model", retrieve_model, methods=["GET"]),

@@ -3,7 +3,7 @@
 server_config keys are the ones validated by :mod:`gridfl.server.config`.
 
 * :func:`missing_speed_field` and :func:`admit`: whether a cycle request is accepted, or
-  why not;
+  why not; :func:`missing_protocol`: a worker that cannot run the process's protocol;
 * :func:`full_cycle_reason`: the read-only fast path's rejection of a full cycle;
 * :func:`ready` (and :func:`enough_reports`): whether a cycle completes now;
 * :func:`cycle_deadline` and :func:`retry_timeout`: a cycle's deadline, and the
@@ -28,6 +28,7 @@ __all__ = [
     "cycle_deadline",
     "enough_reports",
     "full_cycle_reason",
+    "missing_protocol",
     "missing_speed_field",
     "paced_timeout",
     "ready",
@@ -63,6 +64,23 @@ def missing_speed_field(
         return None
     values = {"ping": ping, "download": download, "upload": upload}
     return next((key for key in SPEED_FIELDS if values[key] is None), None)
+
+
+def missing_protocol(cfg: dict[str, Any], protocols: list[str] | None) -> str | None:
+    """The rejection reason for a worker that does not run the process's secure
+    aggregation (syft.js runs no protocol), else None.
+
+    >>> missing_protocol({"secure_aggregation": {"threshold": 2}}, None)[:40]
+    'this FL process runs secure_aggregation,'
+    >>> missing_protocol({"secure_aggregation": None}, None) is None
+    True
+    """
+    if cfg.get("secure_aggregation") is None or "secure_aggregation" in (protocols or ()):
+        return None
+    return (
+        "this FL process runs secure_aggregation, which this worker does not implement "
+        "(syft.js runs no protocols); train it with the gridfl worker SDK"
+    )
 
 
 def admit(

@@ -4,6 +4,7 @@ handler takes parsed input and returns a JSON-able ``dict`` (or bytes), raising
 :mod:`gridfl._exceptions` errors.
 
 * :mod:`~gridfl.server.worker_api`: the worker API (inherited by GridNode);
+* :mod:`~gridfl.server.secagg`: the stages of secure aggregation (inherited too);
 * :mod:`~gridfl.server.rules`: admission and completion rules, pure;
 * :mod:`~gridfl.server.hosting`: host validation and the host transaction;
 * :mod:`~gridfl.server.cycles`: folding, completing, expiring and closing cycles;
@@ -30,6 +31,7 @@ from gridfl.server import admin, db, hosting, storage
 from gridfl.server.catalog import Catalog
 from gridfl.server.cycles import CYCLE_CHANNEL, Cycles
 from gridfl.server.pacing import CheckInRate
+from gridfl.server.secagg import SecAggApi
 from gridfl.server.settings import Settings
 from gridfl.server.worker_api import WorkerApi
 
@@ -38,7 +40,7 @@ __all__ = ["CYCLE_CHANNEL", "GridNode"]
 log = logging.getLogger("gridfl.server")
 
 
-class GridNode(WorkerApi):
+class GridNode(WorkerApi, SecAggApi):
     """One grid node process's view of the database; thread-safe."""
 
     def __init__(self, settings: Settings | None = None, *, migrate: bool = True):

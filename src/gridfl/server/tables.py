@@ -215,3 +215,19 @@ privacy_cycles = sa.Table(
     sa.Column("next_clip_norm", sa.Float, nullable=True),
     sa.Index("ix_privacy_cycles_steps", "process_id", "steps"),
 )
+
+#: a secure-aggregation cycle's protocol state (gridfl.secagg.node.NodeSession.to_state):
+#: public keys, sealed shares, who sent what, and the masked running sum; never a diff
+secagg_rounds = sa.Table(
+    "secagg_rounds",
+    metadata,
+    sa.Column(
+        "cycle_id", sa.Integer, sa.ForeignKey("cycles.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("stage", sa.String(32), nullable=False),
+    # when the current stage opened; when the first worker advertised its keys
+    sa.Column("stage_at", sa.Float, nullable=False),
+    sa.Column("first_at", sa.Float, nullable=False),
+    sa.Column("state", sa.JSON, nullable=False),
+    sa.Column("total", Blob, nullable=False),
+)

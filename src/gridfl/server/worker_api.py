@@ -36,6 +36,23 @@ from gridfl.server.pacing import CheckInRate
 from gridfl.server.settings import Settings
 
 
+def find_seat(conn: Connection, worker_id: str, request_key: str):
+    """The worker's seat (and its cycle) that ``request_key`` names, compared in constant
+    time; an unknown worker or key is refused as PyGrid does."""
+    rows = conn.execute(storage.worker_seats, {"worker_id": worker_id}).all()
+    if not rows:
+        if storage.worker_exists(conn, worker_id):
+            raise _invalid_key()
+        raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
+    match = None
+    for r in rows:
+        if hmac.compare_digest(r.request_key.encode(), request_key.encode()):
+            match = r
+    if match is None:
+        raise _invalid_key()
+    return match
+
+
 def _not_found_400(message: str) -> NotFoundError:
     """PyGrid answers these lookups with 400 and syft.js's tests expect it."""
     err = NotFoundError(message)
@@ -154,6 +171,9 @@ class WorkerApi:
                 f"'{process.version}'; authenticate for '{req.model}' first"
             )
         cfg = process.server_config
+        unsupported = rules.missing_protocol(cfg, req.protocols)
+        if unsupported is not None:  # no timeout: retrying cannot help this worker
+            return _messages.CycleRejected(None, unsupported).to_json()
         missing = rules.missing_speed_field(cfg, req.ping, req.download, req.upload)
         if missing is not None:
             raise InvalidRequestError(f"'{missing}' is required")
@@ -224,6 +244,9 @@ class WorkerApi:
             req.version is not None and req.version != process.version
         ):
             return None
+        unsupported = rules.missing_protocol(process.server_config, req.protocols)
+        if unsupported is not None:
+            return _messages.CycleRejected(None, unsupported).to_json()
         reason = rules.full_cycle_reason(
             process.server_config, accepted=row.accepted, taken=row.taken is not None
         )
@@ -371,6 +394,12 @@ class WorkerApi:
                 if seat.reported_at is not None:
                     raise ConflictError(f"this worker already reported for cycle {cycle.sequence}")
                 process = self.catalog.process(conn, cycle.process_id)
+                if process.server_config.get("secure_aggregation") is not None:
+                    raise InvalidRequestError(
+                        "this FL process runs secure aggregation: a diff is never sent in the "
+                        f"clear; send it through {_messages.SECURE_AGGREGATION} (the gridfl "
+                        "worker SDK does this in job.report)"
+                    )
                 sums = self.cycles.load_sums(conn, cycle_id, spec)
                 self.catalog.strategy(conn, process.id).fold(sums, diff, req.num_samples)
                 self.cycles.store_sums(conn, cycle_id, sums)

@@ -1,0 +1,72 @@
+"""The worker's run of secure aggregation inside ``job.report`` (pure flow, no I/O).
+
+When the accepted cycle's process carries the ``secure_aggregation`` protocol, the report
+is not sent: the diff goes through the four stages of :mod:`gridfl.secagg` instead,
+quantized, weighted by ``num_samples`` and masked, so that the node learns only the sum.
+User code is the same as without it; metrics are not sent (they would travel in the clear).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+
+from gridfl import _messages
+from gridfl._exceptions import AggregationAbortedError, GridError
+from gridfl.secagg import NAME, SecAggParams, WorkerSession
+from gridfl.secagg import messages as m
+
+logger = logging.getLogger("gridfl.client")
+
+#: longest pause between two polls, whatever the node says
+MAX_RETRY_AFTER = 5.0
+
+
+def secure_report_flow(
+    job: Any, diff: list[np.ndarray], num_samples: int | None
+) -> Generator[Any, Any, dict[str, Any]]:
+    """Run the four stages for ``job``'s accepted cycle; returns the node's last reply."""
+    from gridfl.client._base import Call, Sleep
+
+    params = SecAggParams.from_descriptor(job.protocols[NAME])
+    me, key = str(job.worker_id), str(job.request_key)
+    worker = WorkerSession(params, me)
+
+    def stage(name: str, message: dict | None = None) -> Generator[Any, Any, dict[str, Any]]:
+        body = _messages.SecAggRequest(me, key, name, message).to_json()
+        while True:
+            reply = yield Call(_messages.SECURE_AGGREGATION, body, idempotent=message is None)
+            if isinstance(reply, dict) and reply.get("status") == "aborted":
+                raise AggregationAbortedError(str(reply.get("reason")))
+            if not isinstance(reply, dict) or not isinstance(reply.get("session"), str):
+                raise GridError(f"secure-aggregation: malformed reply from the node: {reply!r}")
+            worker.bind(reply["session"].encode())
+            if message is not None or reply.get("status") != "waiting":
+                return reply
+            pause = reply.get("retry_after")
+            if (
+                not isinstance(pause, (int, float))
+                or isinstance(pause, bool)
+                or not math.isfinite(pause)
+            ):
+                pause = 1.0
+            yield Sleep(min(max(float(pause), 0.0), MAX_RETRY_AFTER))
+
+    def node_message(reply: dict[str, Any]) -> Any:
+        if reply.get("status") != "ready" or not isinstance(reply.get("message"), dict):
+            raise GridError(f"secure-aggregation: expected the node's message, got {reply!r}")
+        return reply["message"]
+
+    yield from stage(m.ADVERTISE, worker.advertise().to_json())
+    roster = m.Roster.from_json(node_message((yield from stage(m.SHARE))))
+    yield from stage(m.SHARE, worker.share_keys(roster).to_json())
+    shares = m.EncryptedShares.from_json(node_message((yield from stage(m.MASKED))))
+    yield from stage(m.MASKED, worker.masked_input(shares, diff, num_samples).to_json())
+    request = m.UnmaskRequest.from_json(node_message((yield from stage(m.UNMASK))))
+    reply = yield from stage(m.UNMASK, worker.unmask(request).to_json())
+    logger.info("%s: secure aggregation done", job.model_name)
+    return reply

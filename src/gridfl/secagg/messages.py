@@ -1,0 +1,204 @@
+"""The stage messages of secure aggregation, typed once for node and worker.
+
+Each has ``to_json()`` (a JSON object; bytes as base64) and ``from_json()``, which refuses
+a malformed message with :class:`~gridfl.ProtocolError` naming the field.
+
+    >>> m = AdvertiseKeys(cipher_key=b"c" * 32, mask_key=b"m" * 32)
+    >>> AdvertiseKeys.from_json(m.to_json()) == m
+    True
+"""
+
+from __future__ import annotations
+
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gridfl import _messages
+from gridfl._exceptions import ProtocolError
+from gridfl.secagg import crypto, shamir
+
+#: the four stages, in order; a message names its stage and the receiver checks it
+ADVERTISE, SHARE, MASKED, UNMASK = "advertise_keys", "share_keys", "masked_input", "unmask"
+STAGES = (ADVERTISE, SHARE, MASKED, UNMASK)
+
+#: one encrypted share: nonce, x (4 bytes), two share values, GCM tag
+SEALED_SHARE_BYTES = crypto.NONCE_BYTES + 4 + 2 * shamir.SHARE_BYTES + 16
+MAX_ID = 255
+
+
+def _bytes(data: dict, key: str, size: int | None = None) -> bytes:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{key}: expected base64 text")
+    try:
+        raw = _messages.b64decode(value)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"{key}: not valid base64") from None
+    if size is not None and len(raw) != size:
+        raise ProtocolError(f"{key}: expected {size} bytes, got {len(raw)}")
+    return raw
+
+
+def _b64(raw: bytes) -> str:
+    return _messages.b64encode(raw)
+
+
+def _ids(value: Any, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and 0 < len(v) <= MAX_ID for v in value
+    ):
+        raise ProtocolError(f"{key}: expected a list of worker ids")
+    if len(set(value)) != len(value):
+        raise ProtocolError(f"{key}: lists a worker twice")
+    return value
+
+
+def _id_map(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(0 < len(k) <= MAX_ID for k in value):
+        raise ProtocolError(f"{key}: expected an object keyed by worker id")
+    return value
+
+
+def _obj(data: Any) -> dict:
+    if not isinstance(data, dict):
+        raise ProtocolError("a secure-aggregation message is a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    """Stage 1, worker -> node: the worker's two X25519 public keys for this cycle
+    (``cipher_key`` to encrypt shares to it, ``mask_key`` for pairwise masks)."""
+
+    cipher_key: bytes
+    mask_key: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cipher_key": _b64(self.cipher_key), "mask_key": _b64(self.mask_key)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> AdvertiseKeys:
+        d = _obj(data)
+        return cls(
+            crypto.check_public(_bytes(d, "cipher_key"), "cipher_key"),
+            crypto.check_public(_bytes(d, "mask_key"), "mask_key"),
+        )
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Stage 2, node -> worker: its neighbours' public keys ``id -> (cipher, mask)``."""
+
+    neighbours: dict[str, tuple[bytes, bytes]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "neighbours": {k: [_b64(c), _b64(m)] for k, (c, m) in sorted(self.neighbours.items())}
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Roster:
+        raw = _id_map(_obj(data).get("neighbours"), "neighbours")
+        out = {}
+        for wid, pair in raw.items():
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ProtocolError(f"neighbours.{wid}: expected [cipher_key, mask_key]")
+            where = f"neighbours.{wid}"
+            out[wid] = (
+                crypto.check_public(_bytes({where: pair[0]}, where), where),
+                crypto.check_public(_bytes({where: pair[1]}, where), where),
+            )
+        return cls(out)
+
+
+@dataclass(frozen=True)
+class EncryptedShares:
+    """Stage 2, worker -> node: ``recipient -> sealed share`` (ShareKeys); stage 3, node ->
+    worker: ``sender -> sealed share``, the ones addressed to it. The node cannot open them."""
+
+    shares: dict[str, bytes]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shares": {k: _b64(v) for k, v in sorted(self.shares.items())}}
+
+    @classmethod
+    def from_json(cls, data: Any) -> EncryptedShares:
+        raw = _id_map(_obj(data).get("shares"), "shares")
+        return cls({k: _bytes(raw, k, SEALED_SHARE_BYTES) for k in raw})
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    """Stage 3, worker -> node: the masked input vector mod 2**b (uint64)."""
+
+    vector: np.ndarray
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vector": _b64(self.vector.astype("<u8").tobytes())}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MaskedInput) and np.array_equal(self.vector, other.vector)
+
+    @classmethod
+    def from_json(cls, data: Any, length: int, bits: int) -> MaskedInput:
+        raw = _bytes(_obj(data), "vector", 8 * length)
+        vec = np.frombuffer(raw, "<u8").astype(np.uint64)
+        if bits < 64 and vec.size and int(vec.max()) >> bits:
+            raise ProtocolError(f"vector: a value is not below 2^{bits}")
+        return cls(vec)
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Stage 4, node -> worker: which of its neighbours survived (their self-mask seeds
+    are wanted) and which dropped after sharing (their mask keys are wanted)."""
+
+    survivors: list[str]
+    dropped: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"survivors": sorted(self.survivors), "dropped": sorted(self.dropped)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> UnmaskRequest:
+        d = _obj(data)
+        return cls(_ids(d.get("survivors"), "survivors"), _ids(d.get("dropped"), "dropped"))
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    """Stage 4, worker -> node: ``id -> (x, y)`` shares of survivors' self-mask seeds and
+    of dropped workers' mask keys."""
+
+    seed_shares: dict[str, shamir.Share]
+    key_shares: dict[str, shamir.Share]
+
+    def to_json(self) -> dict[str, Any]:
+        def enc(m):
+            return {k: [x, _b64(shamir.encode_y(y))] for k, (x, y) in sorted(m.items())}
+
+        return {"seed_shares": enc(self.seed_shares), "key_shares": enc(self.key_shares)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> UnmaskShares:
+        d = _obj(data)
+
+        def dec(key: str) -> dict[str, shamir.Share]:
+            out = {}
+            for wid, pair in _id_map(d.get(key), key).items():
+                if (
+                    not isinstance(pair, list)
+                    or len(pair) != 2
+                    or isinstance(pair[0], bool)
+                    or not isinstance(pair[0], int)
+                    or not 0 < pair[0] < 1 << 31
+                ):
+                    raise ProtocolError(f"{key}.{wid}: expected [index, base64 share]")
+                y = shamir.decode_y(_bytes({"y": pair[1]}, "y", shamir.SHARE_BYTES))
+                out[wid] = (pair[0], y)
+            return out
+
+        return cls(dec("seed_shares"), dec("key_shares"))

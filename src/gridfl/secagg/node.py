@@ -1,0 +1,263 @@
+"""The node's side of one secure-aggregation cycle: collect each stage, route the sealed
+shares, fold the masked inputs into a running sum, and unmask the sum. No I/O.
+
+The node learns public keys, sealed shares it cannot open, masked vectors (uniformly
+random mod 2**b on their own) and, at the end, the sum of the survivors' inputs. Workers
+that drop out at any stage are tolerated while every reconstruction still has
+``threshold`` shares and at least ``min_survivors`` inputs are summed; otherwise
+:meth:`NodeSession.close_stage` raises :class:`~gridfl.AggregationAbortedError` and nothing
+is revealed.
+
+Stages: ``add_keys`` ... ``close_stage()`` -> rosters; ``add_shares`` ...
+``close_stage()`` -> shares to forward; ``add_masked`` ... ``close_stage()`` -> unmask
+requests; ``add_unmask`` ... ``close_stage()`` -> the signed sum (see
+:mod:`gridfl.secagg.quantize`).
+
+    >>> from gridfl.secagg.params import SecAggParams
+    >>> p = SecAggParams.from_config({"threshold": 2}, max_workers=3)
+    >>> node = NodeSession(p, b"process 1 cycle 1", length=4)
+    >>> node.stage
+    'advertise_keys'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+import numpy as np
+
+from gridfl import _messages
+from gridfl._exceptions import (
+    AggregationAbortedError,
+    ConflictError,
+    InvalidRequestError,
+    ProtocolError,
+)
+from gridfl.secagg import crypto, shamir
+from gridfl.secagg.graph import neighbour_graph
+from gridfl.secagg.messages import (
+    ADVERTISE,
+    MASKED,
+    SHARE,
+    STAGES,
+    UNMASK,
+    AdvertiseKeys,
+    EncryptedShares,
+    MaskedInput,
+    Roster,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from gridfl.secagg.params import SecAggParams
+from gridfl.secagg.quantize import to_signed
+from gridfl.secagg.worker import mask_sign
+
+DONE = "done"
+
+
+class NodeSession:
+    """One cycle's protocol state on the node (``length`` = model values + 1 weight)."""
+
+    def __init__(self, params: SecAggParams, session: bytes, length: int) -> None:
+        self.params = params
+        self.session = session
+        self.length = length
+        self.stage = ADVERTISE
+        self.keys: dict[str, AdvertiseKeys] = {}
+        self.graph: dict[str, frozenset[str]] = {}
+        self.shared: dict[str, dict[str, bytes]] = {}  # sender -> recipient -> sealed
+        self.total = np.zeros(length, np.uint64)
+        self.masked: set[str] = set()
+        self.answers: dict[str, UnmaskShares] = {}
+        self.requests: dict[str, UnmaskRequest] = {}
+        #: the signed sum of the survivors' inputs, once the last stage closed
+        self.result: np.ndarray | None = None
+
+    # ---------------------------------------------------------------- submissions
+    def _expect(self, stage: str, worker_id: str, allowed: Any, seen: Any) -> None:
+        if self.stage != stage:
+            raise InvalidRequestError(
+                f"secure aggregation is at stage {self.stage!r}; a {stage!r} message is "
+                "late, early or replayed"
+            )
+        if worker_id not in allowed:
+            raise InvalidRequestError(
+                f"worker is not part of stage {stage!r} of this cycle (dropped earlier or "
+                "never joined)"
+            )
+        if worker_id in seen:
+            raise ConflictError(f"worker already sent its {stage!r} message")
+
+    def add_keys(self, worker_id: str, msg: AdvertiseKeys) -> None:
+        self._expect(ADVERTISE, worker_id, (worker_id,), self.keys)
+        used = {k for m in self.keys.values() for k in (m.cipher_key, m.mask_key)}
+        if {msg.cipher_key, msg.mask_key} & used or msg.cipher_key == msg.mask_key:
+            raise InvalidRequestError("public keys already advertised in this cycle")
+        self.keys[worker_id] = msg
+
+    def add_shares(self, worker_id: str, msg: EncryptedShares) -> None:
+        self._expect(SHARE, worker_id, self.graph, self.shared)
+        if set(msg.shares) != self.graph[worker_id]:
+            raise InvalidRequestError(
+                "shares must be addressed to exactly the worker's neighbours in its roster"
+            )
+        self.shared[worker_id] = dict(msg.shares)
+
+    def add_masked(self, worker_id: str, msg: MaskedInput) -> None:
+        """Fold one masked input into the running sum (O(model) memory)."""
+        self._expect(MASKED, worker_id, self.shared, self.masked)
+        if msg.vector.shape != (self.length,):
+            raise InvalidRequestError(f"masked vector must have {self.length} values")
+        self.total += msg.vector  # uint64 wraps mod 2**64; reduced mod 2**b at the end
+        self.masked.add(worker_id)
+
+    def add_unmask(self, worker_id: str, msg: UnmaskShares) -> None:
+        self._expect(UNMASK, worker_id, self.requests, self.answers)
+        req = self.requests[worker_id]
+        if set(msg.seed_shares) != set(req.survivors) or set(msg.key_shares) != set(req.dropped):
+            raise InvalidRequestError("unmask answer must cover exactly the workers asked for")
+        self.answers[worker_id] = msg
+
+    # ---------------------------------------------------------------- stage ends
+    def close_stage(self) -> Any:
+        """End the current stage (all expected messages in, or its timeout) and return
+        what goes to each worker next; raises AggregationAbortedError when too few remain."""
+        stage = self.stage
+        closing: Callable[[], Any] = {
+            ADVERTISE: self._close_advertise,
+            SHARE: self._close_share,
+            MASKED: self._close_masked,
+            UNMASK: self._close_unmask,
+        }[stage]
+        result = closing()
+        if stage == UNMASK:
+            self.result = result
+        self.stage = STAGES[STAGES.index(stage) + 1] if stage != UNMASK else DONE
+        return result
+
+    def _need(self, count: int, what: str) -> None:
+        need = max(self.params.min_survivors, self.params.threshold)
+        if count < need:
+            self.stage = DONE
+            raise AggregationAbortedError(
+                f"secure aggregation aborted: {count} workers {what}; it needs {need}"
+            )
+
+    def _close_advertise(self) -> dict[str, Roster]:
+        self._need(len(self.keys), "advertised keys")
+        ids = sorted(self.keys)
+        self.graph = neighbour_graph(ids, self.params.degree(len(ids)))
+        return {u: self.roster_for(u) for u in ids}
+
+    def _close_share(self) -> dict[str, EncryptedShares]:
+        self._need(len(self.shared), "shared keys")
+        return {u: self.shares_for(u) for u in self.shared}
+
+    def _close_masked(self) -> dict[str, UnmaskRequest]:
+        self._need(len(self.masked), "sent masked inputs")
+        for u in self.masked:
+            near = self.graph[u] & set(self.shared)
+            self.requests[u] = UnmaskRequest(
+                survivors=sorted((near & self.masked) | {u}), dropped=sorted(near - self.masked)
+            )
+        return dict(self.requests)
+
+    # ---------------------------------------------------------------- what each worker gets
+    def roster_for(self, u: str) -> Roster:
+        """Stage 2's message to ``u``: its neighbours' public keys."""
+        return Roster({v: (self.keys[v].cipher_key, self.keys[v].mask_key) for v in self.graph[u]})
+
+    def shares_for(self, u: str) -> EncryptedShares:
+        """Stage 3's message to ``u``: the sealed shares its neighbours addressed to it."""
+        return EncryptedShares({v: self.shared[v][u] for v in self.graph[u] if v in self.shared})
+
+    def participants(self, stage: str) -> Collection[str]:
+        """Who is expected to send a message at ``stage`` (the previous stage's senders)."""
+        expected: dict[str, Collection[str]] = {
+            ADVERTISE: self.keys,
+            SHARE: self.graph,
+            MASKED: self.shared,
+            UNMASK: self.requests,
+        }
+        return expected[stage]
+
+    def received(self, stage: str) -> int:
+        """How many workers sent their message at ``stage``."""
+        sent: dict[str, Collection[str]] = {
+            ADVERTISE: self.keys,
+            SHARE: self.shared,
+            MASKED: self.masked,
+            UNMASK: self.answers,
+        }
+        return len(sent[stage])
+
+    # ---------------------------------------------------------------- persistence
+    def to_state(self) -> tuple[dict[str, Any], bytes]:
+        """``(JSON-able state, running sum bytes)``: what the database keeps between
+        messages, so that any server process can take the next one. Only public keys,
+        sealed shares, who sent what, and the masked running sum."""
+        b64 = _messages.b64encode
+        return {
+            "stage": self.stage,
+            "keys": {u: m.to_json() for u, m in self.keys.items()},
+            "graph": {u: sorted(v) for u, v in self.graph.items()},
+            "shared": {u: {v: b64(c) for v, c in m.items()} for u, m in self.shared.items()},
+            "masked": sorted(self.masked),
+            "requests": {u: r.to_json() for u, r in self.requests.items()},
+            "answers": {u: a.to_json() for u, a in self.answers.items()},
+        }, self.total.astype("<u8").tobytes()
+
+    @classmethod
+    def from_state(
+        cls, params: SecAggParams, session: bytes, length: int, data: dict, total: bytes
+    ) -> NodeSession:
+        node = cls(params, session, length)
+        node.stage = data["stage"]
+        node.keys = {u: AdvertiseKeys.from_json(m) for u, m in data["keys"].items()}
+        node.graph = {u: frozenset(v) for u, v in data["graph"].items()}
+        b64d = _messages.b64decode
+        node.shared = {u: {v: b64d(c) for v, c in m.items()} for u, m in data["shared"].items()}
+        node.masked = set(data["masked"])
+        node.requests = {u: UnmaskRequest.from_json(r) for u, r in data["requests"].items()}
+        node.answers = {u: UnmaskShares.from_json(a) for u, a in data["answers"].items()}
+        node.total = np.frombuffer(total, "<u8").astype(np.uint64)
+        return node
+
+    def _close_unmask(self) -> np.ndarray:
+        """Remove every mask from the running sum; the signed sum of the survivors' inputs."""
+        t, bits = self.params.threshold, self.params.field_bits
+        total = self.total.copy()
+        for v in sorted(self.masked):
+            seed = self._reconstruct(v, "seed_shares", crypto.KEY_BYTES)
+            total -= crypto.mask(seed, self.length, bits)
+        for v in sorted(set(self.shared) - self.masked):
+            key = self._reconstruct(v, "key_shares", crypto.KEY_BYTES)
+            if crypto.public_of(key) != self.keys[v].mask_key:
+                self.stage = DONE
+                raise AggregationAbortedError(
+                    f"secure aggregation aborted: the mask key shares of a dropped worker do "
+                    f"not combine into its key (a worker sent a wrong share; t = {t})"
+                )
+            for w in self.graph[v] & self.masked:
+                pair = crypto.agree(key, self.keys[w].mask_key, self.session, crypto.PURPOSE_MASK)
+                m = crypto.mask(pair, self.length, bits)
+                # w added mask_sign(w, v) * m for v: take it back out
+                total = total - m if mask_sign(w, v) > 0 else total + m
+        if bits < 64:
+            total &= np.uint64((1 << bits) - 1)
+        return to_signed(total, bits)
+
+    def _reconstruct(self, v: str, kind: str, size: int) -> bytes:
+        shares = [getattr(ans, kind)[v] for ans in self.answers.values() if v in getattr(ans, kind)]
+        if len(shares) < self.params.threshold:
+            self.stage = DONE
+            raise AggregationAbortedError(
+                f"secure aggregation aborted: {len(shares)} shares to unmask a worker; the "
+                f"threshold is {self.params.threshold}"
+            )
+        try:
+            return shamir.combine(shares[: self.params.threshold], size)
+        except ProtocolError as e:
+            self.stage = DONE
+            raise AggregationAbortedError(f"secure aggregation aborted: {e}") from None

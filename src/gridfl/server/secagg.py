@@ -1,0 +1,268 @@
+"""The node's stages of secure aggregation (docs/secure-aggregation.md) over the worker
+protocol: ``model-centric/secure-aggregation`` on HTTP and the WebSocket.
+
+A worker accepted into a cycle of a process hosted with ``secure_aggregation`` sends, per
+stage, first its request for what the node has for it (``message`` null: the roster, the
+sealed shares addressed to it, the unmask request; "waiting" while the stage has not
+opened) and then its own message. The protocol's state is one row per cycle
+(``secagg_rounds``), read and written under the cycle's row lock, so any server process can
+take any message and a crash loses at most the message in flight. A stage closes when
+every worker expected in it has sent its message, or, checked as messages arrive,
+``stage_timeout`` seconds after it opened; the first stage closes when ``max_diffs``
+workers (else the cycle's capacity) advertised keys, or ``stage_timeout`` after the first
+one with at least ``min_survivors``. When the last stage closes the node unmasks the
+sum, hands it to the strategy as the cycle's running sums and completes the cycle; when too
+few workers are left it expires the cycle, revealing nothing. The cycle's own deadline
+(``cycle_length``) still expires a cycle whose protocol has not finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from gridfl import _messages
+from gridfl._exceptions import (
+    AggregationAbortedError,
+    ConflictError,
+    InvalidRequestError,
+    ProtocolError,
+)
+from gridfl.secagg import NodeSession, SecAggParams
+from gridfl.secagg import messages as m
+from gridfl.secagg.quantize import decode
+from gridfl.server import aggregate as agg
+from gridfl.server import db, storage
+from gridfl.server.config import worker_capacity
+from gridfl.server.tables import secagg_rounds
+from gridfl.server.worker_api import find_seat
+
+log = logging.getLogger("gridfl.server")
+
+#: the stage of a round that ended with too few workers (its cycle expired)
+ABORTED = "aborted"
+#: seconds a worker is told to wait before asking again for a stage that has not opened
+RETRY_AFTER = 0.2
+
+_round = sa.select(secagg_rounds).where(secagg_rounds.c.cycle_id == sa.bindparam("cycle_id"))
+
+
+def session_of(process_id: int, cycle_id: int) -> bytes:
+    """The cycle's name in every key derivation and sealed share: nothing carries over."""
+    return f"gridfl process {process_id} cycle {cycle_id}".encode()
+
+
+class SecAggApi:
+    """The ``secure-aggregation`` handler, mixed into :class:`~gridfl.server.GridNode`."""
+
+    engine: Any
+    catalog: Any
+    cycles: Any
+    on_cycles_changed: Any
+
+    def secure_aggregation(self, req: _messages.SecAggRequest) -> dict[str, Any]:
+        with db.read(self.engine) as conn:
+            seat = find_seat(conn, req.worker_id, req.request_key)
+            _, _, spec = self.catalog.checkpoint(conn, seat.checkpoint_id)
+        params, process_id = self._params_of_cycle(seat.cycle_id)
+        msg = _parse(req, spec.total + 1, params)
+        if msg is None and seat.status == "open":
+            early = self._still_waiting(
+                req, seat.cycle_id, params, session_of(process_id, seat.cycle_id)
+            )
+            if early is not None:
+                return early
+        changed = False
+        with db.write(self.engine) as conn:
+            cycle = conn.execute(storage.cycle_locked, {"cycle_id": seat.cycle_id}).one()
+            if cycle.status != "open":
+                aborted = conn.execute(_round, {"cycle_id": cycle.id}).first()
+                if aborted is not None and aborted.stage == ABORTED:
+                    return _aborted(aborted.state["reason"], aborted.state["session"])
+                raise ConflictError(
+                    f"cycle {cycle.sequence} is closed ({cycle.status}): secure aggregation "
+                    "ended without this worker"
+                )
+            process = self.catalog.process(conn, cycle.process_id)
+            params = SecAggParams(**process.server_config["secure_aggregation"])
+            session = session_of(process.id, cycle.id)
+            now = time.time()
+            row = conn.execute(_round, {"cycle_id": cycle.id}).first()
+            if row is None:
+                node = NodeSession(params, session, spec.total + 1)
+                stage_at = first_at = now
+            else:
+                node = NodeSession.from_state(params, session, spec.total + 1, row.state, row.total)
+                stage_at, first_at = row.stage_at, row.first_at
+            try:
+                stage_at = self._advance(node, process, stage_at, first_at, now)
+                if msg is not None:
+                    _submit(node, req, msg)
+                    if req.stage == m.MASKED:  # its input is in the sum: it has reported
+                        conn.execute(
+                            storage.mark_reported, {"b_seat_id": seat.id, "reported_at": now}
+                        )
+                    stage_at = self._advance(node, process, stage_at, first_at, now)
+                reply = {**_reply(node, req), "session": session.decode()}
+            except AggregationAbortedError as e:
+                self.cycles.expire(conn, cycle, process, now, str(e), warn=True)
+                changed = True
+                # keys and shares are dropped; the reason stays for the other workers
+                reply = _aborted(str(e), session.decode())
+                values = {"stage": ABORTED, "stage_at": now, "total": b""}
+                values["state"] = {"reason": str(e), "session": session.decode()}
+            else:
+                if node.stage == "done":
+                    self._complete(conn, cycle, process, node, spec)
+                    changed = True
+                state, total = node.to_state()
+                values = dict(stage=node.stage, stage_at=stage_at, state=state, total=total)
+            if row is None:
+                insert = secagg_rounds.insert().values(cycle_id=cycle.id, first_at=first_at)
+                conn.execute(insert.values(**values))
+            else:
+                update = secagg_rounds.update().where(secagg_rounds.c.cycle_id == cycle.id)
+                conn.execute(update.values(**values))
+        if changed:
+            self.on_cycles_changed()
+        return reply
+
+    def _still_waiting(self, req, cycle_id: int, params: SecAggParams, session: bytes):
+        """A poll for a stage that has not opened and cannot close yet (no timeout is
+        due), answered from a read of the stage columns: most polls take no lock."""
+        with db.read(self.engine) as conn:
+            row = conn.execute(
+                sa.select(
+                    secagg_rounds.c.stage, secagg_rounds.c.stage_at, secagg_rounds.c.first_at
+                ).where(secagg_rounds.c.cycle_id == cycle_id)
+            ).first()
+        stage = row.stage if row is not None else m.ADVERTISE
+        order = (*m.STAGES, "done")
+        if stage not in order or order.index(req.stage) <= order.index(stage):
+            return None
+        if row is not None:
+            opened = row.first_at if stage == m.ADVERTISE else row.stage_at
+            if time.time() >= opened + params.stage_timeout:
+                return None  # the stage may close now: the locked path decides
+        return {
+            "stage": stage,
+            "status": "waiting",
+            "retry_after": RETRY_AFTER,
+            "session": session.decode(),
+        }
+
+    def _params_of_cycle(self, cycle_id: int) -> tuple[SecAggParams, int]:
+        with db.read(self.engine) as conn:
+            cycle = conn.execute(
+                sa.select(storage.cycles.c.process_id).where(storage.cycles.c.id == cycle_id)
+            ).one()
+            process = self.catalog.process(conn, cycle.process_id)
+        cfg = process.server_config.get("secure_aggregation")
+        if cfg is None:
+            raise InvalidRequestError(
+                "this FL process does not run secure aggregation: send the diff with "
+                f"{_messages.REPORT}"
+            )
+        return SecAggParams(**cfg), process.id
+
+    def _advance(self, node: NodeSession, process, stage_at: float, first_at: float, now: float):
+        """Close the current stage while it is due; returns when the open stage opened."""
+        p = node.params
+        cfg = process.server_config
+        while node.stage != "done":
+            got = node.received(node.stage)
+            if node.stage == m.ADVERTISE:
+                target = cfg.get("max_diffs") or worker_capacity(cfg) or p.min_survivors
+                late = now >= first_at + p.stage_timeout and got >= p.min_survivors
+                due = got >= target or late
+            else:
+                due = got >= len(node.participants(node.stage)) or now >= stage_at + p.stage_timeout
+            if not due:
+                break
+            log.info(
+                "secure aggregation %s/%s: stage %s closed with %d workers",
+                process.name,
+                process.version,
+                node.stage,
+                got,
+            )
+            node.close_stage()
+            stage_at = now
+        return stage_at
+
+    def _complete(self, conn: Connection, cycle, process, node: NodeSession, spec) -> None:
+        """The unmasked sum as the cycle's running sums (weighted side), then completion."""
+        total = node.result
+        assert total is not None  # the last stage closed
+        sums = agg.RunningSums(spec)
+        sums.count_w = len(node.masked)
+        sums.weight = float(total[0])
+        sums.sum_w = decode(total, node.params) * sums.weight
+        conn.execute(
+            storage.count_report, {"b_cycle_id": cycle.id, "num_reports": len(node.masked)}
+        )
+        self.cycles.complete(conn, cycle, process, sums)
+
+
+def _aborted(reason: str, session: str) -> dict[str, Any]:
+    return {"status": "aborted", "stage": ABORTED, "reason": reason, "session": session}
+
+
+def _parse(req: _messages.SecAggRequest, length: int, params: SecAggParams) -> Any:
+    """The stage message, typed; a malformed one is a 400 naming the field."""
+    if req.message is None:
+        return None
+    try:
+        if req.stage == m.ADVERTISE:
+            return m.AdvertiseKeys.from_json(req.message)
+        if req.stage == m.SHARE:
+            return m.EncryptedShares.from_json(req.message)
+        if req.stage == m.MASKED:
+            return m.MaskedInput.from_json(req.message, length, params.field_bits)
+        return m.UnmaskShares.from_json(req.message)
+    except ProtocolError as e:
+        raise InvalidRequestError(f"secure-aggregation {req.stage} message: {e}") from None
+
+
+def _submit(node: NodeSession, req: _messages.SecAggRequest, msg: Any) -> None:
+    add: dict[str, Callable[[str, Any], None]] = {
+        m.ADVERTISE: node.add_keys,
+        m.SHARE: node.add_shares,
+        m.MASKED: node.add_masked,
+        m.UNMASK: node.add_unmask,
+    }
+    add[req.stage](req.worker_id, msg)
+
+
+def _reply(node: NodeSession, req: _messages.SecAggRequest) -> dict[str, Any]:
+    """What the worker gets: the node's message for its stage, or "waiting"."""
+    order = (*m.STAGES, "done")
+    asked, now_at = order.index(req.stage), order.index(node.stage)
+    base = {"stage": node.stage}
+    if req.message is not None or asked > now_at or req.stage == m.ADVERTISE:
+        status = "done" if node.stage == "done" else "waiting"
+        return {**base, "status": status, "retry_after": RETRY_AFTER}
+    if asked < now_at:
+        raise ConflictError(
+            f"secure aggregation has moved past stage {req.stage!r} (now {node.stage!r}): "
+            "this worker was too late and dropped out of the cycle"
+        )
+    if req.worker_id not in node.participants(req.stage):
+        raise ConflictError(
+            f"this worker is not part of stage {req.stage!r}: it dropped out of an earlier one"
+        )
+    for_worker: dict[str, Callable[[str], Any]] = {
+        m.SHARE: node.roster_for,
+        m.MASKED: node.shares_for,
+        m.UNMASK: node.requests.__getitem__,
+    }
+    message = for_worker[req.stage](req.worker_id)
+    return {**base, "status": "ready", "message": message.to_json()}
+
+
+__all__ = ["SecAggApi", "session_of"]

@@ -1,0 +1,40 @@
+"""A worker driven by hand through the stages of secure aggregation over HTTP (the SDK
+does the same inside ``job.report``); the tests interleave bad messages and crashes."""
+
+from __future__ import annotations
+
+from gridfl import _messages
+from gridfl.secagg import WorkerSession
+from tests.harness import HttpWorker
+
+
+class Driver:
+    """One worker: authenticated and accepted into the open cycle of ``mnist``."""
+
+    def __init__(self, url: str, params) -> None:
+        self.http = HttpWorker(url)
+        st, auth = self.http.call(_messages.AUTHENTICATE, {"model_name": "mnist"})
+        assert st == 200, auth
+        self.wid = auth["worker_id"]
+        req = {"worker_id": self.wid, "model": "mnist", "protocols": ["secure_aggregation"]}
+        st, cyc = self.http.call(_messages.CYCLE_REQUEST, req)
+        assert st == 200 and cyc["status"] == "accepted", cyc
+        self.key = cyc["request_key"]
+        self.session = WorkerSession(params, self.wid)
+
+    def move_to(self, url: str) -> None:
+        """Talk to another server process on the same database from now on."""
+        self.http.close()
+        self.http = HttpWorker(url)
+
+    def send(self, stage: str, message=None, **override) -> tuple[int, dict]:
+        body = {"worker_id": self.wid, "request_key": self.key, "stage": stage}
+        return self.http.call(
+            _messages.SECURE_AGGREGATION, {**body, "message": message, **override}
+        )
+
+    def ok(self, stage: str, message=None) -> dict:
+        st, reply = self.send(stage, message)
+        assert st == 200, reply
+        self.session.bind(reply["session"].encode())
+        return reply
