@@ -10,7 +10,7 @@ import pytest
 
 from gridfl import CycleStatusError, GridError, _messages
 from gridfl.client._replies import unwrap_reply
-from gridfl.server.openapi import message_schema
+from gridfl.server.openapi_schemas import message_schema
 
 DIGEST = "ab" * 32
 
