@@ -22,6 +22,36 @@ def browser_type_launch_args(browser_type_launch_args):
     return {**browser_type_launch_args, "executable_path": CHROMIUM}
 
 
+# pytest-playwright keeps one Playwright for the whole session, and Playwright's sync API
+# leaves an event loop running in the main thread while it lives: every later test that
+# calls asyncio.run() (the load tests, the deadline timer's) would then fail. Here
+# Playwright and its browser live for one test module.
+@pytest.fixture(scope="module")
+def playwright():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        yield pw
+
+
+@pytest.fixture(scope="module")
+def browser_context_args():
+    """A plain desktop context (the tests set their own viewport where it matters)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def browser_type(playwright, browser_name):
+    return getattr(playwright, browser_name)
+
+
+@pytest.fixture(scope="module")
+def browser(browser_type, browser_type_launch_args):
+    browser = browser_type.launch(**browser_type_launch_args)
+    yield browser
+    browser.close()
+
+
 class CycleDriver:
     """Closes cycles of a hosted process (``max_diffs`` 1) by hand: one worker joins with
     speed-test figures and reports a zero diff with the metrics given."""
