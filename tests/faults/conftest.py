@@ -13,3 +13,12 @@ def pg_cluster():
     cluster = PgCluster()
     yield cluster
     cluster.destroy()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def fault_db(request, tmp_path):
+    """Both storage backends as a fresh database for one test: an SQLite file, or a new
+    PostgreSQL database (dropped afterwards)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'grid.db'}"
+    return request.getfixturevalue("pg_fresh_db")

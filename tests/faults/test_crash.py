@@ -15,13 +15,6 @@ from tests.builders import diff_of, host_payload, model_params
 from tests.harness import Admin, HttpWorker, join, report
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def fault_db(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'grid.db'}"
-    return request.getfixturevalue("pg_fresh_db")
-
-
 def _db_state(url: str) -> dict:
     """What is committed in the database, read directly (no server involved)."""
     eng = sa.create_engine(url)

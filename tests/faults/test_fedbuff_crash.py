@@ -25,13 +25,6 @@ SC = {"mode": "async", "buffer_size": K, "max_staleness": 5, "num_cycles": 0,
       "cycle_length": None, "max_diffs": None}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def fault_db(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'grid.db'}"
-    return request.getfixturevalue("pg_fresh_db")
-
-
 def _committed(url: str) -> tuple[list[int], list[tuple[str, int]]]:
     """(checkpoint numbers, (status, num_reports) of each cycle), read directly."""
     eng = sa.create_engine(url)

@@ -23,13 +23,6 @@ HYPER = {k: v for k, v in ADAM.items() if k != "name"}
 N = 3  # reports per cycle
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def fault_db(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'grid.db'}"
-    return request.getfixturevalue("pg_fresh_db")
-
-
 def _committed(url: str) -> tuple[list[int], list[tuple[int, int]]]:
     """(checkpoint numbers, (checkpoint number, step) of each stored state), read directly."""
     eng = sa.create_engine(url)
