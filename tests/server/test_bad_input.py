@@ -900,7 +900,9 @@ CASES: list[Case] = [
     H("host-durability-unknown", _host(_sc(durability="weekly")), 400,
       "server_config.durability must be 'report' (every accepted report survives a crash) "
       "or 'cycle'"),
-    H("host-durability-cycle-async", _host(_sc(durability="cycle", mode="async")), 400,
+    H("host-durability-cycle-async",
+      _host(_sc(durability="cycle", mode="async", cycle_length=None, min_diffs=None,
+                max_diffs=None, min_workers=None, max_workers=None)), 400,
       "server_config.durability 'cycle' is not available with mode 'async' yet"),
     H("host-durability-cycle-robust",
       _host(_sc(durability="cycle", strategy={"name": "fedmedian"})), 400,
