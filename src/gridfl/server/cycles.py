@@ -156,7 +156,8 @@ class Cycles:
         expires the cycle when they are lost (:meth:`expire_lost`)."""
         with self._sums_lock:
             sums = self._live.get(cycle.id)
-            if sums is None and cycle.num_reports == 0:
+            if cycle.num_reports == 0 and (sums is None or sums.count_w + sums.count_x):
+                # nothing committed yet: whatever a failed transaction folded goes
                 sums = self._live[cycle.id] = agg.RunningSums(spec)
         if sums is None or sums.count_w + sums.count_x != cycle.num_reports:
             return None
