@@ -311,6 +311,7 @@ def open_cycle(conn: Connection, process_id: int, *, lock: bool = False):
 
 
 def open_cycles_with_reports(conn: Connection):
+    """The open cycles that committed at least one report (all processes)."""
     return conn.execute(
         sa.select(cycles).where(cycles.c.status == "open", cycles.c.num_reports > 0)
     ).all()
