@@ -1,4 +1,4 @@
-"""Grid node benchmarks (``python -m benchmarks.bench_server [N ...]``).
+"""Grid node benchmarks (``python -m benchmarks.bench_server [N ...] [--durability cycle]``).
 
 1. Load: N concurrent simulated workers (default 100 and 1000), each doing
    authenticate -> cycle-request -> get-model -> get-plan -> report over HTTP on the
@@ -6,7 +6,9 @@
    (SQLite file). One cycle of N workers (max_workers = max_diffs = N). Reported: cycles/s,
    p50/p99 latency per call, server CPU seconds per worker (all its calls), server RSS
    after 10, 100, ...
-   reports (must stay flat: the aggregate is folded in, O(model)).
+   reports (must stay flat: the aggregate is folded in, O(model)). ``--durability cycle``
+   hosts with ``server_config.durability: "cycle"`` (running sums in memory) and runs
+   only this part.
 2. Aggregation: 100 CNN diffs folded by the node (decode, validate, fold, write; in process)
    vs ``numpy.mean`` of the same 100 arrays already in memory (the floor).
 """
@@ -83,12 +85,15 @@ def b64(b: bytes) -> str:
     return base64.b64encode(b).decode("ascii")
 
 
-def host_payload(name: str, n: int) -> dict:
+def host_payload(name: str, n: int, durability: str = "report") -> dict:
     from gridfl import state
 
+    cfg = {"max_workers": n, "max_diffs": n, "cycle_length": 3600}
+    if durability != "report":  # the default (and what nodes before it take)
+        cfg["durability"] = durability
     return {
         "client_config": {"name": name, "version": "1", "lr": 0.05, "batch_size": 10},
-        "server_config": {"max_workers": n, "max_diffs": n, "cycle_length": 3600},
+        "server_config": cfg,
         "model": b64(state.dumps(cnn_params())),
         "plans": {"training_plan": b64(plan_bytes())},
     }
@@ -225,7 +230,7 @@ def _run_load(url: str, n: int, name: str, pid: int, diff_b64: bytes) -> dict:
     return {"wall": wall, "lat": lat, "mem": mem, "cpu_per_report": (_proc_cpu(pid) - cpu0) / n}
 
 
-def bench_load(ns=(100, 1000)) -> None:
+def bench_load(ns=(100, 1000), durability: str = "report") -> None:
     from gridfl import state
 
     diff = [(0.001 * np.ones(s)).astype(np.float32) for s in CNN_SHAPES]
@@ -271,7 +276,7 @@ def bench_load(ns=(100, 1000)) -> None:
             )
             for n in ns:
                 name = f"cnn{n}"
-                r = admin.post("/gridfl/v1/processes", json=host_payload(name, n))
+                r = admin.post("/gridfl/v1/processes", json=host_payload(name, n, durability))
                 assert r.status_code == 201, r.text
                 res = _run_load(url, n, name, proc.pid, diff_b64)
                 st = admin.get(f"/gridfl/v1/processes/{name}/1").json()
@@ -328,10 +333,18 @@ def bench_aggregation(k: int = 100) -> None:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """``[N ...] [--durability report|cycle]``; with ``--durability`` only the load runs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    durability = "report"
+    if "--durability" in argv:
+        at = argv.index("--durability")
+        durability = argv[at + 1]
+        del argv[at : at + 2]
     ns = tuple(int(a) for a in argv) or (100, 1000)
-    bench_aggregation()
-    bench_load(ns)
+    if durability == "report":
+        bench_aggregation()
+    print(f"durability {durability!r}")
+    bench_load(ns, durability)
 
 
 if __name__ == "__main__":

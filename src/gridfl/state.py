@@ -242,11 +242,15 @@ def _nbytes(payload: memoryview) -> int:
 def loads(
     data: bytes | bytearray | memoryview,
     expect: Iterable[tuple[Sequence[int], npt.DTypeLike]] | None = None,
+    *,
+    views: bool = False,
 ) -> list[np.ndarray]:
     """Parse syft-proto ``State`` bytes into a list of numpy arrays.
 
     The arrays are fresh, writable, C-contiguous and native-endian. Raises
-    :class:`gridfl.StateError` on malformed, truncated or unsupported input.
+    :class:`gridfl.StateError` on malformed, truncated or unsupported input. With
+    ``views=True`` float32 and float64 tensors may instead be read-only views of ``data``
+    (no copy; a grid node reads a report's diff once and drops it).
 
     ``expect``, a ``(shape, dtype)`` pair per tensor, says what the State must hold: the
     parse refuses the input as soon as it departs from it (one tensor too many, a dtype
@@ -304,7 +308,12 @@ def loads(
             out.append(_read_state_tensor(buf, start, stop, where, budget, want))
     if wants is not None and len(out) != len(wants):
         raise StateError(f"State has {len(out)} tensors; expected {len(wants)}")
-    return out
+    if views:
+        return out
+    whole = np.frombuffer(buf, np.uint8)
+    return [
+        a.copy() if not a.flags.writeable or np.may_share_memory(a, whole) else a for a in out
+    ]
 
 
 def _wants(
@@ -528,7 +537,9 @@ def _build_array(  # noqa: C901 - one check per way a tensor can be malformed
         n = len(raw) // width
         if n != count:
             raise StateError(_mismatch(where, shape, count, n))
-        arr = np.frombuffer(raw, "<f4" if width == 4 else "<f8").astype(kind.np_dtype)
+        # a view when the wire type is the dtype: loads() copies it unless views=True
+        wire = np.frombuffer(raw, "<f4" if width == 4 else "<f8")
+        arr = wire.astype(kind.np_dtype, copy=False)
     try:
         return arr.reshape(shape)
     except ValueError as e:  # unreachable after the checks above; belt and braces

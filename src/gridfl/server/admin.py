@@ -167,6 +167,7 @@ def stop(engine: Engine, cycles: Cycles, name: str, version: str | None) -> dict
         cycle = storage.open_cycle(conn, p.id, lock=True)
         if cycle is not None:
             storage.close_cycle(conn, cycle.id, status="stopped", closed_at=time.time())
+            cycles.drop_live(cycle.id)
         if p.status == "running":
             storage.set_process_status(conn, p.id, "stopped")
             cycles.announce(conn)

@@ -34,7 +34,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gridfl._exceptions import InvalidRequestError, ModelError
-from gridfl.compression import CompressedDiff
 
 #: largest magnitude of a diff value: a trained weight moving by 1e12 in one cycle is no
 #: longer training, and the bound keeps float32 sums of num_samples-weighted diffs finite
@@ -118,19 +117,45 @@ def new_sum(spec: ModelSpec) -> np.ndarray:
     return np.zeros(spec.total, dtype=spec.acc_dtype)
 
 
+class DenseDiff(list):
+    """A validated diff as its tensors (a list), with :meth:`fold_into` as
+    :class:`~gridfl.compression.CompressedDiff` has: whatever a report decoded to adds
+    itself to a running sum.
+
+    >>> total = np.zeros(3, np.float32)
+    >>> DenseDiff([np.array([1.0]), np.array([2.0, 3.0])]).fold_into(total, 2)
+    >>> total.tolist()
+    [2.0, 4.0, 6.0]
+    """
+
+    def fold_into(self, total: np.ndarray, weight: float | None = None) -> None:
+        """``total += weight x concat(tensors)`` in place (``total`` flat), one tensor at a
+        time, with no float64 round trip (a weight of ``None`` adds the tensors as they
+        are)."""
+        at = 0
+        scale = None if weight is None else total.dtype.type(weight)
+        for a in self:
+            flat = np.asarray(a).reshape(-1)
+            view = total[at : at + flat.size]
+            at += flat.size
+            if scale is None:
+                np.add(view, flat, out=view, casting="unsafe")
+            else:
+                view += flat * scale
+        if at != total.size:
+            raise ValueError(f"the diff has {at} values; the sum has {total.size}")
+
+
 def fold(total: np.ndarray, arrays: Sequence[np.ndarray], spec: ModelSpec, weight=None) -> None:
-    """``total += weight * concat(arrays)`` in place, one parameter at a time; a
-    compressed diff adds itself from its compressed form (no dense copy)."""
-    if isinstance(arrays, CompressedDiff):
-        arrays.fold_into(total, weight)
-        return
-    for off, size, a in zip(spec.offsets, spec.sizes, arrays, strict=True):
-        view = total[off : off + size]
-        flat = np.asarray(a).reshape(-1)
-        if weight is None:
-            np.add(view, flat, out=view, casting="unsafe")
-        else:
-            view += flat * total.dtype.type(weight)
+    """``total += weight * concat(arrays)`` in place: the diff's own ``fold_into``
+    (:class:`DenseDiff`, a compressed diff from its compressed form), or as a
+    :class:`DenseDiff` for a plain sequence of tensors."""
+    fold_into = getattr(arrays, "fold_into", None)
+    if fold_into is None:
+        if len(arrays) != len(spec.sizes):
+            raise ValueError(f"the diff has {len(arrays)} tensors; the model has {len(spec.sizes)}")
+        fold_into = DenseDiff(arrays).fold_into
+    fold_into(total, weight)
 
 
 def mean_diff(

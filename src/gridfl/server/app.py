@@ -46,6 +46,9 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
             GridNode, settings
         )
         app.state.node = n
+        if own and n.engine.dialect.name == "sqlite":
+            # the one server process on this file: sums held in memory died with the last
+            await anyio.to_thread.run_sync(n.cycles.expire_all_lost)
         app.state.report_gate = anyio.Semaphore(max(1, settings.max_concurrent_reports))
         app.state.body_budget = BodyBudget(
             max(settings.body_buffer_bytes, settings.max_body_bytes), settings.read_idle_timeout

@@ -5,22 +5,90 @@ connection."""
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import logging
+import re
+import secrets
 from typing import Any
 
 import anyio
 from starlette.requests import ClientDisconnect, Request
 
 from gridfl import _messages
-from gridfl._exceptions import PayloadTooLargeError, RequestTimeoutError, UnavailableError
+from gridfl._exceptions import (
+    InvalidRequestError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    UnavailableError,
+)
 
 log = logging.getLogger("gridfl.server")
 
 
 def parse_worker_json(body: bytes | str, what: str = "the body", *, check: bool = True) -> Any:
-    """A worker message's JSON (:func:`_messages.parse_json`, its values capped)."""
+    """A worker message's JSON (:func:`_messages.parse_json`, its values capped).
+
+    A report's base64 ``diff`` (9 MB for a CNN) is decoded straight from the body: the
+    JSON decoder would copy it into a str and scan it three times more (UTF-8, the
+    value count, the string), which cost the node 8x the decoding itself. The result is
+    the same as parsing the whole body, the diff then given as its decoded bytes.
+
+        >>> parse_worker_json(b'{"worker_id": "w", "diff": "ZGlmZg=="}')
+        {'worker_id': 'w', 'diff': 'ZGlmZg=='}
+    """
+    if len(body) >= _DIFF_FAST_PATH_BYTES:
+        fast = _with_decoded_diff(body, what, check)
+        if fast is not None:
+            return fast
     return _messages.parse_json(body, what, max_values=_messages.MAX_MESSAGE_VALUES, check=check)
+
+
+#: bodies from this size on have their diff cut out before the JSON decoder runs
+_DIFF_FAST_PATH_BYTES = 64 * 1024
+_DIFF_AT = re.compile(rb'"diff"\s*:\s*"')
+
+
+def _with_decoded_diff(body: bytes | str, what: str, check: bool) -> Any:
+    """The message parsed with the value of its ``diff`` key (at the top, or in a
+    WebSocket frame's ``data``) base64-decoded to bytes, or ``None`` when the body is not
+    one this shortcut can prove equivalent (the caller then parses it whole).
+
+    The candidate string (after the first ``"diff":``, up to the next quote, with no
+    backslash) is replaced by a random marker and the rest parsed as JSON: only if the
+    marker is then the value of ``diff`` was the candidate that value, exactly."""
+    # a WebSocket text frame: its UTF-8 bytes (a copy at memory speed; the offsets of
+    # the ASCII around the diff are the same)
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    found = _DIFF_AT.search(raw)
+    if found is None:
+        return None
+    start = found.end()
+    end = raw.find(b'"', start)
+    if end <= start or raw.find(b"\\", start, end) >= 0:
+        return None
+    marker = secrets.token_hex(16)
+    rest = raw[:start] + marker.encode() + raw[end:]
+    try:
+        value = _messages.parse_json(
+            rest, what, max_values=_messages.MAX_MESSAGE_VALUES, check=check
+        )
+    except InvalidRequestError:
+        return None  # refused with what the whole parse says (its positions are the body's)
+    holder = None
+    if isinstance(value, dict):
+        data = value.get("data")
+        if value.get("diff") == marker:
+            holder = value
+        elif isinstance(data, dict) and data.get("diff") == marker:
+            holder = data
+    if holder is None:
+        return None
+    try:
+        holder["diff"] = _messages.b64decode(memoryview(raw)[start:end])  # type: ignore[arg-type]
+    except (binascii.Error, ValueError):
+        return None  # the whole parse says what is wrong with it
+    return value
 
 
 class BodyBudget:

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 
 from gridfl.server import aggregate as agg
 from gridfl.server import privacy, storage, strategies
+from gridfl.server.dp_config import DPConfig
 
 
 class LRU:
@@ -67,6 +68,7 @@ class Catalog:
         self._averaging_plans = LRU(8)  # plan id -> Plan
         self._processes = LRU(64)  # process id -> ProcessInfo
         self._plan_meta = LRU(64)  # plan id -> its row in storage.plan_meta
+        self._strategies = LRU(64)  # process id -> (inner Strategy, DPConfig or None)
 
     def checkpoint(self, conn: Connection, checkpoint_id: int):
         """``(bytes, params, ModelSpec)`` of a checkpoint."""
@@ -127,11 +129,17 @@ class Catalog:
     def strategy(self, conn: Connection, process_id: int) -> agg.Strategy:
         """How the process aggregates (:func:`strategies.strategy_for`), inside differential
         privacy when it was hosted with it (:func:`gridfl.server.privacy.wrap`)."""
-        info = self.process(conn, process_id)
-        inner = strategies.strategy_for(
-            info.server_config.get("strategy"), self.averaging_plan(conn, process_id)
-        )
-        return privacy.wrap(inner, info.server_config, conn, process_id)
+        built = self._strategies.get(process_id)
+        if built is None:  # configs never change once hosted: built once per process
+            info = self.process(conn, process_id)
+            inner = strategies.strategy_for(
+                info.server_config.get("strategy"), self.averaging_plan(conn, process_id)
+            )
+            built = (inner, DPConfig.of(info.server_config))
+            self._strategies.put(process_id, built)
+        inner, dp = built
+        # only DP's per-cycle state needs the transaction's connection
+        return inner if dp is None else privacy.PrivateAggregation(inner, dp, conn, process_id)
 
     def plan_meta(self, conn: Connection, plan_id: int):
         """A worker plan's row in ``storage.plan_meta`` (its variants), or ``None``."""

@@ -43,6 +43,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "mode": "sync",
     **{key: None for key in fedbuff.ASYNC_DEFAULTS},
     "secure_aggregation": None,
+    # "report": every accepted report survives a crash; "cycle": running sums in memory
+    "durability": "report",
 }
 
 #: pace steering's default selection window: how long a cycle should take to fill, seconds
@@ -228,7 +230,36 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
             "remove one of them"
         )
     out["secure_aggregation"] = validate_secure_aggregation(out)
+    validate_durability(out)
     return out
+
+
+def validate_durability(cfg: dict[str, Any]) -> None:
+    """``"report"`` or ``"cycle"`` (docs/scaling.md); ``"cycle"`` keeps the running sums
+    in memory, so only rules that fold into sums in cycles may use it."""
+    value = cfg["durability"]
+    if value not in ("report", "cycle"):
+        raise ConfigError(
+            f"server_config.durability must be 'report' (every accepted report survives a "
+            f"crash) or 'cycle' (running sums in memory; a crash expires the open cycle), "
+            f"not {_short(value)}"
+        )
+    if value == "report":
+        return
+    strategy = cfg["strategy"]
+    clashes = {
+        "mode 'async'": cfg["mode"] == "async",
+        "secure_aggregation": cfg["secure_aggregation"] is not None,
+        # their rules keep every diff of the cycle, which "report" stores row by row
+        f"strategy {strategy and strategy['name']!r}": strategy is not None
+        and strategy["name"] in strategies.ROBUST,
+    }
+    for clash, present in clashes.items():
+        if present:
+            raise ConfigError(
+                f"server_config.durability 'cycle' is not available with {clash} yet: use "
+                "durability 'report' (the default)"
+            )
 
 
 def validate_pace_steering(value: Any) -> dict[str, float] | None:

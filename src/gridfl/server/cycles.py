@@ -46,6 +46,8 @@ class Cycles:
         self._notify_others = engine.dialect.name == "postgresql"
         # cycle id -> [version, sum_w, sum_x]; version -1 while a fold is in flight
         self._sums: dict[int, list] = {}
+        # durability "cycle": cycle id -> its running sums, held only in memory
+        self._live: dict[int, agg.RunningSums] = {}
         self._sums_lock = threading.Lock()
 
     def crash_point(self, name: str) -> None:
@@ -140,6 +142,49 @@ class Cycles:
         with self._sums_lock:
             self._sums.pop(cycle_id, None)
 
+    def drop_live(self, cycle_id: int) -> None:
+        """The cycle closes: its in-memory sums (durability ``"cycle"``) go with it."""
+        with self._sums_lock:
+            self._live.pop(cycle_id, None)
+
+    # ------------------------------------------------------------------ durability "cycle"
+    def live_sums(self, cycle, spec: agg.ModelSpec) -> agg.RunningSums | None:
+        """Durability ``"cycle"``: the cycle's running sums, held in this process's memory
+        only, or ``None`` when they were lost. Lost means they count other than the
+        ``num_reports`` the cycle's row committed: the process restarted (kill -9), or a
+        transaction failed after its fold. The caller holds the cycle's lock, and
+        expires the cycle when they are lost (:meth:`expire_lost`)."""
+        with self._sums_lock:
+            sums = self._live.get(cycle.id)
+            if cycle.num_reports == 0 and (sums is None or sums.count_w + sums.count_x):
+                # nothing committed yet: whatever a failed transaction folded goes
+                sums = self._live[cycle.id] = agg.RunningSums(spec)
+        if sums is None or sums.count_w + sums.count_x != cycle.num_reports:
+            return None
+        return sums
+
+    def expire_lost(self, conn: Connection, cycle, process, now: float) -> None:
+        """Expire a cycle whose in-memory sums are gone: it reopens on the same checkpoint,
+        and its reports, which nothing holds any more, count nowhere."""
+        self.expire(
+            conn, cycle, process, now,
+            "its running sums were lost (durability 'cycle': the node restarted or a "
+            "report's transaction failed)", warn=True,
+        )
+
+    def expire_all_lost(self) -> int:
+        """At startup (one server process on SQLite): expire every open durability
+        ``"cycle"`` cycle that committed reports, whose sums died with the last process;
+        returns how many."""
+        expired = 0
+        with db.write(self.engine) as conn:
+            for cycle in storage.open_cycles_with_reports(conn):
+                process = self.catalog.process(conn, cycle.process_id)
+                if process.server_config.get("durability") == "cycle":
+                    self.expire_lost(conn, cycle, process, time.time())
+                    expired += 1
+        return expired
+
     # ------------------------------------------------------------------ closing
     def complete(self, conn: Connection, cycle, process, sums: agg.RunningSums) -> None:
         """Aggregate, write the new checkpoint, close the cycle, open the next one; or
@@ -170,6 +215,7 @@ class Cycles:
             summary = strategy.describe(new_state)
             strategy_store.save_state(conn, ckpt, process.id, new_state, summary)
         self.catalog.remember_checkpoint(ckpt, data, new_params, sums.spec)
+        self.drop_live(cycle.id)
         storage.close_cycle(
             conn, cycle.id, status="completed", closed_at=now, result_checkpoint_id=ckpt
         )
@@ -200,6 +246,7 @@ class Cycles:
     ) -> None:
         """Close the cycle without a checkpoint: its reports are dropped and a new cycle
         opens on the same checkpoint."""
+        self.drop_live(cycle.id)
         storage.close_cycle(conn, cycle.id, status="expired", closed_at=now)
         self.open_next(conn, process, cycle.checkpoint_id, now)
         log.log(
@@ -230,7 +277,12 @@ class Cycles:
                     now=now,
                 ):
                     _, _, spec = self.catalog.checkpoint(conn, cycle.checkpoint_id)
-                    self.complete(conn, cycle, process, self.load_sums(conn, cycle_id, spec))
+                    if cfg.get("durability") != "cycle":
+                        self.complete(conn, cycle, process, self.load_sums(conn, cycle_id, spec))
+                    elif (sums := self.live_sums(cycle, spec)) is not None:
+                        self.complete(conn, cycle, process, sums)
+                    else:
+                        self.expire_lost(conn, cycle, process, now)
                 else:
                     self.expire(
                         conn, cycle, process, now, "too few reports (min_diffs) or workers"

@@ -40,6 +40,12 @@ class HostRequest:
 def host(engine: Engine, cycles: Cycles, payload: Any) -> dict[str, Any]:
     """Host an FL process atomically (validate everything, then one transaction)."""
     req = validate(payload)
+    if req.server_config["durability"] == "cycle" and engine.dialect.name != "sqlite":
+        # several processes would each hold part of a cycle's sums (docs/scaling.md)
+        raise ConfigError(
+            "server_config.durability 'cycle' needs a single server process: it is "
+            "available on SQLite only for now; use durability 'report' on PostgreSQL"
+        )
     client_config = req.client_config
     name, version = client_config["name"], client_config["version"]
     now = time.time()

@@ -310,6 +310,13 @@ def open_cycle(conn: Connection, process_id: int, *, lock: bool = False):
     return conn.execute(stmt).first()
 
 
+def open_cycles_with_reports(conn: Connection):
+    """The open cycles that committed at least one report (all processes)."""
+    return conn.execute(
+        sa.select(cycles).where(cycles.c.status == "open", cycles.c.num_reports > 0)
+    ).all()
+
+
 def insert_cycle(conn: Connection, process_id: int, **values) -> int:
     """A new cycle numbered after the process's last one."""
     seq = conn.execute(

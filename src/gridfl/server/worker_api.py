@@ -353,13 +353,13 @@ class WorkerApi:
         # 1. find the worker's cycle by its request key (constant-time compare), no lock
         with db.read(self.engine) as conn:
             match = self._seat_of(conn, req)
-            buffered = self.catalog.process(conn, match.process_id).server_config.get("mode")
+            process_config = self.catalog.process(conn, match.process_id).server_config
+            buffered = process_config.get("mode")
             if buffered != "async" and match.status != "open":
                 raise ConflictError(
                     f"cycle {match.sequence} is closed ({match.status}): the report came too late"
                 )
             _, _, spec = self.catalog.checkpoint(conn, match.checkpoint_id)
-            process_config = self.catalog.process(conn, match.process_id).server_config
         # 2. decode and validate the diff outside any lock
         diff: Sequence[Any]
         if req.compression is not None:
@@ -367,7 +367,11 @@ class WorkerApi:
         else:
             try:
                 # refused as soon as it departs from the model: O(model tensors), not O(bytes)
-                diff = state.loads(req.diff, expect=zip(spec.shapes, spec.dtypes, strict=True))
+                diff = agg.DenseDiff(
+                    state.loads(
+                        req.diff, expect=zip(spec.shapes, spec.dtypes, strict=True), views=True
+                    )
+                )
             except GridflError as e:
                 raise InvalidRequestError(f"diff is not valid State bytes: {e}") from e
             agg.validate_diff(diff, spec)
@@ -378,61 +382,78 @@ class WorkerApi:
                 self.on_cycles_changed()
             return _messages.ReportResponse().to_json()
         # 3. fold in, mark reported, maybe complete: one transaction, cycle row locked
-        completed = False
         cycle_id = match.cycle_id
         try:
             with db.write(self.engine) as conn:
-                cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).one()
-                if cycle.status != "open":
-                    raise ConflictError(
-                        f"cycle {cycle.sequence} is closed ({cycle.status}): "
-                        "the report came too late"
-                    )
-                seat = conn.execute(
-                    storage.report_check, {"seat_id": match.id, "cycle_id": cycle_id}
-                ).one()
-                if seat.reported_at is not None:
-                    raise ConflictError(f"this worker already reported for cycle {cycle.sequence}")
-                process = self.catalog.process(conn, cycle.process_id)
-                if process.server_config.get("secure_aggregation") is not None:
-                    raise InvalidRequestError(
-                        "this FL process runs secure aggregation: a diff is never sent in the "
-                        f"clear; send it through {_messages.SECURE_AGGREGATION} (the gridfl "
-                        "worker SDK does this in job.report)"
-                    )
-                sums = self.cycles.load_sums(conn, cycle_id, spec)
-                self.catalog.strategy(conn, process.id).fold(sums, diff, req.num_samples)
-                self.cycles.store_sums(conn, cycle_id, sums)
-                now = time.time()
-                conn.execute(
-                    storage.mark_reported,
-                    {
-                        "b_seat_id": match.id,
-                        "reported_at": now,
-                        "num_samples": req.num_samples,
-                        "metrics": req.metrics,
-                    },
-                )
-                received = cycle.num_reports + 1
-                conn.execute(
-                    storage.count_report, {"b_cycle_id": cycle_id, "num_reports": received}
-                )
-                self.cycles.crash_point("report")
-                if rules.ready(
-                    process.server_config,
-                    received=received,
-                    accepted=seat.accepted,
-                    end_at=cycle.end_at,
-                    now=now,
-                ):
-                    self.cycles.complete(conn, cycle, process, sums)
-                    completed = True
+                outcome = self._fold_report(conn, match, spec, diff, req)
         except BaseException:
             self.cycles.forget_sums(cycle_id)
             raise
-        if completed:
+        if outcome == "lost":  # the expiry is committed; this report had no cycle left
+            self.on_cycles_changed()
+            raise ConflictError(
+                f"cycle {match.sequence} expired: the node restarted and its running sums "
+                "(durability 'cycle') were lost; ask for a new cycle"
+            )
+        if outcome == "completed":
             self.cycles.forget_sums(cycle_id)
             self.on_cycles_changed()
-        else:
-            self.cycles.keep_sums(cycle_id, sums)
+        elif isinstance(outcome, agg.RunningSums):
+            self.cycles.keep_sums(cycle_id, outcome)
         return _messages.ReportResponse().to_json()
+
+    def _fold_report(self, conn: Connection, match, spec: agg.ModelSpec, diff, req):
+        """Inside the report's transaction: fold the diff in, mark the seat reported, and
+        complete the cycle when it is ready. Returns ``"completed"``, ``"lost"`` (durability
+        ``"cycle"``: the sums were lost, the cycle expired instead), ``"held"`` (folded into
+        in-memory sums) or the stored :class:`RunningSums` (durability ``"report"``)."""
+        cycle_id = match.cycle_id
+        cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).one()
+        if cycle.status != "open":
+            raise ConflictError(
+                f"cycle {cycle.sequence} is closed ({cycle.status}): the report came too late"
+            )
+        seat = conn.execute(storage.report_check, {"seat_id": match.id, "cycle_id": cycle_id}).one()
+        if seat.reported_at is not None:
+            raise ConflictError(f"this worker already reported for cycle {cycle.sequence}")
+        process = self.catalog.process(conn, cycle.process_id)
+        if process.server_config.get("secure_aggregation") is not None:
+            raise InvalidRequestError(
+                "this FL process runs secure aggregation: a diff is never sent in the "
+                f"clear; send it through {_messages.SECURE_AGGREGATION} (the gridfl "
+                "worker SDK does this in job.report)"
+            )
+        in_memory = process.server_config.get("durability") == "cycle"
+        if in_memory:
+            sums = self.cycles.live_sums(cycle, spec)
+            if sums is None:  # lost with a crash: the cycle starts over
+                self.cycles.expire_lost(conn, cycle, process, time.time())
+                return "lost"
+        else:
+            sums = self.cycles.load_sums(conn, cycle_id, spec)
+        self.catalog.strategy(conn, process.id).fold(sums, diff, req.num_samples)
+        if not in_memory:
+            self.cycles.store_sums(conn, cycle_id, sums)
+        now = time.time()
+        conn.execute(
+            storage.mark_reported,
+            {
+                "b_seat_id": match.id,
+                "reported_at": now,
+                "num_samples": req.num_samples,
+                "metrics": req.metrics,
+            },
+        )
+        received = cycle.num_reports + 1
+        conn.execute(storage.count_report, {"b_cycle_id": cycle_id, "num_reports": received})
+        self.cycles.crash_point("report")
+        if rules.ready(
+            process.server_config,
+            received=received,
+            accepted=seat.accepted,
+            end_at=cycle.end_at,
+            now=now,
+        ):
+            self.cycles.complete(conn, cycle, process, sums)
+            return "completed"
+        return "held" if in_memory else sums
