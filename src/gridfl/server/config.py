@@ -43,6 +43,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "mode": "sync",
     **{key: None for key in fedbuff.ASYNC_DEFAULTS},
     "secure_aggregation": None,
+    # null = off; {"every": n, "max_workers": m} (federated evaluation, docs/configs.md)
+    "evaluation": None,
 }
 
 #: pace steering's default selection window: how long a cycle should take to fill, seconds
@@ -228,7 +230,39 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
             "remove one of them"
         )
     out["secure_aggregation"] = validate_secure_aggregation(out)
+    out["evaluation"] = validate_evaluation(out)
     return out
+
+
+def validate_evaluation(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """``server_config.evaluation`` normalized to ``{"every", "max_workers"}``, or None;
+    refused where the node would release what the process promises to keep private."""
+    value = cfg["evaluation"]
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"every", "max_workers"}:
+        raise ConfigError(
+            'server_config.evaluation must be null or {"every": n, "max_workers": m}'
+        )
+    out = {
+        "evaluation.every": value.get("every", 1),
+        "evaluation.max_workers": value.get("max_workers"),
+    }
+    _int(out, "evaluation.every", minimum=1, nullable=False)
+    _int(out, "evaluation.max_workers", minimum=1, nullable=True)
+    if cfg["mode"] == "async":
+        raise ConfigError(
+            "server_config.evaluation runs alongside cycles (mode 'sync'); mode 'async' "
+            "has no cycle to evaluate after: remove one of them"
+        )
+    for key in ("secure_aggregation", "differential_privacy"):
+        if cfg.get(key) is not None:
+            raise ConfigError(
+                f"server_config.evaluation is not combined with {key}: each worker's "
+                "evaluation metrics are sent in the clear and are not accounted for: "
+                "remove one of them"
+            )
+    return {"every": out["evaluation.every"], "max_workers": out["evaluation.max_workers"]}
 
 
 def validate_pace_steering(value: Any) -> dict[str, float] | None:
