@@ -144,3 +144,52 @@ def test_evaluation_reports_once_per_seat(server):
         w.close()
     (e,) = server.host_client.evaluations(name, "1.0")
     assert (e["checkpoint"], e["accepted"], e["reported"], e["num_samples"]) == (2, 1, 1, 10)
+
+
+_SECAGG = {"threshold": 3, "min_survivors": 3}
+
+
+@pytest.mark.parametrize(
+    ("server_config", "with_evaluation_plan", "message"),
+    [
+        ({"evaluation": {"every": 0}}, True,
+         "server_config.evaluation.every must be an integer >= 1"),
+        ({"evaluation": {"every": -3}}, True,
+         "server_config.evaluation.every must be an integer >= 1"),
+        ({"evaluation": {"every": 1.5}}, True,
+         "server_config.evaluation.every must be an integer >= 1"),
+        ({"evaluation": {"max_workers": 0}}, True,
+         "server_config.evaluation.max_workers must be an integer >= 1"),
+        ({"evaluation": {"max_workers": "3"}}, True,
+         "server_config.evaluation.max_workers must be an integer >= 1"),
+        ({"evaluation": {"every": 1, "rounds": 2}}, True,
+         'server_config.evaluation must be null or {"every": n, "max_workers": m}'),
+        ({"evaluation": 5}, True,
+         'server_config.evaluation must be null or {"every": n, "max_workers": m}'),
+        ({"evaluation": {"every": 2}}, False,
+         "server_config.evaluation needs an evaluation plan"),
+        ({"evaluation": {"every": 1}, "mode": "async", "cycle_length": None,
+          "max_diffs": None}, True,
+         "has no cycle to evaluate after"),
+        ({"evaluation": {"every": 1}, "max_workers": 4,
+          "secure_aggregation": _SECAGG}, True,
+         "server_config.evaluation is not combined with secure_aggregation"),
+    ],
+)
+def test_bad_evaluation_config_is_refused_and_stores_nothing(
+    server, server_config, with_evaluation_plan, message
+):
+    from tests.builders import b64, host_payload, linear_params
+    from tests.harness import Admin
+
+    plans = {"training_plan": b64(linear_sgd_plan())}
+    if with_evaluation_plan:
+        plans["evaluation_plan"] = b64(linear_eval_plan())
+    payload = host_payload("bad", server_config={"num_cycles": 0, **server_config},
+                           params=linear_params(), plans=plans)
+    admin = Admin(server.url)
+    r = admin.host(payload)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]
+    assert admin.http.get("/gridfl/v1/processes/bad/1.0").status_code == 404
+    assert "bad" not in [p["name"] for p in server.host_client.processes()]
