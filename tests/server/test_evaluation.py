@@ -127,6 +127,7 @@ def test_evaluation_reports_once_per_seat(server):
         job.can_evaluate = True
         job.start()
         assert job.kind == "evaluation"
+        assert list(job.plans) == ["evaluation_plan"]  # the training plan is not listed
         result = job.evaluate(x[:10], y[:10])
         job.report_metrics(result.num_samples, result.metrics)
         # a second worker finds the evaluation's one seat taken: it trains

@@ -27,6 +27,41 @@ from gridfl._exceptions import AuthenticationError, ConflictError
 from gridfl.server.tables import checkpoints, evaluation_seats, evaluations, workers
 
 
+#: ONNX ModelProto.metadata_props, and StringStringEntryProto's key and value
+_METADATA_PROPS, _KEY, _VALUE = 14, 1, 2
+
+
+def plan_kind(onnx: bytes) -> str | None:
+    """A plan's ``gridfl.kind`` read from its ONNX metadata alone (no session, no graph):
+    the catalog tells training plans from evaluation plans with it."""
+    from gridfl import _protobuf as pw
+
+    buf = memoryview(onnx)
+    for field, wire, start, stop, _ in pw.iter_fields(buf, 0, len(buf)):
+        if field != _METADATA_PROPS or wire != pw.LEN:
+            continue
+        entry = {f: bytes(buf[a:b]) for f, w, a, b, _ in pw.iter_fields(buf, start, stop)
+                 if w == pw.LEN}
+        if entry.get(_KEY) == b"gridfl.kind":
+            return entry.get(_VALUE, b"").decode("utf-8", "replace")
+    return None
+
+
+def plans_for(process, kind: str | None) -> dict[str, int]:
+    """The plans an accepted reply names: with ``server_config.evaluation``, a training
+    cycle lists the training plans and an evaluation cycle the evaluation plans, so that
+    syft.js, which downloads every plan listed as tfjs, needs no tfjs evaluation plan;
+    without it, every plan (as before)."""
+    if process.server_config.get("evaluation") is None:
+        return dict(process.plan_ids)
+    wanted = kind == _messages.EVALUATION
+    return {
+        name: plan_id
+        for name, plan_id in process.plan_ids.items()
+        if (name in process.evaluation_plans) == wanted
+    }
+
+
 def wants(cfg: dict[str, Any], req: _messages.CycleRequest) -> bool:
     """Whether this cycle request may be placed in an evaluation."""
     return cfg.get("evaluation") is not None and _messages.EVALUATION in (req.capabilities or ())

@@ -228,15 +228,16 @@ class WorkerApi:
     @staticmethod
     def _accepted(process, request_key: str, kind: str | None = None) -> dict[str, Any]:
         cfg = process.server_config
+        plans = evaluation.plans_for(process, kind)
         return _messages.CycleAccepted(
             request_key=request_key,
             model=process.name,
             version=process.version,
             model_id=process.id,
-            plans=dict(process.plan_ids),
+            plans=plans,
             protocols=dict(process.protocol_ids),
             client_config=process.client_config,
-            plan_digests=dict(process.plan_digests),
+            plan_digests={n: d for n, d in process.plan_digests.items() if n in plans},
             compression=cfg.get("compression"),
             kind=kind,
         ).to_json()
