@@ -94,7 +94,6 @@ def test_evaluation_metrics_are_the_weighted_mean_of_the_workers(
 
 def test_evaluation_seats_and_reports_are_checked(server):
     name = _host(server, max_workers=1)
-    x, y = linear_data(64, seed=0)
     w = HttpWorker(server.url)
     try:
         # a worker that names no capability (as syft.js) is never placed in an evaluation

@@ -26,7 +26,6 @@ from gridfl import _messages
 from gridfl._exceptions import AuthenticationError, ConflictError
 from gridfl.server.tables import checkpoints, evaluation_seats, evaluations, workers
 
-
 #: ONNX ModelProto.metadata_props, and StringStringEntryProto's key and value
 _METADATA_PROPS, _KEY, _VALUE = 14, 1, 2
 
