@@ -126,6 +126,9 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
               help="Worker processes that are --slowdown times slower.")
 @click.option("--slowdown", type=click.FloatRange(1, 100), default=5.0, show_default=True,
               help="How much slower the slow workers are.")
+@click.option("--federated-every", type=click.IntRange(1), default=None,
+              help="Federated evaluation of every N-th checkpoint on the workers' held-out "
+                   "10% of their examples, plotted next to the central one.")
 @friendly
 def demo(**kw: Any) -> None:
     """Federated MNIST: a grid node, N worker processes, a results table and a plot."""
@@ -146,6 +149,7 @@ def demo(**kw: Any) -> None:
         dp_noise=kw["dp_noise"], dp_clip=kw["dp_clip"], dp_adaptive=kw["dp_adaptive"],
         asynchronous=kw["asynchronous"], buffer_size=kw["buffer_size"],
         slow_workers=kw["slow_workers"], slowdown=kw["slowdown"],
+        federated_every=kw["federated_every"],
     )
     console = Console(stderr=True)
     console.print(
