@@ -193,3 +193,11 @@ def test_bad_evaluation_config_is_refused_and_stores_nothing(
     assert message in r.json()["error"]
     assert admin.http.get("/gridfl/v1/processes/bad/1.0").status_code == 404
     assert "bad" not in [p["name"] for p in server.host_client.processes()]
+
+
+def test_plan_kind_reads_the_onnx_metadata_alone():
+    from gridfl.server.evaluation import plan_kind
+
+    assert plan_kind(linear_eval_plan()) == "evaluation"
+    assert plan_kind(linear_sgd_plan()) == "training"
+    assert plan_kind(b"\x0f\xff not onnx") is None and plan_kind(b"") is None

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from gridfl import _messages
-from gridfl._exceptions import AuthenticationError, ConflictError
+from gridfl._exceptions import AuthenticationError, ConflictError, GridflError
 from gridfl.server.tables import checkpoints, evaluation_seats, evaluations, workers
 
 #: ONNX ModelProto.metadata_props, and StringStringEntryProto's key and value
@@ -32,17 +32,21 @@ _METADATA_PROPS, _KEY, _VALUE = 14, 1, 2
 
 def plan_kind(onnx: bytes) -> str | None:
     """A plan's ``gridfl.kind`` read from its ONNX metadata alone (no session, no graph):
-    the catalog tells training plans from evaluation plans with it."""
+    the catalog tells training plans from evaluation plans with it. None for bytes that
+    are not ONNX (a plan damaged in storage fails at the worker's download, as before)."""
     from gridfl import _protobuf as pw
 
     buf = memoryview(onnx)
-    for field, wire, start, stop, _ in pw.iter_fields(buf, 0, len(buf)):
-        if field != _METADATA_PROPS or wire != pw.LEN:
-            continue
-        entry = {f: bytes(buf[a:b]) for f, w, a, b, _ in pw.iter_fields(buf, start, stop)
-                 if w == pw.LEN}
-        if entry.get(_KEY) == b"gridfl.kind":
-            return entry.get(_VALUE, b"").decode("utf-8", "replace")
+    try:
+        for field, wire, start, stop, _ in pw.iter_fields(buf, 0, len(buf)):
+            if field != _METADATA_PROPS or wire != pw.LEN:
+                continue
+            entry = {f: bytes(buf[a:b]) for f, w, a, b, _ in pw.iter_fields(buf, start, stop)
+                     if w == pw.LEN}
+            if entry.get(_KEY) == b"gridfl.kind":
+                return entry.get(_VALUE, b"").decode("utf-8", "replace")
+    except GridflError:
+        return None
     return None
 
 
