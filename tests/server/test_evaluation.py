@@ -38,9 +38,9 @@ def _reference(params: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[s
 
 @pytest.mark.parametrize("transport", ["ws", "http"])
 def test_evaluation_metrics_are_the_weighted_mean_of_the_workers(
-    server_factory, tmp_path, sqlite_url, transport
+    server_factory, tmp_path, db_url, transport
 ):
-    node = server_factory()
+    node = server_factory(db_url)
     name = _host(node)
     held_out = [linear_data(n, seed=100 + i) for i, n in enumerate(HELD_OUT)]
     summaries: list = [None] * WORKERS
@@ -62,7 +62,7 @@ def test_evaluation_metrics_are_the_weighted_mean_of_the_workers(
     for t in threads:
         t.join(120)
     assert not errors, errors
-    assert all(s.cycles == 2 for s in summaries)
+    assert all(s.cycles == 2 for s in summaries), summaries
 
     evaluations = node.host_client.evaluations(name, "1.0")
     # checkpoints 2 and 3 come out of cycles 1 and 2; every=1 evaluates both
@@ -85,7 +85,7 @@ def test_evaluation_metrics_are_the_weighted_mean_of_the_workers(
 
     # the stored metrics survive a restart of the node on the same database
     node.stop()
-    again = LiveNode(make_settings(sqlite_url, tmp_path))
+    again = LiveNode(make_settings(db_url, tmp_path))
     try:
         assert again.host_client.evaluations(name, "1.0") == evaluations
     finally:

@@ -179,8 +179,10 @@ class WorkerApi:
             raise InvalidRequestError(f"'{missing}' is required")
         if req.ping is not None or req.download is not None or req.upload is not None:
             storage.store_speeds(conn, worker.id, req.ping, req.download, req.upload)
-        # an evaluation seat first: it runs alongside training, and the last checkpoint
-        # is still evaluated once the process has finished
+        cycle = self._open_cycle(conn, process.id) if worker.status == "running" else None
+        # an evaluation seat first (after the cycle's lock: a cycle completing now may make
+        # its checkpoint due); it runs alongside training, and the last checkpoint is still
+        # evaluated once the process has finished
         if worker.status in ("running", "finished") and evaluation.wants(cfg, req):
             key = evaluation.admit(conn, process, worker.id)
             if key is not None:
@@ -191,7 +193,6 @@ class WorkerApi:
                 why = privacy.finished_reason(conn, process.id, cfg)
                 reason = f"{reason}: {why}" if why else reason
             return _messages.CycleRejected(None, reason).to_json()
-        cycle = conn.execute(storage.open_cycle_locked, {"process_id": process.id}).first()
         if cycle is None:
             return _messages.CycleRejected(None, "the FL process has no open cycle").to_json()
         timeout = self._timeout(cycle, process)
@@ -224,6 +225,17 @@ class WorkerApi:
                 },
             )
         return self._accepted(process, request_key)
+
+    @staticmethod
+    def _open_cycle(conn: Connection, process_id: int):
+        """The process's open cycle, locked. On PostgreSQL (read committed) a lock that
+        waited for a completing cycle's transaction finds that row closed and cannot see
+        the cycle the transaction opened; a second statement, with a fresh snapshot, does.
+        Without it the worker was told "no open cycle" and no timeout, and stopped."""
+        cycle = conn.execute(storage.open_cycle_locked, {"process_id": process_id}).first()
+        if cycle is None:
+            cycle = conn.execute(storage.open_cycle_locked, {"process_id": process_id}).first()
+        return cycle
 
     @staticmethod
     def _accepted(process, request_key: str, kind: str | None = None) -> dict[str, Any]:
