@@ -400,3 +400,32 @@ def test_async_demo_options_are_checked():
         with pytest.raises(ConfigError) as e:
             bad.validate()
         assert message in str(e.value)
+
+
+def test_demo_with_federated_evaluation(tmp_path, capfd):
+    """``federated_every=1``: the workers evaluate every checkpoint on their held-out 10%;
+    the node's weighted means land next to the central evaluation, in the JSON and plot."""
+    pytest.importorskip("torch")
+    options = DemoOptions(
+        model="2nn", clients=4, fraction=0.5, workers=2, cycles=3, target=None,
+        examples_per_client=300, lr=0.1, federated_every=1,
+        data_dir=tmp_path / "data", out_dir=tmp_path / "out",
+    )
+    result = run_demo(options)
+    assert "cycle failed" not in capfd.readouterr().err
+    assert [c.cycle for c in result.cycles] == [1, 2, 3]
+    federated = [c.federated_accuracy for c in result.cycles]
+    assert all(a is not None for a in federated), federated
+    assert federated[-1] > 0.5, federated  # 10-class MNIST: chance is 0.1
+    assert all(c.federated_loss > 0 for c in result.cycles)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["cycles"][-1]["federated_accuracy"] == federated[-1]
+    assert saved["settings"]["federated_every"] == 1
+
+
+def test_demo_federated_evaluation_is_refused_where_the_node_refuses_it():
+    with pytest.raises(ConfigError, match="has no cycle to evaluate after"):
+        DemoOptions(federated_every=1, asynchronous=True).validate()
+    with pytest.raises(ConfigError, match="not combined with secure_aggregation"):
+        DemoOptions(federated_every=1, secure_aggregation=True, fraction=0.5,
+                    workers=10).validate()

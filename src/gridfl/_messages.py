@@ -37,6 +37,8 @@ __all__ = [
     "AUTHENTICATE",
     "BINARY_SUBPROTOCOL",
     "CYCLE_REQUEST",
+    "EVALUATION",
+    "EVALUATION_REPORT",
     "GET_MODEL",
     "GET_PLAN",
     "GET_PROTOCOL",
@@ -64,6 +66,7 @@ __all__ = [
     "CycleRejected",
     "CycleRequest",
     "DashboardSignIn",
+    "EvaluationReport",
     "ReportRequest",
     "ReportResponse",
     "SecAggRequest",
@@ -82,6 +85,7 @@ __all__ = [
     "parse_cycle_request",
     "parse_cycle_response",
     "parse_dashboard_sign_in",
+    "parse_evaluation_report",
     "parse_json",
     "parse_max_bytes",
     "parse_report",
@@ -107,7 +111,15 @@ SECURE_AGGREGATION = "model-centric/secure-aggregation"
 GET_MODEL = "model-centric/get-model"
 GET_PLAN = "model-centric/get-plan"
 GET_PROTOCOL = "model-centric/get-protocol"
-WS_TYPES = frozenset({AUTHENTICATE, CYCLE_REQUEST, REPORT, SOCKET_PING, SECURE_AGGREGATION})
+#: gridfl extension: the metrics of an evaluation cycle (no diff; docs/worker.md)
+EVALUATION_REPORT = "model-centric/evaluation-report"
+WS_TYPES = frozenset(
+    {AUTHENTICATE, CYCLE_REQUEST, REPORT, SOCKET_PING, SECURE_AGGREGATION, EVALUATION_REPORT}
+)
+#: the capability a worker names in its cycle request (``capabilities``) to be placed in
+#: evaluation cycles, and the ``kind`` of such a cycle in the accepted reply; syft.js
+#: never sends it, so it only ever receives training cycles
+EVALUATION = "evaluation"
 
 #: plan variants ``get-plan`` serves (``receive_operations_as``)
 PLAN_VARIANTS = ("onnx", "tfjs", "torchscript", "list")
@@ -363,6 +375,15 @@ class CycleRequest:
             "description": "gridfl: protocols this worker runs, e.g. secure_aggregation",
         },
     )
+    #: gridfl extension: what else this worker can do; ``["evaluation"]`` lets the node
+    #: place it in an evaluation cycle (syft.js sends none: it only ever trains)
+    capabilities: list[str] | None = field(
+        default=None,
+        metadata={
+            "maxItems": MAX_WORKER_PROTOCOLS,
+            "description": "gridfl: e.g. ['evaluation'] to take evaluation cycles",
+        },
+    )
 
     def to_json(self) -> dict[str, Any]:
         return _present(
@@ -375,6 +396,7 @@ class CycleRequest:
                 "upload": self.upload,
                 "wait": self.wait or None,  # 0 is the default: PyGrid is sent no extension
                 "protocols": self.protocols or None,
+                "capabilities": self.capabilities or None,
             }
         )
 
@@ -469,11 +491,12 @@ def parse_cycle_request(data: Any) -> CycleRequest:
         upload=_number(data, "upload"),
         wait=_wait(data),
         protocols=_protocol_names(data),
+        capabilities=_protocol_names(data, "capabilities"),
     )
 
 
-def _protocol_names(data: dict[str, Any]) -> list[str] | None:
-    value = data.get("protocols")
+def _protocol_names(data: dict[str, Any], key: str = "protocols") -> list[str] | None:
+    value = data.get(key)
     if value is None:
         return None
     if (
@@ -482,7 +505,8 @@ def _protocol_names(data: dict[str, Any]) -> list[str] | None:
         or not all(isinstance(v, str) and 0 < len(v) <= 64 for v in value)
     ):
         raise InvalidRequestError(
-            f"'protocols' must be a list of at most {MAX_WORKER_PROTOCOLS} protocol names"
+            f"'{key}' must be a list of at most {MAX_WORKER_PROTOCOLS} names "
+            "(strings of 1 to 64 characters)"
         )
     return value
 
@@ -588,6 +612,22 @@ def parse_report(data: Any) -> ReportRequest:
         raise InvalidRequestError(
             f"'num_samples' must be a positive integer (at most {MAX_NUM_SAMPLES})"
         )
+    clean = _metrics(data)
+    compression = data.get("compression")
+    if compression is not None:
+        if compression not in ("float16", "int8", "topk"):
+            raise InvalidRequestError(
+                f"'compression' must be 'float16', 'int8' or 'topk', got {compression!r:.60}"
+            )
+        if isinstance(data.get("diff"), str):
+            raise InvalidRequestError(
+                "a compressed diff travels only in a binary report frame on a WebSocket "
+                f"that negotiated {BINARY_SUBPROTOCOL!r}; send plain State bytes here"
+            )
+    return ReportRequest(worker_id, request_key, diff, num_samples, clean, compression)
+
+
+def _metrics(data: dict[str, Any]) -> dict[str, float]:
     metrics = data.get("metrics")
     if metrics is None:
         metrics = {}
@@ -604,18 +644,52 @@ def parse_report(data: Any) -> ReportRequest:
         if f is None:
             raise InvalidRequestError(f"metric {name!r} must be a finite number")
         clean[name] = f
-    compression = data.get("compression")
-    if compression is not None:
-        if compression not in ("float16", "int8", "topk"):
-            raise InvalidRequestError(
-                f"'compression' must be 'float16', 'int8' or 'topk', got {compression!r:.60}"
-            )
-        if isinstance(data.get("diff"), str):
-            raise InvalidRequestError(
-                "a compressed diff travels only in a binary report frame on a WebSocket "
-                f"that negotiated {BINARY_SUBPROTOCOL!r}; send plain State bytes here"
-            )
-    return ReportRequest(worker_id, request_key, diff, num_samples, clean, compression)
+    return clean
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """``model-centric/evaluation-report`` (gridfl extension): the metrics a worker
+    measured in an evaluation cycle, on ``num_samples`` held-out examples. No diff.
+
+    >>> EvaluationReport("w1", "k", 50, {"accuracy": 0.9}).to_json()
+    {'worker_id': 'w1', 'request_key': 'k', 'num_samples': 50, 'metrics': {'accuracy': 0.9}}
+    >>> parse_evaluation_report(EvaluationReport("w1", "k", 50, {"loss": 1}).to_json())
+    EvaluationReport(worker_id='w1', request_key='k', num_samples=50, metrics={'loss': 1.0})
+    """
+
+    worker_id: str
+    request_key: str
+    num_samples: int = field(metadata={"minimum": 1, "maximum": MAX_NUM_SAMPLES})
+    metrics: dict[str, float] = field(metadata={"minProperties": 1, "maxProperties": 32})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "request_key": self.request_key,
+            "num_samples": self.num_samples,
+            "metrics": self.metrics,
+        }
+
+
+def parse_evaluation_report(data: Any) -> EvaluationReport:
+    data = _obj(data, "evaluation-report")
+    num_samples = data.get("num_samples")
+    if (
+        isinstance(num_samples, bool)
+        or not isinstance(num_samples, int)
+        or not 0 < num_samples <= MAX_NUM_SAMPLES
+    ):
+        raise InvalidRequestError(
+            f"'num_samples' is required: a positive integer (at most {MAX_NUM_SAMPLES}), "
+            "the number of held-out examples the metrics were measured on"
+        )
+    metrics = _metrics(data)
+    if not metrics:
+        raise InvalidRequestError("'metrics' is required: an object of at least one name -> number")
+    return EvaluationReport(
+        _str(data, "worker_id"), _str(data, "request_key"), num_samples, metrics
+    )
 
 
 def parse_asset_request(query: Any, id_key: str, *, variant: bool = False) -> AssetRequest:
@@ -852,6 +926,12 @@ class CycleAccepted:
         default=None,
         metadata={"description": "gridfl: the diff encoding the node asks for (binary only)"},
     )
+    #: gridfl extension, left out for training: ``"evaluation"`` when the worker is to run
+    #: the evaluation plan on the checkpoint and send an :class:`EvaluationReport`
+    kind: str | None = field(
+        default=None,
+        metadata={"enum": [EVALUATION], "description": "gridfl: absent = a training cycle"},
+    )
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -868,6 +948,8 @@ class CycleAccepted:
             out["plan_digests"] = self.plan_digests
         if self.compression:
             out["compression"] = self.compression
+        if self.kind:
+            out["kind"] = self.kind
         return out
 
 
@@ -928,6 +1010,8 @@ def parse_cycle_response(data: Any) -> CycleAccepted | CycleRejected:
         # an unknown or malformed digest just means the plan is downloaded
         plan_digests=digests if isinstance(digests, dict) else None,
         compression=_compression_or_none(data.get("compression")),
+        # a kind this SDK does not know is not an evaluation: it trains as PyGrid's do
+        kind=EVALUATION if data.get("kind") == EVALUATION else None,
     )
 
 

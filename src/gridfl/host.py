@@ -130,6 +130,20 @@ class HostClient:
         """
         return self.status(name, version, cycles=1).get("privacy")
 
+    def evaluations(
+        self, name: str, version: str | None = None, *, last: int = 100
+    ) -> list[dict[str, Any]] | None:
+        """The federated evaluations of a process hosted with ``server_config.evaluation``
+        (docs/configs.md), oldest first, else ``None``: per evaluated ``checkpoint``, the
+        workers ``accepted`` and ``reported``, the held-out examples (``num_samples``) and
+        each metric averaged over the workers weighted by ``num_samples``.
+
+            >>> host.evaluations("mnist", "1.0")[-1]  # doctest: +SKIP
+            {'checkpoint': 3, 'opened_at': 1764..., 'accepted': 3, 'reported': 3,
+             'num_samples': 75, 'metrics': {'loss': 0.31, 'accuracy': 0.91}}
+        """
+        return self.status(name, version, cycles=last).get("evaluations")
+
     def retrieve_bytes(self, name: str, version: str, checkpoint: int | str = "latest") -> bytes:
         """A checkpoint (by number or alias) as ``State`` bytes."""
         return self._request("GET", f"{_path(name, version)}/checkpoints/{checkpoint}").content

@@ -190,3 +190,34 @@ def test_status_shows_the_strategy_and_its_state(node):
     w.close()
     r = run("status", node.url, "adam-cli", "1.0", "--admin-token", TOKEN)
     assert "state: step 1, m_norm" in r.output.replace("\n", " "), r.output
+
+
+def test_worker_with_eval_data_evaluates_and_status_shows_it(node, bundle, tmp_path):
+    """``gridfl worker --eval-data`` takes the evaluation cycles of a process hosted with
+    server_config.evaluation; ``gridfl status`` prints each evaluation's weighted mean,
+    here one worker's own metrics on its held-out data (numpy, from the checkpoint)."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"server_config": {"evaluation": {"every": 2}}}))
+    r = run("host", node.url, bundle, "--admin-token", TOKEN, "--name", "tiny-eval",
+            "--config", config)
+    assert r.exit_code == 0, r.output
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)
+    np.savez(tmp_path / "local.npz", x=x, y=y)
+    np.savez(tmp_path / "held.npz", x=x[:13], y=y[:13])
+    r = run("worker", node.ws_url, "tiny-eval", "--version", "2.0", "--data",
+            tmp_path / "local.npz", "--eval-data", tmp_path / "held.npz")
+    assert r.exit_code == 0, r.output
+    # num_cycles 2, every 2: checkpoint 3 (after cycle 2) is the one evaluated
+    assert "reported 2 cycle(s)" in r.output and "evaluated 1 checkpoint(s)" in r.output
+    r = run("status", node.url, "tiny-eval", "2.0", "--admin-token", TOKEN)
+    assert r.exit_code == 0, r.output
+    w1, b1, w2, b2 = state.loads(
+        run("retrieve", node.url, "tiny-eval", "2.0", "--checkpoint", 3, "-o",
+            tmp_path / "c3.pb", "--admin-token", TOKEN) and (tmp_path / "c3.pb").read_bytes()
+    )
+    logits = np.maximum(x[:13] @ w1.T + b1, 0) @ w2.T + b2
+    accuracy = float(np.mean(logits.argmax(1) == y[:13]))
+    assert "evaluation of checkpoint 3: 1/1 workers, 13 samples;" in r.output
+    assert f"accuracy {accuracy:.4g}" in r.output

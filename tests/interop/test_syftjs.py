@@ -381,3 +381,89 @@ def test_rejected_from_a_secure_aggregation_process(grid, syftjs, mnist, transpo
     if transport == "ws":  # syft.js logs the socket's replies; the HTTP one is not shown
         assert "secure_aggregation" in run.log() and "train it with the gridfl" in run.log()
     assert grid.status(name)["current"]["accepted"] == 0
+
+
+# --------------------------------------------------------------------------- evaluation
+def _mnist_evaluation_plan(mnist) -> bytes:
+    """``(X, y, W1, b1, W2, b2) -> (cross-entropy loss, accuracy)`` for the vectors' MLP."""
+    from onnx import TensorProto, helper
+
+    from tests.builders import _plan_bytes
+
+    f32 = TensorProto.FLOAT
+    names = ["W1", "b1", "W2", "b2"]
+    inputs = [
+        helper.make_tensor_value_info("X", f32, ["N", mnist.X.shape[1]]),
+        helper.make_tensor_value_info("y", f32, ["N", mnist.y.shape[1]]),
+        *[helper.make_tensor_value_info(n, f32, list(p.shape))
+          for n, p in zip(names, mnist.params, strict=True)],
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["X", "W1", "b1"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("Gemm", ["a", "W2", "b2"], ["logits"], transB=1),
+        helper.make_node("LogSoftmax", ["logits"], ["logp"], axis=1),
+        helper.make_node("Mul", ["logp", "y"], ["ylogp"]),
+        helper.make_node("ReduceSum", ["ylogp"], ["rowsum"], keepdims=0),
+        helper.make_node("Neg", ["rowsum"], ["negsum"]),
+        helper.make_node("Shape", ["X"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["n"], axis=0),
+        helper.make_node("Cast", ["n"], ["nf"], to=f32),
+        helper.make_node("Div", ["negsum", "nf"], ["loss"]),
+        helper.make_node("ArgMax", ["logits"], ["pred"], axis=1, keepdims=0),
+        helper.make_node("ArgMax", ["y"], ["label"], axis=1, keepdims=0),
+        helper.make_node("Equal", ["pred", "label"], ["hit"]),
+        helper.make_node("Cast", ["hit"], ["hitf"], to=f32),
+        helper.make_node("ReduceMean", ["hitf"], ["accuracy"], keepdims=0),
+    ]
+    zero = helper.make_tensor("zero", TensorProto.INT64, [], [0])
+    nodes.insert(0, helper.make_node("Constant", [], ["zero"], value=zero))
+    outputs = [helper.make_tensor_value_info("loss", f32, []),
+               helper.make_tensor_value_info("accuracy", f32, [])]
+    return _plan_bytes(
+        nodes, inputs, outputs, "evaluation",
+        [{"name": "X", "role": "data"}, {"name": "y", "role": "target"},
+         *[{"name": n, "role": "model_param", "index": i} for i, n in enumerate(names)]],
+        [{"name": "loss", "role": "loss"},
+         {"name": "accuracy", "role": "metric", "key": "accuracy"}],
+    )
+
+
+def test_syftjs_only_trains_beside_evaluation_cycles(grid, syftjs, mnist, transport):
+    """A process hosted with server_config.evaluation: after cycle 1 an evaluation of
+    checkpoint 2 is due, yet syft.js 0.1.4 (which names no ``evaluation`` capability) is
+    placed in training cycle 2, trains and reports; a gridfl worker that can evaluate is
+    then placed in the evaluation of checkpoint 3 and its metrics are the status's."""
+    name = f"mnist-eval-{transport}"
+    grid.host(
+        name,
+        server_config={"cycle_length": 600, "num_cycles": 0, "max_diffs": 1,
+                       "evaluation": {"every": 1, "max_workers": 2}},
+        client_config={"batch_size": mnist.batch_size, "lr": mnist.lr, "max_updates": 1},
+        params=mnist.model_bytes,
+        plans={"training_plan": {"tfjs": mnist.tfjs_plan, "onnx": mnist.onnx_plan},
+               "evaluation_plan": _mnist_evaluation_plan(mnist)},
+    )
+    _python_worker(grid, name, train=True, mnist=mnist)  # cycle 1: checkpoint 2 is due
+    run = syftjs.run(grid.url_for(transport), name)
+    assert run.names() == ["accepted", "reported"], run
+    # a training cycle lists the training plan only: syft.js needs no tfjs evaluation plan
+    assert run.one("accepted")["plans"] == ["training_plan"]
+    cycles = grid.status(name)["cycles"]
+    assert [(c["sequence"], c["reported"]) for c in cycles[:2]] == [(1, 1), (2, 1)]
+    assert grid.host_client.evaluations(name, "1.0") == []  # syft.js took no seat
+
+    with Syft(grid.url_for(transport), timeout=30) as client:
+        job = client.new_job(name, "1.0")
+        job.can_evaluate = True
+        job.start()
+        assert job.kind == "evaluation"
+        result = job.evaluate(mnist.X, mnist.y)
+        job.report_metrics(result.num_samples, result.metrics)
+    (e,) = grid.host_client.evaluations(name, "1.0")
+    ckpt3 = grid.checkpoint(name, 3)
+    hidden = np.maximum(mnist.X @ ckpt3[0].T + ckpt3[1], 0)
+    logits = (hidden @ ckpt3[2].T + ckpt3[3]).astype(np.float64)
+    accuracy = float(np.mean(logits.argmax(1) == mnist.y.argmax(1)))
+    assert (e["checkpoint"], e["reported"], e["num_samples"]) == (3, 1, len(mnist.X))
+    assert e["metrics"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)

@@ -116,3 +116,37 @@ def test_a_user_partitioner_by_module_and_name(bundle, tmp_path, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["partitioner"] == "halves"
     assert len(results["rounds"][0]["clients"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "drop_plan", "message"),
+    [
+        ({"every": 0}, False, "server_config.evaluation.every must be an integer >= 1"),
+        ({"every": 1, "max_workers": 0}, False,
+         "server_config.evaluation.max_workers must be an integer >= 1"),
+        ({"every": 1}, True, "server_config.evaluation needs an evaluation plan"),
+    ],
+)
+def test_a_bad_server_config_evaluation_is_one_line_and_exit_code_1(
+    bundle, tmp_path, evaluation, drop_plan, message
+):
+    spec = json.loads((bundle / "bundle.json").read_text())
+    spec["server_config"]["evaluation"] = evaluation
+    if drop_plan:
+        del spec["plans"]["evaluation_plan"]
+    (bundle / "bundle.json").write_text(json.dumps(spec))
+    r = _run(bundle, "--data", tmp_path / "train.npz", "--workers", 1)
+    assert r.exit_code == 1, r.output
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_server_config_evaluation_runs_a_federated_evaluation(bundle, tmp_path):
+    spec = json.loads((bundle / "bundle.json").read_text())
+    spec["server_config"]["evaluation"] = {"every": 2, "max_workers": 5}
+    (bundle / "bundle.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    r = _run(bundle, "--data", tmp_path / "train.npz", "--clients", 20, "--workers", 1,
+             "--out", out)
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    assert [bool(e.get("federated")) for e in results["rounds"]] == [False, True]

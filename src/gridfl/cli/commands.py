@@ -126,6 +126,9 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
               help="Worker processes that are --slowdown times slower.")
 @click.option("--slowdown", type=click.FloatRange(1, 100), default=5.0, show_default=True,
               help="How much slower the slow workers are.")
+@click.option("--federated-every", type=click.IntRange(1), default=None,
+              help="Federated evaluation of every N-th checkpoint on the workers' held-out "
+                   "10% of their examples, plotted next to the central one.")
 @friendly
 def demo(**kw: Any) -> None:
     """Federated MNIST: a grid node, N worker processes, a results table and a plot."""
@@ -146,6 +149,7 @@ def demo(**kw: Any) -> None:
         dp_noise=kw["dp_noise"], dp_clip=kw["dp_clip"], dp_adaptive=kw["dp_adaptive"],
         asynchronous=kw["asynchronous"], buffer_size=kw["buffer_size"],
         slow_workers=kw["slow_workers"], slowdown=kw["slowdown"],
+        federated_every=kw["federated_every"],
     )
     console = Console(stderr=True)
     console.print(
@@ -375,6 +379,8 @@ def status(url, admin_token, admin_token_file, name, version, as_json, follow) -
                 click.echo(_strategy_line(data["strategy"]))
             if data.get("privacy"):
                 click.echo(_privacy_line(data["privacy"]))
+            for e in data.get("evaluations") or []:
+                click.echo(_evaluation_line(e))
         if follow:
             _follow(client, data, as_json)
 
@@ -418,6 +424,18 @@ def _cycle_row(c: dict) -> list[str]:
         row.append(f"{eps:.4g}" if eps is not None else "inf" if c["status"] == "completed"
                    else "-")
     return row
+
+
+def _evaluation_line(e: dict) -> str:
+    """One federated evaluation (docs/configs.md, ``evaluation``).
+
+    >>> _evaluation_line({"checkpoint": 3, "reported": 2, "accepted": 2, "num_samples": 40,
+    ...                   "metrics": {"loss": 0.25, "accuracy": 0.9}})
+    'evaluation of checkpoint 3: 2/2 workers, 40 samples; loss 0.25, accuracy 0.9'
+    """
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in e["metrics"].items()) or "no reports yet"
+    return (f"evaluation of checkpoint {e['checkpoint']}: {e['reported']}/{e['accepted']} "
+            f"workers, {e['num_samples']} samples; {metrics}")
 
 
 def _privacy_line(p: dict) -> str:
@@ -487,21 +505,31 @@ def retrieve(url, admin_token, admin_token_file, name, version, checkpoint, out:
               help="Stop after this many reported cycles (default: until the node is done).")
 @click.option("--allow-insecure", is_flag=True,
               help="Allow plain ws:// or http:// to a non-loopback host.")
+@click.option("--eval-data", "eval_file", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), default=None,
+              help=".npz with held-out arrays 'x' and 'y': also take evaluation cycles.")
 @friendly
-def worker(url, name, version_, data_file: Path, auth_token, plan, cycles, allow_insecure):
+def worker(url, name, version_, data_file: Path, auth_token, plan, cycles, allow_insecure,
+           eval_file: Path | None):
     """Train NAME on the node at URL with a local dataset, cycle after cycle."""
     from gridfl.client import run_worker
 
-    with np.load(data_file) as npz:
-        if "x" not in npz.files or "y" not in npz.files:
-            raise ConfigError(f"{data_file} must hold arrays 'x' and 'y' (has {npz.files})")
-        x, y = npz["x"], npz["y"]
+    x, y = _xy(data_file)
     summary = run_worker(
         url, name, x, y, model_version=version_, auth_token=auth_token, plan_name=plan,
         max_cycles=cycles, allow_insecure=allow_insecure or None,
+        eval_data=None if eval_file is None else _xy(eval_file),
     )
-    click.echo(f"reported {summary.cycles} cycle(s); last loss {summary.last_loss}; "
-               f"{'the node is done' if summary.finished else 'stopped'}")
+    evaluated = f"; evaluated {summary.evaluations} checkpoint(s)" if eval_file else ""
+    click.echo(f"reported {summary.cycles} cycle(s); last loss {summary.last_loss}"
+               f"{evaluated}; {'the node is done' if summary.finished else 'stopped'}")
+
+
+def _xy(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as npz:
+        if "x" not in npz.files or "y" not in npz.files:
+            raise ConfigError(f"{path} must hold arrays 'x' and 'y' (has {npz.files})")
+        return npz["x"], npz["y"]
 
 
 COMMANDS = [demo, compile_, host, status, retrieve, worker]

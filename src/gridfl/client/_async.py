@@ -62,6 +62,14 @@ class AsyncJob(BaseJob):
             self._report_flow(diff, num_samples, metrics), self._client._perform
         )
 
+    async def report_metrics(
+        self, num_samples: int, metrics: Mapping[str, float]
+    ) -> dict[str, Any]:
+        """Send the metrics of an evaluation cycle (see :meth:`Job.report_metrics`)."""
+        return await drive_async(
+            self._metrics_flow(num_samples, metrics), self._client._perform
+        )
+
     async def train(self, plan_name: str, data: Any, target: Any, **options: Any) -> TrainResult:
         """Run the plan on ``data``/``target`` in a worker thread (see :meth:`trainer`).
 

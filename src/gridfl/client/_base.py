@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
+
 from gridfl import _messages
 from gridfl._exceptions import (
     ConfigError,
@@ -45,6 +47,7 @@ _PLAN_CACHE_SIZE = 8
 if TYPE_CHECKING:
     import httpx
 
+    from gridfl.client.evaluation import EvaluationResult
     from gridfl.client.trainer import PlanTrainer
     from gridfl.model import SyftModel
     from gridfl.plan import Plan
@@ -251,6 +254,8 @@ class _Cycle:
     timeout: int | None = None
     #: the node's ``compression`` request in the accepted reply (gridfl extension)
     compression: dict[str, Any] | None = None
+    #: "training", or "evaluation" when the node placed the job in an evaluation cycle
+    kind: str = "training"
 
 
 class BaseJob:
@@ -284,6 +289,9 @@ class BaseJob:
         self.client_config: dict[str, Any] = {}
         self.error: GridflError | None = None
         self._cycle = _Cycle()
+        #: True: the job tells the node it can run evaluation cycles (then ``kind`` may be
+        #: "evaluation": run :meth:`evaluate` and :meth:`report_metrics`, not a diff)
+        self.can_evaluate = False
         #: (worker_id, requires_speed_test) once authenticated; reused by later starts
         self._identity: tuple[str, bool] | None = None
 
@@ -324,6 +332,13 @@ class BaseJob:
     def timeout(self) -> int | None:
         """Seconds to wait before retrying after a rejection (``None``: training is over)."""
         return self._cycle.timeout
+
+    @property
+    def kind(self) -> str:
+        """The accepted cycle's kind: ``"training"`` (train, ``report`` a diff) or
+        ``"evaluation"`` (``evaluate`` the model, ``report_metrics``); only a job with
+        :attr:`can_evaluate` set is placed in evaluation cycles."""
+        return self._cycle.kind
 
     @property
     def speed(self) -> dict[str, float]:
@@ -421,6 +436,7 @@ class BaseJob:
             upload=c.speed.get("upload"),
             wait=max(0.0, wait),
             protocols=list(SUPPORTED_PROTOCOLS),
+            capabilities=[_messages.EVALUATION] if self.can_evaluate else None,
         )
         call = Call(replies.CYCLE_REQUEST, request.to_json(), idempotent=False, extra_timeout=wait)
         reply = _messages.parse_cycle_response((yield call))
@@ -429,6 +445,7 @@ class BaseJob:
 
         c.request_key, c.model_id, c.version = reply.request_key, reply.model_id, reply.version
         c.compression = reply.compression
+        c.kind = reply.kind or "training"
         # gridfl nodes name each plan's digest: a plan held from an earlier cycle is not
         # downloaded again (an unknown or malformed digest just means a download)
         digests = reply.plan_digests or {}
@@ -523,6 +540,56 @@ class BaseJob:
         self.state = JobState.REPORTED
         logger.info("%s: reported diff of %d bytes", self.model_name, len(payload))
         return reply
+
+    def _metrics_flow(self, num_samples: int, metrics: Mapping[str, float]) -> Flow:
+        if self.state is not JobState.ACCEPTED or self.kind != _messages.EVALUATION:
+            raise GridflError(
+                "report_metrics() needs a job accepted into an evaluation cycle "
+                f"(kind 'evaluation'); this one is {self.state.value!r}, kind {self.kind!r}"
+            )
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ConfigError(f"num_samples must be a positive int, got {num_samples!r}")
+        clean = {str(k): float(v) for k, v in dict(metrics).items()}
+        if not clean:
+            raise ConfigError("metrics must name at least one metric")
+        report = _messages.EvaluationReport(
+            str(self.worker_id), str(self.request_key), num_samples, clean
+        )
+        reply = yield Call(_messages.EVALUATION_REPORT, report.to_json(), idempotent=False)
+        _messages.parse_report_response(reply)
+        self.state = JobState.REPORTED
+        logger.info("%s: reported metrics of %d samples", self.model_name, num_samples)
+        return reply
+
+    def evaluate(
+        self, data: Any, target: Any, *, plan_name: str | None = None
+    ) -> EvaluationResult:
+        """Run the evaluation plan (``plan_name``, or the cycle's one plan of kind
+        ``evaluation``) on ``data``/``target`` with this cycle's model; the result goes to
+        ``report_metrics(result.num_samples, result.metrics)``."""
+        from gridfl.client.evaluation import EvaluationResult, evaluate_plan
+
+        if self.model is None or self.state not in (JobState.ACCEPTED, JobState.REPORTED):
+            raise GridflError(
+                f"evaluate() needs an accepted job; got state {self.state.value!r}"
+            )
+        if plan_name is None:
+            found = [n for n, p in self.plans.items() if p.kind == "evaluation"]
+            if len(found) != 1:
+                raise ConfigError(
+                    f"name the evaluation plan: this cycle has {len(found)} plans of kind "
+                    f"'evaluation' ({', '.join(found) or 'none'})"
+                )
+            plan_name = found[0]
+        if plan_name not in self.plans:
+            raise ConfigError(
+                f"no plan {plan_name!r} in this cycle; plans: {', '.join(self.plans) or 'none'}"
+            )
+        x, y = np.asarray(data), np.asarray(target)
+        if len(x) == 0:
+            raise ConfigError("evaluate() needs at least one held-out example")
+        metrics = evaluate_plan(self.plans[plan_name], self.model.params, x, y, self.client_config)
+        return EvaluationResult(len(x), metrics)
 
     # ------------------------------------------------------------------ training
     def trainer(

@@ -133,6 +133,16 @@ class Job(BaseJob):
         """
         return drive_sync(self._report_flow(diff, num_samples, metrics), self._client._perform)
 
+    def report_metrics(self, num_samples: int, metrics: Mapping[str, float]) -> dict[str, Any]:
+        """Send the metrics of an evaluation cycle (``job.kind == "evaluation"``),
+        measured on ``num_samples`` held-out examples; no diff. The node averages them
+        over the workers weighted by ``num_samples``::
+
+            result = job.evaluate(x_test, y_test)  # doctest: +SKIP
+            job.report_metrics(result.num_samples, result.metrics)  # doctest: +SKIP
+        """
+        return drive_sync(self._metrics_flow(num_samples, metrics), self._client._perform)
+
     def train(self, plan_name: str, data: Any, target: Any, **options: Any) -> TrainResult:
         """Run the plan ``plan_name`` on ``data``/``target``; see :meth:`trainer` for options.
 

@@ -50,6 +50,9 @@ class WorkerSummary:
     rejections: int = 0
     errors: int = 0
     losses: list[float] = field(default_factory=list)
+    #: evaluation cycles run and reported (with ``eval_data``), and their metrics
+    evaluations: int = 0
+    evaluation_metrics: list[dict[str, float]] = field(default_factory=list)
     finished: bool = False  # the node said there is nothing left to train
 
     @property
@@ -77,6 +80,7 @@ def run_worker(
     max_errors: int = 5,
     long_poll: float = 30.0,
     on_trained: Callable[[Job, TrainResult], None] | None = None,
+    eval_data: tuple[Any, Any] | None = None,
     client: Syft | None = None,
     sleep: Callable[[float], None] = time.sleep,
     **client_options: Any,
@@ -102,6 +106,10 @@ def run_worker(
             (``job.start(wait=...)``); a node that answers sooner (PyGrid) is retried
             after its ``timeout`` instead. ``0`` turns long-polling off.
         on_trained: called as ``on_trained(job, result)`` before each report.
+        eval_data: ``(x, y)`` held-out examples: the worker then also takes evaluation
+            cycles (``job.can_evaluate``), runs the hosted evaluation plan on them and
+            reports the metrics (``summary.evaluations``); ``max_cycles`` counts
+            training cycles only.
 
     Returns a :class:`WorkerSummary`. Authentication, permission, configuration and plan
     errors are raised at once; other node and network errors (e.g. a cycle that closed
@@ -114,12 +122,17 @@ def run_worker(
     summary = WorkerSummary()
     errors_in_row = 0
     job = client.new_job(model_name, model_version)
+    job.can_evaluate = eval_data is not None
     try:
         while max_cycles is None or summary.cycles < max_cycles:
             asked = time.monotonic()
             try:
                 job.start(wait=long_poll)  # the same job: the next cycle, same worker id
-                if job.state is JobState.ACCEPTED:
+                if job.state is JobState.ACCEPTED and job.kind == "evaluation":
+                    assert eval_data is not None  # only such a job is placed in one
+                    evaluated = job.evaluate(*eval_data)
+                    job.report_metrics(evaluated.num_samples, evaluated.metrics)
+                elif job.state is JobState.ACCEPTED:
                     result = _train_and_report(
                         job, plan_name, data, target, on_trained,
                         batch_size=batch_size, epochs=epochs, max_updates=max_updates,
@@ -141,6 +154,11 @@ def run_worker(
                 continue
             errors_in_row = 0
 
+            if job.state is JobState.REPORTED and job.kind == "evaluation":
+                summary.evaluations += 1
+                summary.evaluation_metrics.append(dict(evaluated.metrics))
+                logger.info("worker: evaluation reported, %s", evaluated.metrics)
+                continue
             if job.state is JobState.REPORTED:
                 summary.cycles += 1
                 if result.loss is not None:

@@ -20,6 +20,9 @@ class CycleResult:
     test_loss: float | None = None
     test_accuracy: float | None = None
     epsilon: float | None = None  # privacy spent after the cycle (differential privacy)
+    # federated evaluation: the node's weighted mean over the workers' held-out data
+    federated_loss: float | None = None
+    federated_accuracy: float | None = None
 
 
 @dataclass
@@ -80,8 +83,17 @@ def plot(result: RunResult, path: Path) -> None:
         axes[2].set(xlabel="epsilon spent", ylabel="test accuracy (%)",
                     title="Accuracy against privacy")
         axes[2].grid(alpha=0.3)
-    ax_acc.plot(xs, [100 * (c.test_accuracy or 0.0) for c in done], marker=marker)
-    ax_acc.set(xlabel="cycle", ylabel="test accuracy (%)", title="Global model on the 10k test set")
+    ax_acc.plot(xs, [100 * (c.test_accuracy or 0.0) for c in done], marker=marker,
+                label="central (10k test set)")
+    federated = [c for c in result.cycles if c.federated_accuracy is not None]
+    if federated:
+        ax_acc.plot([c.cycle for c in federated],
+                    [100 * (c.federated_accuracy or 0.0) for c in federated],
+                    marker="s" if marker else None, label="federated (workers' held-out data)")
+        ax_acc.legend()
+    title = "Global model: central and federated" if federated else (
+        "Global model on the 10k test set")
+    ax_acc.set(xlabel="cycle", ylabel="test accuracy (%)", title=title)
     ax_acc.grid(alpha=0.3)
     ax_loss.plot(xs, [c.test_loss for c in done], marker=marker, label="test")
     train = [(c.cycle, c.train_loss) for c in result.cycles if c.train_loss is not None]
@@ -89,6 +101,9 @@ def plot(result: RunResult, path: Path) -> None:
         ax_loss.plot(
             *zip(*train, strict=True), marker="." if marker else None, label="train (workers)"
         )
+    if federated:
+        ax_loss.plot([c.cycle for c in federated], [c.federated_loss for c in federated],
+                     marker="s" if marker else None, label="federated evaluation")
     ax_loss.set(xlabel="cycle", ylabel="cross-entropy loss", title="Loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)

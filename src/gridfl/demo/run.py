@@ -77,6 +77,9 @@ class DemoOptions:
     slow_workers: int = 0  # worker processes that are `slowdown` times slower
     slowdown: float = 5.0  # how much slower: they sleep (slowdown - 1) x their training time
     secure_aggregation: bool = False  # the node learns only each cycle's sum
+    #: federated evaluation (server_config.evaluation) of every n-th checkpoint on each
+    #: worker's held-out 10% of its client's examples; None = off
+    federated_every: int | None = None
     data_dir: Path = field(default_factory=lambda: Path("data/demo"))
     out_dir: Path = field(default_factory=lambda: Path("results"))
 
@@ -166,6 +169,13 @@ class DemoOptions:
             )
         return {"threshold": self.per_cycle // 2 + 1}
 
+    def evaluation_config(self) -> dict | None:
+        """``server_config.evaluation`` for :attr:`federated_every`: as many workers
+        evaluate as train in a cycle."""
+        if self.federated_every is None:
+            return None
+        return {"every": self.federated_every, "max_workers": self.per_cycle}
+
     def server_config(self) -> dict:
         """The process's ``server_config``: cycles of ``per_cycle`` workers, or (async)
         FedBuff buffers of ``buffer_size`` reports; ``cycles`` checkpoints either way."""
@@ -180,6 +190,7 @@ class DemoOptions:
                 "differential_privacy": self.differential_privacy(),
                 "compression": self.compression_config,
                 "secure_aggregation": self.secure_aggregation_config(),
+                "evaluation": self.evaluation_config(),
             }
         cfg = {
             "mode": "async",
@@ -188,6 +199,7 @@ class DemoOptions:
             "strategy": self.strategy_config(),
             "differential_privacy": self.differential_privacy(),
             "compression": self.compression_config,
+            "evaluation": self.evaluation_config(),
         }
         if self.strategy == "fedavg" and self.server_lr is not None:
             cfg["server_lr"] = self.server_lr
@@ -264,6 +276,7 @@ def run_demo(
                     "--nice",
                     "10",
                     *(["--compute-slots", str(slots)] if slots else []),
+                    *(["--evaluate"] if options.federated_every else []),
                     *(["--attack", options.attack] if i < options.byzantine else []),
                     # the last slow_workers processes (the Byzantine ones are the first)
                     *(
@@ -296,7 +309,10 @@ def run_demo(
                 host.delete(name, version)  # a previous run in the same data dir
             host.host(
                 model=initial_params,
-                plans={"training_plan": training_plan},
+                plans={
+                    "training_plan": training_plan,
+                    **({"evaluation_plan": evaluation_bytes} if options.federated_every else {}),
+                },
                 client_config={
                     "name": name,
                     "version": version,
@@ -330,6 +346,7 @@ def run_demo(
                 [node_proc, *workers],
                 on_cycle,
             )
+            _await_last_evaluation(host, name, version, options, result)
         finally:
             with contextlib.suppress(GridflError):
                 host.stop(name, version)
@@ -338,6 +355,7 @@ def run_demo(
                     w.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     w.kill()
+        _take_federated(host.evaluations(name, version), result)
         if not options.evaluate:  # evaluate afterwards, so it never slows the cycles
             for entry in result.cycles:
                 params = host.retrieve(name, version, entry.checkpoint)
@@ -540,6 +558,7 @@ def _watch(
             result.cycles.append(entry)
             if on_cycle:
                 on_cycle(entry)
+        _take_federated(status.get("evaluations"), result)
         if first and result.cycles:  # every process has loaded and trained once by now
             memory.sample()
         last = result.cycles[-1] if result.cycles else None
@@ -556,6 +575,35 @@ def _watch(
     memory.sample()
     result.peak_rss_mb, result.peak_pss_mb = memory.peak_rss_mb, memory.peak_pss_mb
     result.memory_mb = memory.breakdown()
+
+
+def _await_last_evaluation(host, name, version, options, result, limit: float = 60.0) -> None:
+    """Once training finished, give the workers up to ``limit`` seconds to evaluate the
+    last due checkpoint before the demo stops the process (which ends evaluations too)."""
+    every = options.federated_every
+    if not every or not result.cycles or host.status(name, version, cycles=1)["status"] != (
+        "finished"
+    ):
+        return
+    due = 1 + every * ((result.cycles[-1].checkpoint - 1) // every)
+    deadline = time.monotonic() + limit
+    while due > 1 and time.monotonic() < deadline:
+        evaluations = host.evaluations(name, version) or []
+        if any(e["checkpoint"] == due and e["reported"] >= options.per_cycle
+               for e in evaluations):
+            return
+        time.sleep(0.2)
+
+
+def _take_federated(evaluations: list[dict] | None, result: RunResult) -> None:
+    """The node's federated evaluations (weighted means over the workers' held-out data)
+    into the cycles whose checkpoints they evaluated."""
+    by_checkpoint = {e["checkpoint"]: e for e in evaluations or [] if e["reported"]}
+    for entry in result.cycles:
+        e = by_checkpoint.get(entry.checkpoint)
+        if e is not None:
+            entry.federated_loss = e["metrics"].get("loss")
+            entry.federated_accuracy = e["metrics"].get("accuracy")
 
 
 def _done(status: dict) -> bool:

@@ -138,21 +138,31 @@ def run(
     slots: ComputeSlots | None = None,
     attack: str | None = None,
     slowdown: float = 1.0,
+    evaluate: bool = False,
 ) -> int:
     """Join cycles until the node is done; returns the number of cycles reported. With
     ``attack``, every report is poisoned (:func:`poison`). ``slowdown`` > 1 makes a slow
     device: after each training it sleeps ``slowdown - 1`` times the training's time (its
-    compute slot given back), so a round takes ``slowdown`` times as long."""
+    compute slot given back), so a round takes ``slowdown`` times as long. With
+    ``evaluate`` the last 10% of each client's examples are held out of training and the
+    worker takes evaluation cycles on them (federated evaluation)."""
     slots = slots or ComputeSlots(None)
     rng = np.random.default_rng(seed)
     reported = 0
     with Syft(url) as client:
         job = client.new_job(name, version)
+        job.can_evaluate = evaluate
         outcome: dict = {}
 
         @job.on("accepted")
         def on_accepted(model, client_config):
             data, target = clients[rng.integers(len(clients))]  # read now: one in memory
+            if evaluate:
+                held = max(1, len(data) // 10)
+                if job.kind == "evaluation":
+                    _report_evaluation(job, slots, data[-held:], target[-held:], outcome)
+                    return
+                data, target = data[:-held], target[:-held]
             with slots:
                 started = time.perf_counter()  # the training, not the wait for a slot
                 result = job.train("training_plan", data, target, shuffle=True,
@@ -192,6 +202,7 @@ def run(
             nothing_left = (
                 "error" not in outcome
                 and not outcome.get("reported")
+                and not outcome.get("evaluated")
                 and outcome.get("timeout") is None
             )
             if nothing_left:
@@ -206,6 +217,18 @@ def run(
                 time.sleep(0.5)
             elif outcome.get("reported"):
                 reported += 1
+
+
+def _report_evaluation(job, slots: ComputeSlots, data, target, outcome: dict) -> None:
+    """An evaluation cycle: the evaluation plan on the held-out examples, metrics only."""
+    with slots:
+        measured = job.evaluate(data, target)
+    try:
+        job.report_metrics(measured.num_samples, measured.metrics)
+    except GridError as exc:  # e.g. the process was stopped
+        outcome["error"] = exc
+        return
+    outcome["evaluated"] = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         help="report poisoned diffs (a Byzantine worker, for robust aggregation)",
     )
     parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="hold out 10%% of each client's examples and take evaluation cycles on them",
+    )
+    parser.add_argument(
         "--slowdown",
         type=float,
         default=1.0,
@@ -266,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         slots=ComputeSlots(args.compute_slots),
         attack=args.attack,
         slowdown=args.slowdown,
+        evaluate=args.evaluate,
     )
     assert "torch" not in sys.modules, "demo workers must not import torch"
     return 0

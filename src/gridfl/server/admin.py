@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from gridfl._exceptions import NotFoundError
-from gridfl.server import db, privacy, storage, strategies, strategy_store
+from gridfl.server import db, evaluation, privacy, storage, strategies, strategy_store
 from gridfl.server.cycles import Cycles
 
 
@@ -97,6 +97,8 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
             {"number": r.number, "alias": "latest" if i == 0 else None, "created_at": r.created_at}
             for i, r in reversed(list(enumerate(latest)))
         ]
+        if cfg.get("evaluation") is not None:
+            out["evaluations"] = evaluation.summaries(conn, p.id, last, metric_means)
         privacy.annotate_status(conn, p, out)
         return out
 

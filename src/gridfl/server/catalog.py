@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Connection
 
 from gridfl.server import aggregate as agg
-from gridfl.server import privacy, storage, strategies
+from gridfl.server import evaluation, privacy, storage, strategies
 from gridfl.server.dp_config import DPConfig
 
 
@@ -56,6 +56,7 @@ class ProcessInfo:
     protocol_ids: dict[str, int]
     averaging_plan_id: int | None
     plan_digests: dict[str, str]  # SHA-256 of each training-side plan's onnx variant
+    evaluation_plans: frozenset[str] = frozenset()  # names of plans of kind "evaluation"
 
 
 class Catalog:
@@ -92,6 +93,11 @@ class Catalog:
         if info is None:
             row = conn.execute(storage.process_row, {"process_id": process_id}).one()
             plan_rows = conn.execute(storage.process_plans, {"process_id": process_id}).all()
+            onnx = {
+                r.name: bytes(r.onnx)
+                for r in conn.execute(storage.process_plan_bytes, {"process_id": process_id})
+                if r.onnx is not None
+            }
             info = ProcessInfo(
                 id=row.id,
                 name=row.name,
@@ -104,11 +110,10 @@ class Catalog:
                     for r in conn.execute(storage.process_protocols, {"process_id": process_id})
                 },
                 averaging_plan_id=next((r.id for r in plan_rows if r.is_averaging), None),
-                plan_digests={
-                    r.name: hashlib.sha256(r.onnx).hexdigest()
-                    for r in conn.execute(storage.process_plan_bytes, {"process_id": process_id})
-                    if r.onnx is not None
-                },
+                plan_digests={n: hashlib.sha256(b).hexdigest() for n, b in onnx.items()},
+                evaluation_plans=frozenset(
+                    n for n, b in onnx.items() if evaluation.plan_kind(b) == "evaluation"
+                ),
             )
             self._processes.put(process_id, info)
         return info

@@ -45,6 +45,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "secure_aggregation": None,
     # "report": every accepted report survives a crash; "cycle": running sums in memory
     "durability": "report",
+    # null = off; {"every": n, "max_workers": m} (federated evaluation, docs/configs.md)
+    "evaluation": None,
 }
 
 #: pace steering's default selection window: how long a cycle should take to fill, seconds
@@ -231,6 +233,7 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
         )
     out["secure_aggregation"] = validate_secure_aggregation(out)
     validate_durability(out)
+    out["evaluation"] = validate_evaluation(out)
     return out
 
 
@@ -260,6 +263,37 @@ def validate_durability(cfg: dict[str, Any]) -> None:
                 f"server_config.durability 'cycle' is not available with {clash} yet: use "
                 "durability 'report' (the default)"
             )
+
+
+def validate_evaluation(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """``server_config.evaluation`` normalized to ``{"every", "max_workers"}``, or None;
+    refused where the node would release what the process promises to keep private."""
+    value = cfg["evaluation"]
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"every", "max_workers"}:
+        raise ConfigError(
+            'server_config.evaluation must be null or {"every": n, "max_workers": m}'
+        )
+    out = {
+        "evaluation.every": value.get("every", 1),
+        "evaluation.max_workers": value.get("max_workers"),
+    }
+    _int(out, "evaluation.every", minimum=1, nullable=False)
+    _int(out, "evaluation.max_workers", minimum=1, nullable=True)
+    if cfg["mode"] == "async":
+        raise ConfigError(
+            "server_config.evaluation runs alongside cycles (mode 'sync'); mode 'async' "
+            "has no cycle to evaluate after: remove one of them"
+        )
+    for key in ("secure_aggregation", "differential_privacy"):
+        if cfg.get(key) is not None:
+            raise ConfigError(
+                f"server_config.evaluation is not combined with {key}: each worker's "
+                "evaluation metrics are sent in the clear and are not accounted for: "
+                "remove one of them"
+            )
+    return {"every": out["evaluation.every"], "max_workers": out["evaluation.max_workers"]}
 
 
 def validate_pace_steering(value: Any) -> dict[str, float] | None:

@@ -21,6 +21,9 @@ HANDLERS: dict[str, Callable[[GridNode, Any], dict[str, Any]]] = {
         _messages.parse_cycle_request(data)
     ),
     _messages.REPORT: lambda node, data: node.report(_messages.parse_report(data)),
+    _messages.EVALUATION_REPORT: lambda node, data: node.evaluation_report(
+        _messages.parse_evaluation_report(data)
+    ),
     _messages.SECURE_AGGREGATION: lambda node, data: node.secure_aggregation(
         _messages.parse_secagg(data)
     ),

@@ -122,6 +122,7 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
     if not isinstance(raw_plans, dict) or not raw_plans:
         raise InvalidRequestError("plans: expected an object of name -> plan (at least one)")
     plan_rows = []
+    evaluation_plans = []
     for name, value in raw_plans.items():
         if not isinstance(name, str) or not name or len(name) > 255:
             raise InvalidRequestError("plans: names must be non-empty strings")
@@ -150,7 +151,15 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
                     "evaluation (send averaging plans as 'averaging_plan')"
                 )
             check_plan_params(name, plan, spec)
+            if plan.kind == "evaluation":
+                evaluation_plans.append(name)
         plan_rows.append(row)
+    if server_config.get("evaluation") is not None and not evaluation_plans:
+        raise ConfigError(
+            "server_config.evaluation needs an evaluation plan (an ONNX plan of kind "
+            "'evaluation', e.g. from gridfl.compiler.compile_evaluation_plan) among the "
+            "hosted plans; host one or remove server_config.evaluation"
+        )
 
     if payload.get("averaging_plan") is not None:
         blob = _b64(payload["averaging_plan"], "averaging_plan")

@@ -78,6 +78,7 @@ _MESSAGES = (
     _messages.ReportRequest,
     _messages.ReportResponse,
     _messages.SecAggRequest,
+    _messages.EvaluationReport,
 )
 
 SCHEMAS: dict[str, Any] = {

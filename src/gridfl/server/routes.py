@@ -331,6 +331,11 @@ def routes() -> list[BaseRoute]:
         Route(f"{mc}/cycle-request", _worker_post(_messages.CYCLE_REQUEST), methods=["POST"]),
         Route(f"{mc}/report", _worker_post(_messages.REPORT), methods=["POST"]),
         Route(
+            f"/{_messages.EVALUATION_REPORT}",
+            _worker_post(_messages.EVALUATION_REPORT),
+            methods=["POST"],
+        ),
+        Route(
             f"/{_messages.SECURE_AGGREGATION}",
             _worker_post(_messages.SECURE_AGGREGATION),
             methods=["POST"],

@@ -21,6 +21,8 @@ from gridfl.server.tables import (
     checkpoints,
     cycle_diffs,
     cycles,
+    evaluation_seats,
+    evaluations,
     plans,
     processes,
     protocols,
@@ -263,6 +265,11 @@ def delete_process(conn: Connection, process_id: int) -> None:
     conn.execute(strategy_states.delete().where(strategy_states.c.process_id == process_id))
     conn.execute(worker_cycles.delete().where(worker_cycles.c.cycle_id.in_(cycle_ids)))
     conn.execute(cycles.delete().where(cycles.c.process_id == process_id))
+    evaluation_ids = sa.select(evaluations.c.id).where(evaluations.c.process_id == process_id)
+    conn.execute(
+        evaluation_seats.delete().where(evaluation_seats.c.evaluation_id.in_(evaluation_ids))
+    )
+    conn.execute(evaluations.delete().where(evaluations.c.process_id == process_id))
     for table in (workers, checkpoints, plans, protocols):
         conn.execute(table.delete().where(table.c.process_id == process_id))
     conn.execute(processes.delete().where(processes.c.id == process_id))

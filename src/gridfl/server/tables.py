@@ -231,3 +231,46 @@ secagg_rounds = sa.Table(
     sa.Column("state", sa.JSON, nullable=False),
     sa.Column("total", Blob, nullable=False),
 )
+
+# Federated evaluation (server_config.evaluation): one row per evaluated checkpoint, opened
+# when the first worker is placed in it; its seats hold each worker's metrics, which the
+# status averages weighted by num_samples. Never a diff.
+evaluations = sa.Table(
+    "evaluations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "process_id", sa.Integer, sa.ForeignKey("processes.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column(
+        "checkpoint_id",
+        sa.Integer,
+        sa.ForeignKey("checkpoints.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("opened_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("process_id", "checkpoint_id", name="uq_evaluation_checkpoint"),
+    sqlite_autoincrement=True,
+)
+
+evaluation_seats = sa.Table(
+    "evaluation_seats",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "evaluation_id",
+        sa.Integer,
+        sa.ForeignKey("evaluations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column(
+        "worker_id", sa.String(64), sa.ForeignKey("workers.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("request_key", sa.String(128), nullable=False),
+    sa.Column("accepted_at", sa.Float, nullable=False),
+    sa.Column("reported_at", sa.Float, nullable=True),
+    sa.Column("num_samples", sa.BigInteger, nullable=True),  # up to 2**53 - 1
+    sa.Column("metrics", sa.JSON, nullable=True),
+    sa.UniqueConstraint("evaluation_id", "worker_id", name="uq_evaluation_seat"),
+    sa.Index("ix_evaluation_seats_worker", "worker_id"),
+)

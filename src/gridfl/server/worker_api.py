@@ -26,7 +26,7 @@ from gridfl._exceptions import (
     PermissionDeniedError,
 )
 from gridfl.server import aggregate as agg
-from gridfl.server import async_reports, db, privacy, rules, storage
+from gridfl.server import async_reports, db, evaluation, privacy, rules, storage
 from gridfl.server.admin import process_named
 from gridfl.server.auth import verify_worker_token
 from gridfl.server.catalog import Catalog
@@ -179,13 +179,20 @@ class WorkerApi:
             raise InvalidRequestError(f"'{missing}' is required")
         if req.ping is not None or req.download is not None or req.upload is not None:
             storage.store_speeds(conn, worker.id, req.ping, req.download, req.upload)
+        cycle = self._open_cycle(conn, process.id) if worker.status == "running" else None
+        # an evaluation seat first (after the cycle's lock: a cycle completing now may make
+        # its checkpoint due); it runs alongside training, and the last checkpoint is still
+        # evaluated once the process has finished
+        if worker.status in ("running", "finished") and evaluation.wants(cfg, req):
+            key = evaluation.admit(conn, process, worker.id)
+            if key is not None:
+                return self._accepted(process, key, kind=_messages.EVALUATION)
         if worker.status != "running":
             reason = f"the FL process is {worker.status}"
             if worker.status == "finished":  # maybe its privacy budget is spent
                 why = privacy.finished_reason(conn, process.id, cfg)
                 reason = f"{reason}: {why}" if why else reason
             return _messages.CycleRejected(None, reason).to_json()
-        cycle = conn.execute(storage.open_cycle_locked, {"process_id": process.id}).first()
         if cycle is None:
             return _messages.CycleRejected(None, "the FL process has no open cycle").to_json()
         timeout = self._timeout(cycle, process)
@@ -217,16 +224,34 @@ class WorkerApi:
                     "accepted_at": time.time(),
                 },
             )
+        return self._accepted(process, request_key)
+
+    @staticmethod
+    def _open_cycle(conn: Connection, process_id: int):
+        """The process's open cycle, locked. On PostgreSQL (read committed) a lock that
+        waited for a completing cycle's transaction finds that row closed and cannot see
+        the cycle the transaction opened; a second statement, with a fresh snapshot, does.
+        Without it the worker was told "no open cycle" and no timeout, and stopped."""
+        cycle = conn.execute(storage.open_cycle_locked, {"process_id": process_id}).first()
+        if cycle is None:
+            cycle = conn.execute(storage.open_cycle_locked, {"process_id": process_id}).first()
+        return cycle
+
+    @staticmethod
+    def _accepted(process, request_key: str, kind: str | None = None) -> dict[str, Any]:
+        cfg = process.server_config
+        plans = evaluation.plans_for(process, kind)
         return _messages.CycleAccepted(
             request_key=request_key,
             model=process.name,
             version=process.version,
             model_id=process.id,
-            plans=dict(process.plan_ids),
+            plans=plans,
             protocols=dict(process.protocol_ids),
             client_config=process.client_config,
-            plan_digests=dict(process.plan_digests),
+            plan_digests={n: d for n, d in process.plan_digests.items() if n in plans},
             compression=cfg.get("compression"),
+            kind=kind,
         ).to_json()
 
     def _full_cycle_rejection(self, req: _messages.CycleRequest) -> dict[str, Any] | None:
@@ -247,6 +272,8 @@ class WorkerApi:
         unsupported = rules.missing_protocol(process.server_config, req.protocols)
         if unsupported is not None:
             return _messages.CycleRejected(None, unsupported).to_json()
+        if evaluation.wants(process.server_config, req):
+            return None  # an evaluation seat may be free: the locked path looks
         reason = rules.full_cycle_reason(
             process.server_config, accepted=row.accepted, taken=row.taken is not None
         )
@@ -266,6 +293,9 @@ class WorkerApi:
         held = row.request_key if row is not None else None
         if held is not None and hmac.compare_digest(held.encode(), key.encode()):
             return row
+        seat = evaluation.seat_for_key(conn, process_id, worker_id, key)
+        if seat is not None:  # an evaluation seat downloads the checkpoint it evaluates
+            return seat
         if (
             storage.process_id_exists(conn, process_id)
             and self.catalog.process(conn, process_id).server_config.get("mode") == "async"
@@ -321,6 +351,12 @@ class WorkerApi:
                 raise _not_found_400(_messages.MSG_PROTOCOL_NOT_FOUND)
             self._check_asset_access(conn, row.process_id, req.worker_id, req.request_key)
             return bytes(row.data)
+
+    def evaluation_report(self, req: _messages.EvaluationReport) -> dict[str, Any]:
+        """Store the metrics of an evaluation cycle (:mod:`gridfl.server.evaluation`)."""
+        with db.write(self.engine) as conn:
+            evaluation.report(conn, req)
+        return _messages.ReportResponse().to_json()
 
     def check_worker(self, worker_id: str) -> None:
         with db.read(self.engine) as conn:

@@ -16,14 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from gridfl.client.evaluation import evaluate_plan
 from gridfl.model import SyftModel
 from gridfl.plan import Plan
 
 __all__ = ["ClientJob", "EvalReport", "FitReport", "evaluate", "evaluate_plan", "fit"]
-
-#: examples per evaluation plan call (bounds the memory of one call)
-EVAL_BATCH = 1000
-
 
 @dataclass(frozen=True)
 class ClientJob:
@@ -84,33 +81,6 @@ def fit(
     result = trainer.run()
     diff = SyftModel(params).create_serialized_diff(result.params)
     return FitReport(client, diff, result.num_samples, result.loss, dict(result.metrics))
-
-
-def evaluate_plan(plan: Plan, params: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray,
-                  client_config: dict[str, Any] | None = None) -> dict[str, float]:
-    """The evaluation plan's ``loss`` and metrics over all of ``x``, each the mean over
-    examples (batch means weighted by batch length)."""
-    totals: dict[str, float] = {}
-    for lo in range(0, len(x), EVAL_BATCH):
-        xb, yb = x[lo : lo + EVAL_BATCH], y[lo : lo + EVAL_BATCH]
-        args: list[Any] = []
-        for s in plan.inputs:
-            if s.role == "data":
-                args.append(xb)
-            elif s.role == "target":
-                args.append(yb)
-            elif s.role == "model_param":
-                args.append(params[s.required_index])
-            elif s.role == "batch_size":
-                args.append(len(xb))
-            else:  # client_config
-                args.append((client_config or {})[s.required_key])
-        for s, value in zip(plan.outputs, plan.execute(*args), strict=True):
-            key = "loss" if s.role == "loss" else s.key if s.role == "metric" else None
-            if key is not None:
-                batch_mean = float(np.asarray(value).reshape(-1)[0])
-                totals[key] = totals.get(key, 0.0) + batch_mean * len(xb)
-    return {k: v / len(x) for k, v in totals.items()}
 
 
 def evaluate(

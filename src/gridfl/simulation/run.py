@@ -46,7 +46,8 @@ class SimulationOptions:
     ``server_config["max_diffs"]``, else ``max_workers``. ``evaluate_every`` rounds the
     new model is evaluated centrally (on ``test_data``); ``federated_every`` rounds,
     ``federated_clients`` drawn clients evaluate it on their held-out share
-    (``held_out`` of each client's examples, kept out of training).
+    (``held_out`` of each client's examples, kept out of training); they default to the
+    node's ``server_config.evaluation`` ``every`` and ``max_workers``.
     """
 
     num_clients: int = 100
@@ -73,6 +74,10 @@ class SimulationOptions:
             self.clients_per_round = (
                 server_config.get("max_diffs") or server_config.get("max_workers")
             )
+        node_evaluation = server_config.get("evaluation")
+        if node_evaluation is not None and self.federated_every is None:
+            self.federated_every = node_evaluation["every"]
+            self.federated_clients = self.federated_clients or node_evaluation["max_workers"]
         for name in ("rounds", "clients_per_round"):
             value = getattr(self, name)
             if value is None:

@@ -1,0 +1,65 @@
+"""Running an evaluation plan on local examples: what a worker does in an evaluation
+cycle (``job.evaluate``), and what a simulated client does in a federated evaluation.
+
+    >>> import numpy as np
+    >>> from gridfl.client.evaluation import EvaluationResult
+    >>> EvaluationResult(num_samples=2, metrics={"accuracy": 0.5})
+    EvaluationResult(num_samples=2, metrics={'accuracy': 0.5})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gridfl._exceptions import ConfigError
+from gridfl.plan import Plan
+
+__all__ = ["EVAL_BATCH", "EvaluationResult", "evaluate_plan"]
+
+#: examples per evaluation plan call (bounds the memory of one call)
+EVAL_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """An evaluation's metrics (``loss`` among them when the plan outputs one), each the
+    mean over ``num_samples`` examples: what ``job.report_metrics`` sends."""
+
+    num_samples: int
+    metrics: dict[str, float]
+
+
+def evaluate_plan(plan: Plan, params: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray,
+                  client_config: dict[str, Any] | None = None) -> dict[str, float]:
+    """The evaluation plan's ``loss`` and metrics over all of ``x``, each the mean over
+    examples (batch means weighted by batch length)."""
+    if len(x) != len(y):
+        raise ConfigError(
+            f"evaluation needs as many targets as examples; got {len(x)} examples and "
+            f"{len(y)} targets"
+        )
+    totals: dict[str, float] = {}
+    for lo in range(0, len(x), EVAL_BATCH):
+        xb, yb = x[lo : lo + EVAL_BATCH], y[lo : lo + EVAL_BATCH]
+        args: list[Any] = []
+        for s in plan.inputs:
+            if s.role == "data":
+                args.append(xb)
+            elif s.role == "target":
+                args.append(yb)
+            elif s.role == "model_param":
+                args.append(params[s.required_index])
+            elif s.role == "batch_size":
+                args.append(len(xb))
+            else:  # client_config
+                args.append((client_config or {})[s.required_key])
+        for s, value in zip(plan.outputs, plan.execute(*args), strict=True):
+            key = "loss" if s.role == "loss" else s.key if s.role == "metric" else None
+            if key is not None:
+                batch_mean = float(np.asarray(value).reshape(-1)[0])
+                totals[key] = totals.get(key, 0.0) + batch_mean * len(xb)
+    return {k: v / len(x) for k, v in totals.items()}
