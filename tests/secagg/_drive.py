@@ -3,6 +3,8 @@ does the same inside ``job.report``); the tests interleave bad messages and cras
 
 from __future__ import annotations
 
+import time
+
 from gridfl import _messages
 from gridfl.secagg import WorkerSession
 from tests.harness import HttpWorker
@@ -38,3 +40,11 @@ class Driver:
         assert st == 200, reply
         self.session.bind(reply["session"].encode())
         return reply
+
+    def wait_for(self, stage: str) -> dict:
+        """Poll until the node has this worker's message for ``stage``."""
+        while True:
+            reply = self.ok(stage)
+            if reply["status"] != "waiting":
+                return reply
+            time.sleep(reply["retry_after"])

@@ -50,6 +50,13 @@ ABORTED = "aborted"
 RETRY_AFTER = 0.2
 
 _round = sa.select(secagg_rounds).where(secagg_rounds.c.cycle_id == sa.bindparam("cycle_id"))
+_open_rounds = sa.and_(
+    secagg_rounds.c.cycle_id == storage.cycles.c.id, storage.cycles.c.status == "open"
+)
+_due_rounds = sa.select(secagg_rounds.c.cycle_id).where(
+    _open_rounds, secagg_rounds.c.due_at <= sa.bindparam("now")
+)
+_next_due = sa.select(sa.func.min(secagg_rounds.c.due_at)).where(_open_rounds)
 
 
 def session_of(process_id: int, cycle_id: int) -> bytes:
@@ -77,7 +84,6 @@ class SecAggApi:
             )
             if early is not None:
                 return early
-        changed = False
         with db.write(self.engine) as conn:
             cycle = conn.execute(storage.cycle_locked, {"cycle_id": seat.cycle_id}).one()
             if cycle.status != "open":
@@ -88,49 +94,110 @@ class SecAggApi:
                     f"cycle {cycle.sequence} is closed ({cycle.status}): secure aggregation "
                     "ended without this worker"
                 )
-            process = self.catalog.process(conn, cycle.process_id)
-            params = SecAggParams(**process.server_config["secure_aggregation"])
-            session = session_of(process.id, cycle.id)
-            now = time.time()
-            row = conn.execute(_round, {"cycle_id": cycle.id}).first()
-            if row is None:
-                node = NodeSession(params, session, spec.total + 1)
-                stage_at = first_at = now
-            else:
-                node = NodeSession.from_state(params, session, spec.total + 1, row.state, row.total)
-                stage_at, first_at = row.stage_at, row.first_at
-            try:
-                stage_at = self._advance(node, process, stage_at, first_at, now)
-                if msg is not None:
-                    _submit(node, req, msg)
-                    if req.stage == m.MASKED:  # its input is in the sum: it has reported
-                        conn.execute(
-                            storage.mark_reported, {"b_seat_id": seat.id, "reported_at": now}
-                        )
-                    stage_at = self._advance(node, process, stage_at, first_at, now)
-                reply = {**_reply(node, req), "session": session.decode()}
-            except AggregationAbortedError as e:
-                self.cycles.expire(conn, cycle, process, now, str(e), warn=True)
-                changed = True
-                # keys and shares are dropped; the reason stays for the other workers
-                reply = _aborted(str(e), session.decode())
-                values = {"stage": ABORTED, "stage_at": now, "total": b""}
-                values["state"] = {"reason": str(e), "session": session.decode()}
-            else:
-                if node.stage == "done":
-                    self._complete(conn, cycle, process, node, spec)
-                    changed = True
-                state, total = node.to_state()
-                values = dict(stage=node.stage, stage_at=stage_at, state=state, total=total)
-            if row is None:
-                insert = secagg_rounds.insert().values(cycle_id=cycle.id, first_at=first_at)
-                conn.execute(insert.values(**values))
-            else:
-                update = secagg_rounds.update().where(secagg_rounds.c.cycle_id == cycle.id)
-                conn.execute(update.values(**values))
+
+            def submit(node: NodeSession) -> None:
+                _submit(node, req, msg)
+                if req.stage == m.MASKED:  # its input is in the sum: it has reported
+                    conn.execute(
+                        storage.mark_reported, {"b_seat_id": seat.id, "reported_at": time.time()}
+                    )
+
+            def answer(node: NodeSession) -> dict[str, Any]:
+                return _reply(node, req)
+
+            reply, changed = self._step(
+                conn, cycle, spec, submit if msg is not None else None, answer
+            )
         if changed:
             self.on_cycles_changed()
         return reply
+
+    def close_due_stages(self, now: float | None = None) -> int:
+        """The deadline timer's part: close every secure-aggregation stage past its
+        ``stage_timeout`` though no message arrived (its workers may all have gone), so
+        that the cycle moves on, or expires with too few, on time. Returns how many rounds
+        moved."""
+        now = time.time() if now is None else now
+        with db.read(self.engine) as conn:
+            due = conn.execute(_due_rounds, {"now": now}).scalars().all()
+        moved = 0
+        for cycle_id in due:
+            try:
+                with db.write(self.engine) as conn:
+                    cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).one()
+                    if cycle.status != "open":
+                        continue
+                    _, _, spec = self.catalog.checkpoint(conn, cycle.checkpoint_id)
+                    _, changed = self._step(conn, cycle, spec, None, None, now)
+                moved += 1
+            except Exception:  # keep closing the others; the next wake-up retries
+                log.exception("closing a secure-aggregation stage of cycle %s failed", cycle_id)
+                continue
+            if changed:
+                self.on_cycles_changed()
+        return moved
+
+    def next_stage_deadline(self) -> float | None:
+        """When the earliest open secure-aggregation stage times out, or ``None``."""
+        with db.read(self.engine) as conn:
+            return conn.execute(_next_due).scalar()
+
+    def _step(
+        self,
+        conn: Connection,
+        cycle,
+        spec,
+        submit: Callable[[NodeSession], None] | None,
+        answer: Callable[[NodeSession], dict[str, Any]] | None,
+        now: float | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Under the cycle's row lock: load the round, close the stages that are due,
+        take the worker's message (``submit``), close again, store the round. Returns the
+        reply (``answer``'s, or the abort) and whether the timer and held requests should
+        look again."""
+        now = time.time() if now is None else now
+        process = self.catalog.process(conn, cycle.process_id)
+        params = SecAggParams(**process.server_config["secure_aggregation"])
+        session = session_of(process.id, cycle.id)
+        row = conn.execute(_round, {"cycle_id": cycle.id}).first()
+        if row is None:
+            node = NodeSession(params, session, spec.total + 1)
+            stage_at = first_at = now
+        else:
+            node = NodeSession.from_state(params, session, spec.total + 1, row.state, row.total)
+            stage_at, first_at = row.stage_at, row.first_at
+        before = (node.stage, row.due_at if row is not None else None)
+        changed = False
+        try:
+            stage_at = self._advance(node, process, stage_at, first_at, now)
+            if submit is not None:
+                submit(node)
+                stage_at = self._advance(node, process, stage_at, first_at, now)
+            reply = {**(answer(node) if answer else {}), "session": session.decode()}
+        except AggregationAbortedError as e:
+            self.cycles.expire(conn, cycle, process, now, str(e), warn=True)
+            changed = True
+            # keys and shares are dropped; the reason stays for the other workers
+            reply = _aborted(str(e), session.decode())
+            values = {"stage": ABORTED, "stage_at": now, "total": b"", "due_at": None}
+            values["state"] = {"reason": str(e), "session": session.decode()}
+        else:
+            if node.stage == "done":
+                self._complete(conn, cycle, process, node, spec)
+                changed = True
+            state, total = node.to_state()
+            due_at = _due_at(node, stage_at, first_at, now)
+            values = dict(stage=node.stage, stage_at=stage_at, state=state, total=total)
+            values["due_at"] = due_at
+            # a new or earlier stage deadline: the timer must plan for it
+            changed = changed or (node.stage, due_at) != before
+        if row is None:
+            insert = secagg_rounds.insert().values(cycle_id=cycle.id, first_at=first_at)
+            conn.execute(insert.values(**values))
+        else:
+            update = secagg_rounds.update().where(secagg_rounds.c.cycle_id == cycle.id)
+            conn.execute(update.values(**values))
+        return reply, changed
 
     def _still_waiting(self, req, cycle_id: int, params: SecAggParams, session: bytes):
         """A poll for a stage that has not opened and cannot close yet (no timeout is
@@ -207,6 +274,17 @@ class SecAggApi:
             storage.count_report, {"b_cycle_id": cycle.id, "num_reports": len(node.masked)}
         )
         self.cycles.complete(conn, cycle, process, sums)
+
+
+def _due_at(node: NodeSession, stage_at: float, first_at: float, now: float) -> float | None:
+    """When the open stage times out; None when no stage is open, or when the first stage's
+    timeout has passed with too few keys (it waits for more, or the cycle's deadline)."""
+    if node.stage not in m.STAGES:
+        return None
+    due = (first_at if node.stage == m.ADVERTISE else stage_at) + node.params.stage_timeout
+    if node.stage == m.ADVERTISE and due <= now:
+        return None
+    return due
 
 
 def _aborted(reason: str, session: str) -> dict[str, Any]:

@@ -73,9 +73,12 @@ class GridNode(WorkerApi, SecAggApi):
 
     # ------------------------------------------------------------------ deadlines
     def next_deadline(self) -> float | None:
-        """The earliest deadline of an open cycle, or ``None``."""
+        """The earliest deadline of an open cycle or of an open secure-aggregation stage,
+        or ``None``."""
         with db.read(self.engine) as conn:
-            return storage.next_deadline(conn)
+            cycle = storage.next_deadline(conn)
+        stage = self.next_stage_deadline()
+        return min((t for t in (cycle, stage) if t is not None), default=None)
 
     def cycle_marker(self) -> tuple[int | None, int]:
         """(newest open cycle id, number of open cycles): changes whenever a cycle opens or
@@ -85,8 +88,10 @@ class GridNode(WorkerApi, SecAggApi):
             return storage.cycle_marker(conn)
 
     def close_due_cycles(self, now: float | None = None) -> int:
-        """Close every open cycle past its deadline; returns how many closed."""
+        """Close every open cycle past its deadline, and every secure-aggregation stage
+        past its timeout; returns how many cycles closed."""
         now = time.time() if now is None else now
+        self.close_due_stages(now)
         with db.read(self.engine) as conn:
             due = storage.due_cycles(conn, now)
         closed = 0

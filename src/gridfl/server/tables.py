@@ -230,4 +230,7 @@ secagg_rounds = sa.Table(
     sa.Column("first_at", sa.Float, nullable=False),
     sa.Column("state", sa.JSON, nullable=False),
     sa.Column("total", Blob, nullable=False),
+    # when the open stage times out (None when none is pending): the deadline timer's key
+    sa.Column("due_at", sa.Float, nullable=True),
+    sa.Index("ix_secagg_rounds_due_at", "due_at"),
 )
