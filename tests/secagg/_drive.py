@@ -13,16 +13,17 @@ from tests.harness import HttpWorker
 class Driver:
     """One worker: authenticated and accepted into the open cycle of ``mnist``."""
 
-    def __init__(self, url: str, params) -> None:
+    def __init__(self, url: str, params, auth_token: str | None = None, **identity) -> None:
         self.http = HttpWorker(url)
-        st, auth = self.http.call(_messages.AUTHENTICATE, {"model_name": "mnist"})
+        body = {"model_name": "mnist", "auth_token": auth_token}
+        st, auth = self.http.call(_messages.AUTHENTICATE, body)
         assert st == 200, auth
         self.wid = auth["worker_id"]
         req = {"worker_id": self.wid, "model": "mnist", "protocols": ["secure_aggregation"]}
         st, cyc = self.http.call(_messages.CYCLE_REQUEST, req)
         assert st == 200 and cyc["status"] == "accepted", cyc
         self.key = cyc["request_key"]
-        self.session = WorkerSession(params, self.wid)
+        self.session = WorkerSession(params, self.wid, **identity)
 
     def move_to(self, url: str) -> None:
         """Talk to another server process on the same database from now on."""

@@ -285,7 +285,7 @@ def test_a_share_sealed_for_another_recipient_or_cycle_does_not_open():
     keys = {u: ws[u].advertise() for u in "abc"}
     sealed = {
         u: ws[u].share_keys(
-            Roster({v: (keys[v].cipher_key, keys[v].mask_key) for v in "abc" if v != u})
+            Roster({v: keys[v] for v in "abc" if v != u})
         )
         for u in "abc"
     }
@@ -296,7 +296,7 @@ def test_a_share_sealed_for_another_recipient_or_cycle_does_not_open():
     other = WorkerSession(p, "a", b"process 7 cycle 4")
     other.advertise()
     other._cipher = ws["a"]._cipher  # same keys, next cycle: the session still differs
-    other.share_keys(Roster({v: (keys[v].cipher_key, keys[v].mask_key) for v in "bc"}))
+    other.share_keys(Roster({v: keys[v] for v in "bc"}))
     with pytest.raises(ProtocolError, match="does not authenticate"):
         other.masked_vector(EncryptedShares({"b": sealed["b"].shares["a"]}), vec)
 

@@ -34,7 +34,13 @@ def secure_report_flow(
 
     params = SecAggParams.from_descriptor(job.protocols[NAME])
     me, key = str(job.worker_id), str(job.request_key)
-    worker = WorkerSession(params, me)
+    client = job._client
+    worker = WorkerSession(
+        params,
+        me,
+        identity=getattr(client, "secagg_identity", None),
+        verifier=getattr(client, "secagg_verifier", None),
+    )
 
     def stage(name: str, message: dict | None = None) -> Generator[Any, Any, dict[str, Any]]:
         body = _messages.SecAggRequest(me, key, name, message).to_json()
@@ -61,6 +67,8 @@ def secure_report_flow(
             raise GridError(f"secure-aggregation: expected the node's message, got {reply!r}")
         return reply["message"]
 
+    if worker.identity is not None:
+        yield from stage(m.ADVERTISE)  # learn the session first: the signature names it
     yield from stage(m.ADVERTISE, worker.advertise().to_json())
     roster = m.Roster.from_json(node_message((yield from stage(m.SHARE))))
     yield from stage(m.SHARE, worker.share_keys(roster).to_json())

@@ -18,7 +18,7 @@ import numpy as np
 
 from gridfl import _messages
 from gridfl._exceptions import ProtocolError
-from gridfl.secagg import crypto, shamir
+from gridfl.secagg import crypto, identity, shamir
 
 #: the four stages, in order; a message names its stage and the receiver checks it
 ADVERTISE, SHARE, MASKED, UNMASK = "advertise_keys", "share_keys", "masked_input", "unmask"
@@ -71,46 +71,62 @@ def _obj(data: Any) -> dict:
 @dataclass(frozen=True)
 class AdvertiseKeys:
     """Stage 1, worker -> node: the worker's two X25519 public keys for this cycle
-    (``cipher_key`` to encrypt shares to it, ``mask_key`` for pairwise masks)."""
+    (``cipher_key`` to encrypt shares to it, ``mask_key`` for pairwise masks), and, when
+    workers authenticate, its Ed25519 ``signature`` over them and the ``credential`` (auth
+    token) certifying its identity key (:mod:`gridfl.secagg.identity`)."""
 
     cipher_key: bytes
     mask_key: bytes
+    signature: bytes | None = None
+    credential: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"cipher_key": _b64(self.cipher_key), "mask_key": _b64(self.mask_key)}
+        out: dict[str, Any] = {"cipher_key": _b64(self.cipher_key), "mask_key": _b64(self.mask_key)}
+        if self.signature is not None:
+            out["signature"] = _b64(self.signature)
+            out["credential"] = self.credential
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> AdvertiseKeys:
         d = _obj(data)
+        signature = credential = None
+        if d.get("signature") is not None or d.get("credential") is not None:
+            signature = _bytes(d, "signature", identity.SIGNATURE_BYTES)
+            credential = d.get("credential")
+            top = identity.MAX_CREDENTIAL
+            if not isinstance(credential, str) or not 0 < len(credential) <= top:
+                raise ProtocolError(
+                    f"credential: expected the identity credential (text of at most {top} "
+                    "characters) next to the signature"
+                )
         return cls(
             crypto.check_public(_bytes(d, "cipher_key"), "cipher_key"),
             crypto.check_public(_bytes(d, "mask_key"), "mask_key"),
+            signature,
+            credential,
         )
 
 
 @dataclass(frozen=True)
 class Roster:
-    """Stage 2, node -> worker: its neighbours' public keys ``id -> (cipher, mask)``."""
+    """Stage 2, node -> worker: its neighbours' advertised keys (with their signatures
+    and credentials when workers authenticate)."""
 
-    neighbours: dict[str, tuple[bytes, bytes]]
+    neighbours: dict[str, AdvertiseKeys]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "neighbours": {k: [_b64(c), _b64(m)] for k, (c, m) in sorted(self.neighbours.items())}
-        }
+        return {"neighbours": {k: v.to_json() for k, v in sorted(self.neighbours.items())}}
 
     @classmethod
     def from_json(cls, data: Any) -> Roster:
         raw = _id_map(_obj(data).get("neighbours"), "neighbours")
         out = {}
-        for wid, pair in raw.items():
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise ProtocolError(f"neighbours.{wid}: expected [cipher_key, mask_key]")
-            where = f"neighbours.{wid}"
-            out[wid] = (
-                crypto.check_public(_bytes({where: pair[0]}, where), where),
-                crypto.check_public(_bytes({where: pair[1]}, where), where),
-            )
+        for wid, keys in raw.items():
+            try:
+                out[wid] = AdvertiseKeys.from_json(keys)
+            except ProtocolError as e:
+                raise ProtocolError(f"neighbours.{wid}: {e}") from None
         return cls(out)
 
 

@@ -94,6 +94,10 @@ class NodeSession:
         used = {k for m in self.keys.values() for k in (m.cipher_key, m.mask_key)}
         if {msg.cipher_key, msg.mask_key} & used or msg.cipher_key == msg.mask_key:
             raise InvalidRequestError("public keys already advertised in this cycle")
+        if msg.credential is not None and any(
+            m.credential == msg.credential for m in self.keys.values()
+        ):
+            raise InvalidRequestError("this credential already advertised keys in this cycle")
         self.keys[worker_id] = msg
 
     def add_shares(self, worker_id: str, msg: EncryptedShares) -> None:
@@ -166,7 +170,7 @@ class NodeSession:
     # ---------------------------------------------------------------- what each worker gets
     def roster_for(self, u: str) -> Roster:
         """Stage 2's message to ``u``: its neighbours' public keys."""
-        return Roster({v: (self.keys[v].cipher_key, self.keys[v].mask_key) for v in self.graph[u]})
+        return Roster({v: self.keys[v] for v in self.graph[u]})
 
     def shares_for(self, u: str) -> EncryptedShares:
         """Stage 3's message to ``u``: the sealed shares its neighbours addressed to it."""

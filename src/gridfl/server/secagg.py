@@ -33,11 +33,12 @@ from gridfl._exceptions import (
     InvalidRequestError,
     ProtocolError,
 )
-from gridfl.secagg import NodeSession, SecAggParams
+from gridfl.secagg import NodeSession, SecAggParams, identity
 from gridfl.secagg import messages as m
 from gridfl.secagg.quantize import decode
 from gridfl.server import aggregate as agg
 from gridfl.server import db, storage
+from gridfl.server.auth import decode_token, signs_tokens
 from gridfl.server.config import worker_capacity
 from gridfl.server.tables import secagg_rounds
 from gridfl.server.worker_api import find_seat
@@ -76,8 +77,10 @@ class SecAggApi:
         with db.read(self.engine) as conn:
             seat = find_seat(conn, req.worker_id, req.request_key)
             _, _, spec = self.catalog.checkpoint(conn, seat.checkpoint_id)
-        params, process_id = self._params_of_cycle(seat.cycle_id)
+        params, process_id, auth = self._params_of_cycle(seat.cycle_id)
         msg = _parse(req, spec.total + 1, params)
+        if isinstance(msg, m.AdvertiseKeys):
+            _check_identity(msg, auth, session_of(process_id, seat.cycle_id), req.worker_id)
         if msg is None and seat.status == "open":
             early = self._still_waiting(
                 req, seat.cycle_id, params, session_of(process_id, seat.cycle_id)
@@ -210,6 +213,10 @@ class SecAggApi:
             ).first()
         stage = row.stage if row is not None else m.ADVERTISE
         order = (*m.STAGES, "done")
+        if req.stage == m.ADVERTISE and stage in order:
+            # a worker learning the session before it signs its keys: "ready" to advertise
+            # (or, past this stage, to be told it is late); it opens nothing
+            return {"stage": stage, "status": "ready", "session": session.decode()}
         if stage not in order or order.index(req.stage) <= order.index(stage):
             return None
         if row is not None:
@@ -223,7 +230,7 @@ class SecAggApi:
             "session": session.decode(),
         }
 
-    def _params_of_cycle(self, cycle_id: int) -> tuple[SecAggParams, int]:
+    def _params_of_cycle(self, cycle_id: int) -> tuple[SecAggParams, int, dict | None]:
         with db.read(self.engine) as conn:
             cycle = conn.execute(
                 sa.select(storage.cycles.c.process_id).where(storage.cycles.c.id == cycle_id)
@@ -235,7 +242,7 @@ class SecAggApi:
                 "this FL process does not run secure aggregation: send the diff with "
                 f"{_messages.REPORT}"
             )
-        return SecAggParams(**cfg), process.id
+        return SecAggParams(**cfg), process.id, process.server_config.get("authentication")
 
     def _advance(self, node: NodeSession, process, stage_at: float, first_at: float, now: float):
         """Close the current stage while it is due; returns when the open stage opened."""
@@ -289,6 +296,33 @@ def _due_at(node: NodeSession, stage_at: float, first_at: float, now: float) -> 
 
 def _aborted(reason: str, session: str) -> dict[str, Any]:
     return {"status": "aborted", "stage": ABORTED, "reason": reason, "session": session}
+
+
+def _check_identity(keys: m.AdvertiseKeys, auth: dict | None, session: bytes, wid: str) -> None:
+    """When the process checks signed auth tokens, a worker's keys must come signed by
+    the identity key its credential certifies (docs/secure-aggregation.md, signed keys)."""
+    if not signs_tokens(auth):
+        return
+    assert auth is not None
+    if keys.signature is None or keys.credential is None:
+        raise InvalidRequestError(
+            "this process authenticates workers, so its secure aggregation needs signed "
+            "keys: give the worker its identity (signing key and the credential the "
+            "authority issued for it) and advertise again"
+        )
+    claims = decode_token(keys.credential, auth, audience=identity.AUDIENCE)
+    if claims is None:
+        raise InvalidRequestError(
+            f"credential: not issued by this process's authority for audience "
+            f"{identity.AUDIENCE!r} (or expired)"
+        )
+    try:
+        identity.check_signature(
+            identity.identity_key(claims), session, wid, keys.cipher_key, keys.mask_key,
+            keys.signature,
+        )
+    except ProtocolError as e:
+        raise InvalidRequestError(f"secure-aggregation {m.ADVERTISE} message: {e}") from None
 
 
 def _parse(req: _messages.SecAggRequest, length: int, params: SecAggParams) -> Any:
