@@ -34,12 +34,18 @@ def _rounds(node):
         return conn.execute(sa.select(tables.secagg_rounds)).all()
 
 
+def _totals(node):
+    with node.node.engine.connect() as conn:
+        return conn.execute(sa.select(tables.secagg_totals)).all()
+
+
 def _refused(driver, node, status, match, stage, message=None, **override):
-    before = [tuple(r) for r in _rounds(node)]
+    before = [tuple(r) for r in _rounds(node)], [tuple(r) for r in _totals(node)]
     st, reply = driver.send(stage, message, **override)
     assert st == status, reply
     assert match in reply["error"], reply
-    assert [tuple(r) for r in _rounds(node)] == before  # nothing stored
+    after = [tuple(r) for r in _rounds(node)], [tuple(r) for r in _totals(node)]
+    assert after == before  # nothing stored
 
 
 def test_bad_messages_are_refused_and_the_honest_workers_finish(in_process_node):
@@ -151,6 +157,7 @@ def test_too_few_survivors_expire_the_cycle_and_reveal_nothing(in_process_node):
     assert [c["number"] for c in status["checkpoints"]] == [1]
     # the keys and shares are gone; what is left is why
     [row] = _rounds(in_process_node)
-    assert row.stage == "aborted" and set(row.state) == {"reason", "session"} and not row.total
+    assert row.stage == "aborted" and set(row.state) == {"reason", "session"}
+    assert not _totals(in_process_node)
     st, reply = workers[1].send(m.MASKED)
     assert st == 200 and reply["status"] == "aborted" and "it needs 3" in reply["reason"]

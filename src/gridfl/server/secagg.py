@@ -40,7 +40,7 @@ from gridfl.server import aggregate as agg
 from gridfl.server import db, storage
 from gridfl.server.auth import decode_token, signs_tokens
 from gridfl.server.config import worker_capacity
-from gridfl.server.tables import secagg_rounds
+from gridfl.server.tables import secagg_rounds, secagg_totals
 from gridfl.server.worker_api import find_seat
 
 log = logging.getLogger("gridfl.server")
@@ -50,7 +50,14 @@ ABORTED = "aborted"
 #: seconds a worker is told to wait before asking again for a stage that has not opened
 RETRY_AFTER = 0.2
 
-_round = sa.select(secagg_rounds).where(secagg_rounds.c.cycle_id == sa.bindparam("cycle_id"))
+_this_round = secagg_rounds.c.cycle_id == sa.bindparam("cycle_id")
+#: the round's small columns; its state (O(n s)) and running sum (8 bytes per parameter)
+#: are read only when this process does not hold the same version in memory
+_round_head = sa.select(*(c for c in secagg_rounds.c if c.name != "state")).where(_this_round)
+_round_state = sa.select(secagg_rounds.c.state).where(_this_round)
+_round_total = sa.select(secagg_totals.c.total).where(
+    secagg_totals.c.cycle_id == sa.bindparam("cycle_id")
+)
 _open_rounds = sa.and_(
     secagg_rounds.c.cycle_id == storage.cycles.c.id, storage.cycles.c.status == "open"
 )
@@ -65,9 +72,31 @@ def session_of(process_id: int, cycle_id: int) -> bytes:
     return f"gridfl process {process_id} cycle {cycle_id}".encode()
 
 
+class RoundCache:
+    """The rounds this server process wrote last, by cycle, with their version. A round is
+    taken out while a transaction uses it and put back only after that transaction
+    committed, so a failed one leaves nothing stale; a version that does not match the
+    database's (another process wrote since) is read again. Thread-safe under the GIL:
+    ``dict.pop`` hands a round to one thread only."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[int, tuple[int, NodeSession]] = {}
+
+    def take(self, cycle_id: int, version: int) -> NodeSession | None:
+        held = self._rounds.pop(cycle_id, None)
+        return held[1] if held is not None and held[0] == version else None
+
+    def keep(self, cycle_id: int, held: tuple[int, NodeSession] | None) -> None:
+        if held is None:
+            self._rounds.pop(cycle_id, None)
+        else:
+            self._rounds[cycle_id] = held
+
+
 class SecAggApi:
     """The ``secure-aggregation`` handler, mixed into :class:`~gridfl.server.GridNode`."""
 
+    secagg_cache: RoundCache
     engine: Any
     catalog: Any
     cycles: Any
@@ -90,9 +119,10 @@ class SecAggApi:
         with db.write(self.engine) as conn:
             cycle = conn.execute(storage.cycle_locked, {"cycle_id": seat.cycle_id}).one()
             if cycle.status != "open":
-                aborted = conn.execute(_round, {"cycle_id": cycle.id}).first()
+                aborted = conn.execute(_round_head, {"cycle_id": cycle.id}).first()
                 if aborted is not None and aborted.stage == ABORTED:
-                    return _aborted(aborted.state["reason"], aborted.state["session"])
+                    why = conn.execute(_round_state, {"cycle_id": cycle.id}).scalar_one()
+                    return _aborted(why["reason"], why["session"])
                 raise ConflictError(
                     f"cycle {cycle.sequence} is closed ({cycle.status}): secure aggregation "
                     "ended without this worker"
@@ -108,9 +138,10 @@ class SecAggApi:
             def answer(node: NodeSession) -> dict[str, Any]:
                 return _reply(node, req)
 
-            reply, changed = self._step(
+            reply, changed, keep = self._step(
                 conn, cycle, spec, submit if msg is not None else None, answer
             )
+        self.secagg_cache.keep(seat.cycle_id, keep)  # committed: reusable
         if changed:
             self.on_cycles_changed()
         return reply
@@ -131,7 +162,8 @@ class SecAggApi:
                     if cycle.status != "open":
                         continue
                     _, _, spec = self.catalog.checkpoint(conn, cycle.checkpoint_id)
-                    _, changed = self._step(conn, cycle, spec, None, None, now)
+                    _, changed, keep = self._step(conn, cycle, spec, None, None, now)
+                self.secagg_cache.keep(cycle_id, keep)
                 moved += 1
             except Exception:  # keep closing the others; the next wake-up retries
                 log.exception("closing a secure-aggregation stage of cycle %s failed", cycle_id)
@@ -153,21 +185,31 @@ class SecAggApi:
         submit: Callable[[NodeSession], None] | None,
         answer: Callable[[NodeSession], dict[str, Any]] | None,
         now: float | None = None,
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[dict[str, Any], bool, tuple[int, NodeSession] | None]:
         """Under the cycle's row lock: load the round, close the stages that are due,
         take the worker's message (``submit``), close again, store the round. Returns the
-        reply (``answer``'s, or the abort) and whether the timer and held requests should
-        look again."""
+        reply (``answer``'s, or the abort), whether the timer and held requests should
+        look again, and the round to keep in memory once the transaction commits."""
         now = time.time() if now is None else now
         process = self.catalog.process(conn, cycle.process_id)
         params = SecAggParams(**process.server_config["secure_aggregation"])
         session = session_of(process.id, cycle.id)
-        row = conn.execute(_round, {"cycle_id": cycle.id}).first()
+        row = conn.execute(_round_head, {"cycle_id": cycle.id}).first()
+        version = row.version if row is not None else 0
+        node = self.secagg_cache.take(cycle.id, version)
         if row is None:
             node = NodeSession(params, session, spec.total + 1)
             stage_at = first_at = now
         else:
-            node = NodeSession.from_state(params, session, spec.total + 1, row.state, row.total)
+
+            def load_total() -> bytes:
+                return conn.execute(_round_total, {"cycle_id": cycle.id}).scalar_one()
+
+            if node is None:
+                state = conn.execute(_round_state, {"cycle_id": cycle.id}).scalar_one()
+                node = NodeSession.from_state(params, session, spec.total + 1, state, load_total)
+            else:
+                node.read_total_with(load_total)
             stage_at, first_at = row.stage_at, row.first_at
         before = (node.stage, row.due_at if row is not None else None)
         changed = False
@@ -182,25 +224,43 @@ class SecAggApi:
             changed = True
             # keys and shares are dropped; the reason stays for the other workers
             reply = _aborted(str(e), session.decode())
-            values = {"stage": ABORTED, "stage_at": now, "total": b"", "due_at": None}
+            values = {"stage": ABORTED, "stage_at": now, "due_at": None}
+            # the masked sum goes too
+            conn.execute(secagg_totals.delete().where(secagg_totals.c.cycle_id == cycle.id))
             values["state"] = {"reason": str(e), "session": session.decode()}
         else:
             if node.stage == "done":
                 self._complete(conn, cycle, process, node, spec)
                 changed = True
-            state, total = node.to_state()
             due_at = _due_at(node, stage_at, first_at, now)
-            values = dict(stage=node.stage, stage_at=stage_at, state=state, total=total)
+            if submit is None and (node.stage, due_at) == before:
+                # a poll that changed nothing: nothing to write
+                return reply, changed, (version, node) if row is not None else None
+            values = dict(stage=node.stage, stage_at=stage_at, state=node.state_json())
             values["due_at"] = due_at
+            if node.total_changed:  # 8 bytes per parameter: written only when it moved
+                self._store_total(conn, cycle.id, node, fresh=row is None)
             # a new or earlier stage deadline: the timer must plan for it
             changed = changed or (node.stage, due_at) != before
+        values["version"] = version + 1
         if row is None:
             insert = secagg_rounds.insert().values(cycle_id=cycle.id, first_at=first_at)
             conn.execute(insert.values(**values))
         else:
             update = secagg_rounds.update().where(secagg_rounds.c.cycle_id == cycle.id)
             conn.execute(update.values(**values))
-        return reply, changed
+        live = values["stage"] in m.STAGES
+        return reply, changed, (version + 1, node) if live else None
+
+    @staticmethod
+    def _store_total(conn: Connection, cycle_id: int, node: NodeSession, fresh: bool) -> None:
+        total = node.total.astype("<u8").tobytes()
+        if fresh:
+            conn.execute(secagg_totals.insert().values(cycle_id=cycle_id, total=total))
+        else:
+            where = secagg_totals.c.cycle_id == cycle_id
+            conn.execute(secagg_totals.update().where(where).values(total=total))
+        node.total_changed = False
 
     def _still_waiting(self, req, cycle_id: int, params: SecAggParams, session: bytes):
         """A poll for a stage that has not opened and cannot close yet (no timeout is
@@ -377,4 +437,4 @@ def _reply(node: NodeSession, req: _messages.SecAggRequest) -> dict[str, Any]:
     return {**base, "status": "ready", "message": message.to_json()}
 
 
-__all__ = ["SecAggApi", "session_of"]
+__all__ = ["RoundCache", "SecAggApi", "session_of"]

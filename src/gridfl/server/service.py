@@ -31,7 +31,7 @@ from gridfl.server import admin, db, hosting, storage
 from gridfl.server.catalog import Catalog
 from gridfl.server.cycles import CYCLE_CHANNEL, Cycles
 from gridfl.server.pacing import CheckInRate
-from gridfl.server.secagg import SecAggApi
+from gridfl.server.secagg import RoundCache, SecAggApi
 from gridfl.server.settings import Settings
 from gridfl.server.worker_api import WorkerApi
 
@@ -55,6 +55,8 @@ class GridNode(WorkerApi, SecAggApi):
         #: tells this process's own CYCLE_CHANNEL notifications from the others'
         self.instance_id = uuid.uuid4().hex
         self.catalog = Catalog()
+        #: secure-aggregation rounds this process holds in memory between messages
+        self.secagg_cache = RoundCache()
         #: check-ins per second per process, for pace steering
         self.check_ins = CheckInRate()
         self.cycles = Cycles(
