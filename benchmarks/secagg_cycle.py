@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import math
 import multiprocessing as mp
 import os
@@ -218,7 +219,7 @@ def run_cycle(node: Node, model: str, n: int, secure: bool) -> dict:
         watcher.join(5)
         # marks[stage] = node CPU when the round entered that stage; "done" at the end
         points = [(None, cpu0)] + [(s, marks[s]) for s in (*STAGES, "done") if s in marks]
-        for (stage, a), (_, b) in zip(points, points[1:], strict=False):
+        for (stage, a), (_, b) in itertools.pairwise(points):
             node_stage[stage or "advertise_keys"] = node_stage.get(stage or "advertise_keys",
                                                                    0.0) + (b - a)
     return {"wall": wall, "node": node_cpu, "node_stage": node_stage, "worker": worker,
