@@ -53,6 +53,10 @@ def secagg_config(n: int) -> dict:
         "neighbours": k,
         "clipping_range": 0.5,
         "stage_timeout": 300.0,
+        # the smallest field that holds the sum (n <= 100, 1024 samples, 16-bit values):
+        # 5 bytes per parameter on the wire instead of 8
+        "field_bits": 40,
+        "max_num_samples": 1024,
     }
 
 

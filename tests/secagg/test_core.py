@@ -329,10 +329,12 @@ def test_node_refuses_duplicates_wrong_stage_and_wrong_lengths():
 def test_malformed_messages_are_refused_with_the_field_named():
     with pytest.raises(ProtocolError, match=r"cipher_key: (expected 32 bytes|an X25519)"):
         AdvertiseKeys.from_json({"cipher_key": "AAAA", "mask_key": "AAAA"})
-    with pytest.raises(ProtocolError, match="not below 2\\^16"):
-        MaskedInput.from_json(MaskedInput(np.array([1 << 20], np.uint64)).to_json(), 1, 16)
+    with pytest.raises(ProtocolError, match="not below 2\\^20"):  # 3 bytes hold 2^20
+        MaskedInput.from_json(MaskedInput(np.array([1 << 20], np.uint64), 24).to_json(), 1, 20)
     with pytest.raises(ProtocolError, match="expected 16 bytes"):
         MaskedInput.from_json(MaskedInput(np.zeros(3, np.uint64)).to_json(), 2, 64)
+    with pytest.raises(ProtocolError, match="expected 10 bytes"):  # 40 bits: 5 bytes each
+        MaskedInput.from_json(MaskedInput(np.zeros(3, np.uint64), 40).to_json(), 2, 40)
     with pytest.raises(ProtocolError, match="lists a worker twice"):
         UnmaskRequest.from_json({"survivors": ["a", "a"], "dropped": []})
     with pytest.raises(ProtocolError, match="expected"):

@@ -148,23 +148,46 @@ class EncryptedShares:
 
 @dataclass(frozen=True)
 class MaskedInput:
-    """Stage 3, worker -> node: the masked input vector mod 2**b (uint64)."""
+    """Stage 3, worker -> node: the masked input vector mod 2**b, each value sent in
+    ceil(b/8) little-endian bytes (a 40-bit field costs 5 bytes per parameter, not 8).
+
+    >>> m = MaskedInput(np.array([1, 2**39], np.uint64), bits=40)
+    >>> len(_messages.b64decode(m.to_json()["vector"]))
+    10
+    >>> MaskedInput.from_json(m.to_json(), 2, 40) == m
+    True
+    """
 
     vector: np.ndarray
+    bits: int = 64
 
     def to_json(self) -> dict[str, Any]:
-        return {"vector": _b64(self.vector.astype("<u8").tobytes())}
+        size = value_bytes(self.bits)
+        raw = self.vector.astype("<u8")
+        if size < 8:
+            raw = raw.view(np.uint8).reshape(-1, 8)[:, :size]
+        return {"vector": _b64(raw.tobytes())}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MaskedInput) and np.array_equal(self.vector, other.vector)
 
     @classmethod
     def from_json(cls, data: Any, length: int, bits: int) -> MaskedInput:
-        raw = _bytes(_obj(data), "vector", 8 * length)
+        size = value_bytes(bits)
+        raw = _bytes(_obj(data), "vector", size * length)
+        if size < 8:
+            wide = np.zeros((length, 8), np.uint8)
+            wide[:, :size] = np.frombuffer(raw, np.uint8).reshape(length, size)
+            raw = wide.tobytes()
         vec = np.frombuffer(raw, "<u8").astype(np.uint64)
         if bits < 64 and vec.size and int(vec.max()) >> bits:
             raise ProtocolError(f"vector: a value is not below 2^{bits}")
-        return cls(vec)
+        return cls(vec, bits)
+
+
+def value_bytes(bits: int) -> int:
+    """Bytes per value of a masked vector in a field of ``bits`` bits."""
+    return (bits + 7) // 8
 
 
 @dataclass(frozen=True)

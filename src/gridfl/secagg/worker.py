@@ -207,7 +207,8 @@ class WorkerSession:
             )
             for v in received.shares
         }
-        return MaskedInput(add_masks(vec, self._seed, pairs, self.me, self.params.field_bits))
+        bits = self.params.field_bits
+        return MaskedInput(add_masks(vec, self._seed, pairs, self.me, bits), bits)
 
     # stage 4
     def unmask(self, req: UnmaskRequest) -> UnmaskShares:
