@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from gridfl import _messages
-from gridfl._exceptions import AggregationAbortedError, GridError
+from gridfl._exceptions import AggregationAbortedError, ConflictError, GridError
 from gridfl.secagg import NAME, SecAggParams, WorkerSession
 from gridfl.secagg import messages as m
 
@@ -45,7 +45,16 @@ def secure_report_flow(
     def stage(name: str, message: dict | None = None) -> Generator[Any, Any, dict[str, Any]]:
         body = _messages.SecAggRequest(me, key, name, message).to_json()
         while True:
-            reply = yield Call(_messages.SECURE_AGGREGATION, body, idempotent=message is None)
+            try:
+                # retried on network failures and 503s (a burst of masked inputs can fill
+                # the node's body budget): the node keeps one message per stage, so a
+                # repeat changes nothing
+                reply = yield Call(_messages.SECURE_AGGREGATION, body, idempotent=True)
+            except ConflictError as e:
+                if message is None or "already sent" not in str(e):
+                    raise
+                # the first attempt landed and its reply was lost: the node has it
+                reply = {"status": "waiting", "session": worker.session.decode()}
             if isinstance(reply, dict) and reply.get("status") == "aborted":
                 raise AggregationAbortedError(str(reply.get("reason")))
             if not isinstance(reply, dict) or not isinstance(reply.get("session"), str):
