@@ -52,7 +52,7 @@ def secagg_config(n: int) -> dict:
         "threshold": shares // 2 + 1,  # the least the node accepts: more than half
         "neighbours": k,
         "clipping_range": 0.5,
-        "stage_timeout": 60.0,
+        "stage_timeout": 300.0,
         # the smallest field that holds the sum (n <= 100, 1024 samples, 16-bit values):
         # 5 bytes per parameter on the wire instead of 8
         "field_bits": 40,
