@@ -5,10 +5,13 @@ A worker accepted into a cycle of a process hosted with ``secure_aggregation`` s
 stage, first its request for what the node has for it (``message`` null: the roster, the
 sealed shares addressed to it, the unmask request; "waiting" while the stage has not
 opened) and then its own message. The protocol's state is one row per cycle
-(``secagg_rounds``), read and written under the cycle's row lock, so any server process can
-take any message and a crash loses at most the message in flight. A stage closes when
-every worker expected in it has sent its message, or, checked as messages arrive,
-``stage_timeout`` seconds after it opened; the first stage closes when ``max_diffs``
+(``secagg_rounds``, the masked running sum in ``secagg_totals``), read and written under
+the cycle's row lock, so any server process can take any message and a crash loses at
+most the message in flight; a process keeps the round it wrote last in memory while the
+row's version matches. When workers authenticate with JWTs, advertised keys must be
+signed (:mod:`gridfl.secagg.identity`). A stage closes when every worker expected in it
+has sent its message, or ``stage_timeout`` seconds after it opened (the node's deadline
+timer closes it then, with or without a message); the first stage closes when ``max_diffs``
 workers (else the cycle's capacity) advertised keys, or ``stage_timeout`` after the first
 one with at least ``min_survivors``. When the last stage closes the node unmasks the
 sum, hands it to the strategy as the cycle's running sums and completes the cycle; when too
