@@ -11,7 +11,11 @@ Printed per row: the worker's CPU per stage (mean over workers), the node's CPU 
 and the ratios to the plain path. Models: McMahan's 2NN (199,210 parameters) and CNN
 (1,663,370 parameters), as flat float32 diffs.
 
+Then, in the same run, full cycles on a real node (:mod:`benchmarks.secagg_cycle`): cycle
+time with and without secure aggregation, per-stage CPU on the worker and the node.
+
     python -m benchmarks.bench_secagg [--n 10 50 100] [--model 2nn cnn] [--all]
+        [--part cpu cycle]
 """
 
 from __future__ import annotations
@@ -90,7 +94,18 @@ def main(argv: list[str]) -> None:
     ap.add_argument(
         "--all", action="store_true", help="also plain SecAgg (k = n - 1) on the CNN at n >= 50"
     )
+    ap.add_argument("--part", nargs="+", default=["cpu", "cycle"], choices=["cpu", "cycle"])
     args = ap.parse_args(argv)
+    if "cpu" in args.part:
+        _cpu_table(args)
+    if "cycle" in args.part:
+        from benchmarks import secagg_cycle
+
+        print("\nfull cycles on a node (gridfl serve, SQLite), simulated workers:")
+        secagg_cycle.main(ns=tuple(args.n), models=tuple(args.model))
+
+
+def _cpu_table(args) -> None:
     head = (
         f"{'model':5} {'n':>4} {'k':>4} | {'adv ms':>7} {'share ms':>8} {'mask ms':>8} "
         f"{'unmask ms':>9} {'worker ms':>9} {'x plain':>7} | {'node s':>7} {'x plain':>7}"

@@ -3,6 +3,8 @@ does the same inside ``job.report``); the tests interleave bad messages and cras
 
 from __future__ import annotations
 
+import time
+
 from gridfl import _messages
 from gridfl.secagg import WorkerSession
 from tests.harness import HttpWorker
@@ -11,16 +13,17 @@ from tests.harness import HttpWorker
 class Driver:
     """One worker: authenticated and accepted into the open cycle of ``mnist``."""
 
-    def __init__(self, url: str, params) -> None:
+    def __init__(self, url: str, params, auth_token: str | None = None, **identity) -> None:
         self.http = HttpWorker(url)
-        st, auth = self.http.call(_messages.AUTHENTICATE, {"model_name": "mnist"})
+        body = {"model_name": "mnist", "auth_token": auth_token}
+        st, auth = self.http.call(_messages.AUTHENTICATE, body)
         assert st == 200, auth
         self.wid = auth["worker_id"]
         req = {"worker_id": self.wid, "model": "mnist", "protocols": ["secure_aggregation"]}
         st, cyc = self.http.call(_messages.CYCLE_REQUEST, req)
         assert st == 200 and cyc["status"] == "accepted", cyc
         self.key = cyc["request_key"]
-        self.session = WorkerSession(params, self.wid)
+        self.session = WorkerSession(params, self.wid, **identity)
 
     def move_to(self, url: str) -> None:
         """Talk to another server process on the same database from now on."""
@@ -38,3 +41,11 @@ class Driver:
         assert st == 200, reply
         self.session.bind(reply["session"].encode())
         return reply
+
+    def wait_for(self, stage: str) -> dict:
+        """Poll until the node has this worker's message for ``stage``."""
+        while True:
+            reply = self.ok(stage)
+            if reply["status"] != "waiting":
+                return reply
+            time.sleep(reply["retry_after"])

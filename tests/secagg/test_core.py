@@ -285,7 +285,7 @@ def test_a_share_sealed_for_another_recipient_or_cycle_does_not_open():
     keys = {u: ws[u].advertise() for u in "abc"}
     sealed = {
         u: ws[u].share_keys(
-            Roster({v: (keys[v].cipher_key, keys[v].mask_key) for v in "abc" if v != u})
+            Roster({v: keys[v] for v in "abc" if v != u})
         )
         for u in "abc"
     }
@@ -296,7 +296,7 @@ def test_a_share_sealed_for_another_recipient_or_cycle_does_not_open():
     other = WorkerSession(p, "a", b"process 7 cycle 4")
     other.advertise()
     other._cipher = ws["a"]._cipher  # same keys, next cycle: the session still differs
-    other.share_keys(Roster({v: (keys[v].cipher_key, keys[v].mask_key) for v in "bc"}))
+    other.share_keys(Roster({v: keys[v] for v in "bc"}))
     with pytest.raises(ProtocolError, match="does not authenticate"):
         other.masked_vector(EncryptedShares({"b": sealed["b"].shares["a"]}), vec)
 
@@ -329,10 +329,12 @@ def test_node_refuses_duplicates_wrong_stage_and_wrong_lengths():
 def test_malformed_messages_are_refused_with_the_field_named():
     with pytest.raises(ProtocolError, match=r"cipher_key: (expected 32 bytes|an X25519)"):
         AdvertiseKeys.from_json({"cipher_key": "AAAA", "mask_key": "AAAA"})
-    with pytest.raises(ProtocolError, match="not below 2\\^16"):
-        MaskedInput.from_json(MaskedInput(np.array([1 << 20], np.uint64)).to_json(), 1, 16)
+    with pytest.raises(ProtocolError, match="not below 2\\^20"):  # 3 bytes hold 2^20
+        MaskedInput.from_json(MaskedInput(np.array([1 << 20], np.uint64), 24).to_json(), 1, 20)
     with pytest.raises(ProtocolError, match="expected 16 bytes"):
         MaskedInput.from_json(MaskedInput(np.zeros(3, np.uint64)).to_json(), 2, 64)
+    with pytest.raises(ProtocolError, match="expected 10 bytes"):  # 40 bits: 5 bytes each
+        MaskedInput.from_json(MaskedInput(np.zeros(3, np.uint64), 40).to_json(), 2, 40)
     with pytest.raises(ProtocolError, match="lists a worker twice"):
         UnmaskRequest.from_json({"survivors": ["a", "a"], "dropped": []})
     with pytest.raises(ProtocolError, match="expected"):

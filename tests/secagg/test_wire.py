@@ -25,7 +25,7 @@ SA = _messages.SECURE_AGGREGATION
 CONFIG = {
     "max_workers": 3,
     "max_diffs": 3,
-    "secure_aggregation": {"threshold": 2, "field_bits": 40, "clipping_range": 0.5},
+    "secure_aggregation": {"threshold": 2, "field_bits": 36, "clipping_range": 0.5},
 }
 
 
@@ -34,12 +34,18 @@ def _rounds(node):
         return conn.execute(sa.select(tables.secagg_rounds)).all()
 
 
+def _totals(node):
+    with node.node.engine.connect() as conn:
+        return conn.execute(sa.select(tables.secagg_totals)).all()
+
+
 def _refused(driver, node, status, match, stage, message=None, **override):
-    before = [tuple(r) for r in _rounds(node)]
+    before = [tuple(r) for r in _rounds(node)], [tuple(r) for r in _totals(node)]
     st, reply = driver.send(stage, message, **override)
     assert st == status, reply
     assert match in reply["error"], reply
-    assert [tuple(r) for r in _rounds(node)] == before  # nothing stored
+    after = [tuple(r) for r in _rounds(node)], [tuple(r) for r in _totals(node)]
+    assert after == before  # nothing stored
 
 
 def test_bad_messages_are_refused_and_the_honest_workers_finish(in_process_node):
@@ -71,7 +77,7 @@ def test_bad_messages_are_refused_and_the_honest_workers_finish(in_process_node)
     rosters = {w: m.Roster.from_json(w.ok(m.SHARE)["message"]) for w in workers}
     shares = {w: w.session.share_keys(rosters[w]) for w in workers}
     _refused(a, node, 400, "exactly the worker's neighbours", m.SHARE, {"shares": {}})
-    _refused(a, node, 400, "stage 'share_keys'", m.MASKED, {"vector": b64(bytes(8 * length))})
+    _refused(a, node, 400, "stage 'share_keys'", m.MASKED, {"vector": b64(bytes(5 * length))})
     for w in workers:
         w.ok(m.SHARE, shares[w].to_json())
 
@@ -81,9 +87,9 @@ def test_bad_messages_are_refused_and_the_honest_workers_finish(in_process_node)
         forwarded = m.EncryptedShares.from_json(w.ok(m.MASKED)["message"])
         masked[w] = w.session.masked_vector(forwarded, encode(diffs[i], 5 + i, params))
     too_big = masked[a].vector.copy()
-    too_big[0] = 1 << 40
-    _refused(a, node, 400, "not below 2^40", m.MASKED, m.MaskedInput(too_big).to_json())
-    _refused(a, node, 400, f"expected {8 * length} bytes", m.MASKED, {"vector": b64(bytes(8))})
+    too_big[0] = 1 << 36  # 36 bits travel in 5 bytes, which hold it
+    _refused(a, node, 400, "not below 2^36", m.MASKED, m.MaskedInput(too_big, 36).to_json())
+    _refused(a, node, 400, f"expected {5 * length} bytes", m.MASKED, {"vector": b64(bytes(8))})
     for w in workers:
         w.ok(m.MASKED, masked[w].to_json())
     _refused(a, node, 400, "late, early or replayed", m.MASKED, masked[a].to_json())
@@ -151,6 +157,7 @@ def test_too_few_survivors_expire_the_cycle_and_reveal_nothing(in_process_node):
     assert [c["number"] for c in status["checkpoints"]] == [1]
     # the keys and shares are gone; what is left is why
     [row] = _rounds(in_process_node)
-    assert row.stage == "aborted" and set(row.state) == {"reason", "session"} and not row.total
+    assert row.stage == "aborted" and set(row.state) == {"reason", "session"}
+    assert not _totals(in_process_node)
     st, reply = workers[1].send(m.MASKED)
     assert st == 200 and reply["status"] == "aborted" and "it needs 3" in reply["reason"]

@@ -726,6 +726,14 @@ class BaseSyft:
         retries: retries of transient network failures per request.
         speed_test: bounds of the speed test (:class:`~gridfl.client.SpeedTestLimits`).
         headers: extra HTTP headers for every request and the WebSocket handshake.
+        secagg_identity: this worker's :class:`~gridfl.secagg.identity.Identity` (its
+            Ed25519 signing key and the credential the authority issued for it): the keys
+            it advertises in secure aggregation are signed, as processes that
+            authenticate workers require.
+        secagg_authority: the authority's RSA public key (PEM), got from the authority
+            and never from the node: the worker then shares secrets only with neighbours
+            whose keys are signed by distinct identities the authority certified
+            (docs/secure-aggregation.md, "Signed keys").
         local_state_dir: where the worker keeps per-process state between cycles (FedBN
             buffers, optimizer state; see :mod:`gridfl.client.local_state`); ``None``
             keeps it in memory for the client's lifetime.
@@ -771,8 +779,16 @@ class BaseSyft:
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         local_state_dir: str | os.PathLike[str] | None = None,
+        secagg_identity: Any = None,
+        secagg_authority: str | None = None,
     ) -> None:
         from gridfl.client.local_state import LocalState
+        from gridfl.secagg.identity import Identity, Verifier
+
+        if secagg_identity is not None and not isinstance(secagg_identity, Identity):
+            raise ConfigError("secagg_identity must be a gridfl.secagg.identity.Identity")
+        self.secagg_identity = secagg_identity
+        self.secagg_verifier = None if secagg_authority is None else Verifier(secagg_authority)
 
         self.local_state = LocalState(local_state_dir)
         allow = bool(verbose) if allow_insecure is None else bool(allow_insecure)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from gridfl import _messages
-from gridfl._exceptions import AggregationAbortedError, GridError
+from gridfl._exceptions import AggregationAbortedError, ConflictError, GridError
 from gridfl.secagg import NAME, SecAggParams, WorkerSession
 from gridfl.secagg import messages as m
 
@@ -34,12 +34,27 @@ def secure_report_flow(
 
     params = SecAggParams.from_descriptor(job.protocols[NAME])
     me, key = str(job.worker_id), str(job.request_key)
-    worker = WorkerSession(params, me)
+    client = job._client
+    worker = WorkerSession(
+        params,
+        me,
+        identity=getattr(client, "secagg_identity", None),
+        verifier=getattr(client, "secagg_verifier", None),
+    )
 
     def stage(name: str, message: dict | None = None) -> Generator[Any, Any, dict[str, Any]]:
         body = _messages.SecAggRequest(me, key, name, message).to_json()
         while True:
-            reply = yield Call(_messages.SECURE_AGGREGATION, body, idempotent=message is None)
+            try:
+                # retried on network failures and 503s (a burst of masked inputs can fill
+                # the node's body budget): the node keeps one message per stage, so a
+                # repeat changes nothing
+                reply = yield Call(_messages.SECURE_AGGREGATION, body, idempotent=True)
+            except ConflictError as e:
+                if message is None or "already sent" not in str(e):
+                    raise
+                # the first attempt landed and its reply was lost: the node has it
+                reply = {"status": "waiting", "session": worker.session.decode()}
             if isinstance(reply, dict) and reply.get("status") == "aborted":
                 raise AggregationAbortedError(str(reply.get("reason")))
             if not isinstance(reply, dict) or not isinstance(reply.get("session"), str):
@@ -61,6 +76,8 @@ def secure_report_flow(
             raise GridError(f"secure-aggregation: expected the node's message, got {reply!r}")
         return reply["message"]
 
+    if worker.identity is not None:
+        yield from stage(m.ADVERTISE)  # learn the session first: the signature names it
     yield from stage(m.ADVERTISE, worker.advertise().to_json())
     roster = m.Roster.from_json(node_message((yield from stage(m.SHARE))))
     yield from stage(m.SHARE, worker.share_keys(roster).to_json())

@@ -18,7 +18,7 @@ import numpy as np
 
 from gridfl import _messages
 from gridfl._exceptions import ProtocolError
-from gridfl.secagg import crypto, shamir
+from gridfl.secagg import crypto, identity, shamir
 
 #: the four stages, in order; a message names its stage and the receiver checks it
 ADVERTISE, SHARE, MASKED, UNMASK = "advertise_keys", "share_keys", "masked_input", "unmask"
@@ -71,46 +71,62 @@ def _obj(data: Any) -> dict:
 @dataclass(frozen=True)
 class AdvertiseKeys:
     """Stage 1, worker -> node: the worker's two X25519 public keys for this cycle
-    (``cipher_key`` to encrypt shares to it, ``mask_key`` for pairwise masks)."""
+    (``cipher_key`` to encrypt shares to it, ``mask_key`` for pairwise masks), and, when
+    workers authenticate, its Ed25519 ``signature`` over them and the ``credential`` (auth
+    token) certifying its identity key (:mod:`gridfl.secagg.identity`)."""
 
     cipher_key: bytes
     mask_key: bytes
+    signature: bytes | None = None
+    credential: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"cipher_key": _b64(self.cipher_key), "mask_key": _b64(self.mask_key)}
+        out: dict[str, Any] = {"cipher_key": _b64(self.cipher_key), "mask_key": _b64(self.mask_key)}
+        if self.signature is not None:
+            out["signature"] = _b64(self.signature)
+            out["credential"] = self.credential
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> AdvertiseKeys:
         d = _obj(data)
+        signature = credential = None
+        if d.get("signature") is not None or d.get("credential") is not None:
+            signature = _bytes(d, "signature", identity.SIGNATURE_BYTES)
+            credential = d.get("credential")
+            top = identity.MAX_CREDENTIAL
+            if not isinstance(credential, str) or not 0 < len(credential) <= top:
+                raise ProtocolError(
+                    f"credential: expected the identity credential (text of at most {top} "
+                    "characters) next to the signature"
+                )
         return cls(
             crypto.check_public(_bytes(d, "cipher_key"), "cipher_key"),
             crypto.check_public(_bytes(d, "mask_key"), "mask_key"),
+            signature,
+            credential,
         )
 
 
 @dataclass(frozen=True)
 class Roster:
-    """Stage 2, node -> worker: its neighbours' public keys ``id -> (cipher, mask)``."""
+    """Stage 2, node -> worker: its neighbours' advertised keys (with their signatures
+    and credentials when workers authenticate)."""
 
-    neighbours: dict[str, tuple[bytes, bytes]]
+    neighbours: dict[str, AdvertiseKeys]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "neighbours": {k: [_b64(c), _b64(m)] for k, (c, m) in sorted(self.neighbours.items())}
-        }
+        return {"neighbours": {k: v.to_json() for k, v in sorted(self.neighbours.items())}}
 
     @classmethod
     def from_json(cls, data: Any) -> Roster:
         raw = _id_map(_obj(data).get("neighbours"), "neighbours")
         out = {}
-        for wid, pair in raw.items():
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise ProtocolError(f"neighbours.{wid}: expected [cipher_key, mask_key]")
-            where = f"neighbours.{wid}"
-            out[wid] = (
-                crypto.check_public(_bytes({where: pair[0]}, where), where),
-                crypto.check_public(_bytes({where: pair[1]}, where), where),
-            )
+        for wid, keys in raw.items():
+            try:
+                out[wid] = AdvertiseKeys.from_json(keys)
+            except ProtocolError as e:
+                raise ProtocolError(f"neighbours.{wid}: {e}") from None
         return cls(out)
 
 
@@ -132,23 +148,46 @@ class EncryptedShares:
 
 @dataclass(frozen=True)
 class MaskedInput:
-    """Stage 3, worker -> node: the masked input vector mod 2**b (uint64)."""
+    """Stage 3, worker -> node: the masked input vector mod 2**b, each value sent in
+    ceil(b/8) little-endian bytes (a 40-bit field costs 5 bytes per parameter, not 8).
+
+    >>> m = MaskedInput(np.array([1, 2**39], np.uint64), bits=40)
+    >>> len(_messages.b64decode(m.to_json()["vector"]))
+    10
+    >>> MaskedInput.from_json(m.to_json(), 2, 40) == m
+    True
+    """
 
     vector: np.ndarray
+    bits: int = 64
 
     def to_json(self) -> dict[str, Any]:
-        return {"vector": _b64(self.vector.astype("<u8").tobytes())}
+        size = value_bytes(self.bits)
+        raw = self.vector.astype("<u8")
+        if size < 8:
+            raw = raw.view(np.uint8).reshape(-1, 8)[:, :size]
+        return {"vector": _b64(raw.tobytes())}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MaskedInput) and np.array_equal(self.vector, other.vector)
 
     @classmethod
     def from_json(cls, data: Any, length: int, bits: int) -> MaskedInput:
-        raw = _bytes(_obj(data), "vector", 8 * length)
+        size = value_bytes(bits)
+        raw = _bytes(_obj(data), "vector", size * length)
+        if size < 8:
+            wide = np.zeros((length, 8), np.uint8)
+            wide[:, :size] = np.frombuffer(raw, np.uint8).reshape(length, size)
+            raw = wide.tobytes()
         vec = np.frombuffer(raw, "<u8").astype(np.uint64)
         if bits < 64 and vec.size and int(vec.max()) >> bits:
             raise ProtocolError(f"vector: a value is not below 2^{bits}")
-        return cls(vec)
+        return cls(vec, bits)
+
+
+def value_bytes(bits: int) -> int:
+    """Bytes per value of a masked vector in a field of ``bits`` bits."""
+    return (bits + 7) // 8
 
 
 @dataclass(frozen=True)

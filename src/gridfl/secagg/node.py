@@ -67,12 +67,28 @@ class NodeSession:
         self.keys: dict[str, AdvertiseKeys] = {}
         self.graph: dict[str, frozenset[str]] = {}
         self.shared: dict[str, dict[str, bytes]] = {}  # sender -> recipient -> sealed
-        self.total = np.zeros(length, np.uint64)
+        self._total: np.ndarray | None = np.zeros(length, np.uint64)
+        self._load_total: Callable[[], bytes] | None = None
+        #: the running sum changed since it was loaded (it must be stored again)
+        self.total_changed = True
         self.masked: set[str] = set()
         self.answers: dict[str, UnmaskShares] = {}
         self.requests: dict[str, UnmaskRequest] = {}
         #: the signed sum of the survivors' inputs, once the last stage closed
         self.result: np.ndarray | None = None
+
+    @property
+    def total(self) -> np.ndarray:
+        """The running sum of the masked inputs (mod 2**64; reduced at the end). Loaded
+        only when used: most messages do not touch it, and it is 8 bytes per parameter."""
+        if self._total is None:
+            assert self._load_total is not None
+            self._total = np.frombuffer(self._load_total(), "<u8").astype(np.uint64)
+        return self._total
+
+    def read_total_with(self, load: Callable[[], bytes]) -> None:
+        """Where to read the stored running sum from, if it is not loaded yet."""
+        self._load_total = load
 
     # ---------------------------------------------------------------- submissions
     def _expect(self, stage: str, worker_id: str, allowed: Any, seen: Any) -> None:
@@ -94,6 +110,10 @@ class NodeSession:
         used = {k for m in self.keys.values() for k in (m.cipher_key, m.mask_key)}
         if {msg.cipher_key, msg.mask_key} & used or msg.cipher_key == msg.mask_key:
             raise InvalidRequestError("public keys already advertised in this cycle")
+        if msg.credential is not None and any(
+            m.credential == msg.credential for m in self.keys.values()
+        ):
+            raise InvalidRequestError("this credential already advertised keys in this cycle")
         self.keys[worker_id] = msg
 
     def add_shares(self, worker_id: str, msg: EncryptedShares) -> None:
@@ -109,7 +129,9 @@ class NodeSession:
         self._expect(MASKED, worker_id, self.shared, self.masked)
         if msg.vector.shape != (self.length,):
             raise InvalidRequestError(f"masked vector must have {self.length} values")
-        self.total += msg.vector  # uint64 wraps mod 2**64; reduced mod 2**b at the end
+        total = self.total
+        total += msg.vector  # uint64 wraps mod 2**64; reduced mod 2**b at the end
+        self.total_changed = True
         self.masked.add(worker_id)
 
     def add_unmask(self, worker_id: str, msg: UnmaskShares) -> None:
@@ -166,7 +188,7 @@ class NodeSession:
     # ---------------------------------------------------------------- what each worker gets
     def roster_for(self, u: str) -> Roster:
         """Stage 2's message to ``u``: its neighbours' public keys."""
-        return Roster({v: (self.keys[v].cipher_key, self.keys[v].mask_key) for v in self.graph[u]})
+        return Roster({v: self.keys[v] for v in self.graph[u]})
 
     def shares_for(self, u: str) -> EncryptedShares:
         """Stage 3's message to ``u``: the sealed shares its neighbours addressed to it."""
@@ -197,6 +219,10 @@ class NodeSession:
         """``(JSON-able state, running sum bytes)``: what the database keeps between
         messages, so that any server process can take the next one. Only public keys,
         sealed shares, who sent what, and the masked running sum."""
+        return self.state_json(), self.total.astype("<u8").tobytes()
+
+    def state_json(self) -> dict[str, Any]:
+        """The state without the running sum (see :meth:`to_state`)."""
         b64 = _messages.b64encode
         return {
             "stage": self.stage,
@@ -206,12 +232,19 @@ class NodeSession:
             "masked": sorted(self.masked),
             "requests": {u: r.to_json() for u, r in self.requests.items()},
             "answers": {u: a.to_json() for u, a in self.answers.items()},
-        }, self.total.astype("<u8").tobytes()
+        }
 
     @classmethod
     def from_state(
-        cls, params: SecAggParams, session: bytes, length: int, data: dict, total: bytes
+        cls,
+        params: SecAggParams,
+        session: bytes,
+        length: int,
+        data: dict,
+        total: bytes | Callable[[], bytes],
     ) -> NodeSession:
+        """The session :meth:`to_state` stored; ``total`` may be a function that reads the
+        running sum when it is first needed."""
         node = cls(params, session, length)
         node.stage = data["stage"]
         node.keys = {u: AdvertiseKeys.from_json(m) for u, m in data["keys"].items()}
@@ -221,7 +254,9 @@ class NodeSession:
         node.masked = set(data["masked"])
         node.requests = {u: UnmaskRequest.from_json(r) for u, r in data["requests"].items()}
         node.answers = {u: UnmaskShares.from_json(a) for u, a in data["answers"].items()}
-        node.total = np.frombuffer(total, "<u8").astype(np.uint64)
+        node._total = None
+        node._load_total = total if callable(total) else lambda: total
+        node.total_changed = False
         return node
 
     def _close_unmask(self) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 
 from gridfl._exceptions import ProtocolError
 from gridfl.secagg import crypto, quantize, shamir
+from gridfl.secagg.identity import Identity, Verifier
 from gridfl.secagg.messages import (
     ADVERTISE,
     MASKED,
@@ -66,12 +67,26 @@ def add_masks(
 
 class WorkerSession:
     """One worker's run of the four stages of one cycle (``session`` names the cycle; a
-    worker that learns it from the node's first reply passes it to :meth:`bind`)."""
+    worker that learns it from the node's first reply passes it to :meth:`bind`).
 
-    def __init__(self, params: SecAggParams, worker_id: str, session: bytes = b"") -> None:
+    With an ``identity`` it signs the keys it advertises (bind the session first); with a
+    ``verifier`` (the authority's public key) it shares only with neighbours whose keys
+    are signed by distinct identities the authority certified."""
+
+    def __init__(
+        self,
+        params: SecAggParams,
+        worker_id: str,
+        session: bytes = b"",
+        *,
+        identity: Identity | None = None,
+        verifier: Verifier | None = None,
+    ) -> None:
         self.params = params
         self.me = worker_id
         self.session = session
+        self.identity = identity
+        self.verifier = verifier
         self.done: str | None = None
         self._cipher = crypto.KeyPair.generate()
         self._mask = crypto.KeyPair.generate()
@@ -97,7 +112,13 @@ class WorkerSession:
     # stage 1
     def advertise(self) -> AdvertiseKeys:
         self._enter(ADVERTISE)
-        return AdvertiseKeys(self._cipher.public, self._mask.public)
+        if self.identity is None:
+            return AdvertiseKeys(self._cipher.public, self._mask.public)
+        if not self.session:
+            raise ProtocolError("no session: bind() the cycle's session before signing keys")
+        c, m = self._cipher.public, self._mask.public
+        sig = self.identity.sign(self.session, self.me, c, m)
+        return AdvertiseKeys(c, m, sig, self.identity.credential)
 
     # stage 2
     def share_keys(self, roster: Roster) -> EncryptedShares:
@@ -114,11 +135,13 @@ class WorkerSession:
                 f"roster has {len(roster.neighbours)} neighbours; threshold {t} needs "
                 f"at least {t - 1}"
             )
-        keys = [k for pair in roster.neighbours.values() for k in pair]
+        keys = [k for a in roster.neighbours.values() for k in (a.cipher_key, a.mask_key)]
         keys += [self._cipher.public, self._mask.public]
         if len(set(keys)) != len(keys):
             raise ProtocolError("roster repeats a public key (a replayed or forged key)")
-        self._roster = dict(roster.neighbours)
+        if self.verifier is not None:
+            self._check_signed(roster)
+        self._roster = {v: (a.cipher_key, a.mask_key) for v, a in roster.neighbours.items()}
         order = [*sorted(self._roster), self.me]
         seed_shares = shamir.split(self._seed, t, len(order))
         key_shares = shamir.split(self._mask.private, t, len(order))
@@ -133,6 +156,22 @@ class WorkerSession:
             plain = _SHARE.pack(s[0], shamir.encode_y(s[1]), shamir.encode_y(k[1]))
             out[dst] = crypto.seal(key, plain, share_header(self.session, self.me, dst))
         return EncryptedShares(out)
+
+    def _check_signed(self, roster: Roster) -> None:
+        """Every neighbour's keys signed by an identity the authority certified, no
+        identity twice (a node cannot pose as many workers with one credential)."""
+        assert self.verifier is not None
+        seen = {self.identity.public_key} if self.identity is not None else set()
+        for v, a in sorted(roster.neighbours.items()):
+            who = self.verifier.check(
+                self.session, v, a.cipher_key, a.mask_key, a.signature, a.credential
+            )
+            if who in seen:
+                raise ProtocolError(
+                    f"roster lists the identity of worker {v} twice (one credential posing "
+                    "as several workers)"
+                )
+            seen.add(who)
 
     # stage 3
     def masked_input(
@@ -168,7 +207,8 @@ class WorkerSession:
             )
             for v in received.shares
         }
-        return MaskedInput(add_masks(vec, self._seed, pairs, self.me, self.params.field_bits))
+        bits = self.params.field_bits
+        return MaskedInput(add_masks(vec, self._seed, pairs, self.me, bits), bits)
 
     # stage 4
     def unmask(self, req: UnmaskRequest) -> UnmaskShares:

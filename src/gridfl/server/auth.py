@@ -35,16 +35,8 @@ def verify_worker_token(
     if not token:
         raise _auth_error(_messages.MSG_AUTH_REQUIRED)
     claims: dict[str, Any] | None = None
-    keys: list[tuple[str, str]] = [
-        (k, alg) for k, alg in ((auth.get("secret"), "HS256"), (auth.get("pub_key"), "RS256")) if k
-    ]
-    if keys:
-        for key, alg in keys:
-            try:
-                claims = jwt.decode(token, key, algorithms=[alg])
-                break
-            except jwt.PyJWTError as e:
-                log.info("auth: token refused (%s): %s", alg, e)
+    if signs_tokens(auth):
+        claims = decode_token(token, auth)
         if claims is None:
             raise _auth_error(_messages.MSG_AUTH_INVALID)
     endpoint = auth.get("endpoint")
@@ -60,6 +52,27 @@ def verify_worker_token(
         if not ok:
             raise _auth_error(_messages.MSG_AUTH_THIRD_PARTY)
     return claims if claims is not None else {}
+
+
+def signs_tokens(auth: dict[str, Any] | None) -> bool:
+    """Whether an ``authentication`` config checks signed tokens (JWTs) itself."""
+    return bool(auth and (auth.get("secret") or auth.get("pub_key")))
+
+
+def decode_token(
+    token: str, auth: dict[str, Any], audience: str | None = None
+) -> dict[str, Any] | None:
+    """The claims of a JWT signed with the config's ``secret`` (HS256) or ``pub_key``
+    (RS256), for ``audience`` (None: a token naming an audience is refused); None when
+    neither verifies it."""
+    for key, alg in ((auth.get("secret"), "HS256"), (auth.get("pub_key"), "RS256")):
+        if not key:
+            continue
+        try:
+            return jwt.decode(token, key, algorithms=[alg], audience=audience)
+        except jwt.PyJWTError as e:
+            log.info("auth: token refused (%s): %s", alg, e)
+    return None
 
 
 def check_admin(header: str | None, admin_token: str | None) -> None:

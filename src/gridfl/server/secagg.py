@@ -5,10 +5,13 @@ A worker accepted into a cycle of a process hosted with ``secure_aggregation`` s
 stage, first its request for what the node has for it (``message`` null: the roster, the
 sealed shares addressed to it, the unmask request; "waiting" while the stage has not
 opened) and then its own message. The protocol's state is one row per cycle
-(``secagg_rounds``), read and written under the cycle's row lock, so any server process can
-take any message and a crash loses at most the message in flight. A stage closes when
-every worker expected in it has sent its message, or, checked as messages arrive,
-``stage_timeout`` seconds after it opened; the first stage closes when ``max_diffs``
+(``secagg_rounds``, the masked running sum in ``secagg_totals``), read and written under
+the cycle's row lock, so any server process can take any message and a crash loses at
+most the message in flight; a process keeps the round it wrote last in memory while the
+row's version matches. When workers authenticate with JWTs, advertised keys must be
+signed (:mod:`gridfl.secagg.identity`). A stage closes when every worker expected in it
+has sent its message, or ``stage_timeout`` seconds after it opened (the node's deadline
+timer closes it then, with or without a message); the first stage closes when ``max_diffs``
 workers (else the cycle's capacity) advertised keys, or ``stage_timeout`` after the first
 one with at least ``min_survivors``. When the last stage closes the node unmasks the
 sum, hands it to the strategy as the cycle's running sums and completes the cycle; when too
@@ -33,13 +36,14 @@ from gridfl._exceptions import (
     InvalidRequestError,
     ProtocolError,
 )
-from gridfl.secagg import NodeSession, SecAggParams
+from gridfl.secagg import NodeSession, SecAggParams, identity
 from gridfl.secagg import messages as m
 from gridfl.secagg.quantize import decode
 from gridfl.server import aggregate as agg
 from gridfl.server import db, storage
+from gridfl.server.auth import decode_token, signs_tokens
 from gridfl.server.config import worker_capacity
-from gridfl.server.tables import secagg_rounds
+from gridfl.server.tables import secagg_rounds, secagg_totals
 from gridfl.server.worker_api import find_seat
 
 log = logging.getLogger("gridfl.server")
@@ -49,7 +53,21 @@ ABORTED = "aborted"
 #: seconds a worker is told to wait before asking again for a stage that has not opened
 RETRY_AFTER = 0.2
 
-_round = sa.select(secagg_rounds).where(secagg_rounds.c.cycle_id == sa.bindparam("cycle_id"))
+_this_round = secagg_rounds.c.cycle_id == sa.bindparam("cycle_id")
+#: the round's small columns; its state (O(n s)) and running sum (8 bytes per parameter)
+#: are read only when this process does not hold the same version in memory
+_round_head = sa.select(*(c for c in secagg_rounds.c if c.name != "state")).where(_this_round)
+_round_state = sa.select(secagg_rounds.c.state).where(_this_round)
+_round_total = sa.select(secagg_totals.c.total).where(
+    secagg_totals.c.cycle_id == sa.bindparam("cycle_id")
+)
+_open_rounds = sa.and_(
+    secagg_rounds.c.cycle_id == storage.cycles.c.id, storage.cycles.c.status == "open"
+)
+_due_rounds = sa.select(secagg_rounds.c.cycle_id).where(
+    _open_rounds, secagg_rounds.c.due_at <= sa.bindparam("now")
+)
+_next_due = sa.select(sa.func.min(secagg_rounds.c.due_at)).where(_open_rounds)
 
 
 def session_of(process_id: int, cycle_id: int) -> bytes:
@@ -57,9 +75,31 @@ def session_of(process_id: int, cycle_id: int) -> bytes:
     return f"gridfl process {process_id} cycle {cycle_id}".encode()
 
 
+class RoundCache:
+    """The rounds this server process wrote last, by cycle, with their version. A round is
+    taken out while a transaction uses it and put back only after that transaction
+    committed, so a failed one leaves nothing stale; a version that does not match the
+    database's (another process wrote since) is read again. Thread-safe under the GIL:
+    ``dict.pop`` hands a round to one thread only."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[int, tuple[int, NodeSession]] = {}
+
+    def take(self, cycle_id: int, version: int) -> NodeSession | None:
+        held = self._rounds.pop(cycle_id, None)
+        return held[1] if held is not None and held[0] == version else None
+
+    def keep(self, cycle_id: int, held: tuple[int, NodeSession] | None) -> None:
+        if held is None:
+            self._rounds.pop(cycle_id, None)
+        else:
+            self._rounds[cycle_id] = held
+
+
 class SecAggApi:
     """The ``secure-aggregation`` handler, mixed into :class:`~gridfl.server.GridNode`."""
 
+    secagg_cache: RoundCache
     engine: Any
     catalog: Any
     cycles: Any
@@ -69,68 +109,161 @@ class SecAggApi:
         with db.read(self.engine) as conn:
             seat = find_seat(conn, req.worker_id, req.request_key)
             _, _, spec = self.catalog.checkpoint(conn, seat.checkpoint_id)
-        params, process_id = self._params_of_cycle(seat.cycle_id)
+        params, process_id, auth = self._params_of_cycle(seat.cycle_id)
         msg = _parse(req, spec.total + 1, params)
+        if isinstance(msg, m.AdvertiseKeys):
+            _check_identity(msg, auth, session_of(process_id, seat.cycle_id), req.worker_id)
         if msg is None and seat.status == "open":
             early = self._still_waiting(
                 req, seat.cycle_id, params, session_of(process_id, seat.cycle_id)
             )
             if early is not None:
                 return early
-        changed = False
         with db.write(self.engine) as conn:
             cycle = conn.execute(storage.cycle_locked, {"cycle_id": seat.cycle_id}).one()
             if cycle.status != "open":
-                aborted = conn.execute(_round, {"cycle_id": cycle.id}).first()
+                aborted = conn.execute(_round_head, {"cycle_id": cycle.id}).first()
                 if aborted is not None and aborted.stage == ABORTED:
-                    return _aborted(aborted.state["reason"], aborted.state["session"])
+                    why = conn.execute(_round_state, {"cycle_id": cycle.id}).scalar_one()
+                    return _aborted(why["reason"], why["session"])
                 raise ConflictError(
                     f"cycle {cycle.sequence} is closed ({cycle.status}): secure aggregation "
                     "ended without this worker"
                 )
-            process = self.catalog.process(conn, cycle.process_id)
-            params = SecAggParams(**process.server_config["secure_aggregation"])
-            session = session_of(process.id, cycle.id)
-            now = time.time()
-            row = conn.execute(_round, {"cycle_id": cycle.id}).first()
-            if row is None:
-                node = NodeSession(params, session, spec.total + 1)
-                stage_at = first_at = now
-            else:
-                node = NodeSession.from_state(params, session, spec.total + 1, row.state, row.total)
-                stage_at, first_at = row.stage_at, row.first_at
-            try:
-                stage_at = self._advance(node, process, stage_at, first_at, now)
-                if msg is not None:
-                    _submit(node, req, msg)
-                    if req.stage == m.MASKED:  # its input is in the sum: it has reported
-                        conn.execute(
-                            storage.mark_reported, {"b_seat_id": seat.id, "reported_at": now}
-                        )
-                    stage_at = self._advance(node, process, stage_at, first_at, now)
-                reply = {**_reply(node, req), "session": session.decode()}
-            except AggregationAbortedError as e:
-                self.cycles.expire(conn, cycle, process, now, str(e), warn=True)
-                changed = True
-                # keys and shares are dropped; the reason stays for the other workers
-                reply = _aborted(str(e), session.decode())
-                values = {"stage": ABORTED, "stage_at": now, "total": b""}
-                values["state"] = {"reason": str(e), "session": session.decode()}
-            else:
-                if node.stage == "done":
-                    self._complete(conn, cycle, process, node, spec)
-                    changed = True
-                state, total = node.to_state()
-                values = dict(stage=node.stage, stage_at=stage_at, state=state, total=total)
-            if row is None:
-                insert = secagg_rounds.insert().values(cycle_id=cycle.id, first_at=first_at)
-                conn.execute(insert.values(**values))
-            else:
-                update = secagg_rounds.update().where(secagg_rounds.c.cycle_id == cycle.id)
-                conn.execute(update.values(**values))
+
+            def submit(node: NodeSession) -> None:
+                _submit(node, req, msg)
+                if req.stage == m.MASKED:  # its input is in the sum: it has reported
+                    conn.execute(
+                        storage.mark_reported, {"b_seat_id": seat.id, "reported_at": time.time()}
+                    )
+
+            def answer(node: NodeSession) -> dict[str, Any]:
+                return _reply(node, req)
+
+            reply, changed, keep = self._step(
+                conn, cycle, spec, submit if msg is not None else None, answer
+            )
+        self.secagg_cache.keep(seat.cycle_id, keep)  # committed: reusable
         if changed:
             self.on_cycles_changed()
         return reply
+
+    def close_due_stages(self, now: float | None = None) -> int:
+        """The deadline timer's part: close every secure-aggregation stage past its
+        ``stage_timeout`` though no message arrived (its workers may all have gone), so
+        that the cycle moves on, or expires with too few, on time. Returns how many rounds
+        moved."""
+        now = time.time() if now is None else now
+        with db.read(self.engine) as conn:
+            due = conn.execute(_due_rounds, {"now": now}).scalars().all()
+        moved = 0
+        for cycle_id in due:
+            try:
+                with db.write(self.engine) as conn:
+                    cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).one()
+                    if cycle.status != "open":
+                        continue
+                    _, _, spec = self.catalog.checkpoint(conn, cycle.checkpoint_id)
+                    _, changed, keep = self._step(conn, cycle, spec, None, None, now)
+                self.secagg_cache.keep(cycle_id, keep)
+                moved += 1
+            except Exception:  # keep closing the others; the next wake-up retries
+                log.exception("closing a secure-aggregation stage of cycle %s failed", cycle_id)
+                continue
+            if changed:
+                self.on_cycles_changed()
+        return moved
+
+    def next_stage_deadline(self) -> float | None:
+        """When the earliest open secure-aggregation stage times out, or ``None``."""
+        with db.read(self.engine) as conn:
+            return conn.execute(_next_due).scalar()
+
+    def _step(
+        self,
+        conn: Connection,
+        cycle,
+        spec,
+        submit: Callable[[NodeSession], None] | None,
+        answer: Callable[[NodeSession], dict[str, Any]] | None,
+        now: float | None = None,
+    ) -> tuple[dict[str, Any], bool, tuple[int, NodeSession] | None]:
+        """Under the cycle's row lock: load the round, close the stages that are due,
+        take the worker's message (``submit``), close again, store the round. Returns the
+        reply (``answer``'s, or the abort), whether the timer and held requests should
+        look again, and the round to keep in memory once the transaction commits."""
+        now = time.time() if now is None else now
+        process = self.catalog.process(conn, cycle.process_id)
+        params = SecAggParams(**process.server_config["secure_aggregation"])
+        session = session_of(process.id, cycle.id)
+        row = conn.execute(_round_head, {"cycle_id": cycle.id}).first()
+        version = row.version if row is not None else 0
+        node = self.secagg_cache.take(cycle.id, version)
+        if row is None:
+            node = NodeSession(params, session, spec.total + 1)
+            stage_at = first_at = now
+        else:
+
+            def load_total() -> bytes:
+                return conn.execute(_round_total, {"cycle_id": cycle.id}).scalar_one()
+
+            if node is None:
+                state = conn.execute(_round_state, {"cycle_id": cycle.id}).scalar_one()
+                node = NodeSession.from_state(params, session, spec.total + 1, state, load_total)
+            else:
+                node.read_total_with(load_total)
+            stage_at, first_at = row.stage_at, row.first_at
+        before = (node.stage, row.due_at if row is not None else None)
+        changed = False
+        try:
+            stage_at = self._advance(node, process, stage_at, first_at, now)
+            if submit is not None:
+                submit(node)
+                stage_at = self._advance(node, process, stage_at, first_at, now)
+            reply = {**(answer(node) if answer else {}), "session": session.decode()}
+        except AggregationAbortedError as e:
+            self.cycles.expire(conn, cycle, process, now, str(e), warn=True)
+            changed = True
+            # keys and shares are dropped; the reason stays for the other workers
+            reply = _aborted(str(e), session.decode())
+            values = {"stage": ABORTED, "stage_at": now, "due_at": None}
+            # the masked sum goes too
+            conn.execute(secagg_totals.delete().where(secagg_totals.c.cycle_id == cycle.id))
+            values["state"] = {"reason": str(e), "session": session.decode()}
+        else:
+            if node.stage == "done":
+                self._complete(conn, cycle, process, node, spec)
+                changed = True
+            due_at = _due_at(node, stage_at, first_at, now)
+            if submit is None and (node.stage, due_at) == before:
+                # a poll that changed nothing: nothing to write
+                return reply, changed, (version, node) if row is not None else None
+            values = dict(stage=node.stage, stage_at=stage_at, state=node.state_json())
+            values["due_at"] = due_at
+            if node.total_changed:  # 8 bytes per parameter: written only when it moved
+                self._store_total(conn, cycle.id, node, fresh=row is None)
+            # a new or earlier stage deadline: the timer must plan for it
+            changed = changed or (node.stage, due_at) != before
+        values["version"] = version + 1
+        if row is None:
+            insert = secagg_rounds.insert().values(cycle_id=cycle.id, first_at=first_at)
+            conn.execute(insert.values(**values))
+        else:
+            update = secagg_rounds.update().where(secagg_rounds.c.cycle_id == cycle.id)
+            conn.execute(update.values(**values))
+        live = values["stage"] in m.STAGES
+        return reply, changed, (version + 1, node) if live else None
+
+    @staticmethod
+    def _store_total(conn: Connection, cycle_id: int, node: NodeSession, fresh: bool) -> None:
+        total = node.total.astype("<u8").tobytes()
+        if fresh:
+            conn.execute(secagg_totals.insert().values(cycle_id=cycle_id, total=total))
+        else:
+            where = secagg_totals.c.cycle_id == cycle_id
+            conn.execute(secagg_totals.update().where(where).values(total=total))
+        node.total_changed = False
 
     def _still_waiting(self, req, cycle_id: int, params: SecAggParams, session: bytes):
         """A poll for a stage that has not opened and cannot close yet (no timeout is
@@ -143,6 +276,10 @@ class SecAggApi:
             ).first()
         stage = row.stage if row is not None else m.ADVERTISE
         order = (*m.STAGES, "done")
+        if req.stage == m.ADVERTISE and stage in order:
+            # a worker learning the session before it signs its keys: "ready" to advertise
+            # (or, past this stage, to be told it is late); it opens nothing
+            return {"stage": stage, "status": "ready", "session": session.decode()}
         if stage not in order or order.index(req.stage) <= order.index(stage):
             return None
         if row is not None:
@@ -156,7 +293,7 @@ class SecAggApi:
             "session": session.decode(),
         }
 
-    def _params_of_cycle(self, cycle_id: int) -> tuple[SecAggParams, int]:
+    def _params_of_cycle(self, cycle_id: int) -> tuple[SecAggParams, int, dict | None]:
         with db.read(self.engine) as conn:
             cycle = conn.execute(
                 sa.select(storage.cycles.c.process_id).where(storage.cycles.c.id == cycle_id)
@@ -168,7 +305,7 @@ class SecAggApi:
                 "this FL process does not run secure aggregation: send the diff with "
                 f"{_messages.REPORT}"
             )
-        return SecAggParams(**cfg), process.id
+        return SecAggParams(**cfg), process.id, process.server_config.get("authentication")
 
     def _advance(self, node: NodeSession, process, stage_at: float, first_at: float, now: float):
         """Close the current stage while it is due; returns when the open stage opened."""
@@ -209,8 +346,46 @@ class SecAggApi:
         self.cycles.complete(conn, cycle, process, sums)
 
 
+def _due_at(node: NodeSession, stage_at: float, first_at: float, now: float) -> float | None:
+    """When the open stage times out; None when no stage is open, or when the first stage's
+    timeout has passed with too few keys (it waits for more, or the cycle's deadline)."""
+    if node.stage not in m.STAGES:
+        return None
+    due = (first_at if node.stage == m.ADVERTISE else stage_at) + node.params.stage_timeout
+    if node.stage == m.ADVERTISE and due <= now:
+        return None
+    return due
+
+
 def _aborted(reason: str, session: str) -> dict[str, Any]:
     return {"status": "aborted", "stage": ABORTED, "reason": reason, "session": session}
+
+
+def _check_identity(keys: m.AdvertiseKeys, auth: dict | None, session: bytes, wid: str) -> None:
+    """When the process checks signed auth tokens, a worker's keys must come signed by
+    the identity key its credential certifies (docs/secure-aggregation.md, signed keys)."""
+    if not signs_tokens(auth):
+        return
+    assert auth is not None
+    if keys.signature is None or keys.credential is None:
+        raise InvalidRequestError(
+            "this process authenticates workers, so its secure aggregation needs signed "
+            "keys: give the worker its identity (signing key and the credential the "
+            "authority issued for it) and advertise again"
+        )
+    claims = decode_token(keys.credential, auth, audience=identity.AUDIENCE)
+    if claims is None:
+        raise InvalidRequestError(
+            f"credential: not issued by this process's authority for audience "
+            f"{identity.AUDIENCE!r} (or expired)"
+        )
+    try:
+        identity.check_signature(
+            identity.identity_key(claims), session, wid, keys.cipher_key, keys.mask_key,
+            keys.signature,
+        )
+    except ProtocolError as e:
+        raise InvalidRequestError(f"secure-aggregation {m.ADVERTISE} message: {e}") from None
 
 
 def _parse(req: _messages.SecAggRequest, length: int, params: SecAggParams) -> Any:
@@ -265,4 +440,4 @@ def _reply(node: NodeSession, req: _messages.SecAggRequest) -> dict[str, Any]:
     return {**base, "status": "ready", "message": message.to_json()}
 
 
-__all__ = ["SecAggApi", "session_of"]
+__all__ = ["RoundCache", "SecAggApi", "session_of"]

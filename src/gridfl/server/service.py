@@ -31,7 +31,7 @@ from gridfl.server import admin, db, hosting, storage
 from gridfl.server.catalog import Catalog
 from gridfl.server.cycles import CYCLE_CHANNEL, Cycles
 from gridfl.server.pacing import CheckInRate
-from gridfl.server.secagg import SecAggApi
+from gridfl.server.secagg import RoundCache, SecAggApi
 from gridfl.server.settings import Settings
 from gridfl.server.worker_api import WorkerApi
 
@@ -55,6 +55,8 @@ class GridNode(WorkerApi, SecAggApi):
         #: tells this process's own CYCLE_CHANNEL notifications from the others'
         self.instance_id = uuid.uuid4().hex
         self.catalog = Catalog()
+        #: secure-aggregation rounds this process holds in memory between messages
+        self.secagg_cache = RoundCache()
         #: check-ins per second per process, for pace steering
         self.check_ins = CheckInRate()
         self.cycles = Cycles(
@@ -73,9 +75,12 @@ class GridNode(WorkerApi, SecAggApi):
 
     # ------------------------------------------------------------------ deadlines
     def next_deadline(self) -> float | None:
-        """The earliest deadline of an open cycle, or ``None``."""
+        """The earliest deadline of an open cycle or of an open secure-aggregation stage,
+        or ``None``."""
         with db.read(self.engine) as conn:
-            return storage.next_deadline(conn)
+            cycle = storage.next_deadline(conn)
+        stage = self.next_stage_deadline()
+        return min((t for t in (cycle, stage) if t is not None), default=None)
 
     def cycle_marker(self) -> tuple[int | None, int]:
         """(newest open cycle id, number of open cycles): changes whenever a cycle opens or
@@ -85,8 +90,10 @@ class GridNode(WorkerApi, SecAggApi):
             return storage.cycle_marker(conn)
 
     def close_due_cycles(self, now: float | None = None) -> int:
-        """Close every open cycle past its deadline; returns how many closed."""
+        """Close every open cycle past its deadline, and every secure-aggregation stage
+        past its timeout; returns how many cycles closed."""
         now = time.time() if now is None else now
+        self.close_due_stages(now)
         with db.read(self.engine) as conn:
             due = storage.due_cycles(conn, now)
         closed = 0

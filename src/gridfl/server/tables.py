@@ -229,6 +229,21 @@ secagg_rounds = sa.Table(
     sa.Column("stage_at", sa.Float, nullable=False),
     sa.Column("first_at", sa.Float, nullable=False),
     sa.Column("state", sa.JSON, nullable=False),
+    # when the open stage times out (None when none is pending): the deadline timer's key
+    sa.Column("due_at", sa.Float, nullable=True),
+    # +1 on every write: a server process reuses its in-memory round while it matches
+    sa.Column("version", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("ix_secagg_rounds_due_at", "due_at"),
+)
+
+#: the masked running sum of a secure-aggregation round (8 bytes per parameter), apart
+#: from the round's small state so that writing that state does not rewrite the sum
+secagg_totals = sa.Table(
+    "secagg_totals",
+    metadata,
+    sa.Column(
+        "cycle_id", sa.Integer, sa.ForeignKey("cycles.id", ondelete="CASCADE"), primary_key=True
+    ),
     sa.Column("total", Blob, nullable=False),
 )
 
