@@ -12,7 +12,9 @@ Each side is a child process started by this one, so both are measured the same 
 * seconds per round: the median interval between two rounds' ends over rounds 2..N, a
   round ending once its new model is evaluated on the 10k test set (when on);
 * peak memory: the largest sum of PSS (and of RSS) over the child and all its
-  descendants (Ray's GCS, raylet, dashboard and actors; gridfl's pool), every 100 ms;
+  descendants (Ray's GCS, raylet, dashboard and actors; gridfl's pool), every 200 ms;
+* CPU seconds of the whole run (user + system, the child and its descendants), which a
+  busy shared machine changes less than it changes wall-clock seconds;
 * accuracy on the 10k test set after the last round.
 
 Both sides start from the same initial weights and the same partition (made here with
@@ -43,6 +45,7 @@ import json
 import math
 import multiprocessing
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -90,7 +93,7 @@ def _descendants(pid: int) -> list[int]:
 class TreeMemory(threading.Thread):
     """Peak sums of PSS and of RSS over a process and all its descendants."""
 
-    def __init__(self, pid: int, every: float = 0.1) -> None:
+    def __init__(self, pid: int, every: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.pid, self.every = pid, every
         self.peak_pss_kb = self.peak_rss_kb = 0
@@ -112,6 +115,7 @@ class TreeMemory(threading.Thread):
 
 def run_child(command: list[str], timeout: float) -> dict[str, Any]:
     """Launch a side, sample its tree's memory, return its JSON line plus the figures."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     launched = time.time()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=ROOT, start_new_session=True)
@@ -125,6 +129,7 @@ def run_child(command: list[str], timeout: float) -> dict[str, Any]:
         raise RuntimeError(f"{command[:3]} took more than {timeout:.0f} s") from None
     finally:
         pss, rss = memory.stop()
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if child.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(command[:3])} failed ({child.returncode}):\n{err[-3000:]}")
@@ -137,6 +142,10 @@ def run_child(command: list[str], timeout: float) -> dict[str, Any]:
         "pss_mb": pss, "rss_mb": rss,
         "accuracy": got["accuracy"][-1] if got["accuracy"] else None,
         "rounds": len(ends),
+        # user + system CPU of the child and every descendant it (or they) waited for
+        "cpu_s": (cpu_after.ru_utime + cpu_after.ru_stime)
+        - (cpu_before.ru_utime + cpu_before.ru_stime),
+        "first_round": got.get("first_round"),
     }
 
 
@@ -209,7 +218,8 @@ def gridfl_child(run_file: Path) -> None:
     assert result.startup_seconds is not None
     marks["aggregated"] = [called + result.startup_seconds]
     accuracy = [r.central["accuracy"] for r in result.rounds if "accuracy" in r.central]
-    print(json.dumps({"marks": marks, "accuracy": accuracy}), flush=True)
+    print(json.dumps({"marks": marks, "accuracy": accuracy,
+                      "first_round": result.rounds[0].seconds}), flush=True)
 
 
 # ---------------------------------------------------------------- one workload, both sides
@@ -231,12 +241,13 @@ def _row(label: str, g: float | None, f: float | None, unit: str, goal: str = ""
     if g is None or f is None:
         return f"  {label:<28} {'-':>10} {'-':>10}"
     ratio = f"x{g / f:.2f}" if f else "-"
-    return f"  {label:<28} {g:>10.{2 if unit != 'MB' else 0}f} {f:>10.{2 if unit != 'MB' else 0}f}" \
-        f" {ratio:>8}  {goal}"
+    digits = 0 if unit == "MB" else 2
+    return f"  {label:<28} {g:>10.{digits}f} {f:>10.{digits}f} {ratio:>13}  {goal}"
 
 
 def print_table(title: str, g: dict, f: dict, goals: dict[str, float]) -> None:
-    print(f"{title}\n  {'':<28} {'gridfl':>10} {'Flower':>10} {'gridfl/Flower':>8}")
+    print(f"{title}\n  {'':<28} {'gridfl':>10} {'Flower':>10} {'gridfl/Flower':>13}")
+
     def goal(key: str) -> str:
         if key not in goals:
             return ""
@@ -247,9 +258,13 @@ def print_table(title: str, g: dict, f: dict, goals: dict[str, float]) -> None:
     print(_row("start-up to 1st aggregate, s", g["startup"], f["startup"], "s", goal("startup")))
     print(_row("peak memory, sum PSS, MB", g["pss_mb"], f["pss_mb"], "MB", goal("pss_mb")))
     print(_row("peak memory, sum RSS, MB", g["rss_mb"], f["rss_mb"], "MB"))
+    print(_row("CPU s, whole run (tree)", g["cpu_s"], f["cpu_s"], "s"))
     if g["accuracy"] is not None:
         print(_row(f"test accuracy after {g['rounds']} rounds", 100 * g["accuracy"],
                    100 * f["accuracy"], "%"))
+    if g.get("first_round") is not None:
+        print(f"  (gridfl's start-up: {g['startup'] - g['first_round']:.2f} s before its first "
+              f"round, which took {g['first_round']:.2f} s)")
     print(flush=True)
 
 

@@ -25,8 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Context, ndarrays_to_parameters
@@ -34,6 +32,7 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.simulation import run_simulation
+from torch import nn
 
 RUN = json.loads(Path(sys.argv[1]).read_text())
 DATA = Path(RUN["data_dir"])
@@ -70,7 +69,9 @@ def get_weights(model: nn.Module) -> list[np.ndarray]:
 
 
 class MnistClient(NumPyClient):
-    """One virtual client: E = 1 local epoch of SGD over its examples, batch B."""
+    """One virtual client: E = 1 local epoch of SGD over its examples in full batches of
+    B (a last partial batch is dropped and the weight is the examples trained, as
+    gridfl's trainer and syft.js do)."""
 
     def __init__(self, indices: np.ndarray) -> None:
         self.indices = indices
@@ -85,13 +86,14 @@ class MnistClient(NumPyClient):
         set_weights(model, parameters)
         opt = torch.optim.SGD(model.parameters(), lr=RUN["lr"])
         loss_fn = nn.CrossEntropyLoss()
-        order = torch.randperm(len(x))
-        for start in range(0, len(x), RUN["batch_size"]):
-            batch = order[start:start + RUN["batch_size"]]
+        order, size = torch.randperm(len(x)), RUN["batch_size"]
+        steps = len(x) // size  # full batches only, and weighted by them, as gridfl does
+        for step in range(steps):
+            batch = order[step * size:(step + 1) * size]
             opt.zero_grad()
             loss_fn(model(x[batch]), y[batch]).backward()
             opt.step()
-        return get_weights(model), len(x), {}
+        return get_weights(model), steps * size, {}
 
 
 def client_fn(context: Context):
