@@ -13,8 +13,8 @@ Each side is a child process started by this one, so both are measured the same 
   round ending once its new model is evaluated on the 10k test set (when on);
 * peak memory: the largest sum of PSS (and of RSS) over the child and all its
   descendants (Ray's GCS, raylet, dashboard and actors; gridfl's pool), every 200 ms;
-* CPU seconds of the whole run (user + system, the child and its descendants), which a
-  busy shared machine changes less than it changes wall-clock seconds;
+* CPU seconds of the whole run (user + system of the child and its descendants, read
+  with the memory), which a busy shared machine changes less than wall-clock seconds;
 * accuracy on the 10k test set after the last round.
 
 Both sides start from the same initial weights and the same partition (made here with
@@ -35,17 +35,19 @@ Parts (``--part``):
   one process, one core) minus the plain report's serialize-and-fold it replaces; this
   is the protocol's cost, not a live cycle over the network and database.
 
+    benchmarks/flower/ensure-env    # once: Flower's own venv, .venv-flower
     python -m benchmarks.bench_flower [--part speed scale secagg] [--rounds 6] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
 import os
-import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -90,46 +92,63 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-class TreeMemory(threading.Thread):
-    """Peak sums of PSS and of RSS over a process and all its descendants."""
+def _cpu_ticks(pid: int) -> tuple[tuple[int, int], int] | None:
+    """((pid, start time), user + system clock ticks) of a live process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (pid, int(fields[19])), int(fields[11]) + int(fields[12])
+
+
+class TreeSampler(threading.Thread):
+    """Peak sums of PSS and of RSS over a process and all its descendants, and the CPU
+    time they used (each process's last reading: a process that lives less than one
+    sampling interval is missed, on both sides alike)."""
 
     def __init__(self, pid: int, every: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.pid, self.every = pid, every
         self.peak_pss_kb = self.peak_rss_kb = 0
+        self.ticks: dict[tuple[int, int], int] = {}
         self._done = threading.Event()
 
     def run(self) -> None:
         from gridfl.demo.run import _memory_kb
 
         while not self._done.wait(self.every):
-            sizes = [_memory_kb(p) for p in _descendants(self.pid)]
+            pids = _descendants(self.pid)
+            sizes = [_memory_kb(p) for p in pids]
             self.peak_rss_kb = max(self.peak_rss_kb, sum(s[0] for s in sizes))
             self.peak_pss_kb = max(self.peak_pss_kb, sum(s[1] for s in sizes))
+            for reading in filter(None, map(_cpu_ticks, pids)):
+                self.ticks[reading[0]] = reading[1]
 
-    def stop(self) -> tuple[float, float]:
+    def stop(self) -> tuple[float, float, float]:
+        """(peak PSS MB, peak RSS MB, CPU seconds)."""
         self._done.set()
         self.join()
-        return self.peak_pss_kb / 1024, self.peak_rss_kb / 1024
+        cpu = sum(self.ticks.values()) / os.sysconf("SC_CLK_TCK")
+        return self.peak_pss_kb / 1024, self.peak_rss_kb / 1024, cpu
 
 
 def run_child(command: list[str], timeout: float) -> dict[str, Any]:
     """Launch a side, sample its tree's memory, return its JSON line plus the figures."""
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     launched = time.time()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=ROOT, start_new_session=True)
-    memory = TreeMemory(child.pid)
-    memory.start()
+    sampler = TreeSampler(child.pid)
+    sampler.start()
     try:
         out, err = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(child.pid, 9)
-        child.communicate()
         raise RuntimeError(f"{command[:3]} took more than {timeout:.0f} s") from None
     finally:
-        pss, rss = memory.stop()
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        pss, rss, cpu = sampler.stop()
+        # its own session: whatever it left running (Ray's daemons) goes with it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if child.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(command[:3])} failed ({child.returncode}):\n{err[-3000:]}")
@@ -142,9 +161,7 @@ def run_child(command: list[str], timeout: float) -> dict[str, Any]:
         "pss_mb": pss, "rss_mb": rss,
         "accuracy": got["accuracy"][-1] if got["accuracy"] else None,
         "rounds": len(ends),
-        # user + system CPU of the child and every descendant it (or they) waited for
-        "cpu_s": (cpu_after.ru_utime + cpu_after.ru_stime)
-        - (cpu_before.ru_utime + cpu_before.ru_stime),
+        "cpu_s": cpu,
         "first_round": got.get("first_round"),
     }
 
@@ -348,6 +365,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--rounds", type=int, default=6, help="rounds per run (default 6)")
     ap.add_argument("--n", type=int, nargs="+", default=[10, 50, 100],
                     help="clients per round for the secagg part (default 10 50 100)")
+    ap.add_argument("--model", nargs="+", choices=("2nn", "cnn"), default=["2nn", "cnn"],
+                    help="the speed part's models (default both)")
     ap.add_argument("--quick", action="store_true",
                     help="3 rounds, the 2NN only, secagg at n = 10 (a few minutes)")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -367,7 +386,7 @@ def main(argv: list[str]) -> None:
     from gridfl.datasets import load_mnist
 
     rounds = 3 if args.quick else args.rounds
-    models = ["2nn"] if args.quick else ["2nn", "cnn"]
+    models = ["2nn"] if args.quick else args.model
     sizes = [10] if args.quick else args.n
     mnist = load_mnist()
     with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:

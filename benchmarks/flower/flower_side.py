@@ -104,7 +104,8 @@ def client_fn(context: Context):
 
 
 def central_evaluate(server_round: int, parameters, config):
-    """On the 10k test set (2 threads: the clients are idle between rounds)."""
+    """On the 10k test set, 1,000 examples at a time as gridfl's evaluation (2 threads:
+    the clients are idle between rounds)."""
     if server_round == 0:
         return None
     torch.set_num_threads(2)
@@ -113,7 +114,9 @@ def central_evaluate(server_round: int, parameters, config):
     x = torch.from_numpy(np.load(DATA / "x_test.npy"))
     y = torch.from_numpy(np.load(DATA / "y_test.npy"))
     with torch.no_grad():
-        accuracy = float((model(x).argmax(1) == y).float().mean())
+        right = sum(int((model(x[lo:lo + 1000]).argmax(1) == y[lo:lo + 1000]).sum())
+                    for lo in range(0, len(x), 1000))
+    accuracy = right / len(x)
     ACCURACY.append(accuracy)
     MARKS["evaluated"].append(time.time())
     return 0.0, {"accuracy": accuracy}
