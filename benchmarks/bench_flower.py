@@ -174,6 +174,7 @@ def write_inputs(directory: Path, mnist, parts: list[np.ndarray], params: list[n
     """Data, partition and initial weights as .npy (both sides), plans as files (gridfl)."""
     for name in ("x_train", "y_train", "x_test", "y_test"):
         np.save(directory / f"{name}.npy", getattr(mnist, name))
+    np.savez(directory / "train.npz", x=mnist.x_train, y=mnist.y_train)
     np.save(directory / "indices.npy", np.concatenate(parts).astype(np.int64))
     np.save(directory / "offsets.npy", np.cumsum([0, *map(len, parts)]).astype(np.int64))
     np.save(directory / "params_count.npy", np.array(len(params)))
@@ -226,7 +227,9 @@ def gridfl_child(run_file: Path) -> None:
         client_config={"name": f"mnist-{run['model']}", "version": "1",
                        "batch_size": run["batch_size"], "lr": run["lr"], "max_epochs": 1},
         server_config={"max_diffs": run["per_round"]},
-        data=(np.load(data / "x_train.npy"), np.load(data / "y_train.npy")),
+        # a path, as `gridfl simulate --data` takes it: simulate frees the arrays once it
+        # has written the clients' memory-mapped shards (Flower's driver holds none either)
+        data=data / "train.npz",
         test_data=test if run["evaluate"] else None,
         options=SimulationOptions(num_clients=run["num_clients"], partitioner=given,
                                   rounds=run["rounds"], seed=0, workers=run["cpus"]),
