@@ -23,11 +23,20 @@ BENCHMARKS = {
     "compression": "benchmarks.bench_compression",  # compressed reports: bytes, CPU, accuracy
     "fedbuff": "benchmarks.bench_fedbuff",  # async vs sync with 5 of 10 workers 5x slower
     "secagg": "benchmarks.bench_secagg",  # secure aggregation's CPU, worker and node, vs n, k
+    "flower": "benchmarks.bench_flower",  # simulation and SecAgg+ next to Flower 1.42's
 }
 
 
+def _default() -> list[str]:
+    """Every benchmark, less Flower's unless its own venv exists (CI never installs
+    Flower; ``benchmarks/flower/ensure-env`` makes it)."""
+    from benchmarks.bench_flower import flower_python
+
+    return [n for n in BENCHMARKS if n != "flower" or flower_python() is not None]
+
+
 def main(argv: list[str]) -> int:
-    names = argv or list(BENCHMARKS)
+    names = argv or _default()
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
