@@ -109,7 +109,10 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
               help="Host with secure aggregation: the node learns only each cycle's sum.")
 @click.option("--strategy", default="fedavg", show_default=True,
               help="server_config.strategy name: fedavg, fedavgm, fedadagrad, fedadam, fedyogi, "
-              "fedmedian, fedtrimmedavg, krum, multikrum or bulyan (docs/configs.md).")
+              "fedprox, fedmedian, fedtrimmedavg, krum, multikrum or bulyan (docs/configs.md).")
+@click.option("--proximal-mu", type=click.FloatRange(0), default=None,
+              help="FedProx: compile the plan with mu/2 ||w - w_global||^2 and host it with "
+                   "strategy fedprox (docs/configs.md).")
 @click.option("--server-lr", type=click.FloatRange(0, min_open=True), default=None,
               help="A server optimizer's rate (eta; server_learning_rate for fedavgm).")
 @click.option("--byzantine", type=click.IntRange(0), default=0, show_default=True,
@@ -142,7 +145,7 @@ def demo(**kw: Any) -> None:
         evaluate=not kw["no_live_eval"], compression=kw["compression"],
         secure_aggregation=kw["secure_aggregation"],
         data_dir=kw["data_dir"], out_dir=kw["out_dir"], strategy=kw["strategy"],
-        server_lr=kw["server_lr"], byzantine=kw["byzantine"], attack=kw["attack"],
+        server_lr=kw["server_lr"], proximal_mu=kw["proximal_mu"], byzantine=kw["byzantine"], attack=kw["attack"],
         dp_noise=kw["dp_noise"], dp_clip=kw["dp_clip"], dp_adaptive=kw["dp_adaptive"],
         asynchronous=kw["asynchronous"], buffer_size=kw["buffer_size"],
         slow_workers=kw["slow_workers"], slowdown=kw["slowdown"],
