@@ -7,8 +7,8 @@ size, ``client_config`` inputs the value under their key, ``model_param`` inputs
 current params by index, ``model_buffer`` inputs the model's tensors after the params
 (BatchNorm statistics), ``optimizer_state`` inputs the optimizer buffers (zeros at
 first) and a FedProx plan's ``global_param`` inputs the params as given, fixed for the
-whole run (the downloaded checkpoint). Outputs are read the same way: ``loss``, ``metric`` (by key), updated
-``model_param``, ``model_buffer`` and ``optimizer_state``.
+whole run (the downloaded checkpoint). Outputs are read the same way: ``loss``,
+``metric`` (by key), updated ``model_param``, ``model_buffer`` and ``optimizer_state``.
 
 What is kept between cycles follows the process's ``client_config`` (see
 :mod:`gridfl.client.local_state`): with ``"buffers": "local"`` (FedBN) the buffers
