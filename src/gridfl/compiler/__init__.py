@@ -535,10 +535,10 @@ def compile_training_plan(
                    **dict(zip(buffer_names, bufs, strict=True))}
         out = torch.func.functional_call(module, tensors, (X,))
         value = loss_fn(out, y, batch_size)
+        grads = torch.autograd.grad(value, ps, allow_unused=True, materialize_grads=True)
         if mu is not None:
             *globals_, mu_in = rest[n_params + n_buffers + n_state:]
-            value = value + _proximal_term(ps, globals_, mu_in)
-        grads = torch.autograd.grad(value, ps, allow_unused=True, materialize_grads=True)
+            value, grads = _add_proximal_term(value, grads, ps, globals_, mu_in)
         new_p, new_s = opt.step(ps, grads, lr, st)
         acc = accuracy(out.detach(), y, batch_size, loss)
         head = (value,) if acc is None else (value, acc)
@@ -572,10 +572,15 @@ def _check_proximal_mu(value: Any) -> float | None:
     return float(value)
 
 
-def _proximal_term(params, global_params, mu: torch.Tensor) -> torch.Tensor:
-    """FedProx's ``mu / 2 * ||w - w_global||^2`` over all params (Li et al. 2020, eq. 2)."""
-    total = sum(((p - g) ** 2).sum() for p, g in zip(params, global_params, strict=True))
-    return mu / 2 * total
+def _add_proximal_term(value, grads, params, global_params, mu: torch.Tensor):
+    """FedProx's ``mu / 2 * ||w - w_global||^2`` over all params (Li et al. 2020, eq. 2)
+    added to the loss, and its gradient ``mu (w - w_global)`` to the loss's gradients.
+    Written out rather than left to autograd: autograd's form (Pow, Expand, and a
+    backward that defeats the Gemm fusion) made a 2NN step about 10x slower."""
+    diffs = [(p - g).detach() for p, g in zip(params, global_params, strict=True)]
+    total = sum((d * d).sum() for d in diffs)
+    new_grads = [gr + mu * d for gr, d in zip(grads, diffs, strict=True)]
+    return value + mu / 2 * total, new_grads
 
 
 def _with_grad(args: list[torch.Tensor], n_params: int) -> list[torch.Tensor]:
