@@ -332,3 +332,21 @@ def test_fedprox_aggregates_with_fedavg_and_takes_flowers_proximal_mu():
     clipped = strategies.normalize(
         {"name": "fedprox", "proximal_mu": 0.1, "clip_norm": 2.0}, max_diffs=None)
     assert strategies.strategy_for(clipped).clip_norm == 2.0
+
+
+def test_fedprox_runs_with_what_fedavg_runs_with():
+    """The node's side of FedProx is FedAvg's: async buffers, secure aggregation,
+    differential privacy and compression all take it (docs/configs.md#fedprox)."""
+    from gridfl.server.config import validate_server_config
+
+    fp = {"name": "fedprox", "proximal_mu": 0.1}
+    for extra in (
+        {"mode": "async", "buffer_size": 5},
+        {"max_diffs": 5, "min_diffs": 5, "max_workers": 5, "secure_aggregation": {"threshold": 3}},
+        {"max_diffs": 5, "max_workers": 5, "differential_privacy": {
+            "noise_multiplier": 1.0, "clip_norm": 1.0, "population_size": 100}},
+        {"compression": {"kind": "int8"}},
+    ):
+        cfg = validate_server_config({"strategy": fp, **extra})
+        assert cfg["strategy"]["proximal_mu"] == 0.1
+        assert all(cfg[k] is not None for k in extra if k != "mode")
