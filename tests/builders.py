@@ -108,6 +108,34 @@ def training_plan(shapes=SHAPES) -> bytes:
     return _plan_bytes(nodes, inputs, outputs, "training", in_meta, out_meta)
 
 
+def proximal_training_plan(shapes=SHAPES) -> bytes:
+    """A FedProx plan (global_param inputs, client_config ``proximal_mu``): new_p = p -
+    lr * mu * (p - g), the proximal term's gradient step alone; loads and runs."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load_from_string(training_plan(shapes))
+    graph = model.graph
+    meta = {p.key: p for p in model.metadata_props}
+    in_meta = json.loads(meta["gridfl.inputs"].value)
+    f = TensorProto.FLOAT
+    for i, shape in enumerate(shapes):
+        graph.input.append(onnx.helper.make_tensor_value_info(f"g{i}", f, list(shape)))
+        in_meta.append({"name": f"g{i}", "role": "global_param", "index": i})
+    graph.input.append(onnx.helper.make_tensor_value_info("mu", f, []))
+    in_meta.append({"name": "mu", "role": "client_config", "key": "proximal_mu"})
+    for node in graph.node:  # step{i} = lr * p{i}  ->  lr * mu * (p{i} - g{i})
+        if node.op_type == "Mul" and node.input[0].startswith("p"):
+            i = node.input[0][1:]
+            node.input[0] = f"pull{i}"
+    for i in range(len(shapes)):
+        graph.node.insert(0, onnx.helper.make_node("Mul", [f"d{i}", "mu"], [f"pull{i}"]))
+        graph.node.insert(0, onnx.helper.make_node("Sub", [f"p{i}", f"g{i}"], [f"d{i}"]))
+    meta["gridfl.inputs"].value = json.dumps(in_meta)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def averaging_plan(shapes=SHAPES) -> bytes:
     """PyGrid's iterative average: new_avg = (avg * num + item) / (num + 1)."""
     from onnx import TensorProto, helper

@@ -429,3 +429,36 @@ def test_demo_federated_evaluation_is_refused_where_the_node_refuses_it():
     with pytest.raises(ConfigError, match="not combined with secure_aggregation"):
         DemoOptions(federated_every=1, secure_aggregation=True, fraction=0.5,
                     workers=10).validate()
+
+
+def test_demo_proximal_mu_runs_fedprox(tmp_path, capfd):
+    """``--proximal-mu``: the plan is compiled with the proximal term and hosted with
+    strategy fedprox; the demo workers (no torch) train it and the model learns."""
+    pytest.importorskip("torch")
+    options = DemoOptions(
+        model="2nn", clients=4, fraction=0.5, workers=2, cycles=3, target=None,
+        examples_per_client=300, proximal_mu=0.01,
+        data_dir=tmp_path / "data", out_dir=tmp_path / "out",
+    )
+    result = run_demo(options)
+    assert "cycle failed" not in capfd.readouterr().err
+    assert all(c.reports == 2 for c in result.cycles)
+    assert result.cycles[-1].test_accuracy > 0.6, [c.test_accuracy for c in result.cycles]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["settings"]["proximal_mu"] == 0.01
+
+
+def test_demo_proximal_mu_options_are_checked():
+    assert DemoOptions(proximal_mu=0.1).strategy_config() == {
+        "name": "fedprox", "proximal_mu": 0.1}
+    assert DemoOptions(strategy="fedprox", proximal_mu=0.0).strategy_config() == {
+        "name": "fedprox", "proximal_mu": 0.0}
+    for bad, message in [
+        (DemoOptions(strategy="fedprox"), "--strategy fedprox needs --proximal-mu"),
+        (DemoOptions(proximal_mu=-1.0), "proximal_mu must be a number >= 0"),
+        (DemoOptions(strategy="fedadam", proximal_mu=0.1), "drop --strategy fedadam"),
+        (DemoOptions(proximal_mu=0.1, server_lr=0.5), "and --server-lr"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            bad.validate()
+        assert message in str(e.value)

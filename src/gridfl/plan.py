@@ -55,6 +55,7 @@ INPUT_ROLES = (
     "model_param",
     "model_buffer",
     "optimizer_state",
+    "global_param",
     "average",
     "item",
     "count",
@@ -64,7 +65,10 @@ OUTPUT_ROLES = ("loss", "metric", "model_param", "model_buffer", "optimizer_stat
 KEYED_ROLES = frozenset({"client_config", "metric"})
 #: Roles whose slots carry an ``index`` (position among the slots of that role).
 #: ``model_buffer`` j is the model's tensor ``num_params + j`` (BatchNorm running stats).
-INDEXED_ROLES = frozenset({"model_param", "model_buffer", "optimizer_state", "average", "item"})
+#: ``global_param`` i is the downloaded (global) value of model param i (FedProx).
+INDEXED_ROLES = frozenset(
+    {"model_param", "model_buffer", "optimizer_state", "global_param", "average", "item"}
+)
 
 _META_FORMAT = "gridfl.format"
 _META_KIND = "gridfl.kind"
@@ -418,6 +422,7 @@ class Plan:
         client_config: Mapping[str, Any] | None = None,
         batch_size: Any = None,
         optimizer_state: Sequence[Any] = (),
+        global_params: Sequence[Any] = (),
         average: Sequence[Any] = (),
         item: Sequence[Any] = (),
         count: Any = None,
@@ -426,7 +431,9 @@ class Plan:
 
         ``batch_size`` defaults to the length of ``data``; ``optimizer_state`` defaults to
         zeros (fresh momentum buffers). ``model_buffer`` inputs take the model's tensors
-        after its params (``params`` may be the whole model state)::
+        after its params (``params`` may be the whole model state). A FedProx plan's
+        ``global_param`` inputs take ``global_params``, the params as downloaded: they stay
+        fixed while ``params`` move step by step, so they have no default::
 
             >>> args = plan.bind(data=X, target=y, params=model.params,
             ...                  client_config={"lr": 0.1})          # doctest: +SKIP
@@ -454,12 +461,18 @@ class Plan:
                 v = count
             else:
                 seq = {"model_param": params, "optimizer_state": optimizer_state,
-                       "average": average, "item": item, "model_buffer": params}[r]
+                       "average": average, "item": item, "model_buffer": params,
+                       "global_param": global_params}[r]
                 index = s.index if s.index is not None else 0  # indexed roles have one
                 if r == "model_buffer":
                     index += self.num_params
                 if r == "optimizer_state" and len(seq) == 0:
                     v = np.zeros([d or 0 for d in s.shape], dtype=s.dtype)
+                elif r == "global_param" and len(seq) == 0:
+                    raise PlanInputError(
+                        f"plan input {s.describe()} is a FedProx global param: pass "
+                        "global_params=, the params as downloaded"
+                    )
                 elif index >= len(seq):
                     raise PlanInputError(
                         f"plan input {s.describe()} needs {r} #{index} but only "

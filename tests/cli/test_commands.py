@@ -221,3 +221,30 @@ def test_worker_with_eval_data_evaluates_and_status_shows_it(node, bundle, tmp_p
     accuracy = float(np.mean(logits.argmax(1) == y[:13]))
     assert "evaluation of checkpoint 3: 1/1 workers, 13 samples;" in r.output
     assert f"accuracy {accuracy:.4g}" in r.output
+def test_compile_with_proximal_mu_hosts_fedprox_and_the_worker_trains_it(node, tmp_path):
+    (tmp_path / "model.py").write_text(MODEL_FILE.replace('"tiny"', '"tinyprox"'))
+    r = run("compile", tmp_path / "model.py", "-o", tmp_path / "out", "--proximal-mu", 0.2)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "out" / "bundle.json").read_text())
+    assert meta["server_config"]["strategy"] == {"name": "fedprox", "proximal_mu": 0.2}
+    from gridfl import Plan
+
+    plan = Plan.from_bytes((tmp_path / "out" / "training_plan.onnx").read_bytes())
+    assert sum(s.role == "global_param" for s in plan.inputs) == 4
+    r = run("host", node.url, tmp_path / "out", "--admin-token", TOKEN)
+    assert r.exit_code == 0, r.output
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    np.savez(tmp_path / "local.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    r = run("worker", node.ws_url, "tinyprox", "--version", "2.0", "--data",
+            tmp_path / "local.npz")
+    assert r.exit_code == 0 and "reported 2 cycle(s)" in r.output, r.output
+    r = run("status", node.url, "tinyprox", "2.0", "--admin-token", TOKEN)
+    assert "strategy: fedprox (proximal_mu=0.2)" in r.output, r.output
+
+
+def test_compile_refuses_a_negative_proximal_mu(tmp_path):
+    (tmp_path / "model.py").write_text(MODEL_FILE)
+    r = CliRunner().invoke(main, ["compile", str(tmp_path / "model.py"), "-o",
+                                  str(tmp_path / "out"), "--proximal-mu", "-0.1"])
+    assert r.exit_code == 2 and "--proximal-mu" in r.output and not (tmp_path / "out").exists()

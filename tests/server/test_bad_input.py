@@ -40,6 +40,7 @@ from tests.builders import (
     b64,
     diff_of,
     host_payload,
+    proximal_training_plan,
     rsa_key_pair,
     training_plan,
 )
@@ -948,6 +949,30 @@ CASES: list[Case] = [
       _host(lambda p, c: p.update(averaging_plan=b64(averaging_plan()), server_config={
           "iterative_plan": True, "strategy": {"name": "fedadam"}})), 400,
       "a hosted averaging_plan is the aggregation rule"),
+    H("host-fedprox-plan-without-global-params",
+      _host(_sc(strategy={"name": "fedprox", "proximal_mu": 0.1})), 400,
+      "fedprox needs training plans with global_param inputs"),
+    H("host-fedprox-negative-mu", _host(_sc(strategy={"name": "fedprox", "proximal_mu": -0.1})),
+      400, "server_config.strategy.proximal_mu must be a number >= 0"),
+    H("host-fedprox-without-mu", _host(_sc(strategy={"name": "fedprox"})), 400,
+      "fedprox needs proximal_mu"),
+    H("host-fedprox-with-syftjs-variant", _host(lambda p, c: p.update(
+        plans={"training_plan": {"onnx": b64(proximal_training_plan()), "list": b64(b"x")}},
+        server_config={"strategy": {"name": "fedprox", "proximal_mu": 0.1}})), 400,
+      "syft.js runs those variants, which have no proximal term"),
+    H("host-fedprox-with-averaging-plan",
+      _host(lambda p, c: p.update(averaging_plan=b64(averaging_plan()),
+          plans={"training_plan": b64(proximal_training_plan())}, server_config={
+          "iterative_plan": True, "strategy": {"name": "fedprox", "proximal_mu": 0.1}})), 400,
+      "a hosted averaging_plan is the aggregation rule"),
+    H("host-proximal-plan-without-fedprox", _host(lambda p, c: p.update(
+        plans={"training_plan": b64(proximal_training_plan())})), 400,
+      "takes FedProx global params (compiled with proximal_mu)"),
+    H("host-fedprox-client_config-mu-differs", _host(lambda p, c: (
+        p.update(plans={"training_plan": b64(proximal_training_plan())}),
+        p["server_config"].update(strategy={"name": "fedprox", "proximal_mu": 0.1}),
+        p["client_config"].update(proximal_mu=0.5))), 400,
+      "client_config.proximal_mu is 0.5 but server_config.strategy.proximal_mu is 0.1"),
     H("host-model-missing", _host(_set("model", _DROP)), 400,
       "model: expected a non-empty base64 string"),
     H("host-model-not-base64", _host(_set("model", "%%%")), 400, "model: not valid base64"),

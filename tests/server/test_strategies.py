@@ -285,6 +285,10 @@ def test_robust_rule_with_too_few_reports_is_a_model_error():
         ({"name": "fedavgm", "server_momentum": 1}, None, "server_momentum must be a number in"),
         ({"name": "fedadam", "eta_l": 0.1}, None, "fedadam has no ['eta_l']"),
         ({"name": "fedavg", "clip_norm": 0}, None, "clip_norm must be a number > 0"),
+        ({"name": "fedprox"}, None, "fedprox needs proximal_mu (a number >= 0)"),
+        ({"name": "fedprox", "proximal_mu": -0.01}, None, "proximal_mu must be a number >= 0"),
+        ({"name": "fedprox", "proximal_mu": "0.1"}, None, "proximal_mu must be a number >= 0"),
+        ({"name": "fedprox", "proximal_mu": 0.1, "eta": 1}, None, "fedprox has no ['eta']"),
         ({"name": "fedtrimmedavg", "beta": 0.5}, 10, "beta must be a number in [0, 0.5)"),
         ({"name": "fedmedian"}, None, "set server_config.max_diffs"),
         ({"name": "krum", "num_malicious_nodes": 4}, 10, "needs max_diffs >= 11"),
@@ -317,3 +321,32 @@ def test_defaults_follow_flower():
     assert norm("fedtrimmedavg")["beta"] == 0.2
     assert norm("multikrum")["num_nodes_to_select"] == 1
     assert strategies.normalize(None, max_diffs=None) is None
+
+
+def test_fedprox_aggregates_with_fedavg_and_takes_flowers_proximal_mu():
+    """Li et al. change only the local objective: the node's rule is FedAvg's weighted
+    mean, clip_norm included."""
+    cfg = strategies.normalize({"name": "fedprox", "proximal_mu": 0.0}, max_diffs=None)
+    assert cfg == {"name": "fedprox", "proximal_mu": 0.0, "clip_norm": None}
+    assert isinstance(strategies.strategy_for(cfg), agg.FedAvg)
+    clipped = strategies.normalize(
+        {"name": "fedprox", "proximal_mu": 0.1, "clip_norm": 2.0}, max_diffs=None)
+    assert strategies.strategy_for(clipped).clip_norm == 2.0
+
+
+def test_fedprox_runs_with_what_fedavg_runs_with():
+    """The node's side of FedProx is FedAvg's: async buffers, secure aggregation,
+    differential privacy and compression all take it (docs/configs.md#fedprox)."""
+    from gridfl.server.config import validate_server_config
+
+    fp = {"name": "fedprox", "proximal_mu": 0.1}
+    for extra in (
+        {"mode": "async", "buffer_size": 5},
+        {"max_diffs": 5, "min_diffs": 5, "max_workers": 5, "secure_aggregation": {"threshold": 3}},
+        {"max_diffs": 5, "max_workers": 5, "differential_privacy": {
+            "noise_multiplier": 1.0, "clip_norm": 1.0, "population_size": 100}},
+        {"compression": {"kind": "int8"}},
+    ):
+        cfg = validate_server_config({"strategy": fp, **extra})
+        assert cfg["strategy"]["proximal_mu"] == 0.1
+        assert all(cfg[k] is not None for k in extra if k != "mode")

@@ -109,7 +109,10 @@ def _host_client(url: str, admin_token: str | None, admin_token_file: Path | Non
               help="Host with secure aggregation: the node learns only each cycle's sum.")
 @click.option("--strategy", default="fedavg", show_default=True,
               help="server_config.strategy name: fedavg, fedavgm, fedadagrad, fedadam, fedyogi, "
-              "fedmedian, fedtrimmedavg, krum, multikrum or bulyan (docs/configs.md).")
+              "fedprox, fedmedian, fedtrimmedavg, krum, multikrum or bulyan (docs/configs.md).")
+@click.option("--proximal-mu", type=click.FloatRange(0), default=None,
+              help="FedProx: compile the plan with mu/2 ||w - w_global||^2 and host it with "
+                   "strategy fedprox (docs/configs.md).")
 @click.option("--server-lr", type=click.FloatRange(0, min_open=True), default=None,
               help="A server optimizer's rate (eta; server_learning_rate for fedavgm).")
 @click.option("--byzantine", type=click.IntRange(0), default=0, show_default=True,
@@ -145,7 +148,8 @@ def demo(**kw: Any) -> None:
         evaluate=not kw["no_live_eval"], compression=kw["compression"],
         secure_aggregation=kw["secure_aggregation"],
         data_dir=kw["data_dir"], out_dir=kw["out_dir"], strategy=kw["strategy"],
-        server_lr=kw["server_lr"], byzantine=kw["byzantine"], attack=kw["attack"],
+        server_lr=kw["server_lr"], proximal_mu=kw["proximal_mu"], byzantine=kw["byzantine"],
+        attack=kw["attack"],
         dp_noise=kw["dp_noise"], dp_clip=kw["dp_clip"], dp_adaptive=kw["dp_adaptive"],
         asynchronous=kw["asynchronous"], buffer_size=kw["buffer_size"],
         slow_workers=kw["slow_workers"], slowdown=kw["slowdown"],
@@ -230,22 +234,27 @@ def _add_row(table, c) -> None:
 @click.argument("model_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory to write the plan bundle to.")
+@click.option("--proximal-mu", type=click.FloatRange(0), default=None,
+              help="FedProx: add mu/2 ||w - w_global||^2 to the loss and host with strategy "
+                   "fedprox at this mu (overrides the file's proximal_mu).")
 @friendly
-def compile_(model_file: Path, out: Path) -> None:
+def compile_(model_file: Path, out: Path, proximal_mu: float | None) -> None:
     """Compile MODEL_FILE (a Python file) into a plan bundle.
 
     The file defines ``model`` (a torch.nn.Module), ``example_data`` and
     ``example_target`` (one batch), and optionally ``loss`` ("cross_entropy",
     "cross_entropy_onehot" or "mse"; default cross_entropy), ``optimizer``
-    (gridfl.compiler.SGD; default SGD(lr=0.1)), ``name``, ``version`` and
-    ``client_config`` / ``server_config`` dicts to host it with.
+    (gridfl.compiler.SGD; default SGD(lr=0.1)), ``proximal_mu`` (FedProx), ``name``,
+    ``version`` and ``client_config`` / ``server_config`` dicts to host it with.
     """
-    bundle = compile_bundle(model_file, out)
+    bundle = compile_bundle(model_file, out, proximal_mu=proximal_mu)
     click.echo(f"wrote {out}: {', '.join(sorted(bundle['files']))}")
 
 
-def compile_bundle(model_file: Path, out: Path) -> dict:
-    """Compile a model file into ``out`` (plans, initial model, bundle.json)."""
+def compile_bundle(model_file: Path, out: Path, *, proximal_mu: float | None = None) -> dict:
+    """Compile a model file into ``out`` (plans, initial model, bundle.json). With a
+    ``proximal_mu`` (argument, else the file's) the training plan is FedProx's and the
+    bundle's ``server_config.strategy`` fedprox at that mu, unless the file sets one."""
     from gridfl import state
     from gridfl.compiler import SGD, compile_evaluation_plan, compile_training_plan
 
@@ -255,10 +264,14 @@ def compile_bundle(model_file: Path, out: Path) -> dict:
         raise ConfigError(f"{model_file} must define {', '.join(missing)}")
     model, loss = ns["model"], ns.get("loss", "cross_entropy")
     optimizer = ns.get("optimizer", SGD(lr=0.1))
+    mu = proximal_mu if proximal_mu is not None else ns.get("proximal_mu")
     training = compile_training_plan(
         model, loss=loss, optimizer=optimizer, example_data=ns["example_data"],
-        example_target=ns["example_target"],
+        example_target=ns["example_target"], proximal_mu=mu,
     )
+    server_config = dict(ns.get("server_config", {}))
+    if mu is not None:
+        server_config.setdefault("strategy", {"name": "fedprox", "proximal_mu": mu})
     evaluation = compile_evaluation_plan(
         model, loss=loss, example_data=ns["example_data"], example_target=ns["example_target"]
     )
@@ -279,7 +292,7 @@ def compile_bundle(model_file: Path, out: Path) -> dict:
             "lr": getattr(optimizer, "lr", 0.1),
             **ns.get("client_config", {}),
         },
-        "server_config": ns.get("server_config", {}),
+        "server_config": server_config,
         "files": sorted([*files, BUNDLE_FILE]),
     }
     (out / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2))

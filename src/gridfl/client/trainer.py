@@ -5,9 +5,10 @@ The plan's metadata says what each input is (:attr:`gridfl.Plan.inputs`), so no 
 output specs are needed: ``data`` and ``target`` get the batch, ``batch_size`` the batch
 size, ``client_config`` inputs the value under their key, ``model_param`` inputs the
 current params by index, ``model_buffer`` inputs the model's tensors after the params
-(BatchNorm statistics) and ``optimizer_state`` inputs the optimizer buffers (zeros at
-first). Outputs are read the same way: ``loss``, ``metric`` (by key), updated
-``model_param``, ``model_buffer`` and ``optimizer_state``.
+(BatchNorm statistics), ``optimizer_state`` inputs the optimizer buffers (zeros at
+first) and a FedProx plan's ``global_param`` inputs the params as given, fixed for the
+whole run (the downloaded checkpoint). Outputs are read the same way: ``loss``,
+``metric`` (by key), updated ``model_param``, ``model_buffer`` and ``optimizer_state``.
 
 What is kept between cycles follows the process's ``client_config`` (see
 :mod:`gridfl.client.local_state`): with ``"buffers": "local"`` (FedBN) the buffers
@@ -68,7 +69,7 @@ TRAINER_EVENTS = {
 
 _CKPT_FORMAT = "gridfl.trainer/1"
 _INPUT_ROLES = {"data", "target", "batch_size", "client_config", "model_param",
-                "model_buffer", "optimizer_state"}
+                "model_buffer", "optimizer_state", "global_param"}
 _MODEL_ROLES = ("model_param", "model_buffer")
 
 
@@ -198,6 +199,10 @@ class PlanTrainer:
         self.optimizer_state = [
             np.zeros([d or 0 for d in s.shape], dtype=s.dtype) for s in self._opt_slots
         ]
+        #: FedProx's anchor: the params training started from, never updated
+        self.global_params = (
+            [p.copy() for p in self.params[:self._num_params]] if self._num_global else []
+        )
         self.local_buffers, self.keep_optimizer_state = read_local_options(cfg)
         self.local_state, self.process = local_state, process
         #: the buffers a FedBN result reports: the downloaded ones, so their diff is zero
@@ -233,6 +238,13 @@ class PlanTrainer:
                 )
         self._num_params = _count_indexed(plan, "model_param")
         self._num_buffers = _count_indexed(plan, "model_buffer")
+        # an input only: the plan does not return the global params
+        self._num_global = sum(s.role == "global_param" for s in plan.inputs)
+        if self._num_global not in (0, self._num_params):
+            raise PlanError(
+                f"the plan takes {self._num_global} global params for {self._num_params} "
+                "model params; a FedProx plan takes one per param"
+            )
         self._opt_slots = sorted(
             (s for s in plan.inputs if s.role == "optimizer_state"),
             key=lambda s: s.required_index,
@@ -355,6 +367,8 @@ class PlanTrainer:
                 args.append(self.client_config[s.required_key])
             elif r in _MODEL_ROLES:
                 args.append(self.params[self._model_index(s)])
+            elif r == "global_param":
+                args.append(self.global_params[s.required_index])
             else:  # optimizer_state
                 args.append(self.optimizer_state[s.required_index])
         return self.plan.execute(*args)
@@ -381,6 +395,8 @@ class PlanTrainer:
                 const[s.name] = plan.convert(pos, self.batch_size)
             elif s.role == "client_config":
                 const[s.name] = plan.convert(pos, self.client_config[s.required_key])
+            elif s.role == "global_param":
+                const[s.name] = plan.convert(pos, self.global_params[s.required_index])
             elif s.role in _MODEL_ROLES or s.role == "optimizer_state":
                 value = (self.optimizer_state[s.required_index] if s.role == "optimizer_state"
                          else self.params[self._model_index(s)])
@@ -488,6 +504,7 @@ class PlanTrainer:
             "num_params": len(self.params),
             "num_optimizer_state": len(self.optimizer_state),
             "num_reported_buffers": len(self.reported_buffers),
+            "num_global_params": len(self.global_params),
         }
         arrays: dict[str, np.ndarray] = {
             "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -498,6 +515,8 @@ class PlanTrainer:
             arrays[f"opt_{i}"] = o
         for i, b in enumerate(self.reported_buffers):
             arrays[f"reported_buffer_{i}"] = b
+        for i, g in enumerate(self.global_params):
+            arrays[f"global_param_{i}"] = g
         buf = io.BytesIO()
         np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
         return buf.getvalue()
@@ -531,6 +550,8 @@ class PlanTrainer:
                 opt = [z[f"opt_{i}"] for i in range(meta["num_optimizer_state"])]
                 reported = [z[f"reported_buffer_{i}"]
                             for i in range(meta.get("num_reported_buffers", 0))]
+                global_params = [z[f"global_param_{i}"]
+                                 for i in range(meta.get("num_global_params", 0))]
         except Exception as exc:
             raise ConfigError(f"not a gridfl trainer checkpoint: {exc}") from exc
         digest = _plan_digest(plan)
@@ -553,6 +574,8 @@ class PlanTrainer:
         if len(reported) != len(trainer.reported_buffers):
             raise ConfigError("the checkpoint's buffers do not match the plan")
         trainer.reported_buffers = reported
+        if global_params:  # FedProx: the anchor is the downloaded params, not the trained
+            trainer.global_params = global_params
         trainer.local_state, trainer.process = local_state, process
         trainer.epoch, trainer.batch, trainer.steps = meta["epoch"], meta["batch"], meta["steps"]
         trainer._epoch_open = meta["epoch_open"]

@@ -63,6 +63,7 @@ class DemoOptions:
     evaluate: bool = True  # evaluate each checkpoint while training runs
     strategy: str = "fedavg"  # server_config.strategy name (docs/configs.md)
     server_lr: float | None = None  # eta / server_learning_rate of a server optimizer
+    proximal_mu: float | None = None  # FedProx's mu: strategy fedprox, plan compiled with it
     byzantine: int = 0  # worker processes that report poisoned diffs
     attack: str = "scale"  # what they send: scale (x100), signflip or noise
     # differential privacy (docs/privacy.md): noise multiplier z and clip norm C (the
@@ -129,6 +130,8 @@ class DemoOptions:
         assume as many Byzantine reports as there are Byzantine workers."""
         from gridfl.server.strategies import OPTIMIZERS, normalize  # the node's own rules
 
+        if self.proximal_mu is not None or self.strategy == "fedprox":
+            return self._fedprox_config()
         if self.strategy == "fedavg" and (self.server_lr is None or self.asynchronous):
             return None  # async FedAvg takes --server-lr as server_config.server_lr
         cfg: dict = {"name": self.strategy}
@@ -142,6 +145,20 @@ class DemoOptions:
             cfg[key] = self.server_lr
         if self.strategy in ("krum", "multikrum", "bulyan"):
             cfg["num_malicious_nodes"] = self.byzantine
+        normalize(cfg, max_diffs=self.per_cycle, min_diffs=self.per_cycle)
+        return cfg
+
+    def _fedprox_config(self) -> dict:
+        from gridfl.server.strategies import normalize
+
+        if self.strategy not in ("fedavg", "fedprox") or self.server_lr is not None:
+            raise ConfigError(
+                "--proximal-mu runs FedProx, which aggregates with FedAvg: drop --strategy "
+                f"{self.strategy}" + (" and --server-lr" if self.server_lr is not None else "")
+            )
+        if self.proximal_mu is None:
+            raise ConfigError("--strategy fedprox needs --proximal-mu (e.g. 0.01)")
+        cfg = {"name": "fedprox", "proximal_mu": self.proximal_mu}
         normalize(cfg, max_diffs=self.per_cycle, min_diffs=self.per_cycle)
         return cfg
 
@@ -397,6 +414,7 @@ def _compile_training(options: DemoOptions, x: np.ndarray, y: np.ndarray) -> tup
         optimizer=SGD(lr=options.lr),
         example_data=x,
         example_target=y,
+        proximal_mu=options.proximal_mu,
     )
     return state.dumps([p.detach().numpy() for p in model.parameters()]), training.to_bytes()
 

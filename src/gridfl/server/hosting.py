@@ -123,6 +123,7 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
         raise InvalidRequestError("plans: expected an object of name -> plan (at least one)")
     plan_rows = []
     evaluation_plans = []
+    loaded: dict[str, tuple[Any, list[str]]] = {}  # name -> (onnx plan or None, variants)
     for name, value in raw_plans.items():
         if not isinstance(name, str) or not name or len(name) > 255:
             raise InvalidRequestError("plans: names must be non-empty strings")
@@ -153,6 +154,7 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
             check_plan_params(name, plan, spec)
             if plan.kind == "evaluation":
                 evaluation_plans.append(name)
+        loaded[name] = (plan if "onnx" in row else None, list(variants))
         plan_rows.append(row)
     if server_config.get("evaluation") is not None and not evaluation_plans:
         raise ConfigError(
@@ -177,6 +179,7 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
     strategies.check_hosting(
         server_config["strategy"], spec, payload.get("averaging_plan") is not None
     )
+    client_config = strategies.check_proximal(server_config["strategy"], loaded, client_config)
 
     raw_protocols = payload.get("protocols") or {}
     if not isinstance(raw_protocols, dict):
@@ -206,14 +209,14 @@ def secure_aggregation_rows(server_config: dict, raw_protocols: dict) -> list[di
 
 
 def check_plan_params(name: str, plan, spec: agg.ModelSpec) -> None:
-    """A worker plan's ``model_param`` and ``model_buffer`` inputs must name the model's
-    tensors, shapes too (buffer ``j`` is tensor ``num_params + j``)."""
+    """A worker plan's ``model_param``, ``global_param`` and ``model_buffer`` inputs must
+    name the model's tensors, shapes too (buffer ``j`` is tensor ``num_params + j``)."""
     n = len(spec.shapes)
     n_params = sum(slot.role == "model_param" for slot in plan.inputs)
     for slot in plan.inputs:
-        if slot.role not in ("model_param", "model_buffer"):
+        if slot.role not in ("model_param", "model_buffer", "global_param"):
             continue
-        index = slot.index if slot.index is None or slot.role == "model_param" else (
+        index = slot.index if slot.index is None or slot.role != "model_buffer" else (
             n_params + slot.index)
         if index is None or not 0 <= index < n:
             raise InvalidRequestError(

@@ -27,10 +27,14 @@ _UNIT = "unit"  # a number in [0, 1)
 _TRIM = "trim"  # a number in [0, 0.5)
 _COUNT = "count"  # an integer >= 0
 _SELECT = "select"  # an integer >= 1
+_NONNEG = "nonneg"  # a number >= 0
+_REQUIRED = object()  # a hyperparameter without a default
 
 #: name -> {hyperparameter: (kind, default)}
 SPECS: dict[str, dict[str, tuple[str, Any]]] = {
     "fedavg": {},
+    # Flower's FedProx(proximal_mu) has no default either
+    "fedprox": {"proximal_mu": (_NONNEG, _REQUIRED)},
     "fedavgm": {"server_learning_rate": (_RATE, 1.0), "server_momentum": (_UNIT, 0.0)},
     "fedadagrad": {"eta": (_RATE, 0.1), "beta_1": (_UNIT, 0.0), "tau": (_RATE, 1e-3)},
     "fedadam": {
@@ -56,6 +60,10 @@ SPECS: dict[str, dict[str, tuple[str, Any]]] = {
 ROBUST = {"fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"}
 #: server optimizers (Reddi et al.; Hsu et al.): state carried from cycle to cycle
 OPTIMIZERS = {"fedavgm", "fedadagrad", "fedadam", "fedyogi"}
+#: aggregate with FedAvg's weighted mean (FedProx changes only the workers' loss)
+MEAN = {"fedavg", "fedprox"}
+#: plan variants syft.js runs: they carry no proximal term
+_SYFTJS_VARIANTS = ("tfjs", "torchscript", "list")
 
 _KIND_TEXT = {
     _RATE: "a number > 0",
@@ -63,6 +71,7 @@ _KIND_TEXT = {
     _TRIM: "a number in [0, 0.5)",
     _COUNT: "an integer >= 0",
     _SELECT: "an integer >= 1",
+    _NONNEG: "a number >= 0",
 }
 
 
@@ -75,6 +84,8 @@ def _valid(kind: str, v: Any) -> bool:
         return False
     if kind == _RATE:
         return v > 0
+    if kind == _NONNEG:
+        return v >= 0
     return 0 <= v < (1.0 if kind == _UNIT else 0.5)
 
 
@@ -99,6 +110,8 @@ def normalize(
         raise ConfigError(f"{where}: {name} has no {unknown}; it takes {takes}")
     out: dict[str, Any] = {"name": name}
     for key, (kind, default) in spec.items():
+        if default is _REQUIRED and key not in raw:
+            raise ConfigError(f"{where}: {name} needs {key} ({_KIND_TEXT[kind]})")
         v = raw.get(key, default)
         if not _valid(kind, v):
             raise ConfigError(f"{where}.{key} must be {_KIND_TEXT[kind]}; got {v!r}")
@@ -152,10 +165,10 @@ def check_hosting(cfg: dict[str, Any] | None, spec: agg.ModelSpec, has_averaging
             "drop the averaging_plan to use a strategy, or the strategy to use the plan"
         )
     float_only = all(dt.kind == "f" for dt in spec.dtypes)
-    if not float_only and (cfg["clip_norm"] is not None or cfg["name"] != "fedavg"):
+    if not float_only and (cfg["clip_norm"] is not None or cfg["name"] not in MEAN):
         raise ConfigError(
             f"server_config.strategy: {cfg['name']} (and clip_norm) works on float tensors; "
-            "the model has integer or boolean tensors: use fedavg without clip_norm"
+            "the model has integer or boolean tensors: use fedavg or fedprox without clip_norm"
         )
 
 
@@ -168,8 +181,57 @@ def strategy_for(cfg: dict[str, Any] | None, averaging_plan=None) -> agg.Strateg
     name = cfg["name"]
     params = {k: v for k, v in cfg.items() if k in SPECS[name]}
     clip = cfg["clip_norm"]
-    if name == "fedavg":
+    if name in MEAN:
         return agg.FedAvg(clip_norm=clip)
     if name in OPTIMIZERS:
         return optimizers.build(name, params, clip_norm=clip)
     return robust.build(name, params, clip_norm=clip)
+
+
+def check_proximal(
+    cfg: dict[str, Any] | None, plans: dict[str, tuple[Any, list[str]]], client_config: dict
+) -> dict:
+    """FedProx at hosting: every training plan takes the global params and ``proximal_mu``,
+    which the node sends in ``client_config`` (as Flower sends it in the fit config).
+    ``plans`` maps a plan's name to its loaded onnx plan (or None) and its variants.
+    Returns the ``client_config`` workers receive.
+
+        >>> check_proximal(None, {}, {"name": "m"})
+        {'name': 'm'}
+    """
+    where = "server_config.strategy"
+    fedprox = cfg is not None and cfg["name"] == "fedprox"
+    for name, (plan, variants) in plans.items():
+        training = plan is None or plan.kind == "training"
+        takes_global = plan is not None and any(s.role == "global_param" for s in plan.inputs)
+        if takes_global and not fedprox:
+            raise ConfigError(
+                f"plans.{name} takes FedProx global params (compiled with proximal_mu): "
+                f'host it with server_config.strategy = {{"name": "fedprox", "proximal_mu": ...}}'
+            )
+        if not (fedprox and training):
+            continue
+        syftjs = sorted(set(variants) & set(_SYFTJS_VARIANTS))
+        if syftjs:
+            raise ConfigError(
+                f"{where}: fedprox cannot serve plans.{name} as {syftjs}: syft.js runs those "
+                "variants, which have no proximal term, so its workers would silently train "
+                "FedAvg; host the onnx plan only"
+            )
+        if not takes_global or "proximal_mu" not in plan.client_config_keys:
+            raise ConfigError(
+                f"{where}: fedprox needs training plans with global_param inputs and a "
+                f"client_config 'proximal_mu' input; plans.{name} has none: compile it "
+                "with compile_training_plan(..., proximal_mu=...)"
+            )
+    if not fedprox:
+        return client_config
+    assert cfg is not None
+    mu = cfg["proximal_mu"]
+    if client_config.get("proximal_mu", mu) != mu:
+        raise ConfigError(
+            f"client_config.proximal_mu is {client_config['proximal_mu']!r} but "
+            f"{where}.proximal_mu is {mu!r}: the node sends the strategy's value to workers; "
+            "drop client_config.proximal_mu"
+        )
+    return {**client_config, "proximal_mu": mu}

@@ -1,0 +1,145 @@
+"""Rounds to 97% test accuracy for the 2NN on McMahan's pathological non-IID MNIST split
+(K = 100 clients of 2 label-sorted shards each, C = 0.1, E = 1, B = 10), for FedAvg,
+FedAvgM, FedAdam, FedYogi and FedProx, each over a small grid of its learning rate (the
+client's for FedAvg, the server's for the optimizers, mu for FedProx), with the simulation
+engine. All strategies run in one process on the same split, seeds and clients per round.
+
+    python -m benchmarks.bench_noniid [--rounds 1000] [--target 0.97] [--plot out.png]
+    python -m benchmarks.bench_noniid --quick      # one grid point each, 10 rounds
+
+Prints, per strategy and grid point, the first round whose model reaches the target on
+the 10k test set ("> N" when it did not within ``--rounds``) and the best accuracy seen;
+then the best of each strategy and its ratio to FedAvg's rounds. FedAvg needed 793 rounds
+in ``gridfl demo`` (docs/performance.md) and 664 in McMahan et al.: a full run is hours
+on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from gridfl import state
+from gridfl.datasets import Mnist, load_mnist
+from gridfl.demo.run import DemoOptions, _compile_evaluation, _compile_training
+from gridfl.simulation import SimulationOptions, simulate
+
+CLIENT_LR = 0.1  # McMahan et al.'s 2NN rate; the others tune the server's rate (or mu)
+#: strategy -> grid of (label, server_config.strategy or None, client lr or None)
+GRID: dict[str, list[tuple[str, dict | None, float | None]]] = {
+    "fedavg": [(f"lr {lr}", None, lr) for lr in (0.05, 0.1, 0.2)],
+    "fedavgm": [(f"momentum {m}", {"name": "fedavgm", "server_learning_rate": 1.0,
+                                    "server_momentum": m}, None) for m in (0.7, 0.9)],
+    "fedadam": [(f"eta {e}", {"name": "fedadam", "eta": e}, None) for e in (0.001, 0.003, 0.01)],
+    "fedyogi": [(f"eta {e}", {"name": "fedyogi", "eta": e}, None) for e in (0.001, 0.003, 0.01)],
+    "fedprox": [(f"mu {m}", {"name": "fedprox", "proximal_mu": m}, None) for m in (0.001, 0.01)],
+}
+QUICK = {"fedavg": 1, "fedavgm": 1, "fedadam": 1, "fedyogi": 1, "fedprox": 1}
+
+
+def _processes(mnist: Mnist) -> dict[str, dict]:
+    """The 2NN's initial params and plans, plain and FedProx (compiled in a child: torch)."""
+    x, y = mnist.x_train[:10], mnist.y_train[:10]
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        for kind, mu in (("plain", None), ("fedprox", 0.01)):
+            demo = DemoOptions(model="2nn", batch_size=10, lr=CLIENT_LR, proximal_mu=mu)
+            params, training = pool.submit(_compile_training, demo, x, y).result()
+            evaluation = pool.submit(_compile_evaluation, demo, x, y).result()
+            out[kind] = {"model": state.loads(params),
+                         "plans": {"training_plan": training, "evaluation_plan": evaluation}}
+    return out
+
+
+def _run(process: dict, strategy: dict | None, lr: float, mnist: Mnist, rounds: int,
+         workers: int) -> tuple[float, list[float], float]:
+    result = simulate(
+        **process,
+        client_config={"name": "noniid-2nn", "version": "1", "batch_size": 10,
+                       "lr": lr, "max_epochs": 1},
+        server_config={"max_diffs": 10, "strategy": strategy},
+        data=(mnist.x_train, mnist.y_train), test_data=(mnist.x_test, mnist.y_test),
+        options=SimulationOptions(num_clients=100, partitioner="shards", rounds=rounds,
+                                  seed=0, workers=workers),
+    )
+    accs = [r.central.get("accuracy", 0.0) for r in result.rounds]
+    return max(accs), accs, result.total_seconds or 0.0
+
+
+def rounds_to(accs: list[float], target: float) -> int | None:
+    """The first round whose model reaches ``target`` (1-based), or None."""
+    return next((i + 1 for i, a in enumerate(accs) if a >= target), None)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="bench_noniid")
+    ap.add_argument("--rounds", type=int, default=None, help="per run (default 1000; quick 10)")
+    ap.add_argument("--target", type=float, default=0.97)
+    ap.add_argument("--also", type=float, nargs="*", default=[0.90, 0.95],
+                    help="lower targets whose rounds are printed too")
+    ap.add_argument("--quick", action="store_true", help="one grid point per strategy")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--strategies", nargs="+", choices=list(GRID), default=list(GRID))
+    ap.add_argument("--plot", type=Path, default=None, help="accuracy curves (PNG)")
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (10 if args.quick else 1000)
+    mnist = load_mnist()
+    processes = _processes(mnist)
+    print(f"2NN, pathological non-IID (2 shards/client), K=100, C=0.1, E=1, B=10, client lr "
+          f"{CLIENT_LR}; target {100 * args.target:.0f}%, at most {rounds} rounds", flush=True)
+    best: dict[str, tuple[int | None, float, str, list[float]]] = {}
+    for name in args.strategies:
+        grid = [GRID[name][QUICK[name]]] if args.quick else GRID[name]
+        process = processes["fedprox" if name == "fedprox" else "plain"]
+        for label, strategy, lr in grid:
+            top, accs, seconds = _run(process, strategy, lr or CLIENT_LR, mnist, rounds,
+                                      args.workers)
+            reached = rounds_to(accs, args.target)
+            shown = "; ".join(
+                f"{100 * t:.0f}%: {rounds_to(accs, t) or f'> {rounds}'}"
+                for t in (*args.also, args.target))
+            print(f"  {name:8} {label:14} rounds to {shown}; best accuracy "
+                  f"{100 * top:.2f}% ({seconds:.0f} s)", flush=True)
+            key = (reached or rounds + 1, -top)
+            old = best.get(name)
+            if old is None or key < (old[0] or rounds + 1, -old[1]):
+                best[name] = (reached, top, label, accs)
+    base = best.get("fedavg", (None,))[0]
+    print("best per strategy:")
+    for name, (reached, top, label, _) in best.items():
+        ratio = f"; x{reached / base:.2f} of FedAvg's rounds" if reached and base else ""
+        print(f"  {name:8} {label:14} {reached or f'> {rounds}'} rounds, best "
+              f"{100 * top:.2f}%{ratio}")
+    if args.plot:
+        _plot(best, args.plot, args.target)
+
+
+def _plot(best: dict, path: Path, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (_, _, label, accs) in best.items():
+        ax.plot(range(1, len(accs) + 1), [100 * a for a in accs], label=f"{name} ({label})")
+    ax.axhline(100 * target, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("2NN, pathological non-IID MNIST, K=100, C=0.1, E=1, B=10")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    started = time.perf_counter()
+    main(sys.argv[1:])
+    print(f"({time.perf_counter() - started:.0f} s)")
