@@ -20,14 +20,13 @@ private release.
     >>> sums = agg.RunningSums(agg.ModelSpec.of([np.zeros(2)]))
     >>> dp.fold(sums, [np.array([30.0, 40.0])], 1)
     >>> new, _ = dp.aggregate(sums, [np.zeros(2)])
-    >>> new[0].tolist(), dp.last["clip_norm"], dp.last["unclipped"]  # [0.6, 0.8] / m = 2
-    ([0.3, 0.4], 1.0, 0)
+    >>> new[0].tolist(), dp.last["clip_norm"], dp.last["unclipped"]  # 0 - [0.6, 0.8] / 2
+    ([-0.3, -0.4], 1.0, 0)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -58,7 +57,7 @@ class SimulatedPrivacy(PrivateAggregation):
         """Forget the counts of a round that did not complete (the node expires it)."""
         self.bits = 0
 
-    def report(self, diff: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+    def report(self, diff: list[np.ndarray]) -> list[np.ndarray]:
         """The diff as the worker SDK reports it: clipped and noised in distributed mode
         (:func:`gridfl.privacy.privatize`, the SDK's own function), else as is."""
         if self.dp.mode != "distributed":
