@@ -43,7 +43,11 @@ def run(model: str, z: float, clip: float, lr: float, cycles: int, mnist, x, y,
     started = time.perf_counter()
     result = simulate(**process, data=(x, y), test_data=(mnist.x_test, mnist.y_test),
                       options=SimulationOptions(num_clients=K, seed=0, workers=2,
-                                                out_dir=out / f"{model}-z{z:g}"))
+                                                out_dir=out / f"{model}-z{z:g}"),
+                      on_round=lambda r: print(
+                          f"    {model} z={z:g} cycle {r.round}: accuracy "
+                          f"{r.central.get('accuracy', math.nan):.4f} epsilon "
+                          f"{(r.privacy or {}).get('epsilon')}", flush=True))
     acc = [r.central.get("accuracy", math.nan) for r in result.rounds]
     eps = [math.inf if r.privacy is None or r.privacy["epsilon"] is None
            else r.privacy["epsilon"] for r in result.rounds]
@@ -97,7 +101,13 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--quick", action="store_true", help="3 cycles of each: a smoke run")
     ap.add_argument("--out", type=Path, default=Path("build/bench_dp_utility"))
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--replot", type=Path, nargs="+", default=None,
+                    help="draw --plot from earlier runs' curves.json, run nothing")
     args = ap.parse_args(argv)
+    if args.replot:
+        plot([r for f in args.replot for r in json.loads(f.read_text())],
+             args.plot or args.out / "dp_utility.png")
+        return
     cycles = 3 if args.quick else args.cycles
     mnist = load_mnist()
     # K clients of 60 examples: the first 60,000 training examples (IID split)
