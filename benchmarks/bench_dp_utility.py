@@ -73,9 +73,10 @@ def plot(runs: list[dict], path: Path) -> None:
         for r in (r for r in runs if r["model"] == model):
             label = "z = 0 (clip only)" if r["z"] == 0 else f"z = {r['z']:g}"
             cycles = np.arange(1, len(r["accuracy"]) + 1)
-            row[0].plot(cycles, r["accuracy"], label=label)
+            color = f"C{sorted(NOISE).index(r['z'])}" if r["z"] in NOISE else None
+            row[0].plot(cycles, r["accuracy"], label=label, color=color)
             if r["z"] > 0:
-                row[1].plot(r["epsilon"], r["accuracy"], label=label)
+                row[1].plot(r["epsilon"], r["accuracy"], label=label, color=color)
         row[0].set(xlabel="cycle", ylabel="test accuracy",
                    title=f"{model.upper()}: accuracy against cycles")
         row[1].set(xlabel="epsilon (delta = 1e-5, RDP)", ylabel="test accuracy",
