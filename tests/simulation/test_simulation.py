@@ -86,9 +86,7 @@ def test_federated_metrics_are_the_weighted_mean_of_the_clients_own(process, dat
 @pytest.mark.parametrize("extra", [
     {"mode": "async"},
     {"compression": {"kind": "int8"}},
-    {"differential_privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0,
-                              "population_size": 40}},
-], ids=["async", "compression", "dp"])
+], ids=["async", "compression"])
 def test_what_a_simulation_cannot_run_is_refused_not_ignored(process, data, extra):
     from gridfl._exceptions import ConfigError
 

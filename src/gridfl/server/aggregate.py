@@ -26,13 +26,13 @@ them and turns them into the next model (:class:`FedAvg`, :class:`IterativeAvera
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
+from gridfl import privacy
 from gridfl._exceptions import InvalidRequestError, ModelError
 
 #: largest magnitude of a diff value: a trained weight moving by 1e12 in one cycle is no
@@ -104,13 +104,11 @@ def clip_l2(diff: Sequence[np.ndarray], clip_norm: float | None) -> Sequence[np.
     """
     if clip_norm is None:
         return diff
-    # float64 sums of squares: float32 loses the norm of a large model
-    flats = (np.asarray(a, np.float64).ravel() for a in diff)
-    norm = math.sqrt(sum(float(np.dot(f, f)) for f in flats))
+    # the one L2 clip (gridfl.privacy, float64 norm); the diff keeps its dtype here
+    clipped, norm = privacy.clip(diff, clip_norm)
     if norm <= clip_norm:
         return diff
-    scale = clip_norm / norm
-    return [(np.asarray(a, np.float64) * scale).astype(a.dtype) for a in diff]
+    return [c.astype(a.dtype) for a, c in zip(diff, clipped, strict=True)]
 
 
 def new_sum(spec: ModelSpec) -> np.ndarray:

@@ -105,14 +105,57 @@ class PrivateAggregation(agg.Strategy):
         #: set by :meth:`aggregate` when the next cycle would pass max_epsilon
         self.stop_reason: str | None = None
 
+    # the ledger: the node keeps it in privacy_cycles rows (these methods); a simulation
+    # keeps it in memory (gridfl.simulation.privacy), around the same arithmetic
     def _cycle_id(self) -> int:
         cycle = storage.open_cycle(self.conn, self.process_id)
         assert cycle is not None  # folds and completions run on the open cycle
         return int(cycle.id)
 
+    def round_clip_norm(self) -> float:
+        """The clip norm of the open cycle's reports."""
+        return current_clip_norm(self.dp, latest(self.conn, self.process_id))
+
+    def previous(self) -> tuple[int, float]:
+        """The accountant's steps so far and the ε one more step costs (stored)."""
+        prev = latest(self.conn, self.process_id)
+        return (0, math.nan) if prev is None else (int(prev.steps), _stored(prev.epsilon_next))
+
+    def count(self, clip_norm: float, bit: int) -> None:
+        """Count one report of the open cycle, ``bit`` 1 when it fit under the clip norm."""
+        cycle_id = self._cycle_id()
+        if self.conn.execute(_count_fold, {"b_cycle_id": cycle_id, "bit": bit}).rowcount == 0:
+            self.conn.execute(
+                privacy_cycles.insert().values(
+                    cycle_id=cycle_id, process_id=self.process_id, clip_norm=clip_norm,
+                    unclipped=bit,
+                )
+            )
+
+    def unclipped(self) -> int:
+        """How many of the open cycle's reports fit under the clip norm."""
+        row = self.conn.execute(
+            sa.select(privacy_cycles.c.unclipped)
+            .where(privacy_cycles.c.cycle_id == self._cycle_id())
+        ).first()
+        return 0 if row is None else int(row.unclipped)
+
+    def record(self, clip_norm: float, values: dict[str, Any]) -> None:
+        """Store the completed cycle's steps, ε, ε next and next clip norm."""
+        cycle_id = self._cycle_id()
+        done = self.conn.execute(
+            privacy_cycles.update().where(privacy_cycles.c.cycle_id == cycle_id).values(**values)
+        )
+        if done.rowcount == 0:
+            self.conn.execute(
+                privacy_cycles.insert().values(
+                    cycle_id=cycle_id, process_id=self.process_id, clip_norm=clip_norm,
+                    unclipped=0, **values,
+                )
+            )
+
     def fold(self, sums: agg.RunningSums, diff: Sequence[np.ndarray], num_samples) -> None:
-        state = latest(self.conn, self.process_id)
-        c = current_clip_norm(self.dp, state)
+        c = self.round_clip_norm()
         norm = privacy.l2_norm(diff)
         if self.dp.mode == "distributed":
             self.check_distributed_report(norm, c, sums.spec.total)
@@ -120,14 +163,7 @@ class PrivateAggregation(agg.Strategy):
         else:
             clipped, _ = privacy.clip(diff, c)
             sums.fold(clipped, None)
-        bit = int(norm <= c)
-        cycle_id = self._cycle_id()
-        if self.conn.execute(_count_fold, {"b_cycle_id": cycle_id, "bit": bit}).rowcount == 0:
-            self.conn.execute(
-                privacy_cycles.insert().values(
-                    cycle_id=cycle_id, process_id=self.process_id, clip_norm=c, unclipped=bit
-                )
-            )
+        self.count(c, int(norm <= c))
 
     def check_distributed_report(self, norm: float, clip_norm: float, size: int) -> None:
         """Refuse a report whose norm a diff clipped to C plus the worker's noise (std
@@ -161,9 +197,7 @@ class PrivateAggregation(agg.Strategy):
 
     def combine(self, sums: agg.RunningSums) -> np.ndarray:
         """The cycle's noised mean at the clip norm its reports were clipped to."""
-        return self.noised_mean(
-            sums, current_clip_norm(self.dp, latest(self.conn, self.process_id))
-        )
+        return self.noised_mean(sums, self.round_clip_norm())
 
     def step(self, update, params, spec, state):
         return self.inner.step(update, params, spec, state)
@@ -173,22 +207,16 @@ class PrivateAggregation(agg.Strategy):
 
     def aggregate(self, sums, params, state=None):
         dp = self.dp
-        prev = latest(self.conn, self.process_id)
-        c = current_clip_norm(dp, prev)
+        c = self.round_clip_norm()
         # the inner strategy's state (a server optimizer's moments) passes through
         new_params, inner_state = self.inner.step(
             self.noised_mean(sums, c), params, sums.spec, state
         )
-        cycle_id = self._cycle_id()
-        row = self.conn.execute(
-            sa.select(privacy_cycles.c.unclipped).where(privacy_cycles.c.cycle_id == cycle_id)
-        ).first()
-        unclipped = 0 if row is None else int(row.unclipped)
         next_c = c
         if dp.adaptive is not None:
             next_c, _ = privacy.adaptive_clip_update(
                 c,
-                unclipped,
+                self.unclipped(),
                 sums.count_x,
                 dp.expected_reports,
                 dp.adaptive["target_quantile"],
@@ -196,31 +224,16 @@ class PrivateAggregation(agg.Strategy):
                 dp.adaptive["count_stddev"],
                 self.rng,
             )
-        steps = (0 if prev is None else int(prev.steps)) + 1
-        eps = dp.epsilon(steps) if prev is None else _stored(prev.epsilon_next)
+        prev_steps, prev_eps_next = self.previous()
+        steps = prev_steps + 1
+        eps = dp.epsilon(steps) if prev_steps == 0 else prev_eps_next
         eps_next = dp.epsilon(steps + 1)
-        values = dict(
+        self.record(c, dict(
             steps=steps,
             epsilon=_finite(eps),
             epsilon_next=_finite(eps_next),
             next_clip_norm=next_c,
-        )
-        if row is None:
-            self.conn.execute(
-                privacy_cycles.insert().values(
-                    cycle_id=cycle_id,
-                    process_id=self.process_id,
-                    clip_norm=c,
-                    unclipped=0,
-                    **values,
-                )
-            )
-        else:
-            self.conn.execute(
-                privacy_cycles.update()
-                .where(privacy_cycles.c.cycle_id == cycle_id)
-                .values(**values)
-            )
+        ))
         if dp.max_epsilon is not None and eps_next > dp.max_epsilon:
             self.stop_reason = _spent(eps, eps_next, dp.max_epsilon)
         return new_params, inner_state

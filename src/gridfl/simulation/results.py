@@ -30,6 +30,10 @@ class RoundResult:
     federated: dict[str, float] = field(default_factory=dict)
     evaluated: list[int] = field(default_factory=list)  # the federated evaluation's clients
     error: str | None = None  # the strategy refused the aggregate: the model was kept
+    #: with differential_privacy: epsilon spent after this round (null: infinite, z = 0),
+    #: epsilon_next, the clip norm the round's reports were clipped to, the next one, and
+    #: how many reports fit under it
+    privacy: dict[str, Any] | None = None
     #: the round's model until it is evaluated (internal; not in results.json)
     model: list[np.ndarray] | None = field(default=None, repr=False)
 
@@ -44,6 +48,7 @@ class SimulationResult:
     startup_seconds: float | None = None  # call -> first aggregated model
     total_seconds: float | None = None
     peak_memory_mb: float | None = None  # PSS of this process and the local workers
+    stop_reason: str | None = None  # why the run ended early ("privacy budget spent: ...")
     final_params: list[np.ndarray] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,9 +27,11 @@ import numpy as np
 from gridfl import state
 from gridfl._exceptions import ConfigError, ModelError
 from gridfl.server import aggregate as agg
+from gridfl.server.dp_config import DPConfig
 from gridfl.simulation import clients
 from gridfl.simulation.backends import BACKENDS, LocalPool, RayPool, open_backend
 from gridfl.simulation.partition import partition
+from gridfl.simulation.privacy import SimulatedPrivacy, check_population
 from gridfl.simulation.results import RoundResult, SimulationResult
 from gridfl.simulation.store import ShardStore
 
@@ -159,7 +161,7 @@ def check_shapes(plan, x: np.ndarray, y: np.ndarray, what: str) -> None:
 
 
 #: server_config keys a simulation refuses rather than ignore, with their "off" value
-_NOT_SIMULATED = {"mode": "sync", "differential_privacy": None, "compression": None}
+_NOT_SIMULATED = {"mode": "sync", "compression": None}
 
 
 def simulate(
@@ -210,6 +212,10 @@ def simulate(
             "synchronous rounds of plain reports); remove it to simulate"
         )
     opts.resolve(request.server_config)
+    dp = DPConfig.of(request.server_config)
+    if dp is not None:
+        assert opts.clients_per_round is not None  # resolved
+        check_population(dp, opts.num_clients, opts.clients_per_round)
     rows = {r["name"]: r for r in request.plan_rows}
     if "training_plan" not in rows or rows["training_plan"].get("onnx") is None:
         raise ConfigError("plans needs a 'training_plan' with an ONNX variant")
@@ -242,6 +248,8 @@ def simulate(
         request.server_config["strategy"],
         Plan.from_bytes(averaging["onnx"], threads=1) if averaging else None,
     )
+    if dp is not None:  # the node's DP-FedAvg; noise seeded from the run's seed
+        strategy = SimulatedPrivacy(strategy, dp, opts.seed)
     parts = partition(y, opts.num_clients, opts.partitioner, seed=opts.seed,
                       **opts.partition_options)
 
@@ -287,6 +295,8 @@ class _Rounds:
         self.opts, self.backend, self.strategy, self.spec = opts, backend, strategy, spec
         self.params, self.result, self.started = params, result, started
         self.strategy_state: Any = None
+        #: why the run ended before its last round (the privacy budget), or None
+        self.stop_reason: str | None = None
         self.memory = _Memory(backend)
         self.central: Callable[[list[np.ndarray]], dict[str, float]] | None = None
         self.emit: Callable[[RoundResult], Any] = lambda entry: None
@@ -306,6 +316,9 @@ class _Rounds:
             pending.seconds = round(done - t0, 4)
             if r == 1:  # as Flower's is measured: the call -> the first aggregated model
                 self.result.startup_seconds = round(done - self.started, 3)
+            if self.stop_reason is not None:  # as the node: before the next round opens
+                self.result.stop_reason = self.stop_reason
+                break
         if pending is not None:
             self._finish(pending)
         return self.params
@@ -314,9 +327,14 @@ class _Rounds:
         """Fold the reports in the order drawn, as the node folds them; the new model."""
         sums = agg.RunningSums(self.spec)
         losses, weights, kept = [], [], []
+        private = self.strategy if isinstance(self.strategy, SimulatedPrivacy) else None
+        if private is not None:
+            private.new_round()
         for report in reports:
             diff = state.loads(report.diff)
             agg.validate_diff(diff, self.spec)
+            if private is not None:
+                diff = private.report(diff)
             self.strategy.fold(sums, diff, report.num_samples)
             if sums.kept is not None:  # a rule that needs every diff (median, Krum)
                 kept.append(sums.kept)
@@ -332,6 +350,9 @@ class _Rounds:
                 sums, self.params, self.strategy_state)
         except ModelError as exc:  # the node expires such a cycle: the model stays
             entry.error = str(exc)
+        if private is not None and entry.error is None:
+            entry.privacy = dict(private.last)
+            self.stop_reason = private.stop_reason
         if losses:
             entry.train_loss = float(np.average(losses, weights=weights))
         if self.opts.federated_every and r % self.opts.federated_every == 0:
