@@ -265,10 +265,8 @@ def delete_process(conn: Connection, process_id: int) -> None:
     conn.execute(strategy_states.delete().where(strategy_states.c.process_id == process_id))
     conn.execute(worker_cycles.delete().where(worker_cycles.c.cycle_id.in_(cycle_ids)))
     conn.execute(cycles.delete().where(cycles.c.process_id == process_id))
-    evaluation_ids = sa.select(evaluations.c.id).where(evaluations.c.process_id == process_id)
-    conn.execute(
-        evaluation_seats.delete().where(evaluation_seats.c.evaluation_id.in_(evaluation_ids))
-    )
+    evaluated = sa.select(evaluations.c.id).where(evaluations.c.process_id == process_id)
+    conn.execute(evaluation_seats.delete().where(evaluation_seats.c.evaluation_id.in_(evaluated)))
     conn.execute(evaluations.delete().where(evaluations.c.process_id == process_id))
     for table in (workers, checkpoints, plans, protocols):
         conn.execute(table.delete().where(table.c.process_id == process_id))
