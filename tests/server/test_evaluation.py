@@ -174,6 +174,10 @@ _SECAGG = {"threshold": 3, "min_survivors": 3}
         ({"evaluation": {"every": 1}, "max_workers": 4,
           "secure_aggregation": _SECAGG}, True,
          "server_config.evaluation is not combined with secure_aggregation"),
+        ({"evaluation": {"every": 1}, "max_workers": 2, "max_diffs": 2,
+          "differential_privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0,
+                                   "population_size": 100}}, True,
+         "server_config.evaluation is not combined with differential_privacy"),
     ],
 )
 def test_bad_evaluation_config_is_refused_and_stores_nothing(
