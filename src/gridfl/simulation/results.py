@@ -30,6 +30,8 @@ class RoundResult:
     federated: dict[str, float] = field(default_factory=dict)
     evaluated: list[int] = field(default_factory=list)  # the federated evaluation's clients
     error: str | None = None  # the strategy refused the aggregate: the model was kept
+    #: clients whose diff the node would refuse (NaN, infinite, beyond ±1e12): not folded
+    refused: list[int] = field(default_factory=list)
     #: the round's model until it is evaluated (internal; not in results.json)
     model: list[np.ndarray] | None = field(default=None, repr=False)
 
