@@ -96,3 +96,63 @@ def test_what_a_simulation_cannot_run_is_refused_not_ignored(process, data, extr
     with pytest.raises(ConfigError, match=f"{next(iter(extra))}: not simulated yet"):
         simulate(**{**process, "server_config": server_config}, data=data,
                  options=SimulationOptions(num_clients=40, seed=5, workers=1))
+
+
+@pytest.mark.parametrize(("attack", "factor"), [("scale", 100.0), ("signflip", -1.0)])
+def test_byzantine_clients_report_the_demo_workers_poisoned_diff(process, data, attack,
+                                                                 factor):
+    """The first 2 clients drawn each round send factor x their diff (as ``gridfl demo
+    --attack`` workers do); FedAvg then takes the weighted mean of what was sent."""
+    x, y = data
+    opts = SimulationOptions(num_clients=40, seed=5, workers=1, byzantine=2, attack=attack)
+    result = simulate(**process, data=data, options=opts)
+    parts = partition(y, 40, "iid", seed=5)
+    w, b = np.zeros((3, 1)), np.zeros(1)
+    for entry in result.rounds:
+        diffs_w, diffs_b, weights = [], [], []
+        for i, c in enumerate(entry.clients):
+            xc, yc = x[parts[c]].astype(np.float64), y[parts[c]].astype(np.float64)
+            w_k, b_k = _sgd_step(w, b, xc, yc, CLIENT_CONFIG["lr"])
+            sent = factor if i < 2 else 1.0
+            diffs_w.append(sent * (w - w_k))
+            diffs_b.append(sent * (b - b_k))
+            weights.append(len(xc))
+        w = w - np.average(diffs_w, axis=0, weights=weights)
+        b = b - np.average(diffs_b, axis=0, weights=weights)
+    new_w, new_b = result.final_params
+    np.testing.assert_allclose(new_w, w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(new_b, b, rtol=1e-4, atol=1e-5)
+    clean = simulate(**process, data=data, options=SimulationOptions(num_clients=40, seed=5,
+                                                                     workers=1))
+    assert not np.allclose(clean.final_params[0], new_w)  # the attack changed the model
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"byzantine": 6}, "byzantine must be an integer from 0 to clients_per_round"),
+    ({"byzantine": -1}, "byzantine must be an integer from 0"),
+    ({"byzantine": 1, "attack": "flood"}, "attack must be one of scale, signflip, noise"),
+])
+def test_bad_byzantine_options_are_refused(process, data, extra, message):
+    from gridfl._exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        simulate(**process, data=data,
+                 options=SimulationOptions(num_clients=40, seed=5, workers=1, **extra))
+
+
+def test_reports_the_node_would_refuse_are_left_out(process, data):
+    """lr 1e8: round 1's diffs are large (~1e8) but within the node's bound (±1e12);
+    round 2's, from that model, are beyond it. The node answers such a report with a 400;
+    the simulation leaves it out the same way, and a round with every report refused
+    keeps the model."""
+    huge = {**process, "client_config": {**CLIENT_CONFIG, "lr": 1e8}}
+    one = simulate(**huge, data=data, options=SimulationOptions(
+        num_clients=40, seed=5, workers=1, rounds=1))
+    two = simulate(**huge, data=data, options=SimulationOptions(
+        num_clients=40, seed=5, workers=1, rounds=2))
+    assert one.rounds[0].refused == [] and one.rounds[0].error is None
+    assert np.isfinite(one.final_params[0]).all() and np.abs(one.final_params[0]).max() > 1e6
+    assert two.rounds[1].refused == two.rounds[1].clients
+    assert "every report was refused" in two.rounds[1].error
+    for kept, before in zip(two.final_params, one.final_params, strict=True):
+        np.testing.assert_array_equal(kept, before)

@@ -34,6 +34,8 @@ class RoundResult:
     #: epsilon_next, the clip norm the round's reports were clipped to, the next one, and
     #: how many reports fit under it
     privacy: dict[str, Any] | None = None
+    #: clients whose diff the node would refuse (NaN, infinite, beyond ±1e12): not folded
+    refused: list[int] = field(default_factory=list)
     #: the round's model until it is evaluated (internal; not in results.json)
     model: list[np.ndarray] | None = field(default=None, repr=False)
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gridfl import state
-from gridfl._exceptions import ConfigError, ModelError
+from gridfl._exceptions import ConfigError, InvalidRequestError, ModelError
 from gridfl.server import aggregate as agg
 from gridfl.server.dp_config import DPConfig
 from gridfl.simulation import clients
@@ -67,6 +67,8 @@ class SimulationOptions:
     ray_address: str | None = None
     out_dir: Path | None = None
     progress: bool = False
+    byzantine: int = 0
+    attack: str = "scale"
 
     def resolve(self, server_config: Mapping[str, Any]) -> None:
         """Fill the defaults from ``server_config`` and refuse what cannot run."""
@@ -95,6 +97,7 @@ class SimulationOptions:
                 f"{self.num_clients} clients"
             )
         _positive("evaluate_every", self.evaluate_every)
+        self._check_attack()
         if self.federated_every is not None:
             _positive("federated_every", self.federated_every)
             self.federated_clients = self.federated_clients or self.clients_per_round
@@ -116,6 +119,18 @@ class SimulationOptions:
         _positive("workers", self.workers)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+    def _check_attack(self) -> None:
+        from gridfl.demo.worker import ATTACKS
+
+        assert self.clients_per_round is not None
+        if (isinstance(self.byzantine, bool) or not isinstance(self.byzantine, int)
+                or not 0 <= self.byzantine <= self.clients_per_round):
+            raise ConfigError(f"byzantine must be an integer from 0 to clients_per_round "
+                              f"({self.clients_per_round}), got {self.byzantine!r}")
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"attack must be one of {', '.join(ATTACKS)}, "
+                              f"got {self.attack!r}")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -330,9 +345,16 @@ class _Rounds:
         private = self.strategy if isinstance(self.strategy, SimulatedPrivacy) else None
         if private is not None:
             private.new_round()
-        for report in reports:
+        entry = RoundResult(round=r, clients=[c for c, _ in tasks])
+        for i, report in enumerate(reports):
             diff = state.loads(report.diff)
-            agg.validate_diff(diff, self.spec)
+            if i < self.opts.byzantine:
+                diff = _poison(diff, self.opts, r, i)
+            try:
+                agg.validate_diff(diff, self.spec)
+            except InvalidRequestError:  # the node answers 400; its cycle goes on
+                entry.refused.append(tasks[i][0])
+                continue
             if private is not None:
                 diff = private.report(diff)
             self.strategy.fold(sums, diff, report.num_samples)
@@ -344,12 +366,14 @@ class _Rounds:
                 weights.append(report.num_samples)
         if kept:
             sums.diffs = np.stack(kept).astype(np.float64)
-        entry = RoundResult(round=r, clients=[c for c, _ in tasks])
-        try:
-            self.params, self.strategy_state = self.strategy.aggregate(
-                sums, self.params, self.strategy_state)
-        except ModelError as exc:  # the node expires such a cycle: the model stays
-            entry.error = str(exc)
+        if len(entry.refused) == len(tasks):
+            entry.error = "every report was refused (values beyond the diff bound): the model stays"
+        else:
+            try:
+                self.params, self.strategy_state = self.strategy.aggregate(
+                    sums, self.params, self.strategy_state)
+            except ModelError as exc:  # the node expires such a cycle: the model stays
+                entry.error = str(exc)
         if private is not None and entry.error is None:
             entry.privacy = dict(private.last)
             self.stop_reason = private.stop_reason
@@ -386,6 +410,13 @@ def _check_batches(store: ShardStore, client_config: Mapping[str, Any]) -> None:
         )
 
 
+def _poison(diff: list[np.ndarray], opts: SimulationOptions, r: int, i: int) -> list:
+    """The ``i``-th report of round ``r`` as a Byzantine client sends it."""
+    from gridfl.demo.worker import poison
+
+    return poison(diff, opts.attack, np.random.default_rng([opts.seed, 2, r, i]))
+
+
 def _client_seed(seed: int, r: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, 2, r, client]).generate_state(1, np.uint64)[0]
                % 2**63)
@@ -416,6 +447,7 @@ def _settings(opts: SimulationOptions, request) -> dict[str, Any]:
         "clients_per_round": opts.clients_per_round, "evaluate_every": opts.evaluate_every,
         "federated_every": opts.federated_every, "federated_clients": opts.federated_clients,
         "held_out": opts.held_out, "seed": opts.seed, "backend": opts.backend,
+        **({"byzantine": opts.byzantine, "attack": opts.attack} if opts.byzantine else {}),
         "client_config": request.client_config, "server_config": request.server_config,
     }
 
