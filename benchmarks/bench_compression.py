@@ -7,8 +7,9 @@
    fold, store the running sums; one node, an open cycle, the encodings interleaved), and
    the same for decode + validate + fold alone (what compression changes; the store of
    the float32 sums is the same for every encoding).
-3. CNN test accuracy after ``--cycles`` cycles of the demo (IID, K=100, C=0.1, E=1, B=10)
-   for plain, float16, int8 and top-k 10% with error feedback, same seed.
+3. Test accuracy of the CNN (``--model 2nn``: the 2NN) after ``--cycles`` cycles of the
+   demo (IID, K=100, C=0.1, E=1, B=10) for plain, float16, int8 and top-k 10% with error
+   feedback, same seed.
 """
 
 from __future__ import annotations
@@ -116,14 +117,15 @@ def bench_cpu(reports: int) -> None:
               f"{1000 * r:9.2f} ms ({r / base_report:4.2f}x)", flush=True)
 
 
-def bench_accuracy(cycles: int, out: Path) -> None:
+def bench_accuracy(cycles: int, out: Path, model: str = "cnn") -> None:
     from gridfl.demo.run import DemoOptions, run_demo
 
-    print(f"CNN test accuracy after {cycles} cycles (IID, K=100, C=0.1, E=1, B=10, seed 0):")
+    print(f"{model.upper()} test accuracy after {cycles} cycles (IID, K=100, C=0.1, E=1, "
+          "B=10, seed 0):")
     results = {}
     for kind in (None, *KINDS):
         options = DemoOptions(
-            model="cnn", cycles=cycles, target=None, compression=kind, evaluate=False,
+            model=model, cycles=cycles, target=None, compression=kind, evaluate=False,
             data_dir=out / "data", out_dir=out / (kind or "plain"),
         )
         started = time.perf_counter()
@@ -140,12 +142,13 @@ def main(argv=None) -> None:
     parser.add_argument("--reports", type=int, default=20, help="reports per encoding (CPU)")
     parser.add_argument("--cycles", type=int, default=20, help="demo cycles (accuracy)")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the demo runs")
+    parser.add_argument("--model", choices=["cnn", "2nn"], default="cnn", help="demo model")
     parser.add_argument("--out", type=Path, default=Path("results/bench-compression"))
     args = parser.parse_args(argv)
     bench_bytes()
     bench_cpu(args.reports)
     if not args.no_accuracy:
-        bench_accuracy(args.cycles, args.out)
+        bench_accuracy(args.cycles, args.out, args.model)
 
 
 if __name__ == "__main__":

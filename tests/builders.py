@@ -401,3 +401,22 @@ def linear_eval_plan(features: int = 3) -> bytes:
          {"name": "b", "role": "model_param", "index": 1}],
         [{"name": "loss", "role": "loss"}, {"name": "mae", "role": "metric", "key": "mae"}],
     )
+
+
+def demo_options(tmp_path, **overrides):
+    """A quick ``gridfl demo`` run's options: the 2NN, 4 clients of 300 examples, 2 worker
+    processes training 2 per cycle, 3 cycles, no target; data and results under
+    ``tmp_path``. ``overrides`` are any other :class:`~gridfl.demo.run.DemoOptions`.
+
+    >>> from pathlib import Path
+    >>> demo_options(Path("/tmp/x"), cycles=5).cycles
+    5
+    """
+    from gridfl.demo.run import DemoOptions
+
+    quick = {
+        "model": "2nn", "clients": 4, "fraction": 0.5, "workers": 2, "cycles": 3,
+        "target": None, "examples_per_client": 300,
+        "data_dir": tmp_path / "data", "out_dir": tmp_path / "out",
+    }
+    return DemoOptions(**{**quick, **overrides})

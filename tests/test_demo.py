@@ -9,23 +9,13 @@ import pytest
 
 from gridfl._exceptions import ConfigError
 from gridfl.demo.run import DemoOptions, run_demo
+from tests.builders import demo_options
 
 
 def test_short_demo_run_trains_and_writes_results(tmp_path, capfd):
     pytest.importorskip("torch")
     seen, steps = [], []
-    options = DemoOptions(
-        model="2nn",
-        clients=4,
-        fraction=0.5,
-        workers=2,
-        cycles=3,
-        target=None,
-        examples_per_client=300,
-        lr=0.1,
-        data_dir=tmp_path / "data",
-        out_dir=tmp_path / "out",
-    )
+    options = demo_options(tmp_path, lr=0.1)
     dashboards = []
     result = run_demo(options, on_cycle=seen.append, on_step=steps.append,
                       on_dashboard=lambda url, path: dashboards.append((url, path)))
@@ -62,17 +52,7 @@ def test_short_demo_run_trains_and_writes_results(tmp_path, capfd):
 
 def test_demo_stops_at_the_target_accuracy(tmp_path, capfd):
     pytest.importorskip("torch")
-    options = DemoOptions(
-        model="2nn",
-        clients=4,
-        fraction=0.5,
-        workers=2,
-        cycles=10,
-        target=0.5,
-        examples_per_client=300,
-        data_dir=tmp_path / "data",
-        out_dir=tmp_path / "out",
-    )
+    options = demo_options(tmp_path, cycles=10, target=0.5)
     result = run_demo(options)
     assert result.cycles[-1].test_accuracy >= 0.5
     assert len(result.cycles) < 10
@@ -249,20 +229,8 @@ def test_memory_is_read_at_most_every_few_seconds_while_polling(monkeypatch):
 def test_demo_with_a_byzantine_worker_and_the_median(tmp_path, capfd):
     """One of 5 workers reports its diff x100 every cycle; the median keeps training."""
     pytest.importorskip("torch")
-    options = DemoOptions(
-        model="2nn",
-        clients=5,
-        fraction=1.0,
-        workers=5,
-        cycles=3,
-        target=None,
-        examples_per_client=300,
-        strategy="fedmedian",
-        byzantine=1,
-        attack="scale",
-        data_dir=tmp_path / "data",
-        out_dir=tmp_path / "out",
-    )
+    options = demo_options(tmp_path, clients=5, fraction=1.0, workers=5,
+                           strategy="fedmedian", byzantine=1, attack="scale")
     result = run_demo(options)
     assert all(c.reports == 5 for c in result.cycles)
     assert result.cycles[-1].test_accuracy > 0.6, [c.test_accuracy for c in result.cycles]
@@ -316,19 +284,12 @@ def test_demo_with_differential_privacy_reports_epsilon(tmp_path):
     q = per-cycle workers / clients, and the plot gets its accuracy-against-epsilon panel."""
     pytest.importorskip("torch")
     dp_accounting = pytest.importorskip("dp_accounting")
-    options = DemoOptions(
-        model="2nn",
-        clients=4,
-        fraction=0.5,
-        workers=2,
-        cycles=3,
-        target=None,
+    options = demo_options(
+        tmp_path,
         examples_per_client=100,
         dp_noise=1.0,
         dp_clip=0.1,  # noise z*C/m = 0.05 a value: a 2NN trains on through it
         dp_adaptive=True,
-        data_dir=tmp_path / "data",
-        out_dir=tmp_path / "out",
     )
     result = run_demo(options)
     want = []
@@ -364,21 +325,8 @@ def test_async_demo_publishes_buffers_with_a_slow_worker(tmp_path, capfd):
     """``gridfl demo --async --buffer-size 3 --slow-workers 1``: FedBuff buffers of 3
     reports, the fast worker reporting more often than the slow one."""
     pytest.importorskip("torch")
-    options = DemoOptions(
-        model="2nn",
-        clients=4,
-        fraction=0.5,
-        workers=2,
-        cycles=4,
-        target=None,
-        examples_per_client=300,
-        asynchronous=True,
-        buffer_size=3,
-        slow_workers=1,
-        slowdown=5.0,
-        data_dir=tmp_path / "data",
-        out_dir=tmp_path / "out",
-    )
+    options = demo_options(tmp_path, cycles=4, asynchronous=True, buffer_size=3,
+                           slow_workers=1, slowdown=5.0)
     assert options.server_config()["mode"] == "async"
     result = run_demo(options)
     assert [c.cycle for c in result.cycles] == [1, 2, 3, 4]

@@ -7,23 +7,12 @@ import pytest
 
 from gridfl import ConfigError
 from gridfl.demo.run import DemoOptions, run_demo
+from tests.builders import demo_options
 
 
 def test_short_demo_run_with_secure_aggregation(tmp_path, capfd):
     pytest.importorskip("torch")
-    options = DemoOptions(
-        model="2nn",
-        clients=6,
-        fraction=0.5,
-        workers=3,
-        cycles=3,
-        target=None,
-        examples_per_client=300,
-        lr=0.1,
-        secure_aggregation=True,
-        data_dir=tmp_path / "data",
-        out_dir=tmp_path / "out",
-    )
+    options = demo_options(tmp_path, clients=6, workers=3, lr=0.1, secure_aggregation=True)
     result = run_demo(options)
     assert "cycle failed" not in capfd.readouterr().err
     assert [c.cycle for c in result.cycles] == [1, 2, 3]
