@@ -11,7 +11,8 @@ from typing import Any
 import click
 
 from gridfl._exceptions import ConfigError
-from gridfl.cli.commands import BUNDLE_FILE, _bundle_payload, compile_bundle, friendly
+from gridfl.cli.bundle import BUNDLE_FILE, bundle_payload, compile_bundle
+from gridfl.cli.common import friendly
 
 _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 
@@ -32,12 +33,12 @@ def user_partitioner(spec: str):
 def _payload(source: Path, config_file: Path | None) -> dict[str, Any]:
     if source.is_file():
         with tempfile.TemporaryDirectory() as tmp:
-            payload = _bundle_payload(Path(tmp), compile_bundle(source, Path(tmp)))
+            payload = bundle_payload(Path(tmp), compile_bundle(source, Path(tmp)))
     else:
         if not (source / BUNDLE_FILE).exists():
             raise ConfigError(f"{source} is not a plan bundle (no {BUNDLE_FILE}); "
                               "make one with `gridfl compile`")
-        payload = _bundle_payload(source, json.loads((source / BUNDLE_FILE).read_text()))
+        payload = bundle_payload(source, json.loads((source / BUNDLE_FILE).read_text()))
     if config_file is not None:
         extra = json.loads(config_file.read_text())
         for key in ("client_config", "server_config"):
