@@ -18,6 +18,24 @@ def _sgd_step(w, b, x, y, lr):
     return w - lr * (x.T @ g), b - lr * g.sum(axis=0)
 
 
+def _fedavg_reference(rounds, x, y, parts, factor_of=lambda i: 1.0):
+    """FedAvg (McMahan et al., eq. 1 as a diff) of one-step clients, in float64: each
+    round w <- w - sum_k n_k s_k (w - w_k) / sum n_k, where the k-th client drawn sends
+    s_k = ``factor_of(k)`` times its diff."""
+    w, b = np.zeros((3, 1)), np.zeros(1)
+    for entry in rounds:
+        diffs_w, diffs_b, weights = [], [], []
+        for i, c in enumerate(entry.clients):
+            xc, yc = x[parts[c]].astype(np.float64), y[parts[c]].astype(np.float64)
+            w_k, b_k = _sgd_step(w, b, xc, yc, CLIENT_CONFIG["lr"])
+            diffs_w.append(factor_of(i) * (w - w_k))
+            diffs_b.append(factor_of(i) * (b - b_k))
+            weights.append(len(xc))
+        w = w - np.average(diffs_w, axis=0, weights=weights)
+        b = b - np.average(diffs_b, axis=0, weights=weights)
+    return w, b
+
+
 def test_fedavg_equals_numpy_fedavg_of_the_same_client_diffs(process, data):
     """Every client has one batch (8 examples, batch_size 8): one SGD step, whatever the
     shuffle. FedAvg (McMahan et al., eq. 1 as a diff): w <- w - sum_k n_k (w - w_k) / sum n_k."""
@@ -25,19 +43,8 @@ def test_fedavg_equals_numpy_fedavg_of_the_same_client_diffs(process, data):
     opts = SimulationOptions(num_clients=40, seed=5, workers=2)
     result = simulate(**process, data=data, options=opts)
     parts = partition(y, 40, "iid", seed=5)
-    w = np.zeros((3, 1))
-    b = np.zeros(1)
-    for entry in result.rounds:
-        assert len(entry.clients) == 5 and len(set(entry.clients)) == 5
-        diffs_w, diffs_b, weights = [], [], []
-        for c in entry.clients:
-            xc, yc = x[parts[c]].astype(np.float64), y[parts[c]].astype(np.float64)
-            w_k, b_k = _sgd_step(w, b, xc, yc, CLIENT_CONFIG["lr"])
-            diffs_w.append(w - w_k)
-            diffs_b.append(b - b_k)
-            weights.append(len(xc))
-        w = w - np.average(diffs_w, axis=0, weights=weights)
-        b = b - np.average(diffs_b, axis=0, weights=weights)
+    assert all(len(entry.clients) == 5 == len(set(entry.clients)) for entry in result.rounds)
+    w, b = _fedavg_reference(result.rounds, x, y, parts)
     new_w, new_b = result.final_params
     np.testing.assert_allclose(new_w, w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new_b, b, rtol=1e-5, atol=1e-6)
@@ -107,18 +114,8 @@ def test_byzantine_clients_report_the_demo_workers_poisoned_diff(process, data, 
     opts = SimulationOptions(num_clients=40, seed=5, workers=1, byzantine=2, attack=attack)
     result = simulate(**process, data=data, options=opts)
     parts = partition(y, 40, "iid", seed=5)
-    w, b = np.zeros((3, 1)), np.zeros(1)
-    for entry in result.rounds:
-        diffs_w, diffs_b, weights = [], [], []
-        for i, c in enumerate(entry.clients):
-            xc, yc = x[parts[c]].astype(np.float64), y[parts[c]].astype(np.float64)
-            w_k, b_k = _sgd_step(w, b, xc, yc, CLIENT_CONFIG["lr"])
-            sent = factor if i < 2 else 1.0
-            diffs_w.append(sent * (w - w_k))
-            diffs_b.append(sent * (b - b_k))
-            weights.append(len(xc))
-        w = w - np.average(diffs_w, axis=0, weights=weights)
-        b = b - np.average(diffs_b, axis=0, weights=weights)
+    w, b = _fedavg_reference(result.rounds, x, y, parts,
+                             factor_of=lambda i: factor if i < 2 else 1.0)
     new_w, new_b = result.final_params
     np.testing.assert_allclose(new_w, w, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(new_b, b, rtol=1e-4, atol=1e-5)

@@ -368,17 +368,7 @@ class WorkerApi:
     @staticmethod
     def _seat_of(conn: Connection, req: _messages.ReportRequest):
         """The seat (``worker_seats`` row) whose key the report carries, not yet reported."""
-        rows = conn.execute(storage.worker_seats, {"worker_id": req.worker_id}).all()
-        if not rows:
-            if storage.worker_exists(conn, req.worker_id):
-                raise _invalid_key()
-            raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
-        match = None
-        for r in rows:
-            if hmac.compare_digest(r.request_key.encode(), req.request_key.encode()):
-                match = r
-        if match is None:
-            raise _invalid_key()
+        match = find_seat(conn, req.worker_id, req.request_key)
         if match.reported_at is not None:
             raise ConflictError(f"this worker already reported for cycle {match.sequence}")
         return match

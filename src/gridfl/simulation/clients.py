@@ -20,7 +20,7 @@ from gridfl.client.evaluation import evaluate_plan
 from gridfl.model import SyftModel
 from gridfl.plan import Plan
 
-__all__ = ["ClientJob", "EvalReport", "FitReport", "evaluate", "evaluate_plan", "fit"]
+__all__ = ["ClientJob", "EvalReport", "FitReport", "evaluate", "fit"]
 
 @dataclass(frozen=True)
 class ClientJob:

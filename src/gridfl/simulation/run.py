@@ -26,6 +26,7 @@ import numpy as np
 
 from gridfl import state
 from gridfl._exceptions import ConfigError, InvalidRequestError, ModelError
+from gridfl.client.evaluation import evaluate_plan
 from gridfl.server import aggregate as agg
 from gridfl.server.dp_config import DPConfig
 from gridfl.simulation import clients
@@ -283,8 +284,8 @@ def simulate(
             rounds = _Rounds(opts, backend, strategy, spec, params, result, started)
             rounds.central = (
                 None if test is None or eval_plan is None
-                else lambda model: clients.evaluate_plan(eval_plan, model, *test,
-                                                         request.client_config)
+                else lambda model: evaluate_plan(eval_plan, model, *test,
+                                                 request.client_config)
             )
             rounds.emit = lambda entry: (bar(entry), on_round and on_round(entry))
             params = rounds.run()
