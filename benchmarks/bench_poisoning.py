@@ -9,7 +9,7 @@ the 10 clients are Byzantine and report, instead of their diff, the same poisone
 (negated) or ``noise`` (Gaussian, 100x the diff's RMS per tensor).
 
 Per aggregation rule (FedAvg without clipping, coordinate-wise median, trimmed mean with
-beta 0.2, Krum with f = 2), the test accuracy after the last round with no attack and
+beta 0.2, Krum with f = 2, Multi-Krum with f = 2 and m = 8), the test accuracy after the last round with no attack and
 under each attack, and the points lost against the clean FedAvg run (the goal: median,
 trimmed mean and Krum within 1 point; FedAvg visibly degraded). A plot of test accuracy
 per round, one panel per rule, goes to ``--plot``.
@@ -33,6 +33,9 @@ RULES = {
     "fedmedian": {"name": "fedmedian"},
     "fedtrimmedavg": {"name": "fedtrimmedavg", "beta": 0.2},
     "krum": {"name": "krum", "num_malicious_nodes": BYZANTINE},
+    # Blanchard et al.'s m = n - f: the mean of the diffs Krum scores as honest
+    "multikrum": {"name": "multikrum", "num_malicious_nodes": BYZANTINE,
+                  "num_nodes_to_select": PER_ROUND - BYZANTINE},
 }
 
 

@@ -248,3 +248,85 @@ def test_compile_refuses_a_negative_proximal_mu(tmp_path):
     r = CliRunner().invoke(main, ["compile", str(tmp_path / "model.py"), "-o",
                                   str(tmp_path / "out"), "--proximal-mu", "-0.1"])
     assert r.exit_code == 2 and "--proximal-mu" in r.output and not (tmp_path / "out").exists()
+
+
+def _ed25519_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def test_workers_with_signed_secagg_keys_complete_a_secure_cycle(node, bundle, tmp_path):
+    """Three ``gridfl worker`` processes given an identity key, its credential and the
+    authority's public key complete a secure-aggregation cycle on a process that
+    authenticates workers (which makes signed keys mandatory)."""
+    import subprocess
+    import sys
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+
+    from gridfl.secagg.identity import Identity, issue_credential
+    from tests.builders import rsa_key_pair
+
+    private, public = rsa_key_pair()
+    authority = serialization.load_pem_private_key(private.encode(), password=None)
+    (tmp_path / "authority.pem").write_text(public)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"server_config": {
+        "max_workers": 3, "max_diffs": 3, "num_cycles": 1, "authentication": {"pub_key": public},
+        "secure_aggregation": {"threshold": 2, "clipping_range": 1.0, "stage_timeout": 20.0},
+    }}))
+    r = run("host", node.url, bundle, "--admin-token", TOKEN, "--name", "tiny-secagg",
+            "--config", config)
+    assert r.exit_code == 0, r.output
+    rng = np.random.default_rng(2)
+    workers = []
+    for i in range(3):
+        x = rng.normal(size=(40, 6)).astype(np.float32)
+        np.savez(tmp_path / f"d{i}.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+        pem = _ed25519_pem()
+        (tmp_path / f"id{i}.pem").write_bytes(pem)
+        raw = Identity.from_pem(pem, "x").signing_key
+        (tmp_path / f"id{i}.jwt").write_text(issue_credential(authority, raw, sub=f"user-{i}"))
+        workers.append(subprocess.Popen(
+            [sys.executable, "-c", "from gridfl.cli import main; main()", "worker", node.ws_url,
+             "tiny-secagg", "--version", "2.0", "--data", tmp_path / f"d{i}.npz",
+             "--auth-token", jwt.encode({"sub": f"user-{i}"}, private, "RS256"),
+             "--secagg-key", tmp_path / f"id{i}.pem",
+             "--secagg-credential", tmp_path / f"id{i}.jwt",
+             "--secagg-authority", tmp_path / "authority.pem"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    outputs = [w.communicate(timeout=180)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], outputs
+    assert all("reported 1 cycle(s)" in o for o in outputs), outputs
+    r = run("status", node.url, "tiny-secagg", "2.0", "--json", "--admin-token", TOKEN)
+    cycles = json.loads(r.output)["cycles"]
+    assert [(c["status"], c["reported"]) for c in cycles] == [("completed", 3)], cycles
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"--secagg-key": "ed25519"}, "--secagg-key and --secagg-credential go together"),
+    ({"--secagg-key": "rsa", "--secagg-credential": "jwt"}, "must be Ed25519, not"),
+    ({"--secagg-key": "junk", "--secagg-credential": "jwt"}, "not an unencrypted PEM"),
+    ({"--secagg-key": "ed25519", "--secagg-credential": "empty"}, "credential is empty"),
+])
+def test_bad_secagg_identity_files_are_one_line_errors(files, message, tmp_path):
+    from tests.builders import rsa_key_pair
+
+    contents = {"ed25519": _ed25519_pem().decode(), "rsa": rsa_key_pair()[0], "junk": "hello",
+                "jwt": "a.b.c", "empty": "\n"}
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 6), np.float32), y=np.zeros(4, np.int64))
+    args = []
+    for option, kind in files.items():
+        (tmp_path / option.strip("-")).write_text(contents[kind])
+        args += [option, tmp_path / option.strip("-")]
+    r = CliRunner().invoke(main, [str(a) for a in ["worker", "ws://127.0.0.1:9", "tiny",
+                                                   "--data", tmp_path / "d.npz", *args]])
+    assert r.exit_code == 1 and message in r.output, r.output
+    assert "Traceback" not in r.output

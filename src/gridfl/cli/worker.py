@@ -27,9 +27,20 @@ from gridfl.cli.common import friendly
 @click.option("--eval-data", "eval_file", type=click.Path(dir_okay=False, exists=True,
               path_type=Path), default=None,
               help=".npz with held-out arrays 'x' and 'y': also take evaluation cycles.")
+@click.option("--secagg-key", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Secure aggregation with signed keys: this worker's Ed25519 "
+              "identity key (PEM; `openssl genpkey -algorithm ed25519`).")
+@click.option("--secagg-credential", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), default=None,
+              help="The authority's credential (a JWT) for --secagg-key.")
+@click.option("--secagg-authority", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), default=None,
+              help="The authority's RSA public key (PEM), got from the authority, never from "
+              "the node: neighbours' keys are checked against it.")
 @friendly
 def worker(url, name, version_, data_file: Path, auth_token, plan, cycles, allow_insecure,
-           eval_file: Path | None):
+           eval_file: Path | None, secagg_key: Path | None, secagg_credential: Path | None,
+           secagg_authority: Path | None):
     """Train NAME on the node at URL with a local dataset, cycle after cycle."""
     from gridfl.client import run_worker
 
@@ -38,6 +49,7 @@ def worker(url, name, version_, data_file: Path, auth_token, plan, cycles, allow
         url, name, x, y, model_version=version_, auth_token=auth_token, plan_name=plan,
         max_cycles=cycles, allow_insecure=allow_insecure or None,
         eval_data=None if eval_file is None else _xy(eval_file),
+        **_secagg_options(secagg_key, secagg_credential, secagg_authority),
     )
     evaluated = f"; evaluated {summary.evaluations} checkpoint(s)" if eval_file else ""
     click.echo(f"reported {summary.cycles} cycle(s); last loss {summary.last_loss}"
@@ -49,3 +61,17 @@ def _xy(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if "x" not in npz.files or "y" not in npz.files:
             raise ConfigError(f"{path} must hold arrays 'x' and 'y' (has {npz.files})")
         return npz["x"], npz["y"]
+
+
+def _secagg_options(key: Path | None, credential: Path | None, authority: Path | None) -> dict:
+    from gridfl.secagg.identity import Identity
+
+    if (key is None) != (credential is None):
+        raise ConfigError("--secagg-key and --secagg-credential go together: the credential "
+                          "certifies the key")
+    options: dict = {}
+    if key is not None and credential is not None:
+        options["secagg_identity"] = Identity.from_pem(key.read_bytes(), credential.read_text())
+    if authority is not None:
+        options["secagg_authority"] = authority.read_text()
+    return options

@@ -89,6 +89,27 @@ class Identity:
         if not isinstance(self.signing_key, bytes) or len(self.signing_key) != 32:
             raise ConfigError("an identity signing key is 32 raw Ed25519 bytes")
 
+    @classmethod
+    def from_pem(cls, key_pem: bytes, credential: str) -> Identity:
+        """An identity from an Ed25519 private key in PEM (PKCS#8, as ``openssl genpkey
+        -algorithm ed25519`` writes it) and the authority's credential for it."""
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"the identity key is not an unencrypted PEM private key: {exc}"
+            ) from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"the identity key must be Ed25519, not {type(key).__name__}")
+        raw = key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        if not credential.strip():
+            raise ConfigError("the identity credential is empty: use the JWT the authority issued")
+        return cls(raw, credential.strip())
+
     @property
     def public_key(self) -> bytes:
         sk = Ed25519PrivateKey.from_private_bytes(self.signing_key)
