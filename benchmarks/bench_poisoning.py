@@ -9,9 +9,10 @@ the 10 clients are Byzantine and report, instead of their diff, the same poisone
 (negated) or ``noise`` (Gaussian, 100x the diff's RMS per tensor).
 
 Per aggregation rule (FedAvg without clipping, coordinate-wise median, trimmed mean with
-beta 0.2, Krum with f = 2, Multi-Krum with f = 2 and m = 8), the test accuracy after the last round with no attack and
-under each attack, and the points lost against the clean FedAvg run (the goal: median,
-trimmed mean and Krum within 1 point; FedAvg visibly degraded). A plot of test accuracy
+beta 0.2, Krum with f = 2, Multi-Krum with f = 2 and m = 8), the test accuracy after the
+last round with no attack and under each attack, and the points lost against the clean
+FedAvg run (the goal: median, trimmed mean and Krum within 1 point; FedAvg visibly
+degraded). A plot of test accuracy
 per round, one panel per rule, goes to ``--plot``.
 """
 
