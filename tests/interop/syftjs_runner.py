@@ -195,7 +195,7 @@ class SyftJs:
         self.node_bin = node_bin
         self.mnist = mnist
 
-    def _cmd(self, url, model, *, version="1.0", token=None, train=True):
+    def _cmd(self, url, model, *, version="1.0", token=None, train=True, params_out=None):
         cfg = {
             "url": url,
             "model": model,
@@ -203,6 +203,7 @@ class SyftJs:
             "authToken": token,
             "batch": self.mnist.batch_prefix,
             "train": train,
+            "paramsOut": params_out,  # a file for the updated params (raw float32)
         }
         return cfg, [self.node_bin, str(WORKER_JS), json.dumps(cfg)]
 

@@ -197,6 +197,7 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
     verify: bool,
     dynamic_batch: bool,
     conv_weight_grad: str,
+    tfjs: bool = False,
 ) -> Plan:
     from .export import attach_metadata, export_onnx
     from .trace import _requires_grad_wrapper, trace_step
@@ -261,6 +262,7 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
                 trace_args[i] = _resize_batch(args[i], 2)
     gm = trace_step(fn, trace_args, grad_positions=grad_positions,
                     conv_weight_grad=conv_weight_grad)
+    tfjs_plan = _to_tfjs(gm, batch_inputs) if tfjs else None  # before export: fail fast
     in_names = [d["name"] for d in input_roles]
     out_names = [d["name"] for d in output_roles]
     try:
@@ -284,6 +286,7 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
         trace_args = list(args)
         gm = trace_step(fn, trace_args, grad_positions=grad_positions,
                         conv_weight_grad=conv_weight_grad)
+        tfjs_plan = _to_tfjs(gm, batch_inputs) if tfjs else None
         model = export_onnx(gm, trace_args, input_names=in_names, output_names=out_names)
 
     data = attach_metadata(
@@ -295,7 +298,20 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
     plan = Plan.from_bytes(data)
     if verify:
         _verify(plan, args, ref, other, batch_inputs)
+    if tfjs_plan is not None:
+        if verify:
+            from .tfjs import check_against
+
+            checks = [(args, ref)] + ([other] if batch_inputs and other is not None else [])
+            check_against(tfjs_plan, checks, out_names)
+        plan.tfjs = tfjs_plan.to_bytes(f"{kind}_plan")
     return plan
+
+
+def _to_tfjs(gm, batch_inputs):
+    from .tfjs import translate
+
+    return translate(gm, batch_inputs)
 
 
 def _meta_entry(d: dict) -> dict:
@@ -350,6 +366,7 @@ def compile_plan(
     verify: bool = True,
     dynamic_batch: bool = True,
     conv_weight_grad: str = "auto",
+    tfjs: bool = False,
 ) -> Plan:
     """Compile a torch function into a plan.
 
@@ -375,6 +392,10 @@ def compile_plan(
     The batch dimension (dim 0 of data and target) is dynamic unless the function fixes
     it. With ``verify`` (default) the plan is run on the example args and on a batch of
     another size and compared with eager PyTorch; a mismatch raises CompileError.
+
+    With ``tfjs=True`` the plan also gets a ``tfjs`` variant (``plan.tfjs``, syft-proto
+    bytes) that syft.js 0.1.4 runs; hosting a plan sends both variants. An op the tfjs
+    form has no translation for raises CompileError naming it (see docs/compiler.md).
     """
     if kind not in KINDS:
         raise CompileError(f"unknown plan kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -391,7 +412,7 @@ def compile_plan(
     out_roles = None if output_roles is None else _parse_roles(output_roles, OUTPUT_ROLES, "output")
     args = [_to_tensor(a, d["role"]) for a, d in zip(example_args, in_roles, strict=True)]
     return _compile(fn, args, kind, in_roles, out_roles, verify=verify,
-                    dynamic_batch=dynamic_batch, conv_weight_grad=conv_weight_grad)
+                    dynamic_batch=dynamic_batch, conv_weight_grad=conv_weight_grad, tfjs=tfjs)
 
 
 def _module_params(module: torch.nn.Module):
@@ -482,6 +503,7 @@ def compile_training_plan(
     verify: bool = True,
     conv_weight_grad: str = "auto",
     proximal_mu: float | None = None,
+    tfjs: bool = False,
 ) -> Plan:
     """Compile one training step of ``module`` with a standard loss and optimizer.
 
@@ -556,7 +578,7 @@ def compile_training_plan(
     if not module.training:
         _check_buffers_unchanged(module, lambda: step(*_with_grad(args, n_params)))
     return compile_plan(step, args, kind="training", input_roles=in_roles, verify=verify,
-                        conv_weight_grad=conv_weight_grad)
+                        conv_weight_grad=conv_weight_grad, tfjs=tfjs)
 
 
 _EXAMPLE_MU = 0.1
