@@ -390,3 +390,6 @@ def check_against(plan: TfjsPlan, checks: Sequence[tuple[Sequence[Any], Sequence
                     f"the tfjs plan disagrees with eager PyTorch on output {name!r} "
                     f"(max abs error {err})"
                 )
+
+
+from . import tfjs_conv as _tfjs_conv  # noqa: E402,F401 - registers conv and pool rules
