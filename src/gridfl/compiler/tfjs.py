@@ -275,6 +275,15 @@ def _squeeze(t, node, x, dims):
     return t.emit("squeeze", x, [d % rank for d in dims])
 
 
+@_rule(aten.select.int)
+def _select(t, node, x, dim, index):
+    size = t.shape(node.args[0])[dim]
+    if index < 0 and size is _DYN:
+        raise CompileError("op aten::select from the end of the batch has no tfjs translation")
+    rank = len(node.args[0].meta["val"].shape)
+    return t.emit("gather", x, index % size if index < 0 else index, dim % rank)
+
+
 @_rule(aten.full_like.default)
 def _full_like(t, node, x, value, **kw):
     ones = t.emit("onesLike", x)
@@ -357,6 +366,7 @@ _NUMPY: dict[str, Callable[..., Any]] = {
     "reshape": np.reshape, "broadcastTo": np.broadcast_to, "onesLike": np.ones_like,
     "zerosLike": np.zeros_like, "cast": lambda x, d: np.asarray(x).astype(d),
     "range": lambda a, b, s, d: np.arange(a, b, s).astype(d),
+    "gather": lambda x, i, axis: np.take(x, i, axis=axis),
     "scalar": lambda v, d="float32": np.asarray(v, d),
 }
 
