@@ -15,60 +15,10 @@ import pytest
 
 from gridfl import CompileError, Syft, state
 
+from .compiled_models import LR, TOL, host_compiled, reference_step
 from .syftjs_runner import write_batch
 
 torch = pytest.importorskip("torch")
-
-LR = 0.1
-TOL = 1e-5  # the issue's bound: syft.js and onnx agree within 1e-5
-
-
-def reference_step(X, Y, params, lr):
-    """One SGD step of the 2NN in float64: ``loss = -sum(Y * log_softmax(z)) / B``."""
-    X, Y = X.astype(np.float64), Y.astype(np.float64)
-    W1, b1, W2, b2, W3, b3 = (p.astype(np.float64) for p in params)
-    B = len(X)
-    h1 = np.maximum(X @ W1.T + b1, 0)
-    h2 = np.maximum(h1 @ W2.T + b2, 0)
-    z = h2 @ W3.T + b3
-    logp = z - z.max(1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-    loss = -(Y * logp).sum() / B
-    acc = (z.argmax(1) == Y.argmax(1)).sum() / B
-    dz = (np.exp(logp) - Y) / B
-    dh2 = (dz @ W3) * (h2 > 0)
-    dh1 = (dh2 @ W2) * (h1 > 0)
-    grads = [dh1.T @ X, dh1.sum(0), dh2.T @ h1, dh2.sum(0), dz.T @ h2, dz.sum(0)]
-    return loss, acc, [p - lr * g for p, g in zip((W1, b1, W2, b2, W3, b3), grads, strict=True)]
-
-
-@pytest.fixture(scope="module")
-def two_nn(mnist):
-    """The 2NN's initial params and its training plan with the tfjs variant."""
-    from gridfl.compiler import SGD, compile_training_plan, model_tensors
-
-    torch.manual_seed(21)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(784, 200), torch.nn.ReLU(),
-        torch.nn.Linear(200, 200), torch.nn.ReLU(),
-        torch.nn.Linear(200, 10),
-    )
-    plan = compile_training_plan(net, loss="cross_entropy_onehot", optimizer=SGD(lr=LR),
-                                 example_data=mnist.X[:16], example_target=mnist.y[:16],
-                                 tfjs=True)
-    assert plan.tfjs is not None
-    return model_tensors(net), plan
-
-
-def _host(grid, two_nn, max_diffs: int) -> str:
-    params, plan = two_nn
-    return grid.host(
-        server_config={"cycle_length": 600, "num_cycles": 1, "max_diffs": max_diffs},
-        client_config={"batch_size": 64, "lr": LR, "max_updates": 1},
-        params=params,
-        plans={"training_plan": plan},
-    )
-
 
 def _syftjs_params(run, like) -> list[np.ndarray]:
     flat = np.fromfile(run.one("params")["path"], dtype="<f4")
@@ -82,7 +32,7 @@ def test_syftjs_trains_compiled_2nn_like_onnx(grid, syftjs, mnist, two_nn, tmp_p
     and updated params match the onnx plan on the same batch and the numpy reference,
     and the node's checkpoint 2 is syft.js's update."""
     params, plan = two_nn
-    name = _host(grid, two_nn, max_diffs=1)
+    name = host_compiled(grid, two_nn, max_diffs=1)
     run = syftjs.run(grid.ws_url, name, params_out=str(tmp_path / "js.f32"))
     assert run.names() == ["accepted", "reported", "params"], run
     assert run.one("accepted")["plans"] == ["training_plan"]
@@ -110,7 +60,7 @@ def test_mixed_cycle_syftjs_tfjs_and_gridfl_onnx(grid, syftjs, mnist, two_nn, tm
     """syft.js (tfjs variant, ws://) and a gridfl worker (onnx variant, http://, another
     batch) in one cycle with max_diffs 2: checkpoint 2 == initial - mean of the two diffs."""
     params, _ = two_nn
-    name = _host(grid, two_nn, max_diffs=2)
+    name = host_compiled(grid, two_nn, max_diffs=2)
     rng = np.random.default_rng(5)
     X2 = rng.random((64, 784), dtype=np.float32)
     Y2 = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 64)]

@@ -342,17 +342,24 @@ def _verify(plan: Plan, args, ref, other, batch_inputs) -> None:
     for run_args, expected in checks:
         got = plan.execute(*run_args)
         for slot, g, r in zip(plan.outputs, got, expected, strict=True):
-            r = r.numpy()
-            if not np.all(np.isfinite(r)):
-                continue
-            scale = max(1.0, float(np.max(np.abs(r)))) if r.size else 1.0
-            if g.shape != r.shape or not np.allclose(g, r, rtol=1e-3, atol=1e-5 * scale):
-                err = float(np.max(np.abs(g - r))) if g.shape == r.shape else "shape"
+            err = _disagreement(g, r.numpy())
+            if err is not None:
                 raise CompileError(
                     f"the compiled plan disagrees with eager PyTorch on output "
                     f"{slot.describe()} (max abs error {err}, batch "
                     f"{run_args[batch_inputs[0]].shape[0] if batch_inputs else '-'})"
                 )
+
+
+def _disagreement(got: np.ndarray, ref: np.ndarray) -> float | str | None:
+    """None when a plan's output matches eager PyTorch's (non-finite references are not
+    compared), else the max abs error or "shape"."""
+    if not np.all(np.isfinite(ref)):
+        return None
+    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+    if got.shape == ref.shape and np.allclose(got, ref, rtol=1e-3, atol=1e-5 * scale):
+        return None
+    return float(np.max(np.abs(got - ref))) if got.shape == ref.shape else "shape"
 
 
 # ---------------------------------------------------------------- public API

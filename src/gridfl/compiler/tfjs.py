@@ -33,6 +33,7 @@ __all__ = ["TfjsPlan", "check_against", "run_numpy", "translate"]
 
 aten = torch.ops.aten
 _DYN = object()  # a batch-dependent size
+_MAX_CONSTANT = 4096  # elements: constants travel as protobuf arg lists
 
 
 class TfjsPlan:
@@ -100,6 +101,8 @@ class _Translator:
                 self.env[node] = ref
             elif node.op == "call_function":
                 self.env[node] = self.call(node)
+            elif node.op == "get_attr":
+                self.env[node] = self.constant(node.target, getattr(self.gm, node.target))
             elif node.op == "output":
                 for o in node.args[0]:
                     value = self.env[o]
@@ -109,6 +112,18 @@ class _Translator:
             else:
                 raise CompileError(f"tfjs plans cannot hold graph node {node.op} {node.target}")
         return TfjsPlan(self.actions, inputs, outputs)
+
+    def constant(self, name: str, value: torch.Tensor) -> Ref:
+        """A tensor the trace captured (an optimizer's constants): written into the plan."""
+        if value.numel() > _MAX_CONSTANT:
+            raise CompileError(f"constant {name} of {value.numel()} elements is too large for "
+                               f"a tfjs plan (at most {_MAX_CONSTANT})")
+        dtype = _tf_dtype(value.dtype)
+        cast = float if dtype == "float32" else (bool if dtype == "bool" else int)
+        values = [cast(v) for v in value.detach().reshape(-1).tolist()]
+        if value.dim() == 0:
+            return self.emit("scalar", values[0], dtype)
+        return self.emit("tensor", values, list(value.shape), dtype)
 
     def call(self, node: torch.fx.Node) -> Any:
         target = node.target
@@ -368,6 +383,7 @@ _NUMPY: dict[str, Callable[..., Any]] = {
     "range": lambda a, b, s, d: np.arange(a, b, s).astype(d),
     "gather": lambda x, i, axis: np.take(x, i, axis=axis),
     "scalar": lambda v, d="float32": np.asarray(v, d),
+    "tensor": lambda v, shape, d: np.asarray(v, d).reshape(shape),
 }
 
 
@@ -387,15 +403,12 @@ def run_numpy(plan: TfjsPlan, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
 def check_against(plan: TfjsPlan, checks: Sequence[tuple[Sequence[Any], Sequence[Any]]],
                   names: Sequence[str]) -> None:
     """Raise CompileError unless the plan reproduces eager PyTorch on each (args, outputs)."""
+    from . import _disagreement
     for args, expected in checks:
         got = run_numpy(plan, [a.numpy() if isinstance(a, torch.Tensor) else a for a in args])
         for name, g, r in zip(names, got, expected, strict=True):
-            r = r.numpy()
-            if not np.all(np.isfinite(r)):
-                continue
-            scale = max(1.0, float(np.max(np.abs(r)))) if r.size else 1.0
-            if g.shape != r.shape or not np.allclose(g, r, rtol=1e-3, atol=1e-5 * scale):
-                err = float(np.max(np.abs(g - r))) if g.shape == r.shape else "shape"
+            err = _disagreement(g, r.numpy())
+            if err is not None:
                 raise CompileError(
                     f"the tfjs plan disagrees with eager PyTorch on output {name!r} "
                     f"(max abs error {err})"
