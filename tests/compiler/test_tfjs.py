@@ -75,3 +75,18 @@ def test_conv_pool_step_with_ties_matches_eager():
     assert b"tf.oneHot" in plan.tfjs and b"tf.conv2d" in plan.tfjs
     assert np.isfinite(plan.execute(X, torch.randint(0, 2, (5,)), 5, 0.1,
                                     *[p.detach() for p in net.parameters()])[0])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam", "adamw"])
+def test_stateful_optimizers_translate(optimizer):
+    """Momentum and Adam(W) steps (their state as plan inputs and outputs, their
+    constants written into the plan) pass the check against eager PyTorch."""
+    from gridfl.compiler import Adam, AdamW
+
+    opt = {"sgd_momentum": SGD(lr=0.1, momentum=0.9), "adam": Adam(lr=0.01),
+           "adamw": AdamW(lr=0.01)}[optimizer]
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    plan = compile_training_plan(net, optimizer=opt, example_data=torch.randn(9, 6),
+                                 example_target=torch.randint(0, 3, (9,)), tfjs=True)
+    assert plan.num_optimizer_state > 0 and plan.tfjs is not None

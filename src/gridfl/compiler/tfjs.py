@@ -120,7 +120,7 @@ class _Translator:
                                f"a tfjs plan (at most {_MAX_CONSTANT})")
         dtype = _tf_dtype(value.dtype)
         cast = float if dtype == "float32" else (bool if dtype == "bool" else int)
-        values = [cast(v) for v in value.detach().reshape(-1).tolist()]
+        values: list[ArgValue] = [cast(v) for v in value.detach().reshape(-1).tolist()]
         if value.dim() == 0:
             return self.emit("scalar", values[0], dtype)
         return self.emit("tensor", values, list(value.shape), dtype)
@@ -305,6 +305,14 @@ def _full_like(t, node, x, value, **kw):
     return ones if value == 1 else t.emit("mul", ones, value)
 
 
+@_rule(aten.full.default)
+def _full(t, node, size, value, **kw):
+    shape = [t.size(s) for s in size]
+    if _DYN in shape:
+        raise CompileError("op aten::full of a batch-dependent shape has no tfjs translation")
+    return t.emit("fill", shape, value, _tf_dtype(node.meta["val"].dtype))
+
+
 @_rule(aten.zeros_like.default)
 def _zeros_like(t, node, x, **kw):
     return t.emit("zerosLike", x)
@@ -381,6 +389,7 @@ _NUMPY: dict[str, Callable[..., Any]] = {
     "reshape": np.reshape, "broadcastTo": np.broadcast_to, "onesLike": np.ones_like,
     "zerosLike": np.zeros_like, "cast": lambda x, d: np.asarray(x).astype(d),
     "range": lambda a, b, s, d: np.arange(a, b, s).astype(d),
+    "fill": lambda shape, v, d: np.full(shape, v, d),
     "gather": lambda x, i, axis: np.take(x, i, axis=axis),
     "scalar": lambda v, d="float32": np.asarray(v, d),
     "tensor": lambda v, shape, d: np.asarray(v, d).reshape(shape),
