@@ -1,4 +1,5 @@
-"""The gridfl-compiled 2NN the syft.js tests train, and its numpy reference step."""
+"""The gridfl-compiled models the syft.js tests train (McMahan et al.'s 2NN and CNN), and
+their expected steps: a numpy reference for the 2NN, eager PyTorch autograd for the CNN."""
 
 from __future__ import annotations
 
@@ -46,12 +47,49 @@ def compile_two_nn(mnist):
     return model_tensors(net), plan
 
 
-def host_compiled(grid, two_nn, max_diffs: int) -> str:
-    """Host ``(params, plan)`` for one cycle of ``max_diffs`` reports at batch size 64."""
-    params, plan = two_nn
+def host_compiled(grid, compiled, max_diffs: int, batch_size: int = 64) -> str:
+    """Host ``(params, plan)`` for one cycle of ``max_diffs`` reports."""
+    params, plan = compiled
     return grid.host(
         server_config={"cycle_length": 600, "num_cycles": 1, "max_diffs": max_diffs},
-        client_config={"batch_size": 64, "lr": LR, "max_updates": 1},
+        client_config={"batch_size": batch_size, "lr": LR, "max_updates": 1},
         params=params,
         plans={"training_plan": plan},
     )
+
+
+class CompiledCnn:
+    """The CNN (two 5x5 convolutions with 2x2 max-pooling, 512 units) compiled with its
+    tfjs variant, on 8 MNIST images (their blank borders make max-pool windows of ties)."""
+
+    def __init__(self, mnist):
+        import torch
+        from torch import nn
+
+        from gridfl.compiler import SGD, compile_training_plan, model_tensors
+
+        torch.manual_seed(7)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(7 * 7 * 64, 512), nn.ReLU(), nn.Linear(512, 10),
+        )
+        self.X = mnist.X[:8].reshape(8, 1, 28, 28)
+        self.Y = mnist.y[:8]
+        self.plan = compile_training_plan(
+            self.net, loss="cross_entropy_onehot", optimizer=SGD(lr=LR),
+            example_data=self.X, example_target=self.Y, tfjs=True)
+        self.params = model_tensors(self.net)
+
+    def eager_step(self) -> tuple[float, list[np.ndarray]]:
+        """Loss and SGD-updated params by eager PyTorch autograd on the 8 images."""
+        import torch
+
+        ws = [torch.tensor(p, requires_grad=True) for p in self.params]
+        names = [n for n, _ in self.net.named_parameters()]
+        out = torch.func.functional_call(self.net, dict(zip(names, ws, strict=True)),
+                                         (torch.tensor(self.X),))
+        loss = -(torch.tensor(self.Y) * torch.log_softmax(out, 1)).sum() / len(self.X)
+        grads = torch.autograd.grad(loss, ws)
+        return loss.item(), [(w - LR * g).detach().numpy() for w, g in zip(ws, grads,
+                                                                           strict=True)]

@@ -110,48 +110,19 @@ def test_unsupported_op_in_tfjs_mode_fails_at_compile_time():
     assert plan.tfjs is None
 
 
-def mcmahan_cnn():
-    nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(7 * 7 * 64, 512), nn.ReLU(), nn.Linear(512, 10),
-    )
-
-
-def test_syftjs_trains_compiled_cnn_like_onnx(grid, syftjs, mnist, tmp_path):
+def test_syftjs_trains_compiled_cnn_like_onnx(grid, syftjs, cnn, tmp_path):
     """The CNN (conv, max-pool and their backward passes in tfjs-core ops) on 8 MNIST
     images: syft.js's loss and updated params match the onnx plan and eager PyTorch."""
-    from gridfl.compiler import SGD, compile_training_plan, model_tensors
-
-    torch.manual_seed(7)
-    net = mcmahan_cnn()
-    X = mnist.X[:8].reshape(8, 1, 28, 28)  # blank borders: max-pool windows with ties
-    Y = mnist.y[:8]
-    plan = compile_training_plan(net, loss="cross_entropy_onehot", optimizer=SGD(lr=LR),
-                                 example_data=X, example_target=Y, tfjs=True)
-    params = model_tensors(net)
-    name = grid.host(
-        server_config={"cycle_length": 600, "num_cycles": 1, "max_diffs": 1},
-        client_config={"batch_size": 8, "lr": LR, "max_updates": 1},
-        params=params,
-        plans={"training_plan": plan},
-    )
-    batch = write_batch(tmp_path / "cnn_batch", X, Y)
+    name = host_compiled(grid, (cnn.params, cnn.plan), max_diffs=1, batch_size=8)
+    batch = write_batch(tmp_path / "cnn_batch", cnn.X, cnn.Y)
     run = syftjs.run(grid.ws_url, name, params_out=str(tmp_path / "js.f32"), batch=batch)
     assert run.names() == ["accepted", "reported", "params"], run
 
-    loss, _, *onnx_params = plan.execute(X, Y, 8, LR, *params)
-    ws = [torch.tensor(p, requires_grad=True) for p in params]
-    out = torch.func.functional_call(net, dict(zip(dict(net.named_parameters()), ws,
-                                                   strict=True)), (torch.tensor(X),))
-    eager_loss = -(torch.tensor(Y) * torch.log_softmax(out, 1)).sum() / 8
-    grads = torch.autograd.grad(eager_loss, ws)
-    eager = [(w - LR * g).detach().numpy() for w, g in zip(ws, grads, strict=True)]
-
+    loss, _, *onnx_params = cnn.plan.execute(cnn.X, cnn.Y, 8, LR, *cnn.params)
+    eager_loss, eager = cnn.eager_step()
     assert run.one("reported")["loss"] == pytest.approx(float(loss), abs=TOL)
-    assert run.one("reported")["loss"] == pytest.approx(eager_loss.item(), abs=TOL)
-    js = _syftjs_params(run, params)
+    assert run.one("reported")["loss"] == pytest.approx(eager_loss, abs=TOL)
+    js = _syftjs_params(run, cnn.params)
     for j, o, e in zip(js, onnx_params, eager, strict=True):
         np.testing.assert_allclose(j, o, rtol=0, atol=TOL)
         np.testing.assert_allclose(j, e, rtol=0, atol=TOL)
