@@ -542,6 +542,13 @@ def compile_training_plan(
         ...     example_target=y[:16])                              # doctest: +SKIP
         >>> plan.client_config_keys, plan.num_optimizer_state        # doctest: +SKIP
         (['lr'], 4)
+
+    ``tfjs=True`` adds the tfjs variant syft.js runs (see :func:`compile_plan`)::
+
+        >>> plan = compile_training_plan(net, loss="cross_entropy_onehot", tfjs=True,
+        ...     example_data=X[:16], example_target=Y[:16])         # doctest: +SKIP
+        >>> host.host(model=model_tensors(net), plans={"training_plan": plan},
+        ...           client_config=cc)                             # doctest: +SKIP
     """
     opt = as_optimizer(optimizer)
     loss_fn = get_loss(loss)
