@@ -241,7 +241,10 @@ def _plan_bytes(plan: Any) -> bytes:
 def _plan_variants(plan: Any) -> dict[str, str]:
     if isinstance(plan, Mapping):
         return {variant: _b64(_plan_bytes(b)) for variant, b in plan.items()}
-    return {"onnx": _b64(_plan_bytes(plan))}
+    variants = {"onnx": _b64(_plan_bytes(plan))}
+    if getattr(plan, "tfjs", None) is not None:  # compiled with tfjs=True
+        variants["tfjs"] = _b64(plan.tfjs)
+    return variants
 
 
 def closed_cycles(

@@ -307,6 +307,9 @@ class Plan:
             meta.get(_META_OUTPUTS), _META_OUTPUTS, sess.get_outputs(), OUTPUT_ROLES
         )
         self.metadata: dict[str, str] = dict(meta)
+        #: syft-proto bytes of the same step for syft.js (``compile_plan(..., tfjs=True)``);
+        #: hosting the plan sends them as its ``tfjs`` variant
+        self.tfjs: bytes | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -15,6 +15,7 @@ import pytest
 from tests._vectors import VECTORS
 from tests.harness import LiveNode, make_settings
 
+from .compiled_models import CompiledCnn, compile_two_nn
 from .syftjs_runner import HERE, Mnist, SyftJs, check_node_setup, plan_compile
 
 
@@ -67,3 +68,17 @@ def syftjs(node_bin, mnist) -> SyftJs:
 @pytest.fixture(params=["ws", "http"])
 def transport(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def two_nn(mnist):
+    """McMahan's 2NN compiled with its tfjs variant: (initial params, Plan)."""
+    pytest.importorskip("torch")
+    return compile_two_nn(mnist)
+
+
+@pytest.fixture(scope="session")
+def cnn(mnist):
+    """McMahan's CNN compiled with its tfjs variant, on 8 MNIST images."""
+    pytest.importorskip("torch")
+    return CompiledCnn(mnist)

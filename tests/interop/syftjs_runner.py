@@ -102,6 +102,14 @@ def plan_compile() -> _PlanCompile:
     return _compile
 
 
+def write_batch(prefix: Path, X: np.ndarray, y: np.ndarray) -> str:
+    """A batch as the raw little-endian float32 files syftjs_worker.js reads; the prefix."""
+    np.ascontiguousarray(X, dtype="<f4").tofile(f"{prefix}.X.f32")
+    np.ascontiguousarray(y, dtype="<f4").tofile(f"{prefix}.y.f32")
+    Path(f"{prefix}.json").write_text(json.dumps({"X": list(X.shape), "y": list(y.shape)}))
+    return str(prefix)
+
+
 class Mnist:
     """The syft.js 0.1.4 MNIST conformance vectors and the onnx plan compiled from the
     same training function (tests/vectors/README.md, mnist_plan.py)."""
@@ -115,13 +123,7 @@ class Mnist:
         self.scalars = json.loads((vectors / "scalars.json").read_text())
         self.batch_size = int(self.scalars["MNIST_BATCH_SIZE"])
         self.lr = self.scalars["MNIST_LR"]
-        # the batch as raw little-endian float32 files for syftjs_worker.js
-        self.batch_prefix = str(tmp / "mnist_batch")
-        np.ascontiguousarray(self.X, dtype="<f4").tofile(self.batch_prefix + ".X.f32")
-        np.ascontiguousarray(self.y, dtype="<f4").tofile(self.batch_prefix + ".y.f32")
-        Path(self.batch_prefix + ".json").write_text(
-            json.dumps({"X": list(self.X.shape), "y": list(self.y.shape)})
-        )
+        self.batch_prefix = write_batch(tmp / "mnist_batch", self.X, self.y)
         self._compile = plan_compile()
 
     @property
@@ -195,14 +197,16 @@ class SyftJs:
         self.node_bin = node_bin
         self.mnist = mnist
 
-    def _cmd(self, url, model, *, version="1.0", token=None, train=True):
+    def _cmd(self, url, model, *, version="1.0", token=None, train=True, params_out=None,
+             batch=None):
         cfg = {
             "url": url,
             "model": model,
             "version": version,
             "authToken": token,
-            "batch": self.mnist.batch_prefix,
+            "batch": batch or self.mnist.batch_prefix,  # a write_batch prefix
             "train": train,
+            "paramsOut": params_out,  # a file for the updated params (raw float32)
         }
         return cfg, [self.node_bin, str(WORKER_JS), json.dumps(cfg)]
 

@@ -127,6 +127,13 @@ async function main() {
           const diff = await model.createSerializedDiff(updated);
           await job.report(diff);
           emit('reported', { loss: (await loss.data())[0], accuracy: (await acc.data())[0] });
+          // the updated params themselves (float32, concatenated), for tests comparing them
+          // with another runtime; a file, as stdout is cut short by process.exit
+          if (cfg.paramsOut) {
+            const parts = await Promise.all(updated.map(async (p) => Buffer.from((await p.data()).buffer)));
+            fs.writeFileSync(cfg.paramsOut, Buffer.concat(parts));
+            emit('params', { path: cfg.paramsOut });
+          }
         }
       } catch (err) {
         emit('error', { message: err.message, during: 'accepted', cause: String(err.cause || '') });

@@ -197,6 +197,7 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
     verify: bool,
     dynamic_batch: bool,
     conv_weight_grad: str,
+    tfjs: bool = False,
 ) -> Plan:
     from .export import attach_metadata, export_onnx
     from .trace import _requires_grad_wrapper, trace_step
@@ -261,6 +262,7 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
                 trace_args[i] = _resize_batch(args[i], 2)
     gm = trace_step(fn, trace_args, grad_positions=grad_positions,
                     conv_weight_grad=conv_weight_grad)
+    tfjs_plan = _to_tfjs(gm, batch_inputs) if tfjs else None  # before export: fail fast
     in_names = [d["name"] for d in input_roles]
     out_names = [d["name"] for d in output_roles]
     try:
@@ -284,6 +286,7 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
         trace_args = list(args)
         gm = trace_step(fn, trace_args, grad_positions=grad_positions,
                         conv_weight_grad=conv_weight_grad)
+        tfjs_plan = _to_tfjs(gm, batch_inputs) if tfjs else None
         model = export_onnx(gm, trace_args, input_names=in_names, output_names=out_names)
 
     data = attach_metadata(
@@ -295,7 +298,20 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
     plan = Plan.from_bytes(data)
     if verify:
         _verify(plan, args, ref, other, batch_inputs)
+    if tfjs_plan is not None:
+        if verify:
+            from .tfjs import check_against
+
+            checks = [(args, ref)] + ([other] if batch_inputs and other is not None else [])
+            check_against(tfjs_plan, checks, out_names)
+        plan.tfjs = tfjs_plan.to_bytes(f"{kind}_plan")
     return plan
+
+
+def _to_tfjs(gm, batch_inputs):
+    from .tfjs import translate
+
+    return translate(gm, batch_inputs)
 
 
 def _meta_entry(d: dict) -> dict:
@@ -326,17 +342,24 @@ def _verify(plan: Plan, args, ref, other, batch_inputs) -> None:
     for run_args, expected in checks:
         got = plan.execute(*run_args)
         for slot, g, r in zip(plan.outputs, got, expected, strict=True):
-            r = r.numpy()
-            if not np.all(np.isfinite(r)):
-                continue
-            scale = max(1.0, float(np.max(np.abs(r)))) if r.size else 1.0
-            if g.shape != r.shape or not np.allclose(g, r, rtol=1e-3, atol=1e-5 * scale):
-                err = float(np.max(np.abs(g - r))) if g.shape == r.shape else "shape"
+            err = _disagreement(g, r.numpy())
+            if err is not None:
                 raise CompileError(
                     f"the compiled plan disagrees with eager PyTorch on output "
                     f"{slot.describe()} (max abs error {err}, batch "
                     f"{run_args[batch_inputs[0]].shape[0] if batch_inputs else '-'})"
                 )
+
+
+def _disagreement(got: np.ndarray, ref: np.ndarray) -> float | str | None:
+    """None when a plan's output matches eager PyTorch's (non-finite references are not
+    compared), else the max abs error or "shape"."""
+    if not np.all(np.isfinite(ref)):
+        return None
+    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+    if got.shape == ref.shape and np.allclose(got, ref, rtol=1e-3, atol=1e-5 * scale):
+        return None
+    return float(np.max(np.abs(got - ref))) if got.shape == ref.shape else "shape"
 
 
 # ---------------------------------------------------------------- public API
@@ -350,6 +373,7 @@ def compile_plan(
     verify: bool = True,
     dynamic_batch: bool = True,
     conv_weight_grad: str = "auto",
+    tfjs: bool = False,
 ) -> Plan:
     """Compile a torch function into a plan.
 
@@ -375,6 +399,10 @@ def compile_plan(
     The batch dimension (dim 0 of data and target) is dynamic unless the function fixes
     it. With ``verify`` (default) the plan is run on the example args and on a batch of
     another size and compared with eager PyTorch; a mismatch raises CompileError.
+
+    With ``tfjs=True`` the plan also gets a ``tfjs`` variant (``plan.tfjs``, syft-proto
+    bytes) that syft.js 0.1.4 runs; hosting a plan sends both variants. An op the tfjs
+    form has no translation for raises CompileError naming it (see docs/compiler.md).
     """
     if kind not in KINDS:
         raise CompileError(f"unknown plan kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -391,7 +419,7 @@ def compile_plan(
     out_roles = None if output_roles is None else _parse_roles(output_roles, OUTPUT_ROLES, "output")
     args = [_to_tensor(a, d["role"]) for a, d in zip(example_args, in_roles, strict=True)]
     return _compile(fn, args, kind, in_roles, out_roles, verify=verify,
-                    dynamic_batch=dynamic_batch, conv_weight_grad=conv_weight_grad)
+                    dynamic_batch=dynamic_batch, conv_weight_grad=conv_weight_grad, tfjs=tfjs)
 
 
 def _module_params(module: torch.nn.Module):
@@ -482,6 +510,7 @@ def compile_training_plan(
     verify: bool = True,
     conv_weight_grad: str = "auto",
     proximal_mu: float | None = None,
+    tfjs: bool = False,
 ) -> Plan:
     """Compile one training step of ``module`` with a standard loss and optimizer.
 
@@ -513,6 +542,13 @@ def compile_training_plan(
         ...     example_target=y[:16])                              # doctest: +SKIP
         >>> plan.client_config_keys, plan.num_optimizer_state        # doctest: +SKIP
         (['lr'], 4)
+
+    ``tfjs=True`` adds the tfjs variant syft.js runs (see :func:`compile_plan`)::
+
+        >>> plan = compile_training_plan(net, loss="cross_entropy_onehot", tfjs=True,
+        ...     example_data=X[:16], example_target=Y[:16])         # doctest: +SKIP
+        >>> host.host(model=model_tensors(net), plans={"training_plan": plan},
+        ...           client_config=cc)                             # doctest: +SKIP
     """
     opt = as_optimizer(optimizer)
     loss_fn = get_loss(loss)
@@ -556,7 +592,7 @@ def compile_training_plan(
     if not module.training:
         _check_buffers_unchanged(module, lambda: step(*_with_grad(args, n_params)))
     return compile_plan(step, args, kind="training", input_roles=in_roles, verify=verify,
-                        conv_weight_grad=conv_weight_grad)
+                        conv_weight_grad=conv_weight_grad, tfjs=tfjs)
 
 
 _EXAMPLE_MU = 0.1
