@@ -5,9 +5,11 @@ A worker accepted into a cycle of a process hosted with ``secure_aggregation`` s
 stage, first its request for what the node has for it (``message`` null: the roster, the
 sealed shares addressed to it, the unmask request; "waiting" while the stage has not
 opened) and then its own message. The protocol's state is one row per cycle
-(``secagg_rounds``, the masked running sum in ``secagg_totals``), read and written under
-the cycle's row lock, so any server process can take any message and a crash loses at
-most the message in flight; a process keeps the round it wrote last in memory while the
+(``secagg_rounds``: the stage, and what the node decided when a stage closed), one row per
+worker message (``secagg_messages``, written once: a message costs the database its own
+size, not the round's) and the masked running sum (``secagg_totals``), read and written
+under the cycle's row lock, so any server process can take any message and a crash loses
+at most the message in flight; a process keeps the round it wrote last in memory while the
 row's version matches. When workers authenticate with JWTs, advertised keys must be
 signed (:mod:`gridfl.secagg.identity`). A stage closes when every worker expected in it
 has sent its message, or ``stage_timeout`` seconds after it opened (the node's deadline
@@ -43,7 +45,7 @@ from gridfl.server import aggregate as agg
 from gridfl.server import db, storage
 from gridfl.server.auth import decode_token, signs_tokens
 from gridfl.server.config import worker_capacity
-from gridfl.server.tables import secagg_rounds, secagg_totals
+from gridfl.server.tables import secagg_messages, secagg_rounds, secagg_totals
 from gridfl.server.worker_api import find_seat
 
 log = logging.getLogger("gridfl.server")
@@ -58,6 +60,9 @@ _this_round = secagg_rounds.c.cycle_id == sa.bindparam("cycle_id")
 #: are read only when this process does not hold the same version in memory
 _round_head = sa.select(*(c for c in secagg_rounds.c if c.name != "state")).where(_this_round)
 _round_state = sa.select(secagg_rounds.c.state).where(_this_round)
+_round_messages = sa.select(
+    secagg_messages.c.stage, secagg_messages.c.worker_id, secagg_messages.c.body
+).where(secagg_messages.c.cycle_id == sa.bindparam("cycle_id"))
 _round_total = sa.select(secagg_totals.c.total).where(
     secagg_totals.c.cycle_id == sa.bindparam("cycle_id")
 )
@@ -209,8 +214,7 @@ class SecAggApi:
                 return conn.execute(_round_total, {"cycle_id": cycle.id}).scalar_one()
 
             if node is None:
-                state = conn.execute(_round_state, {"cycle_id": cycle.id}).scalar_one()
-                node = NodeSession.from_state(params, session, spec.total + 1, state, load_total)
+                node = self._load(conn, cycle.id, row.stage, params, session, spec, load_total)
             else:
                 node.read_total_with(load_total)
             stage_at, first_at = row.stage_at, row.first_at
@@ -230,6 +234,7 @@ class SecAggApi:
             values = {"stage": ABORTED, "stage_at": now, "due_at": None}
             # the masked sum goes too
             conn.execute(secagg_totals.delete().where(secagg_totals.c.cycle_id == cycle.id))
+            conn.execute(secagg_messages.delete().where(secagg_messages.c.cycle_id == cycle.id))
             values["state"] = {"reason": str(e), "session": session.decode()}
         else:
             if node.stage == "done":
@@ -239,8 +244,18 @@ class SecAggApi:
             if submit is None and (node.stage, due_at) == before:
                 # a poll that changed nothing: nothing to write
                 return reply, changed, (version, node) if row is not None else None
-            values = dict(stage=node.stage, stage_at=stage_at, state=node.state_json())
-            values["due_at"] = due_at
+            values = dict(stage=node.stage, stage_at=stage_at, due_at=due_at)
+            if row is None or node.stage != before[0]:
+                values["state"] = node.state_json()  # decided at a stage close: O(n k), once
+            written = node.take_written()
+            if written:  # each message once, O(its own size)
+                conn.execute(
+                    secagg_messages.insert(),
+                    [
+                        {"cycle_id": cycle.id, "stage": st, "worker_id": u, "body": body}
+                        for st, u, body in written
+                    ],
+                )
             if node.total_changed:  # 8 bytes per parameter: written only when it moved
                 self._store_total(conn, cycle.id, node, fresh=row is None)
             # a new or earlier stage deadline: the timer must plan for it
@@ -254,6 +269,14 @@ class SecAggApi:
             conn.execute(update.values(**values))
         live = values["stage"] in m.STAGES
         return reply, changed, (version + 1, node) if live else None
+
+    @staticmethod
+    def _load(conn: Connection, cycle_id: int, stage: str, params, session, spec, load_total):
+        """The round as stored: its state and every worker message it took."""
+        state = conn.execute(_round_state, {"cycle_id": cycle_id}).scalar_one()
+        rows = conn.execute(_round_messages, {"cycle_id": cycle_id}).all()
+        data = {"stage": stage, **state, "messages": [tuple(r) for r in rows]}
+        return NodeSession.from_state(params, session, spec.total + 1, data, load_total)
 
     @staticmethod
     def _store_total(conn: Connection, cycle_id: int, node: NodeSession, fresh: bool) -> None:
