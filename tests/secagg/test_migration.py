@@ -6,7 +6,6 @@ converted rows and completes with the weighted mean of the clipped diffs (numpy)
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import sqlalchemy as sa
 from alembic import command
 
@@ -23,13 +22,6 @@ CONFIG = {
     "max_diffs": 3,
     "secure_aggregation": {"threshold": 2, "clipping_range": 0.5},
 }
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def shared_db(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'grid.db'}"
-    return request.getfixturevalue("pg_fresh_db")
 
 
 def _downgrade_to_0008(url: str) -> dict:
