@@ -22,13 +22,6 @@ CONFIG = {
 }
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def shared_db(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'grid.db'}"
-    return request.getfixturevalue("pg_fresh_db")
-
-
 @pytest.mark.parametrize("crash_after", [m.ADVERTISE, m.SHARE, m.MASKED])
 def test_kill9_in_any_stage_then_another_process_completes_the_cycle(
     serve_factory, shared_db, crash_after

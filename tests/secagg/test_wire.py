@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from gridfl import _messages, state
+from gridfl._exceptions import InvalidRequestError
 from gridfl.secagg import SecAggParams
 from gridfl.secagg import messages as m
 from gridfl.secagg.quantize import encode
@@ -161,3 +162,53 @@ def test_too_few_survivors_expire_the_cycle_and_reveal_nothing(in_process_node):
     assert not _totals(in_process_node)
     st, reply = workers[1].send(m.MASKED)
     assert st == 200 and reply["status"] == "aborted" and "it needs 3" in reply["reason"]
+
+
+def test_a_batch_of_messages_refuses_only_its_bad_one(in_process_node):
+    """Messages that arrive together are taken in one transaction: a bad one gets its own
+    error, stores nothing, and the others are taken; the cycle then completes with the
+    weighted mean of the clipped diffs (numpy)."""
+    node = in_process_node
+    admin = Admin(node.url)
+    assert admin.host(host_payload(server_config=CONFIG)).status_code == 201
+    params = SecAggParams(**admin.status()["server_config"]["secure_aggregation"])
+    workers = [Driver(node.url, params) for _ in range(3)]
+    diffs = [diff_of(i) for i in range(3)]
+    for w in workers:
+        w.ok(m.ADVERTISE, w.session.advertise().to_json())
+    shares = [
+        w.session.share_keys(m.Roster.from_json(w.ok(m.SHARE)["message"])).to_json()
+        for w in workers
+    ]
+    wrong = {"shares": dict(list(shares[1]["shares"].items())[:1])}  # a neighbour left out
+
+    def req(w, message):
+        return _messages.SecAggRequest(w.wid, w.key, m.SHARE, message)
+
+    a, b, c = workers
+    out = node.node.secure_aggregation_batch([req(a, shares[0]), req(b, wrong), req(c, shares[2])])
+    assert out[0]["status"] == out[2]["status"] == "waiting", out
+    assert isinstance(out[1], InvalidRequestError) and "neighbours" in str(out[1]), out
+    with node.node.engine.connect() as conn:
+        sent = conn.execute(
+            sa.select(tables.secagg_messages.c.worker_id).where(
+                tables.secagg_messages.c.stage == m.SHARE
+            )
+        ).scalars().all()
+    assert sorted(sent) == sorted([a.wid, c.wid])
+    b.ok(m.SHARE, shares[1])  # its good message is still welcome
+
+    for i, w in enumerate(workers):
+        forwarded = m.EncryptedShares.from_json(w.ok(m.MASKED)["message"])
+        vec = encode(diffs[i], 5 + i, params)
+        w.ok(m.MASKED, w.session.masked_vector(forwarded, vec).to_json())
+    for w in workers:
+        request = m.UnmaskRequest.from_json(w.ok(m.UNMASK)["message"])
+        w.ok(m.UNMASK, w.session.unmask(request).to_json())
+    assert admin.status()["cycles"][0]["status"] == "completed"
+    original, new = admin.checkpoint(1), admin.checkpoint(2)
+    weights = np.array([5, 6, 7], np.float64)
+    for t, cur in enumerate(original):
+        stacked = np.stack([np.clip(d[t], -0.5, 0.5) for d in diffs]).astype(np.float64)
+        mean = np.tensordot(weights, stacked, axes=1) / weights.sum()
+        np.testing.assert_allclose(new[t], cur - mean, rtol=0, atol=1 / params.scale + 1e-6)

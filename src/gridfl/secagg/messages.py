@@ -175,11 +175,12 @@ class MaskedInput:
     def from_json(cls, data: Any, length: int, bits: int) -> MaskedInput:
         size = value_bytes(bits)
         raw = _bytes(_obj(data), "vector", size * length)
-        if size < 8:
+        if size < 8:  # widened in place: no copy of the whole vector beyond this one
             wide = np.zeros((length, 8), np.uint8)
             wide[:, :size] = np.frombuffer(raw, np.uint8).reshape(length, size)
-            raw = wide.tobytes()
-        vec = np.frombuffer(raw, "<u8").astype(np.uint64)
+            vec = wide.view("<u8").reshape(length).astype(np.uint64, copy=False)
+        else:
+            vec = np.frombuffer(raw, "<u8").astype(np.uint64)
         if bits < 64 and vec.size and int(vec.max()) >> bits:
             raise ProtocolError(f"vector: a value is not below 2^{bits}")
         return cls(vec, bits)

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from gridfl import _messages
 from gridfl._exceptions import (
     AggregationAbortedError,
     ConflictError,
@@ -76,6 +75,9 @@ class NodeSession:
         self.requests: dict[str, UnmaskRequest] = {}
         #: the signed sum of the survivors' inputs, once the last stage closed
         self.result: np.ndarray | None = None
+        #: the workers' messages taken since :meth:`take_written`, as ``(stage, worker,
+        #: JSON)``: the database stores each once, O(its own size), not the whole round
+        self.written: list[tuple[str, str, dict[str, Any]]] = []
 
     @property
     def total(self) -> np.ndarray:
@@ -115,6 +117,7 @@ class NodeSession:
         ):
             raise InvalidRequestError("this credential already advertised keys in this cycle")
         self.keys[worker_id] = msg
+        self.written.append((ADVERTISE, worker_id, msg.to_json()))
 
     def add_shares(self, worker_id: str, msg: EncryptedShares) -> None:
         self._expect(SHARE, worker_id, self.graph, self.shared)
@@ -123,6 +126,7 @@ class NodeSession:
                 "shares must be addressed to exactly the worker's neighbours in its roster"
             )
         self.shared[worker_id] = dict(msg.shares)
+        self.written.append((SHARE, worker_id, msg.to_json()))
 
     def add_masked(self, worker_id: str, msg: MaskedInput) -> None:
         """Fold one masked input into the running sum (O(model) memory)."""
@@ -133,6 +137,7 @@ class NodeSession:
         total += msg.vector  # uint64 wraps mod 2**64; reduced mod 2**b at the end
         self.total_changed = True
         self.masked.add(worker_id)
+        self.written.append((MASKED, worker_id, {}))  # the vector itself is in the sum
 
     def add_unmask(self, worker_id: str, msg: UnmaskShares) -> None:
         self._expect(UNMASK, worker_id, self.requests, self.answers)
@@ -140,6 +145,7 @@ class NodeSession:
         if set(msg.seed_shares) != set(req.survivors) or set(msg.key_shares) != set(req.dropped):
             raise InvalidRequestError("unmask answer must cover exactly the workers asked for")
         self.answers[worker_id] = msg
+        self.written.append((UNMASK, worker_id, msg.to_json()))
 
     # ---------------------------------------------------------------- stage ends
     def close_stage(self) -> Any:
@@ -215,24 +221,35 @@ class NodeSession:
         return len(sent[stage])
 
     # ---------------------------------------------------------------- persistence
-    def to_state(self) -> tuple[dict[str, Any], bytes]:
-        """``(JSON-able state, running sum bytes)``: what the database keeps between
-        messages, so that any server process can take the next one. Only public keys,
-        sealed shares, who sent what, and the masked running sum."""
-        return self.state_json(), self.total.astype("<u8").tobytes()
+    def take_written(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """The workers' messages taken since the last call (to store), and forget them."""
+        out, self.written = self.written, []
+        return out
+
+    def messages(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """Every worker message this round took, as ``(stage, worker, JSON)``."""
+        return (
+            [(ADVERTISE, u, k.to_json()) for u, k in self.keys.items()]
+            + [(SHARE, u, EncryptedShares(s).to_json()) for u, s in self.shared.items()]
+            + [(MASKED, u, {}) for u in sorted(self.masked)]
+            + [(UNMASK, u, a.to_json()) for u, a in self.answers.items()]
+        )
 
     def state_json(self) -> dict[str, Any]:
-        """The state without the running sum (see :meth:`to_state`)."""
-        b64 = _messages.b64encode
+        """What the node decided at the stage closes (the neighbour graph, the unmask
+        requests): written when a stage closes. The workers' own messages are stored one
+        row each (:meth:`take_written`)."""
         return {
-            "stage": self.stage,
-            "keys": {u: m.to_json() for u, m in self.keys.items()},
             "graph": {u: sorted(v) for u, v in self.graph.items()},
-            "shared": {u: {v: b64(c) for v, c in m.items()} for u, m in self.shared.items()},
-            "masked": sorted(self.masked),
             "requests": {u: r.to_json() for u, r in self.requests.items()},
-            "answers": {u: a.to_json() for u, a in self.answers.items()},
         }
+
+    def to_state(self) -> tuple[dict[str, Any], bytes]:
+        """``(JSON-able state, running sum bytes)``: everything :meth:`from_state` needs,
+        so that any server process can take the next message. Only public keys, sealed
+        shares, who sent what, and the masked running sum."""
+        data = {"stage": self.stage, **self.state_json(), "messages": self.messages()}
+        return data, self.total.astype("<u8").tobytes()
 
     @classmethod
     def from_state(
@@ -243,17 +260,22 @@ class NodeSession:
         data: dict,
         total: bytes | Callable[[], bytes],
     ) -> NodeSession:
-        """The session :meth:`to_state` stored; ``total`` may be a function that reads the
-        running sum when it is first needed."""
+        """The session :meth:`to_state` stored (``data``: ``stage``, the
+        :meth:`state_json` keys and ``messages``); ``total`` may be a function that reads
+        the running sum when it is first needed."""
         node = cls(params, session, length)
         node.stage = data["stage"]
-        node.keys = {u: AdvertiseKeys.from_json(m) for u, m in data["keys"].items()}
         node.graph = {u: frozenset(v) for u, v in data["graph"].items()}
-        b64d = _messages.b64decode
-        node.shared = {u: {v: b64d(c) for v, c in m.items()} for u, m in data["shared"].items()}
-        node.masked = set(data["masked"])
         node.requests = {u: UnmaskRequest.from_json(r) for u, r in data["requests"].items()}
-        node.answers = {u: UnmaskShares.from_json(a) for u, a in data["answers"].items()}
+        for stage, u, body in data["messages"]:
+            if stage == ADVERTISE:
+                node.keys[u] = AdvertiseKeys.from_json(body)
+            elif stage == SHARE:
+                node.shared[u] = dict(EncryptedShares.from_json(body).shares)
+            elif stage == MASKED:
+                node.masked.add(u)
+            else:
+                node.answers[u] = UnmaskShares.from_json(body)
         node._total = None
         node._load_total = total if callable(total) else lambda: total
         node.total_changed = False

@@ -25,7 +25,7 @@ from gridfl.server.background import (
     release_held,
 )
 from gridfl.server.bodies import BodyBudget
-from gridfl.server.held import CycleSignal, HeldAdmissions
+from gridfl.server.held import Batches, CycleSignal, HeldAdmissions
 from gridfl.server.routes import EXCEPTION_HANDLERS, AnswerBugs, routes
 from gridfl.server.service import GridNode
 from gridfl.server.settings import Settings
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, node: GridNode | None = None) -
         wake = asyncio.Event()
         signal = app.state.cycle_signal = CycleSignal()
         app.state.held_admissions = HeldAdmissions(n)
+        app.state.secagg_batches = Batches(n.secure_aggregation_batch, batch=32)
         app.state.ws_answering = Answering()
 
         def on_cycles_changed() -> None:

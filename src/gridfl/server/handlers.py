@@ -11,6 +11,7 @@ import anyio
 
 from gridfl import _messages
 from gridfl.server.held import CycleSignal
+from gridfl.server.secagg import HOLD_WAITING
 from gridfl.server.service import GridNode
 
 HANDLERS: dict[str, Callable[[GridNode, Any], dict[str, Any]]] = {
@@ -57,6 +58,8 @@ async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
     """Run one worker handler off the event loop; a cycle request with ``wait`` is held
     while it would be rejected with a timeout, until a cycle opens or ``wait`` runs out."""
     node: GridNode = app.state.node
+    if kind == _messages.SECURE_AGGREGATION:
+        return await _secure_aggregation(app, _messages.parse_secagg(data))
     if kind != _messages.CYCLE_REQUEST:
         return await anyio.to_thread.run_sync(HANDLERS[kind], node, data)
     req = _messages.parse_cycle_request(data)
@@ -81,3 +84,26 @@ async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
         await signal.wait_after(generation, remaining)
         if signal.closed:  # shutting down: the rejection stands, the worker asks again later
             return reply
+
+
+async def _secure_aggregation(app, req: _messages.SecAggRequest) -> dict[str, Any]:
+    """A secure-aggregation request. Messages go to the node in batches (one write
+    transaction for the ones that arrived together); a request for a stage that has not
+    opened is held until a stage closes here (the node's cycle signal) or
+    ``HOLD_WAITING`` seconds pass, so that n waiting workers do not poll the node every
+    ``retry_after`` seconds and each learns of the new stage at once. Another server
+    process's stage change is seen when the hold runs out."""
+    if req.message is not None:
+        # a stage's messages arrive together: taken in batches, one transaction each
+        return await app.state.secagg_batches.submit(req)
+    node: GridNode = app.state.node
+    signal: CycleSignal = app.state.cycle_signal
+    deadline = time.monotonic() + HOLD_WAITING
+    while True:
+        generation = signal.generation
+        reply = await anyio.to_thread.run_sync(node.secure_aggregation, req)
+        remaining = deadline - time.monotonic()
+        waiting = req.message is None and reply.get("status") == "waiting"
+        if not waiting or remaining <= 0 or signal.closed:
+            return reply
+        await signal.wait_after(generation, remaining)

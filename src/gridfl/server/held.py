@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -50,20 +51,20 @@ class CycleSignal:
             await self._event.wait()
 
 
-class HeldAdmissions:
-    """Answers the cycle requests held by :func:`dispatch` in batches: when a cycle opens,
-    every worker waiting for it asks at once, and one thread call admits up to
-    ``batch`` of them in one write transaction (:meth:`GridNode.admit_held`) instead of a
-    thread hand-off, a read-only look and a write transaction each.
+class Batches:
+    """Runs requests that arrive together in batches: up to ``batch`` of the ones queued
+    over the same few loop turns go to ``run`` in one thread call (and one write
+    transaction) instead of a thread hand-off and a transaction each. ``run`` returns one
+    reply or exception per request, in order.
     """
 
-    def __init__(self, node: GridNode, batch: int = 64) -> None:
-        self.node = node
+    def __init__(self, run: Callable[[list[Any]], list[Any]], batch: int = 64) -> None:
+        self.run = run
         self.batch = batch
-        self._queue: list[tuple[_messages.CycleRequest, asyncio.Future]] = []
+        self._queue: list[tuple[Any, asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
 
-    async def admit(self, req: _messages.CycleRequest) -> dict[str, Any]:
+    async def submit(self, req: Any) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.append((req, future))
@@ -80,7 +81,7 @@ class HeldAdmissions:
                 batch, self._queue = self._queue[: self.batch], self._queue[self.batch :]
                 reqs = [req for req, _ in batch]
                 try:
-                    results = await anyio.to_thread.run_sync(self.node.admit_held, reqs)
+                    results = await anyio.to_thread.run_sync(self.run, reqs)
                 except Exception as e:  # noqa: BLE001 - the transaction failed: all of them
                     results = [e] * len(batch)
                 for (_, future), result in zip(batch, results, strict=True):
@@ -92,6 +93,19 @@ class HeldAdmissions:
                         future.set_result(result)
         finally:
             self._drainer = None
+
+
+class HeldAdmissions(Batches):
+    """Answers the cycle requests held by :func:`dispatch` in batches: when a cycle opens,
+    every worker waiting for it asks at once, and one thread call admits up to
+    ``batch`` of them in one write transaction (:meth:`GridNode.admit_held`).
+    """
+
+    def __init__(self, node: GridNode, batch: int = 64) -> None:
+        super().__init__(node.admit_held, batch)
+
+    async def admit(self, req: _messages.CycleRequest) -> dict[str, Any]:
+        return await self.submit(req)
 
 
 async def hold_status(app, name: str, version: str | None, after: int | None, wait: float):

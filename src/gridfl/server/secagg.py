@@ -5,9 +5,11 @@ A worker accepted into a cycle of a process hosted with ``secure_aggregation`` s
 stage, first its request for what the node has for it (``message`` null: the roster, the
 sealed shares addressed to it, the unmask request; "waiting" while the stage has not
 opened) and then its own message. The protocol's state is one row per cycle
-(``secagg_rounds``, the masked running sum in ``secagg_totals``), read and written under
-the cycle's row lock, so any server process can take any message and a crash loses at
-most the message in flight; a process keeps the round it wrote last in memory while the
+(``secagg_rounds``: the stage, and what the node decided when a stage closed), one row per
+worker message (``secagg_messages``, written once: a message costs the database its own
+size, not the round's) and the masked running sum (``secagg_totals``), read and written
+under the cycle's row lock, so any server process can take any message and a crash loses
+at most the message in flight; a process keeps the round it wrote last in memory while the
 row's version matches. When workers authenticate with JWTs, advertised keys must be
 signed (:mod:`gridfl.secagg.identity`). A stage closes when every worker expected in it
 has sent its message, or ``stage_timeout`` seconds after it opened (the node's deadline
@@ -34,30 +36,39 @@ from gridfl._exceptions import (
     AggregationAbortedError,
     ConflictError,
     InvalidRequestError,
-    ProtocolError,
 )
-from gridfl.secagg import NodeSession, SecAggParams, identity
+from gridfl.secagg import NodeSession, SecAggParams
 from gridfl.secagg import messages as m
 from gridfl.secagg.quantize import decode
 from gridfl.server import aggregate as agg
 from gridfl.server import db, storage
-from gridfl.server.auth import decode_token, signs_tokens
 from gridfl.server.config import worker_capacity
-from gridfl.server.tables import secagg_rounds, secagg_totals
+from gridfl.server.secagg_wire import (
+    RETRY_AFTER,
+    check_identity,
+    parse_message,
+    reply_to,
+    submit_message,
+)
+from gridfl.server.tables import secagg_messages, secagg_rounds, secagg_totals
 from gridfl.server.worker_api import find_seat
 
 log = logging.getLogger("gridfl.server")
 
 #: the stage of a round that ended with too few workers (its cycle expired)
 ABORTED = "aborted"
-#: seconds a worker is told to wait before asking again for a stage that has not opened
-RETRY_AFTER = 0.2
+#: seconds the node holds such a request, waiting for the stage to open, before it answers
+#: "waiting" (gridfl.server.handlers)
+HOLD_WAITING = 1.0
 
 _this_round = secagg_rounds.c.cycle_id == sa.bindparam("cycle_id")
 #: the round's small columns; its state (O(n s)) and running sum (8 bytes per parameter)
 #: are read only when this process does not hold the same version in memory
 _round_head = sa.select(*(c for c in secagg_rounds.c if c.name != "state")).where(_this_round)
 _round_state = sa.select(secagg_rounds.c.state).where(_this_round)
+_round_messages = sa.select(
+    secagg_messages.c.stage, secagg_messages.c.worker_id, secagg_messages.c.body
+).where(secagg_messages.c.cycle_id == sa.bindparam("cycle_id"))
 _round_total = sa.select(secagg_totals.c.total).where(
     secagg_totals.c.cycle_id == sa.bindparam("cycle_id")
 )
@@ -106,48 +117,112 @@ class SecAggApi:
     on_cycles_changed: Any
 
     def secure_aggregation(self, req: _messages.SecAggRequest) -> dict[str, Any]:
+        """One worker's secure-aggregation request (see the module docstring)."""
+        (result,) = self.secure_aggregation_batch([req])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def secure_aggregation_batch(
+        self, reqs: list[_messages.SecAggRequest]
+    ) -> list[dict[str, Any] | Exception]:
+        """Requests that arrived together (a stage's burst), one reply or exception each,
+        in order: each cycle's messages are taken in one write transaction, so that n
+        masked inputs write the running sum once per batch instead of once each. A bad
+        message gets its own error and the others go on."""
+        results: list[dict[str, Any] | Exception | None] = [None] * len(reqs)
+        by_cycle: dict[int, list[tuple[int, _messages.SecAggRequest, Any, Any]]] = {}
+        for i, req in enumerate(reqs):
+            try:
+                prepared = self._prepare(req)
+            except Exception as e:  # noqa: BLE001 - its reply, not the batch's
+                results[i] = e
+                continue
+            if isinstance(prepared, dict):
+                results[i] = prepared
+                continue
+            seat, msg = prepared
+            by_cycle.setdefault(seat.cycle_id, []).append((i, req, seat, msg))
+        for cycle_id, items in by_cycle.items():
+            try:
+                replies = self._take(cycle_id, items)
+            except Exception as e:  # noqa: BLE001 - the transaction failed: all of its
+                replies = [e] * len(items)
+            for (i, *_), reply in zip(items, replies, strict=True):
+                results[i] = reply
+        return [r for r in results if r is not None]
+
+    def _prepare(self, req: _messages.SecAggRequest):
+        """Checks that need no lock: ``(seat, typed message)``, or the reply to a
+        poll for a stage that has not opened."""
         with db.read(self.engine) as conn:
             seat = find_seat(conn, req.worker_id, req.request_key)
             _, _, spec = self.catalog.checkpoint(conn, seat.checkpoint_id)
         params, process_id, auth = self._params_of_cycle(seat.cycle_id)
-        msg = _parse(req, spec.total + 1, params)
+        msg = parse_message(req, spec.total + 1, params)
         if isinstance(msg, m.AdvertiseKeys):
-            _check_identity(msg, auth, session_of(process_id, seat.cycle_id), req.worker_id)
+            check_identity(msg, auth, session_of(process_id, seat.cycle_id), req.worker_id)
         if msg is None and seat.status == "open":
             early = self._still_waiting(
                 req, seat.cycle_id, params, session_of(process_id, seat.cycle_id)
             )
             if early is not None:
                 return early
+        return seat, msg
+
+    def _take(self, cycle_id: int, items: list) -> list[dict[str, Any] | Exception]:
+        """One cycle's requests under its row lock: their messages, then their replies."""
+        errors: dict[int, Exception] = {}
+        answers: dict[int, dict[str, Any]] = {}
         with db.write(self.engine) as conn:
-            cycle = conn.execute(storage.cycle_locked, {"cycle_id": seat.cycle_id}).one()
+            cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).one()
             if cycle.status != "open":
                 aborted = conn.execute(_round_head, {"cycle_id": cycle.id}).first()
                 if aborted is not None and aborted.stage == ABORTED:
                     why = conn.execute(_round_state, {"cycle_id": cycle.id}).scalar_one()
-                    return _aborted(why["reason"], why["session"])
+                    return [_aborted(why["reason"], why["session"])] * len(items)
                 raise ConflictError(
                     f"cycle {cycle.sequence} is closed ({cycle.status}): secure aggregation "
                     "ended without this worker"
                 )
+            spec = self.catalog.checkpoint(conn, cycle.checkpoint_id)[2]
 
             def submit(node: NodeSession) -> None:
-                _submit(node, req, msg)
-                if req.stage == m.MASKED:  # its input is in the sum: it has reported
-                    conn.execute(
-                        storage.mark_reported, {"b_seat_id": seat.id, "reported_at": time.time()}
-                    )
+                for j, (_, req, seat, msg) in enumerate(items):
+                    if msg is None:
+                        continue
+                    try:
+                        submit_message(node, req, msg)
+                    except (InvalidRequestError, ConflictError) as e:
+                        errors[j] = e  # refused before it changed anything
+                        continue
+                    if req.stage == m.MASKED:  # its input is in the sum: it has reported
+                        conn.execute(
+                            storage.mark_reported,
+                            {"b_seat_id": seat.id, "reported_at": time.time()},
+                        )
 
             def answer(node: NodeSession) -> dict[str, Any]:
-                return _reply(node, req)
+                for j, (_, req, _, _) in enumerate(items):
+                    if j not in errors:
+                        try:
+                            answers[j] = reply_to(node, req)
+                        except ConflictError as e:
+                            errors[j] = e
+                return {}
 
+            sending = any(msg is not None for *_, msg in items)
             reply, changed, keep = self._step(
-                conn, cycle, spec, submit if msg is not None else None, answer
+                conn, cycle, spec, submit if sending else None, answer
             )
-        self.secagg_cache.keep(seat.cycle_id, keep)  # committed: reusable
+        self.secagg_cache.keep(cycle_id, keep)  # committed: reusable
         if changed:
             self.on_cycles_changed()
-        return reply
+        if reply.get("status") == "aborted":
+            return [reply] * len(items)
+        return [
+            errors[j] if j in errors else {**answers[j], **reply} for j in range(len(items))
+        ]
 
     def close_due_stages(self, now: float | None = None) -> int:
         """The deadline timer's part: close every secure-aggregation stage past its
@@ -209,8 +284,7 @@ class SecAggApi:
                 return conn.execute(_round_total, {"cycle_id": cycle.id}).scalar_one()
 
             if node is None:
-                state = conn.execute(_round_state, {"cycle_id": cycle.id}).scalar_one()
-                node = NodeSession.from_state(params, session, spec.total + 1, state, load_total)
+                node = self._load(conn, cycle.id, row.stage, params, session, spec, load_total)
             else:
                 node.read_total_with(load_total)
             stage_at, first_at = row.stage_at, row.first_at
@@ -230,17 +304,28 @@ class SecAggApi:
             values = {"stage": ABORTED, "stage_at": now, "due_at": None}
             # the masked sum goes too
             conn.execute(secagg_totals.delete().where(secagg_totals.c.cycle_id == cycle.id))
+            conn.execute(secagg_messages.delete().where(secagg_messages.c.cycle_id == cycle.id))
             values["state"] = {"reason": str(e), "session": session.decode()}
         else:
             if node.stage == "done":
                 self._complete(conn, cycle, process, node, spec)
                 changed = True
             due_at = _due_at(node, stage_at, first_at, now)
-            if submit is None and (node.stage, due_at) == before:
-                # a poll that changed nothing: nothing to write
+            if not node.written and (node.stage, due_at) == before:
+                # a poll, or messages all refused: nothing changed, nothing to write
                 return reply, changed, (version, node) if row is not None else None
-            values = dict(stage=node.stage, stage_at=stage_at, state=node.state_json())
-            values["due_at"] = due_at
+            values = dict(stage=node.stage, stage_at=stage_at, due_at=due_at)
+            if row is None or node.stage != before[0]:
+                values["state"] = node.state_json()  # decided at a stage close: O(n k), once
+            written = node.take_written()
+            if written:  # each message once, O(its own size)
+                conn.execute(
+                    secagg_messages.insert(),
+                    [
+                        {"cycle_id": cycle.id, "stage": st, "worker_id": u, "body": body}
+                        for st, u, body in written
+                    ],
+                )
             if node.total_changed:  # 8 bytes per parameter: written only when it moved
                 self._store_total(conn, cycle.id, node, fresh=row is None)
             # a new or earlier stage deadline: the timer must plan for it
@@ -254,6 +339,14 @@ class SecAggApi:
             conn.execute(update.values(**values))
         live = values["stage"] in m.STAGES
         return reply, changed, (version + 1, node) if live else None
+
+    @staticmethod
+    def _load(conn: Connection, cycle_id: int, stage: str, params, session, spec, load_total):
+        """The round as stored: its state and every worker message it took."""
+        state = conn.execute(_round_state, {"cycle_id": cycle_id}).scalar_one()
+        rows = conn.execute(_round_messages, {"cycle_id": cycle_id}).all()
+        data = {"stage": stage, **state, "messages": [tuple(r) for r in rows]}
+        return NodeSession.from_state(params, session, spec.total + 1, data, load_total)
 
     @staticmethod
     def _store_total(conn: Connection, cycle_id: int, node: NodeSession, fresh: bool) -> None:
@@ -361,83 +454,4 @@ def _aborted(reason: str, session: str) -> dict[str, Any]:
     return {"status": "aborted", "stage": ABORTED, "reason": reason, "session": session}
 
 
-def _check_identity(keys: m.AdvertiseKeys, auth: dict | None, session: bytes, wid: str) -> None:
-    """When the process checks signed auth tokens, a worker's keys must come signed by
-    the identity key its credential certifies (docs/secure-aggregation.md, signed keys)."""
-    if not signs_tokens(auth):
-        return
-    assert auth is not None
-    if keys.signature is None or keys.credential is None:
-        raise InvalidRequestError(
-            "this process authenticates workers, so its secure aggregation needs signed "
-            "keys: give the worker its identity (signing key and the credential the "
-            "authority issued for it) and advertise again"
-        )
-    claims = decode_token(keys.credential, auth, audience=identity.AUDIENCE)
-    if claims is None:
-        raise InvalidRequestError(
-            f"credential: not issued by this process's authority for audience "
-            f"{identity.AUDIENCE!r} (or expired)"
-        )
-    try:
-        identity.check_signature(
-            identity.identity_key(claims), session, wid, keys.cipher_key, keys.mask_key,
-            keys.signature,
-        )
-    except ProtocolError as e:
-        raise InvalidRequestError(f"secure-aggregation {m.ADVERTISE} message: {e}") from None
-
-
-def _parse(req: _messages.SecAggRequest, length: int, params: SecAggParams) -> Any:
-    """The stage message, typed; a malformed one is a 400 naming the field."""
-    if req.message is None:
-        return None
-    try:
-        if req.stage == m.ADVERTISE:
-            return m.AdvertiseKeys.from_json(req.message)
-        if req.stage == m.SHARE:
-            return m.EncryptedShares.from_json(req.message)
-        if req.stage == m.MASKED:
-            return m.MaskedInput.from_json(req.message, length, params.field_bits)
-        return m.UnmaskShares.from_json(req.message)
-    except ProtocolError as e:
-        raise InvalidRequestError(f"secure-aggregation {req.stage} message: {e}") from None
-
-
-def _submit(node: NodeSession, req: _messages.SecAggRequest, msg: Any) -> None:
-    add: dict[str, Callable[[str, Any], None]] = {
-        m.ADVERTISE: node.add_keys,
-        m.SHARE: node.add_shares,
-        m.MASKED: node.add_masked,
-        m.UNMASK: node.add_unmask,
-    }
-    add[req.stage](req.worker_id, msg)
-
-
-def _reply(node: NodeSession, req: _messages.SecAggRequest) -> dict[str, Any]:
-    """What the worker gets: the node's message for its stage, or "waiting"."""
-    order = (*m.STAGES, "done")
-    asked, now_at = order.index(req.stage), order.index(node.stage)
-    base = {"stage": node.stage}
-    if req.message is not None or asked > now_at or req.stage == m.ADVERTISE:
-        status = "done" if node.stage == "done" else "waiting"
-        return {**base, "status": status, "retry_after": RETRY_AFTER}
-    if asked < now_at:
-        raise ConflictError(
-            f"secure aggregation has moved past stage {req.stage!r} (now {node.stage!r}): "
-            "this worker was too late and dropped out of the cycle"
-        )
-    if req.worker_id not in node.participants(req.stage):
-        raise ConflictError(
-            f"this worker is not part of stage {req.stage!r}: it dropped out of an earlier one"
-        )
-    for_worker: dict[str, Callable[[str], Any]] = {
-        m.SHARE: node.roster_for,
-        m.MASKED: node.shares_for,
-        m.UNMASK: node.requests.__getitem__,
-    }
-    message = for_worker[req.stage](req.worker_id)
-    return {**base, "status": "ready", "message": message.to_json()}
-
-
-__all__ = ["RoundCache", "SecAggApi", "session_of"]
+__all__ = ["HOLD_WAITING", "RoundCache", "SecAggApi", "session_of"]

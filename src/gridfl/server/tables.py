@@ -216,8 +216,9 @@ privacy_cycles = sa.Table(
     sa.Index("ix_privacy_cycles_steps", "process_id", "steps"),
 )
 
-#: a secure-aggregation cycle's protocol state (gridfl.secagg.node.NodeSession.to_state):
-#: public keys, sealed shares, who sent what, and the masked running sum; never a diff
+#: a secure-aggregation cycle's protocol state: its stage, and in ``state`` what the node
+#: decided at the stage closes (neighbour graph, unmask requests; the reason once aborted).
+#: The workers' messages are rows of secagg_messages, the masked sum in secagg_totals.
 secagg_rounds = sa.Table(
     "secagg_rounds",
     metadata,
@@ -234,6 +235,20 @@ secagg_rounds = sa.Table(
     # +1 on every write: a server process reuses its in-memory round while it matches
     sa.Column("version", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_secagg_rounds_due_at", "due_at"),
+)
+
+#: one worker's message at one stage of a secure-aggregation round (public keys, sealed
+#: shares, a masked input's arrival, unmask shares; never a diff): a message writes only
+#: itself, not the whole round
+secagg_messages = sa.Table(
+    "secagg_messages",
+    metadata,
+    sa.Column(
+        "cycle_id", sa.Integer, sa.ForeignKey("cycles.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("stage", sa.String(32), primary_key=True),
+    sa.Column("worker_id", sa.String(64), primary_key=True),
+    sa.Column("body", sa.JSON, nullable=False),
 )
 
 #: the masked running sum of a secure-aggregation round (8 bytes per parameter), apart
