@@ -51,6 +51,11 @@ class SimulationOptions:
     ``federated_clients`` drawn clients evaluate it on their held-out share
     (``held_out`` of each client's examples, kept out of training); they default to the
     node's ``server_config.evaluation`` ``every`` and ``max_workers``.
+
+    With ``target_accuracy`` (and ``test_data``), the run stops after the first round
+    whose model reaches that central accuracy (``result.target_round``); it is evaluated
+    every ``evaluate_every`` rounds while its accuracy is more than ``near_target`` below
+    the target, then every round, so the round reported is exact once the run gets near.
     """
 
     num_clients: int = 100
@@ -70,6 +75,8 @@ class SimulationOptions:
     progress: bool = False
     byzantine: int = 0
     attack: str = "scale"
+    target_accuracy: float | None = None
+    near_target: float = 0.01
 
     def resolve(self, server_config: Mapping[str, Any]) -> None:
         """Fill the defaults from ``server_config`` and refuse what cannot run."""
@@ -98,6 +105,12 @@ class SimulationOptions:
                 f"{self.num_clients} clients"
             )
         _positive("evaluate_every", self.evaluate_every)
+        for name in ("target_accuracy", "near_target"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, int | float)
+                                      or not 0 <= value <= 1):
+                raise ConfigError(f"{name} must be a number from 0 to 1, got {value!r}")
         self._check_attack()
         if self.federated_every is not None:
             _positive("federated_every", self.federated_every)
@@ -237,6 +250,8 @@ def simulate(
         raise ConfigError("plans needs a 'training_plan' with an ONNX variant")
     evaluation = rows.get("evaluation_plan", {}).get("onnx")
     central = test_data is not None
+    if opts.target_accuracy is not None and not central:
+        raise ConfigError("target_accuracy needs test_data: the target is a central accuracy")
     if (central or opts.federated_every) and evaluation is None:
         raise ConfigError(
             "evaluation needs an 'evaluation_plan' among the plans: host one, or run "
@@ -313,6 +328,9 @@ class _Rounds:
         self.strategy_state: Any = None
         #: why the run ended before its last round (the privacy budget), or None
         self.stop_reason: str | None = None
+        #: the last central accuracy, to evaluate every round once near the target
+        self.accuracy: float | None = None
+        self.reached = False
         self.memory = _Memory(backend)
         self.central: Callable[[list[np.ndarray]], dict[str, float]] | None = None
         self.emit: Callable[[RoundResult], Any] = lambda entry: None
@@ -327,6 +345,9 @@ class _Rounds:
             reports = self.backend.fit(self.params, tasks)  # submitted: training starts
             if pending is not None:
                 self._finish(pending)
+                if self.reached:  # round r's training is dropped: the model is round r-1's
+                    pending = None
+                    break
             pending = self._aggregate(r, tasks, reports)
             done = time.perf_counter()
             pending.seconds = round(done - t0, 4)
@@ -389,13 +410,38 @@ class _Rounds:
     def _finish(self, entry: RoundResult) -> None:
         """Central evaluation of the round's model, then the round is reported."""
         model, entry.model = entry.model, None
-        due = entry.round % self.opts.evaluate_every == 0 or entry.round == self.opts.rounds
-        if self.central is not None and due:
+        if self.central is not None and self._due(entry.round):
             assert model is not None  # set by _aggregate
             entry.central = self.central(model)
+            self._check_target(entry)
         self.memory.sample()
         self.result.rounds.append(entry)
         self.emit(entry)
+
+
+    def _due(self, r: int) -> bool:
+        """Whether round ``r``'s model is evaluated centrally."""
+        if r % self.opts.evaluate_every == 0 or r == self.opts.rounds:
+            return True
+        target = self.opts.target_accuracy
+        return (target is not None and self.accuracy is not None
+                and self.accuracy >= target - self.opts.near_target)
+
+    def _check_target(self, entry: RoundResult) -> None:
+        target = self.opts.target_accuracy
+        accuracy = entry.central.get("accuracy")
+        if target is None:
+            return
+        if accuracy is None:
+            raise ConfigError("target_accuracy needs an evaluation plan that reports "
+                              "'accuracy' (its metrics are "
+                              f"{', '.join(entry.central) or 'none'})")
+        self.accuracy = accuracy
+        if accuracy >= target:
+            self.reached = True
+            self.result.target_round = entry.round
+            self.result.stop_reason = (f"target accuracy {target} reached at round "
+                                       f"{entry.round} ({accuracy:.4f})")
 
 
 def _check_batches(store: ShardStore, client_config: Mapping[str, Any]) -> None:
@@ -448,6 +494,8 @@ def _settings(opts: SimulationOptions, request) -> dict[str, Any]:
         "clients_per_round": opts.clients_per_round, "evaluate_every": opts.evaluate_every,
         "federated_every": opts.federated_every, "federated_clients": opts.federated_clients,
         "held_out": opts.held_out, "seed": opts.seed, "backend": opts.backend,
+        **({"target_accuracy": opts.target_accuracy, "near_target": opts.near_target}
+           if opts.target_accuracy is not None else {}),
         **({"byzantine": opts.byzantine, "attack": opts.attack} if opts.byzantine else {}),
         "client_config": request.client_config, "server_config": request.server_config,
     }
