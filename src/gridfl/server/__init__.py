@@ -10,11 +10,25 @@ Worker API (HTTP under ``/model-centric/`` and WebSocket at ``/``) and the admin
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from gridfl.server.app import create_app
-from gridfl.server.service import GridNode
-from gridfl.server.settings import Settings
+if TYPE_CHECKING:
+    from gridfl.server.app import create_app
+    from gridfl.server.service import GridNode
+    from gridfl.server.settings import Settings
+
+#: imported on first use, so that a submodule (``gridfl.server.aggregate``, which the
+#: simulation uses) does not pull the web app (FastAPI, SQLAlchemy) in with it
+_LAZY = {"create_app": "gridfl.server.app", "GridNode": "gridfl.server.service",
+         "Settings": "gridfl.server.settings"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gridfl.server' has no attribute {name!r}")
+
 
 __all__ = ["GridNode", "Settings", "create_app", "make_server", "serve", "uvicorn_options"]
 
@@ -49,7 +63,7 @@ def make_server(settings: Settings, **config: Any):
     """
     import uvicorn
 
-    from gridfl.server.app import release_held
+    from gridfl.server.app import create_app, release_held
 
     app = create_app(settings)
 

@@ -221,18 +221,38 @@ def simulate(
                                                     clients_per_round=10))  # doctest: +SKIP
         print(result.rounds[-1].central)                                   # doctest: +SKIP
     """
+    started = time.perf_counter()
+    # a copy: resolving fills defaults from this process's server_config only
+    opts = dataclasses.replace(options) if options is not None else SimulationOptions()
+    with tempfile.TemporaryDirectory(prefix="gridfl-sim-") as tmp:
+        # the pool's processes start (interpreter, numpy, onnxruntime) while this one
+        # validates the process and writes the clients' shards
+        early = (LocalPool(tmp, opts.workers or _usable_cpus())
+                 if opts.backend == "local" and _is_count(opts.workers) else None)
+        try:
+            return _simulate(opts, started, tmp, early, on_round, data, test_data, dict(
+                model=model, plans=plans, client_config=client_config,
+                server_config=server_config, averaging_plan=averaging_plan))
+        finally:
+            if early is not None:
+                early.close()
+
+
+def _is_count(value: Any) -> bool:
+    """``None`` (one per core) or an integer >= 1; anything else is refused later."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool)
+                             and value >= 1)
+
+
+def _simulate(opts: SimulationOptions, started: float, tmp: str, early: LocalPool | None,
+              on_round: Callable[[RoundResult], None] | None, data: Data,
+              test_data: Data | None, process: dict[str, Any]) -> SimulationResult:
     from gridfl.host import host_payload
     from gridfl.plan import Plan
     from gridfl.server.hosting import validate
     from gridfl.server.strategies import strategy_for
 
-    started = time.perf_counter()
-    # a copy: resolving fills defaults from this process's server_config only
-    opts = dataclasses.replace(options) if options is not None else SimulationOptions()
-    request = validate(host_payload(
-        model=model, plans=plans, client_config=client_config,
-        server_config=server_config, averaging_plan=averaging_plan,
-    ))
+    request = validate(host_payload(**process))
     unsupported = [key for key, off in _NOT_SIMULATED.items()
                    if request.server_config.get(key) != off]
     if unsupported:
@@ -288,25 +308,25 @@ def simulate(
     spec = request.spec
     job = clients.ClientJob(rows["training_plan"]["onnx"], evaluation, request.client_config)
     result = SimulationResult(settings=_settings(opts, request))
-    with tempfile.TemporaryDirectory(prefix="gridfl-sim-") as tmp:
-        store = ShardStore.write(tmp, x, y, parts, held_out=opts.held_out or 0.0)
-        _check_batches(store, request.client_config)
-        del x, y, parts  # the workers read the files; this process keeps no copy
-        backend = open_backend(opts.backend, job, store, workers=opts.workers or 1,
-                               ray_address=opts.ray_address)
-        bar, stop_bar = _progress(opts)
-        try:
-            rounds = _Rounds(opts, backend, strategy, spec, params, result, started)
-            rounds.central = (
-                None if test is None or eval_plan is None
-                else lambda model: evaluate_plan(eval_plan, model, *test,
-                                                 request.client_config)
-            )
-            rounds.emit = lambda entry: (bar(entry), on_round and on_round(entry))
-            params = rounds.run()
-        finally:
-            stop_bar()
-            backend.close()
+    store = ShardStore.write(tmp, x, y, parts, held_out=opts.held_out or 0.0)
+    _check_batches(store, request.client_config)
+    del x, y, parts  # the workers read the files; this process keeps no copy
+    backend = (early.open(job, store) if early is not None
+               else open_backend(opts.backend, job, store, workers=opts.workers or 1,
+                                 ray_address=opts.ray_address))
+    bar, stop_bar = _progress(opts)
+    try:
+        rounds = _Rounds(opts, backend, strategy, spec, params, result, started)
+        rounds.central = (
+            None if test is None or eval_plan is None
+            else lambda model: evaluate_plan(eval_plan, model, *test,
+                                             request.client_config)
+        )
+        rounds.emit = lambda entry: (bar(entry), on_round and on_round(entry))
+        params = rounds.run()
+    finally:
+        stop_bar()
+        backend.close()
     result.total_seconds = round(time.perf_counter() - started, 3)
     result.peak_memory_mb = rounds.memory.peak_mb()
     result.final_params = params
