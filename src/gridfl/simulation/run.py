@@ -17,6 +17,7 @@ import dataclasses
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from gridfl.simulation.backends import BACKENDS, LocalPool, RayPool, open_backen
 from gridfl.simulation.partition import partition
 from gridfl.simulation.privacy import SimulatedPrivacy, check_population
 from gridfl.simulation.results import RoundResult, SimulationResult
-from gridfl.simulation.store import ShardStore
+from gridfl.simulation.store import ShardStore, map_npz
 
 __all__ = ["SimulationOptions", "simulate"]
 
@@ -159,8 +160,12 @@ def _usable_cpus() -> int:
 
 
 def load_data(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` from a pair of arrays or an ``.npz`` with arrays ``x`` and ``y``."""
-    if isinstance(data, str | Path):
+    """``(x, y)`` from a pair of arrays or an ``.npz`` with arrays ``x`` and ``y`` (mapped,
+    not read, when it is not compressed: the workers then map the same file)."""
+    mapped = map_npz(data) if isinstance(data, str | Path) and zipfile.is_zipfile(data) else None
+    if mapped is not None and {"x", "y"} <= mapped.keys():
+        x, y = mapped["x"], mapped["y"]
+    elif isinstance(data, str | Path):
         with np.load(data, allow_pickle=False) as npz:
             if "x" not in npz.files or "y" not in npz.files:
                 raise ConfigError(f"{what} {data} must hold arrays 'x' and 'y' (has {npz.files})")
