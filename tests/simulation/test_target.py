@@ -10,7 +10,7 @@ import pytest
 
 from gridfl._exceptions import ConfigError
 from gridfl.simulation import SimulationOptions, partition, simulate
-from tests.builders import _plan_bytes
+from tests.builders import linear_eval_plan
 from tests.simulation.shared import FEATURES
 from tests.simulation.test_simulation import _sgd_step
 
@@ -19,38 +19,27 @@ LR = 0.05
 
 
 def hit_rate_plan(features: int = FEATURES) -> bytes:
-    """An evaluation plan of the linear model whose ``accuracy`` is the share of
-    examples predicted within ``TOLERANCE``: ``(X, y, W, b) -> (mse, accuracy)``."""
+    """:func:`linear_eval_plan` plus an ``accuracy`` metric: the share of examples
+    predicted within ``TOLERANCE`` of their target."""
+    import onnx
     from onnx import TensorProto, helper
 
-    f32 = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("X", f32, ["N", features]),
-              helper.make_tensor_value_info("y", f32, ["N", 1]),
-              helper.make_tensor_value_info("W", f32, [features, 1]),
-              helper.make_tensor_value_info("b", f32, [1])]
-    nodes = [
-        helper.make_node("MatMul", ["X", "W"], ["xw"]),
-        helper.make_node("Add", ["xw", "b"], ["pred"]),
-        helper.make_node("Sub", ["pred", "y"], ["err"]),
-        helper.make_node("Mul", ["err", "err"], ["sq"]),
-        helper.make_node("ReduceMean", ["sq"], ["loss"], keepdims=0),
-        helper.make_node("Abs", ["err"], ["abserr"]),
+    model = onnx.load_from_string(linear_eval_plan(features))
+    graph = model.graph
+    graph.node.extend([
         helper.make_node("Constant", [], ["tol"],
-                         value=helper.make_tensor("tol", f32, [], [TOLERANCE])),
+                         value=helper.make_tensor("tol", TensorProto.FLOAT, [], [TOLERANCE])),
         helper.make_node("Less", ["abserr", "tol"], ["hit"]),
-        helper.make_node("Cast", ["hit"], ["hit_f"], to=f32),
+        helper.make_node("Cast", ["hit"], ["hit_f"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["hit_f"], ["accuracy"], keepdims=0),
-    ]
-    outputs = [helper.make_tensor_value_info("loss", f32, []),
-               helper.make_tensor_value_info("accuracy", f32, [])]
-    return _plan_bytes(
-        nodes, inputs, outputs, "evaluation",
-        [{"name": "X", "role": "data"}, {"name": "y", "role": "target"},
-         {"name": "W", "role": "model_param", "index": 0},
-         {"name": "b", "role": "model_param", "index": 1}],
-        [{"name": "loss", "role": "loss"},
-         {"name": "accuracy", "role": "metric", "key": "accuracy"}],
-    )
+    ])
+    graph.output.append(helper.make_tensor_value_info("accuracy", TensorProto.FLOAT, []))
+    meta = {p.key: p for p in model.metadata_props}
+    outputs = json.loads(meta["gridfl.outputs"].value)
+    meta["gridfl.outputs"].value = json.dumps(
+        [*outputs, {"name": "accuracy", "role": "metric", "key": "accuracy"}])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 def reference_accuracies(rounds, data, test_data, parts) -> list[float]:

@@ -10,8 +10,9 @@ Worker API (HTTP under ``/model-centric/`` and WebSocket at ``/``) and the admin
 from __future__ import annotations
 
 import contextlib
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from gridfl._lazy import lazy_attributes as _lazy_attributes
 
 if TYPE_CHECKING:
     from gridfl.server.app import create_app
@@ -24,13 +25,8 @@ _LAZY = {"create_app": "gridfl.server.app", "GridNode": "gridfl.server.service",
          "Settings": "gridfl.server.settings"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gridfl.server' has no attribute {name!r}")
-
-
 __all__ = ["GridNode", "Settings", "create_app", "make_server", "serve", "uvicorn_options"]
+__getattr__, __dir__ = _lazy_attributes(globals(), _LAZY)
 
 
 def uvicorn_options(settings: Settings) -> dict:
