@@ -16,8 +16,9 @@ learning rate of the grid stops at the best round found so far: it could not win
     python -m benchmarks.bench_mcmahan --model cnn --split iid --epochs 1
     python -m benchmarks.bench_mcmahan --write-docs            # the table into docs/
 
-``--write-docs`` puts the rows measured in this run into docs/performance.md (between
-the ``bench_mcmahan`` markers), with the learning rates tried and the seconds taken.
+``--write-docs`` puts the rows measured in this run into docs/performance.md's table
+(between the ``bench_mcmahan`` markers), replacing those of the same model, E and split
+and keeping the others, with the learning rates tried and the seconds taken.
 """
 
 from __future__ import annotations
@@ -124,21 +125,31 @@ def run_row(row: Row, process, data, test, args) -> None:
     row.seconds = time.perf_counter() - started
 
 
-def markdown(rows: list[Row], args) -> str:
+def markdown(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
-def write_docs(table: str, note: str) -> None:
+def write_docs(rows: list[Row]) -> None:
+    """Put ``rows`` into docs/performance.md's table, replacing the rows of the same
+    model, E and split and keeping the others (rows come from several runs)."""
     text = DOC.read_text()
-    block = f"{START}\n{note}\n\n{table}\n{END}"
-    if START in text:
-        head, _, rest = text.partition(START)
-        text = head + block + rest.partition(END)[2]
-    else:
-        raise SystemExit(f"{DOC} has no {START} marker: add one where the table goes")
-    DOC.write_text(text)
+    if START not in text or END not in text:
+        raise SystemExit(f"{DOC} has no {START} ... {END} markers: add them where the "
+                         "table goes")
+    head, _, rest = text.partition(START)
+    block, _, tail = rest.partition(END)
+    table = {tuple(cells[:3]): cells for cells in (
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in block.splitlines() if line.startswith("| ") and "---" not in line)
+        if cells != HEADER}
+    for row in rows:
+        cells = row.cells()
+        table[tuple(cells[:3])] = cells
+    order: dict[tuple[str, ...], int] = {(m.upper(), str(e), s): i for i, (m, e, s) in enumerate(
+        (m, e, "IID" if s == "iid" else "non-IID") for m, e, s in PAPER)}
+    ordered = sorted(table.values(), key=lambda c: order.get(tuple(c[:3]), len(order)))
+    DOC.write_text(f"{head}{START}\n{markdown(ordered)}\n{END}{tail}")
 
 
 def main(argv: list[str]) -> None:
@@ -171,13 +182,11 @@ def main(argv: list[str]) -> None:
                 row = Row(model, epochs, split)
                 run_row(row, process, data, test, args)
                 rows.append(row)
-    table = markdown(rows, args)
     print(f"\nK = 100, C = 0.1, B = 10, seed {args.seed}, evaluated every "
-          f"{args.evaluate_every} rounds until within 1 point of the target\n{table}")
+          f"{args.evaluate_every} rounds until within 1 point of the target\n"
+          f"{markdown([r.cells() for r in rows])}")
     if args.write_docs:
-        write_docs(table, f"Measured with `python -m benchmarks.bench_mcmahan "
-                   f"{' '.join(argv)}` ({time.strftime('%Y-%m-%d')}); a row cut at "
-                   f"{args.max_factor:g}x the paper's rounds reads \"not in N\".")
+        write_docs(rows)
 
 
 if __name__ == "__main__":
