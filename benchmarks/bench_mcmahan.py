@@ -12,7 +12,7 @@ within 1 point of the target, so the round reported is the first that reaches it
 also stops at ``--max-factor`` times the paper's rounds ("not reached"), and a later
 learning rate of the grid stops at the best round found so far: it could not win.
 
-    python -m benchmarks.bench_mcmahan --model 2nn            # the 2NN rows, ~10 min idle
+    python -m benchmarks.bench_mcmahan --model 2nn            # the 2NN rows, ~20 min busy
     python -m benchmarks.bench_mcmahan --model cnn --split iid --epochs 1
     python -m benchmarks.bench_mcmahan --write-docs            # the table into docs/
 
