@@ -11,11 +11,11 @@ that never touches them does not pay for them.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gridfl._exceptions import *  # noqa: F403
 from gridfl._exceptions import __all__ as _exception_names
+from gridfl._lazy import lazy_attributes as _lazy_attributes
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ below
     from gridfl.client import AsyncJob, AsyncSyft, Job, Syft
@@ -38,14 +38,4 @@ __all__ = ["__version__", "Syft", "AsyncSyft", "Job", "AsyncJob", "SyftModel",
     "Plan", *_exception_names]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_attributes(globals(), _LAZY)

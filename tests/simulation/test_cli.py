@@ -65,6 +65,10 @@ def test_simulate_writes_results_and_plot(bundle, tmp_path):
         (["--evaluate-every", "0"], "evaluate_every must be an integer >= 1"),
         (["--partitioner", "no_such_module:f"], "cannot import f from no_such_module"),
         (["--backend", "dask"], "unknown backend 'dask'"),
+        (["--target-accuracy", "2"], "target_accuracy must be a number from 0 to 1"),
+        (["--target-accuracy", "0.9"], "target_accuracy needs test_data"),
+        (["--target-accuracy", "0.9", "--test", "{tmp}/test.npz", "--clients", "20"],
+         "an evaluation plan that reports 'accuracy'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_1(bundle, tmp_path, args, message):

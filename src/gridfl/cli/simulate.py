@@ -67,6 +67,9 @@ def _payload(source: Path, config_file: Path | None) -> dict[str, Any]:
               help="Clients trained per round [default: server_config.max_diffs].")
 @click.option("--evaluate-every", type=int, default=1, show_default=True,
               help="Rounds between central evaluations (with --test).")
+@click.option("--target-accuracy", type=float, default=None,
+              help="Stop once the central accuracy (with --test) reaches this (0 to 1); "
+              "evaluated every round once within 0.01 of it.")
 @click.option("--federated-every", type=int, default=None,
               help="Rounds between federated evaluations on the clients' held-out data.")
 @click.option("--federated-clients", type=int, default=None,
@@ -105,7 +108,8 @@ def simulate(source: Path, data_file: Path, test_file: Path | None,
     options = SimulationOptions(
         num_clients=kw["clients"], partitioner=part, partition_options=popts,
         rounds=kw["rounds"], clients_per_round=kw["per_round"],
-        evaluate_every=kw["evaluate_every"], federated_every=kw["federated_every"],
+        evaluate_every=kw["evaluate_every"], target_accuracy=kw["target_accuracy"],
+        federated_every=kw["federated_every"],
         federated_clients=kw["federated_clients"], held_out=kw["held_out"], seed=kw["seed"],
         workers=kw["workers"], backend=kw["backend"], ray_address=kw["ray_address"],
         out_dir=kw["out_dir"], progress=True,
@@ -113,6 +117,10 @@ def simulate(source: Path, data_file: Path, test_file: Path | None,
     result = run(**_payload(source, config_file), data=data_file, test_data=test_file,
                  options=options)
     last = result.rounds[-1]
+    if options.target_accuracy is not None:
+        click.echo(f"target accuracy {options.target_accuracy}: " + (
+            f"reached at round {result.target_round}" if result.target_round is not None
+            else f"not reached in {len(result.rounds)} rounds"))
     click.echo(f"{len(result.rounds)} rounds in {result.total_seconds} s "
                f"(start-up {result.startup_seconds} s); last central {last.central or '-'}, "
                f"federated {last.federated or '-'}; results in {kw['out_dir']}/results.json")

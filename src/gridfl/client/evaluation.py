@@ -20,8 +20,9 @@ from gridfl.plan import Plan
 
 __all__ = ["EVAL_BATCH", "EvaluationResult", "evaluate_plan"]
 
-#: examples per evaluation plan call (bounds the memory of one call)
-EVAL_BATCH = 1000
+#: examples per evaluation plan call: it bounds the memory of one call, which onnxruntime's
+#: arena then keeps (the McMahan CNN: ~390 MB at 1000, ~75 MB at 250, for the same speed)
+EVAL_BATCH = 250
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,23 @@ Worker API (HTTP under ``/model-centric/`` and WebSocket at ``/``) and the admin
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gridfl.server.app import create_app
-from gridfl.server.service import GridNode
-from gridfl.server.settings import Settings
+from gridfl._lazy import lazy_attributes as _lazy_attributes
+
+if TYPE_CHECKING:
+    from gridfl.server.app import create_app
+    from gridfl.server.service import GridNode
+    from gridfl.server.settings import Settings
+
+#: imported on first use, so that a submodule (``gridfl.server.aggregate``, which the
+#: simulation uses) does not pull the web app (FastAPI, SQLAlchemy) in with it
+_LAZY = {"create_app": "gridfl.server.app", "GridNode": "gridfl.server.service",
+         "Settings": "gridfl.server.settings"}
+
 
 __all__ = ["GridNode", "Settings", "create_app", "make_server", "serve", "uvicorn_options"]
+__getattr__, __dir__ = _lazy_attributes(globals(), _LAZY)
 
 
 def uvicorn_options(settings: Settings) -> dict:
@@ -49,7 +59,7 @@ def make_server(settings: Settings, **config: Any):
     """
     import uvicorn
 
-    from gridfl.server.app import release_held
+    from gridfl.server.app import create_app, release_held
 
     app = create_app(settings)
 

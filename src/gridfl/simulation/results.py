@@ -51,6 +51,8 @@ class SimulationResult:
     total_seconds: float | None = None
     peak_memory_mb: float | None = None  # PSS of this process and the local workers
     stop_reason: str | None = None  # why the run ended early ("privacy budget spent: ...")
+    #: with target_accuracy: the first round whose model reached it (None: not reached)
+    target_round: int | None = None
     final_params: list[np.ndarray] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

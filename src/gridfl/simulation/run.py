@@ -17,6 +17,7 @@ import dataclasses
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from gridfl.simulation.backends import BACKENDS, LocalPool, RayPool, open_backen
 from gridfl.simulation.partition import partition
 from gridfl.simulation.privacy import SimulatedPrivacy, check_population
 from gridfl.simulation.results import RoundResult, SimulationResult
-from gridfl.simulation.store import ShardStore
+from gridfl.simulation.store import ShardStore, map_npz
 
 __all__ = ["SimulationOptions", "simulate"]
 
@@ -51,6 +52,11 @@ class SimulationOptions:
     ``federated_clients`` drawn clients evaluate it on their held-out share
     (``held_out`` of each client's examples, kept out of training); they default to the
     node's ``server_config.evaluation`` ``every`` and ``max_workers``.
+
+    With ``target_accuracy`` (and ``test_data``), the run stops after the first round
+    whose model reaches that central accuracy (``result.target_round``); it is evaluated
+    every ``evaluate_every`` rounds while its accuracy is more than ``near_target`` below
+    the target, then every round, so the round reported is exact once the run gets near.
     """
 
     num_clients: int = 100
@@ -70,6 +76,8 @@ class SimulationOptions:
     progress: bool = False
     byzantine: int = 0
     attack: str = "scale"
+    target_accuracy: float | None = None
+    near_target: float = 0.01
 
     def resolve(self, server_config: Mapping[str, Any]) -> None:
         """Fill the defaults from ``server_config`` and refuse what cannot run."""
@@ -98,6 +106,12 @@ class SimulationOptions:
                 f"{self.num_clients} clients"
             )
         _positive("evaluate_every", self.evaluate_every)
+        for name in ("target_accuracy", "near_target"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, int | float)
+                                      or not 0 <= value <= 1):
+                raise ConfigError(f"{name} must be a number from 0 to 1, got {value!r}")
         self._check_attack()
         if self.federated_every is not None:
             _positive("federated_every", self.federated_every)
@@ -146,8 +160,12 @@ def _usable_cpus() -> int:
 
 
 def load_data(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` from a pair of arrays or an ``.npz`` with arrays ``x`` and ``y``."""
-    if isinstance(data, str | Path):
+    """``(x, y)`` from a pair of arrays or an ``.npz`` with arrays ``x`` and ``y`` (mapped,
+    not read, when it is not compressed: the workers then map the same file)."""
+    mapped = map_npz(data) if isinstance(data, str | Path) and zipfile.is_zipfile(data) else None
+    if mapped is not None and {"x", "y"} <= mapped.keys():
+        x, y = mapped["x"], mapped["y"]
+    elif isinstance(data, str | Path):
         with np.load(data, allow_pickle=False) as npz:
             if "x" not in npz.files or "y" not in npz.files:
                 raise ConfigError(f"{what} {data} must hold arrays 'x' and 'y' (has {npz.files})")
@@ -208,18 +226,38 @@ def simulate(
                                                     clients_per_round=10))  # doctest: +SKIP
         print(result.rounds[-1].central)                                   # doctest: +SKIP
     """
+    started = time.perf_counter()
+    # a copy: resolving fills defaults from this process's server_config only
+    opts = dataclasses.replace(options) if options is not None else SimulationOptions()
+    with tempfile.TemporaryDirectory(prefix="gridfl-sim-") as tmp:
+        # the pool's processes start (interpreter, numpy, onnxruntime) while this one
+        # validates the process and writes the clients' shards
+        early = (LocalPool(tmp, opts.workers or _usable_cpus())
+                 if opts.backend == "local" and _is_count(opts.workers) else None)
+        try:
+            return _simulate(opts, started, tmp, early, on_round, data, test_data, dict(
+                model=model, plans=plans, client_config=client_config,
+                server_config=server_config, averaging_plan=averaging_plan))
+        finally:
+            if early is not None:
+                early.close()
+
+
+def _is_count(value: Any) -> bool:
+    """``None`` (one per core) or an integer >= 1; anything else is refused later."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool)
+                             and value >= 1)
+
+
+def _simulate(opts: SimulationOptions, started: float, tmp: str, early: LocalPool | None,
+              on_round: Callable[[RoundResult], None] | None, data: Data,
+              test_data: Data | None, process: dict[str, Any]) -> SimulationResult:
     from gridfl.host import host_payload
     from gridfl.plan import Plan
     from gridfl.server.hosting import validate
     from gridfl.server.strategies import strategy_for
 
-    started = time.perf_counter()
-    # a copy: resolving fills defaults from this process's server_config only
-    opts = dataclasses.replace(options) if options is not None else SimulationOptions()
-    request = validate(host_payload(
-        model=model, plans=plans, client_config=client_config,
-        server_config=server_config, averaging_plan=averaging_plan,
-    ))
+    request = validate(host_payload(**process))
     unsupported = [key for key, off in _NOT_SIMULATED.items()
                    if request.server_config.get(key) != off]
     if unsupported:
@@ -237,6 +275,8 @@ def simulate(
         raise ConfigError("plans needs a 'training_plan' with an ONNX variant")
     evaluation = rows.get("evaluation_plan", {}).get("onnx")
     central = test_data is not None
+    if opts.target_accuracy is not None and not central:
+        raise ConfigError("target_accuracy needs test_data: the target is a central accuracy")
     if (central or opts.federated_every) and evaluation is None:
         raise ConfigError(
             "evaluation needs an 'evaluation_plan' among the plans: host one, or run "
@@ -273,25 +313,25 @@ def simulate(
     spec = request.spec
     job = clients.ClientJob(rows["training_plan"]["onnx"], evaluation, request.client_config)
     result = SimulationResult(settings=_settings(opts, request))
-    with tempfile.TemporaryDirectory(prefix="gridfl-sim-") as tmp:
-        store = ShardStore.write(tmp, x, y, parts, held_out=opts.held_out or 0.0)
-        _check_batches(store, request.client_config)
-        del x, y, parts  # the workers read the files; this process keeps no copy
-        backend = open_backend(opts.backend, job, store, workers=opts.workers or 1,
-                               ray_address=opts.ray_address)
-        bar, stop_bar = _progress(opts)
-        try:
-            rounds = _Rounds(opts, backend, strategy, spec, params, result, started)
-            rounds.central = (
-                None if test is None or eval_plan is None
-                else lambda model: evaluate_plan(eval_plan, model, *test,
-                                                 request.client_config)
-            )
-            rounds.emit = lambda entry: (bar(entry), on_round and on_round(entry))
-            params = rounds.run()
-        finally:
-            stop_bar()
-            backend.close()
+    store = ShardStore.write(tmp, x, y, parts, held_out=opts.held_out or 0.0)
+    _check_batches(store, request.client_config)
+    del x, y, parts  # the workers read the files; this process keeps no copy
+    backend = (early.open(job, store) if early is not None
+               else open_backend(opts.backend, job, store, workers=opts.workers or 1,
+                                 ray_address=opts.ray_address))
+    bar, stop_bar = _progress(opts)
+    try:
+        rounds = _Rounds(opts, backend, strategy, spec, params, result, started)
+        rounds.central = (
+            None if test is None or eval_plan is None
+            else lambda model: evaluate_plan(eval_plan, model, *test,
+                                             request.client_config)
+        )
+        rounds.emit = lambda entry: (bar(entry), on_round and on_round(entry))
+        params = rounds.run()
+    finally:
+        stop_bar()
+        backend.close()
     result.total_seconds = round(time.perf_counter() - started, 3)
     result.peak_memory_mb = rounds.memory.peak_mb()
     result.final_params = params
@@ -313,6 +353,9 @@ class _Rounds:
         self.strategy_state: Any = None
         #: why the run ended before its last round (the privacy budget), or None
         self.stop_reason: str | None = None
+        #: the last central accuracy, to evaluate every round once near the target
+        self.accuracy: float | None = None
+        self.reached = False
         self.memory = _Memory(backend)
         self.central: Callable[[list[np.ndarray]], dict[str, float]] | None = None
         self.emit: Callable[[RoundResult], Any] = lambda entry: None
@@ -327,6 +370,9 @@ class _Rounds:
             reports = self.backend.fit(self.params, tasks)  # submitted: training starts
             if pending is not None:
                 self._finish(pending)
+                if self.reached:  # round r's training is dropped: the model is round r-1's
+                    pending = None
+                    break
             pending = self._aggregate(r, tasks, reports)
             done = time.perf_counter()
             pending.seconds = round(done - t0, 4)
@@ -389,13 +435,38 @@ class _Rounds:
     def _finish(self, entry: RoundResult) -> None:
         """Central evaluation of the round's model, then the round is reported."""
         model, entry.model = entry.model, None
-        due = entry.round % self.opts.evaluate_every == 0 or entry.round == self.opts.rounds
-        if self.central is not None and due:
+        if self.central is not None and self._due(entry.round):
             assert model is not None  # set by _aggregate
             entry.central = self.central(model)
+            self._check_target(entry)
         self.memory.sample()
         self.result.rounds.append(entry)
         self.emit(entry)
+
+
+    def _due(self, r: int) -> bool:
+        """Whether round ``r``'s model is evaluated centrally."""
+        if r % self.opts.evaluate_every == 0 or r == self.opts.rounds:
+            return True
+        target = self.opts.target_accuracy
+        return (target is not None and self.accuracy is not None
+                and self.accuracy >= target - self.opts.near_target)
+
+    def _check_target(self, entry: RoundResult) -> None:
+        target = self.opts.target_accuracy
+        accuracy = entry.central.get("accuracy")
+        if target is None:
+            return
+        if accuracy is None:
+            raise ConfigError("target_accuracy needs an evaluation plan that reports "
+                              "'accuracy' (its metrics are "
+                              f"{', '.join(entry.central) or 'none'})")
+        self.accuracy = accuracy
+        if accuracy >= target:
+            self.reached = True
+            self.result.target_round = entry.round
+            self.result.stop_reason = (f"target accuracy {target} reached at round "
+                                       f"{entry.round} ({accuracy:.4f})")
 
 
 def _check_batches(store: ShardStore, client_config: Mapping[str, Any]) -> None:
@@ -448,6 +519,8 @@ def _settings(opts: SimulationOptions, request) -> dict[str, Any]:
         "clients_per_round": opts.clients_per_round, "evaluate_every": opts.evaluate_every,
         "federated_every": opts.federated_every, "federated_clients": opts.federated_clients,
         "held_out": opts.held_out, "seed": opts.seed, "backend": opts.backend,
+        **({"target_accuracy": opts.target_accuracy, "near_target": opts.near_target}
+           if opts.target_accuracy is not None else {}),
         **({"byzantine": opts.byzantine, "attack": opts.attack} if opts.byzantine else {}),
         "client_config": request.client_config, "server_config": request.server_config,
     }

@@ -1,6 +1,8 @@
 """The population's data on disk, memory-mapped: written once, read by index.
 
-A :class:`ShardStore` directory holds ``x.npy`` and ``y.npy`` (the examples),
+A :class:`ShardStore` directory holds ``arrays.json`` (where the examples are: ``x.npy``
+and ``y.npy`` written there, or the arrays of an uncompressed ``.npz`` the caller gave,
+mapped where they lie in it, so a large dataset is neither read nor copied),
 ``index.npy`` (every client's example indices, one after another) and ``offsets.npy``
 (where each client's run starts; the last ``held_out`` share of a run is the client's
 evaluation data). Worker processes open it with ``mmap_mode="r"`` and copy out only the
@@ -18,6 +20,8 @@ clients or workers: the pages of the files are shared through the page cache.
 
 from __future__ import annotations
 
+import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,8 +38,8 @@ class ShardStore:
     def __init__(self, directory: str | Path) -> None:
         d = Path(directory)
         self.directory = d
-        self.x = np.load(d / "x.npy", mmap_mode="r")
-        self.y = np.load(d / "y.npy", mmap_mode="r")
+        arrays = json.loads((d / "arrays.json").read_text())
+        self.x, self.y = _mapped(arrays["x"]), _mapped(arrays["y"])
         self.index = np.load(d / "index.npy", mmap_mode="r")
         self.offsets = np.load(d / "offsets.npy")  # N + 1 integers: small, read whole
         self.split = np.load(d / "split.npy")  # where each client's held-out part starts
@@ -60,8 +64,14 @@ class ShardStore:
             raise ConfigError(f"held_out must be in [0, 1), got {held_out}")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        np.save(d / "x.npy", np.ascontiguousarray(x))
-        np.save(d / "y.npy", np.ascontiguousarray(y))
+        arrays = {}
+        for name, arr in (("x", x), ("y", y)):
+            where = _location(arr)
+            if where is None:  # in memory: written once, then mapped like the others
+                np.save(d / f"{name}.npy", np.ascontiguousarray(arr))
+                where = _location(np.load(d / f"{name}.npy", mmap_mode="r"))
+            arrays[name] = where
+        (d / "arrays.json").write_text(json.dumps(arrays))
         sizes = np.array([len(p) for p in parts], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         np.save(d / "index.npy", np.concatenate(parts).astype(np.int64))
@@ -90,3 +100,38 @@ class ShardStore:
 
     def train_sizes(self) -> np.ndarray:
         return self.split - self.offsets[:-1]
+
+
+def _location(arr: np.ndarray) -> dict | None:
+    """Where a C-ordered memory map's bytes lie (file, offset), or None for other arrays."""
+    if not isinstance(arr, np.memmap) or arr.filename is None or not arr.flags.c_contiguous:
+        return None
+    return {"file": str(arr.filename), "offset": int(arr.offset), "dtype": arr.dtype.str,
+            "shape": list(arr.shape)}
+
+
+def _mapped(where: dict) -> np.ndarray:
+    return np.memmap(where["file"], dtype=np.dtype(where["dtype"]), mode="r",
+                     offset=where["offset"], shape=tuple(where["shape"]))
+
+
+def map_npz(path: str | Path) -> dict[str, np.ndarray] | None:
+    """The arrays of an uncompressed ``.npz`` (``np.savez``) as read-only memory maps of
+    the file itself, or None when one is compressed, Fortran-ordered or of objects."""
+    found: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in z.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                return None
+            f.seek(info.header_offset + 26)  # the local header's name and extra lengths
+            name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+            f.seek(info.header_offset + 30 + int(name_len) + int(extra_len))
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            if fortran or dtype.hasobject:
+                return None
+            found[info.filename[:-4]] = np.memmap(path, dtype=dtype, mode="r",
+                                                  offset=f.tell(), shape=shape)
+    return found
