@@ -117,10 +117,25 @@ class Tally:
     #: ``connections`` scenario every worker joins every cycle, so that count is the cycle's
     accepted_at: list[tuple[int, float]] = field(default_factory=list)
     reports: int = 0
+    late: int = 0  # accepted, but its cycle closed before the report (LATE)
     check_ins: int = 0
     rejections: int = 0
     errors: list[str] = field(default_factory=list)
     connected: int = 0
+
+
+class Refused(Exception):
+    """The node refused a call with an HTTP status (a 409 for a report to a cycle that
+    closed meanwhile, say)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+#: refusals a device meets when its cycle closed (completed or expired) before it reported:
+#: the late report is dropped, as a real device's would be
+LATE = (401, 409)
 
 
 class _Socket:
@@ -158,7 +173,7 @@ class _Socket:
             raise RuntimeError(f"a reply for another request: {str(raw)[:200]}")
         data = frame.get("data") or {}
         if "error" in data and data.get("status") != "rejected":
-            raise RuntimeError(f"{frame.get('type')}: {data['error']}")
+            raise Refused(data.get("status_code", 400), f"{frame.get('type')}: {data['error']}")
         return data
 
 
@@ -214,15 +229,16 @@ async def _connected_worker(i: int, url: str, name: str, start: float, at: float
 
 
 async def _check_in_device(i: int, url: str, name: str, start: float, at: float,
-                           tally: Tally, http_every: int, deadline: float) -> None:
+                           tally: Tally, http_every: int, stop: asyncio.Event) -> None:
     """The ``pace`` scenario's device: it connects only to check in, and comes back after
     the ``timeout`` the node gives; it trains once."""
     import httpx
 
-    await asyncio.sleep(max(0.0, start + at - time.time()))
+    if await _stopped(stop, start + at - time.time()):
+        return
     use_http = http_every > 0 and i % http_every == 0
     try:
-        while time.time() < deadline:
+        while True:
             tally.check_ins += 1
             if use_http:
                 async with httpx.AsyncClient(base_url=url, timeout=120) as client:
@@ -236,11 +252,11 @@ async def _check_in_device(i: int, url: str, name: str, start: float, at: float,
                         tally.accepted_at.append((0, time.time()))
                         r = await client.get("/" + m.GET_MODEL, params=m.AssetRequest(
                             wid, reply.request_key, reply.model_id).to_json("model_id"))
-                        r.raise_for_status()
+                        _check(r)
                         rep = m.ReportRequest(wid, reply.request_key, _state_bytes(i),
                                               num_samples=10)
                         r = await client.post("/" + m.REPORT, json=rep.to_json())
-                        m.parse_report_response(r.json())
+                        m.parse_report_response(_check(r).json())
             else:
                 sock = await _connect(url.replace("http", "ws", 1) + "/")
                 try:
@@ -257,11 +273,29 @@ async def _check_in_device(i: int, url: str, name: str, start: float, at: float,
                 tally.reports += 1
                 return
             tally.rejections += 1
-            if reply.timeout is None:
+            if reply.timeout is None or await _stopped(stop, reply.timeout):
                 return
-            await asyncio.sleep(reply.timeout)
+    except Refused as e:
+        if e.status in LATE:
+            tally.late += 1
+        else:
+            tally.errors.append(f"device {i}: {e}")
     except Exception as e:  # noqa: BLE001 - counted; the run reports every error
         tally.errors.append(f"device {i}: {type(e).__name__}: {e}")
+
+
+def _check(r: Any) -> Any:
+    """An HTTP reply, or :class:`Refused` with its status."""
+    if r.status_code != 200:
+        raise Refused(r.status_code, r.text[:300])
+    return r
+
+
+async def _stopped(stop: asyncio.Event, delay: float) -> bool:
+    """Sleep ``delay`` seconds; True if the run was stopped meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), max(0.0, delay))
+    return stop.is_set()
 
 
 def _state_bytes(i: int) -> bytes:
@@ -282,7 +316,6 @@ class Job:
     start: float
     wait: float = m.MAX_WAIT
     http_every: int = 0
-    deadline: float = 0.0
 
 
 def _run_job(job: Job, conn: Any) -> None:
@@ -292,11 +325,16 @@ def _run_job(job: Job, conn: Any) -> None:
     tally = Tally()
 
     async def main() -> None:
-        if job.scenario == "pace":
+        loop = asyncio.get_running_loop()
+        if job.scenario == "pace":  # the controller says stop once the process finished
+            stop = asyncio.Event()
+            told = loop.run_in_executor(None, conn.recv)
+            told.add_done_callback(lambda _: stop.set())
             await asyncio.gather(*(
                 _check_in_device(i, job.url, job.name, job.start, at, tally, job.http_every,
-                                 job.deadline)
+                                 stop)
                 for i, at in zip(job.indices, job.offsets, strict=True)))
+            await told
             return
         go = asyncio.Event()
         tasks = [asyncio.create_task(_connected_worker(
@@ -305,7 +343,7 @@ def _run_job(job: Job, conn: Any) -> None:
         while tally.connected + len(tally.errors) < len(tasks):
             await asyncio.sleep(0.1)
         conn.send(("connected", tally.connected, len(tally.errors)))
-        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # the go
+        await loop.run_in_executor(None, conn.recv)  # the go
         go.set()
         await asyncio.gather(*tasks)
 
@@ -374,10 +412,10 @@ class LocalNode:
         self.tmp.cleanup()
 
 
-def admin_client(url: str) -> Any:
+def admin_client(url: str, token: str = ADMIN) -> Any:
     import httpx
 
-    return httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {ADMIN}"})
+    return httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"})
 
 
 def _spawn(jobs: list[Job]) -> list[tuple[Any, Any]]:
@@ -424,10 +462,11 @@ class ConnectionsResult:
 
 def run_connections(url: str, meter: NodeMeter | None, n: int, *, procs: int = 4,
                     pattern: str = "burst", window: float = 10.0, cycles: int = 2,
-                    idle_s: float = 5.0, name: str = "swarm") -> ConnectionsResult:
+                    idle_s: float = 5.0, name: str = "swarm",
+                    token: str = ADMIN) -> ConnectionsResult:
     """``n`` workers on open WebSockets complete ``cycles`` cycles of ``n`` each; every
     cycle after the first opens in front of ``n - 1`` held requests."""
-    admin = admin_client(url)
+    admin = admin_client(url, token)
     sc = {"max_workers": n, "max_diffs": n, "min_diffs": n, "num_cycles": cycles,
           "cycle_length": 3600}
     r = admin.post("/gridfl/v1/processes", json=host_payload(name, sc))
@@ -467,6 +506,7 @@ class PaceResult:
     pace: bool
     errors: list[str]
     reports: int
+    late: int
     check_ins: int
     peak_cpu: float  # the highest node CPU share over a 1 s window (1.0 = one core)
     peak_sockets: int
@@ -476,30 +516,36 @@ class PaceResult:
 
 def run_pace(url: str, meter: NodeMeter, n: int, *, pace: bool, per_cycle: int,
              cycles: int, procs: int = 4, pattern: str = "burst", window: float = 1.0,
-             cycle_length: float = 60.0, http_every: int = 0, limit: float = 600.0,
-             name: str = "pace") -> PaceResult:
+             cycle_length: float = 20.0, window_s: float = 10.0, http_every: int = 0,
+             limit: float = 600.0,
+             name: str = "pace", token: str = ADMIN) -> PaceResult:
     """``n`` check-in devices against a process of ``cycles`` cycles of ``per_cycle``."""
-    admin = admin_client(url)
+    admin = admin_client(url, token)
     name = f"{name}{'on' if pace else 'off'}"
     sc = {"max_workers": per_cycle, "max_diffs": per_cycle, "min_diffs": per_cycle,
-          "num_cycles": cycles, "cycle_length": cycle_length, "pace_steering": pace or None}
+          "num_cycles": cycles, "cycle_length": cycle_length,
+          "pace_steering": {"window": window_s} if pace else None}
     r = admin.post("/gridfl/v1/processes", json=host_payload(name, sc))
     if r.status_code != 201:
         raise RuntimeError(f"hosting failed: {r.status_code} {r.text}")
     jobs = _split("pace", url, name, n, procs, pattern, window, http_every=http_every)
-    for job in jobs:
-        job.deadline = job.start + limit
     running = _spawn(jobs)
     peak_cpu, peak_sockets = 0.0, 0
     last_t, last_cpu = time.time(), meter.cpu()
-    while any(proc.is_alive() and not pipe.poll() for proc, pipe in running):
+    status, checked = "running", 0.0
+    while status == "running" and time.time() < jobs[0].start + limit:
         time.sleep(0.2)
+        if time.time() - checked > 2:  # one cycle's row: the poll costs the node little
+            checked = time.time()
+            status = admin.get(f"/gridfl/v1/processes/{name}/1?cycles=1").json()["status"]
         peak_sockets = max(peak_sockets, meter.sockets())
         now = time.time()
         if now - last_t >= 1.0:
             cpu = meter.cpu()
             peak_cpu = max(peak_cpu, (cpu - last_cpu) / (now - last_t))
             last_t, last_cpu = now, cpu
+    for _, pipe in running:
+        pipe.send("stop")
     tallies = [pipe.recv()[1] for _, pipe in running]
     for proc, _ in running:
         proc.join(timeout=60)
@@ -507,7 +553,8 @@ def run_pace(url: str, meter: NodeMeter, n: int, *, pace: bool, per_cycle: int,
     st = admin.get(f"/gridfl/v1/processes/{name}/1").json()
     done = [c["closed_at"] - start for c in st["cycles"] if c["status"] == "completed"]
     return PaceResult(pace, [e for t in tallies for e in t.errors],
-                      sum(t.reports for t in tallies), sum(t.check_ins for t in tallies),
+                      sum(t.reports for t in tallies), sum(t.late for t in tallies),
+                      sum(t.check_ins for t in tallies),
                       peak_cpu, peak_sockets, sorted(done), time.time() - start)
 
 
@@ -522,6 +569,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="seconds over which workers arrive (default: 10, a burst 1)")
     ap.add_argument("--cycles", type=int, default=None)
     ap.add_argument("--per-cycle", type=int, default=500, help="pace: reports per cycle")
+    ap.add_argument("--cycle-length", type=float, default=20.0, help="pace: seconds")
+    ap.add_argument("--pace-window", type=float, default=10.0,
+                    help="pace: pace_steering's window, seconds")
     ap.add_argument("--http-every", type=int, default=0,
                     help="pace: every k-th device checks in over HTTP (0: none)")
     ap.add_argument("--url", help="a running node (default: start one)")
@@ -551,14 +601,16 @@ def main(argv: list[str] | None = None) -> None:
         else:
             if meter is None:
                 ap.error("the pace scenario measures the node: leave out --url")
-            print(f"{'pace':>5} {'errors':>6} {'reports':>7} {'check-ins':>9} "
+            print(f"{'pace':>5} {'errors':>6} {'reports':>7} {'late':>5} {'check-ins':>9} "
                   f"{'peak cpu':>8} {'peak sockets':>12}  cycles closed at (s)")
             for pace in (False, True):
                 pr = run_pace(url, meter, args.workers, pace=pace, per_cycle=args.per_cycle,
                               cycles=args.cycles or 4, procs=args.procs,
                               pattern=args.arrival, window=window,
+                              cycle_length=args.cycle_length, window_s=args.pace_window,
                               http_every=args.http_every)
                 print(f"{'on' if pace else 'off':>5} {len(pr.errors):>6} {pr.reports:>7} "
+                      f"{pr.late:>5} "
                       f"{pr.check_ins:>9} {pr.peak_cpu:>8.2f} {pr.peak_sockets:>12}  "
                       f"{' '.join(f'{t:.0f}' for t in pr.completed_at)}", flush=True)
                 for e in pr.errors[:5]:
