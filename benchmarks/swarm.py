@@ -86,7 +86,7 @@ def arrival_times(pattern: str, n: int, window: float, seed: int = 0) -> list[fl
     grid = np.linspace(0.0, 1.0, 4097)
     cdf = grid - np.sin(2 * np.pi * grid) / (2 * np.pi)  # integral of 1 - cos, normalised
     u = np.array(sorted(rng.random() for _ in range(n)))
-    return list(np.interp(u, cdf, grid) * window)
+    return [float(t) for t in np.interp(u, cdf, grid) * window]
 
 
 def tiny_diff(worker: int) -> list[np.ndarray]:
