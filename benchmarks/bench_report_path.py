@@ -86,14 +86,17 @@ def _node_cpu(tmp: Path, shapes, blob: bytes, k: int, durability: str | None, bi
         seats = _seats(node, name, k)
         text = _messages.b64encode(blob)
         frames = [
-            json.dumps({"worker_id": w, "request_key": key, "diff": text}).encode()
+            _messages.encode_binary_report({"worker_id": w, "request_key": key, "diff": blob})
+            if binary
+            else json.dumps({"worker_id": w, "request_key": key, "diff": text}).encode()
             for w, key in seats
         ]
         t = time.process_time()
-        for (w, key), body in zip(seats, frames, strict=True):
-            if binary:
-                head = {"worker_id": w, "request_key": key}
-                data = _messages.binary_report_data(_messages.REPORT, head, blob)
+        for body in frames:
+            if binary:  # as the WebSocket endpoint reads a binary frame
+                head, payload = _messages.split_binary_report(body)
+                header = json.loads(head)
+                data = _messages.binary_report_data(header["type"], header["data"], payload)
             else:
                 data = parse_worker_json(body)
             node.report(_messages.parse_report(data))

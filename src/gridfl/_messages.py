@@ -95,6 +95,7 @@ __all__ = [
     "parse_ws_frame",
     "select_subprotocol",
     "split_binary_frame",
+    "split_binary_report",
     "ws_error",
     "ws_reply",
 ]
@@ -413,7 +414,7 @@ class ReportRequest:
 
     worker_id: str
     request_key: str
-    diff: bytes = field(repr=False, metadata={"description": "base64 State bytes"})
+    diff: bytes | memoryview = field(repr=False, metadata={"description": "base64 State bytes"})
     num_samples: int | None = field(
         default=None, metadata={"minimum": 1, "maximum": MAX_NUM_SAMPLES}
     )
@@ -521,15 +522,16 @@ def _wait(data: dict[str, Any]) -> float:
     return f
 
 
-def decode_diff(value: Any) -> bytes:
+def decode_diff(value: Any) -> bytes | memoryview:
     """Decode the report's ``diff``: standard base64 (padded) of State bytes, or the raw
-    bytes a binary WebSocket report carried after its header."""
+    bytes a binary WebSocket report carried after its header (a view of the frame stays
+    a view: it is read once)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         if not value:
             raise InvalidRequestError(
                 "'diff' must not be empty: the binary frame has no bytes after its header"
             )
-        return bytes(value)
+        return value if isinstance(value, memoryview) else bytes(value)
     if not isinstance(value, str) or not value:
         raise InvalidRequestError("'diff' must be a non-empty base64 string")
     try:
@@ -547,12 +549,12 @@ def b64decode(value: str) -> bytes:
     return pybase64.b64decode(value, validate=True)
 
 
-def b64encode(data: bytes) -> str:
+def b64encode(data: bytes | memoryview) -> str:
     """Bytes to standard base64 text (the encoding of diffs and hosted blobs)."""
     return pybase64.b64encode(data).decode("ascii")
 
 
-def encode_diff(diff: bytes) -> str:
+def encode_diff(diff: bytes | memoryview) -> str:
     return b64encode(diff)
 
 
@@ -777,8 +779,8 @@ def _binary_frame(header: dict[str, Any], request_id: Any, payload: bytes) -> by
     return b"".join((len(head).to_bytes(_LEN, "big"), head, payload))
 
 
-def split_binary_frame(frame: bytes) -> tuple[bytes, bytes]:
-    """``(header, payload)`` of a binary frame; a 400 if the framing is broken."""
+def _header_length(frame: bytes) -> int:
+    """The header length a binary frame starts with; a 400 if the framing is broken."""
     if len(frame) < _LEN:
         raise InvalidRequestError(
             f"binary frame of {len(frame)} bytes is truncated: it must start with a "
@@ -794,7 +796,29 @@ def split_binary_frame(frame: bytes) -> tuple[bytes, bytes]:
             f"binary frame header length {n} runs past the end of the frame "
             f"({len(frame) - _LEN} bytes follow the length)"
         )
+    return n
+
+
+def split_binary_frame(frame: bytes) -> tuple[bytes, bytes]:
+    """``(header, payload)`` of a binary frame; a 400 if the framing is broken.
+
+    >>> split_binary_frame(encode_binary_reply("model-centric/get-model", b"xy"))[1]
+    b'xy'
+    """
+    n = _header_length(frame)
     return frame[_LEN : _LEN + n], frame[_LEN + n :]
+
+
+def split_binary_report(frame: bytes) -> tuple[bytes, memoryview]:
+    """As :func:`split_binary_frame`, the payload a read-only view of ``frame``: the node
+    parses a report's diff in place instead of copying a model-sized slice.
+
+    >>> header, payload = split_binary_report(encode_binary_report({"diff": b"xy"}))
+    >>> bytes(payload), json.loads(header)["type"]
+    (b'xy', 'model-centric/report')
+    """
+    n = _header_length(frame)
+    return frame[_LEN : _LEN + n], memoryview(frame)[_LEN + n :]
 
 
 def select_subprotocol(offered: Any) -> str | None:
@@ -820,7 +844,9 @@ def parse_max_bytes(data: dict[str, Any]) -> int | None:
     return value
 
 
-def binary_report_data(kind: str, data: dict[str, Any], payload: bytes) -> dict[str, Any]:
+def binary_report_data(
+    kind: str, data: dict[str, Any], payload: bytes | memoryview
+) -> dict[str, Any]:
     """The report ``data`` of a binary frame: its header's ``data`` plus the payload as
     ``diff`` (then validated by :func:`parse_report`, as a JSON report is)."""
     if kind != REPORT:

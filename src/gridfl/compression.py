@@ -279,7 +279,7 @@ class CompressedDiff(Sequence[np.ndarray]):
 
 def decode(
     kind: Any,
-    payload: bytes,
+    payload: bytes | memoryview,
     shapes: Sequence[Sequence[int]],
     dtypes: Sequence[np.dtype],
     *,

@@ -22,10 +22,13 @@ _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 
 def _type_schema(hint: Any) -> dict[str, Any]:
-    """The JSON schema of one field's type: str, int, float, bool, bytes (base64 text),
+    """The JSON schema of one field's type: str, int, float, bool, bytes (base64 text; also
+    ``bytes | memoryview``, a view the node reads a binary frame's payload through),
     ``dict[str, X]``, ``list[X]``, and ``X | None`` (nullable)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
+        if set(args) == {bytes, memoryview}:
+            return _type_schema(bytes)
         (inner,) = [a for a in args if a is not type(None)]
         return {**_type_schema(inner), "nullable": True}
     if hint is bytes:

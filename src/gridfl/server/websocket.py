@@ -61,11 +61,11 @@ async def websocket_endpoint(ws: WebSocket) -> None:  # noqa: C901 - the receive
         kind, request_id = None, None
         reply: dict | bytes
         try:
-            payload = None
+            payload: memoryview | None = None
             if isinstance(text, str):
                 frame = parse_worker_json(text, "the message", check=False)
             else:  # a binary report (gridfl extension): JSON header + raw diff bytes
-                head, payload = _messages.split_binary_frame(text)
+                head, payload = _messages.split_binary_report(text)
                 frame = _parse_binary_header(head)
             if isinstance(frame, dict):  # for the error reply's envelope, if it comes to that
                 request_id = _messages.echoable_request_id(frame)
