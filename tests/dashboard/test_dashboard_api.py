@@ -210,3 +210,21 @@ def test_dp_process_shows_its_epsilon_and_strategy(live):
     assert entry["strategy"] == admin["strategy"]["name"]
     spent = [c["epsilon"] for c in page["cycles"] if c["status"] == "completed"]
     assert len(spent) == 2 and 0 < spent[0] < spent[1]  # ε grows cycle by cycle
+
+
+def test_cycle_counts_the_requests_it_rejected(live):
+    from tests.harness import HttpWorker, join
+
+    name = live.host(server_config={"minimum_download_speed": 50, "max_diffs": 5})
+    speeds = {"ping": 5.0, "upload": 20.0}
+    worker = HttpWorker(live.url)
+    try:
+        answers = [join(worker, name, download=d, **speeds)[1]["status"] for d in (90, 5, 1)]
+    finally:
+        worker.close()
+    assert answers == ["accepted", "rejected", "rejected"]
+    with _client(live) as http:
+        _sign_in(http)
+        (cycle,) = http.get(f"/dashboard/api/processes/{name}/1.0").json()["cycles"]
+    assert (cycle["accepted"], cycle["reported"], cycle["rejected"]) == (1, 0, 2)
+    assert live.status(name)["cycles"][0]["rejected"] == 2  # the admin API says the same

@@ -208,7 +208,9 @@ class WorkerApi:
             last_joined=lambda: storage.last_cycle_joined(conn, worker.identity, process.id),
             draw=random.random,
         )
-        if decision.reason is not None:  # rejected
+        if decision.reason is not None:  # rejected, and counted for the cycle table
+            conn.execute(storage.count_rejection.values(num_rejected=cycle.num_rejected + 1),
+                         {"r_cycle_id": cycle.id})
             return _messages.CycleRejected(timeout, decision.reason).to_json()
         request_key = secrets.token_hex(32)
         if buffered and seats.taken is not None:
