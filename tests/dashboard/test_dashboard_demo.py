@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -54,8 +55,8 @@ def demo(tmp_path):
         assert proc.wait(timeout=300) == 0, "".join(seen)
     finally:
         if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=60)
+            proc.send_signal(signal.SIGINT)  # the demo stops its node and workers
+            proc.wait(timeout=120)
 
 
 def _points(page: Page, chart: str) -> int:
