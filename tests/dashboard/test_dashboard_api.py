@@ -228,3 +228,20 @@ def test_cycle_counts_the_requests_it_rejected(live):
         (cycle,) = http.get(f"/dashboard/api/processes/{name}/1.0").json()["cycles"]
     assert (cycle["accepted"], cycle["reported"], cycle["rejected"]) == (1, 0, 2)
     assert live.status(name)["cycles"][0]["rejected"] == 2  # the admin API says the same
+
+
+def test_rejections_from_a_full_cycle_are_counted_too(live):
+    """Requests for a full cycle are turned away on a read-only path; they are counted
+    with the next admission that writes (here a request carrying its speed test)."""
+    from tests.harness import HttpWorker, join
+
+    name = live.host(server_config={"max_workers": 1, "max_diffs": 5})
+    worker = HttpWorker(live.url)
+    try:
+        answers = [join(worker, name)[1]["status"] for _ in range(4)]
+        answers.append(join(worker, name, ping=5.0, download=50.0, upload=20.0)[1]["status"])
+    finally:
+        worker.close()
+    assert answers == ["accepted"] + ["rejected"] * 4
+    (cycle,) = live.status(name)["cycles"]
+    assert (cycle["accepted"], cycle["rejected"]) == (1, 4)

@@ -79,6 +79,10 @@ def test_a_live_demo_appears_and_its_charts_grow(page: Page, demo):
     while _points(page, "Accuracy") <= before and time.monotonic() < deadline:
         page.wait_for_timeout(100)
     assert _points(page, "Accuracy") > before
+    table = page.get_by_role("region", name="Cycles, newest first (50 shown)")
+    expect(table.get_by_role("columnheader")).to_have_text(
+        ["Cycle", "Status", "Start", "End", "Duration", "Accepted", "Reported", "Rejected",
+         "Expired"])
     # the workers evaluate checkpoints too: their metrics are charted per checkpoint
     evaluated = page.locator('figure[data-chart="Federated evaluation"]')
     expect(evaluated).to_have_attribute("data-points", re.compile(r"[1-9]"), timeout=60_000)

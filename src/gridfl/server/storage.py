@@ -177,7 +177,6 @@ aggregate_sums = sa.select(aggregates.c.sum_w, aggregates.c.sum_x).where(
 store_sums = aggregates.update().where(aggregates.c.cycle_id == _P("b_cycle_id"))
 mark_reported = worker_cycles.update().where(worker_cycles.c.id == _P("b_seat_id"))
 count_report = cycles.update().where(cycles.c.id == _P("b_cycle_id"))
-count_rejection = cycles.update().where(cycles.c.id == _P("r_cycle_id"))
 
 #: The newest ``last`` checkpoints of a process for the admin status (which a dashboard
 #: or the demo polls several times a second), read from ``ix_checkpoints_listing`` alone.

@@ -167,6 +167,8 @@ const GROUPS = [
   ["Privacy budget ε", (k) => /^(epsilon|eps)$/i.test(k)],
   ["Other metrics", () => true],
 ];
+// whole cycles and checkpoints only on the x axis
+const STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000];
 const COLORS = ["#0b5cad", "#d1495b", "#2e933c", "#8e44ad", "#e67e22", "#16a085"];
 
 // A chart of metrics per cycle (or, for federated evaluations, per checkpoint): items
@@ -195,7 +197,7 @@ class Chart {
     if (!this.u) {
       if (typeof uPlot === "undefined") return;
       this.u = new uPlot({width, height: 200, scales: {x: {time: false}},
-        axes: [{label: this.unit}, {}],
+        axes: [{label: this.unit, incrs: STEPS}, {}],
         series: [{label: this.unit}, ...this.keys.map((k, i) => ({label: k,
           stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true}))]}, data, this.plot);
     } else {
