@@ -7,11 +7,11 @@
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
 const WAIT = 25; // seconds the node may hold a live request
-// at most one live reply every 2 s: with cycles of 0.3 s a reply brings several cycles
-// (none is lost, the page keeps them all). Each request costs Chromium about 20 ms of CPU
-// (its network and renderer processes) whatever the reply, so fewer requests, not
-// smaller replies, are what keep an open page from slowing training.
-const MIN_INTERVAL_MS = 2000;
+// at most one live reply every 4 s: with cycles of 0.3 s a reply brings a dozen cycles
+// (none is lost, the page keeps them all). Each request costs Chromium 20 to 40 ms of
+// CPU (its network, renderer and compositor work) whatever the reply, so fewer requests,
+// not smaller replies, are what keep an open page from slowing training.
+const MIN_INTERVAL_MS = 4000;
 // the workers seen (most of a reply's bytes) are asked for at most every 10 s
 const WORKERS_INTERVAL_MS = 10000;
 const pause = (ms, signal) => new Promise((resolve) => {
