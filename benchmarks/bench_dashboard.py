@@ -9,7 +9,15 @@ training. The first cycle of each block is left out (the page opening or closing
 prints the median seconds per cycle with and without the page and their ratio; the goal
 is under 5 % apart. The page follows every cycle through its held status request.
 
-    python -m benchmarks.bench_dashboard [--block 10] [--blocks 6]
+The machine is shared, so its load drifts during a run: short blocks, alternated often,
+put both conditions under the same drift. Beside the pooled medians it prints the paired
+ratio: each page block's median against the mean of its two neighbours' (no page), the
+median over the pairs, which a slow drift does not bias. It also prints the CPU time the
+demo's own processes (node and workers) spend per cycle with and without the page, and
+Chromium's: what the page adds to the demo's work, which the machine's other load bends
+far less than it bends seconds.
+
+    python -m benchmarks.bench_dashboard [--block 5] [--blocks 17]
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ import threading
 from pathlib import Path
 
 
-def chromium_cpu_seconds() -> float:
-    """CPU seconds used so far by this process's Chromium descendants (Linux /proc)."""
+def descendants_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by this process's descendants (Linux /proc): Chromium's
+    processes, and the others (the demo's node and workers)."""
     tick = os.sysconf("SC_CLK_TCK")
     procs: dict[int, tuple[int, str, float]] = {}
     for entry in os.listdir("/proc"):
@@ -42,8 +51,14 @@ def chromium_cpu_seconds() -> float:
         found = {pid for pid, (parent, _, _) in procs.items() if parent in mine} - mine
         mine |= found
         grew = bool(found)
-    return sum(cpu for pid, (_, comm, cpu) in procs.items()
-               if pid in mine and comm.startswith("chrom"))
+    mine.discard(os.getpid())
+    chromium = sum(cpu for pid, (_, comm, cpu) in procs.items()
+                   if pid in mine and comm.startswith("chrom"))
+    return chromium, sum(procs[pid][2] for pid in mine if pid in procs) - chromium
+
+
+def chromium_cpu_seconds() -> float:
+    return descendants_cpu_seconds()[0]
 
 
 class PageThread:
@@ -103,8 +118,9 @@ def main(argv: list[str]) -> None:
     from gridfl.demo.run import DemoOptions, run_demo
 
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--block", type=int, default=10, help="cycles per block")
-    ap.add_argument("--blocks", type=int, default=6, help="blocks (page open in every other)")
+    ap.add_argument("--block", type=int, default=5, help="cycles per block")
+    ap.add_argument("--blocks", type=int, default=17,
+                    help="blocks, odd: the page is open in every other, each between two without")
     ap.add_argument("--warmup", type=int, default=3, help="cycles before the first block")
     args = ap.parse_args(argv)
     if shutil.which("chromium") is None:
@@ -118,6 +134,10 @@ def main(argv: list[str]) -> None:
     where: dict[str, str] = {}
     seconds: dict[bool, list[float]] = {True: [], False: []}
     blocks: dict[int, list[float]] = {}
+    # the demo's CPU (node and workers) per cycle: less bent by the machine's other load
+    # than seconds are, so it shows what the page adds to the demo's own work
+    demo_cpu: dict[bool, list[float]] = {True: [], False: []}
+    cpu_before = [0.0]
 
     def page_open(block: int) -> bool:
         return block % 2 == 1
@@ -126,6 +146,8 @@ def main(argv: list[str]) -> None:
         where["url"], where["token"] = url, token_file.read_text().strip()
 
     def on_cycle(c) -> None:
+        cpu = descendants_cpu_seconds()[1]
+        used, cpu_before[0] = cpu - cpu_before[0], cpu
         i = c.cycle - args.warmup  # cycles numbered from 1; block k holds i in [k*B+1, ..]
         if i < 1:
             if i == 0 and page_open(0):
@@ -136,6 +158,7 @@ def main(argv: list[str]) -> None:
             page.cycles_open += 1
         if at > 0:  # the first cycle of a block saw the page open or close
             seconds[page_open(block)].append(c.seconds)
+            demo_cpu[page_open(block)].append(used)
             blocks.setdefault(block, []).append(c.seconds)
         if at == args.block - 1 and block + 1 < args.blocks:  # the next block's state
             if page_open(block + 1):
@@ -153,10 +176,21 @@ def main(argv: list[str]) -> None:
     print(f"  s/cycle with the page:  median {with_page:.3f} over {len(seconds[True])} cycles")
     print(f"  with / without: {with_page / without:.3f} (goal: within 5 %); the page's chart "
           f"held {page.charted} cycles when it last closed")
+    medians = {b: statistics.median(v) for b, v in blocks.items()}
+    paired = [medians[b] / ((medians[b - 1] + medians[b + 1]) / 2)
+              for b in medians if page_open(b) and b - 1 in medians and b + 1 in medians]
+    print(f"  paired: median of {len(paired)} page blocks against their neighbours: "
+          f"{statistics.median(paired):.3f} (goal: within 5 %)")
     print("  median s/cycle per block (the spread is the machine's noise): " + ", ".join(
         f"{statistics.median(v):.3f}{' (page)' if page_open(b) else ''}"
         for b, v in sorted(blocks.items())))
     print(f"  Chromium's CPU while the page was open: {page.cpu_ms_per_cycle():.1f} ms per cycle")
+    cpu_without = 1000 * statistics.median(demo_cpu[False])
+    cpu_with = 1000 * statistics.median(demo_cpu[True])
+    added = cpu_with - cpu_without + page.cpu_ms_per_cycle()
+    print(f"  the demo's CPU (node and workers) per cycle: median {cpu_without:.0f} ms without "
+          f"a page, {cpu_with:.0f} ms with; with Chromium's, the page adds "
+          f"{added / cpu_without:+.1%} of the demo's CPU per cycle")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,16 @@ import threading
 
 import numpy as np
 import pytest
+from playwright.sync_api import expect
 
 from tests.builders import linear_params
 from tests.harness import HttpWorker, LiveNode, join, make_settings, report
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+# a live page asks for news at most every 4 s (static/app.js MIN_INTERVAL_MS), and this
+# machine is shared: give each expectation room for a few of those
+expect.set_options(timeout=15_000)
 
 
 @pytest.fixture(scope="session")

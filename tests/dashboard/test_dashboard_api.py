@@ -210,3 +210,38 @@ def test_dp_process_shows_its_epsilon_and_strategy(live):
     assert entry["strategy"] == admin["strategy"]["name"]
     spent = [c["epsilon"] for c in page["cycles"] if c["status"] == "completed"]
     assert len(spent) == 2 and 0 < spent[0] < spent[1]  # ε grows cycle by cycle
+
+
+def test_cycle_counts_the_requests_it_rejected(live):
+    from tests.harness import HttpWorker, join
+
+    name = live.host(server_config={"minimum_download_speed": 50, "max_diffs": 5})
+    speeds = {"ping": 5.0, "upload": 20.0}
+    worker = HttpWorker(live.url)
+    try:
+        answers = [join(worker, name, download=d, **speeds)[1]["status"] for d in (90, 5, 1)]
+    finally:
+        worker.close()
+    assert answers == ["accepted", "rejected", "rejected"]
+    with _client(live) as http:
+        _sign_in(http)
+        (cycle,) = http.get(f"/dashboard/api/processes/{name}/1.0").json()["cycles"]
+    assert (cycle["accepted"], cycle["reported"], cycle["rejected"]) == (1, 0, 2)
+    assert live.status(name)["cycles"][0]["rejected"] == 2  # the admin API says the same
+
+
+def test_rejections_from_a_full_cycle_are_counted_too(live):
+    """Requests for a full cycle are turned away on a read-only path; they are counted
+    with the next admission that writes (here a request carrying its speed test)."""
+    from tests.harness import HttpWorker, join
+
+    name = live.host(server_config={"max_workers": 1, "max_diffs": 5})
+    worker = HttpWorker(live.url)
+    try:
+        answers = [join(worker, name)[1]["status"] for _ in range(4)]
+        answers.append(join(worker, name, ping=5.0, download=50.0, upload=20.0)[1]["status"])
+    finally:
+        worker.close()
+    assert answers == ["accepted"] + ["rejected"] * 4
+    (cycle,) = live.status(name)["cycles"]
+    assert (cycle["accepted"], cycle["rejected"]) == (1, 4)

@@ -80,6 +80,7 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
                 "closed_at": c.closed_at,
                 "accepted": len(rows),
                 "reported": c.num_reports if buffered else len(reported),
+                "rejected": c.num_rejected,
                 "checkpoint": ckpt_numbers.get(c.checkpoint_id),
                 "result_checkpoint": ckpt_numbers.get(c.result_checkpoint_id),
                 "num_samples": sum(r.num_samples or 0 for r in reported),

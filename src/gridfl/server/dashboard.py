@@ -206,15 +206,18 @@ async def processes(request: Request) -> Response:
 
 async def process(request: Request) -> Response:
     """The process's status, as the admin API's (held the same way with ``wait`` and
-    ``after``), its configs masked, plus the workers seen."""
+    ``after``), its configs masked, plus the workers seen unless ``workers=0`` (a live
+    page asks for them now and then, not with every cycle: they are most of a reply)."""
     name, version, last = await held_status_request(request)
+    with_workers = _int_param(request, "workers", 1, 0, 1) == 1
     node = request.app.state.node
 
     def read() -> dict[str, Any]:
         status = node.status(name, version, last=last)
         status["server_config"] = mask_secrets(status["server_config"])
         status["client_config"] = mask_secrets(status["client_config"])
-        status["workers"] = admin.workers_seen(node.engine, name, version)
+        if with_workers:
+            status["workers"] = admin.workers_seen(node.engine, name, version)
         return status
 
     return JSONResponse(await anyio.to_thread.run_sync(read))

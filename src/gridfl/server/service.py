@@ -31,6 +31,7 @@ from gridfl.server import admin, db, hosting, storage
 from gridfl.server.catalog import Catalog
 from gridfl.server.cycles import CYCLE_CHANNEL, Cycles
 from gridfl.server.pacing import CheckInRate
+from gridfl.server.rejections import RejectionCounts
 from gridfl.server.secagg import RoundCache, SecAggApi
 from gridfl.server.settings import Settings
 from gridfl.server.worker_api import WorkerApi
@@ -59,6 +60,8 @@ class GridNode(WorkerApi, SecAggApi):
         self.secagg_cache = RoundCache()
         #: check-ins per second per process, for pace steering
         self.check_ins = CheckInRate()
+        #: rejections from the read-only admission path, until a write counts them
+        self.rejections = RejectionCounts()
         self.cycles = Cycles(
             self.engine, self.catalog, self.instance_id, crash_at=self.settings.test_crash_at
         )

@@ -92,6 +92,8 @@ cycles = sa.Table(
     sa.Column("closed_at", sa.Float, nullable=True),
     sa.Column("result_checkpoint_id", sa.Integer, nullable=True),
     sa.Column("num_reports", sa.Integer, nullable=False, default=0),
+    # cycle requests this cycle turned away (speed, reuse, full): the dashboard's table
+    sa.Column("num_rejected", sa.Integer, nullable=False, default=0, server_default="0"),
     sa.UniqueConstraint("process_id", "sequence", name="uq_cycle_sequence"),
     sa.Index("ix_cycles_status_end", "status", "end_at"),
     sqlite_autoincrement=True,

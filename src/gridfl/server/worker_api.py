@@ -33,6 +33,7 @@ from gridfl.server.catalog import Catalog
 from gridfl.server.config import requires_speed_test, worker_capacity
 from gridfl.server.cycles import Cycles
 from gridfl.server.pacing import CheckInRate
+from gridfl.server.rejections import RejectionCounts
 from gridfl.server.settings import Settings
 
 
@@ -94,6 +95,7 @@ class WorkerApi:
     on_cycles_changed: Callable[[], None]
 
     check_ins: CheckInRate
+    rejections: RejectionCounts
 
     def _timeout(self, cycle, process) -> int:
         """The ``timeout`` a rejected worker is told: to the open cycle's deadline, or
@@ -180,6 +182,7 @@ class WorkerApi:
         if req.ping is not None or req.download is not None or req.upload is not None:
             storage.store_speeds(conn, worker.id, req.ping, req.download, req.upload)
         cycle = self._open_cycle(conn, process.id) if worker.status == "running" else None
+        self.rejections.write(conn)  # the read-only path's, after the open cycle's lock
         # an evaluation seat first (after the cycle's lock: a cycle completing now may make
         # its checkpoint due); it runs alongside training, and the last checkpoint is still
         # evaluated once the process has finished
@@ -208,7 +211,8 @@ class WorkerApi:
             last_joined=lambda: storage.last_cycle_joined(conn, worker.identity, process.id),
             draw=random.random,
         )
-        if decision.reason is not None:  # rejected
+        if decision.reason is not None:  # rejected, and counted for the cycle table
+            self.rejections.write(conn, rejected_now=cycle.id)
             return _messages.CycleRejected(timeout, decision.reason).to_json()
         request_key = secrets.token_hex(32)
         if buffered and seats.taken is not None:
@@ -277,11 +281,10 @@ class WorkerApi:
         reason = rules.full_cycle_reason(
             process.server_config, accepted=row.accepted, taken=row.taken is not None
         )
-        return (
-            None
-            if reason is None
-            else _messages.CycleRejected(self._timeout(row, process), reason).to_json()
-        )
+        if reason is None:
+            return None
+        self.rejections.add(row.cycle_id)  # written with the next locked admission
+        return _messages.CycleRejected(self._timeout(row, process), reason).to_json()
 
     # ------------------------------------------------------------------ downloads
     def _check_asset_access(self, conn: Connection, process_id: int, worker_id: str, key: str):

@@ -7,10 +7,13 @@
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
 const WAIT = 25; // seconds the node may hold a live request
-// at most one live reply a second: with cycles of 0.3 s a reply brings a few cycles (none
-// is lost, the page keeps them all) and an open page costs the node and the browser a
-// third of what a reply per cycle would
-const MIN_INTERVAL_MS = 1000;
+// at most one live reply every 4 s: with cycles of 0.3 s a reply brings a dozen cycles
+// (none is lost, the page keeps them all). Each request costs Chromium 20 to 40 ms of
+// CPU (its network, renderer and compositor work) whatever the reply, so fewer requests,
+// not smaller replies, are what keep an open page from slowing training.
+const MIN_INTERVAL_MS = 4000;
+// the workers seen (most of a reply's bytes) are asked for at most every 10 s
+const WORKERS_INTERVAL_MS = 10000;
 const pause = (ms, signal) => new Promise((resolve) => {
   const timer = setTimeout(resolve, ms);
   signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, {once: true});
@@ -164,32 +167,38 @@ const GROUPS = [
   ["Privacy budget ε", (k) => /^(epsilon|eps)$/i.test(k)],
   ["Other metrics", () => true],
 ];
+// whole cycles and checkpoints only on the x axis
+const STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000];
 const COLORS = ["#0b5cad", "#d1495b", "#2e933c", "#8e44ad", "#e67e22", "#16a085"];
 
+// A chart of metrics per cycle (or, for federated evaluations, per checkpoint): items
+// carry their x in `x` ("sequence" or "checkpoint") and their values in `metrics`.
 class Chart {
-  constructor(title) {
+  constructor(title, x = "sequence", unit = "cycle") {
     this.title = title;
+    this.x = x;
+    this.unit = unit;
     this.keys = [];
     this.plot = el("div", {class: "plot"});
     this.figure = el("figure", {class: "chart", role: "img", "data-chart": title},
       el("figcaption", {text: title}), this.plot);
     this.u = null;
   }
-  update(cycles) {
-    const xs = cycles.map((c) => c.sequence);
-    const data = [xs, ...this.keys.map((k) => cycles.map((c) => c.metrics?.[k] ?? null))];
-    const last = cycles.length ? cycles[cycles.length - 1] : null;
+  update(items) {
+    const xs = items.map((c) => c[this.x]);
+    const data = [xs, ...this.keys.map((k) => items.map((c) => c.metrics?.[k] ?? null))];
+    const last = items.length ? items[items.length - 1] : null;
     const latest = last ? this.keys.map((k) => `${k} ${fmtNum(last.metrics?.[k])}`).join(", ")
       : "no values";
-    this.figure.setAttribute("aria-label", `${this.title} per cycle: ${xs.length} cycles` +
-      (last ? `, at cycle ${last.sequence}: ${latest}` : ""));
+    this.figure.setAttribute("aria-label", `${this.title} per ${this.unit}: ${xs.length} ` +
+      `${this.unit}s` + (last ? `, at ${this.unit} ${last[this.x]}: ${latest}` : ""));
     this.figure.dataset.points = String(xs.length);
     const width = Math.max(200, this.plot.clientWidth || 300);
     if (!this.u) {
       if (typeof uPlot === "undefined") return;
       this.u = new uPlot({width, height: 200, scales: {x: {time: false}},
-        axes: [{label: "cycle"}, {}],
-        series: [{label: "cycle"}, ...this.keys.map((k, i) => ({label: k,
+        axes: [{label: this.unit, incrs: STEPS}, {}],
+        series: [{label: this.unit}, ...this.keys.map((k, i) => ({label: k,
           stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true}))]}, data, this.plot);
     } else {
       if (Math.abs(this.u.width - width) > 2) this.u.setSize({width, height: 200});
@@ -214,19 +223,23 @@ async function processPage(signal, name, version) {
   const live = el("p", {class: "muted", role: "status"});
   // sections below the fold are not laid out or painted until scrolled to
   const section = () => el("div", {class: "section"});
-  const parts = {head: el("div"), cycles: section(), workers: section(), ckpts: section(),
-    configs: section()};
+  const parts = {head: el("div"), cycles: section(), evals: section(), workers: section(),
+    ckpts: section(), configs: section()};
+  const evaluations = new Map(); // checkpoint -> federated evaluation, kept like the cycles
   let first = true;
   let after = null;
   let gap = false;
   let lastAsked = 0;
+  let workersAsked = 0;
   while (!signal.aborted) {
     // the first reply (and one after a gap) lists up to 1000 cycles; held ones only the
     // newest 20, so a 0.3 s cycle costs the node a small read per reply
-    const q = after === null || gap ? "?cycles=1000" : `?cycles=20&wait=${WAIT}&after=${after}`;
+    let q = after === null || gap ? "?cycles=1000" : `?cycles=20&wait=${WAIT}&after=${after}`;
     let s;
     await pause(lastAsked + MIN_INTERVAL_MS - Date.now(), signal);
     lastAsked = Date.now();
+    const withWorkers = lastAsked - workersAsked >= WORKERS_INTERVAL_MS;
+    if (withWorkers) workersAsked = lastAsked; else q += "&workers=0";
     try {
       s = await api(path + q, {signal});
     } catch (e) {
@@ -247,12 +260,15 @@ async function processPage(signal, name, version) {
     gap = after !== null && oldest !== null && oldest > after + 1 && !cycles.has(oldest - 1);
     const closed = s.cycles.filter((c) => c.status !== "open").map((c) => c.sequence);
     after = Math.max(after ?? 0, ...closed, 0);
+    for (const e of s.evaluations || []) evaluations.set(e.checkpoint, e);
     const all = [...cycles.values()].sort((a, b) => a.sequence - b.sequence);
     const done = all.filter((c) => c.status !== "open");
     renderHead(parts.head, s);
     renderCharts(chartBox, charts, done);
     renderCycles(parts.cycles, all);
-    renderWorkers(parts.workers, s.workers);
+    renderEvaluations(parts.evals, s.server_config.evaluation,
+      [...evaluations.values()].sort((a, b) => a.checkpoint - b.checkpoint));
+    if (s.workers) renderWorkers(parts.workers, s.workers);
     renderCheckpoints(parts.ckpts, s, path);
     renderConfigs(parts.configs, s);
     live.textContent = s.status === "running"
@@ -262,11 +278,13 @@ async function processPage(signal, name, version) {
       // the loaded page takes the focus only from its loading state, not from elsewhere
       const refocus = main.contains(document.activeElement) || document.activeElement === document.body;
       show(parts.head, live, el("h2", {text: "Charts"}), chartBox, el("h2", {text: "Cycles"}),
-        parts.cycles, el("h2", {text: "Workers seen"}), parts.workers,
+        parts.cycles, el("h2", {text: "Federated evaluation"}), parts.evals,
+        el("h2", {text: "Workers seen"}), parts.workers,
         el("h2", {text: "Checkpoints"}), parts.ckpts, el("h2", {text: "Configs"}), parts.configs);
       first = false;
       if (refocus) focusHeading();
       for (const c of charts.values()) c.update(done); // sized now that they are on the page
+      parts.evals.chart?.update([...evaluations.values()].sort((a, b) => a.checkpoint - b.checkpoint));
     }
     if (s.status !== "running") return;
   }
@@ -377,17 +395,49 @@ function renderCycles(box, all) {
     return el("tr", {}, el("td", {text: c.sequence}), el("td", {}, badge(c.status)),
       el("td", {text: fmtTime(c.start)}), el("td", {text: fmtTime(end)}),
       el("td", {text: end ? fmtSecs(end - c.start) : "—"}), el("td", {text: c.accepted}),
-      el("td", {text: c.reported}), el("td", {text: expired}));
+      el("td", {text: c.reported}), el("td", {text: c.rejected ?? 0}), el("td", {text: expired}));
   });
-  // an open cycle's counts change as workers join and report
+  // an open cycle's counts change as workers join, are turned away and report
   const open = shown.find((c) => c.status === "open");
   if (open) {
     const cells = box.rowCache.get(`${open.sequence} open`).children;
     cells[5].textContent = open.accepted;
     cells[6].textContent = open.reported;
+    cells[7].textContent = open.rejected ?? 0;
   }
   tableInto(box, ["Cycle", "Status", "Start", "End", "Duration", "Accepted", "Reported",
-    "Expired"], rows, "Cycles, newest first (50 shown)", "No cycles yet.");
+    "Rejected", "Expired"], rows, "Cycles, newest first (50 shown)", "No cycles yet.");
+}
+
+// server_config.evaluation: the metrics workers reported on each evaluated checkpoint
+// (their num_samples-weighted means), as a chart and a table
+function renderEvaluations(box, config, list) {
+  if (!config || list.length === 0) {
+    if (changed(box, config ? "none yet" : "off")) {
+      box.chart = null;
+      box.replaceChildren(el("p", {class: "empty", text: config
+        ? `No evaluations yet: one runs after every ${config.every ?? ""} completed cycles, ` +
+          "when workers that can evaluate check in."
+        : "Not configured: host the process with server_config.evaluation (and an " +
+          "evaluation plan) to have workers evaluate its checkpoints on their own data."}));
+    }
+    return;
+  }
+  const keys = metricKeys(list);
+  if (changed(box, keys)) {
+    box.chart?.u?.destroy();
+    box.chart = new Chart("Federated evaluation", "checkpoint", "checkpoint");
+    box.chart.keys = keys;
+    box.rows = el("div");
+    box.replaceChildren(box.chart.figure, box.rows);
+  }
+  box.chart.update(list);
+  const rows = keyedRows(box.rows, [...list].reverse(), (e) => JSON.stringify(e), (e) =>
+    el("tr", {}, el("td", {text: e.checkpoint}), el("td", {text: fmtTime(e.opened_at)}),
+      el("td", {text: e.accepted}), el("td", {text: e.reported}), el("td", {text: e.num_samples}),
+      ...keys.map((k) => el("td", {text: fmtNum(e.metrics?.[k])}))));
+  tableInto(box.rows, ["Checkpoint", "Opened", "Workers", "Reported", "Examples", ...keys], rows,
+    "Federated evaluations, newest first", "No evaluations yet.");
 }
 
 function renderWorkers(box, workers) {
