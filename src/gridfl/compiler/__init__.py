@@ -260,7 +260,7 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
             for i in batch_inputs:
                 trace_args[i] = _resize_batch(args[i], 2)
     gm = trace_step(fn, trace_args, grad_positions=grad_positions,
-                    conv_weight_grad=conv_weight_grad)
+                    batch_inputs=batch_inputs, conv_weight_grad=conv_weight_grad)
     in_names = [d["name"] for d in input_roles]
     out_names = [d["name"] for d in output_roles]
     try:
