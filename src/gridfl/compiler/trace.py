@@ -108,8 +108,8 @@ def _fake_args(args: Sequence[torch.Tensor], batch_inputs: Sequence[int]) -> lis
         dims = [DimDynamic.STATIC] * t.dim()
         if i in batch and dims:
             dims[0] = DimDynamic.DYNAMIC
-        context = StatelessSymbolicContext(
-            dynamic_sizes=dims, constraint_sizes=[None] * t.dim()  # type: ignore[arg-type]
+        context: StatelessSymbolicContext = StatelessSymbolicContext(
+            dynamic_sizes=dims, constraint_sizes=[None] * t.dim()
         )
         fakes.append(mode.from_tensor(t, symbolic_context=context))
     return fakes
