@@ -5,7 +5,8 @@
 In one process, after a warm-up compile that pays the imports (torch.onnx, onnxscript),
 compiles the training plan of:
 
-* the McMahan CNN (and its evaluation plan), the reference;
+* the McMahan CNN (and its evaluation plan), the reference, then both again from the
+  plan cache (a cache hit: no tracing);
 * ``Embedding(80, 8)`` + ``LSTM(8, 64)`` + ``Linear(64, 80)`` over sequences of ``--seq``
   (and the same with a GRU), once as gridfl compiles them (one ``Scan`` forward and one
   backward per layer) and once unrolled step by step, as torch decomposes them and as
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -96,7 +98,8 @@ class _Phases:
         return timed
 
 
-def _compile(make, *, evaluation: bool = False, unrolled: bool = False) -> dict[str, Any]:
+def _compile(make, *, evaluation: bool = False, unrolled: bool = False,
+             cache: Any = False) -> dict[str, Any]:
     import onnx
 
     from gridfl.compiler import SGD, compile_evaluation_plan, compile_training_plan
@@ -106,10 +109,11 @@ def _compile(make, *, evaluation: bool = False, unrolled: bool = False) -> dict[
     with phases.patched(unrolled):
         wall, cpu = time.perf_counter(), time.process_time()
         if evaluation:
-            plan = compile_evaluation_plan(net, example_data=X, example_target=y)
+            plan = compile_evaluation_plan(net, example_data=X, example_target=y,
+                                           cache=cache)
         else:
             plan = compile_training_plan(net, optimizer=SGD(lr=0.1), example_data=X,
-                                         example_target=y)
+                                         example_target=y, cache=cache)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     nodes = len(onnx.load_from_string(plan.to_bytes()).graph.node)
     return {"wall": wall, "cpu": cpu, "nodes": nodes, **phases.seconds}
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     compile_training_plan(torch.nn.Linear(4, 3), example_data=torch.randn(4, 4),
-                          example_target=torch.randint(0, 3, (4,)))
+                          example_target=torch.randint(0, 3, (4,)), cache=False)
     print(f"warm-up compile (imports): {time.perf_counter() - t0:.1f} s wall")
 
     models = _models(args.seq)
@@ -135,6 +139,11 @@ def main(argv: list[str] | None = None) -> None:
         ("cnn training", _compile(models["cnn"])),
         ("cnn evaluation", _compile(models["cnn"], evaluation=True)),
     ]
+    with tempfile.TemporaryDirectory() as tmp:  # the plan cache: filled, then read
+        _compile(models["cnn"], cache=tmp)
+        _compile(models["cnn"], evaluation=True, cache=tmp)
+        rows.append(("cnn train, hit", _compile(models["cnn"], cache=tmp)))
+        rows.append(("cnn eval, hit", _compile(models["cnn"], evaluation=True, cache=tmp)))
     for cell in ("lstm", "gru"):
         rows.append((f"{cell} scan", _compile(models[cell])))
         if not args.skip_unrolled:

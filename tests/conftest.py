@@ -4,7 +4,13 @@ them are in tests/harness.py and tests/builders.py; test modules import from the
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Compiles in tests (and the processes they start) really compile; tests of the plan
+# cache give it a directory of their own.
+os.environ["GRIDFL_PLAN_CACHE"] = "off"
 
 from tests.builders import private_postgres_database, reset_postgres_schema, rsa_key_pair
 from tests.harness import InProcessNode, LiveNode, Serve, make_settings

@@ -410,3 +410,23 @@ def test_demo_proximal_mu_options_are_checked():
         with pytest.raises(ConfigError) as e:
             bad.validate()
         assert message in str(e.value)
+
+
+def test_second_demo_takes_its_plans_from_the_cache(tmp_path, monkeypatch):
+    """The first run compiles and caches the model and both plans; the second reads them
+    (no compiler process) and trains the same model."""
+    pytest.importorskip("torch")
+    monkeypatch.setenv("GRIDFL_PLAN_CACHE", str(tmp_path / "cache"))
+    runs = []
+    for i in range(2):
+        steps: list[str] = []
+        options = demo_options(tmp_path / f"run{i}", lr=0.1, cycles=1)
+        result = run_demo(options, on_step=steps.append)
+        runs.append((steps, result))
+    (first, r1), (second, r2) = runs
+    assert any(s.startswith("compiling the 2NN") for s in first), first
+    assert any(s.startswith("plans cached in") for s in first), first
+    assert not any(s.startswith("compiling") for s in second), second
+    assert any(s.startswith("plans found in the cache") for s in second), second
+    assert len(list((tmp_path / "cache").glob("*.entry"))) == 1
+    assert r1.cycles[0].reports == r2.cycles[0].reports == 2

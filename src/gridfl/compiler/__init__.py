@@ -21,6 +21,7 @@ size and at a different one (the batch dimension is dynamic).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gridfl._exceptions import CompileError
+from gridfl._exceptions import CompileError, GridflError
 from gridfl.plan import INDEXED_ROLES, INPUT_ROLES, KEYED_ROLES, KINDS, OUTPUT_ROLES, Plan
+from gridfl.plan_cache import PlanCache, resolve_cache
 
 from .losses import LOSSES, accuracy, get_loss
 from .optim import SGD, Adam, AdamW, Optimizer, as_optimizer
@@ -261,7 +263,7 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
             for i in batch_inputs:
                 trace_args[i] = _resize_batch(args[i], 2)
     gm = trace_step(fn, trace_args, grad_positions=grad_positions,
-                    conv_weight_grad=conv_weight_grad)
+                    batch_inputs=batch_inputs, conv_weight_grad=conv_weight_grad)
     tfjs_plan = _to_tfjs(gm, batch_inputs) if tfjs else None  # before export: fail fast
     in_names = [d["name"] for d in input_roles]
     out_names = [d["name"] for d in output_roles]
@@ -511,6 +513,7 @@ def compile_training_plan(
     conv_weight_grad: str = "auto",
     proximal_mu: float | None = None,
     tfjs: bool = False,
+    cache: PlanCache | str | os.PathLike | bool | None = None,
 ) -> Plan:
     """Compile one training step of ``module`` with a standard loss and optimizer.
 
@@ -529,6 +532,12 @@ def compile_training_plan(
     node running ``{"name": "fedprox", "proximal_mu": ...}`` sends; the value given here
     is only the example the plan is verified with (a nonzero one is used when it is 0, so
     the check covers the term). Without it the plan is exactly what it was before.
+
+    ``cache``: compiled plans are kept in a cache keyed by everything they depend on
+    (the module's layers, their classes' source files, shapes, loss, optimizer, options,
+    the gridfl, torch and onnx versions), so compiling the same model again takes
+    milliseconds. ``None``: the default directory (``$GRIDFL_PLAN_CACHE``, ``off`` to
+    disable); ``False``: no cache; a directory or :class:`gridfl.plan_cache.PlanCache`.
 
     ``loss``: ``"cross_entropy"`` (int64 class indices), ``"cross_entropy_onehot"``
     (float one-hot targets) or ``"mse"``. ``optimizer``: :class:`SGD`, :class:`Adam`,
@@ -558,6 +567,13 @@ def compile_training_plan(
     X = _to_tensor(example_data, "data")
     y = _example_target(example_target, loss)
     n_params, n_buffers = len(params), len(buffers)
+    store = resolve_cache(cache)
+    key = _cache_key("training", module, X, y, loss=loss, optimizer=repr(opt),
+                     proximal_mu=mu, verify=verify, conv_weight_grad=conv_weight_grad,
+                     tfjs=tfjs)
+    cached = _cached_plan(store, key)
+    if cached is not None:
+        return cached
     state = opt.example_state(params)  # a worker starts from zeros of these shapes
 
     n_state = len(state)
@@ -591,8 +607,34 @@ def compile_training_plan(
         in_roles += ["global_param"] * n_params + ["client_config:proximal_mu"]
     if not module.training:
         _check_buffers_unchanged(module, lambda: step(*_with_grad(args, n_params)))
-    return compile_plan(step, args, kind="training", input_roles=in_roles, verify=verify,
+    plan = compile_plan(step, args, kind="training", input_roles=in_roles, verify=verify,
                         conv_weight_grad=conv_weight_grad, tfjs=tfjs)
+    if store is not None:
+        store.put(key, {"plan": plan.to_bytes(), **({"tfjs": plan.tfjs} if plan.tfjs else {})})
+    return plan
+
+
+def _cache_key(kind: str, module, X, y, **options) -> dict:
+    from gridfl.plan_cache import compiler_versions
+
+    from .cache_key import module_description, tensor_spec
+
+    return {"plan": kind, "module": module_description(module), "data": tensor_spec(X),
+            "target": tensor_spec(y), "options": options, "versions": compiler_versions()}
+
+
+def _cached_plan(store: PlanCache | None, key: dict) -> Plan | None:
+    if store is None:
+        return None
+    blobs = store.get(key)
+    if blobs is None or set(blobs) - {"tfjs"} != {"plan"}:
+        return None
+    try:
+        plan = Plan.from_bytes(blobs["plan"])
+    except GridflError:  # a valid entry of bytes that are no plan: compile again
+        return None
+    plan.tfjs = blobs.get("tfjs")
+    return plan
 
 
 _EXAMPLE_MU = 0.1
@@ -631,6 +673,7 @@ def compile_evaluation_plan(
     example_data: Any,
     example_target: Any,
     verify: bool = True,
+    cache: PlanCache | str | os.PathLike | bool | None = None,
 ) -> Plan:
     """Compile ``(X, y, *params) -> (loss, accuracy)`` for ``module`` (traced in eval mode).
 
@@ -638,7 +681,8 @@ def compile_evaluation_plan(
         ...                                example_target=y[:16])     # doctest: +SKIP
         >>> loss, acc = plan.execute(X_test, y_test, *params)         # doctest: +SKIP
 
-    The loss is the mean over the batch. A module in training mode (one whose training
+    The loss is the mean over the batch; ``cache`` as for :func:`compile_training_plan`.
+    A module in training mode (one whose training
     plan carries its buffers) gets its buffers as ``model_buffer`` inputs after the
     params, so BatchNorm normalizes with the running statistics of the checkpoint.
     """
@@ -648,6 +692,11 @@ def compile_evaluation_plan(
     n_params = len(params)
     X = _to_tensor(example_data, "data")
     y = _example_target(example_target, loss)
+    store = resolve_cache(cache)
+    key = _cache_key("evaluation", module, X, y, loss=loss, verify=verify)
+    cached = _cached_plan(store, key)
+    if cached is not None:
+        return cached
 
     def evaluate(X, y, *rest):
         tensors = {**dict(zip(names, rest[:n_params], strict=True)),
@@ -662,10 +711,13 @@ def compile_evaluation_plan(
     module.eval()
     try:
         roles = ["data", "target"] + ["model_param"] * n_params + ["model_buffer"] * len(buffers)
-        return compile_plan(evaluate, [X, y, *params, *buffers], kind="evaluation",
+        plan = compile_plan(evaluate, [X, y, *params, *buffers], kind="evaluation",
                             input_roles=roles, verify=verify)
     finally:
         module.train(was_training)
+    if store is not None:
+        store.put(key, {"plan": plan.to_bytes()})
+    return plan
 
 
 def compile_averaging_plan(example_params: Sequence[Any], *, verify: bool = True) -> Plan:

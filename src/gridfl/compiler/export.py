@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 import onnx
 import torch
 from torch.export import Dim
+from torch.onnx._internal.exporter import _core as _onnx_core
+from torch.onnx._internal.exporter import _registration
 
 from gridfl._exceptions import CompileError
 from gridfl.plan import FORMAT_VERSION
@@ -67,27 +70,29 @@ def export_onnx(
     sink = io.StringIO()
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export")]
     levels = [lg.level for lg in loggers]
+    emit_stack_traces = torch.fx.config.do_not_emit_stack_traces
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
+        # Source locations on every node of the re-traced graph: ~15% of an export
+        torch.fx.config.do_not_emit_stack_traces = True
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
-            prog = torch.onnx.export(
+            prog = _onnx_core.export(
                 gm,
                 tuple(args),
-                dynamo=True,
+                registry=_registry(),
+                dynamic_shapes=dynamic_shapes,
                 input_names=list(input_names),
                 output_names=list(output_names),
-                dynamic_shapes=dynamic_shapes,
-                custom_translation_table=translation_table(),
                 opset_version=OPSET,
                 optimize=True,
                 verbose=False,
-                external_data=False,
             )
     except Exception as e:
         raise CompileError(f"ONNX export failed: {_explain_export_error(e)}") from e
     finally:
+        torch.fx.config.do_not_emit_stack_traces = emit_stack_traces
         for lg, lvl in zip(loggers, levels, strict=True):
             lg.setLevel(lvl)
     if prog is None:  # torch returns None only when asked to write a file
@@ -98,6 +103,19 @@ def export_onnx(
     fuse_sgd_updates(model)
     check_portable(model)
     return model
+
+
+@functools.cache
+def _registry() -> _registration.ONNXRegistry:
+    """torchlib's translations and gridfl's, built once per process.
+
+    ``torch.onnx.export`` rebuilds this registry at every call by parsing the source of
+    every torchlib function (~0.4 s); its ``_core.export`` takes one ready-made. torch
+    is pinned to one minor version, which keeps these internal names stable."""
+    registry = _registration.ONNXRegistry.from_torchlib(opset_version=OPSET)
+    for torch_op, onnx_op in translation_table().items():
+        registry.register_op(torch_op, onnx_op, is_complex=False)
+    return registry
 
 
 def _inline_functions(model: onnx.ModelProto) -> None:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx
-from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from gridfl._exceptions import CompileError
@@ -56,9 +55,11 @@ def trace_step(
     args: Sequence[torch.Tensor],
     *,
     grad_positions: Sequence[int] = (),
+    batch_inputs: Sequence[int] = (),
     conv_weight_grad: str = "auto",
 ) -> torch.fx.GraphModule:
-    """Trace ``fn(*args)`` into an ATen FX graph with symbolic shapes.
+    """Trace ``fn(*args)`` into an ATen FX graph whose only symbolic size is the batch
+    (dim 0 of the args at ``batch_inputs``).
 
     ``grad_positions``: indices of args that get ``requires_grad`` inside the trace
     (the model params and optimizer inputs of a training step).
@@ -66,12 +67,9 @@ def trace_step(
     step = _requires_grad_wrapper(fn, grad_positions)
     table = decomposition_table(conv_weight_grad=conv_weight_grad)
     try:
-        # No duck shaping: a batch of 10 and 10 classes must stay distinct symbols.
-        with fx_config.patch(use_duck_shape=False), rnns_as_scans():  # type: ignore[attr-defined]
-            gm = make_fx(
-                step, decomposition_table=table, tracing_mode="symbolic",
-                _allow_non_fake_inputs=True,  # module buffers (BatchNorm stats) as constants
-            )(*args)
+        fake_args = _fake_args(args, batch_inputs)
+        with rnns_as_scans():
+            gm = make_fx(step, decomposition_table=table, tracing_mode="symbolic")(*fake_args)
     except CompileError:
         raise
     except Exception as e:  # torch wraps errors raised inside decompositions
@@ -86,6 +84,35 @@ def trace_step(
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _fake_args(args: Sequence[torch.Tensor], batch_inputs: Sequence[int]) -> list:
+    """Fake copies of ``args`` in one shape environment, every size static but the
+    batch's: with all sizes symbolic (make_fx's default) each view and reshape of a
+    conv feature map made sympy prove facts about products of unknowns, over half of
+    the CNN's compile time."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
+
+    mode = FakeTensorMode(
+        shape_env=ShapeEnv(),
+        allow_non_fake_inputs=True,  # module buffers (BatchNorm stats) as constants
+    )
+    batch = frozenset(batch_inputs)
+    fakes = []
+    for i, t in enumerate(args):
+        dims = [DimDynamic.STATIC] * t.dim()
+        if i in batch and dims:
+            dims[0] = DimDynamic.DYNAMIC
+        context: StatelessSymbolicContext = StatelessSymbolicContext(
+            dynamic_sizes=dims, constraint_sizes=[None] * t.dim()
+        )
+        fakes.append(mode.from_tensor(t, symbolic_context=context))
+    return fakes
 
 
 def _is(node: torch.fx.Node, target) -> bool:

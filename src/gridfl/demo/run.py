@@ -35,6 +35,7 @@ from gridfl.datasets import Mnist, load_mnist
 from gridfl.demo.report import CycleResult, RunResult
 from gridfl.demo.worker import ATTACKS
 from gridfl.host import HostClient, closed_cycles
+from gridfl.plan_cache import compiler_versions, resolve_cache
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -254,12 +255,7 @@ def run_demo(
     options.data_dir.mkdir(parents=True, exist_ok=True)
     shard_files = _write_shards(mnist, options)
     x, y = mnist.x_train[: options.batch_size], mnist.y_train[: options.batch_size]
-    # torch lives only in a short-lived compiler process: this one stays small.
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        step(f"compiling the {options.model.upper()} training plan (imports PyTorch)")
-        model_bytes, training_bytes = pool.submit(_compile_training, options, x, y).result()
-        step("compiling the evaluation plan")
-        evaluation_bytes = pool.submit(_compile_evaluation, options, x, y).result()
+    model_bytes, training_bytes, evaluation_bytes = _plans(options, x, y, step)
     initial_params = state.loads(model_bytes)
     training_plan = Plan.from_bytes(training_bytes)
     evaluation_plan = Plan.from_bytes(evaluation_bytes)
@@ -401,6 +397,34 @@ def _write_shards(mnist, options: DemoOptions) -> list[Path]:
     return files
 
 
+def _plans(options: DemoOptions, x: np.ndarray, y: np.ndarray,
+           step: Callable[[str], None]) -> tuple[bytes, bytes, bytes]:
+    """The initial model and its training and evaluation plans: from the plan cache
+    (read without torch) or compiled, then cached. The demo's models are named by
+    gridfl's sources, which the key's versions cover."""
+    store = resolve_cache(None)
+    key = {"demo": options.model, "seed": options.seed, "batch_size": options.batch_size,
+           "lr": options.lr, "proximal_mu": options.proximal_mu,
+           "versions": compiler_versions()}
+    blobs = None if store is None else store.get(key)
+    if store is not None and blobs is not None and set(blobs) == {
+        "model", "training", "evaluation"
+    }:
+        step(f"plans found in the cache ({store.directory})")
+        return blobs["model"], blobs["training"], blobs["evaluation"]
+    # torch lives only in a short-lived compiler process: this one stays small.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        step(f"compiling the {options.model.upper()} training plan (imports PyTorch)")
+        model_bytes, training_bytes = pool.submit(_compile_training, options, x, y).result()
+        step("compiling the evaluation plan")
+        evaluation_bytes = pool.submit(_compile_evaluation, options, x, y).result()
+    if store is not None:
+        store.put(key, {"model": model_bytes, "training": training_bytes,
+                        "evaluation": evaluation_bytes})
+        step(f"plans cached in {store.directory}")
+    return model_bytes, training_bytes, evaluation_bytes
+
+
 def _compile_training(options: DemoOptions, x: np.ndarray, y: np.ndarray) -> tuple[bytes, bytes]:
     """The initial model's State bytes and its training plan's bytes (runs in a child
     process: imports torch)."""
@@ -415,6 +439,7 @@ def _compile_training(options: DemoOptions, x: np.ndarray, y: np.ndarray) -> tup
         example_data=x,
         example_target=y,
         proximal_mu=options.proximal_mu,
+        cache=False,  # the demo caches its plans, model included, in the parent
     )
     return state.dumps([p.detach().numpy() for p in model.parameters()]), training.to_bytes()
 
@@ -428,7 +453,7 @@ def _compile_evaluation(options: DemoOptions, x: np.ndarray, y: np.ndarray) -> b
 
     model = build_model(options.model, seed=options.seed)
     return compile_evaluation_plan(
-        model, loss="cross_entropy", example_data=x, example_target=y
+        model, loss="cross_entropy", example_data=x, example_target=y, cache=False
     ).to_bytes()
 
 
