@@ -304,6 +304,50 @@ def test_demo_with_differential_privacy_reports_epsilon(tmp_path):
     assert (tmp_path / "out" / "accuracy.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_demo_adaptive_clip_norm_tracks_the_target_quantile_of_update_norms(tmp_path):
+    """--dp-adaptive (Andrew et al. 2021): after 30 cycles the clip norm the node uses is
+    within 10% of the target quantile of the workers' update norms. The norms are the
+    ones the demo's workers logged; the node's own count of reports under each cycle's
+    clip norm (privacy_cycles.unclipped in its database) must agree with them."""
+    import itertools
+    import math
+    import sqlite3
+
+    import numpy as np
+
+    pytest.importorskip("torch")
+    pytest.importorskip("dp_accounting")
+    options = demo_options(
+        tmp_path, clients=12, workers=6, fraction=0.5, cycles=40, examples_per_client=100,
+        dp_noise=0.1, dp_clip=0.5, dp_adaptive=True,
+    )
+    result = run_demo(options)
+    cycles = result.cycles
+    assert [c.cycle for c in cycles] == list(range(1, 41))
+    assert cycles[0].clip_norm == 0.5  # the initial C
+    with sqlite3.connect(tmp_path / "data" / "gridfl.db") as db:
+        unclipped = dict(db.execute(
+            "SELECT c.sequence, p.unclipped FROM privacy_cycles p "
+            "JOIN cycles c ON c.id = p.cycle_id"
+        ).fetchall())
+    for c in cycles:
+        assert len(c.update_norms) == c.reports == 6
+        assert unclipped[c.cycle] == sum(n <= c.clip_norm for n in c.update_norms), c
+        assert c.norm_quantile == pytest.approx(float(np.quantile(c.update_norms, 0.5)))
+    # C moves by exp(-lr (b - target)) with b in [0, 1]: at most exp(0.2 * 0.5) a cycle
+    for a, b in itertools.pairwise(cycles):
+        assert abs(math.log(b.clip_norm / a.clip_norm)) <= 0.1 + 1e-12
+    # cycles 31-40: C's geometric mean against the median of their 60 norms
+    late = cycles[30:]
+    target = float(np.quantile([n for c in late for n in c.update_norms], 0.5))
+    clip = math.exp(np.mean([math.log(c.clip_norm) for c in late]))
+    assert abs(clip / target - 1) <= 0.10, (clip, target)
+    # the first C (0.5) was not already there: the norms moved it
+    assert abs(cycles[0].clip_norm / target - 1) > 0.10
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["cycles"][35]["update_norms"] == cycles[35].update_norms
+
+
 def test_demo_refuses_half_a_privacy_setting():
     from gridfl._exceptions import ConfigError
 

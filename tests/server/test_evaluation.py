@@ -146,6 +146,56 @@ def test_evaluation_reports_once_per_seat(server):
     assert (e["checkpoint"], e["accepted"], e["reported"], e["num_samples"]) == (2, 1, 1, 10)
 
 
+
+def test_a_seat_not_reported_in_time_goes_to_the_next_worker(server_factory, db_url):
+    """evaluation.seat_timeout: a seat whose worker never reports stops counting towards
+    max_workers once it lapses, the next evaluation-capable worker takes it, and the
+    late report is refused with a 409 that says why (SQLite and PostgreSQL)."""
+    import time
+
+    from gridfl import Syft
+
+    node = server_factory(db_url)
+    name = _host(node, workers=1, max_workers=1, seat_timeout=1.0)
+    x, y = linear_data(64, seed=0)
+    run_worker(node.url, name, x, y, model_version="1.0", max_cycles=1,
+               allow_insecure=True)  # checkpoint 2 is due
+    clients = [Syft(node.url, allow_insecure=True) for _ in range(3)]  # 3 workers
+    try:
+        silent, early, late = (c.new_job(name, "1.0") for c in clients)
+        for job in (silent, early, late):
+            job.can_evaluate = True
+        silent.start()
+        accepted_at = time.monotonic()
+        assert silent.kind == "evaluation"
+        # within the timeout the one seat is held: the next capable worker trains
+        early.start()
+        assert time.monotonic() - accepted_at < 1.0, "the check ran past the timeout"
+        assert early.kind == "training"
+        time.sleep(1.2)  # past seat_timeout: the silent worker's seat lapses
+        late.start()
+        assert late.kind == "evaluation"
+        result = late.evaluate(x[:7], y[:7])
+        late.report_metrics(result.num_samples, result.metrics)
+    finally:
+        for c in clients:
+            c.close()
+    w = HttpWorker(node.url)
+    try:
+        status, body = w.call("model-centric/evaluation-report", {
+            "worker_id": silent.worker_id, "request_key": silent.request_key,
+            "num_samples": 10, "metrics": {"loss": 1.0, "mae": 1.0}})
+        assert status == 409, body
+        assert "seat lapsed" in body["error"] and "seat_timeout" in body["error"]
+    finally:
+        w.close()
+    (e,) = node.host_client.evaluations(name, "1.0")
+    # both seats were handed out; only the one that reported in time counts
+    assert (e["checkpoint"], e["accepted"], e["reported"], e["num_samples"]) == (2, 2, 1, 7)
+    assert e["metrics"] == pytest.approx(_reference(node.checkpoint(name, 2), x[:7], y[:7]),
+                                         rel=1e-5)
+
+
 _SECAGG = {"threshold": 3, "min_survivors": 3}
 
 
@@ -163,9 +213,9 @@ _SECAGG = {"threshold": 3, "min_survivors": 3}
         ({"evaluation": {"max_workers": "3"}}, True,
          "server_config.evaluation.max_workers must be an integer >= 1"),
         ({"evaluation": {"every": 1, "rounds": 2}}, True,
-         'server_config.evaluation must be null or {"every": n, "max_workers": m}'),
+         'server_config.evaluation must be null or {"every": n, "max_workers": m'),
         ({"evaluation": 5}, True,
-         'server_config.evaluation must be null or {"every": n, "max_workers": m}'),
+         'server_config.evaluation must be null or {"every": n, "max_workers": m'),
         ({"evaluation": {"every": 2}}, False,
          "server_config.evaluation needs an evaluation plan"),
         ({"evaluation": {"every": 1}, "mode": "async", "cycle_length": None,
@@ -178,6 +228,10 @@ _SECAGG = {"threshold": 3, "min_survivors": 3}
           "differential_privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0,
                                    "population_size": 100}}, True,
          "server_config.evaluation is not combined with differential_privacy"),
+        ({"evaluation": {"seat_timeout": 0.5}}, True,
+         "server_config.evaluation.seat_timeout must be"),
+        ({"evaluation": {"seat_timeout": "10"}}, True,
+         "server_config.evaluation.seat_timeout must be"),
     ],
 )
 def test_bad_evaluation_config_is_refused_and_stores_nothing(

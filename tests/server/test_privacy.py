@@ -396,6 +396,7 @@ def test_distributed_mode_refuses_a_report_without_its_noise(in_process_node):
         ({"delta": 1.5}, {}, "delta must be a number in (0, 1)"),
         ({"population_size": 1}, {}, "population_size (1) is smaller than the workers"),
         ({}, {"iterative_plan": True}, "iterative averaging plan"),
+        ({}, {"secure_aggregation": {"threshold": 2}}, "cannot be used with secure aggregation"),
         ({"max_epsilon": 1e-4}, {}, "one cycle alone spends epsilon"),
     ],
 )

@@ -155,7 +155,7 @@ def _cycle_table(*, private: bool = False):
 
     table = Table(title="federated MNIST")
     for col in ("cycle", "reports", "cycle s", "elapsed s", "train loss", "test loss",
-                "test acc", *(["epsilon"] if private else [])):
+                "test acc", *(["epsilon", "clip C"] if private else [])):
         table.add_column(col, justify="right")
     return table
 
@@ -167,6 +167,6 @@ def _add_row(table, c) -> None:
         fmt(c.train_loss, ".4f"), fmt(c.test_loss, ".4f"),
         "-" if c.test_accuracy is None else f"{100 * c.test_accuracy:.2f}%",
     ]
-    if len(table.columns) > len(row):  # the epsilon column (differential privacy)
-        row.append(fmt(c.epsilon, ".4g"))
+    if len(table.columns) > len(row):  # differential privacy: epsilon and the clip norm
+        row += [fmt(c.epsilon, ".4g"), fmt(c.clip_norm, ".4g")]
     table.add_row(*row)

@@ -23,6 +23,12 @@ class CycleResult:
     # federated evaluation: the node's weighted mean over the workers' held-out data
     federated_loss: float | None = None
     federated_accuracy: float | None = None
+    # differential privacy: the clip norm C the node clipped the cycle's reports to, the
+    # L2 norms of the diffs the workers sent (logged by the demo's own workers), and their
+    # target quantile, which adaptive clipping steers C toward
+    clip_norm: float | None = None
+    update_norms: list[float] = field(default_factory=list)
+    norm_quantile: float | None = None
 
 
 @dataclass
@@ -65,7 +71,7 @@ class RunResult:
 
 def plot(result: RunResult, path: Path) -> None:
     """Test accuracy and loss per cycle, side by side; with differential privacy, also
-    test accuracy against the ε spent."""
+    test accuracy against the ε spent, and the clip norm against the update norms."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -75,7 +81,11 @@ def plot(result: RunResult, path: Path) -> None:
     xs = [c.cycle for c in done]
     marker = "o" if len(done) <= 60 else None  # long runs: a line reads better than dots
     private = [c for c in done if c.epsilon is not None]
-    fig, axes = plt.subplots(1, 3 if private else 2, figsize=(15 if private else 10, 4))
+    clipped = [c for c in result.cycles if c.clip_norm is not None and c.norm_quantile is not None]
+    panels = 2 + bool(private) + bool(clipped)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    if clipped:
+        _plot_clipping(axes[-1], clipped, result.settings.get("dp_target_quantile"), marker)
     ax_acc, ax_loss = axes[0], axes[1]
     if private:
         axes[2].plot([c.epsilon for c in private],
@@ -115,3 +125,18 @@ def plot(result: RunResult, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_clipping(ax, cycles: list[CycleResult], target, marker) -> None:
+    """The clip norm the node used per cycle, over the workers' update norms and their
+    target quantile (adaptive clipping steers C toward it)."""
+    for c in cycles:
+        ax.scatter([c.cycle] * len(c.update_norms), c.update_norms, s=6, color="0.7",
+                   label="update norms" if c is cycles[0] else None)
+    xs = [c.cycle for c in cycles]
+    ax.plot(xs, [c.norm_quantile for c in cycles], marker="." if marker else None,
+            label=f"{target} quantile of the norms")
+    ax.plot(xs, [c.clip_norm for c in cycles], marker=marker, label="clip norm C")
+    ax.set(xlabel="cycle", ylabel="L2 norm", title="Clipping")
+    ax.legend()
+    ax.grid(alpha=0.3)

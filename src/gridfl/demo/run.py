@@ -32,6 +32,7 @@ from gridfl import Plan, state
 from gridfl._exceptions import ConfigError, GridflError
 from gridfl.compression import KINDS, validate_config
 from gridfl.datasets import Mnist, load_mnist
+from gridfl.demo import norms
 from gridfl.demo.report import CycleResult, RunResult
 from gridfl.demo.worker import ATTACKS
 from gridfl.host import HostClient, closed_cycles
@@ -72,6 +73,7 @@ class DemoOptions:
     dp_noise: float | None = None
     dp_clip: float | None = None
     dp_adaptive: bool = False
+    dp_target_quantile: float = 0.5  # adaptive: the share of update norms C is to sit above
     #: reports compressed as float16, int8 or topk (10%, error feedback); None = plain
     compression: str | None = None
     asynchronous: bool = False  # server_config.mode "async" (FedBuff) instead of cycles
@@ -167,7 +169,11 @@ class DemoOptions:
         """The process's ``server_config.differential_privacy``, or None."""
         if self.dp_noise is None:
             return None
-        clip = {"initial": self.dp_clip} if self.dp_adaptive else self.dp_clip
+        clip = (
+            {"initial": self.dp_clip, "target_quantile": self.dp_target_quantile}
+            if self.dp_adaptive
+            else self.dp_clip
+        )
         return {"noise_multiplier": self.dp_noise, "clip_norm": clip,
                 "population_size": self.clients}
 
@@ -263,6 +269,8 @@ def run_demo(
     name, version = f"mnist-{options.model}", "1"
     result = RunResult(settings={**_jsonable(asdict(options)), "per_cycle": options.per_cycle})
 
+    for i in range(options.workers):  # a crashed earlier run's logs
+        _norms_log(options, i).unlink(missing_ok=True)
     token = secrets.token_urlsafe(16)
     parallel = _usable_cpus() if options.parallel is None else options.parallel
     step(f"starting the grid node and {options.workers} worker processes")
@@ -290,6 +298,8 @@ def run_demo(
                     "10",
                     *(["--compute-slots", str(slots)] if slots else []),
                     *(["--evaluate"] if options.federated_every else []),
+                    *(["--norms-log", str(_norms_log(options, i))] if options.dp_noise is not None
+                      else []),
                     *(["--attack", options.attack] if i < options.byzantine else []),
                     # the last slow_workers processes (the Byzantine ones are the first)
                     *(
@@ -346,6 +356,7 @@ def run_demo(
             assert w.stdin is not None  # started with stdin=PIPE
             w.stdin.write(b"go\n")
             w.stdin.close()
+        windows: dict[int, tuple[float, float]] = {}
         try:
             _watch(
                 host,
@@ -358,6 +369,7 @@ def run_demo(
                 result,
                 [node_proc, *workers],
                 on_cycle,
+                windows,
             )
             _await_last_evaluation(host, name, version, options, result)
         finally:
@@ -369,6 +381,8 @@ def run_demo(
                 except subprocess.TimeoutExpired:
                     w.kill()
         _take_federated(host.evaluations(name, version), result)
+        if options.dp_noise is not None:
+            _take_norms(options, windows, result)
         if not options.evaluate:  # evaluate afterwards, so it never slows the cycles
             for entry in result.cycles:
                 params = host.retrieve(name, version, entry.checkpoint)
@@ -565,9 +579,11 @@ _HOLD = 1.0
 
 
 def _watch(
-    host, name, version, node_up, options, mnist, evaluation_plan, result, procs, on_cycle
+    host, name, version, node_up, options, mnist, evaluation_plan, result, procs, on_cycle,
+    windows,
 ) -> None:
-    """Follow the node's status; evaluate each new checkpoint; stop at the target."""
+    """Follow the node's status; evaluate each new checkpoint; stop at the target. Each
+    aggregated cycle's (start, closed_at) on the node's clock goes into ``windows``."""
     seen = 0  # the newest cycle taken in
     memory = _PeakMemory(procs[0], procs[1:])
     # the node's clock (same machine) at node_up: start-up is read off the node's own
@@ -592,7 +608,9 @@ def _watch(
                 elapsed=round(time.perf_counter() - node_up, 2),
                 train_loss=c["metrics"].get("loss"),
                 epsilon=c.get("epsilon"),
+                clip_norm=c.get("clip_norm"),
             )
+            windows[c["sequence"]] = (c["start"], c["closed_at"])
             if result.startup_seconds is None:
                 result.startup_seconds = round(c["closed_at"] - node_up_at, 2)
             if options.evaluate:
@@ -647,6 +665,22 @@ def _take_federated(evaluations: list[dict] | None, result: RunResult) -> None:
         if e is not None:
             entry.federated_loss = e["metrics"].get("loss")
             entry.federated_accuracy = e["metrics"].get("accuracy")
+
+
+def _norms_log(options: DemoOptions, worker: int) -> Path:
+    return options.data_dir / f"norms-{worker}"
+
+
+def _take_norms(options: DemoOptions, windows: dict, result: RunResult) -> None:
+    """The update norms the workers logged (:mod:`gridfl.demo.norms`) into the cycles
+    they were reported to, with their target quantile (adaptive clipping's goal for C)."""
+    logs = [_norms_log(options, i) for i in range(options.workers)]
+    found = norms.by_cycle(logs, windows)
+    for entry in result.cycles:
+        entry.update_norms = found.get(entry.cycle, [])
+        entry.norm_quantile = norms.quantile(entry.update_norms, options.dp_target_quantile)
+    for log in logs:
+        log.unlink(missing_ok=True)  # read: a later run in this data dir starts afresh
 
 
 def _done(status: dict) -> bool:

@@ -22,6 +22,8 @@ import numpy as np
 
 from gridfl import GridError, state
 from gridfl.client import Syft
+from gridfl.demo import norms
+from gridfl.privacy import l2_norm
 
 #: what a Byzantine demo worker sends instead of its diff (``gridfl demo --attack``)
 ATTACKS = ("scale", "signflip", "noise")
@@ -139,13 +141,16 @@ def run(
     attack: str | None = None,
     slowdown: float = 1.0,
     evaluate: bool = False,
+    norms_log: str | None = None,
 ) -> int:
     """Join cycles until the node is done; returns the number of cycles reported. With
     ``attack``, every report is poisoned (:func:`poison`). ``slowdown`` > 1 makes a slow
     device: after each training it sleeps ``slowdown - 1`` times the training's time (its
     compute slot given back), so a round takes ``slowdown`` times as long. With
     ``evaluate`` the last 10% of each client's examples are held out of training and the
-    worker takes evaluation cycles on them (federated evaluation)."""
+    worker takes evaluation cycles on them (federated evaluation). With ``norms_log``,
+    each report the node takes appends its sending time and diff norm there
+    (:mod:`gridfl.demo.norms`: the demo's view of adaptive clipping)."""
     slots = slots or ComputeSlots(None)
     rng = np.random.default_rng(seed)
     reported = 0
@@ -173,16 +178,7 @@ def run(
             diff = model.create_serialized_diff(result.params)
             if attack is not None:
                 diff = state.dumps(poison(state.loads(diff), attack, rng))
-            try:
-                job.report(
-                    diff,
-                    num_samples=result.num_samples,
-                    metrics={"loss": result.loss, **result.metrics},
-                )
-            except GridError as exc:  # e.g. the cycle closed first: a late device's round
-                outcome["error"] = exc
-                return
-            outcome["reported"] = True
+            _report_training(job, diff, result, outcome, norms_log)
 
         @job.on("rejected")
         def on_rejected(timeout):
@@ -217,6 +213,20 @@ def run(
                 time.sleep(0.5)
             elif outcome.get("reported"):
                 reported += 1
+
+
+def _report_training(job, diff: bytes, result, outcome: dict, norms_log) -> None:
+    """Report the diff; with ``norms_log``, log its norm once the node took it."""
+    sent_at = time.time()  # before sending: inside the cycle's window on the node
+    try:
+        job.report(diff, num_samples=result.num_samples,
+                   metrics={"loss": result.loss, **result.metrics})
+    except GridError as exc:  # e.g. the cycle closed first: a late device's round
+        outcome["error"] = exc
+        return
+    if norms_log is not None:
+        norms.record(norms_log, sent_at, l2_norm(state.loads(diff)))
+    outcome["reported"] = True
 
 
 def _report_evaluation(job, slots: ComputeSlots, data, target, outcome: dict) -> None:
@@ -273,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="a slow device: each round takes this many times its training time",
     )
+    parser.add_argument(
+        "--norms-log",
+        metavar="FILE",
+        default=None,
+        help="append each report's sending time and diff L2 norm to FILE",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.slowdown <= 100:
         parser.error("--slowdown must be in [1, 100]")
@@ -295,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         attack=args.attack,
         slowdown=args.slowdown,
         evaluate=args.evaluate,
+        norms_log=args.norms_log,
     )
     assert "torch" not in sys.modules, "demo workers must not import torch"
     return 0

@@ -45,7 +45,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "secure_aggregation": None,
     # "report": every accepted report survives a crash; "cycle": running sums in memory
     "durability": "report",
-    # null = off; {"every": n, "max_workers": m} (federated evaluation, docs/configs.md)
+    # null = off; {"every": n, "max_workers": m, "seat_timeout": s} (federated evaluation,
+    # docs/configs.md)
     "evaluation": None,
 }
 
@@ -266,21 +267,27 @@ def validate_durability(cfg: dict[str, Any]) -> None:
 
 
 def validate_evaluation(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """``server_config.evaluation`` normalized to ``{"every", "max_workers"}``, or None;
-    refused where the node would release what the process promises to keep private."""
+    """``server_config.evaluation`` normalized to ``{"every", "max_workers",
+    "seat_timeout"}``, or None; refused where the node would release what the process
+    promises to keep private. ``seat_timeout`` null: the cycle's ``cycle_length``
+    (:func:`gridfl.server.evaluation.seat_timeout`)."""
     value = cfg["evaluation"]
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) - {"every", "max_workers"}:
+    if not isinstance(value, dict) or set(value) - {"every", "max_workers", "seat_timeout"}:
         raise ConfigError(
-            'server_config.evaluation must be null or {"every": n, "max_workers": m}'
+            'server_config.evaluation must be null or {"every": n, "max_workers": m, '
+            '"seat_timeout": seconds or null}'
         )
     out = {
         "evaluation.every": value.get("every", 1),
         "evaluation.max_workers": value.get("max_workers"),
+        "evaluation.seat_timeout": value.get("seat_timeout"),
     }
     _int(out, "evaluation.every", minimum=1, nullable=False)
     _int(out, "evaluation.max_workers", minimum=1, nullable=True)
+    _num(out, "evaluation.seat_timeout", minimum=MIN_CYCLE_LENGTH, nullable=True,
+         maximum=MAX_CYCLE_LENGTH)
     if cfg["mode"] == "async":
         raise ConfigError(
             "server_config.evaluation runs alongside cycles (mode 'sync'); mode 'async' "
@@ -293,7 +300,11 @@ def validate_evaluation(cfg: dict[str, Any]) -> dict[str, Any] | None:
                 "evaluation metrics are sent in the clear and are not accounted for: "
                 "remove one of them"
             )
-    return {"every": out["evaluation.every"], "max_workers": out["evaluation.max_workers"]}
+    return {
+        "every": out["evaluation.every"],
+        "max_workers": out["evaluation.max_workers"],
+        "seat_timeout": out["evaluation.seat_timeout"],
+    }
 
 
 def validate_pace_steering(value: Any) -> dict[str, float] | None:

@@ -7,8 +7,10 @@ An evaluation runs alongside training, never in its place: it has no deadline, d
 count towards a cycle's ``max_workers``, the reuse rule or pace steering, and its seats
 (at most ``evaluation.max_workers``) are offered before a training seat to a worker that
 can evaluate and has not evaluated this checkpoint. A newer due checkpoint takes over new
-seats; a seat of an older evaluation may still report. syft.js never names the capability,
-so it only ever trains.
+seats; a seat of an older evaluation may still report. A seat not reported within
+``evaluation.seat_timeout`` seconds (:func:`seat_timeout`) lapses: it no longer counts
+towards ``max_workers``, so another worker can take it, and its late report is refused.
+syft.js never names the capability, so it only ever trains.
 """
 
 from __future__ import annotations
@@ -24,10 +26,28 @@ from sqlalchemy.exc import IntegrityError
 
 from gridfl import _messages
 from gridfl._exceptions import AuthenticationError, ConflictError, GridflError
-from gridfl.server.tables import checkpoints, evaluation_seats, evaluations, workers
+from gridfl.server.tables import checkpoints, evaluation_seats, evaluations, processes, workers
 
 #: ONNX ModelProto.metadata_props, and StringStringEntryProto's key and value
 _METADATA_PROPS, _KEY, _VALUE = 14, 1, 2
+#: seconds an evaluation seat waits for its report when neither ``seat_timeout`` nor the
+#: cycle's ``cycle_length`` is set
+DEFAULT_SEAT_TIMEOUT = 600.0
+
+
+def seat_timeout(server_config: dict[str, Any]) -> float:
+    """Seconds an evaluation seat is held for its report: ``evaluation.seat_timeout``,
+    else the cycle's ``cycle_length``, else :data:`DEFAULT_SEAT_TIMEOUT`.
+
+    >>> seat_timeout({"cycle_length": 60, "evaluation": {"every": 1, "seat_timeout": 5}})
+    5.0
+    >>> seat_timeout({"cycle_length": 60, "evaluation": {"every": 1}})
+    60.0
+    >>> seat_timeout({"cycle_length": None, "evaluation": {"every": 1}})
+    600.0
+    """
+    given = (server_config.get("evaluation") or {}).get("seat_timeout")
+    return float(given or server_config.get("cycle_length") or DEFAULT_SEAT_TIMEOUT)
 
 
 def plan_kind(onnx: bytes) -> str | None:
@@ -109,18 +129,26 @@ def _evaluation_of(conn: Connection, process_id: int, checkpoint_id: int) -> int
 
 def admit(conn: Connection, process, worker_id: str) -> str | None:
     """Seat the worker in the due evaluation and return its request key, or None when
-    there is nothing to evaluate, its seats are taken, or this worker already has one."""
+    there is nothing to evaluate, its seats are taken, or this worker already had one
+    (a lapsed seat too: its worker had its turn). Lapsed seats are not taken."""
     cfg = process.server_config["evaluation"]
     due = due_checkpoint(conn, process.id, cfg["every"])
     if due is None:
         return None
-    evaluation_id = _evaluation_of(conn, process.id, due.id)
-    taken = conn.execute(
-        sa.select(evaluation_seats.c.worker_id).where(
-            evaluation_seats.c.evaluation_id == evaluation_id
-        )
-    ).scalars().all()
-    if worker_id in taken or (cfg["max_workers"] is not None and len(taken) >= cfg["max_workers"]):
+    evaluation_id = _evaluation_of(conn, process.id, due.id)  # locked: admissions queue
+    now = time.time()
+    lapse_before = now - seat_timeout(process.server_config)
+    seats = conn.execute(
+        sa.select(
+            evaluation_seats.c.worker_id,
+            evaluation_seats.c.accepted_at,
+            evaluation_seats.c.reported_at,
+        ).where(evaluation_seats.c.evaluation_id == evaluation_id)
+    ).all()
+    taken = [s for s in seats if s.reported_at is not None or s.accepted_at >= lapse_before]
+    if any(s.worker_id == worker_id for s in seats) or (
+        cfg["max_workers"] is not None and len(taken) >= cfg["max_workers"]
+    ):
         return None
     key = secrets.token_hex(32)
     conn.execute(
@@ -128,7 +156,7 @@ def admit(conn: Connection, process, worker_id: str) -> str | None:
             evaluation_id=evaluation_id,
             worker_id=worker_id,
             request_key=key,
-            accepted_at=time.time(),
+            accepted_at=now,
         )
     )
     return key
@@ -139,6 +167,7 @@ def _seats_of_worker(conn: Connection, worker_id: str, *, lock: bool = False):
         sa.select(
             evaluation_seats.c.id,
             evaluation_seats.c.request_key,
+            evaluation_seats.c.accepted_at,
             evaluation_seats.c.reported_at,
             evaluations.c.process_id,
             evaluations.c.checkpoint_id,
@@ -165,7 +194,8 @@ def seat_for_key(conn: Connection, process_id: int, worker_id: str, key: str):
 
 
 def report(conn: Connection, req: _messages.EvaluationReport) -> None:
-    """Store one worker's metrics; refused for an unknown key or a second report."""
+    """Store one worker's metrics; refused for an unknown key, a second report, or a seat
+    that lapsed (not reported within :func:`seat_timeout`)."""
     seat = _match(_seats_of_worker(conn, req.worker_id, lock=True), req.request_key)
     if seat is None:
         known = conn.execute(
@@ -182,6 +212,18 @@ def report(conn: Connection, req: _messages.EvaluationReport) -> None:
         )
     if seat.reported_at is not None:
         raise ConflictError("this worker already reported its metrics for this evaluation")
+    server_config = conn.execute(
+        sa.select(processes.c.server_config).where(processes.c.id == seat.process_id)
+    ).scalar_one()
+    timeout = seat_timeout(server_config)
+    late = time.time() - seat.accepted_at
+    if late > timeout:
+        raise ConflictError(
+            f"the evaluation seat lapsed: metrics are taken up to {timeout:g} s after the "
+            f"seat was accepted (server_config.evaluation.seat_timeout), this report came "
+            f"after {late:.1f} s and the seat may have gone to another worker; ask for a "
+            "new cycle"
+        )
     conn.execute(
         evaluation_seats.update()
         .where(evaluation_seats.c.id == seat.id)
