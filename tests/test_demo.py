@@ -153,7 +153,7 @@ def test_progress_follows_every_cycle_of_a_long_run(tmp_path, monkeypatch):
         # the node's clock runs with perf_counter here: node up (perf 0.0) is at node time 0
         monkeypatch.setattr(demo_run, "time", types.SimpleNamespace(
             perf_counter=time.perf_counter, monotonic=time.monotonic, time=time.perf_counter))
-        _watch(host, "m", "1", 0.0, options, None, None, result, procs, None)
+        _watch(host, "m", "1", 0.0, options, None, None, result, procs, None, {})
     finally:
         for p in procs:
             p.kill()

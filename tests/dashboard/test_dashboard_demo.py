@@ -31,10 +31,11 @@ def _lines(stream, out: queue.Queue) -> None:
 
 @pytest.fixture
 def demo(tmp_path):
-    """(dashboard URL, admin token) of a short 2NN demo with federated evaluation."""
+    """(dashboard URL, admin token) of a 2NN demo with federated evaluation, long enough
+    to outlast the test on a fast machine (its node stops with it); stopped with Ctrl-C."""
     pytest.importorskip("torch")  # the demo compiles its plans on the host
     cmd = [sys.executable, "-m", "gridfl", "demo", "--model", "2nn", "-K", "4", "-C", "0.5",
-           "--workers", "2", "--examples-per-client", "300", "--cycles", "40",
+           "--workers", "2", "--examples-per-client", "300", "--cycles", "1000",
            "--target", "1", "--federated-every", "1", "--data-dir", str(tmp_path / "data"),
            "--out-dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -52,7 +53,7 @@ def demo(tmp_path):
             pytest.fail("gridfl demo printed no dashboard URL:\n" + "".join(seen))
         with open(token_file) as f:
             yield url, f.read().strip()
-        assert proc.wait(timeout=300) == 0, "".join(seen)
+        assert proc.poll() is None, "the demo ended during the test:\n" + "".join(seen)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # the demo stops its node and workers
