@@ -33,6 +33,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def in_threads(fn, calls, timeout: float = 120) -> list:
+    """``fn(*args)`` for every ``args`` in ``calls``, each in its own thread, all at once;
+    their results in order. Fails if any thread raised (with every error) or is still
+    running after ``timeout`` seconds (the node under test hung)."""
+    calls = list(calls)
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def one(i: int, args) -> None:
+        try:
+            results[i] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i, a), daemon=True)
+               for i, a in enumerate(calls)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    hung = sum(t.is_alive() for t in threads)
+    assert not hung, f"{hung} of {len(threads)} threads still running after {timeout} s"
+    if errors:
+        raise AssertionError(f"{len(errors)} of {len(threads)} threads failed: {errors}") \
+            from errors[0]
+    return results
+
+
 # --------------------------------------------------------------------------- in-thread node
 def make_settings(db_url: str | None, data_dir, **overrides):
     """Settings of a test node: the test admin token, a 1 MiB speed test (PyGrid's 64 MiB

@@ -3,13 +3,12 @@ each worker (FedBN), and optimizer state kept across cycles when the process ask
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 from gridfl import ConfigError, Syft
 from gridfl.client import LocalState, run_worker
+from tests.harness import in_threads
 
 from .worker_proc import CLASSES, FEATURES, blobs
 
@@ -42,25 +41,18 @@ def train(grid, name: str, tmp_path):
     results: dict[int, list] = {w: [] for w in range(WORKERS)}
     clients = [Syft(grid.url_for("http"), local_state_dir=tmp_path / f"w{w}")
                for w in range(WORKERS)]
-    errors: list[BaseException] = []
 
     def work(w: int) -> None:
         x, y = shard(w)
-        try:
-            run_worker(grid.url, name, x, y, model_version="1.0", client=clients[w],
-                       shuffle=False, max_wait=0.2, min_wait=0.05, max_errors=20,
-                       on_trained=lambda job, r: results[w].append(r))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
-            errors.append(e)
+        run_worker(grid.url, name, x, y, model_version="1.0", client=clients[w],
+                   shuffle=False, max_wait=0.2, min_wait=0.05, max_errors=20,
+                   on_trained=lambda job, r: results[w].append(r))
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(WORKERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    for c in clients:
-        c.close()
-    assert not errors, errors
+    try:
+        in_threads(work, [(w,) for w in range(WORKERS)])
+    finally:
+        for c in clients:
+            c.close()
     assert [len(results[w]) for w in range(WORKERS)] == [CYCLES] * WORKERS
     return clients, results
 

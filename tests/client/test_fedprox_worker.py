@@ -6,12 +6,11 @@ checkpoint equals FedAvg of numpy FedProx runs from the paper's formula
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 from tests import _fedprox_reference as ref
+from tests.harness import in_threads
 
 pytest.importorskip("torch")
 
@@ -39,23 +38,13 @@ def test_two_cycles_of_two_workers_equal_the_numpy_reference(server_factory, db_
     )
     status = node.status(name)
     assert status["strategy"]["name"] == "fedprox"
-    errors: list[BaseException] = []
 
     def work(data, transport):
-        try:
-            summary = run_worker(node.url_for(transport), name, *data, model_version="1.0",
-                                 shuffle=False, max_wait=0.1)
-            assert summary.finished and summary.cycles == 2
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            errors.append(e)
+        summary = run_worker(node.url_for(transport), name, *data, model_version="1.0",
+                             shuffle=False, max_wait=0.1)
+        assert summary.finished and summary.cycles == 2
 
-    threads = [threading.Thread(target=work, args=(data_a, "ws")),
-               threading.Thread(target=work, args=(data_b, "http"))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    in_threads(work, [(data_a, "ws"), (data_b, "http")])
     want = [np.asarray(p, np.float64) for p in w0]
     for number in (2, 3):
         runs = [ref.local_run(want, *d, lr=LR, mu=MU, batch_size=BATCH, steps=STEPS)

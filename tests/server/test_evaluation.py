@@ -5,14 +5,12 @@ computed here with numpy from the checkpoint the node serves."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 from gridfl.client import run_worker
 from tests.builders import linear_data, linear_eval_plan, linear_sgd_plan
-from tests.harness import HttpWorker, LiveNode, join, make_settings
+from tests.harness import HttpWorker, LiveNode, in_threads, join, make_settings
 
 WORKERS = 3
 HELD_OUT = (11, 29, 60)  # different sizes: an unweighted mean would differ
@@ -43,25 +41,15 @@ def test_evaluation_metrics_are_the_weighted_mean_of_the_workers(
     node = server_factory(db_url)
     name = _host(node)
     held_out = [linear_data(n, seed=100 + i) for i, n in enumerate(HELD_OUT)]
-    summaries: list = [None] * WORKERS
-    errors: list = []
 
-    def work(i: int) -> None:
-        try:
-            x, y = linear_data(64, seed=i)
-            summaries[i] = run_worker(
-                node.url_for(transport), name, x, y, model_version="1.0",
-                eval_data=held_out[i], long_poll=10, max_wait=0.5, allow_insecure=True,
-            )
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def work(i: int):
+        x, y = linear_data(64, seed=i)
+        return run_worker(
+            node.url_for(transport), name, x, y, model_version="1.0",
+            eval_data=held_out[i], long_poll=10, max_wait=0.5, allow_insecure=True,
+        )
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(WORKERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    summaries = in_threads(work, [(i,) for i in range(WORKERS)])
     assert all(s.cycles == 2 for s in summaries), summaries
 
     evaluations = node.host_client.evaluations(name, "1.0")

@@ -15,7 +15,6 @@ import base64
 import contextlib
 import json
 import sys
-import threading
 import time
 from math import inf
 
@@ -29,6 +28,7 @@ from benchmarks.hostile_state import HOSTILE, model_of_size, normal_diff
 from gridfl import StateError
 from gridfl import _protobuf as pw
 from gridfl.state import FIELDS_BASE, FIELDS_PER_TENSOR, MAX_TENSORS, dumps, loads
+from tests.harness import in_threads
 
 #: hostile / normal parse time, goal; measured, on this 2-core box, at most ~1.2
 RATIO_BOUND = 3.0
@@ -349,17 +349,8 @@ def _http_report(url: str, worker_id: str, key: str, diff: bytes) -> dict:
 
 def _at_once(send, url: str, seats, diffs) -> list[dict]:
     """``send(url, worker_id, key, diff)`` for every seat and diff, all at the same time."""
-    results: list = [None] * len(diffs)
-
-    def one(i):
-        results[i] = send(url, *seats[i], diffs[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(diffs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    return results
+    return in_threads(send, [(url, *seat, diff) for seat, diff in zip(seats, diffs, strict=True)],
+                      timeout=300)
 
 
 #: what the allocator may keep after 4 x 60 MiB of refused reports (the node used to keep
