@@ -232,7 +232,8 @@ def test_cycle_counts_the_requests_it_rejected(live):
 
 def test_rejections_from_a_full_cycle_are_counted_too(live):
     """Requests for a full cycle are turned away on a read-only path; they are counted
-    with the next admission that writes (here a request carrying its speed test)."""
+    with the next admission to that cycle that writes (here a request carrying its speed
+    test)."""
     from tests.harness import HttpWorker, join
 
     name = live.host(server_config={"max_workers": 1, "max_diffs": 5})
@@ -245,3 +246,23 @@ def test_rejections_from_a_full_cycle_are_counted_too(live):
     assert answers == ["accepted"] + ["rejected"] * 4
     (cycle,) = live.status(name)["cycles"]
     assert (cycle["accepted"], cycle["rejected"]) == (1, 4)
+
+
+def test_rejections_from_a_full_cycle_are_counted_when_it_closes(live):
+    """The last cycle of a process sees no later admission: its read-only rejections are
+    written when it completes."""
+    from tests.harness import HttpWorker, join, report
+
+    name = live.host(server_config={"max_workers": 1, "max_diffs": 1, "num_cycles": 1})
+    zeros = [np.zeros_like(p) for p in live.checkpoint(name, 1)]
+    worker = HttpWorker(live.url)
+    try:
+        wid, cycle = join(worker, name)
+        answers = [join(worker, name)[1]["status"] for _ in range(3)]
+        status, _ = report(worker, wid, cycle["request_key"], zeros)
+    finally:
+        worker.close()
+    assert answers == ["rejected"] * 3 and status == 200
+    (closed,) = live.status(name)["cycles"]
+    assert closed["status"] == "completed"
+    assert (closed["accepted"], closed["rejected"]) == (1, 3)

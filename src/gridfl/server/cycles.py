@@ -20,6 +20,7 @@ from gridfl._exceptions import ModelError
 from gridfl.server import aggregate as agg
 from gridfl.server import db, rules, storage, strategy_store
 from gridfl.server.catalog import Catalog
+from gridfl.server.rejections import RejectionCounts
 
 log = logging.getLogger("gridfl.server")
 
@@ -37,11 +38,18 @@ class Cycles:
     """
 
     def __init__(
-        self, engine: Engine, catalog: Catalog, instance_id: str, *, crash_at: str | None = None
+        self,
+        engine: Engine,
+        catalog: Catalog,
+        instance_id: str,
+        rejections: RejectionCounts,
+        *,
+        crash_at: str | None = None,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
         self.instance_id = instance_id
+        self.rejections = rejections
         self.crash_at = crash_at
         self._notify_others = engine.dialect.name == "postgresql"
         # cycle id -> [version, sum_w, sum_x]; version -1 while a fold is in flight
@@ -216,6 +224,7 @@ class Cycles:
             strategy_store.save_state(conn, ckpt, process.id, new_state, summary)
         self.catalog.remember_checkpoint(ckpt, data, new_params, sums.spec)
         self.drop_live(cycle.id)
+        self.rejections.write(conn, cycle.id)
         storage.close_cycle(
             conn, cycle.id, status="completed", closed_at=now, result_checkpoint_id=ckpt
         )
@@ -247,6 +256,7 @@ class Cycles:
         """Close the cycle without a checkpoint: its reports are dropped and a new cycle
         opens on the same checkpoint."""
         self.drop_live(cycle.id)
+        self.rejections.write(conn, cycle.id)
         storage.close_cycle(conn, cycle.id, status="expired", closed_at=now)
         self.open_next(conn, process, cycle.checkpoint_id, now)
         log.log(

@@ -63,7 +63,8 @@ class GridNode(WorkerApi, SecAggApi):
         #: rejections from the read-only admission path, until a write counts them
         self.rejections = RejectionCounts()
         self.cycles = Cycles(
-            self.engine, self.catalog, self.instance_id, crash_at=self.settings.test_crash_at
+            self.engine, self.catalog, self.instance_id, self.rejections,
+            crash_at=self.settings.test_crash_at,
         )
 
     def close(self) -> None:

@@ -182,7 +182,8 @@ class WorkerApi:
         if req.ping is not None or req.download is not None or req.upload is not None:
             storage.store_speeds(conn, worker.id, req.ping, req.download, req.upload)
         cycle = self._open_cycle(conn, process.id) if worker.status == "running" else None
-        self.rejections.write(conn)  # the read-only path's, after the open cycle's lock
+        if cycle is not None:  # the read-only path's rejections, under the cycle's lock
+            self.rejections.write(conn, cycle.id)
         # an evaluation seat first (after the cycle's lock: a cycle completing now may make
         # its checkpoint due); it runs alongside training, and the last checkpoint is still
         # evaluated once the process has finished
@@ -212,7 +213,7 @@ class WorkerApi:
             draw=random.random,
         )
         if decision.reason is not None:  # rejected, and counted for the cycle table
-            self.rejections.write(conn, rejected_now=cycle.id)
+            self.rejections.write(conn, cycle.id, rejected_now=True)
             return _messages.CycleRejected(timeout, decision.reason).to_json()
         request_key = secrets.token_hex(32)
         if buffered and seats.taken is not None:
@@ -283,7 +284,7 @@ class WorkerApi:
         )
         if reason is None:
             return None
-        self.rejections.add(row.cycle_id)  # written with the next locked admission
+        self.rejections.add(row.cycle_id)  # written later: see rejections.py
         return _messages.CycleRejected(self._timeout(row, process), reason).to_json()
 
     # ------------------------------------------------------------------ downloads
