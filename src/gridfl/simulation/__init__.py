@@ -3,8 +3,8 @@ machine (a pool of worker processes) or a Ray cluster, aggregated by the node's 
 
 >>> from gridfl.simulation import partition
 >>> import numpy as np
->>> [len(p) for p in partition(np.arange(12) % 3, 4, "iid")]
-[3, 3, 3, 3]
+>>> print(*[len(p) for p in partition(np.arange(12) % 3, 4, "iid")])
+3 3 3 3
 
 See :func:`simulate` and docs/simulation.md. :func:`simulate` is imported on first use
 (PEP 562): a pool worker, which imports only the client side
