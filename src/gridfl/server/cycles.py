@@ -56,6 +56,9 @@ class Cycles:
         self.close_timeout = close_timeout
         self.crash_at = crash_at
         self._notify_others = engine.dialect.name == "postgresql"
+        #: SQLite: this is the database's one server process, so partial sums held by any
+        #: other (an earlier run of it) died with it
+        self._sole_process = engine.dialect.name == "sqlite"
         # cycle id -> [version, sum_w, sum_x]; version -1 while a fold is in flight
         self._sums: dict[int, list] = {}
         #: durability "cycle": this process's partial sums of open cycles, in memory only
@@ -164,8 +167,12 @@ class Cycles:
         memory only, or ``None`` when they were lost: they count other than the reports its
         transactions committed (the process restarted, or a transaction failed after its
         fold). The caller holds the cycle's lock, and expires the cycle when they are lost
-        (:meth:`expire_lost`)."""
-        return self.partials.held(conn, cycle.id, spec)
+        (:meth:`expire_lost`). With one server process (SQLite) they must hold every
+        report of the cycle."""
+        sums = self.partials.held(conn, cycle.id, spec)
+        if sums is None or not self._sole_process:
+            return sums
+        return sums if sums.count_w + sums.count_x == cycle.num_reports else None
 
     def close_ready(self, conn: Connection, cycle, process, spec, received: int, now: float) -> str:
         """Durability ``"cycle"``: the cycle (locked) is ready with ``received`` reports.
@@ -175,9 +182,9 @@ class Cycles:
         ``end_at``), and wake them (NOTIFY): ``"closing"``. ``"lost"`` when this process's
         sums were lost and the cycle expired."""
         committed, _ = self.partials.committed(conn, cycle.id)
-        if committed:
+        if committed or self._sole_process:
             sums = self.partials.held(conn, cycle.id, spec)
-            if sums is None:
+            if sums is None or (self._sole_process and committed != received):
                 self.expire_lost(conn, cycle, process, now)
                 return "lost"
             if committed == received:  # one process took every report: nothing to wait for
