@@ -443,8 +443,8 @@ class WorkerApi:
         cycle_id = match.cycle_id
         cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).one()
         if cycle.status != "open" or cycle.closing_at is not None:
-            state = "closing" if cycle.status == "open" else f"closed ({cycle.status})"
-            raise ConflictError(f"cycle {cycle.sequence} is {state}: the report came too late")
+            now_is = "closing" if cycle.status == "open" else f"closed ({cycle.status})"
+            raise ConflictError(f"cycle {cycle.sequence} is {now_is}: the report came too late")
         seat = conn.execute(storage.report_check, {"seat_id": match.id, "cycle_id": cycle_id}).one()
         if seat.reported_at is not None:
             raise ConflictError(f"this worker already reported for cycle {cycle.sequence}")
