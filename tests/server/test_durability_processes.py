@@ -30,12 +30,15 @@ def two(pg_fresh_db, tmp_path):
                           close_timeout=CLOSE_TIMEOUT))
         for _ in range(2)
     ]
-    nodes[0].host(host_payload(server_config={
-        "min_diffs": 2, "max_diffs": 10, "durability": "cycle", "cycle_length": 60,
-    }))
     yield nodes
     for n in nodes:
         n.close()
+
+
+def _host(node: GridNode, **server) -> None:
+    node.host(host_payload(server_config={
+        "min_diffs": 2, "max_diffs": 10, "durability": "cycle", "cycle_length": 60, **server,
+    }))
 
 
 def _seat(node: GridNode) -> tuple[str, str]:
@@ -69,6 +72,7 @@ def _statuses(node: GridNode) -> list[str]:
 
 def test_the_deadline_gathers_both_processes_partial_sums(two):
     a, b = two
+    _host(a)
     for i, node in enumerate((a, b, b)):
         _report(node, i)
     late = _seat(b)
@@ -98,6 +102,7 @@ def test_the_deadline_gathers_both_processes_partial_sums(two):
 
 def test_a_partial_that_never_arrives_expires_the_cycle_at_close_timeout(two):
     a, b = two
+    _host(a)
     _report(a, 0)
     _report(b, 1)  # and b never writes it (it died)
     first = _cycle(a)[0]
@@ -118,6 +123,7 @@ def test_sums_that_disagree_with_their_count_expire_the_cycle_at_once(two):
     committed reports, so it expires the cycle at once instead of waiting for the
     timeout."""
     a, b = two
+    _host(a)
     _report(a, 0)
     _report(b, 1)
     first = _cycle(a)[0]
@@ -128,3 +134,28 @@ def test_sums_that_disagree_with_their_count_expire_the_cycle_at_once(two):
     a.close_due_cycles(first.end_at + 1)
     assert b.close_due_cycles() == 1
     assert _statuses(a) == ["expired", "open"]
+
+
+def test_differential_privacy_clips_before_the_partial_sums(two):
+    """Central DP with z = 0 over two processes' sums: the checkpoint is the current model
+    minus the sum of the reports clipped to C, over the fixed denominator m (DP-FedAvg),
+    with the clip applied in each process before its partial sum."""
+    a, b = two
+    c, m = 0.02, 3  # every report (L2 norm about 0.04) is clipped
+    dp = {"noise_multiplier": 0.0, "clip_norm": c, "population_size": 100}
+    _host(a, max_diffs=m, max_workers=m, differential_privacy=dp)
+    _report(a, 0)
+    _report(b, 1)
+    _report(b, 2)  # the cycle is ready: b writes its sums and waits for a's
+    assert _statuses(a) == ["open"]
+    assert a.close_due_cycles() == 1
+    assert _statuses(a) == ["completed", "open"]
+
+    def clipped(d):
+        norm = np.sqrt(sum(float(np.sum(x.astype(np.float64) ** 2)) for x in d))
+        return [x.astype(np.float64) * min(1.0, c / norm) for x in d]
+
+    new = state.loads(a.checkpoint("mnist", "1.0", "2"))
+    for j, p in enumerate(model_params()):
+        total = sum(clipped(diff_of(i))[j] for i in range(m))
+        np.testing.assert_allclose(new[j], p - total / m, rtol=1e-5, atol=1e-6)
