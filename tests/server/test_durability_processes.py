@@ -77,8 +77,11 @@ def test_the_deadline_gathers_both_processes_partial_sums(two):
         _report(node, i)
     late = _seat(b)
     first = _cycle(a)[0]
+    marker = b.cycle_marker()
     # a sees the deadline: it writes its partial sums and waits for b's
     assert a.close_due_cycles(first.end_at + 1) == 1
+    # what b polls when a NOTIFY is lost: it changes when a cycle starts closing
+    assert b.cycle_marker() != marker
     closing = _cycle(a)[0]
     assert (closing.status, closing.closing_at is not None) == ("open", True)
     assert closing.end_at == pytest.approx(closing.closing_at + CLOSE_TIMEOUT)
