@@ -1,4 +1,4 @@
-"""Grid node benchmarks (``python -m benchmarks.bench_server [N ...] [--durability cycle]``).
+"""Grid node benchmarks (``python -m benchmarks.bench_server [N ...] [--durability D[,D]]``).
 
 1. Load: N concurrent simulated workers (default 100 and 1000), each doing
    authenticate -> cycle-request -> get-model -> get-plan -> report over HTTP on the
@@ -8,7 +8,8 @@
    after 10, 100, ...
    reports (must stay flat: the aggregate is folded in, O(model)). ``--durability cycle``
    hosts with ``server_config.durability: "cycle"`` (running sums in memory) and runs
-   only this part.
+   only this part; ``--durability report,cycle`` runs both, side by side on the same
+   server process, one FL process each.
 2. Aggregation: 100 CNN diffs folded by the node (decode, validate, fold, write; in process)
    vs ``numpy.mean`` of the same 100 arrays already in memory (the floor).
 """
@@ -230,7 +231,7 @@ def _run_load(url: str, n: int, name: str, pid: int, diff_b64: bytes) -> dict:
     return {"wall": wall, "lat": lat, "mem": mem, "cpu_per_report": (_proc_cpu(pid) - cpu0) / n}
 
 
-def bench_load(ns=(100, 1000), durability: str = "report") -> None:
+def bench_load(ns=(100, 1000), durabilities: tuple[str, ...] = ("report",)) -> None:
     from gridfl import state
 
     diff = [(0.001 * np.ones(s)).astype(np.float32) for s in CNN_SHAPES]
@@ -271,11 +272,11 @@ def bench_load(ns=(100, 1000), durability: str = "report") -> None:
                 base_url=url, timeout=600, headers={"Authorization": f"Bearer {ADMIN}"}
             )
             print(
-                f"{'N':>5} {'wall s':>7} {'cyc/s':>6} {'cpu s/wkr':>9}  "
+                f"{'durability':>10} {'N':>5} {'wall s':>7} {'cyc/s':>6} {'cpu s/wkr':>9}  "
                 "p50/p99 ms: auth cycle model plan report   RSS MB after k reports"
             )
-            for n in ns:
-                name = f"cnn{n}"
+            for durability, n in ((d, n) for n in ns for d in durabilities):
+                name = f"cnn{n}-{durability}"
                 r = admin.post("/gridfl/v1/processes", json=host_payload(name, n, durability))
                 assert r.status_code == 201, r.text
                 res = _run_load(url, n, name, proc.pid, diff_b64)
@@ -284,7 +285,7 @@ def bench_load(ns=(100, 1000), durability: str = "report") -> None:
                 lat = "  ".join(f"{_pct(v, 50):.0f}/{_pct(v, 99):.0f}" for v in res["lat"].values())
                 mem = " ".join(f"{k}:{v:.0f}" for k, v in sorted(res["mem"].items()))
                 print(
-                    f"{n:>5} {res['wall']:>7.1f} {1 / res['wall']:>6.3f} "
+                    f"{durability:>10} {n:>5} {res['wall']:>7.1f} {1 / res['wall']:>6.3f} "
                     f"{res['cpu_per_report']:>9.3f}  {lat}   {mem}",
                     flush=True,
                 )
@@ -333,18 +334,20 @@ def bench_aggregation(k: int = 100) -> None:
 
 
 def main(argv=None) -> None:
-    """``[N ...] [--durability report|cycle]``; with ``--durability`` only the load runs."""
+    """``[N ...] [--durability report|cycle|report,cycle]``; with ``--durability`` only the
+    load runs."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    durability = "report"
+    durabilities = None
     if "--durability" in argv:
         at = argv.index("--durability")
-        durability = argv[at + 1]
+        durabilities = tuple(argv[at + 1].split(",")) if at + 1 < len(argv) else ()
         del argv[at : at + 2]
+        if not durabilities or not set(durabilities) <= {"report", "cycle"}:
+            sys.exit("--durability takes report, cycle or report,cycle")
     ns = tuple(int(a) for a in argv) or (100, 1000)
-    if durability == "report":
+    if durabilities is None:
         bench_aggregation()
-    print(f"durability {durability!r}")
-    bench_load(ns, durability)
+    bench_load(ns, durabilities or ("report",))
 
 
 if __name__ == "__main__":

@@ -99,12 +99,3 @@ def test_a_graceful_restart_expires_the_open_cycle_too(serve_factory, tmp_path):
     st = Admin(srv.url).status()
     statuses = sorted((c["sequence"], c["status"], c["reported"]) for c in st["cycles"])
     assert statuses == [(1, "expired", 1), (2, "open", 0)]
-
-
-@pytest.mark.postgres
-def test_refused_on_postgresql_where_several_processes_share_a_cycle(serve_factory, pg_fresh_db):
-    srv = serve_factory(pg_fresh_db)
-    r = _host(srv.url)
-    assert r.status_code == 400, r.text
-    assert "durability 'cycle' needs a single server process" in r.json()["error"]
-    assert Admin(srv.url).http.get("/gridfl/v1/processes/mnist/1.0").status_code == 404

@@ -74,6 +74,14 @@ else:
         "(closed) before giving up on it.",
     )
     @click.option(
+        "--close-timeout",
+        default=10.0,
+        show_default=True,
+        type=click.FloatRange(0, min_open=True),
+        help="Durability 'cycle' with several server processes: seconds a ready cycle "
+        "waits for the other processes' partial sums before it expires.",
+    )
+    @click.option(
         "--speed-test-mb",
         default=64,
         show_default=True,
@@ -103,6 +111,7 @@ else:
         max_body_mb,
         body_buffer_mb,
         read_idle_timeout,
+        close_timeout,
         speed_test_mb,
         log_level,
         log_format,
@@ -133,6 +142,7 @@ else:
             max_body_bytes=max_body_mb * 1024 * 1024,
             body_buffer_bytes=body_buffer_mb * 1024 * 1024,
             read_idle_timeout=read_idle_timeout,
+            close_timeout=close_timeout,
             speed_test_bytes=speed_test_mb * 1024 * 1024,
             # test-only fault injection (tests/faults); the one place it is read
             test_crash_at=os.environ.get("GRIDFL_TEST_CRASH_AT") or None,

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from gridfl._exceptions import ModelError
 from gridfl.server import aggregate as agg
-from gridfl.server import db, rules, storage, strategy_store
+from gridfl.server import db, partials, rules, storage, strategy_store
 from gridfl.server.catalog import Catalog
 from gridfl.server.rejections import RejectionCounts
 
@@ -33,6 +33,8 @@ CYCLE_CHANNEL = "gridfl_cycles"
 class Cycles:
     """Opens, folds into, completes, expires and closes cycles for one node process.
 
+    ``close_timeout``: how long a durability ``"cycle"`` cycle that is ready waits for
+    the other server processes' partial sums before it expires (``Settings.close_timeout``).
     ``crash_at`` is TEST-ONLY fault injection (``Settings.test_crash_at``): see
     :meth:`crash_point`.
     """
@@ -44,18 +46,23 @@ class Cycles:
         instance_id: str,
         rejections: RejectionCounts,
         *,
+        close_timeout: float = 10.0,
         crash_at: str | None = None,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
         self.instance_id = instance_id
         self.rejections = rejections
+        self.close_timeout = close_timeout
         self.crash_at = crash_at
         self._notify_others = engine.dialect.name == "postgresql"
+        #: SQLite: this is the database's one server process, so partial sums held by any
+        #: other (an earlier run of it) died with it
+        self._sole_process = engine.dialect.name == "sqlite"
         # cycle id -> [version, sum_w, sum_x]; version -1 while a fold is in flight
         self._sums: dict[int, list] = {}
-        # durability "cycle": cycle id -> its running sums, held only in memory
-        self._live: dict[int, agg.RunningSums] = {}
+        #: durability "cycle": this process's partial sums of open cycles, in memory only
+        self.partials = partials.Partials(instance_id)
         self._sums_lock = threading.Lock()
 
     def crash_point(self, name: str) -> None:
@@ -151,25 +158,93 @@ class Cycles:
             self._sums.pop(cycle_id, None)
 
     def drop_live(self, cycle_id: int) -> None:
-        """The cycle closes: its in-memory sums (durability ``"cycle"``) go with it."""
-        with self._sums_lock:
-            self._live.pop(cycle_id, None)
+        """The cycle closes: this process's partial sums (durability ``"cycle"``) go."""
+        self.partials.drop(cycle_id)
 
     # ------------------------------------------------------------------ durability "cycle"
-    def live_sums(self, cycle, spec: agg.ModelSpec) -> agg.RunningSums | None:
-        """Durability ``"cycle"``: the cycle's running sums, held in this process's memory
-        only, or ``None`` when they were lost. Lost means they count other than the
-        ``num_reports`` the cycle's row committed: the process restarted (kill -9), or a
-        transaction failed after its fold. The caller holds the cycle's lock, and
-        expires the cycle when they are lost (:meth:`expire_lost`)."""
-        with self._sums_lock:
-            sums = self._live.get(cycle.id)
-            if cycle.num_reports == 0 and (sums is None or sums.count_w + sums.count_x):
-                # nothing committed yet: whatever a failed transaction folded goes
-                sums = self._live[cycle.id] = agg.RunningSums(spec)
-        if sums is None or sums.count_w + sums.count_x != cycle.num_reports:
-            return None
-        return sums
+    def live_sums(self, conn: Connection, cycle, spec: agg.ModelSpec) -> agg.RunningSums | None:
+        """Durability ``"cycle"``: this process's partial sums of the cycle, held in its
+        memory only, or ``None`` when they were lost: they count other than the reports its
+        transactions committed (the process restarted, or a transaction failed after its
+        fold). The caller holds the cycle's lock, and expires the cycle when they are lost
+        (:meth:`expire_lost`). With one server process (SQLite) they must hold every
+        report of the cycle."""
+        sums = self.partials.held(conn, cycle.id, spec)
+        if sums is None or not self._sole_process:
+            return sums
+        return sums if sums.count_w + sums.count_x == cycle.num_reports else None
+
+    def close_ready(self, conn: Connection, cycle, process, spec, received: int, now: float) -> str:
+        """Durability ``"cycle"``: the cycle (locked) is ready with ``received`` reports.
+        When this process's sums hold them all, complete it from them: ``"completed"``.
+        Otherwise write its sums (if it took reports), mark the cycle closing with
+        ``close_timeout`` seconds for the other processes to write theirs (its new
+        ``end_at``), and wake them (NOTIFY): ``"closing"``. ``"lost"`` when this process's
+        sums were lost and the cycle expired."""
+        committed, _ = self.partials.committed(conn, cycle.id)
+        if committed or self._sole_process:
+            sums = self.partials.held(conn, cycle.id, spec)
+            if sums is None or (self._sole_process and committed != received):
+                self.expire_lost(conn, cycle, process, now)
+                return "lost"
+            if committed == received:  # one process took every report: nothing to wait for
+                self.complete(conn, cycle, process, sums)
+                return "completed"
+            self.partials.write(conn, cycle.id, sums)
+        partials.set_closing(conn, cycle.id, now, now + self.close_timeout)
+        self.announce(conn)
+        log.info(
+            "cycle %s/%s #%d is ready: collecting the server processes' partial sums",
+            process.name, process.version, cycle.sequence,
+        )
+        return "closing"
+
+    def write_partials(self, now: float) -> int:
+        """Durability ``"cycle"``: write this process's partial sums of every cycle that is
+        closing, and complete the cycle when they were the last; forget those of cycles
+        that closed. Returns how many cycles closed here."""
+        held = self.partials.held_ids()
+        if not held:
+            return 0
+        with db.read(self.engine) as conn:
+            due = partials.closing_or_closed(conn, held)
+        closed = 0
+        for cycle_id in due:
+            try:
+                closed += self._write_partial(cycle_id, now)
+            except Exception:  # the others still go; the next wake-up retries this one
+                log.exception("writing the partial sums of cycle %s failed", cycle_id)
+        return closed
+
+    def _write_partial(self, cycle_id: int, now: float) -> int:
+        """Write this process's partial sums of a closing cycle, completing it when they
+        were the last; then forget them (the cycle closed, or they are written)."""
+        closed = 0
+        with db.write(self.engine) as conn:
+            cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).first()
+            if cycle is not None and cycle.status == "open" and cycle.closing_at is not None:
+                committed, written = self.partials.committed(conn, cycle_id)
+                if committed and not written:
+                    closed = self._give_partial(conn, cycle, now)
+        self.partials.drop(cycle_id)
+        return closed
+
+    def _give_partial(self, conn: Connection, cycle, now: float) -> int:
+        process = self.catalog.process(conn, cycle.process_id)
+        _, _, spec = self.catalog.checkpoint(conn, cycle.checkpoint_id)
+        sums = self.partials.held(conn, cycle.id, spec)
+        if sums is None:  # the cycle can never add up: no need to wait for its deadline
+            self.expire_lost(conn, cycle, process, now)
+            return 1
+        self.partials.write(conn, cycle.id, sums)
+        if partials.missing(conn, cycle.id):
+            return 0
+        total = partials.combined(conn, cycle.id, spec)
+        if total.count_w + total.count_x != cycle.num_reports:
+            self.expire_lost(conn, cycle, process, now)
+        else:
+            self.complete(conn, cycle, process, total)
+        return 1
 
     def expire_lost(self, conn: Connection, cycle, process, now: float) -> None:
         """Expire a cycle whose in-memory sums are gone: it reopens on the same checkpoint,
@@ -278,6 +353,14 @@ class Cycles:
                     return 0
                 process = storage.process_by_id(conn, cycle.process_id)
                 cfg, received = process.server_config, cycle.num_reports
+                if cycle.closing_at is not None:  # a process died, or is stuck or cut off
+                    missing = partials.missing(conn, cycle_id)
+                    self.expire(
+                        conn, cycle, process, now,
+                        f"the partial sums of {missing} server process(es) did not arrive "
+                        f"within close_timeout ({self.close_timeout:g} s)", warn=True,
+                    )
+                    return 1
                 # the seats are counted only when the reports could be enough
                 if rules.enough_reports(cfg, received) and rules.ready(
                     cfg,
@@ -289,10 +372,8 @@ class Cycles:
                     _, _, spec = self.catalog.checkpoint(conn, cycle.checkpoint_id)
                     if cfg.get("durability") != "cycle":
                         self.complete(conn, cycle, process, self.load_sums(conn, cycle_id, spec))
-                    elif (sums := self.live_sums(cycle, spec)) is not None:
-                        self.complete(conn, cycle, process, sums)
                     else:
-                        self.expire_lost(conn, cycle, process, now)
+                        self.close_ready(conn, cycle, process, spec, received, now)
                 else:
                     self.expire(
                         conn, cycle, process, now, "too few reports (min_diffs) or workers"

@@ -40,11 +40,13 @@ class HostRequest:
 def host(engine: Engine, cycles: Cycles, payload: Any) -> dict[str, Any]:
     """Host an FL process atomically (validate everything, then one transaction)."""
     req = validate(payload)
-    if req.server_config["durability"] == "cycle" and engine.dialect.name != "sqlite":
-        # several processes would each hold part of a cycle's sums (docs/scaling.md)
+    averaging = any(row["is_averaging"] for row in req.plan_rows)
+    if req.server_config["durability"] == "cycle" and averaging and engine.dialect.name != "sqlite":
+        # several processes each hold part of a cycle's reports, and a running plan average
+        # cannot be combined from parts as sums can (docs/scaling.md)
         raise ConfigError(
-            "server_config.durability 'cycle' needs a single server process: it is "
-            "available on SQLite only for now; use durability 'report' on PostgreSQL"
+            "server_config.durability 'cycle' with an averaging plan needs a single server "
+            "process: it is available on SQLite only; use durability 'report' on PostgreSQL"
         )
     client_config = req.client_config
     name, version = client_config["name"], client_config["version"]

@@ -64,7 +64,7 @@ class GridNode(WorkerApi, SecAggApi):
         self.rejections = RejectionCounts()
         self.cycles = Cycles(
             self.engine, self.catalog, self.instance_id, self.rejections,
-            crash_at=self.settings.test_crash_at,
+            close_timeout=self.settings.close_timeout, crash_at=self.settings.test_crash_at,
         )
 
     def close(self) -> None:
@@ -86,21 +86,23 @@ class GridNode(WorkerApi, SecAggApi):
         stage = self.next_stage_deadline()
         return min((t for t in (cycle, stage) if t is not None), default=None)
 
-    def cycle_marker(self) -> tuple[int | None, int]:
-        """(newest open cycle id, number of open cycles): changes whenever a cycle opens or
-        closes on this database, whichever server process did it. One cheap query; the
+    def cycle_marker(self) -> tuple[int | None, int, int]:
+        """(newest open cycle id, number of open cycles, number of them closing): changes
+        whenever a cycle opens, closes or starts closing on this database, whichever server
+        process did it. One cheap query; the
         app polls it every ``long_poll_recheck`` seconds to wake its long-polled requests."""
         with db.read(self.engine) as conn:
             return storage.cycle_marker(conn)
 
     def close_due_cycles(self, now: float | None = None) -> int:
-        """Close every open cycle past its deadline, and every secure-aggregation stage
-        past its timeout; returns how many cycles closed."""
+        """Write this process's partial sums of closing cycles (durability ``"cycle"``),
+        close every open cycle past its deadline, and every secure-aggregation stage past
+        its timeout; returns how many cycles closed."""
         now = time.time() if now is None else now
         self.close_due_stages(now)
+        closed = self.cycles.write_partials(now)
         with db.read(self.engine) as conn:
             due = storage.due_cycles(conn, now)
-        closed = 0
         for cycle_id in due:
             try:
                 closed += self.cycles.close_at_deadline(cycle_id, now)

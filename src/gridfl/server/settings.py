@@ -59,6 +59,9 @@ class Settings:
     #: another server process, to wake its long-polled cycle requests and deadline timer
     #: (one query per period per process; cycles opened here wake them at once)
     long_poll_recheck: float = 1.0
+    #: durability "cycle" with several server processes: how long a ready cycle waits for
+    #: the other processes' partial sums before it expires and reopens (docs/scaling.md)
+    close_timeout: float = 10.0
     #: third-party auth endpoint timeout (seconds)
     auth_endpoint_timeout: float = 10.0
     #: TEST-ONLY fault injection, never set in production: ``"report"`` or ``"aggregate"``

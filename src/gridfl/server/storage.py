@@ -20,6 +20,7 @@ from gridfl.server.tables import (
     aggregates,
     checkpoints,
     cycle_diffs,
+    cycle_partials,
     cycles,
     evaluation_seats,
     evaluations,
@@ -341,10 +342,10 @@ def notify(conn: Connection, channel: str, payload: str) -> None:
 
 def close_cycle(conn: Connection, cycle_id: int, **values) -> None:
     """Set the cycle's closing ``status`` (and ``closed_at``...) and drop its aggregate
-    (sums and kept diffs)."""
+    (sums, kept diffs, and the server processes' partial sums)."""
     conn.execute(cycles.update().where(cycles.c.id == cycle_id).values(**values))
-    conn.execute(aggregates.delete().where(aggregates.c.cycle_id == cycle_id))
-    conn.execute(cycle_diffs.delete().where(cycle_diffs.c.cycle_id == cycle_id))
+    for table in (aggregates, cycle_diffs, cycle_partials):
+        conn.execute(table.delete().where(table.c.cycle_id == cycle_id))
 
 
 def count_seats(conn: Connection, cycle_id: int) -> int:
@@ -371,13 +372,12 @@ def next_deadline(conn: Connection) -> float | None:
     ).scalar()
 
 
-def cycle_marker(conn: Connection) -> tuple[int | None, int]:
+def cycle_marker(conn: Connection) -> tuple[int | None, int, int]:
     row = conn.execute(
-        sa.select(sa.func.max(cycles.c.id), sa.func.count())
-        .select_from(cycles)
+        sa.select(sa.func.max(cycles.c.id), sa.func.count(), sa.func.count(cycles.c.closing_at))
         .where(cycles.c.status == "open")
     ).one()
-    return row[0], row[1]
+    return row[0], row[1], row[2]
 
 
 def due_cycles(conn: Connection, now: float) -> list[int]:

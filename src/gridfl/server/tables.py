@@ -94,6 +94,9 @@ cycles = sa.Table(
     sa.Column("num_reports", sa.Integer, nullable=False, default=0),
     # cycle requests this cycle turned away (speed, reuse, full): the dashboard's table
     sa.Column("num_rejected", sa.Integer, nullable=False, default=0, server_default="0"),
+    # durability "cycle": when the cycle became ready and began collecting the server
+    # processes' partial sums (cycle_partials); its end_at is then the time they must be in
+    sa.Column("closing_at", sa.Float, nullable=True),
     sa.UniqueConstraint("process_id", "sequence", name="uq_cycle_sequence"),
     sa.Index("ix_cycles_status_end", "status", "end_at"),
     sqlite_autoincrement=True,
@@ -151,6 +154,26 @@ aggregates = sa.Table(
     sa.Column("count_w", sa.Integer, nullable=False, default=0),
     sa.Column("count_x", sa.Integer, nullable=False, default=0),
     sa.Column("weight", sa.Float, nullable=False, default=0.0),
+    sa.Column("sum_w", Blob, nullable=True),
+    sa.Column("sum_x", Blob, nullable=True),
+)
+
+# Durability "cycle" (docs/scaling.md): the reports one server process (``instance_id``,
+# GridNode.instance_id) folded into its in-memory partial sums of an open cycle. A report's
+# transaction counts itself in ``num_reports``; when the cycle closes, the process writes
+# its sums (the columns of ``aggregates``) once and sets ``written_at``.
+cycle_partials = sa.Table(
+    "cycle_partials",
+    metadata,
+    sa.Column(
+        "cycle_id", sa.Integer, sa.ForeignKey("cycles.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("instance_id", sa.String(32), primary_key=True),
+    sa.Column("num_reports", sa.Integer, nullable=False),
+    sa.Column("written_at", sa.Float, nullable=True),
+    sa.Column("count_w", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("count_x", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("weight", sa.Float, nullable=False, default=0.0, server_default="0"),
     sa.Column("sum_w", Blob, nullable=True),
     sa.Column("sum_x", Blob, nullable=True),
 )

@@ -200,6 +200,8 @@ class WorkerApi:
         if cycle is None:
             return _messages.CycleRejected(None, "the FL process has no open cycle").to_json()
         timeout = self._timeout(cycle, process)
+        if cycle.closing_at is not None:  # ready, collecting its partial sums: no seat left
+            return _messages.CycleRejected(timeout, "the cycle is closing").to_json()
         seats = conn.execute(storage.seats, {"cycle_id": cycle.id, "worker_id": worker.id}).one()
         buffered = cfg.get("mode") == "async"
         decision = rules.admit(
@@ -425,7 +427,7 @@ class WorkerApi:
                 f"cycle {match.sequence} expired: the node restarted and its running sums "
                 "(durability 'cycle') were lost; ask for a new cycle"
             )
-        if outcome == "completed":
+        if outcome in ("completed", "closing"):
             self.cycles.forget_sums(cycle_id)
             self.on_cycles_changed()
         elif isinstance(outcome, agg.RunningSums):
@@ -436,13 +438,13 @@ class WorkerApi:
         """Inside the report's transaction: fold the diff in, mark the seat reported, and
         complete the cycle when it is ready. Returns ``"completed"``, ``"lost"`` (durability
         ``"cycle"``: the sums were lost, the cycle expired instead), ``"held"`` (folded into
-        in-memory sums) or the stored :class:`RunningSums` (durability ``"report"``)."""
+        in-memory sums), ``"closing"`` (ready, waiting for other processes' partial sums)
+        or the stored :class:`RunningSums` (durability ``"report"``)."""
         cycle_id = match.cycle_id
         cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).one()
-        if cycle.status != "open":
-            raise ConflictError(
-                f"cycle {cycle.sequence} is closed ({cycle.status}): the report came too late"
-            )
+        if cycle.status != "open" or cycle.closing_at is not None:
+            now_is = "closing" if cycle.status == "open" else f"closed ({cycle.status})"
+            raise ConflictError(f"cycle {cycle.sequence} is {now_is}: the report came too late")
         seat = conn.execute(storage.report_check, {"seat_id": match.id, "cycle_id": cycle_id}).one()
         if seat.reported_at is not None:
             raise ConflictError(f"this worker already reported for cycle {cycle.sequence}")
@@ -455,14 +457,16 @@ class WorkerApi:
             )
         in_memory = process.server_config.get("durability") == "cycle"
         if in_memory:
-            sums = self.cycles.live_sums(cycle, spec)
+            sums = self.cycles.live_sums(conn, cycle, spec)
             if sums is None:  # lost with a crash: the cycle starts over
                 self.cycles.expire_lost(conn, cycle, process, time.time())
                 return "lost"
         else:
             sums = self.cycles.load_sums(conn, cycle_id, spec)
         self.catalog.strategy(conn, process.id).fold(sums, diff, req.num_samples)
-        if not in_memory:
+        if in_memory:  # the database counts what this process's sums must hold
+            self.cycles.partials.count(conn, cycle_id, sums.count_w + sums.count_x)
+        else:
             self.cycles.store_sums(conn, cycle_id, sums)
         now = time.time()
         conn.execute(
@@ -484,6 +488,8 @@ class WorkerApi:
             end_at=cycle.end_at,
             now=now,
         ):
+            if in_memory:
+                return self.cycles.close_ready(conn, cycle, process, spec, received, now)
             self.cycles.complete(conn, cycle, process, sums)
             return "completed"
         return "held" if in_memory else sums
