@@ -8,7 +8,10 @@ one worker's influence); at completion ``N(0, (z C)^2)`` is added to the sum onc
 is divided by the fixed expected count ``m``, and the inner strategy's ``step`` applies the
 result as the cycle's mean diff (a server optimizer after it is post-processing). Distributed mode:
 workers clip and noise; the node refuses a report whose norm cannot come from a clipped,
-noised diff, and divides the sum by ``m``.
+noised diff, and divides the sum by ``m``. Under secure aggregation the node sees only the
+unmasked sum (:mod:`gridfl.server.secagg` folds it on the plain side) and divides it by
+``m`` the same way; the accountant charges ``z sqrt(min_survivors / m)`` per cycle
+(:func:`gridfl.server.dp_config.accounted_noise_multiplier`).
 
 After each completed cycle the ledger row holds the accountant's steps and ε; when one
 more cycle would pass ``max_epsilon`` the process finishes ("privacy budget spent") before
@@ -316,6 +319,7 @@ def status(conn: Connection, process) -> dict[str, Any] | None:
     return {
         "mode": dp.mode,
         "noise_multiplier": dp.noise_multiplier,
+        "accounted_noise_multiplier": dp.accounted_noise_multiplier,
         "clip_norm": current_clip_norm(dp, state),
         "adaptive_clipping": dp.adaptive is not None,
         "delta": dp.delta,

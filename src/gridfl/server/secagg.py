@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -426,16 +427,30 @@ class SecAggApi:
         return stage_at
 
     def _complete(self, conn: Connection, cycle, process, node: NodeSession, spec) -> None:
-        """The unmasked sum as the cycle's running sums (weighted side), then completion."""
+        """The unmasked sum as the cycle's running sums (weighted side; the plain side with
+        differential privacy), then completion."""
         total = node.result
         assert total is not None  # the last stage closed
+        reports = len(node.masked)
         sums = agg.RunningSums(spec)
-        sums.count_w = len(node.masked)
-        sums.weight = float(total[0])
-        sums.sum_w = decode(total, node.params) * sums.weight
-        conn.execute(
-            storage.count_report, {"b_cycle_id": cycle.id, "num_reports": len(node.masked)}
-        )
+        if process.server_config.get("differential_privacy"):
+            # DP-FedAvg is unweighted: each worker's weight is 1, and the privacy wrapper
+            # divides the plain sum by the fixed expected count, not by the survivors
+            if int(total[0]) != reports:
+                now = time.time()
+                why = (
+                    f"its unmasked weights sum to {int(total[0])}, not to the {reports} "
+                    "reports: a worker weighted its input, which differential privacy forbids"
+                )
+                self.cycles.expire(conn, cycle, process, now, why, warn=True)
+                return
+            sums.count_x = reports
+            sums.sum_x = total[1:].astype(np.float64) / node.params.scale
+        else:
+            sums.count_w = reports
+            sums.weight = float(total[0])
+            sums.sum_w = decode(total, node.params) * sums.weight
+        conn.execute(storage.count_report, {"b_cycle_id": cycle.id, "num_reports": reports})
         self.cycles.complete(conn, cycle, process, sums)
 
 
