@@ -13,7 +13,6 @@ import pytest
 from gridfl import privacy
 from gridfl._exceptions import ConfigError
 from gridfl.server.config import validate_server_config
-from gridfl.server.dp_config import validate_differential_privacy
 
 dp_accounting = pytest.importorskip("dp_accounting")
 stats = pytest.importorskip("scipy.stats")
@@ -278,7 +277,7 @@ def test_secure_range_must_hold_clip_norm_plus_six_sigma():
     at least 0.5 + 6 of those."""
     need = 0.5 + 6 * 0.5 / math.sqrt(10)
     assert _secure(clipping_range=need * (1 + 1e-12))["differential_privacy"]
-    with pytest.raises(ConfigError, match="clipping_range .* must hold"):
+    with pytest.raises(ConfigError, match=r"clipping_range .* must hold"):
         _secure(clipping_range=need * (1 - 1e-9))
     # z = 0: C itself fits
     assert _secure({"noise_multiplier": 0.0}, clipping_range=0.5)["differential_privacy"]
