@@ -12,11 +12,13 @@ import threading
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from gridfl import _messages
+from gridfl.cli import main
 from gridfl.secagg import NAME, SecAggParams
 from gridfl.secagg import messages as m
-from tests.builders import host_payload, model_params
+from tests.builders import ADMIN, host_payload, model_params
 from tests.harness import Admin, HttpWorker
 from tests.secagg.test_live import _dropping_worker, _sdk_worker
 
@@ -188,6 +190,13 @@ def test_noise_std_epsilon_and_budget_stop(server):
     assert privacy["epsilon_next"] == pytest.approx(eps[2], rel=1e-9)
     assert server.host_client.privacy("mnist", "1.0") == privacy
     assert status["status"] == "finished"
+    r = CliRunner().invoke(main, ["status", server.url, "mnist", "1.0", "--admin-token", ADMIN])
+    assert r.exit_code == 0, r.output
+    assert (
+        f"privacy (distributed): epsilon {eps[1]:.4g} of max {dp['max_epsilon']:g} at delta "
+        f"1e-05 after 2 cycles (rdp, q = 0.1, z = 1, accounted {z_accounted:.4g}); clip norm "
+        "0.5; finished: privacy budget spent" in r.output
+    ), r.output
     w = HttpWorker(server.url)
     try:
         st, auth = w.call(_messages.AUTHENTICATE, {"model_name": "mnist"})
