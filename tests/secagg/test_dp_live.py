@@ -141,6 +141,24 @@ def test_a_dropout_still_divides_by_m(server):
     np.testing.assert_allclose(moved, expected, rtol=0, atol=1 / params.scale + 1e-6)
 
 
+def test_a_weighted_input_expires_the_cycle(server, monkeypatch):
+    """A modified SDK that weights its masked input by num_samples: the unmasked weights do
+    not sum to the number of inputs, and the node expires the cycle, publishing nothing."""
+    import gridfl.client._secagg as flow
+
+    honest = flow.secure_report_flow
+    monkeypatch.setattr(
+        flow, "secure_report_flow", lambda job, diff, _samples: honest(job, diff, 5)
+    )
+    dp = {"noise_multiplier": 0.0, "clip_norm": 0.5, "population_size": 10}
+    admin = _host(server.url, dp, {"clipping_range": 1.0})
+    start = model_params()
+    _secure_cycle(server.url, [[np.full_like(p, 0.01) for p in start]] * M)
+    cycles = admin.status()["cycles"]
+    assert [c["status"] for c in cycles] == ["expired", "open"], cycles
+    np.testing.assert_array_equal(_flat(admin.checkpoint("latest")), _flat(start))
+
+
 def test_noise_std_epsilon_and_budget_stop(server):
     """z = 1, C = 0.5, m = 3, min_survivors 2, q = 3 / 30: workers report zero diffs, so the
     checkpoint moves by the sum of their noise over m, std z C / m per value (a chi-square
