@@ -18,7 +18,7 @@ from gridfl import _messages
 from gridfl.cli import main
 from gridfl.secagg import NAME, SecAggParams
 from gridfl.secagg import messages as m
-from tests.builders import ADMIN, host_payload, model_params
+from tests.builders import ADMIN, b64, host_payload, model_params, training_plan
 from tests.harness import Admin, HttpWorker
 from tests.secagg.test_live import _dropping_worker, _sdk_worker
 
@@ -27,6 +27,7 @@ stats = pytest.importorskip("scipy.stats")
 pytest.importorskip("starlette")
 
 M = 3  # expected reports (max_workers = max_diffs)
+SHAPES = [(40, 30), (30,)]  # a model of d = 1,230 values
 
 
 def _flat(arrays) -> np.ndarray:
@@ -45,7 +46,7 @@ def _eps_ref(q, z, steps, delta) -> float:
     return dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta)
 
 
-def _host(url, dp, secure, **server) -> Admin:
+def _host(url, dp, secure, shapes=None, **server) -> Admin:
     sc = {
         "max_workers": M,
         "max_diffs": M,
@@ -55,7 +56,11 @@ def _host(url, dp, secure, **server) -> Admin:
         **server,
     }
     admin = Admin(url)
-    r = admin.host(host_payload(server_config=sc))
+    extra = {} if shapes is None else {
+        "params": model_params(shapes=shapes),
+        "plans": {"training_plan": b64(training_plan(shapes))},
+    }
+    r = admin.host(host_payload(server_config=sc, **extra))
     assert r.status_code == 201, r.text
     return admin
 
@@ -141,31 +146,57 @@ def test_a_dropout_still_divides_by_m(server):
     np.testing.assert_allclose(moved, expected, rtol=0, atol=1 / params.scale + 1e-6)
 
 
-def test_a_weighted_input_expires_the_cycle(server, monkeypatch):
-    """A modified SDK that weights its masked input by num_samples: the unmasked weights do
-    not sum to the number of inputs, and the node expires the cycle, publishing nothing."""
+def _weighted(monkeypatch):
     import gridfl.client._secagg as flow
 
     honest = flow.secure_report_flow
     monkeypatch.setattr(
         flow, "secure_report_flow", lambda job, diff, _samples: honest(job, diff, 5)
     )
-    dp = {"noise_multiplier": 0.0, "clip_norm": 0.5, "population_size": 10}
-    admin = _host(server.url, dp, {"clipping_range": 1.0})
-    start = model_params()
-    _secure_cycle(server.url, [[np.full_like(p, 0.01) for p in start]] * M)
+
+
+def _unclipped(monkeypatch):
+    monkeypatch.setattr("gridfl.client._base.privatize_report", lambda diff, _cfg: diff)
+
+
+def _noiseless(monkeypatch):
+    from gridfl import privacy
+
+    def no_noise(diff, cfg):
+        settings = {**cfg["differential_privacy"], "noise_stddev": 0.0}
+        return privacy.privatize_report(diff, {"differential_privacy": settings})
+
+    monkeypatch.setattr("gridfl.client._base.privatize_report", no_noise)
+
+
+@pytest.mark.parametrize(
+    ("cheat", "z", "size"),
+    [(_weighted, 0.0, 0.01), (_unclipped, 0.0, 0.1), (_noiseless, 1.0, 0.01)],
+)
+def test_a_cheating_sdk_expires_the_cycle(server, monkeypatch, cheat, z, size):
+    """Modified SDKs, detected in the unmasked sum: inputs weighted by num_samples (the
+    weights do not sum to the number of inputs); diffs of norm 3.5 not clipped to C = 0.5
+    (the sum's norm exceeds 3 C plus rounding); no noise from any worker at z = 1 (the
+    sum's norm is far below sigma sqrt(d) - 10 sigma - 3 C). The node expires the cycle,
+    publishing nothing."""
+    cheat(monkeypatch)
+    dp = {"noise_multiplier": z, "clip_norm": 0.5, "population_size": 10}
+    admin = _host(server.url, dp, {"clipping_range": 3.0, "quantization_bits": 20}, SHAPES)
+    start = model_params(shapes=SHAPES)
+    _secure_cycle(server.url, [[np.full_like(p, size) for p in start]] * M)
     cycles = admin.status()["cycles"]
     assert [c["status"] for c in cycles] == ["expired", "open"], cycles
     np.testing.assert_array_equal(_flat(admin.checkpoint("latest")), _flat(start))
 
 
 def test_noise_std_epsilon_and_budget_stop(server):
-    """z = 1, C = 0.5, m = 3, min_survivors 2, q = 3 / 30: workers report zero diffs, so the
-    checkpoint moves by the sum of their noise over m, std z C / m per value (a chi-square
-    interval on the sample std that a correct node leaves with probability 1e-6, widened
-    by the quantization's own variance). Each completed cycle stores the epsilon that
-    dp-accounting gives here at z sqrt(2 / 3); max_epsilon between epsilon(2) and
-    epsilon(3) finishes the process after two cycles, and the next request is refused."""
+    """z = 1, C = 0.5, m = 3, min_survivors 2, q = 3 / 30, d = 1,230: workers report zero
+    diffs, so the checkpoint moves by the sum of their noise over m, std z C / m per value.
+    Over 2 cycles x 1,230 values, the sample std must fall in the chi-square interval a
+    correct node leaves with probability 1e-6 (widened by the quantization's variance).
+    Each completed cycle stores the epsilon that dp-accounting gives here at
+    z sqrt(2 / 3); max_epsilon between epsilon(2) and epsilon(3) finishes the process
+    after two cycles, and the next request is refused."""
     z, c, population = 1.0, 0.5, 30
     q, z_accounted, delta = M / population, z * math.sqrt(2 / M), 1e-5
     eps = [_eps_ref(q, z_accounted, t, delta) for t in (1, 2, 3)]
@@ -179,9 +210,9 @@ def test_noise_std_epsilon_and_budget_stop(server):
     # range >= C + 6 z C / sqrt(m) = 2.23
     secure = {"clipping_range": 3.0, "quantization_bits": 24, "max_num_samples": 1,
               "min_survivors": 2}
-    admin = _host(server.url, dp, secure)
+    admin = _host(server.url, dp, secure, SHAPES)
     scale = SecAggParams(**admin.status()["server_config"]["secure_aggregation"]).scale
-    start = model_params()
+    start = model_params(shapes=SHAPES)
     zeros = [[np.zeros_like(p) for p in start] for _ in range(M)]
     noise = []
     for _ in range(2):

@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -42,7 +41,7 @@ from gridfl.secagg import NodeSession, SecAggParams
 from gridfl.secagg import messages as m
 from gridfl.secagg.quantize import decode
 from gridfl.server import aggregate as agg
-from gridfl.server import db, storage
+from gridfl.server import db, privacy, storage
 from gridfl.server.config import worker_capacity
 from gridfl.server.secagg_wire import (
     RETRY_AFTER,
@@ -434,18 +433,14 @@ class SecAggApi:
         reports = len(node.masked)
         sums = agg.RunningSums(spec)
         if process.server_config.get("differential_privacy"):
-            # DP-FedAvg is unweighted: each worker's weight is 1, and the privacy wrapper
-            # divides the plain sum by the fixed expected count, not by the survivors
-            if int(total[0]) != reports:
-                now = time.time()
-                why = (
-                    f"its unmasked weights sum to {int(total[0])}, not to the {reports} "
-                    "reports: a worker weighted its input, which differential privacy forbids"
+            # unweighted, and divided by the fixed expected count by the privacy wrapper
+            try:
+                sums = privacy.secure_sums(
+                    process.server_config, spec, total, reports, node.params.scale
                 )
-                self.cycles.expire(conn, cycle, process, now, why, warn=True)
+            except InvalidRequestError as e:
+                self.cycles.expire(conn, cycle, process, time.time(), str(e), warn=True)
                 return
-            sums.count_x = reports
-            sums.sum_x = total[1:].astype(np.float64) / node.params.scale
         else:
             sums.count_w = reports
             sums.weight = float(total[0])
