@@ -13,7 +13,6 @@ import pytest
 from gridfl import privacy
 from gridfl._exceptions import ConfigError
 from gridfl.server.config import validate_server_config
-from gridfl.server.dp_config import validate_differential_privacy
 
 dp_accounting = pytest.importorskip("dp_accounting")
 stats = pytest.importorskip("scipy.stats")
@@ -256,11 +255,44 @@ def test_required_keys_and_type():
         validate_server_config({**BASE, "differential_privacy": [1]})
 
 
+def _secure(dp_overrides=None, **secure):
+    return validate_server_config({
+        **BASE,
+        "differential_privacy": {**DP, "mode": "distributed", **(dp_overrides or {})},
+        "secure_aggregation": {"threshold": 6, **secure},
+    })
+
+
 def test_central_mode_with_secure_aggregation_is_refused():
-    """Checked on the validated rest of server_config: the node never sees a report to
-    clip when it only learns the masked sum."""
-    cfg = {**BASE, "over_selection": 1.0, "secure_aggregation": {"threshold": 3}}
+    """The node never sees a report to clip when it only learns the masked sum; distributed
+    mode is accepted, without min_diffs (dropouts are accounted for instead)."""
     with pytest.raises(ConfigError, match="cannot be used with secure aggregation"):
-        validate_differential_privacy(dict(DP), cfg)
-    out = validate_differential_privacy({**DP, "mode": "distributed"}, {**cfg, "min_diffs": 10})
+        _secure({"mode": "central"}, clipping_range=3.0)
+    out = _secure(clipping_range=3.0)["differential_privacy"]
     assert out is not None and out["mode"] == "distributed"
+
+
+def test_secure_range_must_hold_clip_norm_plus_six_sigma():
+    """C = 0.5, z = 1, m = 10: a worker's noise has std 0.5 / sqrt(10); the range must be
+    at least 0.5 + 6 of those."""
+    need = 0.5 + 6 * 0.5 / math.sqrt(10)
+    assert _secure(clipping_range=need * (1 + 1e-12))["differential_privacy"]
+    with pytest.raises(ConfigError, match=r"clipping_range .* must hold"):
+        _secure(clipping_range=need * (1 - 1e-9))
+    # z = 0: C itself fits
+    assert _secure({"noise_multiplier": 0.0}, clipping_range=0.5)["differential_privacy"]
+
+
+@pytest.mark.parametrize("survivors", [6, 8, 10])
+def test_secure_cycles_are_accounted_at_min_survivors(survivors):
+    """Each of s survivors adds variance z^2 C^2 / m: the sum has z sqrt(s / m) of noise,
+    and the accountant charges min_survivors' worst case."""
+    from gridfl.server.dp_config import DPConfig
+
+    cfg = _secure(clipping_range=3.0, min_survivors=survivors)
+    dp = DPConfig.of(cfg)
+    assert dp is not None
+    assert dp.accounted_noise_multiplier == pytest.approx(math.sqrt(survivors / 10), rel=1e-12)
+    assert dp.epsilon(3) == pytest.approx(
+        _dp_accounting_epsilon(10 / 1000, math.sqrt(survivors / 10), 3, 1e-5), rel=1e-12
+    )

@@ -133,15 +133,6 @@ def test_secure_aggregation_is_refused_with_a_per_diff_rule(admin):
         {"mode": "async", "max_workers": None, "cycle_length": None, "max_diffs": None},
         {"compression": {"kind": "int8"}},
         {"differential_privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, **POPULATION}},
-        {
-            "min_diffs": 4,
-            "differential_privacy": {
-                "mode": "distributed",
-                "noise_multiplier": 1.0,
-                "clip_norm": 1.0,
-                **POPULATION,
-            },
-        },
     ],
 )
 def test_secure_aggregation_is_refused_with_rules_that_need_each_diff(admin, extra):

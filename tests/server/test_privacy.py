@@ -197,6 +197,29 @@ def test_adaptive_clip_norm_tracks_the_median_update_norm(in_process_node):
 
 
 # ---------------------------------------------------------------------------- the accountant
+@pytest.mark.parametrize(
+    ("population", "m", "z", "cycles"), [(4, 2, 2.0, 3), (20, 2, 0.8, 4), (100, 3, 1.3, 2)]
+)
+def test_epsilon_after_each_cycle_is_dp_accountings(server, population, m, z, cycles):
+    """Three (q, z, cycles) configurations on a live node: the epsilon stored with each
+    completed cycle, and the one the status reports, equal dp-accounting's here."""
+    q, delta = m / population, 1e-5
+    dp = {"noise_multiplier": z, "clip_norm": 1.0, "population_size": population,
+          "delta": delta}
+    _host(server.url, dp, m=m)
+    for _ in range(cycles):
+        assert _cycle(server.url, [diff_of(i % 2) for i in range(m)]) is None
+    status = Admin(server.url).status()
+    want = [_eps_ref(q, z, t, delta) for t in range(1, cycles + 2)]
+    assert [c["status"] for c in status["cycles"][:cycles]] == ["completed"] * cycles
+    got = [c["epsilon"] for c in status["cycles"][:cycles]]
+    np.testing.assert_allclose(got, want[:cycles], rtol=1e-9)
+    privacy = status["privacy"]
+    assert privacy["sampling_rate"] == q and privacy["steps"] == cycles
+    assert privacy["epsilon"] == pytest.approx(want[cycles - 1], rel=1e-9)
+    assert privacy["epsilon_next"] == pytest.approx(want[cycles], rel=1e-9)
+
+
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_budget_stops_the_process_before_max_epsilon(server_factory, db_url, accountant):
     """q = 2 / 4, z = 2: max_epsilon between epsilon(3) and epsilon(4), both computed here

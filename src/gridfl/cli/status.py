@@ -118,9 +118,12 @@ def _privacy_line(p: dict) -> str:
     """One line of a process's privacy figures (docs/privacy.md)."""
     eps = "inf" if p["epsilon"] is None else f"{p['epsilon']:.4g}"
     budget = "" if p["max_epsilon"] is None else f" of max {p['max_epsilon']:g}"
+    z, accounted = p["noise_multiplier"], p.get("accounted_noise_multiplier")
+    # under secure aggregation dropouts lower the noise the accountant charges
+    charged = "" if accounted in (None, z) else f", accounted {accounted:.4g}"
     line = (f"privacy ({p['mode']}): epsilon {eps}{budget} at delta {p['delta']:g} after "
             f"{p['steps']} cycles ({p['accountant']}, q = {p['sampling_rate']:.4g}, "
-            f"z = {p['noise_multiplier']:g}); clip norm {p['clip_norm']:.4g}")
+            f"z = {z:g}{charged}); clip norm {p['clip_norm']:.4g}")
     return line + (f"; finished: {p['reason']}" if p["budget_spent"] else "")
 
 

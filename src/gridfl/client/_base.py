@@ -512,7 +512,10 @@ class BaseJob:
             from gridfl.client._secagg import secure_report_flow
 
             arrays = state.loads(bytes(diff))
-            reply = yield from secure_report_flow(self, arrays, num_samples)
+            # DP-FedAvg is unweighted: a weight would break the C / m bound on one
+            # worker's influence that the noise is calibrated to
+            weight = None if "differential_privacy" in self.client_config else num_samples
+            reply = yield from secure_report_flow(self, arrays, weight)
             self.state = JobState.REPORTED
             return reply
         payload, kind, commit = bytes(diff), None, None

@@ -225,14 +225,15 @@ def validate_server_config(cfg: Any) -> dict[str, Any]:
     out["strategy"] = strategies.normalize(
         out["strategy"], max_diffs=out["max_diffs"], min_diffs=out["min_diffs"]
     )
-    out["differential_privacy"] = validate_differential_privacy(out["differential_privacy"], out)
     out["compression"] = compression.validate_config(out["compression"])
     if out["compression"] is not None and out["mode"] == "async":
         raise ConfigError(
             "server_config.compression is not available with mode 'async' yet: "
             "remove one of them"
         )
+    # secure aggregation first: distributed privacy checks its range and min_survivors
     out["secure_aggregation"] = validate_secure_aggregation(out)
+    out["differential_privacy"] = validate_differential_privacy(out["differential_privacy"], out)
     validate_durability(out)
     out["evaluation"] = validate_evaluation(out)
     return out
@@ -326,7 +327,8 @@ def validate_pace_steering(value: Any) -> dict[str, float] | None:
 def validate_secure_aggregation(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """``server_config.secure_aggregation`` normalized (docs/secure-aggregation.md), or
     None; refused with what needs each diff or its own pipeline (per-diff rules, async
-    mode, compression, differential privacy)."""
+    mode, compression). Differential privacy checks its own fit afterwards
+    (:func:`gridfl.server.dp_config.validate_differential_privacy`)."""
     if cfg["secure_aggregation"] is None:
         return None
     from dataclasses import asdict
@@ -343,12 +345,6 @@ def validate_secure_aggregation(cfg: dict[str, Any]) -> dict[str, Any] | None:
         raise ConfigError(
             "server_config.secure_aggregation cannot be combined with iterative_plan or a "
             "strategy that needs every diff: the node sees only the sum of the diffs"
-        )
-    if cfg.get("differential_privacy") is not None:
-        raise ConfigError(
-            "server_config.secure_aggregation is not combined with differential_privacy yet "
-            "(the accountant's completion path has not been checked against masked sums): "
-            "remove one of them"
         )
     params = SecAggParams.from_config(cfg["secure_aggregation"], max_workers=worker_capacity(cfg))
     return asdict(params)

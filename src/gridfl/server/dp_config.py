@@ -40,6 +40,10 @@ ADAPTIVE_DEFAULTS: dict[str, Any] = {
 }
 #: largest noise multiplier accepted (z = 1e3 already drowns any model in noise)
 MAX_NOISE_MULTIPLIER = 1e3
+#: distributed mode with secure aggregation: the per-value clipping range must hold C plus
+#: this many standard deviations of a worker's noise, so that quantization clips an honest
+#: value with probability below 2e-9 (P(|N(0, 1)| > 6) = 1.97e-9)
+RANGE_SIGMAS = 6.0
 
 
 def _number(v: Any) -> bool:
@@ -139,11 +143,6 @@ def validate_differential_privacy(dp: Any, server_config: dict[str, Any]) -> dic
     _check(
         out["accountant"] in privacy.ACCOUNTANTS, "accountant", "'rdp' or 'pld'", out["accountant"]
     )
-    if out["accountant"] == "pld" and z < privacy.PLD_MIN_NOISE:
-        raise ConfigError(
-            f"{_KEY}.accountant 'pld' needs noise_multiplier >= {privacy.PLD_MIN_NOISE} (below, "
-            "its privacy loss distributions take gigabytes); use 'rdp'"
-        )
     max_eps = out["max_epsilon"]
     _check(
         max_eps is None or (_number(max_eps) and max_eps > 0),
@@ -152,8 +151,29 @@ def validate_differential_privacy(dp: Any, server_config: dict[str, Any]) -> dic
         max_eps,
     )
     _check_mode(out, server_config, m)
-    _check_budget(out, per_cycle / n)
+    z_accounted = accounted_noise_multiplier(out, server_config)
+    if out["accountant"] == "pld" and z_accounted < privacy.PLD_MIN_NOISE:
+        raise ConfigError(
+            f"{_KEY}.accountant 'pld' needs noise_multiplier >= {privacy.PLD_MIN_NOISE} (below, "
+            "its privacy loss distributions take gigabytes; under secure aggregation, "
+            "z sqrt(min_survivors / m) is what counts); use 'rdp'"
+        )
+    _check_budget(out, z_accounted, per_cycle / n)
     return out
+
+
+def accounted_noise_multiplier(dp: dict, server_config: dict[str, Any]) -> float:
+    """The noise multiplier the accountant charges each cycle. In distributed mode with
+    secure aggregation a cycle may complete with as few as ``min_survivors`` s of the m
+    expected reports, each carrying 1/m of the noise variance: the sum then has
+    ``z sqrt(s / m)`` of noise, and every cycle is accounted at that worst case (``z``
+    itself when ``min_survivors >= m``). Elsewhere it is ``z``."""
+    z = float(dp["noise_multiplier"])
+    secure = server_config.get("secure_aggregation")
+    if dp["mode"] != "distributed" or not secure:
+        return z
+    m = expected_reports(server_config)
+    return z * math.sqrt(min(int(secure["min_survivors"]), m) / m)
 
 
 def _check_mode(out: dict, server_config: dict[str, Any], m: int) -> None:
@@ -166,10 +186,15 @@ def _check_mode(out: dict, server_config: dict[str, Any], m: int) -> None:
     if out["mode"] == "distributed":
         if isinstance(out["clip_norm"], dict):
             raise ConfigError(
-                f"{_KEY}.clip_norm: adaptive clipping needs the node to see each report's "
-                "norm; in mode 'distributed' give a fixed clip_norm"
+                f"{_KEY}.clip_norm: adaptive clipping needs each report's clipped-or-not bit, "
+                "which the node sees only in the clear (and, under secure aggregation, would "
+                "have to be summed securely with its own noise); in mode 'distributed' give "
+                "a fixed clip_norm"
             )
-        if (server_config.get("min_diffs") or 1) < m:
+        secure = server_config.get("secure_aggregation")
+        if secure:
+            _check_secure_aggregation(out, secure, server_config)
+        elif (server_config.get("min_diffs") or 1) < m:
             raise ConfigError(
                 f"{_KEY}.mode 'distributed' needs server_config.min_diffs >= {m} (the "
                 "expected reports): each worker adds 1/m of the noise, so a cycle with fewer "
@@ -177,9 +202,29 @@ def _check_mode(out: dict, server_config: dict[str, Any], m: int) -> None:
             )
 
 
-def _check_budget(out: dict, sampling_rate: float) -> None:
-    """A budget needs noise, and must allow one cycle at least."""
-    max_eps, z = out["max_epsilon"], out["noise_multiplier"]
+def _check_secure_aggregation(out: dict, secure: dict, server_config: dict[str, Any]) -> None:
+    """Distributed mode under secure aggregation: every honest value, clipped diff plus the
+    worker's noise, must fit the quantization range (see :data:`RANGE_SIGMAS`). The field
+    holds the sum without wrapping: secure aggregation's own check bounds
+    ``workers x max_num_samples x 2^(quantization_bits - 1)``, and with differential
+    privacy every weight is 1."""
+    c = float(out["clip_norm"])
+    sigma = out["noise_multiplier"] * c / math.sqrt(expected_reports(server_config))
+    need = c + RANGE_SIGMAS * sigma
+    if secure["clipping_range"] < need:
+        raise ConfigError(
+            f"server_config.secure_aggregation.clipping_range ({secure['clipping_range']:g}) "
+            f"must hold {_KEY}.clip_norm plus {RANGE_SIGMAS:g} standard deviations of a "
+            f"worker's noise (C + {RANGE_SIGMAS:g} z C / sqrt(m) = {need:.6g}): otherwise "
+            "quantization clips honest values and changes the noise; raise clipping_range "
+            "(and quantization_bits to keep the resolution)"
+        )
+
+
+def _check_budget(out: dict, z: float, sampling_rate: float) -> None:
+    """A budget needs noise, and must allow one cycle at least (``z``: the accounted
+    noise multiplier)."""
+    max_eps = out["max_epsilon"]
     if max_eps is not None:
         if z == 0:
             raise ConfigError(
@@ -190,7 +235,8 @@ def _check_budget(out: dict, sampling_rate: float) -> None:
         if first > max_eps:
             raise ConfigError(
                 f"{_KEY}: one cycle alone spends epsilon {first:.4g} > max_epsilon {max_eps:g}; "
-                "raise noise_multiplier or population_size, or max_epsilon"
+                "raise noise_multiplier or population_size, or max_epsilon (or, under "
+                "secure aggregation, min_survivors)"
             )
 
 
@@ -237,6 +283,8 @@ class DPConfig:
     accountant: str
     expected_reports: int
     sampling_rate: float
+    #: what the accountant charges per cycle (:func:`accounted_noise_multiplier`)
+    accounted_noise_multiplier: float
 
     @classmethod
     def of(cls, server_config: dict[str, Any]) -> DPConfig | None:
@@ -256,6 +304,7 @@ class DPConfig:
             accountant=dp["accountant"],
             expected_reports=expected_reports(server_config),
             sampling_rate=workers_per_cycle(server_config) / int(dp["population_size"]),
+            accounted_noise_multiplier=accounted_noise_multiplier(dp, server_config),
         )
 
     @property
@@ -268,7 +317,7 @@ class DPConfig:
     def epsilon(self, steps: int) -> float:
         """ε(δ) after ``steps`` completed cycles (:func:`gridfl.privacy.epsilon`)."""
         return privacy.epsilon(
-            self.sampling_rate, self.noise_multiplier, steps, self.delta, self.accountant
+            self.sampling_rate, self.accounted_noise_multiplier, steps, self.delta, self.accountant
         )
 
     def for_workers(self) -> dict[str, Any]:

@@ -8,7 +8,10 @@ one worker's influence); at completion ``N(0, (z C)^2)`` is added to the sum onc
 is divided by the fixed expected count ``m``, and the inner strategy's ``step`` applies the
 result as the cycle's mean diff (a server optimizer after it is post-processing). Distributed mode:
 workers clip and noise; the node refuses a report whose norm cannot come from a clipped,
-noised diff, and divides the sum by ``m``.
+noised diff, and divides the sum by ``m``. Under secure aggregation the node sees only the
+unmasked sum (:mod:`gridfl.server.secagg` folds it on the plain side) and divides it by
+``m`` the same way; the accountant charges ``z sqrt(min_survivors / m)`` per cycle
+(:func:`gridfl.server.dp_config.accounted_noise_multiplier`).
 
 After each completed cycle the ledger row holds the accountant's steps and ε; when one
 more cycle would pass ``max_epsilon`` the process finishes ("privacy budget spent") before
@@ -170,9 +173,7 @@ class PrivateAggregation(agg.Strategy):
         sigma on each of ``size`` values) cannot have: more than C + sigma (sqrt(d) + 10)
         (not clipped), or, when the noise dominates, less than sigma (sqrt(d) - 10) - C
         (the noise is missing)."""
-        sigma = self.worker_noise_std(clip_norm)
-        high = clip_norm + sigma * (math.sqrt(size) + _NORM_SLACK)
-        low = sigma * (math.sqrt(size) - _NORM_SLACK) - clip_norm
+        low, high = _norm_range(clip_norm, self.worker_noise_std(clip_norm), size)
         if norm > high or norm < low:
             what = "more than" if norm > high else "less than"
             raise InvalidRequestError(
@@ -237,6 +238,65 @@ class PrivateAggregation(agg.Strategy):
         if dp.max_epsilon is not None and eps_next > dp.max_epsilon:
             self.stop_reason = _spent(eps, eps_next, dp.max_epsilon)
         return new_params, inner_state
+
+
+def _norm_range(clipped: float, sigma: float, size: int) -> tuple[float, float]:
+    """Where the norm of a vector of norm at most ``clipped`` plus N(0, sigma^2) on each of
+    ``size`` values falls, but with probability below exp(-50) (Gaussian concentration)."""
+    high = clipped + sigma * (math.sqrt(size) + _NORM_SLACK)
+    low = sigma * (math.sqrt(size) - _NORM_SLACK) - clipped
+    return low, high
+
+
+def secure_sums(
+    server_config: dict, spec: agg.ModelSpec, total: np.ndarray, reports: int, scale: float
+) -> agg.RunningSums:
+    """A secure cycle's unmasked signed sum ``[sum of weights, sum of quantized values...]``
+    (``scale`` steps per unit) as the plain running sums the privacy wrapper divides by m.
+    Raises :class:`InvalidRequestError` when the sum cannot come from ``reports`` honest
+    workers: weights other than 1 (DP-FedAvg is unweighted), or a norm outside what
+    ``reports`` diffs clipped to C plus their noise and rounding can have (too large: a
+    worker did not clip; too small, where the noise dominates: the noise is missing).
+
+        >>> import numpy as np
+        >>> cfg = {"max_workers": 2, "max_diffs": 2, "over_selection": 1.0,
+        ...        "secure_aggregation": {"min_survivors": 2},
+        ...        "differential_privacy": {"mode": "distributed", "noise_multiplier": 0.0,
+        ...        "clip_norm": 1.0, "delta": 1e-5, "population_size": 10,
+        ...        "max_epsilon": None, "accountant": "rdp"}}
+        >>> spec = agg.ModelSpec.of([np.zeros(2)])
+        >>> secure_sums(cfg, spec, np.array([2, 100, -50]), 2, 100.0).sum_x.tolist()
+        [1.0, -0.5]
+        >>> try:  # norm 9 > 2 C: a worker did not clip
+        ...     secure_sums(cfg, spec, np.array([2, 900, 0]), 2, 100.0)
+        ... except InvalidRequestError as e:
+        ...     print(str(e)[:45])
+        its unmasked sum has L2 norm 9, outside [-2.0
+    """
+    dp = DPConfig.of(server_config)
+    assert dp is not None and dp.mode == "distributed"
+    if int(total[0]) != reports:
+        raise InvalidRequestError(
+            f"its unmasked weights sum to {int(total[0])}, not to the {reports} reports: a "
+            "worker weighted its input, which differential privacy forbids"
+        )
+    sums = agg.RunningSums(spec)
+    sums.count_x = reports
+    sums.sum_x = total[1:].astype(np.float64) / scale
+    c = dp.initial_clip_norm  # fixed: adaptive clipping is refused with secure aggregation
+    sigma = dp.noise_multiplier * c * math.sqrt(reports / dp.expected_reports)
+    low, high = _norm_range(reports * c, sigma, spec.total)
+    # each worker's rounding moves each value by less than one step
+    rounding = reports * math.sqrt(spec.total) / scale
+    low, high = low - rounding, high + rounding
+    norm = float(np.linalg.norm(sums.sum_x))
+    if not low <= norm <= high:
+        raise InvalidRequestError(
+            f"its unmasked sum has L2 norm {norm:.6g}, outside [{low:.6g}, {high:.6g}] where "
+            f"{reports} reports clipped to {c:g} and noised fall: a worker did not clip or "
+            "did not add its noise"
+        )
+    return sums
 
 
 def _stored(x: float | None) -> float:
@@ -316,6 +376,7 @@ def status(conn: Connection, process) -> dict[str, Any] | None:
     return {
         "mode": dp.mode,
         "noise_multiplier": dp.noise_multiplier,
+        "accounted_noise_multiplier": dp.accounted_noise_multiplier,
         "clip_norm": current_clip_norm(dp, state),
         "adaptive_clipping": dp.adaptive is not None,
         "delta": dp.delta,

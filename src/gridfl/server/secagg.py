@@ -41,7 +41,7 @@ from gridfl.secagg import NodeSession, SecAggParams
 from gridfl.secagg import messages as m
 from gridfl.secagg.quantize import decode
 from gridfl.server import aggregate as agg
-from gridfl.server import db, storage
+from gridfl.server import db, privacy, storage
 from gridfl.server.config import worker_capacity
 from gridfl.server.secagg_wire import (
     RETRY_AFTER,
@@ -426,16 +426,26 @@ class SecAggApi:
         return stage_at
 
     def _complete(self, conn: Connection, cycle, process, node: NodeSession, spec) -> None:
-        """The unmasked sum as the cycle's running sums (weighted side), then completion."""
+        """The unmasked sum as the cycle's running sums (weighted side; the plain side with
+        differential privacy), then completion."""
         total = node.result
         assert total is not None  # the last stage closed
+        reports = len(node.masked)
         sums = agg.RunningSums(spec)
-        sums.count_w = len(node.masked)
-        sums.weight = float(total[0])
-        sums.sum_w = decode(total, node.params) * sums.weight
-        conn.execute(
-            storage.count_report, {"b_cycle_id": cycle.id, "num_reports": len(node.masked)}
-        )
+        if process.server_config.get("differential_privacy"):
+            # unweighted, and divided by the fixed expected count by the privacy wrapper
+            try:
+                sums = privacy.secure_sums(
+                    process.server_config, spec, total, reports, node.params.scale
+                )
+            except InvalidRequestError as e:
+                self.cycles.expire(conn, cycle, process, time.time(), str(e), warn=True)
+                return
+        else:
+            sums.count_w = reports
+            sums.weight = float(total[0])
+            sums.sum_w = decode(total, node.params) * sums.weight
+        conn.execute(storage.count_report, {"b_cycle_id": cycle.id, "num_reports": reports})
         self.cycles.complete(conn, cycle, process, sums)
 
 
