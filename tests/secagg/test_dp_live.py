@@ -8,7 +8,6 @@ are computed here with numpy, scipy and dp-accounting."""
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from gridfl.cli import main
 from gridfl.secagg import NAME, SecAggParams
 from gridfl.secagg import messages as m
 from tests.builders import ADMIN, b64, host_payload, model_params, training_plan
-from tests.harness import Admin, HttpWorker
+from tests.harness import Admin, HttpWorker, in_threads
 from tests.secagg.test_live import _dropping_worker, _sdk_worker
 
 dp_accounting = pytest.importorskip("dp_accounting")
@@ -82,16 +81,14 @@ def _secure_cycle(url, diffs, drop=(), params=None) -> None:
     and a hand-driven worker for each index in ``drop`` that goes silent after
     advertising its keys."""
     out: list = [None] * len(diffs)
-    threads = [
-        threading.Thread(target=_dropping_worker, args=(url, "mnist", params, m.ADVERTISE, out, i))
-        if i in drop
-        else threading.Thread(target=_sdk_worker, args=(url, "mnist", d, 10 * (i + 1), out, i))
-        for i, d in enumerate(diffs)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+
+    def one(i, d):
+        if i in drop:
+            _dropping_worker(url, "mnist", params, m.ADVERTISE, out, i)
+        else:
+            _sdk_worker(url, "mnist", d, 10 * (i + 1), out, i)
+
+    in_threads(one, enumerate(diffs), timeout=60)
     errors = [o for o in out if isinstance(o, BaseException)]
     assert not errors, errors
 
