@@ -91,6 +91,17 @@ def test_graph_size_does_not_grow_with_the_sequence():
     assert sizes[0] == sizes[1]
 
 
+def test_lstm_gradient_step_runs_few_nodes():
+    """The reversed Scan's body is per-node overhead bound: the factors that do not
+    depend on the carried gradients are computed outside it, for all steps at once."""
+    X, y = tokens(4, 6, 0)
+    plan = compile_training_plan(SeqNet("lstm"), example_data=X, example_target=y)
+    scans = {n.name: n for n in onnx.load_from_string(plan.to_bytes()).graph.node
+             if n.op_type == "Scan"}
+    body = next(a.g for a in scans["lstm_scan_grad_1"].attribute if a.name == "body")
+    assert len(body.node) <= 8, [n.op_type for n in body.node]
+
+
 def test_dropout_between_layers_in_training_mode_is_refused():
     X, y = tokens(4, 5, 0)
     model = SeqNet("gru", num_layers=2, dropout=0.3)
