@@ -34,6 +34,7 @@ from gridfl.compression import KINDS, validate_config
 from gridfl.datasets import Mnist, load_mnist
 from gridfl.demo import norms
 from gridfl.demo.data import ReadyData
+from gridfl.demo.launch import WorkerProcess, Workers
 from gridfl.demo.report import CycleResult, RunResult
 from gridfl.demo.worker import ATTACKS
 from gridfl.host import HostClient, closed_cycles
@@ -274,46 +275,15 @@ def run_demo(
         _node(options.data_dir, token) as (url, node_proc, node_started),
         HostClient(url, admin_token=token) as host,
     ):
-        workers = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gridfl.demo.worker",
-                    url.replace("http", "ws", 1),
-                    name,
-                    version,
-                    str(ready.shard(i)),
-                    "--seed",
-                    str(options.seed * 1000 + i),
-                    "--wait-for-go",
-                    "--nice",
-                    "10",
-                    *(["--compute-slots", str(slots)] if slots else []),
-                    *(["--evaluate"] if options.federated_every else []),
-                    *(["--norms-log", str(_norms_log(options, i))] if options.dp_noise is not None
-                      else []),
-                    *(["--attack", options.attack] if i < options.byzantine else []),
-                    # the last slow_workers processes (the Byzantine ones are the first)
-                    *(
-                        ["--slowdown", str(options.slowdown)]
-                        if i >= options.workers - options.slow_workers
-                        else []
-                    ),
-                ],
-                stdin=subprocess.PIPE,
-                # ten processes share the cores: one plan thread each. They run at a
-                # lower priority than the node, as if on machines of their own: a node
-                # request never waits behind a worker's training step.
-                env={
-                    **os.environ,
-                    **_LEAN_MALLOC,
-                    "OMP_NUM_THREADS": "1",
-                    "GRIDFL_PLAN_THREADS": "1",
-                },
-            )
-            for i in range(options.workers)
-        ]
+        # ten processes share the cores: one plan thread each. They run at a lower
+        # priority than the node, as if on machines of their own: a node request never
+        # waits behind a worker's training step.
+        forked = Workers.start(
+            [_worker_argv(options, i, url, name, version, ready, slots)
+             for i in range(options.workers)],
+            env={**_LEAN_MALLOC, "OMP_NUM_THREADS": "1", "GRIDFL_PLAN_THREADS": "1"},
+        )
+        workers = forked.processes
         with _killed_on_error(workers):  # a node that never came up: no orphans
             mnist = _ready_data(options, ready, step)
             model_bytes, training_bytes, evaluation_bytes = _plans(options, mnist, step)
@@ -352,10 +322,7 @@ def run_demo(
             if options.asynchronous
             else f"training: {options.per_cycle} workers per cycle, up to {options.cycles} cycles"
         )
-        for w in workers:
-            assert w.stdin is not None  # started with stdin=PIPE
-            w.stdin.write(b"go\n")
-            w.stdin.close()
+        forked.go()
         windows: dict[int, tuple[float, float]] = {}
         try:
             _watch(
@@ -392,6 +359,24 @@ def run_demo(
 
 
 # --------------------------------------------------------------------------- pieces
+def _worker_argv(options: DemoOptions, i: int, url: str, name: str, version: str,
+                 ready: ReadyData, slots: Path | None) -> list[str]:
+    """``gridfl.demo.worker``'s arguments for worker process ``i``."""
+    return [
+        url.replace("http", "ws", 1), name, version, str(ready.shard(i)),
+        "--seed", str(options.seed * 1000 + i),
+        "--nice", "10",
+        *(["--compute-slots", str(slots)] if slots else []),
+        *(["--evaluate"] if options.federated_every else []),
+        *(["--norms-log", str(_norms_log(options, i))] if options.dp_noise is not None
+          else []),
+        *(["--attack", options.attack] if i < options.byzantine else []),
+        # the last slow_workers processes (the Byzantine ones are the first)
+        *(["--slowdown", str(options.slowdown)]
+          if i >= options.workers - options.slow_workers else []),
+    ]
+
+
 def _ready_data(options: DemoOptions, ready: ReadyData,
                 step: Callable[[str], None]) -> Mnist | None:
     """Make sure the shards and the test set are in place; MNIST if it was loaded."""
@@ -540,7 +525,7 @@ def _node(data_dir: Path, token: str) -> Iterator[tuple[str, subprocess.Popen, f
 
 
 @contextlib.contextmanager
-def _killed_on_error(procs: list[subprocess.Popen]) -> Iterator[None]:
+def _killed_on_error(procs: list[WorkerProcess]) -> Iterator[None]:
     """Kill ``procs`` if the block raises (workers would retry a dead node forever)."""
     try:
         yield
