@@ -155,7 +155,8 @@ class _Translator:
                 f"op {_op_name(target)} has no tfjs translation: the tfjs variant cannot "
                 "run this model (compile without tfjs=True for onnx workers only)"
             )
-        args = [self.runtime_size(a) if target in _ELEMENTWISE and _is_dynamic_size(self, a)
+        args = [self.runtime_size(a) if target in _ELEMENTWISE and isinstance(
+                    a, torch.fx.Node) and _is_dynamic_size(self, a)
                 else self.arg(a) for a in node.args]
         kwargs = {k: self.arg(v) for k, v in node.kwargs.items()}
         return rule(self, node, *args, **kwargs)
@@ -168,9 +169,8 @@ def _op_name(target: Any) -> str:
     return str(getattr(target, "__name__", target))
 
 
-def _is_dynamic_size(t: _Translator, a: Any) -> bool:
-    return isinstance(a, torch.fx.Node) and t.env.get(a) is _DYN and isinstance(
-        a.meta.get("val"), torch.SymInt)
+def _is_dynamic_size(t: _Translator, a: torch.fx.Node) -> bool:
+    return t.env.get(a) is _DYN and isinstance(a.meta.get("val"), torch.SymInt)
 
 
 # ---------------------------------------------------------------- rules

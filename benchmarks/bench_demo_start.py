@@ -1,0 +1,123 @@
+"""Start-up of ``gridfl demo --model 2nn``: from the command to the first checkpoint.
+
+    python -m benchmarks.bench_demo_start [--runs 5]
+
+Runs ``python -m gridfl demo --model 2nn --cycles 1`` as a user would, in a fresh data
+directory and plan cache: once cold (MNIST loaded and dealt into shards, plans compiled
+with PyTorch), then ``--runs`` times again, when the shards and the plans are ready.
+For each run it prints the seconds from launching the command to the node closing the
+first aggregated cycle (``first_checkpoint_at`` in results.json, this machine's clock),
+the node's boot, and the CPU seconds each kind of process had used by then (read from
+/proc every 50 ms: the demo process, the node, the worker processes with their fork
+server). The last lines give the median of the warm runs, cold / warm, and the load
+average, since on a shared machine other work stretches every wall time; the CPU
+seconds are the part that does not depend on it (their sum over the cores is the least
+wall time the start-up can take on an idle machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _processes() -> dict[int, tuple[int, float, str]]:
+    """pid -> (parent pid, CPU seconds, command line) of every process."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        found[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK,
+                                  cmd)
+    return found
+
+
+def _cpu_by_kind(root: int) -> dict[str, float]:
+    """CPU seconds of ``root`` and its descendants, by kind of process."""
+    procs = _processes()
+    tree, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, (parent, _, _) in procs.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    kinds: dict[str, float] = {"demo": 0.0, "node": 0.0, "workers": 0.0, "other": 0.0}
+    for pid in tree & procs.keys():
+        _, cpu, cmd = procs[pid]
+        kind = ("demo" if pid == root else "node" if " serve " in cmd
+                else "other" if "multiprocessing.spawn" in cmd  # a cold run's compiler
+                else "workers" if "multiprocessing" in cmd or "demo.worker" in cmd else "other")
+        kinds[kind] += cpu
+    return kinds
+
+
+def run_once(data_dir: Path, out_dir: Path, env: dict[str, str]) -> dict:
+    """One ``gridfl demo`` run: seconds to the first checkpoint, boot, CPU by kind."""
+    launched = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gridfl", "demo", "--model", "2nn", "--cycles", "1",
+         "--data-dir", str(data_dir), "--out-dir", str(out_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )
+    samples: list[tuple[float, dict[str, float]]] = []
+    while proc.poll() is None:
+        samples.append((time.time(), _cpu_by_kind(proc.pid)))
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise SystemExit(f"gridfl demo failed:\n{proc.stderr.read().decode()[-2000:]}")
+    result = json.loads((out_dir / "results.json").read_text())
+    at = result["first_checkpoint_at"]
+    cpu = next((c for t, c in reversed(samples) if t <= at), samples[0][1])
+    return {"seconds": at - launched, "boot": result["node_boot_seconds"], "cpu": cpu}
+
+
+def _row(label: str, r: dict) -> str:
+    cpu = r["cpu"]
+    return (f"{label:8s} {r['seconds']:7.2f} {r['boot']:7.2f} " + " ".join(
+        f"{cpu[k]:8.2f}" for k in ("demo", "node", "workers")) + f" {sum(cpu.values()):8.2f}")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="warm runs (default 5)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="gridfl-demo-start-") as tmp:
+        env = {**os.environ, "GRIDFL_PLAN_CACHE": str(Path(tmp) / "plans")}
+        data, out = Path(tmp) / "data", Path(tmp) / "out"
+        load_before = os.getloadavg()
+        print(f"{'run':8s} {'first s':>7s} {'boot s':>7s} {'demo cpu':>8s} {'node cpu':>8s} "
+              f"{'wrk cpu':>8s} {'cpu sum':>8s}")
+        cold = run_once(data, out, env)
+        print(_row("cold", cold), flush=True)
+        warm = []
+        for i in range(args.runs):
+            warm.append(run_once(data, out, env))
+            print(_row(f"warm {i + 1}", warm[-1]), flush=True)
+        load_after = os.getloadavg()
+    median = statistics.median(r["seconds"] for r in warm)
+    cpu = statistics.median(sum(r["cpu"].values()) for r in warm)
+    print(f"median of {len(warm)} warm runs: first checkpoint {median:.2f} s after the "
+          f"command (goal 3 s); CPU {cpu:.2f} s, at least {cpu / 2:.2f} s on 2 idle cores")
+    print(f"cold / warm: {cold['seconds'] / median:.1f}x")
+    print(f"load average (1, 5, 15 min) before {tuple(round(x, 1) for x in load_before)}, "
+          f"after {tuple(round(x, 1) for x in load_after)}; {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
