@@ -1,6 +1,6 @@
 """Start-up of ``gridfl demo --model 2nn``: from the command to the first checkpoint.
 
-    python -m benchmarks.bench_demo_start [--runs 5]
+    python -m benchmarks.bench_demo_start [--runs 5] [--baseline NAME=SRC ...]
 
 Runs ``python -m gridfl demo --model 2nn --cycles 1`` as a user would, in a fresh data
 directory and plan cache: once cold (MNIST loaded and dealt into shards, plans compiled
@@ -12,7 +12,13 @@ the node's boot, and the CPU seconds each kind of process had used by then (read
 server). The last lines give the median of the warm runs, cold / warm, and the load
 average, since on a shared machine other work stretches every wall time; the CPU
 seconds are the part that does not depend on it (their sum over the cores is the least
-wall time the start-up can take on an idle machine).
+wall time the start-up can take on an idle machine). A cold run's CPU leaves out its
+compiler process, gone before the first checkpoint.
+
+``--baseline NAME=SRC`` runs another gridfl source tree (the ``src`` folder of an
+earlier commit, e.g. from ``git archive``, whose demo records ``first_checkpoint_at``)
+side by side: the variants take turns, run by run, so the load hits them alike, and the
+last lines give each one's median and its ratio to this tree's.
 """
 
 from __future__ import annotations
@@ -89,32 +95,53 @@ def run_once(data_dir: Path, out_dir: Path, env: dict[str, str]) -> dict:
 
 def _row(label: str, r: dict) -> str:
     cpu = r["cpu"]
-    return (f"{label:8s} {r['seconds']:7.2f} {r['boot']:7.2f} " + " ".join(
+    return (f"{label:14s} {r['seconds']:7.2f} {r['boot']:7.2f} " + " ".join(
         f"{cpu[k]:8.2f}" for k in ("demo", "node", "workers")) + f" {sum(cpu.values()):8.2f}")
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="warm runs (default 5)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="NAME=SRC",
+                        help="another gridfl src folder to run side by side")
     args = parser.parse_args(argv)
+    here = str(Path(__file__).resolve().parents[1] / "src")
+    variants = {"this": here}
+    for spec in args.baseline:
+        name, _, src = spec.partition("=")
+        if not src or not (Path(src) / "gridfl").is_dir():
+            raise SystemExit(f"--baseline {spec!r}: expected NAME=SRC with SRC/gridfl")
+        variants[name] = src
     with tempfile.TemporaryDirectory(prefix="gridfl-demo-start-") as tmp:
-        env = {**os.environ, "GRIDFL_PLAN_CACHE": str(Path(tmp) / "plans")}
-        data, out = Path(tmp) / "data", Path(tmp) / "out"
+        def place(name: str) -> tuple[Path, Path, dict[str, str]]:
+            root = Path(tmp) / name
+            env = {**os.environ, "GRIDFL_PLAN_CACHE": str(root / "plans"),
+                   "PYTHONPATH": variants[name]}
+            return root / "data", root / "out", env
+
         load_before = os.getloadavg()
-        print(f"{'run':8s} {'first s':>7s} {'boot s':>7s} {'demo cpu':>8s} {'node cpu':>8s} "
+        print(f"{'run':14s} {'first s':>7s} {'boot s':>7s} {'demo cpu':>8s} {'node cpu':>8s} "
               f"{'wrk cpu':>8s} {'cpu sum':>8s}")
-        cold = run_once(data, out, env)
-        print(_row("cold", cold), flush=True)
-        warm = []
+        cold = {}
+        for name in variants:
+            cold[name] = run_once(*place(name))
+            print(_row(f"{name} cold", cold[name]), flush=True)
+        warm: dict[str, list[dict]] = {name: [] for name in variants}
         for i in range(args.runs):
-            warm.append(run_once(data, out, env))
-            print(_row(f"warm {i + 1}", warm[-1]), flush=True)
+            for name in variants:  # taking turns: the load hits every variant alike
+                warm[name].append(run_once(*place(name)))
+                print(_row(f"{name} warm {i + 1}", warm[name][-1]), flush=True)
         load_after = os.getloadavg()
-    median = statistics.median(r["seconds"] for r in warm)
-    cpu = statistics.median(sum(r["cpu"].values()) for r in warm)
-    print(f"median of {len(warm)} warm runs: first checkpoint {median:.2f} s after the "
-          f"command (goal 3 s); CPU {cpu:.2f} s, at least {cpu / 2:.2f} s on 2 idle cores")
-    print(f"cold / warm: {cold['seconds'] / median:.1f}x")
+    medians = {n: statistics.median(r["seconds"] for r in runs) for n, runs in warm.items()}
+    for name, runs in warm.items():
+        cpu = statistics.median(sum(r["cpu"].values()) for r in runs)
+        print(f"{name}: median of {len(runs)} warm runs: first checkpoint "
+              f"{medians[name]:.2f} s after the command (goal 3 s); CPU {cpu:.2f} s, at "
+              f"least {cpu / 2:.2f} s on 2 idle cores; cold / warm "
+              f"{cold[name]['seconds'] / medians[name]:.1f}x")
+    for name in variants:
+        if name != "this":
+            print(f"this / {name}: {medians['this'] / medians[name]:.2f}x wall (median)")
     print(f"load average (1, 5, 15 min) before {tuple(round(x, 1) for x in load_before)}, "
           f"after {tuple(round(x, 1) for x in load_after)}; {os.cpu_count()} CPUs")
 
