@@ -481,3 +481,39 @@ def test_second_demo_takes_its_plans_from_the_cache(tmp_path, monkeypatch):
     assert len(list((tmp_path / "data").glob("ready-*"))) == 1
     assert r1.cycles[0].reports == r2.cycles[0].reports == 2
     assert r2.first_checkpoint_at is not None
+
+
+def test_forked_workers_exit_when_the_demo_dies_before_go(tmp_path):
+    """Workers wait for the start signal; a demo process that dies first (killed, or
+    crashed) leaves no worker behind."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "dies.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from gridfl.demo.launch import Workers\n"
+        "if __name__ == '__main__':\n"
+        "    w = Workers.start([['ws://127.0.0.1:9', 'x', '1', 'none']] * 2, env={})\n"
+        "    print(' '.join(str(p.pid) for p in w.processes), flush=True)\n"
+        "    time.sleep(1.0)\n"
+        "    os._exit(0)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    pids = [int(p) for p in out.split()]
+    assert len(pids) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)

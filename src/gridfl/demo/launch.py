@@ -17,18 +17,20 @@ Workers wait for :meth:`Workers.go` before opening their shard and joining::
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 __all__ = ["WorkerProcess", "Workers"]
 
 # what every worker imports, at start or on its first cycle (the transports pull in
-# httpx and websockets): imported once, in the server
-_PRELOAD = ["gridfl.demo.worker", "onnxruntime", "gridfl.plan", "gridfl.model",
+# httpx and websockets): imported once, in the server. gridfl.cli too: a forked child
+# runs the main script again, and the `gridfl` console script imports the CLI.
+_PRELOAD = ["gridfl.cli", "gridfl.demo.worker", "onnxruntime", "gridfl.plan", "gridfl.model",
             "gridfl.client._transports", "gridfl.client._compress", "gridfl.client.evaluation",
             "gridfl.client.speedtest", "websockets.sync.client"]
 _GO_POLL = 0.5  # seconds between checks that the demo is still there, while waiting
@@ -70,15 +72,22 @@ class Workers:
 
     @classmethod
     def start(cls, argvs: Sequence[Sequence[str]], env: Mapping[str, str]) -> Workers:
-        """Fork one worker per ``argvs`` entry (``gridfl.demo.worker``'s arguments)."""
-        ctx = multiprocessing.get_context("forkserver")
-        _start_server(ctx, env)
+        """Fork one worker per ``argvs`` entry (``gridfl.demo.worker``'s arguments).
+        Where there is no fork server (Windows), each worker is spawned, importing alone."""
+        forking = "forkserver" in multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("forkserver" if forking else "spawn")
         go = ctx.Event()
         processes = []
-        for argv in argvs:
-            p = ctx.Process(target=_worker, args=(list(argv), go), daemon=False)
-            p.start()
-            processes.append(WorkerProcess(p))
+        with _environment(env):  # read when each process (the server, or a worker) starts
+            if forking:
+                from multiprocessing import forkserver
+
+                ctx.set_forkserver_preload(_PRELOAD)
+                forkserver.ensure_running()  # once per demo process
+            for argv in argvs:
+                p = ctx.Process(target=_worker, args=(list(argv), go), daemon=False)
+                p.start()
+                processes.append(WorkerProcess(p))
         return cls(processes, go)
 
     def go(self) -> None:
@@ -86,16 +95,14 @@ class Workers:
         self._go.set()
 
 
-def _start_server(ctx: Any, env: Mapping[str, str]) -> None:
-    """Start the fork server (once per demo process) with the workers' environment:
-    glibc and the BLAS read theirs when a process starts, so it is set for the exec."""
-    from multiprocessing import forkserver
-
-    ctx.set_forkserver_preload(_PRELOAD)
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    """``env`` in os.environ while processes start (glibc and the BLAS read theirs when
+    a process starts), restored after."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        forkserver.ensure_running()
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
