@@ -75,7 +75,7 @@ class Workers:
         """Fork one worker per ``argvs`` entry (``gridfl.demo.worker``'s arguments).
         Where there is no fork server (Windows), each worker is spawned, importing alone."""
         forking = "forkserver" in multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("forkserver" if forking else "spawn")
+        ctx: Any = multiprocessing.get_context("forkserver" if forking else "spawn")
         go = ctx.Event()
         processes = []
         with _environment(env):  # read when each process (the server, or a worker) starts
