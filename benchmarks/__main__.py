@@ -17,6 +17,7 @@ BENCHMARKS = {
     "server": "benchmarks.bench_server",  # grid node under concurrent simulated workers
     "worker": "benchmarks.bench_worker",  # a worker's CPU per cycle, phase by phase
     "strategies": "benchmarks.bench_strategies",  # CNN: fold, completion, memory per rule
+    "demo_start": "benchmarks.bench_demo_start",  # a second 2NN demo: command to checkpoint
     "fl": "benchmarks.bench_fl",  # federated MNIST s/cycle vs compute floor, Flower alongside
     "dashboard": "benchmarks.bench_dashboard",  # 2NN demo s/cycle with and without a page open
     "simulation": "benchmarks.bench_simulation",  # memory at N=100 vs N=10,000 clients

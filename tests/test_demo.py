@@ -25,12 +25,13 @@ def test_short_demo_run_trains_and_writes_results(tmp_path, capfd):
     assert token_file.stat().st_mode & 0o777 == 0o600 and len(token_file.read_text()) > 16
 
     assert [c.cycle for c in result.cycles] == [1, 2, 3] == [c.cycle for c in seen]
-    # start-up shows each step as it begins: both compilations, the processes, hosting
+    # start-up shows each step as it begins: the processes first (they boot while the
+    # rest runs), the data, both compilations, hosting
     assert [s.split()[0].rstrip(":") for s in steps] == [
-        "loading", "compiling", "compiling", "starting", "node", "training"
+        "starting", "loading", "compiling", "compiling", "node", "training"
     ], steps
-    assert "training plan" in steps[1] and "evaluation plan" in steps[2]
-    assert "2 worker processes" in steps[3] and "hosting mnist-2nn" in steps[4]
+    assert "training plan" in steps[2] and "evaluation plan" in steps[3]
+    assert "2 worker processes" in steps[0] and "hosting mnist-2nn" in steps[4]
     # all cycles ran to the end: the workers stop without reporting any failure
     assert "cycle failed" not in capfd.readouterr().err
     assert all(c.reports == 2 for c in result.cycles)
@@ -464,13 +465,55 @@ def test_second_demo_takes_its_plans_from_the_cache(tmp_path, monkeypatch):
     runs = []
     for i in range(2):
         steps: list[str] = []
-        options = demo_options(tmp_path / f"run{i}", lr=0.1, cycles=1)
+        options = demo_options(tmp_path, lr=0.1, cycles=1, out_dir=tmp_path / f"out{i}")
         result = run_demo(options, on_step=steps.append)
         runs.append((steps, result))
     (first, r1), (second, r2) = runs
     assert any(s.startswith("compiling the 2NN") for s in first), first
     assert any(s.startswith("plans cached in") for s in first), first
     assert not any(s.startswith("compiling") for s in second), second
-    assert any(s.startswith("plans found in the cache") for s in second), second
+    # the second run loads no MNIST: its shards and test set are ready in the data dir,
+    # read (like the plans) while the node and the workers, started first, boot
+    assert [s.split()[0].rstrip(":") for s in second] == ["starting", "shards", "plans", "node",
+                                              "training"], second
+    assert second[1].startswith("shards found in") and "plans found in the cache" in second[2]
     assert len(list((tmp_path / "cache").glob("*.entry"))) == 1
+    assert len(list((tmp_path / "data").glob("ready-*"))) == 1
     assert r1.cycles[0].reports == r2.cycles[0].reports == 2
+    assert r2.first_checkpoint_at is not None
+
+
+def test_forked_workers_exit_when_the_demo_dies_before_go(tmp_path):
+    """Workers wait for the start signal; a demo process that dies first (killed, or
+    crashed) leaves no worker behind."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "dies.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from gridfl.demo.launch import Workers\n"
+        "if __name__ == '__main__':\n"
+        "    w = Workers.start([['ws://127.0.0.1:9', 'x', '1', 'none']] * 2, env={})\n"
+        "    print(' '.join(str(p.pid) for p in w.processes), flush=True)\n"
+        "    time.sleep(1.0)\n"
+        "    os._exit(0)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    pids = [int(p) for p in out.split()]
+    assert len(pids) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)

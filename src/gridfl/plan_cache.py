@@ -34,7 +34,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_VAR", "PlanCache", "compiler_versions", "default_cache_dir", "resolve_cache"]
+__all__ = [
+    "ENV_VAR", "PlanCache", "compiler_versions", "default_cache_dir", "key_digest",
+    "plan_key", "resolve_cache", "source_digest",
+]
 
 ENV_VAR = "GRIDFL_PLAN_CACHE"
 _MAGIC = b"gridfl-plan-cache 1\n"
@@ -71,17 +74,28 @@ def resolve_cache(cache: PlanCache | str | os.PathLike | bool | None) -> PlanCac
 
 
 @functools.cache
+def source_digest(*relative_paths: str) -> str:
+    """SHA-256 of gridfl's own source files (paths relative to the package; a folder
+    stands for its ``*.py`` files), so that an edited checkout makes new keys."""
+    package = Path(__file__).resolve().parent
+    paths: list[Path] = []
+    for rel in relative_paths:
+        target = package / rel
+        paths += sorted(target.glob("*.py")) if target.is_dir() else [target]
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
 def compiler_versions() -> dict[str, str]:
     """gridfl's version and a digest of the sources that shape a plan (so an edited
     checkout makes new keys), and the versions of the libraries that make plans."""
-    package = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted([*(package / "compiler").glob("*.py"), package / "plan.py",
-                        package / "demo" / "models.py"]):
-        digest.update(path.name.encode() + path.read_bytes())
     from gridfl import __version__
 
-    found = {"gridfl": __version__, "gridfl_sources": digest.hexdigest()}
+    found = {"gridfl": __version__,
+             "gridfl_sources": source_digest("compiler", "plan.py", "demo/models.py")}
     for dist in ("torch", "onnx", "onnxscript", "onnxruntime"):
         try:
             found[dist] = importlib.metadata.version(dist)
@@ -90,7 +104,22 @@ def compiler_versions() -> dict[str, str]:
     return found
 
 
+def plan_key(kind: str, subject: Any, **options: Any) -> dict[str, Any]:
+    """The cache key of compiled plans: what is compiled (``subject``: a model's
+    description, JSON-able), the options that shape the plans, and
+    :func:`compiler_versions`. The compiler and the demo (which names its models
+    without importing torch) both build their keys with it::
+
+        >>> key = plan_key("demo", {"model": "2nn"}, lr=0.1)
+        >>> sorted(key), key["options"]
+        (['options', 'plan', 'subject', 'versions'], {'lr': 0.1})
+    """
+    return {"plan": kind, "subject": subject, "options": options,
+            "versions": compiler_versions()}
+
+
 def key_digest(key: Mapping[str, Any]) -> str:
+    """The SHA-256 (hex) of a key's canonical JSON: the name of its entry."""
     return hashlib.sha256(_canonical(key)).hexdigest()
 
 

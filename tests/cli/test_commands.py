@@ -250,6 +250,65 @@ def test_compile_refuses_a_negative_proximal_mu(tmp_path):
     assert r.exit_code == 2 and "--proximal-mu" in r.output and not (tmp_path / "out").exists()
 
 
+def test_compile_tfjs_writes_both_variants_and_host_serves_them(node, tmp_path):
+    """``compile --tfjs``: the bundle names each plan's onnx and tfjs files; hosting it
+    serves syft.js the tfjs bytes and gridfl workers the onnx plan, which still trains."""
+    from gridfl import Plan
+    from tests.harness import HttpWorker, join
+
+    (tmp_path / "model.py").write_text(MODEL_FILE.replace('"tiny"', '"tinytfjs"'))
+    r = run("compile", tmp_path / "model.py", "-o", tmp_path / "out", "--tfjs")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["plans"] == {
+        "training_plan": {"onnx": "training_plan.onnx", "tfjs": "training_plan.tfjs.pb"},
+        "evaluation_plan": {"onnx": "evaluation_plan.onnx", "tfjs": "evaluation_plan.tfjs.pb"},
+    }
+    tfjs = {n: (out / f"{n}.tfjs.pb").read_bytes() for n in ("training_plan", "evaluation_plan")}
+    for name, data in tfjs.items():  # syft-proto Plans of tfjs actions, named as hosted
+        assert data.endswith(b"J\x04tfjs") and name.encode() in data and b"tf.matMul" in data
+    assert b"tf.relu" in tfjs["training_plan"]
+    # a second worker slot: the worker below trains while this test's fetcher holds one
+    (tmp_path / "slots.json").write_text(json.dumps({"server_config": {"max_workers": 2}}))
+    r = run("host", node.url, out, "--config", tmp_path / "slots.json", "--admin-token", TOKEN)
+    assert r.exit_code == 0, r.output
+    w = HttpWorker(node.url)
+    try:
+        wid, cyc = join(w, name="tinytfjs", version="2.0")
+        key, pid = cyc["request_key"], cyc["plans"]["training_plan"]
+        served = {as_: w.get("get-plan", worker_id=wid, request_key=key, plan_id=pid,
+                             receive_operations_as=as_) for as_ in ("tfjs", "onnx")}
+    finally:
+        w.close()
+    assert served["tfjs"].status_code == 200 and served["tfjs"].content == tfjs["training_plan"]
+    assert Plan.from_bytes(served["onnx"].content).kind == "training"
+    np.savez(tmp_path / "local.npz", x=np.ones((8, 6), np.float32), y=np.zeros(8, np.int64))
+    r = run("worker", node.ws_url, "tinytfjs", "--version", "2.0", "--data",
+            tmp_path / "local.npz")
+    assert r.exit_code == 0 and "reported" in r.output, r.output
+
+
+def test_compile_tfjs_names_the_op_syftjs_cannot_run(tmp_path):
+    (tmp_path / "model.py").write_text(MODEL_FILE.replace("nn.ReLU()", "nn.ELU()"))
+    r = CliRunner().invoke(main, ["compile", str(tmp_path / "model.py"), "-o",
+                                  str(tmp_path / "out"), "--tfjs"])
+    assert r.exit_code == 1 and "op aten::elu has no tfjs translation" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+
+
+def test_host_refuses_a_bundle_with_malformed_plans(node, bundle, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    meta = json.loads((broken / "bundle.json").read_text())
+    meta["plans"]["training_plan"] = ["training_plan.onnx"]
+    (broken / "bundle.json").write_text(json.dumps(meta))
+    r = CliRunner().invoke(main, ["host", node.url, str(broken), "--admin-token", TOKEN])
+    assert r.exit_code == 1 and "'plans' must map each plan name" in r.output, r.output
+
+
 def _ed25519_pem() -> bytes:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

@@ -90,3 +90,73 @@ def test_stateful_optimizers_translate(optimizer):
     plan = compile_training_plan(net, optimizer=opt, example_data=torch.randn(9, 6),
                                  example_target=torch.randint(0, 3, (9,)), tfjs=True)
     assert plan.num_optimizer_state > 0 and plan.tfjs is not None
+
+
+def _captured_tfjs_plan(monkeypatch) -> list:
+    """The TfjsPlan objects the compile checks (their actions run with numpy below)."""
+    from gridfl.compiler import tfjs
+
+    plans: list = []
+    check = tfjs.check_against
+
+    def capture(plan, checks, names):
+        plans.append(plan)
+        return check(plan, checks, names)
+
+    monkeypatch.setattr(tfjs, "check_against", capture)
+    return plans
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def test_evaluation_plan_translates_and_means_over_the_batch_it_is_given(monkeypatch):
+    """The tfjs evaluation plan of a 2NN-shaped MLP, run with numpy at batch sizes it was
+    not compiled with, gives the mean cross-entropy and accuracy of a numpy forward pass
+    (the mean divides by a batch size the plan counts itself: syft.js passes none)."""
+    from gridfl.compiler import compile_evaluation_plan
+    from gridfl.compiler.tfjs import run_numpy
+
+    plans = _captured_tfjs_plan(monkeypatch)
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                        nn.Linear(8, 4))
+    plan = compile_evaluation_plan(net, example_data=torch.randn(6, 12),
+                                   example_target=torch.randint(0, 4, (6,)), tfjs=True,
+                                   cache=False)
+    assert b"evaluation_plan" in plan.tfjs and len(plans) == 1
+    params = [p.detach().numpy() for p in net.parameters()]
+    rng = np.random.default_rng(0)
+    for n in (1, 13, 40):
+        X = rng.normal(size=(n, 12)).astype(np.float32)
+        y = rng.integers(0, 4, n)
+        h = np.maximum(X @ params[0].T + params[1], 0)
+        h = np.maximum(h @ params[2].T + params[3], 0)
+        logits = h @ params[4].T + params[5]
+        want_loss = -_log_softmax(logits)[np.arange(n), y].mean()
+        want_acc = (logits.argmax(1) == y).mean()
+        loss, acc = run_numpy(plans[0], [X, y, *params])
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+        np.testing.assert_allclose(acc, want_acc, rtol=1e-6)
+
+
+def test_evaluation_plan_of_the_mcmahan_cnn_translates():
+    from gridfl.compiler import compile_evaluation_plan
+    from gridfl.demo.models import build_model
+
+    plan = compile_evaluation_plan(build_model("cnn"), example_data=torch.rand(5, 784),
+                                   example_target=torch.randint(0, 10, (5,)), tfjs=True,
+                                   cache=False)
+    assert plan.tfjs is not None and b"tf.conv2d" in plan.tfjs
+
+
+def test_evaluation_plan_with_an_untranslated_op_is_refused_naming_it():
+    from gridfl.compiler import compile_evaluation_plan
+
+    net = nn.Sequential(nn.Linear(4, 5), nn.ELU(), nn.Linear(5, 3))
+    with pytest.raises(CompileError, match=r"op aten::elu has no tfjs translation"):
+        compile_evaluation_plan(net, example_data=torch.randn(6, 4),
+                                example_target=torch.randint(0, 3, (6,)), tfjs=True,
+                                cache=False)

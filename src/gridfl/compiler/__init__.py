@@ -566,66 +566,79 @@ def compile_training_plan(
     buffer_names, buffers = _module_buffers(module)
     X = _to_tensor(example_data, "data")
     y = _example_target(example_target, loss)
-    n_params, n_buffers = len(params), len(buffers)
-    store = resolve_cache(cache)
     key = _cache_key("training", module, X, y, loss=loss, optimizer=repr(opt),
                      proximal_mu=mu, verify=verify, conv_weight_grad=conv_weight_grad,
                      tfjs=tfjs)
-    cached = _cached_plan(store, key)
-    if cached is not None:
-        return cached
-    state = opt.example_state(params)  # a worker starts from zeros of these shapes
 
-    n_state = len(state)
+    def build() -> Plan:
+        n_params, n_buffers = len(params), len(buffers)
+        state = opt.example_state(params)  # a worker starts from zeros of these shapes
+        n_state = len(state)
 
-    def step(X, y, batch_size, lr, *rest):
-        ps = rest[:n_params]
-        # the step updates copies of its buffer inputs, and returns them
-        bufs = [b.clone() for b in rest[n_params:n_params + n_buffers]]
-        st = rest[n_params + n_buffers:n_params + n_buffers + n_state]
-        tensors = {**dict(zip(names, ps, strict=True)),
-                   **dict(zip(buffer_names, bufs, strict=True))}
-        out = torch.func.functional_call(module, tensors, (X,))
-        value = loss_fn(out, y, batch_size)
-        grads = torch.autograd.grad(value, ps, allow_unused=True, materialize_grads=True)
+        def step(X, y, batch_size, lr, *rest):
+            ps = rest[:n_params]
+            # the step updates copies of its buffer inputs, and returns them
+            bufs = [b.clone() for b in rest[n_params:n_params + n_buffers]]
+            st = rest[n_params + n_buffers:n_params + n_buffers + n_state]
+            tensors = {**dict(zip(names, ps, strict=True)),
+                       **dict(zip(buffer_names, bufs, strict=True))}
+            out = torch.func.functional_call(module, tensors, (X,))
+            value = loss_fn(out, y, batch_size)
+            grads = torch.autograd.grad(value, ps, allow_unused=True, materialize_grads=True)
+            if mu is not None:
+                *globals_, mu_in = rest[n_params + n_buffers + n_state:]
+                value, grads = _add_proximal_term(value, grads, ps, globals_, mu_in)
+            new_p, new_s = opt.step(ps, grads, lr, st)
+            acc = accuracy(out.detach(), y, batch_size, loss)
+            head = (value,) if acc is None else (value, acc)
+            return (*head, *new_p, *bufs, *new_s)
+
+        args = [X, y, torch.tensor(float(X.shape[0])), torch.tensor(float(opt.lr)), *params,
+                *buffers, *state]
+        in_roles = ["data", "target", "batch_size", "client_config:lr"]
+        in_roles += ["model_param"] * n_params + ["model_buffer"] * n_buffers
+        in_roles += ["optimizer_state"] * len(state)
         if mu is not None:
-            *globals_, mu_in = rest[n_params + n_buffers + n_state:]
-            value, grads = _add_proximal_term(value, grads, ps, globals_, mu_in)
-        new_p, new_s = opt.step(ps, grads, lr, st)
-        acc = accuracy(out.detach(), y, batch_size, loss)
-        head = (value,) if acc is None else (value, acc)
-        return (*head, *new_p, *bufs, *new_s)
+            # distinct from the params, so the verification sees the term's gradient
+            args += [p * 0.5 + 0.01 for p in params] + [torch.tensor(mu or _EXAMPLE_MU)]
+            in_roles += ["global_param"] * n_params + ["client_config:proximal_mu"]
+        if not module.training:
+            _check_buffers_unchanged(module, lambda: step(*_with_grad(args, n_params)))
+        return compile_plan(step, args, kind="training", input_roles=in_roles, verify=verify,
+                            conv_weight_grad=conv_weight_grad, tfjs=tfjs)
 
-    args = [X, y, torch.tensor(float(X.shape[0])), torch.tensor(float(opt.lr)), *params,
-            *buffers, *state]
-    in_roles = ["data", "target", "batch_size", "client_config:lr"]
-    in_roles += ["model_param"] * n_params + ["model_buffer"] * n_buffers
-    in_roles += ["optimizer_state"] * len(state)
-    if mu is not None:
-        # distinct from the params, so the verification sees the term's gradient
-        args += [p * 0.5 + 0.01 for p in params] + [torch.tensor(mu or _EXAMPLE_MU)]
-        in_roles += ["global_param"] * n_params + ["client_config:proximal_mu"]
-    if not module.training:
-        _check_buffers_unchanged(module, lambda: step(*_with_grad(args, n_params)))
-    plan = compile_plan(step, args, kind="training", input_roles=in_roles, verify=verify,
-                        conv_weight_grad=conv_weight_grad, tfjs=tfjs)
-    if store is not None:
-        store.put(key, {"plan": plan.to_bytes(), **({"tfjs": plan.tfjs} if plan.tfjs else {})})
-    return plan
+    return _through_cache(cache, key, build)
 
 
-def _cache_key(kind: str, module, X, y, **options) -> dict:
-    from gridfl.plan_cache import compiler_versions
+def _cache_key(kind: str, module, X, y, **options) -> Callable[[], dict]:
+    """The key of a module's plan, described only when a cache is used (describing hashes
+    the buffers' values)."""
+    from gridfl.plan_cache import plan_key
 
     from .cache_key import module_description, tensor_spec
 
-    return {"plan": kind, "module": module_description(module), "data": tensor_spec(X),
-            "target": tensor_spec(y), "options": options, "versions": compiler_versions()}
+    return lambda: plan_key(kind, {"module": module_description(module),
+                                   "data": tensor_spec(X), "target": tensor_spec(y)},
+                            **options)
 
 
-def _cached_plan(store: PlanCache | None, key: dict) -> Plan | None:
+def _through_cache(cache: PlanCache | str | os.PathLike | bool | None,
+                   key: Callable[[], dict], build: Callable[[], Plan]) -> Plan:
+    """The plan stored under ``key()`` in the cache, else ``build()`` (which compiles and
+    verifies it), stored there with its tfjs variant."""
+    store = resolve_cache(cache)
     if store is None:
-        return None
+        return build()
+    entry = key()
+    cached = _cached_plan(store, entry)
+    if cached is not None:
+        return cached
+    plan = build()
+    store.put(entry, {"plan": plan.to_bytes(), **({"tfjs": plan.tfjs} if plan.tfjs else {})})
+    return plan
+
+
+def _cached_plan(store: PlanCache, key: dict) -> Plan | None:
     blobs = store.get(key)
     if blobs is None or set(blobs) - {"tfjs"} != {"plan"}:
         return None
@@ -673,6 +686,7 @@ def compile_evaluation_plan(
     example_data: Any,
     example_target: Any,
     verify: bool = True,
+    tfjs: bool = False,
     cache: PlanCache | str | os.PathLike | bool | None = None,
 ) -> Plan:
     """Compile ``(X, y, *params) -> (loss, accuracy)`` for ``module`` (traced in eval mode).
@@ -685,6 +699,10 @@ def compile_evaluation_plan(
     A module in training mode (one whose training
     plan carries its buffers) gets its buffers as ``model_buffer`` inputs after the
     params, so BatchNorm normalizes with the running statistics of the checkpoint.
+
+    ``tfjs=True`` adds a tfjs variant, checked against eager PyTorch like the training
+    plan's. syft.js 0.1.4 runs no evaluation plans, so it is there for clients that do;
+    an op without a tfjs translation raises :class:`gridfl.CompileError` naming it.
     """
     loss_fn = get_loss(loss)
     names, params = _module_params(module)
@@ -692,11 +710,6 @@ def compile_evaluation_plan(
     n_params = len(params)
     X = _to_tensor(example_data, "data")
     y = _example_target(example_target, loss)
-    store = resolve_cache(cache)
-    key = _cache_key("evaluation", module, X, y, loss=loss, verify=verify)
-    cached = _cached_plan(store, key)
-    if cached is not None:
-        return cached
 
     def evaluate(X, y, *rest):
         tensors = {**dict(zip(names, rest[:n_params], strict=True)),
@@ -707,17 +720,19 @@ def compile_evaluation_plan(
         acc = accuracy(out, y, n, loss)
         return (value,) if acc is None else (value, acc)
 
-    was_training = module.training
-    module.eval()
-    try:
-        roles = ["data", "target"] + ["model_param"] * n_params + ["model_buffer"] * len(buffers)
-        plan = compile_plan(evaluate, [X, y, *params, *buffers], kind="evaluation",
-                            input_roles=roles, verify=verify)
-    finally:
-        module.train(was_training)
-    if store is not None:
-        store.put(key, {"plan": plan.to_bytes()})
-    return plan
+    def build() -> Plan:
+        was_training = module.training
+        module.eval()
+        try:
+            roles = (["data", "target"] + ["model_param"] * n_params
+                     + ["model_buffer"] * len(buffers))
+            return compile_plan(evaluate, [X, y, *params, *buffers], kind="evaluation",
+                                input_roles=roles, verify=verify, tfjs=tfjs)
+        finally:
+            module.train(was_training)
+
+    key = _cache_key("evaluation", module, X, y, loss=loss, verify=verify, tfjs=tfjs)
+    return _through_cache(cache, key, build)
 
 
 def compile_averaging_plan(example_params: Sequence[Any], *, verify: bool = True) -> Plan:

@@ -55,6 +55,8 @@ class _Translator:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.placeholders = placeholders
         self.batch_syms: set = set()
+        self.batch_placeholders = [placeholders[i] for i in batch_inputs]
+        self.batch_count: Ref | None = None
         for i in batch_inputs:
             dim0 = placeholders[i].meta["val"].shape[0]
             if isinstance(dim0, torch.SymInt):
@@ -79,6 +81,21 @@ class _Translator:
                 return _DYN
             return int(s.node.hint if s.node.hint is not None else s)
         return s
+
+    def runtime_size(self, node: torch.fx.Node) -> Any:
+        """The batch size used as a number (an evaluation loss's mean divides by it):
+        counted in the plan from a batch input, since syft.js passes no sizes. Any
+        other batch-dependent size stays _DYN."""
+        if node.meta["val"].node.expr not in self.batch_syms:
+            return _DYN
+        if self.batch_count is None:
+            source = min(self.batch_placeholders, key=lambda p: p.meta["val"].dim())
+            ones = self.emit("cast", self.emit("onesLike", self.env[source]), "float32")
+            self.batch_count = self.emit("sum", ones)
+            per_example = int(np.prod([self.size(d) for d in source.meta["val"].shape[1:]]))
+            if per_example != 1:
+                self.batch_count = self.emit("div", self.batch_count, float(per_example))
+        return self.batch_count
 
     def shape(self, node: torch.fx.Node) -> list[Any]:
         return [self.size(d) for d in node.meta["val"].shape]
@@ -138,7 +155,9 @@ class _Translator:
                 f"op {_op_name(target)} has no tfjs translation: the tfjs variant cannot "
                 "run this model (compile without tfjs=True for onnx workers only)"
             )
-        args = [self.arg(a) for a in node.args]
+        args = [self.runtime_size(a) if target in _ELEMENTWISE and isinstance(
+                    a, torch.fx.Node) and _is_dynamic_size(self, a)
+                else self.arg(a) for a in node.args]
         kwargs = {k: self.arg(v) for k, v in node.kwargs.items()}
         return rule(self, node, *args, **kwargs)
 
@@ -150,8 +169,15 @@ def _op_name(target: Any) -> str:
     return str(getattr(target, "__name__", target))
 
 
+def _is_dynamic_size(t: _Translator, a: torch.fx.Node) -> bool:
+    return t.env.get(a) is _DYN and isinstance(a.meta.get("val"), torch.SymInt)
+
+
 # ---------------------------------------------------------------- rules
 _RULES: dict[Any, Callable[..., Any]] = {}
+# ops that take a batch-dependent size as a number (computed in the plan)
+_ELEMENTWISE = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
+                aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 
 
 def _rule(*targets: Any) -> Callable:

@@ -40,6 +40,9 @@ class RunResult:
     startup_seconds: float | None = None  # node up (healthy) -> first aggregated checkpoint
     node_boot_seconds: float | None = None  # node process start -> healthy
     host_seconds: float | None = None  # hosting the process (inside startup_seconds)
+    #: when the node closed the first aggregated cycle (Unix time, this machine's clock):
+    #: start-up as a user waits for it is this minus when the command was typed
+    first_checkpoint_at: float | None = None
     # Peak memory of the node + workers, sampled while cycles run. RSS sums count the
     # libraries every process maps (onnxruntime, numpy) once per process; PSS shares each
     # page among its processes, so the PSS sum is the physical memory the run used.

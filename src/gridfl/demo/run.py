@@ -33,10 +33,12 @@ from gridfl._exceptions import ConfigError, GridflError
 from gridfl.compression import KINDS, validate_config
 from gridfl.datasets import Mnist, load_mnist
 from gridfl.demo import norms
+from gridfl.demo.data import ReadyData
+from gridfl.demo.launch import WorkerProcess, Workers
 from gridfl.demo.report import CycleResult, RunResult
 from gridfl.demo.worker import ATTACKS
 from gridfl.host import HostClient, closed_cycles
-from gridfl.plan_cache import compiler_versions, resolve_cache
+from gridfl.plan_cache import plan_key, resolve_cache
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -255,17 +257,8 @@ def run_demo(
     """
     step = on_step or (lambda message: None)
     options.validate()
-
-    step("loading MNIST and writing the shards")
-    mnist = load_mnist()
     options.data_dir.mkdir(parents=True, exist_ok=True)
-    shard_files = _write_shards(mnist, options)
-    x, y = mnist.x_train[: options.batch_size], mnist.y_train[: options.batch_size]
-    model_bytes, training_bytes, evaluation_bytes = _plans(options, x, y, step)
-    initial_params = state.loads(model_bytes)
-    training_plan = Plan.from_bytes(training_bytes)
-    evaluation_plan = Plan.from_bytes(evaluation_bytes)
-    mnist = Mnist(mnist.x_train[:0], mnist.y_train[:0], mnist.x_test, mnist.y_test)
+    ready = ReadyData.of(options)
     name, version = f"mnist-{options.model}", "1"
     result = RunResult(settings={**_jsonable(asdict(options)), "per_cycle": options.per_cycle})
 
@@ -273,55 +266,32 @@ def run_demo(
         _norms_log(options, i).unlink(missing_ok=True)
     token = secrets.token_urlsafe(16)
     parallel = _usable_cpus() if options.parallel is None else options.parallel
+    # The node and the workers start first: their start-up (a second or two of imports,
+    # migrations, connections) overlaps loading the data and the plans. Workers open
+    # their shards only once told to go, when the shards are surely written.
     step(f"starting the grid node and {options.workers} worker processes")
     with (
         _compute_slots(parallel) as slots,
         _node(options.data_dir, token) as (url, node_proc, node_started),
         HostClient(url, admin_token=token) as host,
     ):
-        # Workers start with the node: their imports and connections overlap its start-up,
-        # and they wait for a line on stdin before joining.
-        workers = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gridfl.demo.worker",
-                    url.replace("http", "ws", 1),
-                    name,
-                    version,
-                    str(f),
-                    "--seed",
-                    str(options.seed * 1000 + i),
-                    "--wait-for-go",
-                    "--nice",
-                    "10",
-                    *(["--compute-slots", str(slots)] if slots else []),
-                    *(["--evaluate"] if options.federated_every else []),
-                    *(["--norms-log", str(_norms_log(options, i))] if options.dp_noise is not None
-                      else []),
-                    *(["--attack", options.attack] if i < options.byzantine else []),
-                    # the last slow_workers processes (the Byzantine ones are the first)
-                    *(
-                        ["--slowdown", str(options.slowdown)]
-                        if i >= options.workers - options.slow_workers
-                        else []
-                    ),
-                ],
-                stdin=subprocess.PIPE,
-                # ten processes share the cores: one plan thread each. They run at a
-                # lower priority than the node, as if on machines of their own: a node
-                # request never waits behind a worker's training step.
-                env={
-                    **os.environ,
-                    **_LEAN_MALLOC,
-                    "OMP_NUM_THREADS": "1",
-                    "GRIDFL_PLAN_THREADS": "1",
-                },
-            )
-            for i, f in enumerate(shard_files)
-        ]
+        # ten processes share the cores: one plan thread each. They run at a lower
+        # priority than the node, as if on machines of their own: a node request never
+        # waits behind a worker's training step.
+        forked = Workers.start(
+            [_worker_argv(options, i, url, name, version, ready, slots)
+             for i in range(options.workers)],
+            env={**_LEAN_MALLOC, "OMP_NUM_THREADS": "1", "GRIDFL_PLAN_THREADS": "1"},
+        )
+        workers = forked.processes
         with _killed_on_error(workers):  # a node that never came up: no orphans
+            mnist = _ready_data(options, ready, step)
+            model_bytes, training_bytes, evaluation_bytes = _plans(options, mnist, step)
+            initial_params = state.loads(model_bytes)
+            training_plan = Plan.from_bytes(training_bytes)
+            evaluation_plan = Plan.from_bytes(evaluation_bytes)
+            x_test, y_test = ready.test_set()  # all the demo itself keeps of MNIST
+            mnist = Mnist(x_test[:0], y_test[:0], x_test, y_test)
             _wait_healthy(url, node_proc)
             node_up = time.perf_counter()
             result.node_boot_seconds = round(node_up - node_started, 2)
@@ -352,10 +322,7 @@ def run_demo(
             if options.asynchronous
             else f"training: {options.per_cycle} workers per cycle, up to {options.cycles} cycles"
         )
-        for w in workers:
-            assert w.stdin is not None  # started with stdin=PIPE
-            w.stdin.write(b"go\n")
-            w.stdin.close()
+        forked.go()
         windows: dict[int, tuple[float, float]] = {}
         try:
             _watch(
@@ -392,40 +359,55 @@ def run_demo(
 
 
 # --------------------------------------------------------------------------- pieces
-def _write_shards(mnist, options: DemoOptions) -> list[Path]:
-    from gridfl.datasets import split_iid, split_noniid
-    from gridfl.demo.worker import write_shard
+def _worker_argv(options: DemoOptions, i: int, url: str, name: str, version: str,
+                 ready: ReadyData, slots: Path | None) -> list[str]:
+    """``gridfl.demo.worker``'s arguments for worker process ``i``."""
+    return [
+        url.replace("http", "ws", 1), name, version, str(ready.shard(i)),
+        "--seed", str(options.seed * 1000 + i),
+        "--nice", "10",
+        *(["--compute-slots", str(slots)] if slots else []),
+        *(["--evaluate"] if options.federated_every else []),
+        *(["--norms-log", str(_norms_log(options, i))] if options.dp_noise is not None
+          else []),
+        *(["--attack", options.attack] if i < options.byzantine else []),
+        # the last slow_workers processes (the Byzantine ones are the first)
+        *(["--slowdown", str(options.slowdown)]
+          if i >= options.workers - options.slow_workers else []),
+    ]
 
-    if options.iid:
-        shards = split_iid(len(mnist.y_train), options.clients, seed=options.seed)
-    else:
-        shards = split_noniid(mnist.y_train, options.clients, seed=options.seed)
-    if options.examples_per_client:
-        shards = [s[: options.examples_per_client] for s in shards]
-    files = []
-    for w in range(options.workers):
-        mine = shards[w :: options.workers]
-        path = options.data_dir / f"shard-{w}"
-        write_shard(path, [(mnist.x_train[idx], mnist.y_train[idx]) for idx in mine])
-        files.append(path)
-    return files
+
+def _ready_data(options: DemoOptions, ready: ReadyData,
+                step: Callable[[str], None]) -> Mnist | None:
+    """Make sure the shards and the test set are in place; MNIST if it was loaded."""
+    if ready.complete():
+        step(f"shards found in {ready.directory}")
+        return None
+    step("loading MNIST and writing the shards")
+    mnist = load_mnist()
+    ready.write(mnist, options)
+    return mnist
 
 
-def _plans(options: DemoOptions, x: np.ndarray, y: np.ndarray,
+def _plans(options: DemoOptions, mnist: Mnist | None,
            step: Callable[[str], None]) -> tuple[bytes, bytes, bytes]:
     """The initial model and its training and evaluation plans: from the plan cache
     (read without torch) or compiled, then cached. The demo's models are named by
-    gridfl's sources, which the key's versions cover."""
+    gridfl's sources, which the key's versions cover (named without torch: the
+    compiler's own keys describe a torch module)."""
     store = resolve_cache(None)
-    key = {"demo": options.model, "seed": options.seed, "batch_size": options.batch_size,
-           "lr": options.lr, "proximal_mu": options.proximal_mu,
-           "versions": compiler_versions()}
+    key = plan_key("demo", {"model": options.model, "seed": options.seed},
+                   batch_size=options.batch_size, loss="cross_entropy", lr=options.lr,
+                   proximal_mu=options.proximal_mu)
     blobs = None if store is None else store.get(key)
     if store is not None and blobs is not None and set(blobs) == {
         "model", "training", "evaluation"
     }:
         step(f"plans found in the cache ({store.directory})")
         return blobs["model"], blobs["training"], blobs["evaluation"]
+    if mnist is None:  # the shards were ready: MNIST only for the example batch
+        mnist = load_mnist()
+    x, y = mnist.x_train[: options.batch_size], mnist.y_train[: options.batch_size]
     # torch lives only in a short-lived compiler process: this one stays small.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         step(f"compiling the {options.model.upper()} training plan (imports PyTorch)")
@@ -543,7 +525,7 @@ def _node(data_dir: Path, token: str) -> Iterator[tuple[str, subprocess.Popen, f
 
 
 @contextlib.contextmanager
-def _killed_on_error(procs: list[subprocess.Popen]) -> Iterator[None]:
+def _killed_on_error(procs: list[WorkerProcess]) -> Iterator[None]:
     """Kill ``procs`` if the block raises (workers would retry a dead node forever)."""
     try:
         yield
@@ -613,6 +595,7 @@ def _watch(
             windows[c["sequence"]] = (c["start"], c["closed_at"])
             if result.startup_seconds is None:
                 result.startup_seconds = round(c["closed_at"] - node_up_at, 2)
+                result.first_checkpoint_at = c["closed_at"]
             if options.evaluate:
                 params = host.retrieve(name, version, c["result_checkpoint"])
                 entry.test_loss, entry.test_accuracy = _evaluate(evaluation_plan, mnist, params)

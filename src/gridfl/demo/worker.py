@@ -295,11 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.nice:
         os.nice(args.nice)
     logging.basicConfig(level=logging.WARNING, format="worker %(process)d: %(message)s")
-    clients = Shard(args.shard)
     if args.wait_for_go:
         import onnxruntime  # noqa: F401 - the slow import, done before the start signal
 
-        sys.stdin.readline()
+        sys.stdin.readline()  # the demo writes the shards while this process starts
+    clients = Shard(args.shard)
     run(
         args.url,
         args.name,
