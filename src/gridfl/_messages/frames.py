@@ -1,0 +1,159 @@
+"""WebSocket frames: the JSON envelope, and gridfl's binary report and download frames."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gridfl._exceptions import InvalidRequestError
+from gridfl._messages.fields import _obj, check_json_values
+from gridfl._messages.names import REPORT
+
+
+def parse_ws_frame(frame: Any) -> tuple[str, dict[str, Any], Any]:
+    """Split a decoded frame into ``(type, data, request_id)``; raise on a malformed one."""
+    frame = _obj(frame, "message")
+    kind = frame.get("type")
+    if not isinstance(kind, str):
+        raise InvalidRequestError("message 'type' is required")
+    data = frame.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidRequestError("message 'data' must be an object")
+    request_id = check_json_values(frame.get("request_id"), "request_id")
+    return kind, check_json_values(data), request_id
+
+
+def echoable_request_id(frame: Any) -> Any:
+    """The frame's ``request_id`` if a reply can carry it back as JSON, else None."""
+    request_id = frame.get("request_id") if isinstance(frame, dict) else None
+    try:
+        return check_json_values(request_id)
+    except InvalidRequestError:
+        return None
+
+
+def ws_reply(kind: str | None, data: dict[str, Any], request_id: Any = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": kind, "data": data} if kind else dict(data)
+    if request_id is not None:
+        out["request_id"] = request_id
+    return out
+
+
+def error_body(message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": message, **extra}
+
+
+def ws_error(kind: str | None, message: str, request_id: Any = None, **extra: Any) -> dict:
+    return ws_reply(kind, error_body(message, **extra), request_id)
+
+
+# --- binary report frames (gridfl extension) -------------------------------------------------
+#: WebSocket subprotocol a gridfl node selects when a client offers it: the socket speaks
+#: the usual JSON text frames, takes reports as binary frames, and serves downloads
+#: (get-model, get-plan and get-protocol requests are JSON text frames, answered by one
+#: binary frame, :func:`encode_binary_reply`). syft.js offers no subprotocol, so nothing
+#: changes for it; a client of a node that does not select it (PyGrid) sends JSON reports.
+BINARY_SUBPROTOCOL = "gridfl.binary.2"
+#: largest JSON header of a binary frame (it holds ids, num_samples and metrics only)
+MAX_BINARY_HEADER = 64 * 1024
+_LEN = 4  # the header length prefix: 4 bytes, big-endian
+
+
+def encode_binary_report(data: dict[str, Any], request_id: Any = None) -> bytes:
+    """A report as one binary frame: 4-byte big-endian header length, the UTF-8 JSON
+    header ``{"type": REPORT, "request_id"?, "data": {every field but diff}}``, then the
+    raw State bytes of ``data["diff"]``."""
+    header = {"type": REPORT, "data": {k: v for k, v in data.items() if k != "diff"}}
+    return _binary_frame(header, request_id, data["diff"])
+
+
+def _binary_frame(header: dict[str, Any], request_id: Any, payload: bytes) -> bytes:
+    """4-byte big-endian header length, the compact UTF-8 JSON header, the payload."""
+    if request_id is not None:
+        header = {**header, "request_id": request_id}
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return b"".join((len(head).to_bytes(_LEN, "big"), head, payload))
+
+
+def _header_length(frame: bytes) -> int:
+    """The header length a binary frame starts with; a 400 if the framing is broken."""
+    if len(frame) < _LEN:
+        raise InvalidRequestError(
+            f"binary frame of {len(frame)} bytes is truncated: it must start with a "
+            f"{_LEN}-byte big-endian header length"
+        )
+    n = int.from_bytes(frame[:_LEN], "big")
+    if n > MAX_BINARY_HEADER:
+        raise InvalidRequestError(
+            f"binary frame header length {n} is larger than {MAX_BINARY_HEADER} bytes"
+        )
+    if n > len(frame) - _LEN:
+        raise InvalidRequestError(
+            f"binary frame header length {n} runs past the end of the frame "
+            f"({len(frame) - _LEN} bytes follow the length)"
+        )
+    return n
+
+
+def split_binary_frame(frame: bytes) -> tuple[bytes, bytes]:
+    """``(header, payload)`` of a binary frame; a 400 if the framing is broken.
+
+    >>> split_binary_frame(encode_binary_reply("model-centric/get-model", b"xy"))[1]
+    b'xy'
+    """
+    n = _header_length(frame)
+    return frame[_LEN : _LEN + n], frame[_LEN + n :]
+
+
+def split_binary_report(frame: bytes) -> tuple[bytes, memoryview]:
+    """As :func:`split_binary_frame`, the payload a read-only view of ``frame``: the node
+    parses a report's diff in place instead of copying a model-sized slice.
+
+    >>> header, payload = split_binary_report(encode_binary_report({"diff": b"xy"}))
+    >>> bytes(payload), json.loads(header)["type"]
+    (b'xy', 'model-centric/report')
+    """
+    n = _header_length(frame)
+    return frame[_LEN : _LEN + n], memoryview(frame)[_LEN + n :]
+
+
+def select_subprotocol(offered: Any) -> str | None:
+    """:data:`BINARY_SUBPROTOCOL` if a client ``offered`` it, else None (JSON only)."""
+    return BINARY_SUBPROTOCOL if BINARY_SUBPROTOCOL in (offered or ()) else None
+
+
+def encode_binary_reply(kind: str, payload: bytes, request_id: Any = None) -> bytes:
+    """A download's reply as one binary frame: 4-byte big-endian header length, the UTF-8
+    JSON header ``{"type": kind, "request_id"?}``, then the raw bytes (the HTTP body)."""
+    return _binary_frame({"type": kind}, request_id, payload)
+
+
+def parse_max_bytes(data: dict[str, Any]) -> int | None:
+    """The optional ``max_bytes`` of a download request over the socket: the largest
+    payload the client takes in one frame (a larger one is refused with 413, so the client
+    can download it over HTTP instead of having its socket closed with 1009)."""
+    value = data.get("max_bytes")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError("'max_bytes' must be a non-negative integer")
+    return value
+
+
+def binary_report_data(
+    kind: str, data: dict[str, Any], payload: bytes | memoryview
+) -> dict[str, Any]:
+    """The report ``data`` of a binary frame: its header's ``data`` plus the payload as
+    ``diff`` (then validated by :func:`parse_report`, as a JSON report is)."""
+    if kind != REPORT:
+        raise InvalidRequestError(
+            f"binary frame: only {REPORT!r} may be sent as a binary frame, got {kind!r} "
+            "(send other messages as JSON text frames)"
+        )
+    if "diff" in data:
+        raise InvalidRequestError(
+            "binary frame: the header must not carry 'diff'; the diff bytes follow the header"
+        )
+    return {**data, "diff": payload}
