@@ -138,7 +138,7 @@ def add_mask(acc: np.ndarray, seed: bytes, sign: int = 1, scratch: np.ndarray | 
     buf = scratch if scratch is not None and scratch.size >= n + 2 else mask_scratch(n)
     enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
     # update_into wants block_size - 1 spare bytes; two spare uint64 words give them
-    written = enc.update_into(_zeros(8 * n), memoryview(buf.view(np.uint8)))
+    written = enc.update_into(_zeros(8 * n), buf.view(np.uint8).data)
     if written != 8 * n:  # CTR is a stream mode: all of it comes out at once
         raise RuntimeError("AES-CTR keystream came out short")
     stream = buf[:n]
