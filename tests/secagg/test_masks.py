@@ -69,3 +69,27 @@ def test_add_mask_refuses_what_it_cannot_add_into():
         crypto.add_mask(np.zeros(3, np.int64), os.urandom(32))
     with pytest.raises(ValueError, match="uint64"):
         crypto.add_mask(np.zeros(6, np.uint64)[::2], os.urandom(32))
+
+
+@pytest.mark.parametrize("bits", [16, 20, 40, 64])
+def test_masked_vector_travels_in_the_low_bytes_of_each_value(bits):
+    from gridfl._messages import b64decode
+    from gridfl.secagg.messages import MaskedInput, value_bytes
+
+    size = value_bytes(bits)
+    values = [0, 1, (1 << bits) - 1, (1 << (bits - 1)) + 12345]
+    packed = b"".join(v.to_bytes(size, "little") for v in values)
+    msg = MaskedInput(np.array(values, np.uint64), bits)
+    assert b64decode(msg.to_json()["vector"]) == packed
+    assert MaskedInput.from_json(msg.to_json(), len(values), bits).vector.tolist() == values
+
+
+def test_a_masked_vector_of_the_wrong_length_or_too_large_is_refused():
+    from gridfl._exceptions import ProtocolError
+    from gridfl.secagg.messages import MaskedInput
+
+    wire = MaskedInput(np.array([1, 2, 3], np.uint64), 40).to_json()
+    with pytest.raises(ProtocolError, match="expected 20 bytes, got 15"):
+        MaskedInput.from_json(wire, 4, 40)
+    with pytest.raises(ProtocolError, match="not below 2\\^36"):  # 5 bytes, 36-bit field
+        MaskedInput.from_json(MaskedInput(np.array([1 << 36], np.uint64), 40).to_json(), 1, 36)
