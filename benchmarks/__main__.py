@@ -24,6 +24,7 @@ BENCHMARKS = {
     "compression": "benchmarks.bench_compression",  # compressed reports: bytes, CPU, accuracy
     "fedbuff": "benchmarks.bench_fedbuff",  # async vs sync with 5 of 10 workers 5x slower
     "secagg": "benchmarks.bench_secagg",  # secure aggregation's CPU, worker and node, vs n, k
+    "secagg-masks": "benchmarks.bench_secagg_masks",  # a worker's 1 + k masks, in place vs not
     "flower": "benchmarks.bench_flower",  # simulation and SecAgg+ next to Flower 1.42's
 }
 

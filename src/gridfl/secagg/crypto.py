@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,11 +109,58 @@ def open_sealed(key: bytes, sealed: bytes, header: bytes) -> bytes:
 
 def mask(seed: bytes, length: int, bits: int) -> np.ndarray:
     """``length`` values uniform mod 2**bits from the AES-256-CTR keystream under ``seed``."""
-    if len(seed) != KEY_BYTES:
-        raise ValueError("a mask seed is 32 bytes")
-    enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
-    stream = enc.update(bytes(8 * length)) + enc.finalize()
-    out = np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+    out = np.zeros(length, np.uint64)
+    add_mask(out, seed)
     if bits < 64:
         out &= np.uint64((1 << bits) - 1)
     return out
+
+
+def add_mask(acc: np.ndarray, seed: bytes, sign: int = 1, scratch: np.ndarray | None = None):
+    """``acc += sign * PRG(seed)`` in place, mod 2**64, for a uint64 ``acc``.
+
+    The keystream is written straight into a uint64 buffer (``scratch``, reused across
+    calls when given: ``mask_scratch(len(acc))``) and added with wrap-around, so a mask
+    costs one AES pass and one vector add, with no copy or widening. Callers reduce mod
+    2**bits once at the end: 2**bits divides 2**64, so the result is the same as reducing
+    every mask.
+
+    >>> acc = np.zeros(3, np.uint64)
+    >>> add_mask(acc, b"k" * 32); add_mask(acc, b"k" * 32, -1)
+    >>> acc.tolist()
+    [0, 0, 0]
+    """
+    if len(seed) != KEY_BYTES:
+        raise ValueError("a mask seed is 32 bytes")
+    if acc.dtype != np.uint64 or not acc.flags.c_contiguous:
+        raise ValueError("masks are added to a contiguous uint64 vector")
+    n = acc.size
+    buf = scratch if scratch is not None and scratch.size >= n + 2 else mask_scratch(n)
+    enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
+    # update_into wants block_size - 1 spare bytes; two spare uint64 words give them
+    written = enc.update_into(_zeros(8 * n), buf.view(np.uint8).data)
+    if written != 8 * n:  # CTR is a stream mode: all of it comes out at once
+        raise RuntimeError("AES-CTR keystream came out short")
+    stream = buf[:n]
+    if sys.byteorder != "little":
+        stream.byteswap(inplace=True)
+    if sign > 0:
+        np.add(acc, stream, out=acc)
+    else:
+        np.subtract(acc, stream, out=acc)
+
+
+def mask_scratch(length: int) -> np.ndarray:
+    """A buffer :func:`add_mask` can reuse for vectors of up to ``length`` values."""
+    return np.empty(length + 2, np.uint64)
+
+
+_zero_block = memoryview(bytes(0))
+
+
+def _zeros(size: int) -> memoryview:
+    """``size`` zero bytes (the plaintext whose CTR encryption is the keystream), shared."""
+    global _zero_block
+    if len(_zero_block) < size:
+        _zero_block = memoryview(bytes(size))
+    return _zero_block[:size]

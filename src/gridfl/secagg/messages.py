@@ -163,9 +163,9 @@ class MaskedInput:
 
     def to_json(self) -> dict[str, Any]:
         size = value_bytes(self.bits)
-        raw = self.vector.astype("<u8")
-        if size < 8:
-            raw = raw.view(np.uint8).reshape(-1, 8)[:, :size]
+        raw = np.ascontiguousarray(self.vector, "<u8")
+        if size < 8:  # the low bytes of each value, copied as one item each
+            raw = np.ndarray(raw.shape, f"V{size}", raw, strides=(8,))
         return {"vector": _b64(raw.tobytes())}
 
     def __eq__(self, other: object) -> bool:
@@ -176,9 +176,10 @@ class MaskedInput:
         size = value_bytes(bits)
         raw = _bytes(_obj(data), "vector", size * length)
         if size < 8:  # widened in place: no copy of the whole vector beyond this one
-            wide = np.zeros((length, 8), np.uint8)
-            wide[:, :size] = np.frombuffer(raw, np.uint8).reshape(length, size)
-            vec = wide.view("<u8").reshape(length).astype(np.uint64, copy=False)
+            wide = np.zeros(length, "<u8")
+            low = np.ndarray((length,), f"V{size}", wide, strides=(8,))
+            low[:] = np.frombuffer(raw, f"V{size}")
+            vec = wide.astype(np.uint64, copy=False)
         else:
             vec = np.frombuffer(raw, "<u8").astype(np.uint64)
         if bits < 64 and vec.size and int(vec.max()) >> bits:

@@ -284,10 +284,11 @@ class NodeSession:
     def _close_unmask(self) -> np.ndarray:
         """Remove every mask from the running sum; the signed sum of the survivors' inputs."""
         t, bits = self.params.threshold, self.params.field_bits
-        total = self.total.copy()
+        total = np.array(self.total, np.uint64, copy=True)
+        scratch = crypto.mask_scratch(self.length)
         for v in sorted(self.masked):
             seed = self._reconstruct(v, "seed_shares", crypto.KEY_BYTES)
-            total -= crypto.mask(seed, self.length, bits)
+            crypto.add_mask(total, seed, -1, scratch)
         for v in sorted(set(self.shared) - self.masked):
             key = self._reconstruct(v, "key_shares", crypto.KEY_BYTES)
             if crypto.public_of(key) != self.keys[v].mask_key:
@@ -298,9 +299,8 @@ class NodeSession:
                 )
             for w in self.graph[v] & self.masked:
                 pair = crypto.agree(key, self.keys[w].mask_key, self.session, crypto.PURPOSE_MASK)
-                m = crypto.mask(pair, self.length, bits)
-                # w added mask_sign(w, v) * m for v: take it back out
-                total = total - m if mask_sign(w, v) > 0 else total + m
+                # w added mask_sign(w, v) * PRG(pair) for v: take it back out
+                crypto.add_mask(total, pair, -mask_sign(w, v), scratch)
         if bits < 64:
             total &= np.uint64((1 << bits) - 1)
         return to_signed(total, bits)

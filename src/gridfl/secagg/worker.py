@@ -56,10 +56,11 @@ def add_masks(
     vec: np.ndarray, seed: bytes, pairs: dict[str, bytes], me: str, bits: int
 ) -> np.ndarray:
     """``vec + PRG(seed) + sum(sign * PRG(pair seed))`` mod 2**bits (uint64 wraps mod 2**64)."""
-    out = vec + crypto.mask(seed, vec.size, bits)
+    out = np.array(vec, np.uint64, copy=True)
+    scratch = crypto.mask_scratch(out.size)
+    crypto.add_mask(out, seed, 1, scratch)
     for other, pair_seed in pairs.items():
-        m = crypto.mask(pair_seed, vec.size, bits)
-        out = out + m if mask_sign(me, other) > 0 else out - m
+        crypto.add_mask(out, pair_seed, mask_sign(me, other), scratch)
     if bits < 64:
         out &= np.uint64((1 << bits) - 1)
     return out

@@ -1,0 +1,95 @@
+"""The mask PRG written into the sum in place (gridfl.secagg.crypto.add_mask), checked
+against an independent reference: the AES-256 block cipher applied to the counter blocks
+0, 1, 2, ... (what CTR mode is by definition), with the sums done in Python integers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from gridfl.secagg import crypto
+from gridfl.secagg.worker import add_masks, mask_sign
+
+
+def reference_mask(seed: bytes, length: int, bits: int) -> list[int]:
+    ecb = Cipher(algorithms.AES(seed), modes.ECB()).encryptor()
+    blocks = (length * 8 + 15) // 16
+    stream = ecb.update(b"".join(i.to_bytes(16, "big") for i in range(blocks)))
+    words = [int.from_bytes(stream[8 * i : 8 * i + 8], "little") for i in range(length)]
+    return [w % (1 << bits) for w in words]
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 3, 17, 1001])
+@pytest.mark.parametrize("bits", [16, 40, 64])
+def test_mask_is_the_aes_ctr_keystream_mod_2_to_the_bits(length, bits):
+    seed = os.urandom(32)
+    assert crypto.mask(seed, length, bits).tolist() == reference_mask(seed, length, bits)
+
+
+def test_add_mask_adds_and_subtracts_with_wrap_around_reusing_one_buffer():
+    seeds = [os.urandom(32) for _ in range(4)]
+    signs = [1, -1, 1, -1]
+    start = [0, 1, (1 << 64) - 1, 12345, 1 << 63]
+    acc = np.array(start, np.uint64)
+    scratch = crypto.mask_scratch(len(start))
+    for seed, sign in zip(seeds, signs, strict=True):
+        crypto.add_mask(acc, seed, sign, scratch)
+    expected = list(start)
+    for seed, sign in zip(seeds, signs, strict=True):
+        m = reference_mask(seed, len(start), 64)
+        expected = [(e + sign * x) % (1 << 64) for e, x in zip(expected, m, strict=True)]
+    assert acc.tolist() == expected
+    # a smaller vector through the same (larger) buffer
+    short = np.zeros(2, np.uint64)
+    crypto.add_mask(short, seeds[0], 1, scratch)
+    assert short.tolist() == reference_mask(seeds[0], 2, 64)
+
+
+def test_add_masks_is_the_masked_input_of_the_paper():
+    bits, me = 40, "w2"
+    vec = np.array([3, (1 << 40) - 1, 0, 7], np.uint64)
+    seed = os.urandom(32)
+    pairs = {"w1": os.urandom(32), "w3": os.urandom(32), "w9": os.urandom(32)}
+    expected = [int(v) for v in vec]
+    for s, sign in [(seed, 1)] + [(p, mask_sign(me, o)) for o, p in pairs.items()]:
+        m = reference_mask(s, vec.size, bits)
+        expected = [(e + sign * x) % (1 << bits) for e, x in zip(expected, m, strict=True)]
+    before = vec.copy()
+    assert add_masks(vec, seed, pairs, me, bits).tolist() == expected
+    assert np.array_equal(vec, before)  # the input is not masked in place
+
+
+def test_add_mask_refuses_what_it_cannot_add_into():
+    with pytest.raises(ValueError, match="32 bytes"):
+        crypto.add_mask(np.zeros(3, np.uint64), b"short")
+    with pytest.raises(ValueError, match="uint64"):
+        crypto.add_mask(np.zeros(3, np.int64), os.urandom(32))
+    with pytest.raises(ValueError, match="uint64"):
+        crypto.add_mask(np.zeros(6, np.uint64)[::2], os.urandom(32))
+
+
+@pytest.mark.parametrize("bits", [16, 20, 40, 64])
+def test_masked_vector_travels_in_the_low_bytes_of_each_value(bits):
+    from gridfl._messages import b64decode
+    from gridfl.secagg.messages import MaskedInput, value_bytes
+
+    size = value_bytes(bits)
+    values = [0, 1, (1 << bits) - 1, (1 << (bits - 1)) + 12345]
+    packed = b"".join(v.to_bytes(size, "little") for v in values)
+    msg = MaskedInput(np.array(values, np.uint64), bits)
+    assert b64decode(msg.to_json()["vector"]) == packed
+    assert MaskedInput.from_json(msg.to_json(), len(values), bits).vector.tolist() == values
+
+
+def test_a_masked_vector_of_the_wrong_length_or_too_large_is_refused():
+    from gridfl._exceptions import ProtocolError
+    from gridfl.secagg.messages import MaskedInput
+
+    wire = MaskedInput(np.array([1, 2, 3], np.uint64), 40).to_json()
+    with pytest.raises(ProtocolError, match="expected 20 bytes, got 15"):
+        MaskedInput.from_json(wire, 4, 40)
+    with pytest.raises(ProtocolError, match="not below 2\\^36"):  # 5 bytes, 36-bit field
+        MaskedInput.from_json(MaskedInput(np.array([1 << 36], np.uint64), 40).to_json(), 1, 36)
