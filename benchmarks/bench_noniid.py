@@ -6,6 +6,12 @@ engine. All strategies run in one process on the same split, seeds and clients p
 
     python -m benchmarks.bench_noniid [--rounds 1000] [--target 0.97] [--plot out.png]
     python -m benchmarks.bench_noniid --quick      # one grid point each, 10 rounds
+    python -m benchmarks.bench_noniid --strategies fedavg fedadam fedyogi \
+        --etas 0.03 0.1 0.3 --client-lrs 0.1 0.2 --fedavg-lrs 0.2   # a wider, joint grid
+
+``--etas`` and ``--client-lrs`` replace the adaptive optimizers' grid by every pair of a
+server rate and a client rate (Reddi et al. tune the two jointly, eta over 1e-3..1);
+``--fedavg-lrs`` replaces FedAvg's client-rate grid.
 
 Prints, per strategy and grid point, the first round whose model reaches the target on
 the 10k test set ("> N" when it did not within ``--rounds``; a run stops at its target,
@@ -39,6 +45,15 @@ GRID: dict[str, list[tuple[str, dict | None, float | None]]] = {
     "fedyogi": [(f"eta {e}", {"name": "fedyogi", "eta": e}, None) for e in (0.001, 0.003, 0.01)],
     "fedprox": [(f"mu {m}", {"name": "fedprox", "proximal_mu": m}, None) for m in (0.001, 0.01)],
 }
+ADAPTIVE = ("fedadam", "fedyogi")
+
+
+def joint_grid(name: str, etas: list[float], client_lrs: list[float]) -> list:
+    """An adaptive optimizer's grid over every (server eta, client lr) pair."""
+    return [(f"eta {e}, lr {lr}", {"name": name, "eta": e}, lr)
+            for lr in client_lrs for e in etas]
+
+
 QUICK = {"fedavg": 1, "fedavgm": 1, "fedadam": 1, "fedyogi": 1, "fedprox": 1}
 
 
@@ -94,16 +109,32 @@ def main(argv: list[str]) -> None:
                     help="rounds between central evaluations until within 1 point of the "
                     "target (then every round; the run stops at the target)")
     ap.add_argument("--strategies", nargs="+", choices=list(GRID), default=list(GRID))
+    ap.add_argument("--etas", type=float, nargs="+", default=None,
+                    help="FedAdam/FedYogi server rates (replaces their grid)")
+    ap.add_argument("--client-lrs", type=float, nargs="+", default=[CLIENT_LR],
+                    help="client rates paired with each of --etas")
+    ap.add_argument("--fedavg-lrs", type=float, nargs="+", default=None,
+                    help="FedAvg client rates (replaces its grid)")
     ap.add_argument("--plot", type=Path, default=None, help="accuracy curves (PNG)")
     args = ap.parse_args(argv)
     rounds = args.rounds or (10 if args.quick else 1000)
+    grids = dict(GRID)
+    if args.etas:
+        if any(e <= 0 for e in args.etas) or any(lr <= 0 for lr in args.client_lrs):
+            ap.error("--etas and --client-lrs must be > 0")
+        grids.update({n: joint_grid(n, args.etas, args.client_lrs) for n in ADAPTIVE})
+    if args.fedavg_lrs:
+        if any(lr <= 0 for lr in args.fedavg_lrs):
+            ap.error("--fedavg-lrs must be > 0")
+        grids["fedavg"] = [(f"lr {lr}", None, lr) for lr in args.fedavg_lrs]
     mnist = load_mnist()
     processes = _processes(mnist)
     print(f"2NN, pathological non-IID (2 shards/client), K=100, C=0.1, E=1, B=10, client lr "
           f"{CLIENT_LR}; target {100 * args.target:.0f}%, at most {rounds} rounds", flush=True)
     best: dict[str, tuple[int | None, float, str, list[float]]] = {}
     for name in args.strategies:
-        grid = [GRID[name][QUICK[name]]] if args.quick else GRID[name]
+        grid = [grids[name][min(QUICK[name], len(grids[name]) - 1)]] if args.quick \
+            else grids[name]
         process = processes["fedprox" if name == "fedprox" else "plain"]
         for label, strategy, lr in grid:
             top, accs, seconds = _run(process, strategy, lr or CLIENT_LR, mnist, rounds,
@@ -112,7 +143,7 @@ def main(argv: list[str]) -> None:
             shown = "; ".join(
                 f"{100 * t:.0f}%: {rounds_to(accs, t) or f'> {rounds}'}"
                 for t in (*args.also, args.target))
-            print(f"  {name:8} {label:14} rounds to {shown}; best accuracy "
+            print(f"  {name:8} {label:18} rounds to {shown}; best accuracy "
                   f"{100 * top:.2f}% ({seconds:.0f} s)", flush=True)
             key = (reached or rounds + 1, -top)
             old = best.get(name)

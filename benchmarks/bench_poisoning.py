@@ -40,12 +40,14 @@ RULES = {
 }
 
 
-def curve(process: dict, mnist, rule: str, attack: str | None, rounds: int) -> list[float]:
-    """Central test accuracy after each round."""
+def curve(process: dict, mnist, rule: str, attack: str | None, rounds: int,
+          lr: float = 0.1) -> list[float]:
+    """Central test accuracy after each round (clients train at ``lr``)."""
     server_config = {"max_diffs": PER_ROUND, "min_diffs": PER_ROUND,
                      "strategy": RULES[rule]}
     result = simulate(
-        **{**process, "server_config": server_config},
+        **{**process, "server_config": server_config,
+           "client_config": {**process["client_config"], "lr": lr}},
         data=(mnist.x_train, mnist.y_train), test_data=(mnist.x_test, mnist.y_test),
         options=SimulationOptions(
             num_clients=100, rounds=rounds, clients_per_round=PER_ROUND, seed=0, workers=2,
@@ -92,24 +94,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     parser.add_argument("--clean-robust", action="store_true",
                         help="also run each robust rule without an attack")
+    parser.add_argument("--attacks", nargs="+", choices=list(ATTACKS), default=list(ATTACKS))
+    parser.add_argument("--rule-lr", type=float, default=0.1,
+                        help="client lr of every run but the clean FedAvg one (lr 0.1): "
+                        "Krum's step is one client's diff, the paper tunes its rate")
     parser.add_argument("--plot", type=Path, default=None,
                         help="default: results/poisoning-<model>.png")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.rule_lr <= 0:
+        parser.error("--rounds must be >= 1 and --rule-lr > 0")
     mnist = load_mnist()
     process = _process(args.model, mnist, 10)
     print(f"{args.model.upper()}, MNIST IID K=100, {PER_ROUND} clients/round "
           f"({BYZANTINE} Byzantine), E=1, B=10, lr 0.1, seed 0; test accuracy after "
-          f"{args.rounds} rounds", flush=True)
+          f"{args.rounds} rounds; the rules' clients at lr {args.rule_lr:g}", flush=True)
     curves: dict[tuple[str, str], list[float]] = {}
     runs = [("fedavg", "none")]
     for rule in args.rules:
         if rule != "fedavg" and args.clean_robust:
             runs.append((rule, "none"))
-        runs += [(rule, attack) for attack in ATTACKS]
+        runs += [(rule, attack) for attack in args.attacks]
     for rule, attack in runs:
         started = time.perf_counter()
         curves[(rule, attack)] = curve(process, mnist, rule,
-                                       None if attack == "none" else attack, args.rounds)
+                                       None if attack == "none" else attack, args.rounds,
+                                       0.1 if (rule, attack) == ("fedavg", "none")
+                                       else args.rule_lr)
         final = curves[(rule, attack)][-1]
         clean = curves[("fedavg", "none")][-1]
         print(f"  {rule:14} {attack:9} {100 * final:6.2f} %  ({100 * (final - clean):+6.2f} "

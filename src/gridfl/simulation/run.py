@@ -32,6 +32,7 @@ from gridfl.server import aggregate as agg
 from gridfl.server.dp_config import DPConfig
 from gridfl.simulation import clients
 from gridfl.simulation.backends import BACKENDS, LocalPool, RayPool, open_backend
+from gridfl.simulation.compress import SimulatedCompression
 from gridfl.simulation.partition import partition
 from gridfl.simulation.privacy import SimulatedPrivacy, check_population
 from gridfl.simulation.results import RoundResult, SimulationResult
@@ -195,7 +196,7 @@ def check_shapes(plan, x: np.ndarray, y: np.ndarray, what: str) -> None:
 
 
 #: server_config keys a simulation refuses rather than ignore, with their "off" value
-_NOT_SIMULATED = {"mode": "sync", "compression": None}
+_NOT_SIMULATED = {"mode": "sync"}
 
 
 def simulate(
@@ -263,7 +264,7 @@ def _simulate(opts: SimulationOptions, started: float, tmp: str, early: LocalPoo
     if unsupported:
         raise ConfigError(
             f"server_config {', '.join(unsupported)}: not simulated yet (a simulation runs "
-            "synchronous rounds of plain reports); remove it to simulate"
+            "synchronous rounds); remove it to simulate"
         )
     opts.resolve(request.server_config)
     dp = DPConfig.of(request.server_config)
@@ -322,6 +323,8 @@ def _simulate(opts: SimulationOptions, started: float, tmp: str, early: LocalPoo
     bar, stop_bar = _progress(opts)
     try:
         rounds = _Rounds(opts, backend, strategy, spec, params, result, started)
+        setting = request.server_config.get("compression")
+        rounds.compression = SimulatedCompression(setting, spec) if setting else None
         rounds.central = (
             None if test is None or eval_plan is None
             else lambda model: evaluate_plan(eval_plan, model, *test,
@@ -359,6 +362,8 @@ class _Rounds:
         self.memory = _Memory(backend)
         self.central: Callable[[list[np.ndarray]], dict[str, float]] | None = None
         self.emit: Callable[[RoundResult], Any] = lambda entry: None
+        #: the process's compressed reports, per client (None: plain State)
+        self.compression: SimulatedCompression | None = None
 
     def run(self) -> list[np.ndarray]:
         pending: RoundResult | None = None
@@ -399,12 +404,16 @@ class _Rounds:
                 diff = _poison(diff, self.opts, r, i)
             try:
                 agg.validate_diff(diff, self.spec)
+                # what the worker sends, as the node reads it
+                sent: Sequence[np.ndarray] = (
+                    diff if self.compression is None
+                    else self.compression.report(tasks[i][0], diff))
             except InvalidRequestError:  # the node answers 400; its cycle goes on
                 entry.refused.append(tasks[i][0])
                 continue
             if private is not None:
-                diff = private.report(diff)
-            self.strategy.fold(sums, diff, report.num_samples)
+                sent = private.report(list(sent))
+            self.strategy.fold(sums, sent, report.num_samples)
             if sums.kept is not None:  # a rule that needs every diff (median, Krum)
                 kept.append(sums.kept)
                 sums.kept = None
