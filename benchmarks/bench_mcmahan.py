@@ -15,6 +15,7 @@ learning rate of the grid stops at the best round found so far: it could not win
     python -m benchmarks.bench_mcmahan --model 2nn            # the 2NN rows, ~20 min busy
     python -m benchmarks.bench_mcmahan --model cnn --split iid --epochs 1
     python -m benchmarks.bench_mcmahan --write-docs            # the table into docs/
+    python -m benchmarks.bench_mcmahan --model cnn --split iid --epochs 5 --log-rounds
 
 ``--write-docs`` puts the rows measured in this run into docs/performance.md's table
 (between the ``bench_mcmahan`` markers), replacing those of the same model, E and split
