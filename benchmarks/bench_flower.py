@@ -8,7 +8,10 @@ Each side is a child process started by this one, so both are measured the same 
 
 * start-up: from the child's launch to its first aggregated model (imports, data
   loading, worker pool or Ray, first round); gridfl's ONNX plans are compiled before,
-  as a host compiles them once before hosting (the compile time is printed apart);
+  as a host compiles them once before hosting (the compile time is printed apart); and
+  the part of it before the first round's clients are sent their task (gridfl: handed
+  to the pool; Flower: its strategy's ``configure_fit`` for round 1), so the rest is the
+  first round itself (Flower starts its Ray actors lazily, within that round);
 * seconds per round: the median interval between two rounds' ends over rounds 2..N, a
   round ending once its new model is evaluated on the 10k test set (when on);
 * peak memory: the largest sum of PSS (and of RSS) over the child and all its
@@ -157,6 +160,8 @@ def run_child(command: list[str], timeout: float) -> dict[str, Any]:
     intervals = np.diff([launched, *ends]).tolist()
     return {
         "startup": got["marks"]["aggregated"][0] - launched,
+        "before_first_round": (got["marks"]["dispatched"][0] - launched
+                               if got["marks"].get("dispatched") else None),
         "per_round": statistics.median(intervals[1:] or intervals),
         "pss_mb": pss, "rss_mb": rss,
         "accuracy": got["accuracy"][-1] if got["accuracy"] else None,
@@ -237,6 +242,8 @@ def gridfl_child(run_file: Path) -> None:
     )
     assert result.startup_seconds is not None
     marks["aggregated"] = [called + result.startup_seconds]
+    # the first round's tasks were handed to the pool its own seconds before its model
+    marks["dispatched"] = [called + result.startup_seconds - result.rounds[0].seconds]
     accuracy = [r.central["accuracy"] for r in result.rounds if "accuracy" in r.central]
     print(json.dumps({"marks": marks, "accuracy": accuracy,
                       "first_round": result.rounds[0].seconds}), flush=True)
@@ -282,9 +289,8 @@ def print_table(title: str, g: dict, f: dict, goals: dict[str, float]) -> None:
     if g["accuracy"] is not None:
         print(_row(f"test accuracy after {g['rounds']} rounds", 100 * g["accuracy"],
                    100 * f["accuracy"], "%"))
-    if g.get("first_round") is not None:
-        print(f"  (gridfl's start-up: {g['startup'] - g['first_round']:.2f} s before its first "
-              f"round, which took {g['first_round']:.2f} s)")
+    print(_row("  of which before round 1, s", g["before_first_round"],
+               f["before_first_round"], "s"))
     print(flush=True)
 
 

@@ -15,6 +15,7 @@ learning rate of the grid stops at the best round found so far: it could not win
     python -m benchmarks.bench_mcmahan --model 2nn            # the 2NN rows, ~20 min busy
     python -m benchmarks.bench_mcmahan --model cnn --split iid --epochs 1
     python -m benchmarks.bench_mcmahan --write-docs            # the table into docs/
+    python -m benchmarks.bench_mcmahan --model cnn --split iid --epochs 5 --log-rounds
 
 ``--write-docs`` puts the rows measured in this run into docs/performance.md's table
 (between the ``bench_mcmahan`` markers), replacing those of the same model, E and split
@@ -111,6 +112,7 @@ def run_row(row: Row, process, data, test, args) -> None:
                 partition_options={} if row.split == "iid" else {"shards_per_client": 2},
                 rounds=rounds, seed=args.seed, workers=args.workers,
                 evaluate_every=args.evaluate_every, target_accuracy=TARGETS[row.model]),
+            on_round=_log_round if args.log_rounds else None,
         )
         row.tried[lr] = result.target_round
         row.ran[lr] = len(result.rounds)
@@ -123,6 +125,13 @@ def run_row(row: Row, process, data, test, args) -> None:
               f" rounds ({100 * row.accuracy[lr]:.2f}%), {result.total_seconds:.0f} s, "
               f"{spent / max(1, len(result.rounds)):.2f} s/round", flush=True)
     row.seconds = time.perf_counter() - started
+
+
+def _log_round(entry) -> None:
+    """One line a round, so a row cut short still says how far it got."""
+    accuracy = entry.central.get("accuracy")
+    seen = f", test accuracy {100 * accuracy:.2f}%" if accuracy is not None else ""
+    print(f"    round {entry.round}: {entry.seconds:.2f} s{seen}", flush=True)
 
 
 def markdown(rows: list[list[str]]) -> str:
@@ -165,6 +174,8 @@ def main(argv: list[str]) -> None:
                     help="rounds between central evaluations until near the target")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-rounds", action="store_true",
+                    help="print each round's seconds and test accuracy as it ends")
     ap.add_argument("--write-docs", action="store_true",
                     help="write the measured rows into docs/performance.md")
     args = ap.parse_args(argv)

@@ -52,3 +52,19 @@ def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         gridfl.Nope  # noqa: B018
     assert not hasattr(gridfl, "also_missing")
+
+
+def test_validating_a_process_for_a_simulation_loads_no_http_client_or_secagg():
+    """What a simulation does before its first round: host_payload and the node's
+    validate, which need neither httpx (the host SDK's client) nor gridfl.secagg
+    (cryptography) for a process without secure aggregation."""
+    loaded = _run(
+        "import sys, numpy as np\n"
+        "from gridfl.host import host_payload\n"
+        "from gridfl.server.hosting import secure_aggregation_rows\n"
+        "assert secure_aggregation_rows({'secure_aggregation': None}, {}) == []\n"
+        "host_payload(model=[np.zeros(2, np.float32)], plans={'p': b'onnx'},\n"
+        "             client_config={'name': 'm', 'version': '1'})\n"
+        "print(sorted(m for m in ('httpx', 'gridfl.secagg', 'cryptography') if m in sys.modules))"
+    )
+    assert loaded == "[]"

@@ -36,7 +36,7 @@ from torch import nn
 
 RUN = json.loads(Path(sys.argv[1]).read_text())
 DATA = Path(RUN["data_dir"])
-MARKS: dict[str, list[float]] = {"aggregated": [], "evaluated": []}
+MARKS: dict[str, list[float]] = {"dispatched": [], "aggregated": [], "evaluated": []}
 ACCURACY: list[float] = []
 
 
@@ -123,7 +123,13 @@ def central_evaluate(server_round: int, parameters, config):
 
 
 class TimedFedAvg(FedAvg):
-    """FedAvg that notes when each round's aggregated model exists."""
+    """FedAvg that notes when the first round is sent out and when each round's
+    aggregated model exists."""
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        if server_round == 1:  # the first round's clients are chosen and sent their task
+            MARKS["dispatched"].append(time.time())
+        return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):
         out = super().aggregate_fit(server_round, results, failures)

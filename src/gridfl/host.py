@@ -18,15 +18,17 @@ Talks to the node's admin API (``/gridfl/v1/``) with the admin token::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
 import numpy as np
 
 from gridfl import _exceptions as errors
 from gridfl import _messages, state
 from gridfl.model import SyftModel
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["HostClient", "closed_cycles", "host_payload"]
 
@@ -42,6 +44,8 @@ class HostClient:
     def __init__(self, url: str, *, admin_token: str, timeout: float = 120.0) -> None:
         if not url.startswith(("http://", "https://")):
             raise errors.ConfigError(f"host URL must start with http:// or https://, got {url!r}")
+        import httpx  # here: a simulation takes host_payload and starts no client
+
         self._http = httpx.Client(
             base_url=url.rstrip("/") + "/gridfl/v1",
             headers={"Authorization": f"Bearer {admin_token}"},
@@ -167,6 +171,8 @@ class HostClient:
         return self._request(method, path, **kwargs).json()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        import httpx
+
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from gridfl import state
 from gridfl.cli import main
 from tests.builders import linear_data, linear_eval_plan, linear_params, linear_sgd_plan
-from tests.simulation.shared import CLIENT_CONFIG, SERVER_CONFIG
+from tests.simulation.shared import CLIENT_CONFIG, SERVER_CONFIG, without_timing
 
 
 @pytest.fixture
@@ -129,6 +129,8 @@ def test_a_user_partitioner_by_module_and_name(bundle, tmp_path, monkeypatch):
         ({"every": 1, "max_workers": 0}, False,
          "server_config.evaluation.max_workers must be an integer >= 1"),
         ({"every": 1}, True, "server_config.evaluation needs an evaluation plan"),
+        ({"every": 1, "seat_timeout": 0.5}, False,
+         "server_config.evaluation.seat_timeout must be"),
     ],
 )
 def test_a_bad_server_config_evaluation_is_one_line_and_exit_code_1(
@@ -154,3 +156,22 @@ def test_server_config_evaluation_runs_a_federated_evaluation(bundle, tmp_path):
     assert r.exit_code == 0, r.output
     results = json.loads((out / "results.json").read_text())
     assert [bool(e.get("federated")) for e in results["rounds"]] == [False, True]
+
+
+def test_seat_timeout_is_validated_but_no_simulated_seat_lapses(bundle, tmp_path):
+    """A simulated client always reports, so evaluation.seat_timeout (the node's guard
+    against a worker that never reports) changes nothing: every drawn client is counted,
+    and the rounds equal those of the same run without it."""
+    spec = json.loads((bundle / "bundle.json").read_text())
+    rounds = {}
+    for timeout in (None, 1):
+        spec["server_config"]["evaluation"] = {"every": 1, "max_workers": 5,
+                                               "seat_timeout": timeout}
+        (bundle / "bundle.json").write_text(json.dumps(spec))
+        out = tmp_path / f"out-{timeout}"
+        r = _run(bundle, "--data", tmp_path / "train.npz", "--clients", 20, "--workers", 1,
+                 "--out", out)
+        assert r.exit_code == 0, r.output
+        rounds[timeout] = without_timing(json.loads((out / "results.json").read_text()))["rounds"]
+    assert [len(e["evaluated"]) for e in rounds[1]] == [5, 5]
+    assert rounds[1] == rounds[None]

@@ -43,7 +43,12 @@ def hit_rate_plan(features: int = FEATURES) -> bytes:
 
 
 def reference_accuracies(rounds, data, test_data, parts) -> list[float]:
-    """Each round's model's share of test examples within TOLERANCE, by FedAvg of one-step
+    """Each round's model's share of test examples within TOLERANCE."""
+    return [float(np.mean(hits)) for hits in reference_hits(rounds, data, test_data, parts)]
+
+
+def reference_hits(rounds, data, test_data, parts) -> list[np.ndarray]:
+    """Each round's model's hits (test examples within TOLERANCE), by FedAvg of one-step
     clients in float64 (McMahan et al., eq. 1): w <- sum_k n_k w_k / sum_k n_k."""
     x, y = (a.astype(np.float64) for a in data)
     xt, yt = (a.astype(np.float64) for a in test_data)
@@ -56,7 +61,7 @@ def reference_accuracies(rounds, data, test_data, parts) -> list[float]:
         b = np.average([s[1] for s in steps], axis=0, weights=n)
         margin = np.abs(np.abs(xt @ w + b - yt) - TOLERANCE)
         assert margin.min() > 1e-4  # float32 and float64 agree on every example
-        accuracies.append(float(np.mean(np.abs(xt @ w + b - yt) < TOLERANCE)))
+        accuracies.append(np.abs(xt @ w + b - yt).reshape(-1) < TOLERANCE)
     return accuracies
 
 
@@ -76,6 +81,34 @@ def run(process, data, test_data):
     accuracies = reference_accuracies([r.clients for r in full.rounds], data, test_data,
                                       parts)
     return go, full, accuracies
+
+
+def test_near_the_target_an_evaluation_stops_once_the_target_is_out_of_reach(
+        run, process, data, test_data, monkeypatch):
+    """Batches of 10 of the 100 test examples: once near the target, a round's evaluation
+    stops at the first batch after which even all the unread examples right could not
+    reach the target, reporting that bound; the round that reaches it is still found."""
+    monkeypatch.setattr("gridfl.client.evaluation.EVAL_BATCH", 10)
+    go, full, accuracies = run
+    hits = reference_hits([r.clients for r in full.rounds], data, test_data,
+                          partition(data[1], 40, "iid", seed=5))
+    target = max(accuracies)
+    first = accuracies.index(target) + 1
+    expected: list[dict[str, float]] = [{"accuracy": accuracies[0]}]  # not yet near: all
+    for h in hits[1 : first - 1]:  # rounds 2 .. first - 1
+        bounds = [(h[:seen].sum() + len(h) - seen) / len(h) for seen in range(10, 101, 10)]
+        expected.append({"accuracy_at_most": next(b for b in bounds if b < target)})
+    result = go(target_accuracy=target, near_target=1.0)
+    assert result.target_round == first
+    got = [r.central for r in result.rounds]
+    assert [list(c) == ["accuracy_at_most"] for c in got] == [False] + [True] * (first - 2) + [
+        False]
+    for c, e in zip(got, expected, strict=False):
+        key = next(iter(e))
+        assert c[key] == pytest.approx(e[key], abs=1e-6)
+    assert got[-1]["accuracy"] == pytest.approx(target)
+    assert first > 2 and any(
+        e["accuracy_at_most"] < target - 0.05 for e in expected[1:])  # some stopped early
 
 
 def test_the_run_stops_at_the_first_round_that_reaches_the_target(run, tmp_path):

@@ -197,6 +197,8 @@ def validate(payload: Any) -> HostRequest:  # noqa: C901 - every field, in the o
 def secure_aggregation_rows(server_config: dict, raw_protocols: dict) -> list[dict]:
     """The secure-aggregation descriptor as a protocol row, served by ``get-protocol`` so
     that workers know what to run (``job.protocols``)."""
+    if not raw_protocols and server_config.get("secure_aggregation") is None:
+        return []  # nothing to check: gridfl.secagg (cryptography) stays unimported
     from gridfl import secagg
 
     if secagg.NAME in raw_protocols:

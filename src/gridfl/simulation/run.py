@@ -27,11 +27,11 @@ import numpy as np
 
 from gridfl import state
 from gridfl._exceptions import ConfigError, InvalidRequestError, ModelError
-from gridfl.client.evaluation import evaluate_plan
 from gridfl.server import aggregate as agg
 from gridfl.server.dp_config import DPConfig
 from gridfl.simulation import clients
 from gridfl.simulation.backends import BACKENDS, LocalPool, RayPool, open_backend
+from gridfl.simulation.central import AT_MOST, evaluate_towards
 from gridfl.simulation.compress import SimulatedCompression
 from gridfl.simulation.partition import partition
 from gridfl.simulation.privacy import SimulatedPrivacy, check_population
@@ -327,8 +327,8 @@ def _simulate(opts: SimulationOptions, started: float, tmp: str, early: LocalPoo
         rounds.compression = SimulatedCompression(setting, spec) if setting else None
         rounds.central = (
             None if test is None or eval_plan is None
-            else lambda model: evaluate_plan(eval_plan, model, *test,
-                                             request.client_config)
+            else lambda model, target: evaluate_towards(eval_plan, model, *test,
+                                                        request.client_config, target)
         )
         rounds.emit = lambda entry: (bar(entry), on_round and on_round(entry))
         params = rounds.run()
@@ -360,7 +360,9 @@ class _Rounds:
         self.accuracy: float | None = None
         self.reached = False
         self.memory = _Memory(backend)
-        self.central: Callable[[list[np.ndarray]], dict[str, float]] | None = None
+        #: the central evaluation of a model; given the target once near it, it may stop
+        #: as soon as the target is out of reach (gridfl.simulation.central)
+        self.central: Callable[[list[np.ndarray], float | None], dict[str, float]] | None = None
         self.emit: Callable[[RoundResult], Any] = lambda entry: None
         #: the process's compressed reports, per client (None: plain State)
         self.compression: SimulatedCompression | None = None
@@ -446,7 +448,8 @@ class _Rounds:
         model, entry.model = entry.model, None
         if self.central is not None and self._due(entry.round):
             assert model is not None  # set by _aggregate
-            entry.central = self.central(model)
+            entry.central = self.central(
+                model, self.opts.target_accuracy if self._near() else None)
             self._check_target(entry)
         self.memory.sample()
         self.result.rounds.append(entry)
@@ -455,8 +458,10 @@ class _Rounds:
 
     def _due(self, r: int) -> bool:
         """Whether round ``r``'s model is evaluated centrally."""
-        if r % self.opts.evaluate_every == 0 or r == self.opts.rounds:
-            return True
+        return r % self.opts.evaluate_every == 0 or r == self.opts.rounds or self._near()
+
+    def _near(self) -> bool:
+        """Whether the last central accuracy was within ``near_target`` of the target."""
         target = self.opts.target_accuracy
         return (target is not None and self.accuracy is not None
                 and self.accuracy >= target - self.opts.near_target)
@@ -465,6 +470,9 @@ class _Rounds:
         target = self.opts.target_accuracy
         accuracy = entry.central.get("accuracy")
         if target is None:
+            return
+        if AT_MOST in entry.central:  # stopped early: below the target, by at most this
+            self.accuracy = entry.central[AT_MOST]
             return
         if accuracy is None:
             raise ConfigError("target_accuracy needs an evaluation plan that reports "
