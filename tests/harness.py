@@ -420,6 +420,19 @@ class WsBinWorker(WsWorker):
         return (200 if "error" not in body else body["status_code"]), body
 
 
+def seat(node, name: str = "mnist", version: str | None = None) -> tuple[str, str]:
+    """Authenticate and take a seat in the open cycle of a ``GridNode`` called directly (no
+    transport): ``(worker_id, request_key)``; fails unless the node accepts."""
+    from gridfl import _messages
+
+    auth = node.authenticate(_messages.AuthenticateRequest(model_name=name))
+    cyc = node.cycle_request(
+        _messages.CycleRequest(worker_id=auth["worker_id"], model=name, version=version)
+    )
+    assert cyc["status"] == "accepted", cyc
+    return auth["worker_id"], cyc["request_key"]
+
+
 def join(worker, name="mnist", version="1.0", token=None, **speeds) -> tuple[str, dict]:
     """authenticate + cycle-request; returns (worker_id, cycle-request data)."""
     data = {"model_name": name}

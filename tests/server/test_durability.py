@@ -16,6 +16,7 @@ from gridfl._exceptions import ConflictError
 from gridfl.server import GridNode, Settings
 from gridfl.server.tables import aggregates, cycles
 from tests.builders import diff_of, host_payload, model_params
+from tests.harness import seat
 
 N = 3
 
@@ -25,15 +26,6 @@ def node(tmp_path):
     n = GridNode(Settings(data_dir=tmp_path, admin_token="x"))
     yield n
     n.close()
-
-
-def _seat(node: GridNode) -> tuple[str, str]:
-    a = node.authenticate(_messages.AuthenticateRequest(model_name="mnist"))
-    c = node.cycle_request(
-        _messages.CycleRequest(worker_id=a["worker_id"], model="mnist", version="1.0")
-    )
-    assert c["status"] == "accepted", c
-    return a["worker_id"], c["request_key"]
 
 
 def _stored_sums(node: GridNode) -> int:
@@ -46,7 +38,7 @@ def test_checkpoint_is_the_mean_and_no_sum_is_written(node, weighted):
     node.host(host_payload(server_config={"max_diffs": N, "durability": "cycle"}))
     weights = [3, 1, 6] if weighted else [None] * N
     for i, w in enumerate(weights):
-        wid, key = _seat(node)
+        wid, key = seat(node, version="1.0")
         node.report(_messages.ReportRequest(wid, key, state.dumps(diff_of(i)), num_samples=w))
         if i < N - 1:
             assert _stored_sums(node) == 0  # the sums stay in memory
@@ -63,7 +55,7 @@ def test_report_after_a_restart_expires_the_cycle_and_is_refused(tmp_path):
     cycle that committed reports: the first report it gets expires that cycle."""
     first = GridNode(Settings(data_dir=tmp_path, admin_token="x"))
     first.host(host_payload(server_config={"max_diffs": N, "durability": "cycle"}))
-    seats = [_seat(first) for _ in range(2)]
+    seats = [seat(first, version="1.0") for _ in range(2)]
     first.report(_messages.ReportRequest(*seats[0], state.dumps(diff_of(0))))
     first.close()
     again = GridNode(Settings(data_dir=tmp_path, admin_token="x"))
@@ -84,7 +76,7 @@ def test_the_deadline_completes_from_the_sums_in_memory(node):
         host_payload(server_config={"min_diffs": 2, "max_diffs": 5, "durability": "cycle"})
     )
     for i in range(2):
-        wid, key = _seat(node)
+        wid, key = seat(node, version="1.0")
         node.report(_messages.ReportRequest(wid, key, state.dumps(diff_of(i))))
     with node.engine.connect() as c:
         cycle_id = c.execute(sa.select(cycles.c.id).where(cycles.c.status == "open")).scalar_one()

@@ -17,6 +17,7 @@ from gridfl.server import GridNode, Settings
 from gridfl.server import aggregate as agg
 from gridfl.server.tables import cycle_partials, cycles
 from tests.builders import diff_of, host_payload, model_params
+from tests.harness import seat
 
 pytestmark = pytest.mark.postgres
 
@@ -41,18 +42,9 @@ def _host(node: GridNode, **server) -> None:
     }))
 
 
-def _seat(node: GridNode) -> tuple[str, str]:
-    a = node.authenticate(_messages.AuthenticateRequest(model_name="mnist"))
-    c = node.cycle_request(
-        _messages.CycleRequest(worker_id=a["worker_id"], model="mnist", version="1.0")
-    )
-    assert c["status"] == "accepted", c
-    return a["worker_id"], c["request_key"]
-
-
-def _report(node: GridNode, seed: int, seat: tuple[str, str] | None = None) -> None:
-    seat = seat or _seat(node)
-    node.report(_messages.ReportRequest(*seat, state.dumps(diff_of(seed))))
+def _report(node: GridNode, seed: int, taken: tuple[str, str] | None = None) -> None:
+    taken = taken or seat(node, version="1.0")
+    node.report(_messages.ReportRequest(*taken, state.dumps(diff_of(seed))))
 
 
 def _cycle(node: GridNode):
@@ -75,7 +67,7 @@ def test_the_deadline_gathers_both_processes_partial_sums(two):
     _host(a)
     for i, node in enumerate((a, b, b)):
         _report(node, i)
-    late = _seat(b)
+    late = seat(b, version="1.0")
     first = _cycle(a)[0]
     marker = b.cycle_marker()
     # a sees the deadline: it writes its partial sums and waits for b's

@@ -20,7 +20,7 @@ from gridfl import InvalidRequestError, _messages, state
 from gridfl.server import GridNode
 from gridfl.server.aggregate import MAX_DIFF_VALUE
 from tests.builders import SHAPES, host_payload
-from tests.harness import make_settings
+from tests.harness import make_settings, seat
 
 F32_MAX = float(np.finfo(np.float32).max)
 F16_MAX = float(np.finfo(np.float16).max)
@@ -108,13 +108,8 @@ def node(db_url, tmp_path):
 
 
 def _report(node: GridNode, name: str, diff, num_samples, metrics) -> None:
-    auth = node.authenticate(_messages.AuthenticateRequest(model_name=name))
-    cyc = node.cycle_request(_messages.CycleRequest(worker_id=auth["worker_id"], model=name))
-    assert cyc["status"] == "accepted", cyc
     node.report(
-        _messages.ReportRequest(
-            auth["worker_id"], cyc["request_key"], state.dumps(diff), num_samples, metrics
-        )
+        _messages.ReportRequest(*seat(node, name), state.dumps(diff), num_samples, metrics)
     )
 
 
