@@ -1,6 +1,6 @@
 """Federated MNIST speed and accuracy: a real grid node and 10 worker processes on
-loopback, McMahan's K = 100 IID shards, C = 0.1, B = 10, lr 0.1 (the Flower workloads of
-reference/flower-on-this-machine.md).
+loopback, McMahan's K = 100 IID shards, C = 0.1, B = 10, lr 0.1 (Flower 1.42's baseline
+workloads, docs/performance.md).
 
 In one run, per workload (2NN E=1, CNN E=1):
 
@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-FLOWER = {  # reference/flower-on-this-machine.md: s/round, torch compute/round, accuracy
+FLOWER = {  # Flower 1.42 measured on this machine: s/round, torch compute/round, accuracy
     "2nn": {"simulation": 0.72, "deployment": 39.5, "torch_compute": 0.21,
             "acc": {20: 0.946}},
     "cnn": {"simulation": 3.78, "deployment": None, "torch_compute": 2.81,

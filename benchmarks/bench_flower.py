@@ -117,11 +117,11 @@ class TreeSampler(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
-        from gridfl.demo.run import _memory_kb
+        from gridfl._resources import memory_kb
 
         while not self._done.wait(self.every):
             pids = _descendants(self.pid)
-            sizes = [_memory_kb(p) for p in pids]
+            sizes = [memory_kb(p) for p in pids]
             self.peak_rss_kb = max(self.peak_rss_kb, sum(s[0] for s in sizes))
             self.peak_pss_kb = max(self.peak_pss_kb, sum(s[1] for s in sizes))
             for reading in filter(None, map(_cpu_ticks, pids)):
@@ -192,14 +192,15 @@ def write_inputs(directory: Path, mnist, parts: list[np.ndarray], params: list[n
 def compile_process(model: str, mnist, batch_size: int) -> tuple[list[np.ndarray], dict, float]:
     """The McMahan model's initial weights and plans, compiled in a child (torch)."""
     from gridfl import state
-    from gridfl.demo.run import DemoOptions, _compile_evaluation, _compile_training
+    from gridfl.demo.options import DemoOptions
+    from gridfl.demo.plans import compile_evaluation, compile_training
 
     demo = DemoOptions(model=model, batch_size=batch_size, lr=0.1)
     x, y = mnist.x_train[:batch_size], mnist.y_train[:batch_size]
     started = time.perf_counter()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        params, training = pool.submit(_compile_training, demo, x, y).result()
-        evaluation = pool.submit(_compile_evaluation, demo, x, y).result()
+        params, training = pool.submit(compile_training, demo, x, y).result()
+        evaluation = pool.submit(compile_evaluation, demo, x, y).result()
     plans = {"training_plan": training, "evaluation_plan": evaluation}
     return state.loads(params), plans, time.perf_counter() - started
 

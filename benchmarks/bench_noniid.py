@@ -32,7 +32,8 @@ from pathlib import Path
 
 from gridfl import state
 from gridfl.datasets import Mnist, load_mnist
-from gridfl.demo.run import DemoOptions, _compile_evaluation, _compile_training
+from gridfl.demo.options import DemoOptions
+from gridfl.demo.plans import compile_evaluation, compile_training
 from gridfl.simulation import SimulationOptions, simulate
 
 CLIENT_LR = 0.1  # McMahan et al.'s 2NN rate; the others tune the server's rate (or mu)
@@ -65,8 +66,8 @@ def _processes(mnist: Mnist) -> dict[str, dict]:
     with ProcessPoolExecutor(1, mp_context=ctx) as pool:
         for kind, mu in (("plain", None), ("fedprox", 0.01)):
             demo = DemoOptions(model="2nn", batch_size=10, lr=CLIENT_LR, proximal_mu=mu)
-            params, training = pool.submit(_compile_training, demo, x, y).result()
-            evaluation = pool.submit(_compile_evaluation, demo, x, y).result()
+            params, training = pool.submit(compile_training, demo, x, y).result()
+            evaluation = pool.submit(compile_evaluation, demo, x, y).result()
             out[kind] = {"model": state.loads(params),
                          "plans": {"training_plan": training, "evaluation_plan": evaluation}}
     return out

@@ -7,7 +7,7 @@ Three parts, in one run (``--part`` to pick):
   simulation (sum of PSS of this process and its pool workers, sampled every 50 ms) for
   each N, and their ratio. The shards are memory-mapped and read by index, so the ratio
   should be close to 1.
-* ``speed``: the Flower workloads of reference/flower-on-this-machine.md (K = 100 IID
+* ``speed``: Flower 1.42's baseline workloads (docs/performance.md; K = 100 IID
   shards, C = 0.1, B = 10, E = 1, lr 0.1, central evaluation on the 10k test set every
   round), 2NN and CNN: median seconds per round over rounds 2..N, start-up (call ->
   first aggregated model) and peak memory. Flower 1.42's figures are the reference
@@ -32,11 +32,13 @@ from pathlib import Path
 
 from benchmarks.bench_fl import FLOWER
 from gridfl import state
+from gridfl._resources import memory_kb
 from gridfl.datasets import Mnist, load_mnist
-from gridfl.demo.run import DemoOptions, _compile_evaluation, _compile_training, _memory_kb
+from gridfl.demo.options import DemoOptions
+from gridfl.demo.plans import compile_evaluation, compile_training
 from gridfl.simulation import SimulationOptions, simulate
 
-#: reference/flower-on-this-machine.md: start-up and memory of Flower's simulation
+#: Flower 1.42 measured on this machine: start-up and memory of Flower's simulation
 FLOWER_STARTUP = (10.0, 17.0)
 FLOWER_MEMORY_MB = (1400.0, 2000.0)
 
@@ -59,7 +61,7 @@ class _Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self._done.wait(self.every):
-            self.peak_kb = max(self.peak_kb, sum(_memory_kb(p)[1] for p in self._pids()))
+            self.peak_kb = max(self.peak_kb, sum(memory_kb(p)[1] for p in self._pids()))
 
     def stop(self) -> float:
         self._done.set()
@@ -72,8 +74,8 @@ def _process(model: str, mnist: Mnist, batch_size: int) -> dict:
     demo = DemoOptions(model=model, batch_size=batch_size, lr=0.1)
     x, y = mnist.x_train[:batch_size], mnist.y_train[:batch_size]
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        params, training = pool.submit(_compile_training, demo, x, y).result()
-        evaluation = pool.submit(_compile_evaluation, demo, x, y).result()
+        params, training = pool.submit(compile_training, demo, x, y).result()
+        evaluation = pool.submit(compile_evaluation, demo, x, y).result()
     return {
         "model": state.loads(params),
         "plans": {"training_plan": training, "evaluation_plan": evaluation},

@@ -174,7 +174,7 @@ def test_compute_slots_let_n_workers_train_at_once(tmp_path):
     import threading
     import time
 
-    from gridfl.demo.run import _compute_slots
+    from gridfl.demo.launch import compute_slots
     from gridfl.demo.worker import ComputeSlots
 
     holding, peak, done = [0], [0], []
@@ -192,7 +192,7 @@ def test_compute_slots_let_n_workers_train_at_once(tmp_path):
                     holding[0] -= 1
         done.append(1)
 
-    with _compute_slots(2) as path:
+    with compute_slots(2) as path:
         threads = [threading.Thread(target=worker, args=(path,)) for _ in range(5)]
         for t in threads:
             t.start()
@@ -202,9 +202,9 @@ def test_compute_slots_let_n_workers_train_at_once(tmp_path):
 
 
 def test_compute_slots_off():
-    from gridfl.demo.run import _compute_slots
+    from gridfl.demo.launch import compute_slots
 
-    with _compute_slots(0) as path:
+    with compute_slots(0) as path:
         assert path is None
 
 
@@ -214,12 +214,13 @@ def test_memory_is_read_at_most_every_few_seconds_while_polling(monkeypatch):
     import os
     import types
 
-    from gridfl.demo import run as demo_run
+    from gridfl.demo import memory as demo_memory
+    from gridfl.demo.memory import PeakMemory
 
     reads = []
-    monkeypatch.setattr(demo_run, "_memory_kb", lambda pid: reads.append(pid) or (10, 5))
+    monkeypatch.setattr(demo_memory, "memory_kb", lambda pid: reads.append(pid) or (10, 5))
     me = types.SimpleNamespace(pid=os.getpid())
-    memory = demo_run._PeakMemory(me, [me, me])
+    memory = PeakMemory(me, [me, me])
     for _ in range(5):
         memory.sample(every=60)
     assert len(reads) == 3  # one reading of the node and two workers

@@ -12,7 +12,7 @@ removes the others. ::
 
     >>> import tempfile
     >>> from pathlib import Path
-    >>> from gridfl.demo.run import DemoOptions
+    >>> from gridfl.demo.options import DemoOptions
     >>> ready = ReadyData.of(DemoOptions(data_dir=Path(tempfile.mkdtemp()), workers=2,
     ...                                  clients=4))
     >>> ready.complete(), ready.shard(1).name
@@ -36,7 +36,7 @@ from gridfl.plan_cache import key_digest, source_digest
 
 if TYPE_CHECKING:
     from gridfl.datasets import Mnist
-    from gridfl.demo.run import DemoOptions
+    from gridfl.demo.options import DemoOptions
 
 __all__ = ["ReadyData"]
 

@@ -22,10 +22,12 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerProcess", "Workers"]
+__all__ = ["WorkerProcess", "Workers", "compute_slots", "killed_on_error"]
 
 # what every worker imports, at start or on its first cycle (the transports pull in
 # httpx and websockets): imported once, in the server. gridfl.cli too: a forked child
@@ -120,3 +122,37 @@ def _worker(argv: list[str], go: Any) -> None:
     from gridfl.demo.worker import main
 
     sys.exit(main(argv))
+
+
+@contextlib.contextmanager
+def compute_slots(n: int) -> Iterator[Path | None]:
+    """A FIFO holding ``n`` slot bytes for the workers' ``ComputeSlots`` (None: no limit,
+    when ``n`` is 0 or the platform has no FIFOs)."""
+    if n <= 0 or not hasattr(os, "mkfifo"):
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="gridfl-slots-") as tmp:
+        path = Path(tmp) / "slots"
+        os.mkfifo(path)
+        fd = os.open(path, os.O_RDWR)  # held open: the bytes live as long as the run
+        try:
+            os.write(fd, b"+" * n)
+            yield path
+        finally:
+            os.close(fd)
+
+
+
+@contextlib.contextmanager
+def killed_on_error(procs: list[WorkerProcess]) -> Iterator[None]:
+    """Kill ``procs`` if the block raises (workers would retry a dead node forever)."""
+    try:
+        yield
+    except BaseException:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+        raise

@@ -27,6 +27,7 @@ import numpy as np
 
 from gridfl import state
 from gridfl._exceptions import ConfigError, InvalidRequestError, ModelError
+from gridfl._resources import memory_kb, usable_cpus
 from gridfl.server import aggregate as agg
 from gridfl.server.dp_config import DPConfig
 from gridfl.simulation import clients
@@ -131,7 +132,7 @@ class SimulationOptions:
             raise ConfigError(
                 f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}"
             )
-        self.workers = self.workers or _usable_cpus()
+        self.workers = self.workers or usable_cpus()
         _positive("workers", self.workers)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
@@ -152,12 +153,6 @@ class SimulationOptions:
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def load_data(data: Data, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +228,7 @@ def simulate(
     with tempfile.TemporaryDirectory(prefix="gridfl-sim-") as tmp:
         # the pool's processes start (interpreter, numpy, onnxruntime) while this one
         # validates the process and writes the clients' shards
-        early = (LocalPool(tmp, opts.workers or _usable_cpus())
+        early = (LocalPool(tmp, opts.workers or usable_cpus())
                  if opts.backend == "local" and _is_count(opts.workers) else None)
         try:
             return _simulate(opts, started, tmp, early, on_round, data, test_data, dict(
@@ -577,10 +572,8 @@ class _Memory:
         self.backend, self.peak_kb = backend, 0
 
     def sample(self) -> None:
-        from gridfl.demo.run import _memory_kb
-
         pids = [os.getpid(), *self.backend.pids()]
-        self.peak_kb = max(self.peak_kb, sum(_memory_kb(p)[1] for p in pids))
+        self.peak_kb = max(self.peak_kb, sum(memory_kb(p)[1] for p in pids))
 
     def peak_mb(self) -> float:
         return round(self.peak_kb / 1024, 1)
