@@ -4,10 +4,10 @@ A plan is an ONNX model whose ``metadata_props`` declare what every graph input 
 output means (its *role*), so a worker can bind its data, the model params and the
 client config to the graph without any model code::
 
-    >>> plan = Plan.from_bytes(plan_bytes)                      # doctest: +SKIP
-    >>> plan.kind, plan.num_params                              # doctest: +SKIP
+    >>> plan = Plan.from_bytes(plan_bytes)
+    >>> plan.kind, plan.num_params
     ('training', 4)
-    >>> loss, acc, *params = plan.execute(X, y, 64, 0.005, *model.params)  # doctest: +SKIP
+    >>> loss, acc, *params = plan.execute(X, y, 64, 0.005, *model.params)
 
 Metadata keys (see docs/plans.md):
 
@@ -161,7 +161,8 @@ class PlanSlot:
         C-contiguous numpy array of exactly the declared dtype and shape (any size on
         dynamic dimensions). :meth:`Plan.convert` returns such arrays.
 
-            >>> slot.matches(np.zeros((200, 784), np.float32))  # doctest: +SKIP
+            >>> slot = plan.inputs[0]  # the data: (N, 784) float32
+            >>> slot.matches(np.zeros((200, 784), np.float32))
             True
         """
         return (
@@ -260,10 +261,11 @@ class Plan:
 
     Build one with :meth:`from_bytes` (workers) or ``gridfl.compiler`` (hosts)::
 
-        >>> plan = Plan.from_bytes(open("training_plan.onnx", "rb").read())  # doctest: +SKIP
-        >>> [s.role for s in plan.inputs]                                     # doctest: +SKIP
-        ['data', 'target', 'batch_size', 'client_config', 'model_param', 'model_param']
-        >>> loss, acc, w, b = plan.execute(X, y, 32, 0.1, w, b)               # doctest: +SKIP
+        >>> plan = Plan.from_bytes(open("training_plan.onnx", "rb").read())
+        >>> [s.role for s in plan.inputs]  # doctest: +NORMALIZE_WHITESPACE
+        ['data', 'target', 'batch_size', 'client_config',
+         'model_param', 'model_param', 'model_param', 'model_param']
+        >>> loss, acc, *params = plan.execute(X, y, 32, 0.1, *params)
 
     One onnxruntime ``InferenceSession`` is created per plan, on the first
     :meth:`execute` (thread safe), with ``threads`` intra-op threads (default
@@ -318,7 +320,7 @@ class Plan:
 
         ``threads``: intra-op threads of the session (default :func:`default_threads`).
 
-            >>> plan = Plan.from_bytes(plan_bytes, threads=1)  # doctest: +SKIP
+            >>> plan = Plan.from_bytes(plan_bytes, threads=1)
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise PlanLoadError(f"plan bytes must be bytes, got {type(data).__name__}")
@@ -439,8 +441,8 @@ class Plan:
         fixed while ``params`` move step by step, so they have no default::
 
             >>> args = plan.bind(data=X, target=y, params=model.params,
-            ...                  client_config={"lr": 0.1})          # doctest: +SKIP
-            >>> loss, acc, *new_params = plan.execute(*args)          # doctest: +SKIP
+            ...                  client_config={"lr": 0.1})
+            >>> loss, acc, *new_params = plan.execute(*args)
         """
         client_config = client_config or {}
         out: list[Any] = []
@@ -494,7 +496,9 @@ class Plan:
         floats, integral floats to integers), scalars reshaped to the declared rank.
         :class:`~gridfl.PlanInputError` names the input when that is not possible.
 
-            >>> x = plan.convert(0, X)  # the data input, as onnxruntime takes it  # doctest: +SKIP
+            >>> x = plan.convert(0, X)  # the data input, as onnxruntime takes it
+            >>> x.dtype, x.shape
+            (dtype('float32'), (64, 784))
         """
         slot = self.inputs[pos]
         try:
@@ -543,7 +547,7 @@ class Plan:
         Inputs may be numpy arrays, Python scalars or torch tensors; they are cast to the
         declared dtype (see :meth:`convert`) and scalars are reshaped to the declared rank::
 
-            >>> loss, acc, *params = plan.execute(X, y, 64, 0.005, *params)  # doctest: +SKIP
+            >>> loss, acc, *params = plan.execute(X, y, 64, 0.005, *params)
 
         Raises :class:`~gridfl.PlanInputError` naming the input on a wrong count, shape
         or dtype.
@@ -569,9 +573,10 @@ class Plan:
         of a step before). The fast path of a loop that calls the plan many times;
         :meth:`execute` checks and converts every input, then calls this.
 
+            >>> values = {"data": X, "target": y, "params": params, "client_config": {"lr": 0.1}}
             >>> feed = {s.name: plan.convert(i, v) for i, (s, v) in
-            ...         enumerate(zip(plan.inputs, plan.bind(**values)))}  # doctest: +SKIP
-            >>> loss, acc, *params = plan.run(feed)                        # doctest: +SKIP
+            ...         enumerate(zip(plan.inputs, plan.bind(**values)))}
+            >>> loss, acc, *params = plan.run(feed)
         """
         session = self.session
         try:

@@ -19,10 +19,13 @@ Exactly ``max_updates`` batches run per epoch (syft.js and PySyft ran one more).
 partial batch is dropped, as in syft.js. Example::
 
     >>> trainer = PlanTrainer(plan, model.params, X, y, client_config={"lr": 0.1},
-    ...                       batch_size=64, max_updates=10)            # doctest: +SKIP
-    >>> trainer.on("batch_end", lambda epoch, batch, loss, metrics: print(loss))  # doctest: +SKIP
-    >>> result = trainer.run()                                           # doctest: +SKIP
-    >>> diff = model.create_serialized_diff(result.params)               # doctest: +SKIP
+    ...                       batch_size=16, max_updates=10)
+    >>> losses = []
+    >>> _ = trainer.on("batch_end", lambda epoch, batch, loss, metrics: losses.append(loss))
+    >>> result = trainer.run()
+    >>> len(losses), result.num_samples  # 64 examples: 4 batches of 16
+    (4, 64)
+    >>> diff = model.create_serialized_diff(result.params)
 
 Stop and resume: ``trainer.stop()`` (from a handler or another thread) ends :meth:`run`
 after the current batch with ``result.stopped`` set; :meth:`resume` continues.

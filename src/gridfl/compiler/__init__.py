@@ -4,14 +4,14 @@ A whole step, forward, loss, ``torch.autograd.grad`` and the optimizer update, i
 traced into ONE ONNX graph that workers run with onnxruntime::
 
     >>> from gridfl.compiler import compile_training_plan, SGD
-    >>> plan = compile_training_plan(model, loss="cross_entropy", optimizer=SGD(lr=0.1),
-    ...                              example_data=X[:32], example_target=y[:32])  # doctest: +SKIP
-    >>> loss, acc, *params = plan.execute(X, y, len(X), 0.1, *params)             # doctest: +SKIP
+    >>> plan = compile_training_plan(net, loss="cross_entropy", optimizer=SGD(lr=0.1),
+    ...                              example_data=X[:32], example_target=y[:32])
+    >>> loss, acc, *params = plan.execute(X, y, len(X), 0.1, *params)
 
 Or compile any function of the PyGrid training signature
 ``(X, y, batch_size, lr, *params) -> (loss, acc, *updated_params)``::
 
-    >>> plan = compile_plan(train_step, (X, y, 64, 0.005, *params))               # doctest: +SKIP
+    >>> plan = compile_plan(train_step, (X, y, 64, 0.005, W, b))
 
 Anything a plan cannot run (random ops, ops without an ONNX form) raises
 :class:`gridfl.CompileError` here, naming the op, never on a worker.
@@ -396,7 +396,9 @@ def compile_plan(
         ...     gW, gb = torch.autograd.grad(loss, [W, b])
         ...     acc = (logits.argmax(1) == y).float().mean()
         ...     return loss, acc, W - lr * gW, b - lr * gb
-        >>> plan = compile_plan(step, (X, y, 32, 0.1, W, b))     # doctest: +SKIP
+        >>> plan = compile_plan(step, (X, y, 32, 0.1, W, b))
+        >>> [s.role for s in plan.inputs][2:]
+        ['batch_size', 'client_config', 'model_param', 'model_param']
 
     The batch dimension (dim 0 of data and target) is dynamic unless the function fixes
     it. With ``verify`` (default) the plan is run on the example args and on a batch of
@@ -548,14 +550,16 @@ def compile_training_plan(
 
         >>> plan = compile_training_plan(net, loss="cross_entropy",
         ...     optimizer=SGD(lr=0.1, momentum=0.9), example_data=X[:16],
-        ...     example_target=y[:16])                              # doctest: +SKIP
-        >>> plan.client_config_keys, plan.num_optimizer_state        # doctest: +SKIP
+        ...     example_target=y[:16])
+        >>> plan.client_config_keys, plan.num_optimizer_state
         (['lr'], 4)
 
     ``tfjs=True`` adds the tfjs variant syft.js runs (see :func:`compile_plan`)::
 
         >>> plan = compile_training_plan(net, loss="cross_entropy_onehot", tfjs=True,
-        ...     example_data=X[:16], example_target=Y[:16])         # doctest: +SKIP
+        ...     example_data=X[:16], example_target=Y[:16])
+        >>> plan.tfjs is not None  # syft-proto bytes of the same step
+        True
         >>> host.host(model=model_tensors(net), plans={"training_plan": plan},
         ...           client_config=cc)                             # doctest: +SKIP
     """
@@ -692,8 +696,8 @@ def compile_evaluation_plan(
     """Compile ``(X, y, *params) -> (loss, accuracy)`` for ``module`` (traced in eval mode).
 
         >>> plan = compile_evaluation_plan(net, example_data=X[:16],
-        ...                                example_target=y[:16])     # doctest: +SKIP
-        >>> loss, acc = plan.execute(X_test, y_test, *params)         # doctest: +SKIP
+        ...                                example_target=y[:16])
+        >>> loss, acc = plan.execute(X_test, y_test, *params)
 
     The loss is the mean over the batch; ``cache`` as for :func:`compile_training_plan`.
     A module in training mode (one whose training
@@ -741,8 +745,12 @@ def compile_averaging_plan(example_params: Sequence[Any], *, verify: bool = True
     ``new_avg = (avg * num + item) / (num + 1)`` per param: folding items in one at a
     time with ``num = 0, 1, 2, ...`` gives their mean.
 
-        >>> plan = compile_averaging_plan(model.params)                 # doctest: +SKIP
-        >>> avg = plan.execute(*avg, *diff, n)                            # doctest: +SKIP
+        >>> plan = compile_averaging_plan(model.params)
+        >>> avg = [np.zeros_like(p) for p in model.params]
+        >>> for n, diff in enumerate([model.params, model.params]):
+        ...     avg = plan.execute(*avg, *diff, n)
+        >>> np.allclose(avg[0], model.params[0])
+        True
     """
     params = [_to_tensor(p, "average").to(torch.float32) for p in example_params]
     if not params:

@@ -47,8 +47,20 @@ def fuse_sgd_updates(model: onnx.ModelProto) -> int:  # noqa: C901 - one pattern
     2-D of the same static shape, the Mul and MatMul used nowhere else) into
     ``Gemm(Mul(s, a), b, w, alpha=-1, beta=1)``, in place; returns how many.
 
-        >>> fuse_sgd_updates(model)  # doctest: +SKIP
-        3
+        >>> from onnx import TensorProto, helper
+        >>> def f32(name, shape):
+        ...     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+        >>> graph = helper.make_graph(
+        ...     [helper.make_node("MatMul", ["a", "b"], ["grad"]),
+        ...      helper.make_node("Mul", ["lr", "grad"], ["step"]),
+        ...      helper.make_node("Sub", ["w", "step"], ["new_w"])],
+        ...     "sgd", [f32("w", [3, 4]), f32("lr", []), f32("a", [3, 5]), f32("b", [5, 4])],
+        ...     [f32("new_w", [3, 4])])
+        >>> model = helper.make_model(graph)
+        >>> fuse_sgd_updates(model)
+        1
+        >>> [n.op_type for n in model.graph.node]
+        ['Mul', 'Gemm']
     """
     graph = model.graph
     shapes = _shapes(model)

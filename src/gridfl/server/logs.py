@@ -13,7 +13,14 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "message", "exc"?}``, one line per record.
 
-    >>> logging.getLogger().handlers[0].setFormatter(JsonFormatter())  # doctest: +SKIP
+    >>> import sys
+    >>> handler = logging.StreamHandler(sys.stdout)
+    >>> handler.setFormatter(JsonFormatter())
+    >>> log = logging.getLogger("gridfl.example")
+    >>> log.addHandler(handler)
+    >>> log.warning("cycle %d expired", 3)  # doctest: +ELLIPSIS
+    {"ts": "...Z", "level": "warning", "logger": "gridfl.example", "message": "cycle 3 expired"}
+    >>> log.removeHandler(handler)
     """
 
     def format(self, record: logging.LogRecord) -> str:
