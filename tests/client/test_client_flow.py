@@ -16,7 +16,7 @@ from gridfl import (
     TransportError,
 )
 from gridfl.client import Job, JobState, Syft
-from gridfl.client._base import Call, Fetch, MeasureSpeed, drive_sync
+from gridfl.client._flow import Call, Fetch, MeasureSpeed, drive_sync
 from gridfl.state import dumps, loads
 from tests.builders import linear_params, linear_sgd_plan
 

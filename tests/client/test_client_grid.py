@@ -217,7 +217,7 @@ class TestFailures:
     def _tamper(self, api, client, key):
         """Ask for id 999999 in the downloads, whichever transport carries them (HTTP GET,
         or a WebSocket request frame with gridfl.binary.2): the node answers the error."""
-        from gridfl.client._base import Fetch
+        from gridfl.client._flow import Fetch
 
         perform = client._net.perform
 

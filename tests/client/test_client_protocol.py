@@ -11,7 +11,7 @@ from gridfl import (
     InvalidRequestError,
     NotFoundError,
 )
-from gridfl.client._base import Endpoints, is_loopback
+from gridfl.client._endpoints import Endpoints, is_loopback
 from gridfl.client._replies import error_class, parse_timeout, unwrap_reply
 
 

@@ -123,7 +123,7 @@ def test_six_workers_two_drop_out(server, transport, drop_after):
 
 
 def test_the_sdk_name_is_the_protocol_name():
-    from gridfl.client._base import SECURE_AGGREGATION
+    from gridfl.client._flow import SECURE_AGGREGATION
 
     assert SECURE_AGGREGATION == NAME
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gridfl import AggregationAbortedError, ConflictError
-from gridfl.client._base import Call, drive_sync
+from gridfl.client._flow import Call, drive_sync
 from gridfl.client._secagg import secure_report_flow
 from gridfl.secagg import NAME, SecAggParams
 from gridfl.secagg import messages as m

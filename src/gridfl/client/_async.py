@@ -27,7 +27,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from gridfl.client._base import START_DOC, BaseJob, BaseSyft, drive_async, is_awaitable
+from gridfl.client._base import START_DOC, BaseJob, BaseSyft
+from gridfl.client._flow import drive_async, is_awaitable
 from gridfl.client.trainer import TrainResult
 
 __all__ = ["AsyncJob", "AsyncSyft"]

@@ -2,31 +2,23 @@
 The I/O-free core of the worker SDK, shared by :class:`~gridfl.Syft` and
 :class:`~gridfl.AsyncSyft` (the httpx pattern: one core, two thin shells).
 
-* :class:`Endpoints` turns the user's URL into the WebSocket and HTTP addresses and
-  enforces the "no plain text to a remote node unless allowed" rule.
-* :class:`BaseSyft` checks a client's options and builds its
+* :class:`BaseSyft` checks a client's options (the URL through
+  :class:`~gridfl.client._endpoints.Endpoints`) and builds its
   :class:`~gridfl.client._transports.Network` (the I/O side, imported lazily).
-* :class:`BaseJob` holds a job's state, its event registry and the job flow. The flow is
-  a generator that *yields* operations (:class:`Call`, :class:`Fetch`,
-  :class:`MeasureSpeed`) and receives their results; it never does I/O itself. The shells
-  run it with :func:`drive_sync` or :func:`drive_async`, which perform each operation and
-  throw transport errors back into the generator so the flow can wrap them (for example
-  into ``ModelLoadFailedError``).
+* :class:`BaseJob` holds a job's state, its event registry and the job flow, a generator
+  of the operations in :mod:`gridfl.client._flow`, which the shells drive.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-import inspect
-import ipaddress
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -39,7 +31,19 @@ from gridfl._exceptions import (
     PlanLoadFailedError,
 )
 from gridfl.client import _replies as replies
+from gridfl.client._endpoints import Endpoints
 from gridfl.client._events import EventHandlers
+from gridfl.client._flow import (
+    SECURE_AGGREGATION,
+    SUPPORTED_PROTOCOLS,
+    Accepted,
+    BinaryReports,
+    Call,
+    Fetch,
+    Flow,
+    MeasureSpeed,
+    Rejected,
+)
 from gridfl.privacy import privatize_report
 
 _PLAN_CACHE_SIZE = 8
@@ -56,167 +60,6 @@ logger = logging.getLogger("gridfl.client")
 
 #: Events a job emits (``job.on(name, handler)``).
 JOB_EVENTS = ("accepted", "rejected", "error")
-
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    host = host.strip("[]").lower()
-    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    """Where a node lives: the transport picked by the URL scheme and both base URLs.
-
-    ``ws_url`` is the WebSocket endpoint (the node's root path, or the URL's path when the
-    node sits under a prefix); ``http_url`` is the base of ``/model-centric/...``.
-    Secure URLs are used exactly as given (syft.js turned ``wss://`` into ``wsss://``).
-    """
-
-    transport: str  # "ws" or "http": used for authenticate, cycle-request and report
-    ws_url: str
-    http_url: str
-    secure: bool
-
-    @classmethod
-    def parse(cls, url: str, *, allow_insecure: bool) -> Endpoints:
-        if not isinstance(url, str) or not url:
-            raise ConfigError(f"the grid URL must be a non-empty string, got {url!r}")
-        parts = urlsplit(url.strip())
-        scheme = parts.scheme.lower()
-        if scheme not in ("ws", "wss", "http", "https"):
-            raise ConfigError(
-                f"unsupported URL scheme in {url!r}: use ws://, wss://, http:// or https://"
-            )
-        if not parts.hostname:
-            raise ConfigError(f"the grid URL {url!r} has no host")
-        secure = scheme in ("wss", "https")
-        if not secure and not allow_insecure and not is_loopback(parts.hostname):
-            raise ConfigError(
-                f"refusing an unencrypted connection to {parts.hostname!r} ({url}): use "
-                f"{'wss' if scheme == 'ws' else 'https'}:// or pass allow_insecure=True "
-                "(or verbose=True, as syft.js does)"
-            )
-        if parts.query or parts.fragment:
-            raise ConfigError(f"the grid URL {url!r} must not carry a query or fragment")
-        path = parts.path.rstrip("/")
-        ws_scheme = "wss" if secure else "ws"
-        http_scheme = "https" if secure else "http"
-        ws_url = urlunsplit((ws_scheme, parts.netloc, path + "/", "", ""))
-        http_url = urlunsplit((http_scheme, parts.netloc, path, "", ""))
-        return cls(
-            transport="ws" if scheme.startswith("ws") else "http",
-            ws_url=ws_url,
-            http_url=http_url,
-            secure=secure,
-        )
-
-
-# --------------------------------------------------------------------------- operations
-
-
-@dataclass(frozen=True)
-class Call:
-    """A protocol call (authenticate, cycle-request, report) on the URL's transport.
-
-    ``idempotent`` calls may be retried after the request may have reached the node
-    (read timeout, dropped connection); the others only when it surely did not.
-    """
-
-    type: str
-    data: dict[str, Any]
-    idempotent: bool = True
-    #: seconds the node may hold the reply on purpose (a long-polled cycle request)
-    extra_timeout: float = 0.0
-
-
-@dataclass(frozen=True)
-class Fetch:
-    """A download of binary content (model, plan, protocol): ``path`` is the message type,
-    ``params`` the query. Over the WebSocket when the node selected ``gridfl.binary.2``
-    (one request frame, one binary reply frame), else an HTTP GET of ``/<path>?<params>``."""
-
-    path: str
-    params: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class MeasureSpeed:
-    """Run the speed test; the result is a dict ``{ping, download, upload}``."""
-
-    worker_id: str
-
-
-@dataclass(frozen=True)
-class Sleep:
-    """Wait ``seconds`` (a flow polling the node, such as secure aggregation's stages)."""
-
-    seconds: float
-
-
-@dataclass(frozen=True)
-class BinaryReports:
-    """Whether a report would go as a binary frame (a WebSocket on which the node
-    selected ``gridfl.binary.2``): the only way a compressed report travels. A bool."""
-
-
-Operation = Call | Fetch | MeasureSpeed | Sleep | BinaryReports
-
-
-@dataclass(frozen=True)
-class Accepted:
-    model: SyftModel
-    client_config: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Rejected:
-    timeout: int | None
-
-
-Flow = Generator[Operation, Any, Any]
-
-#: the protocol this SDK runs (gridfl.secagg.NAME), named in every cycle request so that
-#: a node hosting it accepts this worker
-SECURE_AGGREGATION = "secure_aggregation"
-SUPPORTED_PROTOCOLS = (SECURE_AGGREGATION,)
-
-
-def drive_sync(flow: Flow, perform: Callable[[Operation], Any]) -> Any:
-    """Run a flow to completion, performing each operation with a blocking ``perform``."""
-    value: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            op = flow.send(value) if error is None else flow.throw(error)
-        except StopIteration as stop:
-            return stop.value
-        try:
-            value, error = perform(op), None
-        except Exception as exc:  # noqa: BLE001 - handed back to the flow, which decides
-            value, error = None, exc
-
-
-async def drive_async(flow: Flow, perform: Callable[[Operation], Awaitable[Any]]) -> Any:
-    """Run a flow to completion, awaiting each operation."""
-    value: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            op = flow.send(value) if error is None else flow.throw(error)
-        except StopIteration as stop:
-            return stop.value
-        try:
-            value, error = await perform(op), None
-        except Exception as exc:  # noqa: BLE001 - handed back to the flow, which decides
-            value, error = None, exc
 
 
 # --------------------------------------------------------------------------- jobs
@@ -671,10 +514,6 @@ START_DOC = """Authenticate, speed-test if asked, request a cycle, download, fir
         Starting the same job again joins the next cycle as the same worker (no new
         authentication); a new job authenticates afresh, as syft.js does.
         """
-
-
-def is_awaitable(value: Any) -> bool:
-    return inspect.isawaitable(value)
 
 
 # --------------------------------------------------------------------------- clients

@@ -30,7 +30,7 @@ def secure_report_flow(
     job: Any, diff: list[np.ndarray], num_samples: int | None
 ) -> Generator[Any, Any, dict[str, Any]]:
     """Run the four stages for ``job``'s accepted cycle; returns the node's last reply."""
-    from gridfl.client._base import Call, Sleep
+    from gridfl.client._flow import Call, Sleep
 
     params = SecAggParams.from_descriptor(job.protocols[NAME])
     me, key = str(job.worker_id), str(job.request_key)

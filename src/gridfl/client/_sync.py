@@ -31,7 +31,8 @@ from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 from gridfl._exceptions import ConfigError, GridflError
-from gridfl.client._base import START_DOC, BaseJob, BaseSyft, drive_sync, is_awaitable
+from gridfl.client._base import START_DOC, BaseJob, BaseSyft
+from gridfl.client._flow import drive_sync, is_awaitable
 from gridfl.client.trainer import TrainResult
 
 __all__ = ["Job", "Syft"]

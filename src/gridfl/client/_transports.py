@@ -486,7 +486,7 @@ class Network:
         self.speed_test = speed_test
 
     async def perform(self, op: Any) -> Any:
-        from gridfl.client._base import BinaryReports, Call, Fetch, MeasureSpeed, Sleep
+        from gridfl.client._flow import BinaryReports, Call, Fetch, MeasureSpeed, Sleep
         from gridfl.client.speedtest import measure_speed
 
         if isinstance(op, Call):
