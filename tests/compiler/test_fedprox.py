@@ -158,13 +158,13 @@ def test_the_compilers_eager_check_covers_the_proximal_term(net, data, monkeypat
     import gridfl.compiler as compiler
 
     seen = []
-    real = compiler._verify
+    real = compiler.verify_plan
 
     def spy(plan, args, ref_out, other, batch_inputs):
         seen.append(([a.detach().numpy().copy() for a in args], [r.numpy() for r in ref_out]))
         return real(plan, args, ref_out, other, batch_inputs)
 
-    monkeypatch.setattr(compiler, "_verify", spy)
+    monkeypatch.setattr(compiler, "verify_plan", spy)
     x, y = data
     compile_training_plan(net, optimizer=SGD(lr=LR), example_data=x[:8], example_target=y[:8],
                           proximal_mu=MU)

@@ -22,19 +22,28 @@ size and at a different one (the batch dimension is dynamic).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from gridfl._exceptions import CompileError, GridflError
-from gridfl.plan import INDEXED_ROLES, INPUT_ROLES, KEYED_ROLES, KINDS, OUTPUT_ROLES, Plan
-from gridfl.plan_cache import PlanCache, resolve_cache
+from gridfl._exceptions import CompileError
+from gridfl.plan import INPUT_ROLES, KINDS, OUTPUT_ROLES, Plan
+from gridfl.plan_cache import PlanCache
 
+from .cache_key import cache_key, through_cache
 from .losses import LOSSES, accuracy, get_loss
 from .optim import SGD, Adam, AdamW, Optimizer, as_optimizer
+from .roles import (
+    RoleSpec,
+    default_input_roles,
+    default_output_roles,
+    meta_entry,
+    name_slots,
+    parse_roles,
+)
+from .verify import other_batch, resize_batch, verify_plan
 
 __all__ = [
     "LOSSES",
@@ -47,121 +56,6 @@ __all__ = [
     "compile_training_plan",
     "model_tensors",
 ]
-
-_RoleSpec = str | dict
-
-
-# ---------------------------------------------------------------- roles
-def _parse_roles(specs: Sequence[_RoleSpec], allowed, what: str) -> list[dict]:
-    """``["data", "client_config:lr", {"role": "model_param", "index": 0}]`` -> dicts."""
-    out: list[dict] = []
-    counters: dict[str, int] = {}
-    for i, spec in enumerate(specs):
-        d: dict[str, Any]
-        if isinstance(spec, str):
-            role, _, key = spec.partition(":")
-            d = {"role": role}
-            if key:
-                d["key"] = key
-        elif isinstance(spec, dict):
-            d = dict(spec)
-        else:
-            raise CompileError(f"{what} role #{i}: expected a str or dict, got {spec!r}")
-        if d.get("role") not in allowed:
-            raise CompileError(
-                f"{what} role #{i}: unknown role {d.get('role')!r}; "
-                f"expected one of {', '.join(allowed)}"
-            )
-        role = d["role"]
-        if role in KEYED_ROLES:
-            if not d.get("key"):
-                raise CompileError(f"{what} role #{i} ({role}) needs a key, e.g. '{role}:lr'")
-        else:
-            d.pop("key", None)
-        if role in INDEXED_ROLES:
-            d.setdefault("index", counters.get(role, 0))
-            counters[role] = d["index"] + 1
-        else:
-            d.pop("index", None)
-        out.append(d)
-    return out
-
-
-def _slot_name(d: dict, output: bool) -> str:
-    role = d["role"]
-    base: str = {
-        "data": "X",
-        "target": "y",
-        "batch_size": "batch_size",
-        "count": "num",
-        "loss": "loss",
-        "model_param": "param",
-        "model_buffer": "buffer",
-        "optimizer_state": "opt_state",
-        "global_param": "global",
-        "average": "avg",
-        "item": "item",
-    }.get(role, role)
-    if role in KEYED_ROLES:
-        base = re.sub(r"\W", "_", d["key"])
-    if role in INDEXED_ROLES:
-        base = f"{base}_{d['index']}"
-    if output and role in ("model_param", "model_buffer", "optimizer_state", "average"):
-        base = f"new_{base}"
-    return base
-
-
-def _name_slots(inputs: list[dict], outputs: list[dict]) -> None:
-    used: set[str] = set()
-    for group, output in ((inputs, False), (outputs, True)):
-        for d in group:
-            name = _slot_name(d, output)
-            while name in used:
-                name += "_"
-            used.add(name)
-            d["name"] = name
-
-
-def _default_input_roles(kind: str, n: int) -> list[str]:
-    if kind == "training":
-        if n < 5:
-            raise CompileError(
-                "a training function takes (X, y, batch_size, lr, *params): at least 5 "
-                f"example args, got {n}"
-            )
-        return ["data", "target", "batch_size", "client_config:lr"] + ["model_param"] * (n - 4)
-    if kind == "evaluation":
-        if n < 3:
-            raise CompileError(
-                f"an evaluation function takes (X, y, *params): at least 3 example args, got {n}"
-            )
-        return ["data", "target"] + ["model_param"] * (n - 2)
-    if n < 3 or n % 2 == 0:
-        raise CompileError(
-            f"an averaging function takes (avg..., item..., num): an odd number >= 3 of "
-            f"example args, got {n}"
-        )
-    k = (n - 1) // 2
-    return ["average"] * k + ["item"] * k + ["count"]
-
-
-def _default_output_roles(kind: str, n: int, input_roles: list[dict]) -> list[str]:
-    if kind == "training":
-        n_params = sum(d["role"] == "model_param" for d in input_roles)
-        n_buffers = sum(d["role"] == "model_buffer" for d in input_roles)
-        n_state = sum(d["role"] == "optimizer_state" for d in input_roles)
-        head = n - n_params - n_buffers - n_state
-        if head not in (1, 2):
-            raise CompileError(
-                f"a training function returns (loss, acc, *updated_params): {n} outputs "
-                f"for {n_params} params"
-            )
-        return (["loss", "metric:accuracy"][:head] + ["model_param"] * n_params
-                + ["model_buffer"] * n_buffers + ["optimizer_state"] * n_state)
-    if kind == "evaluation":
-        return ["loss", "metric:accuracy"][:n] + [f"metric:metric_{i}" for i in range(2, n)]
-    return ["average"] * n
-
 
 # ---------------------------------------------------------------- args
 def _to_tensor(v: Any, role: str) -> torch.Tensor:
@@ -181,11 +75,6 @@ def _to_tensor(v: Any, role: str) -> torch.Tensor:
     if t.dtype == torch.float64:
         t = t.to(torch.float32)
     return t.contiguous()
-
-
-def _resize_batch(t: torch.Tensor, n: int) -> torch.Tensor:
-    idx = torch.arange(n) % t.shape[0]
-    return t[idx].contiguous()
 
 
 # ---------------------------------------------------------------- core
@@ -229,20 +118,20 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
         ) from e
 
     if output_roles is None:
-        output_roles = _parse_roles(
-            _default_output_roles(kind, len(ref), input_roles), OUTPUT_ROLES, "output"
+        output_roles = parse_roles(
+            default_output_roles(kind, len(ref), input_roles), OUTPUT_ROLES, "output"
         )
     if len(output_roles) != len(ref):
         raise CompileError(
             f"the function returns {len(ref)} outputs but {len(output_roles)} output roles "
             "were given"
         )
-    _name_slots(input_roles, output_roles)
+    name_slots(input_roles, output_roles)
 
     # Is the function batch-polymorphic? Run it eagerly at another batch size.
     other = None
     if batch_inputs:
-        args2 = _other_batch(args, input_roles, batch_inputs)
+        args2 = other_batch(args, input_roles, batch_inputs)
         try:
             other = (args2, eager(*args2))
         except Exception as e:  # noqa: BLE001 - the user's function failed: warned, not fatal
@@ -261,7 +150,7 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
         n = args[batch_inputs[0]].shape[0]
         if n < 2:
             for i in batch_inputs:
-                trace_args[i] = _resize_batch(args[i], 2)
+                trace_args[i] = resize_batch(args[i], 2)
     gm = trace_step(fn, trace_args, grad_positions=grad_positions,
                     batch_inputs=batch_inputs, conv_weight_grad=conv_weight_grad)
     tfjs_plan = _to_tfjs(gm, batch_inputs) if tfjs else None  # before export: fail fast
@@ -294,12 +183,12 @@ def _compile(  # noqa: C901 - the compile pipeline, step by step
     data = attach_metadata(
         model,
         kind,
-        [_meta_entry(d) for d in input_roles],
-        [_meta_entry(d) for d in output_roles],
+        [meta_entry(d) for d in input_roles],
+        [meta_entry(d) for d in output_roles],
     )
     plan = Plan.from_bytes(data)
     if verify:
-        _verify(plan, args, ref, other, batch_inputs)
+        verify_plan(plan, args, ref, other, batch_inputs)
     if tfjs_plan is not None:
         if verify:
             from .tfjs import check_against
@@ -316,62 +205,14 @@ def _to_tfjs(gm, batch_inputs):
     return translate(gm, batch_inputs)
 
 
-def _meta_entry(d: dict) -> dict:
-    e = {"name": d["name"], "role": d["role"]}
-    if "key" in d:
-        e["key"] = d["key"]
-    if "index" in d:
-        e["index"] = d["index"]
-    return e
-
-
-def _other_batch(args, input_roles, batch_inputs):
-    n = args[batch_inputs[0]].shape[0]
-    other = n - 1 if n > 2 else n + 1
-    args2 = list(args)
-    for i in batch_inputs:
-        args2[i] = _resize_batch(args[i], other)
-    for i, d in enumerate(input_roles):
-        if d["role"] == "batch_size":  # keep its shape: PySyft passes tensor([64.0])
-            args2[i] = torch.full_like(args[i], float(other))
-    return args2
-
-
-def _verify(plan: Plan, args, ref, other, batch_inputs) -> None:
-    checks = [(list(args), ref)]
-    if batch_inputs and other is not None:
-        checks.append(other)
-    for run_args, expected in checks:
-        got = plan.execute(*run_args)
-        for slot, g, r in zip(plan.outputs, got, expected, strict=True):
-            err = _disagreement(g, r.numpy())
-            if err is not None:
-                raise CompileError(
-                    f"the compiled plan disagrees with eager PyTorch on output "
-                    f"{slot.describe()} (max abs error {err}, batch "
-                    f"{run_args[batch_inputs[0]].shape[0] if batch_inputs else '-'})"
-                )
-
-
-def _disagreement(got: np.ndarray, ref: np.ndarray) -> float | str | None:
-    """None when a plan's output matches eager PyTorch's (non-finite references are not
-    compared), else the max abs error or "shape"."""
-    if not np.all(np.isfinite(ref)):
-        return None
-    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
-    if got.shape == ref.shape and np.allclose(got, ref, rtol=1e-3, atol=1e-5 * scale):
-        return None
-    return float(np.max(np.abs(got - ref))) if got.shape == ref.shape else "shape"
-
-
 # ---------------------------------------------------------------- public API
 def compile_plan(
     fn: Callable,
     example_args: Sequence[Any],
     *,
     kind: str = "training",
-    input_roles: Sequence[_RoleSpec] | None = None,
-    output_roles: Sequence[_RoleSpec] | None = None,
+    input_roles: Sequence[RoleSpec] | None = None,
+    output_roles: Sequence[RoleSpec] | None = None,
     verify: bool = True,
     dynamic_batch: bool = True,
     conv_weight_grad: str = "auto",
@@ -414,13 +255,13 @@ def compile_plan(
         raise CompileError(f"fn must be callable, got {type(fn).__name__}")
     example_args = list(example_args)
     if input_roles is None:
-        input_roles = _default_input_roles(kind, len(example_args))
-    in_roles = _parse_roles(input_roles, INPUT_ROLES, "input")
+        input_roles = default_input_roles(kind, len(example_args))
+    in_roles = parse_roles(input_roles, INPUT_ROLES, "input")
     if len(in_roles) != len(example_args):
         raise CompileError(
             f"{len(example_args)} example args but {len(in_roles)} input roles"
         )
-    out_roles = None if output_roles is None else _parse_roles(output_roles, OUTPUT_ROLES, "output")
+    out_roles = None if output_roles is None else parse_roles(output_roles, OUTPUT_ROLES, "output")
     args = [_to_tensor(a, d["role"]) for a, d in zip(example_args, in_roles, strict=True)]
     return _compile(fn, args, kind, in_roles, out_roles, verify=verify,
                     dynamic_batch=dynamic_batch, conv_weight_grad=conv_weight_grad, tfjs=tfjs)
@@ -570,7 +411,7 @@ def compile_training_plan(
     buffer_names, buffers = _module_buffers(module)
     X = _to_tensor(example_data, "data")
     y = _example_target(example_target, loss)
-    key = _cache_key("training", module, X, y, loss=loss, optimizer=repr(opt),
+    key = cache_key("training", module, X, y, loss=loss, optimizer=repr(opt),
                      proximal_mu=mu, verify=verify, conv_weight_grad=conv_weight_grad,
                      tfjs=tfjs)
 
@@ -611,47 +452,7 @@ def compile_training_plan(
         return compile_plan(step, args, kind="training", input_roles=in_roles, verify=verify,
                             conv_weight_grad=conv_weight_grad, tfjs=tfjs)
 
-    return _through_cache(cache, key, build)
-
-
-def _cache_key(kind: str, module, X, y, **options) -> Callable[[], dict]:
-    """The key of a module's plan, described only when a cache is used (describing hashes
-    the buffers' values)."""
-    from gridfl.plan_cache import plan_key
-
-    from .cache_key import module_description, tensor_spec
-
-    return lambda: plan_key(kind, {"module": module_description(module),
-                                   "data": tensor_spec(X), "target": tensor_spec(y)},
-                            **options)
-
-
-def _through_cache(cache: PlanCache | str | os.PathLike | bool | None,
-                   key: Callable[[], dict], build: Callable[[], Plan]) -> Plan:
-    """The plan stored under ``key()`` in the cache, else ``build()`` (which compiles and
-    verifies it), stored there with its tfjs variant."""
-    store = resolve_cache(cache)
-    if store is None:
-        return build()
-    entry = key()
-    cached = _cached_plan(store, entry)
-    if cached is not None:
-        return cached
-    plan = build()
-    store.put(entry, {"plan": plan.to_bytes(), **({"tfjs": plan.tfjs} if plan.tfjs else {})})
-    return plan
-
-
-def _cached_plan(store: PlanCache, key: dict) -> Plan | None:
-    blobs = store.get(key)
-    if blobs is None or set(blobs) - {"tfjs"} != {"plan"}:
-        return None
-    try:
-        plan = Plan.from_bytes(blobs["plan"])
-    except GridflError:  # a valid entry of bytes that are no plan: compile again
-        return None
-    plan.tfjs = blobs.get("tfjs")
-    return plan
+    return through_cache(cache, key, build)
 
 
 _EXAMPLE_MU = 0.1
@@ -735,8 +536,8 @@ def compile_evaluation_plan(
         finally:
             module.train(was_training)
 
-    key = _cache_key("evaluation", module, X, y, loss=loss, verify=verify, tfjs=tfjs)
-    return _through_cache(cache, key, build)
+    key = cache_key("evaluation", module, X, y, loss=loss, verify=verify, tfjs=tfjs)
+    return through_cache(cache, key, build)
 
 
 def compile_averaging_plan(example_params: Sequence[Any], *, verify: bool = True) -> Plan:

@@ -1,16 +1,23 @@
-"""What a compiled plan depends on, as a plan cache key (see gridfl.plan_cache)."""
+"""What a compiled plan depends on, as a plan cache key (see gridfl.plan_cache), and
+compiling through the cache."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import inspect
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["module_description", "tensor_spec"]
+from gridfl._exceptions import GridflError
+from gridfl.plan import Plan
+from gridfl.plan_cache import PlanCache, resolve_cache
+
+__all__ = ["cache_key", "module_description", "tensor_spec", "through_cache"]
 
 
 def tensor_spec(t: torch.Tensor) -> list:
@@ -70,3 +77,41 @@ def module_description(module: torch.nn.Module) -> dict[str, Any]:
                    for n, p in module.named_parameters()],
         "buffers": [[n, *tensor_spec(b), _values(b)] for n, b in module.named_buffers()],
     }
+
+
+def cache_key(kind: str, module, X, y, **options) -> Callable[[], dict]:
+    """The key of a module's plan, described only when a cache is used (describing hashes
+    the buffers' values)."""
+    from gridfl.plan_cache import plan_key
+
+    return lambda: plan_key(kind, {"module": module_description(module),
+                                   "data": tensor_spec(X), "target": tensor_spec(y)},
+                            **options)
+
+
+def through_cache(cache: PlanCache | str | os.PathLike | bool | None,
+                   key: Callable[[], dict], build: Callable[[], Plan]) -> Plan:
+    """The plan stored under ``key()`` in the cache, else ``build()`` (which compiles and
+    verifies it), stored there with its tfjs variant."""
+    store = resolve_cache(cache)
+    if store is None:
+        return build()
+    entry = key()
+    cached = cached_plan(store, entry)
+    if cached is not None:
+        return cached
+    plan = build()
+    store.put(entry, {"plan": plan.to_bytes(), **({"tfjs": plan.tfjs} if plan.tfjs else {})})
+    return plan
+
+
+def cached_plan(store: PlanCache, key: dict) -> Plan | None:
+    blobs = store.get(key)
+    if blobs is None or set(blobs) - {"tfjs"} != {"plan"}:
+        return None
+    try:
+        plan = Plan.from_bytes(blobs["plan"])
+    except GridflError:  # a valid entry of bytes that are no plan: compile again
+        return None
+    plan.tfjs = blobs.get("tfjs")
+    return plan

@@ -438,11 +438,12 @@ def run_numpy(plan: TfjsPlan, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
 def check_against(plan: TfjsPlan, checks: Sequence[tuple[Sequence[Any], Sequence[Any]]],
                   names: Sequence[str]) -> None:
     """Raise CompileError unless the plan reproduces eager PyTorch on each (args, outputs)."""
-    from . import _disagreement
+    from .verify import disagreement
+
     for args, expected in checks:
         got = run_numpy(plan, [a.numpy() if isinstance(a, torch.Tensor) else a for a in args])
         for name, g, r in zip(names, got, expected, strict=True):
-            err = _disagreement(g, r.numpy())
+            err = disagreement(g, r.numpy())
             if err is not None:
                 raise CompileError(
                     f"the tfjs plan disagrees with eager PyTorch on output {name!r} "
