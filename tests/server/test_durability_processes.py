@@ -77,6 +77,9 @@ def test_the_deadline_gathers_both_processes_partial_sums(two):
     closing = _cycle(a)[0]
     assert (closing.status, closing.closing_at is not None) == ("open", True)
     assert closing.end_at == pytest.approx(closing.closing_at + CLOSE_TIMEOUT)
+    shown = a.status("mnist", "1.0")  # the status API says so; watchers still see it open
+    assert [(c["status"], c.get("closing")) for c in shown["cycles"]] == [("open", True)]
+    assert shown["current"]["closing"] is True
     assert _written(a) == [False, True]
     # a report that comes now is too late, as after a completion
     with pytest.raises(ConflictError, match="is closing"):

@@ -88,6 +88,9 @@ def status(engine: Engine, name: str, version: str | None, *, last: int = 100) -
             }
             if c.status == "open":
                 entry["deadline_in"] = None if c.end_at is None else max(0.0, c.end_at - now)
+                # ready and gathering the server processes' partial sums: seats no one,
+                # takes no report (still "open": watchers read any other status as closed)
+                entry["closing"] = c.closing_at is not None
             cycle_list.append(entry)
         out["cycles"] = cycle_list
         out["current"] = next((c for c in cycle_list if c["status"] == "open"), None)

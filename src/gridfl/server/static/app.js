@@ -389,10 +389,13 @@ function renderCharts(box, charts, done) {
 
 function renderCycles(box, all) {
   const shown = all.slice(-50).reverse();
-  const rows = keyedRows(box, shown, (c) => `${c.sequence} ${c.status}`, (c) => {
+  // an open cycle that is closing (gathering the server processes' partial sums) says so
+  const shownStatus = (c) => (c.closing ? "closing" : c.status);
+  const key = (c) => `${c.sequence} ${shownStatus(c)}`;
+  const rows = keyedRows(box, shown, key, (c) => {
     const end = c.closed_at ?? null;
     const expired = c.status === "open" ? "—" : String(c.accepted - c.reported);
-    return el("tr", {}, el("td", {text: c.sequence}), el("td", {}, badge(c.status)),
+    return el("tr", {}, el("td", {text: c.sequence}), el("td", {}, badge(shownStatus(c))),
       el("td", {text: fmtTime(c.start)}), el("td", {text: fmtTime(end)}),
       el("td", {text: end ? fmtSecs(end - c.start) : "—"}), el("td", {text: c.accepted}),
       el("td", {text: c.reported}), el("td", {text: c.rejected ?? 0}), el("td", {text: expired}));
@@ -400,7 +403,7 @@ function renderCycles(box, all) {
   // an open cycle's counts change as workers join, are turned away and report
   const open = shown.find((c) => c.status === "open");
   if (open) {
-    const cells = box.rowCache.get(`${open.sequence} open`).children;
+    const cells = box.rowCache.get(key(open)).children;
     cells[5].textContent = open.accepted;
     cells[6].textContent = open.reported;
     cells[7].textContent = open.rejected ?? 0;
