@@ -89,7 +89,8 @@ def _columns(data: dict) -> tuple[str, ...]:
 def _cycle_row(c: dict) -> list[str]:
     m = c.get("metrics") or {}
     row = [
-        str(c["sequence"]), "closing" if c.get("closing") else c["status"], str(c["accepted"]), str(c["reported"]),
+        str(c["sequence"]), "closing" if c.get("closing") else c["status"],
+        str(c["accepted"]), str(c["reported"]),
         str(c.get("num_samples", "-")),
         "-" if m.get("loss") is None else f"{m['loss']:.4f}",
         "-" if m.get("accuracy") is None else f"{m['accuracy']:.4f}",
