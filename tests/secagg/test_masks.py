@@ -71,17 +71,34 @@ def test_add_mask_refuses_what_it_cannot_add_into():
         crypto.add_mask(np.zeros(6, np.uint64)[::2], os.urandom(32))
 
 
-@pytest.mark.parametrize("bits", [16, 20, 40, 64])
+@pytest.mark.parametrize("bits", [8, 12, 16, 20, 24, 32, 40, 48, 56, 64])
 def test_masked_vector_travels_in_the_low_bytes_of_each_value(bits):
     from gridfl._messages import b64decode
     from gridfl.secagg.messages import MaskedInput, value_bytes
 
     size = value_bytes(bits)
-    values = [0, 1, (1 << bits) - 1, (1 << (bits - 1)) + 12345]
+    rng = np.random.default_rng(bits)
+    drawn = [int(v) >> (64 - bits) for v in rng.integers(0, 2**63, 50, np.uint64) << 1]
+    values = [0, 1, (1 << bits) - 1, (1 << (bits - 1)) + 12345 % (1 << (bits - 1)), *drawn]
     packed = b"".join(v.to_bytes(size, "little") for v in values)
     msg = MaskedInput(np.array(values, np.uint64), bits)
     assert b64decode(msg.to_json()["vector"]) == packed
     assert MaskedInput.from_json(msg.to_json(), len(values), bits).vector.tolist() == values
+
+
+def test_only_the_masked_vector_may_come_as_bytes():
+    """The node's reader hands the masked vector over decoded; any other field as bytes
+    (which no JSON body makes) is refused, as is a vector of the wrong size."""
+    from gridfl._exceptions import ProtocolError
+    from gridfl.secagg.messages import AdvertiseKeys, MaskedInput
+
+    vec = np.array([5, 1 << 39], np.uint64)
+    raw = b"".join(int(v).to_bytes(5, "little") for v in vec)
+    assert MaskedInput.from_json({"vector": raw}, 2, 40).vector.tolist() == vec.tolist()
+    with pytest.raises(ProtocolError, match="expected 10 bytes, got 5"):
+        MaskedInput.from_json({"vector": raw[:5]}, 2, 40)
+    with pytest.raises(ProtocolError, match="cipher_key: expected base64 text"):
+        AdvertiseKeys.from_json({"cipher_key": b"c" * 32, "mask_key": "bQ=="})
 
 
 def test_a_masked_vector_of_the_wrong_length_or_too_large_is_refused():

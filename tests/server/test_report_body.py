@@ -1,7 +1,8 @@
-"""A report's body with its base64 ``diff`` decoded straight from the bytes
-(:func:`gridfl.server.bodies.parse_worker_json`): for every body, valid or not, the
-result is what parsing the whole body with the JSON decoder gives (the diff as the bytes
-its base64 text decodes to), and an invalid body gets the same error."""
+"""A report's body with its base64 ``diff`` (or a secure-aggregation message's masked
+``vector``) decoded straight from the bytes (:func:`gridfl.server.bodies.parse_worker_json`):
+for every body, valid or not, the result is what parsing the whole body with the JSON
+decoder gives (that value as the bytes its base64 text decodes to), and an invalid body
+gets the same error."""
 
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ BODIES = {
     "array": '["diff", "%s"]',
     "non-ASCII": '{"diff": "%sé"}',
     "NaN elsewhere": '{"diff": "%s", "x": NaN}',
+    "masked input": '{"worker_id": "w", "stage": "masked_input", "message": {"vector": "%s"}}',
+    "masked input frame": '{"type": "t", "data": {"message": {"vector": "%s"}}}',
+    "vector outside a message": '{"vector": "%s"}',
+    "vector deeper in a message": '{"message": {"x": {"vector": "%s"}}}',
+    "diff inside a message": '{"message": {"diff": "%s"}}',
+    "vector, not base64": '{"message": {"vector": "%s!"}}',
 }
 
 
@@ -48,9 +55,11 @@ def _fast(body: str | bytes):
         value = parse_worker_json(body)
     except InvalidRequestError as e:
         return ("refused", str(e))
-    for holder in (value, value.get("data") if isinstance(value, dict) else None):
-        if isinstance(holder, dict) and isinstance(holder.get("diff"), bytes):
-            holder["diff"] = base64.b64encode(holder["diff"]).decode()
+    for outer in (value, value.get("data") if isinstance(value, dict) else None):
+        message = outer.get("message") if isinstance(outer, dict) else None
+        for holder, key in ((outer, "diff"), (message, "vector")):
+            if isinstance(holder, dict) and isinstance(holder.get(key), bytes):
+                holder[key] = base64.b64encode(holder[key]).decode()
     return value
 
 
@@ -68,3 +77,19 @@ def test_the_diff_comes_decoded_and_parse_report_takes_it():
     data = parse_worker_json(body)
     assert isinstance(data["diff"], bytes)  # decoded from the body, not copied to a str
     assert _messages.parse_report(data).diff == raw
+
+
+def test_the_masked_vector_comes_decoded_and_the_node_takes_it():
+    import numpy as np
+
+    from gridfl.secagg.messages import MaskedInput
+
+    values = np.arange(20_000, dtype=np.uint64) * 12345
+    wire = MaskedInput(values, 40).to_json()
+    body = b'{"stage": "masked_input", "message": {"vector": "%s"}}' % wire["vector"].encode()
+    data = parse_worker_json(body)
+    assert isinstance(data["message"]["vector"], bytes)
+    assert MaskedInput.from_json(data["message"], values.size, 40).vector.tolist() == (
+        values.tolist()
+    )
+

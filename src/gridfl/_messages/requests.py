@@ -290,14 +290,23 @@ class SecAggRequest:
         default=None,
         metadata={"description": "the stage's message (gridfl.secagg.messages); null: poll"},
     )
+    wait_for_next: bool = field(
+        default=False,
+        metadata={
+            "description": "with an advertise_keys or share_keys message: hold the reply "
+            "until the next stage opens (up to a few seconds) and bring the node's message "
+            "for it as 'next'"
+        },
+    )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "worker_id": self.worker_id,
             "request_key": self.request_key,
             "stage": self.stage,
             "message": self.message,
         }
+        return {**out, "wait_for_next": True} if self.wait_for_next else out
 
 
 def parse_secagg(data: Any) -> SecAggRequest:
@@ -308,7 +317,12 @@ def parse_secagg(data: Any) -> SecAggRequest:
     message = data.get("message")
     if message is not None and not isinstance(message, dict):
         raise InvalidRequestError("'message' must be an object or null")
-    return SecAggRequest(_str(data, "worker_id"), _str(data, "request_key"), stage, message)
+    wait_for_next = data.get("wait_for_next", False)
+    if not isinstance(wait_for_next, bool):
+        raise InvalidRequestError("'wait_for_next' must be true or false")
+    return SecAggRequest(
+        _str(data, "worker_id"), _str(data, "request_key"), stage, message, wait_for_next
+    )
 
 
 def parse_report(data: Any) -> ReportRequest:

@@ -43,7 +43,9 @@ def secure_report_flow(
     )
 
     def stage(name: str, message: dict | None = None) -> Generator[Any, Any, dict[str, Any]]:
-        body = _messages.SecAggRequest(me, key, name, message).to_json()
+        # the node holds the reply to a small message until the next stage opens and
+        # brings that stage's message with it: a request less per stage
+        body = _messages.SecAggRequest(me, key, name, message, message is not None).to_json()
         while True:
             try:
                 # retried on network failures and 503s (a burst of masked inputs can fill
@@ -71,6 +73,16 @@ def secure_report_flow(
                 pause = 1.0
             yield Sleep(min(max(float(pause), 0.0), MAX_RETRY_AFTER))
 
+    def came_with(reply: dict[str, Any], name: str) -> dict[str, Any] | None:
+        """The node's reply for stage ``name`` that came with the previous message's
+        reply (it held that reply until the stage opened), or None: then ask for it."""
+        ahead = reply.get("next")
+        if not isinstance(ahead, dict) or ahead.get("stage") != name:
+            return None
+        if ahead.get("session") != reply.get("session"):
+            raise GridError(f"secure-aggregation: malformed reply from the node: {reply!r}")
+        return ahead
+
     def node_message(reply: dict[str, Any]) -> Any:
         if reply.get("status") != "ready" or not isinstance(reply.get("message"), dict):
             raise GridError(f"secure-aggregation: expected the node's message, got {reply!r}")
@@ -78,10 +90,12 @@ def secure_report_flow(
 
     if worker.identity is not None:
         yield from stage(m.ADVERTISE)  # learn the session first: the signature names it
-    yield from stage(m.ADVERTISE, worker.advertise().to_json())
-    roster = m.Roster.from_json(node_message((yield from stage(m.SHARE))))
-    yield from stage(m.SHARE, worker.share_keys(roster).to_json())
-    shares = m.EncryptedShares.from_json(node_message((yield from stage(m.MASKED))))
+    sent = yield from stage(m.ADVERTISE, worker.advertise().to_json())
+    ready = came_with(sent, m.SHARE) or (yield from stage(m.SHARE))
+    roster = m.Roster.from_json(node_message(ready))
+    sent = yield from stage(m.SHARE, worker.share_keys(roster).to_json())
+    ready = came_with(sent, m.MASKED) or (yield from stage(m.MASKED))
+    shares = m.EncryptedShares.from_json(node_message(ready))
     yield from stage(m.MASKED, worker.masked_input(shares, diff, num_samples).to_json())
     request = m.UnmaskRequest.from_json(node_message((yield from stage(m.UNMASK))))
     reply = yield from stage(m.UNMASK, worker.unmask(request).to_json())

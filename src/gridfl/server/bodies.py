@@ -29,40 +29,44 @@ log = logging.getLogger("gridfl.server")
 def parse_worker_json(body: bytes | str, what: str = "the body", *, check: bool = True) -> Any:
     """A worker message's JSON (:func:`_messages.parse_json`, its values capped).
 
-    A report's base64 ``diff`` (9 MB for a CNN) is decoded straight from the body: the
-    JSON decoder would copy it into a str and scan it three times more (UTF-8, the
-    value count, the string), which cost the node 8x the decoding itself. The result is
-    the same as parsing the whole body, the diff then given as its decoded bytes.
+    A report's base64 ``diff`` (9 MB for a CNN), or a secure-aggregation message's masked
+    ``vector``, is decoded straight from the body: the JSON decoder would copy it into a
+    str and scan it three times more (UTF-8, the value count, the string), which cost the
+    node 8x the decoding itself. The result is the same as parsing the whole body, that
+    value then given as its decoded bytes.
 
         >>> parse_worker_json(b'{"worker_id": "w", "diff": "ZGlmZg=="}')
         {'worker_id': 'w', 'diff': 'ZGlmZg=='}
     """
     if len(body) >= _DIFF_FAST_PATH_BYTES:
-        fast = _with_decoded_diff(body, what, check)
+        fast = _with_decoded_payload(body, what, check)
         if fast is not None:
             return fast
     return _messages.parse_json(body, what, max_values=_messages.MAX_MESSAGE_VALUES, check=check)
 
 
-#: bodies from this size on have their diff cut out before the JSON decoder runs
+#: bodies from this size on have their payload cut out before the JSON decoder runs
 _DIFF_FAST_PATH_BYTES = 64 * 1024
-_DIFF_AT = re.compile(rb'"diff"\s*:\s*"')
+_PAYLOAD_AT = re.compile(rb'"(diff|vector)"\s*:\s*"')
 
 
-def _with_decoded_diff(body: bytes | str, what: str, check: bool) -> Any:
-    """The message parsed with the value of its ``diff`` key (at the top, or in a
-    WebSocket frame's ``data``) base64-decoded to bytes, or ``None`` when the body is not
-    one this shortcut can prove equivalent (the caller then parses it whole).
+def _with_decoded_payload(body: bytes | str, what: str, check: bool) -> Any:
+    """The message parsed with its one large base64 value decoded to bytes, or ``None``
+    when the body is not one this shortcut can prove equivalent (the caller then parses
+    it whole). That value is a report's ``diff`` (at the top, or in a WebSocket frame's
+    ``data``) or a secure-aggregation message's masked ``vector`` (in its ``message``).
 
-    The candidate string (after the first ``"diff":``, up to the next quote, with no
-    backslash) is replaced by a random marker and the rest parsed as JSON: only if the
-    marker is then the value of ``diff`` was the candidate that value, exactly."""
+    The candidate string (after the first ``"diff":`` or ``"vector":``, up to the next
+    quote, with no backslash) is replaced by a random marker and the rest parsed as JSON:
+    only if the marker is then the value of that key, where it belongs, was the
+    candidate that value, exactly."""
     # a WebSocket text frame: its UTF-8 bytes (a copy at memory speed; the offsets of
-    # the ASCII around the diff are the same)
+    # the ASCII around the payload are the same)
     raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
-    found = _DIFF_AT.search(raw)
+    found = _PAYLOAD_AT.search(raw)
     if found is None:
         return None
+    key = found.group(1).decode()
     start = found.end()
     end = raw.find(b'"', start)
     if end <= start or raw.find(b"\\", start, end) >= 0:
@@ -75,20 +79,29 @@ def _with_decoded_diff(body: bytes | str, what: str, check: bool) -> Any:
         )
     except InvalidRequestError:
         return None  # refused with what the whole parse says (its positions are the body's)
-    holder = None
-    if isinstance(value, dict):
-        data = value.get("data")
-        if value.get("diff") == marker:
-            holder = value
-        elif isinstance(data, dict) and data.get("diff") == marker:
-            holder = data
+    holder = _holder(value, key, marker)
     if holder is None:
         return None
     try:
-        holder["diff"] = _messages.b64decode(memoryview(raw)[start:end])  # type: ignore[arg-type]
+        holder[key] = _messages.b64decode(memoryview(raw)[start:end])  # type: ignore[arg-type]
     except (binascii.Error, ValueError):
         return None  # the whole parse says what is wrong with it
     return value
+
+
+def _holder(value: Any, key: str, marker: str) -> dict | None:
+    """The object whose ``key`` is ``marker``: the message (or a frame's ``data``), and
+    for ``vector`` that message's ``message``; ``None`` when it is anywhere else."""
+    if not isinstance(value, dict):
+        return None
+    data = value.get("data")
+    for outer in (value, data):
+        if not isinstance(outer, dict):
+            continue
+        inner = outer.get("message") if key == "vector" else outer
+        if isinstance(inner, dict) and inner.get(key) == marker:
+            return inner
+    return None
 
 
 class BodyBudget:

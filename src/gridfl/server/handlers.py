@@ -10,6 +10,8 @@ from typing import Any
 import anyio
 
 from gridfl import _messages
+from gridfl._exceptions import GridError
+from gridfl.secagg import messages as m
 from gridfl.server.held import CycleSignal
 from gridfl.server.secagg import HOLD_WAITING
 from gridfl.server.service import GridNode
@@ -86,24 +88,45 @@ async def dispatch(app, kind: str, data: Any) -> dict[str, Any]:
             return reply
 
 
+#: the stage whose opening the reply to a stage's message waits for, so that it brings
+#: what the node has for the worker there (``next``) and saves it a request. Only for
+#: small messages: a held masked input would keep its body (5-8 bytes per parameter).
+_AHEAD = {m.ADVERTISE: m.SHARE, m.SHARE: m.MASKED}
+
+
 async def _secure_aggregation(app, req: _messages.SecAggRequest) -> dict[str, Any]:
     """A secure-aggregation request. Messages go to the node in batches (one write
-    transaction for the ones that arrived together); a request for a stage that has not
-    opened is held until a stage closes here (the node's cycle signal) or
-    ``HOLD_WAITING`` seconds pass, so that n waiting workers do not poll the node every
-    ``retry_after`` seconds and each learns of the new stage at once. Another server
-    process's stage change is seen when the hold runs out."""
-    if req.message is not None:
-        # a stage's messages arrive together: taken in batches, one transaction each
-        return await app.state.secagg_batches.submit(req)
-    node: GridNode = app.state.node
+    transaction for the ones that arrived together). Asked to (``wait_for_next``), the
+    reply to an advertisement or a share message then waits, as a poll, for the next
+    stage, and carries the node's message for it as ``next`` when it opened in time."""
+    if req.message is None:
+        return await _held_poll(app, req)
+    reply = await app.state.secagg_batches.submit(req)
+    ahead = _AHEAD.get(req.stage)
+    if not req.wait_for_next or ahead is None or reply.get("status") != "waiting":
+        return reply
+    try:
+        after = await _held_poll(app, _messages.SecAggRequest(req.worker_id, req.request_key,
+                                                              ahead))
+    except GridError:  # the worker asks for that stage itself and learns why
+        return reply
+    return {**reply, "next": after} if after.get("status") == "ready" else reply
+
+
+async def _held_poll(app, req: _messages.SecAggRequest) -> dict[str, Any]:
+    """A request for a stage that has not opened is held until a stage closes here (the
+    node's cycle signal; PostgreSQL: also in another server process) or ``HOLD_WAITING``
+    seconds pass, so that n waiting workers do not poll the node every ``retry_after``
+    seconds and each learns of the new stage at once. Asked in batches with the others
+    the same signal woke. Held to the end, "waiting" says to ask again at once."""
     signal: CycleSignal = app.state.cycle_signal
     deadline = time.monotonic() + HOLD_WAITING
     while True:
         generation = signal.generation
-        reply = await anyio.to_thread.run_sync(node.secure_aggregation, req)
+        reply = await app.state.secagg_batches.submit(req)
         remaining = deadline - time.monotonic()
-        waiting = req.message is None and reply.get("status") == "waiting"
-        if not waiting or remaining <= 0 or signal.closed:
+        if reply.get("status") != "waiting" or signal.closed:
             return reply
+        if remaining <= 0:
+            return {**reply, "retry_after": 0.0}
         await signal.wait_after(generation, remaining)

@@ -58,8 +58,9 @@ log = logging.getLogger("gridfl.server")
 #: the stage of a round that ended with too few workers (its cycle expired)
 ABORTED = "aborted"
 #: seconds the node holds such a request, waiting for the stage to open, before it answers
-#: "waiting" (gridfl.server.handlers)
-HOLD_WAITING = 1.0
+#: "waiting" (gridfl.server.handlers). A stage closed by another server process wakes it
+#: at once on PostgreSQL (NOTIFY), on SQLite when the hold runs out.
+HOLD_WAITING = 5.0
 
 _this_round = secagg_rounds.c.cycle_id == sa.bindparam("cycle_id")
 #: the round's small columns; its state (O(n s)) and running sum (8 bytes per parameter)
@@ -328,6 +329,8 @@ class SecAggApi:
                 )
             if node.total_changed:  # 8 bytes per parameter: written only when it moved
                 self._store_total(conn, cycle.id, node, fresh=row is None)
+            if node.stage != before[0]:  # wake what other server processes hold for it
+                self.cycles.announce(conn)
             # a new or earlier stage deadline: the timer must plan for it
             changed = changed or (node.stage, due_at) != before
         values["version"] = version + 1
