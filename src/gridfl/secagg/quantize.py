@@ -33,11 +33,15 @@ from gridfl.secagg.params import SecAggParams
 def quantize(flat: np.ndarray, p: SecAggParams, rng: np.random.Generator | None = None):
     """``q(x)`` of the module docstring, as int64 (stochastic rounding)."""
     rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
-    scaled = np.clip(np.asarray(flat, np.float64), -p.clipping_range, p.clipping_range)
+    # one float64 buffer, worked in place: clipped, scaled, then its fractional part
+    scaled = np.array(flat, np.float64)
+    np.clip(scaled, -p.clipping_range, p.clipping_range, out=scaled)
     scaled *= p.scale
     low = np.floor(scaled)
-    up = rng.random(scaled.shape) < (scaled - low)
-    return low.astype(np.int64) + up
+    scaled -= low
+    q = low.astype(np.int64)
+    q += rng.random(scaled.shape) < scaled
+    return q
 
 
 def weight_of(num_samples: int | None, p: SecAggParams) -> int:
@@ -53,20 +57,16 @@ def encode_quantized(q: np.ndarray, weight: int, p: SecAggParams) -> np.ndarray:
     vec = np.empty(q.size + 1, np.int64)
     vec[0] = weight
     np.multiply(q, weight, out=vec[1:])
-    return to_field(vec, p.field_bits)
+    out = vec.view(np.uint64)  # two's complement: the same bits, read mod 2**64
+    if p.field_bits < 64:
+        out &= np.uint64((1 << p.field_bits) - 1)
+    return out
 
 
 def encode(diff: Sequence[np.ndarray], num_samples: int | None, p: SecAggParams, rng=None):
     """A diff (list of arrays) as the worker's unmasked input vector."""
     flat = np.concatenate([np.ravel(a) for a in diff]) if diff else np.zeros(0)
     return encode_quantized(quantize(flat, p, rng), weight_of(num_samples, p), p)
-
-
-def to_field(vec: np.ndarray, bits: int) -> np.ndarray:
-    out = vec.astype(np.int64).view(np.uint64).copy()
-    if bits < 64:
-        out &= np.uint64((1 << bits) - 1)
-    return out
 
 
 def to_signed(vec: np.ndarray, bits: int) -> np.ndarray:
