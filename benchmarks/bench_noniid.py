@@ -1,8 +1,9 @@
-"""Rounds to 97% test accuracy for the 2NN on McMahan's pathological non-IID MNIST split
-(K = 100 clients of 2 label-sorted shards each, C = 0.1, E = 1, B = 10), for FedAvg,
-FedAvgM, FedAdam, FedYogi and FedProx, each over a small grid of its learning rate (the
-client's for FedAvg, the server's for the optimizers, mu for FedProx), with the simulation
-engine. All strategies run in one process on the same split, seeds and clients per round.
+"""Rounds to 97% test accuracy for the 2NN (or the CNN, ``--model cnn``) on McMahan's
+pathological non-IID MNIST split (K = 100 clients of 2 label-sorted shards each, C = 0.1,
+E = 1, B = 10), for FedAvg, FedAvgM, FedAdam, FedYogi and FedProx, each over a small grid
+of its learning rate (the client's for FedAvg, the server's for the optimizers, mu for
+FedProx), with the simulation engine. All strategies run in one process on the same
+split, seeds and clients per round.
 
     python -m benchmarks.bench_noniid [--rounds 1000] [--target 0.97] [--plot out.png]
     python -m benchmarks.bench_noniid --quick      # one grid point each, 10 rounds
@@ -11,7 +12,14 @@ engine. All strategies run in one process on the same split, seeds and clients p
 
 ``--etas`` and ``--client-lrs`` replace the adaptive optimizers' grid by every pair of a
 server rate and a client rate (Reddi et al. tune the two jointly, eta over 1e-3..1);
-``--fedavg-lrs`` replaces FedAvg's client-rate grid.
+``--fedavg-lrs`` replaces FedAvg's client-rate grid. ``--point`` (repeated) replaces the
+whole grid by the settings it names: a strategy, its hyperparameters, and the client rate
+``lr`` (docs/performance.md gives the commands behind its tables):
+
+    python -m benchmarks.bench_noniid --model cnn --rounds 100 \
+        --point fedavg lr=0.1 --point fedyogi eta=0.01 lr=0.1
+    python -m benchmarks.bench_noniid --rounds 114 \
+        --point fedavgm server_learning_rate=1 server_momentum=0.6 lr=0.15
 
 Prints, per strategy and grid point, the first round whose model reaches the target on
 the 10k test set ("> N" when it did not within ``--rounds``; a run stops at its target,
@@ -58,14 +66,38 @@ def joint_grid(name: str, etas: list[float], client_lrs: list[float]) -> list:
 QUICK = {"fedavg": 1, "fedavgm": 1, "fedadam": 1, "fedyogi": 1, "fedprox": 1}
 
 
-def _processes(mnist: Mnist) -> dict[str, dict]:
-    """The 2NN's initial params and plans, plain and FedProx (compiled in a child: torch)."""
+def parse_point(words: list[str]) -> tuple[str, str, dict | None, float | None]:
+    """``["fedadam", "eta=0.01", "lr=0.2"]`` -> ``(name, label, strategy, client lr)``:
+    every ``key=value`` but ``lr`` is a hyperparameter of the strategy (a number).
+
+    >>> parse_point(["fedadam", "eta=0.01", "lr=0.2"])
+    ('fedadam', 'eta=0.01, lr=0.2', {'name': 'fedadam', 'eta': 0.01}, 0.2)
+    """
+    name, *pairs = words
+    settings: dict[str, float] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        try:
+            settings[key] = float(value)
+        except ValueError:
+            eq = ""
+        if not eq or not key:
+            raise ValueError(f"--point {name}: {pair!r} is not key=number")
+    lr = settings.pop("lr", None)
+    if lr is not None and lr <= 0:
+        raise ValueError(f"--point {name}: lr must be > 0")
+    strategy = None if name == "fedavg" and not settings else {"name": name, **settings}
+    return name, ", ".join(pairs) or "defaults", strategy, lr
+
+
+def _processes(mnist: Mnist, model: str = "2nn") -> dict[str, dict]:
+    """The model's initial params and plans, plain and FedProx (compiled in a child: torch)."""
     x, y = mnist.x_train[:10], mnist.y_train[:10]
     ctx = multiprocessing.get_context("spawn")
     out = {}
     with ProcessPoolExecutor(1, mp_context=ctx) as pool:
         for kind, mu in (("plain", None), ("fedprox", 0.01)):
-            demo = DemoOptions(model="2nn", batch_size=10, lr=CLIENT_LR, proximal_mu=mu)
+            demo = DemoOptions(model=model, batch_size=10, lr=CLIENT_LR, proximal_mu=mu)
             params, training = pool.submit(compile_training, demo, x, y).result()
             evaluation = pool.submit(compile_evaluation, demo, x, y).result()
             out[kind] = {"model": state.loads(params),
@@ -74,10 +106,11 @@ def _processes(mnist: Mnist) -> dict[str, dict]:
 
 
 def _run(process: dict, strategy: dict | None, lr: float, mnist: Mnist, rounds: int,
-         workers: int, target: float, every: int) -> tuple[float, list[float], float]:
+         workers: int, target: float, every: int, model: str = "2nn"):
+    """(best accuracy, accuracy per round, seconds) of one run."""
     result = simulate(
         **process,
-        client_config={"name": "noniid-2nn", "version": "1", "batch_size": 10,
+        client_config={"name": f"noniid-{model}", "version": "1", "batch_size": 10,
                        "lr": lr, "max_epochs": 1},
         server_config={"max_diffs": 10, "strategy": strategy},
         data=(mnist.x_train, mnist.y_train), test_data=(mnist.x_test, mnist.y_test),
@@ -117,6 +150,10 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--fedavg-lrs", type=float, nargs="+", default=None,
                     help="FedAvg client rates (replaces its grid)")
     ap.add_argument("--plot", type=Path, default=None, help="accuracy curves (PNG)")
+    ap.add_argument("--model", choices=["2nn", "cnn"], default="2nn")
+    ap.add_argument("--point", nargs="+", action="append", default=None,
+                    metavar="STRATEGY [KEY=VALUE ...]",
+                    help="one setting to run (repeat it): replaces the grid")
     args = ap.parse_args(argv)
     rounds = args.rounds or (10 if args.quick else 1000)
     grids = dict(GRID)
@@ -128,18 +165,29 @@ def main(argv: list[str]) -> None:
         if any(lr <= 0 for lr in args.fedavg_lrs):
             ap.error("--fedavg-lrs must be > 0")
         grids["fedavg"] = [(f"lr {lr}", None, lr) for lr in args.fedavg_lrs]
+    order = args.strategies
+    if args.point:
+        try:
+            points = [parse_point(words) for words in args.point]
+        except ValueError as e:
+            ap.error(str(e))
+        order = list(dict.fromkeys(name for name, *_ in points))
+        grids = {n: [(label, st, lr) for name, label, st, lr in points if name == n]
+                 for n in order}
     mnist = load_mnist()
-    processes = _processes(mnist)
-    print(f"2NN, pathological non-IID (2 shards/client), K=100, C=0.1, E=1, B=10, client lr "
-          f"{CLIENT_LR}; target {100 * args.target:.0f}%, at most {rounds} rounds", flush=True)
+    processes = _processes(mnist, args.model)
+    print(f"{args.model.upper()}, pathological non-IID (2 shards/client), K=100, C=0.1, "
+          f"E=1, B=10, client lr {CLIENT_LR} unless set; target {100 * args.target:.0f}%, "
+          f"at most {rounds} rounds", flush=True)
     best: dict[str, tuple[int | None, float, str, list[float]]] = {}
-    for name in args.strategies:
-        grid = [grids[name][min(QUICK[name], len(grids[name]) - 1)]] if args.quick \
+    for name in order:
+        grid = [grids[name][min(QUICK.get(name, 0), len(grids[name]) - 1)]] if args.quick \
             else grids[name]
         process = processes["fedprox" if name == "fedprox" else "plain"]
         for label, strategy, lr in grid:
             top, accs, seconds = _run(process, strategy, lr or CLIENT_LR, mnist, rounds,
-                                      args.workers, args.target, args.evaluate_every)
+                                      args.workers, args.target, args.evaluate_every,
+                                      args.model)
             reached = rounds_to(accs, args.target)
             shown = "; ".join(
                 f"{100 * t:.0f}%: {rounds_to(accs, t) or f'> {rounds}'}"
@@ -157,10 +205,10 @@ def main(argv: list[str]) -> None:
         print(f"  {name:8} {label:14} {reached or f'> {rounds}'} rounds, best "
               f"{100 * top:.2f}%{ratio}")
     if args.plot:
-        _plot(best, args.plot, args.target)
+        _plot(best, args.plot, args.target, args.model)
 
 
-def _plot(best: dict, path: Path, target: float) -> None:
+def _plot(best: dict, path: Path, target: float, model: str = "2nn") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,7 +220,7 @@ def _plot(best: dict, path: Path, target: float) -> None:
     ax.axhline(100 * target, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("2NN, pathological non-IID MNIST, K=100, C=0.1, E=1, B=10")
+    ax.set_title(f"{model.upper()}, pathological non-IID MNIST, K=100, C=0.1, E=1, B=10")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
