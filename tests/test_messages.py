@@ -9,6 +9,7 @@ import json
 import pytest
 
 from gridfl import CycleStatusError, GridError, _messages
+from gridfl._exceptions import InvalidRequestError
 from gridfl.client._replies import unwrap_reply
 from gridfl.server.openapi_schemas import message_schema
 
@@ -237,3 +238,36 @@ def test_node_replies_match_their_generated_schemas():
         sent = message.to_json()
         assert set(schema["required"]) <= set(sent), message
         assert set(sent) <= set(schema["properties"]), message
+
+
+def test_a_masked_input_as_a_binary_frame_round_trips():
+    """The packed vector follows the header; the node puts it back as message.vector."""
+    from gridfl._messages import (
+        SECURE_AGGREGATION,
+        binary_report_data,
+        encode_binary_report,
+        split_binary_report,
+    )
+
+    data = {"worker_id": "w", "request_key": "k", "stage": "masked_input",
+            "message": {"vector": b"\x01\x02\x03"}}
+    head, payload = split_binary_report(encode_binary_report(data, "r", SECURE_AGGREGATION))
+    header = json.loads(head)
+    assert header == {"type": SECURE_AGGREGATION, "request_id": "r",
+                      "data": {**data, "message": {}}}
+    assert data["message"]["vector"] == b"\x01\x02\x03"  # the caller's data is untouched
+    back = binary_report_data(SECURE_AGGREGATION, header["data"], payload)
+    assert bytes(back["message"]["vector"]) == b"\x01\x02\x03"
+    assert header["data"]["message"] == {}
+
+
+@pytest.mark.parametrize(("data", "error"), [
+    ({"message": {"vector": "AAAA"}}, "the header must not carry 'vector'"),
+    ({"message": None}, "must carry 'message' as an object"),
+    ({}, "must carry 'message' as an object"),
+])
+def test_a_bad_binary_masked_input_header_is_refused(data, error):
+    from gridfl._messages import SECURE_AGGREGATION, binary_report_data
+
+    with pytest.raises(InvalidRequestError, match=error):
+        binary_report_data(SECURE_AGGREGATION, data, b"xyz")

@@ -122,6 +122,44 @@ def test_six_workers_two_drop_out(server, transport, drop_after):
     assert not np.array_equal(new[0], current[0])
 
 
+def test_over_the_socket_masked_inputs_go_as_binary_frames(server, monkeypatch):
+    """The SDK on a socket that negotiated gridfl.binary.2 sends each masked input as a
+    binary frame (header, then the packed vector) and the node sums them as it does
+    base64 ones: the checkpoint is the weighted mean (numpy reference)."""
+    sent: list[str] = []
+    encode = _messages.encode_binary_report
+
+    def spy(data, request_id=None, kind=_messages.REPORT):
+        sent.append(kind)
+        return encode(data, request_id, kind)
+
+    monkeypatch.setattr(_messages, "encode_binary_report", spy)
+    name = server.host(server_config={"max_workers": 3, "max_diffs": 3,
+                                      "secure_aggregation": {**SECAGG, "threshold": 2}})
+    current = server.checkpoint(name)
+    rng = np.random.default_rng(5)
+    ks = [[rng.integers(-500, 501, p.shape) for p in current] for _ in range(3)]
+    samples = [3, 5, 7]
+    out: list = [None] * 3
+    threads = [
+        threading.Thread(target=_sdk_worker, args=(
+            server.url_for("ws"), name, [(k / STEP).astype(np.float32) for k in ks[i]],
+            samples[i], out, i))
+        for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not [o for o in out if isinstance(o, BaseException)], out
+    assert sent.count(_messages.SECURE_AGGREGATION) == 3, sent
+    w = np.array(samples, np.float64)
+    for t, (cur, new) in enumerate(zip(current, server.checkpoint(name), strict=True)):
+        k = np.stack([ks[i][t] for i in range(3)]).astype(np.float64)
+        mean = (w.reshape(-1, *[1] * cur.ndim) * k).sum(0) / (w.sum() * STEP)
+        np.testing.assert_array_equal(new, (cur.astype(np.float64) - mean).astype(cur.dtype))
+
+
 def test_the_sdk_name_is_the_protocol_name():
     from gridfl.client._flow import SECURE_AGGREGATION
 

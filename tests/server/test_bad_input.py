@@ -716,10 +716,10 @@ CASES: list[Case] = [
     WSONLY("ws-binary-header-no-type", lambda ctx: _bin_report(ctx, kind=_DROP), 400,
            "message 'type' is required"),
     WSONLY("ws-binary-socket-ping", lambda ctx: _bin_report(ctx, kind=_messages.SOCKET_PING), 400,
-           "only 'model-centric/report' may be sent as a binary frame"),
+           "only 'model-centric/report' and 'model-centric/secure-aggregation'"),
     WSONLY("ws-binary-authenticate", lambda ctx: _bin_report(
         ctx, kind=AUTH, data={"model_name": "mnist"}), 400,
-           "only 'model-centric/report' may be sent as a binary frame"),
+           "only 'model-centric/report' and 'model-centric/secure-aggregation'"),
     WSONLY("ws-binary-diff-in-header", lambda ctx: _bin_report(
         ctx, data=_report(ctx, diff=b64(_GOOD_STATE))), 400, "must not carry 'diff'"),
     WSONLY("ws-binary-no-diff-bytes", lambda ctx: _bin_report(ctx, diff=b""), 400,

@@ -205,7 +205,9 @@ def test_download_as_a_binary_request_frame_is_refused(server, joined):
         ws.send(len(head).to_bytes(4, "big") + head.encode() + b"x")
         reply = json.loads(ws.recv(timeout=60))
     assert reply["data"]["status_code"] == 400
-    assert "only 'model-centric/report' may be sent as a binary frame" in reply["data"]["error"]
+    assert "only 'model-centric/report' and 'model-centric/secure-aggregation'" in (
+        reply["data"]["error"]
+    )
 
 
 def test_large_model_and_interleaved_requests(server_factory):

@@ -13,8 +13,8 @@ Transports (docs/protocol.md has the full story):
 * HTTP returns the bare ``data`` object; errors as ``{"error": "..."}`` with a status code.
 * WebSocket frames are ``{"type", "data", "request_id"?}``; replies carry the same ``type``,
   the ``request_id`` if one came, and ``data`` (errors as ``data.error``).
-* gridfl extension: a report may come as one WebSocket *binary* frame, a JSON header and
-  the raw diff bytes (:func:`encode_binary_report`, :func:`split_binary_frame`); on a
+* gridfl extension: a report (or a masked input) may come as one WebSocket *binary* frame,
+  a JSON header and the raw bytes (:func:`encode_binary_report`, :func:`split_binary_frame`); on a
   socket that negotiated :data:`BINARY_SUBPROTOCOL` the downloads (get-model, get-plan,
   get-protocol) are WebSocket requests too, answered by a binary frame
   (:func:`encode_binary_reply`).
@@ -30,8 +30,10 @@ from gridfl._messages.fields import (
     parse_json,
 )
 from gridfl._messages.frames import (
+    BINARY_PAYLOADS,
     BINARY_SUBPROTOCOL,
     MAX_BINARY_HEADER,
+    binary_payload,
     binary_report_data,
     echoable_request_id,
     encode_binary_reply,
@@ -103,6 +105,7 @@ from gridfl._messages.responses import (
 
 __all__ = [
     "AUTHENTICATE",
+    "BINARY_PAYLOADS",
     "BINARY_SUBPROTOCOL",
     "CYCLE_REQUEST",
     "EVALUATION",
@@ -142,6 +145,7 @@ __all__ = [
     "SecAggRequest",
     "b64decode",
     "b64encode",
+    "binary_payload",
     "binary_report_data",
     "check_json_values",
     "check_text",

@@ -7,7 +7,7 @@ from typing import Any
 
 from gridfl._exceptions import InvalidRequestError
 from gridfl._messages.fields import _obj, check_json_values
-from gridfl._messages.names import REPORT
+from gridfl._messages.names import REPORT, SECURE_AGGREGATION
 
 
 def parse_ws_frame(frame: Any) -> tuple[str, dict[str, Any], Any]:
@@ -61,15 +61,51 @@ MAX_BINARY_HEADER = 64 * 1024
 _LEN = 4  # the header length prefix: 4 bytes, big-endian
 
 
-def encode_binary_report(data: dict[str, Any], request_id: Any = None) -> bytes:
-    """A report as one binary frame: 4-byte big-endian header length, the UTF-8 JSON
-    header ``{"type": REPORT, "request_id"?, "data": {every field but diff}}``, then the
-    raw State bytes of ``data["diff"]``."""
-    header = {"type": REPORT, "data": {k: v for k, v in data.items() if k != "diff"}}
-    return _binary_frame(header, request_id, data["diff"])
+#: the messages that may travel as a binary frame, and where each keeps the bytes that
+#: follow the header: a report's State (``diff``), a masked input's packed vector
+BINARY_PAYLOADS: dict[str, tuple[str, ...]] = {
+    REPORT: ("diff",),
+    SECURE_AGGREGATION: ("message", "vector"),
+}
 
 
-def _binary_frame(header: dict[str, Any], request_id: Any, payload: bytes) -> bytes:
+def binary_payload(kind: str, data: dict[str, Any]) -> bytes | bytearray | memoryview | None:
+    """The bytes a message of ``kind`` would send after a binary frame's header, or None
+    when it has none (it goes as JSON text).
+
+    >>> binary_payload(SECURE_AGGREGATION, {"message": {"vector": b"v"}})
+    b'v'
+    """
+    holder: Any = data
+    path = BINARY_PAYLOADS.get(kind, ())
+    for key in path[:-1]:
+        holder = holder.get(key) if isinstance(holder, dict) else None
+    value = holder.get(path[-1]) if path and isinstance(holder, dict) else None
+    return value if isinstance(value, (bytes, bytearray, memoryview)) else None
+
+
+def encode_binary_report(
+    data: dict[str, Any], request_id: Any = None, kind: str = REPORT
+) -> bytes:
+    """A report (or a masked input) as one binary frame: 4-byte big-endian header length,
+    the UTF-8 JSON header ``{"type": kind, "request_id"?, "data": {every field but the
+    payload}}``, then the payload's raw bytes (a report's State, a packed masked vector)."""
+    payload = binary_payload(kind, data)
+    if payload is None:
+        raise ValueError(f"a {kind!r} message without its bytes cannot be a binary frame")
+    *outer, leaf = BINARY_PAYLOADS[kind]
+    header_data = dict(data)
+    holder = header_data
+    for key in outer:
+        holder[key] = dict(holder[key])
+        holder = holder[key]
+    del holder[leaf]
+    return _binary_frame({"type": kind, "data": header_data}, request_id, payload)
+
+
+def _binary_frame(
+    header: dict[str, Any], request_id: Any, payload: bytes | bytearray | memoryview
+) -> bytes:
     """4-byte big-endian header length, the compact UTF-8 JSON header, the payload."""
     if request_id is not None:
         header = {**header, "request_id": request_id}
@@ -145,15 +181,30 @@ def parse_max_bytes(data: dict[str, Any]) -> int | None:
 def binary_report_data(
     kind: str, data: dict[str, Any], payload: bytes | memoryview
 ) -> dict[str, Any]:
-    """The report ``data`` of a binary frame: its header's ``data`` plus the payload as
-    ``diff`` (then validated by :func:`parse_report`, as a JSON report is)."""
-    if kind != REPORT:
+    """The ``data`` of a binary frame: its header's ``data`` plus the payload where the
+    message keeps it (:data:`BINARY_PAYLOADS`), then validated as the same message sent
+    as JSON is."""
+    if kind not in BINARY_PAYLOADS:
+        kinds = " and ".join(repr(k) for k in BINARY_PAYLOADS)
         raise InvalidRequestError(
-            f"binary frame: only {REPORT!r} may be sent as a binary frame, got {kind!r} "
-            "(send other messages as JSON text frames)"
+            f"binary frame: only {kinds} (a masked input) may be sent as a binary frame, "
+            f"got {kind!r} (send other messages as JSON text frames)"
         )
-    if "diff" in data:
+    *outer, leaf = BINARY_PAYLOADS[kind]
+    out = dict(data)
+    holder = out
+    for key in outer:
+        inner = holder.get(key)
+        if not isinstance(inner, dict):
+            raise InvalidRequestError(
+                f"binary frame: the header's data must carry '{key}' as an object; the "
+                f"'{leaf}' bytes follow the header"
+            )
+        holder[key] = holder = dict(inner)
+    if leaf in holder:
         raise InvalidRequestError(
-            "binary frame: the header must not carry 'diff'; the diff bytes follow the header"
+            f"binary frame: the header must not carry '{leaf}'; the {leaf} bytes follow the "
+            "header"
         )
-    return {**data, "diff": payload}
+    holder[leaf] = payload
+    return out

@@ -96,7 +96,9 @@ def secure_report_flow(
     sent = yield from stage(m.SHARE, worker.share_keys(roster).to_json())
     ready = came_with(sent, m.MASKED) or (yield from stage(m.MASKED))
     shares = m.EncryptedShares.from_json(node_message(ready))
-    yield from stage(m.MASKED, worker.masked_input(shares, diff, num_samples).to_json())
+    # its packed bytes: base64 in JSON, or raw after a binary frame's header on a socket
+    masked = worker.masked_input(shares, diff, num_samples)
+    yield from stage(m.MASKED, {"vector": masked.packed()})
     request = m.UnmaskRequest.from_json(node_message((yield from stage(m.UNMASK))))
     reply = yield from stage(m.UNMASK, worker.unmask(request).to_json())
     logger.info("%s: secure aggregation done", job.model_name)

@@ -69,10 +69,14 @@ class _BinaryReply:
 
 
 def json_data(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` for a JSON message: a bytes ``diff`` (a report) as base64 text."""
+    """``data`` for a JSON message: a bytes ``diff`` (a report) or masked ``vector`` (in a
+    secure-aggregation ``message``) as base64 text."""
     diff = data.get("diff")
     if isinstance(diff, (bytes, bytearray, memoryview)):
         return {**data, "diff": _messages.encode_diff(bytes(diff))}
+    message = data.get("message")
+    if isinstance(message, dict) and isinstance(message.get("vector"), (bytes, memoryview)):
+        return {**data, "message": {**message, "vector": _messages.b64encode(message["vector"])}}
     return data
 
 
@@ -359,7 +363,7 @@ class WsTransport:
         try:
             frame: str | bytes
             if self._binary_report(conn, type_, data):
-                frame = _messages.encode_binary_report(data, rid)
+                frame = _messages.encode_binary_report(data, rid, type_)
             else:
                 frame = json.dumps({"type": type_, "request_id": rid, "data": json_data(data)})
             try:
@@ -431,13 +435,13 @@ class WsTransport:
 
     @staticmethod
     def _binary_report(conn: ClientConnection, type_: str, data: dict[str, Any]) -> bool:
-        """Send this message as a binary frame: a report with bytes, to a node that
-        selected ``gridfl.binary.2`` at the handshake. A compressed report cannot go
-        otherwise (the socket was reopened to a node that no longer selects it)."""
+        """Send this message as a binary frame: a report with bytes or a masked input,
+        to a node that selected ``gridfl.binary.2`` at the handshake. A compressed report
+        cannot go otherwise (the socket was reopened to a node that no longer selects
+        it)."""
         binary = (
-            type_ == replies.REPORT
-            and conn.subprotocol == _messages.BINARY_SUBPROTOCOL
-            and isinstance(data.get("diff"), (bytes, bytearray, memoryview))
+            conn.subprotocol == _messages.BINARY_SUBPROTOCOL
+            and _messages.binary_payload(type_, data) is not None
         )
         if not binary and data.get("compression") is not None:
             raise GridError(

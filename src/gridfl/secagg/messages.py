@@ -31,22 +31,19 @@ MAX_ID = 255
 
 def _bytes(data: dict, key: str, size: int | None = None) -> bytes:
     value = data.get(key)
-    if isinstance(value, bytes) and key == "vector":
-        raw = value  # decoded by the node's reader straight from the body
-    elif not isinstance(value, str):
+    if not isinstance(value, str):
         raise ProtocolError(f"{key}: expected base64 text")
-    else:
-        raw = _decode(value, key)
-    if size is not None and len(raw) != size:
-        raise ProtocolError(f"{key}: expected {size} bytes, got {len(raw)}")
+    try:
+        raw = _messages.b64decode(value)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"{key}: not valid base64") from None
+    _check_size(key, raw, size)
     return raw
 
 
-def _decode(value: str, key: str) -> bytes:
-    try:
-        return _messages.b64decode(value)
-    except (binascii.Error, ValueError):
-        raise ProtocolError(f"{key}: not valid base64") from None
+def _check_size(key: str, raw: bytes | memoryview, size: int | None) -> None:
+    if size is not None and len(raw) != size:
+        raise ProtocolError(f"{key}: expected {size} bytes, got {len(raw)}")
 
 
 def _b64(raw: bytes) -> str:
@@ -169,7 +166,11 @@ class MaskedInput:
     bits: int = 64
 
     def to_json(self) -> dict[str, Any]:
-        return {"vector": _b64(pack_values(self.vector, value_bytes(self.bits)))}
+        return {"vector": _b64(self.packed())}
+
+    def packed(self) -> bytes:
+        """The vector as it travels: ``ceil(b/8)`` little-endian bytes per value."""
+        return pack_values(self.vector, value_bytes(self.bits))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MaskedInput) and np.array_equal(self.vector, other.vector)
@@ -177,7 +178,13 @@ class MaskedInput:
     @classmethod
     def from_json(cls, data: Any, length: int, bits: int) -> MaskedInput:
         size = value_bytes(bits)
-        vec = unpack_values(_bytes(_obj(data), "vector", size * length), size)
+        raw = _obj(data).get("vector")
+        if isinstance(raw, (bytes, memoryview)):
+            # decoded by the node's reader straight from the body, or a binary frame's
+            _check_size("vector", raw, size * length)
+        else:
+            raw = _bytes(data, "vector", size * length)
+        vec = unpack_values(raw, size)
         if bits < 64 and vec.size and int(vec.max()) >> bits:
             raise ProtocolError(f"vector: a value is not below 2^{bits}")
         return cls(vec, bits)
@@ -213,7 +220,7 @@ def pack_values(vector: np.ndarray, size: int) -> bytes:
     return out.tobytes()
 
 
-def unpack_values(raw: bytes, size: int) -> np.ndarray:
+def unpack_values(raw: bytes | memoryview, size: int) -> np.ndarray:
     """The values :func:`pack_values` packed, as uint64.
 
     >>> unpack_values(bytes.fromhex('05040302010700000000'), 5).tolist()
