@@ -15,7 +15,7 @@ Then, in the same run, full cycles on a real node (:mod:`benchmarks.secagg_cycle
 time with and without secure aggregation, per-stage CPU on the worker and the node.
 
     python -m benchmarks.bench_secagg [--n 10 50 100] [--model 2nn cnn] [--all]
-        [--part cpu cycle]
+        [--part cpu cycle] [--transport http ws]
 """
 
 from __future__ import annotations
@@ -95,14 +95,20 @@ def main(argv: list[str]) -> None:
         "--all", action="store_true", help="also plain SecAgg (k = n - 1) on the CNN at n >= 50"
     )
     ap.add_argument("--part", nargs="+", default=["cpu", "cycle"], choices=["cpu", "cycle"])
+    ap.add_argument(
+        "--transport", nargs="+", default=["http"], choices=["http", "ws"],
+        help="the full cycles' worker transport (ws: masked inputs go as binary frames)",
+    )
     args = ap.parse_args(argv)
     if "cpu" in args.part:
         _cpu_table(args)
     if "cycle" in args.part:
         from benchmarks import secagg_cycle
 
-        print("\nfull cycles on a node (gridfl serve, SQLite), simulated workers:")
-        secagg_cycle.main(ns=tuple(args.n), models=tuple(args.model))
+        for transport in args.transport:
+            print(f"\nfull cycles on a node (gridfl serve, SQLite), simulated workers, "
+                  f"{transport.upper()}:")
+            secagg_cycle.main(ns=tuple(args.n), models=tuple(args.model), transport=transport)
 
 
 def _cpu_table(args) -> None:

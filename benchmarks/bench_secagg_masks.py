@@ -1,7 +1,8 @@
 """A worker's masks for secure aggregation: 1 + k AES-256-CTR streams of the model's
 length added into its input, as gridfl does it (keystream written into a reused uint64
-buffer, added in place, one reduction mod 2**b) side by side with the straightforward
-way (a fresh keystream per mask, copied to uint64, reduced, added into a new vector).
+buffer, added in place a cache-sized part at a time, one reduction mod 2**b) side by
+side with the straightforward way (a fresh keystream per mask, copied to uint64,
+reduced, added into a new vector).
 
     python -m benchmarks.bench_secagg_masks
 """

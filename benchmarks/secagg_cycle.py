@@ -2,9 +2,10 @@
 process, SQLite on loopback), for :mod:`benchmarks.bench_secagg`.
 
 n simulated workers in a few client processes (asyncio, the shipped ``AsyncSyft`` over
-HTTP) each authenticate, request the cycle, download the model and plan, and report a
-fixed diff (no local training: it costs the same with and without secure aggregation, so
-leaving it out makes the ratio an upper bound). The cycle time is from the workers' start
+HTTP, or over one WebSocket each with ``transport="ws"``) each authenticate, request the
+cycle, download the model and plan, and report a fixed diff (no local training: it costs
+the same with and without secure aggregation, so leaving it out makes the ratio an upper
+bound). The cycle time is from the workers' start
 to the last report's reply (for secure aggregation: the end of the unmask stage, when the
 node has completed the cycle). Per stage: the workers' CPU in the protocol's worker
 methods (mean per worker), and the node process's CPU between stage closes, sampled from
@@ -193,8 +194,9 @@ class Node:
         self.proc.wait(30)
 
 
-def run_cycle(node: Node, model: str, n: int, secure: bool) -> dict:
+def run_cycle(node: Node, model: str, n: int, secure: bool, transport: str = "http") -> dict:
     """One cycle of n workers; wall seconds, node CPU (per stage) and worker CPU."""
+    url = node.url if transport == "http" else "ws" + node.url.removeprefix("http")
     name = f"{model}-{n}-{'sa' if secure else 'plain'}"
     node.host(_payload(name, model, n, secure))
     procs = min(CLIENT_PROCESSES, n)
@@ -209,7 +211,7 @@ def run_cycle(node: Node, model: str, n: int, secure: bool) -> dict:
     with ProcessPoolExecutor(len(parts), mp_context=ctx) as ex:
         start_at = time.time() + 1.5  # every client process forked and its diffs made
         futures = [
-            ex.submit(_client, (node.url, name, r, SHAPES[model], start_at)) for r in parts
+            ex.submit(_client, (url, name, r, SHAPES[model], start_at)) for r in parts
         ]
         while time.time() < start_at:
             time.sleep(0.005)
@@ -240,7 +242,7 @@ def run_cycle(node: Node, model: str, n: int, secure: bool) -> dict:
             "worker": worker, "worker_all": proc_cpu}
 
 
-def main(ns=(10, 50, 100), models=("2nn", "cnn")) -> None:
+def main(ns=(10, 50, 100), models=("2nn", "cnn"), transport: str = "http") -> None:
     head = (f"{'model':5} {'n':>4} {'k':>3} | {'plain s':>7} {'secagg s':>8} {'x':>5} | "
             f"{'node plain':>10} {'node sa':>7} | node s per stage (adv/share/mask/unmask) | "
             f"worker ms per stage (adv/share/mask/unmask) | {'worker ms':>9} {'plain':>6}")
@@ -251,8 +253,8 @@ def main(ns=(10, 50, 100), models=("2nn", "cnn")) -> None:
         try:
             for model in models:
                 for n in ns:
-                    plain = run_cycle(node, model, n, secure=False)
-                    sa = run_cycle(node, model, n, secure=True)
+                    plain = run_cycle(node, model, n, secure=False, transport=transport)
+                    sa = run_cycle(node, model, n, secure=True, transport=transport)
                     ns_ = "/".join(f"{sa['node_stage'].get(s, 0):.2f}" for s in STAGES)
                     ws = "/".join(f"{1e3 * sa['worker'][s]:.1f}" for s in STAGES)
                     ok = plain["status"] == sa["status"] == "completed"

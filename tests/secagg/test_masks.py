@@ -1,4 +1,4 @@
-"""The mask PRG written into the sum in place (gridfl.secagg.crypto.add_mask), checked
+"""The mask PRG written into the sum in place (gridfl.secagg.crypto.add_masks), checked
 against an independent reference: the AES-256 block cipher applied to the counter blocks
 0, 1, 2, ... (what CTR mode is by definition), with the sums done in Python integers."""
 
@@ -29,23 +29,39 @@ def test_mask_is_the_aes_ctr_keystream_mod_2_to_the_bits(length, bits):
     assert crypto.mask(seed, length, bits).tolist() == reference_mask(seed, length, bits)
 
 
-def test_add_mask_adds_and_subtracts_with_wrap_around_reusing_one_buffer():
-    seeds = [os.urandom(32) for _ in range(4)]
-    signs = [1, -1, 1, -1]
-    start = [0, 1, (1 << 64) - 1, 12345, 1 << 63]
-    acc = np.array(start, np.uint64)
-    scratch = crypto.mask_scratch(len(start))
-    for seed, sign in zip(seeds, signs, strict=True):
-        crypto.add_mask(acc, seed, sign, scratch)
+def reference_sum(start: list[int], masks: list[tuple[bytes, int]]) -> list[int]:
     expected = list(start)
-    for seed, sign in zip(seeds, signs, strict=True):
+    for seed, sign in masks:
         m = reference_mask(seed, len(start), 64)
         expected = [(e + sign * x) % (1 << 64) for e, x in zip(expected, m, strict=True)]
-    assert acc.tolist() == expected
-    # a smaller vector through the same (larger) buffer
-    short = np.zeros(2, np.uint64)
-    crypto.add_mask(short, seeds[0], 1, scratch)
-    assert short.tolist() == reference_mask(seeds[0], 2, 64)
+    return expected
+
+
+def test_add_masks_adds_and_subtracts_with_wrap_around():
+    masks = [(os.urandom(32), sign) for sign in (1, -1, 1, -1)]
+    start = [0, 1, (1 << 64) - 1, 12345, 1 << 63]
+    acc = np.array(start, np.uint64)
+    crypto.add_masks(acc, masks)
+    assert acc.tolist() == reference_sum(start, masks)
+
+
+@pytest.mark.parametrize("length", [7, 8, 9, 17])
+def test_add_masks_continues_each_keystream_across_chunks(monkeypatch, length):
+    # chunks of 4 values (two AES blocks): the parts must join into one keystream per seed
+    monkeypatch.setattr(crypto, "MASK_CHUNK", 4)
+    masks = [(os.urandom(32), 1), (os.urandom(32), -1), (os.urandom(32), 1)]
+    start = [int(x) for x in np.random.default_rng(length).integers(0, 1 << 63, length)]
+    acc = np.array(start, np.uint64)
+    crypto.add_masks(acc, masks)
+    assert acc.tolist() == reference_sum(start, masks)
+
+
+def test_add_masks_over_a_vector_longer_than_a_chunk():
+    length = 2 * crypto.MASK_CHUNK + 3
+    masks = [(os.urandom(32), 1), (os.urandom(32), -1)]
+    acc = np.zeros(length, np.uint64)
+    crypto.add_masks(acc, masks)
+    assert acc.tolist() == reference_sum([0] * length, masks)
 
 
 def test_add_masks_is_the_masked_input_of_the_paper():
@@ -57,25 +73,27 @@ def test_add_masks_is_the_masked_input_of_the_paper():
     for s, sign in [(seed, 1)] + [(p, mask_sign(me, o)) for o, p in pairs.items()]:
         m = reference_mask(s, vec.size, bits)
         expected = [(e + sign * x) % (1 << bits) for e, x in zip(expected, m, strict=True)]
-    before = vec.copy()
-    assert add_masks(vec, seed, pairs, me, bits).tolist() == expected
-    assert np.array_equal(vec, before)  # the input is not masked in place
+    add_masks(vec, seed, pairs, me, bits)  # in place
+    assert vec.tolist() == expected
 
 
-def test_add_mask_refuses_what_it_cannot_add_into():
+def test_add_masks_refuses_what_it_cannot_add_into():
     with pytest.raises(ValueError, match="32 bytes"):
-        crypto.add_mask(np.zeros(3, np.uint64), b"short")
+        crypto.add_masks(np.zeros(3, np.uint64), [(os.urandom(32), 1), (b"short", 1)])
     with pytest.raises(ValueError, match="uint64"):
-        crypto.add_mask(np.zeros(3, np.int64), os.urandom(32))
+        crypto.add_masks(np.zeros(3, np.int64), [(os.urandom(32), 1)])
     with pytest.raises(ValueError, match="uint64"):
-        crypto.add_mask(np.zeros(6, np.uint64)[::2], os.urandom(32))
+        crypto.add_masks(np.zeros(6, np.uint64)[::2], [(os.urandom(32), 1)])
 
 
 @pytest.mark.parametrize("bits", [8, 12, 16, 20, 24, 32, 40, 48, 56, 64])
-def test_masked_vector_travels_in_the_low_bytes_of_each_value(bits):
+@pytest.mark.parametrize("chunk", [3, 1 << 15])
+def test_masked_vector_travels_in_the_low_bytes_of_each_value(monkeypatch, bits, chunk):
     from gridfl._messages import b64decode
+    from gridfl.secagg import messages
     from gridfl.secagg.messages import MaskedInput, value_bytes
 
+    monkeypatch.setattr(messages, "_CHUNK", chunk)  # 3: the 54 values cross many parts
     size = value_bytes(bits)
     rng = np.random.default_rng(bits)
     drawn = [int(v) >> (64 - bits) for v in rng.integers(0, 2**63, 50, np.uint64) << 1]

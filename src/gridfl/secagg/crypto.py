@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,49 +111,58 @@ def open_sealed(key: bytes, sealed: bytes, header: bytes) -> bytes:
 def mask(seed: bytes, length: int, bits: int) -> np.ndarray:
     """``length`` values uniform mod 2**bits from the AES-256-CTR keystream under ``seed``."""
     out = np.zeros(length, np.uint64)
-    add_mask(out, seed)
+    add_masks(out, [(seed, 1)])
     if bits < 64:
         out &= np.uint64((1 << bits) - 1)
     return out
 
 
-def add_mask(acc: np.ndarray, seed: bytes, sign: int = 1, scratch: np.ndarray | None = None):
-    """``acc += sign * PRG(seed)`` in place, mod 2**64, for a uint64 ``acc``.
+#: values per pass of :func:`add_masks` (256 KiB of uint64): a part of the vector this size
+#: stays in the core's cache while every mask is added to it, instead of the whole vector
+#: going through memory once per mask
+MASK_CHUNK = 1 << 15
 
-    The keystream is written straight into a uint64 buffer (``scratch``, reused across
-    calls when given: ``mask_scratch(len(acc))``) and added with wrap-around, so a mask
-    costs one AES pass and one vector add, with no copy or widening. Callers reduce mod
-    2**bits once at the end: 2**bits divides 2**64, so the result is the same as reducing
-    every mask.
+
+def add_masks(acc: np.ndarray, masks: Iterable[tuple[bytes, int]]) -> None:
+    """``acc += sum(sign * PRG(seed) for seed, sign in masks)`` in place, mod 2**64, for a
+    uint64 ``acc``.
+
+    Each keystream is written straight into a uint64 buffer and added with wrap-around, a
+    cache-sized part of ``acc`` at a time (each CTR stream continues where the last part
+    ended), so a mask costs one AES pass and one add, with no copy or widening. Callers
+    reduce mod 2**bits once at the end: 2**bits divides 2**64, so the result is the same
+    as reducing every mask.
 
     >>> acc = np.zeros(3, np.uint64)
-    >>> add_mask(acc, b"k" * 32); add_mask(acc, b"k" * 32, -1)
+    >>> add_masks(acc, [(b"k" * 32, 1), (b"k" * 32, -1)])
     >>> acc.tolist()
     [0, 0, 0]
     """
-    if len(seed) != KEY_BYTES:
+    masks = list(masks)
+    if any(len(seed) != KEY_BYTES for seed, _ in masks):
         raise ValueError("a mask seed is 32 bytes")
     if acc.dtype != np.uint64 or not acc.flags.c_contiguous:
         raise ValueError("masks are added to a contiguous uint64 vector")
-    n = acc.size
-    buf = scratch if scratch is not None and scratch.size >= n + 2 else mask_scratch(n)
-    enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
+    streams = [
+        (Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor(), sign)
+        for seed, sign in masks
+    ]
+    chunk = MASK_CHUNK
     # update_into wants block_size - 1 spare bytes; two spare uint64 words give them
-    written = enc.update_into(_zeros(8 * n), buf.view(np.uint8).data)
-    if written != 8 * n:  # CTR is a stream mode: all of it comes out at once
-        raise RuntimeError("AES-CTR keystream came out short")
-    stream = buf[:n]
-    if sys.byteorder != "little":
-        stream.byteswap(inplace=True)
-    if sign > 0:
-        np.add(acc, stream, out=acc)
-    else:
-        np.subtract(acc, stream, out=acc)
-
-
-def mask_scratch(length: int) -> np.ndarray:
-    """A buffer :func:`add_mask` can reuse for vectors of up to ``length`` values."""
-    return np.empty(length + 2, np.uint64)
+    buf = np.empty(min(acc.size, chunk) + 2, np.uint64)
+    out = buf.view(np.uint8).data
+    for start in range(0, acc.size, chunk):
+        part = acc[start : start + chunk]
+        stream = buf[: part.size]
+        for enc, sign in streams:
+            if enc.update_into(_zeros(8 * part.size), out) != 8 * part.size:
+                raise RuntimeError("AES-CTR keystream came out short")  # CTR is a stream mode
+            if sys.byteorder != "little":
+                stream.byteswap(inplace=True)
+            if sign > 0:
+                np.add(part, stream, out=part)
+            else:
+                np.subtract(part, stream, out=part)
 
 
 _zero_block = memoryview(bytes(0))

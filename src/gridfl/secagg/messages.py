@@ -46,7 +46,7 @@ def _check_size(key: str, raw: bytes | memoryview, size: int | None) -> None:
         raise ProtocolError(f"{key}: expected {size} bytes, got {len(raw)}")
 
 
-def _b64(raw: bytes) -> str:
+def _b64(raw: bytes | memoryview) -> str:
     return _messages.b64encode(raw)
 
 
@@ -168,7 +168,7 @@ class MaskedInput:
     def to_json(self) -> dict[str, Any]:
         return {"vector": _b64(self.packed())}
 
-    def packed(self) -> bytes:
+    def packed(self) -> memoryview:
         """The vector as it travels: ``ceil(b/8)`` little-endian bytes per value."""
         return pack_values(self.vector, value_bytes(self.bits))
 
@@ -206,8 +206,13 @@ def _groups(size: int) -> tuple[np.dtype, list[tuple[str, int]]]:
     return np.dtype(layout), fields  # type: ignore[call-overload]
 
 
-def pack_values(vector: np.ndarray, size: int) -> bytes:
-    """The low ``size`` bytes of each value, little-endian, back to back.
+#: values per pass of packing and unpacking: a part's temporaries stay in the core's cache
+_CHUNK = 1 << 15
+
+
+def pack_values(vector: np.ndarray, size: int) -> memoryview:
+    """The low ``size`` bytes of each value, little-endian, back to back (a view of the
+    one buffer they are written into: the vector can be model-sized).
 
     >>> pack_values(np.array([0x0102030405, 7], np.uint64), 5).hex()
     '05040302010700000000'
@@ -215,9 +220,15 @@ def pack_values(vector: np.ndarray, size: int) -> bytes:
     vector = np.asarray(vector, np.uint64)
     layout, fields = _groups(size)
     out = np.empty(vector.shape, layout)
-    for name, at in fields:  # the field at byte offset k holds the value >> 8k, truncated
-        out[name] = vector >> np.uint64(8 * at) if at else vector
-    return out.tobytes()
+    shifted = np.empty(min(vector.size, _CHUNK), np.uint64)
+    for start in range(0, vector.size, _CHUNK):  # a cache-sized part at a time
+        part, dst = vector[start : start + _CHUNK], out[start : start + _CHUNK]
+        for name, at in fields:  # the field at byte offset k holds the value >> 8k, truncated
+            if at:
+                dst[name] = np.right_shift(part, np.uint64(8 * at), out=shifted[: part.size])
+            else:
+                dst[name] = part
+    return out.view(np.uint8).data
 
 
 def unpack_values(raw: bytes | memoryview, size: int) -> np.ndarray:
@@ -228,11 +239,16 @@ def unpack_values(raw: bytes | memoryview, size: int) -> np.ndarray:
     """
     layout, fields = _groups(size)
     packed = np.frombuffer(raw, layout)
-    vec = packed[fields[0][0]].astype(np.uint64)
-    for name, at in fields[1:]:
-        part = packed[name].astype(np.uint64)
-        part <<= np.uint64(8 * at)
-        vec |= part
+    vec = np.empty(packed.size, np.uint64)
+    field = np.empty(min(packed.size, _CHUNK), np.uint64)
+    for start in range(0, packed.size, _CHUNK):  # a cache-sized part at a time
+        src, part = packed[start : start + _CHUNK], vec[start : start + _CHUNK]
+        part[...] = src[fields[0][0]]
+        for name, at in fields[1:]:
+            shifted = field[: part.size]
+            shifted[...] = src[name]
+            shifted <<= np.uint64(8 * at)
+            part |= shifted
     return vec
 
 

@@ -284,11 +284,11 @@ class NodeSession:
     def _close_unmask(self) -> np.ndarray:
         """Remove every mask from the running sum; the signed sum of the survivors' inputs."""
         t, bits = self.params.threshold, self.params.field_bits
-        total = np.array(self.total, np.uint64, copy=True)
-        scratch = crypto.mask_scratch(self.length)
-        for v in sorted(self.masked):
-            seed = self._reconstruct(v, "seed_shares", crypto.KEY_BYTES)
-            crypto.add_mask(total, seed, -1, scratch)
+        # every mask to take out of the sum, applied in one pass at the end
+        masks = [
+            (self._reconstruct(v, "seed_shares", crypto.KEY_BYTES), -1)
+            for v in sorted(self.masked)
+        ]
         for v in sorted(set(self.shared) - self.masked):
             key = self._reconstruct(v, "key_shares", crypto.KEY_BYTES)
             if crypto.public_of(key) != self.keys[v].mask_key:
@@ -300,7 +300,9 @@ class NodeSession:
             for w in self.graph[v] & self.masked:
                 pair = crypto.agree(key, self.keys[w].mask_key, self.session, crypto.PURPOSE_MASK)
                 # w added mask_sign(w, v) * PRG(pair) for v: take it back out
-                crypto.add_mask(total, pair, -mask_sign(w, v), scratch)
+                masks.append((pair, -mask_sign(w, v)))
+        total = np.array(self.total, np.uint64, copy=True)
+        crypto.add_masks(total, masks)
         if bits < 64:
             total &= np.uint64((1 << bits) - 1)
         return to_signed(total, bits)

@@ -29,19 +29,9 @@ import numpy as np
 from gridfl._exceptions import ProtocolError
 from gridfl.secagg.params import SecAggParams
 
-
-def quantize(flat: np.ndarray, p: SecAggParams, rng: np.random.Generator | None = None):
-    """``q(x)`` of the module docstring, as int64 (stochastic rounding)."""
-    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
-    # one float64 buffer, worked in place: clipped, scaled, then its fractional part
-    scaled = np.array(flat, np.float64)
-    np.clip(scaled, -p.clipping_range, p.clipping_range, out=scaled)
-    scaled *= p.scale
-    low = np.floor(scaled)
-    scaled -= low
-    q = low.astype(np.int64)
-    q += rng.random(scaled.shape) < scaled
-    return q
+#: values per pass of :func:`encode`: a chunk's float64 scratch (256 KiB) stays in the
+#: core's cache, and no model-sized temporary is made besides the output
+CHUNK = 1 << 15
 
 
 def weight_of(num_samples: int | None, p: SecAggParams) -> int:
@@ -52,21 +42,37 @@ def weight_of(num_samples: int | None, p: SecAggParams) -> int:
     return min(num_samples, p.max_num_samples)
 
 
-def encode_quantized(q: np.ndarray, weight: int, p: SecAggParams) -> np.ndarray:
-    """``[w, w * q...]`` mod 2**b as uint64 (two's complement for negatives)."""
-    vec = np.empty(q.size + 1, np.int64)
-    vec[0] = weight
-    np.multiply(q, weight, out=vec[1:])
-    out = vec.view(np.uint64)  # two's complement: the same bits, read mod 2**64
+def encode(diff: Sequence[np.ndarray], num_samples: int | None, p: SecAggParams, rng=None):
+    """A diff (list of arrays) as the worker's unmasked input vector: ``[w, w * q(x)...]``
+    mod 2**b as uint64 (two's complement for negatives)."""
+    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    weight = weight_of(num_samples, p)
+    flats = [np.ravel(a) for a in diff]
+    out = np.empty(1 + sum(f.size for f in flats), np.uint64)
+    out[0] = weight
+    body = out[1:].view(np.int64)  # two's complement: the same bits, read mod 2**64
+    scaled = np.empty(min(CHUNK, body.size), np.float64)
+    low, draws = np.empty_like(scaled), np.empty_like(scaled)
+    at = 0
+    for flat in flats:
+        for start in range(0, flat.size, CHUNK):
+            part = flat[start : start + CHUNK]
+            x, floor, u = scaled[: part.size], low[: part.size], draws[: part.size]
+            # clipped and scaled; its floor, then the fractional part, rounded up with
+            # that probability (the uniform draws in order, as one call would make them)
+            x[...] = part  # clipped in float64, whatever the diff's dtype
+            np.clip(x, -p.clipping_range, p.clipping_range, out=x)
+            x *= p.scale
+            np.floor(x, out=floor)
+            x -= floor
+            q = body[at : at + part.size]
+            q[...] = floor
+            q += rng.random(out=u) < x
+            q *= weight
+            at += part.size
     if p.field_bits < 64:
         out &= np.uint64((1 << p.field_bits) - 1)
     return out
-
-
-def encode(diff: Sequence[np.ndarray], num_samples: int | None, p: SecAggParams, rng=None):
-    """A diff (list of arrays) as the worker's unmasked input vector."""
-    flat = np.concatenate([np.ravel(a) for a in diff]) if diff else np.zeros(0)
-    return encode_quantized(quantize(flat, p, rng), weight_of(num_samples, p), p)
 
 
 def to_signed(vec: np.ndarray, bits: int) -> np.ndarray:

@@ -52,18 +52,12 @@ def mask_sign(me: str, other: str) -> int:
     return 1 if me < other else -1
 
 
-def add_masks(
-    vec: np.ndarray, seed: bytes, pairs: dict[str, bytes], me: str, bits: int
-) -> np.ndarray:
-    """``vec + PRG(seed) + sum(sign * PRG(pair seed))`` mod 2**bits (uint64 wraps mod 2**64)."""
-    out = np.array(vec, np.uint64, copy=True)
-    scratch = crypto.mask_scratch(out.size)
-    crypto.add_mask(out, seed, 1, scratch)
-    for other, pair_seed in pairs.items():
-        crypto.add_mask(out, pair_seed, mask_sign(me, other), scratch)
+def add_masks(vec: np.ndarray, seed: bytes, pairs: dict[str, bytes], me: str, bits: int) -> None:
+    """``vec += PRG(seed) + sum(sign * PRG(pair seed))`` mod 2**bits, in place, for a uint64
+    ``vec`` (it wraps mod 2**64, then is reduced once)."""
+    crypto.add_masks(vec, [(seed, 1), *((s, mask_sign(me, o)) for o, s in pairs.items())])
     if bits < 64:
-        out &= np.uint64((1 << bits) - 1)
-    return out
+        vec &= np.uint64((1 << bits) - 1)
 
 
 class WorkerSession:
@@ -184,10 +178,14 @@ class WorkerSession:
     ) -> MaskedInput:
         """Open the shares sent to it, then mask the quantized, weighted diff with its
         self mask and a pairwise mask per neighbour that shared."""
-        return self.masked_vector(received, quantize.encode(diff, num_samples, self.params, rng))
+        # the encoded vector is this call's own: it is masked in place
+        return self._masked(received, quantize.encode(diff, num_samples, self.params, rng))
 
     def masked_vector(self, received: EncryptedShares, vec: np.ndarray) -> MaskedInput:
-        """:meth:`masked_input` for an already encoded input vector."""
+        """:meth:`masked_input` for an already encoded input vector (left unchanged)."""
+        return self._masked(received, np.array(vec, np.uint64, copy=True))
+
+    def _masked(self, received: EncryptedShares, vec: np.ndarray) -> MaskedInput:
         self._enter(MASKED)
         unknown = set(received.shares) - set(self._roster)
         if unknown:
@@ -209,7 +207,8 @@ class WorkerSession:
             for v in received.shares
         }
         bits = self.params.field_bits
-        return MaskedInput(add_masks(vec, self._seed, pairs, self.me, bits), bits)
+        add_masks(vec, self._seed, pairs, self.me, bits)
+        return MaskedInput(vec, bits)
 
     # stage 4
     def unmask(self, req: UnmaskRequest) -> UnmaskShares:

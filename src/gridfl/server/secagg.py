@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -353,7 +354,8 @@ class SecAggApi:
 
     @staticmethod
     def _store_total(conn: Connection, cycle_id: int, node: NodeSession, fresh: bool) -> None:
-        total = node.total.astype("<u8").tobytes()
+        # the sum's own bytes, no copy (it is model-sized and written at every batch)
+        total = np.ascontiguousarray(node.total, "<u8").view(np.uint8).data
         if fresh:
             conn.execute(secagg_totals.insert().values(cycle_id=cycle_id, total=total))
         else:
