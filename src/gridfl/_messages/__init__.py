@@ -13,8 +13,9 @@ Transports (docs/protocol.md has the full story):
 * HTTP returns the bare ``data`` object; errors as ``{"error": "..."}`` with a status code.
 * WebSocket frames are ``{"type", "data", "request_id"?}``; replies carry the same ``type``,
   the ``request_id`` if one came, and ``data`` (errors as ``data.error``).
-* gridfl extension: a report (or a masked input) may come as one WebSocket *binary* frame,
-  a JSON header and the raw bytes (:func:`encode_binary_report`, :func:`split_binary_frame`); on a
+* gridfl extension: a report (or a masked input) may come as one WebSocket *binary*
+  frame, a JSON header and the raw bytes (:func:`encode_binary_report`,
+  :func:`split_binary_frame`); on a
   socket that negotiated :data:`BINARY_SUBPROTOCOL` the downloads (get-model, get-plan,
   get-protocol) are WebSocket requests too, answered by a binary frame
   (:func:`encode_binary_reply`).
@@ -44,6 +45,7 @@ from gridfl._messages.frames import (
     select_subprotocol,
     split_binary_frame,
     split_binary_report,
+    with_payload,
     ws_error,
     ws_reply,
 )
@@ -172,6 +174,7 @@ __all__ = [
     "select_subprotocol",
     "split_binary_frame",
     "split_binary_report",
+    "with_payload",
     "ws_error",
     "ws_reply",
 ]

@@ -69,6 +69,18 @@ BINARY_PAYLOADS: dict[str, tuple[str, ...]] = {
 }
 
 
+_MISSING = object()
+
+
+def _at(data: Any, path: tuple[str, ...]) -> Any:
+    """The value at ``path`` in nested objects, or ``_MISSING``."""
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return _MISSING
+        data = data[key]
+    return data
+
+
 def binary_payload(kind: str, data: dict[str, Any]) -> bytes | bytearray | memoryview | None:
     """The bytes a message of ``kind`` would send after a binary frame's header, or None
     when it has none (it goes as JSON text).
@@ -76,12 +88,34 @@ def binary_payload(kind: str, data: dict[str, Any]) -> bytes | bytearray | memor
     >>> binary_payload(SECURE_AGGREGATION, {"message": {"vector": b"v"}})
     b'v'
     """
-    holder: Any = data
-    path = BINARY_PAYLOADS.get(kind, ())
-    for key in path[:-1]:
-        holder = holder.get(key) if isinstance(holder, dict) else None
-    value = holder.get(path[-1]) if path and isinstance(holder, dict) else None
+    value = _at(data, BINARY_PAYLOADS.get(kind, ()))
     return value if isinstance(value, (bytes, bytearray, memoryview)) else None
+
+
+def with_payload(kind: str, data: dict[str, Any], value: Any = _MISSING) -> dict[str, Any]:
+    """A copy of a message's ``data`` with its payload (where :data:`BINARY_PAYLOADS`
+    says) set to ``value``, or taken out when no value is given. The objects on the way
+    are copied; ``data`` is left as it was.
+
+    >>> with_payload(SECURE_AGGREGATION, {"stage": "s", "message": {"vector": b"v"}}, "dg==")
+    {'stage': 's', 'message': {'vector': 'dg=='}}
+    """
+    *outer, leaf = BINARY_PAYLOADS[kind]
+    out = dict(data)
+    holder = out
+    for key in outer:
+        inner = holder.get(key)
+        if not isinstance(inner, dict):
+            raise InvalidRequestError(
+                f"binary frame: the header's data must carry '{key}' as an object; the "
+                f"'{leaf}' bytes follow the header"
+            )
+        holder[key] = holder = dict(inner)
+    if value is _MISSING:
+        holder.pop(leaf, None)
+    else:
+        holder[leaf] = value
+    return out
 
 
 def encode_binary_report(
@@ -93,14 +127,8 @@ def encode_binary_report(
     payload = binary_payload(kind, data)
     if payload is None:
         raise ValueError(f"a {kind!r} message without its bytes cannot be a binary frame")
-    *outer, leaf = BINARY_PAYLOADS[kind]
-    header_data = dict(data)
-    holder = header_data
-    for key in outer:
-        holder[key] = dict(holder[key])
-        holder = holder[key]
-    del holder[leaf]
-    return _binary_frame({"type": kind, "data": header_data}, request_id, payload)
+    header = {"type": kind, "data": with_payload(kind, data)}
+    return _binary_frame(header, request_id, payload)
 
 
 def _binary_frame(
@@ -190,21 +218,10 @@ def binary_report_data(
             f"binary frame: only {kinds} (a masked input) may be sent as a binary frame, "
             f"got {kind!r} (send other messages as JSON text frames)"
         )
-    *outer, leaf = BINARY_PAYLOADS[kind]
-    out = dict(data)
-    holder = out
-    for key in outer:
-        inner = holder.get(key)
-        if not isinstance(inner, dict):
-            raise InvalidRequestError(
-                f"binary frame: the header's data must carry '{key}' as an object; the "
-                f"'{leaf}' bytes follow the header"
-            )
-        holder[key] = holder = dict(inner)
-    if leaf in holder:
+    path = BINARY_PAYLOADS[kind]
+    if _at(data, path) is not _MISSING:
         raise InvalidRequestError(
-            f"binary frame: the header must not carry '{leaf}'; the {leaf} bytes follow the "
-            "header"
+            f"binary frame: the header must not carry '{path[-1]}'; the {path[-1]} bytes "
+            "follow the header"
         )
-    holder[leaf] = payload
-    return out
+    return with_payload(kind, data, payload)

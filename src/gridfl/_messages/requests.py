@@ -260,7 +260,7 @@ def b64decode(value: str) -> bytes:
     return pybase64.b64decode(value, validate=True)
 
 
-def b64encode(data: bytes | memoryview) -> str:
+def b64encode(data: bytes | bytearray | memoryview) -> str:
     """Bytes to standard base64 text (the encoding of diffs and hosted blobs)."""
     return pybase64.b64encode(data).decode("ascii")
 

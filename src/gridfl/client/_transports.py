@@ -12,8 +12,8 @@ Network transports of the worker SDK (asyncio; the sync shell runs them on its o
   socket: one JSON request frame, one binary reply frame, instead of an HTTP GET each.
   Otherwise (PyGrid) reports are JSON text frames and downloads HTTP GETs.
 
-A report's ``diff`` arrives from the job flow as bytes; :func:`json_data` base64-encodes it
-for the JSON paths.
+A report's ``diff`` (or a masked input's ``vector``) arrives from the job flow as bytes;
+:func:`json_data` base64-encodes it for the JSON paths.
 
 Both retry transient failures a bounded number of times with exponential back-off.
 Calls that are not idempotent (cycle-request, report) are retried only when the request
@@ -68,16 +68,13 @@ class _BinaryReply:
         self.payload = payload
 
 
-def json_data(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` for a JSON message: a bytes ``diff`` (a report) or masked ``vector`` (in a
-    secure-aggregation ``message``) as base64 text."""
-    diff = data.get("diff")
-    if isinstance(diff, (bytes, bytearray, memoryview)):
-        return {**data, "diff": _messages.encode_diff(bytes(diff))}
-    message = data.get("message")
-    if isinstance(message, dict) and isinstance(message.get("vector"), (bytes, memoryview)):
-        return {**data, "message": {**message, "vector": _messages.b64encode(message["vector"])}}
-    return data
+def json_data(type_: str, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` for a JSON message: its bytes (a report's ``diff``, a masked input's
+    ``vector``: :data:`gridfl._messages.BINARY_PAYLOADS`) as base64 text."""
+    payload = _messages.binary_payload(type_, data)
+    if payload is None:
+        return data
+    return _messages.with_payload(type_, data, _messages.b64encode(payload))
 
 
 class _NotSent(Exception):
@@ -187,7 +184,7 @@ class HttpTransport:
         self, type_: str, data: dict[str, Any], *, idempotent: bool = True, extra_timeout: float = 0
     ) -> dict:
         """POST a protocol message; return the reply's ``data`` or raise the node's error."""
-        kwargs: dict[str, Any] = {"json": json_data(data)}
+        kwargs: dict[str, Any] = {"json": json_data(type_, data)}
         if extra_timeout:
             kwargs["timeout"] = httpx.Timeout(self.timeout + extra_timeout)
 
@@ -365,7 +362,8 @@ class WsTransport:
             if self._binary_report(conn, type_, data):
                 frame = _messages.encode_binary_report(data, rid, type_)
             else:
-                frame = json.dumps({"type": type_, "request_id": rid, "data": json_data(data)})
+                body = {"type": type_, "request_id": rid, "data": json_data(type_, data)}
+                frame = json.dumps(body)
             try:
                 await conn.send(frame)
             except ConnectionClosed as exc:

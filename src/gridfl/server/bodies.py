@@ -47,7 +47,9 @@ def parse_worker_json(body: bytes | str, what: str = "the body", *, check: bool 
 
 #: bodies from this size on have their payload cut out before the JSON decoder runs
 _DIFF_FAST_PATH_BYTES = 64 * 1024
-_PAYLOAD_AT = re.compile(rb'"(diff|vector)"\s*:\s*"')
+#: each large base64 value's key, and the objects it sits in (``BINARY_PAYLOADS``' paths)
+_PAYLOAD_PATHS = {path[-1]: path[:-1] for path in _messages.BINARY_PAYLOADS.values()}
+_PAYLOAD_AT = re.compile(rb'"(' + "|".join(_PAYLOAD_PATHS).encode() + rb')"\s*:\s*"')
 
 
 def _with_decoded_payload(body: bytes | str, what: str, check: bool) -> Any:
@@ -90,15 +92,14 @@ def _with_decoded_payload(body: bytes | str, what: str, check: bool) -> Any:
 
 
 def _holder(value: Any, key: str, marker: str) -> dict | None:
-    """The object whose ``key`` is ``marker``: the message (or a frame's ``data``), and
-    for ``vector`` that message's ``message``; ``None`` when it is anywhere else."""
+    """The object whose ``key`` is ``marker`` where the message keeps that payload (in
+    the message, or a WebSocket frame's ``data``); ``None`` when it is anywhere else."""
     if not isinstance(value, dict):
         return None
-    data = value.get("data")
-    for outer in (value, data):
-        if not isinstance(outer, dict):
-            continue
-        inner = outer.get("message") if key == "vector" else outer
+    for top in (value, value.get("data")):
+        inner = top
+        for step in _PAYLOAD_PATHS[key]:
+            inner = inner.get(step) if isinstance(inner, dict) else None
         if isinstance(inner, dict) and inner.get(key) == marker:
             return inner
     return None
