@@ -5,9 +5,24 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from gridfl import _messages
 from gridfl.secagg import WorkerSession
+from gridfl.secagg import messages as m
 from tests.harness import HttpWorker
+
+
+def assert_weighted_mean_step(original, new, diffs, weights, params) -> None:
+    """``new`` is ``original`` less the weighted mean of the diffs clipped to the range
+    (numpy, FedAvg's formula), within the quantization bound: what a secure cycle of
+    these diffs, reported with these ``num_samples``, must give."""
+    w = np.array(weights, np.float64)
+    for t, cur in enumerate(original):
+        c = params.clipping_range
+        stacked = np.stack([np.clip(d[t], -c, c) for d in diffs]).astype(np.float64)
+        mean = np.tensordot(w, stacked, axes=1) / w.sum()
+        np.testing.assert_allclose(new[t], cur - mean, rtol=0, atol=1 / params.scale + 1e-6)
 
 
 class Driver:
@@ -49,3 +64,10 @@ class Driver:
             if reply["status"] != "waiting":
                 return reply
             time.sleep(reply["retry_after"])
+
+    def answer_unmask(self) -> m.UnmaskRequest:
+        """Wait for the unmask stage and answer its request as an honest worker does;
+        the request."""
+        request = m.UnmaskRequest.from_json(self.wait_for(m.UNMASK)["message"])
+        self.ok(m.UNMASK, self.session.unmask(request).to_json())
+        return request

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 from gridfl.secagg import SecAggParams
@@ -17,7 +16,7 @@ from gridfl.secagg.quantize import encode
 from gridfl.server.secagg import HOLD_WAITING
 from tests.builders import diff_of, host_payload
 from tests.harness import Admin
-from tests.secagg._drive import Driver
+from tests.secagg._drive import Driver, assert_weighted_mean_step
 
 pytest.importorskip("starlette")
 
@@ -78,17 +77,12 @@ def test_advertise_and_share_replies_bring_the_next_stage(server_factory):
         assert st == 200 and "next" not in reply, reply
         assert time.monotonic() - started < HOLD_WAITING
     for w in workers:
-        request = m.UnmaskRequest.from_json(w.wait_for(m.UNMASK)["message"])
-        w.ok(m.UNMASK, w.session.unmask(request).to_json())
+        w.answer_unmask()
 
     cycles = admin.status()["cycles"]
     assert [c["status"] for c in cycles].count("completed") == 1, cycles
     original, new = admin.checkpoint(ref=1), admin.checkpoint()
-    weights = np.array([2, 3, 4], np.float64)
-    for t, cur in enumerate(original):
-        stacked = np.stack([np.clip(d[t], -0.5, 0.5) for d in diffs]).astype(np.float64)
-        mean = np.tensordot(weights, stacked, axes=1) / weights.sum()
-        np.testing.assert_allclose(new[t], cur - mean, rtol=0, atol=1 / params.scale + 1e-6)
+    assert_weighted_mean_step(original, new, diffs, [2, 3, 4], params)
 
 
 def test_without_wait_for_next_a_reply_comes_at_once(server_factory):

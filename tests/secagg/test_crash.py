@@ -5,7 +5,6 @@ with the sum of the workers' quantized diffs."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from gridfl.secagg import SecAggParams
@@ -13,7 +12,7 @@ from gridfl.secagg import messages as m
 from gridfl.secagg.quantize import encode
 from tests.builders import diff_of, host_payload
 from tests.harness import Admin
-from tests.secagg._drive import Driver
+from tests.secagg._drive import Driver, assert_weighted_mean_step
 
 CONFIG = {
     "max_workers": 3,
@@ -64,8 +63,4 @@ def test_kill9_in_any_stage_then_another_process_completes_the_cycle(
     ], status
     assert [c["number"] for c in status["checkpoints"]] == [1, 2]
     original, new = admin.checkpoint(1), admin.checkpoint(2)
-    w = np.array([10, 11, 12], np.float64)
-    for t, cur in enumerate(original):
-        stacked = np.stack([np.clip(d[t], -0.5, 0.5) for d in diffs]).astype(np.float64)
-        mean = np.tensordot(w, stacked, axes=1) / w.sum()
-        np.testing.assert_allclose(new[t], cur - mean, rtol=0, atol=1 / params.scale + 1e-6)
+    assert_weighted_mean_step(original, new, diffs, [10, 11, 12], params)

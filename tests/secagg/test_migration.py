@@ -5,7 +5,6 @@ converted rows and completes with the weighted mean of the clipped diffs (numpy)
 
 from __future__ import annotations
 
-import numpy as np
 import sqlalchemy as sa
 from alembic import command
 
@@ -15,7 +14,7 @@ from gridfl.secagg.quantize import encode
 from gridfl.server import db, tables
 from tests.builders import diff_of, host_payload
 from tests.harness import Admin
-from tests.secagg._drive import Driver
+from tests.secagg._drive import Driver, assert_weighted_mean_step
 
 CONFIG = {
     "max_workers": 3,
@@ -76,8 +75,4 @@ def test_a_round_in_flight_survives_down_and_up_migration(serve_factory, shared_
     admin = Admin(second.url)
     assert [c["status"] for c in admin.status()["cycles"]][:1] == ["completed"]
     original, new = admin.checkpoint(1), admin.checkpoint(2)
-    weights = np.array([10, 11, 12], np.float64)
-    for t, cur in enumerate(original):
-        stacked = np.stack([np.clip(d[t], -0.5, 0.5) for d in diffs]).astype(np.float64)
-        mean = np.tensordot(weights, stacked, axes=1) / weights.sum()
-        np.testing.assert_allclose(new[t], cur - mean, rtol=0, atol=1 / params.scale + 1e-6)
+    assert_weighted_mean_step(original, new, diffs, [10, 11, 12], params)

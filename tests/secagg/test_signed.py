@@ -28,7 +28,7 @@ from gridfl.secagg.identity import (
 from gridfl.secagg.quantize import decode, encode
 from tests.builders import diff_of, host_payload, rsa_key_pair
 from tests.harness import Admin, HttpWorker
-from tests.secagg._drive import Driver
+from tests.secagg._drive import Driver, assert_weighted_mean_step
 
 SESSION = b"gridfl process 1 cycle 1"
 IDS = ["a", "b", "c", "d"]
@@ -196,11 +196,8 @@ def test_workers_with_identities_complete_a_cycle_on_an_authenticating_node(auth
     assert admin.status()["cycles"][0]["status"] == "completed"
     original, new = admin.checkpoint(ref=1), admin.checkpoint()
     params = SecAggParams(**admin.status()["server_config"]["secure_aggregation"])
-    w = np.array([2, 3, 4, 5], np.float64)
-    for t, cur in enumerate(original):
-        stacked = np.stack([np.clip(diff_of(i)[t], -0.5, 0.5) for i in range(4)])
-        mean = np.tensordot(w, stacked.astype(np.float64), axes=1) / w.sum()
-        np.testing.assert_allclose(new[t], cur - mean, rtol=0, atol=1 / params.scale + 1e-6)
+    diffs = [diff_of(i) for i in range(4)]
+    assert_weighted_mean_step(original, new, diffs, [2, 3, 4, 5], params)
 
 
 def test_an_authenticating_node_refuses_unsigned_or_misattributed_keys(authed):

@@ -18,7 +18,7 @@ from gridfl.secagg.quantize import encode
 from gridfl.server import tables
 from tests.builders import diff_of, host_payload
 from tests.harness import Admin
-from tests.secagg._drive import Driver
+from tests.secagg._drive import Driver, assert_weighted_mean_step
 
 TIMEOUT = 1.0
 CONFIG = {
@@ -92,18 +92,12 @@ def test_a_silent_worker_does_not_hold_the_stage_past_its_timeout(live):
     assert admin.status()["cycles"][0]["status"] == "open"
 
     for w in survivors:
-        request = m.UnmaskRequest.from_json(w.wait_for(m.UNMASK)["message"])
-        assert workers[3].wid in request.dropped
-        w.ok(m.UNMASK, w.session.unmask(request).to_json())
+        assert workers[3].wid in w.answer_unmask().dropped
     cycles = admin.status()["cycles"]
     assert [c["status"] for c in cycles].count("completed") == 1, cycles
     # numpy reference: the num_samples-weighted mean of the survivors' clipped diffs
     original, new = admin.checkpoint(ref=1), admin.checkpoint()
-    weights = np.array([3, 4, 5], np.float64)
-    for t, cur in enumerate(original):
-        stacked = np.stack([np.clip(d[t], -0.5, 0.5) for d in diffs[:3]]).astype(np.float64)
-        mean = np.tensordot(weights, stacked, axes=1) / weights.sum()
-        np.testing.assert_allclose(new[t], cur - mean, rtol=0, atol=1 / params.scale + 1e-6)
+    assert_weighted_mean_step(original, new, diffs[:3], [3, 4, 5], params)
     # the timer does not touch the finished round again
     time.sleep(TIMEOUT + 0.5)
     assert _round(node).stage == "done"

@@ -18,7 +18,7 @@ from gridfl.secagg.quantize import encode
 from gridfl.server import tables
 from tests.builders import b64, diff_of, host_payload
 from tests.harness import Admin, HttpWorker
-from tests.secagg._drive import Driver
+from tests.secagg._drive import Driver, assert_weighted_mean_step
 
 pytest.importorskip("starlette")
 
@@ -115,11 +115,7 @@ def test_bad_messages_are_refused_and_the_honest_workers_finish(in_process_node)
     # numpy reference: the num_samples-weighted mean of the clipped diffs, within the
     # quantization bound
     original, new = admin.checkpoint(ref=1), admin.checkpoint()
-    w = np.array([5, 6, 7], np.float64)
-    for t, cur in enumerate(original):
-        stacked = np.stack([np.clip(d[t], -0.5, 0.5) for d in diffs]).astype(np.float64)
-        mean = np.tensordot(w, stacked, axes=1) / w.sum()
-        np.testing.assert_allclose(new[t], cur - mean, rtol=0, atol=1 / params.scale + 1e-6)
+    assert_weighted_mean_step(original, new, diffs, [5, 6, 7], params)
 
 
 def test_a_secure_aggregation_message_to_a_plain_process_is_refused(in_process_node):
