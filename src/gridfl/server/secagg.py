@@ -68,6 +68,9 @@ _this_round = secagg_rounds.c.cycle_id == sa.bindparam("cycle_id")
 #: are read only when this process does not hold the same version in memory
 _round_head = sa.select(*(c for c in secagg_rounds.c if c.name != "state")).where(_this_round)
 _round_state = sa.select(secagg_rounds.c.state).where(_this_round)
+_round_stage = sa.select(
+    secagg_rounds.c.stage, secagg_rounds.c.stage_at, secagg_rounds.c.first_at
+).where(_this_round)
 _round_messages = sa.select(
     secagg_messages.c.stage, secagg_messages.c.worker_id, secagg_messages.c.body
 ).where(secagg_messages.c.cycle_id == sa.bindparam("cycle_id"))
@@ -155,21 +158,20 @@ class SecAggApi:
         return [r for r in results if r is not None]
 
     def _prepare(self, req: _messages.SecAggRequest):
-        """Checks that need no lock: ``(seat, typed message)``, or the reply to a
-        poll for a stage that has not opened."""
+        """Checks that need no lock, in one read: ``(seat, typed message)``, or the reply
+        to a poll for a stage that has not opened."""
         with db.read(self.engine) as conn:
             seat = find_seat(conn, req.worker_id, req.request_key)
             _, _, spec = self.catalog.checkpoint(conn, seat.checkpoint_id)
-        params, process_id, auth = self._params_of_cycle(seat.cycle_id)
-        msg = parse_message(req, spec.total + 1, params)
-        if isinstance(msg, m.AdvertiseKeys):
-            check_identity(msg, auth, session_of(process_id, seat.cycle_id), req.worker_id)
-        if msg is None and seat.status == "open":
-            early = self._still_waiting(
-                req, seat.cycle_id, params, session_of(process_id, seat.cycle_id)
-            )
-            if early is not None:
-                return early
+            params, auth = _params_of(self.catalog.process(conn, seat.process_id))
+            session = session_of(seat.process_id, seat.cycle_id)
+            msg = parse_message(req, spec.total + 1, params)
+            if isinstance(msg, m.AdvertiseKeys):
+                check_identity(msg, auth, session, req.worker_id)
+            if msg is None and seat.status == "open":
+                early = _still_waiting(conn, req, seat.cycle_id, params, session)
+                if early is not None:
+                    return early
         return seat, msg
 
     def _take(self, cycle_id: int, items: list) -> list[dict[str, Any] | Exception]:
@@ -363,48 +365,6 @@ class SecAggApi:
             conn.execute(secagg_totals.update().where(where).values(total=total))
         node.total_changed = False
 
-    def _still_waiting(self, req, cycle_id: int, params: SecAggParams, session: bytes):
-        """A poll for a stage that has not opened and cannot close yet (no timeout is
-        due), answered from a read of the stage columns: most polls take no lock."""
-        with db.read(self.engine) as conn:
-            row = conn.execute(
-                sa.select(
-                    secagg_rounds.c.stage, secagg_rounds.c.stage_at, secagg_rounds.c.first_at
-                ).where(secagg_rounds.c.cycle_id == cycle_id)
-            ).first()
-        stage = row.stage if row is not None else m.ADVERTISE
-        order = (*m.STAGES, "done")
-        if req.stage == m.ADVERTISE and stage in order:
-            # a worker learning the session before it signs its keys: "ready" to advertise
-            # (or, past this stage, to be told it is late); it opens nothing
-            return {"stage": stage, "status": "ready", "session": session.decode()}
-        if stage not in order or order.index(req.stage) <= order.index(stage):
-            return None
-        if row is not None:
-            opened = row.first_at if stage == m.ADVERTISE else row.stage_at
-            if time.time() >= opened + params.stage_timeout:
-                return None  # the stage may close now: the locked path decides
-        return {
-            "stage": stage,
-            "status": "waiting",
-            "retry_after": RETRY_AFTER,
-            "session": session.decode(),
-        }
-
-    def _params_of_cycle(self, cycle_id: int) -> tuple[SecAggParams, int, dict | None]:
-        with db.read(self.engine) as conn:
-            cycle = conn.execute(
-                sa.select(storage.cycles.c.process_id).where(storage.cycles.c.id == cycle_id)
-            ).one()
-            process = self.catalog.process(conn, cycle.process_id)
-        cfg = process.server_config.get("secure_aggregation")
-        if cfg is None:
-            raise InvalidRequestError(
-                "this FL process does not run secure aggregation: send the diff with "
-                f"{_messages.REPORT}"
-            )
-        return SecAggParams(**cfg), process.id, process.server_config.get("authentication")
-
     def _advance(self, node: NodeSession, process, stage_at: float, first_at: float, now: float):
         """Close the current stage while it is due; returns when the open stage opened."""
         p = node.params
@@ -452,6 +412,41 @@ class SecAggApi:
             sums.sum_w = decode(total, node.params) * sums.weight
         conn.execute(storage.count_report, {"b_cycle_id": cycle.id, "num_reports": reports})
         self.cycles.complete(conn, cycle, process, sums)
+
+
+def _params_of(process) -> tuple[SecAggParams, dict | None]:
+    """The process's protocol parameters and worker authentication config."""
+    cfg = process.server_config.get("secure_aggregation")
+    if cfg is None:
+        raise InvalidRequestError(
+            "this FL process does not run secure aggregation: send the diff with "
+            f"{_messages.REPORT}"
+        )
+    return SecAggParams(**cfg), process.server_config.get("authentication")
+
+
+def _still_waiting(conn: Connection, req, cycle_id: int, params: SecAggParams, session: bytes):
+    """A poll for a stage that has not opened and cannot close yet (no timeout is due),
+    answered from a read of the stage columns: most polls take no lock."""
+    row = conn.execute(_round_stage, {"cycle_id": cycle_id}).first()
+    stage = row.stage if row is not None else m.ADVERTISE
+    order = (*m.STAGES, "done")
+    if req.stage == m.ADVERTISE and stage in order:
+        # a worker learning the session before it signs its keys: "ready" to advertise
+        # (or, past this stage, to be told it is late); it opens nothing
+        return {"stage": stage, "status": "ready", "session": session.decode()}
+    if stage not in order or order.index(req.stage) <= order.index(stage):
+        return None
+    if row is not None:
+        opened = row.first_at if stage == m.ADVERTISE else row.stage_at
+        if time.time() >= opened + params.stage_timeout:
+            return None  # the stage may close now: the locked path decides
+    return {
+        "stage": stage,
+        "status": "waiting",
+        "retry_after": RETRY_AFTER,
+        "session": session.decode(),
+    }
 
 
 def _due_at(node: NodeSession, stage_at: float, first_at: float, now: float) -> float | None:
