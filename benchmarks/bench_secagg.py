@@ -15,7 +15,7 @@ Then, in the same run, full cycles on a real node (:mod:`benchmarks.secagg_cycle
 time with and without secure aggregation, per-stage CPU on the worker and the node.
 
     python -m benchmarks.bench_secagg [--n 10 50 100] [--model 2nn cnn] [--all]
-        [--part cpu cycle] [--transport http ws]
+        [--part cpu cycle] [--transport http ws] [--train]
 """
 
 from __future__ import annotations
@@ -99,6 +99,11 @@ def main(argv: list[str]) -> None:
         "--transport", nargs="+", default=["http"], choices=["http", "ws"],
         help="the full cycles' worker transport (ws: masked inputs go as binary frames)",
     )
+    ap.add_argument(
+        "--train", action="store_true",
+        help="full cycles: each worker trains its 600 MNIST examples (E = 1, B = 10) "
+        "before it reports, instead of reporting a fixed diff",
+    )
     args = ap.parse_args(argv)
     if "cpu" in args.part:
         _cpu_table(args)
@@ -107,8 +112,9 @@ def main(argv: list[str]) -> None:
 
         for transport in args.transport:
             print(f"\nfull cycles on a node (gridfl serve, SQLite), simulated workers, "
-                  f"{transport.upper()}:")
-            secagg_cycle.main(ns=tuple(args.n), models=tuple(args.model), transport=transport)
+                  f"{transport.upper()}{', local training' if args.train else ''}:")
+            secagg_cycle.main(ns=tuple(args.n), models=tuple(args.model), transport=transport,
+                              train=args.train)
 
 
 def _cpu_table(args) -> None:
