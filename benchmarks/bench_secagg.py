@@ -15,7 +15,7 @@ Then, in the same run, full cycles on a real node (:mod:`benchmarks.secagg_cycle
 time with and without secure aggregation, per-stage CPU on the worker and the node.
 
     python -m benchmarks.bench_secagg [--n 10 50 100] [--model 2nn cnn] [--all]
-        [--part cpu cycle] [--transport http ws] [--train]
+        [--part cpu cycle] [--transport http ws] [--train] [--durability report|cycle]
 """
 
 from __future__ import annotations
@@ -104,6 +104,11 @@ def main(argv: list[str]) -> None:
         help="full cycles: each worker trains its 600 MNIST examples (E = 1, B = 10) "
         "before it reports, instead of reporting a fixed diff",
     )
+    ap.add_argument(
+        "--durability", choices=["report", "cycle"], default="report",
+        help="full cycles: server_config.durability of both processes (cycle: the running "
+        "sums, and the masked sum, stay in the node's memory)",
+    )
     args = ap.parse_args(argv)
     if "cpu" in args.part:
         _cpu_table(args)
@@ -112,9 +117,10 @@ def main(argv: list[str]) -> None:
 
         for transport in args.transport:
             print(f"\nfull cycles on a node (gridfl serve, SQLite), simulated workers, "
-                  f"{transport.upper()}{', local training' if args.train else ''}:")
+                  f"{transport.upper()}{', local training' if args.train else ''}, "
+                  f"durability {args.durability!r}:")
             secagg_cycle.main(ns=tuple(args.n), models=tuple(args.model), transport=transport,
-                              train=args.train)
+                              train=args.train, durability=args.durability)
 
 
 def _cpu_table(args) -> None:

@@ -90,7 +90,7 @@ def training_inputs(model: str, n: int) -> tuple[bytes, bytes]:
 
 
 def _payload(name: str, model: str, n: int, secure: bool,
-             trained: tuple[bytes, bytes] | None = None) -> dict:
+             trained: tuple[bytes, bytes] | None = None, durability: str = "report") -> dict:
     from gridfl import state
 
     if trained is None:  # a stand-in plan: the workers report a fixed diff
@@ -99,7 +99,8 @@ def _payload(name: str, model: str, n: int, secure: bool,
         model_bytes, plan = state.dumps(params), plan_bytes(SHAPES[model])
     else:
         model_bytes, plan = trained
-    sc: dict = {"max_workers": n, "max_diffs": n, "cycle_length": 3600, "num_cycles": 1}
+    sc: dict = {"max_workers": n, "max_diffs": n, "cycle_length": 3600, "num_cycles": 1,
+                "durability": durability}
     if secure:
         sc["secure_aggregation"] = secagg_config(n)
     b64 = base64.b64encode
@@ -239,12 +240,14 @@ class Node:
 
 
 def run_cycle(node: Node, model: str, n: int, secure: bool, transport: str = "http",
-              trained: tuple[bytes, bytes] | None = None) -> dict:
+              trained: tuple[bytes, bytes] | None = None, durability: str = "report") -> dict:
     """One cycle of n workers; wall seconds, node CPU (per stage) and worker CPU. With
-    ``trained`` (:func:`training_inputs`' model and plan) the workers train first."""
+    ``trained`` (:func:`training_inputs`' model and plan) the workers train first;
+    ``durability`` is the process's, with and without secure aggregation alike."""
     url = node.url if transport == "http" else "ws" + node.url.removeprefix("http")
-    name = f"{model}-{n}-{'sa' if secure else 'plain'}-{transport}{'-t' if trained else ''}"
-    node.host(_payload(name, model, n, secure, trained))
+    name = (f"{model}-{n}-{'sa' if secure else 'plain'}-{transport}{'-t' if trained else ''}"
+            f"-{durability}")
+    node.host(_payload(name, model, n, secure, trained, durability))
     procs = min(CLIENT_PROCESSES, n)
     step = math.ceil(n / procs)
     parts = [range(a, min(n, a + step)) for a in range(0, n, step)]
@@ -290,7 +293,7 @@ def run_cycle(node: Node, model: str, n: int, secure: bool, transport: str = "ht
 
 
 def main(ns=(10, 50, 100), models=("2nn", "cnn"), transport: str = "http",
-         train: bool = False) -> None:
+         train: bool = False, durability: str = "report") -> None:
     head = (f"{'model':5} {'n':>4} {'k':>3} | {'plain s':>7} {'secagg s':>8} {'x':>5} | "
             f"{'node plain':>10} {'node sa':>7} | node s per stage (adv/share/mask/unmask) | "
             f"worker ms per stage (adv/share/mask/unmask) | {'worker ms':>9} {'plain':>6}")
@@ -302,8 +305,8 @@ def main(ns=(10, 50, 100), models=("2nn", "cnn"), transport: str = "http",
             for model in models:
                 trained = training_inputs(model, max(ns)) if train else None
                 for n in ns:
-                    plain = run_cycle(node, model, n, False, transport, trained)
-                    sa = run_cycle(node, model, n, True, transport, trained)
+                    plain = run_cycle(node, model, n, False, transport, trained, durability)
+                    sa = run_cycle(node, model, n, True, transport, trained, durability)
                     ns_ = "/".join(f"{sa['node_stage'].get(s, 0):.2f}" for s in STAGES)
                     ws = "/".join(f"{1e3 * sa['worker'][s]:.1f}" for s in STAGES)
                     ok = plain["status"] == sa["status"] == "completed"

@@ -5,6 +5,8 @@ with the sum of the workers' quantized diffs."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from gridfl.secagg import SecAggParams
@@ -64,3 +66,108 @@ def test_kill9_in_any_stage_then_another_process_completes_the_cycle(
     assert [c["number"] for c in status["checkpoints"]] == [1, 2]
     original, new = admin.checkpoint(1), admin.checkpoint(2)
     assert_weighted_mean_step(original, new, diffs, [10, 11, 12], params)
+
+
+# ------------------------------------------------- durability "cycle": the sum in memory
+
+
+def _masked_rows(db_path) -> int:
+    with sqlite3.connect(db_path) as conn:
+        return conn.execute("SELECT count(*) FROM secagg_totals").fetchone()[0]
+
+
+def _through_masked(workers, diffs, params) -> None:
+    """Every worker advertises, shares and sends its masked input (weights 10, 11...)."""
+    for w in workers:
+        w.ok(m.ADVERTISE, w.session.advertise().to_json())
+    for w in workers:
+        roster = m.Roster.from_json(w.wait_for(m.SHARE)["message"])
+        w.ok(m.SHARE, w.session.share_keys(roster).to_json())
+    for i, w in enumerate(workers):
+        forwarded = m.EncryptedShares.from_json(w.wait_for(m.MASKED)["message"])
+        vec = encode(diffs[i], 10 + i, params)
+        w.ok(m.MASKED, w.session.masked_vector(forwarded, vec).to_json())
+
+
+def test_durability_cycle_keeps_the_masked_sum_in_memory(serve_factory, tmp_path):
+    db = tmp_path / "grid.db"
+    node = serve_factory(f"sqlite:///{db}")
+    admin = Admin(node.url)
+    config = {**CONFIG, "durability": "cycle"}
+    assert admin.host(host_payload(server_config=config)).status_code == 201
+    params = SecAggParams(**admin.status()["server_config"]["secure_aggregation"])
+    workers = [Driver(node.url, params) for _ in range(3)]
+    diffs = [diff_of(i) for i in range(3)]
+    _through_masked(workers, diffs, params)
+    assert _masked_rows(db) == 0  # three inputs folded, the sum never written
+    for w in workers:
+        w.answer_unmask()
+    assert [c["status"] for c in admin.status()["cycles"]] == ["completed", "open"]
+    assert_weighted_mean_step(admin.checkpoint(1), admin.checkpoint(2), diffs, [10, 11, 12],
+                              params)
+
+
+@pytest.mark.parametrize("crash_after", [m.SHARE, m.MASKED])
+def test_durability_cycle_kill9_expires_a_cycle_with_a_lost_sum(
+    serve_factory, tmp_path, crash_after
+):
+    """Before any masked input nothing is lost and the cycle goes on; after one, the
+    restarted node expires the cycle (no checkpoint) and the next one completes."""
+    node = serve_factory(f"sqlite:///{tmp_path / 'grid.db'}")
+    admin = Admin(node.url)
+    config = {**CONFIG, "durability": "cycle"}
+    assert admin.host(host_payload(server_config=config)).status_code == 201
+    params = SecAggParams(**admin.status()["server_config"]["secure_aggregation"])
+    workers = [Driver(node.url, params) for _ in range(3)]
+    diffs = [diff_of(i) for i in range(3)]
+    if crash_after == m.SHARE:
+        for w in workers:
+            w.ok(m.ADVERTISE, w.session.advertise().to_json())
+        for w in workers:
+            roster = m.Roster.from_json(w.wait_for(m.SHARE)["message"])
+            w.ok(m.SHARE, w.session.share_keys(roster).to_json())
+        node.kill9()
+        node.start()
+        for i, w in enumerate(workers):
+            forwarded = m.EncryptedShares.from_json(w.wait_for(m.MASKED)["message"])
+            w.ok(m.MASKED, w.session.masked_vector(forwarded, encode(diffs[i], 10 + i, params))
+                 .to_json())
+        for w in workers:
+            w.answer_unmask()
+        assert [c["status"] for c in admin.status()["cycles"]] == ["completed", "open"]
+        assert_weighted_mean_step(admin.checkpoint(1), admin.checkpoint(2), diffs,
+                                  [10, 11, 12], params)
+        return
+    _through_masked(workers, diffs, params)
+    node.kill9()
+    node.start()
+    st, reply = workers[0].send(m.UNMASK)
+    assert st == 200 and reply["status"] == "aborted", reply
+    assert "masked running sum was lost" in reply["reason"]
+    status = admin.status()
+    assert [(c["sequence"], c["status"]) for c in status["cycles"]] == [
+        (1, "expired"), (2, "open")
+    ], status
+    assert [c["number"] for c in status["checkpoints"]] == [1]
+    # the next cycle, on the same checkpoint, completes with exactly its own inputs
+    again = [Driver(node.url, params) for _ in range(3)]
+    fresh = [diff_of(10 + i) for i in range(3)]
+    _through_masked(again, fresh, params)
+    for w in again:
+        w.answer_unmask()
+    assert [c["number"] for c in admin.status()["checkpoints"]] == [1, 2]
+    assert_weighted_mean_step(admin.checkpoint(1), admin.checkpoint(2), fresh, [10, 11, 12],
+                              params)
+
+
+@pytest.mark.postgres
+def test_durability_cycle_with_secure_aggregation_is_refused_on_postgresql(
+    serve_factory, pg_fresh_db
+):
+    """Any server process may take a masked input: one process's sum is not the cycle's."""
+    node = serve_factory(pg_fresh_db)
+    admin = Admin(node.url)
+    r = admin.host(host_payload(server_config={**CONFIG, "durability": "cycle"}))
+    assert r.status_code == 400, r.text
+    assert "durability 'cycle' with secure_aggregation needs a single server" in r.json()["error"]
+    assert admin.http.get("/gridfl/v1/processes/mnist/1.0").status_code == 404

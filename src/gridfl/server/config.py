@@ -254,7 +254,6 @@ def validate_durability(cfg: dict[str, Any]) -> None:
     strategy = cfg["strategy"]
     clashes = {
         "mode 'async'": cfg["mode"] == "async",
-        "secure_aggregation": cfg["secure_aggregation"] is not None,
         # their rules keep every diff of the cycle, which "report" stores row by row
         f"strategy {strategy and strategy['name']!r}": strategy is not None
         and strategy["name"] in strategies.ROBUST,

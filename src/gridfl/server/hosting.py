@@ -48,6 +48,14 @@ def host(engine: Engine, cycles: Cycles, payload: Any) -> dict[str, Any]:
             "server_config.durability 'cycle' with an averaging plan needs a single server "
             "process: it is available on SQLite only; use durability 'report' on PostgreSQL"
         )
+    secure = req.server_config["secure_aggregation"] is not None
+    if req.server_config["durability"] == "cycle" and secure and engine.dialect.name != "sqlite":
+        # any server process may take a masked input, and a masked sum held in one
+        # process's memory is not gathered from the others at the unmask stage
+        raise ConfigError(
+            "server_config.durability 'cycle' with secure_aggregation needs a single server "
+            "process: it is available on SQLite only; use durability 'report' on PostgreSQL"
+        )
     client_config = req.client_config
     name, version = client_config["name"], client_config["version"]
     now = time.time()

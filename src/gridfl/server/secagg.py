@@ -274,27 +274,22 @@ class SecAggApi:
         look again, and the round to keep in memory once the transaction commits."""
         now = time.time() if now is None else now
         process = self.catalog.process(conn, cycle.process_id)
-        params = SecAggParams(**process.server_config["secure_aggregation"])
         session = session_of(process.id, cycle.id)
+        # durability "cycle": the masked sum lives only in this process's memory (one
+        # server process, SQLite) and is never written; a crash expires the cycle
+        in_memory = process.server_config.get("durability") == "cycle"
         row = conn.execute(_round_head, {"cycle_id": cycle.id}).first()
         version = row.version if row is not None else 0
-        node = self.secagg_cache.take(cycle.id, version)
-        if row is None:
-            node = NodeSession(params, session, spec.total + 1)
-            stage_at = first_at = now
-        else:
-
-            def load_total() -> bytes:
-                return conn.execute(_round_total, {"cycle_id": cycle.id}).scalar_one()
-
-            if node is None:
-                node = self._load(conn, cycle.id, row.stage, params, session, spec, load_total)
-            else:
-                node.read_total_with(load_total)
-            stage_at, first_at = row.stage_at, row.first_at
+        node, lost = self._round(conn, cycle.id, row, process, spec, in_memory)
+        stage_at, first_at = (row.stage_at, row.first_at) if row is not None else (now, now)
         before = (node.stage, row.due_at if row is not None else None)
         changed = False
         try:
+            if lost:
+                raise AggregationAbortedError(
+                    "its masked running sum was lost (durability 'cycle': the node restarted "
+                    "or a transaction failed); the cycle reopens on the same checkpoint"
+                )
             stage_at = self._advance(node, process, stage_at, first_at, now)
             if submit is not None:
                 submit(node)
@@ -330,7 +325,9 @@ class SecAggApi:
                         for st, u, body in written
                     ],
                 )
-            if node.total_changed:  # 8 bytes per parameter: written only when it moved
+            if in_memory:
+                node.total_changed = False
+            elif node.total_changed:  # 8 bytes per parameter: written only when it moved
                 self._store_total(conn, cycle.id, node, fresh=row is None)
             if node.stage != before[0]:  # wake what other server processes hold for it
                 self.cycles.announce(conn)
@@ -345,6 +342,29 @@ class SecAggApi:
             conn.execute(update.values(**values))
         live = values["stage"] in m.STAGES
         return reply, changed, (version + 1, node) if live else None
+
+    def _round(
+        self, conn: Connection, cycle_id: int, row, process, spec, in_memory: bool
+    ) -> tuple[NodeSession, bool]:
+        """The round this process holds for the stored version, else as stored (or new);
+        and whether its masked sum was lost (durability "cycle", inputs folded elsewhere
+        or before a restart)."""
+        params = SecAggParams(**process.server_config["secure_aggregation"])
+        session = session_of(process.id, cycle_id)
+        if row is None:
+            return NodeSession(params, session, spec.total + 1), False
+
+        def load_total() -> bytes:
+            if in_memory:  # nothing folded yet (else the sum was lost): zeros
+                return bytes(8 * (spec.total + 1))
+            return conn.execute(_round_total, {"cycle_id": cycle_id}).scalar_one()
+
+        node = self.secagg_cache.take(cycle_id, row.version)
+        if node is not None:
+            node.read_total_with(load_total)
+            return node, False
+        node = self._load(conn, cycle_id, row.stage, params, session, spec, load_total)
+        return node, in_memory and bool(node.masked)
 
     @staticmethod
     def _load(conn: Connection, cycle_id: int, stage: str, params, session, spec, load_total):
