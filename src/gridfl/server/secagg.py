@@ -10,7 +10,9 @@ worker message (``secagg_messages``, written once: a message costs the database 
 size, not the round's) and the masked running sum (``secagg_totals``), read and written
 under the cycle's row lock, so any server process can take any message and a crash loses
 at most the message in flight; a process keeps the round it wrote last in memory while the
-row's version matches. When workers authenticate with JWTs, advertised keys must be
+row's version matches. With ``durability: "cycle"`` (one server process) the sum is never
+written: it lives in that round, and a round read back with masked inputs in it has lost
+it, so its cycle expires. When workers authenticate with JWTs, advertised keys must be
 signed (:mod:`gridfl.secagg.identity`). A stage closes when every worker expected in it
 has sent its message, or ``stage_timeout`` seconds after it opened (the node's deadline
 timer closes it then, with or without a message); the first stage closes when ``max_diffs``
