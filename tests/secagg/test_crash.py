@@ -76,30 +76,36 @@ def _masked_rows(db_path) -> int:
         return conn.execute("SELECT count(*) FROM secagg_totals").fetchone()[0]
 
 
-def _through_masked(workers, diffs, params) -> None:
+def _through_masked(workers, diffs, params, after_share=lambda: None) -> None:
     """Every worker advertises, shares and sends its masked input (weights 10, 11...)."""
     for w in workers:
         w.ok(m.ADVERTISE, w.session.advertise().to_json())
     for w in workers:
         roster = m.Roster.from_json(w.wait_for(m.SHARE)["message"])
         w.ok(m.SHARE, w.session.share_keys(roster).to_json())
+    after_share()
     for i, w in enumerate(workers):
         forwarded = m.EncryptedShares.from_json(w.wait_for(m.MASKED)["message"])
         vec = encode(diffs[i], 10 + i, params)
         w.ok(m.MASKED, w.session.masked_vector(forwarded, vec).to_json())
 
 
-def test_durability_cycle_keeps_the_masked_sum_in_memory(serve_factory, tmp_path):
-    db = tmp_path / "grid.db"
-    node = serve_factory(f"sqlite:///{db}")
+def _cycle_node(serve_factory, tmp_path):
+    """One ``gridfl serve`` on SQLite hosting CONFIG with durability "cycle", and three
+    accepted workers."""
+    node = serve_factory(f"sqlite:///{tmp_path / 'grid.db'}")
     admin = Admin(node.url)
     config = {**CONFIG, "durability": "cycle"}
     assert admin.host(host_payload(server_config=config)).status_code == 201
     params = SecAggParams(**admin.status()["server_config"]["secure_aggregation"])
-    workers = [Driver(node.url, params) for _ in range(3)]
+    return node, admin, params, [Driver(node.url, params) for _ in range(3)]
+
+
+def test_durability_cycle_keeps_the_masked_sum_in_memory(serve_factory, tmp_path):
+    _, admin, params, workers = _cycle_node(serve_factory, tmp_path)
     diffs = [diff_of(i) for i in range(3)]
     _through_masked(workers, diffs, params)
-    assert _masked_rows(db) == 0  # three inputs folded, the sum never written
+    assert _masked_rows(tmp_path / "grid.db") == 0  # three inputs folded, never written
     for w in workers:
         w.answer_unmask()
     assert [c["status"] for c in admin.status()["cycles"]] == ["completed", "open"]
@@ -107,38 +113,27 @@ def test_durability_cycle_keeps_the_masked_sum_in_memory(serve_factory, tmp_path
                               params)
 
 
-@pytest.mark.parametrize("crash_after", [m.SHARE, m.MASKED])
-def test_durability_cycle_kill9_expires_a_cycle_with_a_lost_sum(
-    serve_factory, tmp_path, crash_after
-):
-    """Before any masked input nothing is lost and the cycle goes on; after one, the
-    restarted node expires the cycle (no checkpoint) and the next one completes."""
-    node = serve_factory(f"sqlite:///{tmp_path / 'grid.db'}")
-    admin = Admin(node.url)
-    config = {**CONFIG, "durability": "cycle"}
-    assert admin.host(host_payload(server_config=config)).status_code == 201
-    params = SecAggParams(**admin.status()["server_config"]["secure_aggregation"])
-    workers = [Driver(node.url, params) for _ in range(3)]
+def test_durability_cycle_kill9_before_any_masked_input_loses_nothing(serve_factory, tmp_path):
+    node, admin, params, workers = _cycle_node(serve_factory, tmp_path)
     diffs = [diff_of(i) for i in range(3)]
-    if crash_after == m.SHARE:
-        for w in workers:
-            w.ok(m.ADVERTISE, w.session.advertise().to_json())
-        for w in workers:
-            roster = m.Roster.from_json(w.wait_for(m.SHARE)["message"])
-            w.ok(m.SHARE, w.session.share_keys(roster).to_json())
+
+    def crash() -> None:
         node.kill9()
         node.start()
-        for i, w in enumerate(workers):
-            forwarded = m.EncryptedShares.from_json(w.wait_for(m.MASKED)["message"])
-            w.ok(m.MASKED, w.session.masked_vector(forwarded, encode(diffs[i], 10 + i, params))
-                 .to_json())
-        for w in workers:
-            w.answer_unmask()
-        assert [c["status"] for c in admin.status()["cycles"]] == ["completed", "open"]
-        assert_weighted_mean_step(admin.checkpoint(1), admin.checkpoint(2), diffs,
-                                  [10, 11, 12], params)
-        return
-    _through_masked(workers, diffs, params)
+
+    _through_masked(workers, diffs, params, after_share=crash)
+    for w in workers:
+        w.answer_unmask()
+    assert [c["status"] for c in admin.status()["cycles"]] == ["completed", "open"]
+    assert_weighted_mean_step(admin.checkpoint(1), admin.checkpoint(2), diffs, [10, 11, 12],
+                              params)
+
+
+def test_durability_cycle_kill9_after_masked_inputs_expires_the_cycle(serve_factory, tmp_path):
+    """The restarted node has lost the sum: the cycle expires with nothing aggregated, and
+    the next one, on the same checkpoint, completes with exactly its own inputs."""
+    node, admin, params, workers = _cycle_node(serve_factory, tmp_path)
+    _through_masked(workers, [diff_of(i) for i in range(3)], params)
     node.kill9()
     node.start()
     st, reply = workers[0].send(m.UNMASK)
@@ -149,7 +144,6 @@ def test_durability_cycle_kill9_expires_a_cycle_with_a_lost_sum(
         (1, "expired"), (2, "open")
     ], status
     assert [c["number"] for c in status["checkpoints"]] == [1]
-    # the next cycle, on the same checkpoint, completes with exactly its own inputs
     again = [Driver(node.url, params) for _ in range(3)]
     fresh = [diff_of(10 + i) for i in range(3)]
     _through_masked(again, fresh, params)
