@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gridfl import AggregationAbortedError, Syft, _messages, state
+from gridfl._exceptions import ProtocolError
 from gridfl.secagg import NAME, SecAggParams, WorkerSession
 from gridfl.secagg import messages as m
 from tests.harness import HttpWorker
@@ -190,3 +191,31 @@ def test_the_sdk_raises_when_too_few_survive(server):
     for o in out[1:]:
         assert isinstance(o, AggregationAbortedError) and "it needs 3" in str(o), out
     assert server.status(name)["cycles"][0]["status"] == "expired"
+
+
+def test_a_diff_with_nan_is_refused_by_its_worker_and_the_cycle_goes_on(server):
+    """An honest worker does not mask a diverged diff (the node could not refuse it): its
+    job.report raises before any stage, and the others' cycle completes without it."""
+    name = server.host(server_config={"max_workers": 3, "max_diffs": 2,
+                                      "secure_aggregation": {**SECAGG, "threshold": 2}})
+    current = server.checkpoint(name)
+    broken = [np.zeros(p.shape, np.float32) for p in current]
+    broken[-1].flat[0] = np.nan
+    out: list = [None] * 3
+    _sdk_worker(server.url, name, broken, 4, out, 0)  # first: it would close the stage
+    assert isinstance(out[0], ProtocolError) and "has NaN or infinite values" in str(out[0])
+    ks = [[np.full(p.shape, 10 * (i + 1)) for p in current] for i in range(2)]
+    threads = [
+        threading.Thread(target=_sdk_worker, args=(
+            server.url, name, [(k / STEP).astype(np.float32) for k in ks[i]], 3, out, i + 1))
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not [o for o in out[1:] if isinstance(o, BaseException)], out
+    assert server.status(name)["cycles"][0]["status"] == "completed"
+    for cur, new in zip(current, server.checkpoint(name), strict=True):
+        # the mean of the two others' diffs (10 and 20 steps): 15 steps
+        np.testing.assert_array_equal(new, (cur.astype(np.float64) - 15 / STEP).astype(cur.dtype))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gridfl._exceptions import ProtocolError
 from gridfl.secagg import quantize
 from gridfl.secagg.params import SecAggParams
 
@@ -52,3 +53,20 @@ def test_encode_of_an_empty_diff_is_the_weight_alone():
     p = SecAggParams.from_config({"threshold": 2}, max_workers=3)
     assert quantize.encode([], 3, p).tolist() == [3]
     assert quantize.encode([np.zeros(0, np.float32)], None, p).tolist() == [1]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("chunk", [4, quantize.CHUNK])
+def test_a_diff_with_nan_or_inf_is_refused_naming_its_tensor(monkeypatch, bad, chunk):
+    """The node cannot refuse a masked input as it refuses such a plain report, and NaN
+    has no integer: the worker refuses it, wherever it sits in a tensor."""
+    monkeypatch.setattr(quantize, "CHUNK", chunk)
+    p = SecAggParams.from_config({"threshold": 2, "field_bits": 64}, max_workers=3)
+    second = np.zeros(9, np.float32)
+    second[7] = bad  # in the second chunk of 4
+    diff = [np.zeros(3, np.float32), second]
+    with pytest.raises(ProtocolError, match="diff tensor 1 has NaN or infinite values"):
+        quantize.encode(diff, 1, p)
+    with pytest.raises(ProtocolError, match="diff tensor 1 has NaN or infinite values"):
+        quantize.check_finite(diff)
+    quantize.check_finite([np.arange(3), np.zeros(2, bool)])  # integers and booleans pass

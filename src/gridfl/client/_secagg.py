@@ -19,6 +19,7 @@ from gridfl import _messages
 from gridfl._exceptions import AggregationAbortedError, ConflictError, GridError
 from gridfl.secagg import NAME, SecAggParams, WorkerSession
 from gridfl.secagg import messages as m
+from gridfl.secagg.quantize import check_finite
 
 logger = logging.getLogger("gridfl.client")
 
@@ -32,6 +33,7 @@ def secure_report_flow(
     """Run the four stages for ``job``'s accepted cycle; returns the node's last reply."""
     from gridfl.client._flow import Call, Sleep
 
+    check_finite(diff)  # before any stage: a worker that cannot mask does not take part
     params = SecAggParams.from_descriptor(job.protocols[NAME])
     me, key = str(job.worker_id), str(job.request_key)
     client = job._client

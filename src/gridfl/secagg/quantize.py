@@ -42,9 +42,31 @@ def weight_of(num_samples: int | None, p: SecAggParams) -> int:
     return min(num_samples, p.max_num_samples)
 
 
+def check_finite(diff: Sequence[np.ndarray]) -> None:
+    """Refuse a diff with NaN or infinite values (a diverged training): the node cannot
+    see a masked input to refuse it, as it refuses such a plain report, and NaN has no
+    integer to quantize to. Integer and boolean tensors pass.
+
+    >>> try:
+    ...     check_finite([np.zeros(2), np.array([0.5, np.nan])])
+    ... except ProtocolError as e:
+    ...     print(str(e).split(":")[0])
+    diff tensor 1 has NaN or infinite values
+    """
+    for i, a in enumerate(diff):
+        a = np.asarray(a)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise ProtocolError(
+                f"diff tensor {i} has NaN or infinite values: an honest worker does not "
+                "mask it; check the training (nothing was sent)"
+            )
+
+
 def encode(diff: Sequence[np.ndarray], num_samples: int | None, p: SecAggParams, rng=None):
     """A diff (list of arrays) as the worker's unmasked input vector: ``[w, w * q(x)...]``
-    mod 2**b as uint64 (two's complement for negatives)."""
+    mod 2**b as uint64 (two's complement for negatives). A diff with NaN or infinite
+    values is refused (:func:`check_finite`)."""
+    check_finite(diff)
     rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
     weight = weight_of(num_samples, p)
     flats = [np.ravel(a) for a in diff]
