@@ -327,6 +327,19 @@ class RunningSums:
         return mean_diff(self.sum_w, self.count_w, self.weight, self.sum_x, self.count_x)
 
 
+def unmasked_sums(total: np.ndarray, reports: int, params: Any, spec: ModelSpec) -> RunningSums:
+    """A secure-aggregation cycle's unmasked sum ``[sum w, sum w*q...]`` (signed, from
+    :class:`gridfl.secagg.NodeSession`) of ``reports`` weighted inputs as running sums, as
+    if each report had been folded with its weight."""
+    from gridfl.secagg.quantize import decode
+
+    sums = RunningSums(spec)
+    sums.count_w = reports
+    sums.weight = float(total[0])
+    sums.sum_w = decode(total, params) * sums.weight
+    return sums
+
+
 class Strategy:
     """How a cycle's reports become the next model: the seam for aggregation rules.
 

@@ -42,7 +42,6 @@ from gridfl._exceptions import (
 )
 from gridfl.secagg import NodeSession, SecAggParams
 from gridfl.secagg import messages as m
-from gridfl.secagg.quantize import decode
 from gridfl.server import aggregate as agg
 from gridfl.server import db, privacy, storage
 from gridfl.server.config import worker_capacity
@@ -418,7 +417,6 @@ class SecAggApi:
         total = node.result
         assert total is not None  # the last stage closed
         reports = len(node.masked)
-        sums = agg.RunningSums(spec)
         if process.server_config.get("differential_privacy"):
             # unweighted, and divided by the fixed expected count by the privacy wrapper
             try:
@@ -429,9 +427,7 @@ class SecAggApi:
                 self.cycles.expire(conn, cycle, process, time.time(), str(e), warn=True)
                 return
         else:
-            sums.count_w = reports
-            sums.weight = float(total[0])
-            sums.sum_w = decode(total, node.params) * sums.weight
+            sums = agg.unmasked_sums(total, reports, node.params, spec)
         conn.execute(storage.count_report, {"b_cycle_id": cycle.id, "num_reports": reports})
         self.cycles.complete(conn, cycle, process, sums)
 

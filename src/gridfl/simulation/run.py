@@ -26,7 +26,12 @@ from typing import Any
 import numpy as np
 
 from gridfl import state
-from gridfl._exceptions import ConfigError, InvalidRequestError, ModelError
+from gridfl._exceptions import (
+    AggregationAbortedError,
+    ConfigError,
+    InvalidRequestError,
+    ModelError,
+)
 from gridfl._resources import memory_kb, usable_cpus
 from gridfl.server import aggregate as agg
 from gridfl.server.dp_config import DPConfig
@@ -302,6 +307,13 @@ def _simulate(opts: SimulationOptions, started: float, tmp: str, early: LocalPoo
     )
     if dp is not None:  # the node's DP-FedAvg; noise seeded from the run's seed
         strategy = SimulatedPrivacy(strategy, dp, opts.seed)
+    secure = None
+    if request.server_config.get("secure_aggregation") is not None:
+        from gridfl.simulation.secure import SimulatedSecureAggregation
+
+        assert opts.clients_per_round is not None  # resolved
+        secure = SimulatedSecureAggregation(request.server_config, opts.clients_per_round,
+                                            opts.seed)
     parts = partition(y, opts.num_clients, opts.partitioner, seed=opts.seed,
                       **opts.partition_options)
 
@@ -318,6 +330,7 @@ def _simulate(opts: SimulationOptions, started: float, tmp: str, early: LocalPoo
     bar, stop_bar = _progress(opts)
     try:
         rounds = _Rounds(opts, backend, strategy, spec, params, result, started)
+        rounds.secure = secure
         setting = request.server_config.get("compression")
         rounds.compression = SimulatedCompression(setting, spec) if setting else None
         rounds.central = (
@@ -361,6 +374,8 @@ class _Rounds:
         self.emit: Callable[[RoundResult], Any] = lambda entry: None
         #: the process's compressed reports, per client (None: plain State)
         self.compression: SimulatedCompression | None = None
+        #: the process's secure aggregation (None: reports folded in the clear)
+        self.secure: Any = None
 
     def run(self) -> list[np.ndarray]:
         pending: RoundResult | None = None
@@ -395,22 +410,18 @@ class _Rounds:
         if private is not None:
             private.new_round()
         entry = RoundResult(round=r, clients=[c for c, _ in tasks])
+        masked: list[tuple[int, Sequence[np.ndarray], int | None]] = []
         for i, report in enumerate(reports):
-            diff = state.loads(report.diff)
-            if i < self.opts.byzantine:
-                diff = _poison(diff, self.opts, r, i)
-            try:
-                agg.validate_diff(diff, self.spec)
-                # what the worker sends, as the node reads it
-                sent: Sequence[np.ndarray] = (
-                    diff if self.compression is None
-                    else self.compression.report(tasks[i][0], diff))
-            except InvalidRequestError:  # the node answers 400; its cycle goes on
+            sent = self._sent(r, i, tasks[i][0], report)
+            if sent is None:  # the node answers 400; its cycle goes on
                 entry.refused.append(tasks[i][0])
                 continue
             if private is not None:
                 sent = private.report(list(sent))
-            self.strategy.fold(sums, sent, report.num_samples)
+            if self.secure is not None:  # summed masked, below
+                masked.append((tasks[i][0], sent, report.num_samples))
+            else:
+                self.strategy.fold(sums, sent, report.num_samples)
             if sums.kept is not None:  # a rule that needs every diff (median, Krum)
                 kept.append(sums.kept)
                 sums.kept = None
@@ -422,11 +433,7 @@ class _Rounds:
         if len(entry.refused) == len(tasks):
             entry.error = "every report was refused (values beyond the diff bound): the model stays"
         else:
-            try:
-                self.params, self.strategy_state = self.strategy.aggregate(
-                    sums, self.params, self.strategy_state)
-            except ModelError as exc:  # the node expires such a cycle: the model stays
-                entry.error = str(exc)
+            self._step(r, sums, masked, entry)
         if private is not None and entry.error is None:
             entry.privacy = dict(private.last)
             self.stop_reason = private.stop_reason
@@ -437,6 +444,29 @@ class _Rounds:
                                                           self.opts, r)
         entry.model = self.params
         return entry
+
+    def _step(self, r: int, sums: agg.RunningSums, masked, entry: RoundResult) -> None:
+        """The new model from the round's sums (under secure aggregation, from its masked
+        inputs' sum); a round the node would expire keeps the model and says why."""
+        try:
+            if masked:
+                sums = self.secure.sums(self.spec, r, masked)
+            self.params, self.strategy_state = self.strategy.aggregate(
+                sums, self.params, self.strategy_state)
+        except (AggregationAbortedError, ModelError) as exc:  # the node expires the cycle
+            entry.error = str(exc)
+
+    def _sent(self, r: int, i: int, client: int, report) -> Sequence[np.ndarray] | None:
+        """What client ``client`` (the round's ``i``-th) sends, as the node reads it; None
+        for a diff the node refuses (values beyond the bound, NaN)."""
+        diff = state.loads(report.diff)
+        if i < self.opts.byzantine:
+            diff = _poison(diff, self.opts, r, i)
+        try:
+            agg.validate_diff(diff, self.spec)
+            return diff if self.compression is None else self.compression.report(client, diff)
+        except InvalidRequestError:
+            return None
 
     def _finish(self, entry: RoundResult) -> None:
         """Central evaluation of the round's model, then the round is reported."""
