@@ -410,7 +410,8 @@ class _Rounds:
         if private is not None:
             private.new_round()
         entry = RoundResult(round=r, clients=[c for c, _ in tasks])
-        masked: list[tuple[int, Sequence[np.ndarray], int | None]] = []
+        # under secure aggregation the clients exchange keys now, while they train
+        secure = self.secure.start(self.spec, r, entry.clients) if self.secure else None
         for i, report in enumerate(reports):
             sent = self._sent(r, i, tasks[i][0], report)
             if sent is None:  # the node answers 400; its cycle goes on
@@ -418,8 +419,8 @@ class _Rounds:
                 continue
             if private is not None:
                 sent = private.report(list(sent))
-            if self.secure is not None:  # summed masked, below
-                masked.append((tasks[i][0], sent, report.num_samples))
+            if secure is not None:  # masked as it arrives, summed by the node
+                secure.add(tasks[i][0], sent, report.num_samples)
             else:
                 self.strategy.fold(sums, sent, report.num_samples)
             if sums.kept is not None:  # a rule that needs every diff (median, Krum)
@@ -433,7 +434,7 @@ class _Rounds:
         if len(entry.refused) == len(tasks):
             entry.error = "every report was refused (values beyond the diff bound): the model stays"
         else:
-            self._step(r, sums, masked, entry)
+            self._step(sums, secure, entry)
         if private is not None and entry.error is None:
             entry.privacy = dict(private.last)
             self.stop_reason = private.stop_reason
@@ -445,12 +446,12 @@ class _Rounds:
         entry.model = self.params
         return entry
 
-    def _step(self, r: int, sums: agg.RunningSums, masked, entry: RoundResult) -> None:
+    def _step(self, sums: agg.RunningSums, secure, entry: RoundResult) -> None:
         """The new model from the round's sums (under secure aggregation, from its masked
         inputs' sum); a round the node would expire keeps the model and says why."""
         try:
-            if masked:
-                sums = self.secure.sums(self.spec, r, masked)
+            if secure is not None:
+                sums = secure.finish()
             self.params, self.strategy_state = self.strategy.aggregate(
                 sums, self.params, self.strategy_state)
         except (AggregationAbortedError, ModelError) as exc:  # the node expires the cycle
