@@ -75,6 +75,7 @@ def test_coarse_quantization_shows_within_its_bound_and_repeats_for_a_seed(proce
                                    "delta": 1e-4}},
          {}, "with differential_privacy: not simulated yet"),
         ({}, {"clients_per_round": M + 1}, "more than the 5 workers a cycle takes"),
+        ({}, {"clients_per_round": 2}, r"below secure aggregation's min_survivors \(3\)"),
     ],
 )
 def test_what_a_secure_simulation_cannot_run_is_refused(process, data, extra, options, match):
