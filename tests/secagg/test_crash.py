@@ -101,16 +101,24 @@ def _cycle_node(serve_factory, tmp_path):
     return node, admin, params, [Driver(node.url, params) for _ in range(3)]
 
 
+def _unmask_and_check_the_mean(admin, workers, diffs, params) -> None:
+    """Every worker answers the unmask stage; then checkpoint 2 is checkpoint 1 stepped by
+    the weighted mean of ``diffs`` (weights 10, 11...), from one more completed cycle."""
+    for w in workers:
+        w.answer_unmask()
+    status = admin.status()
+    assert [c["number"] for c in status["checkpoints"]] == [1, 2]
+    assert [c["status"] for c in status["cycles"]][-2:] == ["completed", "open"], status
+    weights = [10 + i for i in range(len(diffs))]
+    assert_weighted_mean_step(admin.checkpoint(1), admin.checkpoint(2), diffs, weights, params)
+
+
 def test_durability_cycle_keeps_the_masked_sum_in_memory(serve_factory, tmp_path):
     _, admin, params, workers = _cycle_node(serve_factory, tmp_path)
     diffs = [diff_of(i) for i in range(3)]
     _through_masked(workers, diffs, params)
     assert _masked_rows(tmp_path / "grid.db") == 0  # three inputs folded, never written
-    for w in workers:
-        w.answer_unmask()
-    assert [c["status"] for c in admin.status()["cycles"]] == ["completed", "open"]
-    assert_weighted_mean_step(admin.checkpoint(1), admin.checkpoint(2), diffs, [10, 11, 12],
-                              params)
+    _unmask_and_check_the_mean(admin, workers, diffs, params)
 
 
 def test_durability_cycle_kill9_before_any_masked_input_loses_nothing(serve_factory, tmp_path):
@@ -122,11 +130,7 @@ def test_durability_cycle_kill9_before_any_masked_input_loses_nothing(serve_fact
         node.start()
 
     _through_masked(workers, diffs, params, after_share=crash)
-    for w in workers:
-        w.answer_unmask()
-    assert [c["status"] for c in admin.status()["cycles"]] == ["completed", "open"]
-    assert_weighted_mean_step(admin.checkpoint(1), admin.checkpoint(2), diffs, [10, 11, 12],
-                              params)
+    _unmask_and_check_the_mean(admin, workers, diffs, params)
 
 
 def test_durability_cycle_kill9_after_masked_inputs_expires_the_cycle(serve_factory, tmp_path):
@@ -147,11 +151,7 @@ def test_durability_cycle_kill9_after_masked_inputs_expires_the_cycle(serve_fact
     again = [Driver(node.url, params) for _ in range(3)]
     fresh = [diff_of(10 + i) for i in range(3)]
     _through_masked(again, fresh, params)
-    for w in again:
-        w.answer_unmask()
-    assert [c["number"] for c in admin.status()["checkpoints"]] == [1, 2]
-    assert_weighted_mean_step(admin.checkpoint(1), admin.checkpoint(2), fresh, [10, 11, 12],
-                              params)
+    _unmask_and_check_the_mean(admin, again, fresh, params)
 
 
 @pytest.mark.postgres
