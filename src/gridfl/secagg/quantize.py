@@ -56,17 +56,21 @@ def check_finite(diff: Sequence[np.ndarray]) -> None:
     for i, a in enumerate(diff):
         a = np.asarray(a)
         if a.dtype.kind in "fc" and not np.isfinite(a).all():
-            raise ProtocolError(
-                f"diff tensor {i} has NaN or infinite values: an honest worker does not "
-                "mask it; check the training (nothing was sent)"
-            )
+            raise _not_finite(i)
+
+
+def _not_finite(i: int) -> ProtocolError:
+    return ProtocolError(
+        f"diff tensor {i} has NaN or infinite values: an honest worker does not "
+        "mask it; check the training (nothing was sent)"
+    )
 
 
 def encode(diff: Sequence[np.ndarray], num_samples: int | None, p: SecAggParams, rng=None):
     """A diff (list of arrays) as the worker's unmasked input vector: ``[w, w * q(x)...]``
     mod 2**b as uint64 (two's complement for negatives). A diff with NaN or infinite
-    values is refused (:func:`check_finite`)."""
-    check_finite(diff)
+    values is refused as :func:`check_finite` refuses it, checked chunk by chunk while
+    the chunk is in cache."""
     rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
     weight = weight_of(num_samples, p)
     flats = [np.ravel(a) for a in diff]
@@ -76,13 +80,15 @@ def encode(diff: Sequence[np.ndarray], num_samples: int | None, p: SecAggParams,
     scaled = np.empty(min(CHUNK, body.size), np.float64)
     low, draws = np.empty_like(scaled), np.empty_like(scaled)
     at = 0
-    for flat in flats:
+    for i, flat in enumerate(flats):
         for start in range(0, flat.size, CHUNK):
             part = flat[start : start + CHUNK]
             x, floor, u = scaled[: part.size], low[: part.size], draws[: part.size]
             # clipped and scaled; its floor, then the fractional part, rounded up with
             # that probability (the uniform draws in order, as one call would make them)
             x[...] = part  # clipped in float64, whatever the diff's dtype
+            if not np.isfinite(x).all():  # NaN has no integer to round to
+                raise _not_finite(i)
             np.clip(x, -p.clipping_range, p.clipping_range, out=x)
             x *= p.scale
             np.floor(x, out=floor)
