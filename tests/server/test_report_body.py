@@ -38,6 +38,10 @@ BODIES = {
     "vector deeper in a message": '{"message": {"x": {"vector": "%s"}}}',
     "diff inside a message": '{"message": {"diff": "%s"}}',
     "vector, not base64": '{"message": {"vector": "%s!"}}',
+    # the payload's closing quote is looked for in the body's last 4 KB first
+    "a long value after the diff": '{"diff": "%s", "metrics": {"note": "' + "x" * 5000 + '"}}',
+    "a short diff before a long value": '{"diff": "QUJD", "worker_id": "%s"}',
+    "quotes after the diff": '{"diff": "%s", "a": "QUJD", "b": "\\"QUJD"}',
 }
 
 

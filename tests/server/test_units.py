@@ -98,6 +98,36 @@ def test_validate_diff():
             agg.validate_diff(bad, spec)
 
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_validate_diff_holds_every_value_to_the_bound(dtype):
+    """Whichever way a tensor is checked (one sum of squares when it is small, min and
+    max otherwise), the verdict is each value's own against MAX_DIFF_VALUE."""
+    spec = agg.ModelSpec.of([np.zeros(1000, dtype)])
+    within = float(np.asarray(agg.MAX_DIFF_VALUE, dtype))
+    if within > agg.MAX_DIFF_VALUE:
+        within = float(np.nextafter(np.asarray(within, dtype), dtype(0)))
+    beyond = float(np.nextafter(np.asarray(within, dtype), dtype(np.inf)))
+    assert within <= agg.MAX_DIFF_VALUE < beyond
+
+    def diff(*values):
+        a = np.full(1000, 1e-3, dtype)
+        a[: len(values)] = values
+        return [a]
+
+    for ok in (diff(), diff(within), diff(-within), diff(*[within / 10] * 1000)):
+        agg.validate_diff(ok, spec)
+    for bad, says in (
+        (diff(beyond), "beyond"),
+        (diff(-beyond), "beyond"),
+        (diff(within, beyond), "beyond"),
+        (diff(np.nan), "NaN or infinite"),
+        (diff(np.inf, -np.inf), "NaN or infinite"),
+    ):
+        with pytest.raises(InvalidRequestError, match=says):
+            agg.validate_diff(bad, spec)
+
+
 def test_held_admissions_batch_what_one_signal_wakes():
     """Requests queued in the same loop turns go to the node in one admit_held call (at
     most ``batch`` each); each waiter gets its own reply, or its own error."""
