@@ -218,6 +218,10 @@ def _plot(best: dict, path: Path, target: float, model: str = "2nn") -> None:
     for name, (_, _, label, accs) in best.items():
         ax.plot(range(1, len(accs) + 1), [100 * a for a in accs], label=f"{name} ({label})")
     ax.axhline(100 * target, color="grey", linestyle=":", linewidth=1)
+    base = best.get("fedavg", (None,))[0]
+    if base:  # the goal: the best adaptive optimizer at the target by then
+        ax.axvline(base / 2, color="grey", linestyle="--", linewidth=1,
+                   label=f"half FedAvg's {base} rounds")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{model.upper()}, pathological non-IID MNIST, K=100, C=0.1, E=1, B=10")
