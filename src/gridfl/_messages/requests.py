@@ -251,7 +251,7 @@ def decode_diff(value: Any) -> bytes | memoryview:
         raise InvalidRequestError("'diff' is not valid base64") from None
 
 
-def b64decode(value: str) -> bytes:
+def b64decode(value: str | bytes | bytearray | memoryview) -> bytes:
     """Strict standard base64 (padded, no stray characters) to bytes.
 
     pybase64 (SIMD) rather than the standard library: a CNN diff is 9 MB of base64,
