@@ -222,6 +222,7 @@ def _plot(best: dict, path: Path, target: float, model: str = "2nn") -> None:
     if base:  # the goal: the best adaptive optimizer at the target by then
         ax.axvline(base / 2, color="grey", linestyle="--", linewidth=1,
                    label=f"half FedAvg's {base} rounds")
+    ax.set_ylim(100 * target - 12, 100 * min(1.0, target + 0.015))  # the race to the target
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{model.upper()}, pathological non-IID MNIST, K=100, C=0.1, E=1, B=10")
