@@ -117,6 +117,8 @@ def run_row(row: Row, process, data, test, args) -> None:
         row.tried[lr] = result.target_round
         row.ran[lr] = len(result.rounds)
         last = [r.central["accuracy"] for r in result.rounds if "accuracy" in r.central]
+        # the last complete evaluation: near the target, an evaluation stops once the
+        # target is out of reach and gives only a bound
         row.accuracy[lr] = last[-1] if last else float("nan")
         spent = sum(r.seconds for r in result.rounds)
         outcome = (f"reached at {result.target_round}" if result.target_round
@@ -129,8 +131,12 @@ def run_row(row: Row, process, data, test, args) -> None:
 
 def _log_round(entry) -> None:
     """One line a round, so a row cut short still says how far it got."""
-    accuracy = entry.central.get("accuracy")
-    seen = f", test accuracy {100 * accuracy:.2f}%" if accuracy is not None else ""
+    from gridfl.simulation.central import AT_MOST
+
+    accuracy, bound = entry.central.get("accuracy"), entry.central.get(AT_MOST)
+    seen = (f", test accuracy {100 * accuracy:.2f}%" if accuracy is not None
+            else f", test accuracy at most {100 * bound:.2f}% (stopped short of the target)"
+            if bound is not None else "")
     print(f"    round {entry.round}: {entry.seconds:.2f} s{seen}", flush=True)
 
 
