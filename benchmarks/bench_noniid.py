@@ -208,10 +208,10 @@ def main(argv: list[str]) -> None:
         print(f"  {name:8} {label:14} {reached or f'> {rounds}'} rounds, best "
               f"{100 * top:.2f}%{ratio}")
     if args.plot:
-        _plot(best, args.plot, args.target, args.model)
+        _plot(best, args.plot, args.target, base, args.model)
 
 
-def _plot(best: dict, path: Path, target: float, model: str = "2nn") -> None:
+def _plot(best: dict, path: Path, target: float, base: int | None, model: str = "2nn") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,7 +221,6 @@ def _plot(best: dict, path: Path, target: float, model: str = "2nn") -> None:
     for name, (_, _, label, accs) in best.items():
         ax.plot(range(1, len(accs) + 1), [100 * a for a in accs], label=f"{name} ({label})")
     ax.axhline(100 * target, color="grey", linestyle=":", linewidth=1)
-    base = best.get("fedavg", (None,))[0]
     if base:  # the goal: the best adaptive optimizer at the target by then
         ax.axvline(base / 2, color="grey", linestyle="--", linewidth=1,
                    label=f"half FedAvg's {base} rounds")

@@ -98,7 +98,6 @@ def test_validate_diff():
             agg.validate_diff(bad, spec)
 
 
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_validate_diff_holds_every_value_to_the_bound(dtype):
     """Whichever way a tensor is checked (one sum of squares when it is small, min and

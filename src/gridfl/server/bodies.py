@@ -54,6 +54,16 @@ _PAYLOAD_PATHS = {path[-1]: path[:-1] for path in _messages.BINARY_PAYLOADS.valu
 _PAYLOAD_AT = re.compile(rb'"(' + "|".join(_PAYLOAD_PATHS).encode() + rb')"\s*:\s*"')
 
 
+def _decoded(raw: bytes, start: int, end: int) -> bytes | None:
+    """``raw[start:end]`` decoded as strict base64, or ``None`` if it is empty or not."""
+    if end <= start:
+        return None
+    try:
+        return _messages.b64decode(memoryview(raw)[start:end])
+    except (binascii.Error, ValueError):
+        return None
+
+
 def _with_decoded_payload(body: bytes | str, what: str, check: bool) -> Any:
     """The message parsed with its one large base64 value decoded to bytes, or ``None``
     when the body is not one this shortcut can prove equivalent (the caller then parses
@@ -78,19 +88,15 @@ def _with_decoded_payload(body: bytes | str, what: str, check: bool) -> Any:
     # long value, so the first quote of the body's tail is tried, and decoding checks it
     # (standard base64 has neither a quote nor a backslash).
     end = raw.find(b'"', max(start, len(raw) - _TAIL_BYTES))
-    try:
-        decoded = _messages.b64decode(memoryview(raw)[start:end]) if end > start else None
-    except (binascii.Error, ValueError):
-        decoded = None
+    decoded = _decoded(raw, start, end)
     if decoded is None:  # the slow way: the first quote
         first = raw.find(b'"', start)
-        if first <= start or first == end:
-            return None
-        end = first
-        try:
-            decoded = _messages.b64decode(memoryview(raw)[start:end])
-        except (binascii.Error, ValueError):
+        if first == end:
             return None  # the whole parse says what is wrong with it
+        end = first
+        decoded = _decoded(raw, start, end)
+        if decoded is None:
+            return None
     marker = secrets.token_hex(16)
     rest = raw[:start] + marker.encode() + raw[end:]
     try:
