@@ -70,10 +70,14 @@ def _host(node: GridNode, name: str, shapes, k: int, durability: str | None) -> 
 
 
 def _seats(node: GridNode, name: str, k: int) -> list[tuple[str, str]]:
+    """k accepted workers, each having downloaded the model as a worker does before it
+    trains (which loads the checkpoint into the node's cache once per cycle, not per
+    report)."""
     out = []
     for _ in range(k):
         a = node.authenticate(_messages.AuthenticateRequest(model_name=name))
         c = node.cycle_request(_messages.CycleRequest(worker_id=a["worker_id"], model=name))
+        node.get_model(_messages.AssetRequest(a["worker_id"], c["request_key"], c["model_id"]))
         out.append((a["worker_id"], c["request_key"]))
     return out
 
