@@ -17,6 +17,9 @@ A second table is the parse cost of hostile diffs (benchmarks/hostile_state.py: 
 of tiny tensors, placeholders, tags, unknown fields, groups ...) against a model whose real
 diff has the same size, read with ``loads(data, expect=model)`` as the grid node does: the
 time to refuse each one over the time to read the real diff, min of interleaved rounds.
+The real diff carries the random ids another client gives its tensors, so it is read by
+walking its fields as hostile input is (gridfl's own framing is read by its layout, which
+a third line times).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 from google.protobuf import __version__ as protobuf_version
 from google.protobuf.internal import api_implementation
 
-from benchmarks.hostile_state import HOSTILE, model_of_size, normal_diff
+from benchmarks.hostile_state import HOSTILE, foreign_bytes, model_of_size, normal_diff
 from benchmarks.syft_proto import arrays_from_message, state_message, syft_proto
 from gridfl import StateError
 from gridfl.state import dumps, loads
@@ -123,17 +126,21 @@ def run(repeats: int = 21) -> dict[str, dict[str, float]]:
 
 
 def run_hostile(sizes=HOSTILE_SIZES, repeats: int = 9) -> dict[str, dict[int, float]]:
-    """hostile case -> {real diff's size: refuse time / read time}; plus "_normal_ms"."""
-    out: dict[str, dict[int, float]] = {"_normal_ms": {}}
+    """hostile case -> {real diff's size: refuse time / read time}; plus "_normal_ms" and
+    "_own_ms", the ms to read the real diff by its fields and gridfl's own by its layout."""
+    out: dict[str, dict[int, float]] = {"_normal_ms": {}, "_own_ms": {}}
     for size in sizes:
         model = model_of_size(size)
-        normal = dumps(normal_diff(model))
+        arrays = normal_diff(model)
+        normal, foreign = dumps(arrays), foreign_bytes(arrays)
         for name, build in HOSTILE.items():
             t_normal, t_hostile = _read_and_refuse(
-                normal, build(model, len(normal)), model, repeats
+                foreign, build(model, len(normal)), model, repeats
             )
             out.setdefault(name, {})[len(normal)] = t_hostile / t_normal
             out["_normal_ms"][len(normal)] = t_normal * 1e3
+        (own,) = _min_times([lambda b=normal, m=model: loads(b, expect=m)], repeats)
+        out["_own_ms"][len(normal)] = own * 1e3
     return out
 
 
@@ -160,7 +167,7 @@ def _min_times(fns, repeats: int) -> list[float]:
 
 
 def print_hostile(res: dict[str, dict[int, float]]) -> None:
-    normal_ms = res.pop("_normal_ms")
+    normal_ms, own_ms = res.pop("_normal_ms"), res.pop("_own_ms")
     sizes = list(normal_ms)
     print(
         f"\nHostile diffs vs the real diff of the same size, loads(data, expect=model): "
@@ -170,6 +177,8 @@ def print_hostile(res: dict[str, dict[int, float]]) -> None:
     print(header)
     print("-" * len(header))
     print(f"{'(real diff, ms to read)':<34}" + "".join(f"{normal_ms[n]:>11.2f} " for n in sizes))
+    print(f"{'(gridfl-written diff, ms to read)':<34}"
+          + "".join(f"{own_ms[n]:>11.2f} " for n in sizes))
     worst = 0.0
     for name, ratios in res.items():
         worst = max(worst, *ratios.values())

@@ -21,21 +21,8 @@ feeding the updated params back in, as a worker does. CPU time (all threads of t
 process) is printed next to wall time: on a busy machine it shows the work done, free of
 the time a runtime spent descheduled.
 
-Measured on the 2-core AMD EPYC dev box (AVX2) while other test suites ran (load 4-18,
-so absolute times are inflated; the 1-core rows are the reliable comparison):
-
-    model batch setting  threads t/p  torch ms  plan ms plan/torch   cpu ratio
-    cnn      10 default      2/2        513.59    45.41       0.09        0.08
-    cnn      64 default      2/2        437.07   161.84       0.37        0.34
-    2nn      10 default      2/2          1.42     0.70       0.50        0.46
-    2nn      64 default      2/2          1.91     1.84       0.96        0.44
-    cnn      10 1 core       1/1         26.42    25.61       0.97        0.97
-    cnn      64 1 core       1/1        124.07   126.54       1.02        1.03
-    2nn      10 1 core       1/1          1.27     0.61       0.48        0.48
-    2nn      64 1 core       1/1          2.47     1.49       0.60        0.61
-
-(torch's default-thread CNN rows are slow because its OpenMP threads spin-wait while the
-other core is busy; the plan's session does not spin.)
+The figures, and where the plan's time goes, are in docs/performance.md ("Training step
+and State codec").
 """
 
 from __future__ import annotations

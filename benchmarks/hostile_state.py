@@ -1,7 +1,8 @@
 """
 Hostile ``State`` diffs: structures that would make a pure-Python structure reader loop
 once per few bytes, each built to a chosen byte size, and the normal diff they are
-compared with (a model whose real diff has the same size).
+compared with (a model whose real diff has the same size, with the ids another client
+gives its tensors: :func:`foreign_bytes`).
 
 Shared by ``tests/server/test_parser_cost.py`` and ``benchmarks/bench_state.py``.
 
@@ -18,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from gridfl import _protobuf as pw
+from gridfl import state
 from gridfl.state import dumps
 
 Model = list[tuple[tuple[int, ...], np.dtype]]
@@ -37,6 +39,23 @@ def model_of_size(nbytes: int) -> Model:
 def normal_diff(model: Model, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [(0.01 * rng.standard_normal(s)).astype(dt) for s, dt in model]
+
+
+def foreign_bytes(arrays: list[np.ndarray], seed: int = 0) -> bytes:
+    """``arrays`` as a client other than gridfl writes them: dumps' framing with random
+    64-bit ids, as PySyft gives its tensors. ``loads`` reads these by walking their fields
+    (gridfl's own bytes, ids 0, 1, ..., it reads by their layout), so they are what a
+    hostile diff's cost is measured against."""
+    rng = np.random.default_rng(seed)
+    placeholders, tensors = [], []
+    for a in arrays:
+        kind = state._BY_NP[a.dtype]
+        payload = state._payload(a, kind)
+        tensor_id = int(rng.integers(1 << 40, 1 << 62))
+        placeholder, head, tail = state._framing(tensor_id, a.shape, kind, len(payload))
+        placeholders.append(placeholder)
+        tensors += (head, payload, tail)
+    return b"".join([*placeholders, *tensors])
 
 
 # --------------------------------------------------------------------------- building blocks

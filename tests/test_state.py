@@ -20,6 +20,7 @@ from hypothesis.extra import numpy as hnp
 
 from gridfl import StateError
 from gridfl import _protobuf as pw
+from gridfl import state as state_module
 from gridfl.state import SUPPORTED_DTYPES, dumps, loads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,6 +273,55 @@ def test_arbitrary_bytes_raise_only_state_error(data):
         assert isinstance(result, list)
         assert all(isinstance(a, np.ndarray) for a in result)
     assert time.perf_counter() - started < 0.5
+
+
+float_arrays_st = st.lists(
+    st.sampled_from([np.float32, np.float64]).flatmap(lambda d: hnp.arrays(d, shapes)),
+    min_size=1,
+    max_size=5,
+)
+
+
+@given(float_arrays_st)
+@settings(max_examples=200, deadline=None)
+def test_bytes_as_dumps_writes_them_read_by_layout_as_by_fields(arrays):
+    """With ``expect``, float tensors in dumps' own framing are read by their layout; the
+    arrays are those the field walk (``loads`` without ``expect``) gives."""
+    data = dumps(arrays)
+    expect = [(a.shape, a.dtype) for a in arrays]
+    written = state_module._Written.of(tuple(state_module._wants(expect)))
+    assert state_module._as_written(memoryview(data), written) is not None
+    walked = loads(data)
+    for views in (False, True):
+        got = loads(data, expect=expect, views=views)
+        for a, b, w in zip(arrays, got, walked, strict=True):
+            assert b.dtype == w.dtype == a.dtype and b.shape == w.shape == a.shape
+            assert np.array_equal(b, w, equal_nan=True)
+            assert b.flags.writeable != views or b.size == 0
+
+
+def test_a_byte_changed_outside_the_payloads_is_read_by_its_fields():
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([], np.float64),
+              np.float64(2.5) * np.ones(())]
+    data = dumps(arrays)
+    expect = [(a.shape, a.dtype) for a in arrays]
+    written = state_module._Written.of(tuple(state_module._wants(expect)))
+    payload_bytes = {at + k for at, count, _, _, dt in written.payloads
+                     for k in range(count * dt.itemsize)}
+    for pos in range(len(data)):
+        changed = bytearray(data)
+        changed[pos] ^= 0x01
+        taken = state_module._as_written(memoryview(bytes(changed)), written)
+        assert (taken is not None) == (pos in payload_bytes), pos
+    # a payload's bytes are its values, whatever they are
+    changed = bytearray(data)
+    changed[next(iter(sorted(payload_bytes)))] ^= 0xFF
+    assert not np.array_equal(loads(bytes(changed), expect=expect)[0], arrays[0])
+    # one byte more or less: the field walk, which says what is wrong
+    with pytest.raises(StateError):
+        loads(data[:-1], expect=expect)
+    with pytest.raises(StateError):
+        loads(data + b"\x00", expect=expect)
 
 
 SMALL = dumps([np.arange(6, dtype=np.float32).reshape(2, 3), np.array([-3, 200], np.int64)])
