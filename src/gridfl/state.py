@@ -329,7 +329,7 @@ class _Written:
     payloads (``runs``, each at its offset) and where each payload lies. Bytes that match
     these everywhere but in the payloads are parsed by their layout, without walking
     their fields: a gridfl worker's diff and the node's own checkpoints are such bytes.
-    ``None`` for tensors whose payload size depends on the values (packed varints)."""
+    Only float32 and float64 tensors, whose payloads are their values' bytes."""
 
     size: int
     runs: tuple[tuple[int, bytes], ...]
@@ -338,8 +338,7 @@ class _Written:
     @staticmethod
     @functools.lru_cache(maxsize=16)
     def of(wants: tuple[tuple[tuple[int, ...], _Kind], ...]) -> _Written | None:
-        if not wants or any(kind.np_dtype.kind != "f" or kind.name == "float16"
-                            for _, kind in wants):
+        if not wants or any(kind.name not in ("float32", "float64") for _, kind in wants):
             return None
         framing = [
             _framing(i, shape, kind, math.prod(shape) * kind.np_dtype.itemsize)
@@ -353,7 +352,7 @@ class _Written:
             runs.append((at, pending))
             at += len(pending)
             count = math.prod(shape)
-            wire = "<f4" if kind.wire == "f32" else "<f8"
+            wire = "<f4" if kind.name == "float32" else "<f8"
             payloads.append((at, count, wire, shape, kind.np_dtype))
             at += count * kind.np_dtype.itemsize
             pending = tail
