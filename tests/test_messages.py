@@ -121,6 +121,21 @@ def test_report_keeps_raw_diff_bytes_for_a_binary_frame():
     assert payload == b"\x01\x02" and b"diff" not in header
 
 
+@pytest.mark.parametrize("worker_id", ["w", "w1", "worker-12345", "x" * 37])
+@pytest.mark.parametrize("request_id", [None, 7, "abc"])
+def test_a_binary_frame_payload_starts_eight_byte_aligned(worker_id, request_id):
+    """Whatever the header holds, the payload starts at a multiple of 8 bytes from the
+    frame's start (the header ends in JSON whitespace), and the header still reads."""
+    data = {"worker_id": worker_id, "request_key": "k", "diff": b"\x01" * 9, "num_samples": 600}
+    frame = _messages.encode_binary_report(data, request_id)
+    header, payload = _messages.split_binary_report(frame)
+    assert (len(frame) - len(payload)) % 8 == 0 and bytes(payload) == b"\x01" * 9
+    parsed = json.loads(header)
+    assert parsed["data"] == {"worker_id": worker_id, "request_key": "k", "num_samples": 600}
+    assert parsed.get("request_id") == request_id
+    assert header.rstrip(b" ") == header.strip()  # only trailing spaces were added
+
+
 # Replies as a gridfl node sends them (recorded from GridNode) and PyGrid's documented shapes.
 GRIDFL_ACCEPTED = {
     "status": "accepted",

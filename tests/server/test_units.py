@@ -85,6 +85,44 @@ def test_mean_rules():
     np.testing.assert_allclose(agg.mean_diff(sw, 2, 4, sx1, 1), [(10 + 2 * 5) / 6, (20 + 10) / 6])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weighted_fold_is_the_weighted_sum_in_the_sums_dtype(dtype):
+    """Weighted reports fold into the running sum in place, in its dtype: numpy's float64
+    sum of ``weight * diff`` within that dtype's rounding, and a misaligned view of a diff
+    folds to the same sums."""
+    rng = np.random.default_rng(7)
+    shapes = [(30, 7), (5,), (0,), (4, 3, 2)]
+    spec = agg.ModelSpec.of([np.zeros(s, dtype) for s in shapes])
+    diffs = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(4)]
+    weights = [600, 1, 37, 2**20]
+    total = agg.new_sum(spec)
+    before = total.ctypes.data
+    for diff, w in zip(diffs, weights, strict=True):
+        agg.fold(total, diff, spec, weight=w)
+    assert total.ctypes.data == before and total.dtype == dtype  # in place
+    expected = sum(
+        w * np.concatenate([a.reshape(-1).astype(np.float64) for a in diff])
+        for diff, w in zip(diffs, weights, strict=True)
+    )
+    eps = np.finfo(dtype).eps
+    bound = 4 * eps * sum(w * np.abs(np.concatenate([a.reshape(-1) for a in d])).astype(
+        np.float64) for d, w in zip(diffs, weights, strict=True))
+    assert np.all(np.abs(total - expected) <= bound + 1e-300)
+    # a misaligned view of the same values folds to the same sums
+    raw = bytearray(1) + bytearray(np.concatenate([a.reshape(-1) for a in diffs[0]]).tobytes())
+    flat = np.frombuffer(raw, dtype, offset=1)
+    assert not flat.flags.aligned
+    at, odd = 0, []
+    for s in shapes:
+        n = int(np.prod(s))
+        odd.append(flat[at : at + n].reshape(s))
+        at += n
+    one, other = agg.new_sum(spec), agg.new_sum(spec)
+    agg.fold(one, diffs[0], spec, weight=600)
+    agg.fold(other, odd, spec, weight=600)
+    np.testing.assert_allclose(other, one, rtol=4 * eps, atol=0)
+
+
 def test_validate_diff():
     spec = agg.ModelSpec.of([np.zeros((2, 2), np.float32)])
     agg.validate_diff([np.ones((2, 2), np.float32)], spec)
