@@ -46,16 +46,8 @@ def foreign_bytes(arrays: list[np.ndarray], seed: int = 0) -> bytes:
     64-bit ids, as PySyft gives its tensors. ``loads`` reads these by walking their fields
     (gridfl's own bytes, ids 0, 1, ..., it reads by their layout), so they are what a
     hostile diff's cost is measured against."""
-    rng = np.random.default_rng(seed)
-    placeholders, tensors = [], []
-    for a in arrays:
-        kind = state._BY_NP[a.dtype]
-        payload = state._payload(a, kind)
-        tensor_id = int(rng.integers(1 << 40, 1 << 62))
-        placeholder, head, tail = state._framing(tensor_id, a.shape, kind, len(payload))
-        placeholders.append(placeholder)
-        tensors += (head, payload, tail)
-    return b"".join([*placeholders, *tensors])
+    ids = np.random.default_rng(seed).integers(1 << 40, 1 << 62, size=len(arrays))
+    return state._encode(arrays, (int(i) for i in ids))
 
 
 # --------------------------------------------------------------------------- building blocks

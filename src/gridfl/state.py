@@ -178,9 +178,14 @@ def dumps(arrays: Sequence[np.ndarray]) -> bytes:
             f"dumps() takes a sequence of arrays, got {type(arrays).__name__}; "
             "wrap a single array in a list"
         )
+    return _encode(arrays, range(len(arrays)))
+
+
+def _encode(arrays: Sequence[np.ndarray], ids: Iterable[int]) -> bytes:
+    """:func:`dumps` with the given tensor ids (gridfl's are 0, 1, ...; PySyft's random)."""
     placeholders: list[bytes] = []
     tensors: list[bytes | memoryview] = []
-    for i, a in enumerate(arrays):
+    for i, (a, tensor_id) in enumerate(zip(arrays, ids, strict=True)):
         arr = np.asarray(a)
         dt = arr.dtype
         kind = _BY_NP.get(dt if dt.isnative else dt.newbyteorder("="))
@@ -190,7 +195,7 @@ def dumps(arrays: Sequence[np.ndarray]) -> bytes:
                 f"(supported: {', '.join(SUPPORTED_DTYPES)})"
             )
         payload = _payload(arr, kind)
-        placeholder, head, tail = _framing(i, arr.shape, kind, _nbytes(payload))
+        placeholder, head, tail = _framing(tensor_id, arr.shape, kind, _nbytes(payload))
         placeholders.append(placeholder)
         tensors += (head, payload, tail) if payload else (head, tail)
     # One copy of every payload, straight from the array buffers into the result.
