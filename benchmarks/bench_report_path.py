@@ -8,6 +8,8 @@ diff) or a binary WebSocket frame's header and payload, :func:`parse_report`,
 real SQLite file, with ``durability`` ``"report"`` (running sums written with each
 report) and ``"cycle"`` (in memory until the cycle completes). The cycle's goal is one
 report more than the reports sent, so no checkpoint is written inside the timed loop.
+The reports carry no ``num_samples`` unless ``--num-samples`` gives one (the gridfl
+worker sends it; the node then folds ``num_samples x diff``).
 
 The floor is what a report cannot avoid: decoding the same bytes (base64 for the JSON
 body; nothing for the binary frame) into float32 views, plus
@@ -82,17 +84,23 @@ def _seats(node: GridNode, name: str, k: int) -> list[tuple[str, str]]:
     return out
 
 
-def _node_cpu(tmp: Path, shapes, blob: bytes, k: int, durability: str | None, binary: bool):
+def _node_cpu(
+    tmp: Path, shapes, blob: bytes, k: int, durability: str | None, binary: bool,
+    num_samples: int | None,
+):
     node = GridNode(Settings(data_dir=tmp, admin_token="x"))
     try:
         name = f"m{len(list(tmp.iterdir()))}-{time.monotonic_ns()}"
         _host(node, name, shapes, k, durability)
         seats = _seats(node, name, k)
         text = _messages.b64encode(blob)
+        weighed = {} if num_samples is None else {"num_samples": num_samples}
         frames = [
-            _messages.encode_binary_report({"worker_id": w, "request_key": key, "diff": blob})
+            _messages.encode_binary_report(
+                {"worker_id": w, "request_key": key, "diff": blob, **weighed}
+            )
             if binary
-            else json.dumps({"worker_id": w, "request_key": key, "diff": text}).encode()
+            else json.dumps({"worker_id": w, "request_key": key, "diff": text, **weighed}).encode()
             for w, key in seats
         ]
         t = time.process_time()
@@ -128,6 +136,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reports", type=int, default=20, help="reports per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--durability", nargs="+", default=["report", "cycle"])
+    ap.add_argument("--num-samples", type=int, default=None,
+                    help="reports carry num_samples, as the gridfl worker's do (folded as "
+                    "num_samples x diff; the floor stays an unweighted add)")
     args = ap.parse_args(argv)
     models = {"CNN": CNN_SHAPES, "2NN": TWO_NN_SHAPES}
     print(f"{'model':5} {'body':12} {'durability':10} {'node ms':>8} {'floor ms':>8} {'ratio':>6}")
@@ -141,7 +152,8 @@ def main(argv=None) -> None:
                 for _ in range(args.rounds):
                     with tempfile.TemporaryDirectory() as tmp:
                         cfg = None if durability == "report" else durability
-                        node.append(_node_cpu(Path(tmp), shapes, blob, args.reports, cfg, binary))
+                        node.append(_node_cpu(Path(tmp), shapes, blob, args.reports, cfg, binary,
+                                              args.num_samples))
                     floor.append(_floor_cpu(blob, diff, args.reports, binary))
                 n, f = statistics.median(node) * 1e3, statistics.median(floor) * 1e3
                 body = "WS binary" if binary else "HTTP base64"

@@ -126,7 +126,7 @@ def test_full_cycle_fast_path():
 
 # ------------------------------------------------------------------ completion
 def ready(cfg, received, accepted, end_at=None, now=100.0):
-    return rules.ready(cfg, received=received, accepted=accepted, end_at=end_at, now=now)
+    return rules.ready(cfg, received=received, accepted=lambda: accepted, end_at=end_at, now=now)
 
 
 def test_pygrid_default_every_report_completes():
@@ -154,7 +154,7 @@ def test_min_diffs_and_min_workers_gate_everything():
     assert ready({"min_diffs": 3}, received=3, accepted=3)
     assert not ready({"min_workers": 5, "max_diffs": 2}, received=2, accepted=4)
     assert ready({"min_workers": 5, "max_diffs": 2}, received=2, accepted=5)
-    assert not ready({"min_workers": 5}, received=9, accepted=4, end_at=1.0, now=2.0)
+    assert not ready({"min_workers": 5}, received=4, accepted=4, end_at=1.0, now=2.0)
 
 
 def test_full_cycle_whose_workers_all_reported_is_done():
@@ -164,6 +164,37 @@ def test_full_cycle_whose_workers_all_reported_is_done():
     assert ready(cfg, received=3, accepted=3, end_at=future)
     assert not ready(cfg, received=2, accepted=3, end_at=future)  # one still training
     assert not ready(cfg, received=2, accepted=2, end_at=future)  # not full: more may join
+
+
+def test_seats_are_counted_only_when_the_answer_depends_on_them():
+    """Counting a cycle's seats scans them; every report has a seat of its own, so with
+    at least min_workers reports, or fewer reports than the cap, the count cannot change
+    the answer."""
+    counted = []
+
+    def seats(n):
+        return lambda: counted.append(n) or n
+
+    cfg = {"max_workers": 10, "max_diffs": 20, "min_workers": 3, "cycle_length": 600}
+    for received, accepted, expected, asked in [
+        (5, 8, False, False),  # under the cap of 10 seats: cannot be full and all reported
+        (2, 8, False, True),  # under min_workers: the seats decide
+        (2, 2, False, True),
+        (10, 10, True, True),  # at the cap: full only if every seat reported
+        (10, 11, False, True),
+    ]:
+        counted.clear()
+        got = rules.ready(cfg, received=received, accepted=seats(accepted), end_at=700.0, now=100.0)
+        assert got is expected, (received, accepted)
+        assert bool(counted) is asked, (received, accepted)
+    # each answer agrees with counting first and applying the rule to the number
+    for received in range(13):
+        for accepted in range(received, 13):
+            lazy = rules.ready(cfg, received=received, accepted=seats(accepted), end_at=700.0,
+                               now=100.0)
+            eager = (received >= 1 and accepted >= 3 and
+                     (received >= 20 or (accepted >= 10 and received >= accepted)))
+            assert lazy is eager, (received, accepted)
 
 
 def test_deadline_and_retry_timeout():

@@ -107,6 +107,22 @@ def test_cycle_aggregates_on_both_backends(node):
     assert st["cycles"][0]["status"] == "completed" and st["current"]["sequence"] == 2
 
 
+@pytest.mark.parametrize("durability", ["report", "cycle"])
+def test_a_report_records_its_samples_and_metrics(node, durability):
+    """The report's seat row (written on the driver's cursor, db.Prepared) keeps what the
+    worker said of itself, JSON metrics included, on both backends."""
+    node.host(host_payload(server_config={"max_diffs": 2, "durability": durability}))
+    joined = [_join(node) for _ in range(2)]
+    _report(node, *joined[0], 0, num_samples=10, metrics={"loss": 0.5, "accuracy": 0.75})
+    _report(node, *joined[1], 1)  # no samples and no metrics: NULL, left out of the means
+    with pytest.raises(ConflictError, match="already reported"):
+        _report(node, *joined[1], 1)
+    cycle = node.status("mnist", "1.0")["cycles"][0]
+    assert cycle["status"] == "completed" and cycle["reported"] == 2
+    assert cycle["num_samples"] == 10
+    assert cycle["metrics"] == {"loss": 0.5, "accuracy": 0.75}
+
+
 def test_held_requests_are_admitted_together(node, monkeypatch):
     """admit_held answers each request as cycle_request would, in order, in one write
     transaction; a request that fails (even after writing) leaves no trace, and the

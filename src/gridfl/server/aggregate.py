@@ -45,6 +45,7 @@ _DOT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 _FLOAT32 = np.dtype(np.float32)
+_SCALE_CHUNK = 1 << 14  # values of a weighted diff scaled at a time: 64-128 KiB, in L2
 
 
 @dataclass(frozen=True)
@@ -142,14 +143,22 @@ class DenseDiff(list):
         are)."""
         at = 0
         scale = None if weight is None else total.dtype.type(weight)
+        scaled = None if scale is None else np.empty(_SCALE_CHUNK, total.dtype)
         for a in self:
             flat = np.asarray(a).reshape(-1)
             view = total[at : at + flat.size]
             at += flat.size
-            if scale is None:
+            if scaled is None:
                 np.add(view, flat, out=view, casting="unsafe")
-            else:
-                view += flat * scale
+                continue
+            # chunk by chunk: a scaled chunk is still in cache when it is added, where a
+            # model-sized temporary costs its page faults and one more pass over memory
+            for start in range(0, flat.size, _SCALE_CHUNK):
+                part = flat[start : start + _SCALE_CHUNK]
+                out = scaled[: part.size]
+                np.multiply(part, scale, out=out, casting="unsafe")
+                into = view[start : start + _SCALE_CHUNK]
+                np.add(into, out, out=into)
         if at != total.size:
             raise ValueError(f"the diff has {at} values; the sum has {total.size}")
 

@@ -129,17 +129,9 @@ def _fold(conn, catalog, buffers: Cycles, buffer, seat, diff, req, spec):
     fedbuff.fold(catalog.strategy(conn, process.id), sums, diff, scale)
     buffers.store_sums(conn, buffer.id, sums)
     now = time.time()
-    conn.execute(
-        storage.mark_reported,
-        {
-            "b_seat_id": seat.id,
-            "reported_at": now,
-            "num_samples": req.num_samples,
-            "metrics": req.metrics,
-        },
-    )
+    storage.mark_reported(conn, seat.id, now, req.num_samples, req.metrics)
     received = buffer.num_reports + 1
-    conn.execute(storage.count_report, {"b_cycle_id": buffer.id, "num_reports": received})
+    storage.count_report(conn, buffer.id, received)
     buffers.crash_point("report")
     if received < cfg["buffer_size"]:
         return sums

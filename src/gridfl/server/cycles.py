@@ -221,7 +221,7 @@ class Cycles:
         were the last; then forget them (the cycle closed, or they are written)."""
         closed = 0
         with db.write(self.engine) as conn:
-            cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).first()
+            cycle = storage.lock_cycle(conn, cycle_id)
             if cycle is not None and cycle.status == "open" and cycle.closing_at is not None:
                 committed, written = self.partials.committed(conn, cycle_id)
                 if committed and not written:
@@ -349,7 +349,9 @@ class Cycles:
         try:
             with db.write(self.engine) as conn:
                 cycle = storage.lock_cycle(conn, cycle_id)
-                if cycle.status != "open" or cycle.end_at is None or cycle.end_at > now:
+                if cycle is None or cycle.status != "open":
+                    return 0
+                if cycle.end_at is None or cycle.end_at > now:
                     return 0
                 process = storage.process_by_id(conn, cycle.process_id)
                 cfg, received = process.server_config, cycle.num_reports
@@ -361,11 +363,10 @@ class Cycles:
                         f"within close_timeout ({self.close_timeout:g} s)", warn=True,
                     )
                     return 1
-                # the seats are counted only when the reports could be enough
-                if rules.enough_reports(cfg, received) and rules.ready(
+                if rules.ready(
                     cfg,
                     received=received,
-                    accepted=storage.count_seats(conn, cycle_id),
+                    accepted=lambda: storage.count_seats(conn, cycle_id),
                     end_at=cycle.end_at,
                     now=now,
                 ):

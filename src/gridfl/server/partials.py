@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from gridfl.server import aggregate as agg
+from gridfl.server.db import Prepared
 from gridfl.server.tables import cycle_partials, cycles
 
 _P = sa.bindparam
@@ -31,8 +32,16 @@ _mine = sa.and_(
     cycle_partials.c.cycle_id == _P("b_cycle_id"),
     cycle_partials.c.instance_id == _P("b_instance_id"),
 )
-_committed = sa.select(cycle_partials.c.num_reports, cycle_partials.c.written_at).where(_mine)
-_count = cycle_partials.update().where(_mine).values(num_reports=_P("num_reports"))
+# run with every report: on the driver's cursor (db.Prepared)
+_committed = Prepared(
+    sa.select(cycle_partials.c.num_reports, cycle_partials.c.written_at).where(_mine)
+)
+_count = Prepared(cycle_partials.update().where(_mine).values(num_reports=_P("num_reports")))
+_first = Prepared(
+    cycle_partials.insert().values(
+        cycle_id=_P("b_cycle_id"), instance_id=_P("b_instance_id"), num_reports=1
+    )
+)
 _write = cycle_partials.update().where(_mine)
 _rows = sa.select(
     cycle_partials.c.instance_id, cycle_partials.c.num_reports, cycle_partials.c.written_at
@@ -61,7 +70,7 @@ class Partials:
 
     def committed(self, conn: Connection, cycle_id: int) -> tuple[int, bool]:
         """(reports this process's sums must hold, whether it wrote them already)."""
-        row = conn.execute(_committed, self._key(cycle_id)).first()
+        row = _committed.first(conn, self._key(cycle_id))
         return (0, False) if row is None else (int(row.num_reports), row.written_at is not None)
 
     def held(self, conn: Connection, cycle_id: int, spec: agg.ModelSpec) -> agg.RunningSums | None:
@@ -80,13 +89,9 @@ class Partials:
     def count(self, conn: Connection, cycle_id: int, num_reports: int) -> None:
         """Commit, with the report's transaction, how many reports this process folded."""
         if num_reports == 1:
-            conn.execute(
-                cycle_partials.insert().values(
-                    cycle_id=cycle_id, instance_id=self.instance_id, num_reports=1
-                )
-            )
+            _first.run(conn, self._key(cycle_id))
         else:
-            conn.execute(_count, {**self._key(cycle_id), "num_reports": num_reports})
+            _count.run(conn, {**self._key(cycle_id), "num_reports": num_reports})
 
     def write(self, conn: Connection, cycle_id: int, sums: agg.RunningSums) -> None:
         """Write this process's sums to its row, once: the cycle is closing."""

@@ -148,23 +148,39 @@ def full_cycle_reason(cfg: dict[str, Any], *, accepted: int, taken: bool) -> str
 
 
 def enough_reports(cfg: dict[str, Any], received: int) -> bool:
-    """At least max(1, ``min_diffs``) reports: no cycle completes with fewer (a caller can
-    ask this before counting seats for :func:`ready`)."""
+    """At least max(1, ``min_diffs``) reports: no cycle completes with fewer."""
     return received >= max(1, cfg.get("min_diffs") or 1)
 
 
 def ready(
-    cfg: dict[str, Any], *, received: int, accepted: int, end_at: float | None, now: float
+    cfg: dict[str, Any],
+    *,
+    received: int,
+    accepted: Callable[[], int],
+    end_at: float | None,
+    now: float,
 ) -> bool:
-    """Whether a cycle with ``received`` reports from ``accepted`` seats completes at ``now``
-    (PyGrid's rule, plus: a full cycle whose workers all reported is done). With at least
-    max(1, ``min_diffs``) reports and ``min_workers`` seats, it completes when ``max_diffs``
-    reports arrived, or its deadline ``end_at`` passed, or it has neither ``max_diffs`` nor a
-    deadline, or the cap is reached and every seat reported."""
+    """Whether a cycle with ``received`` reports completes at ``now`` (PyGrid's rule, plus:
+    a full cycle whose workers all reported is done). With at least max(1, ``min_diffs``)
+    reports and ``min_workers`` seats, it completes when ``max_diffs`` reports arrived, or
+    its deadline ``end_at`` passed, or it has neither ``max_diffs`` nor a deadline, or the
+    cap is reached and every seat reported.
+
+    ``accepted()`` counts the cycle's seats, a scan of them: it is called only when the
+    answer depends on it. Every report comes from a seat of its own, so a cycle has at
+    least ``received`` seats.
+
+    >>> ready({"max_diffs": 2}, received=2, accepted=lambda: 1 / 0, end_at=None, now=0.0)
+    True
+    """
     if not enough_reports(cfg, received):
         return False
-    if accepted < (cfg.get("min_workers") or 0):
-        return False
+    min_workers = cfg.get("min_workers") or 0
+    seats = None
+    if received < min_workers:
+        seats = accepted()
+        if seats < min_workers:
+            return False
     max_diffs = cfg.get("max_diffs")
     if max_diffs is not None and received >= max_diffs:
         return True
@@ -173,7 +189,10 @@ def ready(
     if max_diffs is None and end_at is None:
         return True
     cap = worker_capacity(cfg)
-    return cap is not None and accepted >= cap and received >= accepted
+    if cap is None or received < cap:  # full and all reported needs received >= seats >= cap
+        return False
+    seats = accepted() if seats is None else seats
+    return seats >= cap and received >= seats
 
 
 def cycle_deadline(cfg: dict[str, Any], start: float) -> float | None:

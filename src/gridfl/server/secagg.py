@@ -180,7 +180,9 @@ class SecAggApi:
         errors: dict[int, Exception] = {}
         answers: dict[int, dict[str, Any]] = {}
         with db.write(self.engine) as conn:
-            cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).one()
+            cycle = storage.lock_cycle(conn, cycle_id)
+            if cycle is None:
+                raise ConflictError("the cycle is gone: its FL process was deleted")
             if cycle.status != "open":
                 aborted = conn.execute(_round_head, {"cycle_id": cycle.id}).first()
                 if aborted is not None and aborted.stage == ABORTED:
@@ -202,10 +204,7 @@ class SecAggApi:
                         errors[j] = e  # refused before it changed anything
                         continue
                     if req.stage == m.MASKED:  # its input is in the sum: it has reported
-                        conn.execute(
-                            storage.mark_reported,
-                            {"b_seat_id": seat.id, "reported_at": time.time()},
-                        )
+                        storage.mark_reported(conn, seat.id, time.time())
 
             def answer(node: NodeSession) -> dict[str, Any]:
                 for j, (_, req, _, _) in enumerate(items):
@@ -241,8 +240,8 @@ class SecAggApi:
         for cycle_id in due:
             try:
                 with db.write(self.engine) as conn:
-                    cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).one()
-                    if cycle.status != "open":
+                    cycle = storage.lock_cycle(conn, cycle_id)
+                    if cycle is None or cycle.status != "open":
                         continue
                     _, _, spec = self.catalog.checkpoint(conn, cycle.checkpoint_id)
                     _, changed, keep = self._step(conn, cycle, spec, None, None, now)
@@ -428,7 +427,7 @@ class SecAggApi:
                 return
         else:
             sums = agg.unmasked_sums(total, reports, node.params, spec)
-        conn.execute(storage.count_report, {"b_cycle_id": cycle.id, "num_reports": reports})
+        storage.count_report(conn, cycle.id, reports)
         self.cycles.complete(conn, cycle, process, sums)
 
 

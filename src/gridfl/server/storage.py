@@ -12,10 +12,13 @@ client sees.
 
 from __future__ import annotations
 
+import json
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, CursorResult
 
 from gridfl._messages import PLAN_VARIANTS
+from gridfl.server.db import Prepared
 from gridfl.server.tables import (
     aggregates,
     checkpoints,
@@ -135,7 +138,7 @@ process_protocols = sa.select(protocols.c.id, protocols.c.name).where(
 )
 
 #: Every seat a worker ever held, with its cycle (a report names one by its key).
-worker_seats = (
+_worker_seats = Prepared(
     sa.select(
         worker_cycles.c.id,
         worker_cycles.c.request_key,
@@ -145,27 +148,76 @@ worker_seats = (
         cycles.c.sequence,
         cycles.c.status,
         cycles.c.checkpoint_id,
-        cycles.c.process_id,
     )
     .select_from(worker_cycles.join(cycles, worker_cycles.c.cycle_id == cycles.c.id))
     .where(worker_cycles.c.worker_id == _P("worker_id"))
 )
-
-cycle_locked = sa.select(cycles).where(cycles.c.id == _P("cycle_id")).with_for_update()
-
-#: Inside the report transaction, after the cycle row is locked: has this seat reported,
-#: and how many seats does the cycle have.
-report_check = sa.select(
-    sa.select(worker_cycles.c.reported_at)
-    .where(worker_cycles.c.id == _P("seat_id"))
-    .scalar_subquery()
-    .label("reported_at"),
-    sa.select(sa.func.count())
+_cycle_locked = Prepared(sa.select(cycles).where(cycles.c.id == _P("cycle_id")).with_for_update())
+_seat_reported = Prepared(
+    sa.select(worker_cycles.c.reported_at).where(worker_cycles.c.id == _P("seat_id"))
+)
+_count_seats = Prepared(
+    sa.select(sa.func.count().label("seats"))
     .select_from(worker_cycles)
     .where(worker_cycles.c.cycle_id == _P("cycle_id"))
-    .scalar_subquery()
-    .label("accepted"),
 )
+_mark_reported = Prepared(
+    worker_cycles.update()
+    .where(worker_cycles.c.id == _P("b_seat_id"))
+    .values(reported_at=_P("reported_at"), num_samples=_P("num_samples"), metrics=_P("metrics"))
+)
+_count_report = Prepared(
+    cycles.update().where(cycles.c.id == _P("b_cycle_id")).values(num_reports=_P("num_reports"))
+)
+
+
+def worker_seats(conn: Connection, worker_id: str) -> list:
+    """Every seat the worker ever held, with its cycle: id, request_key, reported_at,
+    cycle_id, process_id, sequence, status, checkpoint_id."""
+    return _worker_seats.all(conn, {"worker_id": worker_id})
+
+
+def lock_cycle(conn: Connection, cycle_id: int):
+    """The cycle's row, locked for the rest of the transaction (PostgreSQL ``FOR UPDATE``;
+    SQLite's write transaction holds the whole database); ``None`` once it is deleted."""
+    return _cycle_locked.first(conn, {"cycle_id": cycle_id})
+
+
+def seat_reported_at(conn: Connection, seat_id: int) -> float | None:
+    """When the seat reported (``None``: not yet). Read after the cycle's row is locked."""
+    row = _seat_reported.first(conn, {"seat_id": seat_id})
+    return None if row is None else row.reported_at
+
+
+def count_seats(conn: Connection, cycle_id: int) -> int:
+    """How many seats the cycle accepted: a scan of its seats, so asked only when a
+    completion rule depends on it."""
+    return int(_count_seats.first(conn, {"cycle_id": cycle_id}).seats)
+
+
+def mark_reported(
+    conn: Connection,
+    seat_id: int,
+    reported_at: float,
+    num_samples: int | None = None,
+    metrics: dict | None = None,
+) -> None:
+    """The seat has reported (with what the report said of itself)."""
+    _mark_reported.run(
+        conn,
+        {
+            "b_seat_id": seat_id,
+            "reported_at": reported_at,
+            "num_samples": num_samples,
+            "metrics": None if metrics is None else json.dumps(metrics),
+        },
+    )
+
+
+def count_report(conn: Connection, cycle_id: int, num_reports: int) -> None:
+    """The cycle (locked) now has ``num_reports`` reports."""
+    _count_report.run(conn, {"b_cycle_id": cycle_id, "num_reports": num_reports})
+
 
 aggregate_counts = (
     sa.select(aggregates.c.version, aggregates.c.count_w, aggregates.c.count_x, aggregates.c.weight)
@@ -176,8 +228,6 @@ aggregate_sums = sa.select(aggregates.c.sum_w, aggregates.c.sum_x).where(
     aggregates.c.cycle_id == _P("cycle_id")
 )
 store_sums = aggregates.update().where(aggregates.c.cycle_id == _P("b_cycle_id"))
-mark_reported = worker_cycles.update().where(worker_cycles.c.id == _P("b_seat_id"))
-count_report = cycles.update().where(cycles.c.id == _P("b_cycle_id"))
 
 #: The newest ``last`` checkpoints of a process for the admin status (which a dashboard
 #: or the demo polls several times a second), read from ``ix_checkpoints_listing`` alone.
@@ -348,14 +398,6 @@ def close_cycle(conn: Connection, cycle_id: int, **values) -> None:
         conn.execute(table.delete().where(table.c.cycle_id == cycle_id))
 
 
-def count_seats(conn: Connection, cycle_id: int) -> int:
-    return conn.execute(
-        sa.select(sa.func.count())
-        .select_from(worker_cycles)
-        .where(worker_cycles.c.cycle_id == cycle_id)
-    ).scalar_one()
-
-
 def count_completed(conn: Connection, process_id: int) -> int:
     return conn.execute(
         sa.select(sa.func.count())
@@ -388,10 +430,6 @@ def due_cycles(conn: Connection, now: float) -> list[int]:
         .scalars()
         .all()
     )
-
-
-def lock_cycle(conn: Connection, cycle_id: int):
-    return conn.execute(sa.select(cycles).where(cycles.c.id == cycle_id).with_for_update()).one()
 
 
 def newest_closed_sequence(conn: Connection, process_id: int) -> int | None:

@@ -40,7 +40,7 @@ from gridfl.server.settings import Settings
 def find_seat(conn: Connection, worker_id: str, request_key: str):
     """The worker's seat (and its cycle) that ``request_key`` names, compared in constant
     time; an unknown worker or key is refused as PyGrid does."""
-    rows = conn.execute(storage.worker_seats, {"worker_id": worker_id}).all()
+    rows = storage.worker_seats(conn, worker_id)
     if not rows:
         if storage.worker_exists(conn, worker_id):
             raise _invalid_key()
@@ -382,8 +382,9 @@ class WorkerApi:
     def report(self, req: _messages.ReportRequest) -> dict[str, Any]:
         from gridfl import state
 
-        # 1. find the worker's cycle by its request key (constant-time compare), no lock
-        with db.read(self.engine) as conn:
+        # 1. find the worker's cycle by its request key (constant-time compare), no lock;
+        # everything read here is checked again under the cycle's lock (3.)
+        with db.lookup(self.engine) as conn:
             match = self._seat_of(conn, req)
             process_config = self.catalog.process(conn, match.process_id).server_config
             buffered = process_config.get("mode")
@@ -441,12 +442,13 @@ class WorkerApi:
         in-memory sums), ``"closing"`` (ready, waiting for other processes' partial sums)
         or the stored :class:`RunningSums` (durability ``"report"``)."""
         cycle_id = match.cycle_id
-        cycle = conn.execute(storage.cycle_locked, {"cycle_id": cycle_id}).one()
+        cycle = storage.lock_cycle(conn, cycle_id)
+        if cycle is None:
+            raise ConflictError("the cycle is gone: its FL process was deleted")
         if cycle.status != "open" or cycle.closing_at is not None:
             now_is = "closing" if cycle.status == "open" else f"closed ({cycle.status})"
             raise ConflictError(f"cycle {cycle.sequence} is {now_is}: the report came too late")
-        seat = conn.execute(storage.report_check, {"seat_id": match.id, "cycle_id": cycle_id}).one()
-        if seat.reported_at is not None:
+        if storage.seat_reported_at(conn, match.id) is not None:
             raise ConflictError(f"this worker already reported for cycle {cycle.sequence}")
         process = self.catalog.process(conn, cycle.process_id)
         if process.server_config.get("secure_aggregation") is not None:
@@ -469,22 +471,14 @@ class WorkerApi:
         else:
             self.cycles.store_sums(conn, cycle_id, sums)
         now = time.time()
-        conn.execute(
-            storage.mark_reported,
-            {
-                "b_seat_id": match.id,
-                "reported_at": now,
-                "num_samples": req.num_samples,
-                "metrics": req.metrics,
-            },
-        )
+        storage.mark_reported(conn, match.id, now, req.num_samples, req.metrics)
         received = cycle.num_reports + 1
-        conn.execute(storage.count_report, {"b_cycle_id": cycle_id, "num_reports": received})
+        storage.count_report(conn, cycle_id, received)
         self.cycles.crash_point("report")
         if rules.ready(
             process.server_config,
             received=received,
-            accepted=seat.accepted,
+            accepted=lambda: storage.count_seats(conn, cycle_id),
             end_at=cycle.end_at,
             now=now,
         ):
