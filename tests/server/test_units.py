@@ -91,8 +91,8 @@ def test_weighted_fold_is_the_weighted_sum_in_the_sums_dtype(dtype):
     sum of ``weight * diff`` within that dtype's rounding, and a misaligned view of a diff
     folds to the same sums."""
     rng = np.random.default_rng(7)
-    # (40001,): more than two of the fold's chunks, and a part of one
-    shapes = [(30, 7), (5,), (0,), (40001,), (4, 3, 2)]
+    # more than two of the weighted fold's chunks, and a part of one
+    shapes = [(30, 7), (5,), (0,), (2 * agg._SCALE_CHUNK + 1,), (4, 3, 2)]
     spec = agg.ModelSpec.of([np.zeros(s, dtype) for s in shapes])
     diffs = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(4)]
     weights = [600, 1, 37, 2**20]

@@ -45,7 +45,9 @@ _DOT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 _FLOAT32 = np.dtype(np.float32)
-_SCALE_CHUNK = 1 << 14  # values of a weighted diff scaled at a time: 64-128 KiB, in L2
+# values of a weighted diff scaled at a time: 1-2 MiB, within L2; 16 Ki-value chunks cost
+# more in numpy calls than they save (a CNN report's fold 0.9 ms against 0.5 ms)
+_SCALE_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)
