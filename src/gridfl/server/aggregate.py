@@ -145,12 +145,12 @@ class DenseDiff(list):
         are)."""
         at = 0
         scale = None if weight is None else total.dtype.type(weight)
-        scaled = None if scale is None else np.empty(_SCALE_CHUNK, total.dtype)
+        scaled = None if scale is None else np.empty(min(_SCALE_CHUNK, total.size), total.dtype)
         for a in self:
             flat = np.asarray(a).reshape(-1)
             view = total[at : at + flat.size]
             at += flat.size
-            if scaled is None:
+            if scale is None or scaled is None:
                 np.add(view, flat, out=view, casting="unsafe")
                 continue
             # chunk by chunk: a scaled chunk is still in cache when it is added, where a

@@ -5,9 +5,10 @@ Hot path. Building a SQLAlchemy statement per call costs about four times its ex
 SQLite (clause construction and cache-key generation: ~220 us against ~55 us for a
 prebuilt statement with bound parameters), and every worker runs these several times a
 cycle. Each is also shaped to answer its question in one round trip where the old sequence
-of lookups took three to five. The error paths keep step-by-step queries (the functions
-below): they run rarely, and their order, chosen by the caller, decides which error a
-client sees.
+of lookups took three to five. The statements every report runs go further: they run on
+the driver's cursor (:class:`~gridfl.server.db.Prepared`), behind the functions that name
+them. The error paths keep step-by-step queries (the functions below): they run rarely,
+and their order, chosen by the caller, decides which error a client sees.
 """
 
 from __future__ import annotations
