@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from gridfl import ConflictError, InvalidRequestError, NotFoundError, _messages, state
+from gridfl import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    _messages,
+    state,
+)
 from gridfl.server import GridNode
 from tests.builders import diff_of, host_payload, model_params
 from tests.harness import Admin, HttpWorker, join, make_settings
@@ -121,6 +128,29 @@ def test_a_report_records_its_samples_and_metrics(node, durability):
     assert cycle["status"] == "completed" and cycle["reported"] == 2
     assert cycle["num_samples"] == 10
     assert cycle["metrics"] == {"loss": 0.5, "accuracy": 0.75}
+
+
+def test_a_worker_with_many_seats_is_found_by_any_of_its_keys(node):
+    """A report's lookup reads the worker's newest seats first and all of them only when
+    none matches: an old key still gets its own answer."""
+    from gridfl.server.worker_api import _RECENT_SEATS
+
+    node.host(host_payload(server_config={"max_diffs": 1, "num_cycles": 0}))
+    auth = node.authenticate(_messages.AuthenticateRequest(model_name="mnist"))
+    wid, cycles = auth["worker_id"], []
+    for seed in range(_RECENT_SEATS + 3):
+        cyc = node.cycle_request(_messages.CycleRequest(worker_id=wid, model="mnist"))
+        cycles.append(cyc)
+        _report(node, wid, cyc, seed)
+    with pytest.raises(ConflictError, match=r"already reported for cycle 1$"):
+        _report(node, wid, cycles[0], 0)
+    with pytest.raises(ConflictError, match=rf"already reported for cycle {len(cycles)}$"):
+        _report(node, wid, cycles[-1], 0)
+    with pytest.raises(AuthenticationError):
+        _report(node, wid, {"request_key": "0" * 64}, 0)
+    newest = node.cycle_request(_messages.CycleRequest(worker_id=wid, model="mnist"))
+    _report(node, wid, newest, 1)
+    assert node.status("mnist", "1.0")["current"]["sequence"] == len(cycles) + 2
 
 
 def test_held_requests_are_admitted_together(node, monkeypatch):

@@ -138,8 +138,8 @@ process_protocols = sa.select(protocols.c.id, protocols.c.name).where(
     protocols.c.process_id == _P("process_id")
 )
 
-#: Every seat a worker ever held, with its cycle (a report names one by its key).
-_worker_seats = Prepared(
+#: The seats a worker held, newest first, with their cycles (a report names one by its key).
+_seats_of_worker = (
     sa.select(
         worker_cycles.c.id,
         worker_cycles.c.request_key,
@@ -152,7 +152,10 @@ _worker_seats = Prepared(
     )
     .select_from(worker_cycles.join(cycles, worker_cycles.c.cycle_id == cycles.c.id))
     .where(worker_cycles.c.worker_id == _P("worker_id"))
+    .order_by(worker_cycles.c.id.desc())
 )
+_worker_seats = Prepared(_seats_of_worker)
+_newest_seats = Prepared(_seats_of_worker.limit(_P("last")))
 _cycle_locked = Prepared(sa.select(cycles).where(cycles.c.id == _P("cycle_id")).with_for_update())
 _seat_reported = Prepared(
     sa.select(worker_cycles.c.reported_at).where(worker_cycles.c.id == _P("seat_id"))
@@ -172,10 +175,12 @@ _count_report = Prepared(
 )
 
 
-def worker_seats(conn: Connection, worker_id: str) -> list:
-    """Every seat the worker ever held, with its cycle: id, request_key, reported_at,
-    cycle_id, process_id, sequence, status, checkpoint_id."""
-    return _worker_seats.all(conn, {"worker_id": worker_id})
+def worker_seats(conn: Connection, worker_id: str, last: int | None = None) -> list:
+    """The worker's ``last`` seats (all when ``None``), newest first, with their cycles: id,
+    request_key, reported_at, cycle_id, process_id, sequence, status, checkpoint_id."""
+    if last is None:
+        return _worker_seats.all(conn, {"worker_id": worker_id})
+    return _newest_seats.all(conn, {"worker_id": worker_id, "last": last})
 
 
 def lock_cycle(conn: Connection, cycle_id: int):

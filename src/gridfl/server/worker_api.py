@@ -39,18 +39,32 @@ from gridfl.server.settings import Settings
 
 def find_seat(conn: Connection, worker_id: str, request_key: str):
     """The worker's seat (and its cycle) that ``request_key`` names, compared in constant
-    time; an unknown worker or key is refused as PyGrid does."""
-    rows = storage.worker_seats(conn, worker_id)
+    time; an unknown worker or key is refused as PyGrid does. A report names one of the
+    worker's newest seats: the others are read only when none of those matches."""
+    rows = storage.worker_seats(conn, worker_id, last=_RECENT_SEATS)
     if not rows:
         if storage.worker_exists(conn, worker_id):
             raise _invalid_key()
         raise _not_found_400(_messages.MSG_WORKER_NOT_FOUND)
+    match = _key_match(rows, request_key)
+    if match is None and len(rows) == _RECENT_SEATS:
+        match = _key_match(storage.worker_seats(conn, worker_id), request_key)
+    if match is None:
+        raise _invalid_key()
+    return match
+
+
+# a worker in a long-running process holds a seat per cycle it joined: a report's lookup
+# reads its few newest, not all of them
+_RECENT_SEATS = 4
+
+
+def _key_match(rows, request_key: str):
+    """The row whose request_key is ``request_key``, each compared in constant time."""
     match = None
     for r in rows:
         if hmac.compare_digest(r.request_key.encode(), request_key.encode()):
             match = r
-    if match is None:
-        raise _invalid_key()
     return match
 
 
