@@ -36,6 +36,10 @@ from gridfl.server.pacing import CheckInRate
 from gridfl.server.rejections import RejectionCounts
 from gridfl.server.settings import Settings
 
+# a worker in a long-running process holds a seat per cycle it joined: a report's lookup
+# reads its few newest, not all of them
+_RECENT_SEATS = 4
+
 
 def find_seat(conn: Connection, worker_id: str, request_key: str):
     """The worker's seat (and its cycle) that ``request_key`` names, compared in constant
@@ -52,11 +56,6 @@ def find_seat(conn: Connection, worker_id: str, request_key: str):
     if match is None:
         raise _invalid_key()
     return match
-
-
-# a worker in a long-running process holds a seat per cycle it joined: a report's lookup
-# reads its few newest, not all of them
-_RECENT_SEATS = 4
 
 
 def _key_match(rows, request_key: str):
