@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import json
@@ -334,21 +335,23 @@ def bench_aggregation(k: int = 100) -> None:
 
 
 def main(argv=None) -> None:
-    """``[N ...] [--durability report|cycle|report,cycle]``; with ``--durability`` only the
-    load runs."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    durabilities = None
-    if "--durability" in argv:
-        at = argv.index("--durability")
-        durabilities = tuple(argv[at + 1].split(",")) if at + 1 < len(argv) else ()
-        del argv[at : at + 2]
-        if not durabilities or not set(durabilities) <= {"report", "cycle"}:
-            sys.exit("--durability takes report, cycle or report,cycle")
-    ns = tuple(int(a) for a in argv) or (100, 1000)
-    if durabilities is None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workers", type=int, nargs="*", default=[100, 1000],
+                    help="concurrent workers of each load run (default 100 1000)")
+    ap.add_argument("--durability", type=_durabilities, default=None,
+                    help="report, cycle or report,cycle: only the load runs, one FL process "
+                    "per durability on the same server")
+    args = ap.parse_args(argv)
+    if args.durability is None:
         bench_aggregation()
-    bench_load(ns, durabilities or ("report",))
+    bench_load(tuple(args.workers), args.durability or ("report",))
 
+
+def _durabilities(text: str) -> tuple[str, ...]:
+    chosen = tuple(text.split(","))
+    if not chosen or not set(chosen) <= {"report", "cycle"}:
+        raise argparse.ArgumentTypeError("takes report, cycle or report,cycle")
+    return chosen
 
 if __name__ == "__main__":
     main()
