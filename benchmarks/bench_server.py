@@ -353,5 +353,6 @@ def _durabilities(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError("takes report, cycle or report,cycle")
     return chosen
 
+
 if __name__ == "__main__":
     main()

@@ -144,25 +144,30 @@ class DenseDiff(list):
         time, with no float64 round trip (a weight of ``None`` adds the tensors as they
         are)."""
         at = 0
-        scale = None if weight is None else total.dtype.type(weight)
-        scaled = None if scale is None else np.empty(min(_SCALE_CHUNK, total.size), total.dtype)
+        # the weight in the sum's dtype, and the buffer its chunks are scaled into
+        scaling = None if weight is None else (
+            total.dtype.type(weight), np.empty(min(_SCALE_CHUNK, total.size), total.dtype))
         for a in self:
             flat = np.asarray(a).reshape(-1)
             view = total[at : at + flat.size]
             at += flat.size
-            if scale is None or scaled is None:
+            if scaling is None:
                 np.add(view, flat, out=view, casting="unsafe")
-                continue
-            # chunk by chunk: a scaled chunk is still in cache when it is added, where a
-            # model-sized temporary costs its page faults and one more pass over memory
-            for start in range(0, flat.size, _SCALE_CHUNK):
-                part = flat[start : start + _SCALE_CHUNK]
-                out = scaled[: part.size]
-                np.multiply(part, scale, out=out, casting="unsafe")
-                into = view[start : start + _SCALE_CHUNK]
-                np.add(into, out, out=into)
+            else:
+                _add_scaled(view, flat, *scaling)
         if at != total.size:
             raise ValueError(f"the diff has {at} values; the sum has {total.size}")
+
+
+def _add_scaled(view: np.ndarray, flat: np.ndarray, scale, scaled: np.ndarray) -> None:
+    """``view += scale x flat`` chunk by chunk: a scaled chunk is still in cache when it is
+    added, where a model-sized temporary costs its page faults and one more pass."""
+    for start in range(0, flat.size, _SCALE_CHUNK):
+        part = flat[start : start + _SCALE_CHUNK]
+        out = scaled[: part.size]
+        np.multiply(part, scale, out=out, casting="unsafe")
+        into = view[start : start + _SCALE_CHUNK]
+        np.add(into, out, out=into)
 
 
 def fold(total: np.ndarray, arrays: Sequence[np.ndarray], spec: ModelSpec, weight=None) -> None:

@@ -349,9 +349,8 @@ class Cycles:
         try:
             with db.write(self.engine) as conn:
                 cycle = storage.lock_cycle(conn, cycle_id)
-                if cycle is None or cycle.status != "open":
-                    return 0
-                if cycle.end_at is None or cycle.end_at > now:
+                still_open = cycle is not None and cycle.status == "open"
+                if not still_open or cycle.end_at is None or cycle.end_at > now:
                     return 0
                 process = storage.process_by_id(conn, cycle.process_id)
                 cfg, received = process.server_config, cycle.num_reports

@@ -14,6 +14,7 @@ server_config keys are the ones validated by :mod:`gridfl.server.config`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,12 +176,10 @@ def ready(
     """
     if not enough_reports(cfg, received):
         return False
+    seats = functools.cache(accepted)  # counted once at most
     min_workers = cfg.get("min_workers") or 0
-    seats = None
-    if received < min_workers:
-        seats = accepted()
-        if seats < min_workers:
-            return False
+    if received < min_workers and seats() < min_workers:
+        return False
     max_diffs = cfg.get("max_diffs")
     if max_diffs is not None and received >= max_diffs:
         return True
@@ -191,8 +190,7 @@ def ready(
     cap = worker_capacity(cfg)
     if cap is None or received < cap:  # full and all reported needs received >= seats >= cap
         return False
-    seats = accepted() if seats is None else seats
-    return seats >= cap and received >= seats
+    return seats() >= cap and received >= seats()
 
 
 def cycle_deadline(cfg: dict[str, Any], start: float) -> float | None:

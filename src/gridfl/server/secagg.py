@@ -53,7 +53,7 @@ from gridfl.server.secagg_wire import (
     submit_message,
 )
 from gridfl.server.tables import secagg_messages, secagg_rounds, secagg_totals
-from gridfl.server.worker_api import find_seat
+from gridfl.server.worker_api import find_seat, lock_existing_cycle
 
 log = logging.getLogger("gridfl.server")
 
@@ -180,9 +180,7 @@ class SecAggApi:
         errors: dict[int, Exception] = {}
         answers: dict[int, dict[str, Any]] = {}
         with db.write(self.engine) as conn:
-            cycle = storage.lock_cycle(conn, cycle_id)
-            if cycle is None:
-                raise ConflictError("the cycle is gone: its FL process was deleted")
+            cycle = lock_existing_cycle(conn, cycle_id)
             if cycle.status != "open":
                 aborted = conn.execute(_round_head, {"cycle_id": cycle.id}).first()
                 if aborted is not None and aborted.stage == ABORTED:

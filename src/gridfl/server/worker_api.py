@@ -58,6 +58,15 @@ def find_seat(conn: Connection, worker_id: str, request_key: str):
     return match
 
 
+def lock_existing_cycle(conn: Connection, cycle_id: int):
+    """The cycle's row, locked (:func:`storage.lock_cycle`); a cycle deleted with its FL
+    process since the request found it is a conflict."""
+    cycle = storage.lock_cycle(conn, cycle_id)
+    if cycle is None:
+        raise ConflictError("the cycle is gone: its FL process was deleted")
+    return cycle
+
+
 def _key_match(rows, request_key: str):
     """The row whose request_key is ``request_key``, each compared in constant time."""
     match = None
@@ -455,9 +464,7 @@ class WorkerApi:
         in-memory sums), ``"closing"`` (ready, waiting for other processes' partial sums)
         or the stored :class:`RunningSums` (durability ``"report"``)."""
         cycle_id = match.cycle_id
-        cycle = storage.lock_cycle(conn, cycle_id)
-        if cycle is None:
-            raise ConflictError("the cycle is gone: its FL process was deleted")
+        cycle = lock_existing_cycle(conn, cycle_id)
         if cycle.status != "open" or cycle.closing_at is not None:
             now_is = "closing" if cycle.status == "open" else f"closed ({cycle.status})"
             raise ConflictError(f"cycle {cycle.sequence} is {now_is}: the report came too late")
