@@ -22,16 +22,22 @@ VOCAB, EMB, HIDDEN = 12, 4, 6
 
 
 class SeqNet(nn.Module):
-    def __init__(self, cell: str, **rnn_options):
+    """``readout="c"`` classifies from the LSTM's final cell state instead of the last h,
+    so every step's cell state gets a gradient from outside the recurrence."""
+
+    def __init__(self, cell: str, readout: str = "h", **rnn_options):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, EMB)
         rnn_cls = nn.LSTM if cell == "lstm" else nn.GRU
         self.rnn = rnn_cls(EMB, HIDDEN, batch_first=True, **rnn_options)
         out = HIDDEN * (2 if rnn_options.get("bidirectional") else 1)
         self.fc = nn.Linear(out, VOCAB)
+        self.readout = readout
 
     def forward(self, x):
-        h, _ = self.rnn(self.emb(x))
+        h, state = self.rnn(self.emb(x))
+        if self.readout == "c":
+            return self.fc(state[1][-1])
         return self.fc(h[:, -1])
 
 
@@ -51,6 +57,7 @@ CASES = {
     "gru": ("gru", {}),
     "lstm_2layers_bidirectional": ("lstm", {"num_layers": 2, "bidirectional": True}),
     "gru_no_bias": ("gru", {"bias": False}),
+    "lstm_final_cell_state": ("lstm", {"readout": "c"}),
 }
 
 
@@ -91,15 +98,58 @@ def test_graph_size_does_not_grow_with_the_sequence():
     assert sizes[0] == sizes[1]
 
 
-def test_lstm_gradient_step_runs_few_nodes():
-    """The reversed Scan's body is per-node overhead bound: the factors that do not
-    depend on the carried gradients are computed outside it, for all steps at once."""
+@pytest.mark.parametrize(("readout", "backward_nodes"), [("h", 7), ("c", 8)])
+def test_lstm_steps_run_few_nodes(readout, backward_nodes):
+    """A Scan's body is per-node overhead bound: the factors that do not depend on the
+    carried gradients are computed outside the reversed one, for all steps at once; the
+    gates leave the forward one as four outputs, read by the backward without a Concat
+    and a Split; a cell state gradient that is zero (only h read) is not scanned."""
     X, y = tokens(4, 6, 0)
-    plan = compile_training_plan(SeqNet("lstm"), example_data=X, example_target=y)
-    scans = {n.name: n for n in onnx.load_from_string(plan.to_bytes()).graph.node
-             if n.op_type == "Scan"}
-    body = next(a.g for a in scans["lstm_scan_grad_1"].attribute if a.name == "body")
-    assert len(body.node) <= 8, [n.op_type for n in body.node]
+    plan = compile_training_plan(SeqNet("lstm", readout=readout), example_data=X,
+                                 example_target=y)
+    graph = onnx.load_from_string(plan.to_bytes()).graph
+    scans = {n.name: n for n in graph.node if n.op_type == "Scan"}
+    bodies = {name: next(a.g for a in n.attribute if a.name == "body")
+              for name, n in scans.items()}
+    ops = {name: [n.op_type for n in body.node] for name, body in bodies.items()}
+    assert len(ops["lstm_scan_grad_1"]) == backward_nodes, ops["lstm_scan_grad_1"]
+    assert len(ops["lstm_scan_0"]) == 14 and "Concat" not in ops["lstm_scan_0"]
+    gates = scans["lstm_scan_0"].output[4:]
+    assert len(gates) == 4
+    readers = [n.op_type for n in graph.node for g in gates if g in n.input]
+    assert "Concat" not in readers and "Split" not in readers, readers
+
+
+def test_lowered_lstm_forward_gives_the_gates_when_they_are_read():
+    """A forward whose gates something else reads gets them concatenated back, in the
+    eager kernel's layout (checked against it)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from gridfl.compiler.recurrent import PENDING_DOMAIN, lower_scans
+
+    T, N, H = 3, 2, 5
+    shapes = {"xw": [T, N, 4 * H], "h0": [N, H], "c0": [N, H], "w_hh": [4 * H, H],
+              "h_all": [T, N, H], "c_all": [T, N, H], "gates": [T, N, 4 * H]}
+    f32 = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name])  # noqa: E731
+    graph = helper.make_graph(
+        [helper.make_node("LstmScan", ["xw", "h0", "c0", "w_hh"], ["h_all", "c_all", "gates"],
+                          domain=PENDING_DOMAIN)],
+        "lstm", [f32(n) for n in ("xw", "h0", "c0", "w_hh")],
+        [f32(n) for n in ("h_all", "c_all", "gates")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(PENDING_DOMAIN, 1)])
+    assert lower_scans(model) == 1
+    assert any(n.op_type == "Concat" for n in model.graph.node)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"xw": torch.randn(T, N, 4 * H, generator=g), "h0": torch.randn(N, H, generator=g),
+              "c0": torch.randn(N, H, generator=g), "w_hh": torch.randn(4 * H, H, generator=g)}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    want = torch.ops.gridfl.lstm_scan(*inputs.values())
+    for name, a, b in zip(("h_all", "c_all", "gates"), got, want, strict=True):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_dropout_between_layers_in_training_mode_is_refused():

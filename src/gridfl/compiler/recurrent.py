@@ -341,6 +341,8 @@ def _vi(name: str) -> onnx.ValueInfoProto:
 
 
 def _forward_body(w_hh_t: str) -> onnx.GraphProto:
+    """One step; the four gates leave as four scan outputs (a per-step Concat of them,
+    split again for the backward, was ~4% of an LSTM training step)."""
     n = helper.make_node
     nodes = [
         n("MatMul", ["h_in", w_hh_t], ["hw"]),
@@ -357,21 +359,22 @@ def _forward_body(w_hh_t: str) -> onnx.GraphProto:
         n("Mul", ["o", "tc"], ["h_out"]),
         n("Identity", ["h_out"], ["h_t"]),
         n("Identity", ["c_out"], ["c_t"]),
-        n("Concat", ["i", "f", "g", "o"], ["gates_t"], axis=1),
     ]
     return helper.make_graph(nodes, "lstm_step", [_vi("h_in"), _vi("c_in"), _vi("xw_t")],
                              [_vi("h_out"), _vi("c_out"), _vi("h_t"), _vi("c_t"),
-                              _vi("gates_t")])
+                              *map(_vi, _GATES)])
 
 
-def _backward_body(w_hh: str) -> onnx.GraphProto:
-    """One reversed step on precomputed factors (see :func:`_lower_backward`): 8 nodes."""
+def _backward_body(w_hh: str, with_dc: bool) -> onnx.GraphProto:
+    """One reversed step on precomputed factors (see :func:`_lower_backward`): 8 nodes,
+    7 without ``dc_t`` (the gradient of every c but the last is zero when only h and
+    the final c are used, as with ``nn.LSTM``)."""
     n = helper.make_node
+    dc = [n("Add", ["dc_t", "dc_in"], ["dc_0"]), n("Add", ["dc_0", "dc_h"], ["dc"])]
     nodes = [
         n("Add", ["dh_t", "dh_in"], ["dh"]),
         n("Mul", ["dh", "k_t"], ["dc_h"]),
-        n("Add", ["dc_t", "dc_in"], ["dc_0"]),
-        n("Add", ["dc_0", "dc_h"], ["dc"]),
+        *(dc if with_dc else [n("Add", ["dc_in", "dc_h"], ["dc"])]),
         n("Concat", ["dc", "dc", "dc", "dh"], ["d4"], axis=1),
         n("Mul", ["d4", "p_t"], ["da_t"]),
         n("MatMul", ["da_t", w_hh], ["dh_out"]),
@@ -379,32 +382,70 @@ def _backward_body(w_hh: str) -> onnx.GraphProto:
     ]
     return helper.make_graph(
         nodes, "lstm_step_backward",
-        [_vi("dh_in"), _vi("dc_in"), _vi("dh_t"), _vi("dc_t"), _vi("p_t"), _vi("k_t"),
-         _vi("f_t")],
+        [_vi("dh_in"), _vi("dc_in"), _vi("dh_t"), *([_vi("dc_t")] if with_dc else []),
+         _vi("p_t"), _vi("k_t"), _vi("f_t")],
         [_vi("dh_out"), _vi("dc_out"), _vi("da_t")],
     )
 
 
-def _forward_scan(kind: str, node: onnx.NodeProto, k: int, states: list[str], xw: str,
-                  w_hh: str, body) -> list[onnx.NodeProto]:
-    """``Transpose(W_hh)`` then one ``Scan`` over ``xw`` carrying ``states``; the node's
-    outputs are the Scan's per-step outputs (the final states are dropped)."""
+def _forward_scan(kind: str, k: int, states: list[str], xw: str, w_hh: str, body,
+                  outputs: list[str]) -> list[onnx.NodeProto]:
+    """``Transpose(W_hh)`` then one ``Scan`` over ``xw`` carrying ``states``; ``outputs``
+    are the Scan's per-step outputs (the final states are dropped)."""
     p = f"{kind}_scan_{k}"
     w_hh_t = f"{p}/w_hh_t"
     return [
         helper.make_node("Transpose", [w_hh], [w_hh_t], perm=[1, 0]),
         helper.make_node("Scan", [*states, xw],
-                         [*(f"{p}/last_{i}" for i in range(len(states))), *node.output],
+                         [*(f"{p}/last_{i}" for i in range(len(states))), *outputs],
                          name=p, num_scan_inputs=1, body=body(w_hh_t)),
     ]
 
 
-def _lower_forward(node: onnx.NodeProto, k: int) -> list[onnx.NodeProto]:
+_GATES = ("i", "f", "g", "o")
+
+
+class _Graph:
+    """What a lowering needs to know about the rest of the graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in graph.output}
+        self.producer = {o: node for node in graph.node for o in node.output}
+        self.zero_constants = {
+            init.name for init in graph.initializer
+            if init.data_type == TensorProto.FLOAT and not onnx.numpy_helper.to_array(init).any()
+        }
+        self.gate_parts: dict[str, list[str]] = {}  # an LSTM's gates -> its four parts
+
+    def only_read_by(self, name: str, op_type: str) -> bool:
+        return name not in self.outputs and all(
+            r.domain == PENDING_DOMAIN and r.op_type == op_type
+            for r in self.readers.get(name, []))
+
+    def is_zeros(self, name: str) -> bool:
+        """Whether ``name`` is a float zero constant expanded to a shape (how autograd
+        exports ``zeros_like`` of an unused output's gradient)."""
+        node = self.producer.get(name)
+        return (node is not None and node.op_type == "Expand"
+                and node.input[0] in self.zero_constants)
+
+
+def _lower_forward(node: onnx.NodeProto, k: int, graph: _Graph) -> list[onnx.NodeProto]:
     xw, h0, c0, w_hh = node.input
-    return _forward_scan("lstm", node, k, [h0, c0], xw, w_hh, _forward_body)
+    h_all, c_all, gates = node.output
+    parts = [f"lstm_scan_{k}/{g}" for g in _GATES]
+    graph.gate_parts[gates] = parts
+    scan = _forward_scan("lstm", k, [h0, c0], xw, w_hh, _forward_body, [h_all, c_all, *parts])
+    if graph.only_read_by(gates, "LstmScanGrad"):
+        return scan
+    return [*scan, helper.make_node("Concat", parts, [gates], axis=2)]
 
 
-def _lower_backward(node: onnx.NodeProto, k: int) -> list[onnx.NodeProto]:
+def _lower_backward(node: onnx.NodeProto, k: int, graph: _Graph) -> list[onnx.NodeProto]:
     """The gradient as one reversed ``Scan``. Every factor that does not depend on the
     carried gradients (the gates' derivatives times their partners, ``o * tanh'(c)``) is
     computed for all steps at once outside it, so a step runs 8 small nodes, not 29:
@@ -412,10 +453,13 @@ def _lower_backward(node: onnx.NodeProto, k: int) -> list[onnx.NodeProto]:
     dh_all, dc_all, gates, c_all, c0, w_hh = node.input
     da, dh0, dc0 = node.output
     p = f"lstm_scan_grad_{k}"
+    with_dc = not graph.is_zeros(dc_all)
     v = lambda name: f"{p}/{name}"  # noqa: E731
     ints = lambda name, vals: helper.make_node(  # noqa: E731
         "Constant", [], [v(name)],
         value=helper.make_tensor(v(name), TensorProto.INT64, [len(vals)], vals))
+    i, f, g, o = graph.gate_parts.get(gates) or [v(name) for name in _GATES]
+    scanned = [dh_all, *([dc_all] if with_dc else []), v("p"), v("k"), f]
     n = helper.make_node
     return [
         ints("zero", [0]), ints("minus1", [-1]),
@@ -424,23 +468,24 @@ def _lower_backward(node: onnx.NodeProto, k: int) -> list[onnx.NodeProto]:
         n("Unsqueeze", [c0, v("zero")], [v("c0_1")]),
         n("Slice", [c_all, v("zero"), v("minus1"), v("zero")], [v("c_head")]),
         n("Concat", [v("c0_1"), v("c_head")], [v("cprev")], axis=0),
-        n("Split", [gates], [v("i"), v("f"), v("g"), v("o")], axis=2, num_outputs=4),
+        *([] if gates in graph.gate_parts else
+          [n("Split", [gates], [i, f, g, o], axis=2, num_outputs=4)]),
         n("Tanh", [c_all], [v("tc")]),
         # sigmoid' = s (1 - s), tanh' = 1 - t^2
-        *(node_ for gate in ("i", "f", "o") for node_ in (
-            n("Sub", [v("one"), v(gate)], [v(f"{gate}1")]),
-            n("Mul", [v(gate), v(f"{gate}1")], [v(f"s{gate}")]))),
-        n("Mul", [v("g"), v("g")], [v("g2")]), n("Sub", [v("one"), v("g2")], [v("sg")]),
+        *(node_ for name, gate in (("i", i), ("f", f), ("o", o)) for node_ in (
+            n("Sub", [v("one"), gate], [v(f"{name}1")]),
+            n("Mul", [gate, v(f"{name}1")], [v(f"s{name}")]))),
+        n("Mul", [g, g], [v("g2")]), n("Sub", [v("one"), v("g2")], [v("sg")]),
         n("Mul", [v("tc"), v("tc")], [v("tc2")]), n("Sub", [v("one"), v("tc2")], [v("dtc")]),
-        n("Mul", [v("o"), v("dtc")], [v("k")]),  # dc += dh * o * tanh'(c)
+        n("Mul", [o, v("dtc")], [v("k")]),  # dc += dh * o * tanh'(c)
         # da = [dc, dc, dc, dh] * [g si, c_prev sf, i sg, tanh(c) so]
-        n("Mul", [v("g"), v("si")], [v("pi")]), n("Mul", [v("cprev"), v("sf")], [v("pf")]),
-        n("Mul", [v("i"), v("sg")], [v("pg")]), n("Mul", [v("tc"), v("so")], [v("po")]),
+        n("Mul", [g, v("si")], [v("pi")]), n("Mul", [v("cprev"), v("sf")], [v("pf")]),
+        n("Mul", [i, v("sg")], [v("pg")]), n("Mul", [v("tc"), v("so")], [v("po")]),
         n("Concat", [v("pi"), v("pf"), v("pg"), v("po")], [v("p")], axis=2),
         n("Sub", [c0, c0], [v("zeros")]),
-        n("Scan", [v("zeros"), v("zeros"), dh_all, dc_all, v("p"), v("k"), v("f")],
-          [dh0, dc0, da], name=p, num_scan_inputs=5, scan_input_directions=[1] * 5,
-          scan_output_directions=[1], body=_backward_body(w_hh)),
+        n("Scan", [v("zeros"), v("zeros"), *scanned], [dh0, dc0, da], name=p,
+          num_scan_inputs=len(scanned), scan_input_directions=[1] * len(scanned),
+          scan_output_directions=[1], body=_backward_body(w_hh, with_dc)),
     ]
 
 
@@ -498,13 +543,13 @@ def _gru_backward_body(w_hh: str) -> onnx.GraphProto:
     )
 
 
-def _lower_gru_forward(node: onnx.NodeProto, k: int) -> list[onnx.NodeProto]:
+def _lower_gru_forward(node: onnx.NodeProto, k: int, _graph: _Graph) -> list[onnx.NodeProto]:
     xw, h0, w_hh, b_hh = node.input
-    return _forward_scan("gru", node, k, [h0], xw, w_hh,
-                         lambda w_hh_t: _gru_forward_body(w_hh_t, b_hh))
+    return _forward_scan("gru", k, [h0], xw, w_hh,
+                         lambda w_hh_t: _gru_forward_body(w_hh_t, b_hh), list(node.output))
 
 
-def _lower_gru_backward(node: onnx.NodeProto, k: int) -> list[onnx.NodeProto]:
+def _lower_gru_backward(node: onnx.NodeProto, k: int, _graph: _Graph) -> list[onnx.NodeProto]:
     dh_all, saved, h_prev, w_hh = node.input
     dxw, dhw, dh0 = node.output
     p = f"gru_scan_grad_{k}"
@@ -532,6 +577,7 @@ _LOWERINGS = {
 def lower_scans(model: onnx.ModelProto) -> int:
     """Replace the ``gridfl.pending`` placeholders with ``Scan`` nodes; returns how many."""
     graph = model.graph
+    known = _Graph(graph)
     out: list[onnx.NodeProto] = []
     count = 0
     for node in graph.node:
@@ -541,7 +587,7 @@ def lower_scans(model: onnx.ModelProto) -> int:
         lower = _LOWERINGS.get(node.op_type)
         if lower is None:
             raise CompileError(f"internal: no lowering for {node.domain}::{node.op_type}")
-        out.extend(lower(node, count))
+        out.extend(lower(node, count, known))
         count += 1
     if count:
         del graph.node[:]
