@@ -360,11 +360,19 @@ class Plan:
                 so.enable_mem_pattern = False
         try:
             return ort.InferenceSession(
-                self._bytes, sess_options=so, providers=["CPUExecutionProvider"]
+                self._bytes if light else self._runtime_bytes(), sess_options=so,
+                providers=["CPUExecutionProvider"],
             )
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PlanLoadError(f"onnxruntime cannot load the plan: {msg}") from None
+
+    def _runtime_bytes(self) -> bytes:
+        """The graph onnxruntime runs: the plan with its convolutions in onnxruntime's
+        blocked layout where they can be (see ``gridfl._nchwc``)."""
+        from gridfl import _nchwc
+
+        return _nchwc.rewrite(self._bytes, {s.name: s.shape for s in self.inputs}) or self._bytes
 
     @property
     def session(self):
