@@ -209,7 +209,7 @@ def _profiling_session(plan, prefix: str, name: str):
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.enable_profiling = True
     so.profile_file_prefix = f"{prefix}_{name}"
-    return ort.InferenceSession(plan.to_bytes(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(plan._runtime_bytes(), so, providers=["CPUExecutionProvider"])
 
 
 def run_setting(single: bool, plans: dict, args) -> list[dict]:
