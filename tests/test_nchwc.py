@@ -147,3 +147,35 @@ def test_only_the_eligible_nodes_change_and_the_rest_of_the_model_is_kept():
     assert _nchwc.rewrite(rewritten, shapes) is None  # once is enough
     feeds = _feeds(shapes, seed=1)
     np.testing.assert_allclose(_run(rewritten, feeds), _run(data, feeds), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(BLOCK == 1, reason="this CPU has no blocked layout in onnxruntime")
+def test_a_compiled_plan_runs_its_convolutions_blocked_with_the_same_step():
+    """A compiled CNN's session runs the rewritten graph (forward convolution and input
+    gradient), and a training step gives what the plan as written gives."""
+    torch = pytest.importorskip("torch")
+    from gridfl.compiler import SGD, compile_training_plan
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, B, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(B, 2 * B, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(2 * B * 6 * 6, 10))
+    X, y = torch.rand(4, 1, 6, 6), torch.randint(0, 10, (4,))
+    plan = compile_training_plan(net, optimizer=SGD(lr=0.1), example_data=X, example_target=y)
+    runtime = onnx.load_from_string(plan._runtime_bytes())
+    ops = [(n.domain, n.op_type) for n in runtime.graph.node]
+    assert ops.count((_nchwc.DOMAIN, "Conv")) == 2, ops  # the second layer and its input grad
+    params = [p.detach().numpy() for p in net.parameters()]
+    got = plan.execute(X, y, 4, 0.1, *params)
+    feed = {s.name: plan.convert(i, v)
+            for i, (s, v) in enumerate(zip(plan.inputs, [X, y, 4, 0.1, *params], strict=True))}
+    want = _session_outputs(plan.to_bytes(), feed)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def _session_outputs(model: bytes, feed):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, feed)
