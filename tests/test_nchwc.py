@@ -27,6 +27,15 @@ def test_the_block_is_found_on_x86():
         assert BLOCK >= 1
 
 
+@pytest.mark.skipif(BLOCK == 1, reason="this CPU has no blocked layout in onnxruntime")
+def test_a_block_the_runtime_does_not_use_fails_the_probe():
+    """The probe runs a rewritten convolution against the plain one: another block's
+    filter layout computes something else (or is refused), so it is never used."""
+    for other in {4, 8, 16} - {BLOCK}:
+        assert _nchwc._agrees(other) is False
+    assert _nchwc._agrees(BLOCK) is True
+
+
 def _model(node, shapes: dict[str, list[int]], out_shape=None) -> bytes:
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
     graph = helper.make_graph([node], "g", inputs,

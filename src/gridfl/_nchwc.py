@@ -150,35 +150,75 @@ def _value_info(name: str, elem_type: int, dims: Sequence[int]) -> bytes:
 
 
 # ---------------------------------------------------------------- the block
+def _model(nodes: bytes, inputs: Sequence[tuple[str, int, Sequence[int]]],
+           outputs: Sequence[tuple[str, int, Sequence[int]]], *domains: str) -> bytes:
+    graph = nodes + _str(2, "probe")
+    graph += b"".join(len_field(11, _value_info(*i)) for i in inputs)
+    graph += b"".join(len_field(12, _value_info(*o)) for o in outputs)
+    model = varint_field(1, 8) + _opset("", 17)
+    model += b"".join(_opset(d, 1) for d in domains)
+    return model + len_field(_MODEL_GRAPH, graph)
+
+
+def _run(model: bytes, feeds: dict) -> list:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # a probe's failure is an answer, not an error to print
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _reordered_channels() -> int:
+    """How many channels ``ReorderInput`` makes of one: the block (it pads to a whole
+    block); 1 when the ops are missing."""
+    import numpy as np
+
+    nodes = _node("ReorderInput", ["x"], ["r"], DOMAIN, channels_last=0)
+    nodes += _node("Shape", ["r"], ["s"])
+    model = _model(nodes, [("x", _FLOAT, [1, 1, 1, 1])], [("s", _INT64, [4])], DOMAIN)
+    try:
+        shape = _run(model, {"x": np.zeros((1, 1, 1, 1), np.float32)})[0]
+    except Exception:  # noqa: BLE001 - a build without the ops: no blocked layout
+        return 1
+    return int(shape[1])
+
+
+def _agrees(block: int) -> bool:
+    """Whether :func:`rewrite` with ``block`` computes what the graph as written does,
+    here: a convolution and an input gradient on random values, through this
+    onnxruntime. The filter layout is onnxruntime's internal one; a runtime that lays it
+    out differently, or lacks a kernel, fails this and gets no rewrite."""
+    import numpy as np
+
+    c, side = 2 * block, 5
+    shapes = {"x": [2, c, side, side], "w": [c, c, 3, 3]}
+    nodes = _node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+    nodes += _node("ConvTranspose", ["x", "w"], ["z"], pads=[1, 1, 1, 1])
+    model = _model(nodes, [(n, _FLOAT, s) for n, s in shapes.items()],
+                   [(o, _FLOAT, shapes["x"]) for o in ("y", "z")])
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    try:
+        rewritten = rewrite(model, shapes, block)
+        if rewritten is None:
+            return False
+        want, got = _run(model, feeds), _run(rewritten, feeds)
+    except Exception:  # noqa: BLE001 - whatever the runtime refuses: no rewrite
+        return False
+    return all(np.allclose(g, w, rtol=1e-4, atol=1e-4) for g, w in zip(got, want, strict=True))
+
+
 @functools.cache
 def block_size() -> int:
-    """onnxruntime's NCHWc channel block on this CPU (1: no blocked layout).
-
-    ``ReorderInput`` pads the channels to a whole block, so reordering one channel
-    gives one block::
+    """onnxruntime's NCHWc channel block on this CPU, checked by running a rewritten
+    convolution against the plain one (1: no blocked layout, or one that disagrees)::
 
         >>> block_size() in (1, 4, 8, 16)
         True
     """
-    import numpy as np
-    import onnxruntime as ort
-
-    graph = _node("ReorderInput", ["x"], ["r"], DOMAIN, channels_last=0)
-    graph += _node("Shape", ["r"], ["s"])
-    graph += _str(2, "block_size")
-    graph += len_field(11, _value_info("x", _FLOAT, [1, 1, 1, 1]))
-    graph += len_field(12, _value_info("s", _INT64, [4]))
-    model = varint_field(1, 8) + _opset("", 17) + _opset(DOMAIN, 1)
-    model += len_field(_MODEL_GRAPH, graph)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    try:
-        session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-        shape = session.run(None, {"x": np.zeros((1, 1, 1, 1), np.float32)})[0]
-    except Exception:  # noqa: BLE001 - a build without the ops: no blocked layout
-        return 1
-    return int(shape[1])
+    block = _reordered_channels()
+    return block if block > 1 and _agrees(block) else 1
 
 
 # ---------------------------------------------------------------- the rewrite
