@@ -16,8 +16,9 @@ kilobytes moved per step):
 
 The rewritten graph uses onnxruntime's own ``com.microsoft.nchwc`` ops; the plan that is
 hosted, stored and sent stays standard ONNX, and the rewrite never leaves the process.
-The block is onnxruntime's, found by asking it (:func:`block_size`), so a plan compiled
-on one machine runs in the right layout on another. Workers have neither torch nor onnx:
+The block is onnxruntime's, found by asking it and checked by running a rewritten
+convolution against the plain one (:func:`block_size`), so a plan compiled on one
+machine runs in the right layout on another, or as written. Workers have neither torch nor onnx:
 the bytes are edited with gridfl's protobuf wire reader and writer.
 """
 
