@@ -158,10 +158,10 @@ def test_only_the_eligible_nodes_change_and_the_rest_of_the_model_is_kept():
     np.testing.assert_allclose(_run(rewritten, feeds), _run(data, feeds), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(BLOCK == 1, reason="this CPU has no blocked layout in onnxruntime")
-def test_a_compiled_plan_runs_its_convolutions_blocked_with_the_same_step():
-    """A compiled CNN's session runs the rewritten graph (forward convolution and input
-    gradient), and a training step gives what the plan as written gives."""
+@pytest.fixture(scope="module")
+def cnn():
+    """A compiled two-convolution training plan, its inputs for one step, and what the
+    plan as written gives for them."""
     torch = pytest.importorskip("torch")
     from gridfl.compiler import SGD, compile_training_plan
 
@@ -172,16 +172,46 @@ def test_a_compiled_plan_runs_its_convolutions_blocked_with_the_same_step():
         torch.nn.Flatten(), torch.nn.Linear(2 * B * 6 * 6, 10))
     X, y = torch.rand(4, 1, 6, 6), torch.randint(0, 10, (4,))
     plan = compile_training_plan(net, optimizer=SGD(lr=0.1), example_data=X, example_target=y)
+    inputs = [X, y, 4, 0.1, *(p.detach().numpy() for p in net.parameters())]
+    feed = {s.name: plan.convert(i, v)
+            for i, (s, v) in enumerate(zip(plan.inputs, inputs, strict=True))}
+    return plan.to_bytes(), inputs, _session_outputs(plan.to_bytes(), feed)
+
+
+def _assert_same_step(got, want):
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(BLOCK == 1, reason="this CPU has no blocked layout in onnxruntime")
+def test_a_compiled_plan_runs_its_convolutions_blocked_with_the_same_step(cnn):
+    """A compiled CNN's session runs the rewritten graph (forward convolution and input
+    gradient), and a training step gives what the plan as written gives."""
+    from gridfl import Plan
+
+    data, inputs, want = cnn
+    plan = Plan.from_bytes(data)
     runtime = onnx.load_from_string(plan._runtime_bytes())
     ops = [(n.domain, n.op_type) for n in runtime.graph.node]
     assert ops.count((_nchwc.DOMAIN, "Conv")) == 2, ops  # the second layer and its input grad
-    params = [p.detach().numpy() for p in net.parameters()]
-    got = plan.execute(X, y, 4, 0.1, *params)
-    feed = {s.name: plan.convert(i, v)
-            for i, (s, v) in enumerate(zip(plan.inputs, [X, y, 4, 0.1, *params], strict=True))}
-    want = _session_outputs(plan.to_bytes(), feed)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    _assert_same_step(plan.execute(*inputs), want)
+
+
+@pytest.mark.parametrize("failure", ["the rewrite raises", "onnxruntime refuses its graph"])
+def test_a_failing_rewrite_leaves_the_plan_running_as_written(cnn, monkeypatch, failure):
+    """The blocked layout is an optimization: whatever goes wrong with it, the plan
+    loads and runs its graph as written."""
+    from gridfl import Plan
+
+    def broken(model, shapes, block=None):
+        if failure == "the rewrite raises":
+            raise ValueError("a bug in the rewrite")
+        return model[: len(model) // 2]  # truncated: onnxruntime cannot load it
+
+    monkeypatch.setattr(_nchwc, "rewrite", broken)
+    data, inputs, want = cnn
+    plan = Plan.from_bytes(data)
+    _assert_same_step(plan.execute(*inputs), want)
 
 
 def _session_outputs(model: bytes, feed):

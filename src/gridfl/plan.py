@@ -358,10 +358,17 @@ class Plan:
                 # measurable speed (the arena reuses its chunks either way; see
                 # benchmarks/bench_step.py).
                 so.enable_mem_pattern = False
+        if not light:
+            faster = self._runtime_bytes()
+            if faster is not self._bytes:
+                try:
+                    return ort.InferenceSession(faster, sess_options=so,
+                                                providers=["CPUExecutionProvider"])
+                except Exception:  # noqa: BLE001 - an optimization never stops a plan: run it as written
+                    pass
         try:
             return ort.InferenceSession(
-                self._bytes if light else self._runtime_bytes(), sess_options=so,
-                providers=["CPUExecutionProvider"],
+                self._bytes, sess_options=so, providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -369,10 +376,15 @@ class Plan:
 
     def _runtime_bytes(self) -> bytes:
         """The graph onnxruntime runs: the plan with its convolutions in onnxruntime's
-        blocked layout where they can be (see ``gridfl._nchwc``)."""
+        blocked layout where they can be (see ``gridfl._nchwc``), else the plan's own
+        bytes (the same object)."""
         from gridfl import _nchwc
 
-        return _nchwc.rewrite(self._bytes, {s.name: s.shape for s in self.inputs}) or self._bytes
+        try:
+            faster = _nchwc.rewrite(self._bytes, {s.name: s.shape for s in self.inputs})
+        except Exception:  # noqa: BLE001 - an optimization never stops a plan: run it as written
+            return self._bytes
+        return faster or self._bytes
 
     @property
     def session(self):
