@@ -44,9 +44,7 @@ def _model(node, shapes: dict[str, list[int]], out_shape=None) -> bytes:
 
 
 def _run(model: bytes, feeds):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    return _session_outputs(model, feeds)[0]
 
 
 def _feeds(shapes, seed=0):

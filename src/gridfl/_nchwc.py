@@ -33,7 +33,6 @@ from gridfl._protobuf import LEN, VARINT, iter_fields, len_field, read_varint, v
 __all__ = ["block_size", "rewrite"]
 
 DOMAIN = "com.microsoft.nchwc"
-_U64 = (1 << 64) - 1
 _INT64_MIN = -(1 << 63)
 _CONV_ATTRS = {"group", "pads", "auto_pad", "strides", "dilations", "kernel_shape"}
 _CONV_T_ATTRS = _CONV_ATTRS | {"output_padding"}
@@ -303,11 +302,9 @@ def rewrite(model: bytes, shapes: Mapping[str, Sequence[int | None]],
             block: int | None = None) -> bytes | None:
     """``model`` with its eligible convolutions in the blocked layout, or None when it
     has none (or this CPU has no blocked layout). ``shapes``: graph input name -> shape
-    (the filters' shapes are read from it); ``block``: :func:`block_size` by default.
-    Nested graphs (a ``Scan``'s body) are left as they are."""
-    block = block_size() if block is None else block
-    if block <= 1:
-        return None
+    (the filters' shapes are read from it); ``block``: :func:`block_size` by default,
+    probed only for a graph that has a convolution. Nested graphs (a ``Scan``'s body)
+    are left as they are."""
     graph_at = None
     parts: list[bytes] = []
     prev = 0
@@ -321,20 +318,23 @@ def rewrite(model: bytes, shapes: Mapping[str, Sequence[int | None]],
     if graph_at is None:
         return None
     index, start, stop = graph_at
-    graph: list[bytes] = []
-    converted = 0
+    fields: list[tuple[bytes, _Node | None]] = []  # the graph's fields, nodes read
     prev = start
     for f, wt, a, b, _ in iter_fields(model, start, stop):
-        new = None
-        if f == _GRAPH_NODE and wt == LEN:
-            node = _read_node(model, a, b)
-            new = _convert(node, converted, shapes, block)
-        if new is None:
-            graph.append(model[prev:b])
-        else:
-            graph.append(new)
-            converted += 1
+        node = _read_node(model, a, b) if f == _GRAPH_NODE and wt == LEN else None
+        fields.append((model[prev:b], node))
         prev = b
+    if not any(n is not None and n.op_type in ("Conv", "ConvTranspose") for _, n in fields):
+        return None
+    block = block_size() if block is None else block
+    if block <= 1:
+        return None
+    graph: list[bytes] = []
+    converted = 0
+    for raw, node in fields:
+        new = None if node is None else _convert(node, converted, shapes, block)
+        graph.append(raw if new is None else new)
+        converted += new is not None
     if not converted:
         return None
     parts[index] = len_field(_MODEL_GRAPH, b"".join(graph))
