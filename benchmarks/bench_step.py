@@ -201,15 +201,13 @@ def _worker(spec: dict) -> dict:
 
 
 def _profiling_session(plan, prefix: str, name: str):
-    import onnxruntime as ort
+    """The session the worker runs (blocked layout, gridfl's node order), profiled."""
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = plan.threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.enable_profiling = True
-    so.profile_file_prefix = f"{prefix}_{name}"
-    return ort.InferenceSession(plan._runtime_bytes(), so, providers=["CPUExecutionProvider"])
+    def profile(so):
+        so.enable_profiling = True
+        so.profile_file_prefix = f"{prefix}_{name}"
+
+    return plan._optimized_session(plan._runtime_bytes(), configure=profile)
 
 
 def run_setting(single: bool, plans: dict, args) -> list[dict]:

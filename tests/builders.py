@@ -420,3 +420,34 @@ def demo_options(tmp_path, **overrides):
         "data_dir": tmp_path / "data", "out_dir": tmp_path / "out",
     }
     return DemoOptions(**{**quick, **overrides})
+
+
+def plain_session_outputs(model: bytes, feed: dict) -> list[np.ndarray]:
+    """``model`` run on ``feed`` by a plain one-thread onnxruntime session: the graph as
+    written, in onnxruntime's own order."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def compiled_conv_step(channels: int) -> tuple[bytes, list, list[np.ndarray]]:
+    """A compiled two-convolution training plan (the second layer ``channels`` in,
+    ``2 * channels`` out), the inputs of one step, and what the plan as written gives
+    for them (:func:`plain_session_outputs`)."""
+    import torch
+
+    from gridfl.compiler import SGD, compile_training_plan
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, channels, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(channels, 2 * channels, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(2 * channels * 6 * 6, 10))
+    X, y = torch.rand(4, 1, 6, 6), torch.randint(0, 10, (4,))
+    plan = compile_training_plan(net, optimizer=SGD(lr=0.1), example_data=X, example_target=y)
+    inputs = [X, y, 4, 0.1, *(p.detach().numpy() for p in net.parameters())]
+    feed = {s.name: plan.convert(i, v)
+            for i, (s, v) in enumerate(zip(plan.inputs, inputs, strict=True))}
+    return plan.to_bytes(), inputs, plain_session_outputs(plan.to_bytes(), feed)

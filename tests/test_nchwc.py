@@ -9,10 +9,10 @@ from __future__ import annotations
 import platform
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from gridfl import _nchwc
+from tests.builders import compiled_conv_step, plain_session_outputs
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -44,7 +44,7 @@ def _model(node, shapes: dict[str, list[int]], out_shape=None) -> bytes:
 
 
 def _run(model: bytes, feeds):
-    return _session_outputs(model, feeds)[0]
+    return plain_session_outputs(model, feeds)[0]
 
 
 def _feeds(shapes, seed=0):
@@ -158,22 +158,8 @@ def test_only_the_eligible_nodes_change_and_the_rest_of_the_model_is_kept():
 
 @pytest.fixture(scope="module")
 def cnn():
-    """A compiled two-convolution training plan, its inputs for one step, and what the
-    plan as written gives for them."""
-    torch = pytest.importorskip("torch")
-    from gridfl.compiler import SGD, compile_training_plan
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, B, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(B, 2 * B, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(2 * B * 6 * 6, 10))
-    X, y = torch.rand(4, 1, 6, 6), torch.randint(0, 10, (4,))
-    plan = compile_training_plan(net, optimizer=SGD(lr=0.1), example_data=X, example_target=y)
-    inputs = [X, y, 4, 0.1, *(p.detach().numpy() for p in net.parameters())]
-    feed = {s.name: plan.convert(i, v)
-            for i, (s, v) in enumerate(zip(plan.inputs, inputs, strict=True))}
-    return plan.to_bytes(), inputs, _session_outputs(plan.to_bytes(), feed)
+    pytest.importorskip("torch")
+    return compiled_conv_step(B)
 
 
 def _assert_same_step(got, want):
@@ -210,9 +196,3 @@ def test_a_failing_rewrite_leaves_the_plan_running_as_written(cnn, monkeypatch, 
     data, inputs, want = cnn
     plan = Plan.from_bytes(data)
     _assert_same_step(plan.execute(*inputs), want)
-
-
-def _session_outputs(model: bytes, feed):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, feed)

@@ -26,9 +26,32 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
-from gridfl._protobuf import LEN, VARINT, iter_fields, len_field, read_varint, varint_field
+from gridfl._onnx_wire import (
+    ATTR_I,
+    ATTR_INTS,
+    ATTR_NAME,
+    ATTR_S,
+    ATTR_T,
+    ATTR_TYPE,
+    FLOAT,
+    GRAPH_NODE,
+    INT,
+    INT64,
+    INTS,
+    MODEL_GRAPH,
+    MODEL_OPSET,
+    NODE_ATTRIBUTE,
+    NODE_DOMAIN,
+    NODE_INPUT,
+    NODE_OP_TYPE,
+    NODE_OUTPUT,
+    STRING,
+    TENSOR,
+    Node,
+    read_node,
+)
+from gridfl._protobuf import LEN, iter_fields, len_field, varint_field
 
 __all__ = ["block_size", "rewrite"]
 
@@ -37,110 +60,43 @@ _INT64_MIN = -(1 << 63)
 _CONV_ATTRS = {"group", "pads", "auto_pad", "strides", "dilations", "kernel_shape"}
 _CONV_T_ATTRS = _CONV_ATTRS | {"output_padding"}
 
-# ONNX field numbers (onnx.proto)
-_MODEL_GRAPH, _MODEL_OPSET = 7, 8
-_GRAPH_NODE = 1
-_NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 4, 5, 7
-_ATTR_NAME, _ATTR_I, _ATTR_S, _ATTR_T, _ATTR_INTS, _ATTR_TYPE = 1, 3, 4, 5, 8, 20
-_INT, _STRING, _TENSOR, _INTS = 2, 3, 4, 7  # AttributeProto.AttributeType
-_FLOAT, _INT64 = 1, 7  # TensorProto.DataType
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >> 63 else v
-
-
-class _Other:
-    """An attribute of a kind the rewrite does not read (its node is left alone)."""
-
-
-@dataclass
-class _Node:
-    op_type: str = ""
-    domain: str = ""
-    inputs: list[str] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
-    attrs: dict[str, object] = field(default_factory=dict)
-
-
-def _read_attribute(buf: bytes, start: int, stop: int) -> tuple[str, object]:
-    name, ints = "", []
-    value: object = None
-    for f, wt, a, b, v in iter_fields(buf, start, stop):
-        if f == _ATTR_NAME and wt == LEN:
-            name = bytes(buf[a:b]).decode()
-        elif f == _ATTR_I and wt == VARINT:
-            value = _signed(v)
-        elif f == _ATTR_S and wt == LEN:
-            value = bytes(buf[a:b]).decode(errors="replace")
-        elif f == _ATTR_INTS and wt == VARINT:
-            ints.append(_signed(v))
-        elif f == _ATTR_INTS and wt == LEN:  # packed
-            pos = a
-            while pos < b:
-                n, pos = read_varint(buf, pos, b)
-                ints.append(_signed(n))
-        elif f != _ATTR_TYPE:
-            value = _Other()
-    return name, ints if value is None and ints else value
-
-
-def _read_node(buf: bytes, start: int, stop: int) -> _Node:
-    node = _Node()
-    for f, wt, a, b, _ in iter_fields(buf, start, stop):
-        if wt != LEN:
-            continue
-        if f == _NODE_INPUT:
-            node.inputs.append(bytes(buf[a:b]).decode())
-        elif f == _NODE_OUTPUT:
-            node.outputs.append(bytes(buf[a:b]).decode())
-        elif f == _NODE_OP_TYPE:
-            node.op_type = bytes(buf[a:b]).decode()
-        elif f == _NODE_DOMAIN:
-            node.domain = bytes(buf[a:b]).decode()
-        elif f == _NODE_ATTRIBUTE:
-            name, value = _read_attribute(buf, a, b)
-            node.attrs[name] = value
-    return node
-
-
 # ---------------------------------------------------------------- writing
 def _str(f: int, s: str) -> bytes:
     return len_field(f, s.encode())
 
 
 def _attribute(name: str, value: int | str | Sequence[int] | bytes) -> bytes:
-    out = _str(_ATTR_NAME, name)
+    out = _str(ATTR_NAME, name)
     if isinstance(value, bytes):  # an int64 TensorProto, already encoded
-        return out + len_field(_ATTR_T, value) + varint_field(_ATTR_TYPE, _TENSOR)
+        return out + len_field(ATTR_T, value) + varint_field(ATTR_TYPE, TENSOR)
     if isinstance(value, int):
-        return out + varint_field(_ATTR_I, value) + varint_field(_ATTR_TYPE, _INT)
+        return out + varint_field(ATTR_I, value) + varint_field(ATTR_TYPE, INT)
     if isinstance(value, str):
-        return out + _str(_ATTR_S, value) + varint_field(_ATTR_TYPE, _STRING)
-    return out + b"".join(varint_field(_ATTR_INTS, v) for v in value) + varint_field(
-        _ATTR_TYPE, _INTS)
+        return out + _str(ATTR_S, value) + varint_field(ATTR_TYPE, STRING)
+    return out + b"".join(varint_field(ATTR_INTS, v) for v in value) + varint_field(
+        ATTR_TYPE, INTS)
 
 
 def _node(op_type: str, inputs: Sequence[str], outputs: Sequence[str], domain: str = "",
           **attrs: int | str | Sequence[int] | bytes) -> bytes:
-    body = b"".join(_str(_NODE_INPUT, i) for i in inputs)
-    body += b"".join(_str(_NODE_OUTPUT, o) for o in outputs)
-    body += _str(_NODE_OP_TYPE, op_type)
-    body += b"".join(len_field(_NODE_ATTRIBUTE, _attribute(k, v)) for k, v in attrs.items())
+    body = b"".join(_str(NODE_INPUT, i) for i in inputs)
+    body += b"".join(_str(NODE_OUTPUT, o) for o in outputs)
+    body += _str(NODE_OP_TYPE, op_type)
+    body += b"".join(len_field(NODE_ATTRIBUTE, _attribute(k, v)) for k, v in attrs.items())
     if domain:
-        body += _str(_NODE_DOMAIN, domain)
-    return len_field(_GRAPH_NODE, body)
+        body += _str(NODE_DOMAIN, domain)
+    return len_field(GRAPH_NODE, body)
 
 
 def _int64s(name: str, values: Sequence[int]) -> bytes:
     """A ``Constant`` node holding a 1-D int64 tensor."""
-    tensor = varint_field(1, len(values)) + varint_field(2, _INT64)
+    tensor = varint_field(1, len(values)) + varint_field(2, INT64)
     tensor += b"".join(varint_field(7, v) for v in values)
     return _node("Constant", [], [name], value=tensor)
 
 
 def _opset(domain: str, version: int) -> bytes:
-    return len_field(_MODEL_OPSET, _str(1, domain) + varint_field(2, version))
+    return len_field(MODEL_OPSET, _str(1, domain) + varint_field(2, version))
 
 
 def _value_info(name: str, elem_type: int, dims: Sequence[int]) -> bytes:
@@ -157,7 +113,7 @@ def _model(nodes: bytes, inputs: Sequence[tuple[str, int, Sequence[int]]],
     graph += b"".join(len_field(12, _value_info(*o)) for o in outputs)
     model = varint_field(1, 8) + _opset("", 17)
     model += b"".join(_opset(d, 1) for d in domains)
-    return model + len_field(_MODEL_GRAPH, graph)
+    return model + len_field(MODEL_GRAPH, graph)
 
 
 def _run(model: bytes, feeds: dict) -> list:
@@ -176,7 +132,7 @@ def _reordered_channels() -> int:
 
     nodes = _node("ReorderInput", ["x"], ["r"], DOMAIN, channels_last=0)
     nodes += _node("Shape", ["r"], ["s"])
-    model = _model(nodes, [("x", _FLOAT, [1, 1, 1, 1])], [("s", _INT64, [4])], DOMAIN)
+    model = _model(nodes, [("x", FLOAT, [1, 1, 1, 1])], [("s", INT64, [4])], DOMAIN)
     try:
         shape = _run(model, {"x": np.zeros((1, 1, 1, 1), np.float32)})[0]
     except Exception:  # noqa: BLE001 - a build without the ops: no blocked layout
@@ -195,8 +151,8 @@ def _agrees(block: int) -> bool:
     shapes = {"x": [2, c, side, side], "w": [c, c, 3, 3]}
     nodes = _node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
     nodes += _node("ConvTranspose", ["x", "w"], ["z"], pads=[1, 1, 1, 1])
-    model = _model(nodes, [(n, _FLOAT, s) for n, s in shapes.items()],
-                   [(o, _FLOAT, shapes["x"]) for o in ("y", "z")])
+    model = _model(nodes, [(n, FLOAT, s) for n, s in shapes.items()],
+                   [(o, FLOAT, shapes["x"]) for o in ("y", "z")])
     rng = np.random.default_rng(0)
     feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
     try:
@@ -222,7 +178,7 @@ def block_size() -> int:
 
 
 # ---------------------------------------------------------------- the rewrite
-def _ints(node: _Node, name: str, default: list[int]) -> list[int] | None:
+def _ints(node: Node, name: str, default: list[int]) -> list[int] | None:
     value = node.attrs.get(name, default)
     return value if isinstance(value, list) and all(isinstance(v, int) for v in value) else None
 
@@ -254,7 +210,7 @@ def _blocked_conv(k: int, x: str, w: str, bias: list[str], y: str, co: int, ci: 
     return out
 
 
-def _convert(node: _Node, k: int, shapes: Mapping[str, Sequence[int | None]],
+def _convert(node: Node, k: int, shapes: Mapping[str, Sequence[int | None]],
              block: int) -> bytes | None:
     """The NCHWc nodes for ``node``, or None when it is left as it is."""
     transposed = node.op_type == "ConvTranspose"
@@ -309,19 +265,19 @@ def rewrite(model: bytes, shapes: Mapping[str, Sequence[int | None]],
     parts: list[bytes] = []
     prev = 0
     for f, wt, a, b, _ in iter_fields(model, 0, len(model)):
-        if f == _MODEL_OPSET and wt == LEN and DOMAIN.encode() in model[a:b]:
+        if f == MODEL_OPSET and wt == LEN and DOMAIN.encode() in model[a:b]:
             return None  # already rewritten
-        if f == _MODEL_GRAPH and wt == LEN:
+        if f == MODEL_GRAPH and wt == LEN:
             graph_at = (len(parts), a, b)
         parts.append(model[prev:b])
         prev = b
     if graph_at is None:
         return None
     index, start, stop = graph_at
-    fields: list[tuple[bytes, _Node | None]] = []  # the graph's fields, nodes read
+    fields: list[tuple[bytes, Node | None]] = []  # the graph's fields, nodes read
     prev = start
     for f, wt, a, b, _ in iter_fields(model, start, stop):
-        node = _read_node(model, a, b) if f == _GRAPH_NODE and wt == LEN else None
+        node = read_node(model, a, b) if f == GRAPH_NODE and wt == LEN else None
         fields.append((model[prev:b], node))
         prev = b
     if not any(n is not None and n.op_type in ("Conv", "ConvTranspose") for _, n in fields):
@@ -337,5 +293,5 @@ def rewrite(model: bytes, shapes: Mapping[str, Sequence[int | None]],
         converted += new is not None
     if not converted:
         return None
-    parts[index] = len_field(_MODEL_GRAPH, b"".join(graph))
+    parts[index] = len_field(MODEL_GRAPH, b"".join(graph))
     return b"".join(parts) + _opset(DOMAIN, 1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -337,7 +338,7 @@ class Plan:
         """Intra-op threads the session uses."""
         return self._threads if self._threads is not None else default_threads()
 
-    def _make_session(self, *, light: bool = False):
+    def _session_options(self, *, light: bool = False):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -348,31 +349,76 @@ class Plan:
         if light:
             so.intra_op_num_threads = 1
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        else:
-            so.intra_op_num_threads = self.threads
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if getattr(self, "kind", None) == "training":
-                # A memory pattern pre-plans one block for all of a step's tensors and keeps
-                # it next to the arena's own: ~8 MB more per McMahan CNN worker, for no
-                # measurable speed (the arena reuses its chunks either way; see
-                # benchmarks/bench_step.py).
-                so.enable_mem_pattern = False
+            return so
+        so.intra_op_num_threads = self.threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if getattr(self, "kind", None) == "training":
+            # A memory pattern pre-plans one block for all of a step's tensors and keeps
+            # it next to the arena's own: ~8 MB more per McMahan CNN worker, for no
+            # measurable speed (the arena reuses its chunks either way; see
+            # benchmarks/bench_step.py).
+            so.enable_mem_pattern = False
+        return so
+
+    def _make_session(self, *, light: bool = False):
+        import onnxruntime as ort
+
         if not light:
             faster = self._runtime_bytes()
-            if faster is not self._bytes:
+            for data in (faster,) if faster is self._bytes else (faster, self._bytes):
                 try:
-                    return ort.InferenceSession(faster, sess_options=so,
-                                                providers=["CPUExecutionProvider"])
+                    return self._optimized_session(data)
                 except Exception:  # noqa: BLE001 - an optimization never stops a plan: run it as written
-                    pass
+                    continue
         try:
             return ort.InferenceSession(
-                self._bytes, sess_options=so, providers=["CPUExecutionProvider"]
+                self._bytes, sess_options=self._session_options(light=light),
+                providers=["CPUExecutionProvider"],
             )
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PlanLoadError(f"onnxruntime cannot load the plan: {msg}") from None
+
+    def _optimized_session(self, data: bytes, configure=None):
+        """A session of ``data`` with its nodes run in ``gridfl._schedule``'s order (each
+        copy next to its reader), or in onnxruntime's own if that cannot be had.
+        ``configure(options)`` is called on the session's options (a benchmark's
+        profiling)."""
+        import onnxruntime as ort
+
+        try:
+            ordered = self._ordered_graph(data)
+        except Exception:  # noqa: BLE001 - an optimization never stops a plan: onnxruntime's order
+            ordered = None
+        for graph in (ordered, data) if ordered is not None else (data,):
+            so = self._session_options()
+            if graph is ordered:
+                # already optimized: loading it again must not change it
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+            if configure is not None:
+                configure(so)
+            try:
+                return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+            except Exception:
+                if graph is data:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _ordered_graph(self, data: bytes) -> bytes | None:
+        """onnxruntime's optimized graph of ``data``, reordered; None if the order stays."""
+        import onnxruntime as ort
+
+        from gridfl import _schedule
+
+        so = self._session_options()
+        with tempfile.TemporaryDirectory(prefix="gridfl-plan-") as tmp:
+            so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+            ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            with open(so.optimized_model_filepath, "rb") as f:
+                optimized = f.read()
+        return _schedule.schedule(optimized, data)
 
     def _runtime_bytes(self) -> bytes:
         """The graph onnxruntime runs: the plan with its convolutions in onnxruntime's
