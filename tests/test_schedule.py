@@ -75,6 +75,19 @@ def test_a_node_the_optimizer_made_runs_right_after_its_inputs():
     assert _names(_schedule.schedule(optimized, plan)) == ["relu", "fused", "exp", "neg", "add"]
 
 
+def test_a_reduction_runs_right_after_its_input():
+    """A reduction (a bias gradient's sum) reads its input while it is still cached,
+    not where the plan wrote it."""
+    plan = _model([
+        _node("Relu", ["x"], ["a"], "relu"),
+        _node("Exp", ["x"], ["b"], "exp"),
+        _node("Neg", ["b"], ["c"], "neg"),
+        _node("ReduceSum", ["a"], ["r"], "sum", keepdims=0),
+        _node("Add", ["r", "c"], ["y"], "add"),
+    ], [_f32("x", [2])], [_f32("y", None)])
+    assert _names(_schedule.schedule(plan, plan)) == ["relu", "sum", "exp", "neg", "add"]
+
+
 def test_an_order_that_stays_gives_none():
     model = _model(HOISTED[:1] + HOISTED[3:5], [_f32("x", [3, 3])], [_f32("l", None)])
     assert _schedule.schedule(model, model) is None

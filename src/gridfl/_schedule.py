@@ -12,8 +12,10 @@ megabytes written there and read back cold in the backward pass.
 
 :func:`schedule` orders the optimized graph for the index-ordered executor:
 
-* nodes in the step's own order (the plan's node order; a node the optimizer made goes
-  as early as its inputs allow);
+* nodes in the step's own order (the plan's node order), except that a node the
+  optimizer made, and a reduction (a bias gradient's ``ReduceSum``), go as early as
+  their inputs allow: a reduction reads a large tensor for a small result, best while
+  the tensor is in the cache;
 * then every node that only moves, selects or compares data (``Transpose``, ``Slice``,
   ``Pad``, ``Reshape``, ``Cast``, ...) just before its first consumer, so each copy is
   read while it is still in the cache.
@@ -32,13 +34,18 @@ from dataclasses import dataclass
 from gridfl._onnx_wire import GRAPH_NODE, MODEL_GRAPH, graph_parts, read_node
 from gridfl._protobuf import LEN, iter_fields, len_field
 
-__all__ = ["MOVABLE", "schedule"]
+__all__ = ["MOVABLE", "REDUCING", "schedule"]
 
 #: Ops that only move, select or compare data: run just before their first consumer.
 MOVABLE = frozenset({
     "Cast", "Concat", "Equal", "Expand", "Flatten", "Gather", "Greater", "Identity",
     "Less", "Pad", "Reshape", "Shape", "Slice", "Split", "Squeeze", "Transpose",
     "Unsqueeze",
+})
+#: Ops whose output is much smaller than their input: run as soon as the input exists.
+REDUCING = frozenset({
+    "ArgMax", "ArgMin", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+    "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare",
 })
 
 
@@ -85,10 +92,10 @@ def _edges(nodes: Sequence[_Node]) -> tuple[list[list[int]], list[list[int]]]:
 def _step_order(nodes: Sequence[_Node], inputs: list[list[int]], users: list[list[int]],
                 position: dict[str, int]) -> list[int]:
     """A topological order that follows ``position`` (the plan's node order); a node
-    not in it goes right after the last of its inputs."""
+    not in it, or one that reduces, goes right after the last of its inputs."""
     key: list[float] = []
     for i, n in enumerate(nodes):  # the optimized graph is stored in a topological order
-        if n.name in position:
+        if n.name in position and n.op_type not in REDUCING:
             key.append(position[n.name])
         else:
             key.append(max((key[j] for j in inputs[i]), default=-1) + 0.5)
