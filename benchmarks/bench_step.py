@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=6, help="alternating blocks per runtime")
     p.add_argument("--steps", type=int, default=15, help="steps per block")
     p.add_argument("--pause", type=float, default=0.3, help="seconds between blocks")
-    p.add_argument("--conv-weight-grad", default="auto", choices=("auto", "per_offset", "conv"))
+    p.add_argument("--conv-weight-grad", default="auto",
+                   choices=("auto", "per_offset", "shift", "conv"))
     p.add_argument("--plans-dir", help="reuse/keep compiled plans here")
     p.add_argument("--profile", help="write onnxruntime profiles with this path prefix")
     p.add_argument("--json", action="store_true", help="print results as JSON")

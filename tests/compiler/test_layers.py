@@ -96,3 +96,40 @@ def test_refused_layers(name):
     X, y = batch(4, 0)
     with pytest.raises(CompileError, match=match):
         compile_training_plan(make(), example_data=X, example_target=y)
+
+
+WEIGHT_GRAD_CONVS = {
+    "3x3 pad 1": lambda: nn.Conv2d(C, 4, 3, padding=1),
+    "3x3 no pad": lambda: nn.Conv2d(C, 4, 3),
+    "5x5 pad 2": lambda: nn.Conv2d(C, 4, 5, padding=2),
+    "3x1 pad (1, 0)": lambda: nn.Conv2d(C, 4, (3, 1), padding=(1, 0)),
+}
+
+
+@pytest.mark.parametrize("method", ["per_offset", "shift", "conv", "auto"])
+@pytest.mark.parametrize("conv", list(WEIGHT_GRAD_CONVS))
+def test_every_conv_weight_gradient_formulation_trains_like_eager(conv, method):
+    """Each way of writing a convolution's weight gradient gives eager PyTorch's step, on
+    a non-square input (unverified at compile time: this test is the check)."""
+    g = torch.Generator().manual_seed(4)
+    X, y = torch.randn(5, C, 7, 9, generator=g), torch.randint(0, 5, (5,), generator=g)
+    torch.manual_seed(0)
+    layer = WEIGHT_GRAD_CONVS[conv]()
+    with torch.no_grad():
+        features = layer(X[:1]).numel()
+    model = nn.Sequential(layer, nn.ReLU(), *head(features))
+    plan = compile_training_plan(model, optimizer=SGD(lr=0.1), example_data=X,
+                                 example_target=y, conv_weight_grad=method, verify=False)
+    params = [p.detach().numpy() for p in model.parameters()]
+    loss, _, *new = plan.execute(X, y, 5, 0.1, *params)
+    losses, ref = eager_step(model, X, y, 0.1)
+    assert_close(loss, losses[0], rtol=1e-5, what=f"{conv} {method} loss")
+    for i, (got, want) in enumerate(zip(new, ref, strict=True)):
+        assert_close(got, want, rtol=1e-4, atol=1e-6, what=f"{conv} {method} param {i}")
+
+
+def test_the_shift_weight_gradient_refuses_a_strided_convolution():
+    X, y = batch(4, 0)
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, stride=2, padding=1), *head(4 * 6 * 6))
+    with pytest.raises(CompileError, match=r"'shift' needs stride 1.*stride=\[2, 2\]"):
+        compile_training_plan(model, example_data=X, example_target=y, conv_weight_grad="shift")

@@ -9,7 +9,7 @@ either has no ONNX translation or a slow one:
 * ``gridfl::max_pool2d_backward``: the pooled gradient stored at those flat indices:
   one ``MaxUnpool`` when windows do not overlap, else ``ScatterElements(add)``.
 * ``gridfl::conv2d_weight_grad``: the weight gradient of a 2-D convolution, per kernel
-  offset a strided ``Slice`` of the NHWC input and a ``MatMul`` (see decompositions.py).
+  offset a ``Slice`` of the input and a ``MatMul`` (see decompositions.py).
 * ``gridfl::threshold_backward``: ``grad * (y > threshold)``, ReLU's backward as an
   elementwise multiply by a cast mask instead of a ``Where``.
 
@@ -162,6 +162,24 @@ def _conv2d_weight_grad_onnx(grad_output, x, weight_size, stride, padding, dilat
                 parts.append(op.Unsqueeze(op.MatMul(g2, op.Reshape(sl, rows)), ints([2])))
         gw = parts[0] if len(parts) == 1 else op.Concat(*parts, axis=2)  # (Co, Ci, KK)
         return op.Reshape(gw, ints([co, ci, kh, kw]))
+    if method == "shift":
+        # Stride 1, no dilation. Each image's padded rows flattened: the gradient at offset
+        # (i, j) sums g[q] * x[q + i*Wp + j], g widened to the padded width by zeros so no
+        # shift crosses a row. Per offset one contiguous Slice and a MatMul per image
+        # (Ci, L) @ (L, Co), the grad output transposed once.
+        wp = wo + kw - 1
+        length = ho * wp
+        gt = op.Pad(grad_output, ints([0, 0, 0, 0, 0, 0, 0, kw - 1]))
+        gt = op.Transpose(op.Reshape(gt, ints([0, co, length])), perm=[0, 2, 1])  # (N, L, Co)
+        xf = op.Pad(x, ints([0, 0, p0, p1, 0, 0, p0 + 1, p1]))  # a spare row: the last shift
+        xf = op.Reshape(xf, ints([0, ci, -1]))  # (N, Ci, (Hp + 1) * Wp)
+        parts = []
+        for i in range(kh):
+            for j in range(kw):
+                sl = op.Slice(xf, ints([i * wp + j]), ints([i * wp + j + length]), ints([2]))
+                parts.append(op.Unsqueeze(op.MatMul(sl, gt), ints([3])))  # (N, Ci, Co, 1)
+        gw = op.ReduceSum(op.Concat(*parts, axis=3), ints([0]), keepdims=0)  # (Ci, Co, KK)
+        return op.Reshape(op.Transpose(gw, perm=[1, 0, 2]), ints([co, ci, kh, kw]))
     # "conv": correlate the (C<->N transposed) input with the transposed grad output.
     xt = op.Transpose(x, perm=[1, 0, 2, 3])  # (Ci, N, H, W)
     gt = op.Transpose(grad_output, perm=[1, 0, 2, 3])  # (Co, N, Ho, Wo)
