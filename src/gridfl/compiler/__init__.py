@@ -245,9 +245,13 @@ def compile_plan(
     it. With ``verify`` (default) the plan is run on the example args and on a batch of
     another size and compared with eager PyTorch; a mismatch raises CompileError.
 
+    ``conv_weight_grad`` chooses how a convolution's weight gradient is written:
+    ``"auto"`` (the fastest measured for the layer's shape), ``"per_offset"``, ``"shift"``
+    (stride 1 only) or ``"conv"``; all give the same values.
+
     With ``tfjs=True`` the plan also gets a ``tfjs`` variant (``plan.tfjs``, syft-proto
     bytes) that syft.js 0.1.4 runs; hosting a plan sends both variants. An op the tfjs
-    form has no translation for raises CompileError naming it (see docs/compiler.md).
+    form has no translation for raises CompileError naming it (see docs/plans.md).
     """
     if kind not in KINDS:
         raise CompileError(f"unknown plan kind {kind!r}; expected one of {', '.join(KINDS)}")
