@@ -389,22 +389,20 @@ class Plan:
 
         try:
             ordered = self._ordered_graph(data)
-        except Exception:  # noqa: BLE001 - an optimization never stops a plan: onnxruntime's order
-            ordered = None
-        for graph in (ordered, data) if ordered is not None else (data,):
-            so = self._session_options()
-            if graph is ordered:
+            if ordered is not None:
+                so = self._session_options()
                 # already optimized: loading it again must not change it
                 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-            if configure is not None:
-                configure(so)
-            try:
-                return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
-            except Exception:
-                if graph is data:
-                    raise
-        raise AssertionError("unreachable")
+                if configure is not None:
+                    configure(so)
+                return ort.InferenceSession(ordered, so, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - an optimization never stops a plan: onnxruntime's order
+            pass
+        so = self._session_options()
+        if configure is not None:
+            configure(so)
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
     def _ordered_graph(self, data: bytes) -> bytes | None:
         """onnxruntime's optimized graph of ``data``, reordered; None if the order stays."""
