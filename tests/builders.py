@@ -432,6 +432,12 @@ def plain_session_outputs(model: bytes, feed: dict) -> list[np.ndarray]:
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, feed)
 
 
+def assert_same_step(got: list, want: list) -> None:
+    """Two training steps' outputs agree to float32 tolerance, output by output."""
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
 def compiled_conv_step(channels: int) -> tuple[bytes, list, list[np.ndarray]]:
     """A compiled two-convolution training plan (the second layer ``channels`` in,
     ``2 * channels`` out), the inputs of one step, and what the plan as written gives

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gridfl import _nchwc
-from tests.builders import compiled_conv_step, plain_session_outputs
+from tests.builders import assert_same_step, compiled_conv_step, plain_session_outputs
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -162,11 +162,6 @@ def cnn():
     return compiled_conv_step(B)
 
 
-def _assert_same_step(got, want):
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
-
-
 @pytest.mark.skipif(BLOCK == 1, reason="this CPU has no blocked layout in onnxruntime")
 def test_a_compiled_plan_runs_its_convolutions_blocked_with_the_same_step(cnn):
     """A compiled CNN's session runs the rewritten graph (forward convolution and input
@@ -178,7 +173,7 @@ def test_a_compiled_plan_runs_its_convolutions_blocked_with_the_same_step(cnn):
     runtime = onnx.load_from_string(plan._runtime_bytes())
     ops = [(n.domain, n.op_type) for n in runtime.graph.node]
     assert ops.count((_nchwc.DOMAIN, "Conv")) == 2, ops  # the second layer and its input grad
-    _assert_same_step(plan.execute(*inputs), want)
+    assert_same_step(plan.execute(*inputs), want)
 
 
 @pytest.mark.parametrize("failure", ["the rewrite raises", "onnxruntime refuses its graph"])
@@ -195,4 +190,4 @@ def test_a_failing_rewrite_leaves_the_plan_running_as_written(cnn, monkeypatch, 
     monkeypatch.setattr(_nchwc, "rewrite", broken)
     data, inputs, want = cnn
     plan = Plan.from_bytes(data)
-    _assert_same_step(plan.execute(*inputs), want)
+    assert_same_step(plan.execute(*inputs), want)

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from gridfl import _schedule
-from tests.builders import compiled_conv_step, plain_session_outputs
+from tests.builders import assert_same_step, compiled_conv_step, plain_session_outputs
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -124,11 +124,6 @@ def cnn():
     return compiled_conv_step(8)
 
 
-def _assert_same_step(got, want):
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
-
-
 def test_a_compiled_plan_runs_in_gridfls_order_with_the_same_step(cnn):
     from gridfl import Plan
 
@@ -137,7 +132,7 @@ def test_a_compiled_plan_runs_in_gridfls_order_with_the_same_step(cnn):
     options = plan.session.get_session_options()
     assert options.execution_order == ort.ExecutionOrder.PRIORITY_BASED
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    _assert_same_step(plan.execute(*inputs), want)
+    assert_same_step(plan.execute(*inputs), want)
 
 
 def test_in_a_compiled_plan_every_copy_runs_just_before_its_reader(cnn):
@@ -202,4 +197,4 @@ def test_a_failing_schedule_leaves_the_plan_in_onnxruntimes_order(cnn, monkeypat
     data, inputs, want = cnn
     plan = Plan.from_bytes(data)
     assert plan.session.get_session_options().execution_order == ort.ExecutionOrder.DEFAULT
-    _assert_same_step(plan.execute(*inputs), want)
+    assert_same_step(plan.execute(*inputs), want)
