@@ -22,6 +22,7 @@ from .recurrent import rnns_as_scans
 
 __all__ = ["trace_step"]
 
+aten = torch.ops.aten
 gridfl_ops = torch.ops.gridfl
 
 
@@ -81,6 +82,7 @@ def trace_step(
         raise CompileError(f"tracing the function failed: {type(e).__name__}: {e}") from e
     _check_pool_indices(gm)
     _swap_relu_mask_and_pool_scatter(gm)
+    _sum_before_pool_scatter(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -119,6 +121,15 @@ def _is(node: torch.fx.Node, target) -> bool:
     return node.op == "call_function" and node.target is target
 
 
+def _unaliased(node):
+    """``node`` without the ``alias``/``detach`` views autograd wraps saved outputs in."""
+    while isinstance(node, torch.fx.Node) and (
+        _is(node, aten.alias.default) or _is(node, aten.detach.default)
+    ):
+        node = node.args[0]
+    return node
+
+
 def _check_pool_indices(gm: torch.fx.GraphModule) -> None:
     """Flat max-pool indices may only feed gridfl's max-pool backward."""
     for node in gm.graph.nodes:
@@ -152,12 +163,14 @@ def _swap_relu_mask_and_pool_scatter(gm: torch.fx.GraphModule) -> int:
         if not _is(scat, gridfl_ops.max_pool2d_backward.default) or len(scat.users) != 1:
             continue
         g, x, idx = scat.args[:3]
-        if y is not x or thr != 0.0:
+        if _unaliased(y) is not _unaliased(x) or thr != 0.0:
             continue
         if not (_is(idx, operator.getitem) and idx.args[1] == 1):
             continue
         pool = idx.args[0]
-        if not _is(pool, gridfl_ops.max_pool2d.default) or pool.args[0] is not x:
+        if not _is(pool, gridfl_ops.max_pool2d.default) or _unaliased(pool.args[0]) is not (
+            _unaliased(x)
+        ):
             continue
         pooled = next(
             (u for u in pool.users if _is(u, operator.getitem) and u.args[1] == 0), None
@@ -178,5 +191,28 @@ def _swap_relu_mask_and_pool_scatter(gm: torch.fx.GraphModule) -> int:
         node.replace_all_uses_with(new_scat)
         graph.erase_node(node)
         graph.erase_node(scat)
+        count += 1
+    return count
+
+
+def _sum_before_pool_scatter(gm: torch.fx.GraphModule) -> int:
+    """``sum(scatter(g, idx), dims)`` -> ``sum(g, dims)`` when ``dims`` hold both
+    spatial axes.
+
+    A max-pool backward without overlapping windows moves each pooled gradient to one
+    place in the same image and channel, so its sum over height and width is the pooled
+    gradient's (a conv bias's gradient), read from a tensor k*k times smaller. Returns
+    the number of rewrites.
+    """
+    count = 0
+    for node in gm.graph.nodes:
+        if not _is(node, aten.sum.dim_IntList):
+            continue
+        scat, dims = node.args[:2]
+        if not _is(scat, gridfl_ops.max_pool2d_backward.default) or scat.args[6]:
+            continue
+        if dims is None or not {2, 3} <= {d % 4 for d in dims}:
+            continue
+        node.args = (scat.args[0], *node.args[1:])
         count += 1
     return count
