@@ -224,6 +224,14 @@ def _layers(input, num_layers, directions, batch_first, run_direction):
     return (x.transpose(0, 1) if batch_first else x), finals
 
 
+def _input_projection(seq, w_ih, bias):
+    """Every step's ``x W_ih^T + bias`` at once, as one 2-D product: with the bias it
+    exports as one Gemm, not a MatMul and a separate pass adding the bias."""
+    x = seq.reshape(-1, seq.shape[-1])
+    xw = x @ w_ih.T if bias is None else torch.addmm(bias, x, w_ih.T)
+    return xw.reshape(seq.shape[0], seq.shape[1], -1)
+
+
 def _lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
           batch_first):
     directions = 2 if bidirectional else 1
@@ -233,9 +241,8 @@ def _lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirection
 
     def run(seq, k):
         w_ih, w_hh = params[per * k], params[per * k + 1]
-        xw = seq @ w_ih.T
-        if has_biases:
-            xw = xw + (params[per * k + 2] + params[per * k + 3])
+        bias = params[per * k + 2] + params[per * k + 3] if has_biases else None
+        xw = _input_projection(seq, w_ih, bias)
         h_all, c_all, _ = torch.ops.gridfl.lstm_scan(xw, h0_all[k], c0_all[k], w_hh)
         return h_all, (h_all[-1], c_all[-1])
 
@@ -251,12 +258,8 @@ def _gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
 
     def run(seq, k):
         w_ih, w_hh = params[per * k], params[per * k + 1]
-        xw = seq @ w_ih.T
-        if has_biases:
-            xw = xw + params[per * k + 2]
-            b_hh = params[per * k + 3]
-        else:
-            b_hh = w_hh.new_zeros(w_hh.shape[0])
+        xw = _input_projection(seq, w_ih, params[per * k + 2] if has_biases else None)
+        b_hh = params[per * k + 3] if has_biases else w_hh.new_zeros(w_hh.shape[0])
         h_all, _ = torch.ops.gridfl.gru_scan(xw, hx[k], w_hh, b_hh)
         return h_all, h_all[-1]
 
@@ -341,12 +344,13 @@ def _vi(name: str) -> onnx.ValueInfoProto:
 
 
 def _forward_body(w_hh_t: str) -> onnx.GraphProto:
-    """One step; the four gates leave as four scan outputs (a per-step Concat of them,
-    split again for the backward, was ~4% of an LSTM training step)."""
+    """One step; the four gates and ``tanh(c)`` leave as separate scan outputs, for the
+    backward (a per-step Concat of the gates, split again for the backward, was ~4% of
+    an LSTM training step). One Sigmoid over all four gates' columns instead of three
+    measured slower: its extra columns cost more than the two nodes it saves."""
     n = helper.make_node
     nodes = [
-        n("MatMul", ["h_in", w_hh_t], ["hw"]),
-        n("Add", ["xw_t", "hw"], ["a"]),
+        n("Gemm", ["h_in", w_hh_t, "xw_t"], ["a"]),
         n("Split", ["a"], ["ai", "af", "ag", "ao"], axis=1, num_outputs=4),
         n("Sigmoid", ["ai"], ["i"]),
         n("Sigmoid", ["af"], ["f"]),
@@ -362,7 +366,7 @@ def _forward_body(w_hh_t: str) -> onnx.GraphProto:
     ]
     return helper.make_graph(nodes, "lstm_step", [_vi("h_in"), _vi("c_in"), _vi("xw_t")],
                              [_vi("h_out"), _vi("c_out"), _vi("h_t"), _vi("c_t"),
-                              *map(_vi, _GATES)])
+                              *map(_vi, _GATES), _vi("tc")])
 
 
 def _backward_body(w_hh: str, with_dc: bool) -> onnx.GraphProto:
@@ -420,6 +424,7 @@ class _Graph:
             if init.data_type == TensorProto.FLOAT and not onnx.numpy_helper.to_array(init).any()
         }
         self.gate_parts: dict[str, list[str]] = {}  # an LSTM's gates -> its four parts
+        self.tanh_c: dict[str, str] = {}  # an LSTM's c_all -> its tanh, from the forward
 
     def only_read_by(self, name: str, op_type: str) -> bool:
         return name not in self.outputs and all(
@@ -437,9 +442,12 @@ class _Graph:
 def _lower_forward(node: onnx.NodeProto, k: int, graph: _Graph) -> list[onnx.NodeProto]:
     xw, h0, c0, w_hh = node.input
     h_all, c_all, gates = node.output
-    parts = [f"lstm_scan_{k}/{g}" for g in _GATES]
+    p = f"lstm_scan_{k}"
+    parts = [f"{p}/{g}" for g in _GATES]
     graph.gate_parts[gates] = parts
-    scan = _forward_scan("lstm", k, [h0, c0], xw, w_hh, _forward_body, [h_all, c_all, *parts])
+    graph.tanh_c[c_all] = f"{p}/tanh_c"
+    scan = _forward_scan("lstm", k, [h0, c0], xw, w_hh, _forward_body,
+                         [h_all, c_all, *parts, graph.tanh_c[c_all]])
     if graph.only_read_by(gates, "LstmScanGrad"):
         return scan
     return [*scan, helper.make_node("Concat", parts, [gates], axis=2)]
@@ -459,6 +467,7 @@ def _lower_backward(node: onnx.NodeProto, k: int, graph: _Graph) -> list[onnx.No
         "Constant", [], [v(name)],
         value=helper.make_tensor(v(name), TensorProto.INT64, [len(vals)], vals))
     i, f, g, o = graph.gate_parts.get(gates) or [v(name) for name in _GATES]
+    tc = graph.tanh_c.get(c_all, v("tc"))
     scanned = [dh_all, *([dc_all] if with_dc else []), v("p"), v("k"), f]
     n = helper.make_node
     return [
@@ -470,17 +479,17 @@ def _lower_backward(node: onnx.NodeProto, k: int, graph: _Graph) -> list[onnx.No
         n("Concat", [v("c0_1"), v("c_head")], [v("cprev")], axis=0),
         *([] if gates in graph.gate_parts else
           [n("Split", [gates], [i, f, g, o], axis=2, num_outputs=4)]),
-        n("Tanh", [c_all], [v("tc")]),
+        *([] if c_all in graph.tanh_c else [n("Tanh", [c_all], [tc])]),
         # sigmoid' = s (1 - s), tanh' = 1 - t^2
         *(node_ for name, gate in (("i", i), ("f", f), ("o", o)) for node_ in (
             n("Sub", [v("one"), gate], [v(f"{name}1")]),
             n("Mul", [gate, v(f"{name}1")], [v(f"s{name}")]))),
         n("Mul", [g, g], [v("g2")]), n("Sub", [v("one"), v("g2")], [v("sg")]),
-        n("Mul", [v("tc"), v("tc")], [v("tc2")]), n("Sub", [v("one"), v("tc2")], [v("dtc")]),
+        n("Mul", [tc, tc], [v("tc2")]), n("Sub", [v("one"), v("tc2")], [v("dtc")]),
         n("Mul", [o, v("dtc")], [v("k")]),  # dc += dh * o * tanh'(c)
         # da = [dc, dc, dc, dh] * [g si, c_prev sf, i sg, tanh(c) so]
         n("Mul", [g, v("si")], [v("pi")]), n("Mul", [v("cprev"), v("sf")], [v("pf")]),
-        n("Mul", [i, v("sg")], [v("pg")]), n("Mul", [v("tc"), v("so")], [v("po")]),
+        n("Mul", [i, v("sg")], [v("pg")]), n("Mul", [tc, v("so")], [v("po")]),
         n("Concat", [v("pi"), v("pf"), v("pg"), v("po")], [v("p")], axis=2),
         n("Sub", [c0, c0], [v("zeros")]),
         n("Scan", [v("zeros"), v("zeros"), *scanned], [dh0, dc0, da], name=p,
