@@ -67,6 +67,11 @@ REWRITTEN = {
                          kernel_shape=[5, 5], strides=[1, 1], output_padding=[0, 0],
                          dilations=[1, 1], group=1),
         {"dy": [3, 2 * B, 7, 7], "w": [2 * B, B, 5, 5]}),
+    "3x2 filter": (helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 0, 1, 1]),
+                   {"x": [2, B, 7, 6], "w": [2 * B, B, 3, 2]}),
+    "input gradient, 3x2 filter": (
+        helper.make_node("ConvTranspose", ["dy", "w"], ["y"]),
+        {"dy": [2, 2 * B, 6, 5], "w": [2 * B, B, 3, 2]}),
     "input gradient, uneven pads, bias": (
         helper.make_node("ConvTranspose", ["dy", "w", "b"], ["y"], pads=[0, 1, 2, 0]),
         {"dy": [2, B, 8, 6], "w": [B, 2 * B, 3, 3], "b": [2 * B]}),
