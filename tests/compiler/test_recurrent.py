@@ -23,11 +23,13 @@ VOCAB, EMB, HIDDEN = 12, 4, 6
 
 class SeqNet(nn.Module):
     """``readout="c"`` classifies from the LSTM's final cell state instead of the last h,
-    so every step's cell state gets a gradient from outside the recurrence."""
+    so every step's cell state gets a gradient from outside the recurrence; ``"first"``
+    from the first step's h."""
 
-    def __init__(self, cell: str, readout: str = "h", **rnn_options):
+    def __init__(self, cell: str, readout: str = "h", padding_idx: int | None = None,
+                 **rnn_options):
         super().__init__()
-        self.emb = nn.Embedding(VOCAB, EMB)
+        self.emb = nn.Embedding(VOCAB, EMB, padding_idx=padding_idx)
         rnn_cls = nn.LSTM if cell == "lstm" else nn.GRU
         self.rnn = rnn_cls(EMB, HIDDEN, batch_first=True, **rnn_options)
         out = HIDDEN * (2 if rnn_options.get("bidirectional") else 1)
@@ -38,7 +40,7 @@ class SeqNet(nn.Module):
         h, state = self.rnn(self.emb(x))
         if self.readout == "c":
             return self.fc(state[1][-1])
-        return self.fc(h[:, -1])
+        return self.fc(h[:, 0 if self.readout == "first" else -1])
 
 
 def tokens(n: int, seq: int, seed: int):
@@ -58,6 +60,7 @@ CASES = {
     "lstm_2layers_bidirectional": ("lstm", {"num_layers": 2, "bidirectional": True}),
     "gru_no_bias": ("gru", {"bias": False}),
     "lstm_final_cell_state": ("lstm", {"readout": "c"}),
+    "lstm_first_step_padding_idx": ("lstm", {"readout": "first", "padding_idx": 0}),
 }
 
 

@@ -187,6 +187,42 @@ def _threshold_backward(grad_output, self, threshold):
     return gridfl_ops.threshold_backward(grad_output, self, float(threshold))
 
 
+# ---------------------------------------------------------------- indexing backward
+def _select_backward(grad_output, input_sizes, dim, index):
+    """``x.select(dim, index)``'s gradient (an RNN's last step, ``h[:, -1]``) as one
+    ``Pad`` of the selected gradient with zeros, not a mask broadcast over the whole
+    input by ``Where``."""
+    size = input_sizes[dim]
+    if not (isinstance(size, int) and isinstance(index, int)):
+        from torch._decomp.decompositions import select_backward
+
+        return select_backward(grad_output, input_sizes, dim, index)
+    dim %= len(input_sizes)
+    index %= size
+    pad = [0, 0] * (len(input_sizes) - 1 - dim) + [index, size - 1 - index]
+    return aten.constant_pad_nd.default(aten.unsqueeze.default(grad_output, dim), pad, 0.0)
+
+
+def _embedding_dense_backward(grad_output, indices, num_weights, padding_idx,
+                              scale_grad_by_freq):
+    """An embedding's gradient: the rows' gradients summed per index. An index out of
+    range or equal to ``padding_idx`` sends its row to one extra row that is dropped,
+    instead of a mask broadcast over every row's gradient."""
+    if scale_grad_by_freq:
+        from torch._decomp.decompositions import embedding_dense_backward
+
+        return embedding_dense_backward(grad_output, indices, num_weights, padding_idx,
+                                        scale_grad_by_freq)
+    width = grad_output.shape[indices.dim():]
+    rows = grad_output.reshape(-1, *width)
+    flat = indices.reshape(-1).long()
+    kept = (flat >= 0) & (flat < num_weights) & (flat != padding_idx)
+    target = torch.where(kept, flat, num_weights)
+    summed = grad_output.new_zeros((num_weights + 1, *width)).index_put(
+        [target], rows, accumulate=True)
+    return summed[:num_weights]
+
+
 # ---------------------------------------------------------------- refusals
 def _refuse(op_name: str, why: str):
     def refuse(*args, **kwargs):
@@ -277,6 +313,8 @@ def _table_items(weight_grad: str) -> tuple:
     table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_with_indices_backward
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
     table[aten.threshold_backward.default] = _threshold_backward
+    table[aten.select_backward.default] = _select_backward
+    table[aten.embedding_dense_backward.default] = _embedding_dense_backward
     return tuple(table.items())
 
 
