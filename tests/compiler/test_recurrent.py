@@ -105,9 +105,9 @@ def test_graph_size_does_not_grow_with_the_sequence():
 def test_lstm_steps_run_few_nodes(readout, backward_nodes):
     """A Scan's body is per-node overhead bound: the factors that do not depend on the
     carried gradients are computed outside the reversed one, for all steps at once; the
-    gates and tanh(c) leave the forward one as outputs, read by the backward without a
-    Concat, a Split or a second Tanh; a cell state gradient that is zero (only h read)
-    is not scanned."""
+    gates and the products the backward needs leave the forward one as outputs, read by
+    the backward without a Concat, a Split, a second Tanh or a shifted copy of c; a cell
+    state gradient that is zero (only h read) is not scanned."""
     X, y = tokens(4, 6, 0)
     plan = compile_training_plan(SeqNet("lstm", readout=readout), example_data=X,
                                  example_target=y)
@@ -118,13 +118,15 @@ def test_lstm_steps_run_few_nodes(readout, backward_nodes):
     ops = {name: [n.op_type for n in body.node] for name, body in bodies.items()}
     assert len(ops["lstm_scan_grad_1"]) == backward_nodes, ops["lstm_scan_grad_1"]
     assert len(ops["lstm_scan_0"]) == 13 and "Concat" not in ops["lstm_scan_0"]
-    *gates, tanh_c = scans["lstm_scan_0"].output[4:]
-    assert len(gates) == 4
+    outputs = scans["lstm_scan_0"].output
+    gates, products = outputs[4:8], outputs[8:]
+    assert len(gates) == 4 and len(products) == 3  # tanh(c), i*g, f*c_prev
     readers = [n.op_type for n in graph.node for g in gates if g in n.input]
     assert "Concat" not in readers and "Split" not in readers, readers
-    # the backward reads the forward's tanh(c) instead of taking it again
-    assert any(tanh_c in n.input for n in graph.node)
-    assert [n.op_type for n in graph.node].count("Tanh") == 0
+    # the backward starts from the forward's products instead of taking them again
+    assert all(any(v in n.input for n in graph.node) for v in products)
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("Tanh") == 0, ops
 
 
 def test_lowered_lstm_forward_gives_the_gates_when_they_are_read():

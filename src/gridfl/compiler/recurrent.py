@@ -344,10 +344,11 @@ def _vi(name: str) -> onnx.ValueInfoProto:
 
 
 def _forward_body(w_hh_t: str) -> onnx.GraphProto:
-    """One step; the four gates and ``tanh(c)`` leave as separate scan outputs, for the
-    backward (a per-step Concat of the gates, split again for the backward, was ~4% of
-    an LSTM training step). One Sigmoid over all four gates' columns instead of three
-    measured slower: its extra columns cost more than the two nodes it saves."""
+    """One step. The gates and the products the backward needs (``tanh(c)``, ``i g``,
+    ``f c_prev``) leave as separate scan outputs (a per-step Concat of the gates, split
+    again for the backward, was ~4% of an LSTM training step). One Sigmoid over all four
+    gates' columns instead of three measured slower: its extra columns cost more than
+    the two nodes it saves."""
     n = helper.make_node
     nodes = [
         n("Gemm", ["h_in", w_hh_t, "xw_t"], ["a"]),
@@ -366,7 +367,7 @@ def _forward_body(w_hh_t: str) -> onnx.GraphProto:
     ]
     return helper.make_graph(nodes, "lstm_step", [_vi("h_in"), _vi("c_in"), _vi("xw_t")],
                              [_vi("h_out"), _vi("c_out"), _vi("h_t"), _vi("c_t"),
-                              *map(_vi, _GATES), _vi("tc")])
+                              *map(_vi, _STEP_OUTPUTS)])
 
 
 def _backward_body(w_hh: str, with_dc: bool) -> onnx.GraphProto:
@@ -407,6 +408,8 @@ def _forward_scan(kind: str, k: int, states: list[str], xw: str, w_hh: str, body
 
 
 _GATES = ("i", "f", "g", "o")
+#: What a forward step gives its backward: the gates, tanh(c), i*g and f*c_prev.
+_STEP_OUTPUTS = (*_GATES, "tc", "ig", "fc")
 
 
 class _Graph:
@@ -423,8 +426,8 @@ class _Graph:
             init.name for init in graph.initializer
             if init.data_type == TensorProto.FLOAT and not onnx.numpy_helper.to_array(init).any()
         }
-        self.gate_parts: dict[str, list[str]] = {}  # an LSTM's gates -> its four parts
-        self.tanh_c: dict[str, str] = {}  # an LSTM's c_all -> its tanh, from the forward
+        # an LSTM's gates -> its forward's per-step outputs by name, and "h" (h_all)
+        self.lstm_steps: dict[str, dict[str, str]] = {}
 
     def only_read_by(self, name: str, op_type: str) -> bool:
         return name not in self.outputs and all(
@@ -442,14 +445,13 @@ class _Graph:
 def _lower_forward(node: onnx.NodeProto, k: int, graph: _Graph) -> list[onnx.NodeProto]:
     xw, h0, c0, w_hh = node.input
     h_all, c_all, gates = node.output
-    p = f"lstm_scan_{k}"
-    parts = [f"{p}/{g}" for g in _GATES]
-    graph.gate_parts[gates] = parts
-    graph.tanh_c[c_all] = f"{p}/tanh_c"
+    steps = {name: f"lstm_scan_{k}/{name}" for name in _STEP_OUTPUTS}
+    graph.lstm_steps[gates] = {**steps, "h": h_all}
     scan = _forward_scan("lstm", k, [h0, c0], xw, w_hh, _forward_body,
-                         [h_all, c_all, *parts, graph.tanh_c[c_all]])
+                         [h_all, c_all, *steps.values()])
     if graph.only_read_by(gates, "LstmScanGrad"):
         return scan
+    parts = [steps[name] for name in _GATES]
     return [*scan, helper.make_node("Concat", parts, [gates], axis=2)]
 
 
@@ -457,39 +459,32 @@ def _lower_backward(node: onnx.NodeProto, k: int, graph: _Graph) -> list[onnx.No
     """The gradient as one reversed ``Scan``. Every factor that does not depend on the
     carried gradients (the gates' derivatives times their partners, ``o * tanh'(c)``) is
     computed for all steps at once outside it, so a step runs 8 small nodes, not 29:
-    per-node overhead, not arithmetic, dominates a step at these sizes."""
-    dh_all, dc_all, gates, c_all, c0, w_hh = node.input
+    per-node overhead, not arithmetic, dominates a step at these sizes. The factors
+    start from the forward's own products (``i g``, ``f c_prev``, ``h = o tanh(c)``), so
+    they take 13 passes over the sequence instead of 19."""
+    dh_all, dc_all, gates, _c_all, c0, w_hh = node.input
     da, dh0, dc0 = node.output
+    fwd = graph.lstm_steps.get(gates)
+    if fwd is None:
+        raise CompileError("internal: an LSTM backward without its forward in the graph")
     p = f"lstm_scan_grad_{k}"
     with_dc = not graph.is_zeros(dc_all)
     v = lambda name: f"{p}/{name}"  # noqa: E731
-    ints = lambda name, vals: helper.make_node(  # noqa: E731
-        "Constant", [], [v(name)],
-        value=helper.make_tensor(v(name), TensorProto.INT64, [len(vals)], vals))
-    i, f, g, o = graph.gate_parts.get(gates) or [v(name) for name in _GATES]
-    tc = graph.tanh_c.get(c_all, v("tc"))
+    i, f, g, o, tc, ig, fc, h = (fwd[name] for name in (*_STEP_OUTPUTS, "h"))
     scanned = [dh_all, *([dc_all] if with_dc else []), v("p"), v("k"), f]
     n = helper.make_node
     return [
-        ints("zero", [0]), ints("minus1", [-1]),
         n("Constant", [], [v("one")],
           value=helper.make_tensor(v("one"), TensorProto.FLOAT, [], [1.0])),
-        n("Unsqueeze", [c0, v("zero")], [v("c0_1")]),
-        n("Slice", [c_all, v("zero"), v("minus1"), v("zero")], [v("c_head")]),
-        n("Concat", [v("c0_1"), v("c_head")], [v("cprev")], axis=0),
-        *([] if gates in graph.gate_parts else
-          [n("Split", [gates], [i, f, g, o], axis=2, num_outputs=4)]),
-        *([] if c_all in graph.tanh_c else [n("Tanh", [c_all], [tc])]),
         # sigmoid' = s (1 - s), tanh' = 1 - t^2
-        *(node_ for name, gate in (("i", i), ("f", f), ("o", o)) for node_ in (
-            n("Sub", [v("one"), gate], [v(f"{name}1")]),
-            n("Mul", [gate, v(f"{name}1")], [v(f"s{name}")]))),
+        *(n("Sub", [v("one"), gate], [v(f"{name}1")]) for name, gate in
+          (("i", i), ("f", f), ("o", o))),
         n("Mul", [g, g], [v("g2")]), n("Sub", [v("one"), v("g2")], [v("sg")]),
         n("Mul", [tc, tc], [v("tc2")]), n("Sub", [v("one"), v("tc2")], [v("dtc")]),
         n("Mul", [o, v("dtc")], [v("k")]),  # dc += dh * o * tanh'(c)
-        # da = [dc, dc, dc, dh] * [g si, c_prev sf, i sg, tanh(c) so]
-        n("Mul", [g, v("si")], [v("pi")]), n("Mul", [v("cprev"), v("sf")], [v("pf")]),
-        n("Mul", [i, v("sg")], [v("pg")]), n("Mul", [tc, v("so")], [v("po")]),
+        # da = [dc, dc, dc, dh] * [i g (1-i), f c_prev (1-f), i (1-g^2), h (1-o)]
+        n("Mul", [ig, v("i1")], [v("pi")]), n("Mul", [fc, v("f1")], [v("pf")]),
+        n("Mul", [i, v("sg")], [v("pg")]), n("Mul", [h, v("o1")], [v("po")]),
         n("Concat", [v("pi"), v("pf"), v("pg"), v("po")], [v("p")], axis=2),
         n("Sub", [c0, c0], [v("zeros")]),
         n("Scan", [v("zeros"), v("zeros"), *scanned], [dh0, dc0, da], name=p,
