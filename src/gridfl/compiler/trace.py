@@ -163,14 +163,15 @@ def _swap_relu_mask_and_pool_scatter(gm: torch.fx.GraphModule) -> int:
         if not _is(scat, gridfl_ops.max_pool2d_backward.default) or len(scat.users) != 1:
             continue
         g, x, idx = scat.args[:3]
-        if _unaliased(y) is not _unaliased(x) or thr != 0.0:
+        relu_out = _unaliased(x)
+        if _unaliased(y) is not relu_out or thr != 0.0:
             continue
         if not (_is(idx, operator.getitem) and idx.args[1] == 1):
             continue
         pool = idx.args[0]
-        if not _is(pool, gridfl_ops.max_pool2d.default) or _unaliased(pool.args[0]) is not (
-            _unaliased(x)
-        ):
+        if not _is(pool, gridfl_ops.max_pool2d.default):
+            continue
+        if _unaliased(pool.args[0]) is not relu_out:
             continue
         pooled = next(
             (u for u in pool.users if _is(u, operator.getitem) and u.args[1] == 0), None
