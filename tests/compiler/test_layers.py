@@ -30,6 +30,8 @@ LAYERS = {
         nn.Conv2d(C, 8, 3, bias=False), nn.Conv2d(8, 4, 3, dilation=2), *head(4 * 6 * 6)),
     "maxpool": lambda: nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                      *head(4 * 6 * 6)),
+    "maxpool_2x3_windows": lambda: nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.ReLU(),
+                                                 nn.MaxPool2d((2, 3)), *head(4 * 6 * 4)),
     "maxpool_overlap_padding": lambda: nn.Sequential(
         nn.Conv2d(C, 4, 3, padding=1), nn.MaxPool2d(3, stride=2, padding=1), *head(4 * 6 * 6)),
     "avgpool": lambda: nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.AvgPool2d(2),
@@ -133,3 +135,37 @@ def test_the_shift_weight_gradient_refuses_a_strided_convolution():
     model = nn.Sequential(nn.Conv2d(C, 4, 3, stride=2, padding=1), *head(4 * 6 * 6))
     with pytest.raises(CompileError, match=r"'shift' needs stride 1.*stride=\[2, 2\]"):
         compile_training_plan(model, example_data=X, example_target=y, conv_weight_grad="shift")
+
+
+def test_tiling_max_pool_breaks_ties_as_torch_without_onnxruntimes_indices():
+    """Windows that tile the map take their maximum and its first position over the
+    window laid out on one axis; onnxruntime's ``MaxPool`` with indices (a scalar loop)
+    is left to windows that overlap. A filter of ones over columns repeating 1, 2, 3
+    gives every window four equal maxima from different patches: the gradient must go
+    to the first, as torch's does, or the filter's gradient differs."""
+    import onnx
+    from onnx import helper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(3, stride=2, padding=1),
+                          *head(4 * 3 * 3))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    X, y = batch(5, 7)
+    X[:] = torch.tensor([1.0, 2.0, 3.0]).repeat(HW // 3)  # every 3x3 patch sums to 18
+    plan = compile_training_plan(model, optimizer=SGD(lr=0.1), example_data=X,
+                                 example_target=y, verify=False)
+    graph = onnx.load_from_string(plan.to_bytes()).graph
+    pools = [len(n.output) for n in graph.node if n.op_type == "MaxPool"]
+    assert pools == [2], pools  # only the overlapping pool keeps onnxruntime's indices
+    axes = [{a.name: helper.get_attribute_value(a) for a in n.attribute}.get("axis")
+            for n in graph.node if n.op_type == "ArgMax"]
+    assert 4 in axes, axes  # the first maximum over the window's axis
+    params = [p.detach().numpy() for p in model.parameters()]
+    loss, _, *new = plan.execute(X, y, 5, 0.1, *params)
+    losses, ref = eager_step(model, X, y, 0.1)
+    assert_close(loss, losses[0], rtol=1e-5, what="loss")
+    for i, (got, want) in enumerate(zip(new, ref, strict=True)):
+        assert_close(got, want, rtol=1e-4, atol=1e-6, what=f"param {i}")

@@ -22,8 +22,9 @@ Convolution backward (``aten.convolution_backward``), 2-D, groups 1:
 BatchNorm in training mode is written out in plain ops (batch mean and variance), so the
 plan normalizes as torch does and updates the running statistics it carries.
 
-Max-pool keeps ONE ``MaxPool`` node with both outputs and stores the gradient back with
-``MaxUnpool``; ReLU's backward is ``grad * (y > 0)``; see ``ops.py`` and ``trace.py``.
+Max-pool gives flat indices (from its window's ``ArgMax`` when windows tile the map) and
+stores the gradient back with ``MaxUnpool``; ReLU's backward is ``grad * (y > 0)``; see
+``ops.py`` and ``trace.py``.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def _max_pool2d_with_indices(
     kernel_size = _pair(kernel_size)
     stride = _pair(stride) if stride else list(kernel_size)
     return gridfl_ops.max_pool2d(
-        x, kernel_size, stride, _pair(padding), _pair(dilation), bool(ceil_mode)
+        x, kernel_size, stride, _pair(padding), _pair(dilation), bool(ceil_mode),
+        [int(d) for d in x.shape[1:]],
     )
 
 

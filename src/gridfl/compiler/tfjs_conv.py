@@ -93,7 +93,7 @@ def _pool_geometry(node_x, kernel, stride, padding, dilation, ceil_mode=False):
 
 
 @_rule(gridfl_ops.max_pool2d.default)
-def _max_pool2d(t, node, x, kernel, stride, padding, dilation, ceil_mode):
+def _max_pool2d(t, node, x, kernel, stride, padding, dilation, ceil_mode, _chw):
     c, h, w, k0, k1 = _pool_geometry(node.args[0], kernel, stride, padding, dilation, ceil_mode)
     win = t.emit("reshape", x, [-1, c, h // k0, k0, w // k1, k1])
     win = t.emit("transpose", win, [0, 1, 2, 4, 3, 5])
