@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto
 from onnxscript import opset18 as op
 
 __all__ = ["translation_table"]
@@ -81,10 +82,11 @@ def _max_pool2d_tiled(x, kh, kw, c, h, w):
     grid = op.Reshape(x, op.Constant(value_ints=[-1, c, ho, kh, wo, kw]))
     windows = op.Reshape(op.Transpose(grid, perm=[0, 1, 2, 4, 3, 5]),
                          op.Constant(value_ints=[-1, c, ho, wo, kh * kw]))
-    first = op.Cast(op.ArgMax(windows, axis=4, keepdims=0), to=1)  # float: row-major k
+    first = op.Cast(op.ArgMax(windows, axis=4, keepdims=0), to=TensorProto.FLOAT)
     # flat index ((n*C + c)*H + i*kh + r)*W + j*kw + s, (r, s) = divmod(k, kw): k + r*(W-kw)
     rows = op.Floor(op.Div(first, op.Constant(value_float=float(kw))))
-    offset = op.Cast(op.Add(first, op.Mul(rows, op.Constant(value_float=float(w - kw)))), to=7)
+    offset = op.Cast(op.Add(first, op.Mul(rows, op.Constant(value_float=float(w - kw)))),
+                     to=TensorProto.INT64)
     corners = op.Constant(value_ints=[i * kh * w + j * kw for i in range(ho) for j in range(wo)])
     offset = op.Add(offset, op.Reshape(corners, op.Constant(value_ints=[1, 1, ho, wo])))
     planes = op.Mul(op.Shape(x, start=0, end=1), op.Constant(value_ints=[c]))
