@@ -387,22 +387,22 @@ class Plan:
         profiling)."""
         import onnxruntime as ort
 
+        def session(graph: bytes, ordered: bool):
+            so = self._session_options()
+            if ordered:  # already optimized: loading it again must not change it
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+            if configure is not None:
+                configure(so)
+            return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+
         try:
             ordered = self._ordered_graph(data)
             if ordered is not None:
-                so = self._session_options()
-                # already optimized: loading it again must not change it
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-                if configure is not None:
-                    configure(so)
-                return ort.InferenceSession(ordered, so, providers=["CPUExecutionProvider"])
+                return session(ordered, True)
         except Exception:  # noqa: BLE001 - an optimization never stops a plan: onnxruntime's order
             pass
-        so = self._session_options()
-        if configure is not None:
-            configure(so)
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        return session(data, False)
 
     def _ordered_graph(self, data: bytes) -> bytes | None:
         """onnxruntime's optimized graph of ``data``, reordered; None if the order stays."""

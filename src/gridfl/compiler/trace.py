@@ -210,7 +210,10 @@ def _sum_before_pool_scatter(gm: torch.fx.GraphModule) -> int:
         if not _is(node, aten.sum.dim_IntList):
             continue
         scat, dims = node.args[:2]
-        if not _is(scat, gridfl_ops.max_pool2d_backward.default) or scat.args[6]:
+        if not _is(scat, gridfl_ops.max_pool2d_backward.default):
+            continue
+        *_, overlapping = scat.args  # windows that overlap add up: not a move
+        if overlapping:
             continue
         if dims is None or not {2, 3} <= {d % 4 for d in dims}:
             continue
