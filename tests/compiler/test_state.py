@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import onnx
 import pytest
 
 from gridfl import CompileError
@@ -100,6 +101,15 @@ def test_resnet_plan_carries_running_stats(resnet):
         tuple(p.shape) for p in (*model.parameters(), *model.buffers())]
 
 
+def test_resnet_batch_norms_run_as_one_affine_pass_each_way(resnet):
+    """Each BatchNorm normalizes, and gets its input gradient, through one
+    ``BatchNormalization`` node (a per-channel affine), not torch's chain of ``Mul``s."""
+    _, plan = resnet
+    graph = onnx.load_from_string(plan.to_bytes()).graph
+    affine = [n for n in graph.node if n.op_type == "BatchNormalization"]
+    assert len(affine) == 2 * 5, [n.name for n in affine]
+
+
 def test_resnet_trains_like_eager_train_mode(resnet):
     model, plan = resnet
     ref = copy.deepcopy(model).train()
@@ -119,6 +129,45 @@ def test_resnet_trains_like_eager_train_mode(resnet):
         assert got.dtype == w.dtype
         assert_close(got, w, rtol=1e-3, atol=1e-5, what=f"tensor {i} after 20 steps")
     assert int(tensors[-1]) == 20  # num_batches_tracked
+
+
+def _offset_features() -> nn.Module:
+    """BatchNorm over features whose mean (about 40) dwarfs their spread, where the
+    normalization's rounding shows most."""
+    lin = nn.Linear(12, 8)
+    with torch.no_grad():
+        lin.bias.fill_(40.0)
+    return nn.Sequential(lin, nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+
+
+BATCH_NORMS = {
+    "1d over features": lambda: nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                              nn.Linear(8, 5)),
+    "1d over a sequence": lambda: nn.Sequential(nn.Unflatten(1, (3, 4)), nn.BatchNorm1d(3),
+                                                nn.Flatten(), nn.Linear(12, 5)),
+    "2d without affine": lambda: nn.Sequential(nn.Unflatten(1, (3, 2, 2)),
+                                               nn.BatchNorm2d(3, affine=False), nn.Tanh(),
+                                               nn.Flatten(), nn.Linear(12, 5)),
+    "1d, offset features": _offset_features,
+}
+
+
+@pytest.mark.parametrize("name", list(BATCH_NORMS))
+def test_batch_norm_variants_train_like_eager(name):
+    """BatchNorm's plan forward and backward (a per-channel affine each) on every input
+    rank it takes, with and without affine params, over 20 steps against torch."""
+    torch.manual_seed(8)
+    model = BATCH_NORMS[name]()
+    g = torch.Generator().manual_seed(9)
+    X0, y0 = torch.randn(6, 12, generator=g), torch.randint(0, 5, (6,), generator=g)
+    plan = compile_training_plan(model, optimizer=SGD(lr=0.05), example_data=X0,
+                                 example_target=y0)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    tensors, _ = steps_side_by_side(plan, model_tensors(model), ref, opt, g, 0.05)
+    want = [t.detach().numpy() for t in (*ref.parameters(), *ref.buffers())]
+    for i, (got, w) in enumerate(zip(tensors, want, strict=True)):
+        assert_close(got, w, rtol=1e-4, atol=1e-5, what=f"{name} tensor {i}")
 
 
 def test_evaluation_plan_uses_running_stats(resnet):

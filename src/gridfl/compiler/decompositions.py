@@ -20,7 +20,9 @@ Convolution backward (``aten.convolution_backward``), 2-D, groups 1:
 * grad bias   = sum over N, H, W.
 
 BatchNorm in training mode is written out in plain ops (batch mean and variance), so the
-plan normalizes as torch does and updates the running statistics it carries.
+plan normalizes as torch does and updates the running statistics it carries; its
+normalization and its input gradient are each one per-channel affine pass
+(``gridfl::channel_affine``), as torch's CPU kernels compute them.
 
 Max-pool gives flat indices (from its window's ``ArgMax`` when windows tile the map) and
 stores the gradient back with ``MaxUnpool``; ReLU's backward is ``grad * (y > 0)``; see
@@ -270,16 +272,46 @@ def _batch_norm_training(inp, weight, bias, running_mean, running_var, momentum,
     centered = inp - mean.reshape(shape)
     var = (centered * centered).mean(dims)  # biased, as torch normalizes with
     rstd = torch.rsqrt(var + eps)
-    out = centered * rstd.reshape(shape)
-    if weight is not None:
-        out = out * weight.reshape(shape)
-    if bias is not None:
-        out = out + bias.reshape(shape)
+    # x * scale + shift per channel, as torch's CPU kernel computes it: one pass
+    scale = rstd if weight is None else rstd * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    out = gridfl_ops.channel_affine(inp, scale, shift)
     if running_mean is not None:
         running_mean.copy_((1 - momentum) * running_mean + momentum * mean)
     if running_var is not None:  # the running variance is the unbiased one
         running_var.copy_((1 - momentum) * running_var + momentum * var * (count / (count - 1)))
     return out, mean, rstd
+
+
+def _batch_norm_backward(grad_out, inp, weight, running_mean, running_var, save_mean,
+                         save_invstd, train, eps, output_mask):
+    """BatchNorm's backward in training mode, in the form torch's CPU kernel uses:
+    ``dx = scale * (g - mean(g) - (x - mean) * k)`` with ``k = mean(g * (x - mean)) *
+    invstd**2``, written as ``g * scale`` plus one per-channel affine of ``x - mean`` (the
+    forward's, shared): four passes over the input's size where torch's decomposition
+    takes six."""
+    if not train or save_mean is None or save_invstd is None or inp.dim() < 2:
+        from torch._decomp.decompositions import native_batch_norm_backward
+
+        return native_batch_norm_backward(grad_out, inp, weight, running_mean, running_var,
+                                          save_mean, save_invstd, train, eps, output_mask)
+    dims = [0, *range(2, inp.dim())]
+    shape = [1, -1] + [1] * (inp.dim() - 2)
+    count = inp.numel() // inp.shape[1]
+    centered = inp - save_mean.reshape(shape)
+    grad_sum = grad_out.sum(dims)
+    dot = (grad_out * centered).sum(dims)
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        scale = save_invstd if weight is None else save_invstd * weight
+        k = dot * save_invstd * save_invstd / count
+        grad_input = grad_out * scale.reshape(shape) + gridfl_ops.channel_affine(
+            centered, -scale * k, -scale * grad_sum / count)
+    if output_mask[1]:
+        grad_weight = dot * save_invstd
+    if output_mask[2]:
+        grad_bias = grad_sum
+    return grad_input, grad_weight, grad_bias
 
 
 def _bn_legit(inp, weight, bias, running_mean, running_var, training, momentum, eps):
@@ -308,6 +340,7 @@ def _table_items(weight_grad: str) -> tuple:
     table[aten.native_batch_norm.default] = _bn_legit
     table[aten._native_batch_norm_legit.default] = _bn_legit
     table[aten._native_batch_norm_legit.no_stats] = _bn_legit_no_stats
+    table[aten.native_batch_norm_backward.default] = _batch_norm_backward
     table[aten.convolution_backward.default] = functools.partial(
         _convolution_backward, weight_grad=weight_grad
     )

@@ -13,6 +13,9 @@ either has no ONNX translation or a slow one:
   offset a ``Slice`` of the input and a ``MatMul`` (see decompositions.py).
 * ``gridfl::threshold_backward``: ``grad * (y > threshold)``, ReLU's backward as an
   elementwise multiply by a cast mask instead of a ``Where``.
+* ``gridfl::channel_affine``: ``x * scale[c] + shift[c]`` over dim 1 (BatchNorm's
+  normalization and its input gradient) in one pass, as onnxruntime's
+  ``BatchNormalization`` with mean 0 and variance 1, not a ``Mul`` and an ``Add``.
 
 Every op has an eager kernel (for verification), a fake kernel (for symbolic tracing)
 and a translation used by ``torch.onnx.export(custom_translation_table=...)``. The
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto
+from onnx.helper import make_tensor
 from onnxscript import opset18 as op
 
 __all__ = ["translation_table"]
@@ -237,6 +241,30 @@ def _threshold_backward_onnx(grad, y, threshold):
     return op.Mul(grad, op.CastLike(op.Greater(y, thr), grad))
 
 
+# ---------------------------------------------------------------- per-channel affine
+@torch.library.custom_op("gridfl::channel_affine", mutates_args=())
+def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return x * scale.reshape(shape) + shift.reshape(shape)
+
+
+@channel_affine.register_fake
+def _channel_affine_fake(x, scale, shift):
+    return torch.empty_like(x)
+
+
+_ONE = make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+
+
+def _channel_affine_onnx(x, scale, shift):
+    # With mean 0, variance 1 and epsilon 0 the normalization is x * scale + shift exactly
+    # (1 / sqrt(1) is 1): one pass over x, where Mul and Add take two.
+    zeros = op.CastLike(op.ConstantOfShape(op.Shape(scale)), scale)
+    ones = op.CastLike(op.ConstantOfShape(op.Shape(scale), value=_ONE), scale)
+    return op.BatchNormalization(x, scale, shift, zeros, ones, epsilon=0.0)
+
+
+
 def translation_table() -> dict:
     """Custom translations for ``torch.onnx.export(custom_translation_table=...)``."""
     from . import recurrent
@@ -247,4 +275,5 @@ def translation_table() -> dict:
         torch.ops.gridfl.max_pool2d_backward.default: _max_pool2d_backward_onnx,
         torch.ops.gridfl.threshold_backward.default: _threshold_backward_onnx,
         torch.ops.gridfl.conv2d_weight_grad.default: _conv2d_weight_grad_onnx,
+        torch.ops.gridfl.channel_affine.default: _channel_affine_onnx,
     }
