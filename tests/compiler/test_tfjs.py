@@ -43,10 +43,15 @@ def test_check_catches_a_wrong_translation(monkeypatch):
         _compile(net, torch.randn(8, 4), torch.randint(0, 3, (8,)))
 
 
-def test_overlapping_max_pool_is_refused_naming_the_op():
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(3, stride=2), nn.Flatten(),
-                        nn.Linear(2 * 2 * 2, 3))
-    with pytest.raises(CompileError, match=r"op gridfl::max_pool2d with overlapping"):
+@pytest.mark.parametrize(("pool", "side", "why"), [
+    (nn.MaxPool2d(3, stride=2), 2, "with overlapping, padded or dilated windows"),
+    (nn.MaxPool2d(2, padding=1), 3, "with overlapping, padded or dilated windows"),
+    (nn.MaxPool2d(2), 2, "over 5x5 maps that 2x2 windows do not tile"),
+])
+def test_max_pool_whose_windows_do_not_tile_is_refused_naming_the_op(pool, side, why):
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), pool, nn.Flatten(),
+                        nn.Linear(2 * side * side, 3))
+    with pytest.raises(CompileError, match=rf"op gridfl::max_pool2d {why} has no tfjs"):
         _compile(net, torch.randn(4, 1, 7, 7), torch.randint(0, 3, (4,)))
 
 

@@ -60,12 +60,22 @@ def _max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_mode, chw):
     return out, idx
 
 
+def why_windows_do_not_tile(kernel_size, stride, padding, dilation, h: int, w: int):
+    """``None`` when max-pool windows tile an ``h`` x ``w`` map (stride = kernel, no
+    padding or dilation, the kernel dividing the map), else what stops them, as a phrase
+    for an error message."""
+    kh, kw = kernel_size
+    if list(stride) != [kh, kw] or any(padding) or list(dilation) != [1, 1]:
+        return "with overlapping, padded or dilated windows"
+    if h % kh or w % kw:
+        return f"over {h}x{w} maps that {kh}x{kw} windows do not tile"
+    return None
+
+
 def _max_pool2d_onnx(x, kernel_size, stride, padding, dilation, ceil_mode, chw):
     c, h, w = chw
-    kh, kw = kernel_size
-    if (list(stride) == [kh, kw] and not any(padding) and list(dilation) == [1, 1]
-            and h % kh == 0 and w % kw == 0):
-        return _max_pool2d_tiled(x, kh, kw, c, h, w)
+    if why_windows_do_not_tile(kernel_size, stride, padding, dilation, h, w) is None:
+        return _max_pool2d_tiled(x, *kernel_size, c, h, w)
     out, idx = op.MaxPool(
         x,
         kernel_shape=list(kernel_size),

@@ -25,6 +25,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from gridfl._exceptions import CompileError
 
+from .ops import why_windows_do_not_tile
 from .tfjs import _NUMPY, _rule
 
 __all__: list[str] = []
@@ -80,21 +81,17 @@ def _conv2d_weight_grad(t, node, g, x, weight_size, stride, padding, dilation, o
     return t.emit("transpose", y, [3, 0, 1, 2])
 
 
-def _pool_geometry(node_x, kernel, stride, padding, dilation, ceil_mode=False):
-    op = "gridfl::max_pool2d"
-    if list(kernel) != list(stride) or any(padding) or list(dilation) != [1, 1] or ceil_mode:
-        raise _refuse(op, "with overlapping, padded or dilated windows")
-    _, c, h, w = node_x.meta["val"].shape
-    c, h, w = int(c), int(h), int(w)
-    k0, k1 = kernel
-    if h % k0 or w % k1:
-        raise _refuse(op, f"over {h}x{w} maps that {k0}x{k1} windows do not tile")
-    return c, h, w, k0, k1
+def _pool_geometry(node_x, kernel, stride, padding, dilation):
+    c, h, w = (int(d) for d in node_x.meta["val"].shape[1:])  # not the symbolic batch
+    why = why_windows_do_not_tile(kernel, stride, padding, dilation, h, w)
+    if why is not None:
+        raise _refuse("gridfl::max_pool2d", why)
+    return c, h, w, *kernel
 
 
 @_rule(gridfl_ops.max_pool2d.default)
 def _max_pool2d(t, node, x, kernel, stride, padding, dilation, ceil_mode, _chw):
-    c, h, w, k0, k1 = _pool_geometry(node.args[0], kernel, stride, padding, dilation, ceil_mode)
+    c, h, w, k0, k1 = _pool_geometry(node.args[0], kernel, stride, padding, dilation)
     win = t.emit("reshape", x, [-1, c, h // k0, k0, w // k1, k1])
     win = t.emit("transpose", win, [0, 1, 2, 4, 3, 5])
     win = t.emit("reshape", win, [-1, c, h // k0, w // k1, k0 * k1])
