@@ -71,3 +71,35 @@ def test_a_relu_read_past_the_pool_keeps_the_full_size_mask():
     want = grads(x, w.requires_grad_(True), b.requires_grad_(True), r)
     for g, e in zip(gm(x, w.detach(), b.detach(), r), want, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_no_views_are_left():
+    """Passes see the node that computes a value, not the ``alias``/``detach`` views
+    autograd wraps it in."""
+    gm = trace_step(_conv_relu_pool_grads, _inputs(), grad_positions=[1, 2],
+                    batch_inputs=[0, 3])
+    assert not _calls(gm, aten.alias.default) + _calls(gm, aten.detach.default)
+
+
+def test_a_plan_may_return_an_input_and_one_value_twice():
+    """With the views gone an output can be an input, or another output, itself: the
+    exported plan still returns each under its own name."""
+    from gridfl.compiler import compile_plan
+
+    def step(X, y, batch_size, lr, W, b):
+        loss = ((X @ W.t() + b - y) ** 2).mean()
+        gW, _ = torch.autograd.grad(loss, (W, b))
+        return loss, loss, W - lr * gW, b
+
+    g = torch.Generator().manual_seed(1)
+    args = [torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g),
+            torch.tensor(4.0), torch.tensor(0.1), torch.randn(2, 3, generator=g),
+            torch.randn(2, generator=g)]
+    plan = compile_plan(step, args)  # verified against eager: the run below is its check
+    X, y, n, lr, W, b = (a.numpy() for a in args)
+    loss, again, new_W, same_b = plan.execute(X, y, n, lr, W, b)
+    assert loss == again
+    torch.testing.assert_close(torch.from_numpy(same_b), args[5])
+    want = step(*args[:4], args[4].clone().requires_grad_(True),
+                args[5].clone().requires_grad_(True))
+    torch.testing.assert_close(torch.from_numpy(new_W), want[2].detach())

@@ -3,7 +3,8 @@
 ``make_fx`` with symbolic shapes runs the function on proxy tensors; autograd runs
 too, so ``torch.autograd.grad`` inside the function records the backward ops, which the
 decomposition table (``decompositions.py``) lowers to ops with a fast ONNX form. Then a
-few graph passes tidy the result (see :func:`_swap_relu_mask_and_pool_scatter`).
+few graph passes tidy the result (see :func:`_drop_views` and
+:func:`_swap_relu_mask_and_pool_scatter`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def trace_step(
             cause = cause.__cause__ or cause.__context__
         raise CompileError(f"tracing the function failed: {type(e).__name__}: {e}") from e
     _check_pool_indices(gm)
+    _drop_views(gm)
     _swap_relu_mask_and_pool_scatter(gm)
     _sum_before_pool_scatter(gm)
     gm.graph.eliminate_dead_code()
@@ -121,13 +123,21 @@ def _is(node: torch.fx.Node, target) -> bool:
     return node.op == "call_function" and node.target is target
 
 
-def _unaliased(node):
-    """``node`` without the ``alias``/``detach`` views autograd wraps saved outputs in."""
-    while isinstance(node, torch.fx.Node) and (
-        _is(node, aten.alias.default) or _is(node, aten.detach.default)
-    ):
-        node = node.args[0]
-    return node
+_VIEWS = (aten.alias.default, aten.detach.default)
+
+
+def _drop_views(gm: torch.fx.GraphModule) -> int:
+    """Read through the ``alias``/``detach`` views autograd wraps saved tensors (and the
+    step's outputs) in, so each pass sees the node that computes a value; after tracing
+    they change nothing. Returns the number of views dropped."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _VIEWS:
+            continue
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        count += 1
+    return count
 
 
 def _check_pool_indices(gm: torch.fx.GraphModule) -> None:
@@ -162,16 +172,15 @@ def _swap_relu_mask_and_pool_scatter(gm: torch.fx.GraphModule) -> int:
         scat, y, thr = node.args
         if not _is(scat, gridfl_ops.max_pool2d_backward.default) or len(scat.users) != 1:
             continue
-        g, x, idx = scat.args[:3]
-        relu_out = _unaliased(x)
-        if _unaliased(y) is not relu_out or thr != 0.0:
+        g, relu_out, idx = scat.args[:3]
+        if y is not relu_out or thr != 0.0:
             continue
         if not (_is(idx, operator.getitem) and idx.args[1] == 1):
             continue
         pool = idx.args[0]
         if not _is(pool, gridfl_ops.max_pool2d.default):
             continue
-        if _unaliased(pool.args[0]) is not relu_out:
+        if pool.args[0] is not relu_out:
             continue
         pooled = next(
             (u for u in pool.users if _is(u, operator.getitem) and u.args[1] == 0), None
