@@ -274,7 +274,6 @@ def _channel_affine_onnx(x, scale, shift):
     return op.BatchNormalization(x, scale, shift, zeros, ones, epsilon=0.0)
 
 
-
 def translation_table() -> dict:
     """Custom translations for ``torch.onnx.export(custom_translation_table=...)``."""
     from . import recurrent
