@@ -8,8 +8,11 @@ tests/conftest.py; shared payloads and plans in tests/builders.py."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import queue
+import re
 import signal
 import socket
 import subprocess
@@ -255,6 +258,99 @@ class Serve:
                 self.proc.wait()
         if not self._logf.closed:
             self._logf.close()
+
+
+# --------------------------------------------------------------------------- demo process
+# Starts ``gridfl demo`` with SIGINT at its default action. A process started from a
+# shell's background job inherits SIGINT ignored, and Python then never raises
+# KeyboardInterrupt: Ctrl-C would be tested only where the suite ran in a foreground.
+_SIGINT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+class Demo:
+    """``gridfl demo ARGS`` in a process of its own, its stderr read line by line."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SIGINT_DEFAULT, "-m", "gridfl", "demo", *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "COLUMNS": "500", "TERM": "dumb"},  # rich folds nothing
+        )
+        self._lines: queue.Queue = queue.Queue()
+        self._seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    @property
+    def output(self) -> str:
+        """Everything the demo printed so far."""
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._lines.put(None)  # the end, for a later wait_for
+                break
+            self._seen.append(line)
+        return "".join(self._seen)
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
+        """The first line from now on that matches ``pattern``; fails if the demo ends or
+        ``timeout`` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout:.0f} s:\n"
+                                     + self.output) from None
+            if line is None:
+                raise AssertionError(f"gridfl demo ended (code {self.proc.wait()}) before a "
+                                     f"line matching {pattern!r}:\n{self.output}")
+            self._seen.append(line)
+            if m := re.search(pattern, line):
+                return m
+
+    def descendants(self) -> set[int]:
+        """The pids of every process the demo started, and theirs (Linux)."""
+        found: set[int] = set()
+        parents = [self.proc.pid]
+        while parents:
+            pid = parents.pop()
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                with contextlib.suppress(FileNotFoundError):
+                    children = {int(c) for c in (task / "children").read_text().split()}
+                    parents.extend(children - found)
+                    found |= children
+        return found
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Send ``signum``; its exit code. Fails, with what it printed, if it does not end
+        within ``timeout`` seconds (then it is killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"gridfl demo did not end within {timeout:.0f} s of signal "
+                                 f"{signal.Signals(signum).name}:\n{self.output}") from None
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # --------------------------------------------------------------------------- in-process node

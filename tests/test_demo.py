@@ -3,13 +3,19 @@ compiled plans, checkpoints, evaluation, results JSON and plot."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 
 from gridfl._exceptions import ConfigError
 from gridfl.demo.run import DemoOptions, run_demo
 from tests.builders import demo_options
+from tests.harness import Demo, alive
 
 
 def test_short_demo_run_trains_and_writes_results(tmp_path, capfd):
@@ -97,7 +103,6 @@ def test_progress_follows_every_cycle_of_a_long_run(tmp_path, monkeypatch):
     between its two status calls, and step over cycles that expired without a model."""
     import subprocess
     import sys
-    import time
     import types
 
     from gridfl.demo import run as demo_run
@@ -172,7 +177,6 @@ def test_compute_slots_let_n_workers_train_at_once(tmp_path):
     """The demo's FIFO of slot bytes: with 2 slots, never more than 2 holders at once,
     and every holder gets its turn."""
     import threading
-    import time
 
     from gridfl.demo.launch import compute_slots
     from gridfl.demo.worker import ComputeSlots
@@ -211,7 +215,6 @@ def test_compute_slots_off():
 def test_memory_is_read_at_most_every_few_seconds_while_polling(monkeypatch):
     """Reading PSS is costly (page-table walks): polls within ``every`` seconds of the last
     reading skip it; the final reading (no ``every``) always happens."""
-    import os
     import types
 
     from gridfl.demo import memory as demo_memory
@@ -487,10 +490,8 @@ def test_second_demo_takes_its_plans_from_the_cache(tmp_path, monkeypatch):
 def test_forked_workers_exit_when_the_demo_dies_before_go(tmp_path):
     """Workers wait for the start signal; a demo process that dies first (killed, or
     crashed) leaves no worker behind."""
-    import os
     import subprocess
     import sys
-    import time
 
     script = tmp_path / "dies.py"
     script.write_text(
@@ -518,3 +519,50 @@ def test_forked_workers_exit_when_the_demo_dies_before_go(tmp_path):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
+
+
+def _long_demo(tmp_path) -> Demo:
+    """A 2NN demo of more cycles than any test waits for, once its workers train."""
+    pytest.importorskip("torch")  # the demo compiles its plans on the host
+    demo = Demo(["--model", "2nn", "-K", "4", "-C", "0.5", "--workers", "2",
+                 "--examples-per-client", "300", "--cycles", "1000",
+                 "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")])
+    demo.wait_for(r"training: ")
+    time.sleep(1.0)  # mid-cycle: workers downloading, training and reporting
+    return demo
+
+
+def _ended(pids, timeout: float = 10) -> set[int]:
+    """Those of ``pids`` still running after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 1), (signal.SIGTERM, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_stopped_demo_stops_its_node_and_workers(tmp_path, signum, code):
+    """Ctrl-C, or SIGTERM (``kill``, a CI timeout, ``docker stop``), ends the demo within
+    seconds, and every process it started with it."""
+    demo = _long_demo(tmp_path)
+    started = demo.descendants()
+    assert len(started) >= 4, started  # the node, the fork server and two workers at least
+    assert demo.stop(signum, timeout=60) == code
+    assert not _ended(started), demo.output
+
+
+def test_workers_end_with_a_killed_demo(tmp_path):
+    """``kill -9`` of the demo runs none of its code, yet its workers do not go on
+    training alone: they end once the demo process is gone."""
+    demo = _long_demo(tmp_path)
+    started = demo.descendants()
+    node = {p for p in started if b"gridfl\0serve" in Path(f"/proc/{p}/cmdline").read_bytes()}
+    assert len(node) == 1
+    try:
+        assert demo.stop(signal.SIGKILL) == -signal.SIGKILL
+        assert not _ended(started - node)
+    finally:
+        for p in node:  # nothing of the demo's ran to stop it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGTERM)

@@ -5,59 +5,36 @@ gain points as cycles close."""
 
 from __future__ import annotations
 
-import os
-import queue
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.harness import Demo
+
 pytestmark = pytest.mark.browser
 
-# the line `gridfl demo` prints once its node is up (rich folds nothing at 500 columns)
-DASHBOARD_LINE = re.compile(r"dashboard: (http://\S+/dashboard/) .*admin token in (\S+)\)")
-
-
-def _lines(stream, out: queue.Queue) -> None:
-    for line in stream:
-        out.put(line)
-    out.put(None)
+# the line `gridfl demo` prints once its node is up
+DASHBOARD_LINE = r"dashboard: (http://\S+/dashboard/) .*admin token in (\S+)\)"
 
 
 @pytest.fixture
 def demo(tmp_path):
     """(dashboard URL, admin token) of a 2NN demo with federated evaluation, long enough
-    to outlast the test on a fast machine (its node stops with it); stopped with Ctrl-C."""
+    to outlast the test on a fast machine (its node stops with it)."""
     pytest.importorskip("torch")  # the demo compiles its plans on the host
-    cmd = [sys.executable, "-m", "gridfl", "demo", "--model", "2nn", "-K", "4", "-C", "0.5",
-           "--workers", "2", "--examples-per-client", "300", "--cycles", "1000",
-           "--target", "1", "--federated-every", "1", "--data-dir", str(tmp_path / "data"),
-           "--out-dir", str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "500", "TERM": "dumb"})
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
-    seen = []
+    run = Demo(["--model", "2nn", "-K", "4", "-C", "0.5", "--workers", "2",
+                "--examples-per-client", "300", "--cycles", "1000", "--target", "1",
+                "--federated-every", "1", "--data-dir", str(tmp_path / "data"),
+                "--out-dir", str(tmp_path / "out")])
     try:
-        while (line := lines.get(timeout=300)) is not None:
-            seen.append(line)
-            if m := DASHBOARD_LINE.search(line):
-                url, token_file = m.groups()
-                break
-        else:
-            pytest.fail("gridfl demo printed no dashboard URL:\n" + "".join(seen))
+        url, token_file = run.wait_for(DASHBOARD_LINE).groups()
         with open(token_file) as f:
             yield url, f.read().strip()
-        assert proc.poll() is None, "the demo ended during the test:\n" + "".join(seen)
+        assert run.proc.poll() is None, "the demo ended during the test:\n" + run.output
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # the demo stops its node and workers
-            proc.wait(timeout=120)
+        run.stop()
 
 
 def _points(page: Page, chart: str) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +119,7 @@ def demo(**kw: Any) -> None:
     def on_step(message: str) -> None:  # start-up takes a while: show where it is
         console.print(f"[dim]{time.perf_counter() - started:5.1f} s[/]  {message}...")
 
-    with Live(table, console=console, refresh_per_second=4) as live:
+    with _stopped_by_sigterm(), Live(table, console=console, refresh_per_second=4) as live:
 
         def on_cycle(c) -> None:
             _add_row(table, c)
@@ -148,6 +151,21 @@ def demo(**kw: Any) -> None:
     )
     console.print(f"results: {options.out_dir / 'results.json'}, plot: "
                   f"{options.out_dir / 'accuracy.png'}")
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM (``kill``, a CI timeout, ``docker stop``) stops the demo as Ctrl-C does:
+    its node and workers are stopped too, not left running on their own."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cycle_table(*, private: bool = False):

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,14 +116,23 @@ def _environment(env: Mapping[str, str]) -> Iterator[None]:
 
 
 def _worker(argv: list[str], go: Any) -> None:
-    """A forked worker: wait for the start signal (or the demo's end), then run."""
+    """A forked worker: wait for the start signal, then run; end with the demo, whenever
+    it ends (a worker on its own would retry a dead node forever)."""
     parent = multiprocessing.parent_process()
     while not go.wait(_GO_POLL):
         if parent is not None and not parent.is_alive():
-            sys.exit(1)  # the demo is gone: never join a node on its own
+            sys.exit(1)
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
     from gridfl.demo.worker import main
 
     sys.exit(main(argv))
+
+
+def _exit_with(parent_sentinel: int) -> None:
+    """Wait for the demo process to end (killed, or crashed), then end this process."""
+    multiprocessing.connection.wait([parent_sentinel])
+    os._exit(1)
 
 
 @contextlib.contextmanager
