@@ -37,7 +37,7 @@ import torch
 
 from gridfl._exceptions import CompileError
 
-from . import ops  # noqa: F401  (registers torch.ops.gridfl.*)
+from .ops import per_channel  # importing ops registers torch.ops.gridfl.*
 
 aten = torch.ops.aten
 gridfl_ops = torch.ops.gridfl
@@ -265,9 +265,7 @@ def _batch_norm_training(inp, weight, bias, running_mean, running_var, momentum,
     ``model_buffer`` inputs, which the step returns), as ``torch.nn.BatchNorm*`` does."""
     if inp.dim() < 2:
         raise CompileError("aten.native_batch_norm: the input needs a channel dimension")
-    dims = [0, *range(2, inp.dim())]
-    shape = [1, -1] + [1] * (inp.dim() - 2)
-    count = inp.numel() // inp.shape[1]
+    dims, shape, count = per_channel(inp)
     mean = inp.mean(dims)
     centered = inp - mean.reshape(shape)
     var = (centered * centered).mean(dims)  # biased, as torch normalizes with
@@ -295,9 +293,7 @@ def _batch_norm_backward(grad_out, inp, weight, running_mean, running_var, save_
 
         return native_batch_norm_backward(grad_out, inp, weight, running_mean, running_var,
                                           save_mean, save_invstd, train, eps, output_mask)
-    dims = [0, *range(2, inp.dim())]
-    shape = [1, -1] + [1] * (inp.dim() - 2)
-    count = inp.numel() // inp.shape[1]
+    dims, shape, count = per_channel(inp)
     centered = inp - save_mean.reshape(shape)
     grad_sum = grad_out.sum(dims)
     dot = (grad_out * centered).sum(dims)

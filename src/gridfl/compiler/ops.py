@@ -252,9 +252,15 @@ def _threshold_backward_onnx(grad, y, threshold):
 
 
 # ---------------------------------------------------------------- per-channel affine
+def per_channel(x: torch.Tensor) -> tuple[list[int], list[int], int]:
+    """For per-channel statistics of an ``(N, C, ...)`` tensor: the dims they reduce, the
+    shape that broadcasts a ``(C,)`` vector against ``x``, and the values per channel."""
+    return [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2), x.numel() // x.shape[1]
+
+
 @torch.library.custom_op("gridfl::channel_affine", mutates_args=())
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    shape = [1, -1] + [1] * (x.dim() - 2)
+    _, shape, _ = per_channel(x)
     return x * scale.reshape(shape) + shift.reshape(shape)
 
 
