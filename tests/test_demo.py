@@ -487,6 +487,14 @@ def test_second_demo_takes_its_plans_from_the_cache(tmp_path, monkeypatch):
     assert r2.first_checkpoint_at is not None
 
 
+def _left_running(pids, timeout: float = 10) -> set[int]:
+    """Those of ``pids`` still running after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
 def test_forked_workers_exit_when_the_demo_dies_before_go(tmp_path):
     """Workers wait for the start signal; a demo process that dies first (killed, or
     crashed) leaves no worker behind."""
@@ -507,18 +515,7 @@ def test_forked_workers_exit_when_the_demo_dies_before_go(tmp_path):
                          timeout=60, check=True).stdout
     pids = [int(p) for p in out.split()]
     assert len(pids) == 2
-
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(p) for p in pids)
+    assert not _left_running(pids)
 
 
 def _long_demo(tmp_path) -> Demo:
@@ -532,24 +529,16 @@ def _long_demo(tmp_path) -> Demo:
     return demo
 
 
-def _ended(pids, timeout: float = 10) -> set[int]:
-    """Those of ``pids`` still running after up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
-
-
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 1), (signal.SIGTERM, 143)],
                          ids=["ctrl-c", "sigterm"])
 def test_a_stopped_demo_stops_its_node_and_workers(tmp_path, signum, code):
-    """Ctrl-C, or SIGTERM (``kill``, a CI timeout, ``docker stop``), ends the demo within
-    seconds, and every process it started with it."""
+    """Ctrl-C, or SIGTERM (``kill``, a CI timeout, ``docker stop``), ends the demo and
+    every process it started (in about a second here)."""
     demo = _long_demo(tmp_path)
     started = demo.descendants()
     assert len(started) >= 4, started  # the node, the fork server and two workers at least
     assert demo.stop(signum, timeout=60) == code
-    assert not _ended(started), demo.output
+    assert not _left_running(started), demo.output
 
 
 def test_workers_end_with_a_killed_demo(tmp_path):
@@ -561,7 +550,7 @@ def test_workers_end_with_a_killed_demo(tmp_path):
     assert len(node) == 1
     try:
         assert demo.stop(signal.SIGKILL) == -signal.SIGKILL
-        assert not _ended(started - node)
+        assert not _left_running(started - node)
     finally:
         for p in node:  # nothing of the demo's ran to stop it
             with contextlib.suppress(ProcessLookupError):
