@@ -283,21 +283,13 @@ class Demo:
 
     def _read(self) -> None:
         for line in self.proc.stderr:
+            self._seen.append(line)
             self._lines.put(line)
         self._lines.put(None)
 
     @property
     def output(self) -> str:
         """Everything the demo printed so far."""
-        while True:
-            try:
-                line = self._lines.get_nowait()
-            except queue.Empty:
-                break
-            if line is None:
-                self._lines.put(None)  # the end, for a later wait_for
-                break
-            self._seen.append(line)
         return "".join(self._seen)
 
     def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
@@ -313,7 +305,6 @@ class Demo:
             if line is None:
                 raise AssertionError(f"gridfl demo ended (code {self.proc.wait()}) before a "
                                      f"line matching {pattern!r}:\n{self.output}")
-            self._seen.append(line)
             if m := re.search(pattern, line):
                 return m
 

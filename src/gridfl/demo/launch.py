@@ -37,7 +37,6 @@ __all__ = ["WorkerProcess", "Workers", "compute_slots", "killed_on_error"]
 _PRELOAD = ["gridfl.cli", "gridfl.demo.worker", "onnxruntime", "gridfl.plan", "gridfl.model",
             "gridfl.client._transports", "gridfl.client._compress", "gridfl.client.evaluation",
             "gridfl.client.speedtest", "websockets.sync.client"]
-_GO_POLL = 0.5  # seconds between checks that the demo is still there, while waiting
 
 
 class WorkerProcess:
@@ -119,11 +118,9 @@ def _worker(argv: list[str], go: Any) -> None:
     """A forked worker: wait for the start signal, then run; end with the demo, whenever
     it ends (a worker on its own would retry a dead node forever)."""
     parent = multiprocessing.parent_process()
-    while not go.wait(_GO_POLL):
-        if parent is not None and not parent.is_alive():
-            sys.exit(1)
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
+    go.wait()
     from gridfl.demo.worker import main
 
     sys.exit(main(argv))
